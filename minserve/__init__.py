@@ -1,0 +1,20 @@
+"""minserve: a small, fast LLM server that speaks the OpenAI API.
+
+Module map: cli (flags) -> server (ASGI app) -> protocol (OpenAI bodies) -> engine/async_engine
+(thread bridge) -> engine/engine (step = schedule, run, update) -> engine/scheduler, kv_cache,
+runner, sampler -> models/ (torch model code, loader) -> kernels/ (Triton + torch references).
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from minserve.sampling_params import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str):  # LLM pulls in torch; import it only when asked for
+    if name == "LLM":
+        from minserve.llm import LLM
+        return LLM
+    raise AttributeError(name)

@@ -1,0 +1,3 @@
+from minserve.cli import main
+
+main()

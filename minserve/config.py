@@ -1,0 +1,116 @@
+"""The few dataclasses every layer reads: the model's shape (from HF config.json) and the engine's
+knobs (named as vLLM's flags). Never imports torch, so the server can read them too."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad engine argument or an unsupported model; the CLI prints it and exits."""
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False   # Qwen2: bias on q/k/v
+    qk_norm: bool = False          # Qwen3: RMSNorm on q and k per head
+    sliding_window: int | None = None  # Mistral
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    torch_dtype: str | None = None
+    hf: dict[str, Any] = field(default_factory=dict, repr=False)  # the raw config.json
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        archs = d.get("architectures") or ["LlamaForCausalLM"]
+        arch = archs[0]
+        num_heads = int(d["num_attention_heads"])
+        hidden = int(d["hidden_size"])
+        eos = d.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        sliding = d.get("sliding_window")
+        if arch.startswith("Qwen2") and not d.get("use_sliding_window", False):
+            sliding = None  # Qwen2 configs carry a sliding_window they do not use
+        # transformers >= 5 writes rope settings as one "rope_parameters" dict; older configs
+        # carry rope_theta and rope_scaling at the top level.
+        rope_params = d.get("rope_parameters") or {}
+        rope_theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        rope_scaling = d.get("rope_scaling")
+        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling = rope_params
+        return cls(
+            architecture=arch,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=num_heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or num_heads),
+            head_dim=int(d.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", arch.startswith("Qwen2"))),
+            qk_norm=arch.startswith("Qwen3"),
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            hf=d,
+        )
+
+
+@dataclass
+class EngineConfig:
+    """Engine arguments; the names are vLLM's (`--max-model-len` -> max_model_len)."""
+    model: str | None = None           # folder, .gguf, hub id; None = the embedded default model
+    tokenizer: str | None = None
+    served_model_name: list[str] | None = None
+    dtype: str = "auto"                # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"               # auto: cuda if available
+    max_model_len: int | None = None   # default: the model's max_position_embeddings
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: int | None = None  # bytes; CPU default below
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # default: max(8192, max_model_len) capped
+    enable_prefix_caching: bool = True
+    block_size: int = 16
+    load_format: str = "auto"          # auto | safetensors | gguf | dummy
+    seed: int = 0
+    enforce_eager: bool = False
+    chat_template: str | None = None   # a file path or the template text
+    generation_config: str = "auto"    # auto | vllm | a folder
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size % 8:
+            raise ConfigError(f"--block-size must be a positive multiple of 8, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
+        if self.max_num_seqs < 1:
+            raise ConfigError("--max-num-seqs must be >= 1")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"--dtype {self.dtype!r} is not one of auto, bfloat16, float16, float32")
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
+            raise ConfigError(f"--load-format {self.load_format!r} is not one of auto, safetensors, gguf, dummy")
+
+
+def cache_dir() -> str:
+    """Where minserve keeps the default model and converted weights ($MINSERVE_CACHE)."""
+    return os.environ.get("MINSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minserve")

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random models as HF folders (built once per session)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """tiny_model_factory(arch, **overrides) -> folder; cached per (arch, overrides)."""
+    made: dict[tuple, str] = {}
+
+    def make(arch: str = "LlamaForCausalLM", **overrides) -> str:
+        key = (arch, tuple(sorted(overrides.items())))
+        if key not in made:
+            path = str(tmp_path_factory.mktemp(arch.lower()))
+            made[key] = make_tiny_model(path, arch, **overrides)
+        return made[key]
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
