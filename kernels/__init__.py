@@ -1,24 +1,80 @@
-"""Kernel dispatch: Triton on CUDA, the plain-torch reference elsewhere (CPU, or MINSERVE_NO_TRITON).
-Every public op here has the same signature on both paths."""
+"""Kernel dispatch: Triton on CUDA, the plain-torch reference elsewhere (CPU, no triton, or
+MINSERVE_NO_TRITON=1, read once at import). Every public op has the same signature and the same
+results (to rounding) on both paths; callers never branch on the device themselves."""
 from __future__ import annotations
+
+import os
 
 import torch
 
-from minserve.kernels.attention import AttnMetadata, paged_attention_ref
-from minserve.kernels.cache import store_kv_ref
+from minserve.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
+from minserve.kernels.attention import AttnMetadata, paged_attention_ref, paged_attention_triton
+from minserve.kernels.attention import triton as _triton
+from minserve.kernels.cache import store_kv_ref, store_kv_triton
+from minserve.kernels.norm import rmsnorm_ref, rmsnorm_triton
+from minserve.kernels.rotary import make_cos_sin_cache, rotary_ref, rotary_triton
 
-__all__ = ["AttnMetadata", "paged_attention", "store_kv"]
+__all__ = [
+    "AttnMetadata", "make_cos_sin_cache", "paged_attention", "rms_norm", "rotary",
+    "silu_and_mul", "store_kv", "triton_enabled",
+]
+
+# Note: the function `rotary` below shadows the submodule attribute of the same name; import
+# from the file with `from minserve.kernels.rotary import rotary_ref`, not `import ... as`.
+_TRITON = _triton is not None and os.environ.get("MINSERVE_NO_TRITON", "") != "1"
+
+
+def triton_enabled(t: torch.Tensor) -> bool:
+    return _TRITON and t.is_cuda
 
 
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: AttnMetadata,
-    scale: float, sliding_window: int | None = None,
+    scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window)
+    """q [T, H, D], caches [NB, BS, K, D] -> [T, H, D] (written into `out` when given)."""
+    if triton_enabled(q):
+        return paged_attention_triton(q, k_cache, v_cache, attn, scale, sliding_window,
+                                                out=out)
+    result = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
 
 
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    """k, v [T, K, D] -> cache slots slot_mapping[T] (int64; -1 skips the token)."""
+    if triton_enabled(k):
+        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """norm(x); with residual: h = x + residual, returns (norm(h), h)."""
+    if triton_enabled(x):
+        return rmsnorm_triton(x, weight, eps, residual)
+    return rmsnorm_ref(x, weight, eps, residual)
+
+
+def rotary(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+) -> None:
+    """Neox-style rotary on q [T, H, D] and k [T, K, D] in place; cache [max_pos, rot_dim]."""
+    if triton_enabled(q):
+        rotary_triton(positions, q, k, cos_sin_cache)
+    else:
+        rotary_ref(positions, q, k, cos_sin_cache)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2I] = [gate | up] -> silu(gate) * up [..., I]."""
+    if triton_enabled(x):
+        return silu_and_mul_triton(x)
+    return silu_and_mul_ref(x)

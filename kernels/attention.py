@@ -1,6 +1,6 @@
 """Paged attention over the block-table KV cache: prefill chunks and decodes of one step in one
-call. This file holds the metadata the runner builds and the plain-torch reference; the Triton
-kernel that replaces the reference on CUDA lives beside it.
+launch. Holds the metadata the runner builds, the plain-torch reference (CPU, tests) and the
+Triton kernels that replace it on CUDA. It must not allocate cache or decide scheduling.
 
 Per request r (a row of the batch), in token positions:
 
@@ -16,6 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference still works, the kernels are never called
+    triton = tl = None
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
 @dataclass(slots=True)
@@ -71,4 +79,246 @@ def paged_attention_ref(
         scores.masked_fill_(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.einsum("hqs,shd->qhd", probs, v.float()).to(q.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels.
+#
+# Grid axis 0 walks "query blocks" of BLOCK_Q tokens laid out request after request; the first
+# block of request r is query_start_loc[r] // BLOCK_Q + r, which leaves room for the ragged
+# last block of every request (BLOCK_Q = 2, query lens 3, 1, 4):
+#
+#   query_start_loc  = [0, 3, 4, 8]      first block of r = qsl[r] // BLOCK_Q + r  -> 0, 2, 4
+#   global block       0    1    2    3    4    5    6      grid = num_tokens // BLOCK_Q + num_reqs
+#   request            r0   r0   r1  (r1)  r2   r2  (r2)    (..) = idle, returns at once
+#   local block        0    1    0    1    0    1    2
+#
+# A program finds its request by binary search for the last r with first_block(r) <= pid.
+# Axis 1 is the kv head: the tile's BLOCK_M rows pack BLOCK_Q tokens x the GROUP query heads
+# that share that kv head (GROUP = 3, BLOCK_M = 8 -> BLOCK_Q = 2):
+#
+#   row m         0    1    2    3    4    5    6    7
+#   query_pos     p    p    p    p+1  p+1  p+1  pad  pad    p = local_block * BLOCK_Q + m // GROUP
+#   query head    3k   3k+1 3k+2 3k   3k+1 3k+2              kv_head * GROUP + m % GROUP
+#
+# Keys are visited TILE_SIZE at a time; the cache block of key j is block_table[r, j // BLOCK_SIZE]
+# at offset j % BLOCK_SIZE, so TILE_SIZE and BLOCK_SIZE are independent.
+# ---------------------------------------------------------------------------------------------
+_LOG2E = 1.4426950408889634
+SPLIT_KV_MAX_PROGRAMS = 128   # split decode when num_reqs * num_kv_heads is below ~one H100 wave
+SPLIT_KV_SEGMENTS = 16
+
+
+@_jit
+def _find_request(query_start_loc_ptr, block_idx, num_reqs, BLOCK_Q: tl.constexpr):
+    # Loop-carried values must be int32 tensors from the start (a Python 0 is a constexpr).
+    lo = tl.full([], 0, tl.int32)
+    hi = tl.full([], 0, tl.int32) + num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_block = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_block <= block_idx:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@_jit
+def _tile_loop(
+    acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, kv_head,
+    tile_lo, tile_hi, kv_end, query_abs_pos, qk_scale,
+    stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE_SIZE: tl.constexpr, SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over key tiles [tile_lo, tile_hi); scores are in the log2 domain."""
+    offs_t = tl.arange(0, TILE_SIZE)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    dim_mask = offs_d < HEAD_DIM
+    for tile in range(tile_lo, tile_hi):
+        key_pos = tile * TILE_SIZE + offs_t
+        key_mask = key_pos < kv_end
+        # int64: block * stride overflows int32 once the cache passes 2^31 elements.
+        block = tl.load(block_table_row_ptr + key_pos // BLOCK_SIZE, mask=key_mask, other=0)
+        block = block.to(tl.int64)
+        in_block = key_pos % BLOCK_SIZE
+        k_off = block * stride_k_b + in_block * stride_k_s + kv_head * stride_k_h
+        v_off = block * stride_v_b + in_block * stride_v_s + kv_head * stride_v_h
+        k = tl.load(k_cache_ptr + k_off[None, :] + offs_d[:, None],
+                    mask=dim_mask[:, None] & key_mask[None, :], other=0.0)     # [D, TILE]
+        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :],
+                    mask=key_mask[:, None] & dim_mask[None, :], other=0.0)     # [TILE, D]
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale            # [M, TILE] fp32
+        allowed = key_mask[None, :] & (key_pos[None, :] <= query_abs_pos[:, None])
+        if SLIDING_WINDOW > 0:
+            allowed = allowed & (key_pos[None, :] > query_abs_pos[:, None] - SLIDING_WINDOW)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row with every key masked so far keeps m = -inf; shift by 0 there to avoid inf - inf.
+        m_shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@_jit
+def _paged_attention_kernel(
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
+    segm_out_ptr, segm_max_ptr, segm_sum_ptr, qk_scale, num_reqs,
+    stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt,
+    stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Grid (query blocks, kv heads, NUM_SEGMENTS). NUM_SEGMENTS == 1 writes the output;
+    otherwise each segment covers a slice of the key tiles and writes fp32 partials that
+    _reduce_segments merges (split-KV for small decode batches with long contexts)."""
+    block_idx = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    segment = tl.program_id(2)
+    r = _find_request(query_start_loc_ptr, block_idx, num_reqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + r)
+    query_len = tl.load(query_start_loc_ptr + r + 1) - q_start
+    local_block = block_idx - (q_start // BLOCK_Q + r)
+    if local_block * BLOCK_Q >= query_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + r)
+    context_len = seq_len - query_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    query_pos = local_block * BLOCK_Q + offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    row_mask = (offs_m // GROUP < BLOCK_Q) & (query_pos < query_len)
+    dim_mask = offs_d < HEAD_DIM
+    token = (q_start + query_pos).to(tl.int64)
+    q = tl.load(q_ptr + token[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
+                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+
+    # Keys this block can see: [kv_start, kv_end), from its first and last query rows.
+    first_pos = context_len + local_block * BLOCK_Q
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    kv_start = 0
+    if SLIDING_WINDOW > 0:
+        kv_start = tl.maximum(first_pos - SLIDING_WINDOW + 1, 0)
+    tile_lo = kv_start // TILE_SIZE
+    tile_hi = (kv_end + TILE_SIZE - 1) // TILE_SIZE
+    if NUM_SEGMENTS > 1:
+        tiles_per_segment = (tile_hi - tile_lo + NUM_SEGMENTS - 1) // NUM_SEGMENTS
+        tile_lo = tile_lo + segment * tiles_per_segment
+        tile_hi = tl.minimum(tile_hi, tile_lo + tiles_per_segment)
+
+    acc = tl.full([BLOCK_M, HEAD_DIM_P], 0.0, dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc, m_i, l_i = _tile_loop(
+        acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_ptr + r.to(tl.int64) * stride_bt,
+        kv_head, tile_lo, tile_hi, kv_end, context_len + query_pos, qk_scale,
+        stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
+        HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE_SIZE, SLIDING_WINDOW, DOT_PRECISION)
+
+    io_mask = row_mask[:, None] & dim_mask[None, :]
+    if NUM_SEGMENTS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]     # padding rows have l = 0
+        tl.store(out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h
+                 + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        # partials: [num_tokens, NUM_HEADS, NUM_SEGMENTS] (+ HEAD_DIM_P for the output)
+        row = (token * NUM_HEADS + head) * NUM_SEGMENTS + segment
+        tl.store(segm_max_ptr + row, m_i, mask=row_mask)
+        tl.store(segm_sum_ptr + row, l_i, mask=row_mask)
+        tl.store(segm_out_ptr + row[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=io_mask)
+
+
+@_jit
+def _reduce_segments(
+    out_ptr, segm_out_ptr, segm_max_ptr, segm_sum_ptr, query_start_loc_ptr, num_reqs,
+    stride_o_t, stride_o_h,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,
+):
+    """Grid (num_tokens, num_heads): merge the segments' (max, sum, acc) into the output."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    if token >= tl.load(query_start_loc_ptr + num_reqs):   # padding tokens past the last request
+        return
+    offs_s = tl.arange(0, NUM_SEGMENTS)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    row = (token.to(tl.int64) * NUM_HEADS + head) * NUM_SEGMENTS + offs_s
+    m = tl.load(segm_max_ptr + row)
+    m_all = tl.max(m, axis=0)
+    weight = tl.exp2(m - m_all)                      # empty segments: exp2(-inf) = 0
+    l_all = tl.sum(tl.load(segm_sum_ptr + row) * weight, axis=0)
+    acc = tl.load(segm_out_ptr + row[:, None] * HEAD_DIM_P + offs_d[None, :])
+    out = tl.sum(acc * weight[:, None], axis=0) / l_all
+    tl.store(out_ptr + token.to(tl.int64) * stride_o_t + head * stride_o_h + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def paged_attention_triton(
+    q: torch.Tensor,         # [T, H, D]
+    k_cache: torch.Tensor,   # [NB, BS, K, D]
+    v_cache: torch.Tensor,   # [NB, BS, K, D]
+    attn: AttnMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    tile_size: int | None = None,
+    num_kv_splits: int | None = None,
+) -> torch.Tensor:           # [T, H, D]
+    """One launch for the mixed batch. Split-KV rule (num_kv_splits=None): split when every row
+    is a decode (max_query_len == 1) and num_reqs * num_kv_heads < SPLIT_KV_MAX_PROGRAMS, i.e.
+    the plain grid would leave most SMs idle. It depends only on the batch shape, so a captured
+    CUDA graph keeps a valid choice whatever the context lengths."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    num_reqs = attn.seq_lens.shape[0]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    decode_only = attn.max_query_len <= 1
+    block_m = max(16, triton.next_power_of_2(group))
+    if not decode_only and attn.max_query_len >= 64:
+        block_m = max(64, block_m)          # prefill: more rows per tile, more reuse of K/V
+    block_q = block_m // group
+    tile = tile_size or (16 if decode_only else 32)
+    if num_kv_splits is None:
+        small = num_reqs * num_kv_heads < SPLIT_KV_MAX_PROGRAMS
+        num_kv_splits = SPLIT_KV_SEGMENTS if decode_only and small else 1
+    head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    segm_out = segm_max = segm_sum = out                 # unused when not split
+    if num_kv_splits > 1:
+        segm_max = torch.empty(num_tokens, num_heads, num_kv_splits, dtype=torch.float32,
+                               device=q.device)
+        segm_sum = torch.empty_like(segm_max)
+        segm_out = torch.empty(*segm_max.shape, head_dim_p, dtype=torch.float32, device=q.device)
+    grid = (num_tokens // block_q + num_reqs, num_kv_heads, num_kv_splits)
+    _paged_attention_kernel[grid](
+        out, q, k_cache, v_cache, attn.block_table, attn.seq_lens, attn.query_start_loc,
+        segm_out, segm_max, segm_sum, scale * _LOG2E, num_reqs,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), attn.block_table.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+        BLOCK_SIZE=block_size, TILE_SIZE=tile, BLOCK_Q=block_q, BLOCK_M=block_m,
+        SLIDING_WINDOW=sliding_window or 0, NUM_SEGMENTS=num_kv_splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    if num_kv_splits > 1:
+        _reduce_segments[(num_tokens, num_heads)](
+            out, segm_out, segm_max, segm_sum, attn.query_start_loc, num_reqs,
+            out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p,
+            NUM_SEGMENTS=num_kv_splits,
+        )
     return out

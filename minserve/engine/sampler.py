@@ -1,0 +1,256 @@
+"""Batched sampling on the device: logits processors, greedy/temperature/top-k/top-p/min-p, seeded
+Gumbel sampling, logprobs. Never loops over requests on the device and never syncs with the host
+(the runner does the step's one sync)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from minserve.engine.request import Request
+
+_M32 = 0xFFFFFFFF
+# lowbias32 (Chris Wellons) with both multipliers < 2**31, so products of 32-bit values fit in a
+# signed int64 and torch never relies on overflow wrapping.
+_MUL1, _MUL2 = 0x7FEB352D, 0x5BD1E995
+
+
+def mix32(x: int) -> int:
+    """The integer hash, on a Python int (for per-row keys built on the host)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * _MUL1) & _M32
+    x ^= x >> 15
+    x = (x * _MUL2) & _M32
+    return x ^ (x >> 16)
+
+
+def mix32_(x: torch.Tensor) -> torch.Tensor:
+    """The same hash on an int64 tensor holding uint32 values (bit-identical to mix32)."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & _M32
+    return x ^ (x >> 16)
+
+
+def row_noise_key(seed: int, position: int) -> int:
+    """Key of the noise row a request uses to sample the token at `position`. It depends on
+    nothing else, so a seeded request samples the same tokens whatever shares its batch, and a
+    preempted request recomputes to the same tokens."""
+    return mix32(mix32(mix32(seed) ^ (seed >> 32)) ^ position)
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """A batch of SamplingParams as device tensors (R = rows that sample)."""
+    temperature: torch.Tensor            # [R] float32, 1.0 on greedy rows
+    is_greedy: torch.Tensor              # [R] bool
+    noise_keys: torch.Tensor             # [R] int64 (uint32 values), see row_noise_key
+    top_k: torch.Tensor | None           # [R] int64, V = off
+    top_p: torch.Tensor | None           # [R] float32
+    min_p: torch.Tensor | None           # [R] float32
+    presence: torch.Tensor | None        # [R] float32
+    frequency: torch.Tensor | None       # [R] float32
+    repetition: torch.Tensor | None      # [R] float32
+    output_counts: torch.Tensor | None   # [R, V] float32
+    prompt_mask: torch.Tensor | None     # [R, V] bool
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None   # rows, cols, values
+    banned: tuple[torch.Tensor, torch.Tensor] | None               # rows, cols (min_tokens)
+    bitmask: torch.Tensor | None         # [R, ceil(V/32)] int32, llguidance layout
+    all_greedy: bool
+    random_rows: list[int]               # rows that sample randomly (host list)
+    logprob_rows: list[int]              # rows that asked for logprobs
+    max_num_logprobs: int
+
+    @classmethod
+    def from_requests(cls, requests: Sequence[Request], vocab_size: int,
+                      device: torch.device) -> SamplingTensors:
+        def dev(values: list, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.tensor(values, dtype=dtype)
+            if device.type == "cuda":
+                return t.pin_memory().to(device, non_blocking=True)
+            return t
+
+        R = len(requests)
+        sps = [r.sampling for r in requests]
+        greedy = [sp.is_greedy for sp in sps]
+        random_rows = [i for i, g in enumerate(greedy) if not g]
+        keys = [row_noise_key(r.sample_seed, r.num_tokens) for r in requests]
+        use_top_k = any(sp.top_k > 0 for sp in sps)
+        use_top_p = any(sp.top_p < 1.0 for sp in sps)
+        use_min_p = any(sp.min_p > 0.0 for sp in sps)
+        use_pen = any(sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0
+                      for sp in sps)
+
+        counts = prompt_mask = None
+        if use_pen:
+            rows, cols, prows, pcols = [], [], [], []
+            for i, (r, sp) in enumerate(zip(requests, sps, strict=True)):
+                if sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0:
+                    rows += [i] * r.num_output_tokens
+                    cols += r.output_token_ids
+                if sp.repetition_penalty != 1.0:
+                    prows += [i] * r.num_prompt_tokens
+                    pcols += r.prompt_token_ids
+            counts = torch.zeros(R, vocab_size, dtype=torch.float32, device=device)
+            counts.index_put_((dev(rows, torch.long), dev(cols, torch.long)),
+                              torch.ones(len(rows), device=device), accumulate=True)
+            prompt_mask = torch.zeros(R, vocab_size, dtype=torch.bool, device=device)
+            prompt_mask[dev(prows, torch.long), dev(pcols, torch.long)] = True
+
+        brows, bcols, bvals, mrows, mcols = [], [], [], [], []
+        for i, (r, sp) in enumerate(zip(requests, sps, strict=True)):
+            for tok, val in (sp.logit_bias or {}).items():
+                if 0 <= int(tok) < vocab_size:
+                    brows.append(i)
+                    bcols.append(int(tok))
+                    bvals.append(float(val))
+            if r.num_output_tokens < sp.min_tokens:
+                banned = set(sp.stop_token_ids)
+                if not sp.ignore_eos:
+                    banned |= r.eos_token_ids
+                banned = [t for t in banned if 0 <= t < vocab_size]
+                mrows += [i] * len(banned)
+                mcols += banned
+
+        bitmask = None
+        if any(r.structured is not None for r in requests):
+            host = torch.full((R, (vocab_size + 31) // 32), -1, dtype=torch.int32)
+            for i, r in enumerate(requests):
+                if r.structured is not None:
+                    r.structured.fill_bitmask(host, i)
+            bitmask = host.to(device, non_blocking=False)
+
+        logprob_rows = [i for i, sp in enumerate(sps) if sp.logprobs is not None]
+        return cls(
+            temperature=dev([1.0 if g else sp.temperature
+                             for g, sp in zip(greedy, sps, strict=True)], torch.float32),
+            is_greedy=dev(greedy, torch.bool),
+            noise_keys=dev(keys, torch.long),
+            top_k=dev([sp.top_k if sp.top_k > 0 else vocab_size for sp in sps], torch.long)
+            if use_top_k else None,
+            top_p=dev([sp.top_p for sp in sps], torch.float32) if use_top_p else None,
+            min_p=dev([sp.min_p for sp in sps], torch.float32) if use_min_p else None,
+            presence=dev([sp.presence_penalty for sp in sps], torch.float32) if use_pen else None,
+            frequency=dev([sp.frequency_penalty for sp in sps], torch.float32)
+            if use_pen else None,
+            repetition=dev([sp.repetition_penalty for sp in sps], torch.float32)
+            if use_pen else None,
+            output_counts=counts, prompt_mask=prompt_mask,
+            bias=(dev(brows, torch.long), dev(bcols, torch.long), dev(bvals, torch.float32))
+            if brows else None,
+            banned=(dev(mrows, torch.long), dev(mcols, torch.long)) if mrows else None,
+            bitmask=bitmask,
+            all_greedy=not random_rows, random_rows=random_rows,
+            logprob_rows=logprob_rows,
+            max_num_logprobs=max((sps[i].logprobs for i in logprob_rows), default=0),
+        )
+
+
+@dataclass(slots=True)
+class SamplerResult:
+    """Device tensors; the runner copies them to the host in its one sync."""
+    token_ids: torch.Tensor                 # [R] int64
+    logprobs: LogprobsTensors | None        # for st.logprob_rows, in that order
+
+
+@dataclass(slots=True)
+class LogprobsTensors:
+    token_logprobs: torch.Tensor   # [N] float32, logprob of the chosen/target token
+    ranks: torch.Tensor            # [N] int64, 1 = most likely
+    top_logprobs: torch.Tensor     # [N, k] float32
+    top_ids: torch.Tensor          # [N, k] int64
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
+    """Raw log-softmax of the model's logits (vLLM V1's default), the given tokens' logprobs and
+    ranks, and the top-k alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)                   # [N, V]
+    token_lp = lp.gather(1, token_ids[:, None]).squeeze(1)           # [N]
+    ranks = (lp > token_lp[:, None]).sum(dim=-1) + 1                 # [N]
+    top_lp, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], token_ids[:, None][:, :0])
+    return LogprobsTensors(token_lp, ranks, top_lp, top_ids)
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Structured outputs: bit j of word w allows token 32*w + j (llguidance's layout)."""
+    V = logits.shape[1]
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, :V].bool()   # [R, V]
+    logits.masked_fill_(~allowed, float("-inf"))
+
+
+def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> None:
+    """vLLM semantics: repetition over prompt+output tokens (divide positive logits, multiply
+    negative ones); frequency and presence over output tokens only."""
+    assert st.output_counts is not None and st.prompt_mask is not None
+    seen = st.prompt_mask | (st.output_counts > 0)
+    rep = st.repetition[:, None].expand_as(logits)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits.copy_(torch.where(seen, penalized, logits))
+    logits -= st.frequency[:, None] * st.output_counts
+    logits -= st.presence[:, None] * (st.output_counts > 0).float()
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
+                      top_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask everything outside the top-k and outside the smallest set whose mass reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    V = logits.shape[1]
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (V - top_k.clamp(1, V))[:, None])      # [R, 1]
+        sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= (1 - top_p[:, None])
+        drop[:, -1] = False          # always keep the most likely token
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def gumbel_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, V] Gumbel noise from a counter-based hash of (row key, token index): integer ops only,
+    so no torch.Generator per request and nothing to sync."""
+    cols = mix32_(torch.arange(vocab_size, device=keys.device, dtype=torch.long))   # [V]
+    bits = mix32_(keys[:, None] ^ cols[None, :])                                    # [R, V]
+    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))                             # (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerResult:
+    """logits: [R, V] float32 (modified in place). Returns the sampled token per row."""
+    if st.bitmask is not None:
+        apply_bitmask(logits, st.bitmask)
+    logprobs_src = logits[st.logprob_rows].clone() if st.logprob_rows else None
+    if st.banned is not None:
+        logits[st.banned] = float("-inf")
+    if st.bias is not None:
+        logits.index_put_(st.bias[:2], st.bias[2], accumulate=True)
+    if st.output_counts is not None:
+        apply_penalties(logits, st)
+
+    token_ids = logits.argmax(dim=-1)
+    if not st.all_greedy:
+        rows = st.random_rows
+        x = logits if len(rows) == logits.shape[0] else logits[rows]
+        x = x / st.temperature[rows][:, None]
+        if st.min_p is not None:
+            probs = x.softmax(dim=-1)
+            keep = probs >= st.min_p[rows][:, None] * probs.amax(dim=-1, keepdim=True)
+            x = x.masked_fill(~keep, float("-inf"))
+        if st.top_k is not None or st.top_p is not None:
+            x = apply_top_k_top_p(x, None if st.top_k is None else st.top_k[rows],
+                                  None if st.top_p is None else st.top_p[rows])
+        # PERF: argmax(logits/T + Gumbel) == a draw from softmax(logits/T); no sort, no sync.
+        sampled = (x + gumbel_noise(st.noise_keys[rows], x.shape[1])).argmax(dim=-1)
+        if len(rows) == logits.shape[0]:
+            token_ids = sampled
+        else:
+            token_ids[rows] = sampled
+
+    lp = None
+    if logprobs_src is not None:
+        lp = compute_logprobs(logprobs_src, token_ids[st.logprob_rows], st.max_num_logprobs)
+    return SamplerResult(token_ids, lp)

@@ -1,0 +1,232 @@
+"""LLM: the offline / embedded Python API. Drives Engine.step() synchronously (no asyncio),
+fans n out into sibling requests, detokenizes and applies stop strings."""
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from minserve.config import EngineConfig
+from minserve.engine.engine import Engine
+from minserve.engine.request import FinishReason, Logprob, RequestOutput
+from minserve.sampling_params import SamplingParams
+from minserve.tokenizer import IncrementalDetokenizer, StopChecker
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of one prompt."""
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    cumulative_logprob: float | None = None
+    logprobs: list[Logprob] | None = None
+    finish_reason: str | None = None          # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None      # the stop token id or stop string
+    error: str | None = None
+
+
+@dataclass
+class GenerateOutput:
+    """One prompt's result: the vLLM RequestOutput shape (.prompt, .prompt_token_ids, .outputs)."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: list[Logprob | None] | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+class _Sample:
+    """Per-sample state: detokenizer, stop strings, accumulated output."""
+
+    def __init__(self, engine: Engine, out: CompletionOutput, params: SamplingParams,
+                 prompt_token_ids: list[int]) -> None:
+        self.out = out
+        self.params = params
+        self.detok = IncrementalDetokenizer(engine.tokenizer, prompt_token_ids,
+                                            params.skip_special_tokens,
+                                            params.spaces_between_special_tokens)
+        self.stop = StopChecker(params.stop, params.include_stop_str_in_output)
+        self.pieces: list[str] = []
+        if params.logprobs is not None:
+            out.logprobs, out.cumulative_logprob = [], 0.0
+
+    def update(self, ro: RequestOutput) -> bool:
+        """Apply one engine delta; True when a stop string ended the sample."""
+        out = self.out
+        out.token_ids += ro.new_token_ids
+        if ro.logprobs and out.logprobs is not None:
+            out.logprobs += ro.logprobs
+            out.cumulative_logprob += sum(lp.logprob for lp in ro.logprobs)
+        text = self.detok.push(ro.new_token_ids)
+        if ro.finished:
+            text += self.detok.flush()
+        emit, hit = self.stop.push(text)
+        self.pieces.append(emit)
+        if hit is not None:
+            out.finish_reason, out.stop_reason = "stop", hit
+            out.text = "".join(self.pieces)
+            return True
+        if ro.finished:
+            self.pieces.append(self.stop.flush())
+            out.text = "".join(self.pieces)
+            out.finish_reason = ro.finish_reason.value
+            out.stop_reason, out.error = ro.stop_reason, ro.error
+        return False
+
+
+class _Progress:
+    """A one-line progress bar on stderr (tqdm is not a dependency)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.done = self.num_output_tokens = 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, num_done: int, num_new_tokens: int) -> None:
+        self.done += num_done
+        self.num_output_tokens += num_new_tokens
+        now = time.perf_counter()
+        if self.enabled and (now - self.last > 0.1 or self.done == self.total):
+            self.last = now
+            elapsed = max(now - self.start, 1e-9)
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            sys.stderr.write(f"\rProcessed prompts: {self.done}/{self.total} "
+                             f"[{'#' * filled}{'.' * (width - filled)}] {elapsed:.1f}s, "
+                             f"{self.num_output_tokens / elapsed:.1f} output tok/s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class LLM:
+    """`LLM(model=None, **engine_args)`: engine_args are EngineConfig fields (vLLM names)."""
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        self.engine = Engine(EngineConfig(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine(cls, engine: Engine) -> LLM:
+        self = cls.__new__(cls)
+        self.engine, self._ids = engine, itertools.count()
+        return self
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (as vLLM does)."""
+        return SamplingParams(**self.engine.generation_defaults)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[GenerateOutput]:
+        """Prompts are strings, token-id lists, or {"prompt": ...} / {"prompt_token_ids": ...}.
+        Returns one GenerateOutput per prompt, in order."""
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        results, samples = [], {}
+        try:
+            for prompt, params in zip(prompts, params_list, strict=True):
+                text, ids = self._tokenize(prompt)
+                rid = f"llm-{next(self._ids)}"
+                res = GenerateOutput(rid, text, ids, [CompletionOutput(i)
+                                                      for i in range(params.n)])
+                results.append(res)
+                for i in range(params.n):
+                    sid = f"{rid}-{i}" if params.n > 1 else rid
+                    self.engine.add_request(sid, ids, params,
+                                            parent_id=rid if params.n > 1 else None,
+                                            sample_index=i)
+                    samples[sid] = (res, _Sample(self.engine, res.outputs[i], params, ids))
+            self._run(samples, use_tqdm, len(results))
+        except BaseException:
+            self.engine.abort_request(list(samples))
+            while self.engine.has_unfinished_requests():  # drain the aborts
+                self.engine.step()
+            raise
+        return results
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            return prompt, self.engine.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def _run(self, samples: dict[str, tuple[GenerateOutput, _Sample]], use_tqdm: bool | None,
+             num_prompts: int) -> None:
+        if use_tqdm is None:
+            use_tqdm = num_prompts >= 8 and sys.stderr.isatty()
+        bar = _Progress(num_prompts, use_tqdm)
+        pending = {res.request_id: len(res.outputs) for res, _ in samples.values()}
+        unfinished = set(samples)
+        while unfinished:
+            num_done = num_tokens = 0
+            for ro in self.engine.step():
+                if ro.request_id not in unfinished:
+                    continue  # the ABORT echo of a sample a stop string already ended
+                res, sample = samples[ro.request_id]
+                if ro.prompt_logprobs is not None:
+                    res.prompt_logprobs = ro.prompt_logprobs
+                res.num_cached_tokens = max(res.num_cached_tokens, ro.num_cached_tokens)
+                num_tokens += len(ro.new_token_ids)
+                if sample.update(ro):
+                    self.engine.abort_request(ro.request_id)
+                if sample.out.finish_reason is not None:
+                    unfinished.discard(ro.request_id)
+                    pending[res.request_id] -= 1
+                    num_done += pending[res.request_id] == 0
+            bar.update(num_done, num_tokens)
+        while self.engine.has_unfinished_requests():  # let aborts of stopped samples land
+            self.engine.step()
+        bar.close()
+
+    def chat(self, messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool | None = None, *, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[GenerateOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of conversations."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tok = self.engine.tokenizer
+        prompts: list[Prompt] = []
+        for conv in convs:
+            text = tok.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tools=tools,
+                **(chat_template_kwargs or {}))
+            # The template already wrote bos (if the model wants one): do not add it twice.
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+
+__all__ = ["LLM", "CompletionOutput", "GenerateOutput", "FinishReason"]

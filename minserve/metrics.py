@@ -1,0 +1,111 @@
+"""Prometheus metrics under vLLM's names (so existing vLLM dashboards work), labelled with
+model_name. Request-level numbers are recorded by the server; engine gauges are read at scrape."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
+                               generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+disable_created_metrics()  # no *_created series (vLLM's exposition has none either)
+
+
+class _EngineCollector:
+    """Gauges and cumulative counters taken from Engine.stats() at scrape time."""
+
+    def __init__(self, model_name: str, get_stats: Callable[[], dict[str, Any]]) -> None:
+        self.model_name = model_name
+        self.get_stats = get_stats
+
+    def collect(self) -> Iterator[Any]:
+        s = self.get_stats() or {}
+        lbl = [self.model_name]
+        for name, doc, key in (
+            ("vllm:num_requests_running", "Number of requests in model execution batches.",
+             "num_running"),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+             "num_waiting"),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+             "kv_cache_usage"),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric(lbl, float(s.get(key, 0) or 0))
+            yield g
+        for name, doc, key in (
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
+             "tokens.", "prefix_cache_queries"),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+             "prefix_cache_hits"),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric(lbl, float(s.get(key, 0) or 0))
+            yield c
+
+
+class Metrics:
+    def __init__(self, model_name: str, get_stats: Callable[[], dict[str, Any]]) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        r, lbl = self.registry, ["model_name"]
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
+                                     lbl, registry=r).labels(model_name)
+        self.generation_tokens = Counter("vllm:generation_tokens",
+                                         "Number of generation tokens processed.", lbl,
+                                         registry=r).labels(model_name)
+        self.request_success = Counter("vllm:request_success",
+                                       "Count of successfully processed requests.",
+                                       ["model_name", "finished_reason"], registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds",
+                              "Histogram of time to first token in seconds.", lbl,
+                              buckets=TTFT_BUCKETS, registry=r).labels(model_name)
+        self.itl = Histogram("vllm:inter_token_latency_seconds",
+                             "Histogram of inter-token latency in seconds.", lbl,
+                             buckets=ITL_BUCKETS, registry=r).labels(model_name)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds",
+                             "Histogram of e2e request latency in seconds.", lbl,
+                             buckets=E2E_BUCKETS, registry=r).labels(model_name)
+        r.register(_EngineCollector(model_name, get_stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def tracker(self) -> RequestTracker:
+        return RequestTracker(self)
+
+
+class RequestTracker:
+    """Timing of one API request (all its choices): TTFT, inter-token gaps, E2E."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+        self.arrival = time.monotonic()
+        self.last: float | None = None
+
+    def on_tokens(self, num_new_tokens: int) -> None:
+        if num_new_tokens <= 0:
+            return
+        now = time.monotonic()
+        if self.last is None:
+            self.m.ttft.observe(now - self.arrival)
+        else:
+            self.m.itl.observe(now - self.last)
+        self.last = now
+        self.m.generation_tokens.inc(num_new_tokens)
+
+    def on_finish(self, num_prompt_tokens: int, finish_reasons: list[str | None]) -> None:
+        self.m.prompt_tokens.inc(num_prompt_tokens)
+        self.m.e2e.observe(time.monotonic() - self.arrival)
+        for reason in finish_reasons:
+            if reason is not None:
+                self.m.request_success.labels(self.m.model_name, reason).inc()

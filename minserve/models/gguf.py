@@ -1,0 +1,328 @@
+"""Convert a llama.cpp .gguf into an HF folder the loader and tokenizer already read: config.json,
+model.safetensors (float32, dequantized, Q/K rows back in HF order), tokenizer.json,
+tokenizer_config.json and generation_config.json. Runs once per file; never loads a model."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from minserve.config import ConfigError
+
+# GGUF architecture -> (HF architecture, whether llama.cpp permuted the Q/K rows)
+_ARCHS = {
+    "llama": ("LlamaForCausalLM", True),
+    "mistral": ("MistralForCausalLM", True),
+    "qwen2": ("Qwen2ForCausalLM", False),
+    "qwen3": ("Qwen3ForCausalLM", False),
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+
+
+def gguf_to_hf_folder(gguf_path: str, out_dir: str) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    meta = {name: _field_value(field) for name, field in reader.fields.items()}
+    tensors = {t.name: t for t in reader.tensors}
+    config = gguf_config(meta, set(tensors))
+    os.makedirs(out_dir, exist_ok=True)
+    _write_weights(reader, config, meta, os.path.join(out_dir, "model.safetensors"))
+    _write_json(os.path.join(out_dir, "config.json"), config)
+    tokenizer_json, tokenizer_config, generation_config = gguf_tokenizer(meta)
+    _write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json)
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config)
+    _write_json(os.path.join(out_dir, "generation_config.json"), generation_config)
+
+
+def _field_value(field: Any) -> Any:
+    # Token and merge arrays are large; read them through contents() like everything else,
+    # which returns python lists of str/int.
+    try:
+        return field.contents()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
+# ---------------------------------------------------------------------------------------------
+
+def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+    arch = meta.get("general.architecture")
+    if arch not in _ARCHS:
+        raise ConfigError(f"GGUF architecture {arch!r} is not supported (supported: "
+                          f"{', '.join(_ARCHS)})")
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    hidden = int(get("embedding_length"))
+    num_heads = int(get("attention.head_count"))
+    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // num_heads
+    vocab_size = get("vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    sliding_window = get("attention.sliding_window")
+    hf_arch = _ARCHS[arch][0]
+    if arch == "llama" and sliding_window:
+        hf_arch = "MistralForCausalLM"
+    eos_ids = _eos_ids(meta)
+    config: dict[str, Any] = {
+        "architectures": [hf_arch],
+        "model_type": hf_arch[: -len("ForCausalLM")].lower(),
+        "vocab_size": int(vocab_size),
+        "hidden_size": hidden,
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": int(get("attention.head_count_kv") or num_heads),
+        "head_dim": int(head_dim),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
+        "torch_dtype": "float32",
+    }
+    if sliding_window:
+        config["sliding_window"] = int(sliding_window)
+        if arch.startswith("qwen2"):
+            config["use_sliding_window"] = True
+    scaling_type = get("rope.scaling.type")
+    if scaling_type and scaling_type != "none":
+        config["rope_scaling"] = {
+            "rope_type": scaling_type,
+            "factor": float(get("rope.scaling.factor", 1.0)),
+            "original_max_position_embeddings": int(get("rope.scaling.original_context_length",
+                                                        config["max_position_embeddings"])),
+        }
+    return config
+
+
+def _eos_ids(meta: dict[str, Any]) -> list[int]:
+    ids = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if token_id is not None and int(token_id) not in ids:
+            ids.append(int(token_id))
+    return ids
+
+
+def _llama3_scaling_from_rope_freqs(config: dict[str, Any], rope_freqs: np.ndarray) -> None:
+    """llama.cpp stores Llama 3.1's rope scaling as a per-frequency divisor tensor instead of
+    metadata. Every Llama 3.x release uses low/high freq factors 1/4 over an 8192 context, so
+    rebuild that dict and check it reproduces the tensor before trusting it."""
+    import torch
+
+    from minserve.models.layers import compute_inv_freq
+
+    sc = {"rope_type": "llama3", "factor": float(rope_freqs.max()), "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    base, _ = compute_inv_freq(config["head_dim"], config["rope_theta"], None, 0)
+    scaled, _ = compute_inv_freq(config["head_dim"], config["rope_theta"], sc, 0)
+    if not torch.allclose(base / torch.from_numpy(rope_freqs.astype(np.float32)), scaled,
+                          rtol=1e-3):
+        raise ConfigError("this GGUF stores rope_freqs that are not Llama 3 rope scaling; "
+                          "load the original HF folder instead")
+    config["rope_scaling"] = sc
+
+
+# ---------------------------------------------------------------------------------------------
+# model.safetensors
+# ---------------------------------------------------------------------------------------------
+
+def hf_tensor_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's convert permute: within each head, rows were interleaved
+    (r0, r_half, r1, r_half+1, ...) for GGML's rope; put them back in HF's (first half | second
+    half) order. Works for weights [rows, in] and biases [rows]."""
+    head_rows = w.shape[0] // num_heads
+    return (w.reshape(num_heads, head_rows // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], path: str) -> None:
+    from gguf.quants import dequantize
+    from safetensors.numpy import save_file
+
+    permuted = _ARCHS[meta["general.architecture"]][1]
+    out: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        # GGUF lists dims fastest-first; numpy (and HF) order is the reverse.
+        shape = tuple(int(d) for d in reversed(t.shape))
+        data = np.ascontiguousarray(dequantize(t.data, t.tensor_type).reshape(shape),
+                                    dtype=np.float32)
+        if t.name == "rope_freqs.weight":
+            _llama3_scaling_from_rope_freqs(config, data)
+            continue
+        name = hf_tensor_name(t.name)
+        if name is None:
+            raise ConfigError(f"GGUF tensor {t.name!r} has no HF counterpart; this GGUF "
+                              "variant is not supported")
+        if permuted and ".q_proj." in name:
+            data = unpermute_qk(data, config["num_attention_heads"])
+        elif permuted and ".k_proj." in name:
+            data = unpermute_qk(data, config["num_key_value_heads"])
+        out[name] = data
+    save_file(out, path, metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer.json, tokenizer_config.json, generation_config.json
+# ---------------------------------------------------------------------------------------------
+
+# Pre-tokenizer splits by tokenizer.ggml.pre (the regexes of the HF tokenizers they came from).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+           "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+
+
+def _byte_level_pre_tokenizer(pre: str | None) -> dict[str, Any]:
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": True}
+    if pre in _SPLITS:
+        split = {"type": "Split", "pattern": {"Regex": _SPLITS[pre]}, "behavior": "Isolated",
+                 "invert": False}
+        return {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
+    if pre == "smollm":
+        # SmolLM's own tokenizer.json (and llama.cpp's "smollm" pre) split digits one by one
+        # before the GPT-2 regex.
+        digits = {"type": "Digits", "individual_digits": True}
+        return {"type": "Sequence", "pretokenizers": [digits, byte_level]}
+    return byte_level  # "gpt2", "default" and unknown: the plain GPT-2 regex
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def gguf_tokenizer(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(tokenizer.json, tokenizer_config.json, generation_config.json) as dicts."""
+    model_type = meta.get("tokenizer.ggml.model")
+    if model_type != "gpt2":
+        raise ConfigError(f"GGUF tokenizer model {model_type!r} is not supported (only byte-level "
+                          "BPE, 'gpt2'); pass the original HF folder instead")
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    token_types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges: list[str] = meta.get("tokenizer.ggml.merges") or []
+    spelling = _bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab: dict[str, int] = {}
+    added = []
+    for i, (token, token_type) in enumerate(zip(tokens, token_types)):
+        if token_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED):
+            added.append({"id": i, "content": token, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False,
+                          "special": token_type == _TOKEN_CONTROL})
+        elif not set(token) <= alphabet:  # spelled with raw characters: respell byte-level
+            token = "".join(spelling[b] for b in token.encode("utf-8"))
+        vocab.setdefault(token, i)
+
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    if add_bos and bos_id is not None:
+        bos = tokens[bos_id]
+        post = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                         {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+    else:
+        post = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                "use_regex": True}
+    tokenizer_json = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre")),
+        "post_processor": post,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
+                  "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
+                  "merges": [m.split(" ", 1) for m in merges]},
+    }
+
+    def token_str(key: str) -> str | None:
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[token_id] if token_id is not None and token_id < len(tokens) else None
+
+    eos_ids = _eos_ids(meta)
+    tokenizer_config = {
+        "bos_token": token_str("bos_token_id"),
+        "eos_token": token_str("eos_token_id"),
+        "pad_token": token_str("padding_token_id"),
+        "unk_token": token_str("unknown_token_id"),
+        "add_bos_token": add_bos,
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "chat_template": meta.get("tokenizer.chat_template"),
+        "model_max_length": int(meta.get(f"{meta['general.architecture']}.context_length") or 2048),
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"}
+                                 for t in added},
+    }
+    generation_config: dict[str, Any] = {"eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids}
+    if bos_id is not None:
+        generation_config["bos_token_id"] = bos_id
+    for key, hf_key in (("temp", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
+                        ("min_p", "min_p"), ("penalty_repeat", "repetition_penalty")):
+        value = meta.get(f"general.sampling.{key}")
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            generation_config[hf_key] = value
+    return tokenizer_json, tokenizer_config, generation_config

@@ -1,0 +1,207 @@
+"""Building blocks shared by the Llama-family models: RMSNorm (with the fused residual add),
+rotary embedding (default, linear, llama3, yarn), merged linear layers the loader fills shard by
+shard, SiLU-and-mul, and the Attention module that writes the paged KV cache and reads it back."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minserve import kernels
+from minserve.config import ConfigError
+from minserve.kernels import AttnMetadata
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x), or with `residual`: (norm(x + residual), x + residual), the pre-norm step of
+        every decoder layer in one call."""
+        if residual is not None:
+            x = x + residual
+            residual = x
+        # NOTE: normalise in float32 and cast back before the weight multiply, as HF does, so
+        # bf16/fp16 logits match the reference bit for bit in the norm.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = self.weight * xf.to(x.dtype)
+        return out if residual is None else (out, residual)
+
+
+class SiluAndMul(nn.Module):
+    """[T, 2*I] (gate | up) -> [T, I] = silu(gate) * up."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class MergedLinear(nn.Linear):
+    """One matmul for several checkpoint projections stacked along the output dim (q|k|v or
+    gate|up). `shard_sizes` maps each checkpoint shard id to its row count, in order."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[Any, int], bias: bool) -> None:
+        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
+        self.shard_offsets: dict[Any, tuple[int, int]] = {}
+        offset = 0
+        for shard_id, size in shard_sizes.items():
+            self.shard_offsets[shard_id] = (offset, size)
+            offset += size
+
+    def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any) -> None:
+        offset, size = self.shard_offsets[shard_id]
+        if loaded.shape[0] != size:
+            raise ConfigError(f"checkpoint shard {shard_id!r} has {loaded.shape[0]} rows, "
+                              f"the model expects {size}")
+        param.data[offset:offset + size].copy_(loaded)
+
+
+def compute_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None,
+                     max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """(inv_freq [D/2] float32, attention_scaling), following transformers' rope init functions."""
+    inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = (rope_scaling or {}).get("rope_type") or (rope_scaling or {}).get("type") or "default"
+    if rope_type == "default":
+        return inv_freq, 1.0
+    sc = rope_scaling or {}
+    if rope_type == "linear":
+        return inv_freq / float(sc["factor"]), 1.0
+    if rope_type == "llama3":
+        factor, low, high = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+        old_len = float(sc["original_max_position_embeddings"])
+        low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    if rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, rope_theta, sc, max_position_embeddings)
+    raise ConfigError(f"rope scaling type {rope_type!r} is not supported "
+                      "(supported: default, linear, llama3, yarn)")
+
+
+def _yarn_inv_freq(dim: int, base: float, sc: dict[str, Any],
+                   max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    orig = sc.get("original_max_position_embeddings") or max_position_embeddings
+    factor = sc.get("factor") or max_position_embeddings / orig
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = sc.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = sc.get("mscale"), sc.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast, beta_slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for the step's positions, computed on the fly from inv_freq (no position cache,
+    so no length limit and nothing to index out of range): [T, D] each, in the model dtype."""
+
+    def __init__(self, head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None,
+                 max_position_embeddings: int) -> None:
+        super().__init__()
+        self.args = (head_dim, rope_theta, rope_scaling, max_position_embeddings)
+        inv_freq, self.attention_scaling = compute_inv_freq(*self.args)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module signature)
+        # NOTE: model.to(bf16) would round inv_freq and to_empty() would leave it garbage, so
+        # recompute it in float32 on whatever device the buffer lands.
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq = compute_inv_freq(*self.args)[0].to(self.inv_freq.device)
+        return self
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                               # [T, D]
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, N, D] rotated in HF's rotate_half layout (first half | second half of each head)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    """Stores the step's K/V through the slot mapping, then attends over the paged cache.
+
+    k_cache / v_cache ([NB, BS, K, D]) are plain attributes set by the runner through
+    model.set_kv_caches(); they are not parameters and never enter the state dict."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn: AttnMetadata) -> torch.Tensor:
+        # q [T, H, D], k/v [T, K, D] -> [T, H*D]
+        if self.k_cache.numel() == 0:
+            out = self._attend_without_cache(q, k, v, attn)
+        else:
+            kernels.store_kv(k, v, self.k_cache, self.v_cache, attn.slot_mapping)
+            out = kernels.paged_attention(q, self.k_cache, self.v_cache, attn, self.scale,
+                                          self.sliding_window)
+        return out.reshape(q.shape[0], -1)
+
+    def _attend_without_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              attn: AttnMetadata) -> torch.Tensor:
+        """The profiling run has no cache yet: each request's query is its whole sequence."""
+        out = torch.empty_like(q)
+        group = self.num_heads // self.num_kv_heads
+        qsl = attn.query_start_loc_host
+        for r in range(len(qsl) - 1):
+            start, end = qsl[r], qsl[r + 1]
+            if end == start:
+                continue
+            qr = q[start:end].transpose(0, 1)                                   # [H, Q, D]
+            kr = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0)    # [H, Q, D]
+            vr = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
+            n = end - start
+            pos = torch.arange(n, device=q.device)
+            mask = pos[None, :] <= pos[:, None]
+            if self.sliding_window is not None:
+                mask &= pos[None, :] > pos[:, None] - self.sliding_window
+            o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=self.scale)
+            out[start:end] = o.transpose(0, 1)
+        return out

@@ -1,0 +1,183 @@
+"""Engine outputs -> OpenAI responses: per-choice state (incremental detokenizing, stop strings,
+logprobs) and the chat/completions response and chunk builders. Plain dicts; no I/O, no torch."""
+from __future__ import annotations
+
+from typing import Any
+
+from minserve.engine.request import FinishReason, Logprob, RequestOutput
+from minserve.protocol import GenerateRequest
+from minserve.tokenizer import IncrementalDetokenizer, StopChecker
+
+_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort",
+           FinishReason.ERROR: "error"}
+_MIN_LOGPROB = -9999.0  # vLLM's floor for -inf, so the JSON stays finite
+
+
+class ChoiceState:
+    """One choice (one prompt x one sample): what was emitted and why it ended."""
+
+    def __init__(self, index: int, req: GenerateRequest, tokenizer: Any,
+                 prompt_token_ids: list[int]) -> None:
+        p = req.params
+        self.index = index
+        self.tokenizer = tokenizer
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, p.skip_special_tokens,
+                                            p.spaces_between_special_tokens)
+        self.stop = StopChecker(p.stop, p.include_stop_str_in_output) if p.stop else None
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_cached_tokens = 0
+        self.num_output_tokens = 0
+        self.text = ""                # emitted so far
+        self.logprobs: list[Logprob] = []
+        self.prompt_logprobs: list[Logprob | None] | None = None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    def update(self, out: RequestOutput) -> tuple[str, list[Logprob], bool]:
+        """-> (new text, new logprobs, stop string hit). On a hit the caller aborts the sample."""
+        self.num_output_tokens += len(out.new_token_ids)
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
+        if out.num_prompt_tokens:
+            self.num_prompt_tokens = out.num_prompt_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        lps = list(out.logprobs or [])
+        self.logprobs += lps
+        delta = self.detok.push(out.new_token_ids) if out.new_token_ids else ""
+        if out.finished:  # anything the detokenizer still held (a split UTF-8 char) comes out
+            delta += self.detok.flush()
+        hit = None
+        if self.stop is not None:
+            delta, hit = self.stop.push(delta)
+            if hit is None and out.finished:
+                delta += self.stop.flush()
+        self.text += delta
+        if hit is not None:
+            self.finish_reason, self.stop_reason = "stop", hit
+        elif out.finished:
+            self.finish_reason = _FINISH[out.finish_reason]
+            self.stop_reason = out.stop_reason
+        return delta, lps, hit is not None
+
+    # ---- logprobs in OpenAI's two shapes
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        b = self.tokenizer.token_bytes(token_id)
+        return b.decode("utf-8", errors="replace"), list(b)
+
+    def chat_logprobs(self, lps: list[Logprob], k: int) -> dict[str, Any]:
+        content = []
+        for lp in lps:
+            tok, b = self._token(lp.token_id)
+            top = []
+            for tid, v in lp.top[:k]:
+                t, tb = self._token(tid)
+                top.append({"token": t, "logprob": max(v, _MIN_LOGPROB), "bytes": tb})
+            content.append({"token": tok, "logprob": max(lp.logprob, _MIN_LOGPROB), "bytes": b,
+                            "top_logprobs": top})
+        return {"content": content}
+
+    def completion_logprobs(self, lps: list[Logprob | None], k: int, offset: int,
+                            prompt_ids: list[int] | None = None) -> dict[str, Any]:
+        """text_offset counts characters from the start of the choice's text (echo included)."""
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                "text_offset": []}
+        ids = prompt_ids or [lp.token_id for lp in lps if lp is not None]
+        for i, lp in enumerate(lps):
+            tid = lp.token_id if lp is not None else ids[i]
+            tok, _ = self._token(tid)
+            out["tokens"].append(tok)
+            out["text_offset"].append(offset)
+            offset += len(tok)
+            if lp is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            out["token_logprobs"].append(max(lp.logprob, _MIN_LOGPROB))
+            top = {tok: max(lp.logprob, _MIN_LOGPROB)}
+            for t, v in lp.top[:k]:
+                top.setdefault(self._token(t)[0], max(v, _MIN_LOGPROB))
+            out["top_logprobs"].append(top)
+        return out
+
+
+def usage(choices: list[ChoiceState], num_prompts: int, n: int) -> dict[str, Any]:
+    """Prompt tokens count once per prompt (not per sample), as OpenAI does."""
+    firsts = choices[::n][:num_prompts]
+    prompt = sum(c.num_prompt_tokens for c in firsts)
+    completion = sum(c.num_output_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in firsts)}}
+
+
+def echo_prefix(req: GenerateRequest, c: ChoiceState) -> str:
+    return (req.prompt_texts[c.index // req.params.n] or "") if req.echo else ""
+
+
+def _prompt_lps(req: GenerateRequest, c: ChoiceState) -> tuple[list[Logprob | None], list[int]]:
+    ids = req.prompts[c.index // req.params.n]
+    lps = list(c.prompt_logprobs or [])
+    return lps + [None] * (len(ids) - len(lps)), ids
+
+
+def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]:
+    """The non-streaming body."""
+    out = []
+    for c in choices:
+        if req.kind == "chat":
+            msg = {"role": "assistant", "content": echo_prefix(req, c) + c.text,
+                   "tool_calls": []}
+            ch: dict[str, Any] = {"index": c.index, "message": msg, "logprobs": None}
+            if req.logprobs is not None:
+                ch["logprobs"] = c.chat_logprobs(c.logprobs, req.logprobs)
+        else:
+            prefix = echo_prefix(req, c)
+            ch = {"index": c.index, "text": prefix + c.text, "logprobs": None}
+            if req.logprobs is not None:
+                if req.echo:
+                    plps, ids = _prompt_lps(req, c)
+                    lp = c.completion_logprobs(plps, req.logprobs, 0, ids)
+                    gen = c.completion_logprobs(c.logprobs, req.logprobs, len(prefix))
+                    for key in lp:
+                        lp[key] += gen[key]
+                else:
+                    lp = c.completion_logprobs(c.logprobs, req.logprobs, 0)
+                ch["logprobs"] = lp
+        ch["finish_reason"] = c.finish_reason
+        ch["stop_reason"] = c.stop_reason
+        out.append(ch)
+    return {"id": req.request_id,
+            "object": "chat.completion" if req.kind == "chat" else "text_completion",
+            "created": req.created, "model": req.model, "choices": out,
+            "usage": usage(choices, len(req.prompts), req.params.n)}
+
+
+def chunk(req: GenerateRequest, choice_dicts: list[dict[str, Any]],
+          usage_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "id": req.request_id,
+        "object": "chat.completion.chunk" if req.kind == "chat" else "text_completion",
+        "created": req.created, "model": req.model, "choices": choice_dicts}
+    if usage_dict is not None:
+        d["usage"] = usage_dict
+    return d
+
+
+def chunk_choice(req: GenerateRequest, c: ChoiceState, text: str, lps: list[Logprob],
+                 *, role: bool = False, finished: bool = False, echo: bool = False
+                 ) -> dict[str, Any]:
+    """One choice's delta inside a streaming chunk."""
+    if req.kind == "chat":
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if role else {
+            "content": text} if text or not finished else {}
+        ch: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": None}
+        if req.logprobs is not None and lps:
+            ch["logprobs"] = c.chat_logprobs(lps, req.logprobs)
+    else:
+        ch = {"index": c.index, "text": text, "logprobs": None}
+        if req.logprobs is not None and lps:
+            offset = 0 if echo else len(echo_prefix(req, c)) + len(c.text) - len(text)
+            ch["logprobs"] = c.completion_logprobs(lps, req.logprobs, offset)
+    ch["finish_reason"] = c.finish_reason if finished else None
+    ch["stop_reason"] = c.stop_reason if finished else None
+    return ch

@@ -1,0 +1,406 @@
+"""OpenAI request bodies -> GenerateRequest (validated; bad input is an OpenAIError 4xx naming the
+parameter), and the response/chunk builders for chat and completions. No torch, no I/O here."""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from minserve.sampling_params import SamplingParams
+
+MAX_N = 128
+MAX_LOGPROBS = 20
+MAX_STOP = 16
+
+
+class OpenAIError(Exception):
+    """A user-facing error: server.py turns it into {"error": {...}} with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str | None = None, code: str | int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type or _ERROR_TYPES.get(status, "BadRequestError")
+        self.code = code if code is not None else status
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                405: "MethodNotAllowed", 413: "RequestEntityTooLarge", 415: "BadRequestError",
+                500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+@dataclass
+class ServingContext:
+    """What parsing needs from the loaded engine."""
+    tokenizer: Any
+    model_names: list[str]
+    max_model_len: int
+    vocab_size: int
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GenerateRequest:
+    kind: str                         # "chat" | "completion"
+    request_id: str
+    model: str
+    prompts: list[list[int]]          # one per completions prompt; chat has exactly one
+    prompt_texts: list[str | None]    # for echo
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage: bool = False
+    echo: bool = False
+    logprobs: int | None = None       # top alternatives per token; None = no logprobs
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+# ---------------------------------------------------------------- typed field readers
+def _bad(param: str, msg: str) -> OpenAIError:
+    return OpenAIError(400, f"{param}: {msg}", param=param)
+
+
+def _num(body: dict, name: str, default: Any, lo: float | None = None, hi: float | None = None,
+         integer: bool = False, lo_open: bool = False) -> Any:
+    v = body.get(name)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+        raise _bad(name, f"must be {'an integer' if integer else 'a number'}, got {v!r}")
+    if not integer and not math.isfinite(v):
+        raise _bad(name, "must be a finite number")
+    if integer and abs(v) >= 2**63:
+        raise _bad(name, "is out of range")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise _bad(name, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise _bad(name, f"must be <= {hi}, got {v}")
+    return v
+
+
+def _bool(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise _bad(name, f"must be a boolean, got {v!r}")
+    return v
+
+
+def _int_list(v: Any, name: str, vocab_size: int | None = None) -> list[int]:
+    if not isinstance(v, list) or not all(type(t) is int for t in v):
+        raise _bad(name, "must be a list of integers")
+    if vocab_size is not None and any(t < 0 or t >= vocab_size for t in v):
+        raise _bad(name, f"token ids must be in [0, {vocab_size})")
+    return v
+
+
+def _check_model(body: dict, ctx: ServingContext) -> str:
+    model = body.get("model")
+    if model is None:
+        return ctx.model_names[0]
+    if not isinstance(model, str):
+        raise _bad("model", "must be a string")
+    if model not in ctx.model_names:
+        raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
+                          type="NotFoundError")
+    return model
+
+
+# ---------------------------------------------------------------- sampling
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise _bad("stop", "must be a string or a list of strings")
+    if len(stop) > MAX_STOP:
+        raise _bad("stop", f"at most {MAX_STOP} stop strings")
+    return [s for s in stop if s]
+
+
+def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
+    lb = body.get("logit_bias")
+    if lb is None:
+        return None
+    if not isinstance(lb, dict):
+        raise _bad("logit_bias", "must be an object of token id -> bias")
+    out: dict[int, float] = {}
+    for k, v in lb.items():
+        try:
+            tok = int(k)
+        except ValueError:
+            raise _bad("logit_bias", f"key {k!r} is not a token id") from None
+        if not 0 <= tok < vocab_size:
+            raise _bad("logit_bias", f"token id {tok} is out of range [0, {vocab_size})")
+        out[tok] = float(_num({"logit_bias": v}, "logit_bias", 0.0, -100, 100))
+    return out
+
+
+def _structured(body: dict) -> dict[str, Any] | None:
+    """The structured-output seam: fills SamplingParams.structured (compiled by the engine's
+    structured-output module). One constraint per request."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+            raise _bad("response_format", "must be an object with a `type`")
+        if rf["type"] == "json_object":
+            found.append(("response_format", {"json_object": True}))
+        elif rf["type"] == "json_schema":
+            js = rf.get("json_schema")
+            schema = js.get("schema") if isinstance(js, dict) else None
+            if not isinstance(schema, dict):
+                raise _bad("response_format", "json_schema.schema must be an object")
+            found.append(("response_format", {"json": schema}))
+        elif rf["type"] != "text":
+            raise _bad("response_format", f"unsupported type {rf['type']!r}")
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise _bad("structured_outputs", "must be an object")
+        for key in ("json", "regex", "choice", "grammar"):
+            if so.get(key) is not None:
+                found.append(("structured_outputs", {key: so[key]}))
+    for key, name in (("guided_json", "json"), ("guided_regex", "regex"),
+                      ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        if body.get(key) is not None:
+            found.append((key, {name: body[key]}))
+    if not found:
+        return None
+    if len(found) > 1:
+        raise _bad(found[1][0], "only one structured-output constraint per request "
+                   f"(got {', '.join(p for p, _ in found)})")
+    param, spec = found[0]
+    kind, value = next(iter(spec.items()))
+    if kind == "json" and isinstance(value, str):
+        import json
+        try:
+            spec = {"json": json.loads(value)}
+        except ValueError:
+            raise _bad(param, "is not valid JSON") from None
+    elif kind == "choice" and (not isinstance(value, list) or not value
+                               or not all(isinstance(c, str) for c in value)):
+        raise _bad(param, "must be a non-empty list of strings")
+    elif kind in ("regex", "grammar") and not isinstance(value, str):
+        raise _bad(param, "must be a string")
+    elif kind == "json" and not isinstance(value, (dict, bool)):
+        raise _bad(param, "must be a JSON schema object")
+    return spec
+
+
+def _sampling(body: dict, ctx: ServingContext, max_tokens_default: int | None,
+              max_tokens_names: tuple[str, ...]) -> SamplingParams:
+    gd = ctx.generation_defaults
+    max_tokens = max_tokens_default
+    for name in max_tokens_names:
+        v = _num(body, name, None, lo=1, integer=True)
+        if v is not None:
+            max_tokens = v
+            break
+    else:
+        default = gd.get("max_tokens") or gd.get("max_new_tokens")
+        if default and (max_tokens is None or default < max_tokens):
+            max_tokens = int(default)
+    n = _num(body, "n", 1, lo=1, hi=MAX_N, integer=True)
+    best_of = _num(body, "best_of", None, lo=1, integer=True)
+    if best_of is not None and best_of != n:
+        raise _bad("best_of", "best_of other than n is not supported")
+    min_tokens = _num(body, "min_tokens", 0, lo=0, integer=True)
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise _bad("min_tokens", f"must be <= max_tokens ({max_tokens}), got {min_tokens}")
+    top_k = _num(body, "top_k", gd.get("top_k", 0), lo=-1, integer=True)
+    stop_token_ids = body.get("stop_token_ids")
+    return SamplingParams(
+        n=n,
+        temperature=_num(body, "temperature", gd.get("temperature", 1.0), lo=0, hi=100),
+        top_p=_num(body, "top_p", gd.get("top_p", 1.0), lo=0, hi=1, lo_open=True),
+        top_k=0 if top_k in (-1, 0) else top_k,
+        min_p=_num(body, "min_p", gd.get("min_p", 0.0), lo=0, hi=1),
+        seed=_num(body, "seed", None, integer=True),
+        presence_penalty=_num(body, "presence_penalty", 0.0, lo=-2, hi=2),
+        frequency_penalty=_num(body, "frequency_penalty", 0.0, lo=-2, hi=2),
+        repetition_penalty=_num(body, "repetition_penalty", gd.get("repetition_penalty", 1.0),
+                                lo=0, hi=100, lo_open=True),
+        logit_bias=_logit_bias(body, ctx.vocab_size),
+        min_tokens=min_tokens,
+        max_tokens=max_tokens,
+        stop=_stop(body),
+        stop_token_ids=[] if stop_token_ids is None else _int_list(
+            stop_token_ids, "stop_token_ids", ctx.vocab_size),
+        ignore_eos=_bool(body, "ignore_eos", False),
+        skip_special_tokens=_bool(body, "skip_special_tokens", True),
+        spaces_between_special_tokens=_bool(body, "spaces_between_special_tokens", True),
+        include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
+        structured=_structured(body),
+    )
+
+
+def _stream_opts(body: dict, stream: bool) -> tuple[bool, bool]:
+    so = body.get("stream_options")
+    if so is None:
+        return False, False
+    if not isinstance(so, dict):
+        raise _bad("stream_options", "must be an object")
+    if not stream:
+        raise _bad("stream_options", "is only allowed when stream is true")
+    return (_bool(so, "include_usage", False), _bool(so, "continuous_usage_stats", False))
+
+
+def _check_length(ctx: ServingContext, prompt: list[int], params: SamplingParams,
+                  what: str) -> None:
+    num_prompt = len(prompt)
+    if num_prompt == 0:
+        raise _bad(what, "the prompt is empty")
+    if num_prompt >= ctx.max_model_len:
+        raise OpenAIError(400, f"This model's maximum context length is {ctx.max_model_len} "
+                          f"tokens. However, your request has {num_prompt} input tokens. Please "
+                          f"reduce the length of the input.", param=what)
+    if params.max_tokens is not None and num_prompt + params.max_tokens > ctx.max_model_len:
+        raise OpenAIError(400, f"This model's maximum context length is {ctx.max_model_len} "
+                          f"tokens. However, you requested {num_prompt + params.max_tokens} "
+                          f"tokens ({num_prompt} in the {what}, {params.max_tokens} in the "
+                          f"completion). Please reduce the length of the {what} or completion.",
+                          param="max_tokens")
+
+
+def _common(body: Any, ctx: ServingContext) -> tuple[str, bool, bool, bool]:
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object")
+    model = _check_model(body, ctx)
+    stream = _bool(body, "stream", False)
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise _bad("user", "must be a string")
+    return (model, stream, *_stream_opts(body, stream))
+
+
+# ---------------------------------------------------------------- chat
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+def _messages(body: dict) -> list[dict[str, Any]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise _bad("messages", "must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(msgs):
+        p = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(p, "must be an object")
+        role = m.get("role")
+        if role not in _ROLES:
+            raise _bad(f"{p}.role", f"must be one of {sorted(_ROLES)}, got {role!r}")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                ptype = part.get("type") if isinstance(part, dict) else None
+                if ptype == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif ptype in ("image_url", "input_image", "image", "input_audio", "video_url"):
+                    raise _bad(f"{p}.content[{j}]", f"{ptype} parts are not supported: this "
+                               "model is text-only")
+                else:
+                    raise _bad(f"{p}.content[{j}]", "must be a {\"type\": \"text\", \"text\": "
+                               "...} part")
+            content = "\n".join(texts)
+        elif content is None:
+            if role != "assistant":
+                raise _bad(f"{p}.content", "is required")
+        elif not isinstance(content, str):
+            raise _bad(f"{p}.content", "must be a string or a list of content parts")
+        msg = {**m, "role": role, "content": content if content is not None else ""}
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            raise _bad(f"{p}.name", "must be a string")
+        out.append(msg)
+    return out
+
+
+def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
+    model, stream, include_usage, continuous = _common(body, ctx)
+    messages = _messages(body)
+    want_logprobs = _bool(body, "logprobs", False)
+    top = _num(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
+    if top is not None and top > 0 and not want_logprobs:
+        raise _bad("top_logprobs", "requires logprobs to be true")
+    add_gen = _bool(body, "add_generation_prompt", True)
+    cont = _bool(body, "continue_final_message", False)
+    if add_gen and cont and "add_generation_prompt" in body:
+        raise _bad("continue_final_message", "cannot be combined with add_generation_prompt")
+    if cont:
+        add_gen = False
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise _bad("chat_template_kwargs", "must be an object")
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list)
+                              or not all(isinstance(t, dict) for t in tools)):
+        raise _bad("tools", "must be a list of tool objects")
+    tool_choice = body.get("tool_choice")
+    if tool_choice not in (None, "none", "auto"):
+        raise _bad("tool_choice", "only \"none\" and \"auto\" are supported")
+    params = _sampling(body, ctx, None, ("max_completion_tokens", "max_tokens"))
+    params.logprobs = (top or 0) if want_logprobs else None
+    tok = ctx.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise OpenAIError(400, "this model has no chat template; pass one with --chat-template "
+                          "(a file or the template text), or use /v1/completions", param="messages")
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=add_gen,
+                                       continue_final_message=cont, tools=tools,
+                                       chat_template_kwargs=kwargs)
+    except (ValueError, TypeError, KeyError) as e:  # ChatTemplateError is a ValueError
+        raise OpenAIError(400, f"chat template error: {e}", param="messages") from None
+    prompt = tok.encode(text, add_special_tokens=False)
+    _check_length(ctx, prompt, params, "messages")
+    echo = _bool(body, "echo", False)
+    return GenerateRequest("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [prompt],
+                           [messages[-1]["content"] if echo else None], params, stream,
+                           include_usage, continuous, echo, params.logprobs)
+
+
+# ---------------------------------------------------------------- completions
+def _prompts(body: dict, ctx: ServingContext) -> tuple[list[list[int]], list[str | None]]:
+    p = body.get("prompt")
+    if isinstance(p, str):
+        p = [p]
+    if not isinstance(p, list) or not p:
+        raise _bad("prompt", "must be a string, a list of strings, a list of token ids or a "
+                   "list of lists of token ids, and not empty")
+    if all(type(t) is int for t in p):
+        return [_int_list(p, "prompt", ctx.vocab_size)], [None]
+    if all(isinstance(s, str) for s in p):
+        return [ctx.tokenizer.encode(s) for s in p], list(p)
+    if all(isinstance(s, list) for s in p):
+        return [_int_list(s, "prompt", ctx.vocab_size) for s in p], [None] * len(p)
+    raise _bad("prompt", "mixes strings, token ids and lists")
+
+
+def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
+    model, stream, include_usage, continuous = _common(body, ctx)
+    if body.get("suffix"):
+        raise _bad("suffix", "is not supported (no fill-in-the-middle)")
+    prompts, texts = _prompts(body, ctx)
+    params = _sampling(body, ctx, 16, ("max_tokens",))
+    params.logprobs = _num(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
+    echo = _bool(body, "echo", False)
+    if echo and params.logprobs is not None:
+        params.prompt_logprobs = params.logprobs
+    if len(prompts) * params.n > MAX_N:
+        raise _bad("n", f"prompts x n must be <= {MAX_N}")
+    for ids in prompts:
+        _check_length(ctx, ids, params, "prompt")
+    if echo:
+        texts = [t if t is not None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
+                 for t, ids in zip(texts, prompts)]
+    return GenerateRequest("completion", f"cmpl-{uuid.uuid4().hex}", model, prompts, texts,
+                           params, stream, include_usage, continuous, echo, params.logprobs)

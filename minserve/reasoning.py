@@ -1,0 +1,104 @@
+"""Reasoning parsers (--reasoning-parser deepseek_r1 | qwen3): split <think>...</think> into
+reasoning_content and content, whole or streamed. Streaming re-splits the text so far and sends
+only what is certain, so the accumulated stream equals the whole-text split. Touches no tokens."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+def _partial_len(text: str, marker: str) -> int:
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+def prompt_opens_reasoning(prompt: str) -> bool:
+    """True when the rendered prompt ends inside an unclosed <think> (templates that open the
+    thinking block for the model, e.g. DeepSeek-R1 and Qwen3 thinking-2507)."""
+    return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+
+
+class ReasoningParser:
+    """Text before </think> is reasoning; after it, content. Subclasses decide what text with no
+    think tags at all is (the one way deepseek_r1 and qwen3 differ)."""
+
+    name: ClassVar[str] = ""
+    # What an output that does not start with <think> is, when the prompt did not open one.
+    untagged_is_reasoning: ClassVar[bool] = False
+
+    def __init__(self, start_in_reasoning: bool = False) -> None:
+        self.start_in_reasoning = start_in_reasoning or self.untagged_is_reasoning
+        self._text = ""
+        self._num_sent = [0, 0]  # chars of (reasoning, content) already sent
+
+    def split(self, text: str, final: bool = True) -> tuple[str, str]:
+        """(reasoning, content) of the text; with final=False only the certain part."""
+        body = text.lstrip()
+        if body.startswith(THINK_START):
+            rest = body[len(THINK_START):]
+        elif not final and THINK_START.startswith(body):  # "", "<thi": undecided
+            return "", ""
+        elif self.start_in_reasoning:
+            rest = text
+        else:
+            return "", text
+        end = rest.find(THINK_END)
+        if end >= 0:
+            return rest[:end], rest[end + len(THINK_END):]
+        # No </think> (yet): all reasoning, as vLLM does for a truncated thought.
+        keep = 0 if final else _partial_len(rest, THINK_END)
+        return rest[:len(rest) - keep], ""
+
+    def extract(self, text: str) -> tuple[str | None, str | None]:
+        """(reasoning_content, content); None for an empty part."""
+        reasoning, content = self.split(text, final=True)
+        return reasoning or None, content or None
+
+    def extract_streaming(self, delta_text: str) -> dict[str, Any] | None:
+        """{"reasoning_content": ..., "content": ...} with what is new, or None."""
+        self._text += delta_text
+        return self._delta(*self.split(self._text, final=False))
+
+    def finish(self) -> dict[str, Any] | None:
+        """End of output: flush a held-back partial tag."""
+        return self._delta(*self.split(self._text, final=True))
+
+    def _delta(self, reasoning: str, content: str) -> dict[str, Any] | None:
+        delta: dict[str, Any] = {}
+        for i, (key, text) in enumerate((("reasoning_content", reasoning),
+                                         ("content", content))):
+            if len(text) > self._num_sent[i]:
+                delta[key] = text[self._num_sent[i]:]
+                self._num_sent[i] = len(text)
+        return delta or None
+
+
+class DeepSeekR1ReasoningParser(ReasoningParser):
+    """DeepSeek-R1 (and distills): the template puts <think> in the prompt, so everything before
+    </think> is reasoning, and output with no </think> at all is an unfinished thought."""
+
+    name = "deepseek_r1"
+    untagged_is_reasoning = True
+
+
+class Qwen3ReasoningParser(ReasoningParser):
+    """Qwen3: the model writes <think> itself; output with no <think> (enable_thinking=False puts
+    an empty block in the prompt) is all content, unless the prompt opened the block."""
+
+    name = "qwen3"
+
+
+REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
+    cls.name: cls for cls in (DeepSeekR1ReasoningParser, Qwen3ReasoningParser)
+}
+
+
+def get_reasoning_parser(name: str) -> type[ReasoningParser]:
+    try:
+        return REASONING_PARSERS[name]
+    except KeyError:
+        raise ValueError(f"unknown reasoning parser {name!r}; choose one of "
+                         f"{', '.join(sorted(REASONING_PARSERS))}") from None

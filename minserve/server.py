@@ -1,0 +1,408 @@
+"""THE ASGI app: lifespan (AsyncEngine start/stop), route table, body limit, auth, CORS, OpenAI
+error objects, and the SSE writer with a receive() disconnect watcher (granian's send() does not
+raise after a disconnect). Never imports torch: the engine is built in its own thread."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from minserve import __version__, output
+from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
+from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from minserve.metrics import Metrics, RequestTracker
+from minserve.protocol import (GenerateRequest, OpenAIError, ServingContext, parse_chat,
+                               parse_completion)
+
+logger = logging.getLogger("minserve.server")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+JSON = [(b"content-type", b"application/json")]
+SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+       (b"x-accel-buffering", b"no")]
+
+
+@dataclass
+class ServerConfig:
+    served_model_names: list[str]
+    api_keys: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])  # vLLM's default
+    root_path: str = ""
+    max_body_bytes: int = 32 * 1024 * 1024
+    shutdown_grace_s: float = 30.0
+    log_requests: bool = False
+    model_root: str | None = None   # what /v1/models reports as `root`
+
+
+@dataclass
+class Http:
+    """One HTTP exchange as the handlers see it."""
+    scope: Scope
+    receive: Receive
+    send: Send
+    path: str
+    headers: dict[bytes, bytes]
+    path_param: str | None = None
+
+
+Handler = Callable[["App", Http], Awaitable[None]]
+
+
+async def send_json(send: Send, status: int, obj: Any,
+                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = orjson.dumps(obj)
+    await send({"type": "http.response.start", "status": status,
+                "headers": JSON + [(b"content-length", str(len(body)).encode())] + (headers or [])})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(send: Send, err: OpenAIError) -> None:
+    extra = [(b"www-authenticate", b"Bearer")] if err.status == 401 else []
+    await send_json(send, err.status, err.to_dict(), extra)
+
+
+def _sse(obj: Any) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": b"data: " + orjson.dumps(obj) + b"\n\n",
+            "more_body": True}
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class App:
+    """app(scope, receive, send). Build with create_app()."""
+
+    def __init__(self, engine: AsyncEngine, cfg: ServerConfig) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.model_name = cfg.served_model_names[0]
+        self.metrics = Metrics(self.model_name, lambda: self.engine.stats)
+        self._ctx: ServingContext | None = None
+        self.started = time.time()
+
+    # ---- ASGI entry
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    self.engine.start()
+                except Exception as e:  # never leave granian waiting on a startup reply
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.engine.shutdown(self.cfg.shutdown_grace_s)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    @property
+    def ctx(self) -> ServingContext:
+        if self._ctx is None:
+            eng = self.engine.engine
+            self._ctx = ServingContext(
+                tokenizer=eng.tokenizer, model_names=self.cfg.served_model_names,
+                max_model_len=eng.max_model_len, vocab_size=eng.model_config.vocab_size,
+                generation_defaults=dict(getattr(eng, "generation_defaults", None) or {}))
+        return self._ctx
+
+    def _cors(self, headers: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+        origin = headers.get(b"origin")
+        allowed = self.cfg.allowed_origins
+        if origin is None or not allowed:
+            return []
+        if "*" in allowed:
+            return [(b"access-control-allow-origin", b"*")]
+        if origin.decode("latin-1") in allowed:
+            return [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
+        return []
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        cors = self._cors(headers)
+        if cors:
+            raw_send = send
+
+            async def send(msg: dict[str, Any]) -> None:  # noqa: F811 - add CORS headers
+                if msg["type"] == "http.response.start":
+                    msg = {**msg, "headers": list(msg.get("headers", [])) + cors}
+                await raw_send(msg)
+
+        path = scope["path"]
+        root = scope.get("root_path") or self.cfg.root_path
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        method = scope["method"]
+        http = Http(scope, receive, send, path, headers)
+        try:
+            methods = ROUTES.get(path)
+            if methods is None and path.startswith("/v1/models/"):
+                methods, http.path_param = ROUTES["/v1/models/{id}"], path[len("/v1/models/"):]
+            if methods is None:
+                raise OpenAIError(404, f"Not Found: {method} {path}", type="NotFoundError")
+            if method == "OPTIONS" and cors and b"access-control-request-method" in headers:
+                return await self._preflight(http)
+            handler = methods.get(method)
+            if handler is None:
+                raise OpenAIError(405, f"Method Not Allowed: {method} {path} (allowed: "
+                                  f"{', '.join(sorted(methods))})")
+            if self.cfg.api_keys and (path.startswith("/v1/") or path in PROTECTED):
+                self._check_auth(headers)
+            if path not in ALWAYS_OPEN:
+                self._check_ready()
+            await handler(self, http)
+        except OpenAIError as e:
+            await send_error(send, e)
+
+    async def _preflight(self, http: Http) -> None:
+        req_headers = http.headers.get(b"access-control-request-headers", b"*")
+        await http.send({"type": "http.response.start", "status": 200, "headers": [
+            (b"access-control-allow-methods", b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"),
+            (b"access-control-allow-headers", req_headers),
+            (b"access-control-max-age", b"600"), (b"content-length", b"0")]})
+        await http.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _check_auth(self, headers: dict[bytes, bytes]) -> None:
+        auth = headers.get(b"authorization", b"")
+        token = auth[7:] if auth[:7].lower() == b"bearer " else b""
+        # NOTE: compare against every key so timing does not tell which one is close.
+        ok = False
+        for key in self.cfg.api_keys:
+            ok |= hmac.compare_digest(token, key.encode())
+        if not ok:
+            raise OpenAIError(401, "Unauthorized: a valid `Authorization: Bearer <api key>` "
+                              "header is required", type="AuthenticationError")
+
+    def _check_ready(self) -> None:
+        if not self.engine.is_healthy:
+            raise OpenAIError(503, f"the engine is not healthy: {self.engine.dead_reason}")
+        if not self.engine.is_ready:
+            raise OpenAIError(503, "the model is still loading; retry when /health returns 200")
+
+    async def read_json(self, http: Http) -> Any:
+        ctype = http.headers.get(b"content-type")
+        if ctype is not None and b"json" not in ctype.lower():
+            raise OpenAIError(415, f"Content-Type must be application/json, got "
+                              f"{ctype.decode('latin-1')!r}")
+        limit = self.cfg.max_body_bytes
+        declared = http.headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise OpenAIError(413, f"request body is larger than the limit of {limit} bytes")
+        chunks, size = [], 0
+        while True:
+            msg = await http.receive()
+            if msg["type"] == "http.disconnect":
+                raise OpenAIError(400, "client disconnected")
+            body = msg.get("body", b"")
+            size += len(body)
+            if size > limit:
+                raise OpenAIError(413, f"request body is larger than the limit of {limit} bytes")
+            chunks.append(body)
+            if not msg.get("more_body", False):
+                break
+        try:
+            return orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError as e:
+            raise OpenAIError(400, f"invalid JSON body: {e}") from None
+
+    # ---- generation
+    async def generate(self, http: Http, req: GenerateRequest) -> None:
+        if self.cfg.log_requests:
+            logger.info("request %s: %d prompt(s), %d prompt tokens, params=%s", req.request_id,
+                        len(req.prompts), sum(map(len, req.prompts)), req.params)
+        try:
+            stream = self.engine.add_batch(req.request_id, req.prompts, req.params)
+        except EngineError as e:
+            raise OpenAIError(e.status, e.message) from None
+        n = req.params.n
+        tok = self.ctx.tokenizer
+        choices = [output.ChoiceState(i, req, tok, req.prompts[i // n])
+                   for i in range(len(req.prompts) * n)]
+        tracker = self.metrics.tracker()
+        body = self._stream_body if req.stream else self._full_body
+        producer = asyncio.ensure_future(body(http, req, stream, choices, tracker))
+        watcher = asyncio.ensure_future(_wait_disconnect(http.receive))
+        try:
+            done, _ = await asyncio.wait({producer, watcher},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if producer in done:
+                producer.result()
+            else:
+                logger.info("client disconnected; aborting %s", req.request_id)
+                producer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await producer
+        finally:
+            watcher.cancel()
+            producer.cancel()
+            self.engine.abort(req.request_id)  # a no-op if it already finished
+
+    async def _consume(self, out: Any, stream: RequestStream, choices: list, tracker:
+                       RequestTracker) -> tuple[output.ChoiceState, str, list, bool]:
+        c = choices[stream.index_of(out.request_id)]
+        text, lps, hit = c.update(out)
+        if hit:
+            self.engine.abort_child(out.request_id)
+        tracker.on_tokens(len(out.new_token_ids))
+        return c, text, lps, c.finish_reason is not None
+
+    def _finish(self, req: GenerateRequest, choices: list, tracker: RequestTracker) -> None:
+        n = req.params.n
+        tracker.on_finish(sum(c.num_prompt_tokens for c in choices[::n]),
+                          [c.finish_reason for c in choices])
+
+    async def _full_body(self, http: Http, req: GenerateRequest, stream: RequestStream,
+                         choices: list, tracker: RequestTracker) -> None:
+        try:
+            async for out in stream:
+                await self._consume(out, stream, choices, tracker)
+        except EngineError as e:
+            raise OpenAIError(e.status, e.message) from None
+        self._finish(req, choices, tracker)
+        await send_json(http.send, 200, output.response(req, choices))
+
+    async def _stream_body(self, http: Http, req: GenerateRequest, stream: RequestStream,
+                           choices: list, tracker: RequestTracker) -> None:
+        send = http.send
+        # Headers go out before the first token so clients see the stream open at once.
+        await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        n, num_prompts = req.params.n, len(req.prompts)
+        continuous = req.include_usage and req.continuous_usage
+        try:
+            for c in choices:  # chat: the role first; echo: the prompt text first
+                text = output.echo_prefix(req, c)
+                if req.kind == "chat" or text:
+                    u = output.usage(choices, num_prompts, n) if continuous else None
+                    await send(_sse(output.chunk(req, [output.chunk_choice(
+                        req, c, text, [], role=req.kind == "chat", echo=True)], u)))
+            async for out in stream:
+                c, text, lps, finished = await self._consume(out, stream, choices, tracker)
+                if text or lps or finished:
+                    u = output.usage(choices, num_prompts, n) if continuous else None
+                    await send(_sse(output.chunk(
+                        req, [output.chunk_choice(req, c, text, lps, finished=finished)], u)))
+            if req.include_usage:
+                await send(_sse(output.chunk(req, [], output.usage(choices, num_prompts, n))))
+            self._finish(req, choices, tracker)
+        except EngineError as e:
+            await send(_sse(OpenAIError(e.status, e.message).to_dict()))
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
+                    "more_body": False})
+
+
+# ---------------------------------------------------------------- route handlers
+async def chat_completions(app: App, http: Http) -> None:
+    await app.generate(http, parse_chat(await app.read_json(http), app.ctx))
+
+
+async def completions(app: App, http: Http) -> None:
+    await app.generate(http, parse_completion(await app.read_json(http), app.ctx))
+
+
+def _model_card(app: App, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": int(app.started), "owned_by": "minserve",
+            "root": app.cfg.model_root or name, "parent": None,
+            "max_model_len": app.ctx.max_model_len, "permission": []}
+
+
+async def list_models(app: App, http: Http) -> None:
+    await send_json(http.send, 200, {"object": "list", "data": [
+        _model_card(app, name) for name in app.cfg.served_model_names]})
+
+
+async def get_model(app: App, http: Http) -> None:
+    if http.path_param not in app.cfg.served_model_names:
+        raise OpenAIError(404, f"The model `{http.path_param}` does not exist.", param="model",
+                          type="NotFoundError")
+    await send_json(http.send, 200, _model_card(app, http.path_param))
+
+
+async def health(app: App, http: Http) -> None:
+    ok = app.engine.is_ready and app.engine.is_healthy
+    await http.send({"type": "http.response.start", "status": 200 if ok else 503,
+                     "headers": [(b"content-length", b"0")]})
+    await http.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def version(app: App, http: Http) -> None:
+    await send_json(http.send, 200, {"version": __version__})
+
+
+async def metrics(app: App, http: Http) -> None:
+    body = app.metrics.render()
+    await http.send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", METRICS_CONTENT_TYPE.encode()),
+        (b"content-length", str(len(body)).encode())]})
+    await http.send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def tokenize(app: App, http: Http) -> None:
+    body = await app.read_json(http)
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object")
+    ctx = app.ctx
+    if "messages" in body:
+        chat = parse_chat({**body, "max_tokens": None, "max_completion_tokens": None,
+                           "stream": False, "stream_options": None}, ctx)
+        ids = chat.prompts[0]
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise OpenAIError(400, "prompt: must be a string", param="prompt")
+        add = body.get("add_special_tokens", True)
+        if not isinstance(add, bool):
+            raise OpenAIError(400, "add_special_tokens: must be a boolean",
+                              param="add_special_tokens")
+        ids = ctx.tokenizer.encode(prompt, add_special_tokens=add)
+    strs = ctx.tokenizer.convert_ids_to_tokens(ids) if body.get("return_token_strs") else None
+    await send_json(http.send, 200, {"count": len(ids), "max_model_len": ctx.max_model_len,
+                                     "tokens": ids, "token_strs": strs})
+
+
+async def detokenize(app: App, http: Http) -> None:
+    body = await app.read_json(http)
+    ids = body.get("tokens") if isinstance(body, dict) else None
+    vocab = app.ctx.vocab_size
+    if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
+        raise OpenAIError(400, f"tokens: must be a list of token ids in [0, {vocab})",
+                          param="tokens")
+    await send_json(http.send, 200, {"prompt": app.ctx.tokenizer.decode(ids)})
+
+
+# Others add routes here (e.g. "/v1/embeddings": {"POST": embeddings}).
+ROUTES: dict[str, dict[str, Handler]] = {
+    "/v1/chat/completions": {"POST": chat_completions},
+    "/v1/completions": {"POST": completions},
+    "/v1/models": {"GET": list_models},
+    "/v1/models/{id}": {"GET": get_model},
+    "/health": {"GET": health},
+    "/ping": {"GET": health, "POST": health},
+    "/version": {"GET": version},
+    "/metrics": {"GET": metrics},
+    "/tokenize": {"POST": tokenize},
+    "/detokenize": {"POST": detokenize},
+}
+PROTECTED = {"/tokenize", "/detokenize"}                 # besides every /v1/ route
+ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics"}  # answer while loading, too
+
+
+def create_app(engine_config: Any, server_config: ServerConfig,
+               engine_factory: Callable[[Any], Any] | None = None) -> App:
+    return App(AsyncEngine(engine_config, engine_factory), server_config)

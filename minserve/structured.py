@@ -1,0 +1,352 @@
+"""Structured outputs: request spellings -> one spec dict -> an llguidance constraint that masks
+tokens step by step (JSON schema, JSON object, regex, choice, Lark/EBNF grammar).
+Never imports torch at module level (protocol/server import this file); decides nothing about
+scheduling: the engine asks for bitmask rows and reports sampled tokens."""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import llguidance
+
+if TYPE_CHECKING:
+    import torch
+
+SPEC_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+_MAX_CACHED_MATCHERS = 64
+
+
+class StructuredOutputError(ValueError):
+    """A bad schema/regex/grammar or conflicting options: the server answers 400 with the text."""
+
+
+# ---------------------------------------------------------------- request -> spec
+def structured_from_request(body: dict[str, Any]) -> dict[str, Any] | None:
+    """Read every spelling vLLM and OpenAI accept and return one spec dict
+    ({"json": schema} | {"json_object": True} | {"regex": s} | {"choice": [...]} |
+    {"grammar": s}, plus optional "whitespace_pattern"), or None when unconstrained.
+    Raises StructuredOutputError on wrong types or when two options conflict."""
+    found: list[tuple[str, dict[str, Any]]] = []  # (where it came from, spec)
+    fmt = body.get("response_format")
+    if fmt is not None:
+        spec = _from_response_format(fmt)
+        if spec is not None:
+            found.append(("response_format", spec))
+    for key, kind in (("guided_json", "json"), ("guided_regex", "regex"),
+                      ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        if body.get(key) is not None:
+            found.append((key, {kind: _check_value(kind, body[key], key)}))
+    if body.get("guided_json_object"):
+        found.append(("guided_json_object", {"json_object": True}))
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise StructuredOutputError("'structured_outputs' must be an object")
+        for kind in SPEC_KINDS:
+            if so.get(kind) not in (None, False):
+                found.append((f"structured_outputs.{kind}",
+                              {kind: _check_value(kind, so[kind], f"structured_outputs.{kind}")}))
+    if len(found) > 1:
+        names = ", ".join(name for name, _ in found)
+        raise StructuredOutputError(
+            f"conflicting structured output options: {names}; send only one of them")
+    ws = body.get("guided_whitespace_pattern")
+    if so is not None and so.get("whitespace_pattern") is not None:
+        ws = so["whitespace_pattern"]
+    if not found:
+        return None
+    spec = found[0][1]
+    if ws is not None:
+        if not isinstance(ws, str):
+            raise StructuredOutputError("'guided_whitespace_pattern' must be a string")
+        spec["whitespace_pattern"] = ws
+    if so is not None and so.get("disable_any_whitespace"):
+        spec["any_whitespace"] = False
+    return spec
+
+
+def _from_response_format(fmt: Any) -> dict[str, Any] | None:
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise StructuredOutputError("'response_format' must be an object with a 'type'")
+    kind = fmt["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        js = fmt.get("json_schema")
+        if not isinstance(js, dict):
+            raise StructuredOutputError(
+                "response_format.json_schema must be an object with 'name' and 'schema'")
+        schema = js.get("schema", js.get("json_schema"))
+        if schema is None:  # OpenAI makes 'schema' optional: then any JSON object
+            return {"json_object": True}
+        return {"json": _check_value("json", schema, "response_format.json_schema.schema")}
+    raise StructuredOutputError(
+        f"response_format type {kind!r} is not supported (use text, json_object or json_schema)")
+
+
+def _check_value(kind: str, value: Any, where: str) -> Any:
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise StructuredOutputError(f"'{where}' is not valid JSON: {e}") from None
+        if not isinstance(value, (dict, bool)):
+            raise StructuredOutputError(f"'{where}' must be a JSON schema object")
+        return value
+    if kind == "json_object":
+        return True
+    if kind == "choice":
+        if (not isinstance(value, list) or not value
+                or not all(isinstance(c, str) for c in value)):
+            raise StructuredOutputError(f"'{where}' must be a non-empty list of strings")
+        return value
+    if not isinstance(value, str) or not value:
+        raise StructuredOutputError(f"'{where}' must be a non-empty string")
+    return value
+
+
+# ---------------------------------------------------------------- spec -> grammar
+def grammar_from_spec(spec: dict[str, Any]) -> str:
+    """The llguidance grammar text for a spec (not yet checked against a tokenizer)."""
+    kinds = [k for k in SPEC_KINDS if spec.get(k) not in (None, False)]
+    if len(kinds) != 1:
+        raise StructuredOutputError(
+            f"a structured output spec needs exactly one of {', '.join(SPEC_KINDS)}; got {kinds}")
+    kind = kinds[0]
+    value = _check_value(kind, spec[kind], kind)
+    options: dict[str, Any] = {"whitespace_flexible": spec.get("any_whitespace", True)}
+    if spec.get("whitespace_pattern") is not None:
+        options["whitespace_pattern"] = spec["whitespace_pattern"]
+    try:
+        if kind == "json":
+            return llguidance.LLMatcher.grammar_from_json_schema(value, defaults=options)
+        if kind == "json_object":
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                {"type": "object"}, defaults=options)
+        if kind == "choice":
+            return llguidance.grammar_from("choice", json.dumps(value))
+        if kind == "regex":
+            # NOTE: \d and \w are ASCII ([0-9], [0-9a-zA-Z_]) as in JSON Schema and xgrammar: the
+            # Rust defaults (any Unicode digit/letter/mark) let a model write "６" into an IPv4
+            # address, and produce text that Python's re (another Unicode table) rejects.
+            return llguidance.LLMatcher.grammar_from_lark(
+                f"start: /{llguidance.regex_to_lark(value, 'dw')}/")
+        return llguidance.grammar_from("grammar", value)  # Lark, or GBNF/EBNF converted to Lark
+    except ValueError as e:
+        raise StructuredOutputError(f"invalid {kind}: {e}") from None
+
+
+# ---------------------------------------------------------------- tokenizer bridge
+_ll_cache: dict[int, tuple[Any, dict[int, llguidance.LLTokenizer]]] = {}
+_lock = threading.Lock()
+
+
+def _backend_json(tokenizer: Any) -> str:
+    """tokenizer.json text of a tokenizers.Tokenizer, or of our Tokenizer wrapping one."""
+    import tokenizers
+
+    backend = tokenizer
+    if not isinstance(backend, tokenizers.Tokenizer):
+        for attr in ("backend", "tokenizer", "_tokenizer", "_tok", "hf_tokenizer"):
+            cand = getattr(tokenizer, attr, None)
+            if isinstance(cand, tokenizers.Tokenizer):
+                backend = cand
+                break
+        else:
+            raise TypeError(f"cannot find a tokenizers.Tokenizer inside {type(tokenizer).__name__}")
+    # The same normalisation as llguidance.hf.from_tokenizer: padding/truncation off.
+    data = json.loads(backend.to_str())
+    data["padding"] = None
+    data["truncation"] = None
+    return json.dumps(data)
+
+
+def _eos_ids(tokenizer: Any) -> list[int]:
+    ids = getattr(tokenizer, "eos_token_ids", None) or []
+    if not ids and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids = [tokenizer.eos_token_id]
+    return sorted(ids)
+
+
+def get_ll_tokenizer(tokenizer: Any, vocab_size: int | None = None) -> llguidance.LLTokenizer:
+    """Build llguidance's view of our vocabulary once per (tokenizer, logits width) and cache it.
+    vocab_size is the model's logits width; ids past the tokenizer's vocab are never allowed."""
+    if isinstance(tokenizer, llguidance.LLTokenizer):
+        return tokenizer
+    with _lock:
+        by_width = getattr(tokenizer, "_ll_tokenizers", None)
+        if by_width is None:
+            by_width = {}
+            try:
+                tokenizer._ll_tokenizers = by_width  # cached on the tokenizer object itself
+            except AttributeError:  # slots / Rust objects: keep it here, holding the object
+                entry = _ll_cache.setdefault(id(tokenizer), (tokenizer, by_width))
+                if entry[0] is not tokenizer:
+                    entry = _ll_cache[id(tokenizer)] = (tokenizer, by_width)
+                by_width = entry[1]
+        if vocab_size not in by_width:
+            eos = _eos_ids(tokenizer)
+            by_width[vocab_size] = llguidance.LLTokenizer(
+                _backend_json(tokenizer), n_vocab=vocab_size, eos_token=eos or None)
+        return by_width[vocab_size]
+
+
+# ---------------------------------------------------------------- the constraint
+class StructuredConstraint:
+    """One request's grammar state (the engine's `request.structured`)."""
+
+    __slots__ = ("matcher", "vocab_size", "num_words", "eos_token_ids")
+
+    def __init__(self, matcher: llguidance.LLMatcher, ll_tokenizer: llguidance.LLTokenizer):
+        self.matcher = matcher
+        self.vocab_size = ll_tokenizer.vocab_size
+        self.num_words = (self.vocab_size + 31) // 32
+        self.eos_token_ids = list(ll_tokenizer.eos_tokens)
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write this step's allowed tokens into bitmask[row] (CPU int32 [R, ceil(V/32)])."""
+        words = bitmask.shape[1]
+        if self.matcher.is_error():  # NOTE: only EOS, so a broken request ends instead of looping
+            bitmask[row].zero_()
+            for t in self.eos_token_ids:
+                if t < words * 32:
+                    bitmask[row, t // 32] |= _bit(t % 32)
+            return
+        if words == self.num_words and bitmask.is_contiguous():
+            ptr = bitmask.data_ptr() + row * words * 4
+            self.matcher.unsafe_compute_mask_ptr(ptr, words * 4)
+            return
+        import torch  # slow path: a bitmask wider than our vocab (padded logits)
+
+        tmp = torch.empty(self.num_words, dtype=torch.int32)
+        self.matcher.unsafe_compute_mask_ptr(tmp.data_ptr(), self.num_words * 4)
+        bitmask[row].zero_()
+        n = min(words, self.num_words)
+        bitmask[row, :n] = tmp[:n]
+
+    def accept_token(self, token_id: int) -> bool:
+        """Advance by one sampled token; False means it broke the grammar (error state)."""
+        return self.matcher.consume_token(token_id)
+
+    def is_finished(self) -> bool:
+        """The grammar is complete (or errored): end the request with finish_reason stop."""
+        return self.matcher.is_stopped()
+
+    def is_accepting(self) -> bool:
+        return self.matcher.is_accepting()
+
+    def rollback(self, num_tokens: int) -> bool:
+        return self.matcher.rollback(num_tokens)
+
+    @property
+    def error(self) -> str | None:
+        return (self.matcher.get_error() or "error") if self.matcher.is_error() else None
+
+    def copy(self) -> StructuredConstraint:
+        """A fresh state for an n>1 sibling (cheaper than compiling again)."""
+        new = StructuredConstraint.__new__(StructuredConstraint)
+        new.matcher = self.matcher.deep_copy()
+        new.vocab_size, new.num_words = self.vocab_size, self.num_words
+        new.eos_token_ids = self.eos_token_ids
+        return new
+
+
+def _bit(i: int) -> int:
+    return 1 << i if i < 31 else -(1 << 31)  # bit 31 is the int32 sign bit
+
+
+_proto_cache: OrderedDict[tuple[int, int | None, str], llguidance.LLMatcher] = OrderedDict()
+
+
+def compile(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None = None,
+            ) -> StructuredConstraint:
+    """Validate and compile a spec into a fresh constraint. Raises StructuredOutputError with
+    llguidance's message for a bad schema/regex/grammar, so errors surface before step one.
+    Compiled matchers are cached (LRU) and deep-copied, so the protocol layer can validate and
+    the engine compile again for each of n samples at little cost."""
+    grammar = grammar_from_spec(spec)
+    ll_tok = get_ll_tokenizer(tokenizer, vocab_size)
+    key = (id(tokenizer), vocab_size, grammar)
+    with _lock:
+        proto = _proto_cache.get(key)
+        if proto is not None:
+            _proto_cache.move_to_end(key)
+    if proto is None:
+        proto = llguidance.LLMatcher(ll_tok, grammar, log_level=0)  # drops the GIL while building
+        if proto.is_error():
+            kind = next(k for k in SPEC_KINDS if spec.get(k) not in (None, False))
+            raise StructuredOutputError(f"invalid {kind}: {_describe(proto.get_error())}")
+        with _lock:
+            _proto_cache[key] = proto
+            while len(_proto_cache) > _MAX_CACHED_MATCHERS:
+                _proto_cache.popitem(last=False)
+    return StructuredConstraint(proto.deep_copy(), ll_tok)
+
+
+def _describe(error: str) -> str:
+    if error.startswith("Unimplemented keys"):
+        return f"unsupported JSON schema keyword(s): {error.split(':', 1)[1].strip()}"
+    return error.strip()
+
+
+# ---------------------------------------------------------------- batched torch helpers
+def allocate_bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:
+    """CPU int32 [num_rows, ceil(V/32)] (pinned when CUDA is there), all tokens allowed."""
+    import torch
+
+    pin = torch.cuda.is_available()
+    return torch.full((num_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32, pin_memory=pin)
+
+
+_executor: llguidance.LLExecutor | None = None
+
+
+def fill_bitmasks(constraints: list[StructuredConstraint | None], bitmask: torch.Tensor) -> None:
+    """Row i <- constraints[i]'s mask; rows whose constraint is None allow everything.
+    PERF: llguidance's executor computes the rows in parallel without the GIL, so the engine can
+    run this while the GPU runs the forward pass."""
+    global _executor
+    fast: list[tuple[llguidance.LLMatcher, int]] = []
+    for i, c in enumerate(constraints):
+        if c is None:
+            bitmask[i].fill_(-1)
+        elif (len(constraints) > 1 and c.num_words == bitmask.shape[1]
+              and not c.matcher.is_error()):
+            fast.append((c.matcher, i))
+        else:
+            c.fill_bitmask(bitmask, i)
+    if fast:
+        if _executor is None:
+            _executor = llguidance.LLExecutor()
+        if not bitmask.is_contiguous():
+            raise ValueError("bitmask must be contiguous")
+        _executor.unsafe_compute_mask_ptr(fast, bitmask.data_ptr(), bitmask.shape[1] * 4,
+                                          bitmask.shape[0])
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
+                  rows: list[int] | torch.Tensor | None = None) -> None:
+    """In place: logits[rows[i], t] = -inf where bit t of bitmask[i] is 0. logits [R, V] on any
+    device; bitmask int32 [len(rows), W] (rows=None: one bitmask row per logits row). Columns
+    past 32*W (padded vocab) are masked; bits past V are ignored."""
+    import torch
+
+    num_vocab = logits.shape[1]
+    mask = bitmask.to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((mask.unsqueeze(-1) >> shifts) & 1).bool().view(mask.shape[0], -1)  # [n, 32W]
+    if allowed.shape[1] >= num_vocab:
+        allowed = allowed[:, :num_vocab]
+    else:
+        pad = allowed.new_zeros(allowed.shape[0], num_vocab - allowed.shape[1])
+        allowed = torch.cat([allowed, pad], dim=1)
+    if rows is None:
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
+    idx = torch.as_tensor(rows, device=logits.device, dtype=torch.long)
+    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))

@@ -1,0 +1,443 @@
+"""Tokenizer (a `tokenizers` tokenizer.json plus the HF side files), the incremental detokenizer
+used while streaming, and stop-string matching. No torch, no transformers at run time."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import lru_cache
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from minserve.chat import load_chat_template, render_chat_template
+from minserve.config import ConfigError
+
+# generation_config.json keys that become default sampling parameters (vLLM's choice).
+GENERATION_SAMPLING_KEYS = (
+    "temperature", "top_p", "top_k", "repetition_penalty", "min_p", "max_new_tokens",
+)
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+# How many tokens may pile up behind a trailing U+FFFD before the detokenizer gives up waiting:
+# a UTF-8 character is at most 4 bytes, so more than this means genuinely invalid bytes.
+_MAX_PENDING_TOKENS = 8
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's bytes_to_unicode table, inverted: the printable stand-in char -> the raw byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config's bos_token & co: a string, an AddedToken dict, or null."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _id_list(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int)]
+    return []
+
+
+def load_generation_config(folder: str) -> dict[str, Any]:
+    """generation_config.json -> {"eos_token_id": [ids...]} plus whichever of
+    GENERATION_SAMPLING_KEYS it sets (HF names; the caller maps max_new_tokens to max_tokens)."""
+    path = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(path):
+        data = _read_json(path)
+    else:  # transformers derives one from config.json then; only its eos ids matter here
+        data = {"eos_token_id": _read_json(os.path.join(folder, "config.json")).get("eos_token_id")}
+    out: dict[str, Any] = {"eos_token_id": _id_list(data.get("eos_token_id"))}
+    for key in GENERATION_SAMPLING_KEYS:
+        if data.get(key) is not None:
+            out[key] = data[key]
+    return out
+
+
+def _decoder_kind(decoder: Any) -> str:
+    """How raw token strings map to bytes: "byte_level" (GPT-2), "sentencepiece" (▁ and <0xAB>
+    byte-fallback tokens) or "other" (fall back to decoding the single token)."""
+    if not isinstance(decoder, dict):
+        return "other"
+    kinds = [decoder.get("type")]
+    kinds += [d.get("type") for d in decoder.get("decoders") or [] if isinstance(d, dict)]
+    if "ByteLevel" in kinds:
+        return "byte_level"
+    if "ByteFallback" in kinds or "Metaspace" in kinds or "Replace" in kinds:
+        return "sentencepiece"
+    return "other"
+
+
+class Tokenizer:
+    """A model's tokenizer with the special tokens, chat template and generation defaults that HF
+    keeps beside tokenizer.json. decode() does no clean_up_tokenization_spaces (vLLM's
+    incremental path does none either, and transformers ignores it for BPE)."""
+
+    def __init__(self, backend: HFTokenizer, tokenizer_config: dict, *, decoder_kind: str,
+                 chat_templates: dict[str, str], generation_config: dict,
+                 model_config: dict | None = None) -> None:
+        self.backend = backend
+        self.folder: str | None = None  # set by from_folder
+        self.tokenizer_config = tokenizer_config
+        self.generation_config = generation_config
+        self.chat_templates = chat_templates
+        self.chat_template: str | None = chat_templates.get("default")
+        self._decoder_kind = decoder_kind
+        self._bytes_cache: dict[int, bytes] = {}
+        model_config = model_config or {}
+
+        added = backend.get_added_tokens_decoder()  # {id: AddedToken}
+        self.bos_token = _token_content(tokenizer_config.get("bos_token"))
+        self.eos_token = _token_content(tokenizer_config.get("eos_token"))
+        self.pad_token = _token_content(tokenizer_config.get("pad_token"))
+        self.unk_token = _token_content(tokenizer_config.get("unk_token"))
+        # config.json's ids stand in only where tokenizer_config says nothing (an explicit null
+        # means "none", as in transformers).
+        bos_fallback = model_config.get("bos_token_id") \
+            if "bos_token" not in tokenizer_config else None
+        eos_fallback = (_id_list(model_config.get("eos_token_id")) or [None])[0] \
+            if "eos_token" not in tokenizer_config else None
+        self.bos_token_id = self._special_id(self.bos_token, bos_fallback)
+        self.eos_token_id = self._special_id(self.eos_token, eos_fallback)
+        if self.bos_token is None and self.bos_token_id is not None:
+            self.bos_token = backend.id_to_token(self.bos_token_id)
+        if self.eos_token is None and self.eos_token_id is not None:
+            self.eos_token = backend.id_to_token(self.eos_token_id)
+        self.eos_token_ids: set[int] = set(generation_config.get("eos_token_id") or [])
+        if self.eos_token_id is not None:
+            self.eos_token_ids.add(self.eos_token_id)
+        named = (self.bos_token, self.eos_token, self.pad_token, self.unk_token)
+        self.all_special_ids: set[int] = {i for i, t in added.items() if t.special}
+        self.all_special_ids |= {i for t in named if t is not None
+                                 and (i := backend.token_to_id(t)) is not None}
+        self.added_token_contents: dict[int, str] = {i: t.content for i, t in added.items()}
+
+        # NOTE: a post-processor in tokenizer.json decides whether bos/eos are added (as in
+        # transformers 5, which then ignores add_bos_token). Without one, tokenizer_config's
+        # add_bos_token/add_eos_token decide (what transformers 4's Llama tokenizer and a GGUF's
+        # tokenizer.ggml.add_bos_token mean); we add those tokens ourselves.
+        self._manual_specials = backend.post_processor is None
+        self.add_bos_token = bool(tokenizer_config.get("add_bos_token")) and \
+            self.bos_token_id is not None
+        self.add_eos_token = bool(tokenizer_config.get("add_eos_token")) and \
+            self.eos_token_id is not None
+
+    @classmethod
+    def from_folder(cls, folder: str, chat_template: str | None = None) -> Tokenizer:
+        """Load tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json
+        (and config.json for bos/eos ids as a last resort). `chat_template` overrides the
+        model's: a file path or the template text."""
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"{folder} has no tokenizer.json; minserve needs a fast (tokenizers) tokenizer. "
+                "Save one with transformers: AutoTokenizer.from_pretrained(...).save_pretrained()")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        backend = HFTokenizer.from_str(text)
+        decoder_kind = _decoder_kind(json.loads(text).get("decoder"))
+        tokenizer_config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+        templates = _find_chat_templates(folder, tokenizer_config)
+        if chat_template is not None:  # an explicit template replaces every named one
+            templates = {"default": load_chat_template(chat_template)}
+        tokenizer = cls(backend, tokenizer_config, decoder_kind=decoder_kind,
+                        chat_templates=templates,
+                        generation_config=load_generation_config(folder),
+                        model_config=_read_json(os.path.join(folder, "config.json")))
+        tokenizer.folder = folder
+        return tokenizer
+
+    def _special_id(self, token: str | None, fallback: Any) -> int | None:
+        if token is not None and (i := self.backend.token_to_id(token)) is not None:
+            return i
+        return fallback if isinstance(fallback, int) else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # ------------------------------------------------------------ encode / decode
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not self._manual_specials:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return self._add_specials(ids) if add_special_tokens else ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        if not self._manual_specials:
+            return [e.ids for e in self.backend.encode_batch(
+                texts, add_special_tokens=add_special_tokens)]
+        out = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return [self._add_specials(ids) for ids in out] if add_special_tokens else out
+
+    def _add_specials(self, ids: list[int]) -> list[int]:
+        if self.add_bos_token:
+            ids = [self.bos_token_id, *ids]
+        if self.add_eos_token:
+            ids = [*ids, self.eos_token_id]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        """Raw vocabulary strings ("Ġworld", "▁world", "<0x0A>"); "" for an unknown id."""
+        to_token = self.backend.id_to_token
+        return [to_token(i) or "" for i in ids]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (OpenAI logprobs' "bytes"): a partial UTF-8
+        character stays partial here, where decode() would show U+FFFD."""
+        cached = self._bytes_cache.get(token_id)
+        if cached is not None:
+            return cached
+        token = self.backend.id_to_token(token_id)
+        if token is None:
+            out = b""
+        elif token_id in self.added_token_contents:
+            out = self.added_token_contents[token_id].encode("utf-8")
+        elif self._decoder_kind == "byte_level":
+            table = _byte_decoder()
+            if all(c in table for c in token):
+                out = bytes(table[c] for c in token)
+            else:
+                out = token.encode("utf-8")
+        elif self._decoder_kind == "sentencepiece":
+            m = _BYTE_TOKEN.match(token)
+            out = bytes([int(m.group(1), 16)]) if m else token.replace("▁", " ").encode("utf-8")
+        else:
+            out = self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        self._bytes_cache[token_id] = out
+        return out
+
+    def all_token_bytes(self) -> list[bytes]:
+        """token_bytes for every id, e.g. for building a structured-output token trie."""
+        return [self.token_bytes(i) for i in range(self.vocab_size)]
+
+    # ------------------------------------------------------------ chat
+
+    def apply_chat_template(
+        self,
+        messages: list,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict] | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render a conversation to the prompt text. Encode the result with
+        add_special_tokens=False: templates write bos_token themselves. No template: a
+        ChatTemplateError that says to pass --chat-template."""
+        template = chat_template
+        if template is None:
+            # transformers picks the "tool_use" named template when tools are given.
+            template = (self.chat_templates.get("tool_use") if tools else None) \
+                or self.chat_template
+        for name, value in (("pad_token", self.pad_token), ("unk_token", self.unk_token)):
+            if value is not None:
+                template_kwargs.setdefault(name, value)
+        return render_chat_template(
+            template, messages, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tools=tools,
+            bos_token=self.bos_token, eos_token=self.eos_token,
+            chat_template_kwargs=chat_template_kwargs, **template_kwargs)
+
+
+def _find_chat_templates(folder: str, tokenizer_config: dict) -> dict[str, str]:
+    """{"default": ..., other names...}. chat_template.jinja wins over tokenizer_config.json (as
+    in transformers, which now saves templates there); chat_template.json is the processor form."""
+    templates: dict[str, str] = {}
+    raw = tokenizer_config.get("chat_template")
+    if raw is None:
+        raw = _read_json(os.path.join(folder, "chat_template.json")).get("chat_template")
+    if isinstance(raw, str):
+        templates["default"] = raw
+    elif isinstance(raw, list):  # [{"name": "default", "template": ...}, {"name": "tool_use"...}]
+        for entry in raw:
+            if isinstance(entry, dict) and isinstance(entry.get("template"), str):
+                templates[str(entry.get("name", "default"))] = entry["template"]
+    jinja_path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            templates["default"] = f.read()
+    return templates
+
+
+class IncrementalDetokenizer:
+    """Turns streamed token ids into text deltas. Holds back a trailing U+FFFD (a UTF-8
+    character split across tokens) until the rest arrives; concatenated deltas plus flush() equal
+    a decode of the output ids.
+
+        ids: | prompt context | ...emitted... | prefix_offset .. read_offset | new tokens |
+    Each token decodes only ids[prefix_offset:] and ids[prefix_offset:read_offset] (a few
+    tokens), never the whole sequence. The prompt context (a clean-decoding suffix of the prompt,
+    like vLLM) gives sentencepiece decoders the left context they need for leading spaces."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int],
+                 skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        # As in vLLM's fast path, this only matters when special tokens are kept: two added
+        # tokens in a row are then joined without whatever space the decoder put between them.
+        self._raw_added = not skip_special_tokens and not spaces_between_special_tokens
+        self._last_was_added = False
+        self._decode = tokenizer.backend.decode
+        self._ids = self._prompt_context(prompt_token_ids)
+        self.prefix_offset = 0
+        self.read_offset = len(self._ids)
+        self._prefix_text: str | None = None  # decode of ids[prefix_offset:read_offset], cached
+        self._window_emitted = 0  # chars past _prefix_text already emitted (complete chars only)
+        self._pieces: list[str] = []
+        self.num_output_tokens = 0
+
+    def _prompt_context(self, prompt: list[int]) -> list[int]:
+        n = len(prompt)
+        for k in range(min(n, 5), min(n, 24) + 1):
+            if k == 0:
+                break
+            suffix = list(prompt[-k:])
+            if "\ufffd" not in self._decode(suffix, skip_special_tokens=self.skip_special_tokens):
+                return suffix
+        return []
+
+    @property
+    def text(self) -> str:
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def push(self, new_token_ids: list[int]) -> str:
+        """Append sampled ids; return the newly complete text (maybe "")."""
+        out = [self._step(t) for t in new_token_ids]
+        delta = "".join(out)
+        if delta:
+            self._pieces.append(delta)
+        return delta
+
+    def _step(self, token_id: int) -> str:
+        ids = self._ids
+        ids.append(token_id)
+        self.num_output_tokens += 1
+        skip = self.skip_special_tokens
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(ids[self.prefix_offset:self.read_offset],
+                                             skip_special_tokens=skip)
+        prefix_text = self._prefix_text
+        new_text = self._decode(ids[self.prefix_offset:], skip_special_tokens=skip)
+        if len(new_text) <= len(prefix_text):
+            return ""  # e.g. a skipped special token: nothing to show yet
+        start = len(prefix_text) + self._window_emitted
+        if new_text.endswith("\ufffd") and len(ids) - self.read_offset <= _MAX_PENDING_TOKENS:
+            # A multi-byte character is still incomplete: show the complete characters before
+            # it now (they cannot change) and wait for the rest of its bytes.
+            stable = new_text.rstrip("\ufffd")
+            if len(stable) <= start:
+                return ""
+            self._window_emitted += len(stable) - start
+            return stable[start:]
+        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        self._prefix_text = None
+        self._window_emitted = 0
+        delta = new_text[start:]
+        if self._raw_added:
+            content = self.tokenizer.added_token_contents.get(token_id)
+            if content is not None and self._last_was_added and delta == " " + content:
+                delta = content
+            self._last_was_added = content is not None
+        return delta
+
+    def flush(self) -> str:
+        """At the end of the request: whatever was held back (a genuinely broken tail)."""
+        skip = self.skip_special_tokens
+        prefix_text = self._decode(self._ids[self.prefix_offset:self.read_offset],
+                                   skip_special_tokens=skip)
+        new_text = self._decode(self._ids[self.prefix_offset:], skip_special_tokens=skip)
+        start = len(prefix_text) + self._window_emitted
+        self.prefix_offset = self.read_offset = len(self._ids)
+        self._prefix_text, self._window_emitted = None, 0
+        delta = new_text[start:]
+        if delta:
+            self._pieces.append(delta)
+        return delta
+
+
+class StopChecker:
+    """Stop strings over streamed text. push() returns the text safe to show now, holding back a
+    tail that could still become a stop string, and the stop string once one is hit (the text
+    then ends before it, or after it with include_stop_str_in_output). flush() at the end
+    releases the held tail when no stop string came."""
+
+    def __init__(self, stop: list[str] | str | None, include_stop_str_in_output: bool = False
+                 ) -> None:
+        if isinstance(stop, str):
+            stop = [stop]
+        self.stop = [s for s in (stop or []) if s]
+        self.include_stop_str_in_output = include_stop_str_in_output
+        # Every proper prefix of every stop string: a buffer tail in this set must wait.
+        self._prefixes = {s[:i] for s in self.stop for i in range(1, len(s))}
+        self._max_prefix_len = max((len(s) - 1 for s in self.stop), default=0)
+        self._held = ""
+        self.stop_hit: str | None = None
+
+    @property
+    def is_stopped(self) -> bool:
+        return self.stop_hit is not None
+
+    def push(self, delta: str) -> tuple[str, str | None]:
+        if self.stop_hit is not None or not delta:
+            return "", None
+        if not self.stop:
+            return delta, None
+        # Search only where a match can start: the held tail plus the new text.
+        buf = self._held + delta
+        best_at, best = -1, ""
+        for s in self.stop:
+            at = buf.find(s)
+            # The earliest match wins; at the same place, the longer stop string.
+            if at != -1 and (best_at == -1 or (at, -len(s)) < (best_at, -len(best))):
+                best_at, best = at, s
+        if best_at != -1:
+            self._held = ""
+            self.stop_hit = best
+            end = best_at + len(best) if self.include_stop_str_in_output else best_at
+            return buf[:end], best
+        hold = 0
+        for k in range(min(len(buf), self._max_prefix_len), 0, -1):
+            if buf[-k:] in self._prefixes:
+                hold = k
+                break
+        self._held = buf[len(buf) - hold:] if hold else ""
+        return buf[:len(buf) - hold], None
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "" if self.stop_hit is not None else held

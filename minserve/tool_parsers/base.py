@@ -1,0 +1,154 @@
+"""The ToolParser interface: model text -> (content, tool calls), whole or streamed as OpenAI
+chat deltas. Formats live in sibling modules and only implement parse(); they never stream.
+Streaming here re-parses the text so far and sends what has become certain, so the accumulated
+stream always equals the whole-text result (a malformed call is never sent as a call)."""
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(slots=True)
+class ToolCall:
+    name: str
+    arguments: str  # a JSON text, as OpenAI sends function.arguments
+    id: str = field(default_factory=lambda: make_tool_call_id())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def make_tool_call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+def arguments_text(arguments: Any) -> str:
+    """function.arguments as JSON text; a model that wrote a JSON string keeps its text."""
+    if isinstance(arguments, str):
+        try:
+            json.loads(arguments)
+            return arguments
+        except json.JSONDecodeError:
+            pass
+    return json.dumps(arguments, ensure_ascii=False)
+
+
+def call_from_json(obj: Any, args_keys: tuple[str, ...] = ("arguments", "parameters"),
+                   ) -> ToolCall | None:
+    """{"name": str, "arguments"|"parameters": {...}} -> ToolCall, else None."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    for key in args_keys:
+        if key in obj:
+            args = obj[key]
+            if not isinstance(args, (dict, str)):
+                return None
+            return ToolCall(obj["name"], arguments_text(args if args != "" else {}))
+    return ToolCall(obj["name"], "{}")
+
+
+def partial_marker_len(text: str, marker: str) -> int:
+    """Length of the longest tail of text that is a proper prefix of marker (held back)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+Piece = str | ToolCall  # parse() returns content strings and calls, in text order
+
+
+class ToolParser:
+    """Subclasses set `name` and implement parse(); registry.py maps names to classes."""
+
+    name: ClassVar[str] = ""
+    # The markers are special tokens in some vocabularies: the server must detokenize with
+    # skip_special_tokens=False for these parsers (as vLLM's adjust_request does).
+    needs_special_tokens: ClassVar[bool] = False
+
+    def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
+        self.tools = tools or []
+        self._text = ""
+        self._num_content_sent = 0   # chars of the certain content already looked at
+        self._held_ws = ""           # whitespace-only content not sent yet (see _emit_content)
+        self._sent_non_ws = False
+        self._num_calls_sent = 0
+        self._finished = False
+
+    def parse(self, text: str, final: bool) -> list[Piece]:
+        """The pieces of text that are certain. With final=False, a tail that may still become
+        (or stop being) a call is left out; whatever parse(prefix, False) returns must be a prefix
+        of parse(text, True). With final=True everything is returned; malformed calls are content.
+        """
+        raise NotImplementedError
+
+    def make_id(self) -> str:
+        return make_tool_call_id()
+
+    # ------------------------------------------------------------ whole text
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(content, tool_calls). content is None when only whitespace surrounds the calls."""
+        pieces = self.parse(text, final=True)
+        calls = [p for p in pieces if isinstance(p, ToolCall)]
+        for c in calls:
+            c.id = self.make_id()
+        content = "".join(p for p in pieces if isinstance(p, str))
+        if calls and not content.strip():
+            return None, calls
+        return content, calls
+
+    # ------------------------------------------------------------ streaming
+    def extract_streaming(self, delta_text: str) -> dict[str, Any] | None:
+        """Feed the next text delta; returns {"content": ..., "tool_calls": [...]} with what is
+        new (either key may be absent) or None. Call finish() once after the last delta."""
+        self._text += delta_text
+        return self._delta(self.parse(self._text, final=False), final=False)
+
+    def finish(self) -> dict[str, Any] | None:
+        """End of the output: flush what was held back (a half-written call becomes content)."""
+        if self._finished:
+            return None
+        self._finished = True
+        return self._delta(self.parse(self._text, final=True), final=True)
+
+    @property
+    def num_tool_calls(self) -> int:
+        """Calls streamed so far (finish_reason is "tool_calls" when > 0)."""
+        return self._num_calls_sent
+
+    def _delta(self, pieces: list[Piece], final: bool) -> dict[str, Any] | None:
+        content = "".join(p for p in pieces if isinstance(p, str))
+        calls = [p for p in pieces if isinstance(p, ToolCall)]
+        delta: dict[str, Any] = {}
+        text = self._emit_content(content[self._num_content_sent:], final, bool(calls))
+        self._num_content_sent = max(self._num_content_sent, len(content))
+        if text:
+            delta["content"] = text
+        new_calls = []
+        for call in calls[self._num_calls_sent:]:
+            # NOTE: one delta per call with name and complete arguments; it is sent only once
+            # the call is certain, so nothing sent is ever taken back.
+            new_calls.append({"index": self._num_calls_sent, "id": self.make_id(),
+                              "type": "function",
+                              "function": {"name": call.name, "arguments": call.arguments}})
+            self._num_calls_sent += 1
+        if new_calls:
+            delta["tool_calls"] = new_calls
+        return delta or None
+
+    def _emit_content(self, new: str, final: bool, has_calls: bool) -> str:
+        # Whitespace-only content is held until real text follows, so that "\n" between or
+        # around calls ends like extract(): content None when there is only whitespace.
+        if self._sent_non_ws:
+            return new
+        self._held_ws += new
+        if self._held_ws.strip():
+            out, self._held_ws, self._sent_non_ws = self._held_ws, "", True
+            return out
+        if final and not has_calls:
+            out, self._held_ws = self._held_ws, ""
+            return out
+        return ""

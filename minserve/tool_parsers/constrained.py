@@ -1,0 +1,134 @@
+"""tool_choice "required" and a named function, as vLLM does them: a JSON-schema constraint
+(structured.py enforces it) that makes any model write valid calls, and readers that turn the
+constrained output into tool_calls, whole or streamed. Not a --tool-call-parser format."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from minserve.tool_parsers.base import Piece, ToolCall, ToolParser, call_from_json
+
+_decoder = json.JSONDecoder()
+_EMPTY_PARAMS = {"type": "object", "properties": {}}
+
+
+class ToolChoiceError(ValueError):
+    """A tool_choice that cannot be honoured (the server answers 400 with the text)."""
+
+
+def _functions(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools or []):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if tool.get("type", "function") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str):
+            raise ToolChoiceError(f"tools[{i}] must be {{'type': 'function', 'function': "
+                                  "{'name': ..., 'parameters': {...}}}")
+        out[fn["name"]] = fn
+    return out
+
+
+def named_tool(tool_choice: Any) -> str | None:
+    """The function name of {"type": "function", "function": {"name": ...}}, else None."""
+    if isinstance(tool_choice, dict):
+        fn = tool_choice.get("function")
+        if tool_choice.get("type") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str):
+            raise ToolChoiceError(
+                "tool_choice must be 'none', 'auto', 'required' or "
+                "{'type': 'function', 'function': {'name': ...}}")
+        return fn["name"]
+    return None
+
+
+def tool_choice_spec(tool_choice: Any, tools: list[dict[str, Any]] | None,
+                     parallel_tool_calls: bool = True) -> dict[str, Any] | None:
+    """The structured-output spec for tool_choice, or None when the output is unconstrained
+    ("none", "auto", or no tool_choice).
+      required: [{"name": <one of the tools>, "parameters": <its schema>}, ...] (minItems 1;
+                maxItems 1 when parallel_tool_calls is false)
+      named:    the function's parameters object itself (the output is the arguments)"""
+    if tool_choice is None or tool_choice in ("none", "auto"):
+        return None
+    functions = _functions(tools)
+    name = named_tool(tool_choice)
+    if name is not None:
+        if name not in functions:
+            raise ToolChoiceError(f"tool_choice names function {name!r}, which is not in tools")
+        return {"json": functions[name].get("parameters") or _EMPTY_PARAMS}
+    if tool_choice != "required":
+        raise ToolChoiceError(f"unknown tool_choice {tool_choice!r}")
+    if not functions:
+        raise ToolChoiceError("tool_choice 'required' needs at least one tool in 'tools'")
+    defs: dict[str, Any] = {}
+    variants = []
+    for fn_name, fn in functions.items():
+        params = dict(fn.get("parameters") or _EMPTY_PARAMS)
+        # $defs move to the root, where "#/$defs/..." refs inside the parameters point.
+        for key, value in (params.pop("$defs", None) or {}).items():
+            if key in defs and defs[key] != value:
+                raise ToolChoiceError(f"tools define $defs/{key} differently; rename one")
+            defs[key] = value
+        variants.append({"type": "object", "additionalProperties": False,
+                         "properties": {"name": {"type": "string", "enum": [fn_name]},
+                                        "parameters": params},
+                         "required": ["name", "parameters"]})
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": variants}}
+    if not parallel_tool_calls:
+        schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
+    return {"json": schema}
+
+
+class RequiredToolCallParser(ToolParser):
+    """Reads the constrained output of tool_choice "required": a JSON array of
+    {"name", "parameters"}; each call is streamed as soon as its object is complete."""
+
+    name = "required"
+
+    def parse(self, text: str, final: bool) -> list[Piece]:
+        body = text.lstrip()
+        if not body.startswith("["):
+            return [text] if final or body else []
+        pieces: list[Piece] = []
+        pos = len(text) - len(body) + 1
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            if pos < len(text) and text[pos] == "]":
+                rest = text[pos + 1:]
+                return pieces + [rest] if rest else pieces
+            try:
+                obj, end = _decoder.raw_decode(text, pos)
+            except json.JSONDecodeError:  # still being written, or cut off by max_tokens
+                return pieces + [text[pos:]] if final and pos < len(text) else pieces
+            call = call_from_json(obj, ("parameters", "arguments"))
+            pieces.append(call if call is not None else text[pos:end])
+            pos = end
+
+
+class NamedToolCallParser:
+    """Reads the constrained output of a named tool_choice: the text is the arguments. Streams
+    the header first, then each text delta as an argument fragment (OpenAI's own shape)."""
+
+    def __init__(self, function_name: str) -> None:
+        self.function_name = function_name
+        self._started = False
+        self.num_tool_calls = 0
+
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        return None, [ToolCall(self.function_name, text)]
+
+    def extract_streaming(self, delta_text: str) -> dict[str, Any] | None:
+        item: dict[str, Any] = {"index": 0, "function": {"arguments": delta_text}}
+        if not self._started:
+            self._started, self.num_tool_calls = True, 1
+            item.update(id=ToolCall(self.function_name, "").id, type="function")
+            item["function"]["name"] = self.function_name
+        elif not delta_text:
+            return None
+        return {"tool_calls": [item]}
+
+    def finish(self) -> dict[str, Any] | None:
+        return None if self._started else self.extract_streaming("")

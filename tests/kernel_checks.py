@@ -1,0 +1,240 @@
+"""The Triton-vs-reference checks behind tests/test_kernels.py, meant to run in a process that
+set TRITON_INTERPRET=1 before triton was imported (the interpreter cannot take over kernels, or
+triton's own tl.max/tl.sum, decorated earlier). Run directly to debug one check:
+    TRITON_INTERPRET=1 python tests/kernel_checks.py 'attention_mixed[group=5,bs=64,split=4]'"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+
+import torch
+
+from minserve.kernels import activation, attention, cache, norm, rotary_ref
+from minserve.kernels.attention import AttnMetadata, paged_attention_ref
+from minserve.kernels.rotary import make_cos_sin_cache, rotary_triton
+
+MIXED = [(1, 37), (5, 18), (17, 40)]          # (query_len, seq_len) per request
+TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+CHECKS: dict[str, object] = {}
+
+
+def check(name: str):
+    def register(fn):
+        CHECKS[name] = fn
+        return fn
+    return register
+
+
+def make_batch(cases, num_heads, num_kv_heads, head_dim, block_size, dtype, *,
+               num_pad_tokens=0, first_block=0):
+    """Random q, caches and metadata; each request gets shuffled, non-contiguous blocks."""
+    qsl, seq_lens = [0], []
+    for query_len, seq_len in cases:
+        qsl.append(qsl[-1] + query_len)
+        seq_lens.append(seq_len)
+    max_blocks = max(1, max(-(-s // block_size) for s in seq_lens))
+    num_used = len(cases) * max_blocks
+    num_blocks = first_block + num_used + 3
+    # torch.empty: a huge cache (first_block > 0) only commits the pages the blocks touch.
+    k_cache = torch.empty(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
+    v_cache = torch.empty_like(k_cache)
+    k_cache[first_block:] = torch.randn(num_used + 3, block_size, num_kv_heads, head_dim)
+    v_cache[first_block:] = torch.randn(num_used + 3, block_size, num_kv_heads, head_dim)
+    block_table = (first_block + torch.randperm(num_used + 3)[:num_used]).view(len(cases), -1)
+    num_tokens = qsl[-1] + num_pad_tokens
+    attn = AttnMetadata(
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_table=block_table.to(torch.int32),
+        slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64),
+        max_query_len=max(q for q, _ in cases), max_seq_len=max(seq_lens),
+        query_start_loc_host=qsl, seq_lens_host=seq_lens)
+    q = torch.randn(num_tokens, num_heads, head_dim).to(dtype)
+    return q, k_cache, v_cache, attn
+
+
+def check_attention(cases, *, group=2, num_kv_heads=2, head_dim=16, block_size=16,
+                    dtype=torch.float32, sliding_window=None, tile_size=32, num_kv_splits=1,
+                    num_pad_tokens=0, first_block=0, seed=0):
+    torch.manual_seed(seed)
+    q, k_cache, v_cache, attn = make_batch(cases, group * num_kv_heads, num_kv_heads, head_dim,
+                                           block_size, dtype, num_pad_tokens=num_pad_tokens,
+                                           first_block=first_block)
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))        # poisoned: unwritten rows fail
+    got = attention.paged_attention_triton(
+        q, k_cache, v_cache, attn, scale, sliding_window, out=out, tile_size=tile_size,
+        num_kv_splits=num_kv_splits)
+    assert got is out
+    want = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window)
+    n = attn.query_start_loc_host[-1]
+    assert not out[:n].isnan().any(), "kernel left output rows unwritten"
+    torch.testing.assert_close(out[:n].float(), want[:n].float(), atol=TOL[dtype], rtol=TOL[dtype])
+    assert out[n:].isnan().all(), "kernel wrote past the last request"
+
+
+for _group in (1, 2, 4, 5):
+    for _bs in (16, 64):                       # below and above the 32-token tile
+        for _split in (1, 4):
+            check(f"attention_mixed[group={_group},bs={_bs},split={_split}]")(
+                lambda g=_group, bs=_bs, sp=_split: check_attention(
+                    MIXED, group=g, block_size=bs, num_kv_splits=sp, seed=g * 100 + bs + sp))
+
+for _split in (1, 4):
+    check(f"attention_fp16[split={_split}]")(lambda sp=_split: check_attention(
+        MIXED, group=4, dtype=torch.float16, num_kv_splits=sp, seed=1))
+    for _window in (1, 7, 20):
+        check(f"attention_sliding_window[window={_window},split={_split}]")(
+            lambda w=_window, sp=_split: check_attention(
+                MIXED + [(3, 90)], sliding_window=w, num_kv_splits=sp, seed=w))
+    # block * block_stride > 2^31 elements: offsets must be int64 (fp16 cache of ~4 GiB
+    # virtual memory, of which only the touched blocks are ever committed).
+    check(f"attention_block_index_past_int32[split={_split}]")(lambda sp=_split: check_attention(
+        [(1, 37), (3, 20)], group=1, num_kv_heads=1, dtype=torch.float16, num_kv_splits=sp,
+        first_block=2 ** 31 // (16 * 16) + 1, seed=6))
+
+
+@check("attention_one_token_prompt_and_prefix_hit")
+def _():
+    # (1, 1): a one-token prompt; (7, 39): 32 cached tokens (two full blocks) then 7 new ones.
+    check_attention([(1, 1), (7, 39), (1, 2)], seed=2)
+
+
+@check("attention_odd_head_dim_and_padding")
+def _():
+    # head_dim 24 is padded to 32 in the tile; a query_len-0 request and trailing padding
+    # tokens (a CUDA-graph padded batch) must produce nothing.
+    check_attention([(1, 37), (0, 0), (4, 9)], head_dim=24, num_pad_tokens=3, seed=3)
+    check_attention([(1, 37), (0, 0), (1, 9)], head_dim=24, num_pad_tokens=3, num_kv_splits=4,
+                    seed=3)
+
+
+@check("attention_prefill_defaults")
+def _():
+    # max_query_len >= 64 switches the launcher to BLOCK_M = 64; default tile and split choice.
+    torch.manual_seed(4)
+    q, k_cache, v_cache, attn = make_batch([(66, 70), (1, 20)], 2, 1, 16, 16, torch.float32)
+    out = torch.full_like(q, float("nan"))
+    attention.paged_attention_triton(q, k_cache, v_cache, attn, 0.25, out=out)
+    torch.testing.assert_close(out, paged_attention_ref(q, k_cache, v_cache, attn, 0.25))
+
+
+@check("attention_decode_rule_splits")
+def _():
+    torch.manual_seed(5)
+    grids, reduce = [], attention._reduce_segments
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return reduce[grid]
+
+    attention._reduce_segments = Recorder()
+    try:
+        q, k_cache, v_cache, attn = make_batch([(1, 50), (1, 3)], 4, 2, 16, 16, torch.float32)
+        out = attention.paged_attention_triton(q, k_cache, v_cache, attn, 0.25)
+    finally:
+        attention._reduce_segments = reduce
+    assert grids, "a small decode-only batch should take the split-KV path"
+    torch.testing.assert_close(out, paged_attention_ref(q, k_cache, v_cache, attn, 0.25))
+
+
+for _dtype in (torch.float32, torch.float16, torch.bfloat16):
+    @check(f"store_kv[{_dtype}]")
+    def _(dtype=_dtype):
+        torch.manual_seed(7)
+        num_tokens, num_kv_heads, head_dim, block_size = 9, 3, 24, 16
+        k_cache = torch.randn(5, block_size, num_kv_heads, head_dim).to(dtype)
+        v_cache = torch.randn_like(k_cache)
+        # k, v as strided views of a fused qkv buffer, as the models produce them.
+        qkv = torch.randn(num_tokens, 4 * num_kv_heads, head_dim).to(dtype)
+        k, v = qkv[:, num_kv_heads:2 * num_kv_heads], qkv[:, 2 * num_kv_heads:3 * num_kv_heads]
+        slots = torch.randperm(5 * block_size)[:num_tokens]
+        slots[[2, 5]] = -1
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        cache.store_kv_ref(k, v, want_k, want_v, slots)
+        cache.store_kv_triton(k, v, k_cache, v_cache, slots)
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@check("store_kv_slot_past_int32")
+def _():
+    torch.manual_seed(8)
+    block_size, head_dim = 16, 16
+    num_blocks = 2 ** 31 // (block_size * head_dim) + 4
+    k_cache = torch.empty(num_blocks, block_size, 1, head_dim, dtype=torch.float16)
+    v_cache = torch.empty_like(k_cache)
+    k, v = torch.randn(3, 1, head_dim).half(), torch.randn(3, 1, head_dim).half()
+    slots = torch.tensor([(num_blocks - 2) * block_size + 5, -1, (num_blocks - 1) * block_size])
+    cache.store_kv_triton(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.view(-1, 1, head_dim)[slots[0]], k[0])
+    assert torch.equal(v_cache.view(-1, 1, head_dim)[slots[2]], v[2])
+
+
+for _dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for _residual in (False, True):
+        @check(f"rmsnorm[{_dtype},residual={_residual}]")
+        def _(dtype=_dtype, with_residual=_residual):
+            torch.manual_seed(9)
+            x = torch.randn(7, 3, 40).to(dtype)             # 40: not a power of two
+            weight = torch.randn(40).to(dtype)
+            residual = torch.randn_like(x) if with_residual else None
+            got = norm.rmsnorm_triton(x, weight, 1e-6, residual)
+            want = norm.rmsnorm_ref(x, weight, 1e-6, residual)
+            if with_residual:
+                # The interpreter truncates fp32 -> bf16 (GPUs round to nearest): 1 ulp slack.
+                ulp = 2 ** -7 if dtype == torch.bfloat16 else 0.0
+                torch.testing.assert_close(got[1], want[1], atol=0.0, rtol=ulp)
+                got, want = got[0], want[0]
+            torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype],
+                                       rtol=TOL[dtype])
+
+    for _rot_dim in (16, 8):                                  # full and partial rotary
+        @check(f"rotary[{_dtype},rot_dim={_rot_dim}]")
+        def _(dtype=_dtype, rot_dim=_rot_dim):
+            torch.manual_seed(10)
+            num_tokens, head_dim = 6, 16
+            inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
+            cos_sin_cache = make_cos_sin_cache(inv_freq, 64)
+            positions = torch.randint(0, 64, (num_tokens,))
+            qkv = torch.randn(num_tokens, 5 + 1 + 1, head_dim).to(dtype)   # 5 q, 1 k, 1 v head
+            q, k = qkv[:, :5], qkv[:, 5:6]
+            want_q, want_k = q.clone(), k.clone()
+            rotary_ref(positions, want_q, want_k, cos_sin_cache)
+            v_before = qkv[:, 6].clone()
+            rotary_triton(positions, q, k, cos_sin_cache)
+            torch.testing.assert_close(q.float(), want_q.float(), atol=TOL[dtype], rtol=TOL[dtype])
+            torch.testing.assert_close(k.float(), want_k.float(), atol=TOL[dtype], rtol=TOL[dtype])
+            assert torch.equal(qkv[:, 6], v_before), "rotary touched v"
+
+    @check(f"silu_and_mul[{_dtype}]")
+    def _(dtype=_dtype):
+        torch.manual_seed(12)
+        x = torch.randn(5, 2, 2 * 1100).to(dtype)      # 1100 > one 1024-wide block
+        got = activation.silu_and_mul_triton(x)
+        torch.testing.assert_close(got.float(), activation.silu_and_mul_ref(x).float(),
+                                   atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def run(names: list[str]) -> dict[str, str | None]:
+    """name -> None when the check passed, else its traceback."""
+    results = {}
+    for name in names:
+        try:
+            CHECKS[name]()
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc()
+    return results
+
+
+if __name__ == "__main__":
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(attention._paged_attention_kernel, InterpretedFunction):
+        sys.exit("set TRITON_INTERPRET=1 before running this file")
+    results = run(sys.argv[1:] or list(CHECKS))
+    for name, error in results.items():
+        print(f"{'ok  ' if error is None else 'FAIL'} {name}", file=sys.stderr)
+    print("RESULTS " + json.dumps(results))

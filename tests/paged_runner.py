@@ -1,0 +1,104 @@
+"""Test helpers for the model tests: load our model and transformers' reference from one folder,
+and a hand-rolled paged runner (block tables, slot mapping, AttnMetadata built by hand) so the
+models are tested without the engine."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import torch
+
+from minserve.config import ModelConfig
+from minserve.kernels import AttnMetadata
+from minserve.models.loader import load_model
+
+
+def load_ours(folder: str, dtype: torch.dtype = torch.float32, load_format: str = "auto"):
+    with open(os.path.join(folder, "config.json")) as f:
+        config = ModelConfig.from_dict(json.load(f))
+    return load_model(folder, config, "cpu", dtype, load_format)
+
+
+def load_hf(folder: str, dtype: torch.dtype = torch.float32):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, attn_implementation="eager").eval()
+
+
+@torch.inference_mode()
+def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
+    return hf_model(torch.tensor([token_ids])).logits[0].float()
+
+
+def attn_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+                  block_size: int) -> tuple[AttnMetadata, torch.Tensor]:
+    """(AttnMetadata, positions) for a step where request r runs query_lens[r] new tokens after
+    context_lens[r] cached ones."""
+    qsl = [0]
+    for n in query_lens:
+        qsl.append(qsl[-1] + n)
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+    positions, slots = [], []
+    for ctx, seq_len, table in zip(context_lens, seq_lens, block_tables):
+        for pos in range(ctx, seq_len):
+            positions.append(pos)
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    max_blocks = max(len(t) for t in block_tables)
+    padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
+    attn = AttnMetadata(
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_table=torch.tensor(padded, dtype=torch.int32),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+        query_start_loc_host=qsl, seq_lens_host=seq_lens,
+    )
+    return attn, torch.tensor(positions, dtype=torch.int64)
+
+
+class PagedRunner:
+    """Owns a KV cache for `model` and runs steps of (request id, new token ids) pairs.
+    Blocks are handed out in shuffled order so block tables are never contiguous."""
+
+    def __init__(self, model, block_size: int = 16, num_blocks: int = 64, seed: int = 0) -> None:
+        cfg = model.config
+        dtype = model.model.embed_tokens.weight.dtype
+        self.model, self.block_size = model, block_size
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        model.set_kv_caches([(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+                             for _ in range(cfg.num_hidden_layers)])
+        self.free_blocks = list(range(num_blocks))
+        random.Random(seed).shuffle(self.free_blocks)
+        self.block_tables: dict[str, list[int]] = {}
+        self.num_computed: dict[str, int] = {}
+
+    @torch.inference_mode()
+    def step(self, batch: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
+        """Run one step; returns each request's logits for every token it ran ([Q, V])."""
+        query_lens, context_lens, tables, input_ids = [], [], [], []
+        for req_id, new_ids in batch:
+            ctx = self.num_computed.get(req_id, 0)
+            table = self.block_tables.setdefault(req_id, [])
+            while len(table) * self.block_size < ctx + len(new_ids):
+                table.append(self.free_blocks.pop())
+            query_lens.append(len(new_ids))
+            context_lens.append(ctx)
+            tables.append(table)
+            input_ids.extend(new_ids)
+            self.num_computed[req_id] = ctx + len(new_ids)
+        attn, positions = attn_metadata(query_lens, context_lens, tables, self.block_size)
+        hidden = self.model(torch.tensor(input_ids), positions, attn)
+        logits = self.model.compute_logits(hidden)
+        return list(logits.split(query_lens))
+
+
+@torch.inference_mode()
+def prefill_without_cache(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """The profiling path: empty caches, every request's query is its whole sequence."""
+    model.set_kv_caches([(torch.empty(0), torch.empty(0))] * model.config.num_hidden_layers)
+    lens = [len(p) for p in prompts]
+    attn, positions = attn_metadata(lens, [0] * len(lens), [[0]] * len(lens), 1 << 20)
+    hidden = model(torch.tensor([t for p in prompts for t in p]), positions, attn)
+    return list(model.compute_logits(hidden).split(lens))

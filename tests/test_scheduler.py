@@ -1,0 +1,271 @@
+"""Scheduler invariants with a fake runner whose 'greedy' token is a pure function of the sequence:
+token budget, decodes before prefill chunks, block conservation under finish/abort/preempt,
+preemption resumes to the same tokens, an oversized prompt fails alone, n>1 siblings share."""
+from __future__ import annotations
+
+import random
+
+from minserve.engine.kv_cache import KVCacheManager
+from minserve.engine.request import FinishReason, Request, RequestStatus
+from minserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, is_sampling_row
+from minserve.sampling_params import SamplingParams
+
+BS = 4
+EOS = 3
+
+
+def fake_token(token_ids: list[int]) -> int:
+    return 10 + hash(tuple(token_ids)) % 500
+
+
+class FakeRunner:
+    """Checks what a real runner relies on, and returns one token per sampling row."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+
+    def execute(self, plan: StepPlan) -> list[int]:
+        out = []
+        for req, n in zip(plan.requests, plan.num_scheduled_tokens, strict=True):
+            assert req.status == RequestStatus.RUNNING
+            assert 0 < n <= req.num_uncomputed
+            # the request owns enough blocks for every token it will have computed
+            assert len(req.block_ids) * BS >= req.num_computed_tokens + n
+            if is_sampling_row(req, n):
+                out.append(fake_token(req.all_token_ids))
+            else:
+                out.append(-1)
+        return out
+
+
+def make(num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 32,
+         max_model_len: int = 256, caching: bool = True) -> tuple[Scheduler, FakeRunner]:
+    kv = KVCacheManager(num_blocks, BS, caching)
+    sched = Scheduler(SchedulerConfig(max_num_seqs, budget, max_model_len), kv)
+    return sched, FakeRunner(sched)
+
+
+def new_req(rid: str, prompt: list[int], max_tokens: int = 8, **kw) -> Request:
+    return Request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0, **kw),
+                   eos_token_ids=frozenset([EOS]))
+
+
+def run(sched: Scheduler, runner: FakeRunner, check=None, max_steps: int = 10_000):
+    outputs: dict[str, list] = {}
+    steps = 0
+    while sched.has_unfinished_requests():
+        plan = sched.schedule()
+        if check:
+            check(plan)
+        for o in sched.update(plan, runner.execute(plan) if not plan.is_empty else []):
+            outputs.setdefault(o.request_id, []).append(o)
+        steps += 1
+        assert steps < max_steps, "scheduler made no progress"
+    return outputs
+
+
+def tokens(outs) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+def check_blocks(sched: Scheduler) -> None:
+    kv = sched.kv
+    refs = [0] * kv.num_blocks
+    for r in sched.running:
+        for b in r.block_ids:
+            refs[b] += 1
+    for r in sched.waiting:
+        assert r.block_ids == []
+    assert [b.ref_cnt for b in kv.pool.blocks] == refs
+    assert kv.num_free_blocks + sum(1 for c in refs if c) == kv.num_blocks
+
+
+def test_budget_and_decodes_first():
+    sched, runner = make(budget=16, max_num_seqs=4)
+    rng = random.Random(0)
+    for i in range(10):
+        sched.add(new_req(f"r{i}", [rng.randrange(10, 500) for _ in range(rng.randrange(1, 40))],
+                          max_tokens=rng.randrange(1, 12)))
+    seen_chunked = False
+
+    def check(plan: StepPlan) -> None:
+        nonlocal seen_chunked
+        assert plan.total_num_scheduled_tokens == sum(plan.num_scheduled_tokens) <= 16
+        assert len(plan.requests) <= 4
+        is_decode = [r.num_uncomputed == 1 and r.num_output_tokens > 0 for r in plan.requests]
+        if False in is_decode:
+            assert True not in is_decode[is_decode.index(False):], "prefill before a decode"
+        seen_chunked |= any(n < r.num_uncomputed for r, n in
+                            zip(plan.requests, plan.num_scheduled_tokens, strict=True))
+        # every running decode got its token this step
+        for r in sched.running:
+            if r.num_uncomputed == 1 and r.num_output_tokens > 0:
+                assert r in plan.requests
+
+    outs = run(sched, runner, check)
+    assert seen_chunked
+    assert len(outs) == 10 and all(o[-1].finished for o in outs.values())
+
+
+def test_greedy_tokens_and_stop_conditions():
+    sched, runner = make()
+    prompt = [11, 12, 13, 14, 15, 16]
+    sched.add(new_req("a", prompt, max_tokens=5))
+    outs = run(sched, runner)
+    toks = tokens(outs["a"])
+    seq = list(prompt)
+    for t in toks:
+        assert t == fake_token(seq)
+        seq.append(t)
+    assert len(toks) == 5 and outs["a"][-1].finish_reason == FinishReason.LENGTH
+    assert outs["a"][0].num_prompt_tokens == 6
+    # stop_token_ids ends at the third token; min_tokens suppresses an earlier stop
+    sched.add(new_req("b", prompt, max_tokens=5, stop_token_ids=[toks[2]]))
+    sched.add(new_req("c", prompt, max_tokens=5, stop_token_ids=[toks[0]], min_tokens=2))
+    outs = run(sched, runner)
+    assert tokens(outs["b"]) == toks[:3] and outs["b"][-1].stop_reason == toks[2]
+    assert tokens(outs["c"]) == toks  # toks[0] is only a stop once min_tokens is reached
+
+
+class EosRunner(FakeRunner):
+    def execute(self, plan):
+        return [EOS if t != -1 else -1 for t in super().execute(plan)]
+
+
+def test_eos_and_ignore_eos():
+    sched, _ = make()
+    runner = EosRunner(sched)
+    sched.add(new_req("a", [20, 21], max_tokens=4))
+    sched.add(new_req("b", [20, 21], max_tokens=4, ignore_eos=True))
+    sched.add(new_req("c", [20, 21], max_tokens=4, min_tokens=2))
+    outs = run(sched, runner)
+    assert tokens(outs["a"]) == [EOS] and outs["a"][-1].finish_reason == FinishReason.STOP
+    assert tokens(outs["b"]) == [EOS] * 4 and outs["b"][-1].finish_reason == FinishReason.LENGTH
+    assert tokens(outs["c"]) == [EOS] * 2 and outs["c"][-1].finish_reason == FinishReason.STOP
+
+
+def test_max_model_len_ends_request():
+    sched, runner = make(max_model_len=10)
+    sched.add(new_req("a", list(range(20, 27)), max_tokens=None))
+    outs = run(sched, runner)
+    assert len(tokens(outs["a"])) == 3 and outs["a"][-1].finish_reason == FinishReason.LENGTH
+
+
+def test_preemption_resumes_with_same_tokens():
+    rng = random.Random(1)
+    prompts = [[rng.randrange(10, 500) for _ in range(rng.randrange(5, 30))] for _ in range(8)]
+    results = []
+    for num_blocks in (200, 14):
+        sched, runner = make(num_blocks=num_blocks, budget=64)
+        for i, p in enumerate(prompts):
+            sched.add(new_req(f"r{i}", p, max_tokens=20))
+        preempted: list = []
+        outs = run(sched, runner, lambda plan, seen=preempted: seen.extend(plan.preempted))
+        results.append({k: tokens(v) for k, v in outs.items()})
+        if num_blocks == 14:
+            assert preempted, "the small cache should have forced preemption"
+        check_blocks(sched)
+        assert sched.kv.num_free_blocks == num_blocks
+    assert results[0] == results[1]
+
+
+def test_blocks_conserved_randomized():
+    for seed in range(6):
+        rng = random.Random(seed)
+        sched, runner = make(num_blocks=rng.randrange(12, 40), max_num_seqs=rng.randrange(2, 8),
+                             budget=rng.randrange(8, 48), caching=bool(seed % 2))
+        n = 0
+        live: list[str] = []
+        for _ in range(120):
+            action = rng.random()
+            if action < 0.3:
+                rid = f"r{n}"
+                n += 1
+                shared = [7] * rng.choice([0, 4, 8])  # common prefixes exercise the cache
+                sched.add(new_req(rid, shared + [rng.randrange(10, 500)
+                                                 for _ in range(rng.randrange(1, 30))],
+                                  max_tokens=rng.randrange(1, 25)))
+                live.append(rid)
+            elif action < 0.4 and live:
+                sched.abort([live.pop(rng.randrange(len(live)))])
+            plan = sched.schedule()
+            check_blocks(sched)
+            sched.update(plan, runner.execute(plan) if not plan.is_empty else [])
+            check_blocks(sched)
+        sched.abort(list(sched.requests))
+        run(sched, runner)
+        assert sched.kv.num_free_blocks == sched.kv.num_blocks
+        assert not sched.requests and not sched.running and not sched.waiting
+
+
+def test_prompt_that_can_never_fit_fails_alone():
+    sched, runner = make(num_blocks=6)
+    sched.add(new_req("ok1", [30] * 5, max_tokens=3))
+    sched.add(new_req("big", list(range(10, 40)), max_tokens=3))   # 30 tokens > 6*4 slots
+    sched.add(new_req("ok2", [31] * 5, max_tokens=3))
+    outs = run(sched, runner)
+    assert outs["big"][-1].finish_reason == FinishReason.ERROR
+    assert "never fit" in outs["big"][-1].error
+    assert len(tokens(outs["ok1"])) == 3 and len(tokens(outs["ok2"])) == 3
+
+
+def test_request_growing_past_the_cache_fails_alone():
+    sched, runner = make(num_blocks=3)
+    sched.add(new_req("a", [40] * 5, max_tokens=20))     # 25 tokens > 12 slots
+    outs = run(sched, runner)
+    assert outs["a"][-1].finish_reason == FinishReason.ERROR
+    assert len(tokens(outs["a"])) == 12 - 5 + 1   # the last sampled token needs no slot yet
+    assert sched.kv.num_free_blocks == 3
+
+
+def test_abort_takes_effect_at_next_schedule():
+    sched, runner = make()
+    sched.add(new_req("a", list(range(20, 30)), max_tokens=50))
+    sched.add(new_req("b", list(range(40, 50)), max_tokens=5))
+    plan = sched.schedule()
+    sched.update(plan, runner.execute(plan))
+    used = sched.kv.num_blocks - sched.kv.num_free_blocks
+    sched.abort(["a"])
+    assert sched.kv.num_blocks - sched.kv.num_free_blocks == used   # not yet
+    plan = sched.schedule()
+    assert [o.finish_reason for o in plan.finished_outputs] == [FinishReason.ABORT]
+    assert "a" in plan.finished_ids and all(r.request_id != "a" for r in plan.requests)
+    check_blocks(sched)
+    sched.abort(["a", "nope"])   # aborting twice / unknown ids is a no-op
+    outs = run(sched, runner)
+    assert tokens(outs["b"]) and sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_n_siblings_wait_for_the_first_and_share_prompt_blocks():
+    sched, runner = make(budget=8)
+    prompt = list(range(100, 121))    # 21 tokens: 5 full blocks
+    for i in range(3):
+        r = new_req(f"p-{i}", prompt, max_tokens=4)
+        r.parent_id = "p"
+        sched.add(r)
+    first = sched.schedule()
+    assert [r.request_id for r in first.requests] == ["p-0"]   # siblings wait for the prompt
+    sched.update(first, runner.execute(first))
+    leader = first.requests[0]
+    admitted = {}
+    while sched.has_unfinished_requests():
+        plan = sched.schedule()
+        for r in plan.requests:
+            if r is not leader and r.request_id not in admitted:
+                assert leader.num_computed_tokens >= len(prompt)
+                admitted[r.request_id] = r.block_ids[:5]
+                assert r.block_ids[:5] == leader.block_ids[:5]
+        sched.update(plan, runner.execute(plan))
+    assert set(admitted) == {"p-1", "p-2"}
+    assert sched.kv.prefix_cache_hits == 2 * 20
+
+
+def test_prompt_logprobs_requests_skip_prefix_hits():
+    sched, runner = make()
+    prompt = list(range(100, 113))
+    sched.add(new_req("a", prompt, max_tokens=2))
+    run(sched, runner)
+    sched.add(new_req("b", prompt, max_tokens=2, prompt_logprobs=1))
+    sched.add(new_req("c", prompt, max_tokens=2))
+    outs = run(sched, runner)
+    assert outs["b"][0].num_cached_tokens == 0 and outs["c"][0].num_cached_tokens == 12

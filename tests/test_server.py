@@ -1,0 +1,293 @@
+"""The ASGI app through the in-test driver: routes, auth, body limit, CORS, SSE framing, client
+disconnects (abort frees blocks), stop strings, and engine death (fake engine)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from minserve.config import EngineConfig
+from minserve.server import ServerConfig, create_app
+from tests.asgi import call, lifespan
+from tests.fake_engine import FakeEngine, make_fake_app
+
+MSG = [{"role": "user", "content": "Hello there"}]
+CHAT, COMP = "/v1/chat/completions", "/v1/completions"
+
+
+def real_app(model_dir: str, **server):
+    cfg = EngineConfig(model=model_dir, kv_cache_memory=4 << 20, max_model_len=512)
+    return create_app(cfg, ServerConfig(**{"served_model_names": ["tiny", "alias"], **server}))
+
+
+def run(app, fn):
+    async def main():
+        async with lifespan(app):
+            return await fn(app)
+    return asyncio.run(main())
+
+
+def test_routes(tiny_model_dir):
+    async def fn(app):
+        r = {}
+        for key, (m, p, body) in {
+            "health": ("GET", "/health", None), "ping": ("GET", "/ping", None),
+            "version": ("GET", "/version", None), "models": ("GET", "/v1/models", None),
+            "model": ("GET", "/v1/models/alias", None), "nomodel": ("GET", "/v1/models/x", None),
+            "unknown": ("GET", "/v2/nothing", None), "method": ("GET", CHAT, None),
+            "method2": ("DELETE", "/health", None),
+            "tok": ("POST", "/tokenize", {"prompt": "Hello world"}),
+            "tokchat": ("POST", "/tokenize", {"messages": MSG}),
+        }.items():
+            r[key] = await call(app, m, p, body)
+        ids = r["tok"].json()["tokens"]
+        r["detok"] = await call(app, "POST", "/detokenize", {"tokens": ids})
+        r["badtok"] = await call(app, "POST", "/detokenize", {"tokens": [-1]})
+        await call(app, "POST", CHAT, {"messages": MSG, "max_tokens": 3})
+        r["metrics"] = await call(app, "GET", "/metrics")
+        return r
+
+    r = run(real_app(tiny_model_dir), fn)
+    assert r["health"].status == r["ping"].status == 200
+    assert r["version"].json()["version"]
+    assert [m["id"] for m in r["models"].json()["data"]] == ["tiny", "alias"]
+    assert r["models"].json()["data"][0]["max_model_len"] == 512
+    assert r["model"].json()["id"] == "alias"
+    assert r["nomodel"].status == 404 and r["unknown"].status == 404
+    assert r["method"].status == 405 and r["method2"].status == 405
+    assert "error" in r["method"].json() and "error" in r["unknown"].json()
+    assert r["tok"].json()["count"] == len(r["tok"].json()["tokens"]) > 0
+    assert r["tokchat"].json()["count"] > r["tok"].json()["count"]
+    assert r["detok"].json()["prompt"] == "Hello world"
+    assert r["badtok"].status == 400
+    text = r["metrics"].body.decode()
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_count", "vllm:request_success_total",
+                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"):
+        assert name in text, name
+    assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"} 1.0' in text
+    assert 'vllm:generation_tokens_total{model_name="tiny"} 3.0' in text
+
+
+def test_not_ready_is_503(tiny_model_dir):
+    gate = threading.Event()
+    from minserve.tokenizer import Tokenizer
+    tok = Tokenizer.from_folder(tiny_model_dir)
+
+    def slow_factory(_cfg):
+        gate.wait(30)
+        return FakeEngine(tok)
+
+    app = create_app(None, ServerConfig(["tiny"]), slow_factory)
+
+    async def fn(app):
+        before = [await call(app, "GET", p) for p in ("/health", "/ping", "/v1/models")]
+        chat = await call(app, "POST", CHAT, {"messages": MSG})
+        version = await call(app, "GET", "/version")
+        gate.set()
+        await app.engine.wait_ready(10)
+        after = await call(app, "GET", "/health")
+        return before, chat, version, after
+
+    async def main():
+        async with lifespan(app, wait_ready=False):
+            return await fn(app)
+    before, chat, version, after = asyncio.run(main())
+    assert [r.status for r in before] == [503, 503, 503]
+    assert chat.status == 503 and "loading" in chat.json()["error"]["message"]
+    assert version.status == 200 and after.status == 200
+
+
+def test_auth_body_limit_content_type(tiny_model_dir):
+    app = make_fake_app(tiny_model_dir, server={"api_keys": ["sekret"], "max_body_bytes": 2000})
+    good = {"authorization": "Bearer sekret"}
+
+    async def fn(app):
+        return {
+            "none": await call(app, "POST", CHAT, {"messages": MSG}),
+            "wrong": await call(app, "POST", CHAT, {"messages": MSG},
+                                headers={"authorization": "Bearer nope"}),
+            "basic": await call(app, "GET", "/v1/models", headers={"authorization": "sekret"}),
+            "ok": await call(app, "POST", CHAT, {"messages": MSG, "max_tokens": 2}, headers=good),
+            "tok": await call(app, "POST", "/tokenize", {"prompt": "a"}),
+            "health": await call(app, "GET", "/health"),
+            "metrics": await call(app, "GET", "/metrics"),
+            "big": await call(app, "POST", CHAT, {"messages": MSG * 200}, headers=good),
+            "bigchunked": await call(app, "POST", CHAT, {"messages": MSG * 200}, chunked=True,
+                                     headers=good),
+            "ctype": await call(app, "POST", CHAT, {"messages": MSG},
+                                headers={**good, "content-type": "text/plain"}),
+        }
+
+    r = run(app, fn)
+    for k in ("none", "wrong", "basic", "tok"):
+        assert r[k].status == 401, k
+        assert r[k].json()["error"]["type"] == "AuthenticationError"
+    assert r["ok"].status == 200 and r["health"].status == 200 and r["metrics"].status == 200
+    assert r["big"].status == 413 and r["bigchunked"].status == 413
+    assert r["ctype"].status == 415
+
+
+def test_cors_and_root_path(tiny_model_dir):
+    app = make_fake_app(tiny_model_dir, server={"allowed_origins": ["https://ok.example"],
+                                                "root_path": "/api"})
+
+    async def fn(app):
+        pre = await call(app, "OPTIONS", "/api/v1/chat/completions", headers={
+            "origin": "https://ok.example", "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type"})
+        ok = await call(app, "GET", "/api/v1/models", headers={"origin": "https://ok.example"})
+        bad = await call(app, "GET", "/api/v1/models", headers={"origin": "https://evil.example"})
+        return pre, ok, bad
+
+    pre, ok, bad = run(app, fn)
+    assert pre.status == 200
+    assert pre.headers["access-control-allow-origin"] == "https://ok.example"
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert pre.headers["access-control-allow-headers"] == "authorization, content-type"
+    assert ok.status == 200 and ok.headers["access-control-allow-origin"] == "https://ok.example"
+    assert "access-control-allow-origin" not in bad.headers
+
+
+def test_sse_framing_chat_and_completions(tiny_model_dir):
+    async def fn(app):
+        chat = await call(app, "POST", CHAT, {
+            "messages": MSG, "max_tokens": 6, "stream": True, "n": 2, "ignore_eos": True,
+            "logprobs": True, "top_logprobs": 2,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+        comp = await call(app, "POST", COMP, {"prompt": "Hello", "max_tokens": 5, "stream": True,
+                                              "echo": True, "ignore_eos": True, "temperature": 0})
+        full = await call(app, "POST", COMP, {"prompt": "Hello", "max_tokens": 5, "echo": True,
+                                              "ignore_eos": True, "temperature": 0})
+        return chat, comp, full
+
+    chat, comp, full = run(real_app(tiny_model_dir), fn)
+    assert chat.status == 200 and chat.headers["content-type"] == "text/event-stream"
+    assert chat.headers["cache-control"] == "no-cache" and chat.closed
+    assert all(c.startswith(b"data: ") and c.endswith(b"\n\n") for c in chat.chunks)
+    ev = chat.events()
+    assert ev[-1] == "[DONE]"
+    assert ev[-2]["choices"] == [] and ev[-2]["usage"]["completion_tokens"] == 12
+    body = ev[:-2]
+    assert all(e["object"] == "chat.completion.chunk" for e in body)
+    assert {e["choices"][0]["delta"].get("role") for e in body[:2]} == {"assistant"}
+    assert all("usage" in e for e in body)  # continuous_usage_stats
+    for idx in (0, 1):
+        mine = [e["choices"][0] for e in body if e["choices"][0]["index"] == idx]
+        assert mine[-1]["finish_reason"] == "length"
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+        lps = [t for c in mine if c["logprobs"] for t in c["logprobs"]["content"]]
+        assert len(lps) == 6 and all(len(t["top_logprobs"]) == 2 for t in lps)
+    cev = comp.events()
+    assert cev[-1] == "[DONE]" and cev[0]["choices"][0]["text"] == "Hello"
+    streamed = "".join(e["choices"][0]["text"] for e in cev[:-1])
+    assert streamed == full.json()["choices"][0]["text"] and streamed.startswith("Hello")
+
+
+def test_stop_strings(tiny_model_dir):
+    async def fn(app):
+        base = {"prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0,
+                "ignore_eos": True}
+        free = (await call(app, "POST", COMP, base)).json()["choices"][0]["text"]
+        stop = free[8:11]
+        cut = (await call(app, "POST", COMP, {**base, "stop": [stop]})).json()
+        incl = (await call(app, "POST", COMP, {**base, "stop": stop,
+                                               "include_stop_str_in_output": True})).json()
+        streamed = (await call(app, "POST", COMP, {**base, "stop": [stop], "stream": True}))
+        return free, stop, cut, incl, streamed.events()
+
+    free, stop, cut, incl, ev = run(real_app(tiny_model_dir), fn)
+    want = free[:free.index(stop)]
+    c = cut["choices"][0]
+    assert (c["text"], c["finish_reason"], c["stop_reason"]) == (want, "stop", stop)
+    assert incl["choices"][0]["text"] == want + stop
+    assert "".join(e["choices"][0]["text"] for e in ev[:-1]) == want
+    assert ev[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_disconnect_aborts_and_frees_blocks(tiny_model_dir):
+    async def fn(app):
+        eng = app.engine.engine
+        body = {"prompt": "Hello " * 40, "max_tokens": 300, "ignore_eos": True, "stream": True}
+        r = await call(app, "POST", COMP, body, disconnect_after=3)
+        steps = 0
+        while app.engine.stats["kv_cache_usage"] > 0 or eng.has_unfinished_requests():
+            await asyncio.sleep(0.01)
+            steps += 1
+            assert steps < 500
+        return r, app.engine.stats, app.engine.num_in_flight
+
+    r, stats, in_flight = run(real_app(tiny_model_dir), fn)
+    assert r.status == 200 and len(r.chunks) == 3 and not r.closed
+    assert stats["kv_cache_usage"] == 0 and stats["num_running"] == 0 and in_flight == 0
+
+
+def test_disconnect_non_streaming(tiny_model_dir):
+    """A non-streaming client that goes away is noticed by the receive() watcher too."""
+    async def fn(app):
+        from tests import asgi
+        gone = asyncio.Event()
+        sent = []
+        scope = {"type": "http", "method": "POST", "path": COMP, "root_path": "",
+                 "headers": [(b"content-type", b"application/json")], "query_string": b""}
+        body = b'{"prompt": "Hi", "max_tokens": 400, "ignore_eos": true}'
+        msgs = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if msgs:
+                return msgs.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(m):
+            sent.append(m)
+        task = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.sleep(0.3)
+        busy = app.engine.stats["num_running"]
+        gone.set()
+        await asyncio.wait_for(task, 5)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 5 and app.engine.stats["kv_cache_usage"] > 0:
+            await asyncio.sleep(0.01)
+        assert asgi  # the driver module is shared with the other tests
+        return busy, sent, app.engine.stats
+
+    busy, sent, stats = run(real_app(tiny_model_dir), fn)
+    assert busy == 1 and sent == [] and stats["kv_cache_usage"] == 0
+
+
+def test_engine_death_fails_requests_and_health(tiny_model_dir):
+    app = make_fake_app(tiny_model_dir, fail_at_step=4)
+
+    async def fn(app):
+        s = asyncio.ensure_future(call(app, "POST", CHAT, {"messages": MSG, "max_tokens": 50,
+                                                           "stream": True}))
+        f = asyncio.ensure_future(call(app, "POST", CHAT, {"messages": MSG, "max_tokens": 50}))
+        s, f = await asyncio.wait_for(asyncio.gather(s, f), 10)
+        return (s, f, await call(app, "GET", "/health"),
+                await call(app, "POST", CHAT, {"messages": MSG}))
+
+    s, f, health, after = run(app, fn)
+    ev = s.events()
+    assert s.status == 200 and ev[-1] == "[DONE]" and "injected" in ev[-2]["error"]["message"]
+    assert f.status == 500 and "injected" in f.json()["error"]["message"]
+    assert health.status == 503 and after.status == 503
+
+
+def test_graceful_shutdown_lets_requests_finish(tiny_model_dir):
+    app = make_fake_app(tiny_model_dir, step_delay=0.01)
+
+    async def main():
+        async with lifespan(app):
+            task = asyncio.ensure_future(call(app, "POST", CHAT, {"messages": MSG,
+                                                                  "max_tokens": 20}))
+            await asyncio.sleep(0.05)
+        return await task  # lifespan shutdown waited for it
+
+    r = asyncio.run(main())
+    assert r.status == 200 and r.json()["choices"][0]["finish_reason"] == "length"
