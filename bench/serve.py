@@ -30,6 +30,7 @@ class Result:
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
     num_output_tokens: int = 0
+    num_prompt_tokens: int = 0
     error: str = ""
 
 
@@ -91,6 +92,7 @@ async def one_request(url: urllib.parse.ParseResult, path: str, body: dict,
                     continue
                 if event.get("usage"):
                     res.num_output_tokens = event["usage"]["completion_tokens"]
+                    res.num_prompt_tokens = event["usage"]["prompt_tokens"]
                 if not event.get("choices") or not event["choices"][0].get("text"):
                     continue
                 now = time.perf_counter()
@@ -168,7 +170,10 @@ async def run(args: argparse.Namespace) -> dict:
                "failed": len(results) - len(ok), "duration_s": duration,
                "max_concurrency": args.max_concurrency, "request_rate": args.request_rate,
                "request_throughput": len(ok) / duration,
-               "output_throughput": out_tokens / duration, "total_output_tokens": out_tokens}
+               "output_throughput": out_tokens / duration, "total_output_tokens": out_tokens,
+               # what the server counted (usage), not what --input-len asked for
+               "mean_input_tokens": statistics.fmean(r.num_prompt_tokens for r in ok)
+               if ok else float("nan")}
     for name, xs in (("ttft", [r.ttft for r in ok]), ("tpot", tpot), ("itl", itl),
                      ("e2e", [r.e2e for r in ok])):
         summary[f"mean_{name}_ms"] = 1000 * statistics.fmean(xs) if xs else float("nan")
@@ -184,6 +189,7 @@ def print_summary(s: dict) -> None:
     print(f"{' Serving Benchmark Result ':=^60}")
     rows = [("Successful requests", s["successful"]), ("Failed requests", s["failed"]),
             ("Max concurrency", s["max_concurrency"]), ("Benchmark duration (s)", s["duration_s"]),
+            ("Mean input tokens (server's count)", s["mean_input_tokens"]),
             ("Total generated tokens", s["total_output_tokens"]),
             ("Request throughput (req/s)", s["request_throughput"]),
             ("Output token throughput (tok/s)", s["output_throughput"])]

@@ -25,11 +25,13 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def _size(text: str) -> int:
-    """'4096', '4k', '1M', '8GiB' -> int (vLLM accepts such suffixes for sizes)."""
+    """'4096', '4k' (4000), '4K' (4096), '1M', '8GiB' -> int. As vLLM's human_readable_int:
+    a lowercase suffix is decimal, an uppercase one binary; 'iB'/'B' (bytes) is binary."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB]?)\s*", text)
     if m is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (suffixes k, M, G allowed)")
-    base = 1024 if m.group(3).lower().startswith("i") or m.group(3) == "B" else 1000
+    binary = m.group(2).isupper() or m.group(3).lower().startswith("i") or m.group(3) == "B"
+    base = 1024 if binary else 1000
     scale = {"": 1, "k": base, "m": base**2, "g": base**3, "t": base**4}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
 
@@ -116,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tensor_parallel_size != 1:
         parser.error(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
                      "not implemented yet; minserve runs on one device (use 1)")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: must be in 0..65535")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         parser.error("--ssl-keyfile and --ssl-certfile go together")
     try:

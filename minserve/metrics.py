@@ -6,8 +6,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import (CollectorRegistry, Counter, Histogram, disable_created_metrics,
-                               generate_latest)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -17,6 +22,9 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# vLLM's build_1_2_5_buckets for token counts (vLLM stops at max_model_len; we cannot know it
+# before the engine loads, so the tail goes to 1M).
+TOKEN_BUCKETS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5))
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 disable_created_metrics()  # no *_created series (vLLM's exposition has none either)
 
@@ -75,6 +83,12 @@ class Metrics:
         self.e2e = Histogram("vllm:e2e_request_latency_seconds",
                              "Histogram of e2e request latency in seconds.", lbl,
                              buckets=E2E_BUCKETS, registry=r).labels(model_name)
+        self.request_prompt_tokens = Histogram(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", lbl,
+            buckets=TOKEN_BUCKETS, registry=r).labels(model_name)
+        self.request_generation_tokens = Histogram(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", lbl,
+            buckets=TOKEN_BUCKETS, registry=r).labels(model_name)
         r.register(_EngineCollector(model_name, get_stats))
 
     def render(self) -> bytes:
@@ -103,9 +117,14 @@ class RequestTracker:
         self.last = now
         self.m.generation_tokens.inc(num_new_tokens)
 
-    def on_finish(self, num_prompt_tokens: int, finish_reasons: list[str | None]) -> None:
+    def on_finish(self, num_prompt_tokens: int, finish_reasons: list[str | None],
+                  num_output_tokens: list[int] = ()) -> None:
+        """finish_reasons/num_output_tokens: one per choice (an aborted one as "abort")."""
         self.m.prompt_tokens.inc(num_prompt_tokens)
+        self.m.request_prompt_tokens.observe(num_prompt_tokens)
         self.m.e2e.observe(time.monotonic() - self.arrival)
         for reason in finish_reasons:
             if reason is not None:
                 self.m.request_success.labels(self.m.model_name, reason).inc()
+        for num in num_output_tokens:
+            self.m.request_generation_tokens.observe(num)

@@ -363,9 +363,13 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     prompt = tok.encode(text, add_special_tokens=False)
     _check_length(ctx, prompt, params, "messages")
     echo = _bool(body, "echo", False)
+    # vLLM echoes the last message only when it has the response's role: "assistant" with a
+    # generation prompt, else the last message's own role (i.e. always).
+    last = messages[-1]
+    echoed = last["content"] if echo and (not add_gen or last["role"] == "assistant") else None
     return GenerateRequest("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [prompt],
-                           [messages[-1]["content"] if echo else None], params, stream,
-                           include_usage, continuous, echo, params.logprobs)
+                           [echoed], params, stream, include_usage, continuous, echo,
+                           params.logprobs)
 
 
 # ---------------------------------------------------------------- completions
@@ -401,6 +405,6 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
         _check_length(ctx, ids, params, "prompt")
     if echo:
         texts = [t if t is not None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
-                 for t, ids in zip(texts, prompts)]
+                 for t, ids in zip(texts, prompts, strict=True)]
     return GenerateRequest("completion", f"cmpl-{uuid.uuid4().hex}", model, prompts, texts,
                            params, stream, include_usage, continuous, echo, params.logprobs)

@@ -18,8 +18,13 @@ from minserve import __version__, output
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from minserve.metrics import Metrics, RequestTracker
-from minserve.protocol import (GenerateRequest, OpenAIError, ServingContext, parse_chat,
-                               parse_completion)
+from minserve.protocol import (
+    GenerateRequest,
+    OpenAIError,
+    ServingContext,
+    parse_chat,
+    parse_completion,
+)
 
 logger = logging.getLogger("minserve.server")
 
@@ -52,6 +57,8 @@ class Http:
     path: str
     headers: dict[bytes, bytes]
     path_param: str | None = None
+    started: bool = False   # http.response.start went out: errors can no longer be a status
+    sse: bool = False       # ... and it opened an event stream: errors become an SSE event
 
 
 Handler = Callable[["App", Http], Awaitable[None]]
@@ -137,20 +144,22 @@ class App:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         cors = self._cors(headers)
-        if cors:
-            raw_send = send
-
-            async def send(msg: dict[str, Any]) -> None:  # noqa: F811 - add CORS headers
-                if msg["type"] == "http.response.start":
-                    msg = {**msg, "headers": list(msg.get("headers", [])) + cors}
-                await raw_send(msg)
-
         path = scope["path"]
         root = scope.get("root_path") or self.cfg.root_path
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         method = scope["method"]
         http = Http(scope, receive, send, path, headers)
+
+        async def send(msg: dict[str, Any]) -> None:  # noqa: F811 - track the start, add CORS
+            if msg["type"] == "http.response.start":
+                http.started = True
+                http.sse = (b"content-type", b"text/event-stream") in msg.get("headers", ())
+                if cors:
+                    msg = {**msg, "headers": list(msg.get("headers", [])) + cors}
+            await http_send(msg)
+
+        http_send, http.send = http.send, send
         try:
             methods = ROUTES.get(path)
             if methods is None and path.startswith("/v1/models/"):
@@ -168,8 +177,23 @@ class App:
             if path not in ALWAYS_OPEN:
                 self._check_ready()
             await handler(self, http)
-        except OpenAIError as e:
-            await send_error(send, e)
+        except Exception as e:  # noqa: BLE001 - whatever happens, the client gets an answer
+            if not isinstance(e, OpenAIError):
+                logger.exception("unhandled error in %s %s", method, path)
+                e = OpenAIError(500, f"internal server error: {type(e).__name__}: {e}")
+            await self._send_late_error(http, e)
+
+    async def _send_late_error(self, http: Http, err: OpenAIError) -> None:
+        """An error as a status when nothing was sent yet; inside an open event stream as one
+        `data: {"error": ...}` event and [DONE]; otherwise the body just ends."""
+        if not http.started:
+            return await send_error(http.send, err)
+        if http.sse:
+            await http.send(_sse(err.to_dict()))
+            await http.send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
+                             "more_body": False})
+        else:
+            await http.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _preflight(self, http: Http) -> None:
         req_headers = http.headers.get(b"access-control-request-headers", b"*")
@@ -249,6 +273,7 @@ class App:
                 producer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await producer
+                self._finish(req, choices, tracker)  # counted as finished_reason="abort"
         finally:
             watcher.cancel()
             producer.cancel()
@@ -266,7 +291,8 @@ class App:
     def _finish(self, req: GenerateRequest, choices: list, tracker: RequestTracker) -> None:
         n = req.params.n
         tracker.on_finish(sum(c.num_prompt_tokens for c in choices[::n]),
-                          [c.finish_reason for c in choices])
+                          [c.finish_reason or "abort" for c in choices],
+                          [c.num_output_tokens for c in choices])
 
     async def _full_body(self, http: Http, req: GenerateRequest, stream: RequestStream,
                          choices: list, tracker: RequestTracker) -> None:

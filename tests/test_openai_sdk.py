@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 import openai
+import orjson
 import pytest
 
 KEY = "test-key"
@@ -196,3 +197,37 @@ def test_bad_flags_exit_with_message():
         p = subprocess.run([sys.executable, "-m", "minserve", *args], capture_output=True,
                            text=True, timeout=60, env={**os.environ})
         assert p.returncode == 2 and word in p.stderr
+
+
+def _metric(server: str, name: str) -> float:
+    text = urllib.request.urlopen(server + "/metrics").read().decode()
+    m = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)", text, re.M)
+    return float(m[1]) if m else 0.0
+
+
+def test_client_disconnect_through_granian_aborts(server):
+    """granian reports a closed socket only through receive(): the request must be aborted and
+    its blocks freed, not generated to the end for nobody."""
+    aborted = 'vllm:request_success_total{finished_reason="abort",model_name="tiny"}'
+    before = _metric(server, aborted)
+    port = int(server.rsplit(":", 1)[1])
+    body = orjson.dumps({"model": "tiny", "prompt": "Hello " * 30, "max_tokens": 300,
+                         "ignore_eos": True, "stream": True})
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+              b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body))
+    buf = b""
+    while buf.count(b"data: ") < 3:
+        chunk = s.recv(65536)
+        assert chunk, buf  # the server closed the connection early
+        buf += chunk
+    s.close()
+    t0 = time.monotonic()
+    while _metric(server, aborted) == before and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    assert _metric(server, aborted) == before + 1
+    assert _metric(server, "vllm:num_requests_running") == 0
+    assert _metric(server, "vllm:kv_cache_usage_perc") == 0
+    tokens = _metric(server, 'vllm:request_generation_tokens_sum')
+    assert 0 < tokens

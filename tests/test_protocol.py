@@ -19,6 +19,31 @@ CASES = [
     (CHAT, b"[1, 2]", 400, "object"),
     (CHAT, b'{"messages": NaN}', 400, "JSON"),
     (CHAT, b'{"messages": [], "temperature": 1e400}', 400, "JSON"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, "JSON"),
+    (CHAT, b"", 400, "JSON"),
+    (CHAT, b"[" * 5000 + b"]" * 5000, 400, "JSON"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "n": 1e999}', 400, "JSON"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": '
+     b'100000000000000000000000000000}', 400, "max_tokens"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "seed": '
+     b'18446744073709551615}', 400, "seed"),
+    (CHAT, {"messages": MSG, "temperature": 1e308}, 400, "temperature"),
+    (CHAT, {"messages": [{"content": "x"}]}, 400, "role"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, 400,
+     "content"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400,
+     "text-only"),
+    (CHAT, {"messages": [{"role": "user", "content": "x", "name": 5}]}, 400, "name"),
+    (CHAT, {"messages": [None]}, 400, "messages[0]"),
+    (CHAT, {"messages": MSG, "n": "2"}, 400, "n"),
+    (CHAT, {"messages": MSG, "stream": True, "stream_options": [1]}, 400, "stream_options"),
+    (CHAT, {"messages": MSG, "stream": True,
+            "stream_options": {"include_usage": "yes"}}, 400, "include_usage"),
+    (CHAT, {"messages": MSG, "user": 5}, 400, "user"),
+    (CHAT, {"messages": MSG, "logit_bias": [1]}, 400, "logit_bias"),
+    (CHAT, {"messages": MSG, "logit_bias": {"1": "x"}}, 400, "logit_bias"),
+    (CHAT, {"messages": MSG, "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
+    (CHAT, {"messages": MSG, "skip_special_tokens": "no"}, 400, "skip_special_tokens"),
     (CHAT, {}, 400, "messages"),
     (CHAT, {"messages": []}, 400, "messages"),
     (CHAT, {"messages": "hi"}, 400, "messages"),
@@ -84,6 +109,13 @@ CASES = [
     (COMP, {"prompt": "hi", "echo": "no"}, 400, "echo"),
     (COMP, {"prompt": "hi " * 300}, 400, "maximum context length"),
     (COMP, {"prompt": ["hi"] * 100, "n": 2}, 400, "n"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"prompt": "x", "add_special_tokens": "y"}, 400, "add_special_tokens"),
+    ("/tokenize", {"messages": []}, 400, "messages"),
+    ("/tokenize", b"[1]", 400, "object"),
+    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1.5]}, 400, "tokens"),
+    ("/detokenize", b"{bad", 400, "JSON"),
 ]
 
 
@@ -114,7 +146,7 @@ def test_malformed_requests_table(run):
         return out
 
     results = run(all_cases)
-    for (path, body, status, word), r in zip(CASES, results):
+    for (path, body, status, word), r in zip(CASES, results[:-1], strict=True):
         assert r.status == status, (path, body, r.status, r.body)
         err = r.json()["error"]
         assert set(err) >= {"message", "type", "param", "code"}
@@ -125,9 +157,10 @@ def test_malformed_requests_table(run):
 def test_valid_edge_requests(run):
     async def cases(app):
         ok = [
-            {"messages": [{"role": "system", "content": "s"}, {"role": "developer", "content": "d"},
-                          {"role": "user", "name": "bob",
-                           "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"messages": [{"role": "system", "content": "s"},
+                          {"role": "developer", "content": "d"},
+                          {"role": "user", "name": "bob", "content": [
+                              {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
                           {"role": "assistant", "content": None},
                           {"role": "tool", "content": "r", "tool_call_id": "1"}],
              "max_tokens": 3, "user": "u", "top_k": -1, "seed": 7, "logit_bias": {"5": 10},
@@ -179,3 +212,47 @@ def test_sampling_mapping(tiny_model_dir):
             p.prompt_logprobs, p.seed, p.include_stop_str_in_output, p.skip_special_tokens) == (
         2, 0, 5, 0.1, 1.2, ["z"], [3], True, 2, 9, 2, 2, 4, True, False)
     assert req.prompt_texts == ["a", "b"] and len(req.prompts) == 2
+
+
+def test_every_sampling_field_reaches_sampling_params(tiny_model_dir):
+    from minserve.protocol import ServingContext, parse_chat
+    from minserve.tokenizer import Tokenizer
+
+    ctx = ServingContext(Tokenizer.from_folder(tiny_model_dir), ["tiny"], 256, 512)
+    req = parse_chat({"messages": MSG, "temperature": 0.5, "top_p": 0.8, "n": 3, "seed": 9,
+                      "max_completion_tokens": 7, "max_tokens": 99, "stop": ["a", "b"],
+                      "presence_penalty": 0.5, "frequency_penalty": -0.5,
+                      "logit_bias": {"5": -100, "6": 2.5}, "logprobs": True, "top_logprobs": 4,
+                      "user": "u", "top_k": 3, "min_p": 0.2, "repetition_penalty": 1.1,
+                      "stop_token_ids": [7], "ignore_eos": True, "min_tokens": 1,
+                      "skip_special_tokens": False, "spaces_between_special_tokens": False,
+                      "include_stop_str_in_output": True, "stream": True,
+                      "stream_options": {"include_usage": True,
+                                         "continuous_usage_stats": True}}, ctx)
+    p = req.params
+    assert (p.temperature, p.top_p, p.n, p.seed, p.max_tokens, p.stop, p.presence_penalty,
+            p.frequency_penalty, p.logit_bias, p.logprobs, p.top_k, p.min_p,
+            p.repetition_penalty, p.stop_token_ids, p.ignore_eos, p.min_tokens,
+            p.skip_special_tokens, p.spaces_between_special_tokens,
+            p.include_stop_str_in_output) == (
+        0.5, 0.8, 3, 9, 7, ["a", "b"], 0.5, -0.5, {5: -100.0, 6: 2.5}, 4, 3, 0.2, 1.1, [7],
+        True, 1, False, False, True)
+    assert (req.stream, req.include_usage, req.continuous_usage, req.logprobs) == (
+        True, True, True, 4)
+    # chat without max_tokens leaves the length to the context (the engine caps it)
+    assert parse_chat({"messages": MSG}, ctx).params.max_tokens is None
+
+
+def test_completion_prompt_forms(tiny_model_dir):
+    from minserve.protocol import ServingContext, parse_completion
+    from minserve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(tiny_model_dir)
+    ctx = ServingContext(tok, ["tiny"], 256, 512)
+    ids = tok.encode("Hello world")
+    for prompt, want in (("Hello world", [ids]), (["Hello world", "Hi"], [ids, tok.encode("Hi")]),
+                         (ids, [ids]), ([ids, [5, 6]], [ids, [5, 6]])):
+        assert parse_completion({"prompt": prompt}, ctx).prompts == want
+    echo = parse_completion({"prompt": [ids, [5, 6]], "echo": True}, ctx)
+    assert echo.prompt_texts == [tok.decode(ids, skip_special_tokens=False),
+                                 tok.decode([5, 6], skip_special_tokens=False)]

@@ -6,8 +6,6 @@ import asyncio
 import threading
 import time
 
-import pytest
-
 from minserve.config import EngineConfig
 from minserve.server import ServerConfig, create_app
 from tests.asgi import call, lifespan
@@ -68,7 +66,8 @@ def test_routes(tiny_model_dir):
                  "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_bucket",
                  "vllm:inter_token_latency_seconds_bucket",
                  "vllm:e2e_request_latency_seconds_count", "vllm:request_success_total",
-                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total"):
+                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                 "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_sum"):
         assert name in text, name
     assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"} 1.0' in text
     assert 'vllm:generation_tokens_total{model_name="tiny"} 3.0' in text
@@ -210,21 +209,43 @@ def test_stop_strings(tiny_model_dir):
     assert ev[-2]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_disconnect_aborts_and_frees_blocks(tiny_model_dir):
+def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir):
+    """The abort reaches the engine before its next step, and that step frees the blocks."""
     async def fn(app):
         eng = app.engine.engine
+        usage = []  # KV-cache usage after each engine step, recorded on the engine thread
+        step = eng.step
+
+        def counting_step():
+            out = step()
+            usage.append(eng.kv_cache.usage)
+            return out
+        eng.step = counting_step
+        steps_at_abort = []
+        abort = app.engine.abort
+
+        def counting_abort(request_id):
+            steps_at_abort.append(len(usage))
+            abort(request_id)
+        app.engine.abort = counting_abort
         body = {"prompt": "Hello " * 40, "max_tokens": 300, "ignore_eos": True, "stream": True}
         r = await call(app, "POST", COMP, body, disconnect_after=3)
-        steps = 0
-        while app.engine.stats["kv_cache_usage"] > 0 or eng.has_unfinished_requests():
+        for _ in range(500):
+            if not eng.has_unfinished_requests():
+                break
             await asyncio.sleep(0.01)
-            steps += 1
-            assert steps < 500
-        return r, app.engine.stats, app.engine.num_in_flight
+        return (r, usage, steps_at_abort, app.engine.stats, app.engine.num_in_flight,
+                app.metrics.render().decode())
 
-    r, stats, in_flight = run(real_app(tiny_model_dir), fn)
+    r, usage, steps_at_abort, stats, in_flight, metrics = run(real_app(tiny_model_dir), fn)
     assert r.status == 200 and len(r.chunks) == 3 and not r.closed
+    k = steps_at_abort[0]  # steps completed when the server aborted the request
+    assert usage[k - 1] > 0, "the request held blocks when the client left"
+    # step k may already have been running; step k + 1 starts after the abort was taken in.
+    assert len(usage) <= k + 2 and usage[-1] == 0, (k, usage[-4:])
+    assert len(usage) < 300 // 2, "the request must not have run to completion"
     assert stats["kv_cache_usage"] == 0 and stats["num_running"] == 0 and in_flight == 0
+    assert 'vllm:request_success_total{finished_reason="abort",model_name="tiny"} 1.0' in metrics
 
 
 def test_disconnect_non_streaming(tiny_model_dir):
@@ -291,3 +312,115 @@ def test_graceful_shutdown_lets_requests_finish(tiny_model_dir):
 
     r = asyncio.run(main())
     assert r.status == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_unexpected_errors_are_openai_errors(tiny_model_dir, monkeypatch):
+    """A bug of ours is a 500 OpenAI error before the response starts, and one SSE error event
+    plus [DONE] after a stream started; the server keeps serving."""
+    from minserve import output
+
+    def broken_response(req, choices):
+        raise RuntimeError("boom in response")
+    chunk_choice, calls = output.chunk_choice, []
+
+    def broken_chunk_choice(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom in chunk")
+        return chunk_choice(*args, **kwargs)
+    monkeypatch.setattr(output, "response", broken_response)
+    monkeypatch.setattr(output, "chunk_choice", broken_chunk_choice)
+    app = make_fake_app(tiny_model_dir)
+
+    async def fn(app):
+        full = await call(app, "POST", CHAT, {"messages": MSG, "max_tokens": 5})
+        stream = await call(app, "POST", CHAT, {"messages": MSG, "max_tokens": 5,
+                                                "stream": True})
+        after = await call(app, "GET", "/v1/models")
+        return full, stream, after, app.engine.num_in_flight
+
+    full, stream, after, in_flight = run(app, fn)
+    err = full.json()["error"]
+    assert full.status == 500 and "boom in response" in err["message"]
+    assert err["type"] == "InternalServerError" and err["code"] == 500
+    ev = stream.events()
+    assert stream.status == 200 and stream.closed and ev[-1] == "[DONE]"
+    assert len(ev) == 4 and "boom in chunk" in ev[-2]["error"]["message"]
+    assert after.status == 200 and in_flight == 0
+
+
+def test_chat_echo_and_missing_chat_template(tiny_model_dir):
+    from minserve.tokenizer import Tokenizer
+    tok = Tokenizer.from_folder(tiny_model_dir)
+    convo = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure, "}]
+
+    async def echo(app):
+        return [await call(app, "POST", CHAT, {"messages": m, "max_tokens": 3, "echo": True,
+                                               **extra})
+                for m, extra in ((convo, {}), (convo[:1], {}),
+                                 (convo, {"continue_final_message": True}),
+                                 (convo, {"stream": True}))]
+
+    cont, user_last, continued, streamed = run(make_fake_app(tiny_model_dir), echo)
+    fake_text = FakeEngine(tok).script
+    generated = tok.decode(fake_text[:3])
+    assert cont.json()["choices"][0]["message"]["content"] == "Sure, " + generated
+    assert user_last.json()["choices"][0]["message"]["content"] == generated
+    assert continued.json()["choices"][0]["message"]["content"] == "Sure, " + generated
+    first = streamed.events()[0]["choices"][0]["delta"]
+    assert first == {"role": "assistant", "content": "Sure, "}
+
+    tok.chat_template = None
+    app = create_app(None, ServerConfig(["tiny"]), lambda _cfg: FakeEngine(tok))
+
+    async def no_template(app):
+        return (await call(app, "POST", CHAT, {"messages": MSG}),
+                await call(app, "POST", COMP, {"prompt": "Hi", "max_tokens": 2}))
+
+    chat, comp = run(app, no_template)
+    assert chat.status == 400 and "--chat-template" in chat.json()["error"]["message"]
+    assert comp.status == 200
+
+
+def test_shutdown_grace_expiry_ends_streams_with_an_error(tiny_model_dir):
+    """Past the grace period in-flight streams end with an error event and [DONE], not a hang;
+    requests arriving during shutdown get a 503."""
+    app = make_fake_app(tiny_model_dir, server={"shutdown_grace_s": 0.2}, step_delay=0.01,
+                        max_model_len=100000)
+
+    async def main():
+        async with lifespan(app):
+            task = asyncio.ensure_future(call(app, "POST", COMP, {
+                "prompt": "Hi", "max_tokens": 5000, "stream": True}))
+            await asyncio.sleep(0.05)
+        late = await call(app, "POST", COMP, {"prompt": "Hi"})
+        return await asyncio.wait_for(task, 10), late
+
+    r, late = asyncio.run(main())
+    ev = r.events()
+    assert r.status == 200 and r.closed and ev[-1] == "[DONE]"
+    assert "shutting down" in ev[-2]["error"]["message"]
+    assert late.status == 503
+
+
+def test_usage_reports_cached_prompt_tokens(tiny_model_dir):
+    """The second identical prompt hits the prefix cache: usage says how many tokens were reused,
+    streamed or not, and prompt tokens count once per prompt whatever n is."""
+    body = {"prompt": "The quick brown fox jumps over the lazy dog. " * 6, "max_tokens": 2,
+            "ignore_eos": True}
+
+    async def fn(app):
+        first = await call(app, "POST", COMP, body)
+        again = await call(app, "POST", COMP, {**body, "n": 2})
+        streamed = await call(app, "POST", COMP, {**body, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+        return first.json()["usage"], again.json()["usage"], streamed.events()[-2]["usage"]
+
+    first, again, streamed = run(real_app(tiny_model_dir), fn)
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    block = 16  # EngineConfig's default block size: whole blocks are reused
+    want_cached = first["prompt_tokens"] // block * block
+    for u in (again, streamed):
+        assert u["prompt_tokens"] == first["prompt_tokens"]
+        assert 0 < u["prompt_tokens_details"]["cached_tokens"] <= want_cached
+    assert again["completion_tokens"] == 4 and again["total_tokens"] == first["prompt_tokens"] + 4
