@@ -14,6 +14,8 @@ import sys
 
 from minserve import __version__
 from minserve.config import ConfigError, EngineConfig
+from minserve.reasoning import REASONING_PARSERS
+from minserve.tool_parsers.registry import TOOL_PARSERS
 
 logger = logging.getLogger("minserve")
 
@@ -97,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--trust-remote-code", action="store_true",
       help="accepted for vLLM compatibility; has no effect: minserve never runs code from a "
            "model repository")
+    a("--enable-auto-tool-choice", action="store_true",
+      help='allow tool_choice "auto" (needs --tool-call-parser); "required" and a named '
+           "function work without it")
+    a("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+      help="the model's tool-call format, for tool_choice \"auto\"")
+    a("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+      help="split the model's <think> text into reasoning_content")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
       help="must be 1 (tensor parallelism is not implemented yet)")
     return p
@@ -115,6 +124,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.model_tag and args.model and args.model_tag != args.model:
         parser.error(f"two models given: {args.model_tag!r} and --model {args.model!r}")
     args.model = args.model or args.model_tag
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser "
+                     f"({', '.join(sorted(TOOL_PARSERS))})")
     if args.tensor_parallel_size != 1:
         parser.error(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
                      "not implemented yet; minserve runs on one device (use 1)")
@@ -151,7 +163,9 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         root_path=args.root_path.rstrip("/"), max_body_bytes=args.max_request_body_bytes,
         shutdown_grace_s=args.shutdown_timeout,
         log_requests=args.enable_log_requests and not args.disable_log_requests,
-        model_root=args.model or DEFAULT_MODEL_NAME)
+        model_root=args.model or DEFAULT_MODEL_NAME,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -32,6 +32,9 @@ class ChoiceState:
         self.prompt_logprobs: list[Logprob | None] | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        # chat only: reasoning / tool-call parsers (each keeps this choice's streaming state)
+        self.reasoning, self.tools = req.make_parsers() if req.make_parsers else (None, None)
+        self.num_tool_calls = 0
 
     def update(self, out: RequestOutput) -> tuple[str, list[Logprob], bool]:
         """-> (new text, new logprobs, stop string hit). On a hit the caller aborts the sample."""
@@ -58,6 +61,58 @@ class ChoiceState:
             self.finish_reason = _FINISH[out.finish_reason]
             self.stop_reason = out.stop_reason
         return delta, lps, hit is not None
+
+    @property
+    def api_finish_reason(self) -> str | None:
+        """OpenAI reports "tool_calls" when the output ended (normally) in tool calls."""
+        if self.finish_reason == "stop" and self.num_tool_calls and self.tools.reports_tool_calls:
+            return "tool_calls"
+        return self.finish_reason
+
+    # ---- chat: text -> reasoning_content / content / tool_calls
+    def chat_message(self, prefix: str) -> dict[str, Any]:
+        """The whole message. Order as vLLM: reasoning split first, tool calls from the rest."""
+        text: str | None = self.text
+        msg: dict[str, Any] = {"role": "assistant"}
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning.extract(text)
+            msg["reasoning_content"] = msg["reasoning"] = reasoning
+        calls = []
+        if self.tools is not None:
+            text, calls = self.tools.extract(text or "")
+            self.num_tool_calls = len(calls)
+        content = (prefix + text) if text is not None else (prefix or None)
+        msg["content"] = content if content is not None or calls else ""
+        msg["tool_calls"] = [c.to_dict() for c in calls]
+        return msg
+
+    def chat_delta(self, text: str, finished: bool) -> dict[str, Any]:
+        """The streamed delta for new text; on the last one the parsers flush what they held."""
+        if self.reasoning is None and self.tools is None:
+            return {"content": text} if text else {}
+        out: dict[str, Any] = {}
+        content = text
+        if self.reasoning is not None:
+            parts = [self.reasoning.extract_streaming(text) if text else None,
+                     self.reasoning.finish() if finished else None]
+            content = "".join((d or {}).get("content", "") for d in parts)
+            thought = "".join((d or {}).get("reasoning_content", "") for d in parts)
+            if thought:
+                out["reasoning_content"] = out["reasoning"] = thought
+        if self.tools is None:
+            if content:
+                out["content"] = content
+            return out
+        parts = [self.tools.extract_streaming(content) if content else None,
+                 self.tools.finish() if finished else None]
+        content = "".join((d or {}).get("content") or "" for d in parts)
+        calls = [c for d in parts for c in (d or {}).get("tool_calls", [])]
+        if content:
+            out["content"] = content
+        if calls:
+            out["tool_calls"] = calls
+            self.num_tool_calls += sum(1 for c in calls if "id" in c)  # a call's first delta
+        return out
 
     # ---- logprobs in OpenAI's two shapes
     def _token(self, token_id: int) -> tuple[str, list[int]]:
@@ -125,8 +180,7 @@ def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]
     out = []
     for c in choices:
         if req.kind == "chat":
-            msg = {"role": "assistant", "content": echo_prefix(req, c) + c.text,
-                   "tool_calls": []}
+            msg = c.chat_message(echo_prefix(req, c))
             ch: dict[str, Any] = {"index": c.index, "message": msg, "logprobs": None}
             if req.logprobs is not None:
                 ch["logprobs"] = c.chat_logprobs(c.logprobs, req.logprobs)
@@ -143,7 +197,7 @@ def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]
                 else:
                     lp = c.completion_logprobs(c.logprobs, req.logprobs, 0)
                 ch["logprobs"] = lp
-        ch["finish_reason"] = c.finish_reason
+        ch["finish_reason"] = c.api_finish_reason
         ch["stop_reason"] = c.stop_reason
         out.append(ch)
     return {"id": req.request_id,
@@ -168,8 +222,8 @@ def chunk_choice(req: GenerateRequest, c: ChoiceState, text: str, lps: list[Logp
                  ) -> dict[str, Any]:
     """One choice's delta inside a streaming chunk."""
     if req.kind == "chat":
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if role else {
-            "content": text} if text or not finished else {}
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if role else \
+            c.chat_delta(text, finished)
         ch: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": None}
         if req.logprobs is not None and lps:
             ch["logprobs"] = c.chat_logprobs(lps, req.logprobs)
@@ -178,6 +232,6 @@ def chunk_choice(req: GenerateRequest, c: ChoiceState, text: str, lps: list[Logp
         if req.logprobs is not None and lps:
             offset = 0 if echo else len(echo_prefix(req, c)) + len(c.text) - len(text)
             ch["logprobs"] = c.completion_logprobs(lps, req.logprobs, offset)
-    ch["finish_reason"] = c.finish_reason if finished else None
+    ch["finish_reason"] = c.api_finish_reason if finished else None
     ch["stop_reason"] = c.stop_reason if finished else None
     return ch

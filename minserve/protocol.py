@@ -5,10 +5,21 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
 from minserve.sampling_params import SamplingParams
+from minserve.structured import StructuredOutputError, structured_from_request
+from minserve.tool_parsers.constrained import (
+    NamedToolCallParser,
+    RequiredToolCallParser,
+    ToolChoiceError,
+    named_tool,
+    tool_choice_spec,
+)
+from minserve.tool_parsers.registry import get_tool_parser
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -45,6 +56,12 @@ class ServingContext:
     max_model_len: int
     vocab_size: int
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    # Compiles a structured-output spec against the tokenizer (StructuredOutputError when it is
+    # invalid), so a bad schema is a 400 here and not a failure in the engine thread.
+    check_structured: Callable[[dict[str, Any]], None] | None = None
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 @dataclass
@@ -61,6 +78,8 @@ class GenerateRequest:
     echo: bool = False
     logprobs: int | None = None       # top alternatives per token; None = no logprobs
     created: int = field(default_factory=lambda: int(time.time()))
+    # chat: () -> (reasoning parser | None, tool parser | None), fresh per choice (they keep state)
+    make_parsers: Callable[[], tuple[Any, Any]] | None = None
 
 
 # ---------------------------------------------------------------- typed field readers
@@ -147,55 +166,28 @@ def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
 
 
 def _structured(body: dict) -> dict[str, Any] | None:
-    """The structured-output seam: fills SamplingParams.structured (compiled by the engine's
-    structured-output module). One constraint per request."""
-    found: list[tuple[str, dict[str, Any]]] = []
-    rf = body.get("response_format")
-    if rf is not None:
-        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
-            raise _bad("response_format", "must be an object with a `type`")
-        if rf["type"] == "json_object":
-            found.append(("response_format", {"json_object": True}))
-        elif rf["type"] == "json_schema":
-            js = rf.get("json_schema")
-            schema = js.get("schema") if isinstance(js, dict) else None
-            if not isinstance(schema, dict):
-                raise _bad("response_format", "json_schema.schema must be an object")
-            found.append(("response_format", {"json": schema}))
-        elif rf["type"] != "text":
-            raise _bad("response_format", f"unsupported type {rf['type']!r}")
-    so = body.get("structured_outputs")
-    if so is not None:
-        if not isinstance(so, dict):
-            raise _bad("structured_outputs", "must be an object")
-        for key in ("json", "regex", "choice", "grammar"):
-            if so.get(key) is not None:
-                found.append(("structured_outputs", {key: so[key]}))
-    for key, name in (("guided_json", "json"), ("guided_regex", "regex"),
-                      ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+    """Every spelling of a structured-output constraint (structured.py reads them all)."""
+    try:
+        return structured_from_request(body)
+    except StructuredOutputError as e:
+        raise OpenAIError(400, str(e), param=_structured_param(body)) from None
+
+
+def _structured_param(body: dict) -> str:
+    for key in ("response_format", "structured_outputs", "guided_json", "guided_regex",
+                "guided_choice", "guided_grammar", "guided_whitespace_pattern"):
         if body.get(key) is not None:
-            found.append((key, {name: body[key]}))
-    if not found:
-        return None
-    if len(found) > 1:
-        raise _bad(found[1][0], "only one structured-output constraint per request "
-                   f"(got {', '.join(p for p, _ in found)})")
-    param, spec = found[0]
-    kind, value = next(iter(spec.items()))
-    if kind == "json" and isinstance(value, str):
-        import json
-        try:
-            spec = {"json": json.loads(value)}
-        except ValueError:
-            raise _bad(param, "is not valid JSON") from None
-    elif kind == "choice" and (not isinstance(value, list) or not value
-                               or not all(isinstance(c, str) for c in value)):
-        raise _bad(param, "must be a non-empty list of strings")
-    elif kind in ("regex", "grammar") and not isinstance(value, str):
-        raise _bad(param, "must be a string")
-    elif kind == "json" and not isinstance(value, (dict, bool)):
-        raise _bad(param, "must be a JSON schema object")
-    return spec
+            return key
+    return "response_format"
+
+
+def _check_structured(ctx: ServingContext, spec: dict[str, Any] | None, param: str) -> None:
+    if spec is None or ctx.check_structured is None:
+        return
+    try:
+        ctx.check_structured(spec)
+    except StructuredOutputError as e:
+        raise OpenAIError(400, f"{param}: {e}", param=param) from None
 
 
 def _sampling(body: dict, ctx: ServingContext, max_tokens_default: int | None,
@@ -341,15 +333,11 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise _bad("chat_template_kwargs", "must be an object")
-    tools = body.get("tools")
-    if tools is not None and (not isinstance(tools, list)
-                              or not all(isinstance(t, dict) for t in tools)):
-        raise _bad("tools", "must be a list of tool objects")
-    tool_choice = body.get("tool_choice")
-    if tool_choice not in (None, "none", "auto"):
-        raise _bad("tool_choice", "only \"none\" and \"auto\" are supported")
     params = _sampling(body, ctx, None, ("max_completion_tokens", "max_tokens"))
     params.logprobs = (top or 0) if want_logprobs else None
+    tools, make_tool_parser = _tools(body, ctx, params)
+    forced = make_tool_parser is _required_parser or isinstance(make_tool_parser, _NamedParser)
+    _check_structured(ctx, params.structured, "tool_choice" if forced else _structured_param(body))
     tok = ctx.tokenizer
     if not getattr(tok, "chat_template", None):
         raise OpenAIError(400, "this model has no chat template; pass one with --chat-template "
@@ -359,8 +347,16 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
                                        continue_final_message=cont, tools=tools,
                                        chat_template_kwargs=kwargs)
     except (ValueError, TypeError, KeyError) as e:  # ChatTemplateError is a ValueError
-        raise OpenAIError(400, f"chat template error: {e}", param="messages") from None
+        param = getattr(e, "param", None) or "messages"
+        msg = str(e) if str(e).startswith("chat template") else f"chat template error: {e}"
+        raise OpenAIError(400, msg, param=param) from None
     prompt = tok.encode(text, add_special_tokens=False)
+    reasoning_cls = get_reasoning_parser(ctx.reasoning_parser) if ctx.reasoning_parser else None
+    opens = reasoning_cls is not None and prompt_opens_reasoning(text)
+
+    def make_parsers() -> tuple[Any, Any]:
+        return (reasoning_cls(start_in_reasoning=opens) if reasoning_cls else None,
+                make_tool_parser() if make_tool_parser else None)
     _check_length(ctx, prompt, params, "messages")
     echo = _bool(body, "echo", False)
     # vLLM echoes the last message only when it has the response's role: "assistant" with a
@@ -369,7 +365,69 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     echoed = last["content"] if echo and (not add_gen or last["role"] == "assistant") else None
     return GenerateRequest("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [prompt],
                            [echoed], params, stream, include_usage, continuous, echo,
-                           params.logprobs)
+                           params.logprobs,
+                           make_parsers=make_parsers if reasoning_cls or make_tool_parser
+                           else None)
+
+
+# ---------------------------------------------------------------- tools
+def _required_parser() -> RequiredToolCallParser:
+    return RequiredToolCallParser()
+
+
+class _NamedParser:
+    """Makes a NamedToolCallParser per choice (parsers keep per-stream state)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self) -> NamedToolCallParser:
+        return NamedToolCallParser(self.name)
+
+
+def _tools(body: dict, ctx: ServingContext, params: SamplingParams
+           ) -> tuple[list[dict] | None, Callable[[], Any] | None]:
+    """tools + tool_choice as vLLM does them -> (tools for the template, parser factory).
+    "required" and a named function constrain the output (params.structured) on any model;
+    "auto" parses the model's own call format and needs --enable-auto-tool-choice."""
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list)
+                              or not all(isinstance(t, dict) for t in tools)):
+        raise _bad("tools", "must be a list of tool objects")
+    tools = tools or None
+    choice = body.get("tool_choice")
+    parallel = _bool(body, "parallel_tool_calls", True)
+    if choice is not None and choice != "none" and tools is None:
+        raise _bad("tool_choice", "is only allowed when `tools` are given")
+    if choice is None:  # OpenAI's default is "auto" with tools; vLLM: "none" unless enabled
+        choice = "auto" if tools and ctx.enable_auto_tool_choice else "none"
+    if choice == "none" or tools is None:
+        return tools, None
+    if choice == "auto":
+        if not (ctx.enable_auto_tool_choice and ctx.tool_call_parser):
+            raise _bad("tool_choice", '"auto" tool choice requires --enable-auto-tool-choice '
+                       "and --tool-call-parser to be set")
+        parser_cls = get_tool_parser(ctx.tool_call_parser)
+        if parser_cls.needs_special_tokens:  # the call markers are special tokens
+            params.skip_special_tokens = False
+        return tools, lambda: parser_cls(tools)
+    try:
+        spec = tool_choice_spec(choice, tools, parallel)
+        name = named_tool(choice)
+    except ToolChoiceError as e:
+        raise _bad("tool_choice", str(e)) from None
+    if params.structured is not None:
+        raise _bad("tool_choice", f"{choice!r} tool choice cannot be combined with "
+                   f"{_structured_param(body)}")
+    # The whitespace options of structured outputs apply to the calls' JSON as well.
+    so = body.get("structured_outputs")
+    if isinstance(so, dict) and so.get("disable_any_whitespace"):
+        spec["any_whitespace"] = False
+    ws = body.get("guided_whitespace_pattern")
+    if isinstance(ws, str):
+        spec["whitespace_pattern"] = ws
+    params.structured = spec
+    return tools, (_NamedParser(name) if name is not None else _required_parser)
 
 
 # ---------------------------------------------------------------- completions
@@ -403,6 +461,7 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
         raise _bad("n", f"prompts x n must be <= {MAX_N}")
     for ids in prompts:
         _check_length(ctx, ids, params, "prompt")
+    _check_structured(ctx, params.structured, _structured_param(body))
     if echo:
         texts = [t if t is not None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
                  for t, ids in zip(texts, prompts, strict=True)]

@@ -46,6 +46,9 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0
     log_requests: bool = False
     model_root: str | None = None   # what /v1/models reports as `root`
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 @dataclass
@@ -127,8 +130,19 @@ class App:
             self._ctx = ServingContext(
                 tokenizer=eng.tokenizer, model_names=self.cfg.served_model_names,
                 max_model_len=eng.max_model_len, vocab_size=eng.model_config.vocab_size,
-                generation_defaults=dict(getattr(eng, "generation_defaults", None) or {}))
+                generation_defaults=dict(getattr(eng, "generation_defaults", None) or {}),
+                check_structured=self._check_structured,
+                enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
+                tool_call_parser=self.cfg.tool_call_parser,
+                reasoning_parser=self.cfg.reasoning_parser)
         return self._ctx
+
+    def _check_structured(self, spec: dict[str, Any]) -> None:
+        # The engine compiles the same spec again; structured.compile caches it, so this is the
+        # one real compile, done here where a bad grammar can still be a 400.
+        from minserve import structured  # imports torch lazily only for the bitmask helpers
+        eng = self.engine.engine
+        structured.compile(spec, eng.tokenizer, vocab_size=eng.model_config.vocab_size)
 
     def _cors(self, headers: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
         origin = headers.get(b"origin")
@@ -321,9 +335,11 @@ class App:
             async for out in stream:
                 c, text, lps, finished = await self._consume(out, stream, choices, tracker)
                 if text or lps or finished:
+                    ch = output.chunk_choice(req, c, text, lps, finished=finished)
+                    if req.kind == "chat" and not (ch["delta"] or lps or finished):
+                        continue  # the reasoning/tool parsers hold this text back for now
                     u = output.usage(choices, num_prompts, n) if continuous else None
-                    await send(_sse(output.chunk(
-                        req, [output.chunk_choice(req, c, text, lps, finished=finished)], u)))
+                    await send(_sse(output.chunk(req, [ch], u)))
             if req.include_usage:
                 await send(_sse(output.chunk(req, [], output.usage(choices, num_prompts, n))))
             self._finish(req, choices, tracker)

@@ -68,6 +68,8 @@ class ToolParser:
     # The markers are special tokens in some vocabularies: the server must detokenize with
     # skip_special_tokens=False for these parsers (as vLLM's adjust_request does).
     needs_special_tokens: ClassVar[bool] = False
+    # finish_reason "tool_calls" when calls were made (OpenAI says "stop" for a forced function)
+    reports_tool_calls: ClassVar[bool] = True
 
     def __init__(self, tools: list[dict[str, Any]] | None = None) -> None:
         self.tools = tools or []

@@ -112,6 +112,8 @@ class NamedToolCallParser:
     """Reads the constrained output of a named tool_choice: the text is the arguments. Streams
     the header first, then each text delta as an argument fragment (OpenAI's own shape)."""
 
+    reports_tool_calls = False  # OpenAI ends a forced function call with "stop"
+
     def __init__(self, function_name: str) -> None:
         self.function_name = function_name
         self._started = False
