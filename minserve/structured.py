@@ -315,7 +315,8 @@ def fill_bitmasks(constraints: list[StructuredConstraint | None], bitmask: torch
     for i, c in enumerate(constraints):
         if c is None:
             bitmask[i].fill_(-1)
-        elif (len(constraints) > 1 and c.num_words == bitmask.shape[1]
+        elif (isinstance(c, StructuredConstraint) and len(constraints) > 1
+              and c.num_words == bitmask.shape[1]
               and not c.matcher.is_error()):
             fast.append((c.matcher, i))
         else:

@@ -107,7 +107,9 @@ class SamplingTensors:
                     brows.append(i)
                     bcols.append(int(tok))
                     bvals.append(float(val))
-            if r.num_output_tokens < sp.min_tokens:
+            # A constrained request's grammar decides when it may end: banning EOS there could
+            # leave no allowed token at all, so min_tokens does not apply to it.
+            if r.num_output_tokens < sp.min_tokens and r.structured is None:
                 banned = set(sp.stop_token_ids)
                 if not sp.ignore_eos:
                     banned |= r.eos_token_ids
@@ -117,11 +119,10 @@ class SamplingTensors:
 
         bitmask = None
         if any(r.structured is not None for r in requests):
-            host = torch.full((R, (vocab_size + 31) // 32), -1, dtype=torch.int32)
-            for i, r in enumerate(requests):
-                if r.structured is not None:
-                    r.structured.fill_bitmask(host, i)
-            bitmask = host.to(device, non_blocking=False)
+            from minserve.structured import allocate_bitmask, fill_bitmasks
+            host = allocate_bitmask(R, vocab_size)  # pinned on CUDA
+            fill_bitmasks([r.structured for r in requests], host)  # rows in parallel, no GIL
+            bitmask = host.to(device, non_blocking=True)
 
         logprob_rows = [i for i, sp in enumerate(sps) if sp.logprobs is not None]
         return cls(
