@@ -1,14 +1,15 @@
-"""Embeddings throughput (inputs/s, tokens/s) at batch 1, 32 and 256: minserve's Embedder, its
-EmbeddingService under 32 concurrent single-input callers, an optional running server over HTTP
-(--url), and sentence-transformers' encode() on the same inputs, in one process.
+"""Embeddings throughput (inputs/s, tokens/s) at batch 1, 32 and 256 on the same inputs:
+transformers' BertModel + mean pooling (the reference), minserve's Embedder, sentence-transformers'
+encode() when installed, the EmbeddingService under 32 concurrent 1-input callers, and with --http
+a `python -m minserve serve MODEL --task embed` process over HTTP.
 
-    python bench/embed.py [--model all-minilm-l6-v2] [--threads N] [--url http://host:8000]
-                          [--install-st]
+    python bench/embed.py [--model all-minilm-l6-v2] [--threads N] [--http | --url URL]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import subprocess
 import sys
@@ -66,36 +67,77 @@ def service_seconds_per_input(embedder, inputs: list[str], concurrency: int) -> 
 
 def http_seconds_per_input(url: str, model: str, inputs: list[str], batch: int,
                            concurrency: int) -> float:
-    import httpx
+    """Through the official openai SDK (AsyncOpenAI; base64 vectors, decoded by the SDK)."""
+    import openai
 
     async def run() -> float:
         sem = asyncio.Semaphore(concurrency)
-        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-            async def one(chunk: list[str]) -> None:
-                async with sem:
-                    r = await client.post("/v1/embeddings", json={"model": model, "input": chunk})
-                    r.raise_for_status()
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
+                                    timeout=600)
 
-            chunks = [inputs[i:i + batch] for i in range(0, len(inputs), batch)]
-            await asyncio.gather(*(one(c) for c in chunks[:concurrency]))  # warm-up
-            t0 = time.perf_counter()
-            await asyncio.gather(*(one(c) for c in chunks))
-            return (time.perf_counter() - t0) / len(inputs)
+        async def one(chunk: list[str]) -> None:
+            async with sem:
+                await client.embeddings.create(model=model, input=chunk)
+
+        chunks = [inputs[i:i + batch] for i in range(0, len(inputs), batch)]
+        await asyncio.gather(*(one(c) for c in chunks[:concurrency]))  # warm-up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(c) for c in chunks))
+        elapsed = (time.perf_counter() - t0) / len(inputs)
+        await client.close()
+        return elapsed
 
     return asyncio.run(run())
 
 
-def load_sentence_transformers(folder: str, install: bool):
+def load_sentence_transformers(folder: str):
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        if not install:
-            print("sentence-transformers is not installed: its column is skipped "
-                  "(pass --install-st to pip install it; torch is left as it is)", file=sys.stderr)
-            return None
-        subprocess.run([sys.executable, "-m", "pip", "install", "sentence-transformers"], check=True)
-        from sentence_transformers import SentenceTransformer
+        print("sentence-transformers is not installed: its column is skipped", file=sys.stderr)
+        return None
     return SentenceTransformer(folder, device="cpu")
+
+
+def transformers_reference(folder: str):
+    """transformers' BertModel + mean pooling + L2 normalization (what sentence-transformers runs
+    for this model), one padded batch per call: the reference column, same inputs."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def encode(texts: list[str]):
+        batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    return encode
+
+
+def start_server(model: str, threads: int | None) -> tuple[subprocess.Popen, str]:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    proc = subprocess.Popen([sys.executable, "-m", "minserve", "serve", model, "--task", "embed",
+                             "--port", str(port), "--log-level", "warning"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become healthy")
 
 
 def main() -> None:
@@ -104,8 +146,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--num-inputs", type=int, default=512)
     ap.add_argument("--seconds", type=float, default=3.0, help="minimum time per measurement")
-    ap.add_argument("--url", default=None, help="also measure a running minserve over HTTP")
-    ap.add_argument("--install-st", action="store_true")
+    ap.add_argument("--http", action="store_true",
+                    help="also start `python -m minserve serve MODEL --task embed` and measure it")
+    ap.add_argument("--url", default=None, help="measure an already running minserve over HTTP")
     args = ap.parse_args()
 
     import torch
@@ -118,30 +161,46 @@ def main() -> None:
     inputs = make_inputs(args.num_inputs)
     num_tokens = sum(len(t) for t in emb.tokenize(inputs, truncate_prompt_tokens=-1))
     tokens_per_input = num_tokens / len(inputs)
-    st = load_sentence_transformers(emb.model_path, args.install_st)
+    ref = transformers_reference(emb.model_path)
+    st = load_sentence_transformers(emb.model_path)
     print(f"# {args.model}, {len(inputs)} inputs, {tokens_per_input:.1f} tokens/input on average, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = []
+    print("| path | inputs per call | inputs/s | tokens/s | vs transformers |")
+    print("|---|---:|---:|---:|---:|", flush=True)
+    reference: dict[int, float] = {}
+
+    def report(name: str, batch: int, spi: float) -> None:
+        """One table row as soon as it is measured (spi: seconds per input)."""
+        if name.startswith("transformers"):
+            reference[batch] = spi
+        print(f"| {name} | {batch} | {1 / spi:,.1f} | {tokens_per_input / spi:,.0f} | "
+              f"{reference[batch] / spi:.2f}x |", flush=True)
+
     for batch in (1, 32, 256):
-        ours = timed(lambda xs: emb.embed(xs, truncate_prompt_tokens=-1), inputs, batch,
-                     args.seconds)
-        theirs = None
+        report("transformers BertModel + mean pool (reference)", batch,
+               timed(ref, inputs, batch, args.seconds))
+        report("minserve Embedder.embed", batch,
+               timed(lambda xs: emb.embed(xs, truncate_prompt_tokens=-1), inputs, batch,
+                     args.seconds))
         if st is not None:
-            theirs = timed(lambda xs, b=batch: st.encode(xs, batch_size=b, convert_to_numpy=True),
-                           inputs, batch, args.seconds)
-        rows.append((f"minserve Embedder.embed, batch {batch}", ours))
-        if theirs is not None:
-            rows.append((f"sentence-transformers encode, batch_size {batch}", theirs))
-    rows.append(("minserve EmbeddingService, 32 concurrent 1-input calls",
-                 service_seconds_per_input(emb, inputs, 32)))
-    if args.url:
-        for batch in (1, 32):
-            rows.append((f"HTTP /v1/embeddings, {batch} input(s)/request, 32 concurrent",
-                         http_seconds_per_input(args.url, args.model, inputs, batch, 32)))
-    print("| path | inputs/s | tokens/s |")
-    print("|---|---:|---:|")
-    for name, spi in rows:
-        print(f"| {name} | {1 / spi:,.1f} | {tokens_per_input / spi:,.0f} |")
+            report("sentence-transformers encode", batch, timed(
+                lambda xs, b=batch: st.encode(xs, batch_size=b, convert_to_numpy=True),
+                inputs, batch, args.seconds))
+    report("minserve EmbeddingService, 32 concurrent 1-input calls", 1,
+           service_seconds_per_input(emb, inputs, 32))
+    proc, url = (None, args.url)
+    if args.http and url is None:
+        proc, url = start_server(args.model, args.threads)
+    try:
+        if url:
+            for batch in (1, 32, 256):
+                concurrency = 32 if batch == 1 else 2
+                report(f"HTTP /v1/embeddings (openai SDK), {concurrency} concurrent clients",
+                       batch, http_seconds_per_input(url, args.model, inputs, batch, concurrency))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,34 @@ random of length U[100, 1024], max_tokens U[100, 1024], ignore_eos, temperature 
 output tokens per second over wall time. Run small on CPU, full size on a GPU:
 
     python bench/offline.py --num-requests 16 --max-input-len 128 --max-output-len 64
-    python bench/offline.py --model Qwen/Qwen3-0.6B --load-format dummy        # GPU
+    python bench/offline.py --model bench/configs/qwen3-0.6b --load-format dummy   # GPU
+    python bench/offline.py --model bench/configs/llama-3-8b --load-format dummy   # GPU
+
+bench/configs/* hold only config.json (the real models' shapes, random weights). Prompts are
+token ids and every request ignores EOS, so the tokenizer only detokenizes the output: without
+a tokenizer.json (and no --tokenizer) a 256-token byte-level one stands in; ids outside its
+vocab decode to nothing, which keeps detokenization's host cost in the figure.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 from random import randint, seed
+
+
+def byte_level_tokenizer(folder: str) -> str:
+    """Write a byte-level BPE tokenizer with no merges (256 tokens) into `folder`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    return folder
 
 
 def main() -> None:
@@ -22,6 +42,7 @@ def main() -> None:
     ap.add_argument("--min-output-len", type=int, default=100)
     ap.add_argument("--max-output-len", type=int, default=1024)
     ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -32,7 +53,12 @@ def main() -> None:
 
     from minserve import LLM, SamplingParams
 
-    llm = LLM(args.model, load_format=args.load_format, max_model_len=args.max_model_len,
+    tokenizer = args.tokenizer
+    if (tokenizer is None and args.load_format == "dummy" and args.model
+            and not os.path.isfile(os.path.join(args.model, "tokenizer.json"))):
+        tokenizer = byte_level_tokenizer(tempfile.mkdtemp(prefix="minserve-bench-tok-"))
+    llm = LLM(args.model, tokenizer=tokenizer, load_format=args.load_format,
+              max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory=args.kv_cache_memory, dtype=args.dtype,
               enforce_eager=args.enforce_eager)
@@ -47,7 +73,7 @@ def main() -> None:
                              max_tokens=randint(min_out, args.max_output_len))
               for _ in range(args.num_requests)]
 
-    llm.generate(["Benchmark: "], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
+    llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t

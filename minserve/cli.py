@@ -14,6 +14,7 @@ import sys
 
 from minserve import __version__
 from minserve.config import ConfigError, EngineConfig
+from minserve.embedding_models import DEFAULT_EMBEDDING_MODEL, resolve_task
 from minserve.reasoning import REASONING_PARSERS
 from minserve.tool_parsers.registry import TOOL_PARSERS
 
@@ -108,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
       help="split the model's <think> text into reasoning_content")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
       help="must be 1 (tensor parallelism is not implemented yet)")
+    a("--task", default="auto", choices=["auto", "generate", "embed", "embedding"],
+      help="embed: serve MODEL as an embedding model on /v1/embeddings (auto: from its "
+           "architecture)")
+    a("--runner", default="auto", choices=["auto", "generate", "pooling"],
+      help="vLLM's newer spelling of --task: pooling = embed")
+    a("--embedding-model", default=None,
+      help="also serve this embedding model (a folder, or all-minilm-l6-v2, fetched once) on "
+           "/v1/embeddings next to the chat model")
     return p
 
 
@@ -135,6 +144,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         parser.error("--ssl-keyfile and --ssl-certfile go together")
     try:
+        args.task = resolve_task(args.task, args.runner, args.model, args.embedding_model)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.task == "embed":
+        args.model = args.model or DEFAULT_EMBEDDING_MODEL
+    try:
         args.engine_config = engine_config(args)
     except ConfigError as e:
         parser.error(str(e))
@@ -157,8 +172,11 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
     from minserve.server import ServerConfig
 
     key = args.api_key or next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
+    names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
+    embed_only = args.task == "embed"
     return ServerConfig(
-        served_model_names=args.served_model_name or [args.model or DEFAULT_MODEL_NAME],
+        served_model_names=[] if embed_only else names,
+        embedding_model_names=names if embed_only else [m for m in [args.embedding_model] if m],
         api_keys=[key] if key else [], allowed_origins=args.allowed_origins,
         root_path=args.root_path.rstrip("/"), max_body_bytes=args.max_request_body_bytes,
         shutdown_grace_s=args.shutdown_timeout,
@@ -173,9 +191,11 @@ async def serve(args: argparse.Namespace) -> int:
     from granian.log import LogLevels
     from granian.server.embed import Server
 
+    from minserve.embedding_service import service_from_cli
     from minserve.server import create_app
 
-    app = create_app(args.engine_config, server_config(args))
+    app = create_app(None if args.task == "embed" else args.engine_config, server_config(args),
+                     embedding=service_from_cli(args))
     scheme = "https" if args.ssl_certfile else "http"
     url = f"{scheme}://{args.host}:{args.port}{args.root_path.rstrip('/')}/v1"
     server = Server(app, address=args.host, port=args.port, interface=Interfaces.ASGI,
@@ -192,14 +212,18 @@ async def serve(args: argparse.Namespace) -> int:
                     stats.get("num_kv_tokens", "?"))
         logger.info("ready: OpenAI API at %s (model %r)", url, app.model_name)
 
-    def on_dead(reason: str) -> None:
+    def on_dead(reason: str, force: bool = False) -> None:
         nonlocal exit_code
-        if not app.engine.is_ready:  # the model never loaded: nothing to serve, exit non-zero
+        # the model never loaded: nothing to serve, exit non-zero
+        if force or not app.engine.is_ready:
             logger.error("engine failed to start: %s", reason)
             exit_code = 1
             server.stop()
 
     app.engine.on_ready, app.engine.on_dead = on_ready, on_dead
+    if app.embedding is not None and app.embedding is not app.engine:
+        # the embedding model failing to load ends the server too (chat alone was not asked for)
+        app.embedding.on_dead = lambda reason: on_dead(f"embedding model: {reason}", force=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.stop)

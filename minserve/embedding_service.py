@@ -5,11 +5,14 @@ requests become a few forwards, not 32. Imports no torch at module level (server
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+logger = logging.getLogger("minserve.embeddings")
 MAX_ROUND_INPUTS = 4096  # inputs taken into one round; the rest wait for the next
 
 
@@ -33,24 +36,50 @@ def _resolve(fut: asyncio.Future, result: Any = None, error: BaseException | Non
 
 
 class EmbeddingService:
-    """service = EmbeddingService.create("all-minilm-l6-v2"); service.start();
-    vectors, num_prompt_tokens = await service.embed(["a", "b"], dimensions=None)."""
+    """service = EmbeddingService.lazy("all-minilm-l6-v2"); service.start();
+    vectors, num_prompt_tokens = await service.embed(["a", "b"], dimensions=None).
 
-    def __init__(self, embedder: Any) -> None:
+    It has AsyncEngine's lifecycle surface (start, shutdown, is_ready, is_healthy, dead_reason,
+    stats, on_ready/on_dead, engine), so server.py can run it next to the chat engine or alone."""
+
+    def __init__(self, embedder: Any = None, loader: Any = None) -> None:
         self.embedder = embedder
+        self._loader = loader     # () -> Embedder, run in the worker thread (model load)
         self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.num_rounds = 0       # forwards rounds run; < requests when batching works
         self.num_requests = 0
-        self.healthy = True
+        self.num_in_flight = 0
+        self.is_ready = embedder is not None
+        self.is_healthy = True
+        self.dead_reason: str | None = None
+        self.on_ready: Any = None
+        self.on_dead: Any = None
 
     @classmethod
     def create(cls, model: str, **embedder_kwargs: Any) -> EmbeddingService:
-        """Load the model (blocking: call it from a thread in lifespan startup)."""
+        """Load the model now (blocking)."""
         from minserve.embedder import Embedder
         return cls(Embedder(model, **embedder_kwargs))
 
-    # Facts the server needs for /v1/models, validation and usage.
+    @classmethod
+    def lazy(cls, model: str, **embedder_kwargs: Any) -> EmbeddingService:
+        """Load the model in the worker thread once start() is called (the server's lifespan)."""
+        def load() -> Any:
+            from minserve.embedder import Embedder
+            return Embedder(model, **embedder_kwargs)
+        return cls(None, load)
+
+    # Facts the server needs for /v1/models, validation, usage and its startup log.
+    @property
+    def engine(self) -> Any:
+        return self.embedder
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {"num_running": self.num_in_flight, "num_waiting": 0}
+
     @property
     def model_name(self) -> str:
         return self.embedder.model_name
@@ -65,6 +94,10 @@ class EmbeddingService:
 
     def start(self) -> None:
         if self._thread is None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._loop = None
             self._thread = threading.Thread(target=self._run, name="minserve-embed", daemon=True)
             self._thread.start()
 
@@ -74,6 +107,23 @@ class EmbeddingService:
             self._thread.join(timeout)
             self._thread = None
 
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        t0 = time.monotonic()
+        while not self.is_ready:
+            if not self.is_healthy:
+                raise RuntimeError(self.dead_reason or "embedding model failed to load")
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                raise TimeoutError("embedding model not ready")
+            await asyncio.sleep(0.05)
+
+    async def shutdown(self, grace_s: float = 30.0) -> None:
+        """Let in-flight calls finish (they take one forward round each), then stop the thread."""
+        t0 = time.monotonic()
+        while self.num_in_flight and self.is_healthy and time.monotonic() - t0 < grace_s:
+            await asyncio.sleep(0.05)
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
+        self.is_ready = False
+
     async def embed(self, inputs: list[Any], truncate_prompt_tokens: int | None = None,
                     dimensions: int | None = None) -> tuple[list[Any], int]:
         """-> (float32 numpy vectors in input order, num_prompt_tokens). User errors raise
@@ -82,12 +132,45 @@ class EmbeddingService:
             raise RuntimeError("EmbeddingService.start() was not called")
         loop = asyncio.get_running_loop()
         job = _Job(list(inputs), truncate_prompt_tokens, dimensions, loop, loop.create_future())
-        self._inbox.put(job)
-        return await job.future
+        self.num_in_flight += 1
+        try:
+            self._inbox.put(job)
+            return await job.future
+        finally:
+            self.num_in_flight -= 1
+
+    def _on_loop(self, fn: Any, *args: Any) -> None:
+        """Run a lifecycle callback on the server's loop (or here, without one or once closed)."""
+        try:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(fn, *args)
+                return
+        except RuntimeError:  # the loop is closed (process exit)
+            pass
+        fn(*args)
+
+    def _became_ready(self) -> None:
+        self.is_ready = True
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def _died(self, reason: str) -> None:
+        self.is_healthy, self.dead_reason = False, reason
+        if self.on_dead is not None:
+            self.on_dead(reason)
 
     # ------------------------------------------------------------------ worker thread
 
     def _run(self) -> None:
+        if self.embedder is None:
+            try:
+                self.embedder = self._loader()
+            except Exception as e:  # noqa: BLE001 - a bad model or config: report, never hang
+                logger.exception("embedding model failed to load")
+                reason = f"{type(e).__name__}: {e}"
+                self._on_loop(self._died, reason)
+                return
+            self._on_loop(self._became_ready)
         while True:
             job = self._inbox.get()
             if job is None:
@@ -135,6 +218,21 @@ class EmbeddingService:
                 num_tokens = sum(len(t) for t in job.token_lists)
                 job.loop.call_soon_threadsafe(_resolve, job.future, (vectors, num_tokens))
         except Exception as e:  # noqa: BLE001 (an engine fault: fail this round's requests, keep serving)
-            self.healthy = False
+            logger.exception("embedding forward failed")
+            self.is_healthy, self.dead_reason = False, f"{type(e).__name__}: {e}"
             for job in ready:
                 job.loop.call_soon_threadsafe(_resolve, job.future, None, e)
+
+
+def service_from_cli(args: Any) -> EmbeddingService | None:
+    """The EmbeddingService `python -m minserve` runs: MODEL itself with --task embed, else
+    --embedding-model next to the chat model; None when neither. Loads on start()."""
+    if args.task == "embed":
+        model, names, max_len = args.model, args.served_model_name, args.max_model_len
+    elif args.embedding_model:
+        model, names, max_len = args.embedding_model, None, None
+    else:
+        return None
+    return EmbeddingService.lazy(model, dtype=args.dtype, device=args.device,
+                                 max_model_len=max_len,
+                                 served_model_name=(names or [model])[0])

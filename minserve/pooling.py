@@ -53,7 +53,8 @@ def _read_json(path: str) -> Any:
 
 def _st_pooling_mode(cfg: dict[str, Any], path: str) -> str:
     if isinstance(cfg.get("pooling_mode"), str):      # newer single-key spelling
-        mode = {"mean_tokens": "mean", "cls_token": "cls"}.get(cfg["pooling_mode"], cfg["pooling_mode"])
+        spelled = cfg["pooling_mode"]
+        mode = {"mean_tokens": "mean", "cls_token": "cls"}.get(spelled, spelled)
         modes = [mode]
     else:
         modes = [_ST_FLAGS[k] for k in _ST_FLAGS if cfg.get(k)]
@@ -94,7 +95,8 @@ def load_pooling_config(
                          max_seq_length=max_seq_length, source=source)
 
 
-def check_dimensions(dimensions: int | None, full_dim: int, cfg: PoolingConfig, model_name: str) -> None:
+def check_dimensions(dimensions: int | None, full_dim: int, cfg: PoolingConfig,
+                     model_name: str) -> None:
     """Raise EmbeddingsRequestError (400) when `dimensions` breaks the rule in the module doc."""
     if dimensions is None or dimensions == full_dim:
         return

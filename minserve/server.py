@@ -15,6 +15,15 @@ from typing import Any
 import orjson
 
 from minserve import __version__, output
+from minserve.embedding_routes import (
+    all_model_names,
+    check_chat_route,
+    embeddings,
+    model_max_len,
+    no_chat_model_error,
+    serves_chat,
+    services,
+)
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from minserve.metrics import Metrics, RequestTracker
@@ -49,6 +58,7 @@ class ServerConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    embedding_model_names: list[str] = field(default_factory=list)  # served by App.embedding
 
 
 @dataclass
@@ -93,10 +103,11 @@ async def _wait_disconnect(receive: Receive) -> None:
 class App:
     """app(scope, receive, send). Build with create_app()."""
 
-    def __init__(self, engine: AsyncEngine, cfg: ServerConfig) -> None:
+    def __init__(self, engine: AsyncEngine, cfg: ServerConfig, embedding: Any = None) -> None:
         self.engine = engine
         self.cfg = cfg
-        self.model_name = cfg.served_model_names[0]
+        self.embedding = embedding  # EmbeddingService or None; `is engine` when serving it alone
+        self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
         self.metrics = Metrics(self.model_name, lambda: self.engine.stats)
         self._ctx: ServingContext | None = None
         self.started = time.time()
@@ -113,18 +124,22 @@ class App:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
                 try:
-                    self.engine.start()
+                    for service in services(self):
+                        service.start()
                 except Exception as e:  # never leave granian waiting on a startup reply
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
-                await self.engine.shutdown(self.cfg.shutdown_grace_s)
+                for service in services(self):
+                    await service.shutdown(self.cfg.shutdown_grace_s)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
     @property
     def ctx(self) -> ServingContext:
+        if not serves_chat(self):
+            raise no_chat_model_error(self)
         if self._ctx is None:
             eng = self.engine.engine
             self._ctx = ServingContext(
@@ -229,10 +244,11 @@ class App:
                               "header is required", type="AuthenticationError")
 
     def _check_ready(self) -> None:
-        if not self.engine.is_healthy:
-            raise OpenAIError(503, f"the engine is not healthy: {self.engine.dead_reason}")
-        if not self.engine.is_ready:
-            raise OpenAIError(503, "the model is still loading; retry when /health returns 200")
+        for service in services(self):
+            if not service.is_healthy:
+                raise OpenAIError(503, f"the engine is not healthy: {service.dead_reason}")
+            if not service.is_ready:
+                raise OpenAIError(503, "the model is still loading; retry when /health returns 200")
 
     async def read_json(self, http: Http) -> Any:
         ctype = http.headers.get(b"content-type")
@@ -351,33 +367,37 @@ class App:
 
 # ---------------------------------------------------------------- route handlers
 async def chat_completions(app: App, http: Http) -> None:
-    await app.generate(http, parse_chat(await app.read_json(http), app.ctx))
+    body = await app.read_json(http)
+    check_chat_route(app, body)
+    await app.generate(http, parse_chat(body, app.ctx))
 
 
 async def completions(app: App, http: Http) -> None:
-    await app.generate(http, parse_completion(await app.read_json(http), app.ctx))
+    body = await app.read_json(http)
+    check_chat_route(app, body)
+    await app.generate(http, parse_completion(body, app.ctx))
 
 
 def _model_card(app: App, name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(app.started), "owned_by": "minserve",
             "root": app.cfg.model_root or name, "parent": None,
-            "max_model_len": app.ctx.max_model_len, "permission": []}
+            "max_model_len": model_max_len(app, name), "permission": []}
 
 
 async def list_models(app: App, http: Http) -> None:
     await send_json(http.send, 200, {"object": "list", "data": [
-        _model_card(app, name) for name in app.cfg.served_model_names]})
+        _model_card(app, name) for name in all_model_names(app)]})
 
 
 async def get_model(app: App, http: Http) -> None:
-    if http.path_param not in app.cfg.served_model_names:
+    if http.path_param not in all_model_names(app):
         raise OpenAIError(404, f"The model `{http.path_param}` does not exist.", param="model",
                           type="NotFoundError")
     await send_json(http.send, 200, _model_card(app, http.path_param))
 
 
 async def health(app: App, http: Http) -> None:
-    ok = app.engine.is_ready and app.engine.is_healthy
+    ok = all(s.is_ready and s.is_healthy for s in services(app))
     await http.send({"type": "http.response.start", "status": 200 if ok else 503,
                      "headers": [(b"content-length", b"0")]})
     await http.send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -432,6 +452,7 @@ async def detokenize(app: App, http: Http) -> None:
 ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/chat/completions": {"POST": chat_completions},
     "/v1/completions": {"POST": completions},
+    "/v1/embeddings": {"POST": embeddings},
     "/v1/models": {"GET": list_models},
     "/v1/models/{id}": {"GET": get_model},
     "/health": {"GET": health},
@@ -446,5 +467,8 @@ ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics"}  # answer while loadi
 
 
 def create_app(engine_config: Any, server_config: ServerConfig,
-               engine_factory: Callable[[Any], Any] | None = None) -> App:
-    return App(AsyncEngine(engine_config, engine_factory), server_config)
+               engine_factory: Callable[[Any], Any] | None = None, embedding: Any = None) -> App:
+    """engine_config None + an EmbeddingService: serve the embedding model alone."""
+    if engine_config is None and embedding is not None:
+        return App(embedding, server_config, embedding)
+    return App(AsyncEngine(engine_config, engine_factory), server_config, embedding)

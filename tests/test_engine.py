@@ -208,3 +208,65 @@ def test_logprobs_match_transformers(engine, hf_model):
         assert plps[i].token_id == p[i]
         assert plps[i].logprob == pytest.approx(ref_prompt[i - 1, p[i]].item(), abs=1e-4)
         assert len(plps[i].top) == 2
+
+
+GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
+
+@pytest.mark.parametrize("source", ["folder", "gguf"])
+@pytest.mark.parametrize("arch", list(GGUF_ARCH))
+def test_every_arch_and_source_through_the_scheduler(tiny_model_factory, tmp_path, monkeypatch,
+                                                     arch, source):
+    """Through the real scheduler, with chunked prefill, a prefix-cache hit and preemption in
+    one run: each sampled token's logprob (a log-softmax of our logits) and top-5 equal
+    transformers' on the same weights, for every architecture, from a folder and from GGUF."""
+    from minserve.models.loader import resolve_model
+    from tests.tiny import write_gguf
+
+    folder = tiny_model_factory(arch)
+    model = folder
+    if source == "gguf":
+        monkeypatch.setenv("MINSERVE_CACHE", str(tmp_path / "cache"))
+        write_gguf(folder, str(tmp_path / "tiny.gguf"), GGUF_ARCH[arch])
+        model = resolve_model(str(tmp_path / "tiny.gguf"))
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # 30 tokens (past Mistral's window of 24), then a prompt sharing its first 16-token block.
+    first = PROMPTS[2][:30]
+    prompts = [first, first[:20] + [9, 8, 7, 6], PROMPTS[1][:15]]
+    head_dim = 32 if arch == "Qwen3ForCausalLM" else 16       # tests/tiny.py's shapes
+    block_bytes = 2 * 2 * 2 * head_dim * 16 * 4               # K+V, layers, kv heads, fp32
+    eng = make_engine(model, kv_cache_memory=5 * block_bytes, max_num_batched_tokens=16)
+    assert eng.num_kv_blocks == 5
+    preempted = []
+    orig = eng.scheduler.schedule
+
+    def schedule():
+        plan = orig()
+        preempted.extend(r.request_id for r in plan.preempted)
+        return plan
+
+    eng.scheduler.schedule = schedule
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True)
+    eng.add_request("q0", prompts[0], params)
+    eng.step()                                  # q0's first block is cached before q1 arrives
+    outs = {f"q{i}": [] for i in range(3)}
+    for i in (1, 2):
+        eng.add_request(f"q{i}", prompts[i], params)
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            outs[o.request_id].append(o)
+    assert preempted, "the 5-block cache should have forced a preemption"
+    assert eng.stats()["prefix_cache_hits"] >= 16
+    assert eng.kv_cache.num_free_blocks == 5
+    for i, p in enumerate(prompts):
+        ref_toks, ref_lps = hf_greedy(hf, p, MAX_TOKENS)
+        lps = [lp for o in outs[f"q{i}"] for lp in (o.logprobs or [])]
+        assert [lp.token_id for lp in lps] == ref_toks
+        for lp, ref in zip(lps, ref_lps, strict=True):
+            assert lp.logprob == pytest.approx(ref[lp.token_id].item(), abs=2e-4)
+            top = ref.topk(5)
+            assert [t for t, _ in lp.top] == top.indices.tolist()
+            assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=2e-4)

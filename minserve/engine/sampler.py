@@ -216,7 +216,9 @@ def gumbel_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     so no torch.Generator per request and nothing to sync."""
     cols = mix32_(torch.arange(vocab_size, device=keys.device, dtype=torch.long))   # [V]
     bits = mix32_(keys[:, None] ^ cols[None, :])                                    # [R, V]
-    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))                             # (0, 1)
+    # 23 bits: (k + 0.5) / 2**23 is exact in float32, so u < 1 strictly; with 24 bits the top
+    # value rounds to 1.0, the noise becomes +inf and beats even a masked (-inf) token.
+    u = ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))                             # (0, 1)
     return -torch.log(-torch.log(u))
 
 

@@ -250,6 +250,8 @@ class Scheduler:
             request.output_token_ids.append(token)
             self._check_stop(request, token)
             out = self._out(request, [token])
+            if request.finish_reason == FinishReason.ERROR and request.structured is not None:
+                out.error = f"structured output: {request.structured.error}"
             if sampled.logprobs is not None and request.sampling.logprobs is not None:
                 out.logprobs = [sampled.logprobs[i]]
             if num_prompt_lps:
@@ -283,7 +285,11 @@ class Scheduler:
                 request.finish_reason, request.stop_reason = FinishReason.STOP, token
                 return
         if request.structured is not None:
-            request.structured.accept_token(token)
+            # False: the token broke the grammar (only if a mask was skipped) -> an error, not
+            # a "stop" that would pass invalid output off as complete.
+            if not request.structured.accept_token(token):
+                request.finish_reason = FinishReason.ERROR
+                return
             if request.structured.is_finished():
                 request.finish_reason = FinishReason.STOP
                 return

