@@ -189,3 +189,27 @@ def test_embedding_load_failure_is_unhealthy(tmp_path):
 
     health, r = asyncio.run(main())
     assert health == 503 and r.status == 503 and "not healthy" in r.json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_seed_guide_call_on_the_real_model():
+    """The seed guide's call, verbatim, against `--task embed` (all-minilm-l6-v2, fetched once)."""
+    proc, url = start_server(["--task", "embed"], timeout=600)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        model = client.models.list().data[0].id
+        r = client.embeddings.create(model=model,
+                                     input=["Hello world", "Machine learning is fascinating"])
+        vecs = np.array([d.embedding for d in r.data])
+        assert vecs.shape == (2, 384)
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+        floats = client.embeddings.create(model=model, input="Hello world",
+                                          encoding_format="float").data[0].embedding
+        np.testing.assert_allclose(floats, vecs[0], atol=1e-6)
+        a, b, c = (np.array(d.embedding) for d in client.embeddings.create(model=model, input=[
+            "A man is eating food.", "A man is eating a piece of bread.",
+            "A man is riding a horse."]).data)
+        assert a @ b > a @ c
+    finally:
+        code, out = stop_server(proc)
+    assert code == 0, out

@@ -159,6 +159,6 @@ def test_compute_logprobs_targets():
 def test_gumbel_noise_is_always_finite():
     """u must stay inside (0, 1): +inf noise would pick a token whatever its (masked) logit."""
     from minserve.engine.sampler import gumbel_noise
-    keys = torch.arange(3000, dtype=torch.long) * 7919 + 12345
+    keys = torch.arange(2000, dtype=torch.long) * 7919 + 12345
     noise = gumbel_noise(keys, 49152)
     assert torch.isfinite(noise).all()
