@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import torch
-
 from minserve.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from minserve.kernels.attention import AttnMetadata, paged_attention_ref, paged_attention_triton
 from minserve.kernels.attention import triton as _triton

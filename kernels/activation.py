@@ -21,7 +21,7 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @_jit
-def _silu_and_mul_kernel(out_ptr, x_ptr, stride_x, stride_o, I: tl.constexpr,
+def _silu_and_mul_kernel(out_ptr, x_ptr, stride_x, stride_o, I: tl.constexpr,  # noqa: E741 (the intermediate size)
                          BLOCK: tl.constexpr):
     """Grid (num_rows, cdiv(I, BLOCK))."""
     row = tl.program_id(0).to(tl.int64)

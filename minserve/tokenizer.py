@@ -24,8 +24,8 @@ _MAX_PENDING_TOKENS = 8
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's bytes_to_unicode table, inverted: the printable stand-in char -> the raw byte."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable stand-in character table (the byte-level BPE alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -35,7 +35,13 @@ def _byte_decoder() -> dict[str, int]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """The table above, inverted: the printable stand-in char -> the raw byte."""
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _read_json(path: str) -> dict:

@@ -9,7 +9,6 @@ import sys
 import traceback
 
 import torch
-
 from minserve.kernels import activation, attention, cache, norm, rotary_ref
 from minserve.kernels.attention import AttnMetadata, paged_attention_ref
 from minserve.kernels.rotary import make_cos_sin_cache, rotary_triton

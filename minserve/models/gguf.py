@@ -1,6 +1,7 @@
 """Convert a llama.cpp .gguf into an HF folder the loader and tokenizer already read: config.json,
 model.safetensors (float32, dequantized, Q/K rows back in HF order), tokenizer.json,
 tokenizer_config.json and generation_config.json. Runs once per file; never loads a model."""
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from minserve.config import ConfigError
+from minserve.tokenizer import bytes_to_unicode
 
 # GGUF architecture -> (HF architecture, whether llama.cpp permuted the Q/K rows)
 _ARCHS = {
@@ -75,11 +77,13 @@ def _write_json(path: str, obj: Any) -> None:
 # config.json
 # ---------------------------------------------------------------------------------------------
 
+
 def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
     arch = meta.get("general.architecture")
     if arch not in _ARCHS:
-        raise ConfigError(f"GGUF architecture {arch!r} is not supported (supported: "
-                          f"{', '.join(_ARCHS)})")
+        raise ConfigError(
+            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHS)})"
+        )
 
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
@@ -121,8 +125,9 @@ def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
         config["rope_scaling"] = {
             "rope_type": scaling_type,
             "factor": float(get("rope.scaling.factor", 1.0)),
-            "original_max_position_embeddings": int(get("rope.scaling.original_context_length",
-                                                        config["max_position_embeddings"])),
+            "original_max_position_embeddings": int(
+                get("rope.scaling.original_context_length", config["max_position_embeddings"])
+            ),
         }
     return config
 
@@ -144,20 +149,29 @@ def _llama3_scaling_from_rope_freqs(config: dict[str, Any], rope_freqs: np.ndarr
 
     from minserve.models.layers import compute_inv_freq
 
-    sc = {"rope_type": "llama3", "factor": float(rope_freqs.max()), "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    sc = {
+        "rope_type": "llama3",
+        "factor": float(rope_freqs.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     base, _ = compute_inv_freq(config["head_dim"], config["rope_theta"], None, 0)
     scaled, _ = compute_inv_freq(config["head_dim"], config["rope_theta"], sc, 0)
-    if not torch.allclose(base / torch.from_numpy(rope_freqs.astype(np.float32)), scaled,
-                          rtol=1e-3):
-        raise ConfigError("this GGUF stores rope_freqs that are not Llama 3 rope scaling; "
-                          "load the original HF folder instead")
+    if not torch.allclose(
+        base / torch.from_numpy(rope_freqs.astype(np.float32)), scaled, rtol=1e-3
+    ):
+        raise ConfigError(
+            "this GGUF stores rope_freqs that are not Llama 3 rope scaling; "
+            "load the original HF folder instead"
+        )
     config["rope_scaling"] = sc
 
 
 # ---------------------------------------------------------------------------------------------
 # model.safetensors
 # ---------------------------------------------------------------------------------------------
+
 
 def hf_tensor_name(name: str) -> str | None:
     if name in _GLOBAL_NAMES:
@@ -173,8 +187,7 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     (r0, r_half, r1, r_half+1, ...) for GGML's rope; put them back in HF's (first half | second
     half) order. Works for weights [rows, in] and biases [rows]."""
     head_rows = w.shape[0] // num_heads
-    return (w.reshape(num_heads, head_rows // 2, 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(num_heads, head_rows // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], path: str) -> None:
@@ -186,15 +199,17 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
     for t in reader.tensors:
         # GGUF lists dims fastest-first; numpy (and HF) order is the reverse.
         shape = tuple(int(d) for d in reversed(t.shape))
-        data = np.ascontiguousarray(dequantize(t.data, t.tensor_type).reshape(shape),
-                                    dtype=np.float32)
+        data = np.ascontiguousarray(
+            dequantize(t.data, t.tensor_type).reshape(shape), dtype=np.float32
+        )
         if t.name == "rope_freqs.weight":
             _llama3_scaling_from_rope_freqs(config, data)
             continue
         name = hf_tensor_name(t.name)
         if name is None:
-            raise ConfigError(f"GGUF tensor {t.name!r} has no HF counterpart; this GGUF "
-                              "variant is not supported")
+            raise ConfigError(
+                f"GGUF tensor {t.name!r} has no HF counterpart; this GGUF variant is not supported"
+            )
         if permuted and ".q_proj." in name:
             data = unpermute_qk(data, config["num_attention_heads"])
         elif permuted and ".k_proj." in name:
@@ -216,16 +231,30 @@ _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-           "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+_SPLITS = {
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
 
 
 def _byte_level_pre_tokenizer(pre: str | None) -> dict[str, Any]:
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
-                  "use_regex": True}
+    byte_level = {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": True,
+        "use_regex": True,
+    }
     if pre in _SPLITS:
-        split = {"type": "Split", "pattern": {"Regex": _SPLITS[pre]}, "behavior": "Isolated",
-                 "invert": False}
+        split = {
+            "type": "Split",
+            "pattern": {"Regex": _SPLITS[pre]},
+            "behavior": "Isolated",
+            "invert": False,
+        }
         return {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
     if pre == "smollm":
         # SmolLM's own tokenizer.json (and llama.cpp's "smollm" pre) split digits one by one
@@ -235,38 +264,35 @@ def _byte_level_pre_tokenizer(pre: str | None) -> dict[str, Any]:
     return byte_level  # "gpt2", "default" and unknown: the plain GPT-2 regex
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (the byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
 
 def gguf_tokenizer(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(tokenizer.json, tokenizer_config.json, generation_config.json) as dicts."""
     model_type = meta.get("tokenizer.ggml.model")
     if model_type != "gpt2":
-        raise ConfigError(f"GGUF tokenizer model {model_type!r} is not supported (only byte-level "
-                          "BPE, 'gpt2'); pass the original HF folder instead")
+        raise ConfigError(
+            f"GGUF tokenizer model {model_type!r} is not supported (only byte-level "
+            "BPE, 'gpt2'); pass the original HF folder instead"
+        )
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     token_types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges: list[str] = meta.get("tokenizer.ggml.merges") or []
-    spelling = _bytes_to_unicode()
+    spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab: dict[str, int] = {}
     added = []
-    for i, (token, token_type) in enumerate(zip(tokens, token_types)):
+    for i, (token, token_type) in enumerate(zip(tokens, token_types, strict=False)):
         if token_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED):
-            added.append({"id": i, "content": token, "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False,
-                          "special": token_type == _TOKEN_CONTROL})
+            added.append(
+                {
+                    "id": i,
+                    "content": token,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": token_type == _TOKEN_CONTROL,
+                }
+            )
         elif not set(token) <= alphabet:  # spelled with raw characters: respell byte-level
             token = "".join(spelling[b] for b in token.encode("utf-8"))
         vocab.setdefault(token, i)
@@ -275,28 +301,53 @@ def gguf_tokenizer(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     bos_id = meta.get("tokenizer.ggml.bos_token_id")
     if add_bos and bos_id is not None:
         bos = tokens[bos_id]
-        post = {"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                           {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                         {"Sequence": {"id": "A", "type_id": 0}},
-                         {"SpecialToken": {"id": bos, "type_id": 1}},
-                         {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+        post = {
+            "type": "TemplateProcessing",
+            "single": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+            ],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+        }
     else:
-        post = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
-                "use_regex": True}
+        post = {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": False,
+            "use_regex": True,
+        }
     tokenizer_json = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
         "normalizer": None,
         "pre_tokenizer": _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre")),
         "post_processor": post,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                    "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None,
-                  "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
-                  "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
-                  "merges": [m.split(" ", 1) for m in merges]},
+        "decoder": {
+            "type": "ByteLevel",
+            "add_prefix_space": True,
+            "trim_offsets": True,
+            "use_regex": True,
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [m.split(" ", 1) for m in merges],
+        },
     }
 
     def token_str(key: str) -> str | None:
@@ -314,14 +365,22 @@ def gguf_tokenizer(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
         "chat_template": meta.get("tokenizer.chat_template"),
         "model_max_length": int(meta.get(f"{meta['general.architecture']}.context_length") or 2048),
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"}
-                                 for t in added},
+        "added_tokens_decoder": {
+            str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added
+        },
     }
-    generation_config: dict[str, Any] = {"eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids}
+    generation_config: dict[str, Any] = {
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    }
     if bos_id is not None:
         generation_config["bos_token_id"] = bos_id
-    for key, hf_key in (("temp", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
-                        ("min_p", "min_p"), ("penalty_repeat", "repetition_penalty")):
+    for key, hf_key in (
+        ("temp", "temperature"),
+        ("top_p", "top_p"),
+        ("top_k", "top_k"),
+        ("min_p", "min_p"),
+        ("penalty_repeat", "repetition_penalty"),
+    ):
         value = meta.get(f"general.sampling.{key}")
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             generation_config[hf_key] = value

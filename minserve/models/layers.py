@@ -1,6 +1,7 @@
 """Building blocks shared by the Llama-family models: RMSNorm (with the fused residual add),
 rotary embedding (default, linear, llama3, yarn), merged linear layers the loader fills shard by
 shard, SiLU-and-mul, and the Attention module that writes the paged KV cache and reads it back."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with `residual`: (norm(x + residual), x + residual), the pre-norm step of
         every decoder layer in one call."""
@@ -60,23 +63,37 @@ class MergedLinear(nn.Linear):
     def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any) -> None:
         offset, size = self.shard_offsets[shard_id]
         if loaded.shape[0] != size:
-            raise ConfigError(f"checkpoint shard {shard_id!r} has {loaded.shape[0]} rows, "
-                              f"the model expects {size}")
-        param.data[offset:offset + size].copy_(loaded)
+            raise ConfigError(
+                f"checkpoint shard {shard_id!r} has {loaded.shape[0]} rows, "
+                f"the model expects {size}"
+            )
+        param.data[offset : offset + size].copy_(loaded)
 
 
-def compute_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None,
-                     max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+def compute_inv_freq(
+    head_dim: int,
+    rope_theta: float,
+    rope_scaling: dict[str, Any] | None,
+    max_position_embeddings: int,
+) -> tuple[torch.Tensor, float]:
     """(inv_freq [D/2] float32, attention_scaling), following transformers' rope init functions."""
-    inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    rope_type = (rope_scaling or {}).get("rope_type") or (rope_scaling or {}).get("type") or "default"
+    inv_freq = 1.0 / (
+        rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    )
+    rope_type = (
+        (rope_scaling or {}).get("rope_type") or (rope_scaling or {}).get("type") or "default"
+    )
     if rope_type == "default":
         return inv_freq, 1.0
     sc = rope_scaling or {}
     if rope_type == "linear":
         return inv_freq / float(sc["factor"]), 1.0
     if rope_type == "llama3":
-        factor, low, high = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+        factor, low, high = (
+            float(sc["factor"]),
+            float(sc["low_freq_factor"]),
+            float(sc["high_freq_factor"]),
+        )
         old_len = float(sc["original_max_position_embeddings"])
         low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
         wavelen = 2 * math.pi / inv_freq
@@ -87,12 +104,15 @@ def compute_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict[str, A
         return torch.where(is_medium, smoothed, scaled), 1.0
     if rope_type == "yarn":
         return _yarn_inv_freq(head_dim, rope_theta, sc, max_position_embeddings)
-    raise ConfigError(f"rope scaling type {rope_type!r} is not supported "
-                      "(supported: default, linear, llama3, yarn)")
+    raise ConfigError(
+        f"rope scaling type {rope_type!r} is not supported "
+        "(supported: default, linear, llama3, yarn)"
+    )
 
 
-def _yarn_inv_freq(dim: int, base: float, sc: dict[str, Any],
-                   max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+def _yarn_inv_freq(
+    dim: int, base: float, sc: dict[str, Any], max_position_embeddings: int
+) -> tuple[torch.Tensor, float]:
     orig = sc.get("original_max_position_embeddings") or max_position_embeddings
     factor = sc.get("factor") or max_position_embeddings / orig
 
@@ -120,7 +140,9 @@ def _yarn_inv_freq(dim: int, base: float, sc: dict[str, Any],
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
     pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
     extrapolation = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (
+        1.0 / pos_freqs
+    ) * extrapolation
     return inv_freq, float(attention_factor)
 
 
@@ -128,8 +150,13 @@ class RotaryEmbedding(nn.Module):
     """cos/sin for the step's positions, computed on the fly from inv_freq (no position cache,
     so no length limit and nothing to index out of range): [T, D] each, in the model dtype."""
 
-    def __init__(self, head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None,
-                 max_position_embeddings: int) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        rope_theta: float,
+        rope_scaling: dict[str, Any] | None,
+        max_position_embeddings: int,
+    ) -> None:
         super().__init__()
         self.args = (head_dim, rope_theta, rope_scaling, max_position_embeddings)
         inv_freq, self.attention_scaling = compute_inv_freq(*self.args)
@@ -143,9 +170,11 @@ class RotaryEmbedding(nn.Module):
             self.inv_freq = compute_inv_freq(*self.args)[0].to(self.inv_freq.device)
         return self
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                               # [T, D]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
         return cos, sin
@@ -164,28 +193,32 @@ class Attention(nn.Module):
     k_cache / v_cache ([NB, BS, K, D]) are plain attributes set by the runner through
     model.set_kv_caches(); they are not parameters and never enter the state dict."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
-                 sliding_window: int | None = None) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
         self.sliding_window = sliding_window
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                attn: AttnMetadata) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMetadata
+    ) -> torch.Tensor:
         # q [T, H, D], k/v [T, K, D] -> [T, H*D]
         if self.k_cache.numel() == 0:
             out = self._attend_without_cache(q, k, v, attn)
         else:
             kernels.store_kv(k, v, self.k_cache, self.v_cache, attn.slot_mapping)
-            out = kernels.paged_attention(q, self.k_cache, self.v_cache, attn, self.scale,
-                                          self.sliding_window)
+            out = kernels.paged_attention(
+                q, self.k_cache, self.v_cache, attn, self.scale, self.sliding_window
+            )
         return out.reshape(q.shape[0], -1)
 
-    def _attend_without_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                              attn: AttnMetadata) -> torch.Tensor:
+    def _attend_without_cache(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMetadata
+    ) -> torch.Tensor:
         """The profiling run has no cache yet: each request's query is its whole sequence."""
         out = torch.empty_like(q)
         group = self.num_heads // self.num_kv_heads
@@ -194,8 +227,8 @@ class Attention(nn.Module):
             start, end = qsl[r], qsl[r + 1]
             if end == start:
                 continue
-            qr = q[start:end].transpose(0, 1)                                   # [H, Q, D]
-            kr = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0)    # [H, Q, D]
+            qr = q[start:end].transpose(0, 1)  # [H, Q, D]
+            kr = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0)  # [H, Q, D]
             vr = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
             n = end - start
             pos = torch.arange(n, device=q.device)

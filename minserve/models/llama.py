@@ -1,6 +1,7 @@
 """The Llama family in plain torch: Llama 2/3/3.1, SmolLM, TinyLlama, Mistral (sliding window),
 Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm). One flat batch of tokens per step, attention
 over the paged KV cache. Module names match HF checkpoints, except the fused qkv/gate_up."""
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
         # NOTE: attention_bias and qk_norm are separate flags (Qwen2 has bias and no norm,
         # Qwen3 the reverse), never inferred from the architecture here.
-        self.qkv_proj = MergedLinear(config.hidden_size, {"q": h * d, "k": k * d, "v": k * d},
-                                     bias=config.attention_bias)
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, {"q": h * d, "k": k * d, "v": k * d}, bias=config.attention_bias
+        )
         self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
@@ -35,14 +37,15 @@ class LlamaAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.attn = Attention(h, k, d, config.sliding_window)
 
-    def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-                attn: AttnMetadata) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata
+    ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)                                  # [T, (H + 2K) * D]
+        qkv = self.qkv_proj(hidden)  # [T, (H + 2K) * D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)       # [T, H, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)    # [T, K, D]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -71,9 +74,13 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
-                cos_sin: tuple[torch.Tensor, torch.Tensor],
-                attn: AttnMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        attn: AttnMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual stream is carried separately so each norm can fuse the add (vLLM style).
         if residual is None:
             residual = hidden
@@ -89,15 +96,19 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # One rotary table for all layers: cos/sin are computed once per step and passed down.
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
-                                          config.max_position_embeddings)
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
+        )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttnMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)                       # [T, hidden]
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnMetadata
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
         cos_sin = self.rotary_emb(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
@@ -122,11 +133,15 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         # NOTE: tied embeddings reuse embed_tokens.weight in compute_logits instead of sharing a
         # Parameter, which meta-device builds and .to() would silently untie.
-        self.lm_head = (None if config.tie_word_embeddings
-                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttnMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnMetadata
+    ) -> torch.Tensor:
         """input_ids [T] long, positions [T] long -> hidden [T, hidden] (final-normed)."""
         return self.model(input_ids, positions, attn)
 
@@ -143,5 +158,5 @@ class LlamaForCausalLM(nn.Module):
         layers = self.attention_layers()
         if len(kv_caches) != len(layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(layers)} layers")
-        for attn, (k_cache, v_cache) in zip(layers, kv_caches):
+        for attn, (k_cache, v_cache) in zip(layers, kv_caches, strict=False):
             attn.k_cache, attn.v_cache = k_cache, v_cache

