@@ -190,6 +190,11 @@ class App:
 
         http_send, http.send = http.send, send
         try:
+            # Auth before routing, as vLLM does: without a key, /v1 paths reveal nothing (401,
+            # not 404). A CORS preflight carries no credentials, so it is not checked.
+            if self.cfg.api_keys and method != "OPTIONS" and (path.startswith("/v1/")
+                                                             or path in PROTECTED):
+                self._check_auth(headers)
             methods = ROUTES.get(path)
             if methods is None and path.startswith("/v1/models/"):
                 methods, http.path_param = ROUTES["/v1/models/{id}"], path[len("/v1/models/"):]
@@ -201,8 +206,6 @@ class App:
             if handler is None:
                 raise OpenAIError(405, f"Method Not Allowed: {method} {path} (allowed: "
                                   f"{', '.join(sorted(methods))})")
-            if self.cfg.api_keys and (path.startswith("/v1/") or path in PROTECTED):
-                self._check_auth(headers)
             if path not in ALWAYS_OPEN:
                 self._check_ready()
             await handler(self, http)

@@ -114,6 +114,8 @@ def test_auth_body_limit_content_type(tiny_model_dir):
             "basic": await call(app, "GET", "/v1/models", headers={"authorization": "sekret"}),
             "ok": await call(app, "POST", CHAT, {"messages": MSG, "max_tokens": 2}, headers=good),
             "tok": await call(app, "POST", "/tokenize", {"prompt": "a"}),
+            "unknown": await call(app, "GET", "/v1/secret-route"),
+            "unknown_ok": await call(app, "GET", "/v1/secret-route", headers=good),
             "health": await call(app, "GET", "/health"),
             "metrics": await call(app, "GET", "/metrics"),
             "big": await call(app, "POST", CHAT, {"messages": MSG * 200}, headers=good),
@@ -124,12 +126,13 @@ def test_auth_body_limit_content_type(tiny_model_dir):
         }
 
     r = run(app, fn)
-    for k in ("none", "wrong", "basic", "tok"):
+    for k in ("none", "wrong", "basic", "tok", "unknown"):
         assert r[k].status == 401, k
         assert r[k].json()["error"]["type"] == "AuthenticationError"
     assert r["ok"].status == 200 and r["health"].status == 200 and r["metrics"].status == 200
     assert r["big"].status == 413 and r["bigchunked"].status == 413
     assert r["ctype"].status == 415
+    assert r["unknown_ok"].status == 404
 
 
 def test_cors_and_root_path(tiny_model_dir):
