@@ -96,11 +96,14 @@ class Embedder:
     """Embedder("all-minilm-l6-v2").embed(["a", "b"]) -> ([np.float32 vector, ...], num_tokens).
 
     max_batch_tokens bounds one forward's padded token count (encoders) or packed token count
-    (decoders); large lists are sorted by length and split. matryoshka=True/False overrides the
+    (decoders); lists are sorted by length and split. For encoders, max_padding also bounds the
+    padded share of a forward (default 0.1 on CPU, where compute grows with padded tokens; 1.0,
+    i.e. off, on GPU, where fewer larger launches pay more). matryoshka=True/False overrides the
     model's `dimensions` support (see pooling.py for the rule)."""
 
     def __init__(self, model: str = "all-minilm-l6-v2", dtype: str = "auto", device: str = "auto",
-                 max_batch_tokens: int = 16384, *, max_model_len: int | None = None,
+                 max_batch_tokens: int = 16384, *, max_padding: float | None = None,
+                 max_model_len: int | None = None,
                  matryoshka: bool | None = None, served_model_name: str | None = None) -> None:
         self.model_path = resolve_embedding_model(model)
         self.model_name = served_model_name or model
@@ -113,6 +116,8 @@ class Embedder:
                               f"({sorted(ENCODER_ARCHITECTURES | DECODER_ARCHITECTURES.keys())})")
         self.device, self.dtype = _resolve_device_dtype(device, dtype, hf.get("torch_dtype"))
         self.max_batch_tokens = max_batch_tokens
+        self.max_padding = (max_padding if max_padding is not None
+                            else (0.1 if self.device.type == "cpu" else 1.0))
         self.pooling = load_pooling_config(self.model_path, hf, decoder=self.is_decoder,
                                            matryoshka=matryoshka)
         if self.is_decoder:
@@ -220,7 +225,8 @@ class Embedder:
                     total += len(token_lists[order[end]])
                     end += 1
             else:                  # padded: every row costs the longest row
-                end = min(n, start + max(1, self.max_batch_tokens // longest))
+                end = _padded_chunk_end(order, token_lists, start, self.max_batch_tokens,
+                                        self.max_padding)
             batch = order[start:end]
             rows = [token_lists[i] for i in batch]
             pooled = self._forward_decoder(rows) if self.is_decoder else self._forward_encoder(rows)
@@ -265,6 +271,23 @@ class Embedder:
             query_start_loc_host=qsl, seq_lens_host=lens)
         hidden = self.model(input_ids, positions, attn)
         return pool_packed(hidden, qsl, self.pooling.mode)
+
+
+def _padded_chunk_end(order: list[int], token_lists: list[list[int]], start: int,
+                      max_batch_tokens: int, max_padding: float) -> int:
+    """End of the padded forward that starts at order[start] (rows sorted longest first): add
+    rows while the padded size fits max_batch_tokens and padding stays within max_padding of it.
+    Mixed lengths (a 7-token query beside a 160-token passage) otherwise spend most of a batched
+    forward on padding: measured 1.5x slower than batch-1 calls on a CPU (bench/RESULTS.md)."""
+    longest = len(token_lists[order[start]])
+    end, real = start + 1, longest
+    while end < len(order):
+        rows, nxt = end - start + 1, len(token_lists[order[end]])
+        if rows * longest > max_batch_tokens or real + nxt < (1 - max_padding) * rows * longest:
+            break
+        real += nxt
+        end += 1
+    return end
 
 
 def _load_decoder(folder: str, hf: dict[str, Any], device: torch.device, dtype: torch.dtype

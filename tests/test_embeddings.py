@@ -137,8 +137,9 @@ def test_encoder_hidden_states_match_transformers(tmp_path, kind):
     ("bert", "mean", True), ("bert", None, True), ("xlmr", "cls", False), ("xlmr", "mean", True)])
 def test_embedder_pooled_vectors_match_transformers(tmp_path, kind, st_mode, normalize):
     folder, ref = make_tiny_encoder(str(tmp_path / kind), kind, st_mode, normalize)
-    # max_batch_tokens=40 forces several forwards of different widths
-    emb = Embedder(folder, max_batch_tokens=40)
+    # max_batch_tokens=40 forces several forwards of different widths; max_padding=1.0 lets
+    # them pad (the CPU default would run most of these mixed lengths alone)
+    emb = Embedder(folder, max_batch_tokens=40, max_padding=1.0)
     mode = st_mode or "cls"   # BERT default without sentence-transformers files: CLS
     assert (emb.pooling.mode, emb.pooling.normalize) == (mode, normalize)
     rows = _random_batch(emb.vocab_size, [3, 17, 1, 30, 9, 9, 2])
@@ -151,6 +152,30 @@ def test_embedder_pooled_vectors_match_transformers(tmp_path, kind, st_mode, nor
     torch.testing.assert_close(torch.tensor(np.stack(vectors)), want, atol=3e-5, rtol=1e-5)
     one_by_one = [emb.embed([r])[0][0] for r in rows]
     np.testing.assert_allclose(np.stack(one_by_one), np.stack(vectors), atol=1e-5)
+
+
+@pytest.mark.parametrize("lens,cap,max_padding,want", [
+    ([30, 17, 9, 9, 3, 2, 1], 1000, 1.0, [7]),               # padding unbounded: one forward
+    ([30, 17, 9, 9, 3, 2, 1], 40, 1.0, [1, 2, 4]),           # 30 | 17+9 | 9,3,2,1 (4 x 9 <= 40)
+    ([30, 17, 9, 9, 3, 2, 1], 1000, 0.1, [1, 1, 2, 1, 1, 1]),  # 9,9 pad nothing; 2+1 pads 25%
+    ([10, 10, 9, 9, 9], 1000, 0.1, [5]),                     # 47 real of 50 padded: 6%
+    ([10, 10, 9, 9, 9], 20, 0.0, [2, 2, 1]),                 # the token cap still applies
+    ([50], 40, 0.1, [1]),                                    # a row over the cap runs alone
+])
+def test_padded_chunks_bound_tokens_and_padding(lens, cap, max_padding, want):
+    from minserve.embedder import _padded_chunk_end
+
+    rows = [[1] * n for n in lens]
+    order = sorted(range(len(rows)), key=lambda i: -lens[i])
+    sizes, start = [], 0
+    while start < len(rows):
+        end = _padded_chunk_end(order, rows, start, cap, max_padding)
+        chunk = [lens[i] for i in order[start:end]]
+        assert len(chunk) == 1 or (len(chunk) * chunk[0] <= cap
+                                   and sum(chunk) >= (1 - max_padding) * len(chunk) * chunk[0])
+        sizes.append(end - start)
+        start = end
+    assert sizes == want
 
 
 def test_prefixed_checkpoint_drops_pooler_and_mlm_head(tmp_path):
