@@ -4,6 +4,7 @@ that names the model to use). server.py's App holds `embedding` (an EmbeddingSer
 it serves an embedding model alone, app.engine is that same service. No torch here."""
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from minserve.embeddings_protocol import build_embeddings_response, parse_embeddings_request
@@ -75,9 +76,11 @@ def services(app: Any) -> list[Any]:
 async def embeddings(app: Any, http: Any) -> None:
     from minserve.server import send_json  # server.py imports this module: import at call time
 
+    arrival = time.monotonic()
     req = parse_embeddings_request(await app.read_json(http))
     model = _embedding_model(app, req.model)
     vectors, num_tokens = await app.embedding.embed(
         req.inputs, truncate_prompt_tokens=req.truncate_prompt_tokens, dimensions=req.dimensions)
+    app.metrics.on_pooling_request(model, num_tokens, time.monotonic() - arrival)
     await send_json(http.send, 200, build_embeddings_response(model, vectors, req.encoding_format,
                                                               num_tokens))

@@ -55,6 +55,8 @@ class _EngineCollector:
              "tokens.", "prefix_cache_queries"),
             ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
              "prefix_cache_hits"),
+            ("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+             "num_preemptions"),
         ):
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric(lbl, float(s.get(key, 0) or 0))
@@ -66,8 +68,11 @@ class Metrics:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         r, lbl = self.registry, ["model_name"]
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
-                                     lbl, registry=r).labels(model_name)
+        # The families stay reachable (for embedding requests, labelled with their own model);
+        # the chat model's series are bound once here.
+        self.prompt_tokens_family = Counter("vllm:prompt_tokens",
+                                            "Number of prefill tokens processed.", lbl, registry=r)
+        self.prompt_tokens = self.prompt_tokens_family.labels(model_name)
         self.generation_tokens = Counter("vllm:generation_tokens",
                                          "Number of generation tokens processed.", lbl,
                                          registry=r).labels(model_name)
@@ -80,12 +85,14 @@ class Metrics:
         self.itl = Histogram("vllm:inter_token_latency_seconds",
                              "Histogram of inter-token latency in seconds.", lbl,
                              buckets=ITL_BUCKETS, registry=r).labels(model_name)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds",
-                             "Histogram of e2e request latency in seconds.", lbl,
-                             buckets=E2E_BUCKETS, registry=r).labels(model_name)
-        self.request_prompt_tokens = Histogram(
+        self.e2e_family = Histogram("vllm:e2e_request_latency_seconds",
+                                    "Histogram of e2e request latency in seconds.", lbl,
+                                    buckets=E2E_BUCKETS, registry=r)
+        self.e2e = self.e2e_family.labels(model_name)
+        self.request_prompt_tokens_family = Histogram(
             "vllm:request_prompt_tokens", "Number of prefill tokens processed.", lbl,
-            buckets=TOKEN_BUCKETS, registry=r).labels(model_name)
+            buckets=TOKEN_BUCKETS, registry=r)
+        self.request_prompt_tokens = self.request_prompt_tokens_family.labels(model_name)
         self.request_generation_tokens = Histogram(
             "vllm:request_generation_tokens", "Number of generation tokens processed.", lbl,
             buckets=TOKEN_BUCKETS, registry=r).labels(model_name)
@@ -96,6 +103,14 @@ class Metrics:
 
     def tracker(self) -> RequestTracker:
         return RequestTracker(self)
+
+    def on_pooling_request(self, model_name: str, num_prompt_tokens: int, seconds: float) -> None:
+        """One successful /v1/embeddings request, counted as vLLM counts pooling requests:
+        prompt tokens, E2E latency, success with finished_reason "stop"."""
+        self.prompt_tokens_family.labels(model_name).inc(num_prompt_tokens)
+        self.request_prompt_tokens_family.labels(model_name).observe(num_prompt_tokens)
+        self.e2e_family.labels(model_name).observe(seconds)
+        self.request_success.labels(model_name, "stop").inc()
 
 
 class RequestTracker:

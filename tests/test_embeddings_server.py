@@ -158,11 +158,17 @@ def test_asgi_embed_only_app(tiny_bert):
             models = (await call(app, "GET", "/v1/models")).json()
             r = await call(app, "POST", "/v1/embeddings", {"input": "hi", "model": "emb"})
             tok = await call(app, "POST", "/tokenize", {"prompt": "hi"})
-            return models, r, tok
+            metrics = (await call(app, "GET", "/metrics")).body.decode()
+            return models, r, tok, metrics
 
-    models, r, tok = asyncio.run(main())
+    models, r, tok, metrics = asyncio.run(main())
     assert [m["id"] for m in models["data"]] == ["emb"]
     assert r.status == 200 and len(r.json()["data"][0]["embedding"]) == 64
+    # the embeddings request is counted as vLLM counts pooling requests
+    n = r.json()["usage"]["prompt_tokens"]
+    assert f'vllm:prompt_tokens_total{{model_name="emb"}} {float(n)}' in metrics
+    assert 'vllm:request_success_total{finished_reason="stop",model_name="emb"} 1.0' in metrics
+    assert 'vllm:e2e_request_latency_seconds_count{model_name="emb"} 1.0' in metrics
     assert tok.status == 400 and "only the embedding model" in tok.json()["error"]["message"]
     assert not service.is_ready  # shut down with the lifespan
 

@@ -124,7 +124,7 @@ def test_preemption_gives_same_greedy_tokens(tiny_model_dir, hf_model):
 
     eng.scheduler.schedule = schedule
     outs = generate(eng, prompts, GREEDY)
-    assert preempted
+    assert preempted and eng.stats()["num_preemptions"] == len(preempted)
     assert [toks(outs[f"q{i}"]) for i in range(3)] == [
         hf_greedy(hf_model, p, MAX_TOKENS)[0] for p in prompts]
     assert eng.kv_cache.num_free_blocks == 5

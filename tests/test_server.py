@@ -67,7 +67,8 @@ def test_routes(tiny_model_dir):
                  "vllm:inter_token_latency_seconds_bucket",
                  "vllm:e2e_request_latency_seconds_count", "vllm:request_success_total",
                  "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
-                 "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_sum"):
+                 "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_sum",
+                 "vllm:num_preemptions_total"):
         assert name in text, name
     assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"} 1.0' in text
     assert 'vllm:generation_tokens_total{model_name="tiny"} 3.0' in text

@@ -181,5 +181,6 @@ class Engine:
             "kv_cache_usage": self.kv_cache.usage,
             "prefix_cache_queries": self.kv_cache.prefix_cache_queries,
             "prefix_cache_hits": self.kv_cache.prefix_cache_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
             "num_kv_tokens": self.runner.num_blocks * self.config.block_size,
         }

@@ -68,6 +68,7 @@ class Scheduler:
         # parent_id -> the sibling admitted first; its prompt blocks are the ones to share
         self._leaders: dict[str, Request] = {}
         self._prompt_logprobs: dict[str, list[Logprob | None]] = {}
+        self.num_preemptions = 0   # cumulative, for vllm:num_preemptions_total
 
     # ---- queue management -------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -135,6 +136,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(request)
         plan.preempted.append(request)
 
