@@ -2,6 +2,7 @@
 logprobs) and the chat/completions response and chunk builders. Plain dicts; no I/O, no torch."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from minserve.engine.request import FinishReason, Logprob, RequestOutput
@@ -35,9 +36,16 @@ class ChoiceState:
         # chat only: reasoning / tool-call parsers (each keeps this choice's streaming state)
         self.reasoning, self.tools = req.make_parsers() if req.make_parsers else (None, None)
         self.num_tool_calls = 0
+        self.echo_only = req.echo_only
 
     def update(self, out: RequestOutput) -> tuple[str, list[Logprob], bool]:
         """-> (new text, new logprobs, stop string hit). On a hit the caller aborts the sample."""
+        if self.echo_only:  # max_tokens=0: drop the one sampled token; it ended on "length"
+            reason = out.finish_reason
+            if reason in (FinishReason.STOP, FinishReason.LENGTH):
+                reason = FinishReason.LENGTH
+            out = dataclasses.replace(out, new_token_ids=[], logprobs=None, finish_reason=reason,
+                                      stop_reason=None)
         self.num_output_tokens += len(out.new_token_ids)
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if out.num_prompt_tokens:

@@ -80,6 +80,9 @@ class GenerateRequest:
     created: int = field(default_factory=lambda: int(time.time()))
     # chat: () -> (reasoning parser | None, tool parser | None), fresh per choice (they keep state)
     make_parsers: Callable[[], tuple[Any, Any]] | None = None
+    # completions with echo and max_tokens=0 (OpenAI's legacy scoring call, as lm-eval sends it):
+    # the engine samples one token, which cannot be avoided; output.py drops it
+    echo_only: bool = False
 
 
 # ---------------------------------------------------------------- typed field readers
@@ -452,9 +455,15 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     if body.get("suffix"):
         raise _bad("suffix", "is not supported (no fill-in-the-middle)")
     prompts, texts = _prompts(body, ctx)
+    echo = _bool(body, "echo", False)
+    echo_only = echo and type(body.get("max_tokens")) is int and body["max_tokens"] == 0
+    if echo_only:
+        body = {**body, "max_tokens": 1}
+    elif body.get("max_tokens") == 0 and type(body.get("max_tokens")) is int:
+        raise _bad("max_tokens", "must be >= 1 (0 is accepted only with echo=true, to score "
+                   "the prompt)")
     params = _sampling(body, ctx, 16, ("max_tokens",))
     params.logprobs = _num(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
-    echo = _bool(body, "echo", False)
     if echo and params.logprobs is not None:
         params.prompt_logprobs = params.logprobs
     if len(prompts) * params.n > MAX_N:
@@ -466,4 +475,5 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
         texts = [t if t is not None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
                  for t, ids in zip(texts, prompts, strict=True)]
     return GenerateRequest("completion", f"cmpl-{uuid.uuid4().hex}", model, prompts, texts,
-                           params, stream, include_usage, continuous, echo, params.logprobs)
+                           params, stream, include_usage, continuous, echo, params.logprobs,
+                           echo_only=echo_only)

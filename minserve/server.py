@@ -315,10 +315,11 @@ class App:
     async def _consume(self, out: Any, stream: RequestStream, choices: list, tracker:
                        RequestTracker) -> tuple[output.ChoiceState, str, list, bool]:
         c = choices[stream.index_of(out.request_id)]
+        before = c.num_output_tokens
         text, lps, hit = c.update(out)
         if hit:
             self.engine.abort_child(out.request_id)
-        tracker.on_tokens(len(out.new_token_ids))
+        tracker.on_tokens(c.num_output_tokens - before)
         return c, text, lps, c.finish_reason is not None
 
     def _finish(self, req: GenerateRequest, choices: list, tracker: RequestTracker) -> None:

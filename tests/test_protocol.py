@@ -107,6 +107,8 @@ CASES = [
     (COMP, {"prompt": "hi", "suffix": "bye"}, 400, "suffix"),
     (COMP, {"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
     (COMP, {"prompt": "hi", "echo": "no"}, 400, "echo"),
+    (COMP, {"prompt": "hi", "max_tokens": 0}, 400, "only with echo"),
+    (COMP, {"prompt": "hi", "max_tokens": -1, "echo": True}, 400, "max_tokens"),
     (COMP, {"prompt": "hi " * 300}, 400, "maximum context length"),
     (COMP, {"prompt": ["hi"] * 100, "n": 2}, 400, "n"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),

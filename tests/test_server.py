@@ -192,6 +192,38 @@ def test_sse_framing_chat_and_completions(tiny_model_dir):
     assert streamed == full.json()["choices"][0]["text"] and streamed.startswith("Hello")
 
 
+def test_echo_with_max_tokens_zero_scores_the_prompt(tiny_model_dir):
+    """OpenAI's legacy scoring call (lm-eval's loglikelihood): the prompt and its logprobs come
+    back, nothing is generated, finish_reason "length"; streamed too."""
+    base = {"prompt": "The quick brown fox", "echo": True, "logprobs": 1, "temperature": 0}
+
+    async def fn(app):
+        zero = await call(app, "POST", COMP, {**base, "max_tokens": 0})
+        one = await call(app, "POST", COMP, {**base, "max_tokens": 1})
+        streamed = await call(app, "POST", COMP, {**base, "max_tokens": 0, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+        return zero, one, streamed
+
+    zero, one, streamed = run(real_app(tiny_model_dir), fn)
+    assert zero.status == 200, zero.body
+    z, o = zero.json(), one.json()
+    choice = z["choices"][0]
+    assert choice["text"] == "The quick brown fox" and choice["finish_reason"] == "length"
+    assert z["usage"]["completion_tokens"] == 0
+    assert z["usage"]["prompt_tokens"] == len(choice["logprobs"]["tokens"]) > 1
+    lp, lp1 = choice["logprobs"], o["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and all(
+        isinstance(v, float) for v in lp["token_logprobs"][1:])
+    n = len(lp["tokens"])   # the prompt part equals the one-token call's prompt part
+    assert lp["tokens"] == lp1["tokens"][:n] and len(lp1["tokens"]) == n + 1
+    assert lp["token_logprobs"] == lp1["token_logprobs"][:n]
+    ev = streamed.events()
+    assert ev[-1] == "[DONE]" and ev[-2]["usage"]["completion_tokens"] == 0
+    body = [e["choices"][0] for e in ev[:-2]]
+    assert "".join(c["text"] for c in body) == "The quick brown fox"
+    assert body[-1]["finish_reason"] == "length"
+
+
 def test_stop_strings(tiny_model_dir):
     async def fn(app):
         base = {"prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0,
