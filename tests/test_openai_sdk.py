@@ -236,3 +236,15 @@ def test_client_disconnect_through_granian_aborts(server):
     assert _metric(server, "vllm:kv_cache_usage_perc") == 0
     generated = _metric(server, "vllm:request_generation_tokens_sum") - generated_before
     assert 3 <= generated < 400, generated  # stopped early, not run to max_tokens
+
+
+def test_container_healthcheck_against_the_running_server(server, tiny_model_dir):
+    """minserve.healthcheck, given the server's command line as PID 1's, reports it healthy;
+    pointed at a port nobody serves, unhealthy (exit status 1, not a traceback)."""
+    from minserve.healthcheck import check, server_argv
+
+    port = server.rsplit(":", 1)[1]
+    cmdline = b"\0".join(x.encode() for x in [sys.executable, "-m", "minserve", "serve",
+                                                tiny_model_dir, "--port", port])
+    assert check(server_argv(cmdline)) == 0
+    assert check(["--port", str(_free_port())], timeout=2) == 1

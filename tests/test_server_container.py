@@ -46,7 +46,7 @@ def test_containerfile_serves_checks_health_and_keeps_the_cache():
     entry = dict(inst).get("ENTRYPOINT") or dict(inst)["CMD"]
     assert entry == '["python", "-m", "minserve", "--host", "0.0.0.0"]'
     health = dict(inst)["HEALTHCHECK"]
-    assert "CMD" in health and "127.0.0.1:8000/health" in health
+    assert health.endswith('CMD ["python", "-m", "minserve.healthcheck"]')
     volumes = dict(inst)["VOLUME"]
     env = dict(inst)["ENV"]
     assert "/root/.cache/minserve" in volumes and "MINSERVE_CACHE=/root/.cache/minserve" in env
@@ -56,3 +56,18 @@ def test_containerfile_serves_checks_health_and_keeps_the_cache():
     assert any("cuda" in f and f.endswith("AS base-cuda") for f in froms)
     assert any(f.endswith("AS base-cpu") for f in froms)
     assert kinds.count("HEALTHCHECK") == 1 and "EXPOSE" in kinds
+
+
+def test_healthcheck_finds_the_server_from_its_command_line():
+    from minserve.healthcheck import health_url, server_argv
+
+    entry = [b"python", b"-m", b"minserve", b"--host", b"0.0.0.0"]
+    assert server_argv(b"\0".join(entry) + b"\0") == ["--host", "0.0.0.0"]
+    tini = b"\0".join([b"/sbin/tini", b"--", *entry, b"--port", b"9000"])
+    assert health_url(server_argv(tini)) == "http://127.0.0.1:9000/health"
+    assert server_argv(b"/bin/sh\0-c\0sleep 1") == []
+    assert health_url([]) == "http://127.0.0.1:8000/health"
+    assert health_url(["serve", "m", "--port=8443", "--ssl-certfile", "c.pem",
+                       "--ssl-keyfile", "k.pem"]) == "https://127.0.0.1:8443/health"
+    assert health_url(["--host", "::", "--port", "1"]) == "http://[::1]:1/health"
+    assert health_url(["--host", "10.0.0.5"]) == "http://10.0.0.5:8000/health"
