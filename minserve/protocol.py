@@ -292,7 +292,7 @@ def _messages(body: dict) -> list[dict[str, Any]]:
         if not isinstance(m, dict):
             raise _bad(p, "must be an object")
         role = m.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise _bad(f"{p}.role", f"must be one of {sorted(_ROLES)}, got {role!r}")
         content = m.get("content")
         if isinstance(content, list):
