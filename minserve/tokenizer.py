@@ -396,6 +396,18 @@ class IncrementalDetokenizer:
         return delta
 
 
+def _kmp_failure(s: str) -> list[int]:
+    """fail[i]: the length of the longest proper prefix of s[:i+1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
 class StopChecker:
     """Stop strings over streamed text. push() returns the text safe to show now, holding back a
     tail that could still become a stop string, and the stop string once one is hit (the text
@@ -408,9 +420,12 @@ class StopChecker:
             stop = [stop]
         self.stop = [s for s in (stop or []) if s]
         self.include_stop_str_in_output = include_stop_str_in_output
-        # Every proper prefix of every stop string: a buffer tail in this set must wait.
-        self._prefixes = {s[:i] for s in self.stop for i in range(1, len(s))}
-        self._max_prefix_len = max((len(s) - 1 for s in self.stop), default=0)
+        # How far the text's tail is into each stop string (a KMP automaton per stop string):
+        # the held tail is the longest such partial match. Linear in the text and the stop
+        # strings; the earlier set of all prefixes cost O(len^2) memory (a 100k-character stop
+        # string took 16 s and gigabytes).
+        self._fail = [_kmp_failure(s) for s in self.stop]
+        self._state = [0] * len(self.stop)
         self._held = ""
         self.stop_hit: str | None = None
 
@@ -436,11 +451,16 @@ class StopChecker:
             self.stop_hit = best
             end = best_at + len(best) if self.include_stop_str_in_output else best_at
             return buf[:end], best
-        hold = 0
-        for k in range(min(len(buf), self._max_prefix_len), 0, -1):
-            if buf[-k:] in self._prefixes:
-                hold = k
-                break
+        # No match in buf, so each automaton (its state covers the held tail) only needs delta.
+        for i, (s, fail) in enumerate(zip(self.stop, self._fail, strict=True)):
+            k = self._state[i]
+            for ch in delta:
+                while k and s[k] != ch:
+                    k = fail[k - 1]
+                if s[k] == ch:
+                    k += 1
+            self._state[i] = k   # < len(s): a full match would have been found above
+        hold = max(self._state)
         self._held = buf[len(buf) - hold:] if hold else ""
         return buf[:len(buf) - hold], None
 

@@ -336,12 +336,15 @@ def test_stop_earliest_wins_and_no_stops():
 
 
 @pytest.mark.parametrize("include", [False, True])
-def test_stop_every_split_equals_whole_text(include):
+@pytest.mark.parametrize("stops,alphabet", [
+    (["</s>", "ab", "\n\n", "日本"], ["a", "b", "<", "/", "s", ">", "\n", "x", "日", "本", " "]),
+    # self-overlapping stop strings: the partial-match automaton must fall back correctly
+    (["aab", "abac", "aaaa", "abab"], ["a", "b", "c", "x"]),
+])
+def test_stop_every_split_equals_whole_text(include, stops, alphabet):
     rng = random.Random(1)
-    stops = ["</s>", "ab", "\n\n", "日本"]
-    for _ in range(200):
-        text = "".join(rng.choice(["a", "b", "<", "/", "s", ">", "\n", "x", "日", "本", " "])
-                       for _ in range(rng.randrange(0, 25)))
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 25)))
         found = [(text.find(s), -len(s), s) for s in stops if s in text]
         if found:
             at, _, s = min(found)
@@ -352,3 +355,14 @@ def test_stop_every_split_equals_whole_text(include):
         chunks = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         emitted, hit = _run_stop(chunks, stops, include)
         assert ("".join(emitted), hit) == (expected, expected_hit), (text, chunks)
+
+
+def test_long_stop_string_is_linear():
+    """A 100k-character stop string (a request may carry one): hold-back stays right and cheap
+    (the set of all its prefixes would need about 5 GB)."""
+    stop = "x" * 99_999 + "y"
+    checker = StopChecker([stop])
+    assert checker.push("ab" + "x" * 50_000) == ("ab", None)   # all x's may start the stop
+    assert checker.push("x" * 49_999) == ("", None)
+    assert checker.push("xz") == ("x" * 100_000 + "z", None)  # 100,001 x's then z: released
+    assert checker.push("x" * 99_999 + "y!") == ("", stop)
