@@ -160,3 +160,47 @@ def test_fuzzed_requests_never_500_and_lose_nothing(tiny_model_dir):
     assert counts.get(200, 0) > 50 and counts.get(400, 0) > 50, counts
     assert ok.status == 200 and stats["num_running"] == stats["num_waiting"] == 0
     assert stats["kv_cache_usage"] == 0
+
+
+EMBED_VALID = {
+    "input": ["hi", ["a b", "c"], [5, 6, 7], [[5], [6, 7]], "", [], [""], ["x " * 300]],
+    "encoding_format": ["float", "base64"], "dimensions": [8, 64, 16], "user": ["u"],
+    "truncate_prompt_tokens": [-1, 4, 1], "model": ["emb"],
+}
+
+
+def test_fuzzed_embedding_requests_never_500(tmp_path):
+    from minserve.embedding_service import EmbeddingService
+    from minserve.server import ServerConfig, create_app
+    from tests.test_embeddings import make_tiny_encoder
+
+    folder, _ = make_tiny_encoder(str(tmp_path / "bert"), "bert", is_matryoshka=True)
+    app = create_app(None, ServerConfig(served_model_names=[], embedding_model_names=["emb"]),
+                     embedding=EmbeddingService.lazy(folder, served_model_name="emb"))
+    rng = random.Random(int(os.environ.get("FUZZ_SEED", 1234)))
+
+    async def fn(app):
+        bad, counts = [], {}
+        for _ in range(int(os.environ.get("FUZZ_COUNT", 400)) // 2):
+            body = {"input": "hello", "model": "emb"}
+            for _ in range(rng.choice([1, 2, 3])):
+                key = rng.choice(list(EMBED_VALID))
+                body[key] = rng.choice(EMBED_VALID[key])
+            if rng.random() < 0.6:
+                key = rng.choice(list(EMBED_VALID))
+                body[key] = _mutate(rng, body.get(key, rng.choice(ODD)))
+            r = await call(app, "POST", "/v1/embeddings", body=json.dumps(body).encode(),
+                           headers={"content-type": "application/json"})
+            counts[r.status] = counts.get(r.status, 0) + 1
+            if r.status not in (200, 400, 404):
+                bad.append((body, r.status, r.body[:300]))
+            elif r.status == 200:
+                data = r.json()["data"]
+                n = len(body["input"]) if isinstance(body["input"], list) and body[
+                    "input"] and not isinstance(body["input"][0], int) else 1
+                assert len(data) == n and [d["index"] for d in data] == list(range(n)), body
+        return bad, counts
+
+    bad, counts = run(app, fn)
+    assert not bad, bad[:5]
+    assert counts.get(200, 0) > 20 and counts.get(400, 0) > 20, counts
