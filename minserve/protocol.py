@@ -62,6 +62,27 @@ class ServingContext:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # A longer prompt text cannot fit in max_model_len tokens whatever it tokenizes to (App sets
+    # it from the tokenizer's longest token); None: no early check.
+    max_prompt_chars: int | None = None
+
+
+def prompt_chars_limit(max_model_len: int, max_token_bytes: int) -> int:
+    """A token covers at most max_token_bytes UTF-8 bytes and a character is at least one byte;
+    x4 leaves room for normalizers that shorten text (NFKC ligatures)."""
+    return 4 * max_model_len * max_token_bytes
+
+
+def encode_prompt(ctx: ServingContext, text: str, what: str,
+                  add_special_tokens: bool = True) -> list[int]:
+    """Tokenize a prompt, refusing at once a text too long to fit (a 30 MB prompt took 34 s to
+    tokenize, only to be refused for its length)."""
+    if ctx.max_prompt_chars is not None and len(text) > ctx.max_prompt_chars:
+        raise OpenAIError(400, f"This model's maximum context length is {ctx.max_model_len} "
+                          f"tokens. However, your request has {len(text)} characters of {what}, "
+                          f"far more than fit in {ctx.max_model_len} tokens. Please reduce the "
+                          f"length of the {what}.", param=what)
+    return ctx.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 @dataclass
@@ -353,7 +374,7 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
         param = getattr(e, "param", None) or "messages"
         msg = str(e) if str(e).startswith("chat template") else f"chat template error: {e}"
         raise OpenAIError(400, msg, param=param) from None
-    prompt = tok.encode(text, add_special_tokens=False)
+    prompt = encode_prompt(ctx, text, "messages", add_special_tokens=False)
     reasoning_cls = get_reasoning_parser(ctx.reasoning_parser) if ctx.reasoning_parser else None
     opens = reasoning_cls is not None and prompt_opens_reasoning(text)
 
@@ -444,7 +465,7 @@ def _prompts(body: dict, ctx: ServingContext) -> tuple[list[list[int]], list[str
     if all(type(t) is int for t in p):
         return [_int_list(p, "prompt", ctx.vocab_size)], [None]
     if all(isinstance(s, str) for s in p):
-        return [ctx.tokenizer.encode(s) for s in p], list(p)
+        return [encode_prompt(ctx, s, "prompt") for s in p], list(p)
     if all(isinstance(s, list) for s in p):
         return [_int_list(s, "prompt", ctx.vocab_size) for s in p], [None] * len(p)
     raise _bad("prompt", "mixes strings, token ids and lists")

@@ -33,6 +33,7 @@ from minserve.protocol import (
     ServingContext,
     parse_chat,
     parse_completion,
+    prompt_chars_limit,
 )
 
 logger = logging.getLogger("minserve.server")
@@ -149,7 +150,9 @@ class App:
                 check_structured=self._check_structured,
                 enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
                 tool_call_parser=self.cfg.tool_call_parser,
-                reasoning_parser=self.cfg.reasoning_parser)
+                reasoning_parser=self.cfg.reasoning_parser,
+                max_prompt_chars=prompt_chars_limit(eng.max_model_len,
+                                                    eng.tokenizer.max_token_bytes))
         return self._ctx
 
     def _check_structured(self, spec: dict[str, Any]) -> None:
@@ -370,16 +373,18 @@ class App:
 
 
 # ---------------------------------------------------------------- route handlers
+# Parsing renders chat templates and tokenizes (up to a megabyte-scale prompt: about a second):
+# in a worker thread, so the event loop keeps every other stream flowing meanwhile.
 async def chat_completions(app: App, http: Http) -> None:
     body = await app.read_json(http)
     check_chat_route(app, body)
-    await app.generate(http, parse_chat(body, app.ctx))
+    await app.generate(http, await asyncio.to_thread(parse_chat, body, app.ctx))
 
 
 async def completions(app: App, http: Http) -> None:
     body = await app.read_json(http)
     check_chat_route(app, body)
-    await app.generate(http, parse_completion(body, app.ctx))
+    await app.generate(http, await asyncio.to_thread(parse_completion, body, app.ctx))
 
 
 def _model_card(app: App, name: str) -> dict[str, Any]:
@@ -423,7 +428,10 @@ async def tokenize(app: App, http: Http) -> None:
     body = await app.read_json(http)
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
-    ctx = app.ctx
+    await send_json(http.send, 200, await asyncio.to_thread(_tokenize, body, app.ctx))
+
+
+def _tokenize(body: dict[str, Any], ctx: ServingContext) -> dict[str, Any]:
     if "messages" in body:
         chat = parse_chat({**body, "max_tokens": None, "max_completion_tokens": None,
                            "stream": False, "stream_options": None}, ctx)
@@ -438,8 +446,8 @@ async def tokenize(app: App, http: Http) -> None:
                               param="add_special_tokens")
         ids = ctx.tokenizer.encode(prompt, add_special_tokens=add)
     strs = ctx.tokenizer.convert_ids_to_tokens(ids) if body.get("return_token_strs") else None
-    await send_json(http.send, 200, {"count": len(ids), "max_model_len": ctx.max_model_len,
-                                     "tokens": ids, "token_strs": strs})
+    return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,
+            "token_strs": strs}
 
 
 async def detokenize(app: App, http: Http) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -190,6 +190,10 @@ class Tokenizer:
     # ------------------------------------------------------------ encode / decode
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > 4096:
+            # tokenizers' encode() holds the GIL throughout, encode_batch() releases it: a long
+            # prompt tokenized in the server's worker thread must not freeze the event loop.
+            return self.encode_batch([text], add_special_tokens)[0]
         if not self._manual_specials:
             return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         ids = self.backend.encode(text, add_special_tokens=False).ids
@@ -216,6 +220,12 @@ class Tokenizer:
         """Raw vocabulary strings ("Ġworld", "▁world", "<0x0A>"); "" for an unknown id."""
         to_token = self.backend.id_to_token
         return [to_token(i) or "" for i in ids]
+
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """The longest token's byte length: a text of B UTF-8 bytes needs at least B / this many
+        tokens, so a huge prompt can be refused before seconds go into tokenizing it."""
+        return max((len(self.token_bytes(i)) for i in range(self.vocab_size)), default=1) or 1
 
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one token stands for (OpenAI logprobs' "bytes"): a partial UTF-8

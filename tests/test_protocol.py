@@ -108,6 +108,10 @@ CASES = [
     (COMP, {"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
     (COMP, {"prompt": "hi", "echo": "no"}, 400, "echo"),
     (COMP, {"prompt": "hi", "max_tokens": 0}, 400, "only with echo"),
+    # far too long to fit whatever it tokenizes to: refused before tokenizing
+    (COMP, {"prompt": "hi " * 300_000}, 400, "characters of prompt"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi " * 300_000}]}, 400,
+     "characters of messages"),
     (CHAT, {"messages": [{"role": {"a": 1}, "content": "x"}]}, 400, "role"),  # found by fuzzing
     (COMP, {"prompt": "hi", "max_tokens": -1, "echo": True}, 400, "max_tokens"),
     (COMP, {"prompt": "hi " * 300}, 400, "maximum context length"),

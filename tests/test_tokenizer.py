@@ -366,3 +366,25 @@ def test_long_stop_string_is_linear():
     assert checker.push("x" * 49_999) == ("", None)
     assert checker.push("xz") == ("x" * 100_000 + "z", None)  # 100,001 x's then z: released
     assert checker.push("x" * 99_999 + "y!") == ("", stop)
+
+
+@pytest.mark.parametrize("which", ["tok", "sp_tok"])
+def test_long_text_encoding_and_the_prompt_length_bound(which, request):
+    """Texts over 4096 characters go through encode_batch (it releases the GIL): same ids. And
+    no text tokenizes to fewer than len(utf8) / max_token_bytes tokens, the bound that lets the
+    server refuse a huge prompt before tokenizing it."""
+    t = request.getfixturevalue(which)
+    rng = random.Random(0)
+    words = ["hello", "world", "日本", "é", " ", "  ", "\n", "xyz", "<s>", "ab"]
+    for n in (10, 900, 3000):
+        text = "".join(rng.choice(words) for _ in range(n))
+        for specials in (True, False):
+            ids = t.encode(text, add_special_tokens=specials)
+            if t._manual_specials:   # bos/eos added by us (tokenizer_config's add_bos_token)
+                want = t.backend.encode(text, add_special_tokens=False).ids
+                want = t._add_specials(want) if specials else want
+            else:
+                want = t.backend.encode(text, add_special_tokens=specials).ids
+            assert ids == want
+            assert len(ids) >= len(text.encode()) / t.max_token_bytes
+    assert t.max_token_bytes == max(len(t.token_bytes(i)) for i in range(t.vocab_size))
