@@ -210,7 +210,7 @@ class App:
                 raise OpenAIError(405, f"Method Not Allowed: {method} {path} (allowed: "
                                   f"{', '.join(sorted(methods))})")
             if path not in ALWAYS_OPEN:
-                self._check_ready()
+                self._check_ready(path)
             await handler(self, http)
         except Exception as e:  # noqa: BLE001 - whatever happens, the client gets an answer
             if not isinstance(e, OpenAIError):
@@ -249,8 +249,17 @@ class App:
             raise OpenAIError(401, "Unauthorized: a valid `Authorization: Bearer <api key>` "
                               "header is required", type="AuthenticationError")
 
-    def _check_ready(self) -> None:
-        for service in services(self):
+    def _check_ready(self, path: str) -> None:
+        """Each route waits only for the model that answers it: chat keeps working while the
+        embedding model loads or after it failed, and the other way round (/health and
+        /v1/models, which describe both, need both)."""
+        if path == "/v1/embeddings" and self.embedding is not None:
+            needed = [self.embedding]
+        elif path == "/v1/models" or path.startswith("/v1/models/"):
+            needed = services(self)
+        else:
+            needed = [self.engine]
+        for service in needed:
             if not service.is_healthy:
                 raise OpenAIError(503, f"the engine is not healthy: {service.dead_reason}")
             if not service.is_ready:

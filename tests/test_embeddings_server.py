@@ -197,6 +197,38 @@ def test_embedding_load_failure_is_unhealthy(tmp_path):
     assert health == 503 and r.status == 503 and "not healthy" in r.json()["error"]["message"]
 
 
+def test_chat_keeps_serving_when_the_embedding_model_fails(tiny_model_dir, tmp_path):
+    """Readiness is per route: a broken embedding model makes /health and /v1/embeddings 503,
+    while completions on the chat model still answer."""
+    from minserve.config import EngineConfig
+    from minserve.embedding_service import EmbeddingService
+    from minserve.server import ServerConfig, create_app
+    from tests.asgi import call, lifespan
+
+    os.makedirs(tmp_path / "broken")
+    (tmp_path / "broken" / "config.json").write_text('{"architectures": ["BertModel"]}')
+    service = EmbeddingService.lazy(str(tmp_path / "broken"))
+    app = create_app(EngineConfig(model=tiny_model_dir, kv_cache_memory=4 << 20,
+                                  max_model_len=256),
+                     ServerConfig(served_model_names=["tiny"], embedding_model_names=["b"]),
+                     embedding=service)
+
+    async def main():
+        async with lifespan(app, wait_ready=False):
+            await app.engine.wait_ready(timeout=120)
+            for _ in range(200):
+                if not service.is_healthy:
+                    break
+                await asyncio.sleep(0.02)
+            return ((await call(app, "GET", "/health")).status,
+                    await call(app, "POST", "/v1/embeddings", {"input": "hi"}),
+                    await call(app, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}))
+
+    health, emb, comp = asyncio.run(main())
+    assert health == 503 and emb.status == 503 and "not healthy" in emb.json()["error"]["message"]
+    assert comp.status == 200 and comp.json()["usage"]["completion_tokens"] == 2
+
+
 @pytest.mark.slow
 def test_seed_guide_call_on_the_real_model():
     """The seed guide's call, verbatim, against `--task embed` (all-minilm-l6-v2, fetched once)."""
