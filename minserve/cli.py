@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import pathlib
 import re
 import signal
 import sys
@@ -37,6 +38,10 @@ def _size(text: str) -> int:
     base = 1024 if binary else 1000
     scale = {"": 1, "k": base, "m": base**2, "g": base**3, "t": base**4}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
+
+
+def _path(text: str | None) -> pathlib.Path | None:
+    return pathlib.Path(text) if text else None
 
 
 def _origins(text: str) -> list[str]:
@@ -200,7 +205,9 @@ async def serve(args: argparse.Namespace) -> int:
     url = f"{scheme}://{args.host}:{args.port}{args.root_path.rstrip('/')}/v1"
     server = Server(app, address=args.host, port=args.port, interface=Interfaces.ASGI,
                     log_level=LogLevels(args.log_level if args.log_level != "trace" else "debug"),
-                    ssl_cert=args.ssl_certfile, ssl_key=args.ssl_keyfile, backlog=1024)
+                    # granian wants Paths here (a str fails inside its TLS set-up)
+                    ssl_cert=_path(args.ssl_certfile), ssl_key=_path(args.ssl_keyfile),
+                    backlog=1024)
     exit_code = 0
 
     def on_ready() -> None:

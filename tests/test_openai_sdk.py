@@ -3,10 +3,12 @@ free port, tiny model. The real default model is one @slow test at the end."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -25,17 +27,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: list[str], timeout: float = 120) -> tuple[subprocess.Popen, str]:
+def start_server(args: list[str], timeout: float = 120, scheme: str = "http"
+                 ) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "minserve", *args, "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{scheme}://127.0.0.1:{port}"
+    # a test's self-signed certificate: check liveness, not trust
+    context = ssl._create_unverified_context() if scheme == "https" else None
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stdout.read()}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+            with urllib.request.urlopen(url + "/health", timeout=1, context=context) as r:
                 if r.status == 200:
                     return proc, url
         except OSError:
@@ -248,3 +253,35 @@ def test_container_healthcheck_against_the_running_server(server, tiny_model_dir
                                                 tiny_model_dir, "--port", port])
     assert check(server_argv(cmdline)) == 0
     assert check(["--port", str(_free_port())], timeout=2) == 1
+
+
+def test_https_with_ssl_flags(tiny_model_dir, tmp_path):
+    """--ssl-certfile/--ssl-keyfile: the SDK talks TLS to it, the container healthcheck finds it
+    over https, and plain http on the same port gets no answer."""
+    import shutil
+
+    import httpx2 as httpx  # the openai SDK's HTTP client
+
+    from minserve.healthcheck import check
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", cert],
+                   check=True, capture_output=True)
+    args = ["serve", tiny_model_dir, "--served-model-name", "tiny", "--kv-cache-memory", "8MiB",
+            "--max-model-len", "256", "--ssl-certfile", cert, "--ssl-keyfile", key]
+    proc, url = start_server(args, scheme="https")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
+                               http_client=httpx.Client(verify=False))
+        out = client.completions.create(model="tiny", prompt="Hi", max_tokens=3)
+        assert out.usage.completion_tokens == 3
+        port = url.rsplit(":", 1)[1]
+        assert check([*args, "--port", port]) == 0
+        with pytest.raises((OSError, http.client.HTTPException)):   # a TLS alert, not HTTP
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        code, out_text = stop_server(proc)
+    assert code == 0, out_text
