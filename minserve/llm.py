@@ -1,5 +1,6 @@
 """LLM: the offline / embedded Python API. Drives Engine.step() synchronously (no asyncio),
-fans n out into sibling requests, detokenizes and applies stop strings."""
+fans n out into sibling requests, detokenizes and applies stop strings. With an embedding model
+(task="embed", or detected from the architecture) it wraps an Embedder and offers embed()."""
 from __future__ import annotations
 
 import itertools
@@ -44,6 +45,23 @@ class GenerateOutput:
     @property
     def finished(self) -> bool:
         return all(o.finish_reason is not None for o in self.outputs)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """vLLM's shape: .prompt, .prompt_token_ids, .outputs.embedding."""
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+
+
+# EngineConfig fields that mean something to an embedding model (no KV cache, no sampling).
+_EMBEDDER_ARGS = ("dtype", "device", "max_model_len")
 
 
 class _Sample:
@@ -114,30 +132,80 @@ class _Progress:
 
 
 class LLM:
-    """`LLM(model=None, **engine_args)`: engine_args are EngineConfig fields (vLLM names)."""
+    """`LLM(model=None, **engine_args)`: engine_args are EngineConfig fields (vLLM names).
+    task/runner as on the command line: "embed"/"pooling" (or an embedding model's architecture)
+    makes an embedding LLM, whose embed() works and generate()/chat() do not."""
 
-    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        self.engine = Engine(EngineConfig(model=model, **engine_args))
+    def __init__(self, model: str | None = None, *, task: str = "auto", runner: str = "auto",
+                 **engine_args: Any) -> None:
+        from minserve.embedding_models import DEFAULT_EMBEDDING_MODEL, resolve_task
+
         self._ids = itertools.count()
+        self.engine: Engine | None = None
+        self.embedder: Any = None
+        if resolve_task(task, runner, model, None) == "embed":
+            from minserve.embedder import Embedder
+
+            other = sorted(set(engine_args) - set(_EMBEDDER_ARGS))
+            if other:
+                raise TypeError(f"{', '.join(other)}: not used by an embedding model (it takes "
+                                f"{', '.join(_EMBEDDER_ARGS)})")
+            self.embedder = Embedder(model or DEFAULT_EMBEDDING_MODEL, **engine_args)
+        else:
+            self.engine = Engine(EngineConfig(model=model, **engine_args))
 
     @classmethod
     def from_engine(cls, engine: Engine) -> LLM:
         self = cls.__new__(cls)
-        self.engine, self._ids = engine, itertools.count()
+        self.engine, self.embedder, self._ids = engine, None, itertools.count()
         return self
 
+    def _generator(self) -> Engine:
+        if self.engine is None:
+            raise ValueError(f"{self.embedder.model_name} is an embedding model: use "
+                             "LLM.embed(), or load a chat model for generate()/chat()")
+        return self.engine
+
     def get_tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        return self.engine.tokenizer if self.engine is not None else self.embedder.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults (as vLLM does)."""
-        return SamplingParams(**self.engine.generation_defaults)
+        return SamplingParams(**self._generator().generation_defaults)
+
+    def embed(self, prompts: Prompt | Sequence[Prompt], *, truncate_prompt_tokens: int | None
+              = None, dimensions: int | None = None) -> list[EmbeddingRequestOutput]:
+        """Strings, token-id lists or {"prompt"} / {"prompt_token_ids"} dicts -> one embedding
+        per prompt, in order, pooled and normalized as the model's sentence-transformers config
+        says (what /v1/embeddings returns). Large lists run in length-sorted batches."""
+        if self.embedder is None:
+            raise ValueError("LLM.embed() needs an embedding model (LLM(model, task=\"embed\") "
+                             "or an embedding architecture); this LLM holds a chat model")
+        from minserve.pooling import check_dimensions
+
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        texts: list[str | None] = []
+        inputs: list[str | list[int]] = []
+        for p in prompts:
+            if isinstance(p, dict):
+                p = p["prompt_token_ids"] if "prompt_token_ids" in p else p["prompt"]
+            texts.append(p if isinstance(p, str) else None)
+            inputs.append(p)
+        emb = self.embedder
+        check_dimensions(dimensions, emb.dimension, emb.pooling, emb.model_name)
+        token_lists = emb.tokenize(inputs, truncate_prompt_tokens)
+        vectors = emb.finish(emb.pool_token_ids(token_lists), dimensions)
+        return [EmbeddingRequestOutput(t, ids, EmbeddingOutput(v.tolist()))
+                for t, ids, v in zip(texts, token_lists, vectors, strict=True)]
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool | None = None) -> list[GenerateOutput]:
         """Prompts are strings, token-id lists, or {"prompt": ...} / {"prompt_token_ids": ...}.
         Returns one GenerateOutput per prompt, in order."""
+        self._generator()
         if isinstance(prompts, (str, dict)) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -216,7 +284,7 @@ class LLM:
              chat_template_kwargs: dict[str, Any] | None = None) -> list[GenerateOutput]:
         """One conversation (a list of {"role", "content"}) or a list of conversations."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tok = self.engine.tokenizer
+        tok = self._generator().tokenizer
         prompts: list[Prompt] = []
         for conv in convs:
             text = tok.apply_chat_template(
@@ -229,4 +297,5 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
 
-__all__ = ["LLM", "CompletionOutput", "GenerateOutput", "FinishReason"]
+__all__ = ["LLM", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "FinishReason",
+           "GenerateOutput"]

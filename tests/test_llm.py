@@ -79,3 +79,36 @@ def test_too_long_prompt_raises_and_leaves_engine_clean(llm):
     with pytest.raises(ValueError, match="maximum context length"):
         llm.generate(["ok", [1] * (llm.engine.max_model_len + 1)], SamplingParams(max_tokens=2))
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_embed_with_an_embedding_model(tmp_path, llm):
+    """LLM(embedding folder) is detected as an embedding LLM: embed() gives the Embedder's
+    vectors for strings, token ids and dicts, with dimensions; generate() says to use embed()."""
+    import numpy as np
+
+    from minserve.embedder import Embedder
+    from tests.test_embeddings import make_tiny_encoder
+
+    folder, _ = make_tiny_encoder(str(tmp_path / "bert"), "bert", is_matryoshka=True)
+    emb_llm = LLM(folder, dtype="float32")
+    texts = ["a man eats food", "hello"]
+    out = emb_llm.embed(texts)
+    want, _ = Embedder(folder).embed(texts)
+    assert [o.prompt for o in out] == texts
+    np.testing.assert_allclose(np.array([o.outputs.embedding for o in out]), np.stack(want),
+                               atol=1e-6)
+    ids = out[0].prompt_token_ids
+    by_ids = emb_llm.embed([ids, {"prompt_token_ids": ids}, {"prompt": texts[0]}])
+    for o in by_ids:
+        np.testing.assert_allclose(o.outputs.embedding, out[0].outputs.embedding, atol=1e-6)
+    assert by_ids[0].prompt is None and by_ids[0].prompt_token_ids == ids
+    short = emb_llm.embed("hello", dimensions=8)[0].outputs.embedding
+    assert len(short) == 8 and abs(np.linalg.norm(short) - 1) < 1e-5
+    with pytest.raises(ValueError, match="embedding model"):
+        emb_llm.generate("hi")
+    with pytest.raises(ValueError, match="needs an embedding model"):
+        llm.embed("hi")
+    with pytest.raises(TypeError, match="kv_cache_memory"):
+        LLM(folder, kv_cache_memory=1 << 20)
+    with pytest.raises(ValueError, match="contradict"):
+        LLM(folder, task="embed", runner="generate")
