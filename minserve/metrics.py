@@ -96,6 +96,15 @@ class Metrics:
         self.request_generation_tokens = Histogram(
             "vllm:request_generation_tokens", "Number of generation tokens processed.", lbl,
             buckets=TOKEN_BUCKETS, registry=r).labels(model_name)
+        # Where a request's time went (vLLM's dashboard panels "Queue Time" and "Requests
+        # Prefill and Decode Time"); one observation per engine request, so per sample for n > 1.
+        self.phases = {phase: Histogram(
+            f"vllm:request_{phase}_time_seconds", doc, lbl, buckets=E2E_BUCKETS,
+            registry=r).labels(model_name) for phase, doc in (
+                ("queue", "Histogram of time spent in WAITING phase for request."),
+                ("prefill", "Histogram of time spent in PREFILL phase for request."),
+                ("decode", "Histogram of time spent in DECODE phase for request."),
+                ("inference", "Histogram of time spent in RUNNING phase for request."))}
         r.register(_EngineCollector(model_name, get_stats))
 
     def render(self) -> bytes:
@@ -131,6 +140,13 @@ class RequestTracker:
             self.m.itl.observe(now - self.last)
         self.last = now
         self.m.generation_tokens.inc(num_new_tokens)
+
+    def on_engine_timings(self, timings: Any) -> None:
+        """A finished engine request's RequestTimings (engine/request.py); None phases skipped."""
+        for phase, histogram in self.m.phases.items():
+            seconds = getattr(timings, phase)
+            if seconds is not None:
+                histogram.observe(seconds)
 
     def on_finish(self, num_prompt_tokens: int, finish_reasons: list[str | None],
                   num_output_tokens: list[int] = ()) -> None:

@@ -332,6 +332,8 @@ class App:
         if hit:
             self.engine.abort_child(out.request_id)
         tracker.on_tokens(c.num_output_tokens - before)
+        if out.timings is not None:
+            tracker.on_engine_timings(out.timings)
         return c, text, lps, c.finish_reason is not None
 
     def _finish(self, req: GenerateRequest, choices: list, tracker: RequestTracker) -> None:

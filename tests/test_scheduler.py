@@ -269,3 +269,26 @@ def test_prompt_logprobs_requests_skip_prefix_hits():
     sched.add(new_req("c", prompt, max_tokens=2))
     outs = run(sched, runner)
     assert outs["b"][0].num_cached_tokens == 0 and outs["c"][0].num_cached_tokens == 12
+
+
+def test_finished_outputs_carry_phase_timings():
+    """Only the last output of a request carries timings; the phases add up; a request aborted
+    before it was ever scheduled has queue time only."""
+    sched, runner = make(max_num_seqs=1, budget=8)
+    sched.add(new_req("a", list(range(10, 30)), max_tokens=3))   # 20 tokens: 3 prefill chunks
+    sched.add(new_req("b", [5, 6], max_tokens=2))                # waits behind "a"
+    plan = sched.schedule()
+    outs = list(sched.update(plan, runner.execute(plan)))
+    sched.abort(["b"])
+    outs += [o for v in run(sched, runner).values() for o in v]
+    by_id: dict[str, list] = {}
+    for o in outs:
+        by_id.setdefault(o.request_id, []).append(o)
+    a = by_id["a"]
+    assert all(o.timings is None for o in a[:-1]) and a[-1].timings is not None
+    t = a[-1].timings
+    assert t.queue >= 0 and t.prefill >= 0 and t.decode >= 0
+    assert abs(t.prefill + t.decode - t.inference) < 1e-6
+    (b,) = by_id["b"]
+    assert b.finish_reason == FinishReason.ABORT and b.timings.queue >= 0
+    assert (b.timings.prefill, b.timings.decode, b.timings.inference) == (None, None, None)

@@ -68,10 +68,14 @@ def test_routes(tiny_model_dir):
                  "vllm:e2e_request_latency_seconds_count", "vllm:request_success_total",
                  "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
                  "vllm:request_prompt_tokens_bucket", "vllm:request_generation_tokens_sum",
-                 "vllm:num_preemptions_total"):
+                 "vllm:num_preemptions_total", "vllm:request_queue_time_seconds_count",
+                 "vllm:request_prefill_time_seconds_bucket", "vllm:request_decode_time_seconds_sum",
+                 "vllm:request_inference_time_seconds_count"):
         assert name in text, name
     assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"} 1.0' in text
     assert 'vllm:generation_tokens_total{model_name="tiny"} 3.0' in text
+    for phase in ("queue", "prefill", "decode", "inference"):   # the one finished request
+        assert f'vllm:request_{phase}_time_seconds_count{{model_name="tiny"}} 1.0' in text
 
 
 def test_not_ready_is_503(tiny_model_dir):

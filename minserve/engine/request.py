@@ -23,6 +23,16 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(slots=True)
+class RequestTimings:
+    """Seconds spent in each phase (vLLM's request_{queue,prefill,decode,inference}_time). A
+    request that never ran has only queue time; one aborted in prefill has no decode time."""
+    queue: float
+    prefill: float | None
+    decode: float | None
+    inference: float | None
+
+
+@dataclass(slots=True)
 class Logprob:
     """Logprob of the chosen token plus the top alternatives, at one position."""
     token_id: int
@@ -43,6 +53,7 @@ class RequestOutput:
     logprobs: list[Logprob] | None = None    # one per new token when asked
     prompt_logprobs: list[Logprob | None] | None = None  # once, when the prompt is done
     error: str | None = None                 # finish_reason ERROR: why
+    timings: RequestTimings | None = None    # once, when finished (for /metrics)
 
     @property
     def finished(self) -> bool:
@@ -70,6 +81,17 @@ class Request:
     num_preemptions: int = 0
     prompt_logprobs_done: bool = False
     structured: object | None = None  # a compiled constraint (structured.py), or None
+    scheduled_time: float | None = None     # time.monotonic() when first scheduled
+    first_token_time: float | None = None   # ... when its first output token was sampled
+
+    def timings(self, now: float) -> RequestTimings:
+        if self.scheduled_time is None:
+            return RequestTimings(now - self.arrival_time, None, None, None)
+        first = self.first_token_time
+        return RequestTimings(self.scheduled_time - self.arrival_time,
+                              (first if first is not None else now) - self.scheduled_time,
+                              now - first if first is not None else None,
+                              now - self.scheduled_time)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,6 +5,7 @@ There is no prefill phase and no decode phase: each request's num_computed_token
 its num_tokens. A decode is a request one token behind; a prefill chunk is one further behind."""
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -108,6 +109,8 @@ class Scheduler:
             request.request_id, new_token_ids, request.finish_reason, request.stop_reason,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
+            timings=(request.timings(time.monotonic()) if request.finish_reason is not None
+                     else None),
         )
 
     def _apply_aborts(self, plan: StepPlan) -> None:
@@ -224,6 +227,8 @@ class Scheduler:
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
+            if request.scheduled_time is None:   # a preempted request keeps its first time
+                request.scheduled_time = time.monotonic()
             if request.parent_id is not None:
                 self._leaders.setdefault(request.parent_id, request)
             self.running.append(request)
@@ -249,6 +254,8 @@ class Scheduler:
                 self.kv.cache_full_blocks(request)
                 continue  # a prefill chunk short of the end samples nothing
             token = sampled.token_ids[i]
+            if not request.output_token_ids:
+                request.first_token_time = time.monotonic()
             request.output_token_ids.append(token)
             self._check_stop(request, token)
             out = self._out(request, [token])
