@@ -123,22 +123,25 @@ class Metrics:
 
 
 class RequestTracker:
-    """Timing of one API request (all its choices): TTFT, inter-token gaps, E2E."""
+    """Timing of one API request: TTFT and inter-token gaps per choice (each choice is its own
+    engine request, as in vLLM V1, so n > 1 samples do not interleave into one gap series), E2E
+    for the whole request."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
         self.arrival = time.monotonic()
-        self.last: float | None = None
+        self.last: dict[int, float] = {}   # choice index -> when its last tokens came
 
-    def on_tokens(self, num_new_tokens: int) -> None:
+    def on_tokens(self, num_new_tokens: int, choice: int = 0) -> None:
         if num_new_tokens <= 0:
             return
         now = time.monotonic()
-        if self.last is None:
+        last = self.last.get(choice)
+        if last is None:
             self.m.ttft.observe(now - self.arrival)
         else:
-            self.m.itl.observe(now - self.last)
-        self.last = now
+            self.m.itl.observe(now - last)
+        self.last[choice] = now
         self.m.generation_tokens.inc(num_new_tokens)
 
     def on_engine_timings(self, timings: Any) -> None:

@@ -331,7 +331,7 @@ class App:
         text, lps, hit = c.update(out)
         if hit:
             self.engine.abort_child(out.request_id)
-        tracker.on_tokens(c.num_output_tokens - before)
+        tracker.on_tokens(c.num_output_tokens - before, c.index)
         if out.timings is not None:
             tracker.on_engine_timings(out.timings)
         return c, text, lps, c.finish_reason is not None

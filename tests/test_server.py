@@ -464,3 +464,18 @@ def test_usage_reports_cached_prompt_tokens(tiny_model_dir):
         assert u["prompt_tokens"] == first["prompt_tokens"]
         assert 0 < u["prompt_tokens_details"]["cached_tokens"] <= want_cached
     assert again["completion_tokens"] == 4 and again["total_tokens"] == first["prompt_tokens"] + 4
+
+
+def test_ttft_and_itl_are_per_choice():
+    """n > 1: each choice has its own first token and its own gaps (no gap between choices)."""
+    from minserve.metrics import Metrics
+
+    m = Metrics("m", lambda: {})
+    t = m.tracker()
+    for choice in (0, 1, 0, 1, 0):
+        t.on_tokens(1, choice)
+    t.on_tokens(0, 1)   # no new tokens: nothing observed
+    text = m.render().decode()
+    assert 'vllm:time_to_first_token_seconds_count{model_name="m"} 2.0' in text
+    assert 'vllm:inter_token_latency_seconds_count{model_name="m"} 3.0' in text
+    assert 'vllm:generation_tokens_total{model_name="m"} 5.0' in text
