@@ -42,7 +42,7 @@ def timed(fn, inputs: list[str], batch: int, min_seconds: float = 3.0) -> float:
 
 
 def service_seconds_per_input(embedder, inputs: list[str], concurrency: int) -> float:
-    from minserve.embedding_service import EmbeddingService
+    from minserve.embeddings.service import EmbeddingService
 
     service = EmbeddingService(embedder)
     service.start()
@@ -153,7 +153,7 @@ def main() -> None:
 
     import torch
 
-    from minserve.embedder import Embedder
+    from minserve.embeddings.embedder import Embedder
 
     if args.threads:
         torch.set_num_threads(args.threads)

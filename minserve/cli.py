@@ -15,7 +15,7 @@ import sys
 
 from minserve import __version__
 from minserve.config import ConfigError, EngineConfig
-from minserve.embedding_models import DEFAULT_EMBEDDING_MODEL, resolve_task
+from minserve.embeddings.models import DEFAULT_EMBEDDING_MODEL, resolve_task
 from minserve.reasoning import REASONING_PARSERS
 from minserve.tool_parsers.registry import TOOL_PARSERS
 
@@ -196,7 +196,7 @@ async def serve(args: argparse.Namespace) -> int:
     from granian.log import LogLevels
     from granian.server.embed import Server
 
-    from minserve.embedding_service import service_from_cli
+    from minserve.embeddings.service import service_from_cli
     from minserve.server import create_app
 
     app = create_app(None if args.task == "embed" else args.engine_config, server_config(args),

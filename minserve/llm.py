@@ -138,13 +138,13 @@ class LLM:
 
     def __init__(self, model: str | None = None, *, task: str = "auto", runner: str = "auto",
                  **engine_args: Any) -> None:
-        from minserve.embedding_models import DEFAULT_EMBEDDING_MODEL, resolve_task
+        from minserve.embeddings.models import DEFAULT_EMBEDDING_MODEL, resolve_task
 
         self._ids = itertools.count()
         self.engine: Engine | None = None
         self.embedder: Any = None
         if resolve_task(task, runner, model, None) == "embed":
-            from minserve.embedder import Embedder
+            from minserve.embeddings.embedder import Embedder
 
             other = sorted(set(engine_args) - set(_EMBEDDER_ARGS))
             if other:
@@ -181,7 +181,7 @@ class LLM:
         if self.embedder is None:
             raise ValueError("LLM.embed() needs an embedding model (LLM(model, task=\"embed\") "
                              "or an embedding architecture); this LLM holds a chat model")
-        from minserve.pooling import check_dimensions
+        from minserve.embeddings.pooling import check_dimensions
 
         if isinstance(prompts, (str, dict)) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):

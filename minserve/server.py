@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from minserve import __version__, output
-from minserve.embedding_routes import (
+from minserve.embeddings.routes import (
     all_model_names,
     check_chat_route,
     embeddings,

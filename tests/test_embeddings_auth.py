@@ -9,7 +9,7 @@ import numpy as np
 import openai
 import pytest
 
-from minserve.embedder import Embedder
+from minserve.embeddings.embedder import Embedder
 from tests.test_embeddings import make_tiny_encoder
 from tests.test_openai_sdk import KEY, start_server, stop_server
 

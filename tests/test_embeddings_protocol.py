@@ -6,7 +6,7 @@ import base64
 import numpy as np
 import pytest
 
-from minserve.embeddings_protocol import (
+from minserve.embeddings.protocol import (
     MAX_INPUTS,
     EmbeddingsRequestError,
     build_embeddings_response,

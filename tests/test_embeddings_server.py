@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from minserve.embedder import Embedder
+from minserve.embeddings.embedder import Embedder
 from tests.test_embeddings import make_tiny_encoder
 from tests.test_openai_sdk import start_server, stop_server
 
@@ -144,7 +144,7 @@ def test_cli_task_detection(tiny_model_dir, tiny_bert, tmp_path):
 
 def test_asgi_embed_only_app(tiny_bert):
     """create_app(None, ..., embedding=service): readiness, /v1/models, /tokenize and chat 400."""
-    from minserve.embedding_service import EmbeddingService
+    from minserve.embeddings.service import EmbeddingService
     from minserve.server import ServerConfig, create_app
     from tests.asgi import call, lifespan
 
@@ -174,7 +174,7 @@ def test_asgi_embed_only_app(tiny_bert):
 
 
 def test_embedding_load_failure_is_unhealthy(tmp_path):
-    from minserve.embedding_service import EmbeddingService
+    from minserve.embeddings.service import EmbeddingService
     from minserve.server import ServerConfig, create_app
     from tests.asgi import call, lifespan
 
@@ -201,7 +201,7 @@ def test_chat_keeps_serving_when_the_embedding_model_fails(tiny_model_dir, tmp_p
     """Readiness is per route: a broken embedding model makes /health and /v1/embeddings 503,
     while completions on the chat model still answer."""
     from minserve.config import EngineConfig
-    from minserve.embedding_service import EmbeddingService
+    from minserve.embeddings.service import EmbeddingService
     from minserve.server import ServerConfig, create_app
     from tests.asgi import call, lifespan
 

@@ -170,7 +170,7 @@ EMBED_VALID = {
 
 
 def test_fuzzed_embedding_requests_never_500(tmp_path):
-    from minserve.embedding_service import EmbeddingService
+    from minserve.embeddings.service import EmbeddingService
     from minserve.server import ServerConfig, create_app
     from tests.test_embeddings import make_tiny_encoder
 

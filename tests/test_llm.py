@@ -86,7 +86,7 @@ def test_embed_with_an_embedding_model(tmp_path, llm):
     vectors for strings, token ids and dicts, with dimensions; generate() says to use embed()."""
     import numpy as np
 
-    from minserve.embedder import Embedder
+    from minserve.embeddings.embedder import Embedder
     from tests.test_embeddings import make_tiny_encoder
 
     folder, _ = make_tiny_encoder(str(tmp_path / "bert"), "bert", is_matryoshka=True)

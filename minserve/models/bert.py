@@ -1,6 +1,6 @@
 """BERT-family encoders (BertModel: all-MiniLM, bge-*; XLMRobertaModel/RobertaModel: bge-m3,
 multilingual-e5) in plain torch over a right-padded batch, plus their safetensors loader.
-Returns per-token hidden states only; pooling and normalization live in minserve/pooling.py."""
+Returns per-token hidden states only; pooling and normalization live in embeddings/pooling.py."""
 from __future__ import annotations
 
 import glob
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minserve.config import ConfigError
-from minserve.embedding_models import ENCODER_ARCHITECTURES
+from minserve.embeddings.models import ENCODER_ARCHITECTURES
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),                      # exact erf, as HF's "gelu"

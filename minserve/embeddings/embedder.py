@@ -1,6 +1,6 @@
 """Embedder: an embedding model (BERT/XLM-R encoder, or a Llama-family decoder with last-token
 pooling) + its tokenizer + pooling, behind embed(inputs) -> (float32 vectors, num_prompt_tokens).
-Synchronous and single-threaded; embedding_service.py batches concurrent callers onto it."""
+Synchronous and single-threaded; service.py batches concurrent callers onto it."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from minserve.config import ConfigError, ModelConfig
-from minserve.embedding_models import (
+from minserve.embeddings.models import (
     DECODER_ARCHITECTURES,
     ENCODER_ARCHITECTURES,
     _progress,
@@ -19,15 +19,15 @@ from minserve.embedding_models import (
     is_embedding_model,  # noqa: F401
     resolve_embedding_model,
 )
-from minserve.embeddings_protocol import EmbeddingsRequestError
-from minserve.models.bert import load_encoder
-from minserve.pooling import (
+from minserve.embeddings.pooling import (
     check_dimensions,
     finish_vectors,
     load_pooling_config,
     pool_packed,
     pool_padded,
 )
+from minserve.embeddings.protocol import EmbeddingsRequestError
+from minserve.models.bert import load_encoder
 
 
 def _resolve_device_dtype(device: str, dtype: str, config_dtype: str | None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from minserve.embeddings_protocol import build_embeddings_response, parse_embeddings_request
+from minserve.embeddings.protocol import build_embeddings_response, parse_embeddings_request
 from minserve.protocol import OpenAIError
 
 

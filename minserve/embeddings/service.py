@@ -60,14 +60,14 @@ class EmbeddingService:
     @classmethod
     def create(cls, model: str, **embedder_kwargs: Any) -> EmbeddingService:
         """Load the model now (blocking)."""
-        from minserve.embedder import Embedder
+        from minserve.embeddings.embedder import Embedder
         return cls(Embedder(model, **embedder_kwargs))
 
     @classmethod
     def lazy(cls, model: str, **embedder_kwargs: Any) -> EmbeddingService:
         """Load the model in the worker thread once start() is called (the server's lifespan)."""
         def load() -> Any:
-            from minserve.embedder import Embedder
+            from minserve.embeddings.embedder import Embedder
             return Embedder(model, **embedder_kwargs)
         return cls(None, load)
 
@@ -192,8 +192,8 @@ class EmbeddingService:
                 return
 
     def _round(self, jobs: list[_Job]) -> None:
-        from minserve.embeddings_protocol import EmbeddingsRequestError
-        from minserve.pooling import check_dimensions
+        from minserve.embeddings.pooling import check_dimensions
+        from minserve.embeddings.protocol import EmbeddingsRequestError
 
         emb = self.embedder
         ready: list[_Job] = []

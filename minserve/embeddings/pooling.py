@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from minserve.config import ConfigError
-from minserve.embeddings_protocol import EmbeddingsRequestError
+from minserve.embeddings.protocol import EmbeddingsRequestError
 
 POOLING_MODES = ("mean", "cls", "lasttoken", "max", "mean_sqrt_len")
 # sentence-transformers 1_Pooling/config.json flag -> our mode name
