@@ -1,11 +1,12 @@
-"""SIGTERM on a real `python -m minserve` (granian in-process): the listener closes at once, the
-request in flight streams to its end, and the process exits 0."""
+"""SIGTERM and SIGINT (Ctrl-C) on a real `python -m minserve` (granian in-process): the listener
+closes at once, the request in flight streams to its end, and the process exits 0."""
 from __future__ import annotations
 
 import signal
 import socket
 
 import orjson
+import pytest
 
 from tests.test_openai_sdk import start_server, stop_server
 
@@ -26,7 +27,8 @@ def _refused(port: int) -> bool:
         return True
 
 
-def test_sigterm_stops_accepting_and_finishes_in_flight(tiny_model_dir):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_accepting_and_finishes_in_flight(tiny_model_dir, sig):
     proc, url = start_server(["serve", tiny_model_dir, "--kv-cache-memory", "8MiB",
                               "--max-model-len", "1024", "--shutdown-timeout", "120"])
     try:
@@ -36,7 +38,7 @@ def test_sigterm_stops_accepting_and_finishes_in_flight(tiny_model_dir):
         buf = b""
         while b"data: " not in buf:
             buf += s.recv(65536)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         for _ in range(100):
             if _refused(port):
                 break
