@@ -8,13 +8,16 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minserve.config import EngineConfig
+from minserve.detokenizer import IncrementalDetokenizer, StopChecker
 from minserve.engine.engine import Engine
 from minserve.engine.request import FinishReason, Logprob, RequestOutput
 from minserve.sampling_params import SamplingParams
-from minserve.tokenizer import IncrementalDetokenizer, StopChecker
+
+if TYPE_CHECKING:   # imported when embed() runs: a chat-only LLM never loads the embeddings code
+    from minserve.embeddings.offline import EmbeddingRequestOutput
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -45,19 +48,6 @@ class GenerateOutput:
     @property
     def finished(self) -> bool:
         return all(o.finish_reason is not None for o in self.outputs)
-
-
-@dataclass
-class EmbeddingOutput:
-    embedding: list[float]
-
-
-@dataclass
-class EmbeddingRequestOutput:
-    """vLLM's shape: .prompt, .prompt_token_ids, .outputs.embedding."""
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: EmbeddingOutput
 
 
 # EngineConfig fields that mean something to an embedding model (no KV cache, no sampling).
@@ -181,24 +171,9 @@ class LLM:
         if self.embedder is None:
             raise ValueError("LLM.embed() needs an embedding model (LLM(model, task=\"embed\") "
                              "or an embedding architecture); this LLM holds a chat model")
-        from minserve.embeddings.pooling import check_dimensions
+        from minserve.embeddings.offline import embed_prompts
 
-        if isinstance(prompts, (str, dict)) or (
-                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        texts: list[str | None] = []
-        inputs: list[str | list[int]] = []
-        for p in prompts:
-            if isinstance(p, dict):
-                p = p["prompt_token_ids"] if "prompt_token_ids" in p else p["prompt"]
-            texts.append(p if isinstance(p, str) else None)
-            inputs.append(p)
-        emb = self.embedder
-        check_dimensions(dimensions, emb.dimension, emb.pooling, emb.model_name)
-        token_lists = emb.tokenize(inputs, truncate_prompt_tokens)
-        vectors = emb.finish(emb.pool_token_ids(token_lists), dimensions)
-        return [EmbeddingRequestOutput(t, ids, EmbeddingOutput(v.tolist()))
-                for t, ids, v in zip(texts, token_lists, vectors, strict=True)]
+        return embed_prompts(self.embedder, prompts, truncate_prompt_tokens, dimensions)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -297,5 +272,4 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
 
-__all__ = ["LLM", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "FinishReason",
-           "GenerateOutput"]
+__all__ = ["LLM", "CompletionOutput", "FinishReason", "GenerateOutput"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from minserve.detokenizer import IncrementalDetokenizer, StopChecker
 from minserve.engine.request import FinishReason, Logprob, RequestOutput
 from minserve.protocol import GenerateRequest
-from minserve.tokenizer import IncrementalDetokenizer, StopChecker
 
 _FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort",
            FinishReason.ERROR: "error"}

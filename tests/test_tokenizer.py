@@ -10,12 +10,8 @@ import pytest
 
 from minserve.chat import ChatTemplateError
 from minserve.config import ConfigError
-from minserve.tokenizer import (
-    IncrementalDetokenizer,
-    StopChecker,
-    Tokenizer,
-    load_generation_config,
-)
+from minserve.detokenizer import IncrementalDetokenizer, StopChecker
+from minserve.tokenizer import Tokenizer, load_generation_config
 from tests.tiny import CHATML, make_tokenizer_json
 
 TEXTS = [
