@@ -3,6 +3,8 @@
 Module map: cli (flags) -> server (ASGI app) -> protocol (OpenAI bodies) -> engine/async_engine
 (thread bridge) -> engine/engine (step = schedule, run, update) -> engine/scheduler, kv_cache,
 runner, sampler -> models/ (torch model code, loader) -> kernels/ (Triton + torch references).
+Back out: output (per-choice detokenizer, stop strings, parsers -> OpenAI JSON). Beside it:
+embeddings/ (/v1/embeddings, LLM.embed), structured (llguidance), tool_parsers/, reasoning.
 """
 from __future__ import annotations
 
