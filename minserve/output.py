@@ -37,6 +37,7 @@ class ChoiceState:
         self.reasoning, self.tools = req.make_parsers() if req.make_parsers else (None, None)
         self.num_tool_calls = 0
         self.echo_only = req.echo_only
+        self.echo_sent = False   # streaming: the echoed prompt went out
 
     def update(self, out: RequestOutput) -> tuple[str, list[Logprob], bool]:
         """-> (new text, new logprobs, stop string hit). On a hit the caller aborts the sample."""
@@ -223,6 +224,16 @@ def chunk(req: GenerateRequest, choice_dicts: list[dict[str, Any]],
     if usage_dict is not None:
         d["usage"] = usage_dict
     return d
+
+
+def echo_chunk_choice(req: GenerateRequest, c: ChoiceState) -> dict[str, Any]:
+    """Streaming completions with echo: the prompt text, and with logprobs the prompt's logprobs
+    (as the non-streaming body has them), which arrive with the choice's first output."""
+    ch = chunk_choice(req, c, echo_prefix(req, c), [], echo=True)
+    if req.logprobs is not None:
+        plps, ids = _prompt_lps(req, c)
+        ch["logprobs"] = c.completion_logprobs(plps, req.logprobs, 0, ids)
+    return ch
 
 
 def chunk_choice(req: GenerateRequest, c: ChoiceState, text: str, lps: list[Logprob],

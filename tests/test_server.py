@@ -206,9 +206,11 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(tiny_model_dir):
         one = await call(app, "POST", COMP, {**base, "max_tokens": 1})
         streamed = await call(app, "POST", COMP, {**base, "max_tokens": 0, "stream": True,
                                                   "stream_options": {"include_usage": True}})
-        return zero, one, streamed
+        three = await call(app, "POST", COMP, {**base, "max_tokens": 3})
+        three_streamed = await call(app, "POST", COMP, {**base, "max_tokens": 3, "stream": True})
+        return zero, one, streamed, three, three_streamed
 
-    zero, one, streamed = run(real_app(tiny_model_dir), fn)
+    zero, one, streamed, three, three_streamed = run(real_app(tiny_model_dir), fn)
     assert zero.status == 200, zero.body
     z, o = zero.json(), one.json()
     choice = z["choices"][0]
@@ -226,6 +228,14 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(tiny_model_dir):
     body = [e["choices"][0] for e in ev[:-2]]
     assert "".join(c["text"] for c in body) == "The quick brown fox"
     assert body[-1]["finish_reason"] == "length"
+    # streamed, the prompt's logprobs ride on the echo chunk: the same as the whole body's
+    for whole, events in ((z, ev[:-2]), (three.json(), three_streamed.events()[:-1])):
+        want = whole["choices"][0]["logprobs"]
+        got = {key: [] for key in want}
+        for e in events:
+            for key, values in (e["choices"][0]["logprobs"] or {}).items():
+                got[key] += values
+        assert got == want
 
 
 def test_stop_strings(tiny_model_dir):
