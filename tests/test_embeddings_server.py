@@ -186,7 +186,7 @@ def test_embedding_load_failure_is_unhealthy(tmp_path):
 
     async def main():
         async with lifespan(app, wait_ready=False):
-            for _ in range(200):
+            for _ in range(1500):   # up to 30 s on a slow machine
                 if not service.is_healthy:
                     break
                 await asyncio.sleep(0.02)
@@ -216,7 +216,7 @@ def test_chat_keeps_serving_when_the_embedding_model_fails(tiny_model_dir, tmp_p
     async def main():
         async with lifespan(app, wait_ready=False):
             await app.engine.wait_ready(timeout=120)
-            for _ in range(200):
+            for _ in range(1500):   # up to 30 s on a slow machine
                 if not service.is_healthy:
                     break
                 await asyncio.sleep(0.02)
