@@ -105,6 +105,10 @@ class Metrics:
                 ("prefill", "Histogram of time spent in PREFILL phase for request."),
                 ("decode", "Histogram of time spent in DECODE phase for request."),
                 ("inference", "Histogram of time spent in RUNNING phase for request."))}
+        self.request_tpot = Histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.", lbl, buckets=ITL_BUCKETS,
+            registry=r).labels(model_name)
         r.register(_EngineCollector(model_name, get_stats))
 
     def render(self) -> bytes:
@@ -144,12 +148,15 @@ class RequestTracker:
         self.last[choice] = now
         self.m.generation_tokens.inc(num_new_tokens)
 
-    def on_engine_timings(self, timings: Any) -> None:
-        """A finished engine request's RequestTimings (engine/request.py); None phases skipped."""
+    def on_engine_timings(self, timings: Any, num_output_tokens: int) -> None:
+        """A finished engine request's RequestTimings (engine/request.py); None phases skipped.
+        TPOT = decode time over the tokens after the first, for requests with two or more."""
         for phase, histogram in self.m.phases.items():
             seconds = getattr(timings, phase)
             if seconds is not None:
                 histogram.observe(seconds)
+        if timings.decode is not None and num_output_tokens > 1:
+            self.m.request_tpot.observe(timings.decode / (num_output_tokens - 1))
 
     def on_finish(self, num_prompt_tokens: int, finish_reasons: list[str | None],
                   num_output_tokens: list[int] = ()) -> None:

@@ -333,7 +333,7 @@ class App:
             self.engine.abort_child(out.request_id)
         tracker.on_tokens(c.num_output_tokens - before, c.index)
         if out.timings is not None:
-            tracker.on_engine_timings(out.timings)
+            tracker.on_engine_timings(out.timings, c.num_output_tokens)
         return c, text, lps, c.finish_reason is not None
 
     def _finish(self, req: GenerateRequest, choices: list, tracker: RequestTracker) -> None:

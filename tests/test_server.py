@@ -76,6 +76,7 @@ def test_routes(tiny_model_dir):
     assert 'vllm:generation_tokens_total{model_name="tiny"} 3.0' in text
     for phase in ("queue", "prefill", "decode", "inference"):   # the one finished request
         assert f'vllm:request_{phase}_time_seconds_count{{model_name="tiny"}} 1.0' in text
+    assert 'vllm:request_time_per_output_token_seconds_count{model_name="tiny"} 1.0' in text
 
 
 def test_not_ready_is_503(tiny_model_dir):
