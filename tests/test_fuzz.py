@@ -239,3 +239,87 @@ def test_concurrent_fuzzed_requests_with_disconnects_leak_nothing(tiny_model_dir
         [r.body[:200] for r in results if r.status and r.status >= 500][:3]
     assert ok.status == 200 and stats["num_running"] == stats["num_waiting"] == 0
     assert stats["kv_cache_usage"] == 0
+
+
+def _collect_stream(kind: str, events: list) -> dict[int, dict]:
+    """Streamed chunks -> per choice what the whole body has (as the SDK accumulates them)."""
+    out: dict[int, dict] = {}
+    for e in events:
+        if not isinstance(e, dict):
+            continue
+        for ch in e["choices"]:
+            acc = out.setdefault(ch["index"], {"text": "", "reasoning": "", "calls": {},
+                                               "lp": [], "finish": None})
+            if kind == "chat":
+                delta = ch["delta"]
+                acc["text"] += delta.get("content") or ""
+                acc["reasoning"] += delta.get("reasoning_content") or ""
+                for call in delta.get("tool_calls") or []:
+                    c = acc["calls"].setdefault(call["index"], {"name": "", "arguments": ""})
+                    fn = call.get("function") or {}
+                    c["name"] += fn.get("name") or ""
+                    c["arguments"] += fn.get("arguments") or ""
+                acc["lp"] += (ch["logprobs"] or {}).get("content") or []
+            else:
+                acc["text"] += ch["text"]
+                acc["lp"] += (ch["logprobs"] or {}).get("tokens") or []
+            acc["finish"] = ch["finish_reason"] or acc["finish"]
+    return out
+
+
+def _collect_whole(kind: str, body: dict) -> dict[int, dict]:
+    out = {}
+    for ch in body["choices"]:
+        if kind == "chat":
+            msg = ch["message"]
+            calls = {i: {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                     for i, c in enumerate(msg.get("tool_calls") or [])}
+            out[ch["index"]] = {"text": msg.get("content") or "",
+                                "reasoning": msg.get("reasoning_content") or "", "calls": calls,
+                                "lp": (ch["logprobs"] or {}).get("content") or [],
+                                "finish": ch["finish_reason"]}
+        else:
+            out[ch["index"]] = {"text": ch["text"], "reasoning": "", "calls": {},
+                                "lp": (ch["logprobs"] or {}).get("tokens") or [],
+                                "finish": ch["finish_reason"]}
+    return out
+
+
+def test_streamed_equals_whole_for_seeded_feature_combinations(tiny_model_dir):
+    """Valid combinations (tools + reasoning parsers, guided outputs, stop strings, echo, n,
+    logprobs), each sent twice with one seed: the streamed chunks, accumulated, carry exactly
+    the non-streamed body's text, reasoning, tool calls, logprobs and finish reasons."""
+    app = real_app(tiny_model_dir, enable_auto_tool_choice=True, tool_call_parser="hermes",
+                   reasoning_parser="qwen3")
+    rng = random.Random(int(os.environ.get("FUZZ_SEED", 1234)) + 2)
+    cases = []
+    for _ in range(int(os.environ.get("FUZZ_COUNT", 400)) // 4):
+        path = rng.choice([p for p in BASES if not p.endswith("tokenize")])
+        base, fields = BASES[path]
+        body = dict(base)
+        for _ in range(rng.choice([1, 2, 4])):
+            key = rng.choice(fields)
+            if key in VALID and key not in ("stream", "stream_options"):
+                body[key] = rng.choice(VALID[key])
+        body.update(stream=False, seed=rng.randrange(1000))
+        body.pop("stream_options", None)
+        cases.append((path.split("#")[0], body))
+
+    async def fn(app):
+        pairs = []
+        for path, body in cases:
+            whole = await call(app, "POST", path, body)
+            streamed = await call(app, "POST", path, {**body, "stream": True})
+            pairs.append((path, body, whole, streamed))
+        return pairs
+
+    compared = 0
+    for path, body, whole, streamed in run(app, fn):
+        assert whole.status == streamed.status, (body, whole.body[:200], streamed.body[:200])
+        if whole.status != 200:
+            continue
+        kind = "chat" if path.endswith("chat/completions") else "completion"
+        got, want = _collect_stream(kind, streamed.events()), _collect_whole(kind, whole.json())
+        assert got == want, json.dumps([body, got, want])
+        compared += 1
+    assert compared > len(cases) // 4, compared

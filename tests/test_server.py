@@ -490,3 +490,49 @@ def test_ttft_and_itl_are_per_choice():
     assert 'vllm:time_to_first_token_seconds_count{model_name="m"} 2.0' in text
     assert 'vllm:inter_token_latency_seconds_count{model_name="m"} 3.0' in text
     assert 'vllm:generation_tokens_total{model_name="m"} 5.0' in text
+
+
+def test_outputs_after_a_stop_string_are_dropped(tiny_model_dir):
+    """The engine thread runs ahead of the event loop: when the server reads the output that
+    hits a stop string (and aborts the choice), later steps' outputs may already be queued.
+    None of them may count: no extra tokens, logprobs or text, and no second final chunk."""
+    from types import SimpleNamespace
+
+    from minserve import output
+    from minserve.engine.async_engine import RequestStream
+    from minserve.engine.request import Logprob, RequestOutput
+    from minserve.metrics import Metrics
+    from minserve.protocol import ServingContext, parse_completion
+    from minserve.server import App
+    from minserve.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(tiny_model_dir)
+    ctx = ServingContext(tokenizer=tok, model_names=["tiny"], max_model_len=256,
+                         vocab_size=tok.vocab_size)
+    req = parse_completion({"prompt": "Hi", "max_tokens": 12, "stop": " world", "logprobs": 1,
+                            "n": 2}, ctx)
+    choices = [output.ChoiceState(i, req, tok, req.prompts[0]) for i in range(2)]
+    stream = RequestStream(req.request_id, ["c0", "c1"])
+    aborted: list[str] = []
+    app = App.__new__(App)
+    app.engine = SimpleNamespace(abort_child=aborted.append)
+    tracker = Metrics("m", lambda: {}).tracker()
+    ids = tok.encode(" hello world and more", add_special_tokens=False)
+
+    async def feed():
+        results = []
+        for t in ids:   # c0 generates the text token by token; c1 only its first token
+            for cid in ("c0", "c1") if t == ids[0] else ("c0",):
+                out = RequestOutput(cid, [t], logprobs=[Logprob(t, -0.5, 1, [])])
+                results.append((cid, await app._consume(out, stream, choices, tracker)))
+        return results
+
+    results = asyncio.run(feed())
+    c0 = choices[0]
+    hit = next(i for i, (cid, r) in enumerate(results) if cid == "c0" and r[3])
+    assert c0.finish_reason == "stop" and c0.text == " hello" and aborted == ["c0"]
+    assert c0.num_output_tokens == len(c0.logprobs) == sum(
+        1 for cid, _ in results[:hit + 1] if cid == "c0")
+    # after the hit: nothing emitted and nothing reported finished a second time
+    assert all(r == (c0, "", [], False) for cid, r in results[hit + 1:] if cid == "c0")
+    assert len(results) > hit + 2   # the case has outputs after the hit
