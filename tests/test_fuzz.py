@@ -1,8 +1,11 @@
 """Seeded request fuzzing through the real ASGI app (tiny model, tool and reasoning parsers on):
-valid chat/completions/tokenize bodies with feature combinations, then fields replaced, dropped
-or nested wrongly. Every answer must be a 2xx or a 4xx OpenAI error (never a 500), a streamed
-answer must end in [DONE], and afterwards the server still answers and every KV block is free.
-FUZZ_SEED and FUZZ_COUNT run other, longer campaigns (seeds 11-20 x 2,000 requests passed)."""
+valid chat/completions/tokenize/embeddings bodies with feature combinations, then fields
+replaced, dropped or nested wrongly. Every answer must be a 2xx or a 4xx OpenAI error (never a
+500) and a streamed answer must end in [DONE]; run 60 at a time with clients going away, nothing
+may be left running or holding KV blocks; and a seeded valid request streamed must carry exactly
+what the same request answers whole. FUZZ_SEED and FUZZ_COUNT run other, longer campaigns
+(found so far: an unhashable message role was a 500; outputs queued after a stop string leaked
+into the response)."""
 from __future__ import annotations
 
 import json
