@@ -112,3 +112,14 @@ def test_embed_with_an_embedding_model(tmp_path, llm):
         LLM(folder, kv_cache_memory=1 << 20)
     with pytest.raises(ValueError, match="contradict"):
         LLM(folder, task="embed", runner="generate")
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"min_p": 2}, "min_p"),
+    ({"n": 0}, "n must"), ({"max_tokens": 0}, "max_tokens"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"), ({"min_tokens": -1}, "min_tokens"),
+])
+def test_sampling_params_refuse_bad_values(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        SamplingParams(**kwargs)
