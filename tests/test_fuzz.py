@@ -235,9 +235,14 @@ def test_concurrent_fuzzed_requests_with_disconnects_leak_nothing(tiny_model_dir
                 break
             await asyncio.sleep(0.02)
         ok = await call(app, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
-        return results, ok, app.engine.stats
+        sched, kv = app.engine.engine.scheduler, app.engine.engine.kv_cache
+        # per-request bookkeeping everywhere is gone too (a leak here grows with uptime)
+        leftovers = [len(app.engine._streams), len(app.engine._parents), len(sched.requests),
+                     len(sched._leaders), len(sched._prompt_logprobs), len(kv._block_hashes)]
+        return results, ok, app.engine.stats, leftovers
 
-    results, ok, stats = run(app, fn)
+    results, ok, stats, leftovers = run(app, fn)
+    assert leftovers == [0] * 6, leftovers
     assert all(r.status is None or r.status < 500 for r in results), \
         [r.body[:200] for r in results if r.status and r.status >= 500][:3]
     assert ok.status == 200 and stats["num_running"] == stats["num_waiting"] == 0
