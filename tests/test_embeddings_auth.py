@@ -11,14 +11,13 @@ import pytest
 
 from minserve.embeddings.embedder import Embedder
 from tests.test_embeddings import make_tiny_encoder
-from tests.test_openai_sdk import KEY, start_server, stop_server
+from tests.test_openai_sdk import KEY, serving
 
 
 def test_sdk_task_embed_with_api_key(tmp_path):
     folder, _ = make_tiny_encoder(str(tmp_path / "bert"), "bert")
-    proc, url = start_server(["serve", folder, "--task", "embed", "--api-key", KEY,
-                              "--served-model-name", "emb"])
-    try:
+    with serving(["serve", folder, "--task", "embed", "--api-key", KEY,
+                  "--served-model-name", "emb"]) as url:
         with urllib.request.urlopen(url + "/health", timeout=5) as r:  # no key needed
             assert r.status == 200
         bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
@@ -43,6 +42,3 @@ def test_sdk_task_embed_with_api_key(tmp_path):
         with pytest.raises(openai.BadRequestError, match="only the embedding model.*`emb`"):
             client.chat.completions.create(model="other",
                                            messages=[{"role": "user", "content": "x"}])
-    finally:
-        code, out = stop_server(proc)
-    assert code == 0, out

@@ -13,7 +13,7 @@ import pytest
 
 from minserve.embeddings.embedder import Embedder
 from tests.test_embeddings import make_tiny_encoder
-from tests.test_openai_sdk import start_server, stop_server
+from tests.test_openai_sdk import serving
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,10 @@ def tiny_bert(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def both(tiny_model_dir, tiny_bert):
-    proc, url = start_server(["serve", tiny_model_dir, "--served-model-name", "tiny",
-                              "--embedding-model", tiny_bert, "--kv-cache-memory", "8MiB",
-                              "--max-model-len", "256"])
-    yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0), url
-    code, out = stop_server(proc)
-    assert code == 0, out
+    with serving(["serve", tiny_model_dir, "--served-model-name", "tiny",
+                  "--embedding-model", tiny_bert, "--kv-cache-memory", "8MiB",
+                  "--max-model-len", "256"]) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0), url
 
 
 def test_sdk_chat_and_embedding_model_in_one_server(both, tiny_bert):
@@ -105,9 +103,8 @@ def test_chat_and_embeddings_concurrently(both, tiny_bert):
 
 
 def test_sdk_embedding_model_alone_runner_pooling(tiny_bert):
-    proc, url = start_server(["serve", tiny_bert, "--runner", "pooling",
-                              "--served-model-name", "emb"])
-    try:
+    with serving(["serve", tiny_bert, "--runner", "pooling",
+                  "--served-model-name", "emb"]) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         [card] = client.models.list().data
         assert card.id == "emb" and card.model_extra["max_model_len"] == 40
@@ -115,9 +112,6 @@ def test_sdk_embedding_model_alone_runner_pooling(tiny_bert):
         assert out.model == "emb" and len(out.data[0].embedding) == 64
         with pytest.raises(openai.BadRequestError, match="only the embedding model.*`emb`"):
             client.chat.completions.create(model="emb", messages=[{"role": "user", "content": "x"}])
-    finally:
-        code, out = stop_server(proc)
-    assert code == 0, out
 
 
 def test_cli_task_detection(tiny_model_dir, tiny_bert, tmp_path):
@@ -232,8 +226,7 @@ def test_chat_keeps_serving_when_the_embedding_model_fails(tiny_model_dir, tmp_p
 @pytest.mark.slow
 def test_seed_guide_call_on_the_real_model():
     """The seed guide's call, verbatim, against `--task embed` (all-minilm-l6-v2, fetched once)."""
-    proc, url = start_server(["--task", "embed"], timeout=600)
-    try:
+    with serving(["--task", "embed"], timeout=600) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         model = client.models.list().data[0].id
         r = client.embeddings.create(model=model,
@@ -248,6 +241,3 @@ def test_seed_guide_call_on_the_real_model():
             "A man is eating food.", "A man is eating a piece of bread.",
             "A man is riding a horse."]).data)
         assert a @ b > a @ c
-    finally:
-        code, out = stop_server(proc)
-    assert code == 0, out

@@ -108,13 +108,9 @@ def test_prefix_cache_hits_give_same_output(tiny_model_dir, hf_model):
     assert toks(outs["q0"]) == hf_greedy(hf_model, prompt, MAX_TOKENS)[0]
 
 
-def test_preemption_gives_same_greedy_tokens(tiny_model_dir, hf_model):
-    # Prompts of 14, 15 and 30 tokens start in 1 + 1 + 2 blocks of 16 and grow to 2 + 2 + 3:
-    # a 5-block cache must preempt on the way.
-    prompts = [PROMPTS[2][:14], PROMPTS[1][:15], PROMPTS[2][5:35]]
-    eng = make_engine(tiny_model_dir, kv_cache_memory=5 * 8192)
-    assert eng.num_kv_blocks == 5
-    preempted = []
+def record_preempted(eng) -> list[str]:
+    """The ids of the requests the engine's scheduler preempts from now on, in order."""
+    preempted: list[str] = []
     orig = eng.scheduler.schedule
 
     def schedule():
@@ -123,6 +119,16 @@ def test_preemption_gives_same_greedy_tokens(tiny_model_dir, hf_model):
         return plan
 
     eng.scheduler.schedule = schedule
+    return preempted
+
+
+def test_preemption_gives_same_greedy_tokens(tiny_model_dir, hf_model):
+    # Prompts of 14, 15 and 30 tokens start in 1 + 1 + 2 blocks of 16 and grow to 2 + 2 + 3:
+    # a 5-block cache must preempt on the way.
+    prompts = [PROMPTS[2][:14], PROMPTS[1][:15], PROMPTS[2][5:35]]
+    eng = make_engine(tiny_model_dir, kv_cache_memory=5 * 8192)
+    assert eng.num_kv_blocks == 5
+    preempted = record_preempted(eng)
     outs = generate(eng, prompts, GREEDY)
     assert preempted and eng.stats()["num_preemptions"] == len(preempted)
     assert [toks(outs[f"q{i}"]) for i in range(3)] == [
@@ -240,15 +246,7 @@ def test_every_arch_and_source_through_the_scheduler(tiny_model_factory, tmp_pat
     block_bytes = 2 * 2 * 2 * head_dim * 16 * 4               # K+V, layers, kv heads, fp32
     eng = make_engine(model, kv_cache_memory=5 * block_bytes, max_num_batched_tokens=16)
     assert eng.num_kv_blocks == 5
-    preempted = []
-    orig = eng.scheduler.schedule
-
-    def schedule():
-        plan = orig()
-        preempted.extend(r.request_id for r in plan.preempted)
-        return plan
-
-    eng.scheduler.schedule = schedule
+    preempted = record_preempted(eng)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True)
     eng.add_request("q0", prompts[0], params)
     eng.step()                                  # q0's first block is cached before q1 arrives

@@ -3,6 +3,7 @@ free port, tiny model. The real default model is one @slow test at the end."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import os
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import openai
 import orjson
@@ -58,6 +60,18 @@ def stop_server(proc: subprocess.Popen) -> tuple[int, str]:
         proc.kill()
         out, _ = proc.communicate()
     return proc.returncode, out
+
+
+@contextlib.contextmanager
+def serving(args: list[str], timeout: float = 120, scheme: str = "http") -> Iterator[str]:
+    """`with serving(ARGS) as url:` a real `python -m minserve ARGS` for the block; it is stopped
+    with SIGTERM afterwards and must then exit 0."""
+    proc, url = start_server(args, timeout, scheme)
+    try:
+        yield url
+    finally:
+        code, out = stop_server(proc)
+    assert code == 0, out
 
 
 @pytest.fixture(scope="module")
@@ -184,16 +198,12 @@ def test_32_concurrent_streams_no_leaked_blocks(client, server):
 @pytest.mark.slow
 def test_default_model_chat_end_to_end():
     env_port_args = ["--kv-cache-memory", "64MiB", "--max-model-len", "2048"]
-    proc, url = start_server(env_port_args, timeout=900)
-    try:
+    with serving(env_port_args, timeout=900) as url:
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         model = c.models.list().data[0].id
         r = c.chat.completions.create(model=model, max_tokens=24, temperature=0, messages=[
             {"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in r.choices[0].message.content
-    finally:
-        code, out = stop_server(proc)
-    assert code == 0, out
 
 
 def test_bad_flags_exit_with_message():
@@ -272,8 +282,7 @@ def test_https_with_ssl_flags(tiny_model_dir, tmp_path):
                    check=True, capture_output=True)
     args = ["serve", tiny_model_dir, "--served-model-name", "tiny", "--kv-cache-memory", "8MiB",
             "--max-model-len", "256", "--ssl-certfile", cert, "--ssl-keyfile", key]
-    proc, url = start_server(args, scheme="https")
-    try:
+    with serving(args, scheme="https") as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0,
                                http_client=httpx.Client(verify=False))
         out = client.completions.create(model="tiny", prompt="Hi", max_tokens=3)
@@ -282,6 +291,3 @@ def test_https_with_ssl_flags(tiny_model_dir, tmp_path):
         assert check([*args, "--port", port]) == 0
         with pytest.raises((OSError, http.client.HTTPException)):   # a TLS alert, not HTTP
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-    finally:
-        code, out_text = stop_server(proc)
-    assert code == 0, out_text

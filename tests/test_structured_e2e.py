@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.test_openai_sdk import KEY, start_server, stop_server
+from tests.test_openai_sdk import KEY, serving
 
 PERSON = {"type": "object", "additionalProperties": False,
           "properties": {"name": {"type": "string", "maxLength": 12},
@@ -26,11 +26,9 @@ USER = [{"role": "user", "content": "Extract data: John Doe is 30 years old."}]
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    proc, url = start_server(["serve", tiny_model_dir, "--served-model-name", "tiny",
-                              "--api-key", KEY, "--max-model-len", "512"])
-    yield url
-    code, out = stop_server(proc)
-    assert code == 0, out
+    with serving(["serve", tiny_model_dir, "--served-model-name", "tiny",
+                  "--api-key", KEY, "--max-model-len", "512"]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

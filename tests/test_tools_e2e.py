@@ -13,7 +13,7 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from minserve.protocol import OpenAIError, ServingContext, parse_chat
-from tests.test_openai_sdk import KEY, start_server, stop_server
+from tests.test_openai_sdk import KEY, serving
 
 WEATHER = {"type": "object", "additionalProperties": False,
            "properties": {"location": {"type": "string", "maxLength": 16},
@@ -70,14 +70,12 @@ QWEN3_TEMPLATE = """{%- if tools %}{{- '<|im_start|>system\n' }}
 def server(tiny_model_dir, tmp_path_factory):
     template = tmp_path_factory.mktemp("qwen3") / "chat_template.jinja"
     template.write_text(QWEN3_TEMPLATE)
-    proc, url = start_server(["serve", tiny_model_dir, "--served-model-name", "tiny",
-                              "--api-key", KEY, "--max-model-len", "1024",
-                              "--chat-template", str(template),
-                              "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-                              "--reasoning-parser", "qwen3"])
-    yield url
-    code, out = stop_server(proc)
-    assert code == 0, out
+    with serving(["serve", tiny_model_dir, "--served-model-name", "tiny",
+                  "--api-key", KEY, "--max-model-len", "1024",
+                  "--chat-template", str(template),
+                  "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                  "--reasoning-parser", "qwen3"]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -235,8 +233,7 @@ def test_auto_needs_the_server_flags(tiny_model_dir):
 @pytest.mark.slow
 def test_default_model_seed_guide_examples():
     """The examples of the seed guide, verbatim, on the real default model."""
-    proc, url = start_server(["--max-model-len", "2048"], timeout=600)
-    try:
+    with serving(["--max-model-len", "2048"], timeout=600) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         model = client.models.list().data[0].id
         r = client.chat.completions.create(
@@ -272,9 +269,6 @@ def test_default_model_seed_guide_examples():
             assert call.function.name == "get_weather"
             args = json.loads(call.function.arguments)
             assert args["unit"] in ("celsius", "fahrenheit") and "Paris" in args["location"]
-    finally:
-        code, out = stop_server(proc)
-    assert code == 0, out
 
 
 def _post(url: str, path: str, body: dict) -> dict:
@@ -372,13 +366,11 @@ dictionary of argument name and its value}.\\n\\n' }}
 def llama_server(tiny_model_dir, tmp_path_factory):
     template = tmp_path_factory.mktemp("llama31") / "chat_template.jinja"
     template.write_text(LLAMA31_TEMPLATE)
-    proc, url = start_server(["serve", tiny_model_dir, "--served-model-name", "tiny",
-                              "--api-key", KEY, "--max-model-len", "1024",
-                              "--chat-template", str(template),
-                              "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"])
-    yield url
-    code, out = stop_server(proc)
-    assert code == 0, out
+    with serving(["serve", tiny_model_dir, "--served-model-name", "tiny",
+                  "--api-key", KEY, "--max-model-len", "1024",
+                  "--chat-template", str(template),
+                  "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]) as url:
+        yield url
 
 
 def test_llama31_template_and_llama3_json_calls(llama_server):
