@@ -327,14 +327,10 @@ class App:
     async def _consume(self, out: Any, stream: RequestStream, choices: list, tracker:
                        RequestTracker) -> tuple[output.ChoiceState, str, list, bool]:
         c = choices[stream.index_of(out.request_id)]
-        if c.finish_reason is not None:
-            # A stop string ended this choice; outputs of steps the engine ran before the abort
-            # landed are dropped (they would add tokens, logprobs and a second final chunk).
-            return c, "", [], False
         before = c.num_output_tokens
         text, lps, hit = c.update(out)
         if hit:
-            self.engine.abort_child(out.request_id)
+            self.engine.abort_child(stream, out.request_id)
         tracker.on_tokens(c.num_output_tokens - before, c.index)
         if out.timings is not None:
             tracker.on_engine_timings(out.timings, c.num_output_tokens)

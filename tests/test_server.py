@@ -6,6 +6,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from minserve.config import EngineConfig
 from minserve.server import ServerConfig, create_app
 from tests.asgi import call, lifespan
@@ -492,15 +494,15 @@ def test_ttft_and_itl_are_per_choice():
     assert 'vllm:generation_tokens_total{model_name="m"} 5.0' in text
 
 
-def test_outputs_after_a_stop_string_are_dropped(tiny_model_dir):
+@pytest.mark.parametrize("finished_in_engine", [False, True])
+def test_outputs_after_a_stop_string_are_dropped(tiny_model_dir, finished_in_engine):
     """The engine thread runs ahead of the event loop: when the server reads the output that
     hits a stop string (and aborts the choice), later steps' outputs may already be queued.
     None of them may count: no extra tokens, logprobs or text, and no second final chunk."""
-    from types import SimpleNamespace
 
     from minserve import output
-    from minserve.engine.async_engine import RequestStream
-    from minserve.engine.request import Logprob, RequestOutput
+    from minserve.engine.async_engine import AsyncEngine, RequestStream
+    from minserve.engine.request import FinishReason, Logprob, RequestOutput
     from minserve.metrics import Metrics
     from minserve.protocol import ServingContext, parse_completion
     from minserve.server import App
@@ -513,26 +515,34 @@ def test_outputs_after_a_stop_string_are_dropped(tiny_model_dir):
                             "n": 2}, ctx)
     choices = [output.ChoiceState(i, req, tok, req.prompts[0]) for i in range(2)]
     stream = RequestStream(req.request_id, ["c0", "c1"])
-    aborted: list[str] = []
+    engine = AsyncEngine(None)   # never started: only its stream bookkeeping is used
+    engine._streams = {"c0": stream, "c1": stream}
     app = App.__new__(App)
-    app.engine = SimpleNamespace(abort_child=aborted.append)
+    app.engine = engine
     tracker = Metrics("m", lambda: {}).tracker()
     ids = tok.encode(" hello world and more", add_special_tokens=False)
+    # every output queued before the reader looks at the first: c0 writes the whole text (and
+    # may even have finished, so the engine side let go of it), c1 one token and finishes
+    for i, t in enumerate(ids):
+        last = finished_in_engine and i == len(ids) - 1
+        stream._put(RequestOutput("c0", [t], FinishReason.LENGTH if last else None,
+                                  logprobs=[Logprob(t, -0.5, 1, [])]))
+    if finished_in_engine:
+        engine._streams.pop("c0")   # as _deliver does once a child's last output is queued
+    stream._put(RequestOutput("c1", [ids[0]], FinishReason.LENGTH,
+                              logprobs=[Logprob(ids[0], -0.5, 1, [])]))
 
-    async def feed():
-        results = []
-        for t in ids:   # c0 generates the text token by token; c1 only its first token
-            for cid in ("c0", "c1") if t == ids[0] else ("c0",):
-                out = RequestOutput(cid, [t], logprobs=[Logprob(t, -0.5, 1, [])])
-                results.append((cid, await app._consume(out, stream, choices, tracker)))
-        return results
+    async def read():
+        return [(out.request_id, await app._consume(out, stream, choices, tracker))
+                async for out in stream]
 
-    results = asyncio.run(feed())
+    results = asyncio.run(read())
     c0 = choices[0]
-    hit = next(i for i, (cid, r) in enumerate(results) if cid == "c0" and r[3])
-    assert c0.finish_reason == "stop" and c0.text == " hello" and aborted == ["c0"]
-    assert c0.num_output_tokens == len(c0.logprobs) == sum(
-        1 for cid, _ in results[:hit + 1] if cid == "c0")
-    # after the hit: nothing emitted and nothing reported finished a second time
-    assert all(r == (c0, "", [], False) for cid, r in results[hit + 1:] if cid == "c0")
-    assert len(results) > hit + 2   # the case has outputs after the hit
+    seen = [r for cid, r in results if cid == "c0"]
+    assert c0.finish_reason == "stop" and c0.text == " hello" and seen[-1][3]
+    assert [r[3] for r in seen].count(True) == 1   # one final chunk
+    assert c0.num_output_tokens == len(c0.logprobs) == len(seen) < len(ids)
+    assert choices[1].finish_reason == "length" and ("c1", True) in [
+        (cid, r[3]) for cid, r in results]
+    # the engine is asked to abort c0 only while it still runs there
+    assert engine._inbox.empty() == finished_in_engine and "c0" not in engine._streams

@@ -41,6 +41,9 @@ class RequestStream:
         self._index = {cid: i for i, cid in enumerate(child_ids)}
         self._queue: asyncio.Queue[RequestOutput | EngineError | None] = asyncio.Queue()
         self._unfinished = set(child_ids)
+        # Children stopped early (a stop string): outputs of theirs already queued when the
+        # reader stopped them are skipped, since the engine thread runs ahead of the reader.
+        self._dropped: set[str] = set()
 
     def index_of(self, child_id: str) -> int:
         return self._index[child_id]
@@ -58,9 +61,12 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self.finished and self._queue.empty():
-            raise StopAsyncIteration
-        item = await self._queue.get()
+        while True:
+            if self.finished and self._queue.empty():
+                raise StopAsyncIteration
+            item = await self._queue.get()
+            if not (isinstance(item, RequestOutput) and item.request_id in self._dropped):
+                break
         if item is _END:
             raise StopAsyncIteration
         if isinstance(item, EngineError):
@@ -172,12 +178,14 @@ class AsyncEngine:
         if live:
             self._inbox.put((_ABORT, live))
 
-    def abort_child(self, child_id: str) -> None:
-        """Stop one sample early (a stop string hit); the stream sees no more of it."""
-        stream = self._streams.pop(child_id, None)
-        if stream is None:
-            return
+    def abort_child(self, stream: RequestStream, child_id: str) -> None:
+        """Stop one sample early (a stop string hit); `stream` yields no more of it, not even
+        outputs already queued (the engine thread runs ahead of the reader, and may have
+        finished the sample meanwhile)."""
         stream._unfinished.discard(child_id)
+        stream._dropped.add(child_id)
+        if self._streams.pop(child_id, None) is None:
+            return  # its last output is already queued: nothing left to abort in the engine
         self._inbox.put((_ABORT, [child_id]))
         if stream.finished:
             self._parents.pop(stream.request_id, None)
