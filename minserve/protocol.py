@@ -359,8 +359,7 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
         raise _bad("chat_template_kwargs", "must be an object")
     params = _sampling(body, ctx, None, ("max_completion_tokens", "max_tokens"))
     params.logprobs = (top or 0) if want_logprobs else None
-    tools, make_tool_parser = _tools(body, ctx, params)
-    forced = make_tool_parser is _required_parser or isinstance(make_tool_parser, _NamedParser)
+    tools, make_tool_parser, forced = _tools(body, ctx, params)
     _check_structured(ctx, params.structured, "tool_choice" if forced else _structured_param(body))
     tok = ctx.tokenizer
     if not getattr(tok, "chat_template", None):
@@ -395,25 +394,12 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
 
 
 # ---------------------------------------------------------------- tools
-def _required_parser() -> RequiredToolCallParser:
-    return RequiredToolCallParser()
-
-
-class _NamedParser:
-    """Makes a NamedToolCallParser per choice (parsers keep per-stream state)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self) -> NamedToolCallParser:
-        return NamedToolCallParser(self.name)
-
-
 def _tools(body: dict, ctx: ServingContext, params: SamplingParams
-           ) -> tuple[list[dict] | None, Callable[[], Any] | None]:
-    """tools + tool_choice as vLLM does them -> (tools for the template, parser factory).
-    "required" and a named function constrain the output (params.structured) on any model;
-    "auto" parses the model's own call format and needs --enable-auto-tool-choice."""
+           ) -> tuple[list[dict] | None, Callable[[], Any] | None, bool]:
+    """tools + tool_choice as vLLM does them -> (tools for the template, a parser factory (one
+    parser per choice: they keep streaming state), forced). Forced ("required" or a named
+    function) constrains the output (params.structured) on any model; "auto" parses the
+    model's own call format and needs --enable-auto-tool-choice."""
     tools = body.get("tools")
     if tools is not None and (not isinstance(tools, list)
                               or not all(isinstance(t, dict) for t in tools)):
@@ -426,7 +412,7 @@ def _tools(body: dict, ctx: ServingContext, params: SamplingParams
     if choice is None:  # OpenAI's default is "auto" with tools; vLLM: "none" unless enabled
         choice = "auto" if tools and ctx.enable_auto_tool_choice else "none"
     if choice == "none" or tools is None:
-        return tools, None
+        return tools, None, False
     if choice == "auto":
         if not (ctx.enable_auto_tool_choice and ctx.tool_call_parser):
             raise _bad("tool_choice", '"auto" tool choice requires --enable-auto-tool-choice '
@@ -434,7 +420,7 @@ def _tools(body: dict, ctx: ServingContext, params: SamplingParams
         parser_cls = get_tool_parser(ctx.tool_call_parser)
         if parser_cls.needs_special_tokens:  # the call markers are special tokens
             params.skip_special_tokens = False
-        return tools, lambda: parser_cls(tools)
+        return tools, lambda: parser_cls(tools), False
     try:
         spec = tool_choice_spec(choice, tools, parallel)
         name = named_tool(choice)
@@ -451,7 +437,9 @@ def _tools(body: dict, ctx: ServingContext, params: SamplingParams
     if isinstance(ws, str):
         spec["whitespace_pattern"] = ws
     params.structured = spec
-    return tools, (_NamedParser(name) if name is not None else _required_parser)
+    if name is not None:
+        return tools, lambda: NamedToolCallParser(name), True
+    return tools, RequiredToolCallParser, True
 
 
 # ---------------------------------------------------------------- completions
@@ -477,12 +465,12 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
         raise _bad("suffix", "is not supported (no fill-in-the-middle)")
     prompts, texts = _prompts(body, ctx)
     echo = _bool(body, "echo", False)
-    echo_only = echo and type(body.get("max_tokens")) is int and body["max_tokens"] == 0
-    if echo_only:
-        body = {**body, "max_tokens": 1}
-    elif body.get("max_tokens") == 0 and type(body.get("max_tokens")) is int:
+    echo_only = type(body.get("max_tokens")) is int and body["max_tokens"] == 0
+    if echo_only and not echo:
         raise _bad("max_tokens", "must be >= 1 (0 is accepted only with echo=true, to score "
                    "the prompt)")
+    if echo_only:
+        body = {**body, "max_tokens": 1}
     params = _sampling(body, ctx, 16, ("max_tokens",))
     params.logprobs = _num(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
     if echo and params.logprobs is not None:
