@@ -27,20 +27,17 @@ from minserve.embeddings.pooling import (
     pool_padded,
 )
 from minserve.embeddings.protocol import EmbeddingsRequestError
+from minserve.engine.engine import DTYPES, resolve_device
 from minserve.models.bert import load_encoder
 
 
 def _resolve_device_dtype(device: str, dtype: str, config_dtype: str | None
                           ) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                       else ("cpu" if device == "auto" else device))
-    names = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-             "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    dev = resolve_device(device)
     if dtype != "auto":
-        if dtype not in names:
+        if dtype not in DTYPES:
             raise ConfigError(f"dtype {dtype!r} is not one of auto, float32, float16, bfloat16")
-        return dev, names[dtype]
+        return dev, DTYPES[dtype]
     if dev.type == "cpu":
         return dev, torch.float32
     # vLLM's rule: keep bf16 checkpoints in bf16, run fp32/fp16 ones in fp16 on the GPU.

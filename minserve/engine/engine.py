@@ -19,7 +19,7 @@ from minserve.engine.request import Request, RequestOutput
 from minserve.engine.scheduler import Scheduler, SchedulerConfig
 from minserve.sampling_params import SamplingParams
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
            "half": torch.float16, "fp16": torch.float16, "float32": torch.float32,
            "float": torch.float32, "fp32": torch.float32}
 # generation_config.json keys that become default SamplingParams (vLLM's list)
@@ -38,7 +38,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         # bf16 halves memory traffic on GPUs; CPUs run float32 (bf16 matmuls are slow there).
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 class Engine:
