@@ -148,10 +148,16 @@ class Embedder:
         given. Returns one float32 vector per input, in order, and the prompt token count."""
         if isinstance(inputs, str):
             inputs = [inputs]
-        check_dimensions(dimensions, self.dimension, self.pooling, self.model_name)
-        token_lists = self.tokenize(inputs, truncate_prompt_tokens)
+        token_lists = self.prepare(inputs, truncate_prompt_tokens, dimensions)
         pooled = self.pool_token_ids(token_lists)
         return self.finish(pooled, dimensions), sum(len(t) for t in token_lists)
+
+    def prepare(self, inputs: list[str | list[int]], truncate_prompt_tokens: int | None = None,
+                dimensions: int | None = None) -> list[list[int]]:
+        """One request's checks against this model (`dimensions`, lengths, token ids) and its
+        token ids; EmbeddingsRequestError (a 400) before any forward runs."""
+        check_dimensions(dimensions, self.dimension, self.pooling, self.model_name)
+        return self.tokenize(inputs, truncate_prompt_tokens)
 
     def tokenize(self, inputs: list[str | list[int]],
                  truncate_prompt_tokens: int | None = None) -> list[list[int]]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from minserve.embeddings.pooling import check_dimensions
-
 
 @dataclass
 class EmbeddingOutput:
@@ -35,8 +33,7 @@ def embed_prompts(embedder: Any, prompts: Any, truncate_prompt_tokens: int | Non
             p = p["prompt_token_ids"] if "prompt_token_ids" in p else p["prompt"]
         texts.append(p if isinstance(p, str) else None)
         inputs.append(p)
-    check_dimensions(dimensions, embedder.dimension, embedder.pooling, embedder.model_name)
-    token_lists = embedder.tokenize(inputs, truncate_prompt_tokens)
+    token_lists = embedder.prepare(inputs, truncate_prompt_tokens, dimensions)
     vectors = embedder.finish(embedder.pool_token_ids(token_lists), dimensions)
     return [EmbeddingRequestOutput(t, ids, EmbeddingOutput(v.tolist()))
             for t, ids, v in zip(texts, token_lists, vectors, strict=True)]

@@ -192,15 +192,14 @@ class EmbeddingService:
                 return
 
     def _round(self, jobs: list[_Job]) -> None:
-        from minserve.embeddings.pooling import check_dimensions
         from minserve.embeddings.protocol import EmbeddingsRequestError
 
         emb = self.embedder
         ready: list[_Job] = []
         for job in jobs:  # per-request validation: one bad request must not fail the others
             try:
-                check_dimensions(job.dimensions, emb.dimension, emb.pooling, emb.model_name)
-                job.token_lists = emb.tokenize(job.inputs, job.truncate_prompt_tokens)
+                job.token_lists = emb.prepare(job.inputs, job.truncate_prompt_tokens,
+                                              job.dimensions)
                 ready.append(job)
             except EmbeddingsRequestError as e:
                 job.loop.call_soon_threadsafe(_resolve, job.future, None, e)
