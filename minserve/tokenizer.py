@@ -223,7 +223,7 @@ class Tokenizer:
     def max_token_bytes(self) -> int:
         """The longest token's byte length: a text of B UTF-8 bytes needs at least B / this many
         tokens, so a huge prompt can be refused before seconds go into tokenizing it."""
-        return max((len(self.token_bytes(i)) for i in range(self.vocab_size)), default=1) or 1
+        return max(map(len, self.all_token_bytes()), default=1) or 1
 
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one token stands for (OpenAI logprobs' "bytes"): a partial UTF-8

@@ -264,7 +264,6 @@ def _byte_level_pre_tokenizer(pre: str | None) -> dict[str, Any]:
     return byte_level  # "gpt2", "default" and unknown: the plain GPT-2 regex
 
 
-
 def gguf_tokenizer(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(tokenizer.json, tokenizer_config.json, generation_config.json) as dicts."""
     model_type = meta.get("tokenizer.ggml.model")
