@@ -178,10 +178,12 @@ def echo_prefix(req: GenerateRequest, c: ChoiceState) -> str:
     return (req.prompt_texts[c.index // req.params.n] or "") if req.echo else ""
 
 
-def _prompt_lps(req: GenerateRequest, c: ChoiceState) -> tuple[list[Logprob | None], list[int]]:
+def _prompt_logprobs(req: GenerateRequest, c: ChoiceState) -> dict[str, Any]:
+    """The echoed prompt's completions-shaped logprobs (None for the first token, which has no
+    logprob, and for any the engine did not report)."""
     ids = req.prompts[c.index // req.params.n]
     lps = list(c.prompt_logprobs or [])
-    return lps + [None] * (len(ids) - len(lps)), ids
+    return c.completion_logprobs(lps + [None] * (len(ids) - len(lps)), req.logprobs, 0, ids)
 
 
 def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]:
@@ -198,8 +200,7 @@ def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]
             ch = {"index": c.index, "text": prefix + c.text, "logprobs": None}
             if req.logprobs is not None:
                 if req.echo:
-                    plps, ids = _prompt_lps(req, c)
-                    lp = c.completion_logprobs(plps, req.logprobs, 0, ids)
+                    lp = _prompt_logprobs(req, c)
                     gen = c.completion_logprobs(c.logprobs, req.logprobs, len(prefix))
                     for key in lp:
                         lp[key] += gen[key]
@@ -231,8 +232,7 @@ def echo_chunk_choice(req: GenerateRequest, c: ChoiceState) -> dict[str, Any]:
     (as the non-streaming body has them), which arrive with the choice's first output."""
     ch = chunk_choice(req, c, echo_prefix(req, c), [], echo=True)
     if req.logprobs is not None:
-        plps, ids = _prompt_lps(req, c)
-        ch["logprobs"] = c.completion_logprobs(plps, req.logprobs, 0, ids)
+        ch["logprobs"] = _prompt_logprobs(req, c)
     return ch
 
 
