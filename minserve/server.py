@@ -361,25 +361,27 @@ class App:
         continuous = req.include_usage and req.continuous_usage
         # Echo with logprobs waits for the prompt's logprobs, which come with the first output.
         echo_later = req.kind == "completion" and req.echo and req.logprobs is not None
+
+        async def send_chunk(choice: dict[str, Any]) -> None:
+            u = output.usage(choices, num_prompts, n) if continuous else None
+            await send(_sse(output.chunk(req, [choice], u)))
+
         try:
             for c in choices:  # chat: the role first; echo: the prompt text first
                 text = output.echo_prefix(req, c)
                 if req.kind == "chat" or (text and not echo_later):
-                    u = output.usage(choices, num_prompts, n) if continuous else None
-                    await send(_sse(output.chunk(req, [output.chunk_choice(
-                        req, c, text, [], role=req.kind == "chat", echo=True)], u)))
+                    await send_chunk(output.chunk_choice(req, c, text, [],
+                                                         role=req.kind == "chat", echo=True))
             async for out in stream:
                 c, text, lps, finished = await self._consume(out, stream, choices, tracker)
                 if echo_later and not c.echo_sent:
                     c.echo_sent = True
-                    u = output.usage(choices, num_prompts, n) if continuous else None
-                    await send(_sse(output.chunk(req, [output.echo_chunk_choice(req, c)], u)))
+                    await send_chunk(output.echo_chunk_choice(req, c))
                 if text or lps or finished:
                     ch = output.chunk_choice(req, c, text, lps, finished=finished)
                     if req.kind == "chat" and not (ch["delta"] or lps or finished):
                         continue  # the reasoning/tool parsers hold this text back for now
-                    u = output.usage(choices, num_prompts, n) if continuous else None
-                    await send(_sse(output.chunk(req, [ch], u)))
+                    await send_chunk(ch)
             if req.include_usage:
                 await send(_sse(output.chunk(req, [], output.usage(choices, num_prompts, n))))
             self._finish(req, choices, tracker)
