@@ -77,6 +77,12 @@ class ModelConfig:
         )
 
 
+# --dtype spellings (vLLM's and common short ones) -> the torch dtype's name; engine.py maps them.
+DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+               "half": "float16", "fp16": "float16", "float32": "float32", "float": "float32",
+               "fp32": "float32"}
+
+
 @dataclass
 class EngineConfig:
     """Engine arguments; the names are vLLM's (`--max-model-len` -> max_model_len)."""
@@ -109,17 +115,7 @@ class EngineConfig:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
         if self.max_num_seqs < 1:
             raise ConfigError("--max-num-seqs must be >= 1")
-        if self.dtype not in (
-            "auto",
-            "bfloat16",
-            "float16",
-            "float32",
-            "half",
-            "float",
-            "bf16",
-            "fp16",
-            "fp32",
-        ):
+        if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise ConfigError(
                 f"--dtype {self.dtype!r} is not one of auto, bfloat16, float16, float32"
             )

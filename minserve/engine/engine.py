@@ -13,15 +13,13 @@ from typing import Any
 
 import torch
 
-from minserve.config import ConfigError, EngineConfig, ModelConfig
+from minserve.config import DTYPE_NAMES, ConfigError, EngineConfig, ModelConfig
 from minserve.engine.kv_cache import KVCacheManager
 from minserve.engine.request import Request, RequestOutput
 from minserve.engine.scheduler import Scheduler, SchedulerConfig
 from minserve.sampling_params import SamplingParams
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-           "half": torch.float16, "fp16": torch.float16, "float32": torch.float32,
-           "float": torch.float32, "fp32": torch.float32}
+DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 # generation_config.json keys that become default SamplingParams (vLLM's list)
 _GEN_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
