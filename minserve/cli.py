@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
            "architecture)")
     a("--runner", default="auto", choices=["auto", "generate", "pooling"],
       help="vLLM's newer spelling of --task: pooling = embed")
+    a("--responses-store-size", type=int, default=1000,
+      help="how many /v1/responses are kept for previous_response_id and GET (oldest evicted "
+           "first)")
     a("--embedding-model", default=None,
       help="also serve this embedding model (a folder, or all-minilm-l6-v2, fetched once) on "
            "/v1/embeddings next to the chat model")
@@ -144,6 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tensor_parallel_size != 1:
         parser.error(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
                      "not implemented yet; minserve runs on one device (use 1)")
+    if args.responses_store_size < 0:
+        parser.error("--responses-store-size must be >= 0")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be in 0..65535")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
@@ -188,7 +193,8 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         log_requests=args.enable_log_requests and not args.disable_log_requests,
         model_root=args.model or DEFAULT_MODEL_NAME,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
-        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        responses_store_size=args.responses_store_size)
 
 
 async def serve(args: argparse.Namespace) -> int:

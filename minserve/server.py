@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from minserve import __version__, output
+from minserve import __version__, messages, output, responses
 from minserve.embeddings.routes import (
     all_model_names,
     check_chat_route,
@@ -60,6 +60,7 @@ class ServerConfig:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     embedding_model_names: list[str] = field(default_factory=list)  # served by App.embedding
+    responses_store_size: int = 1000   # /v1/responses kept for previous_response_id and GET
 
 
 @dataclass
@@ -86,9 +87,11 @@ async def send_json(send: Send, status: int, obj: Any,
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def send_error(send: Send, err: OpenAIError) -> None:
+async def send_error(send: Send, err: OpenAIError, path: str = "") -> None:
     extra = [(b"www-authenticate", b"Bearer")] if err.status == 401 else []
-    await send_json(send, err.status, err.to_dict(), extra)
+    shape = ERROR_SHAPES.get(path)  # a route of another API answers in that API's error shape
+    await send_json(send, err.status, shape(err.status, err.message) if shape else err.to_dict(),
+                    extra)
 
 
 def _sse(obj: Any) -> dict[str, Any]:
@@ -111,6 +114,7 @@ class App:
         self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
         self.metrics = Metrics(self.model_name, lambda: self.engine.stats)
         self._ctx: ServingContext | None = None
+        self.responses = responses.ResponseStore(cfg.responses_store_size)
         self.started = time.time()
 
     # ---- ASGI entry
@@ -199,8 +203,8 @@ class App:
                                                              or path in PROTECTED):
                 self._check_auth(headers)
             methods = ROUTES.get(path)
-            if methods is None and path.startswith("/v1/models/"):
-                methods, http.path_param = ROUTES["/v1/models/{id}"], path[len("/v1/models/"):]
+            if methods is None:
+                methods, http.path_param = _param_route(path)
             if methods is None:
                 raise OpenAIError(404, f"Not Found: {method} {path}", type="NotFoundError")
             if method == "OPTIONS" and cors and b"access-control-request-method" in headers:
@@ -222,7 +226,7 @@ class App:
         """An error as a status when nothing was sent yet; inside an open event stream as one
         `data: {"error": ...}` event and [DONE]; otherwise the body just ends."""
         if not http.started:
-            return await send_error(http.send, err)
+            return await send_error(http.send, err, http.path)
         if http.sse:
             await http.send(_sse(err.to_dict()))
             await http.send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
@@ -240,14 +244,15 @@ class App:
 
     def _check_auth(self, headers: dict[bytes, bytes]) -> None:
         auth = headers.get(b"authorization", b"")
-        token = auth[7:] if auth[:7].lower() == b"bearer " else b""
+        # Anthropic's clients send the key as x-api-key.
+        token = auth[7:] if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
         # NOTE: compare against every key so timing does not tell which one is close.
         ok = False
         for key in self.cfg.api_keys:
             ok |= hmac.compare_digest(token, key.encode())
         if not ok:
             raise OpenAIError(401, "Unauthorized: a valid `Authorization: Bearer <api key>` "
-                              "header is required", type="AuthenticationError")
+                              "(or `x-api-key`) header is required", type="AuthenticationError")
 
     def _check_ready(self, path: str) -> None:
         """Each route waits only for the model that answers it: chat keeps working while the
@@ -492,9 +497,26 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/metrics": {"GET": metrics},
     "/tokenize": {"POST": tokenize},
     "/detokenize": {"POST": detokenize},
+    "/v1/responses": {"POST": responses.create_response},
+    "/v1/responses/{id}": {"GET": responses.get_response, "DELETE": responses.delete_response},
+    "/v1/responses/{id}/cancel": {"POST": responses.cancel_response},
+    "/v1/messages": {"POST": messages.create_message},
+    "/v1/messages/count_tokens": {"POST": messages.count_tokens},
 }
+# "/v1/models/{id}"-style routes, longest tail first ({id} may hold a "/": "org/model").
+PARAM_ROUTES = sorted(((p.partition("{id}"), m) for p, m in ROUTES.items() if "{id}" in p),
+                      key=lambda r: -len(r[0][2]))
+ERROR_SHAPES = {"/v1/messages": messages.error_body,
+                "/v1/messages/count_tokens": messages.error_body}
 PROTECTED = {"/tokenize", "/detokenize"}                 # besides every /v1/ route
 ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics"}  # answer while loading, too
+
+
+def _param_route(path: str) -> tuple[dict[str, Handler] | None, str | None]:
+    for (head, _, tail), methods in PARAM_ROUTES:
+        if path.startswith(head) and path.endswith(tail) and len(path) > len(head) + len(tail):
+            return methods, path[len(head):len(path) - len(tail)]
+    return None, None
 
 
 def create_app(engine_config: Any, server_config: ServerConfig,

@@ -33,6 +33,15 @@ class Result:
                 out.append(data if data == "[DONE]" else orjson.loads(data))
         return out
 
+    def named_events(self) -> list[tuple[str | None, Any]]:
+        """SSE frames as (event name, parsed data), for the APIs that name their events."""
+        out = []
+        for frame in self.body.decode().split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in frame.splitlines() if ": " in line)
+            if "data" in fields:
+                out.append((fields.get("event"), orjson.loads(fields["data"])))
+        return out
+
 
 async def call(app: Any, method: str, path: str, json: Any = None, *, body: bytes | None = None,
                headers: dict[str, str] | None = None, disconnect_after: int | None = None,

@@ -1,0 +1,156 @@
+"""Runs another API's request (Responses, Anthropic Messages) as a chat request through the chat
+route's own path (App.generate: engine, parsers, usage, metrics, disconnect aborts) and reads its
+output back as blocks (reasoning, text, tool calls) for that API's translator. Inside, the chat
+request is always streamed; each API decides what its client sees. No torch, no engine calls."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from minserve.embeddings.routes import check_chat_route
+from minserve.protocol import GenerateRequest, OpenAIError, parse_chat
+
+
+@dataclass(slots=True)
+class Block:
+    kind: str          # "reasoning" | "text" | "tool_call"
+    index: int         # position in the output
+    text: str = ""     # the text, or a tool call's arguments (JSON text)
+    name: str = ""     # tool_call: the function's name
+    call_id: str = ""  # tool_call: "call_..."
+
+
+class ChatReader:
+    """Base of an API's translator. The chat chunks come in through feed(); subclasses turn the
+    block callbacks into their own events and send their own answers."""
+
+    def __init__(self) -> None:
+        self.blocks: list[Block] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.usage: dict[str, Any] = {}
+        self.done = False          # [DONE] came after a finish (not an error, not an abort)
+        self.failed = False
+
+    # ---- what subclasses implement
+    async def start(self) -> None:
+        """The chat stream opened (before the first token)."""
+
+    async def open_block(self, block: Block) -> None: ...
+
+    async def delta(self, block: Block, text: str) -> None: ...
+
+    async def close_block(self, block: Block) -> None: ...
+
+    async def finish(self) -> None:
+        """After the last block closed; finish_reason, stop_reason and usage are known."""
+
+    async def fail(self, status: int, error: dict[str, Any]) -> None:
+        """error is OpenAI's {"message", "type", "param", "code"}."""
+
+    # ---- chat chunks -> blocks
+    @property
+    def has_tool_calls(self) -> bool:
+        return any(b.kind == "tool_call" for b in self.blocks)
+
+    async def _append(self, kind: str, text: str, **call: str) -> None:
+        cur = self.blocks[-1] if self.blocks else None
+        if cur is None or cur.kind != kind or call:
+            if cur is not None:
+                await self.close_block(cur)
+            cur = Block(kind, len(self.blocks), **call)
+            self.blocks.append(cur)
+            await self.open_block(cur)
+        if text:
+            cur.text += text
+            await self.delta(cur, text)
+
+    async def feed(self, chunk: dict[str, Any]) -> None:
+        self.usage = chunk.get("usage") or self.usage
+        for choice in chunk["choices"]:  # one: these APIs have no n
+            delta = choice["delta"]
+            if delta.get("reasoning_content"):
+                await self._append("reasoning", delta["reasoning_content"])
+            if delta.get("content"):
+                await self._append("text", delta["content"])
+            for call in delta.get("tool_calls") or []:
+                fn = call.get("function") or {}
+                if "id" in call:
+                    await self._append("tool_call", fn.get("arguments") or "",
+                                       name=fn.get("name") or "", call_id=call["id"])
+                elif fn.get("arguments"):
+                    await self._append("tool_call", fn["arguments"])
+            if choice.get("finish_reason"):
+                self.finish_reason, self.stop_reason = choice["finish_reason"], \
+                    choice.get("stop_reason")
+
+    async def end(self) -> None:
+        if self.failed or self.finish_reason is None:
+            return
+        if not self.blocks:  # an empty answer is still one (empty) text block
+            await self._append("text", "")
+        await self.close_block(self.blocks[-1])
+        self.done = True
+        await self.finish()
+
+    async def error(self, status: int, error: Any) -> None:
+        if not self.failed:
+            self.failed = True
+            err = error if isinstance(error, dict) else {"message": str(error)}
+            await self.fail(status, err)
+
+
+async def parse(app: Any, chat_body: dict[str, Any], renames: dict[str, str]) -> GenerateRequest:
+    """The translated body through parse_chat (in a worker thread, as the chat route does).
+    Errors name the caller's own field where it has another name (`renames`: chat -> API)."""
+    check_chat_route(app, chat_body)
+    try:
+        return await asyncio.to_thread(parse_chat, chat_body, app.ctx)
+    except OpenAIError as e:
+        param = (e.param or "").split("[")[0].split(".")[0]
+        if param in renames:
+            new = renames[param] + e.param[len(param):]
+            e.message = e.message.replace(e.param, new, 1) if e.message.startswith(e.param) \
+                else e.message
+            e.param = new
+        raise
+
+
+async def run(app: Any, http: Any, req: GenerateRequest, reader: ChatReader) -> None:
+    """Generate `req` (parsed with stream and include_usage on) through App.generate, with
+    http.send replaced by a reader of what the chat path sends: SSE chunks become feed()/end(),
+    an error (a status, or an SSE error event) becomes error(). It stays replaced, so an error
+    the server sends later for this exchange reaches the reader too."""
+    state = {"status": 200, "sse": False, "buf": b""}
+
+    async def send(msg: dict[str, Any]) -> None:
+        if msg["type"] == "http.response.start":
+            state["status"], state["buf"] = msg["status"], b""
+            state["sse"] = (b"content-type", b"text/event-stream") in msg.get("headers", ())
+            if state["sse"]:
+                await reader.start()
+            return
+        state["buf"] += msg.get("body", b"")
+        if not state["sse"]:
+            if not msg.get("more_body", False) and state["status"] != 200:
+                body = orjson.loads(state["buf"])
+                await reader.error(state["status"], body.get("error"))
+            return
+        *frames, state["buf"] = state["buf"].split(b"\n\n")
+        for frame in frames:
+            data = frame[len(b"data: "):]
+            if data == b"[DONE]":
+                await reader.end()
+                continue
+            obj = orjson.loads(data)
+            if "error" in obj:
+                await reader.error(obj["error"].get("code") or 500, obj["error"])
+            else:
+                await reader.feed(obj)
+
+    req.stream = req.include_usage = True
+    http.send = send
+    await app.generate(http, req)
