@@ -74,8 +74,9 @@ def _item_text(item: Any) -> str:
     return ""  # reasoning: the SDK's state keeps the item as it was added
 
 
-_MESSAGE_ORDER = re.compile(r"message_start (ping )?(content_block_start (content_block_delta )*"
-                            r"content_block_stop )*(message_delta message_stop |error )$")
+_MESSAGE_ORDER = re.compile(
+    r"message_start (ping )?(content_block_start (content_block_delta )*content_block_stop )*"
+    r"(message_delta message_stop |(content_block_start (content_block_delta )*)?error )$")
 
 
 def message_body(body: Any) -> Message:
