@@ -170,7 +170,11 @@ def chat_body(body: Any, count_only: bool = False) -> dict[str, Any]:
     for i, m in enumerate(msgs):
         messages += _message(m, f"messages[{i}]")
     chat = {k: body[k] for k in PASSED if k in body and not (count_only and k == "max_tokens")}
-    chat.update(messages=messages, stop=body.get("stop_sequences"))
+    stop = body.get("stop_sequences")
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(x, str)
+                                                                    for x in stop)):
+        raise _bad("stop_sequences", "must be a list of strings")
+    chat.update(messages=messages, stop=stop)
     last = messages[-1]
     if last["role"] == "assistant" and not last.get("tool_calls"):
         chat["continue_final_message"] = True

@@ -262,7 +262,15 @@ def test_stop_strings(tiny_model_dir):
     assert ev[-2]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir):
+LONG = {"max_tokens": 300, "ignore_eos": True, "stream": True}
+
+
+@pytest.mark.parametrize("path,body", [
+    (COMP, {"prompt": "Hello " * 40, **LONG}),
+    ("/v1/responses", {"input": "Hello " * 40, **LONG, "max_output_tokens": 300}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "Hello " * 40}], **LONG}),
+], ids=["completions", "responses", "messages"])
+def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir, path, body):
     """The abort reaches the engine before its next step, and that step frees the blocks."""
     async def fn(app):
         eng = app.engine.engine
@@ -281,8 +289,7 @@ def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir):
             steps_at_abort.append(len(usage))
             abort(request_id)
         app.engine.abort = counting_abort
-        body = {"prompt": "Hello " * 40, "max_tokens": 300, "ignore_eos": True, "stream": True}
-        r = await call(app, "POST", COMP, body, disconnect_after=3)
+        r = await call(app, "POST", path, body, disconnect_after=3)
         for _ in range(500):
             if not eng.has_unfinished_requests():
                 break
