@@ -187,7 +187,7 @@ def test_messages_errors(claude, server):
 def test_default_model_responses_and_messages():
     """The done-when flows on the default model: text, streaming, a tool call, JSON output."""
     weather = {"type": "object", "properties": {"location": {"type": "string"}},
-               "required": ["location"]}
+               "required": ["location"], "additionalProperties": False}
     person = {"type": "object", "properties": {"name": {"type": "string"},
                                                "age": {"type": "integer"}},
               "required": ["name", "age"], "additionalProperties": False}
@@ -196,10 +196,10 @@ def test_default_model_responses_and_messages():
         oai = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         claude = anthropic.Anthropic(base_url=url, api_key="none", max_retries=0)
         model = oai.models.list().data[0].id
-        r = oai.responses.create(model=model, input=question, max_output_tokens=40,
+        r = oai.responses.create(model=model, input=question, max_output_tokens=16,
                                  temperature=0)
         assert "Paris" in r.output_text
-        events = list(oai.responses.create(model=model, input=question, max_output_tokens=40,
+        events = list(oai.responses.create(model=model, input=question, max_output_tokens=16,
                                            temperature=0, stream=True))
         assert "".join(e.delta for e in events if e.type == "response.output_text.delta") \
             == r.output_text
@@ -207,28 +207,28 @@ def test_default_model_responses_and_messages():
             model=model, input="What's the weather like in Paris today?", temperature=0,
             tools=[{"type": "function", "name": "get_weather", "parameters": weather,
                     "description": "Get the current weather in a given location"}],
-            tool_choice="required", max_output_tokens=60).output[0]
+            tool_choice="required", max_output_tokens=40).output[0]
         assert call.name == "get_weather" and "Paris" in json.loads(call.arguments)["location"]
         j = oai.responses.create(model=model, input="Extract: John Doe is 30 years old.",
-                                 max_output_tokens=60, temperature=0, text={"format": {
+                                 max_output_tokens=40, temperature=0, text={"format": {
                                      "type": "json_schema", "name": "p", "schema": person}})
         assert json.loads(j.output_text) == {"name": "John Doe", "age": 30}
 
         greedy = {"extra_body": {"temperature": 0}}  # not a typed argument in this SDK
-        m = claude.messages.create(model=model, max_tokens=40, **greedy,
+        m = claude.messages.create(model=model, max_tokens=16, **greedy,
                                    messages=[{"role": "user", "content": question}])
         assert "Paris" in m.content[0].text and m.stop_reason in ("end_turn", "max_tokens")
-        with claude.messages.stream(model=model, max_tokens=40, **greedy,
+        with claude.messages.stream(model=model, max_tokens=16, **greedy,
                                     messages=[{"role": "user", "content": question}]) as s:
             assert "".join(s.text_stream) == m.content[0].text
         use = claude.messages.create(
-            model=model, max_tokens=60, **greedy, tool_choice={"type": "any"},
+            model=model, max_tokens=40, **greedy, tool_choice={"type": "any"},
             tools=[{"name": "get_weather", "input_schema": weather,
                     "description": "Get the current weather in a given location"}],
             messages=[{"role": "user", "content": "What's the weather like in Paris today?"}]
         ).content[-1]
         assert use.type == "tool_use" and "Paris" in use.input["location"]
-        j = claude.messages.create(model=model, max_tokens=60, **greedy,
+        j = claude.messages.create(model=model, max_tokens=40, **greedy,
                                    output_config={"format": {"type": "json_schema",
                                                              "schema": person}},
                                    messages=[{"role": "user",
