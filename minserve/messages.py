@@ -8,8 +8,6 @@ import json
 import uuid
 from typing import Any
 
-import orjson
-
 from minserve.protocol import OpenAIError
 from minserve.translate import Block, ChatReader, parse, run
 
@@ -189,23 +187,13 @@ class MessageWriter(ChatReader):
     events: message_start, ping, content_block_start/delta/stop, message_delta, message_stop."""
 
     def __init__(self, message: dict[str, Any], send: Any, stream: bool) -> None:
-        super().__init__()
-        self.message, self.send, self.stream = message, send, stream
-        self.opened = False
-
-    async def emit(self, kind: str, **fields: Any) -> None:
-        if self.opened:
-            data = orjson.dumps({"type": kind, **fields})
-            await self.send({"type": "http.response.body", "more_body": True,
-                             "body": b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"})
+        super().__init__(send, stream)
+        self.message = message
 
     async def start(self) -> None:
-        if self.stream:
-            from minserve.server import SSE
-            self.opened = True
-            await self.send({"type": "http.response.start", "status": 200, "headers": SSE})
-            await self.emit("message_start", message=self.message)
-            await self.emit("ping")
+        await self.open_stream()
+        await self.send_event("message_start", message=self.message)
+        await self.send_event("ping")
 
     @staticmethod
     def block(b: Block, whole: bool) -> dict[str, Any]:
@@ -219,16 +207,17 @@ class MessageWriter(ChatReader):
                 "input": args if isinstance(args, dict) else {}}
 
     async def open_block(self, b: Block) -> None:
-        await self.emit("content_block_start", index=b.index, content_block=self.block(b, False))
+        await self.send_event("content_block_start", index=b.index,
+                              content_block=self.block(b, False))
 
     async def delta(self, b: Block, text: str) -> None:
         delta = {"reasoning": {"type": "thinking_delta", "thinking": text},
                  "text": {"type": "text_delta", "text": text},
                  "tool_call": {"type": "input_json_delta", "partial_json": text}}[b.kind]
-        await self.emit("content_block_delta", index=b.index, delta=delta)
+        await self.send_event("content_block_delta", index=b.index, delta=delta)
 
     async def close_block(self, b: Block) -> None:
-        await self.emit("content_block_stop", index=b.index)
+        await self.send_event("content_block_stop", index=b.index)
 
     async def finish(self) -> None:
         m, u = self.message, self.usage
@@ -246,23 +235,16 @@ class MessageWriter(ChatReader):
                       u["completion_tokens"], "cache_creation_input_tokens": 0,
                       "cache_read_input_tokens": cached}
         m["content"] = [self.block(b, True) for b in self.blocks]
-        await self.emit("message_delta", delta={"stop_reason": m["stop_reason"],
+        await self.send_event("message_delta", delta={"stop_reason": m["stop_reason"],
                                                 "stop_sequence": m["stop_sequence"]},
                         usage=m["usage"])
-        await self.emit("message_stop")
+        await self.send_event("message_stop")
         await self.close(200, m)
 
     async def fail(self, status: int, error: dict[str, Any]) -> None:
         body = error_body(status, error.get("message") or "the request failed")
-        await self.emit("error", error=body["error"])
+        await self.send_event("error", error=body["error"])
         await self.close(status, body)
-
-    async def close(self, status: int, body: dict[str, Any]) -> None:
-        if self.opened:
-            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
-        else:
-            from minserve.server import send_json
-            await send_json(self.send, status, body)
 
 
 def _loads(text: str) -> Any:

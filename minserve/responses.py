@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-import orjson
-
 from minserve.protocol import OpenAIError
 from minserve.translate import Block, ChatReader, parse, run
 
@@ -235,35 +233,24 @@ class ResponseStore:
 
 
 # ---------------------------------------------------------------- chat output -> a response
-def _sse(kind: str, event: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "http.response.body", "more_body": True,
-            "body": b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"}
-
-
 class ResponseWriter(ChatReader):
     """Builds the response object from the chat output and, for a streaming client, sends the
     semantic events in OpenAI's order, each with its sequence_number."""
 
-    def __init__(self, response: dict[str, Any], send: Any, stream: bool, tokenizer: Any,
-                 record: Stored | None) -> None:
-        super().__init__()
-        self.response, self.send, self.stream = response, send, stream
-        self.tokenizer, self.record = tokenizer, record
-        self.opened = False   # the client's event stream started
+    def __init__(self, response: dict[str, Any], send: Any, stream: bool,
+                 tokenizer: Any) -> None:
+        super().__init__(send, stream)
+        self.response, self.tokenizer = response, tokenizer
         self.num_events = 0
-        self.ids: list[str] = []
+        self.ids: list[str] = []   # the output items' ids
 
     async def emit(self, kind: str, **fields: Any) -> None:
-        if self.opened and self.send is not None:
-            await self.send(_sse(kind, {"type": kind, "sequence_number": self.num_events,
-                                        **fields}))
+        await self.send_event(kind, sequence_number=self.num_events, **fields)
         self.num_events += 1
 
     async def open(self) -> None:
-        if self.stream and not self.opened and self.send is not None:
-            from minserve.server import SSE
-            self.opened = True
-            await self.send({"type": "http.response.start", "status": 200, "headers": SSE})
+        if not self.opened:
+            await self.open_stream()
             await self.emit("response.created", response=self.response)
 
     async def start(self) -> None:
@@ -358,18 +345,6 @@ class ResponseWriter(ChatReader):
         await self.close(status, {"error": {"message": message, "type": error.get("type"),
                                             "param": error.get("param"), "code": status}})
 
-    async def close(self, status: int, body: dict[str, Any]) -> None:
-        """The answer ends: the event stream, or the whole body for a waiting client (none for
-        a background run: its client already has its answer)."""
-        send, self.send = self.send, None
-        if send is None:
-            return
-        if self.opened:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        else:
-            from minserve.server import send_json
-            await send_json(send, status, body)
-
 
 # ---------------------------------------------------------------- route handlers
 def _new_response(body: dict[str, Any], req: Any, echo: dict[str, Any]) -> dict[str, Any]:
@@ -402,8 +377,9 @@ async def create_response(app: Any, http: Any) -> None:
     response = _new_response(body, req, echo)
     record = Stored(response, items) if response["store"] else None
     stream, background = bool(body.get("stream")), response["background"]
+    # a background run's client has its answer at once: the writer sends it nothing more
     writer = ResponseWriter(response, None if background and not stream else http.send, stream,
-                            app.ctx.tokenizer, record)
+                            app.ctx.tokenizer)
     if record is not None:
         store.put(record)
     if not background:

@@ -25,9 +25,11 @@ class Block:
 
 class ChatReader:
     """Base of an API's translator. The chat chunks come in through feed(); subclasses turn the
-    block callbacks into their own events and send their own answers."""
+    block callbacks into their own events, sent on `send` (the client's; None: no client)."""
 
-    def __init__(self) -> None:
+    def __init__(self, send: Any, stream: bool) -> None:
+        self.send, self.stream = send, stream
+        self.opened = False        # the client's event stream started
         self.blocks: list[Block] = []
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -50,6 +52,32 @@ class ChatReader:
 
     async def fail(self, status: int, error: dict[str, Any]) -> None:
         """error is OpenAI's {"message", "type", "param", "code"}."""
+
+    # ---- the client's answer
+    async def open_stream(self) -> None:
+        if self.stream and not self.opened and self.send is not None:
+            from minserve.server import SSE  # server.py imports the API modules
+            self.opened = True
+            await self.send({"type": "http.response.start", "status": 200, "headers": SSE})
+
+    async def send_event(self, kind: str, **fields: Any) -> None:
+        """One named SSE event (`event: kind`), its data {"type": kind, **fields}."""
+        if self.opened and self.send is not None:
+            data = orjson.dumps({"type": kind, **fields})
+            await self.send({"type": "http.response.body", "more_body": True,
+                             "body": b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"})
+
+    async def close(self, status: int, body: dict[str, Any]) -> None:
+        """The answer ends: the event stream, or the whole body (or error) for a client that
+        waits for it."""
+        send, self.send = self.send, None
+        if send is None:
+            return
+        if self.opened:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            from minserve.server import send_json
+            await send_json(send, status, body)
 
     # ---- chat chunks -> blocks
     @property
