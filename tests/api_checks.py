@@ -9,7 +9,7 @@ from typing import Any
 
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message, RawMessageStreamEvent
-from openai import omit
+from openai import NOT_GIVEN
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
@@ -45,7 +45,7 @@ def response_events(named: list[tuple[str | None, Any]]) -> tuple[Response, list
     """-> (the last lifecycle event's response, the event types). Checks names, sequence numbers,
     the order, the indexes, and that the SDK's ResponseStreamState accumulates the final output."""
     tokens, types = [], []
-    state = ResponseStreamState(input_tools=[], text_format=omit)
+    state = ResponseStreamState(input_tools=[], text_format=NOT_GIVEN)
     final = None
     for i, (name, ev) in enumerate(named):
         parsed = RESPONSE_EVENT.validate_python(ev)
