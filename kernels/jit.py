@@ -7,13 +7,14 @@ import sysconfig
 
 # NOTE: Python 3.11's sysconfig publishes its config-vars dict before it has filled it, and
 # triton's import reads it (triton/knobs.py: binary += sysconfig.get_config_var("EXE")). A full
-# test run once died there with "can only concatenate str (not NoneType)": the chat engine thread
-# imported triton here while the embedding thread's model build imported it too, through
-# torch._dynamo, which reads sysconfig first. Two fixes: fill the dict now, before triton, on the
-# thread that imports it; and let no model build import triton behind this module's back (the
-# models import minserve.kernels before they build, and create parameters with torch.empty:
-# nn.Embedding's init on the meta device is what imported torch._dynamo).
-# tests/test_loader.py::test_model_builds_import_triton_only_through_kernels checks the second.
+# test run once died there ("can only concatenate str (not NoneType)"): the chat engine thread
+# imported triton through minserve.kernels while the embedding thread's model build, on the
+# meta device, imported torch._dynamo, which reads sysconfig and imports triton too. So: fill
+# the dict here, on the importing thread, before triton; and no model build imports
+# torch._dynamo (the layers create their parameters with torch.empty, see models/linear.py), so
+# this module is the one importer of triton and Python's module lock serializes threads on it.
+# A race cannot be made to happen on demand in a test; tests/test_loader.py::
+# test_model_builds_import_triton_only_through_kernels checks that invariant instead.
 sysconfig.get_config_vars()
 
 try:
