@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# The model served when none is named (fetched once from PyPI by models/loader.py); here, not in
+# the loader, so the CLI can name it without importing torch.
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
 class ConfigError(ValueError):
     """A bad engine argument or an unsupported model; the CLI prints it and exits."""
 

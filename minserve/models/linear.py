@@ -153,7 +153,6 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         else:
             self.num_kv_heads = _divide(total_num_kv_heads, tp_size, "number of kv heads")
             self.num_kv_head_replicas = 1
-        self.head_size = head_size
         q, kv = self.num_heads * head_size, self.num_kv_heads * head_size
         LinearBase.__init__(self, hidden_size, [q, kv, kv], bias, quant_method, tp_rank, tp_size)
 

