@@ -207,6 +207,7 @@ def _rename(name: str) -> str | None:
 
 
 def load_encoder(folder: str, device: torch.device | str, dtype: torch.dtype) -> BertModel:
+    """The folder's encoder, its weights loaded by loader.load_model as every model's are."""
     with open(os.path.join(folder, "config.json")) as f:
         cfg = EncoderConfig.from_dict(json.load(f))
     model_cls = XLMRobertaModel if cfg.roberta_positions else BertModel
