@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-# The model served when none is named (fetched once from PyPI by models/loader.py); here, not in
-# the loader, so the CLI can name it without importing torch.
+# The model served when none is named (models/loader.py fetches it; the CLI reports its name).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 

