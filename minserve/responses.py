@@ -397,7 +397,7 @@ async def create_response(app: Any, http: Any) -> None:
         await writer.open()
     else:
         await send_json(http.send, 200, response)
-    detached = Http(http.scope, until_cancelled, http.send, http.path, http.headers)
+    detached = Http(http.scope, until_cancelled, None, http.path, http.headers)
     record.task = task = asyncio.ensure_future(_background(app, detached, req, writer, cancel))
     if stream:  # the events go out as the run makes them; a client that leaves does not stop it
         gone = asyncio.ensure_future(_wait_disconnect(http.receive))
@@ -410,8 +410,6 @@ async def _background(app: Any, http: Any, req: Any, writer: ResponseWriter,
                       cancel: asyncio.Event) -> None:
     try:
         await run(app, http, req, writer)
-    except OpenAIError as e:
-        await writer.error(e.status, e.to_dict()["error"])
     except Exception as e:  # noqa: BLE001 - a run nobody awaits must still end as "failed"
         logger.exception("background response %s failed", writer.response["id"])
         await writer.error(500, {"message": f"internal server error: {type(e).__name__}: {e}"})

@@ -148,26 +148,18 @@ async def parse(app: Any, chat_body: dict[str, Any], renames: dict[str, str]) ->
 
 
 async def run(app: Any, http: Any, req: GenerateRequest, reader: ChatReader) -> None:
-    """Generate `req` (parsed with stream and include_usage on) through App.generate, with
-    http.send replaced by a reader of what the chat path sends: SSE chunks become feed()/end(),
-    an error (a status, or an SSE error event) becomes error(). It stays replaced, so an error
-    the server sends later for this exchange reaches the reader too."""
-    state = {"status": 200, "sse": False, "buf": b""}
+    """Generate `req` (parsed with stream and include_usage on) through App.generate, on an
+    exchange whose send() reads what the chat path sends: its chunks become feed()/end(), an error
+    event or a raised OpenAIError becomes error(). `http` itself (its receive(), watched for a
+    disconnect) is the client's; the reader answers the client."""
+    from minserve.server import Http  # server.py imports the API modules
+    buf = b""
 
     async def send(msg: dict[str, Any]) -> None:
+        nonlocal buf
         if msg["type"] == "http.response.start":
-            state["status"], state["buf"] = msg["status"], b""
-            state["sse"] = (b"content-type", b"text/event-stream") in msg.get("headers", ())
-            if state["sse"]:
-                await reader.start()
-            return
-        state["buf"] += msg.get("body", b"")
-        if not state["sse"]:
-            if not msg.get("more_body", False) and state["status"] != 200:
-                body = orjson.loads(state["buf"])
-                await reader.error(state["status"], body.get("error"))
-            return
-        *frames, state["buf"] = state["buf"].split(b"\n\n")
+            return await reader.start()   # the chat path opens its (event) stream
+        *frames, buf = (buf + msg.get("body", b"")).split(b"\n\n")
         for frame in frames:
             data = frame[len(b"data: "):]
             if data == b"[DONE]":
@@ -180,5 +172,7 @@ async def run(app: Any, http: Any, req: GenerateRequest, reader: ChatReader) -> 
                 await reader.feed(obj)
 
     req.stream = req.include_usage = True
-    http.send = send
-    await app.generate(http, req)
+    try:
+        await app.generate(Http(http.scope, http.receive, send, http.path, http.headers), req)
+    except OpenAIError as e:  # the engine refused the request (busy, shutting down, too long)
+        await reader.error(e.status, e.to_dict()["error"])
