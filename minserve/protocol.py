@@ -1,5 +1,5 @@
-"""OpenAI request bodies -> GenerateRequest (validated; bad input is an OpenAIError 4xx naming the
-parameter), and the response/chunk builders for chat and completions. No torch, no I/O here."""
+"""OpenAI request bodies -> GenerateRequest, which holds one EngineRequest per prompt (validated;
+bad input is an OpenAIError 4xx naming the parameter). No torch, no I/O here."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from minserve.engine.request import EngineRequest
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
 from minserve.sampling_params import SamplingParams
 from minserve.structured import StructuredOutputError, structured_from_request
@@ -90,9 +91,8 @@ class GenerateRequest:
     kind: str                         # "chat" | "completion"
     request_id: str
     model: str
-    prompts: list[list[int]]          # one per completions prompt; chat has exactly one
+    requests: list[EngineRequest]     # one per completions prompt; chat has exactly one
     prompt_texts: list[str | None]    # for echo
-    params: SamplingParams
     stream: bool = False
     include_usage: bool = False
     continuous_usage: bool = False
@@ -104,6 +104,25 @@ class GenerateRequest:
     # completions with echo and max_tokens=0 (OpenAI's legacy scoring call, as lm-eval sends it):
     # the engine samples one token, which cannot be avoided; output.py drops it
     echo_only: bool = False
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [r.prompt_token_ids for r in self.requests]
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.requests[0].sampling_params
+
+
+def _engine_requests(request_id: str, prompts: list[list[int]], params: SamplingParams,
+                     body: dict) -> list[EngineRequest]:
+    """One EngineRequest per prompt, named request_id (one prompt) or request_id-p."""
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise _bad("cache_salt", "must be a non-empty string")
+    ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{p}" for p in range(len(prompts))]
+    return [EngineRequest(rid, ids_, params, cache_salt=salt)
+            for rid, ids_ in zip(ids, prompts, strict=True)]
 
 
 # ---------------------------------------------------------------- typed field readers
@@ -386,8 +405,10 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     # generation prompt, else the last message's own role (i.e. always).
     last = messages[-1]
     echoed = last["content"] if echo and (not add_gen or last["role"] == "assistant") else None
-    return GenerateRequest("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [prompt],
-                           [echoed], params, stream, include_usage, continuous, echo,
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    return GenerateRequest("chat", request_id, model,
+                           _engine_requests(request_id, [prompt], params, body),
+                           [echoed], stream, include_usage, continuous, echo,
                            params.logprobs,
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
                            else None)
@@ -483,6 +504,8 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     if echo:
         texts = [t if t is not None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
                  for t, ids in zip(texts, prompts, strict=True)]
-    return GenerateRequest("completion", f"cmpl-{uuid.uuid4().hex}", model, prompts, texts,
-                           params, stream, include_usage, continuous, echo, params.logprobs,
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    return GenerateRequest("completion", request_id, model,
+                           _engine_requests(request_id, prompts, params, body), texts,
+                           stream, include_usage, continuous, echo, params.logprobs,
                            echo_only=echo_only)

@@ -8,7 +8,7 @@ import torch
 
 from minserve.config import EngineConfig
 from minserve.engine.engine import Engine
-from minserve.engine.request import FinishReason
+from minserve.engine.request import EngineRequest, FinishReason
 from minserve.sampling_params import SamplingParams
 
 PROMPTS = [
@@ -58,7 +58,7 @@ def generate(engine: Engine, prompts, params, ids=None, trace=None) -> dict[str,
     ids = ids or [f"q{i}" for i in range(len(prompts))]
     ps = params if isinstance(params, list) else [params] * len(prompts)
     for rid, p, sp in zip(ids, prompts, ps, strict=True):
-        engine.add_request(rid, p, sp)
+        engine.add_request(EngineRequest(rid, p, sp))
     outs: dict[str, list] = {rid: [] for rid in ids}
     while engine.has_unfinished_requests():
         if trace is not None:
@@ -127,7 +127,7 @@ def test_preemption_gives_same_greedy_tokens(tiny_model_dir, hf_model):
     # a 5-block cache must preempt on the way.
     prompts = [PROMPTS[2][:14], PROMPTS[1][:15], PROMPTS[2][5:35]]
     eng = make_engine(tiny_model_dir, kv_cache_memory=5 * 8192)
-    assert eng.num_kv_blocks == 5
+    assert eng.info.num_kv_blocks == 5
     preempted = record_preempted(eng)
     outs = generate(eng, prompts, GREEDY)
     assert preempted and eng.stats()["num_preemptions"] == len(preempted)
@@ -137,7 +137,8 @@ def test_preemption_gives_same_greedy_tokens(tiny_model_dir, hf_model):
 
 
 def test_abort_frees_blocks_at_next_step(engine):
-    engine.add_request("long", PROMPTS[2], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request(EngineRequest("long", PROMPTS[2],
+                                     SamplingParams(max_tokens=50, ignore_eos=True)))
     engine.step()
     assert engine.stats()["kv_cache_usage"] > 0
     engine.abort_request("long")
@@ -148,7 +149,7 @@ def test_abort_frees_blocks_at_next_step(engine):
 
 
 def test_stop_conditions(engine, reference):
-    eos = min(engine.eos_token_ids)
+    eos = min(engine.info.eos_token_ids)
     ref = reference[1]
     p = PROMPTS[1]
     outs = generate(engine, [p] * 5, [
@@ -169,20 +170,21 @@ def test_stop_conditions(engine, reference):
 
 
 def test_add_request_validation(engine):
+    max_len = engine.info.max_model_len
     with pytest.raises(ValueError, match="maximum context length"):
-        engine.add_request("x", [1] * engine.max_model_len, SamplingParams())
+        engine.add_request(EngineRequest("x", [1] * max_len, SamplingParams()))
     with pytest.raises(ValueError, match="maximum context length"):
-        engine.add_request("x", [1] * 10, SamplingParams(max_tokens=engine.max_model_len))
+        engine.add_request(EngineRequest("x", [1] * 10, SamplingParams(max_tokens=max_len)))
     with pytest.raises(ValueError, match="empty"):
-        engine.add_request("x", [], SamplingParams())
+        engine.add_request(EngineRequest("x", [], SamplingParams()))
+    assert not engine.has_unfinished_requests()
 
 
 def test_n_siblings_share_blocks_and_seeds(engine):
     p = PROMPTS[2]
     hits0 = engine.stats()["prefix_cache_hits"]
     params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
-    for i in range(3):
-        engine.add_request(f"s-{i}", p, params, parent_id="s", sample_index=i)
+    engine.add_request(EngineRequest("s", p, params))   # the engine fans n = 3 out
     outs = {f"s-{i}": [] for i in range(3)}
     while engine.has_unfinished_requests():
         for o in engine.step():
@@ -245,14 +247,14 @@ def test_every_arch_and_source_through_the_scheduler(tiny_model_factory, tmp_pat
     head_dim = 32 if arch == "Qwen3ForCausalLM" else 16       # tests/tiny.py's shapes
     block_bytes = 2 * 2 * 2 * head_dim * 16 * 4               # K+V, layers, kv heads, fp32
     eng = make_engine(model, kv_cache_memory=5 * block_bytes, max_num_batched_tokens=16)
-    assert eng.num_kv_blocks == 5
+    assert eng.info.num_kv_blocks == 5
     preempted = record_preempted(eng)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True)
-    eng.add_request("q0", prompts[0], params)
+    eng.add_request(EngineRequest("q0", prompts[0], params))
     eng.step()                                  # q0's first block is cached before q1 arrives
     outs = {f"q{i}": [] for i in range(3)}
     for i in (1, 2):
-        eng.add_request(f"q{i}", prompts[i], params)
+        eng.add_request(EngineRequest(f"q{i}", prompts[i], params))
     while eng.has_unfinished_requests():
         for o in eng.step():
             outs[o.request_id].append(o)

@@ -265,7 +265,7 @@ def test_stop_strings(tiny_model_dir):
 def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir):
     """The abort reaches the engine before its next step, and that step frees the blocks."""
     async def fn(app):
-        eng = app.engine.engine
+        eng = app.engine._engine
         usage = []  # KV-cache usage after each engine step, recorded on the engine thread
         step = eng.step
 
