@@ -94,11 +94,7 @@ class PagedRunner:
         return list(logits.split(query_lens))
 
 
-@torch.inference_mode()
 def prefill_without_cache(model, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """The profiling path: empty caches, every request's query is its whole sequence."""
-    model.set_kv_caches([(torch.empty(0), torch.empty(0))] * model.config.num_hidden_layers)
-    lens = [len(p) for p in prompts]
-    attn, positions = attn_metadata(lens, [0] * len(lens), [[0]] * len(lens), 1 << 20)
-    hidden = model(torch.tensor([t for p in prompts for t in p]), positions, attn)
-    return list(model.compute_logits(hidden).split(lens))
+    """Fresh prompts all in one step, as the KV-sizing profile run does (on a fresh cache)."""
+    runner = PagedRunner(model, block_size=16, num_blocks=sum(-(-len(p) // 16) for p in prompts))
+    return runner.step([(str(i), p) for i, p in enumerate(prompts)])

@@ -270,3 +270,19 @@ def test_every_arch_and_source_through_the_scheduler(tiny_model_factory, tmp_pat
             top = ref.topk(5)
             assert [t for t, _ in lp.top] == top.indices.tolist()
             assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=2e-4)
+
+
+def test_profile_run_is_an_ordinary_step(tiny_model_dir, monkeypatch):
+    """The KV-sizing run (on CUDA) is one step through execute() on a one-block cache: the paged
+    attention that serves, every row sampling with top-k, top-p and logprobs."""
+    from minserve import kernels
+
+    eng = make_engine(tiny_model_dir, max_num_batched_tokens=64, max_num_seqs=4)
+    seen = []
+    paged_attention = kernels.paged_attention
+    monkeypatch.setattr(kernels, "paged_attention",
+                        lambda q, k, v, attn, *a: seen.append(k.shape[0]) or paged_attention(
+                            q, k, v, attn, *a))
+    eng.runner._kv_cache(1)
+    eng.runner.dummy_run(64, 4)
+    assert seen and set(seen) == {1}

@@ -92,6 +92,27 @@ def test_prefix_hit_shares_blocks_and_leaves_one_token():
     assert kv.prefix_cache_hits == 12 + 12 + 8   # b looked up twice (get + admit)
 
 
+def test_prefix_root_keeps_adapters_salts_and_images_apart():
+    """Blocks are shared only between requests with the same adapter, cache_salt and images."""
+    from minserve.engine.request import MultiModalItem
+
+    kv = KVCacheManager(64, BS)
+    prompt = list(range(13))
+    cat, dog = [MultiModalItem(2, 4, "cat")], [MultiModalItem(2, 4, "dog")]
+    kinds = [{}, {"adapter_name": "sql"}, {"cache_salt": "t1"}, {"mm_items": cat},
+             {"mm_items": dog}, {"adapter_name": "sql", "cache_salt": "t1"}]
+    firsts = []
+    for i, kw in enumerate(kinds):
+        r = Request(f"first-{i}", prompt, SamplingParams(), **kw)
+        assert admit(kv, r) is not None and r.num_cached_tokens == 0, kw
+        finish_prefill(kv, r)
+        firsts.append(r)
+    for i, kw in enumerate(kinds):   # each kind finds its own blocks
+        blocks, num_cached = kv.get_computed_blocks(Request(f"again-{i}", prompt,
+                                                            SamplingParams(), **kw))
+        assert num_cached == 12 and blocks == firsts[i].block_ids[:3], kw
+
+
 def test_hash_is_chained_over_the_prefix():
     kv = KVCacheManager(16, BS)
     a = req("a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
