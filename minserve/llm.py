@@ -145,12 +145,6 @@ class LLM:
         else:
             self.engine = Engine(EngineConfig(model=model, **engine_args))
 
-    @classmethod
-    def from_engine(cls, engine: Engine) -> LLM:
-        self = cls.__new__(cls)
-        self.engine, self.embedder, self._ids = engine, None, itertools.count()
-        return self
-
     def _generator(self) -> Engine:
         if self.engine is None:
             raise ValueError(f"{self.embedder.model_name} is an embedding model: use "

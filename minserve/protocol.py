@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from minserve.engine.request import EngineRequest
+from minserve.engine.request import EngineRequest, prompt_length_error
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
 from minserve.sampling_params import SamplingParams
 from minserve.structured import StructuredOutputError, structured_from_request
@@ -293,19 +293,9 @@ def _stream_opts(body: dict, stream: bool) -> tuple[bool, bool]:
 
 def _check_length(ctx: ServingContext, prompt: list[int], params: SamplingParams,
                   what: str) -> None:
-    num_prompt = len(prompt)
-    if num_prompt == 0:
-        raise _bad(what, "the prompt is empty")
-    if num_prompt >= ctx.max_model_len:
-        raise OpenAIError(400, f"This model's maximum context length is {ctx.max_model_len} "
-                          f"tokens. However, your request has {num_prompt} input tokens. Please "
-                          f"reduce the length of the input.", param=what)
-    if params.max_tokens is not None and num_prompt + params.max_tokens > ctx.max_model_len:
-        raise OpenAIError(400, f"This model's maximum context length is {ctx.max_model_len} "
-                          f"tokens. However, you requested {num_prompt + params.max_tokens} "
-                          f"tokens ({num_prompt} in the {what}, {params.max_tokens} in the "
-                          f"completion). Please reduce the length of the {what} or completion.",
-                          param="max_tokens")
+    error = prompt_length_error(len(prompt), params.max_tokens, ctx.max_model_len, what)
+    if error is not None:
+        raise OpenAIError(400, error[0], param=error[1])
 
 
 def _common(body: Any, ctx: ServingContext) -> tuple[str, bool, bool, bool]:

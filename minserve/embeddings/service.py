@@ -55,12 +55,6 @@ class EmbeddingService(WorkerService):
         self.is_ready = embedder is not None
 
     @classmethod
-    def create(cls, model: str, **embedder_kwargs: Any) -> EmbeddingService:
-        """Load the model now (blocking)."""
-        from minserve.embeddings.embedder import Embedder
-        return cls(Embedder(model, **embedder_kwargs))
-
-    @classmethod
     def lazy(cls, model: str, **embedder_kwargs: Any) -> EmbeddingService:
         """Load the model in the worker thread once start() is called (the server's lifespan)."""
         def load() -> Any:
@@ -68,18 +62,9 @@ class EmbeddingService(WorkerService):
             return Embedder(model, **embedder_kwargs)
         return cls(None, load)
 
-    # Facts the server needs for /v1/models, validation, usage and its startup log.
     @property
     def stats(self) -> dict[str, Any]:
         return {"num_running": self.num_in_flight, "num_waiting": 0}
-
-    @property
-    def model_name(self) -> str:
-        return self.embedder.model_name
-
-    @property
-    def dimension(self) -> int:
-        return self.embedder.dimension
 
     @property
     def max_model_len(self) -> int:

@@ -1,5 +1,6 @@
 """AsyncEngine: the bridge between the asyncio server and the synchronous Engine, which runs in its
-own thread. Inbox: a SimpleQueue of adds/aborts; outbox: one call_soon_threadsafe per step.
+own thread. Inbox: a SimpleQueue of EngineRequests to add and lists of sample ids to abort;
+outbox: one call_soon_threadsafe per step.
 The engine thread never awaits; the event loop never calls torch (the engine is built lazily).
 WorkerService is the thread lifecycle it shares with the EmbeddingService."""
 from __future__ import annotations
@@ -16,7 +17,6 @@ from minserve.engine.request import EngineInfo, EngineRequest, FinishReason, Req
 
 logger = logging.getLogger("minserve.engine")
 
-_ADD, _ABORT = "add", "abort"
 STOP = None  # on the inbox: the worker thread returns
 _END = None  # queued to wake a RequestStream reader after an abort
 
@@ -80,9 +80,9 @@ class RequestStream:
 
 class WorkerService:
     """A model served from its own worker thread, as the server's lifespan and /health see it.
-    start() returns at once; the thread runs _load() (is_ready, on_ready) then _serve() until
-    STOP reaches the inbox. A failure in either marks it dead (is_healthy False, on_dead).
-    Readiness and death reach the event loop through _on_loop."""
+    start() returns at once; the thread runs the subclass's _load() (then is_ready, on_ready)
+    and _serve() until STOP reaches the inbox. A failure in either marks it dead (is_healthy
+    False, on_dead). Readiness and death reach the event loop through _on_loop."""
 
     thread_name = "minserve-worker"
 
@@ -98,13 +98,9 @@ class WorkerService:
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    num_in_flight: int   # API requests still waiting for an answer (each subclass counts)
-
-    def _load(self) -> None:
-        """Build the model (in the worker thread)."""
-
-    def _serve(self) -> None:
-        raise NotImplementedError
+    num_in_flight: int              # API requests still waiting for an answer
+    _load: Callable[[], None]       # build the model (in the worker thread)
+    _serve: Callable[[], None]      # answer the inbox until STOP
 
     def _fail_in_flight(self, err: EngineError) -> None:
         """Fail whatever is still waiting for an answer (on the event loop)."""
@@ -223,7 +219,7 @@ class AsyncEngine(WorkerService):
         for sid in stream.child_ids:
             self._streams[sid] = stream
         for r in requests:
-            self._inbox.put((_ADD, r))
+            self._inbox.put(r)
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -237,7 +233,7 @@ class AsyncEngine(WorkerService):
         stream._unfinished.clear()
         stream._queue.put_nowait(_END)
         if live:
-            self._inbox.put((_ABORT, live))
+            self._inbox.put(live)
 
     def abort_child(self, stream: RequestStream, child_id: str) -> None:
         """Stop one sample early (a stop string hit); `stream` yields no more of it, not even
@@ -247,7 +243,7 @@ class AsyncEngine(WorkerService):
         stream._dropped.add(child_id)
         if self._streams.pop(child_id, None) is None:
             return  # its last output is already queued: nothing left to abort in the engine
-        self._inbox.put((_ABORT, [child_id]))
+        self._inbox.put([child_id])
         if stream.finished:
             self._parents.pop(stream.request_id, None)
             stream._queue.put_nowait(_END)  # wake a reader waiting on the queue
@@ -296,17 +292,16 @@ class AsyncEngine(WorkerService):
             for msg in msgs:
                 if msg is STOP:
                     return
-                kind, payload = msg
-                if kind == _ABORT:
-                    engine.abort_request(payload)
+                if not isinstance(msg, EngineRequest):
+                    engine.abort_request(msg)
                     continue
                 try:
-                    engine.add_request(payload)
+                    engine.add_request(msg)
                 except ValueError as e:  # the engine's word on a bad input: a 400
-                    rejected.append((payload.sample_ids()[0], EngineError(str(e), 400)))
+                    rejected.append((msg.sample_ids()[0], EngineError(str(e), 400)))
                 except Exception as e:  # one bad request must not take the engine down
-                    logger.exception("add_request(%s) failed", payload.request_id)
-                    rejected.append((payload.sample_ids()[0],
+                    logger.exception("add_request(%s) failed", msg.request_id)
+                    rejected.append((msg.sample_ids()[0],
                                      EngineError(f"{type(e).__name__}: {e}", 500)))
             if rejected:
                 loop(self._reject, rejected)

@@ -14,7 +14,13 @@ import torch
 
 from minserve.config import DTYPE_NAMES, ConfigError, EngineConfig, ModelConfig
 from minserve.engine.kv_cache import KVCacheManager
-from minserve.engine.request import EngineInfo, EngineRequest, Request, RequestOutput
+from minserve.engine.request import (
+    EngineInfo,
+    EngineRequest,
+    Request,
+    RequestOutput,
+    prompt_length_error,
+)
 from minserve.engine.runner import ModelRunner, PromptLogprobInputs, StepInputs
 from minserve.engine.sampler import SamplingTensors
 from minserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, is_sampling_row
@@ -59,10 +65,28 @@ class Engine:
         else:
             gen = load_generation_config(folder if config.generation_config == "auto"
                                          else config.generation_config)
-        config = self._resolve_limits(config, model_config)
+        self.config = config = self._resolve_limits(config, model_config)
+        self.model_config = model_config
         torch.manual_seed(config.seed)
         model = load_model(folder, model_config, self.device, self.dtype, config.load_format)
-        self._setup(config, model_config, model, tokenizer, gen)
+        self.runner = ModelRunner(model, model_config, config, self.device, self.dtype)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
+                                       config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                            config.max_model_len),
+            self.kv_cache)
+        defaults = {k: gen[k] for k in _GEN_KEYS if gen.get(k) is not None}
+        if gen.get("max_new_tokens") is not None:
+            defaults["max_tokens"] = gen["max_new_tokens"]
+        gen_eos = gen.get("eos_token_id")
+        eos = set(model_config.eos_token_ids) | set(tokenizer.eos_token_ids) | set(
+            [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+        self.info = EngineInfo(tokenizer, model_config.vocab_size, config.max_model_len,
+                               model_config.architecture, defaults, frozenset(eos),
+                               self.runner.num_blocks, config.block_size)
+        # Unseeded requests draw their seed here: with --seed fixed a whole run is reproducible.
+        self._seed_rng = random.Random(config.seed)
 
     @staticmethod
     def _resolve_limits(config: EngineConfig, mc: ModelConfig) -> EngineConfig:
@@ -76,48 +100,14 @@ class Engine:
         return dataclasses.replace(config, max_model_len=max_model_len,
                                    max_num_batched_tokens=max_batched)
 
-    def _setup(self, config: EngineConfig, model_config: ModelConfig, model: Any,
-               tokenizer: Any, gen: dict) -> None:
-        self.config = config
-        self.model_config = model_config
-        defaults = {k: gen[k] for k in _GEN_KEYS if gen.get(k) is not None}
-        if gen.get("max_new_tokens") is not None:
-            defaults["max_tokens"] = gen["max_new_tokens"]
-        eos = set(model_config.eos_token_ids)
-        if tokenizer is not None:
-            eos |= set(tokenizer.eos_token_ids)
-        gen_eos = gen.get("eos_token_id")
-        eos |= set([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
-        self.runner = ModelRunner(model, model_config, config, self.device, self.dtype)
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
-                                       config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                            config.max_model_len),
-            self.kv_cache)
-        self.info = EngineInfo(tokenizer, model_config.vocab_size, config.max_model_len,
-                               model_config.architecture, defaults, frozenset(eos),
-                               self.runner.num_blocks, config.block_size)
-        # Unseeded requests draw their seed here: with --seed fixed a whole run is reproducible.
-        self._seed_rng = random.Random(config.seed)
-
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request: EngineRequest) -> None:
         """Queue one prompt as its n samples (named by request.sample_ids()); the scheduler
         admits siblings behind the first, so they share the prompt's KV blocks."""
         prompt, params = request.prompt_token_ids, request.sampling_params
-        num_prompt, max_len = len(prompt), self.info.max_model_len
-        if num_prompt == 0:
-            raise ValueError("the prompt is empty")
-        if num_prompt >= max_len:
-            raise ValueError(
-                f"This model's maximum context length is {max_len} tokens, but the "
-                f"prompt has {num_prompt} tokens (at least one must be left to generate).")
-        if params.max_tokens is not None and num_prompt + params.max_tokens > max_len:
-            raise ValueError(
-                f"This model's maximum context length is {max_len} tokens. However, "
-                f"you requested {num_prompt + params.max_tokens} tokens ({num_prompt} in the "
-                f"prompt, {params.max_tokens} for the completion). Please reduce the length.")
+        error = prompt_length_error(len(prompt), params.max_tokens, self.info.max_model_len)
+        if error is not None:
+            raise ValueError(error[0])
         vocab = self.info.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")

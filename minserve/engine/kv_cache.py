@@ -40,9 +40,8 @@ class BlockPool:
     may still carry a hash: it stays findable by prefix lookups until it is evicted, which happens
     only when it reaches the front of the queue and somebody needs a fresh block."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, KVCacheBlock] = {}   # block_hash -> block
@@ -94,7 +93,7 @@ class BlockPool:
     def publish(self, block_id: int, block_hash: int, key: BlockKey) -> None:
         """Make a full block findable. If an equal block is already published (two requests
         computed the same prefix at once), the first one stays the canonical copy."""
-        if not self.enable_caching or block_hash in self.cached:
+        if block_hash in self.cached:
             return
         block = self.blocks[block_id]
         block.block_hash, block.key = block_hash, key
@@ -122,7 +121,7 @@ class KVCacheManager:
                  enable_prefix_caching: bool = True) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.pool = BlockPool(num_blocks)
         # Per request: hashes of its full blocks computed so far, and how many are published.
         self._block_hashes: dict[str, list[int]] = {}
         self._num_published: dict[str, int] = {}

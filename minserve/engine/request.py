@@ -38,6 +38,23 @@ class EngineRequest:
         return [self.request_id] if n == 1 else [f"{self.request_id}-{i}" for i in range(n)]
 
 
+def prompt_length_error(num_prompt: int, max_tokens: int | None, max_model_len: int,
+                        what: str = "prompt") -> tuple[str, str] | None:
+    """(message, param) when the prompt cannot run in max_model_len (vLLM's words), else None."""
+    if num_prompt == 0:
+        return f"{what}: the prompt is empty", what
+    if num_prompt >= max_model_len:
+        return (f"This model's maximum context length is {max_model_len} tokens. However, your "
+                f"request has {num_prompt} input tokens. Please reduce the length of the input.",
+                what)
+    if max_tokens is not None and num_prompt + max_tokens > max_model_len:
+        return (f"This model's maximum context length is {max_model_len} tokens. However, you "
+                f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the {what}, "
+                f"{max_tokens} in the completion). Please reduce the length of the {what} or "
+                "completion.", "max_tokens")
+    return None
+
+
 @dataclass(slots=True)
 class EngineInfo:
     """What a loaded model tells its callers (server, LLM, CLI log), published once it is ready."""
@@ -156,14 +173,6 @@ class Request:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.num_computed_tokens < self.num_prompt_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == RequestStatus.FINISHED
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -93,11 +93,9 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = engine_config.block_size
-        self.max_model_len = int(engine_config.max_model_len
-                                 or model_config.max_position_embeddings)
+        self.max_model_len = engine_config.max_model_len   # resolved by the Engine
         self.max_num_seqs = engine_config.max_num_seqs
-        self.max_num_batched_tokens = int(engine_config.max_num_batched_tokens
-                                          or max(8192, self.max_model_len))
+        self.max_num_batched_tokens = engine_config.max_num_batched_tokens
         self.max_blocks_per_seq = math.ceil(self.max_model_len / self.block_size)
 
         T, R = self.max_num_batched_tokens, self.max_num_seqs
