@@ -120,9 +120,8 @@ def _engine_requests(request_id: str, prompts: list[list[int]], params: Sampling
     salt = body.get("cache_salt")
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise _bad("cache_salt", "must be a non-empty string")
-    ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{p}" for p in range(len(prompts))]
-    return [EngineRequest(rid, ids_, params, cache_salt=salt)
-            for rid, ids_ in zip(ids, prompts, strict=True)]
+    return [EngineRequest(request_id if len(prompts) == 1 else f"{request_id}-{p}", ids, params,
+                          cache_salt=salt) for p, ids in enumerate(prompts)]
 
 
 # ---------------------------------------------------------------- typed field readers

@@ -54,17 +54,15 @@ def engine(tiny_model_dir):
     return make_engine(tiny_model_dir)
 
 
-def generate(engine: Engine, prompts, params, ids=None, trace=None) -> dict[str, list]:
+def generate(engine: Engine, prompts, params, ids=None) -> dict[str, list]:
     ids = ids or [f"q{i}" for i in range(len(prompts))]
     ps = params if isinstance(params, list) else [params] * len(prompts)
     for rid, p, sp in zip(ids, prompts, ps, strict=True):
         engine.add_request(EngineRequest(rid, p, sp))
-    outs: dict[str, list] = {rid: [] for rid in ids}
+    outs: dict[str, list] = {}   # by sample id: n > 1 fans out into rid-0, rid-1, ...
     while engine.has_unfinished_requests():
-        if trace is not None:
-            trace.append(engine.stats())
         for o in engine.step():
-            outs[o.request_id].append(o)
+            outs.setdefault(o.request_id, []).append(o)
     return outs
 
 
@@ -184,11 +182,8 @@ def test_n_siblings_share_blocks_and_seeds(engine):
     p = PROMPTS[2]
     hits0 = engine.stats()["prefix_cache_hits"]
     params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
-    engine.add_request(EngineRequest("s", p, params))   # the engine fans n = 3 out
-    outs = {f"s-{i}": [] for i in range(3)}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            outs[o.request_id].append(o)
+    outs = generate(engine, [p], params, ids=["s"])   # the engine fans n = 3 out
+    assert sorted(outs) == ["s-0", "s-1", "s-2"]
     assert engine.stats()["prefix_cache_hits"] - hits0 >= 2 * 32
     # sample i uses seed + i: the same as a lone request with that seed
     alone = generate(engine, [p], SamplingParams(temperature=1.0, seed=6, max_tokens=6,
@@ -251,13 +246,8 @@ def test_every_arch_and_source_through_the_scheduler(tiny_model_factory, tmp_pat
     preempted = record_preempted(eng)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True)
     eng.add_request(EngineRequest("q0", prompts[0], params))
-    eng.step()                                  # q0's first block is cached before q1 arrives
-    outs = {f"q{i}": [] for i in range(3)}
-    for i in (1, 2):
-        eng.add_request(EngineRequest(f"q{i}", prompts[i], params))
-    while eng.has_unfinished_requests():
-        for o in eng.step():
-            outs[o.request_id].append(o)
+    assert eng.step() == []                     # q0's first block is cached before q1 arrives
+    outs = generate(eng, prompts[1:], params, ids=["q1", "q2"])   # collects q0's outputs too
     assert preempted, "the 5-block cache should have forced a preemption"
     assert eng.stats()["prefix_cache_hits"] >= 16
     assert eng.kv_cache.num_free_blocks == 5
@@ -277,12 +267,10 @@ def test_profile_run_is_an_ordinary_step(tiny_model_dir, monkeypatch):
     attention that serves, every row sampling with top-k, top-p and logprobs."""
     from minserve import kernels
 
-    eng = make_engine(tiny_model_dir, max_num_batched_tokens=64, max_num_seqs=4)
-    seen = []
-    paged_attention = kernels.paged_attention
+    runner, seen = make_engine(tiny_model_dir, max_num_batched_tokens=64).runner, []
+    real = kernels.paged_attention
     monkeypatch.setattr(kernels, "paged_attention",
-                        lambda q, k, v, attn, *a: seen.append(k.shape[0]) or paged_attention(
-                            q, k, v, attn, *a))
-    eng.runner._kv_cache(1)
-    eng.runner.dummy_run(64, 4)
+                        lambda q, k, *a: seen.append(k.shape[0]) or real(q, k, *a))
+    runner._kv_cache(1)
+    runner.dummy_run(64, 4)
     assert seen and set(seen) == {1}

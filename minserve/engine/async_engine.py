@@ -168,14 +168,9 @@ class WorkerService:
     def _run(self) -> None:
         try:
             self._load()
-        except Exception as e:  # a bad model or config: report, never hang
-            logger.exception("%s: the model failed to load", self.thread_name)
-            self._on_loop(self._died, f"{type(e).__name__}: {e}")
-            return
-        self._on_loop(self._became_ready)
-        try:
+            self._on_loop(self._became_ready)
             self._serve()
-        except Exception as e:
+        except Exception as e:  # a bad model, or a step that failed: report, never hang
             logger.exception("%s failed; failing all in-flight requests", self.thread_name)
             self._on_loop(self._died, f"{type(e).__name__}: {e}")
 

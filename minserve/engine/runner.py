@@ -112,17 +112,9 @@ class ModelRunner:
         # records this event after its copies and waits on it before writing the buffers again.
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = self._allocate_kv_cache(engine_config)
 
     # ---- KV cache sizing ----------------------------------------------------------------------
-    @property
-    def kv_bytes_per_block(self) -> int:
-        mc = self.model_config
-        elem = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim \
-            * elem
-
     def _kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
         shape = (mc.num_hidden_layers, 2, num_blocks, self.block_size,
@@ -130,11 +122,12 @@ class ModelRunner:
         # NOTE: zeros, not empty: kernels may load whole tiles past seq_len and multiply the
         # masked part by 0, which would still turn garbage NaNs into NaN outputs.
         kv = torch.zeros(shape, dtype=self.dtype, device=self.device)   # [L, 2, NB, BS, K, D]
-        self.kv_caches = [(kv[i, 0], kv[i, 1]) for i in range(mc.num_hidden_layers)]
-        self.model.set_kv_caches(self.kv_caches)
+        self.model.set_kv_caches([(kv[i, 0], kv[i, 1]) for i in range(mc.num_hidden_layers)])
 
     def _allocate_kv_cache(self, engine_config: EngineConfig) -> int:
-        per_block = self.kv_bytes_per_block
+        mc = self.model_config
+        per_block = (2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads
+                     * mc.head_dim * self.dtype.itemsize)
         # More than every sequence at full length can never be used.
         max_useful = self.max_num_seqs * self.max_blocks_per_seq
         if engine_config.kv_cache_memory is not None:
@@ -162,7 +155,6 @@ class ModelRunner:
         self.dummy_run(self.max_num_batched_tokens, self.max_num_seqs)
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
-        self.kv_caches = []
         torch.cuda.empty_cache()
         used_before = total - free          # weights, CUDA context, other processes
         return int(total * gpu_memory_utilization - used_before - activation_peak)

@@ -64,10 +64,6 @@ class SamplingTensors:
     logprob_rows: list[int]              # rows that asked for logprobs
     num_logprobs: list[int]              # top-k asked, per logprob row
 
-    @property
-    def all_greedy(self) -> bool:
-        return not self.random_rows
-
     @classmethod
     def from_requests(cls, requests: Sequence[Request], vocab_size: int,
                       pin: bool = False) -> SamplingTensors:
@@ -246,7 +242,7 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerResult:
         apply_penalties(logits, st)
 
     token_ids = logits.argmax(dim=-1)
-    if not st.all_greedy:
+    if st.random_rows:
         rows = st.random_rows
         x = logits if len(rows) == logits.shape[0] else logits[rows]
         x = x / st.temperature[rows][:, None]
