@@ -95,25 +95,21 @@ class EmbeddingService(WorkerService):
                                emb.model_config.architecture)
 
     def _serve(self) -> None:
-        while True:
-            job = self._inbox.get()
-            if job is STOP:
-                return
-            jobs, count = [job], len(job.inputs)
-            stop = False
-            while count < MAX_ROUND_INPUTS:   # take whatever else has queued up meanwhile
+        stop = False
+        while not stop:
+            jobs, count = [], 0
+            while count < MAX_ROUND_INPUTS:   # wait for one job, then take what queued up
                 try:
-                    nxt = self._inbox.get_nowait()
+                    job = self._inbox.get(block=not jobs)
                 except queue.Empty:
                     break
-                if nxt is STOP:
+                if job is STOP:
                     stop = True
                     break
-                jobs.append(nxt)
-                count += len(nxt.inputs)
-            self._round(jobs)
-            if stop:
-                return
+                jobs.append(job)
+                count += len(job.inputs)
+            if jobs:
+                self._round(jobs)
 
     def _round(self, jobs: list[_Job]) -> None:
         from minserve.embeddings.protocol import EmbeddingsRequestError

@@ -67,9 +67,10 @@ class SamplingTensors:
     @classmethod
     def from_requests(cls, requests: Sequence[Request], vocab_size: int,
                       pin: bool = False) -> SamplingTensors:
-        def host(values: list, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.tensor(values, dtype=dtype)
-            return t.pin_memory() if pin else t
+        def host(values: list, dtype: torch.dtype = torch.float32,
+                 use: bool = True) -> torch.Tensor | None:
+            t = torch.tensor(values, dtype=dtype) if use else None
+            return t.pin_memory() if pin and use else t
 
         sps = [r.sampling for r in requests]
         random_rows = [i for i, sp in enumerate(sps) if not sp.is_greedy]
@@ -105,25 +106,21 @@ class SamplingTensors:
             bitmask = allocate_bitmask(len(requests), vocab_size)  # pinned on CUDA
             fill_bitmasks([r.structured for r in requests], bitmask)  # rows in parallel, no GIL
 
-        def floats(values: list[float], use: bool) -> torch.Tensor | None:
-            return host(values, torch.float32) if use else None
-
         logprob_rows = [i for i, sp in enumerate(sps) if sp.logprobs is not None]
         return cls(
-            temperature=host([1.0 if sp.is_greedy else sp.temperature for sp in sps],
-                             torch.float32),
+            temperature=host([1.0 if sp.is_greedy else sp.temperature for sp in sps]),
             noise_keys=host([row_noise_key(r.sample_seed, r.num_tokens) for r in requests],
                             torch.long),
-            top_k=host([sp.top_k if sp.top_k > 0 else vocab_size for sp in sps], torch.long)
-            if any(sp.top_k > 0 for sp in sps) else None,
-            top_p=floats([sp.top_p for sp in sps], any(sp.top_p < 1.0 for sp in sps)),
-            min_p=floats([sp.min_p for sp in sps], any(sp.min_p > 0.0 for sp in sps)),
-            presence=floats([sp.presence_penalty for sp in sps], use_pen),
-            frequency=floats([sp.frequency_penalty for sp in sps], use_pen),
-            repetition=floats([sp.repetition_penalty for sp in sps], use_pen),
+            top_k=host([sp.top_k if sp.top_k > 0 else vocab_size for sp in sps], torch.long,
+                       any(sp.top_k > 0 for sp in sps)),
+            top_p=host([sp.top_p for sp in sps], use=any(sp.top_p < 1.0 for sp in sps)),
+            min_p=host([sp.min_p for sp in sps], use=any(sp.min_p > 0.0 for sp in sps)),
+            presence=host([sp.presence_penalty for sp in sps], use=use_pen),
+            frequency=host([sp.frequency_penalty for sp in sps], use=use_pen),
+            repetition=host([sp.repetition_penalty for sp in sps], use=use_pen),
             output_tokens=(host(rows, torch.long), host(cols, torch.long)) if use_pen else None,
             prompt_tokens=(host(prows, torch.long), host(pcols, torch.long)) if use_pen else None,
-            bias=(host(brows, torch.long), host(bcols, torch.long), host(bvals, torch.float32))
+            bias=(host(brows, torch.long), host(bcols, torch.long), host(bvals))
             if brows else None,
             banned=(host(mrows, torch.long), host(mcols, torch.long)) if mrows else None,
             bitmask=bitmask, random_rows=random_rows, logprob_rows=logprob_rows,
