@@ -1,5 +1,6 @@
 """Paged KV cache bookkeeping: which block ids each request owns, ref counts, and the automatic
-prefix cache (chained hashes of full blocks, LRU eviction). Pure Python: never touches tensors."""
+prefix cache (chained hashes of full blocks rooted in the request's adapter, cache_salt and images;
+LRU eviction). Pure Python: never touches tensors."""
 from __future__ import annotations
 
 from collections import OrderedDict
