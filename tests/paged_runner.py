@@ -51,31 +51,42 @@ class PagedRunner:
     @torch.inference_mode()
     def step(self, batch: list[tuple[str, list[int]]]) -> list[torch.Tensor]:
         """Run one step; returns each request's logits for every token it ran ([Q, V])."""
-        bs, qsl, seq_lens, tables, input_ids, positions = self.block_size, [0], [], [], [], []
+        query_lens, context_lens, tables, input_ids = [], [], [], []
         for req_id, new_ids in batch:
             ctx = self.num_computed.get(req_id, 0)
             table = self.block_tables.setdefault(req_id, [])
-            while len(table) * bs < ctx + len(new_ids):
+            while len(table) * self.block_size < ctx + len(new_ids):
                 table.append(self.free_blocks.pop())
-            self.num_computed[req_id] = ctx + len(new_ids)
-            qsl.append(qsl[-1] + len(new_ids))
-            seq_lens.append(ctx + len(new_ids))
+            query_lens.append(len(new_ids))
+            context_lens.append(ctx)
             tables.append(table)
-            input_ids += new_ids
-            positions += range(ctx, ctx + len(new_ids))
-        width = max(len(t) for t in tables)
-        table_of_token = [t for t, (_, ids) in zip(tables, batch, strict=True) for _ in ids]
-        attn = AttnMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables],
-                                     dtype=torch.int32),
-            slot_mapping=torch.tensor([t[p // bs] * bs + p % bs
-                                       for t, p in zip(table_of_token, positions, strict=True)]),
-            max_query_len=max(len(ids) for _, ids in batch), max_seq_len=max(seq_lens),
-            query_start_loc_host=qsl, seq_lens_host=seq_lens)
-        hidden = self.model(torch.tensor(input_ids), torch.tensor(positions), attn)
-        return list(self.model.compute_logits(hidden).split([len(ids) for _, ids in batch]))
+            input_ids.extend(new_ids)
+            self.num_computed[req_id] = ctx + len(new_ids)
+        attn, positions = attn_metadata(query_lens, context_lens, tables, self.block_size)
+        hidden = self.model(torch.tensor(input_ids), positions, attn)
+        return list(self.model.compute_logits(hidden).split(query_lens))
+
+
+def attn_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+                  block_size: int) -> tuple[AttnMetadata, torch.Tensor]:
+    """(AttnMetadata, positions) for a step where request r runs query_lens[r] new tokens after
+    context_lens[r] cached ones."""
+    qsl, seq_lens = [0], [c + q for c, q in zip(context_lens, query_lens, strict=True)]
+    positions, slots = [], []
+    for q, ctx, table in zip(query_lens, context_lens, block_tables, strict=True):
+        qsl.append(qsl[-1] + q)
+        positions += range(ctx, ctx + q)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx, ctx + q)]
+    width = max(len(t) for t in block_tables)
+    attn = AttnMetadata(
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_table=torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
+                                 dtype=torch.int32),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+        query_start_loc_host=qsl, seq_lens_host=seq_lens)
+    return attn, torch.tensor(positions, dtype=torch.int64)
 
 
 def prefill_without_cache(model, prompts: list[list[int]]) -> list[torch.Tensor]:
