@@ -152,8 +152,7 @@ class Engine:
     def _step_inputs(self, plan: StepPlan) -> StepInputs:
         """The plan as plain data for the runner: tokens, block tables, the rows that sample and
         their SamplingTensors (grammar bitmask included), the prompt-logprob targets."""
-        token_ids: list[int] = []
-        computed, block_tables, sample_rows = [], [], []
+        token_ids, computed, block_tables, sample_rows = [], [], [], []
         plp = None
         for r, (req, n) in enumerate(zip(plan.requests, plan.num_scheduled_tokens, strict=True)):
             ctx = req.num_computed_tokens
