@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from minserve.http import OpenAIError
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
 from minserve.sampling_params import SamplingParams
 from minserve.structured import StructuredOutputError, structured_from_request
@@ -24,28 +25,6 @@ from minserve.tool_parsers.registry import get_tool_parser
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP = 16
-
-
-class OpenAIError(Exception):
-    """A user-facing error: server.py turns it into {"error": {...}} with `status`."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str | None = None, code: str | int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.type = type or _ERROR_TYPES.get(status, "BadRequestError")
-        self.code = code if code is not None else status
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                405: "MethodNotAllowed", 413: "RequestEntityTooLarge", 415: "BadRequestError",
-                500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
 @dataclass

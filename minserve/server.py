@@ -1,6 +1,6 @@
-"""THE ASGI app: lifespan (AsyncEngine start/stop), route table, body limit, auth, CORS, OpenAI
-error objects, and the SSE writer with a receive() disconnect watcher (granian's send() does not
-raise after a disconnect). Never imports torch: the engine is built in its own thread."""
+"""THE ASGI app: lifespan (service start/stop), the route table, auth, CORS, readiness, and the
+chat/completions generation loop (a receive() disconnect watcher beside each response). The HTTP
+plumbing is http.py. Never imports torch: the engine is built in its own thread."""
 from __future__ import annotations
 
 import asyncio
@@ -11,8 +11,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
 
 from minserve import __version__, output
 from minserve.embeddings.routes import (
@@ -25,11 +23,11 @@ from minserve.embeddings.routes import (
     services,
 )
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
+from minserve.http import Http, OpenAIError, Receive, Scope, Send, find_route
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from minserve.metrics import Metrics, RequestTracker
 from minserve.protocol import (
     GenerateRequest,
-    OpenAIError,
     ServingContext,
     parse_chat,
     parse_completion,
@@ -37,13 +35,6 @@ from minserve.protocol import (
 )
 
 logger = logging.getLogger("minserve.server")
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-JSON = [(b"content-type", b"application/json")]
-SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-       (b"x-accel-buffering", b"no")]
 
 
 @dataclass
@@ -62,43 +53,7 @@ class ServerConfig:
     embedding_model_names: list[str] = field(default_factory=list)  # served by App.embedding
 
 
-@dataclass
-class Http:
-    """One HTTP exchange as the handlers see it."""
-    scope: Scope
-    receive: Receive
-    send: Send
-    path: str
-    headers: dict[bytes, bytes]
-    path_param: str | None = None
-    started: bool = False   # http.response.start went out: errors can no longer be a status
-    sse: bool = False       # ... and it opened an event stream: errors become an SSE event
-
-
 Handler = Callable[["App", Http], Awaitable[None]]
-
-
-async def send_json(send: Send, status: int, obj: Any,
-                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = orjson.dumps(obj)
-    await send({"type": "http.response.start", "status": status,
-                "headers": JSON + [(b"content-length", str(len(body)).encode())] + (headers or [])})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def send_error(send: Send, err: OpenAIError) -> None:
-    extra = [(b"www-authenticate", b"Bearer")] if err.status == 401 else []
-    await send_json(send, err.status, err.to_dict(), extra)
-
-
-def _sse(obj: Any) -> dict[str, Any]:
-    return {"type": "http.response.body", "body": b"data: " + orjson.dumps(obj) + b"\n\n",
-            "more_body": True}
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class App:
@@ -175,35 +130,25 @@ class App:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        cors = self._cors(headers)
         path = scope["path"]
         root = scope.get("root_path") or self.cfg.root_path
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         method = scope["method"]
-        http = Http(scope, receive, send, path, headers)
-
-        async def send(msg: dict[str, Any]) -> None:  # noqa: F811 - track the start, add CORS
-            if msg["type"] == "http.response.start":
-                http.started = True
-                http.sse = (b"content-type", b"text/event-stream") in msg.get("headers", ())
-                if cors:
-                    msg = {**msg, "headers": list(msg.get("headers", [])) + cors}
-            await http_send(msg)
-
-        http_send, http.send = http.send, send
+        http = Http(scope, receive, send, path, headers, self.cfg.max_body_bytes,
+                    self._cors(headers))
         try:
             # Auth before routing, as vLLM does: without a key, /v1 paths reveal nothing (401,
             # not 404). A CORS preflight carries no credentials, so it is not checked.
             if self.cfg.api_keys and method != "OPTIONS" and (path.startswith("/v1/")
                                                              or path in PROTECTED):
                 self._check_auth(headers)
-            methods = ROUTES.get(path)
-            if methods is None and path.startswith("/v1/models/"):
-                methods, http.path_param = ROUTES["/v1/models/{id}"], path[len("/v1/models/"):]
-            if methods is None:
+            found = find_route(ROUTES, path)
+            if found is None:
                 raise OpenAIError(404, f"Not Found: {method} {path}", type="NotFoundError")
-            if method == "OPTIONS" and cors and b"access-control-request-method" in headers:
+            methods, http.path_params = found
+            if method == "OPTIONS" and http.extra_headers and \
+                    b"access-control-request-method" in headers:
                 return await self._preflight(http)
             handler = methods.get(method)
             if handler is None:
@@ -216,27 +161,13 @@ class App:
             if not isinstance(e, OpenAIError):
                 logger.exception("unhandled error in %s %s", method, path)
                 e = OpenAIError(500, f"internal server error: {type(e).__name__}: {e}")
-            await self._send_late_error(http, e)
-
-    async def _send_late_error(self, http: Http, err: OpenAIError) -> None:
-        """An error as a status when nothing was sent yet; inside an open event stream as one
-        `data: {"error": ...}` event and [DONE]; otherwise the body just ends."""
-        if not http.started:
-            return await send_error(http.send, err)
-        if http.sse:
-            await http.send(_sse(err.to_dict()))
-            await http.send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
-                             "more_body": False})
-        else:
-            await http.send({"type": "http.response.body", "body": b"", "more_body": False})
+            await http.send_error(e)
 
     async def _preflight(self, http: Http) -> None:
         req_headers = http.headers.get(b"access-control-request-headers", b"*")
-        await http.send({"type": "http.response.start", "status": 200, "headers": [
+        await http.send_body(200, b"", [
             (b"access-control-allow-methods", b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"),
-            (b"access-control-allow-headers", req_headers),
-            (b"access-control-max-age", b"600"), (b"content-length", b"0")]})
-        await http.send({"type": "http.response.body", "body": b"", "more_body": False})
+            (b"access-control-allow-headers", req_headers), (b"access-control-max-age", b"600")])
 
     def _check_auth(self, headers: dict[bytes, bytes]) -> None:
         auth = headers.get(b"authorization", b"")
@@ -265,32 +196,6 @@ class App:
             if not service.is_ready:
                 raise OpenAIError(503, "the model is still loading; retry when /health returns 200")
 
-    async def read_json(self, http: Http) -> Any:
-        ctype = http.headers.get(b"content-type")
-        if ctype is not None and b"json" not in ctype.lower():
-            raise OpenAIError(415, f"Content-Type must be application/json, got "
-                              f"{ctype.decode('latin-1')!r}")
-        limit = self.cfg.max_body_bytes
-        declared = http.headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise OpenAIError(413, f"request body is larger than the limit of {limit} bytes")
-        chunks, size = [], 0
-        while True:
-            msg = await http.receive()
-            if msg["type"] == "http.disconnect":
-                raise OpenAIError(400, "client disconnected")
-            body = msg.get("body", b"")
-            size += len(body)
-            if size > limit:
-                raise OpenAIError(413, f"request body is larger than the limit of {limit} bytes")
-            chunks.append(body)
-            if not msg.get("more_body", False):
-                break
-        try:
-            return orjson.loads(b"".join(chunks))
-        except orjson.JSONDecodeError as e:
-            raise OpenAIError(400, f"invalid JSON body: {e}") from None
-
     # ---- generation
     async def generate(self, http: Http, req: GenerateRequest) -> None:
         if self.cfg.log_requests:
@@ -307,7 +212,7 @@ class App:
         tracker = self.metrics.tracker()
         body = self._stream_body if req.stream else self._full_body
         producer = asyncio.ensure_future(body(http, req, stream, choices, tracker))
-        watcher = asyncio.ensure_future(_wait_disconnect(http.receive))
+        watcher = asyncio.ensure_future(http.wait_disconnect())
         try:
             done, _ = await asyncio.wait({producer, watcher},
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -350,13 +255,11 @@ class App:
         except EngineError as e:
             raise OpenAIError(e.status, e.message) from None
         self._finish(req, choices, tracker)
-        await send_json(http.send, 200, output.response(req, choices))
+        await http.send_json(200, output.response(req, choices))
 
     async def _stream_body(self, http: Http, req: GenerateRequest, stream: RequestStream,
                            choices: list, tracker: RequestTracker) -> None:
-        send = http.send
-        # Headers go out before the first token so clients see the stream open at once.
-        await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        await http.start_events()
         n, num_prompts = req.params.n, len(req.prompts)
         continuous = req.include_usage and req.continuous_usage
         # Echo with logprobs waits for the prompt's logprobs, which come with the first output.
@@ -364,7 +267,7 @@ class App:
 
         async def send_chunk(choice: dict[str, Any]) -> None:
             u = output.usage(choices, num_prompts, n) if continuous else None
-            await send(_sse(output.chunk(req, [choice], u)))
+            await http.send_event(output.chunk(req, [choice], u))
 
         try:
             for c in choices:  # chat: the role first; echo: the prompt text first
@@ -383,25 +286,24 @@ class App:
                         continue  # the reasoning/tool parsers hold this text back for now
                     await send_chunk(ch)
             if req.include_usage:
-                await send(_sse(output.chunk(req, [], output.usage(choices, num_prompts, n))))
+                await http.send_event(output.chunk(req, [], output.usage(choices, num_prompts, n)))
             self._finish(req, choices, tracker)
         except EngineError as e:
-            await send(_sse(OpenAIError(e.status, e.message).to_dict()))
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
-                    "more_body": False})
+            await http.send_event(OpenAIError(e.status, e.message).to_dict())
+        await http.end_events()
 
 
 # ---------------------------------------------------------------- route handlers
 # Parsing renders chat templates and tokenizes (up to a megabyte-scale prompt: about a second):
 # in a worker thread, so the event loop keeps every other stream flowing meanwhile.
 async def chat_completions(app: App, http: Http) -> None:
-    body = await app.read_json(http)
+    body = await http.read_json()
     check_chat_route(app, body)
     await app.generate(http, await asyncio.to_thread(parse_chat, body, app.ctx))
 
 
 async def completions(app: App, http: Http) -> None:
-    body = await app.read_json(http)
+    body = await http.read_json()
     check_chat_route(app, body)
     await app.generate(http, await asyncio.to_thread(parse_completion, body, app.ctx))
 
@@ -413,41 +315,37 @@ def _model_card(app: App, name: str) -> dict[str, Any]:
 
 
 async def list_models(app: App, http: Http) -> None:
-    await send_json(http.send, 200, {"object": "list", "data": [
+    await http.send_json(200, {"object": "list", "data": [
         _model_card(app, name) for name in all_model_names(app)]})
 
 
 async def get_model(app: App, http: Http) -> None:
-    if http.path_param not in all_model_names(app):
-        raise OpenAIError(404, f"The model `{http.path_param}` does not exist.", param="model",
+    name = http.path_params["model"]
+    if name not in all_model_names(app):
+        raise OpenAIError(404, f"The model `{name}` does not exist.", param="model",
                           type="NotFoundError")
-    await send_json(http.send, 200, _model_card(app, http.path_param))
+    await http.send_json(200, _model_card(app, name))
 
 
 async def health(app: App, http: Http) -> None:
     ok = all(s.is_ready and s.is_healthy for s in services(app))
-    await http.send({"type": "http.response.start", "status": 200 if ok else 503,
-                     "headers": [(b"content-length", b"0")]})
-    await http.send({"type": "http.response.body", "body": b"", "more_body": False})
+    await http.send_body(200 if ok else 503, b"")
 
 
 async def version(app: App, http: Http) -> None:
-    await send_json(http.send, 200, {"version": __version__})
+    await http.send_json(200, {"version": __version__})
 
 
 async def metrics(app: App, http: Http) -> None:
-    body = app.metrics.render()
-    await http.send({"type": "http.response.start", "status": 200, "headers": [
-        (b"content-type", METRICS_CONTENT_TYPE.encode()),
-        (b"content-length", str(len(body)).encode())]})
-    await http.send({"type": "http.response.body", "body": body, "more_body": False})
+    await http.send_body(200, app.metrics.render(),
+                         [(b"content-type", METRICS_CONTENT_TYPE.encode())])
 
 
 async def tokenize(app: App, http: Http) -> None:
-    body = await app.read_json(http)
+    body = await http.read_json()
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
-    await send_json(http.send, 200, await asyncio.to_thread(_tokenize, body, app.ctx))
+    await http.send_json(200, await asyncio.to_thread(_tokenize, body, app.ctx))
 
 
 def _tokenize(body: dict[str, Any], ctx: ServingContext) -> dict[str, Any]:
@@ -470,13 +368,13 @@ def _tokenize(body: dict[str, Any], ctx: ServingContext) -> dict[str, Any]:
 
 
 async def detokenize(app: App, http: Http) -> None:
-    body = await app.read_json(http)
+    body = await http.read_json()
     ids = body.get("tokens") if isinstance(body, dict) else None
     vocab = app.ctx.vocab_size
     if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
         raise OpenAIError(400, f"tokens: must be a list of token ids in [0, {vocab})",
                           param="tokens")
-    await send_json(http.send, 200, {"prompt": app.ctx.tokenizer.decode(ids)})
+    await http.send_json(200, {"prompt": app.ctx.tokenizer.decode(ids)})
 
 
 # Others add routes here (e.g. "/v1/embeddings": {"POST": embeddings}).
@@ -485,7 +383,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/completions": {"POST": completions},
     "/v1/embeddings": {"POST": embeddings},
     "/v1/models": {"GET": list_models},
-    "/v1/models/{id}": {"GET": get_model},
+    "/v1/models/{model:path}": {"GET": get_model},
     "/health": {"GET": health},
     "/ping": {"GET": health, "POST": health},
     "/version": {"GET": version},

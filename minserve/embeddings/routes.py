@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from minserve.embeddings.protocol import build_embeddings_response, parse_embeddings_request
-from minserve.protocol import OpenAIError
+from minserve.http import Http, OpenAIError
 
 
 def serves_chat(app: Any) -> bool:
@@ -73,14 +73,12 @@ def services(app: Any) -> list[Any]:
     return [app.engine, app.embedding]
 
 
-async def embeddings(app: Any, http: Any) -> None:
-    from minserve.server import send_json  # server.py imports this module: import at call time
-
+async def embeddings(app: Any, http: Http) -> None:
     arrival = time.monotonic()
-    req = parse_embeddings_request(await app.read_json(http))
+    req = parse_embeddings_request(await http.read_json())
     model = _embedding_model(app, req.model)
     vectors, num_tokens = await app.embedding.embed(
         req.inputs, truncate_prompt_tokens=req.truncate_prompt_tokens, dimensions=req.dimensions)
     app.metrics.on_pooling_request(model, num_tokens, time.monotonic() - arrival)
-    await send_json(http.send, 200, build_embeddings_response(model, vectors, req.encoding_format,
-                                                              num_tokens))
+    await http.send_json(200, build_embeddings_response(model, vectors, req.encoding_format,
+                                                         num_tokens))
