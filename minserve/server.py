@@ -13,15 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minserve import __version__, output
-from minserve.embeddings.routes import (
-    all_model_names,
-    check_chat_route,
-    embeddings,
-    model_max_len,
-    no_chat_model_error,
-    serves_chat,
-    services,
-)
+from minserve.embeddings import routes as embedding_routes
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
 from minserve.http import Http, OpenAIError, Receive, Scope, Send, find_route
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -57,14 +49,16 @@ Handler = Callable[["App", Http], Awaitable[None]]
 
 
 class App:
-    """app(scope, receive, send). Build with create_app()."""
+    """app(scope, receive, send). Build with create_app(). `chat` (an AsyncEngine) answers the
+    generation routes and `embedding` (an EmbeddingService) /v1/embeddings; either may be None."""
 
-    def __init__(self, engine: AsyncEngine, cfg: ServerConfig, embedding: Any = None) -> None:
-        self.engine = engine
+    def __init__(self, cfg: ServerConfig, chat: AsyncEngine | None, embedding: Any = None) -> None:
         self.cfg = cfg
-        self.embedding = embedding  # EmbeddingService or None; `is engine` when serving it alone
+        self.chat = chat
+        self.embedding = embedding
+        self.services = [s for s in (chat, embedding) if s is not None]
         self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
-        self.metrics = Metrics(self.model_name, lambda: self.engine.stats)
+        self.metrics = Metrics(self.model_name, lambda: self.services[0].stats)
         self._ctx: ServingContext | None = None
         self.started = time.time()
 
@@ -80,24 +74,26 @@ class App:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
                 try:
-                    for service in services(self):
+                    for service in self.services:
                         service.start()
                 except Exception as e:  # never leave granian waiting on a startup reply
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
-                for service in services(self):
+                for service in self.services:
                     await service.shutdown(self.cfg.shutdown_grace_s)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    # ---- routing policy: which model answers which route
     @property
     def ctx(self) -> ServingContext:
-        if not serves_chat(self):
-            raise no_chat_model_error(self)
+        """What parsing a chat/completions request needs from the chat model."""
+        if self.chat is None:
+            raise self._no_chat_model()
         if self._ctx is None:
-            eng = self.engine.engine
+            eng = self.chat.engine
             self._ctx = ServingContext(
                 tokenizer=eng.tokenizer, model_names=self.cfg.served_model_names,
                 max_model_len=eng.max_model_len, vocab_size=eng.model_config.vocab_size,
@@ -114,9 +110,71 @@ class App:
         # The engine compiles the same spec again; structured.compile caches it, so this is the
         # one real compile, done here where a bad grammar can still be a 400.
         from minserve import structured  # imports torch lazily only for the bitmask helpers
-        eng = self.engine.engine
+        eng = self.chat.engine
         structured.compile(spec, eng.tokenizer, vocab_size=eng.model_config.vocab_size)
 
+    def _no_chat_model(self) -> OpenAIError:
+        return OpenAIError(400, f"This server serves only the embedding model(s) "
+                           f"{_names(self.cfg.embedding_model_names)}: use POST /v1/embeddings "
+                           "(start it with a chat model, and --embedding-model, to serve both)",
+                           param="model")
+
+    def check_chat_model(self, body: Any) -> None:
+        """Before parse_chat/parse_completion: refuse embedding models on the generation
+        routes, naming the model to use."""
+        if self.chat is None:
+            raise self._no_chat_model()
+        model = body.get("model") if isinstance(body, dict) else None
+        if isinstance(model, str) and model in self.cfg.embedding_model_names:
+            raise OpenAIError(400, f"`{model}` is an embedding model: it answers POST "
+                              f"/v1/embeddings only. For completions use "
+                              f"{_names(self.cfg.served_model_names)}.", param="model")
+
+    def embedding_model(self, model: str | None) -> str:
+        """The embedding model a /v1/embeddings request names (None: the first one)."""
+        names = self.cfg.embedding_model_names
+        if self.embedding is None or not names:
+            raise OpenAIError(400, "This server serves no embedding model (start it with "
+                              "--embedding-model all-minilm-l6-v2, or serve one with --task "
+                              "embed)" + (f"; `{model}` is a chat model" if model else ""),
+                              param="model")
+        if model is None:
+            return names[0]
+        if model in names:
+            return model
+        if self.chat is not None and model in self.cfg.served_model_names:
+            raise OpenAIError(400, f"`{model}` is a chat model and does not create embeddings: "
+                              f"use {_names(names)} with /v1/embeddings.", param="model")
+        raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
+                          type="NotFoundError")
+
+    def model_names(self) -> list[str]:
+        chat = self.cfg.served_model_names if self.chat is not None else []
+        return chat + (self.cfg.embedding_model_names if self.embedding is not None else [])
+
+    def model_max_len(self, name: str) -> int:
+        """For /v1/models: each card reports its own model's context length."""
+        if self.embedding is not None and name in self.cfg.embedding_model_names:
+            return self.embedding.max_model_len
+        return self.ctx.max_model_len
+
+    def _check_ready(self, path: str) -> None:
+        """Each route waits only for the model that answers it: chat keeps working while the
+        embedding model loads or after it failed, and the other way round (/health and
+        /v1/models, which describe both, need both)."""
+        if path in EMBEDDING_ROUTES and self.embedding is not None:
+            needed = [self.embedding]
+        elif path == "/v1/models" or path.startswith("/v1/models/") or self.chat is None:
+            needed = self.services
+        else:
+            needed = [self.chat]
+        for service in needed:
+            if not service.is_healthy:
+                raise OpenAIError(503, f"the engine is not healthy: {service.dead_reason}")
+            if not service.is_ready:
+                raise OpenAIError(503, "the model is still loading; retry when /health returns 200")
+
+    # ---- HTTP dispatch
     def _cors(self, headers: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
         origin = headers.get(b"origin")
         allowed = self.cfg.allowed_origins
@@ -180,29 +238,13 @@ class App:
             raise OpenAIError(401, "Unauthorized: a valid `Authorization: Bearer <api key>` "
                               "header is required", type="AuthenticationError")
 
-    def _check_ready(self, path: str) -> None:
-        """Each route waits only for the model that answers it: chat keeps working while the
-        embedding model loads or after it failed, and the other way round (/health and
-        /v1/models, which describe both, need both)."""
-        if path == "/v1/embeddings" and self.embedding is not None:
-            needed = [self.embedding]
-        elif path == "/v1/models" or path.startswith("/v1/models/"):
-            needed = services(self)
-        else:
-            needed = [self.engine]
-        for service in needed:
-            if not service.is_healthy:
-                raise OpenAIError(503, f"the engine is not healthy: {service.dead_reason}")
-            if not service.is_ready:
-                raise OpenAIError(503, "the model is still loading; retry when /health returns 200")
-
     # ---- generation
     async def generate(self, http: Http, req: GenerateRequest) -> None:
         if self.cfg.log_requests:
             logger.info("request %s: %d prompt(s), %d prompt tokens, params=%s", req.request_id,
                         len(req.prompts), sum(map(len, req.prompts)), req.params)
         try:
-            stream = self.engine.add_batch(req.request_id, req.prompts, req.params)
+            stream = self.chat.add_batch(req.request_id, req.prompts, req.params)
         except EngineError as e:
             raise OpenAIError(e.status, e.message) from None
         n = req.params.n
@@ -227,7 +269,7 @@ class App:
         finally:
             watcher.cancel()
             producer.cancel()
-            self.engine.abort(req.request_id)  # a no-op if it already finished
+            self.chat.abort(req.request_id)  # a no-op if it already finished
 
     async def _consume(self, out: Any, stream: RequestStream, choices: list, tracker:
                        RequestTracker) -> tuple[output.ChoiceState, str, list, bool]:
@@ -235,7 +277,7 @@ class App:
         before = c.num_output_tokens
         text, lps, hit = c.update(out)
         if hit:
-            self.engine.abort_child(stream, out.request_id)
+            self.chat.abort_child(stream, out.request_id)
         tracker.on_tokens(c.num_output_tokens - before, c.index)
         if out.timings is not None:
             tracker.on_engine_timings(out.timings, c.num_output_tokens)
@@ -298,37 +340,37 @@ class App:
 # in a worker thread, so the event loop keeps every other stream flowing meanwhile.
 async def chat_completions(app: App, http: Http) -> None:
     body = await http.read_json()
-    check_chat_route(app, body)
+    app.check_chat_model(body)
     await app.generate(http, await asyncio.to_thread(parse_chat, body, app.ctx))
 
 
 async def completions(app: App, http: Http) -> None:
     body = await http.read_json()
-    check_chat_route(app, body)
+    app.check_chat_model(body)
     await app.generate(http, await asyncio.to_thread(parse_completion, body, app.ctx))
 
 
 def _model_card(app: App, name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(app.started), "owned_by": "minserve",
             "root": app.cfg.model_root or name, "parent": None,
-            "max_model_len": model_max_len(app, name), "permission": []}
+            "max_model_len": app.model_max_len(name), "permission": []}
 
 
 async def list_models(app: App, http: Http) -> None:
     await http.send_json(200, {"object": "list", "data": [
-        _model_card(app, name) for name in all_model_names(app)]})
+        _model_card(app, name) for name in app.model_names()]})
 
 
 async def get_model(app: App, http: Http) -> None:
     name = http.path_params["model"]
-    if name not in all_model_names(app):
+    if name not in app.model_names():
         raise OpenAIError(404, f"The model `{name}` does not exist.", param="model",
                           type="NotFoundError")
     await http.send_json(200, _model_card(app, name))
 
 
 async def health(app: App, http: Http) -> None:
-    ok = all(s.is_ready and s.is_healthy for s in services(app))
+    ok = all(s.is_ready and s.is_healthy for s in app.services)
     await http.send_body(200 if ok else 503, b"")
 
 
@@ -377,11 +419,11 @@ async def detokenize(app: App, http: Http) -> None:
     await http.send_json(200, {"prompt": app.ctx.tokenizer.decode(ids)})
 
 
-# Others add routes here (e.g. "/v1/embeddings": {"POST": embeddings}).
+# {path pattern: {method: handler}}; a route module adds its own table (http.match_path patterns).
 ROUTES: dict[str, dict[str, Handler]] = {
+    **embedding_routes.ROUTES,
     "/v1/chat/completions": {"POST": chat_completions},
     "/v1/completions": {"POST": completions},
-    "/v1/embeddings": {"POST": embeddings},
     "/v1/models": {"GET": list_models},
     "/v1/models/{model:path}": {"GET": get_model},
     "/health": {"GET": health},
@@ -391,13 +433,18 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/tokenize": {"POST": tokenize},
     "/detokenize": {"POST": detokenize},
 }
+EMBEDDING_ROUTES = set(embedding_routes.ROUTES)  # answered by App.embedding
 PROTECTED = {"/tokenize", "/detokenize"}                 # besides every /v1/ route
 ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics"}  # answer while loading, too
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names)
 
 
 def create_app(engine_config: Any, server_config: ServerConfig,
                engine_factory: Callable[[Any], Any] | None = None, embedding: Any = None) -> App:
     """engine_config None + an EmbeddingService: serve the embedding model alone."""
-    if engine_config is None and embedding is not None:
-        return App(embedding, server_config, embedding)
-    return App(AsyncEngine(engine_config, engine_factory), server_config, embedding)
+    chat = None if engine_config is None and embedding is not None else \
+        AsyncEngine(engine_config, engine_factory)
+    return App(server_config, chat, embedding)
