@@ -14,16 +14,13 @@ import signal
 import sys
 
 from minserve import __version__
-from minserve.config import ConfigError, EngineConfig
+from minserve.config import DEFAULT_MODEL_NAME, ConfigError, EngineConfig
 from minserve.embeddings.models import DEFAULT_EMBEDDING_MODEL, resolve_task
 from minserve.reasoning import REASONING_PARSERS
 from minserve.tool_parsers.registry import TOOL_PARSERS
 
 logger = logging.getLogger("minserve")
 
-# NOTE: kept equal to models/loader.py DEFAULT_MODEL_NAME; importing the loader here would pull
-# torch into the CLI before the server is even listening.
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENVS = ("VLLM_API_KEY", "MINSERVE_API_KEY")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -89,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
            "folder")
     a("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     a("--seed", type=int, default=0)
-    a("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+    a("--enforce-eager", action="store_true",
+      help="accepted for vLLM compatibility; changes nothing yet: minserve does not capture "
+           "CUDA graphs, so it always runs eagerly")
     a("--disable-log-requests", action="store_true", help="do not log each request (default)")
     a("--enable-log-requests", action="store_true", help="log each request's size and params")
     a("--log-level", "--uvicorn-log-level", dest="log_level", default="info", choices=LOG_LEVELS)

@@ -7,6 +7,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+# The model served when none is named (models/loader.py fetches it; the CLI reports its name).
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
 
 class ConfigError(ValueError):
     """A bad engine argument or an unsupported model; the CLI prints it and exits."""

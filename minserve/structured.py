@@ -237,23 +237,9 @@ class StructuredConstraint:
         """The grammar is complete (or errored): end the request with finish_reason stop."""
         return self.matcher.is_stopped()
 
-    def is_accepting(self) -> bool:
-        return self.matcher.is_accepting()
-
-    def rollback(self, num_tokens: int) -> bool:
-        return self.matcher.rollback(num_tokens)
-
     @property
     def error(self) -> str | None:
         return (self.matcher.get_error() or "error") if self.matcher.is_error() else None
-
-    def copy(self) -> StructuredConstraint:
-        """A fresh state for an n>1 sibling (cheaper than compiling again)."""
-        new = StructuredConstraint.__new__(StructuredConstraint)
-        new.matcher = self.matcher.deep_copy()
-        new.vocab_size, new.num_words = self.vocab_size, self.num_words
-        new.eos_token_ids = self.eos_token_ids
-        return new
 
 
 def _bit(i: int) -> int:

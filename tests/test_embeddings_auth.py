@@ -11,7 +11,7 @@ import pytest
 
 from minserve.embeddings.embedder import Embedder
 from tests.serving import KEY, serving
-from tests.test_embeddings import make_tiny_encoder
+from tests.tiny import make_tiny_encoder
 
 
 def test_sdk_task_embed_with_api_key(tmp_path):

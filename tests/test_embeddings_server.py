@@ -13,7 +13,7 @@ import pytest
 
 from minserve.embeddings.embedder import Embedder
 from tests.serving import serving, wait_until
-from tests.test_embeddings import make_tiny_encoder
+from tests.tiny import make_tiny_encoder
 
 
 @pytest.fixture(scope="module")

