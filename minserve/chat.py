@@ -1,5 +1,7 @@
-"""Chat templates: normalise OpenAI-style messages and render a model's jinja2 chat template the
-way transformers does, inside an immutable sandbox. Never tokenizes and never imports torch."""
+"""Chat messages and templates: the one check of OpenAI-style messages (the server and LLM.chat
+both go through normalize_messages, which follows vLLM's parsing) and rendering a model's jinja2
+chat template the way transformers does, in an immutable sandbox. Never tokenizes or imports
+torch."""
 from __future__ import annotations
 
 import json

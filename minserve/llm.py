@@ -1,6 +1,7 @@
 """LLM: the offline / embedded Python API. Drives Engine.step() synchronously (no asyncio),
-fans n out into sibling requests, detokenizes and applies stop strings. With an embedding model
-(task="embed", or detected from the architecture) it wraps an Embedder and offers embed()."""
+fans n out into sibling requests, and turns their outputs into text with the server's per-sample
+state (output.SampleState). With an embedding model (task="embed", or detected from the
+architecture) it wraps an Embedder and offers embed()."""
 from __future__ import annotations
 
 import itertools

@@ -1,5 +1,6 @@
-"""OpenAI request bodies -> GenerateRequest (validated; bad input is an OpenAIError 4xx naming the
-parameter), and the response/chunk builders for chat and completions. No torch, no I/O here."""
+"""OpenAI chat/completions request bodies -> GenerateRequest: every field checked (bad input is an
+OpenAIError 4xx naming the parameter; message errors come from chat.py), the chat template
+rendered and the prompt tokenized. Responses are built in output.py. No torch, no I/O here."""
 from __future__ import annotations
 
 import math

@@ -216,7 +216,9 @@ class App:
                 self._check_ready(path)
             await handler(self, http)
         except Exception as e:  # noqa: BLE001 - whatever happens, the client gets an answer
-            if not isinstance(e, OpenAIError):
+            if isinstance(e, EngineError):  # the engine's word on this request (400/500/503)
+                e = OpenAIError(e.status, e.message)
+            elif not isinstance(e, OpenAIError):
                 logger.exception("unhandled error in %s %s", method, path)
                 e = OpenAIError(500, f"internal server error: {type(e).__name__}: {e}")
             await http.send_error(e)
@@ -243,10 +245,7 @@ class App:
         if self.cfg.log_requests:
             logger.info("request %s: %d prompt(s), %d prompt tokens, params=%s", req.request_id,
                         len(req.prompts), sum(map(len, req.prompts)), req.params)
-        try:
-            stream = self.chat.add_batch(req.request_id, req.prompts, req.params)
-        except EngineError as e:
-            raise OpenAIError(e.status, e.message) from None
+        stream = self.chat.add_batch(req.request_id, req.prompts, req.params)
         n = req.params.n
         tok = self.ctx.tokenizer
         choices = [output.ChoiceState(i, req, tok, req.prompts[i // n])
@@ -271,7 +270,7 @@ class App:
             producer.cancel()
             self.chat.abort(req.request_id)  # a no-op if it already finished
 
-    async def _consume(self, out: Any, stream: RequestStream, choices: list, tracker:
+    def _consume(self, out: Any, stream: RequestStream, choices: list, tracker:
                        RequestTracker) -> tuple[output.ChoiceState, str, list, bool]:
         c = choices[stream.index_of(out.request_id)]
         before = c.num_output_tokens
@@ -291,11 +290,8 @@ class App:
 
     async def _full_body(self, http: Http, req: GenerateRequest, stream: RequestStream,
                          choices: list, tracker: RequestTracker) -> None:
-        try:
-            async for out in stream:
-                await self._consume(out, stream, choices, tracker)
-        except EngineError as e:
-            raise OpenAIError(e.status, e.message) from None
+        async for out in stream:
+            self._consume(out, stream, choices, tracker)
         self._finish(req, choices, tracker)
         await http.send_json(200, output.response(req, choices))
 
@@ -311,27 +307,24 @@ class App:
             u = output.usage(choices, num_prompts, n) if continuous else None
             await http.send_event(output.chunk(req, [choice], u))
 
-        try:
-            for c in choices:  # chat: the role first; echo: the prompt text first
-                text = output.echo_prefix(req, c)
-                if req.kind == "chat" or (text and not echo_later):
-                    await send_chunk(output.chunk_choice(req, c, text, [],
-                                                         role=req.kind == "chat", echo=True))
-            async for out in stream:
-                c, text, lps, finished = await self._consume(out, stream, choices, tracker)
-                if echo_later and not c.echo_sent:
-                    c.echo_sent = True
-                    await send_chunk(output.echo_chunk_choice(req, c))
-                if text or lps or finished:
-                    ch = output.chunk_choice(req, c, text, lps, finished=finished)
-                    if req.kind == "chat" and not (ch["delta"] or lps or finished):
-                        continue  # the reasoning/tool parsers hold this text back for now
-                    await send_chunk(ch)
-            if req.include_usage:
-                await http.send_event(output.chunk(req, [], output.usage(choices, num_prompts, n)))
-            self._finish(req, choices, tracker)
-        except EngineError as e:
-            await http.send_event(OpenAIError(e.status, e.message).to_dict())
+        for c in choices:  # chat: the role first; echo: the prompt text first
+            text = output.echo_prefix(req, c)
+            if req.kind == "chat" or (text and not echo_later):
+                await send_chunk(output.chunk_choice(req, c, text, [], role=req.kind == "chat",
+                                                     echo=True))
+        async for out in stream:  # an EngineError ends the stream with an error event (_http)
+            c, text, lps, finished = self._consume(out, stream, choices, tracker)
+            if echo_later and not c.echo_sent:
+                c.echo_sent = True
+                await send_chunk(output.echo_chunk_choice(req, c))
+            if text or lps or finished:
+                ch = output.chunk_choice(req, c, text, lps, finished=finished)
+                if req.kind == "chat" and not (ch["delta"] or lps or finished):
+                    continue  # the reasoning/tool parsers hold this text back for now
+                await send_chunk(ch)
+        if req.include_usage:
+            await http.send_event(output.chunk(req, [], output.usage(choices, num_prompts, n)))
+        self._finish(req, choices, tracker)
         await http.end_events()
 
 

@@ -512,7 +512,7 @@ def test_outputs_after_a_stop_string_are_dropped(tiny_model_dir, finished_in_eng
                               logprobs=[Logprob(ids[0], -0.5, 1, [])]))
 
     async def read():
-        return [(out.request_id, await app._consume(out, stream, choices, tracker))
+        return [(out.request_id, app._consume(out, stream, choices, tracker))
                 async for out in stream]
 
     results = asyncio.run(read())
