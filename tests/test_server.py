@@ -525,3 +525,21 @@ def test_outputs_after_a_stop_string_are_dropped(tiny_model_dir, finished_in_eng
         (cid, r[3]) for cid, r in results]
     # the engine is asked to abort c0 only while it still runs there
     assert engine._inbox.empty() == finished_in_engine and "c0" not in engine._streams
+
+
+def test_route_patterns():
+    """Route tables hold patterns: `{name}` is one path segment, `{name:path}` the rest (model
+    ids may hold slashes); exact paths win."""
+    from minserve.http import find_route, match_path
+
+    assert match_path("/v1/models/{model:path}", "/v1/models/org/name") == {"model": "org/name"}
+    assert match_path("/v1/models/{model:path}", "/v1/models/") is None
+    assert match_path("/v1/batches/{id}/cancel", "/v1/batches/b1/cancel") == {"id": "b1"}
+    for path in ("/v1/batches/b1", "/v1/batches//cancel", "/v1/batches/b1/cancel/x"):
+        assert match_path("/v1/batches/{id}/cancel", path) is None, path
+    routes = {"/v1/files/{id}": {"GET": 1}, "/v1/files/{id}/content": {"GET": 2},
+              "/v1/files/list": {"GET": 3}}
+    assert find_route(routes, "/v1/files/f1/content") == ({"GET": 2}, {"id": "f1"})
+    assert find_route(routes, "/v1/files/list") == ({"GET": 3}, {})
+    assert find_route(routes, "/v1/files/f1") == ({"GET": 1}, {"id": "f1"})
+    assert find_route(routes, "/v1/nothing") is None
