@@ -1,7 +1,7 @@
-"""LLM: the offline / embedded Python API. Drives Engine.step() synchronously (no asyncio),
-fans n out into sibling requests, and turns their outputs into text with the server's per-sample
-state (output.SampleState). With an embedding model (task="embed", or detected from the
-architecture) it wraps an Embedder and offers embed()."""
+"""LLM: the offline / embedded Python API. Drives Engine.step() synchronously (no asyncio): one
+EngineRequest per prompt (the engine fans n out), and the samples' outputs become text through the
+server's per-sample state (output.SampleState). With an embedding model (task="embed", or
+detected from the architecture) it wraps an Embedder and offers embed()."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from minserve.config import EngineConfig
 from minserve.engine.engine import Engine
-from minserve.engine.request import FinishReason, Logprob
+from minserve.engine.request import EngineRequest, FinishReason, Logprob
 from minserve.output import SampleState
 from minserve.sampling_params import SamplingParams
 
@@ -121,11 +121,11 @@ class LLM:
         return self.engine
 
     def get_tokenizer(self) -> Any:
-        return self.engine.tokenizer if self.engine is not None else self.embedder.tokenizer
+        return self.engine.info.tokenizer if self.engine is not None else self.embedder.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults (as vLLM does)."""
-        return SamplingParams(**self._generator().generation_defaults)
+        return SamplingParams(**self._generator().info.generation_defaults)
 
     def embed(self, prompts: Prompt | Sequence[Prompt], *, truncate_prompt_tokens: int | None
               = None, dimensions: int | None = None) -> list[EmbeddingRequestOutput]:
@@ -165,12 +165,10 @@ class LLM:
                 res = GenerateOutput(rid, text, ids, [CompletionOutput(i)
                                                       for i in range(params.n)])
                 results.append(res)
-                for i in range(params.n):
-                    sid = f"{rid}-{i}" if params.n > 1 else rid
-                    self.engine.add_request(sid, ids, params,
-                                            parent_id=rid if params.n > 1 else None,
-                                            sample_index=i)
-                    samples[sid] = (res, i, params, SampleState(self.engine.tokenizer, ids,
+                request = EngineRequest(rid, ids, params)
+                self.engine.add_request(request)
+                for i, sid in enumerate(request.sample_ids()):
+                    samples[sid] = (res, i, params, SampleState(self.engine.info.tokenizer, ids,
                                                                 params))
             self._run(samples, use_tqdm, len(results))
         except BaseException:
@@ -186,7 +184,7 @@ class LLM:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
-            return prompt, self.engine.tokenizer.encode(prompt)
+            return prompt, self.engine.info.tokenizer.encode(prompt)
         return None, list(prompt)
 
     def _run(self, samples: dict[str, tuple[GenerateOutput, int, SamplingParams, SampleState]],
@@ -224,7 +222,7 @@ class LLM:
              chat_template_kwargs: dict[str, Any] | None = None) -> list[GenerateOutput]:
         """One conversation (a list of {"role", "content"}) or a list of conversations."""
         convs = list(messages) if messages and isinstance(messages[0], list) else [messages]
-        tok = self._generator().tokenizer
+        tok = self._generator().info.tokenizer
         prompts: list[Prompt] = []
         for conv in convs:
             # Messages and chat_template_kwargs are checked as the server checks them (chat.py).

@@ -93,25 +93,25 @@ class App:
         if self.chat is None:
             raise self._no_chat_model()
         if self._ctx is None:
-            eng = self.chat.engine
+            info = self.chat.info
             self._ctx = ServingContext(
-                tokenizer=eng.tokenizer, model_names=self.cfg.served_model_names,
-                max_model_len=eng.max_model_len, vocab_size=eng.model_config.vocab_size,
-                generation_defaults=dict(getattr(eng, "generation_defaults", None) or {}),
+                tokenizer=info.tokenizer, model_names=self.cfg.served_model_names,
+                max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+                generation_defaults=dict(info.generation_defaults),
                 check_structured=self._check_structured,
                 enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
                 tool_call_parser=self.cfg.tool_call_parser,
                 reasoning_parser=self.cfg.reasoning_parser,
-                max_prompt_chars=prompt_chars_limit(eng.max_model_len,
-                                                    eng.tokenizer.max_token_bytes))
+                max_prompt_chars=prompt_chars_limit(info.max_model_len,
+                                                    info.tokenizer.max_token_bytes))
         return self._ctx
 
     def _check_structured(self, spec: dict[str, Any]) -> None:
         # The engine compiles the same spec again; structured.compile caches it, so this is the
         # one real compile, done here where a bad grammar can still be a 400.
         from minserve import structured  # imports torch lazily only for the bitmask helpers
-        eng = self.chat.engine
-        structured.compile(spec, eng.tokenizer, vocab_size=eng.model_config.vocab_size)
+        info = self.chat.info
+        structured.compile(spec, info.tokenizer, vocab_size=info.vocab_size)
 
     def _no_chat_model(self) -> OpenAIError:
         return OpenAIError(400, f"This server serves only the embedding model(s) "
@@ -245,7 +245,7 @@ class App:
         if self.cfg.log_requests:
             logger.info("request %s: %d prompt(s), %d prompt tokens, params=%s", req.request_id,
                         len(req.prompts), sum(map(len, req.prompts)), req.params)
-        stream = self.chat.add_batch(req.request_id, req.prompts, req.params)
+        stream = self.chat.add_request(req.request_id, req.requests)
         n = req.params.n
         tok = self.ctx.tokenizer
         choices = [output.ChoiceState(i, req, tok, req.prompts[i // n])

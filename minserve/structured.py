@@ -314,26 +314,3 @@ def fill_bitmasks(constraints: list[StructuredConstraint | None], bitmask: torch
             raise ValueError("bitmask must be contiguous")
         _executor.unsafe_compute_mask_ptr(fast, bitmask.data_ptr(), bitmask.shape[1] * 4,
                                           bitmask.shape[0])
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
-                  rows: list[int] | torch.Tensor | None = None) -> None:
-    """In place: logits[rows[i], t] = -inf where bit t of bitmask[i] is 0. logits [R, V] on any
-    device; bitmask int32 [len(rows), W] (rows=None: one bitmask row per logits row). Columns
-    past 32*W (padded vocab) are masked; bits past V are ignored."""
-    import torch
-
-    num_vocab = logits.shape[1]
-    mask = bitmask.to(logits.device, non_blocking=True)
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((mask.unsqueeze(-1) >> shifts) & 1).bool().view(mask.shape[0], -1)  # [n, 32W]
-    if allowed.shape[1] >= num_vocab:
-        allowed = allowed[:, :num_vocab]
-    else:
-        pad = allowed.new_zeros(allowed.shape[0], num_vocab - allowed.shape[1])
-        allowed = torch.cat([allowed, pad], dim=1)
-    if rows is None:
-        logits.masked_fill_(~allowed, float("-inf"))
-        return
-    idx = torch.as_tensor(rows, device=logits.device, dtype=torch.long)
-    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))

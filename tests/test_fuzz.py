@@ -233,7 +233,7 @@ def test_concurrent_fuzzed_requests_with_disconnects_leak_nothing(tiny_model_dir
         await wait_until(lambda: app.chat.stats["num_running"] == app.chat.stats["num_waiting"]
                          == 0, 30, "every request to leave the engine")
         ok = await call(app, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
-        sched, kv = app.chat.engine.scheduler, app.chat.engine.kv_cache
+        sched, kv = app.chat._engine.scheduler, app.chat._engine.kv_cache
         # per-request bookkeeping everywhere is gone too (a leak here grows with uptime)
         leftovers = [len(app.chat._streams), len(app.chat._parents), len(sched.requests),
                      len(sched._leaders), len(sched._prompt_logprobs), len(kv._block_hashes)]

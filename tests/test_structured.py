@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer
 
 from minserve import structured as st
+from minserve.engine.sampler import apply_bitmask
 from minserve.structured import StructuredOutputError
 from tests.tiny import make_tokenizer_json
 
@@ -45,7 +46,7 @@ def run_random(constraint, tok: _Tok, seed: int, max_steps: int = 300,
     for _ in range(max_steps):
         constraint.fill_bitmask(bitmask, 0)
         logits = torch.randn(1, MODEL_VOCAB, generator=gen) * spiky
-        st.apply_bitmask(logits, bitmask, [0])
+        apply_bitmask(logits, bitmask)
         assert torch.isfinite(logits).any(), "mask allowed nothing"
         token = int(torch.multinomial(torch.softmax(logits, -1)[0], 1, generator=gen))
         assert token < 400, "a padded vocab id was allowed"
@@ -174,26 +175,20 @@ def test_invalid_specs_raise_at_compile(tok, spec, message):
 
 
 def test_apply_bitmask_matches_reference():
+    """The sampler's mask: bit t % 32 of word t // 32 allows token t (bit 31 is the sign bit)."""
     gen = torch.Generator().manual_seed(0)
-    num_vocab, num_words = 70, 2  # logits wider than 32 * words: padded columns are masked
-    bitmask = torch.randint(-2**31, 2**31 - 1, (3, num_words), generator=gen, dtype=torch.int64)
+    num_vocab = 70
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 3), generator=gen, dtype=torch.int64)
     bitmask = bitmask.to(torch.int32)
     bitmask[1, 0] = -2**31  # only bit 31 set
-    logits = torch.randn(5, num_vocab, generator=gen)
+    logits = torch.randn(3, num_vocab, generator=gen)
     want = logits.clone()
-    rows = [4, 0, 2]
-    for i, r in enumerate(rows):
+    for r in range(3):
         for t in range(num_vocab):
-            word = t // 32
-            if word >= num_words or not (int(bitmask[i, word]) >> (t % 32)) & 1:
+            if not (int(bitmask[r, t // 32]) >> (t % 32)) & 1:
                 want[r, t] = float("-inf")
-    got = logits.clone()
-    st.apply_bitmask(got, bitmask, rows)
-    assert torch.equal(got, want)
-    assert torch.equal(got[[1, 3]], logits[[1, 3]])
-    full = logits[rows].clone()
-    st.apply_bitmask(full, bitmask)  # rows=None: one bitmask row per logits row
-    assert torch.equal(full, want[rows])
+    apply_bitmask(logits, bitmask)
+    assert torch.equal(logits, want)
 
 
 def test_fill_bitmasks_batched_equals_single(tok):
