@@ -8,7 +8,7 @@ import json
 import uuid
 from typing import Any
 
-from minserve.protocol import OpenAIError
+from minserve.http import OpenAIError
 from minserve.translate import Block, ChatReader, parse, run
 
 # Request fields read as the chat route reads them (vLLM's extra sampling fields included).
@@ -22,8 +22,12 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                529: "overloaded_error"}
 
 
-def error_body(status: int, message: str) -> dict[str, Any]:
+def error_body(err: OpenAIError) -> dict[str, Any]:
     """Anthropic's error object, for every status a /v1/messages route answers."""
+    return _error(err.status, err.message)
+
+
+def _error(status: int, message: str) -> dict[str, Any]:
     kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
     return {"type": "error", "error": {"type": kind, "message": message}}
 
@@ -186,8 +190,8 @@ class MessageWriter(ChatReader):
     """Builds the message from the chat output and, for a streaming client, sends Anthropic's
     events: message_start, ping, content_block_start/delta/stop, message_delta, message_stop."""
 
-    def __init__(self, message: dict[str, Any], send: Any, stream: bool) -> None:
-        super().__init__(send, stream)
+    def __init__(self, message: dict[str, Any], client: Any, stream: bool) -> None:
+        super().__init__(client, stream)
         self.message = message
 
     async def start(self) -> None:
@@ -242,7 +246,7 @@ class MessageWriter(ChatReader):
         await self.close(200, m)
 
     async def fail(self, status: int, error: dict[str, Any]) -> None:
-        body = error_body(status, error.get("message") or "the request failed")
+        body = _error(status, error.get("message") or "the request failed")
         await self.send_event("error", error=body["error"])
         await self.close(status, body)
 
@@ -256,15 +260,14 @@ def _loads(text: str) -> Any:
 
 # ---------------------------------------------------------------- route handlers
 async def create_message(app: Any, http: Any) -> None:
-    body = await app.read_json(http)
+    body = await http.read_json()
     req = await parse(app, chat_body(body), RENAMES)
     message = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
                "model": req.model, "content": [], "stop_reason": None, "stop_sequence": None,
                "usage": {"input_tokens": len(req.prompts[0]), "output_tokens": 0}}
-    await run(app, http, req, MessageWriter(message, http.send, bool(body.get("stream"))))
+    await run(app, http, req, MessageWriter(message, http, bool(body.get("stream"))))
 
 
 async def count_tokens(app: Any, http: Any) -> None:
-    from minserve.server import send_json
-    req = await parse(app, chat_body(await app.read_json(http), count_only=True), RENAMES)
-    await send_json(http.send, 200, {"input_tokens": len(req.prompts[0])})
+    req = await parse(app, chat_body(await http.read_json(), count_only=True), RENAMES)
+    await http.send_json(200, {"input_tokens": len(req.prompts[0])})

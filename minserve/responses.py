@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from minserve.protocol import OpenAIError
+from minserve.http import Http, OpenAIError
 from minserve.translate import Block, ChatReader, parse, run
 
 logger = logging.getLogger("minserve.responses")
@@ -237,9 +237,9 @@ class ResponseWriter(ChatReader):
     """Builds the response object from the chat output and, for a streaming client, sends the
     semantic events in OpenAI's order, each with its sequence_number."""
 
-    def __init__(self, response: dict[str, Any], send: Any, stream: bool,
+    def __init__(self, response: dict[str, Any], client: Any, stream: bool,
                  tokenizer: Any) -> None:
-        super().__init__(send, stream)
+        super().__init__(client, stream)
         self.response, self.tokenizer = response, tokenizer
         self.num_events = 0
         self.ids: list[str] = []   # the output items' ids
@@ -363,7 +363,7 @@ def _new_response(body: dict[str, Any], req: Any, echo: dict[str, Any]) -> dict[
 
 
 async def create_response(app: Any, http: Any) -> None:
-    body = await app.read_json(http)
+    body = await http.read_json()
     _check(body)
     store = app.responses
     prev = None
@@ -378,7 +378,7 @@ async def create_response(app: Any, http: Any) -> None:
     record = Stored(response, items) if response["store"] else None
     stream, background = bool(body.get("stream")), response["background"]
     # a background run's client has its answer at once: the writer sends it nothing more
-    writer = ResponseWriter(response, None if background and not stream else http.send, stream,
+    writer = ResponseWriter(response, None if background and not stream else http, stream,
                             app.ctx.tokenizer)
     if record is not None:
         store.put(record)
@@ -387,7 +387,6 @@ async def create_response(app: Any, http: Any) -> None:
         if not (writer.done or writer.failed):   # the client went away: the run was aborted
             response["status"] = "cancelled"
         return
-    from minserve.server import Http, _wait_disconnect, send_json
     record.cancel = cancel = asyncio.Event()
 
     async def until_cancelled() -> dict[str, Any]:
@@ -396,14 +395,15 @@ async def create_response(app: Any, http: Any) -> None:
     if stream:
         await writer.open()
     else:
-        await send_json(http.send, 200, response)
-    detached = Http(http.scope, until_cancelled, None, http.path, http.headers)
+        await http.send_json(200, response)
+    detached = Http(http.scope, until_cancelled, None, http.path, http.headers,
+                    http.max_body_bytes)   # its receive() only: the writer holds the client
     record.task = task = asyncio.ensure_future(_background(app, detached, req, writer, cancel))
     if stream:  # the events go out as the run makes them; a client that leaves does not stop it
-        gone = asyncio.ensure_future(_wait_disconnect(http.receive))
+        gone = asyncio.ensure_future(http.wait_disconnect())
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
-        writer.send = None
+        writer.client = None
 
 
 async def _background(app: Any, http: Any, req: Any, writer: ResponseWriter,
@@ -419,24 +419,21 @@ async def _background(app: Any, http: Any, req: Any, writer: ResponseWriter,
 
 
 async def get_response(app: Any, http: Any) -> None:
-    from minserve.server import send_json
     if parse_qs(http.scope.get("query_string", b"").decode("latin-1")).get("stream") == ["true"]:
         raise _bad("stream", "streaming a stored response again is not supported")
-    await send_json(http.send, 200, app.responses.get(http.path_param).response)
+    await http.send_json(200, app.responses.get(http.path_params["id"]).response)
 
 
 async def delete_response(app: Any, http: Any) -> None:
-    from minserve.server import send_json
-    app.responses.pop(http.path_param)
-    await send_json(http.send, 200, {"id": http.path_param, "object": "response",
-                                     "deleted": True})
+    rid = http.path_params["id"]
+    app.responses.pop(rid)
+    await http.send_json(200, {"id": rid, "object": "response", "deleted": True})
 
 
 async def cancel_response(app: Any, http: Any) -> None:
-    from minserve.server import send_json
-    record = app.responses.get(http.path_param)
+    record = app.responses.get(http.path_params["id"])
     if record.task is None:
         raise OpenAIError(400, "Only responses created with background=true can be cancelled.")
     record.cancel.set()
     await asyncio.shield(record.task)
-    await send_json(http.send, 200, record.response)
+    await http.send_json(200, record.response)

@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
-from minserve.embeddings.routes import check_chat_route
-from minserve.protocol import GenerateRequest, OpenAIError, parse_chat
+from minserve.http import Http, OpenAIError
+from minserve.protocol import GenerateRequest, parse_chat
 
 
 @dataclass(slots=True)
@@ -25,10 +25,11 @@ class Block:
 
 class ChatReader:
     """Base of an API's translator. The chat chunks come in through feed(); subclasses turn the
-    block callbacks into their own events, sent on `send` (the client's; None: no client)."""
+    block callbacks into their own events, sent on `client` (the client's exchange, an
+    http.Http; None: no client)."""
 
-    def __init__(self, send: Any, stream: bool) -> None:
-        self.send, self.stream = send, stream
+    def __init__(self, client: Any, stream: bool) -> None:
+        self.client, self.stream = client, stream
         self.opened = False        # the client's event stream started
         self.blocks: list[Block] = []
         self.finish_reason: str | None = None
@@ -55,29 +56,25 @@ class ChatReader:
 
     # ---- the client's answer
     async def open_stream(self) -> None:
-        if self.stream and not self.opened and self.send is not None:
-            from minserve.server import SSE  # server.py imports the API modules
+        if self.stream and not self.opened and self.client is not None:
             self.opened = True
-            await self.send({"type": "http.response.start", "status": 200, "headers": SSE})
+            await self.client.start_events()
 
     async def send_event(self, kind: str, **fields: Any) -> None:
         """One named SSE event (`event: kind`), its data {"type": kind, **fields}."""
-        if self.opened and self.send is not None:
-            data = orjson.dumps({"type": kind, **fields})
-            await self.send({"type": "http.response.body", "more_body": True,
-                             "body": b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"})
+        if self.opened and self.client is not None:
+            await self.client.send_event({"type": kind, **fields}, event=kind)
 
     async def close(self, status: int, body: dict[str, Any]) -> None:
         """The answer ends: the event stream, or the whole body (or error) for a client that
         waits for it."""
-        send, self.send = self.send, None
-        if send is None:
+        client, self.client = self.client, None
+        if client is None:
             return
         if self.opened:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await client.end_events(done=False)
         else:
-            from minserve.server import send_json
-            await send_json(send, status, body)
+            await client.send_json(status, body)
 
     # ---- chat chunks -> blocks
     @property
@@ -134,7 +131,7 @@ class ChatReader:
 async def parse(app: Any, chat_body: dict[str, Any], renames: dict[str, str]) -> GenerateRequest:
     """The translated body through parse_chat (in a worker thread, as the chat route does).
     Errors name the caller's own field where it has another name (`renames`: chat -> API)."""
-    check_chat_route(app, chat_body)
+    app.check_chat_model(chat_body)
     try:
         return await asyncio.to_thread(parse_chat, chat_body, app.ctx)
     except OpenAIError as e:
@@ -152,7 +149,6 @@ async def run(app: Any, http: Any, req: GenerateRequest, reader: ChatReader) -> 
     exchange whose send() reads what the chat path sends: its chunks become feed()/end(), an error
     event or a raised OpenAIError becomes error(). `http` itself (its receive(), watched for a
     disconnect) is the client's; the reader answers the client."""
-    from minserve.server import Http  # server.py imports the API modules
     buf = b""
 
     async def send(msg: dict[str, Any]) -> None:
@@ -173,6 +169,7 @@ async def run(app: Any, http: Any, req: GenerateRequest, reader: ChatReader) -> 
 
     req.stream = req.include_usage = True
     try:
-        await app.generate(Http(http.scope, http.receive, send, http.path, http.headers), req)
+        await app.generate(Http(http.scope, http.receive, send, http.path, http.headers,
+                                http.max_body_bytes), req)
     except OpenAIError as e:  # the engine refused the request (busy, shutting down, too long)
         await reader.error(e.status, e.to_dict()["error"])

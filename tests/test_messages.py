@@ -10,7 +10,7 @@ from tests.api_checks import message_body, message_events
 from tests.asgi import call
 from tests.fake_engine import make_fake_app
 from tests.test_responses import SCRIPT
-from tests.test_server import real_app, run
+from tests.serving import real_app, run
 
 M = "/v1/messages"
 HELLO = [{"role": "user", "content": "Hello"}]

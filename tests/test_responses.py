@@ -10,7 +10,7 @@ import json
 from tests.api_checks import response_body, response_events
 from tests.asgi import call
 from tests.fake_engine import make_fake_app
-from tests.test_server import real_app, run
+from tests.serving import real_app, run, wait_until
 
 R = "/v1/responses"
 # vLLM's extra field: no whitespace between JSON tokens (a random model spends tokens on it)
@@ -194,11 +194,9 @@ def test_background_run_poll_and_cancel(tiny_model_dir):
         await _wait_status(app, run_["id"], ("in_progress",))
         cancelled = await call(app, "POST", f"{R}/{run_['id']}/cancel")
         again = await call(app, "POST", f"{R}/{run_['id']}/cancel")
-        for _ in range(500):   # the abort lands at the engine's next step
-            if app.engine.stats["num_running"] == 0:
-                break
-            await asyncio.sleep(0.01)
-        return done, finished, cancelled, again, app.engine.stats
+        # the abort lands at the engine's next step
+        await wait_until(lambda: app.chat.stats["num_running"] == 0, 5, "the run to stop")
+        return done, finished, cancelled, again, app.chat.stats
 
     done, finished, cancelled, again, stats = run(app, fn)
     assert response_body(done).status == "queued" and done["background"] is True
