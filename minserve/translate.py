@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from minserve.engine.async_engine import EngineError
 from minserve.http import Http, OpenAIError
 from minserve.protocol import GenerateRequest, parse_chat
 
@@ -171,5 +172,6 @@ async def run(app: Any, http: Any, req: GenerateRequest, reader: ChatReader) -> 
     try:
         await app.generate(Http(http.scope, http.receive, send, http.path, http.headers,
                                 http.max_body_bytes), req)
-    except OpenAIError as e:  # the engine refused the request (busy, shutting down, too long)
-        await reader.error(e.status, e.to_dict()["error"])
+    except (OpenAIError, EngineError) as e:  # refused (busy, too long) or the engine failed
+        err = e if isinstance(e, OpenAIError) else OpenAIError(e.status, e.message)
+        await reader.error(err.status, err.to_dict()["error"])
