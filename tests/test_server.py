@@ -322,7 +322,8 @@ def test_disconnect_non_streaming(tiny_model_dir):
 
 
 def test_engine_death_fails_requests_and_health(tiny_model_dir):
-    app = make_fake_app(tiny_model_dir, fail_at_step=4)
+    # The failure comes once both requests run (however slowly the second one is parsed).
+    app = make_fake_app(tiny_model_dir, fail_at_step=4, fail_min_running=2, step_delay=0.02)
 
     async def fn(app):
         s = asyncio.ensure_future(call(app, "POST", CHAT, {"messages": MSG, "max_tokens": 50,
