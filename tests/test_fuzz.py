@@ -14,6 +14,7 @@ import random
 
 import orjson
 
+from minserve.http import OpenAIError
 from minserve.messages import error_body
 from tests.api_checks import message_body, message_events, response_body, response_events
 from tests.asgi import call
@@ -151,7 +152,7 @@ def _answer_problem(path: str, r) -> str | None:
     if r.status != 200:
         body = r.json()
         if path.startswith("/v1/messages"):
-            ok = body == error_body(r.status, body["error"]["message"])
+            ok = body == error_body(OpenAIError(r.status, body["error"]["message"]))
         else:
             ok = body["error"]["code"] == r.status
         return None if ok and body["error"]["message"] else f"error shape {body}"
@@ -572,6 +573,6 @@ def test_malformed_responses_and_messages_requests(tiny_model_dir):
         err = r.json()["error"]
         assert word in err["message"], (case, err)
         if path.startswith("/v1/messages"):
-            assert r.json() == error_body(status, err["message"]), case
+            assert r.json() == error_body(OpenAIError(status, err["message"])), case
         else:
             assert err["code"] == status and err["type"], case
