@@ -270,7 +270,8 @@ def _opener(policy: MediaPolicy) -> urllib.request.OpenerDirector:
     """Only these handlers: no proxies from the environment, no file:/ftp:/data: follow-ups."""
     opener = urllib.request.OpenerDirector()
     for handler in (_HTTPHandler(policy), _HTTPSHandler(policy), _RedirectHandler(policy),
-                    urllib.request.HTTPErrorProcessor(), urllib.request.UnknownHandler()):
+                    urllib.request.HTTPErrorProcessor(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.UnknownHandler()):
         opener.add_handler(handler)
     return opener
 
