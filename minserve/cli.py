@@ -208,12 +208,10 @@ async def serve(args: argparse.Namespace) -> int:
     exit_code = 0
 
     def on_ready() -> None:
-        eng = app.engine.engine
-        stats = app.engine.stats
+        info = app.engine.info
         logger.info("loaded %s (%s) max_model_len=%d; KV cache: %d blocks = %s tokens",
-                    app.model_name, getattr(eng.model_config, "architecture", "?"),
-                    eng.max_model_len, getattr(eng, "num_kv_blocks", 0),
-                    stats.get("num_kv_tokens", "?"))
+                    app.model_name, info.architecture, info.max_model_len, info.num_kv_blocks,
+                    info.num_kv_blocks * info.block_size)
         logger.info("ready: OpenAI API at %s (model %r)", url, app.model_name)
 
     def on_dead(reason: str, force: bool = False) -> None:

@@ -1,6 +1,7 @@
-"""LLM: the offline / embedded Python API. Drives Engine.step() synchronously (no asyncio),
-fans n out into sibling requests, detokenizes and applies stop strings. With an embedding model
-(task="embed", or detected from the architecture) it wraps an Embedder and offers embed()."""
+"""LLM: the offline / embedded Python API. Drives Engine.step() synchronously (no asyncio): one
+EngineRequest per prompt (the engine fans n out), detokenizes and applies stop strings. With an
+embedding model (task="embed", or detected from the architecture) it wraps an Embedder and
+offers embed()."""
 from __future__ import annotations
 
 import itertools
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from minserve.config import EngineConfig
 from minserve.detokenizer import IncrementalDetokenizer, StopChecker
 from minserve.engine.engine import Engine
-from minserve.engine.request import FinishReason, Logprob, RequestOutput
+from minserve.engine.request import EngineRequest, FinishReason, Logprob, RequestOutput
 from minserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:   # imported when embed() runs: a chat-only LLM never loads the embeddings code
@@ -61,7 +62,7 @@ class _Sample:
                  prompt_token_ids: list[int]) -> None:
         self.out = out
         self.params = params
-        self.detok = IncrementalDetokenizer(engine.tokenizer, prompt_token_ids,
+        self.detok = IncrementalDetokenizer(engine.info.tokenizer, prompt_token_ids,
                                             params.skip_special_tokens,
                                             params.spaces_between_special_tokens)
         self.stop = StopChecker(params.stop, params.include_stop_str_in_output)
@@ -144,12 +145,6 @@ class LLM:
         else:
             self.engine = Engine(EngineConfig(model=model, **engine_args))
 
-    @classmethod
-    def from_engine(cls, engine: Engine) -> LLM:
-        self = cls.__new__(cls)
-        self.engine, self.embedder, self._ids = engine, None, itertools.count()
-        return self
-
     def _generator(self) -> Engine:
         if self.engine is None:
             raise ValueError(f"{self.embedder.model_name} is an embedding model: use "
@@ -157,11 +152,11 @@ class LLM:
         return self.engine
 
     def get_tokenizer(self) -> Any:
-        return self.engine.tokenizer if self.engine is not None else self.embedder.tokenizer
+        return self.engine.info.tokenizer if self.engine is not None else self.embedder.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults (as vLLM does)."""
-        return SamplingParams(**self._generator().generation_defaults)
+        return SamplingParams(**self._generator().info.generation_defaults)
 
     def embed(self, prompts: Prompt | Sequence[Prompt], *, truncate_prompt_tokens: int | None
               = None, dimensions: int | None = None) -> list[EmbeddingRequestOutput]:
@@ -201,11 +196,9 @@ class LLM:
                 res = GenerateOutput(rid, text, ids, [CompletionOutput(i)
                                                       for i in range(params.n)])
                 results.append(res)
-                for i in range(params.n):
-                    sid = f"{rid}-{i}" if params.n > 1 else rid
-                    self.engine.add_request(sid, ids, params,
-                                            parent_id=rid if params.n > 1 else None,
-                                            sample_index=i)
+                request = EngineRequest(rid, ids, params)
+                self.engine.add_request(request)
+                for i, sid in enumerate(request.sample_ids()):
                     samples[sid] = (res, _Sample(self.engine, res.outputs[i], params, ids))
             self._run(samples, use_tqdm, len(results))
         except BaseException:
@@ -221,7 +214,7 @@ class LLM:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
-            return prompt, self.engine.tokenizer.encode(prompt)
+            return prompt, self.engine.info.tokenizer.encode(prompt)
         return None, list(prompt)
 
     def _run(self, samples: dict[str, tuple[GenerateOutput, _Sample]], use_tqdm: bool | None,
@@ -259,7 +252,7 @@ class LLM:
              chat_template_kwargs: dict[str, Any] | None = None) -> list[GenerateOutput]:
         """One conversation (a list of {"role", "content"}) or a list of conversations."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tok = self._generator().tokenizer
+        tok = self._generator().info.tokenizer
         prompts: list[Prompt] = []
         for conv in convs:
             text = tok.apply_chat_template(

@@ -1,5 +1,5 @@
-"""OpenAI request bodies -> GenerateRequest (validated; bad input is an OpenAIError 4xx naming the
-parameter), and the response/chunk builders for chat and completions. No torch, no I/O here."""
+"""OpenAI request bodies -> GenerateRequest, which holds one EngineRequest per prompt (validated;
+bad input is an OpenAIError 4xx naming the parameter). No torch, no I/O here."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from minserve.engine.request import EngineRequest, prompt_length_error
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
 from minserve.sampling_params import SamplingParams
 from minserve.structured import StructuredOutputError, structured_from_request
@@ -90,9 +91,8 @@ class GenerateRequest:
     kind: str                         # "chat" | "completion"
     request_id: str
     model: str
-    prompts: list[list[int]]          # one per completions prompt; chat has exactly one
+    requests: list[EngineRequest]     # one per completions prompt; chat has exactly one
     prompt_texts: list[str | None]    # for echo
-    params: SamplingParams
     stream: bool = False
     include_usage: bool = False
     continuous_usage: bool = False
@@ -104,6 +104,24 @@ class GenerateRequest:
     # completions with echo and max_tokens=0 (OpenAI's legacy scoring call, as lm-eval sends it):
     # the engine samples one token, which cannot be avoided; output.py drops it
     echo_only: bool = False
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [r.prompt_token_ids for r in self.requests]
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.requests[0].sampling_params
+
+
+def _engine_requests(request_id: str, prompts: list[list[int]], params: SamplingParams,
+                     body: dict) -> list[EngineRequest]:
+    """One EngineRequest per prompt, named request_id (one prompt) or request_id-p."""
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise _bad("cache_salt", "must be a non-empty string")
+    return [EngineRequest(request_id if len(prompts) == 1 else f"{request_id}-{p}", ids, params,
+                          cache_salt=salt) for p, ids in enumerate(prompts)]
 
 
 # ---------------------------------------------------------------- typed field readers
@@ -274,19 +292,9 @@ def _stream_opts(body: dict, stream: bool) -> tuple[bool, bool]:
 
 def _check_length(ctx: ServingContext, prompt: list[int], params: SamplingParams,
                   what: str) -> None:
-    num_prompt = len(prompt)
-    if num_prompt == 0:
-        raise _bad(what, "the prompt is empty")
-    if num_prompt >= ctx.max_model_len:
-        raise OpenAIError(400, f"This model's maximum context length is {ctx.max_model_len} "
-                          f"tokens. However, your request has {num_prompt} input tokens. Please "
-                          f"reduce the length of the input.", param=what)
-    if params.max_tokens is not None and num_prompt + params.max_tokens > ctx.max_model_len:
-        raise OpenAIError(400, f"This model's maximum context length is {ctx.max_model_len} "
-                          f"tokens. However, you requested {num_prompt + params.max_tokens} "
-                          f"tokens ({num_prompt} in the {what}, {params.max_tokens} in the "
-                          f"completion). Please reduce the length of the {what} or completion.",
-                          param="max_tokens")
+    error = prompt_length_error(len(prompt), params.max_tokens, ctx.max_model_len, what)
+    if error is not None:
+        raise OpenAIError(400, error[0], param=error[1])
 
 
 def _common(body: Any, ctx: ServingContext) -> tuple[str, bool, bool, bool]:
@@ -386,8 +394,10 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     # generation prompt, else the last message's own role (i.e. always).
     last = messages[-1]
     echoed = last["content"] if echo and (not add_gen or last["role"] == "assistant") else None
-    return GenerateRequest("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [prompt],
-                           [echoed], params, stream, include_usage, continuous, echo,
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    return GenerateRequest("chat", request_id, model,
+                           _engine_requests(request_id, [prompt], params, body),
+                           [echoed], stream, include_usage, continuous, echo,
                            params.logprobs,
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
                            else None)
@@ -483,6 +493,8 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     if echo:
         texts = [t if t is not None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
                  for t, ids in zip(texts, prompts, strict=True)]
-    return GenerateRequest("completion", f"cmpl-{uuid.uuid4().hex}", model, prompts, texts,
-                           params, stream, include_usage, continuous, echo, params.logprobs,
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    return GenerateRequest("completion", request_id, model,
+                           _engine_requests(request_id, prompts, params, body), texts,
+                           stream, include_usage, continuous, echo, params.logprobs,
                            echo_only=echo_only)

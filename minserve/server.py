@@ -142,25 +142,25 @@ class App:
         if not serves_chat(self):
             raise no_chat_model_error(self)
         if self._ctx is None:
-            eng = self.engine.engine
+            info = self.engine.info
             self._ctx = ServingContext(
-                tokenizer=eng.tokenizer, model_names=self.cfg.served_model_names,
-                max_model_len=eng.max_model_len, vocab_size=eng.model_config.vocab_size,
-                generation_defaults=dict(getattr(eng, "generation_defaults", None) or {}),
+                tokenizer=info.tokenizer, model_names=self.cfg.served_model_names,
+                max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+                generation_defaults=dict(info.generation_defaults),
                 check_structured=self._check_structured,
                 enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
                 tool_call_parser=self.cfg.tool_call_parser,
                 reasoning_parser=self.cfg.reasoning_parser,
-                max_prompt_chars=prompt_chars_limit(eng.max_model_len,
-                                                    eng.tokenizer.max_token_bytes))
+                max_prompt_chars=prompt_chars_limit(info.max_model_len,
+                                                    info.tokenizer.max_token_bytes))
         return self._ctx
 
     def _check_structured(self, spec: dict[str, Any]) -> None:
         # The engine compiles the same spec again; structured.compile caches it, so this is the
         # one real compile, done here where a bad grammar can still be a 400.
         from minserve import structured  # imports torch lazily only for the bitmask helpers
-        eng = self.engine.engine
-        structured.compile(spec, eng.tokenizer, vocab_size=eng.model_config.vocab_size)
+        info = self.engine.info
+        structured.compile(spec, info.tokenizer, vocab_size=info.vocab_size)
 
     def _cors(self, headers: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
         origin = headers.get(b"origin")
@@ -297,7 +297,7 @@ class App:
             logger.info("request %s: %d prompt(s), %d prompt tokens, params=%s", req.request_id,
                         len(req.prompts), sum(map(len, req.prompts)), req.params)
         try:
-            stream = self.engine.add_batch(req.request_id, req.prompts, req.params)
+            stream = self.engine.add_request(req.request_id, req.requests)
         except EngineError as e:
             raise OpenAIError(e.status, e.message) from None
         n = req.params.n

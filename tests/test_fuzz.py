@@ -235,7 +235,7 @@ def test_concurrent_fuzzed_requests_with_disconnects_leak_nothing(tiny_model_dir
                 break
             await asyncio.sleep(0.02)
         ok = await call(app, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
-        sched, kv = app.engine.engine.scheduler, app.engine.engine.kv_cache
+        sched, kv = app.engine._engine.scheduler, app.engine._engine.kv_cache
         # per-request bookkeeping everywhere is gone too (a leak here grows with uptime)
         leftovers = [len(app.engine._streams), len(app.engine._parents), len(sched.requests),
                      len(sched._leaders), len(sched._prompt_logprobs), len(kv._block_hashes)]

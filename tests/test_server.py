@@ -265,7 +265,7 @@ def test_stop_strings(tiny_model_dir):
 def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir):
     """The abort reaches the engine before its next step, and that step frees the blocks."""
     async def fn(app):
-        eng = app.engine.engine
+        eng = app.engine._engine
         usage = []  # KV-cache usage after each engine step, recorded on the engine thread
         step = eng.step
 
@@ -477,6 +477,32 @@ def test_usage_reports_cached_prompt_tokens(tiny_model_dir):
         assert u["prompt_tokens"] == first["prompt_tokens"]
         assert 0 < u["prompt_tokens_details"]["cached_tokens"] <= want_cached
     assert again["completion_tokens"] == 4 and again["total_tokens"] == first["prompt_tokens"] + 4
+
+
+def test_cache_salt_keeps_tenants_apart_in_the_prefix_cache(tiny_model_dir):
+    """vLLM's cache_salt on completions and chat: the same prompt shares KV blocks with an
+    earlier request only under the same salt (no salt is a tenant of its own); a salt that is
+    not a non-empty string is a 400."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    bodies = {COMP: {"prompt": prompt, "max_tokens": 2, "ignore_eos": True},
+              CHAT: {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2}}
+
+    async def fn(app):
+        cached, bad = {}, []
+        for path, body in bodies.items():
+            cached[path] = []
+            for salt in ("tenant-a", "tenant-b", "tenant-a", None, "tenant-b"):
+                r = await call(app, "POST", path, {**body, "cache_salt": salt})
+                cached[path].append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+            for salt in ("", 7, ["a"]):
+                bad.append(await call(app, "POST", path, {**body, "cache_salt": salt}))
+        return cached, bad, app.engine.stats
+
+    cached, bad, stats = run(real_app(tiny_model_dir), fn)
+    for got in cached.values():
+        assert got[0] == got[1] == got[3] == 0 and got[2] > 0 and got[4] == got[2], got
+    assert all(r.status == 400 and r.json()["error"]["param"] == "cache_salt" for r in bad)
+    assert stats["num_running"] == 0
 
 
 def test_ttft_and_itl_are_per_choice():
