@@ -152,6 +152,15 @@ class EngineConfig:
     chat_template: str | None = None  # a file path or the template text
     generation_config: str = "auto"  # auto | vllm | a folder
     revision: str | None = None
+    # Vision-language models. limit_mm_per_prompt: at most this many items of a modality in one
+    # prompt ({"image": N}; None: vLLM's default of 999). Images come from http(s) and data:
+    # URLs; file:// ones only from below allowed_local_media_path; hosts only from
+    # allowed_media_domains when set; URLs resolving to loopback/private/link-local addresses
+    # only with allow_private_media_urls (--allow-private-media-urls).
+    limit_mm_per_prompt: dict[str, int] | None = None
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: list[str] | None = None
+    allow_private_media_urls: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 8:
@@ -170,6 +179,26 @@ class EngineConfig:
             raise ConfigError(
                 f"--load-format {self.load_format!r} is not one of auto, safetensors, gguf, dummy"
             )
+        if self.limit_mm_per_prompt is not None:
+            limits = self.limit_mm_per_prompt
+            if not isinstance(limits, dict) or any(
+                    not isinstance(v, int) or isinstance(v, bool) or v < 0
+                    for v in limits.values()):
+                raise ConfigError("--limit-mm-per-prompt must map modalities to counts >= 0, "
+                                  'e.g. image=2 or {"image": 2}')
+            unknown = set(limits) - set(MODALITIES)
+            if unknown:
+                raise ConfigError(f"--limit-mm-per-prompt: unknown modality "
+                                  f"{', '.join(sorted(unknown))} (known: {', '.join(MODALITIES)})")
+
+    @property
+    def image_limit(self) -> int:
+        return (self.limit_mm_per_prompt or {}).get("image", DEFAULT_MM_LIMIT)
+
+
+# Modalities --limit-mm-per-prompt names (vLLM's); minserve's models take images only.
+MODALITIES = ("image", "video", "audio")
+DEFAULT_MM_LIMIT = 999   # vLLM's default per modality
 
 
 def cache_dir() -> str:

@@ -283,20 +283,20 @@ def _opener(policy: MediaPolicy) -> urllib.request.OpenerDirector:
 _FETCH_THREADS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="minserve-fetch")
 
 
+async def fetch_async(url: str, policy: MediaPolicy) -> bytes:
+    """fetch_media in a fetch thread. The deadline is kept here too, so a request never waits
+    past it even while a thread is still stuck (in a slow DNS lookup, say)."""
+    future = asyncio.get_running_loop().run_in_executor(_FETCH_THREADS, fetch_media, url, policy)
+    try:
+        return await asyncio.wait_for(future, policy.timeout + 1.0)
+    except asyncio.TimeoutError:
+        raise MediaError(f"fetching the image URL timed out after {policy.timeout:g} s") from None
+
+
 async def fetch_all(urls: list[str], policy: MediaPolicy) -> list[bytes]:
-    """Every URL fetched at once; the first failure (in URL order) is raised. The deadline is
-    kept here too, so a request never waits past it even if a thread is still busy."""
-    loop = asyncio.get_running_loop()
-
-    async def one(url: str) -> bytes:
-        future = loop.run_in_executor(_FETCH_THREADS, fetch_media, url, policy)
-        try:
-            return await asyncio.wait_for(future, policy.timeout + 1.0)
-        except asyncio.TimeoutError:
-            raise MediaError(f"fetching the image URL timed out after {policy.timeout:g} s") \
-                from None
-
-    results = await asyncio.gather(*(one(u) for u in urls), return_exceptions=True)
+    """Every URL fetched at once; the first failure (in URL order) is raised."""
+    results = await asyncio.gather(*(fetch_async(u, policy) for u in urls),
+                                   return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):
             raise r

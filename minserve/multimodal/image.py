@@ -13,7 +13,12 @@ DEFAULT_MAX_IMAGE_PIXELS = 50_000_000   # about 8k x 6k; a bomb's header claims 
 
 
 class MediaError(ValueError):
-    """A media input that cannot be used; the front doors answer it with a 400."""
+    """A media input that cannot be used; the front doors answer it with a 400 naming `param`
+    (the request field, e.g. messages[0].content[1]) when it is known."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:

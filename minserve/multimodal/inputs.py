@@ -34,6 +34,69 @@ def get_image_processor(architecture: str, folder: str, hf_config: dict[str, Any
     return cls(folder, hf_config, tokenizer)
 
 
+# ---------------------------------------------------------------- image parts -> images
+
+def load_images_sync(refs: list[Any], policy: Any) -> list[Image.Image]:
+    """chat.ImageRefs -> RGB images, fetching in this thread (LLM.chat)."""
+    from minserve.multimodal.fetch import fetch_media
+
+    out = []
+    for ref in refs:
+        try:
+            data = fetch_media(ref.url, policy) if ref.url is not None else None
+        except MediaError as e:
+            raise MediaError(f"{ref.param}: {e}", ref.param) from None
+        out.append(_decoded(ref, data))
+    return out
+
+
+async def load_images(refs: list[Any], policy: Any) -> list[Image.Image]:
+    """chat.ImageRefs -> RGB images: every URL fetched at once in the fetch threads, then
+    decoded in a worker thread (decoding holds the CPU, not the event loop)."""
+    import asyncio
+
+    from minserve.multimodal.fetch import fetch_async
+
+    async def fetch(ref: Any) -> bytes | None:
+        if ref.url is None:
+            return None
+        try:
+            return await fetch_async(ref.url, policy)
+        except MediaError as e:
+            raise MediaError(f"{ref.param}: {e}", ref.param) from None
+
+    results = await asyncio.gather(*(fetch(r) for r in refs), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return await asyncio.to_thread(
+        lambda: [_decoded(ref, data) for ref, data in zip(refs, results, strict=True)])
+
+
+def _decoded(ref: Any, data: bytes | None) -> Image.Image:
+    from minserve.multimodal.image import check_image, decode_image
+
+    try:
+        return decode_image(data) if data is not None else check_image(ref.image)
+    except MediaError as e:
+        raise MediaError(f"{ref.param}: {e}", ref.param) from None
+
+
+def attach_images(request: Any, images: list[Image.Image], processor: ImageProcessor) -> None:
+    """Expand an EngineRequest's placeholders for `images`; its mm_items (and M-RoPE
+    positions) are set from them."""
+    from minserve.engine.request import MultiModalItem
+
+    prompt = expand_prompt(request.prompt_token_ids, images, processor)
+    request.prompt_token_ids = prompt.prompt_token_ids
+    request.mm_items = [MultiModalItem(p.offset, p.length, p.content_hash, p.data, p.embed_mask)
+                        for p in prompt.images]
+    request.mrope_positions = prompt.mrope_positions
+    request.mrope_position_delta = prompt.mrope_position_delta
+
+
+# ---------------------------------------------------------------- prompt expansion
+
 @dataclass(slots=True)
 class PromptImage:
     """One image placed in a prompt: its tokens are prompt_token_ids[offset:offset + length]."""
