@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from minserve.chat import IMAGE_PART_TYPES, ChatContentError, ImageParts
 from minserve.engine.request import EngineRequest, prompt_length_error
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
 from minserve.sampling_params import SamplingParams
@@ -66,6 +67,10 @@ class ServingContext:
     # A longer prompt text cannot fit in max_model_len tokens whatever it tokenizes to (App sets
     # it from the tokenizer's longest token); None: no early check.
     max_prompt_chars: int | None = None
+    # Vision-language models (EngineInfo's): None / 0 for a text-only model.
+    image_processor: Any = None
+    image_limit: int = 0
+    media_policy: Any = None
 
 
 def prompt_chars_limit(max_model_len: int, max_token_bytes: int) -> int:
@@ -104,6 +109,9 @@ class GenerateRequest:
     # completions with echo and max_tokens=0 (OpenAI's legacy scoring call, as lm-eval sends it):
     # the engine samples one token, which cannot be avoided; output.py drops it
     echo_only: bool = False
+    # chat with image parts (chat.ImageRef, in prompt order): the caller fetches them and calls
+    # attach_images(), which expands the prompt's placeholders and checks its length
+    images: list[Any] = field(default_factory=list)
 
     @property
     def prompts(self) -> list[list[int]]:
@@ -311,7 +319,7 @@ def _common(body: Any, ctx: ServingContext) -> tuple[str, bool, bool, bool]:
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
-def _messages(body: dict) -> list[dict[str, Any]]:
+def _messages(body: dict, images_allowed: bool = False) -> list[dict[str, Any]]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise _bad("messages", "must be a non-empty list of messages")
@@ -325,18 +333,20 @@ def _messages(body: dict) -> list[dict[str, Any]]:
             raise _bad(f"{p}.role", f"must be one of {sorted(_ROLES)}, got {role!r}")
         content = m.get("content")
         if isinstance(content, list):
-            texts = []
+            texts, has_images = [], False
             for j, part in enumerate(content):
                 ptype = part.get("type") if isinstance(part, dict) else None
                 if ptype == "text" and isinstance(part.get("text"), str):
                     texts.append(part["text"])
+                elif ptype in IMAGE_PART_TYPES and images_allowed:
+                    has_images = True    # chat.py checks the part when the template renders
                 elif ptype in ("image_url", "input_image", "image", "input_audio", "video_url"):
                     raise _bad(f"{p}.content[{j}]", f"{ptype} parts are not supported: this "
                                "model is text-only")
                 else:
                     raise _bad(f"{p}.content[{j}]", "must be a {\"type\": \"text\", \"text\": "
                                "...} part")
-            content = "\n".join(texts)
+            content = content if has_images else "\n".join(texts)
         elif content is None:
             if role != "assistant":
                 raise _bad(f"{p}.content", "is required")
@@ -351,7 +361,7 @@ def _messages(body: dict) -> list[dict[str, Any]]:
 
 def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     model, stream, include_usage, continuous = _common(body, ctx)
-    messages = _messages(body)
+    messages = _messages(body, ctx.image_processor is not None)
     want_logprobs = _bool(body, "logprobs", False)
     top = _num(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
     if top is not None and top > 0 and not want_logprobs:
@@ -373,13 +383,15 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     if not getattr(tok, "chat_template", None):
         raise OpenAIError(400, "this model has no chat template; pass one with --chat-template "
                           "(a file or the template text), or use /v1/completions", param="messages")
+    images = ImageParts(ctx.image_processor.placeholder) if ctx.image_processor else None
     try:
         text = tok.apply_chat_template(messages, add_generation_prompt=add_gen,
                                        continue_final_message=cont, tools=tools,
-                                       chat_template_kwargs=kwargs)
+                                       chat_template_kwargs=kwargs, images=images)
     except (ValueError, TypeError, KeyError) as e:  # ChatTemplateError is a ValueError
         param = getattr(e, "param", None) or "messages"
-        msg = str(e) if str(e).startswith("chat template") else f"chat template error: {e}"
+        msg = str(e) if str(e).startswith("chat template") or isinstance(e, ChatContentError) \
+            else f"chat template error: {e}"
         raise OpenAIError(400, msg, param=param) from None
     prompt = encode_prompt(ctx, text, "messages", add_special_tokens=False)
     reasoning_cls = get_reasoning_parser(ctx.reasoning_parser) if ctx.reasoning_parser else None
@@ -388,7 +400,11 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     def make_parsers() -> tuple[Any, Any]:
         return (reasoning_cls(start_in_reasoning=opens) if reasoning_cls else None,
                 make_tool_parser() if make_tool_parser else None)
-    _check_length(ctx, prompt, params, "messages")
+    refs = images.found if images is not None else []
+    if refs:   # the length is known once the images are in (attach_images)
+        _media(lambda: _check_image_count(len(refs), ctx.image_limit))
+    else:
+        _check_length(ctx, prompt, params, "messages")
     echo = _bool(body, "echo", False)
     # vLLM echoes the last message only when it has the response's role: "assistant" with a
     # generation prompt, else the last message's own role (i.e. always).
@@ -400,7 +416,37 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
                            [echoed], stream, include_usage, continuous, echo,
                            params.logprobs,
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
-                           else None)
+                           else None, images=refs)
+
+
+def attach_images(req: GenerateRequest, images: list[Any], ctx: ServingContext) -> None:
+    """A parsed chat request's images (fetched and decoded by the caller) -> its prompt with
+    each placeholder expanded to the image's tokens, then the length check parse_chat left."""
+    from minserve.multimodal.inputs import attach_images as attach
+
+    (request,) = req.requests
+    _media(lambda: attach(request, images, ctx.image_processor))
+    _check_length(ctx, request.prompt_token_ids, request.sampling_params, "messages")
+
+
+def _check_image_count(num_images: int, limit: int) -> None:
+    from minserve.multimodal.inputs import check_image_count
+
+    check_image_count(num_images, limit)
+
+
+def media_error(e: Exception) -> OpenAIError:
+    """A multimodal.MediaError (bad URL, fetch failure, not an image...) -> its 400."""
+    return OpenAIError(400, str(e), param=getattr(e, "param", None) or "messages")
+
+
+def _media(fn: Callable[[], Any]) -> Any:
+    from minserve.multimodal.image import MediaError
+
+    try:
+        return fn()
+    except MediaError as e:
+        raise media_error(e) from None
 
 
 # ---------------------------------------------------------------- tools

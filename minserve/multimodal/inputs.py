@@ -82,6 +82,13 @@ def _decoded(ref: Any, data: bytes | None) -> Image.Image:
         raise MediaError(f"{ref.param}: {e}", ref.param) from None
 
 
+def check_image_count(num_images: int, limit: int) -> None:
+    """--limit-mm-per-prompt (vLLM's message)."""
+    if num_images > limit:
+        raise MediaError(f"At most {limit} image(s) may be provided in one prompt "
+                         f"(--limit-mm-per-prompt); this one has {num_images}", "messages")
+
+
 def attach_images(request: Any, images: list[Image.Image], processor: ImageProcessor) -> None:
     """Expand an EngineRequest's placeholders for `images`; its mm_items (and M-RoPE
     positions) are set from them."""
