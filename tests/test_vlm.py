@@ -154,3 +154,36 @@ def test_prefix_cache_keys_on_the_image(setup):
     # greedy tokens equal transformers' argmax on the first step
     ref = _hf_logits(arch, hf, _prompt(engine, [same], "a long enough text " * 4))
     assert first[0] == int(ref[-1].argmax())
+
+
+def test_llm_generate_and_chat_with_images(setup, tmp_path):
+    import base64
+    import io
+
+    from minserve.llm import LLM
+
+    arch, engine, hf = setup
+    if not arch.startswith("Llava"):
+        pytest.skip("one architecture is enough for the offline API")
+    llm = LLM.__new__(LLM)
+    llm.engine, llm.embedder = engine, None
+    llm._ids = iter(range(10**6))
+    image = random_image(60, 40, 7)
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    prompt = "USER: <image>\ndescribe these\nASSISTANT:"
+    by_generate = llm.generate({"prompt": prompt, "multi_modal_data": {"image": image}}, params)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    by_chat = llm.chat([{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": "describe these"}]}], params)
+    assert by_chat[0].outputs[0].token_ids == by_generate[0].outputs[0].token_ids
+    assert by_chat[0].prompt_token_ids == by_generate[0].prompt_token_ids
+    assert len(by_generate[0].prompt_token_ids) > 16
+    with pytest.raises(ValueError, match="1 image placeholder"):
+        llm.generate({"prompt": prompt, "multi_modal_data": {"image": [image, image]}}, params)
+    with pytest.raises(ValueError, match="images only"):
+        llm.generate({"prompt": prompt, "multi_modal_data": {"video": image}}, params)
+    with pytest.raises(ValueError, match="PIL"):
+        llm.generate({"prompt": prompt, "multi_modal_data": {"image": "not an image"}}, params)
