@@ -187,3 +187,30 @@ def test_llm_generate_and_chat_with_images(setup, tmp_path):
         llm.generate({"prompt": prompt, "multi_modal_data": {"video": image}}, params)
     with pytest.raises(ValueError, match="PIL"):
         llm.generate({"prompt": prompt, "multi_modal_data": {"image": "not an image"}}, params)
+
+
+def test_profile_run_encodes_the_largest_image_batch(setup, monkeypatch):
+    import dataclasses
+
+    from PIL import Image
+
+    arch, engine, hf = setup
+    runner, proc = engine.runner, engine.info.image_processor
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))   # only to size the batch
+    images = engine._profile_images(proc, dataclasses.replace(engine.config,
+                                                              kv_cache_memory=None))
+    monkeypatch.undo()
+    largest = proc.process(Image.new("RGB", proc.largest_image_size()))
+    assert len(images) == min(999 * 4, 512 // largest.num_embeds + 1)
+    batches = []
+    real = runner.model.encode_images
+    monkeypatch.setattr(runner.model, "encode_images",
+                        lambda xs: batches.append(len(xs)) or real(xs))
+    runner.profile_images = images
+    try:
+        runner._kv_cache(1)
+        runner.dummy_run(64, 2)
+    finally:
+        runner.profile_images = []
+        runner._kv_cache(runner.num_blocks)
+    assert batches == [len(images)]

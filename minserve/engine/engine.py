@@ -126,8 +126,9 @@ class Engine:
         """The largest batch of images one step can encode, for the KV-cache profile run: the
         largest image the processor makes, as many times as --limit-mm-per-prompt allows across
         max_num_seqs prompts, but no more than a step's token budget can reach."""
-        if processor is None or config.image_limit == 0:
-            return []
+        if processor is None or config.image_limit == 0 or self.device.type != "cuda" \
+                or config.kv_cache_memory is not None:
+            return []    # only the CUDA profile run uses them
         from PIL import Image
 
         largest = processor.process(Image.new("RGB", processor.largest_image_size()))

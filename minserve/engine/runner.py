@@ -168,6 +168,7 @@ class ModelRunner:
         self.dummy_run(self.max_num_batched_tokens, self.max_num_seqs)
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
+        self.profile_images = []    # the largest images' arrays are not needed again
         torch.cuda.empty_cache()
         used_before = total - free          # weights, CUDA context, other processes
         return int(total * gpu_memory_utilization - used_before - activation_peak)
