@@ -3,6 +3,9 @@ checkpoints' vision shapes: LLaVA-1.5-7B's CLIP-L/336, Qwen2-VL-7B's and Qwen2.5
 SmolVLM-256M's SigLIP. One image size for all (resized/tiled as each processor would).
 
     python bench/vision.py --image 640x480 --batch 4 --iters 3 [--device cuda --dtype bfloat16]
+
+--max-layers K builds each tower K layers deep (the time per image grows about linearly with
+depth): the full towers take minutes per image on a small CPU.
 """
 from __future__ import annotations
 
@@ -34,25 +37,37 @@ SMOLVLM_256M = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layer
                 "num_attention_heads": 12, "image_size": 512, "patch_size": 16}
 
 
+MAX_LAYERS = 1 << 30
+
+
+def _depth(cfg: dict, key: str) -> dict:
+    out = {**cfg, key: min(cfg[key], MAX_LAYERS)}
+    if "fullatt_block_indexes" in cfg:
+        out["fullatt_block_indexes"] = [i for i in cfg["fullatt_block_indexes"] if i < out[key]]
+    return out
+
+
 class Llava(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         from minserve.models.vision.clip import CLIPVisionTower
 
-        self.tower = CLIPVisionTower(CLIP_L_336, 23)     # vision_feature_layer -2
+        self.layer = min(23, MAX_LAYERS)                  # vision_feature_layer -2
+        self.tower = CLIPVisionTower(CLIP_L_336, self.layer)
         self.proj = LlavaMultiModalProjector(1024, 4096, "gelu", True)
 
     def inputs(self, w: int, h: int, b: int) -> tuple:
         return (torch.randn(b, 3, 336, 336),)
 
     def forward(self, px: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.tower(px, [23])[0][:, 1:])
+        return self.proj(self.tower(px, [self.layer])[0][:, 1:])
 
 
 class Qwen(torch.nn.Module):
     def __init__(self, v2_5: bool) -> None:
         super().__init__()
-        self.tower = QwenVisionTower(QWEN2_5_VL_7B if v2_5 else QWEN2_VL_7B, v2_5)
+        self.tower = QwenVisionTower(_depth(QWEN2_5_VL_7B if v2_5 else QWEN2_VL_7B, "depth"),
+                                     v2_5)
 
     def inputs(self, w: int, h: int, b: int) -> tuple:
         rh, rw = smart_resize(h, w, 28, 56 * 56, 28 * 28 * 1280)
@@ -66,7 +81,7 @@ class Qwen(torch.nn.Module):
 class SmolVLM(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.tower = SiglipVisionTower(SMOLVLM_256M)
+        self.tower = SiglipVisionTower(_depth(SMOLVLM_256M, "num_hidden_layers"))
         self.connector = Idefics3Connector(768, 576, 4)
 
     def inputs(self, w: int, h: int, b: int) -> tuple:
@@ -111,7 +126,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--only", default=None, help="llava, qwen2-vl, qwen2.5-vl or smolvlm")
+    p.add_argument("--max-layers", type=int, default=None, help="cap each tower's depth")
     args = p.parse_args()
+    global MAX_LAYERS
+    MAX_LAYERS = args.max_layers or MAX_LAYERS
     torch.manual_seed(0)
     for name, make in (("llava-1.5-7b", Llava), ("qwen2-vl-7b", lambda: Qwen(False)),
                        ("qwen2.5-vl-7b", lambda: Qwen(True)), ("smolvlm-256m", SmolVLM)):
