@@ -6,7 +6,7 @@ import pytest
 
 from minserve.engine import kv_cache
 from minserve.engine.kv_cache import KVCacheManager
-from minserve.engine.request import Request
+from minserve.engine.request import MultiModalItem, Request
 from minserve.sampling_params import SamplingParams
 
 BS = 4
@@ -94,8 +94,6 @@ def test_prefix_hit_shares_blocks_and_leaves_one_token():
 
 def test_prefix_root_keeps_adapters_salts_and_images_apart():
     """Blocks are shared only between requests with the same adapter, cache_salt and images."""
-    from minserve.engine.request import MultiModalItem
-
     kv = KVCacheManager(64, BS)
     cat, dog = [MultiModalItem(2, 4, "cat")], [MultiModalItem(2, 4, "dog")]
     kinds = [{}, {"adapter_name": "sql"}, {"cache_salt": "t1"}, {"mm_items": cat},

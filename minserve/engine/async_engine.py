@@ -84,7 +84,7 @@ class WorkerService:
     and _serve() until STOP reaches the inbox. A failure in either marks it dead (is_healthy
     False, on_dead). Readiness and death reach the event loop through _on_loop."""
 
-    thread_name = "minserve-worker"
+    thread_name: str   # the subclass's
 
     def __init__(self) -> None:
         self.is_ready = False          # the model is loaded; /health 200 while also healthy

@@ -199,11 +199,9 @@ class Engine:
     def _step_inputs(self, plan: StepPlan) -> StepInputs:
         """The plan as plain data for the runner: tokens, block tables, the rows that sample and
         their SamplingTensors (grammar bitmask included), the prompt-logprob targets."""
-        token_ids: list[int] = []
-        computed, block_tables, sample_rows = [], [], []
+        token_ids, computed, block_tables, sample_rows = [], [], [], []
         mm_inputs: list[tuple[int, MultiModalItem]] = []
-        uses_mrope = self.model_config.mrope_section is not None
-        mrope = [] if uses_mrope else None
+        mrope = [] if self.model_config.mrope_section is not None else None
         plp = None
         for r, (req, n) in enumerate(zip(plan.requests, plan.num_scheduled_tokens, strict=True)):
             ctx = req.num_computed_tokens

@@ -20,8 +20,7 @@ def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
 
 
 def prefix_root(request: Request) -> tuple[Any, ...]:
-    """What a request's first block is chained to: blocks are shared only between requests with
-    the same adapter, cache_salt and images."""
+    """The root a request's first block chains to: blocks are shared only under an equal root."""
     return (request.adapter_name, request.cache_salt,
             tuple(item.content_hash for item in request.mm_items))
 
