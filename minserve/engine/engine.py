@@ -201,7 +201,7 @@ class Engine:
         their SamplingTensors (grammar bitmask included), the prompt-logprob targets."""
         token_ids, computed, block_tables, sample_rows = [], [], [], []
         mm_inputs: list[tuple[int, MultiModalItem]] = []
-        mrope = [] if self.model_config.mrope_section is not None else None
+        mrope = [] if self.runner.uses_mrope else None
         plp = None
         for r, (req, n) in enumerate(zip(plan.requests, plan.num_scheduled_tokens, strict=True)):
             ctx = req.num_computed_tokens
