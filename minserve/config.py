@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-
 # The model served when none is named (models/loader.py fetches it; the CLI reports its name).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -80,9 +79,10 @@ class ModelConfig:
         if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
             rope_scaling = rope_params
         # Qwen2-VL: {"type": "mrope", "mrope_section": [...]} is plain rope over 3 position rows.
-        mrope_section = (rope_scaling or {}).get("mrope_section") or rope_params.get("mrope_section")
-        if mrope_section is not None and (rope_scaling or {}).get(
-                "rope_type", (rope_scaling or {}).get("type")) in (None, "mrope", "default"):
+        scaling = rope_scaling or {}
+        mrope_section = scaling.get("mrope_section") or rope_params.get("mrope_section")
+        if mrope_section is not None and scaling.get("rope_type", scaling.get("type")) in (
+                None, "mrope", "default"):
             rope_scaling = None
         return cls(
             architecture=arch,

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from tests.tiny import CORPUS
+from tests.tiny import CORPUS, scale_up_weights
 
 VLM_SPECIALS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|vision_start|>",
                  "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<fake_token_around_image>",
@@ -134,15 +134,7 @@ def make_tiny_vlm(folder: str, arch: str, seed: int = 0) -> str:
     config = _config(arch, ids, vocab)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).to(torch.float32).eval()
-    # transformers' N(0, 0.02) init makes flat logits: scale up so comparisons mean something.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_q" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif p.dim() > 1:
-                p.normal_(0.0, 0.15)
-            else:
-                p.normal_(0.0, 0.05)
+    scale_up_weights(model)
     model.save_pretrained(folder, safe_serialization=True)
     tok_cfg = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
                "unk_token": None, "add_bos_token": False, "chat_template": TEMPLATES[arch],

@@ -162,7 +162,7 @@ def _http(url: str, policy: MediaPolicy) -> bytes:
             return b"".join(chunks)
     except urllib.error.HTTPError as e:
         raise MediaError(f"fetching the image URL failed: HTTP {e.code} {e.reason}") from None
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise MediaError(f"fetching the image URL timed out after {policy.timeout:g} s") from None
     except urllib.error.URLError as e:
         reason = e.reason

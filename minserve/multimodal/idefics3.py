@@ -19,7 +19,6 @@ from minserve.multimodal.processor import (
     ProcessedImage,
     read_json,
     resample_filter,
-    rescale_normalize,
     resize,
     to_chw,
     token_id,
@@ -75,10 +74,7 @@ class Idefics3ImageProcessor(ImageProcessor):
         self.longest_edge = int((pp.get("size") or {}).get("longest_edge", 4 * self.tile))
         self.do_resize = pp.get("do_resize", True)
         self.do_split = pp.get("do_image_splitting", True)
-        self.do_rescale, self.do_normalize = pp.get("do_rescale", True), pp.get("do_normalize", True)
-        self.scale = float(pp.get("rescale_factor", 1 / 255))
-        self.mean = pp.get("image_mean", STANDARD_MEAN)
-        self.std = pp.get("image_std", STANDARD_STD)
+        self.read_normalization(pp, STANDARD_MEAN, STANDARD_STD)
         self.resample = resample_filter(pp.get("resample"), 1)
         patch = int(vision.get("patch_size", 32))
         scale = int(hf_config.get("scale_factor", 2))
@@ -113,9 +109,7 @@ class Idefics3ImageProcessor(ImageProcessor):
                 tiles.append(resize(arr, t, t, self.resample))
         else:
             tiles = [resize(arr, self.tile, self.tile, self.resample)]
-        pixel_values = np.stack([rescale_normalize(t, self.scale, self.mean, self.std,
-                                                   self.do_rescale, self.do_normalize)
-                                 for t in tiles])
+        pixel_values = np.stack([self.normalize(t) for t in tiles])
         token_ids = self._expansion(rows, cols)
         return ProcessedImage({"pixel_values": pixel_values}, list(token_ids),
                               len(tiles) * self.image_seq_len)

@@ -29,12 +29,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Ima
                          f"({', '.join(FORMATS)})") from None
     except Image.DecompressionBombError as e:
         raise MediaError(f"image is too large: {e}") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise MediaError(f"image is too large: {width}x{height} pixels, the limit is "
-                         f"{max_pixels} pixels")
-    if width < 1 or height < 1:
-        raise MediaError("image has no pixels")
+    _check_size(image, max_pixels)
     try:
         image.seek(0)      # the first frame of a GIF / animated WebP
         image.load()
@@ -60,13 +55,17 @@ def check_image(image: object, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Im
     """An image handed in as a Pillow object (LLM.generate's multi_modal_data) -> RGB."""
     if not isinstance(image, Image.Image):
         raise MediaError(f"an image must be a PIL.Image.Image, got {type(image).__name__}")
+    _check_size(image, max_pixels)
+    return to_rgb(image)
+
+
+def _check_size(image: Image.Image, max_pixels: int) -> None:
     width, height = image.size
     if width * height > max_pixels:
         raise MediaError(f"image is too large: {width}x{height} pixels, the limit is "
                          f"{max_pixels} pixels")
     if width < 1 or height < 1:
         raise MediaError("image has no pixels")
-    return to_rgb(image)
 
 
 def image_hash(image: Image.Image) -> str:

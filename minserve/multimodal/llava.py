@@ -16,7 +16,6 @@ from minserve.multimodal.processor import (
     center_crop,
     read_json,
     resample_filter,
-    rescale_normalize,
     resize,
     to_chw,
 )
@@ -45,9 +44,7 @@ class LlavaImageProcessor(ImageProcessor):
         self.do_resize = pp.get("do_resize", True)
         self.do_center_crop = pp.get("do_center_crop", True)
         self.do_pad = bool(pp.get("do_pad", False))
-        self.do_rescale, self.do_normalize = pp.get("do_rescale", True), pp.get("do_normalize", True)
-        self.scale = float(pp.get("rescale_factor", 1 / 255))
-        self.mean, self.std = pp.get("image_mean", CLIP_MEAN), pp.get("image_std", CLIP_STD)
+        self.read_normalization(pp, CLIP_MEAN, CLIP_STD)
         self.resample = resample_filter(pp.get("resample"), 3)
         self.image_token_id = self.placeholder_token_id = int(hf_config["image_token_index"]
                                                               if "image_token_index" in hf_config
@@ -69,8 +66,7 @@ class LlavaImageProcessor(ImageProcessor):
             arr = resize(arr, h, w, self.resample)
         if self.do_center_crop:
             arr = center_crop(arr, *self.crop)
-        pixel_values = rescale_normalize(arr, self.scale, self.mean, self.std,
-                                         self.do_rescale, self.do_normalize)
+        pixel_values = self.normalize(arr)
         return ProcessedImage({"pixel_values": pixel_values},
                               [self.image_token_id] * self.num_tokens, self.num_tokens)
 

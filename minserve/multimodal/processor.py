@@ -40,6 +40,17 @@ class ImageProcessor:
     def process(self, image: Image.Image) -> ProcessedImage:
         raise NotImplementedError
 
+    def read_normalization(self, pp: dict[str, Any], mean: Any, std: Any) -> None:
+        """preprocessor_config.json's rescale/normalize settings (with the model's defaults)."""
+        self.do_rescale = pp.get("do_rescale", True)
+        self.do_normalize = pp.get("do_normalize", True)
+        self.scale = float(pp.get("rescale_factor", 1 / 255))
+        self.mean, self.std = pp.get("image_mean", mean), pp.get("image_std", std)
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        return rescale_normalize(image, self.scale, self.mean, self.std, self.do_rescale,
+                                 self.do_normalize)
+
     def largest_image_size(self) -> tuple[int, int]:
         """(width, height) of an input whose embeddings are the largest this model makes (the KV
         profile run encodes such images)."""

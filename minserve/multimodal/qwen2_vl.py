@@ -18,7 +18,6 @@ from minserve.multimodal.processor import (
     ProcessedImage,
     read_json,
     resample_filter,
-    rescale_normalize,
     resize,
     to_chw,
     token_id,
@@ -59,9 +58,7 @@ class Qwen2VLImageProcessor(ImageProcessor):
         self.merge = int(pp.get("merge_size") or vision.get("spatial_merge_size", 2))
         self.temporal = int(pp.get("temporal_patch_size") or vision.get("temporal_patch_size", 2))
         self.do_resize = pp.get("do_resize", True)
-        self.do_rescale, self.do_normalize = pp.get("do_rescale", True), pp.get("do_normalize", True)
-        self.scale = float(pp.get("rescale_factor", 1 / 255))
-        self.mean, self.std = pp.get("image_mean", CLIP_MEAN), pp.get("image_std", CLIP_STD)
+        self.read_normalization(pp, CLIP_MEAN, CLIP_STD)
         self.resample = resample_filter(pp.get("resample"), 3)
         self.image_token_id = self.placeholder_token_id = int(hf_config.get("image_token_id",
                                                                             151655))
@@ -83,8 +80,7 @@ class Qwen2VLImageProcessor(ImageProcessor):
             arr = resize(arr, h, w, self.resample)
         elif h % factor or w % factor:
             raise MediaError(f"image size {w}x{h} is not a multiple of {factor}")
-        x = rescale_normalize(arr, self.scale, self.mean, self.std, self.do_rescale,
-                              self.do_normalize)
+        x = self.normalize(arr)
         gh, gw, m, p = h // self.patch, w // self.patch, self.merge, self.patch
         x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
         x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], self.temporal, p, p))

@@ -23,7 +23,7 @@ from minserve.models.linear import (
     MergedColumnParallelLinear,
     RowParallelLinear,
 )
-from minserve.models.vision.vit import activation, varlen_attention, with_defaults
+from minserve.models.vision.vit import VisionMLP, activation, varlen_attention, with_defaults
 
 QWEN2_VL_VISION_DEFAULTS = {
     "depth": 32, "embed_dim": 1280, "hidden_size": 3584, "hidden_act": "quick_gelu",
@@ -71,24 +71,13 @@ class QwenVisionBlock(nn.Module):
             self.mlp = QwenVisionGatedMLP(dim, cfg["intermediate_size"], cfg["hidden_act"])
         else:
             self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-            self.mlp = QwenVisionMLP(dim, int(dim * cfg["mlp_ratio"]), cfg["hidden_act"])
+            self.mlp = VisionMLP(dim, int(dim * cfg["mlp_ratio"]), cfg["hidden_act"])
         self.attn = QwenVisionAttention(dim, cfg["num_heads"])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cu_seqlens: list[int]) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
         return x + self.mlp(self.norm2(x))
-
-
-class QwenVisionMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int, act: str) -> None:
-        super().__init__()
-        self.fc1 = ColumnParallelLinear(dim, hidden, bias=True)
-        self.act = activation(act)
-        self.fc2 = RowParallelLinear(hidden, dim, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class QwenVisionGatedMLP(nn.Module):
