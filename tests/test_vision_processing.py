@@ -140,3 +140,14 @@ def test_qwen_refuses_extreme_aspect_ratio(tmp_path):
         proc = get_image_processor(arch, folder, json.load(f), Tokenizer.from_folder(folder))
     with pytest.raises(MediaError, match="aspect ratio"):
         proc.process(random_image(3000, 10))
+
+
+def test_image_path_stays_torch_free():
+    """The server runs fetching, decoding and preprocessing: none of it may import torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, minserve.server, minserve.multimodal.inputs, minserve.multimodal.fetch, "
+            "minserve.multimodal.llava, minserve.multimodal.qwen2_vl, minserve.multimodal.idefics3"
+            "; assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
