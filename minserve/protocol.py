@@ -1,5 +1,7 @@
-"""OpenAI request bodies -> GenerateRequest, which holds one EngineRequest per prompt (validated;
-bad input is an OpenAIError 4xx naming the parameter). No torch, no I/O here."""
+"""OpenAI chat/completions request bodies -> GenerateRequest, one EngineRequest per prompt: every
+field checked (bad input is an OpenAIError 4xx naming the parameter; message errors come from
+chat.py), the chat template rendered and the prompt tokenized. Responses are built in output.py.
+No torch, no I/O here."""
 from __future__ import annotations
 
 import math
@@ -9,8 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from minserve.chat import IMAGE_PART_TYPES, ChatContentError, ImageParts
+from minserve.chat import ChatContentError, ChatTemplateError, ImageParts, normalize_messages
 from minserve.engine.request import EngineRequest, prompt_length_error
+from minserve.http import OpenAIError
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
 from minserve.sampling_params import SamplingParams
 from minserve.structured import StructuredOutputError, structured_from_request
@@ -26,28 +29,6 @@ from minserve.tool_parsers.registry import get_tool_parser
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP = 16
-
-
-class OpenAIError(Exception):
-    """A user-facing error: server.py turns it into {"error": {...}} with `status`."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str | None = None, code: str | int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.type = type or _ERROR_TYPES.get(status, "BadRequestError")
-        self.code = code if code is not None else status
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                405: "MethodNotAllowed", 413: "RequestEntityTooLarge", 415: "BadRequestError",
-                500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
 @dataclass
@@ -316,52 +297,25 @@ def _common(body: Any, ctx: ServingContext) -> tuple[str, bool, bool, bool]:
 
 
 # ---------------------------------------------------------------- chat
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
+def _chat_error(e: Exception) -> OpenAIError:
+    """chat.py's errors (bad messages, chat_template_kwargs, a failing template) -> a 400."""
+    msg = str(e) if isinstance(e, (ChatContentError, ChatTemplateError)) else \
+        f"chat template error: {e}"
+    return OpenAIError(400, msg, param=getattr(e, "param", None) or "messages")
 
 
-def _messages(body: dict, images_allowed: bool = False) -> list[dict[str, Any]]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise _bad("messages", "must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(msgs):
-        p = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(p, "must be an object")
-        role = m.get("role")
-        if not isinstance(role, str) or role not in _ROLES:
-            raise _bad(f"{p}.role", f"must be one of {sorted(_ROLES)}, got {role!r}")
-        content = m.get("content")
-        if isinstance(content, list):
-            texts, has_images = [], False
-            for j, part in enumerate(content):
-                ptype = part.get("type") if isinstance(part, dict) else None
-                if ptype == "text" and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
-                elif ptype in IMAGE_PART_TYPES and images_allowed:
-                    has_images = True    # chat.py checks the part when the template renders
-                elif ptype in ("image_url", "input_image", "image", "input_audio", "video_url"):
-                    raise _bad(f"{p}.content[{j}]", f"{ptype} parts are not supported: this "
-                               "model is text-only")
-                else:
-                    raise _bad(f"{p}.content[{j}]", "must be a {\"type\": \"text\", \"text\": "
-                               "...} part")
-            content = content if has_images else "\n".join(texts)
-        elif content is None:
-            if role != "assistant":
-                raise _bad(f"{p}.content", "is required")
-        elif not isinstance(content, str):
-            raise _bad(f"{p}.content", "must be a string or a list of content parts")
-        msg = {**m, "role": role, "content": content if content is not None else ""}
-        if m.get("name") is not None and not isinstance(m["name"], str):
-            raise _bad(f"{p}.name", "must be a string")
-        out.append(msg)
-    return out
+def _image_parts(ctx: ServingContext) -> ImageParts | None:
+    """A vision model's collector of the chat's image parts; None (image parts refused) else."""
+    return ImageParts(ctx.image_processor.placeholder) if ctx.image_processor else None
 
 
 def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     model, stream, include_usage, continuous = _common(body, ctx)
-    messages = _messages(body, ctx.image_processor is not None)
+    try:  # the template reads its own copy; this one is for checking and for echo
+        messages = normalize_messages(body.get("messages"),
+                                      images=_image_parts(ctx))
+    except ChatContentError as e:
+        raise _chat_error(e) from None
     want_logprobs = _bool(body, "logprobs", False)
     top = _num(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
     if top is not None and top > 0 and not want_logprobs:
@@ -372,27 +326,17 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
         raise _bad("continue_final_message", "cannot be combined with add_generation_prompt")
     if cont:
         add_gen = False
-    kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise _bad("chat_template_kwargs", "must be an object")
     params = _sampling(body, ctx, None, ("max_completion_tokens", "max_tokens"))
     params.logprobs = (top or 0) if want_logprobs else None
     tools, make_tool_parser, forced = _tools(body, ctx, params)
     _check_structured(ctx, params.structured, "tool_choice" if forced else _structured_param(body))
-    tok = ctx.tokenizer
-    if not getattr(tok, "chat_template", None):
-        raise OpenAIError(400, "this model has no chat template; pass one with --chat-template "
-                          "(a file or the template text), or use /v1/completions", param="messages")
-    images = ImageParts(ctx.image_processor.placeholder) if ctx.image_processor else None
+    images = _image_parts(ctx)
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=add_gen,
-                                       continue_final_message=cont, tools=tools,
-                                       chat_template_kwargs=kwargs, images=images)
-    except (ValueError, TypeError, KeyError) as e:  # ChatTemplateError is a ValueError
-        param = getattr(e, "param", None) or "messages"
-        msg = str(e) if str(e).startswith("chat template") or isinstance(e, ChatContentError) \
-            else f"chat template error: {e}"
-        raise OpenAIError(400, msg, param=param) from None
+        text = ctx.tokenizer.apply_chat_template(
+            body["messages"], add_generation_prompt=add_gen, continue_final_message=cont,
+            tools=tools, chat_template_kwargs=body.get("chat_template_kwargs"), images=images)
+    except (ValueError, TypeError, KeyError) as e:  # chat.py's errors are ValueErrors
+        raise _chat_error(e) from None
     prompt = encode_prompt(ctx, text, "messages", add_special_tokens=False)
     reasoning_cls = get_reasoning_parser(ctx.reasoning_parser) if ctx.reasoning_parser else None
     opens = reasoning_cls is not None and prompt_opens_reasoning(text)

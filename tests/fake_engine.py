@@ -72,7 +72,7 @@ class FakeEngine:
 
 
 def make_fake_app(model_dir: str, *, server: dict | None = None, **engine_kwargs):
-    """An App over a FakeEngine using the tiny model's real tokenizer; app.engine._engine is the
+    """An App over a FakeEngine using the tiny model's real tokenizer; app.chat._engine is the
     FakeEngine once started."""
     from minserve.server import ServerConfig, create_app
     from minserve.tokenizer import Tokenizer

@@ -88,7 +88,7 @@ def test_embed_with_an_embedding_model(tmp_path, llm):
     import numpy as np
 
     from minserve.embeddings.embedder import Embedder
-    from tests.test_embeddings import make_tiny_encoder
+    from tests.tiny import make_tiny_encoder
 
     folder, _ = make_tiny_encoder(str(tmp_path / "bert"), "bert", is_matryoshka=True)
     emb_llm = LLM(folder, dtype="float32")

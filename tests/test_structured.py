@@ -91,7 +91,7 @@ ARRAY = {"type": "array", "minItems": 1, "maxItems": 4,
 def test_json_schema_random_logits(tok, schema, ws):
     spec = {"json": schema} if ws is None else {"json": schema, "whitespace_pattern": ws}
     num_finished = 0
-    for seed in range(12):
+    for seed in range(12):  # compile() again is cheap: the matcher is cached and deep-copied
         text, finished = run_random(st.compile(spec, tok, MODEL_VOCAB), tok, seed, max_steps=400)
         if finished:
             num_finished += 1
@@ -219,6 +219,18 @@ def test_wider_bitmask_and_error_state(tok):
     c.fill_bitmask(wide, 0)
     allowed = {t for t in range(MODEL_VOCAB) if (int(wide[0, t // 32]) >> (t % 32)) & 1}
     assert allowed == tok.eos_token_ids
+
+
+def test_compiled_constraints_are_independent(tok):
+    """compile() hands out a fresh state each time (the cached matcher is deep-copied)."""
+    c = st.compile({"choice": ["SPAM", "NOT_SPAM"]}, tok, MODEL_VOCAB)
+    twin = st.compile({"choice": ["SPAM", "NOT_SPAM"]}, tok, MODEL_VOCAB)
+    for t in tok.tokenizer.encode("SPAM").ids:
+        assert c.accept_token(t)
+    assert c.is_finished() and not twin.is_finished()
+    for t in tok.tokenizer.encode("NOT_SPAM").ids:
+        assert twin.accept_token(t)
+    assert twin.is_finished()
 
 
 def test_ll_tokenizer_cached_on_tokenizer(tok):
