@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-request-body-bytes", type=_size, default=32 * 1024 * 1024,
       help="larger request bodies are refused with 413 (default 32MiB)")
     a("--shutdown-timeout", type=float, default=30.0,
-      help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+      help="seconds in-flight requests get to finish on SIGTERM/SIGINT; then they are cut "
+           "(a stream ends with an error event, a whole response is a 503) and the process "
+           "exits (a second signal cuts at once)")
     a("--trust-remote-code", action="store_true",
       help="accepted for vLLM compatibility; has no effect: minserve never runs code from a "
            "model repository")
@@ -198,6 +200,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     from minserve.embeddings.service import service_from_cli
     from minserve.server import create_app
+    from minserve.shutdown import GracefulShutdown
 
     app = create_app(None if args.task == "embed" else args.engine_config, server_config(args),
                      embedding=service_from_cli(args))
@@ -232,8 +235,9 @@ async def serve(args: argparse.Namespace) -> int:
         # the embedding model failing to load ends the server too (chat alone was not asked for)
         app.embedding.on_dead = lambda reason: on_dead(f"embedding model: {reason}", force=True)
     loop = asyncio.get_running_loop()
+    shutdown = GracefulShutdown(server, app, args.port)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.stop)
+        loop.add_signal_handler(sig, shutdown.begin)
     logger.info("minserve %s: loading %s; listening on %s (/health is 503 until loaded)",
                 __version__, args.model or DEFAULT_MODEL_NAME, url)
     await server.serve()

@@ -112,6 +112,7 @@ class App:
         self.metrics = Metrics(self.model_name, lambda: self.engine.stats)
         self._ctx: ServingContext | None = None
         self.started = time.time()
+        self.shutdown_deadline: float | None = None  # monotonic; set by begin_shutdown()
 
     # ---- ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -132,10 +133,31 @@ class App:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                grace_s = self.cfg.shutdown_grace_s
+                if self.shutdown_deadline is not None:  # the signal started the clock already
+                    grace_s = max(0.0, self.shutdown_deadline - time.monotonic())
+                logger.info("connections drained; stopping the engine")
                 for service in services(self):
-                    await service.shutdown(self.cfg.shutdown_grace_s)
+                    await service.shutdown(grace_s)
+                logger.info("stopped")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    # ---- shutdown (minserve/shutdown.py drives these from the signal)
+    def begin_shutdown(self) -> float:
+        """Start the --shutdown-timeout clock; -> its seconds."""
+        self.shutdown_deadline = time.monotonic() + self.cfg.shutdown_grace_s
+        return self.cfg.shutdown_grace_s
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(service.num_in_flight for service in services(self))
+
+    def cut_in_flight(self) -> None:
+        """The deadline passed: every request still running ends now with a 503 (an error event
+        in a stream), and new ones are refused."""
+        for service in services(self):
+            service.fail_in_flight("the server is shutting down")
 
     @property
     def ctx(self) -> ServingContext:

@@ -456,6 +456,36 @@ def test_shutdown_grace_expiry_ends_streams_with_an_error(tiny_model_dir):
     assert late.status == 503
 
 
+def test_shutdown_deadline_cuts_requests_in_flight(tiny_model_dir):
+    """What the signal handler does at the --shutdown-timeout deadline (minserve/shutdown.py):
+    a stream in flight ends with a 503 error event and [DONE], a whole request is a 503, and
+    what arrives afterwards is refused; the lifespan shutdown then has nothing left to wait for.
+    """
+    app = make_fake_app(tiny_model_dir, server={"shutdown_grace_s": 3600}, step_delay=0.01,
+                        max_model_len=100000)
+
+    async def main():
+        async with lifespan(app):
+            s = asyncio.ensure_future(call(app, "POST", COMP, {
+                "prompt": "Hi", "max_tokens": 50000, "stream": True}))
+            f = asyncio.ensure_future(call(app, "POST", COMP, {"prompt": "Hi",
+                                                               "max_tokens": 50000}))
+            while len(app.engine.engine.running) < 2:
+                await asyncio.sleep(0.01)
+            assert app.begin_shutdown() == 3600 and app.num_in_flight == 2
+            app.cut_in_flight()
+            s, f = await asyncio.wait_for(asyncio.gather(s, f), 30)
+            late = await call(app, "POST", COMP, {"prompt": "Hi"})
+            return s, f, late, app.num_in_flight
+
+    s, f, late, left = asyncio.run(main())
+    ev = s.events()
+    assert s.status == 200 and s.closed and ev[-1] == "[DONE]"
+    assert ev[-2]["error"]["code"] == 503 and "shutting down" in ev[-2]["error"]["message"]
+    assert f.status == 503 and "shutting down" in f.json()["error"]["message"]
+    assert late.status == 503 and left == 0
+
+
 def test_usage_reports_cached_prompt_tokens(tiny_model_dir):
     """The second identical prompt hits the prefix cache: usage says how many tokens were reused,
     streamed or not, and prompt tokens count once per prompt whatever n is."""

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from minserve.protocol import OpenAIError
+
 logger = logging.getLogger("minserve.embeddings")
 MAX_ROUND_INPUTS = 4096  # inputs taken into one round; the rest wait for the next
 
@@ -27,7 +29,7 @@ class _Job:
 
 
 def _resolve(fut: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
-    if fut.cancelled():  # the client went away while we were embedding
+    if fut.done():  # the client went away meanwhile, or the shutdown deadline failed it
         return
     if error is not None:
         fut.set_exception(error)
@@ -51,6 +53,8 @@ class EmbeddingService:
         self.num_rounds = 0       # forwards rounds run; < requests when batching works
         self.num_requests = 0
         self.num_in_flight = 0
+        self._futures: set[asyncio.Future] = set()   # the in-flight calls' (event-loop side)
+        self._stopping = False
         self.is_ready = embedder is not None
         self.is_healthy = True
         self.dead_reason: str | None = None
@@ -130,14 +134,25 @@ class EmbeddingService:
         EmbeddingsRequestError (an OpenAIError with status 400)."""
         if self._thread is None:
             raise RuntimeError("EmbeddingService.start() was not called")
+        if self._stopping:
+            raise OpenAIError(503, "the server is shutting down")
         loop = asyncio.get_running_loop()
         job = _Job(list(inputs), truncate_prompt_tokens, dimensions, loop, loop.create_future())
         self.num_in_flight += 1
+        self._futures.add(job.future)
         try:
             self._inbox.put(job)
             return await job.future
         finally:
             self.num_in_flight -= 1
+            self._futures.discard(job.future)
+
+    def fail_in_flight(self, message: str) -> None:
+        """End every call in flight with a 503 and refuse new ones (the shutdown deadline); a
+        round already running finishes in the worker, its results dropped."""
+        self._stopping = True
+        for fut in list(self._futures):
+            _resolve(fut, None, OpenAIError(503, message))
 
     def _on_loop(self, fn: Any, *args: Any) -> None:
         """Run a lifecycle callback on the server's loop (or here, without one or once closed)."""

@@ -135,6 +135,12 @@ class AsyncEngine:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
         self.is_ready = False
 
+    def fail_in_flight(self, message: str) -> None:
+        """End every request in flight with a 503 EngineError and refuse new ones (the shutdown
+        deadline)."""
+        self._stopping = True
+        self._fail_all(EngineError(message, 503))
+
     # ---- requests (event loop side) ----
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> RequestStream:
