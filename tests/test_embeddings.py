@@ -220,6 +220,27 @@ def test_strings_tokenized_with_specials_and_truncation(tmp_path):
         emb.embed([[]])
 
 
+def test_over_long_inputs_are_refused_before_all_are_tokenized(tmp_path):
+    """2,048 over-long inputs: the first group is tokenized, found too long, and the rest never
+    are; a text longer than any tokenization of max_model_len tokens is refused untokenized."""
+    folder, _ = make_tiny_encoder(str(tmp_path / "b"), "bert")
+    emb = Embedder(folder)
+    encoded = []
+    real = emb.tokenizer.encode_batch
+    emb.tokenizer.encode_batch = lambda texts, max_len: encoded.extend(texts) or real(
+        texts, max_len)
+    with pytest.raises(EmbeddingsRequestError, match="input\\[0\\] has 62 tokens"):
+        emb.embed([" ".join(["horse"] * 60)] * 2048)
+    assert 0 < len(encoded) <= 64
+    encoded.clear()
+    with pytest.raises(EmbeddingsRequestError, match="input\\[1\\] has 1000000 characters"):
+        emb.embed(["a man", "x" * 1_000_000])
+    assert encoded == []
+    # the same text under truncation is fine (the first k tokens are kept)
+    [ids] = emb.tokenize(["horse " * 100_000], truncate_prompt_tokens=-1)
+    assert len(ids) == 40
+
+
 def test_dimensions_rule(tmp_path):
     folder, _ = make_tiny_encoder(str(tmp_path / "b"), "bert")
     emb = Embedder(folder)

@@ -143,6 +143,36 @@ def test_auth_body_limit_content_type(tiny_model_dir):
     assert r["unknown_ok"].status == 404
 
 
+def test_tokenize_is_bounded_like_completions(tiny_model_dir):
+    """/tokenize refuses a text too long to fit before tokenizing it (as completions do), and
+    any input over max_model_len tokens, which bounds its response; the API key guards it."""
+    app = make_fake_app(tiny_model_dir, server={"api_keys": ["k"]}, max_model_len=64)
+    good = {"authorization": "Bearer k"}
+
+    async def fn(app):
+        huge = "word " * 2_000_000  # 10 MB: refused by its length in characters, untokenized
+        return {
+            "fits": await call(app, "POST", "/tokenize", {"prompt": "Hello world",
+                                                          "return_token_strs": True},
+                               headers=good),
+            "huge": await call(app, "POST", "/tokenize", {"prompt": huge}, headers=good),
+            "long": await call(app, "POST", "/tokenize", {"prompt": "Hello world " * 40},
+                               headers=good),
+            "chat": await call(app, "POST", "/tokenize", {"messages": [
+                {"role": "user", "content": "Hello world " * 40}]}, headers=good),
+            "nokey": await call(app, "POST", "/tokenize", {"prompt": "Hello"}),
+        }
+
+    r = run(app, fn)
+    assert r["fits"].status == 200 and r["fits"].json()["count"] == len(
+        r["fits"].json()["token_strs"])
+    for k in ("huge", "long", "chat"):
+        assert r[k].status == 400 and "maximum context length is 64" in \
+            r[k].json()["error"]["message"], k
+    assert "characters" in r["huge"].json()["error"]["message"]
+    assert r["nokey"].status == 401
+
+
 def test_cors_and_root_path(tiny_model_dir):
     app = make_fake_app(tiny_model_dir, server={"allowed_origins": ["https://ok.example"],
                                                 "root_path": "/api"})
