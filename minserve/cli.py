@@ -77,7 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--kv-cache-memory", type=_size, default=None,
       help="bytes for the KV cache (overrides --gpu-memory-utilization), e.g. 2GiB")
     a("--max-num-seqs", type=int, default=256)
-    a("--max-num-batched-tokens", type=_size, default=None)
+    a("--max-num-batched-tokens", type=_size, default=None,
+      help="tokens per engine step (default: vLLM's 8192 or 2048 on a GPU; 256 on CPU, so "
+           "one step stays short)")
+    a("--long-prefill-token-threshold", type=_size, default=None,
+      help="prompt tokens of one request per step (default: 128 on CPU, none on a GPU; 0: no "
+           "cap): a long prompt leaves room in each step for the requests behind it")
+    a("--max-chunk-attention", type=_size, default=None,
+      help="(query, context) token pairs one request's prompt chunk may compute per step "
+           "(default: 48k on CPU, none on a GPU; 0: no cap): late chunks of a long prompt stay "
+           "as short as early ones (minserve only)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     a("--block-size", type=int, default=16)
     a("--chat-template", default=None, help="a jinja2 chat template file or its text")
@@ -167,6 +176,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
+        max_chunk_attention=args.max_chunk_attention,
         enable_prefix_caching=args.enable_prefix_caching, block_size=args.block_size,
         load_format=args.load_format, seed=args.seed, enforce_eager=args.enforce_eager,
         chat_template=args.chat_template, generation_config=args.generation_config)
