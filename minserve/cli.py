@@ -25,6 +25,38 @@ API_KEY_ENVS = ("VLLM_API_KEY", "MINSERVE_API_KEY")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
+# Connections: at most MAX_CONNECTIONS open at once (granian's backpressure: past it, new ones
+# wait in the listen backlog until a slot frees), each needing a file descriptor, so the limit
+# also stays FD_RESERVE below the open-files limit, which is raised to its hard maximum.
+MAX_CONNECTIONS = 8192
+FD_RESERVE = 512
+BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+
+
+def connection_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one; -> the connections to allow."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_CONNECTIONS + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    limit = min(MAX_CONNECTIONS, soft - FD_RESERVE)
+    if limit < 1024:
+        logger.warning("the open-files limit (%d) allows only %d connections; raise it "
+                       "(ulimit -n) to serve more clients", soft, max(limit, 64))
+    return max(limit, 64)
+
+
 def _size(text: str) -> int:
     """'4096', '4k' (4000), '4K' (4096), '1M', '8GiB' -> int. As vLLM's human_readable_int:
     a lowercase suffix is decimal, an uppercase one binary; 'iB'/'B' (bytes) is binary."""
@@ -106,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ssl-certfile", default=None)
     a("--max-request-body-bytes", type=_size, default=32 * 1024 * 1024,
       help="larger request bodies are refused with 413 (default 32MiB)")
+    a("--timeout-keep-alive", type=float, default=5.0,
+      help="seconds a connection may stay idle, between requests or before its first one, and "
+           "a client may take to send a request's headers (uvicorn's flag, vLLM's default 5)")
     a("--shutdown-timeout", type=float, default=30.0,
       help="seconds in-flight requests get to finish on SIGTERM/SIGINT; then they are cut "
            "(a stream ends with an error event, a whole response is a 503) and the process "
@@ -152,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tensor_parallel_size != 1:
         parser.error(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
                      "not implemented yet; minserve runs on one device (use 1)")
+    if not args.timeout_keep_alive > 0:
+        parser.error(f"--timeout-keep-alive {args.timeout_keep_alive}: must be > 0")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be in 0..65535")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
@@ -202,7 +239,8 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from granian.constants import Interfaces
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
     from granian.server.embed import Server
 
@@ -214,11 +252,18 @@ async def serve(args: argparse.Namespace) -> int:
                      embedding=service_from_cli(args))
     scheme = "https" if args.ssl_certfile else "http"
     url = f"{scheme}://{args.host}:{args.port}{args.root_path.rstrip('/')}/v1"
+    # NOTE: HTTP/1.1 only, as vLLM's uvicorn: in granian's auto mode a connection that sends
+    # nothing waits in HTTP/1-or-2 detection with no timeout, so ~1,030 idle connections used
+    # up every connection slot and locked all clients out. In HTTP/1 mode hyper's header read
+    # timeout runs from the start and between keep-alive requests: it is the idle timeout.
     server = Server(app, address=args.host, port=args.port, interface=Interfaces.ASGI,
                     log_level=LogLevels(args.log_level if args.log_level != "trace" else "debug"),
                     # granian wants Paths here (a str fails inside its TLS set-up)
                     ssl_cert=_path(args.ssl_certfile), ssl_key=_path(args.ssl_keyfile),
-                    backlog=1024)
+                    http=HTTPModes.http1, websockets=False,
+                    http1_settings=HTTP1Settings(
+                        header_read_timeout=int(args.timeout_keep_alive * 1000)),
+                    backlog=BACKLOG, backpressure=connection_limit())
     exit_code = 0
 
     def on_ready() -> None:
