@@ -25,6 +25,7 @@ from minserve.embeddings.routes import (
     services,
 )
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
+from minserve.errors import library_text
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from minserve.metrics import Metrics, RequestTracker
 from minserve.protocol import (
@@ -238,7 +239,8 @@ class App:
         except Exception as e:  # noqa: BLE001 - whatever happens, the client gets an answer
             if not isinstance(e, OpenAIError):
                 logger.exception("unhandled error in %s %s", method, path)
-                e = OpenAIError(500, f"internal server error: {type(e).__name__}: {e}")
+                e = OpenAIError(500, "internal server error: "
+                                f"{type(e).__name__}: {library_text(e)}")
             await self._send_late_error(http, e)
 
     async def _send_late_error(self, http: Http, err: OpenAIError) -> None:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from minserve.errors import library_text
 from minserve.protocol import OpenAIError
 
 logger = logging.getLogger("minserve.embeddings")
@@ -182,7 +183,7 @@ class EmbeddingService:
                 self.embedder = self._loader()
             except Exception as e:  # noqa: BLE001 - a bad model or config: report, never hang
                 logger.exception("embedding model failed to load")
-                reason = f"{type(e).__name__}: {e}"
+                reason = f"{type(e).__name__}: {library_text(e)}"
                 self._on_loop(self._died, reason)
                 return
             self._on_loop(self._became_ready)
@@ -233,7 +234,7 @@ class EmbeddingService:
                 job.loop.call_soon_threadsafe(_resolve, job.future, (vectors, num_tokens))
         except Exception as e:  # noqa: BLE001 (an engine fault: fail this round's requests, keep serving)
             logger.exception("embedding forward failed")
-            self.is_healthy, self.dead_reason = False, f"{type(e).__name__}: {e}"
+            self.is_healthy, self.dead_reason = False, f"{type(e).__name__}: {library_text(e)}"
             for job in ready:
                 job.loop.call_soon_threadsafe(_resolve, job.future, None, e)
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from minserve.engine.request import FinishReason, RequestOutput
+from minserve.errors import library_text
 from minserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("minserve.engine")
@@ -242,7 +243,7 @@ class AsyncEngine:
             self.stats = dict(self.engine.stats())
         except Exception as e:  # a bad model or config: report, never hang
             logger.exception("engine failed to load")
-            loop.call_soon_threadsafe(self._engine_died, f"{type(e).__name__}: {e}")
+            loop.call_soon_threadsafe(self._engine_died, f"{type(e).__name__}: {library_text(e)}")
             return
         loop.call_soon_threadsafe(self._became_ready)
         engine = self.engine
@@ -270,7 +271,8 @@ class AsyncEngine:
                         rejected.append((cid, EngineError(str(e), 400)))
                     except Exception as e:  # one bad request must not take the engine down
                         logger.exception("add_request(%s) failed", cid)
-                        rejected.append((cid, EngineError(f"{type(e).__name__}: {e}", 500)))
+                        rejected.append((cid, EngineError(
+                            f"{type(e).__name__}: {library_text(e)}", 500)))
                 if rejected:
                     loop.call_soon_threadsafe(self._reject, rejected)
                 outputs = engine.step() if engine.has_unfinished_requests() else []
@@ -280,6 +282,7 @@ class AsyncEngine:
         except Exception as e:
             logger.exception("engine step failed; failing all in-flight requests")
             try:
-                loop.call_soon_threadsafe(self._engine_died, f"{type(e).__name__}: {e}")
+                loop.call_soon_threadsafe(self._engine_died,
+                                          f"{type(e).__name__}: {library_text(e)}")
             except RuntimeError:  # the loop is already closed (process exit)
                 pass
