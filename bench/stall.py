@@ -96,12 +96,15 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=2000)
     p.add_argument("--vocab", type=int, default=10000, help="prompt ids are drawn below this")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0,
+                   help="first run's seed; use a new one against a server that already ran "
+                        "one (its prefix cache would hold the long prompt)")
     p.add_argument("--probe-delay", type=float, default=0.5,
                    help="seconds between sending the long prompt and the probe")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     runs = [one_run(a.base_url, a.model, a.prompt_len, a.vocab, seed, a.probe_delay)
-            for seed in range(a.repeats)]
+            for seed in range(a.seed, a.seed + a.repeats)]
     if a.json:
         print(json.dumps(runs))
         return
