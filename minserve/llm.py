@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from minserve.config import EngineConfig
-from minserve.detokenizer import IncrementalDetokenizer, StopChecker
+from minserve.detokenizer import IncrementalDetokenizer, StopChecker, StopStrings
 from minserve.engine.engine import Engine
 from minserve.engine.request import FinishReason, Logprob, RequestOutput
 from minserve.sampling_params import SamplingParams
@@ -58,13 +58,13 @@ class _Sample:
     """Per-sample state: detokenizer, stop strings, accumulated output."""
 
     def __init__(self, engine: Engine, out: CompletionOutput, params: SamplingParams,
-                 prompt_token_ids: list[int]) -> None:
+                 prompt_token_ids: list[int], stop: StopStrings) -> None:
         self.out = out
         self.params = params
         self.detok = IncrementalDetokenizer(engine.tokenizer, prompt_token_ids,
                                             params.skip_special_tokens,
                                             params.spaces_between_special_tokens)
-        self.stop = StopChecker(params.stop, params.include_stop_str_in_output)
+        self.stop = StopChecker(stop, params.include_stop_str_in_output)
         self.pieces: list[str] = []
         if params.logprobs is not None:
             out.logprobs, out.cumulative_logprob = [], 0.0
@@ -201,12 +201,13 @@ class LLM:
                 res = GenerateOutput(rid, text, ids, [CompletionOutput(i)
                                                       for i in range(params.n)])
                 results.append(res)
+                stop = StopStrings(params.stop)  # once for the n samples
                 for i in range(params.n):
                     sid = f"{rid}-{i}" if params.n > 1 else rid
                     self.engine.add_request(sid, ids, params,
                                             parent_id=rid if params.n > 1 else None,
                                             sample_index=i)
-                    samples[sid] = (res, _Sample(self.engine, res.outputs[i], params, ids))
+                    samples[sid] = (res, _Sample(self.engine, res.outputs[i], params, ids, stop))
             self._run(samples, use_tqdm, len(results))
         except BaseException:
             self.engine.abort_request(list(samples))

@@ -24,7 +24,8 @@ class ChoiceState:
         self.tokenizer = tokenizer
         self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, p.skip_special_tokens,
                                             p.spaces_between_special_tokens)
-        self.stop = StopChecker(p.stop, p.include_stop_str_in_output) if p.stop else None
+        self.stop = (StopChecker(req.stop_strings or p.stop, p.include_stop_str_in_output)
+                     if p.stop else None)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_cached_tokens = 0
         self.num_output_tokens = 0

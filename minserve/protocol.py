@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from minserve.detokenizer import StopStrings
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
 from minserve.sampling_params import SamplingParams
 from minserve.structured import StructuredOutputError, structured_from_request
@@ -24,6 +25,7 @@ from minserve.tool_parsers.registry import get_tool_parser
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP = 16
+MAX_STOP_CHARS = 16384  # all stop strings together: they are scanned at every token of every choice
 
 
 class OpenAIError(Exception):
@@ -104,6 +106,12 @@ class GenerateRequest:
     # completions with echo and max_tokens=0 (OpenAI's legacy scoring call, as lm-eval sends it):
     # the engine samples one token, which cannot be avoided; output.py drops it
     echo_only: bool = False
+    # params.stop prepared once for all choices, while parsing (off the event loop)
+    stop_strings: StopStrings | None = None
+
+    def __post_init__(self) -> None:
+        if self.stop_strings is None and self.params.stop:
+            self.stop_strings = StopStrings(self.params.stop)
 
 
 # ---------------------------------------------------------------- typed field readers
@@ -168,6 +176,10 @@ def _stop(body: dict) -> list[str]:
         raise _bad("stop", "must be a string or a list of strings")
     if len(stop) > MAX_STOP:
         raise _bad("stop", f"at most {MAX_STOP} stop strings")
+    num_chars = sum(map(len, stop))
+    if num_chars > MAX_STOP_CHARS:
+        raise _bad("stop", f"the stop strings have {num_chars} characters; at most "
+                   f"{MAX_STOP_CHARS} together")
     return [s for s in stop if s]
 
 

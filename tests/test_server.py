@@ -292,6 +292,35 @@ def test_stop_strings(tiny_model_dir):
     assert ev[-2]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_stop_strings_are_prepared_once_off_the_event_loop(tiny_model_dir, monkeypatch):
+    """A request's stop automata are built once, while parsing in a worker thread, and shared by
+    its n choices (a 10 MB stop string with n=4 stalled every client for 3.9 s); their total
+    size is bounded."""
+    from minserve import detokenizer
+
+    built: list[tuple[str, list[str]]] = []
+    init = detokenizer.StopStrings.__init__
+
+    def record(self, stop):
+        built.append((threading.current_thread().name, stop))
+        init(self, stop)
+    monkeypatch.setattr(detokenizer.StopStrings, "__init__", record)
+    app = make_fake_app(tiny_model_dir)
+
+    async def fn(app):
+        loop_thread = threading.current_thread().name
+        ok = await call(app, "POST", COMP, {"prompt": "Hi", "max_tokens": 8, "n": 4,
+                                            "stop": ["zz", "qq"], "stream": True})
+        big = await call(app, "POST", COMP, {"prompt": "Hi", "stop": ["x" * 20000]})
+        return loop_thread, ok, big
+
+    loop_thread, ok, big = run(app, fn)
+    assert ok.status == 200 and ok.events()[-1] == "[DONE]"
+    assert [stop for _, stop in built] == [["zz", "qq"]]   # once for the 4 choices
+    assert built[0][0] != loop_thread
+    assert big.status == 400 and "at most 16384" in big.json()["error"]["message"]
+
+
 def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir):
     """The abort reaches the engine before its next step, and that step frees the blocks."""
     async def fn(app):
