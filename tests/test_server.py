@@ -368,7 +368,7 @@ def test_disconnect_non_streaming(tiny_model_dir):
         sent = []
         scope = {"type": "http", "method": "POST", "path": COMP, "root_path": "",
                  "headers": [(b"content-type", b"application/json")], "query_string": b""}
-        body = b'{"prompt": "Hi", "max_tokens": 400, "ignore_eos": true}'
+        body = b'{"prompt": "Hi", "max_tokens": 500, "ignore_eos": true}'
         msgs = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive():
@@ -380,7 +380,8 @@ def test_disconnect_non_streaming(tiny_model_dir):
         async def send(m):
             sent.append(m)
         task = asyncio.ensure_future(app(scope, receive, send))
-        await asyncio.sleep(0.3)
+        while app.engine.stats.get("num_running", 0) == 0 and not task.done():
+            await asyncio.sleep(0.005)  # wait until it runs (not a fixed sleep: CI is slow)
         busy = app.engine.stats["num_running"]
         gone.set()
         await asyncio.wait_for(task, 5)
