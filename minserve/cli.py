@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import sys
 
 from minserve import __version__
@@ -55,6 +56,22 @@ def connection_limit() -> int:
         logger.warning("the open-files limit (%d) allows only %d connections; raise it "
                        "(ulimit -n) to serve more clients", soft, max(limit, 64))
     return max(limit, 64)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """granian always binds with SO_REUSEPORT, so a second server on a port in use would start
+    and silently take half its connections: bind once without it first (SystemExit if taken)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SystemExit(f"minserve: cannot listen on {host}:{port}: {e.strerror} (another "
+                             "server is there? pass --reuse-port to share the port with it "
+                             "on purpose)") from None
 
 
 def _size(text: str) -> int:
@@ -138,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ssl-certfile", default=None)
     a("--max-request-body-bytes", type=_size, default=32 * 1024 * 1024,
       help="larger request bodies are refused with 413 (default 32MiB)")
+    a("--reuse-port", action="store_true",
+      help="start even if another process listens on --port (SO_REUSEPORT: the kernel then "
+           "splits new connections between the two); without it a port in use is an error")
     a("--timeout-keep-alive", type=float, default=5.0,
       help="seconds a connection may stay idle, between requests or before its first one, and "
            "a client may take to send a request's headers (uvicorn's flag, vLLM's default 5)")
@@ -248,6 +268,8 @@ async def serve(args: argparse.Namespace) -> int:
     from minserve.server import create_app
     from minserve.shutdown import GracefulShutdown
 
+    if not args.reuse_port:
+        check_port_free(args.host, args.port)
     app = create_app(None if args.task == "embed" else args.engine_config, server_config(args),
                      embedding=service_from_cli(args))
     scheme = "https" if args.ssl_certfile else "http"

@@ -207,29 +207,34 @@ class App:
         method = scope["method"]
         http = Http(scope, receive, send, path, headers)
 
+        head = method == "HEAD"  # answered as GET, without the body (its headers kept)
+
         async def send(msg: dict[str, Any]) -> None:  # noqa: F811 - track the start, add CORS
             if msg["type"] == "http.response.start":
                 http.started = True
                 http.sse = (b"content-type", b"text/event-stream") in msg.get("headers", ())
                 if cors:
                     msg = {**msg, "headers": list(msg.get("headers", [])) + cors}
+            elif head:
+                msg = {**msg, "body": b""}
             await http_send(msg)
 
         http_send, http.send = http.send, send
         try:
+            # A CORS preflight carries no credentials: answered before auth and routing, the
+            # same for every path (as Starlette's CORSMiddleware does).
+            if method == "OPTIONS" and cors and b"access-control-request-method" in headers:
+                return await self._preflight(http)
             # Auth before routing, as vLLM does: without a key, /v1 paths reveal nothing (401,
-            # not 404). A CORS preflight carries no credentials, so it is not checked.
-            if self.cfg.api_keys and method != "OPTIONS" and (path.startswith("/v1/")
-                                                             or path in PROTECTED):
-                self._check_auth(headers)
+            # not 404 or 405), whatever the method.
+            if self.cfg.api_keys and (path.startswith("/v1/") or path in PROTECTED):
+                self._check_auth(scope.get("headers", []))
             methods = ROUTES.get(path)
             if methods is None and path.startswith("/v1/models/"):
                 methods, http.path_param = ROUTES["/v1/models/{id}"], path[len("/v1/models/"):]
             if methods is None:
                 raise OpenAIError(404, f"Not Found: {method} {path}", type="NotFoundError")
-            if method == "OPTIONS" and cors and b"access-control-request-method" in headers:
-                return await self._preflight(http)
-            handler = methods.get(method)
+            handler = methods.get("GET" if head else method)
             if handler is None:
                 raise OpenAIError(405, f"Method Not Allowed: {method} {path} (allowed: "
                                   f"{', '.join(sorted(methods))})")
@@ -263,8 +268,11 @@ class App:
             (b"access-control-max-age", b"600"), (b"content-length", b"0")]})
         await http.send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    def _check_auth(self, headers: dict[bytes, bytes]) -> None:
-        auth = headers.get(b"authorization", b"")
+    def _check_auth(self, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        values = [v for k, v in raw_headers if k.lower() == b"authorization"]
+        if len(values) > 1:  # which one counts would be a guess (the last one used to win)
+            raise OpenAIError(400, f"{len(values)} Authorization headers: send exactly one")
+        auth = values[0] if values else b""
         token = auth[7:] if auth[:7].lower() == b"bearer " else b""
         # NOTE: compare against every key so timing does not tell which one is close.
         ok = False

@@ -173,6 +173,41 @@ def test_tokenize_is_bounded_like_completions(tiny_model_dir):
     assert r["nokey"].status == 401
 
 
+def test_auth_edge_cases_head_and_options(tiny_model_dir):
+    """Two Authorization headers are a 400, not "the last one wins"; without a key OPTIONS
+    answers every /v1 path alike (401), and a CORS preflight is a 200 for every path; HEAD is
+    GET without the body (issue 22.8)."""
+    app = make_fake_app(tiny_model_dir, server={"api_keys": ["k"]})
+    good = {"authorization": "Bearer k"}
+
+    async def fn(app):
+        pre = {"origin": "https://x.example", "access-control-request-method": "POST"}
+        return {
+            "two": await call(app, "GET", "/v1/models", headers=[
+                ("authorization", "Bearer wrong"), ("authorization", "Bearer k")]),
+            "opt_route": await call(app, "OPTIONS", CHAT),
+            "opt_none": await call(app, "OPTIONS", "/v1/no-such-route"),
+            "pre_route": await call(app, "OPTIONS", CHAT, headers=pre),
+            "pre_none": await call(app, "OPTIONS", "/v1/no-such-route", headers=pre),
+            "head_health": await call(app, "HEAD", "/health"),
+            "get_models": await call(app, "GET", "/v1/models", headers=good),
+            "head_models": await call(app, "HEAD", "/v1/models", headers=good),
+            "head_post_only": await call(app, "HEAD", CHAT, headers=good),
+        }
+
+    r = run(app, fn)
+    assert r["two"].status == 400 and "Authorization headers" in r["two"].json()["error"]["message"]
+    assert r["opt_route"].status == r["opt_none"].status == 401
+    assert r["opt_route"].body == r["opt_none"].body
+    assert r["pre_route"].status == r["pre_none"].status == 200
+    assert r["pre_route"].headers == r["pre_none"].headers
+    assert r["head_health"].status == 200 and r["head_health"].body == b""
+    assert r["head_models"].status == 200 and r["head_models"].body == b""
+    assert r["head_models"].headers["content-length"] == \
+        r["get_models"].headers["content-length"] != "0"
+    assert r["head_post_only"].status == 405
+
+
 def test_cors_and_root_path(tiny_model_dir):
     app = make_fake_app(tiny_model_dir, server={"allowed_origins": ["https://ok.example"],
                                                 "root_path": "/api"})

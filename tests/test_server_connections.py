@@ -66,3 +66,26 @@ def test_idle_keep_alive_connection_is_closed_after_a_request(server):
             data += piece
     finally:
         s.close()
+
+
+def test_a_second_server_on_the_port_is_refused_unless_asked(server, tiny_model_dir):
+    """granian binds with SO_REUSEPORT, so a second server on the same port used to start and
+    silently take half the connections. Now it exits at once, saying why; --reuse-port asks
+    for the sharing."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "minserve", "serve", tiny_model_dir, "--port",
+            str(_port(server)), "--max-model-len", "256", "--kv-cache-memory", "8MiB"]
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--reuse-port" in refused.stderr, refused.stderr
+    shared = subprocess.Popen(args + ["--reuse-port"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in shared.stdout:
+            if "ready: OpenAI API" in line:
+                break
+        assert shared.poll() is None  # it started, next to the first
+    finally:
+        shared.terminate()
+        shared.wait(120)
