@@ -10,12 +10,20 @@ from minserve.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from minserve.kernels.attention import AttnMetadata, paged_attention_ref, paged_attention_triton
 from minserve.kernels.attention import triton as _triton
 from minserve.kernels.cache import store_kv_ref, store_kv_triton
+from minserve.kernels.fp8_gemm import (
+    Fp8Weight,
+    fp8_gemm_ref,
+    fp8_gemm_triton,
+    fp8_scaled_mm,
+    scaled_mm_supported,
+)
 from minserve.kernels.norm import rmsnorm_ref, rmsnorm_triton
+from minserve.kernels.quant_gemm import IntWeight, int_gemm_ref, int_gemm_triton
 from minserve.kernels.rotary import make_cos_sin_cache, rotary_ref, rotary_triton
 
 __all__ = [
-    "AttnMetadata", "make_cos_sin_cache", "paged_attention", "rms_norm", "rotary",
-    "silu_and_mul", "store_kv", "triton_enabled",
+    "AttnMetadata", "Fp8Weight", "IntWeight", "fp8_gemm", "int_gemm", "make_cos_sin_cache",
+    "paged_attention", "rms_norm", "rotary", "silu_and_mul", "store_kv", "triton_enabled",
 ]
 
 # Note: the function `rotary` below shadows the submodule attribute of the same name; import
@@ -77,3 +85,26 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if triton_enabled(x):
         return silu_and_mul_triton(x)
     return silu_and_mul_ref(x)
+
+
+def int_gemm(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ int4/int8 weight [N, K].T -> [..., N] (weight-only, group-wise scales)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if triton_enabled(x):
+        out = int_gemm_triton(x2, w, bias)
+    else:
+        out = int_gemm_ref(x2, w, bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def fp8_gemm(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ fp8 weight [N, K].T -> [..., N]: torch._scaled_mm on fp8 GPUs (activations
+    quantized per token or with the static scale), else the weight-only Triton kernel."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.is_cuda and scaled_mm_supported(w, x2):
+        out = fp8_scaled_mm(x2, w, bias)
+    elif triton_enabled(x):
+        out = fp8_gemm_triton(x2, w, bias)
+    else:
+        out = fp8_gemm_ref(x2, w, bias)
+    return out.view(*x.shape[:-1], out.shape[-1])
