@@ -215,6 +215,59 @@ for _dtype in (torch.float32, torch.float16, torch.bfloat16):
         torch.testing.assert_close(got.float(), activation.silu_and_mul_ref(x).float(),
                                    atol=TOL[dtype], rtol=TOL[dtype])
 
+# ---- weight-only int GEMM and FP8 GEMM (kernels/quant_gemm.py, kernels/fp8_gemm.py) ----
+# (bits, group_size, M, N, K, act_order, dtype): group sizes 16 (GGUF Q6_K) to 128 and per-channel
+# (None), M = 1 (decode: split-K path), 17 (middle tiles) and 100 (prefill tiles), N and K that
+# are not multiples of the tiles, act-order permutations.
+INT_GEMM_CASES = [
+    (4, 32, 1, 37, 96, False, torch.float16), (4, 64, 100, 64, 192, True, torch.float32),
+    (4, 128, 1, 130, 256, True, torch.float16), (8, 32, 100, 48, 128, False, torch.float16),
+    (8, 128, 1, 33, 384, False, torch.float32), (4, None, 17, 50, 64, False, torch.float32),
+    (8, 16, 5, 24, 64, True, torch.float16),
+]
+for _case in INT_GEMM_CASES:
+    @check("int_gemm[bits={},group={},M={},N={},K={},act_order={},{}]".format(*_case))
+    def _(case=_case):
+        from minserve.kernels.quant_gemm import IntWeight, int_gemm_ref, int_gemm_triton, pack_int
+
+        bits, group, m, n, k, act_order, dtype = case
+        group = group or k
+        torch.manual_seed(m * n + k)
+        q = torch.randint(0, 2 ** bits, (k, n))
+        scales = (torch.rand(k // group, n) * 0.05 + 0.01).to(dtype)
+        bias = (torch.randn(k // group, n) * 0.1).to(dtype)
+        perm = torch.randperm(k) if act_order else None
+        w = IntWeight(pack_int(q, bits), scales, bias, bits, group, perm)
+        x = torch.randn(m, k).to(dtype)
+        got, want = int_gemm_triton(x, w), int_gemm_ref(x, w)
+        tol = TOL[dtype] if dtype != torch.float32 else 1e-4
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+# (M, N, K, block, dtype); block None = per-tensor, (1, K) = per-channel
+FP8_GEMM_CASES = [
+    (1, 48, 64, None, torch.float16), (100, 37, 96, "channel", torch.float32),
+    (3, 200, 320, "128x128", torch.float16), (17, 64, 128, "64x32", torch.float32),
+]
+for _case in FP8_GEMM_CASES:
+    @check("fp8_gemm[M={},N={},K={},block={},{}]".format(*_case))
+    def _(case=_case):
+        from minserve.kernels.fp8_gemm import (
+            FP8_DTYPE,
+            Fp8Weight,
+            fp8_gemm_ref,
+            fp8_gemm_triton,
+        )
+
+        m, n, k, block, dtype = case
+        block = {None: (n, k), "channel": (1, k)}.get(block) or tuple(map(int, block.split("x")))
+        torch.manual_seed(m + n + k)
+        scale = torch.rand(-(-n // block[0]), -(-k // block[1])) * 0.01 + 1e-3
+        w = Fp8Weight((torch.randn(n, k) * 30).to(FP8_DTYPE), scale, block)
+        x = torch.randn(m, k).to(dtype)
+        got, want = fp8_gemm_triton(x, w), fp8_gemm_ref(x, w)
+        tol = TOL[dtype] if dtype != torch.float32 else 1e-4
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
 
 def run(names: list[str]) -> dict[str, str | None]:
     """name -> None when the check passed, else its traceback."""

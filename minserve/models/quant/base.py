@@ -63,11 +63,11 @@ class LinearMethod:
     weight_loader(param, loaded, shard_id). process_weights_after_loading turns them into the
     kernel's form; apply runs the layer."""
 
-    def create_weights(self, layer: nn.Module, in_features: int,
-                       shard_sizes: dict[Any, int], params_dtype: torch.dtype) -> None:
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int]) -> None:
         raise NotImplementedError
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
+    def process_weights_after_loading(self, layer: nn.Module, dtype: torch.dtype) -> None:
+        """After every checkpoint tensor of the layer arrived; dtype: the model's."""
         raise NotImplementedError
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
@@ -75,38 +75,49 @@ class LinearMethod:
         raise NotImplementedError
 
 
+def shard_index(shard_id: Any) -> int:
+    """The loader's shard ids (None, "q"/"k"/"v", 0/1) -> the position among output_sizes."""
+    if shard_id is None:
+        return 0
+    return "qkv".index(shard_id) if isinstance(shard_id, str) else int(shard_id)
+
+
 class ShardStash:
-    """Checkpoint tensors of one layer, by name and shard, until the layer is complete."""
+    """Checkpoint tensors of one layer, by name and shard, until the layer is complete. The
+    tensors keep the checkpoint's own (packed) shapes: each format unpacks a whole shard at
+    once, so nothing here needs to know where a format packs its bits."""
 
-    def __init__(self, names: tuple[str, ...], shard_ids: list[Any]) -> None:
-        self.names, self.shard_ids = names, shard_ids
-        self.tensors: dict[Any, dict[str, torch.Tensor]] = {s: {} for s in shard_ids}
+    def __init__(self, names: tuple[str, ...], num_shards: int,
+                 optional: tuple[str, ...] = ()) -> None:
+        self.names, self.optional = names, optional
+        self.tensors: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
 
-    def register(self, layer: nn.Module, device_hint: str = "") -> None:
+    def register(self, layer: nn.Module) -> None:
         for name in self.names:
             # Placeholder parameter: what the loader looks up and calls weight_loader on. The
             # real tensors are kept in the stash, since their shapes depend on the format.
             param = nn.Parameter(torch.empty(0), requires_grad=False)
             param.weight_loader = self.load  # type: ignore[attr-defined]
             param.stash_name = name          # type: ignore[attr-defined]
+            param.is_optional = name in self.optional  # type: ignore[attr-defined]
             layer.register_parameter(name, param)
 
     def load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        if shard_id not in self.tensors:
+        index = shard_index(shard_id)
+        if not 0 <= index < len(self.tensors):
             raise config_error(f"unexpected shard {shard_id!r} for {param.stash_name}")
-        self.tensors[shard_id][param.stash_name] = loaded.to(param.device, copy=True)
+        self.tensors[index][param.stash_name] = loaded.to(param.device, copy=True)
 
-    def take(self, required: tuple[str, ...]) -> list[tuple[Any, dict[str, torch.Tensor]]]:
-        out = []
-        for shard_id in self.shard_ids:
-            shard = self.tensors[shard_id]
-            missing = [n for n in required if n not in shard]
+    def take(self, layer: nn.Module) -> list[dict[str, torch.Tensor]]:
+        """Every shard's tensors; drops the placeholders and the stash from the layer."""
+        for index, shard in enumerate(self.tensors):
+            missing = [n for n in self.names if n not in shard and n not in self.optional]
             if missing:
-                raise config_error(f"checkpoint lacks {', '.join(missing)} for shard "
-                                   f"{shard_id!r}")
-            out.append((shard_id, shard))
-        self.tensors = {}
-        return out
+                raise config_error(f"checkpoint lacks {', '.join(missing)} for shard {index}")
+        for name in self.names:
+            delattr(layer, name)
+        del layer.stash
+        return self.tensors
 
 
 class IntConfig(QuantConfig):
@@ -170,33 +181,23 @@ class IntLinearMethod(LinearMethod):
     def __init__(self, config: IntConfig) -> None:
         self.config = config
 
-    def create_weights(self, layer: nn.Module, in_features: int,
-                       shard_sizes: dict[Any, int], params_dtype: torch.dtype) -> None:
-        layer.in_features = in_features
-        layer.shard_sizes = dict(shard_sizes)
-        layer.params_dtype = params_dtype
-        layer.stash = ShardStash(self.config.param_names, list(shard_sizes))
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int]) -> None:
+        layer.stash = ShardStash(self.config.param_names, len(output_sizes),
+                                 self.config.optional_params)
         layer.stash.register(layer)
         layer.parts = []
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        required = tuple(n for n in self.config.param_names
-                         if n not in self.config.optional_params)
+    def process_weights_after_loading(self, layer: nn.Module, dtype: torch.dtype) -> None:
         parts = []
-        for shard_id, shard in layer.stash.take(required):
-            part = self.config.to_int(shard, layer.in_features)
+        for index, shard in enumerate(layer.stash.take(layer)):
+            part = self.config.to_int(shard, layer.input_size)
             rows = part.out_features if isinstance(part, IntWeight) else part.shape[0]
             cols = part.in_features if isinstance(part, IntWeight) else part.shape[1]
-            if (rows, cols) != (layer.shard_sizes[shard_id], layer.in_features):
-                raise config_error(f"shard {shard_id!r} is [{rows}, {cols}] after unpacking; "
-                                   f"the model expects [{layer.shard_sizes[shard_id]}, "
-                                   f"{layer.in_features}]")
-            if isinstance(part, torch.Tensor):
-                part = part.to(layer.params_dtype)
-            parts.append(part)
-        for name in self.config.param_names:
-            delattr(layer, name)
-        del layer.stash
+            if (rows, cols) != (layer.output_sizes[index], layer.input_size):
+                raise config_error(f"shard {index} is [{rows}, {cols}] after unpacking; the "
+                                   f"model expects [{layer.output_sizes[index]}, "
+                                   f"{layer.input_size}]")
+            parts.append(part.to(dtype) if isinstance(part, torch.Tensor) else part)
         layer.parts = merge_parts(parts)
 
     def apply(self, layer: nn.Module, x: torch.Tensor,

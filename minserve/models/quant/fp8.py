@@ -133,31 +133,22 @@ class Fp8LinearMethod(LinearMethod):
     def __init__(self, names: tuple[str, ...], convert: Any) -> None:
         self.names, self.convert = names, convert
 
-    def create_weights(self, layer: nn.Module, in_features: int,
-                       shard_sizes: dict[Any, int], params_dtype: torch.dtype) -> None:
-        layer.in_features, layer.shard_sizes = in_features, dict(shard_sizes)
-        layer.stash = ShardStash(self.names, list(shard_sizes))
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int]) -> None:
+        layer.stash = ShardStash(self.names, len(output_sizes))
         layer.stash.register(layer)
         layer.fp8_weight = None
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        shards = [self.convert(shard) for _, shard in layer.stash.take(self.names)]
+    def process_weights_after_loading(self, layer: nn.Module, dtype: torch.dtype) -> None:
+        shards = [self.convert(shard) for shard in layer.stash.take(layer)]
+        for index, s in enumerate(shards):
+            shape = tuple(s.shape if isinstance(s, torch.Tensor) else s.weight.shape)
+            if shape != (layer.output_sizes[index], layer.input_size):
+                raise config_error(f"shard {index} weight is {shape}, the model expects "
+                                   f"[{layer.output_sizes[index]}, {layer.input_size}]")
         if isinstance(shards[0], torch.Tensor):
-            dense = torch.cat(shards, 0)
-            if tuple(dense.shape) != (sum(layer.shard_sizes.values()), layer.in_features):
-                raise config_error(f"weight is {tuple(dense.shape)}, the model expects "
-                                   f"[{sum(layer.shard_sizes.values())}, {layer.in_features}]")
-            w = fp8_quantize_weight(dense)
+            layer.fp8_weight = fp8_quantize_weight(torch.cat(shards, 0))
         else:
-            for (shard_id, rows), s in zip(layer.shard_sizes.items(), shards, strict=True):
-                if tuple(s.weight.shape) != (rows, layer.in_features):
-                    raise config_error(f"shard {shard_id!r} weight is {tuple(s.weight.shape)}, "
-                                       f"the model expects [{rows}, {layer.in_features}]")
-            w = merge_fp8(shards)
-        for name in self.names:
-            delattr(layer, name)
-        del layer.stash
-        layer.fp8_weight = w
+            layer.fp8_weight = merge_fp8(shards)
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
