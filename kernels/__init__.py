@@ -38,12 +38,15 @@ def triton_enabled(t: torch.Tensor) -> bool:
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: AttnMetadata,
     scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """q [T, H, D], caches [NB, BS, K, D] -> [T, H, D] (written into `out` when given)."""
+    """q [T, H, D], caches [NB, BS, K, D] -> [T, H, D] (written into `out` when given). An fp8
+    cache holds k / k_scale and v / v_scale."""
     if triton_enabled(q):
         return paged_attention_triton(q, k_cache, v_cache, attn, scale, sliding_window,
-                                                out=out)
-    result = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window)
+                                      out=out, k_scale=k_scale, v_scale=v_scale)
+    result = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window,
+                                 k_scale, v_scale)
     if out is None:
         return result
     out.copy_(result)
@@ -52,13 +55,13 @@ def paged_attention(
 
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
     """k, v [T, K, D] -> cache slots slot_mapping[T] (int64; -1 skips the token)."""
     if triton_enabled(k):
-        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+        store_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     else:
-        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def rms_norm(
