@@ -83,6 +83,11 @@ DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
                "fp32": "float32"}
 
 
+# --quantization names (vLLM's); the methods live in minserve/models/quant/.
+QUANTIZATION_METHODS = ("awq", "gptq", "compressed-tensors", "fp8", "gguf")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
 @dataclass
 class EngineConfig:
     """Engine arguments; the names are vLLM's (`--max-model-len` -> max_model_len)."""
@@ -105,6 +110,11 @@ class EngineConfig:
     chat_template: str | None = None  # a file path or the template text
     generation_config: str = "auto"  # auto | vllm | a folder
     revision: str | None = None
+    quantization: str | None = None  # None: from the checkpoint (quantization_config, GGUF)
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8 (= fp8_e4m3)
+    # GGUF files: serve the linear weights from their quantized blocks (False) or dequantize
+    # them at load (True); None picks per device (see README: measured on CPU)
+    gguf_dequantize: bool | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 8:
@@ -119,6 +129,15 @@ class EngineConfig:
             raise ConfigError(
                 f"--dtype {self.dtype!r} is not one of auto, bfloat16, float16, float32"
             )
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(f"--quantization {self.quantization!r} is not supported "
+                              f"(supported: {', '.join(QUANTIZATION_METHODS)})")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not supported "
+                              f"(supported: {', '.join(KV_CACHE_DTYPES)})")
+        if self.gguf_dequantize and self.quantization == "gguf":
+            raise ConfigError("--quantization gguf serves the GGUF blocks; it contradicts "
+                              "--gguf-dequantize")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ConfigError(
                 f"--load-format {self.load_format!r} is not one of auto, safetensors, gguf, dummy"

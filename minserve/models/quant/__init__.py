@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from minserve.config import QUANTIZATION_METHODS as METHODS
 from minserve.models.quant.base import QuantConfig, config_error
 
-# vLLM's --quantization names; the aliases are the quant_method spellings checkpoints use.
-METHODS = ("awq", "gptq", "compressed-tensors", "fp8", "gguf")
+# The quant_method spellings checkpoints use besides vLLM's --quantization names.
 _ALIASES = {"compressed_tensors": "compressed-tensors", "awq_marlin": "awq",
             "gptq_marlin": "gptq"}
 
