@@ -79,10 +79,11 @@ def unpack_int(qweight: torch.Tensor, bits: int) -> torch.Tensor:
 
 def dequantize_int(w: IntWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The layout back to a dense weight [N, K] in HF row order (perm undone), computed in fp32."""
-    q = unpack_int(w.qweight, w.bits).float()                         # [K, N]
-    scales = w.scales.float().repeat_interleave(w.group_size, dim=0)  # [K, N]
-    bias = w.bias.float().repeat_interleave(w.group_size, dim=0)
-    dense = q * scales + bias                                         # [K, N], sorted rows
+    q = unpack_int(w.qweight, w.bits)                                 # [K, N]
+    k, n = q.shape
+    groups = q.view(k // w.group_size, w.group_size, n).float()      # [K // G, G, N]
+    dense = torch.addcmul(w.bias.float()[:, None], groups, w.scales.float()[:, None])
+    dense = dense.view(k, n)                                          # sorted rows
     if w.perm is not None:
         dense = torch.empty_like(dense).index_copy_(0, w.perm, dense)
     return dense.t().to(dtype)
