@@ -53,6 +53,7 @@ class ModelRunner:
         self.model_config = model_config
         self.device = device
         self.dtype = dtype
+        self.engine_config = engine_config
         self.block_size = engine_config.block_size
         self.max_model_len = int(engine_config.max_model_len
                                  or model_config.max_position_embeddings)
@@ -78,9 +79,16 @@ class ModelRunner:
 
     # ---- KV cache sizing ----------------------------------------------------------------------
     @property
+    def kv_dtype(self) -> torch.dtype:
+        """--kv-cache-dtype fp8 stores e4m3 (half of bf16's bytes); auto: the model dtype."""
+        if self.engine_config.kv_cache_dtype in ("fp8", "fp8_e4m3"):
+            return torch.float8_e4m3fn
+        return self.dtype
+
+    @property
     def kv_bytes_per_block(self) -> int:
         mc = self.model_config
-        elem = torch.empty(0, dtype=self.dtype).element_size()
+        elem = torch.empty(0, dtype=self.kv_dtype).element_size()
         return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim \
             * elem
 
@@ -104,7 +112,7 @@ class ModelRunner:
                  mc.num_key_value_heads, mc.head_dim)
         # NOTE: zeros, not empty: kernels may load whole tiles past seq_len and multiply the
         # masked part by 0, which would still turn garbage NaNs into NaN outputs.
-        kv = torch.zeros(shape, dtype=self.dtype, device=self.device)   # [L, 2, NB, BS, K, D]
+        kv = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)  # [L, 2, NB, BS, K, D]
         self.kv_caches = [(kv[i, 0], kv[i, 1]) for i in range(mc.num_hidden_layers)]
         self.model.set_kv_caches(self.kv_caches)
         return num_blocks
