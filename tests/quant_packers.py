@@ -79,3 +79,151 @@ def dequantize_groups(intweight: torch.Tensor, scales: torch.Tensor, zeros: torc
     """The producers' dequantization, (q - z[g]) * s[g], in fp16 as their torch paths do."""
     g = g_idx.long()
     return ((intweight - zeros[g].t()).half() * scales[g].t()).float()
+
+
+# ---- whole tiny models: a quantized checkpoint folder and its producer-dequantized twin ------
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _is_linear(name: str) -> bool:
+    return name.endswith(".weight") and name.rsplit(".", 2)[-2] in LINEAR_NAMES
+
+
+def quantize_model_folder(src: str, dst: str, ref: str, method: str, **opts) -> None:
+    """Write `dst` (src's linear weights in `method`'s checkpoint format, quantization_config in
+    config.json) and `ref` (the same model with those weights as the producer dequantizes them,
+    dense). Everything else (norms, embeddings, tokenizer) is copied unchanged."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = {}
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(src, f)))
+    out, dense = {}, {}
+    for name, w in tensors.items():
+        if not _is_linear(name):
+            out[name] = dense[name] = w
+            continue
+        prefix = name.removesuffix(".weight")
+        packed, dequantized = QUANTIZERS[method](w.float(), **opts)
+        out.update({f"{prefix}.{k}": v for k, v in packed.items()})
+        dense[name] = dequantized.to(w.dtype)
+    for folder, state in ((dst, out), (ref, dense)):
+        os.makedirs(folder, exist_ok=True)
+        for f in os.listdir(src):
+            if not f.endswith(".safetensors"):
+                shutil.copy(os.path.join(src, f), os.path.join(folder, f))
+        save_file(state, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(dst, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = QUANT_CONFIGS[method](**opts)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def _awq(w, group_size=32, **_):
+    intweight, scales, zeros, g_idx = quantize_groups(w, 4, group_size, sym=False)
+    qweight, qzeros = pack_awq(intweight, zeros)
+    return ({"qweight": qweight, "qzeros": qzeros, "scales": scales},
+            dequantize_groups(intweight, scales, zeros, g_idx))
+
+
+def _gptq(w, bits=4, group_size=32, desc_act=False, sym=True, v1=True, **_):
+    k = w.shape[1]
+    g_idx = None
+    if desc_act:
+        gen = torch.Generator().manual_seed(k)
+        g_idx = torch.empty(k, dtype=torch.long)
+        g_idx[torch.randperm(k, generator=gen)] = torch.arange(k) // group_size
+    intweight, scales, zeros, g_idx = quantize_groups(w, bits, group_size, sym, g_idx)
+    if v1:
+        zeros = zeros.clamp(min=1)
+    qweight, qzeros = pack_gptq(intweight, zeros, bits, v1=v1)
+    return ({"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx},
+            dequantize_groups(intweight, scales, zeros, g_idx))
+
+
+def _ct_int(w, bits=4, group_size=32, sym=True, **_):
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    strategy = "group" if group_size else "channel"
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy=strategy,
+                            group_size=group_size)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    n, k = w.shape
+    g = group_size or k
+    cols = w.view(n, k // g, g)
+    half = 2 ** (bits - 1)
+    if sym:
+        scale, zp = cols.abs().amax(-1) / (half - 0.5), None
+    else:
+        lo, hi = cols.amin(-1), cols.amax(-1)
+        scale = (hi - lo) / (2 * half - 1)
+        zp = torch.clamp(torch.round(-half - lo / scale), -half, half - 1).to(torch.int8)
+    state = {"weight": w.half(), "weight_scale": scale.clamp(min=1e-4).half()}
+    if zp is not None:
+        state["weight_zero_point"] = zp
+    packed = PackedQuantizationCompressor.compress(state, scheme)
+    dequantized = PackedQuantizationCompressor.decompress(packed, scheme)["weight"].float()
+    return packed, dequantized
+
+
+def _ct_fp8(w, strategy="channel", **_):
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy)
+    acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token",
+                            dynamic=True)
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
+    amax = w.abs().amax(1, keepdim=True) if strategy == "channel" else w.abs().amax().view(1)
+    packed = FloatQuantizationCompressor.compress(
+        {"weight": w.bfloat16(), "weight_scale": (amax / 448).float()}, scheme)
+    return packed, FloatQuantizationCompressor.decompress(packed, scheme)["weight"].float()
+
+
+def _fp8_block(w, block=(32, 32), **_):
+    """vLLM/DeepSeek block FP8: weight e4m3 and weight_scale_inv [ceil(N/BN), ceil(K/BK)]."""
+    n, k = w.shape
+    bn, bk = block
+    sn, sk = -(-n // bn), -(-k // bk)
+    padded = torch.zeros(sn * bn, sk * bk)
+    padded[:n, :k] = w
+    amax = padded.view(sn, bn, sk, bk).abs().amax(dim=(1, 3)).clamp(min=1e-6)
+    scale = amax / 448
+    full = scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    weight = (w / full).to(torch.float8_e4m3fn)
+    return ({"weight": weight, "weight_scale_inv": scale.float()}, weight.float() * full)
+
+
+QUANTIZERS = {"awq": _awq, "gptq": _gptq, "ct-int": _ct_int, "ct-fp8": _ct_fp8,
+              "fp8-block": _fp8_block}
+QUANT_CONFIGS = {
+    "awq": lambda group_size=32, **_: {"quant_method": "awq", "bits": 4, "group_size": group_size,
+                                      "version": "gemm", "zero_point": True},
+    "gptq": lambda bits=4, group_size=32, desc_act=False, sym=True, v1=True, **_: {
+        "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
+        "sym": sym, "checkpoint_format": "gptq" if v1 else "gptq_v2"},
+    "ct-int": lambda bits=4, group_size=32, sym=True, **_: {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": bits, "type": "int", "symmetric": sym,
+            "strategy": "group" if group_size else "channel", "group_size": group_size}}}},
+    "ct-fp8": lambda strategy="channel", **_: {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"],
+                                      "weights": {"num_bits": 8, "type": "float",
+                                                  "strategy": strategy, "symmetric": True},
+                                      "input_activations": {"num_bits": 8, "type": "float",
+                                                            "strategy": "token",
+                                                            "dynamic": True}}}},
+    "fp8-block": lambda block=(32, 32), **_: {"quant_method": "fp8", "fmt": "e4m3",
+                                             "activation_scheme": "dynamic",
+                                             "weight_block_size": list(block)},
+}
