@@ -227,3 +227,26 @@ QUANT_CONFIGS = {
                                              "activation_scheme": "dynamic",
                                              "weight_block_size": list(block)},
 }
+
+
+def k_quant_blocks(shape: tuple[int, int], type_name: str, std: float, seed: int = 0):
+    """Random Q4_K/Q5_K/Q6_K rows [N, K / 256 * block bytes] uint8 whose values have about
+    `std` spread (gguf-py cannot quantize K-quants; any bytes with finite super-scales are valid
+    blocks, and gguf-py's dequantize says what they hold)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    n, k = shape
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+    if type_name == "Q6_K":      # w = d * sc * (q - 32): q - 32 ~ U(-32, 32), sc int8
+        raw[:, :, 192:208] = rng.integers(8, 24, (n, k // block, 16), dtype=np.uint8)
+        d = np.full((n, k // block), std / (16 * 18), dtype=np.float16)
+        raw[:, :, 208:210] = d.view(np.uint8).reshape(n, k // block, 2)
+    else:                        # w = d * sc * q - dmin * m, 6-bit sc/m, q up to 15 or 31
+        top = 15 if type_name == "Q4_K" else 31
+        d = np.full((n, k // block), 2 * std / (32 * top), dtype=np.float16)
+        raw[:, :, 0:2] = d.view(np.uint8).reshape(n, k // block, 2)
+        raw[:, :, 2:4] = d.view(np.uint8).reshape(n, k // block, 2)   # dmin = d: centred-ish
+    return raw.reshape(n, -1)
