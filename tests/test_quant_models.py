@@ -52,7 +52,7 @@ FORMATS = [
     ("ct-fp8-tensor", "ct-fp8", {"strategy": "tensor"}),
     ("fp8-block-32x32", "fp8-block", {"block": (32, 32)}),
 ]
-ATOL = 2e-3   # logits O(10); int formats match to fp32 rounding, fp16-rounded references a bit more
+ATOL = 1e-2   # logits O(10): our fp32 dequantization vs the producers' fp16-rounded weights
 
 
 def _prompt(n: int, seed: int) -> list[int]:

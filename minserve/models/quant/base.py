@@ -182,6 +182,7 @@ class IntLinearMethod(LinearMethod):
         self.config = config
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int]) -> None:
+        layer.quant_input_size, layer.quant_output_sizes = input_size, list(output_sizes)
         layer.stash = ShardStash(self.config.param_names, len(output_sizes),
                                  self.config.optional_params)
         layer.stash.register(layer)
@@ -190,13 +191,13 @@ class IntLinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module, dtype: torch.dtype) -> None:
         parts = []
         for index, shard in enumerate(layer.stash.take(layer)):
-            part = self.config.to_int(shard, layer.input_size)
+            part = self.config.to_int(shard, layer.quant_input_size)
             rows = part.out_features if isinstance(part, IntWeight) else part.shape[0]
             cols = part.in_features if isinstance(part, IntWeight) else part.shape[1]
-            if (rows, cols) != (layer.output_sizes[index], layer.input_size):
+            if (rows, cols) != (layer.quant_output_sizes[index], layer.quant_input_size):
                 raise config_error(f"shard {index} is [{rows}, {cols}] after unpacking; the "
-                                   f"model expects [{layer.output_sizes[index]}, "
-                                   f"{layer.input_size}]")
+                                   f"model expects [{layer.quant_output_sizes[index]}, "
+                                   f"{layer.quant_input_size}]")
             parts.append(part.to(dtype) if isinstance(part, torch.Tensor) else part)
         layer.parts = merge_parts(parts)
 

@@ -134,6 +134,7 @@ class Fp8LinearMethod(LinearMethod):
         self.names, self.convert = names, convert
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int]) -> None:
+        layer.quant_input_size, layer.quant_output_sizes = input_size, list(output_sizes)
         layer.stash = ShardStash(self.names, len(output_sizes))
         layer.stash.register(layer)
         layer.fp8_weight = None
@@ -142,9 +143,9 @@ class Fp8LinearMethod(LinearMethod):
         shards = [self.convert(shard) for shard in layer.stash.take(layer)]
         for index, s in enumerate(shards):
             shape = tuple(s.shape if isinstance(s, torch.Tensor) else s.weight.shape)
-            if shape != (layer.output_sizes[index], layer.input_size):
+            if shape != (layer.quant_output_sizes[index], layer.quant_input_size):
                 raise config_error(f"shard {index} weight is {shape}, the model expects "
-                                   f"[{layer.output_sizes[index]}, {layer.input_size}]")
+                                   f"[{layer.quant_output_sizes[index]}, {layer.quant_input_size}]")
         if isinstance(shards[0], torch.Tensor):
             layer.fp8_weight = fp8_quantize_weight(torch.cat(shards, 0))
         else:

@@ -30,7 +30,7 @@ def init_dummy_quantized(model: nn.Module, seed: int = 0) -> None:
         params = [p for p in layer.parameters(recurse=False)]
         device = params[0].device if params else torch.device("cpu")
         gen = torch.Generator(device=device).manual_seed(seed + i)
-        k, n = layer.input_size, sum(layer.output_sizes)
+        k, n = layer.quant_input_size, sum(layer.quant_output_sizes)
         for name in list(layer.stash.names):
             delattr(layer, name)
         del layer.stash
