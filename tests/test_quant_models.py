@@ -37,6 +37,11 @@ def test_kv_cache_dtype_refuses_unknown():
 
 
 # ---- tiny models quantized into each checkpoint format --------------------------------------
+# NOTE: these need the linear-layer seam (models/linear.py: a quant_method per layer); until it
+# is on this branch they are skipped, not faked.
+needs_linear_seam = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("minserve.models.linear") is None,
+    reason="needs minserve/models/linear.py (the quant_method seam)")
 # Each case: our logits on the quantized checkpoint against our logits on the same model with
 # the producer-dequantized weights (the writers in tests/quant_packers.py), for a whole prefill,
 # token-by-token decode and a prefill in chunks.
@@ -84,6 +89,7 @@ def _check_pair(ours, ref) -> None:
         pos += size
 
 
+@needs_linear_seam
 @pytest.mark.parametrize("name,method,opts", FORMATS, ids=[f[0] for f in FORMATS])
 def test_quantized_checkpoint_matches_dequantized(tiny_model_dir, tmp_path, name, method, opts):
     if method.startswith("ct-"):
@@ -99,6 +105,7 @@ def test_quantized_checkpoint_matches_dequantized(tiny_model_dir, tmp_path, name
     _check_pair(ours, load_ours(ref))
 
 
+@needs_linear_seam
 def test_fp8_dynamic_quantization_of_a_16_bit_checkpoint(tiny_model_dir):
     """--quantization fp8: per-channel scales computed at load; the reference is the dense
     model with each weight rounded the same way (which per-channel makes shard-independent)."""
@@ -123,6 +130,7 @@ GGUF_CASES = [
 ]
 
 
+@needs_linear_seam
 @pytest.mark.parametrize("qtype,qtypes,shape", GGUF_CASES, ids=[c[0] for c in GGUF_CASES])
 def test_gguf_served_quantized_matches_dequantized(tiny_model_factory, tmp_path, monkeypatch,
                                                    qtype, qtypes, shape):
