@@ -18,7 +18,13 @@ from minserve.kernels.fp8_gemm import (
     scaled_mm_supported,
 )
 from minserve.kernels.norm import rmsnorm_ref, rmsnorm_triton
-from minserve.kernels.quant_gemm import IntWeight, int_gemm_ref, int_gemm_triton
+from minserve.kernels.quant_gemm import (
+    CpuInt4Weight,
+    IntWeight,
+    cpu_int4_gemm,
+    int_gemm_ref,
+    int_gemm_triton,
+)
 from minserve.kernels.rotary import make_cos_sin_cache, rotary_ref, rotary_triton
 
 __all__ = [
@@ -90,10 +96,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(x)
 
 
-def int_gemm(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int_gemm(x: torch.Tensor, w: IntWeight | CpuInt4Weight,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ int4/int8 weight [N, K].T -> [..., N] (weight-only, group-wise scales)."""
     x2 = x.reshape(-1, x.shape[-1])
-    if triton_enabled(x):
+    if isinstance(w, CpuInt4Weight):
+        out = cpu_int4_gemm(x2, w, bias)
+    elif triton_enabled(x):
         out = int_gemm_triton(x2, w, bias)
     else:
         out = int_gemm_ref(x2, w, bias)

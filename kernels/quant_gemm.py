@@ -89,6 +89,54 @@ def dequantize_int(w: IntWeight, dtype: torch.dtype = torch.float32) -> torch.Te
     return dense.t().to(dtype)
 
 
+@dataclass(slots=True)
+class CpuInt4Weight:
+    """An int4 IntWeight in torch's CPU int4 GEMM layout (`_convert_weight_to_int4pack_for_cpu`:
+    opaque tiles), with torch's (scale, zero) pairs: w = (q - 8) * scale + zero. Made from an
+    IntWeight at load on CPU; its own layout, so the IntWeight is not kept beside it."""
+    packed: torch.Tensor             # uint8, torch's tiles of the [N, K] int4 values
+    scales_zeros: torch.Tensor       # [K // G, N, 2] bfloat16
+    group_size: int
+    in_features: int
+    out_features: int
+    perm: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        tensors = [self.packed, self.scales_zeros] + ([self.perm] if self.perm is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def cpu_int4_supported(w: IntWeight) -> bool:
+    return (w.bits == 4 and w.group_size in CPU_INT4_GROUP_SIZES and w.qweight.device.type == "cpu"
+            and w.out_features % 16 == 0   # torch's packing works on 16-row tiles
+            and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+
+def to_cpu_int4(w: IntWeight) -> CpuInt4Weight:
+    q = unpack_int(w.qweight, 4).t().contiguous()                     # [N, K] int32
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    # q * s + b = (q - 8) * s + (b + 8 s)
+    zeros = w.bias.float() + 8 * w.scales.float()
+    scales_zeros = torch.stack([w.scales.float(), zeros], dim=-1).to(torch.bfloat16).contiguous()
+    return CpuInt4Weight(packed, scales_zeros, w.group_size, w.in_features, w.out_features,
+                         w.perm)
+
+
+def cpu_int4_gemm(x: torch.Tensor, w: CpuInt4Weight, bias: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """x [M, K] -> [M, N] through torch's CPU int4 kernel, which wants bf16 activations.
+    PERF: bench/quant.py --device cpu: at M=1 about the time of the dense fp32 matmul for a
+    quarter of its weight bytes; its fp32-activation variant was 10-100x slower."""
+    if w.perm is not None:
+        x = x.index_select(1, w.perm)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        x.to(torch.bfloat16).contiguous(), w.packed, w.group_size, w.scales_zeros).to(x.dtype)
+    return out if bias is None else out + bias
+
+
 def int_gemm_ref(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N]: dequantize, then one matmul in x's dtype (what CPU serves with)."""
     return torch.nn.functional.linear(x, dequantize_int(w, x.dtype), bias)

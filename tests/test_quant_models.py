@@ -67,31 +67,40 @@ def _prompt(n: int, seed: int) -> list[int]:
     return [rng.randrange(3, 500) for _ in range(n)]
 
 
-def _check_pair(ours, ref) -> None:
+@pytest.fixture
+def reference_int_path(monkeypatch):
+    """Keep int4 layers in the int GEMM layout on CPU, so the plain-torch reference (exact fp32
+    dequantization) runs instead of torch's bf16-activation CPU int4 kernel."""
+    import minserve.models.quant.base as base
+
+    monkeypatch.setattr(base, "cpu_int4_supported", lambda w: False)
+
+
+def _check_pair(ours, ref, atol: float = ATOL) -> None:
     from tests.paged_runner import PagedRunner
 
     prompt = _prompt(40, 1)
     (got,) = PagedRunner(ours, block_size=16).step([("a", prompt)])
     (want,) = PagedRunner(ref, block_size=16).step([("a", prompt)])
-    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    runners = PagedRunner(ours, block_size=8), PagedRunner(ref, block_size=8)
-    for runner_got, runner_want in [runners]:
-        for start in range(0, 24, 1):                    # token-by-token decode
-            (g,) = runner_got.step([("d", prompt[start:start + 1])])
-            (w,) = runner_want.step([("d", prompt[start:start + 1])])
-            torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    runner_got, runner_want = PagedRunner(ours, block_size=8), PagedRunner(ref, block_size=8)
+    for start in range(24):                              # token-by-token decode
+        (g,) = runner_got.step([("d", prompt[start:start + 1])])
+        (w,) = runner_want.step([("d", prompt[start:start + 1])])
+        torch.testing.assert_close(g, w, atol=atol, rtol=0)
     runners = PagedRunner(ours, block_size=16), PagedRunner(ref, block_size=16)
     pos = 0
     for size in (5, 16, 11, 1, 7):                      # chunked prefill, mid-block edges
         (g,) = runners[0].step([("c", prompt[pos:pos + size])])
         (w,) = runners[1].step([("c", prompt[pos:pos + size])])
-        torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+        torch.testing.assert_close(g, w, atol=atol, rtol=0)
         pos += size
 
 
 @needs_linear_seam
 @pytest.mark.parametrize("name,method,opts", FORMATS, ids=[f[0] for f in FORMATS])
-def test_quantized_checkpoint_matches_dequantized(tiny_model_dir, tmp_path, name, method, opts):
+def test_quantized_checkpoint_matches_dequantized(tiny_model_dir, tmp_path, reference_int_path,
+                                                  name, method, opts):
     if method.startswith("ct-"):
         pytest.importorskip("compressed_tensors")
     from tests.paged_runner import load_ours
@@ -133,7 +142,7 @@ GGUF_CASES = [
 @needs_linear_seam
 @pytest.mark.parametrize("qtype,qtypes,shape", GGUF_CASES, ids=[c[0] for c in GGUF_CASES])
 def test_gguf_served_quantized_matches_dequantized(tiny_model_factory, tmp_path, monkeypatch,
-                                                   qtype, qtypes, shape):
+                                                   reference_int_path, qtype, qtypes, shape):
     from minserve.models.loader import resolve_model
     from tests.paged_runner import load_ours
     from tests.tiny import write_gguf
@@ -145,3 +154,20 @@ def test_gguf_served_quantized_matches_dequantized(tiny_model_factory, tmp_path,
     ours = load_ours(resolve_model(path, gguf_quantized=True))
     assert sum(len(getattr(m, "parts", [])) for m in ours.modules()) > 0
     _check_pair(ours, load_ours(resolve_model(path)))
+
+
+@needs_linear_seam
+def test_cpu_int4_kernel_path_tracks_dequantized(tiny_model_dir, tmp_path):
+    """Without the fixture, CPU int4 layers run torch's int4 kernel on bf16 activations: the
+    logits follow the dequantized model to bf16 rounding (a wrong nibble order is off by ~5)."""
+    from minserve.kernels.quant_gemm import CpuInt4Weight
+    from tests.paged_runner import load_ours
+    from tests.quant_packers import quantize_model_folder
+
+    dst, ref = str(tmp_path / "quantized"), str(tmp_path / "dequantized")
+    quantize_model_folder(tiny_model_dir, dst, ref, "gptq", bits=4, group_size=32,
+                          desc_act=True)
+    ours = load_ours(dst)
+    assert any(isinstance(p, CpuInt4Weight) for m in ours.modules() for p in
+               getattr(m, "parts", []))
+    _check_pair(ours, load_ours(ref), atol=0.25)

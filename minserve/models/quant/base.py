@@ -11,7 +11,7 @@ from torch import nn
 
 from minserve import kernels
 from minserve.config import ConfigError
-from minserve.kernels.quant_gemm import IntWeight
+from minserve.kernels.quant_gemm import IntWeight, cpu_int4_supported, to_cpu_int4
 
 SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256)
 
@@ -171,10 +171,18 @@ def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return torch.equal(a, b)
 
 
-def part_forward(x: torch.Tensor, part: IntWeight | torch.Tensor) -> torch.Tensor:
-    if isinstance(part, IntWeight):
-        return kernels.int_gemm(x, part)
-    return torch.nn.functional.linear(x, part)
+def cpu_layout(part: IntWeight | torch.Tensor) -> Any:
+    """On CPU, int4 weights move to torch's CPU int4 GEMM layout (kernels/quant_gemm.py
+    CpuInt4Weight): the reference would dequantize the whole weight on every call."""
+    if isinstance(part, IntWeight) and cpu_int4_supported(part):
+        return to_cpu_int4(part)
+    return part
+
+
+def part_forward(x: torch.Tensor, part: Any) -> torch.Tensor:
+    if isinstance(part, torch.Tensor):
+        return torch.nn.functional.linear(x, part)
+    return kernels.int_gemm(x, part)
 
 
 class IntLinearMethod(LinearMethod):
@@ -199,7 +207,7 @@ class IntLinearMethod(LinearMethod):
                                    f"model expects [{layer.quant_output_sizes[index]}, "
                                    f"{layer.quant_input_size}]")
             parts.append(part.to(dtype) if isinstance(part, torch.Tensor) else part)
-        layer.parts = merge_parts(parts)
+        layer.parts = [cpu_layout(p) for p in merge_parts(parts)]
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
