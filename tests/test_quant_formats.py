@@ -197,3 +197,29 @@ def test_gguf_unsupported_type_names_it():
     raw = torch.zeros(2, 22, dtype=torch.uint8)
     with pytest.raises(ConfigError, match="Q5_0 cannot be served quantized"):
         gguf_to_int(raw, int(GGMLQuantizationType.Q5_0), 32)
+
+
+@pytest.mark.parametrize("n,k,group,act_order", [(48, 256, 32, False), (32, 128, 64, True),
+                                                 (64, 512, 128, False), (16, 512, 256, False)])
+def test_cpu_int4_kernel_matches_reference(n, k, group, act_order):
+    """torch's CPU int4 GEMM (bf16 activations) against the exact reference, M = 1 and 100."""
+    from minserve.kernels.quant_gemm import (
+        IntWeight,
+        cpu_int4_gemm,
+        cpu_int4_supported,
+        to_cpu_int4,
+    )
+
+    torch.manual_seed(n + k)
+    q = torch.randint(0, 16, (k, n))
+    w = IntWeight(pack_int(q, 4), torch.rand(k // group, n) * 0.05 + 0.01,
+                  torch.randn(k // group, n) * 0.1, 4, group,
+                  torch.randperm(k) if act_order else None)
+    assert cpu_int4_supported(w)
+    packed = to_cpu_int4(w)
+    assert packed.nbytes() < w.nbytes()
+    for m in (1, 100):
+        x = torch.randn(m, k)
+        want = int_gemm_ref(x, w)
+        torch.testing.assert_close(cpu_int4_gemm(x, packed), want, rtol=0,
+                                   atol=1e-2 * float(want.abs().max()))
