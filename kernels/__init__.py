@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 
 import torch
-from minserve.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from minserve.kernels.attention import AttnMetadata, paged_attention_ref, paged_attention_triton
-from minserve.kernels.attention import triton as _triton
 from minserve.kernels.cache import store_kv_ref, store_kv_triton
 from minserve.kernels.fp8_gemm import (
     Fp8Weight,
@@ -17,7 +15,7 @@ from minserve.kernels.fp8_gemm import (
     fp8_scaled_mm,
     scaled_mm_supported,
 )
-from minserve.kernels.norm import rmsnorm_ref, rmsnorm_triton
+from minserve.kernels.jit import triton
 from minserve.kernels.quant_gemm import (
     CpuInt4Weight,
     IntWeight,
@@ -25,16 +23,11 @@ from minserve.kernels.quant_gemm import (
     int_gemm_ref,
     int_gemm_triton,
 )
-from minserve.kernels.rotary import make_cos_sin_cache, rotary_ref, rotary_triton
 
-__all__ = [
-    "AttnMetadata", "Fp8Weight", "IntWeight", "fp8_gemm", "int_gemm", "make_cos_sin_cache",
-    "paged_attention", "rms_norm", "rotary", "silu_and_mul", "store_kv", "triton_enabled",
-]
+__all__ = ["AttnMetadata", "Fp8Weight", "IntWeight", "fp8_gemm", "int_gemm", "paged_attention",
+           "store_kv", "triton_enabled"]
 
-# Note: the function `rotary` below shadows the submodule attribute of the same name; import
-# from the file with `from minserve.kernels.rotary import rotary_ref`, not `import ... as`.
-_TRITON = _triton is not None and os.environ.get("MINSERVE_NO_TRITON", "") != "1"
+_TRITON = triton is not None and os.environ.get("MINSERVE_NO_TRITON", "") != "1"
 
 
 def triton_enabled(t: torch.Tensor) -> bool:
@@ -68,32 +61,6 @@ def store_kv(
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     else:
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-
-
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """norm(x); with residual: h = x + residual, returns (norm(h), h)."""
-    if triton_enabled(x):
-        return rmsnorm_triton(x, weight, eps, residual)
-    return rmsnorm_ref(x, weight, eps, residual)
-
-
-def rotary(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-) -> None:
-    """Neox-style rotary on q [T, H, D] and k [T, K, D] in place; cache [max_pos, rot_dim]."""
-    if triton_enabled(q):
-        rotary_triton(positions, q, k, cos_sin_cache)
-    else:
-        rotary_ref(positions, q, k, cos_sin_cache)
-
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [..., 2I] = [gate | up] -> silu(gate) * up [..., I]."""
-    if triton_enabled(x):
-        return silu_and_mul_triton(x)
-    return silu_and_mul_ref(x)
 
 
 def int_gemm(x: torch.Tensor, w: IntWeight | CpuInt4Weight,

@@ -15,13 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the reference still works, the kernel is never called
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from minserve.kernels.jit import jit, tl, triton
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -109,7 +103,7 @@ def fp8_scaled_mm_ref(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None =
     return out if bias is None else out + bias
 
 
-@_jit
+@jit
 def _fp8_gemm_kernel(
     x_ptr,          # [M, K] fp16/bf16/fp32, row stride stride_xm
     w_ptr,          # [N, K] float8_e4m3fn

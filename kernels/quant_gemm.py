@@ -22,13 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the reference still works, the kernel is never called
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from minserve.kernels.jit import jit, tl, triton
 
 SUPPORTED_BITS = (4, 8)
 
@@ -142,7 +136,7 @@ def int_gemm_ref(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None
     return torch.nn.functional.linear(x, dequantize_int(w, x.dtype), bias)
 
 
-@_jit
+@jit
 def _int_gemm_kernel(
     x_ptr,          # [M, K] activations (fp16/bf16/fp32), row stride stride_xm
     qw_ptr,         # [K // P, N] int32
