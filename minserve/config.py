@@ -37,6 +37,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
+    quantization_config: dict[str, Any] | None = None  # config.json's, as written
+    # The parsed method (a models.quant QuantConfig), set by the loader before the model is
+    # built; each linear layer asks it for its quant_method.
+    quant_config: Any = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -76,6 +80,7 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            quantization_config=d.get("quantization_config"),
         )
 
 

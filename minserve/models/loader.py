@@ -160,11 +160,23 @@ def _convert_once(gguf_path: str, out: str, quantized: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def load_model(folder: str, model_config: Any, device: torch.device | str, dtype: torch.dtype,
-               load_format: str = "auto", model_cls: type | None = None) -> nn.Module:
+               load_format: str = "auto", model_cls: type | None = None,
+               quantization: str | None = None) -> nn.Module:
     """Build model_cls (default: the registry's class for the architecture) and fill it from the
-    folder's checkpoint, or with random weights (load_format="dummy")."""
+    folder's checkpoint, or with random weights (load_format="dummy"). The checkpoint's
+    quantization_config (or `quantization`, --quantization) picks each linear's quant_method."""
+    from minserve.models.quant import get_quant_config
+    from minserve.models.quant.loading import (
+        finish_loading,
+        init_dummy_quantized,
+        weight_bytes,
+    )
+
     device = torch.device(device)
     model_cls = model_cls or get_model_class(model_config.architecture)
+    if hasattr(model_config, "quant_config"):
+        model_config.quant_config = get_quant_config(
+            getattr(model_config, "quantization_config", None), quantization)
     # Build without allocating, cast on meta (free), then allocate uninitialised on the device:
     # every parameter is written exactly once, by the loader below.
     with torch.device("meta"):
@@ -178,12 +190,17 @@ def load_model(folder: str, model_config: Any, device: torch.device | str, dtype
         p.__dict__.update(attrs[name])
     if load_format == "dummy":
         init_dummy_weights(model)
+        init_dummy_quantized(model)
     else:
         files = checkpoint_files(folder)
         t0 = time.perf_counter()
         load_weights(model, iter_weights(files))
+        finish_loading(model, dtype)
         _progress(f"loaded {len(files)} weight file(s) from {folder} "
                   f"in {time.perf_counter() - t0:.1f}s")
+    quant = getattr(model_config, "quant_config", None)
+    _progress(f"weights: {weight_bytes(model) / 2**20:.1f} MiB, "
+              f"{quant.describe() if quant is not None else 'unquantized'} ({dtype})")
     return model.eval().requires_grad_(False)
 
 
@@ -232,7 +249,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     shards_of: dict[str, list[Any]] = {}
     for fused, shard_id in packed.values():
         shards_of.setdefault(fused, []).append(shard_id)
-    expected = {(name, s) for name in params
+    # Optional checkpoint tensors (GPTQ's g_idx in some writers, compressed-tensors' actorder
+    # weight_g_idx) need not arrive.
+    expected = {(name, s) for name, p in params.items() if not getattr(p, "is_optional", False)
                 for s in shards_of.get(_module_leaf(name), [None])}
     rename = getattr(model, "map_weight_name", None)
     loaded: set[tuple[str, Any]] = set()
