@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="the weights' quantization method (default: from config.json's quantization_config "
            "or the GGUF tensor types); fp8 on a 16-bit checkpoint quantizes it at load")
     a("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
-      help="auto: the model dtype; fp8 (fp8_e4m3): half the KV bytes of bf16, scales from the "
-           "checkpoint or 1.0")
+      help="auto: the model dtype; fp8 (fp8_e4m3): e4m3 with scales of 1.0, half the KV bytes "
+           "of bf16")
     a("--gguf-dequantize", action=argparse.BooleanOptionalAction, default=None,
       help="GGUF files: dequantize the weights at load instead of serving the quantized blocks "
            "(default: dequantize on CPU, where it measured faster; quantized on GPU)")
