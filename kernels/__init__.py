@@ -66,24 +66,20 @@ def store_kv(
 def int_gemm(x: torch.Tensor, w: IntWeight | CpuInt4Weight,
              bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ int4/int8 weight [N, K].T -> [..., N] (weight-only, group-wise scales)."""
-    x2 = x.reshape(-1, x.shape[-1])
     if isinstance(w, CpuInt4Weight):
-        out = cpu_int4_gemm(x2, w, bias)
-    elif triton_enabled(x):
-        out = int_gemm_triton(x2, w, bias)
-    else:
-        out = int_gemm_ref(x2, w, bias)
-    return out.view(*x.shape[:-1], out.shape[-1])
+        return _on_rows(cpu_int4_gemm, x, w, bias)
+    return _on_rows(int_gemm_triton if triton_enabled(x) else int_gemm_ref, x, w, bias)
 
 
 def fp8_gemm(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ fp8 weight [N, K].T -> [..., N]: torch._scaled_mm on fp8 GPUs (activations
     quantized per token or with the static scale), else the weight-only Triton kernel."""
-    x2 = x.reshape(-1, x.shape[-1])
-    if x.is_cuda and scaled_mm_supported(w, x2):
-        out = fp8_scaled_mm(x2, w, bias)
-    elif triton_enabled(x):
-        out = fp8_gemm_triton(x2, w, bias)
-    else:
-        out = fp8_gemm_ref(x2, w, bias)
+    if x.is_cuda and scaled_mm_supported(w, x):
+        return _on_rows(fp8_scaled_mm, x, w, bias)
+    return _on_rows(fp8_gemm_triton if triton_enabled(x) else fp8_gemm_ref, x, w, bias)
+
+
+def _on_rows(gemm, x: torch.Tensor, w: object, bias: torch.Tensor | None) -> torch.Tensor:
+    """A [M, K] GEMM applied to x [..., K]."""
+    out = gemm(x.reshape(-1, x.shape[-1]), w, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
