@@ -43,9 +43,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     args = ap.parse_args()
 
-    from minserve import kernels
     from minserve.kernels.fp8_gemm import fp8_quantize_weight
     from minserve.kernels.quant_gemm import IntWeight, pack_int
+
+    from minserve import kernels
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -67,7 +68,7 @@ def main() -> None:
             x = torch.randn(m, k, device=dev, dtype=dtype)
             base = None
             for name, (nbytes, fn) in layers.items():
-                ms = median_ms(lambda fn=fn: fn(x), args.iters, cuda)
+                ms = median_ms(lambda fn=fn, x=x: fn(x), args.iters, cuda)
                 base = base or ms
                 print(json.dumps({"shape": f"{n}x{k}", "M": m, "layer": name,
                                   "ms": round(ms, 4), "vs_dense": round(ms / base, 3),

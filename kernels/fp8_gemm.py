@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from minserve.kernels.jit import jit, tl, triton
 
 FP8_DTYPE = torch.float8_e4m3fn

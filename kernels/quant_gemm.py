@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from minserve.kernels.jit import jit, tl, triton
 
 SUPPORTED_BITS = (4, 8)

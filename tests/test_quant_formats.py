@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from minserve.kernels.quant_gemm import dequantize_int, int_gemm_ref, pack_int, unpack_int
 
 from minserve.config import ConfigError
-from minserve.kernels.quant_gemm import dequantize_int, int_gemm_ref, pack_int, unpack_int
 from minserve.models.quant.awq import awq_to_int, unpack_awq
 from minserve.models.quant.gptq import gptq_to_int
 from tests.quant_packers import dequantize_groups, pack_awq, pack_gptq, quantize_groups
@@ -128,8 +128,8 @@ def test_compressed_tensors_fp8_matches_library(strategy):
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
     from minserve.kernels.fp8_gemm import dequantize_fp8
+
     from minserve.models.quant.fp8 import shard_to_fp8
 
     torch.manual_seed(3)

@@ -119,6 +119,7 @@ def test_fp8_dynamic_quantization_of_a_16_bit_checkpoint(tiny_model_dir):
     """--quantization fp8: per-channel scales computed at load; the reference is the dense
     model with each weight rounded the same way (which per-channel makes shard-independent)."""
     from minserve.kernels.fp8_gemm import dequantize_fp8, fp8_quantize_weight
+
     from tests.paged_runner import load_ours
 
     ours = load_ours(tiny_model_dir, quantization="fp8")
@@ -161,6 +162,7 @@ def test_cpu_int4_kernel_path_tracks_dequantized(tiny_model_dir, tmp_path):
     """Without the fixture, CPU int4 layers run torch's int4 kernel on bf16 activations: the
     logits follow the dequantized model to bf16 rounding (a wrong nibble order is off by ~5)."""
     from minserve.kernels.quant_gemm import CpuInt4Weight
+
     from tests.paged_runner import load_ours
     from tests.quant_packers import quantize_model_folder
 

@@ -28,7 +28,7 @@ def init_dummy_quantized(model: nn.Module, seed: int = 0) -> None:
     layers get int4 values with group-128 scales (int8 for int8 configs), FP8 layers e4m3 with
     per-channel scales; both sized so outputs stay O(1) like the dense dummy weights."""
     for i, layer in enumerate(quantized_layers(model)):
-        params = [p for p in layer.parameters(recurse=False)]
+        params = list(layer.parameters(recurse=False))
         device = params[0].device if params else torch.device("cpu")
         gen = torch.Generator(device=device).manual_seed(seed + i)
         k, n = layer.quant_input_size, sum(layer.quant_output_sizes)
