@@ -82,6 +82,14 @@ def shard_index(shard_id: Any) -> int:
     return "qkv".index(shard_id) if isinstance(shard_id, str) else int(shard_id)
 
 
+def check_single_rank(layer: nn.Module) -> None:
+    """The stash keeps whole checkpoint shards; slicing them per rank (after unpacking, where
+    no packed dim gets in the way) is the tensor-parallel issue's. Refuse until then."""
+    if getattr(layer, "tp_size", 1) > 1:
+        raise config_error("quantized layers do not support tensor parallelism yet "
+                           "(use --tensor-parallel-size 1)")
+
+
 class ShardStash:
     """Checkpoint tensors of one layer, by name and shard, until the layer is complete. The
     tensors keep the checkpoint's own (packed) shapes: each format unpacks a whole shard at
@@ -190,6 +198,7 @@ class IntLinearMethod(LinearMethod):
         self.config = config
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int]) -> None:
+        check_single_rank(layer)
         layer.quant_input_size, layer.quant_output_sizes = input_size, list(output_sizes)
         layer.stash = ShardStash(self.config.param_names, len(output_sizes),
                                  self.config.optional_params)

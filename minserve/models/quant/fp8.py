@@ -21,6 +21,7 @@ from minserve.models.quant.base import (
     LinearMethod,
     QuantConfig,
     ShardStash,
+    check_single_rank,
     config_error,
     prefix_matches,
 )
@@ -134,6 +135,7 @@ class Fp8LinearMethod(LinearMethod):
         self.names, self.convert = names, convert
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int]) -> None:
+        check_single_rank(layer)
         layer.quant_input_size, layer.quant_output_sizes = input_size, list(output_sizes)
         layer.stash = ShardStash(self.names, len(output_sizes))
         layer.stash.register(layer)
