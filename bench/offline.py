@@ -91,7 +91,7 @@ def main() -> None:
         "num_requests": args.num_requests, "input_tokens": num_in, "output_tokens": num_out,
         "elapsed_s": round(elapsed, 2), "output_tok_s": round(num_out / elapsed, 1),
         "total_tok_s": round((num_in + num_out) / elapsed, 1),
-        "num_kv_blocks": llm.engine.num_kv_blocks,
+        "num_kv_blocks": llm.engine.info.num_kv_blocks,
         "weight_MiB": round(weight_bytes(llm.engine.runner.model) / 2**20, 1),
         "max_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "quantization": args.quantization, "gguf_dequantize": args.gguf_dequantize,

@@ -3,17 +3,11 @@ against the same file dequantized at load: it answers "Paris", and greedy tokens
 prompt set except where the dequantized model's top-2 logprobs are within tolerance."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from minserve import LLM, SamplingParams
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("minserve.models.linear") is None,
-                       reason="needs minserve/models/linear.py (the quant_method seam)"),
-]
+pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):",
            "Once upon a time", "The chemical symbol for gold is", "Water boils at"]
 # nats: on CPU the quantized side runs torch's int4 kernel on bf16 activations, which moves

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from minserve import LLM, SamplingParams
+from minserve.models.layers import Attention
 
 PROMPTS = [[5, 17, 33, 200, 9, 41, 77, 12, 300, 8, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
            [100, 3, 4]]
@@ -17,7 +18,8 @@ def test_fp8_kv_cache_holds_more_blocks_and_stays_close(tiny_model_dir):
     runs = {}
     for kv in ("auto", "fp8"):
         llm = LLM(tiny_model_dir, kv_cache_dtype=kv, kv_cache_memory=1 << 22)
-        runs[kv] = (llm.engine.num_kv_blocks, llm.engine.runner.kv_caches[0][0].dtype,
+        attn = next(m for m in llm.engine.runner.model.modules() if isinstance(m, Attention))
+        runs[kv] = (llm.engine.info.num_kv_blocks, attn.k_cache.dtype,
                     llm.generate(PROMPTS, params, use_tqdm=False))
     (blocks, dtype, ref), (blocks8, dtype8, outs) = runs["auto"], runs["fp8"]
     assert (dtype, dtype8) == (torch.float32, torch.float8_e4m3fn)
@@ -37,11 +39,6 @@ def test_kv_cache_dtype_refuses_unknown():
 
 
 # ---- tiny models quantized into each checkpoint format --------------------------------------
-# NOTE: these need the linear-layer seam (models/linear.py: a quant_method per layer); until it
-# is on this branch they are skipped, not faked.
-needs_linear_seam = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("minserve.models.linear") is None,
-    reason="needs minserve/models/linear.py (the quant_method seam)")
 # Each case: our logits on the quantized checkpoint against our logits on the same model with
 # the producer-dequantized weights (the writers in tests/quant_packers.py), for a whole prefill,
 # token-by-token decode and a prefill in chunks.
@@ -97,7 +94,6 @@ def _check_pair(ours, ref, atol: float = ATOL) -> None:
         pos += size
 
 
-@needs_linear_seam
 @pytest.mark.parametrize("name,method,opts", FORMATS, ids=[f[0] for f in FORMATS])
 def test_quantized_checkpoint_matches_dequantized(tiny_model_dir, tmp_path, reference_int_path,
                                                   name, method, opts):
@@ -114,7 +110,6 @@ def test_quantized_checkpoint_matches_dequantized(tiny_model_dir, tmp_path, refe
     _check_pair(ours, load_ours(ref))
 
 
-@needs_linear_seam
 def test_fp8_dynamic_quantization_of_a_16_bit_checkpoint(tiny_model_dir):
     """--quantization fp8: per-channel scales computed at load; the reference is the dense
     model with each weight rounded the same way (which per-channel makes shard-independent)."""
@@ -140,7 +135,6 @@ GGUF_CASES = [
 ]
 
 
-@needs_linear_seam
 @pytest.mark.parametrize("qtype,qtypes,shape", GGUF_CASES, ids=[c[0] for c in GGUF_CASES])
 def test_gguf_served_quantized_matches_dequantized(tiny_model_factory, tmp_path, monkeypatch,
                                                    reference_int_path, qtype, qtypes, shape):
@@ -157,7 +151,6 @@ def test_gguf_served_quantized_matches_dequantized(tiny_model_factory, tmp_path,
     _check_pair(ours, load_ours(resolve_model(path)))
 
 
-@needs_linear_seam
 def test_cpu_int4_kernel_path_tracks_dequantized(tiny_model_dir, tmp_path):
     """Without the fixture, CPU int4 layers run torch's int4 kernel on bf16 activations: the
     logits follow the dequantized model to bf16 rounding (a wrong nibble order is off by ~5)."""
