@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import tempfile
 import time
 from random import randint, seed
@@ -49,9 +50,13 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--gguf-dequantize", action=argparse.BooleanOptionalAction, default=None)
     args = ap.parse_args()
 
     from minserve import LLM, SamplingParams
+    from minserve.models.quant.loading import weight_bytes
 
     tokenizer = args.tokenizer
     if (tokenizer is None and args.load_format == "dummy" and args.model
@@ -61,7 +66,8 @@ def main() -> None:
               max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory=args.kv_cache_memory, dtype=args.dtype,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype, gguf_dequantize=args.gguf_dequantize)
     vocab = llm.engine.model_config.vocab_size
     seed(0)
     min_in = min(args.min_input_len, args.max_input_len)
@@ -86,6 +92,9 @@ def main() -> None:
         "elapsed_s": round(elapsed, 2), "output_tok_s": round(num_out / elapsed, 1),
         "total_tok_s": round((num_in + num_out) / elapsed, 1),
         "num_kv_blocks": llm.engine.info.num_kv_blocks,
+        "weight_MiB": round(weight_bytes(llm.engine.runner.model) / 2**20, 1),
+        "max_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "quantization": args.quantization, "gguf_dequantize": args.gguf_dequantize,
     }))
 
 

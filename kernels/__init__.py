@@ -8,9 +8,24 @@ import os
 import torch
 from minserve.kernels.attention import AttnMetadata, paged_attention_ref, paged_attention_triton
 from minserve.kernels.cache import store_kv_ref, store_kv_triton
+from minserve.kernels.fp8_gemm import (
+    Fp8Weight,
+    fp8_gemm_ref,
+    fp8_gemm_triton,
+    fp8_scaled_mm,
+    scaled_mm_supported,
+)
 from minserve.kernels.jit import triton
+from minserve.kernels.quant_gemm import (
+    CpuInt4Weight,
+    IntWeight,
+    cpu_int4_gemm,
+    int_gemm_ref,
+    int_gemm_triton,
+)
 
-__all__ = ["AttnMetadata", "paged_attention", "store_kv", "triton_enabled"]
+__all__ = ["AttnMetadata", "Fp8Weight", "IntWeight", "fp8_gemm", "int_gemm", "paged_attention",
+           "store_kv", "triton_enabled"]
 
 _TRITON = triton is not None and os.environ.get("MINSERVE_NO_TRITON", "") != "1"
 
@@ -22,11 +37,15 @@ def triton_enabled(t: torch.Tensor) -> bool:
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: AttnMetadata,
     scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """q [T, H, D], caches [NB, BS, K, D] -> [T, H, D] (written into `out` when given)."""
+    """q [T, H, D], caches [NB, BS, K, D] -> [T, H, D] (written into `out` when given). An fp8
+    cache holds k / k_scale and v / v_scale."""
     if triton_enabled(q):
-        return paged_attention_triton(q, k_cache, v_cache, attn, scale, sliding_window, out=out)
-    result = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window)
+        return paged_attention_triton(q, k_cache, v_cache, attn, scale, sliding_window,
+                                      out=out, k_scale=k_scale, v_scale=v_scale)
+    result = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window,
+                                 k_scale, v_scale)
     if out is None:
         return result
     out.copy_(result)
@@ -35,10 +54,32 @@ def paged_attention(
 
 def store_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
     """k, v [T, K, D] -> cache slots slot_mapping[T] (int64; -1 skips the token)."""
     if triton_enabled(k):
-        store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+        store_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     else:
-        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+def int_gemm(x: torch.Tensor, w: IntWeight | CpuInt4Weight,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ int4/int8 weight [N, K].T -> [..., N] (weight-only, group-wise scales)."""
+    if isinstance(w, CpuInt4Weight):
+        return _on_rows(cpu_int4_gemm, x, w, bias)
+    return _on_rows(int_gemm_triton if triton_enabled(x) else int_gemm_ref, x, w, bias)
+
+
+def fp8_gemm(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ fp8 weight [N, K].T -> [..., N]: torch._scaled_mm on fp8 GPUs (activations
+    quantized per token or with the static scale), else the weight-only Triton kernel."""
+    if x.is_cuda and scaled_mm_supported(w, x):
+        return _on_rows(fp8_scaled_mm, x, w, bias)
+    return _on_rows(fp8_gemm_triton if triton_enabled(x) else fp8_gemm_ref, x, w, bias)
+
+
+def _on_rows(gemm, x: torch.Tensor, w: object, bias: torch.Tensor | None) -> torch.Tensor:
+    """A [M, K] GEMM applied to x [..., K]."""
+    out = gemm(x.reshape(-1, x.shape[-1]), w, bias)
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -40,8 +40,11 @@ def paged_attention_ref(
     attn: AttnMetadata,
     scale: float,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:           # [T, H, D]
-    """One request at a time, in float32. GQA without copying K/V per query head: the G query
+    """One request at a time, in float32 (an fp8 cache holds k / k_scale, v / v_scale). GQA
+    without copying K/V per query head: the G query
     heads of kv head k become G rows of k's matrix (the kernel's tile packing, in torch), which
     made CPU serving's attention 2.5-3x faster than repeat_interleave + einsum."""
     _, num_heads, head_dim = q.shape
@@ -58,6 +61,8 @@ def paged_attention_ref(
         blocks = attn.block_table[r, :(seq_len + block_size - 1) // block_size]
         k = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].float()   # [S, K, D]
         v = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len].float()
+        if k_scale != 1.0 or v_scale != 1.0:
+            k, v = k * k_scale, v * v_scale
         # [Q, H, D] -> [K, Q*G, D]: row (i, g) of kv head k is query token i, head k*G + g
         qr = q[start:end].float().view(query_len, num_kv_heads, group, head_dim)
         qr = qr.permute(1, 0, 2, 3).reshape(num_kv_heads, query_len * group, head_dim)
@@ -126,6 +131,7 @@ def _tile_loop(
     stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_SIZE: tl.constexpr, SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Online softmax over key tiles [tile_lo, tile_hi); scores are in the log2 domain."""
     offs_t = tl.arange(0, TILE_SIZE)
@@ -144,6 +150,8 @@ def _tile_loop(
                     mask=dim_mask[:, None] & key_mask[None, :], other=0.0)     # [D, TILE]
         v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :],
                     mask=key_mask[:, None] & dim_mask[None, :], other=0.0)     # [TILE, D]
+        if KV_FP8:   # k_scale is folded into qk_scale, v_scale into the output
+            k, v = k.to(q.dtype), v.to(q.dtype)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale            # [M, TILE] fp32
         allowed = key_mask[None, :] & (key_pos[None, :] <= query_abs_pos[:, None])
         if SLIDING_WINDOW > 0:
@@ -163,13 +171,13 @@ def _tile_loop(
 @jit
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
-    segm_out_ptr, segm_max_ptr, segm_sum_ptr, qk_scale, num_reqs,
+    segm_out_ptr, segm_max_ptr, segm_sum_ptr, qk_scale, v_scale, num_reqs,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt,
     stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
-    NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Grid (query blocks, kv heads, NUM_SEGMENTS). NUM_SEGMENTS == 1 writes the output;
     otherwise each segment covers a slice of the key tiles and writes fp32 partials that
@@ -216,7 +224,9 @@ def _paged_attention_kernel(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_ptr + r.to(tl.int64) * stride_bt,
         kv_head, tile_lo, tile_hi, kv_end, context_len + query_pos, qk_scale,
         stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
-        HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE_SIZE, SLIDING_WINDOW, DOT_PRECISION)
+        HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE_SIZE, SLIDING_WINDOW, DOT_PRECISION, KV_FP8)
+    if KV_FP8:
+        acc = acc * v_scale
 
     io_mask = row_mask[:, None] & dim_mask[None, :]
     if NUM_SEGMENTS == 1:
@@ -267,6 +277,8 @@ def paged_attention_triton(
     *,
     tile_size: int | None = None,
     num_kv_splits: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:           # [T, H, D]
     """One launch for the mixed batch. Split-KV rule (num_kv_splits=None): split when every row
     is a decode (max_query_len == 1) and num_reqs * num_kv_heads < SPLIT_KV_MAX_PROGRAMS, i.e.
@@ -299,7 +311,7 @@ def paged_attention_triton(
     grid = (num_tokens // block_q + num_reqs, num_kv_heads, num_kv_splits)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, attn.block_table, attn.seq_lens, attn.query_start_loc,
-        segm_out, segm_max, segm_sum, scale * _LOG2E, num_reqs,
+        segm_out, segm_max, segm_sum, scale * k_scale * _LOG2E, v_scale, num_reqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), attn.block_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -307,6 +319,7 @@ def paged_attention_triton(
         BLOCK_SIZE=block_size, TILE_SIZE=tile, BLOCK_Q=block_q, BLOCK_M=block_m,
         SLIDING_WINDOW=sliding_window or 0, NUM_SEGMENTS=num_kv_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
     )
     if num_kv_splits > 1:
         _reduce_segments[(num_tokens, num_heads)](

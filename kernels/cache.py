@@ -1,5 +1,6 @@
 """Write the step's new K/V into the paged cache through the slot mapping (slot -1 = padding,
-skipped). Plain-torch reference for CPU and a Triton kernel for CUDA; it must not allocate."""
+skipped). Plain-torch reference for CPU and a Triton kernel for CUDA; it must not allocate.
+An fp8 cache (--kv-cache-dtype fp8) stores k / k_scale and v / v_scale, saturated to +-448."""
 from __future__ import annotations
 
 import torch
@@ -13,11 +14,22 @@ def store_kv_ref(
     k_cache: torch.Tensor,       # [NB, BS, K, D]
     v_cache: torch.Tensor,       # [NB, BS, K, D]
     slot_mapping: torch.Tensor,  # [T] int64
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(k[keep], k_cache.dtype, k_scale)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(v[keep], v_cache.dtype, v_scale)
+
+
+def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    if dtype != torch.float8_e4m3fn:
+        return x.to(dtype)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+FP8_MAX = 448.0
 
 
 @jit
@@ -25,8 +37,9 @@ def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_k_t, stride_k_h, stride_v_t, stride_v_h,
     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
+    k_scale, v_scale,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    HEADS_P: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+    HEADS_P: tl.constexpr, HEAD_DIM_P: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Grid (num_tokens,): one program copies all kv heads of one token to its slot."""
     token = tl.program_id(0).to(tl.int64)
@@ -42,6 +55,9 @@ def _store_kv_kernel(
                 mask=mask)
     v = tl.load(v_ptr + token * stride_v_t + offs_h[:, None] * stride_v_h + offs_d[None, :],
                 mask=mask)
+    if KV_FP8:
+        k = tl.clamp(k.to(tl.float32) / k_scale, -448.0, 448.0)
+        v = tl.clamp(v.to(tl.float32) / v_scale, -448.0, 448.0)
     kc = k_cache_ptr + block * stride_kc_b + in_block * stride_kc_s
     vc = v_cache_ptr + block * stride_vc_b + in_block * stride_vc_s
     tl.store(kc + offs_h[:, None] * stride_kc_h + offs_d[None, :],
@@ -52,7 +68,7 @@ def _store_kv_kernel(
 
 def store_kv_triton(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
     """Same contract as store_kv_ref; k/v may be strided views (e.g. slices of a fused qkv)."""
     num_tokens, num_kv_heads, head_dim = k.shape
@@ -64,7 +80,8 @@ def store_kv_triton(
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), k_scale, v_scale,
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         HEADS_P=triton.next_power_of_2(num_kv_heads), HEAD_DIM_P=triton.next_power_of_2(head_dim),
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
     )

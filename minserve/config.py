@@ -49,6 +49,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
+    quantization_config: dict[str, Any] | None = None  # config.json's, as written
+    # The parsed method (a models.quant QuantConfig), set by the loader before the model is
+    # built; each linear layer asks it for its quant_method.
+    quant_config: Any = None
     # Vision-language models: the whole config.json (the wrapper reads vision_config and its
     # projector settings from it), the image placeholder token, Qwen2-VL's M-RoPE split.
     hf_config: dict[str, Any] = field(default_factory=dict)
@@ -103,6 +107,7 @@ class ModelConfig:
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            quantization_config=top.get("quantization_config") or d.get("quantization_config"),
             torch_dtype=d.get("torch_dtype") or d.get("dtype") or top.get("torch_dtype")
             or top.get("dtype"),
             hf_config=top if arch in MULTIMODAL_ARCHITECTURES else {},
@@ -130,6 +135,11 @@ DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
                "fp32": "float32"}
 
 
+# --quantization names (vLLM's); the methods live in minserve/models/quant/.
+QUANTIZATION_METHODS = ("awq", "gptq", "compressed-tensors", "fp8", "gguf")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
 @dataclass
 class EngineConfig:
     """Engine arguments; the names are vLLM's (`--max-model-len` -> max_model_len)."""
@@ -154,6 +164,11 @@ class EngineConfig:
     chat_template: str | None = None  # a file path or the template text
     generation_config: str = "auto"  # auto | vllm | a folder
     revision: str | None = None
+    quantization: str | None = None  # None: from the checkpoint (quantization_config, GGUF)
+    kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8 (= fp8_e4m3)
+    # GGUF files: serve the linear weights from their quantized blocks (False) or dequantize
+    # them at load (True); None picks per device (see README: measured on CPU)
+    gguf_dequantize: bool | None = None
     # Vision-language models. limit_mm_per_prompt: at most this many items of a modality in one
     # prompt ({"image": N}; None: vLLM's default of 999). Images come from http(s) and data:
     # URLs; file:// ones only from below allowed_local_media_path; hosts only from
@@ -181,6 +196,15 @@ class EngineConfig:
             raise ConfigError(
                 f"--dtype {self.dtype!r} is not one of auto, bfloat16, float16, float32"
             )
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(f"--quantization {self.quantization!r} is not supported "
+                              f"(supported: {', '.join(QUANTIZATION_METHODS)})")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not supported "
+                              f"(supported: {', '.join(KV_CACHE_DTYPES)})")
+        if self.gguf_dequantize and self.quantization == "gguf":
+            raise ConfigError("--quantization gguf serves the GGUF blocks; it contradicts "
+                              "--gguf-dequantize")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ConfigError(
                 f"--load-format {self.load_format!r} is not one of auto, safetensors, gguf, dummy"

@@ -170,6 +170,104 @@ def _():
     assert torch.equal(v_cache.view(-1, 1, head_dim)[slots[2]], v[2])
 
 
+# ---- fp8 KV cache (--kv-cache-dtype fp8): caches hold k / k_scale, v / v_scale in e4m3 ----
+for _dtype in (torch.float32, torch.float16):
+    for _split in (1, 4):
+        @check(f"attention_fp8_kv[{_dtype},split={_split}]")
+        def _(dtype=_dtype, split=_split):
+            from minserve.kernels.cache import to_cache
+
+            torch.manual_seed(13)
+            q, k_cache, v_cache, attn = make_batch(MIXED, 4, 2, 16, 16, torch.float32)
+            k_scale, v_scale = 0.02, 0.05
+            k8 = to_cache(k_cache, torch.float8_e4m3fn, k_scale)
+            v8 = to_cache(v_cache, torch.float8_e4m3fn, v_scale)
+            q = q.to(dtype)
+            out = torch.full_like(q, float("nan"))
+            attention.paged_attention_triton(q, k8, v8, attn, 0.25, out=out,
+                                             num_kv_splits=split, k_scale=k_scale,
+                                             v_scale=v_scale)
+            want = paged_attention_ref(q, k8, v8, attn, 0.25, None, k_scale, v_scale)
+            tol = TOL[dtype] if dtype != torch.float32 else 1e-4
+            torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+
+
+@check("store_kv_fp8")
+def _():
+    # NOTE: Triton 3.9's interpreter rounds fp32 -> e4m3 wrongly when rounding up crosses a power
+    # of two (124 -> 64, not 128), so the inputs are e4m3 values times power-of-two scales
+    # (nothing to round), plus values past 448 * scale that must saturate rather than NaN.
+    torch.manual_seed(14)
+    k_cache = torch.zeros(4, 16, 2, 24, dtype=torch.float8_e4m3fn)
+    v_cache = torch.zeros_like(k_cache)
+    k_scale, v_scale = 0.0625, 0.25
+    k = (torch.randn(9, 2, 24) * 50).to(torch.float8_e4m3fn).float() * k_scale
+    v = (torch.randn(9, 2, 24) * 50).to(torch.float8_e4m3fn).float() * v_scale
+    k[0, 0, :4] = torch.tensor([1000.0, -1000.0, 448 * k_scale, 30.0])
+    slots = torch.randperm(64)[:9]
+    slots[3] = -1
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    cache.store_kv_ref(k, v, want_k, want_v, slots, k_scale, v_scale)
+    cache.store_kv_triton(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+    assert torch.equal(k_cache.view(torch.uint8), want_k.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), want_v.view(torch.uint8))
+    assert want_k.float().abs().max() == 448.0 and not want_k.float().isnan().any()
+
+
+# ---- weight-only int GEMM and FP8 GEMM (kernels/quant_gemm.py, kernels/fp8_gemm.py) ----
+# (bits, group_size, M, N, K, act_order, dtype): group sizes 16 (GGUF Q6_K) to 128 and per-channel
+# (None), M = 1 (decode: split-K path), 17 (middle tiles) and 100 (prefill tiles), N and K that
+# are not multiples of the tiles, act-order permutations.
+INT_GEMM_CASES = [
+    (4, 32, 1, 37, 96, False, torch.float16), (4, 64, 100, 64, 192, True, torch.float32),
+    (4, 128, 1, 130, 256, True, torch.float16), (8, 32, 100, 48, 128, False, torch.float16),
+    (8, 128, 1, 33, 384, False, torch.float32), (4, None, 17, 50, 64, False, torch.float32),
+    (8, 16, 5, 24, 64, True, torch.float16),
+]
+for _case in INT_GEMM_CASES:
+    @check("int_gemm[bits={},group={},M={},N={},K={},act_order={},{}]".format(*_case))
+    def _(case=_case):
+        from minserve.kernels.quant_gemm import IntWeight, int_gemm_ref, int_gemm_triton, pack_int
+
+        bits, group, m, n, k, act_order, dtype = case
+        group = group or k
+        torch.manual_seed(m * n + k)
+        q = torch.randint(0, 2 ** bits, (k, n))
+        scales = (torch.rand(k // group, n) * 0.05 + 0.01).to(dtype)
+        bias = (torch.randn(k // group, n) * 0.1).to(dtype)
+        perm = torch.randperm(k) if act_order else None
+        w = IntWeight(pack_int(q, bits), scales, bias, bits, group, perm)
+        x = torch.randn(m, k).to(dtype)
+        got, want = int_gemm_triton(x, w), int_gemm_ref(x, w)
+        tol = TOL[dtype] if dtype != torch.float32 else 1e-4
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+# (M, N, K, block, dtype); block None = per-tensor, (1, K) = per-channel
+FP8_GEMM_CASES = [
+    (1, 48, 64, None, torch.float16), (100, 37, 96, "channel", torch.float32),
+    (3, 200, 320, "128x128", torch.float16), (17, 64, 128, "64x32", torch.float32),
+]
+for _case in FP8_GEMM_CASES:
+    @check("fp8_gemm[M={},N={},K={},block={},{}]".format(*_case))
+    def _(case=_case):
+        from minserve.kernels.fp8_gemm import (
+            FP8_DTYPE,
+            Fp8Weight,
+            fp8_gemm_ref,
+            fp8_gemm_triton,
+        )
+
+        m, n, k, block, dtype = case
+        block = {None: (n, k), "channel": (1, k)}.get(block) or tuple(map(int, block.split("x")))
+        torch.manual_seed(m + n + k)
+        scale = torch.rand(-(-n // block[0]), -(-k // block[1])) * 0.01 + 1e-3
+        w = Fp8Weight((torch.randn(n, k) * 30).to(FP8_DTYPE), scale, block)
+        x = torch.randn(m, k).to(dtype)
+        got, want = fp8_gemm_triton(x, w), fp8_gemm_ref(x, w)
+        tol = TOL[dtype] if dtype != torch.float32 else 1e-4
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
 def run(names: list[str]) -> dict[str, str | None]:
     """name -> None when the check passed, else its traceback."""
     results = {}

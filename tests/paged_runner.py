@@ -14,10 +14,11 @@ from minserve.config import ModelConfig
 from minserve.models.loader import load_model
 
 
-def load_ours(folder: str, dtype: torch.dtype = torch.float32, load_format: str = "auto"):
+def load_ours(folder: str, dtype: torch.dtype = torch.float32, load_format: str = "auto",
+              quantization: str | None = None):
     with open(os.path.join(folder, "config.json")) as f:
         config = ModelConfig.from_dict(json.load(f))
-    return load_model(folder, config, "cpu", dtype, load_format)
+    return load_model(folder, config, "cpu", dtype, load_format, quantization=quantization)
 
 
 def load_hf(folder: str, dtype: torch.dtype = torch.float32):

@@ -293,7 +293,7 @@ def test_profile_run_is_an_ordinary_step(tiny_model_dir, monkeypatch):
     runner, seen = make_engine(tiny_model_dir, max_num_batched_tokens=64).runner, []
     real = kernels.paged_attention
     monkeypatch.setattr(kernels, "paged_attention",
-                        lambda q, k, *a: seen.append(k.shape[0]) or real(q, k, *a))
+                        lambda q, k, *a, **kw: seen.append(k.shape[0]) or real(q, k, *a, **kw))
     runner._kv_cache(1)
     runner.dummy_run(64, 4)
     assert seen and set(seen) == {1}

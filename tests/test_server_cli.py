@@ -63,7 +63,9 @@ def test_api_key_from_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, word", [
-    (["--quantization", "awq"], "unsupported argument(s): --quantization"),
+    (["--quantization", "bitsandbytes"], "invalid choice: 'bitsandbytes'"),
+    (["--kv-cache-dtype", "int8"], "invalid choice: 'int8'"),
+    (["--quantization", "gguf", "--gguf-dequantize"], "contradicts --gguf-dequantize"),
     (["--speculative-config", "{}"], "unsupported argument(s): --speculative-config"),
     (["--tensor-parallel-size", "2"], "tensor parallelism is not implemented"),
     (["-tp", "4"], "tensor parallelism is not implemented"),

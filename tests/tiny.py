@@ -132,7 +132,10 @@ _GGUF_NAMES = {
 }
 
 
-def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32") -> None:
+def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
+               qtypes: dict[str, str] | None = None) -> None:
+    """qtype for every 2-D tensor; qtypes overrides it per GGUF module ("attn_v": "Q6_K").
+    K-quants get random blocks of the tensor's spread (gguf-py cannot quantize them)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -176,7 +179,6 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32") ->
     for path_ in sorted(os.listdir(hf_folder)):
         if path_.endswith(".safetensors"):
             tensors.update(load_file(os.path.join(hf_folder, path_)))
-    quant = getattr(gguf.GGMLQuantizationType, qtype)
     for name, data in tensors.items():
         data = data.astype(np.float32)
         if name == "model.embed_tokens.weight":
@@ -193,7 +195,14 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32") ->
                 data = _llama_cpp_permute(data, heads)
             elif gguf_arch == "llama" and module == "self_attn.k_proj":
                 data = _llama_cpp_permute(data, kv_heads)
-        if data.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
+        tensor_qtype = (qtypes or {}).get(gname.split(".")[-2], qtype)
+        quant = getattr(gguf.GGMLQuantizationType, tensor_qtype)
+        if data.ndim == 2 and tensor_qtype.endswith("_K"):
+            from tests.quant_packers import k_quant_blocks
+
+            blocks = k_quant_blocks(data.shape, tensor_qtype, float(data.std()), len(gname))
+            w.add_tensor(gname, blocks, raw_shape=blocks.shape, raw_dtype=quant)
+        elif data.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, gguf.quants.quantize(data, quant), raw_dtype=quant)
         else:
             w.add_tensor(gname, data)

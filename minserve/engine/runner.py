@@ -99,6 +99,9 @@ class ModelRunner:
         self.model_config = model_config
         self.device = device
         self.dtype = dtype
+        # --kv-cache-dtype fp8 stores e4m3 (half of bf16's bytes); auto: the model dtype.
+        fp8_kv = engine_config.kv_cache_dtype in ("fp8", "fp8_e4m3")
+        self.kv_dtype = torch.float8_e4m3fn if fp8_kv else dtype
         self.block_size = engine_config.block_size
         self.max_model_len = engine_config.max_model_len   # resolved by the Engine
         self.max_num_seqs = engine_config.max_num_seqs
@@ -134,13 +137,13 @@ class ModelRunner:
                  mc.num_key_value_heads, mc.head_dim)
         # NOTE: zeros, not empty: kernels may load whole tiles past seq_len and multiply the
         # masked part by 0, which would still turn garbage NaNs into NaN outputs.
-        kv = torch.zeros(shape, dtype=self.dtype, device=self.device)   # [L, 2, NB, BS, K, D]
+        kv = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)  # [L, 2, NB, BS, K, D]
         self.model.set_kv_caches([(kv[i, 0], kv[i, 1]) for i in range(mc.num_hidden_layers)])
 
     def _allocate_kv_cache(self, engine_config: EngineConfig) -> int:
         mc = self.model_config
         per_block = (2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads
-                     * mc.head_dim * self.dtype.itemsize)
+                     * mc.head_dim * self.kv_dtype.itemsize)
         # More than every sequence at full length can never be used.
         max_useful = self.max_num_seqs * self.max_blocks_per_seq
         if engine_config.kv_cache_memory is not None:

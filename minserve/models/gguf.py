@@ -1,6 +1,9 @@
 """Convert a llama.cpp .gguf into an HF folder the loader and tokenizer already read: config.json,
-model.safetensors (float32, dequantized, Q/K rows back in HF order), tokenizer.json,
-tokenizer_config.json and generation_config.json. Runs once per file; never loads a model."""
+model.safetensors (Q/K rows back in HF order), tokenizer.json, tokenizer_config.json and
+generation_config.json. Weights are dequantized to float32, or (quantized=True) the linear
+projections keep their GGUF blocks as raw bytes beside their type id, with a
+`quantization_config: {quant_method: gguf}` that quant/gguf.py serves from. Runs once per file;
+never loads a model."""
 
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ _LAYER_NAMES = {
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
 
-def gguf_to_hf_folder(gguf_path: str, out_dir: str) -> None:
+def gguf_to_hf_folder(gguf_path: str, out_dir: str, quantized: bool = False) -> None:
     import gguf
 
     reader = gguf.GGUFReader(gguf_path)
@@ -51,7 +54,10 @@ def gguf_to_hf_folder(gguf_path: str, out_dir: str) -> None:
     tensors = {t.name: t for t in reader.tensors}
     config = gguf_config(meta, set(tensors))
     os.makedirs(out_dir, exist_ok=True)
-    _write_weights(reader, config, meta, os.path.join(out_dir, "model.safetensors"))
+    types = _write_weights(reader, config, meta, os.path.join(out_dir, "model.safetensors"),
+                           quantized)
+    if quantized:
+        config["quantization_config"] = {"quant_method": "gguf", "types": types}
     _write_json(os.path.join(out_dir, "config.json"), config)
     tokenizer_json, tokenizer_config, generation_config = gguf_tokenizer(meta)
     _write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json)
@@ -190,22 +196,48 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, head_rows // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], path: str) -> None:
+# The linear projections, which quantized=True keeps in their GGUF blocks.
+_LINEAR_SUFFIXES = tuple(f".{n}.weight" for n in (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+
+
+def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], path: str,
+                   quantized: bool = False) -> list[str]:
+    """Write model.safetensors; returns the GGUF type names of the linear weights kept raw."""
     from gguf.quants import dequantize
     from safetensors.numpy import save_file
 
+    from minserve.models.quant.gguf import GGML_TYPES, QUANTIZED_TYPES
+
     permuted = _ARCHS[meta["general.architecture"]][1]
     out: dict[str, np.ndarray] = {}
+    kept: set[str] = set()
     for t in reader.tensors:
         # GGUF lists dims fastest-first; numpy (and HF) order is the reverse.
         shape = tuple(int(d) for d in reversed(t.shape))
-        data = np.ascontiguousarray(
-            dequantize(t.data, t.tensor_type).reshape(shape), dtype=np.float32
-        )
+        name = hf_tensor_name(t.name)
+        type_name = GGML_TYPES.get(int(t.tensor_type), ("",))[0]
+        if (quantized and name is not None and name.endswith(_LINEAR_SUFFIXES)
+                and len(shape) == 2 and type_name in QUANTIZED_TYPES):
+            # Rows stay whole blocks ([N, K / block * bytes]), so the Q/K row permutation
+            # below applies to raw rows as it does to dequantized ones.
+            data = np.ascontiguousarray(t.data).reshape(shape[0], -1).view(np.uint8)
+            out[name.removesuffix(".weight") + ".weight_type"] = np.array(
+                int(t.tensor_type), dtype=np.int32)
+            kept.add(type_name)
+        else:
+            data = np.ascontiguousarray(
+                dequantize(t.data, t.tensor_type).reshape(shape), dtype=np.float32
+            )
+            if quantized and name is not None and name.endswith(_LINEAR_SUFFIXES):
+                # No int layout for this type (F16/F32 rows, Q5_0, Q3_K, ...): float32 rows,
+                # served dense.
+                out[name.removesuffix(".weight") + ".weight_type"] = np.array(0, dtype=np.int32)
+                data = data.view(np.uint8).reshape(shape[0], -1)
+                kept.add(f"{type_name or ggml_type_label(t.tensor_type)} (dequantized)")
         if t.name == "rope_freqs.weight":
             _llama3_scaling_from_rope_freqs(config, data)
             continue
-        name = hf_tensor_name(t.name)
         if name is None:
             raise ConfigError(
                 f"GGUF tensor {t.name!r} has no HF counterpart; this GGUF variant is not supported"
@@ -216,6 +248,11 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
             data = unpermute_qk(data, config["num_key_value_heads"])
         out[name] = data
     save_file(out, path, metadata={"format": "pt"})
+    return sorted(kept)
+
+
+def ggml_type_label(tensor_type: Any) -> str:
+    return getattr(tensor_type, "name", str(tensor_type))
 
 
 # ---------------------------------------------------------------------------------------------

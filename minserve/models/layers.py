@@ -208,13 +208,18 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # An fp8 cache stores k / k_scale and v / v_scale; 1.0 unless the checkpoint calibrated
+        # them (plain floats: the kernels take them as scalars, no device sync).
+        self.k_scale = self.v_scale = 1.0
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMetadata
     ) -> torch.Tensor:
         # q [T, H, D], k/v [T, K, D] -> [T, H*D]
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, attn.slot_mapping)
+        kernels.store_kv(k, v, self.k_cache, self.v_cache, attn.slot_mapping,
+                         self.k_scale, self.v_scale)
         out = kernels.paged_attention(
-            q, self.k_cache, self.v_cache, attn, self.scale, self.sliding_window
+            q, self.k_cache, self.v_cache, attn, self.scale, self.sliding_window,
+            k_scale=self.k_scale, v_scale=self.v_scale,
         )
         return out.reshape(q.shape[0], -1)

