@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minserve.config import ConfigError
-from minserve.embeddings.models import ENCODER_ARCHITECTURES
+from minserve.embeddings.models import CROSS_ENCODER_ARCHITECTURES, ENCODER_ARCHITECTURES
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),                      # exact erf, as HF's "gelu"
@@ -44,9 +44,9 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
         arch = (d.get("architectures") or ["BertModel"])[0]
-        if arch not in ENCODER_ARCHITECTURES:
-            raise ConfigError(
-                f"{arch} is not a BERT-family encoder ({sorted(ENCODER_ARCHITECTURES)})")
+        known = ENCODER_ARCHITECTURES | CROSS_ENCODER_ARCHITECTURES
+        if arch not in known:
+            raise ConfigError(f"{arch} is not a BERT-family encoder ({sorted(known)})")
         pos_type = d.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise ConfigError(
@@ -176,7 +176,7 @@ _PREFIXES = ("bert.", "roberta.", "model.")
 _SKIP = ("pooler.", "cls.", "lm_head.", "embeddings.position_ids", "embeddings.token_type_ids")
 
 
-def _read_checkpoint(folder: str) -> dict[str, torch.Tensor]:
+def read_checkpoint(folder: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
@@ -211,15 +211,13 @@ def _rename(name: str) -> str | None:
     return name
 
 
-def load_encoder(folder: str, device: torch.device | str, dtype: torch.dtype) -> BertModel:
-    """Build on the meta device and assign the checkpoint's tensors (converted to dtype/device)."""
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = EncoderConfig.from_dict(json.load(f))
-    with torch.device("meta"):
-        model = (XLMRobertaModel if cfg.roberta_positions else BertModel)(cfg)
+def encoder_state_dict(checkpoint: dict[str, torch.Tensor], device: torch.device | str,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """HF encoder tensors -> BertModel's state dict on device/dtype, q/k/v fused; the pooler and
+    any head are dropped (models/cross_encoder.py takes those itself)."""
     state: dict[str, torch.Tensor] = {}
-    pending_qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in _read_checkpoint(folder).items():
+    pending_qkv: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in checkpoint.items():
         ours = _rename(name)
         if ours is None:
             continue
@@ -235,12 +233,27 @@ def load_encoder(folder: str, device: torch.device | str, dtype: torch.dtype) ->
         if len(parts) != 3:
             raise ConfigError(f"checkpoint lacks some of query/key/value for {key}")
         state[key] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
+    return state
+
+
+def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], folder: str,
+                   architecture: str) -> None:
+    """Load a complete state dict into a meta-device model (strict: nothing missing or extra)."""
     missing = set(model.state_dict()) - set(state)
     unexpected = set(state) - set(model.state_dict())
     if missing or unexpected:
         raise ConfigError(
-            f"weights in {folder} do not fit {cfg.architecture}: missing {sorted(missing)[:5]}, "
+            f"weights in {folder} do not fit {architecture}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(state, assign=True, strict=True)
-    return model.eval()
 
+
+def load_encoder(folder: str, device: torch.device | str, dtype: torch.dtype) -> BertModel:
+    """Build on the meta device and assign the checkpoint's tensors (converted to dtype/device)."""
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = EncoderConfig.from_dict(json.load(f))
+    with torch.device("meta"):
+        model = (XLMRobertaModel if cfg.roberta_positions else BertModel)(cfg)
+    assign_weights(model, encoder_state_dict(read_checkpoint(folder), device, dtype), folder,
+                   cfg.architecture)
+    return model.eval()
