@@ -114,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="split the model's <think> text into reasoning_content")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
       help="must be 1 (tensor parallelism is not implemented yet)")
-    a("--task", default="auto", choices=["auto", "generate", "embed", "embedding"],
-      help="embed: serve MODEL as an embedding model on /v1/embeddings (auto: from its "
-           "architecture)")
+    a("--task", default="auto", choices=["auto", "generate", "embed", "embedding", "score"],
+      help="embed/score: serve MODEL as a pooling model on /v1/embeddings, /v1/score and "
+           "/v1/rerank (a cross-encoder scores pairs itself; an embedding model by cosine). "
+           "auto: from its architecture")
     a("--runner", default="auto", choices=["auto", "generate", "pooling"],
       help="vLLM's newer spelling of --task: pooling = embed")
     a("--embedding-model", default=None,

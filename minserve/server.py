@@ -16,11 +16,14 @@ import orjson
 
 from minserve import __version__, output
 from minserve.embeddings.routes import (
+    POOLING_ROUTES,
     all_model_names,
     check_chat_route,
     embeddings,
     model_max_len,
     no_chat_model_error,
+    rerank,
+    score,
     serves_chat,
     services,
 )
@@ -253,7 +256,7 @@ class App:
         """Each route waits only for the model that answers it: chat keeps working while the
         embedding model loads or after it failed, and the other way round (/health and
         /v1/models, which describe both, need both)."""
-        if path == "/v1/embeddings" and self.embedding is not None:
+        if path in POOLING_ROUTES and self.embedding is not None:
             needed = [self.embedding]
         elif path == "/v1/models" or path.startswith("/v1/models/"):
             needed = services(self)
@@ -484,6 +487,11 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/chat/completions": {"POST": chat_completions},
     "/v1/completions": {"POST": completions},
     "/v1/embeddings": {"POST": embeddings},
+    "/v1/score": {"POST": score},
+    "/score": {"POST": score},
+    "/v1/rerank": {"POST": rerank},
+    "/rerank": {"POST": rerank},
+    "/v2/rerank": {"POST": rerank},
     "/v1/models": {"GET": list_models},
     "/v1/models/{id}": {"GET": get_model},
     "/health": {"GET": health},
@@ -493,7 +501,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/tokenize": {"POST": tokenize},
     "/detokenize": {"POST": detokenize},
 }
-PROTECTED = {"/tokenize", "/detokenize"}                 # besides every /v1/ route
+PROTECTED = {"/tokenize", "/detokenize", "/score", "/rerank", "/v2/rerank"}  # and all /v1/
 ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics"}  # answer while loading, too
 
 

@@ -206,3 +206,138 @@ def test_default_embedding_model_ranks_the_relevant_document_first(minilm):  # n
         scores, _ = score_pairs(minilm, [(query, d) for d in docs])
         assert int(np.argmax(scores)) == best, (query, scores)
         assert max(scores) > sorted(scores)[-2] + 0.1, (query, scores)
+
+
+# ---------------------------------------------------------------------------------------------
+# the routes: /v1/score, /score, /v1/rerank, /rerank, /v2/rerank through the ASGI app
+# ---------------------------------------------------------------------------------------------
+
+def _pooling_app(folder: str, chat_model: str | None = None, **server):
+    from minserve.config import EngineConfig
+    from minserve.embeddings.service import EmbeddingService
+    from minserve.server import ServerConfig, create_app
+
+    cfg = ServerConfig(served_model_names=["tiny"] if chat_model else [],
+                       embedding_model_names=["rr"], **server)
+    engine = None if chat_model is None else EngineConfig(model=chat_model, max_model_len=256,
+                                                          kv_cache_memory=4 << 20)
+    return create_app(engine, cfg, embedding=EmbeddingService.lazy(folder, served_model_name="rr"))
+
+
+def _run(app, fn):
+    import asyncio
+
+    from tests.asgi import lifespan
+
+    async def main():
+        async with lifespan(app):
+            await app.embedding.wait_ready(timeout=120)
+            return await fn(app)
+    return asyncio.run(main())
+
+
+def test_rerank_and_score_routes_shapes(cross):
+    import asyncio
+
+    from tests.asgi import call
+
+    folder, ref, _ = cross
+    want = torch.sigmoid(_hf_logits(folder, ref, [(QUERY, d) for d in DOCS])[0]).tolist()
+    order = sorted(range(len(DOCS)), key=lambda i: -want[i])
+
+    async def fn(app):
+        r = {}
+        for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+            r[path] = await call(app, "POST", path, {"model": "rr", "query": QUERY,
+                                                     "documents": DOCS})
+        r["top"] = await call(app, "POST", "/v1/rerank", {
+            "query": QUERY, "documents": [{"text": d} for d in DOCS], "top_n": 2,
+            "return_documents": False})
+        r["one_to_many"] = await call(app, "POST", "/v1/score", {"text_1": QUERY, "text_2": DOCS})
+        r["pairwise"] = await call(app, "POST", "/score", {"text_1": [QUERY, "horse"],
+                                                          "text_2": [DOCS[0], DOCS[1]]})
+        r["one"] = await call(app, "POST", "/v1/score", {"text_1": QUERY, "text_2": DOCS[2]})
+        r["mismatch"] = await call(app, "POST", "/v1/score", {"text_1": ["a", "b"],
+                                                              "text_2": ["a", "b", "c"]})
+        r["embed"] = await call(app, "POST", "/v1/embeddings", {"input": "a man"})
+        r["chat"] = await call(app, "POST", "/v1/chat/completions", {"messages": [
+            {"role": "user", "content": "hi"}]})
+        r["long"] = await call(app, "POST", "/v1/rerank", {"query": QUERY,
+                                                           "documents": ["horse " * 80]})
+        r["cut"] = await call(app, "POST", "/v1/rerank", {"query": QUERY, "truncate_prompt_tokens":
+                                                          -1, "documents": ["horse " * 80]})
+        r["nomodel"] = await call(app, "POST", "/v1/rerank", {"model": "x", "query": "q",
+                                                              "documents": ["d"]})
+        # concurrent calls coalesce into shared forwards
+        rounds = app.embedding.num_rounds
+        many = await asyncio.gather(*(call(app, "POST", "/v1/score", {"text_1": QUERY,
+                                                                      "text_2": d})
+                                      for d in DOCS * 4))
+        r["rounds"] = app.embedding.num_rounds - rounds
+        r["many"] = many
+        return r
+
+    r = _run(_pooling_app(folder), fn)
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        body = r[path].json()
+        assert r[path].status == 200 and body["model"] == "rr" and body["id"].startswith("rerank-")
+        assert [x["index"] for x in body["results"]] == order
+        assert [x["document"]["text"] for x in body["results"]] == [DOCS[i] for i in order]
+        np.testing.assert_allclose([x["relevance_score"] for x in body["results"]],
+                                   [want[i] for i in order], atol=1e-5)
+        assert body["usage"]["total_tokens"] > 0
+    top = r["top"].json()["results"]
+    assert [x["index"] for x in top] == order[:2] and "document" not in top[0]
+    data = r["one_to_many"].json()
+    assert data["object"] == "list" and [d["index"] for d in data["data"]] == [0, 1, 2, 3]
+    assert all(d["object"] == "score" for d in data["data"])
+    np.testing.assert_allclose([d["score"] for d in data["data"]], want, atol=1e-5)
+    assert data["usage"]["prompt_tokens"] == data["usage"]["total_tokens"] > 0
+    pair = r["pairwise"].json()["data"]
+    assert len(pair) == 2 and pair[0]["score"] == pytest.approx(want[0], abs=1e-5)
+    assert r["one"].json()["data"][0]["score"] == pytest.approx(want[2], abs=1e-5)
+    assert r["mismatch"].status == 400 and r["mismatch"].json()["error"]["param"] == "text_2"
+    assert r["embed"].status == 400 and "cross-encoder" in r["embed"].json()["error"]["message"]
+    assert r["chat"].status == 400      # no chat model here
+    assert r["long"].status == 400
+    assert "maximum context length" in r["long"].json()["error"]["message"]
+    assert r["cut"].status == 200
+    assert r["nomodel"].status == 404
+    assert all(m.status == 200 for m in r["many"]) and r["rounds"] < len(r["many"])
+    np.testing.assert_allclose([m.json()["data"][0]["score"] for m in r["many"]], want * 4,
+                               atol=1e-5)
+
+
+def test_bi_encoder_rerank_next_to_chat(tiny_model_dir, tmp_path):
+    """The scoring model as --embedding-model beside a chat model: both answer."""
+    from tests.asgi import call
+
+    folder, _ = make_tiny_encoder(str(tmp_path / "bert"), "bert")
+
+    async def fn(app):
+        chat = await call(app, "POST", "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        rr = await call(app, "POST", "/v1/rerank", {"query": QUERY, "documents": DOCS})
+        wrong = await call(app, "POST", "/v1/rerank", {"model": "tiny", "query": QUERY,
+                                                       "documents": DOCS})
+        return chat, rr, wrong
+
+    chat, rr, wrong = _run(_pooling_app(folder, tiny_model_dir), fn)
+    assert chat.status == 200 and rr.status == 200
+    scores, _ = score_pairs(Embedder(folder), [(QUERY, d) for d in DOCS])
+    got = {x["index"]: x["relevance_score"] for x in rr.json()["results"]}
+    np.testing.assert_allclose([got[i] for i in range(len(DOCS))], scores, atol=1e-5)
+    assert wrong.status == 400 and "chat model" in wrong.json()["error"]["message"]
+
+
+def test_llm_score(cross):
+    from minserve import LLM
+
+    folder, ref, _ = cross
+    llm = LLM(folder, task="score")
+    outs = llm.score(QUERY, DOCS)
+    want = torch.sigmoid(_hf_logits(folder, ref, [(QUERY, d) for d in DOCS])[0])
+    np.testing.assert_allclose([o.outputs.score for o in outs], want.numpy(), atol=1e-5)
+    assert outs[0].prompt_token_ids[0] in (0, 2)       # [CLS] / <s>: the pair's own tokens
+    with pytest.raises(EmbeddingsRequestError, match="same length"):
+        llm.score(["a", "b"], ["a", "b", "c"])

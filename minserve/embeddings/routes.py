@@ -1,14 +1,31 @@
-"""The server side of embeddings: the /v1/embeddings handler, and which served model answers which
-route (a chat call naming the embedding model, or an embeddings call naming a chat model, is a 400
-that names the model to use). server.py's App holds `embedding` (an EmbeddingService or None); when
-it serves an embedding model alone, app.engine is that same service. No torch here."""
+"""The server side of embeddings: the /v1/embeddings, /v1/score and /v1/rerank handlers, and which
+served model answers which route (a chat call naming the embedding model, or an embeddings call
+naming a chat model, is a 400 that names the model to use). server.py's App holds `embedding` (an
+EmbeddingService or None); when it serves an embedding model alone, app.engine is that same
+service. No torch here."""
 from __future__ import annotations
 
 import time
 from typing import Any
 
 from minserve.embeddings.protocol import build_embeddings_response, parse_embeddings_request
+from minserve.embeddings.score_protocol import (
+    build_rerank_response,
+    build_score_response,
+    parse_rerank_request,
+    parse_score_request,
+)
 from minserve.protocol import OpenAIError
+
+# The routes the embedding model answers (their readiness waits on it alone).
+POOLING_ROUTES = ("/v1/embeddings", "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank")
+# A scope key only in-process callers set (the batch runner): ASGI servers never put it there,
+# so a client cannot raise its own priority. Higher runs later, as vLLM's priority.
+PRIORITY_SCOPE_KEY = "minserve.priority"
+
+
+def request_priority(http: Any) -> int:
+    return int(http.scope.get(PRIORITY_SCOPE_KEY, 0))
 
 
 def serves_chat(app: Any) -> bool:
@@ -33,23 +50,24 @@ def check_chat_route(app: Any, body: Any) -> None:
     model = body.get("model") if isinstance(body, dict) else None
     if isinstance(model, str) and model in app.cfg.embedding_model_names:
         raise OpenAIError(400, f"`{model}` is an embedding model: it answers POST /v1/embeddings "
-                          f"only. For completions use {_names(app.cfg.served_model_names)}.",
-                          param="model")
+                          "(and /v1/score, /v1/rerank) only. For completions use "
+                          f"{_names(app.cfg.served_model_names)}.", param="model")
 
 
-def _embedding_model(app: Any, model: str | None) -> str:
+def _embedding_model(app: Any, model: str | None, route: str = "/v1/embeddings") -> str:
     names = app.cfg.embedding_model_names
     if app.embedding is None or not names:
-        raise OpenAIError(400, "This server serves no embedding model (start it with "
-                          "--embedding-model all-minilm-l6-v2, or serve one with --task embed)"
+        raise OpenAIError(400, f"This server serves no embedding model, which {route} needs "
+                          "(start it with --embedding-model all-minilm-l6-v2, or serve one with "
+                          "--task embed or --task score)"
                           + (f"; `{model}` is a chat model" if model else ""), param="model")
     if model is None:
         return names[0]
     if model in names:
         return model
     if serves_chat(app) and model in app.cfg.served_model_names:
-        raise OpenAIError(400, f"`{model}` is a chat model and does not create embeddings: use "
-                          f"{_names(names)} with /v1/embeddings.", param="model")
+        raise OpenAIError(400, f"`{model}` is a chat model and does not answer {route}: use "
+                          f"{_names(names)}.", param="model")
     raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
                       type="NotFoundError")
 
@@ -80,7 +98,37 @@ async def embeddings(app: Any, http: Any) -> None:
     req = parse_embeddings_request(await app.read_json(http))
     model = _embedding_model(app, req.model)
     vectors, num_tokens = await app.embedding.embed(
-        req.inputs, truncate_prompt_tokens=req.truncate_prompt_tokens, dimensions=req.dimensions)
+        req.inputs, truncate_prompt_tokens=req.truncate_prompt_tokens, dimensions=req.dimensions,
+        priority=request_priority(http))
     app.metrics.on_pooling_request(model, num_tokens, time.monotonic() - arrival)
     await send_json(http.send, 200, build_embeddings_response(model, vectors, req.encoding_format,
                                                               num_tokens))
+
+
+async def score(app: Any, http: Any) -> None:
+    """POST /v1/score (and /score): text_1 against text_2."""
+    from minserve.server import send_json
+
+    arrival = time.monotonic()
+    req = parse_score_request(await app.read_json(http))
+    model = _embedding_model(app, req.model, http.path)
+    scores, num_tokens = await app.embedding.score(req.pairs, req.labels,
+                                                   req.truncate_prompt_tokens,
+                                                   priority=request_priority(http))
+    app.metrics.on_pooling_request(model, num_tokens, time.monotonic() - arrival)
+    await send_json(http.send, 200, build_score_response(model, scores, num_tokens))
+
+
+async def rerank(app: Any, http: Any) -> None:
+    """POST /v1/rerank, /rerank, /v2/rerank: one response shape (vLLM's, which Jina and Cohere
+    clients read): results most relevant first."""
+    from minserve.server import send_json
+
+    arrival = time.monotonic()
+    req = parse_rerank_request(await app.read_json(http))
+    model = _embedding_model(app, req.model, http.path)
+    scores, num_tokens = await app.embedding.score(req.pairs, req.labels,
+                                                   req.truncate_prompt_tokens,
+                                                   priority=request_priority(http))
+    app.metrics.on_pooling_request(model, num_tokens, time.monotonic() - arrival)
+    await send_json(http.send, 200, build_rerank_response(model, req, scores, num_tokens))

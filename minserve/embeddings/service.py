@@ -1,10 +1,12 @@
 """EmbeddingService: the asyncio face of an Embedder. One worker thread owns the model; embed()
-calls that arrive while it is busy are coalesced into the next round, so 32 concurrent HTTP
-requests become a few forwards, not 32. Imports no torch at module level (server.py may import it).
+and score() calls that arrive while it is busy are coalesced into the next round, so 32 concurrent
+HTTP requests become a few forwards, not 32. Lower priority values go first (batch jobs wait
+behind interactive calls). Imports no torch at module level (server.py may import it).
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -24,6 +26,14 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     token_lists: list[list[int]] = field(default_factory=list)
+    # score() jobs: the text pairs, their names for errors, and what prepare_scores made of them
+    pairs: list[tuple[str, str]] | None = None
+    labels: list[str] | None = None
+    prepared: Any = None
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs) if self.pairs is None else len(self.pairs)
 
 
 def _resolve(fut: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -45,7 +55,9 @@ class EmbeddingService:
     def __init__(self, embedder: Any = None, loader: Any = None) -> None:
         self.embedder = embedder
         self._loader = loader     # () -> Embedder, run in the worker thread (model load)
-        self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # (priority, arrival, job); job None = stop, queued last (priority +inf)
+        self._inbox: queue.PriorityQueue[tuple[float, int, _Job | None]] = queue.PriorityQueue()
+        self._arrivals = itertools.count()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.num_rounds = 0       # forwards rounds run; < requests when batching works
@@ -103,7 +115,7 @@ class EmbeddingService:
 
     def stop(self, timeout: float | None = 10.0) -> None:
         if self._thread is not None:
-            self._inbox.put(None)
+            self._inbox.put((float("inf"), next(self._arrivals), None))
             self._thread.join(timeout)
             self._thread = None
 
@@ -125,16 +137,29 @@ class EmbeddingService:
         self.is_ready = False
 
     async def embed(self, inputs: list[Any], truncate_prompt_tokens: int | None = None,
-                    dimensions: int | None = None) -> tuple[list[Any], int]:
+                    dimensions: int | None = None, priority: int = 0) -> tuple[list[Any], int]:
         """-> (float32 numpy vectors in input order, num_prompt_tokens). User errors raise
         EmbeddingsRequestError (an OpenAIError with status 400)."""
-        if self._thread is None:
-            raise RuntimeError("EmbeddingService.start() was not called")
         loop = asyncio.get_running_loop()
         job = _Job(list(inputs), truncate_prompt_tokens, dimensions, loop, loop.create_future())
+        return await self._submit(job, priority)
+
+    async def score(self, pairs: list[tuple[str, str]], labels: list[str],
+                    truncate_prompt_tokens: int | None = None, priority: int = 0
+                    ) -> tuple[list[float], int]:
+        """-> (one relevance score per pair, num_prompt_tokens): the cross-encoder's, or the
+        cosine of the two embeddings (embeddings/scoring.py). labels name the pairs in errors."""
+        loop = asyncio.get_running_loop()
+        job = _Job([], truncate_prompt_tokens, None, loop, loop.create_future(), pairs=pairs,
+                   labels=labels)
+        return await self._submit(job, priority)
+
+    async def _submit(self, job: _Job, priority: int) -> Any:
+        if self._thread is None:
+            raise RuntimeError("EmbeddingService.start() was not called")
         self.num_in_flight += 1
         try:
-            self._inbox.put(job)
+            self._inbox.put((priority, next(self._arrivals), job))
             return await job.future
         finally:
             self.num_in_flight -= 1
@@ -172,34 +197,40 @@ class EmbeddingService:
                 return
             self._on_loop(self._became_ready)
         while True:
-            job = self._inbox.get()
+            job = self._inbox.get()[2]
             if job is None:
                 return
-            jobs, count = [job], len(job.inputs)
+            jobs, count = [job], job.num_inputs
             stop = False
             while count < MAX_ROUND_INPUTS:   # take whatever else has queued up meanwhile
                 try:
-                    nxt = self._inbox.get_nowait()
+                    nxt = self._inbox.get_nowait()[2]
                 except queue.Empty:
                     break
                 if nxt is None:
                     stop = True
                     break
                 jobs.append(nxt)
-                count += len(nxt.inputs)
+                count += nxt.num_inputs
             self._round(jobs)
             if stop:
                 return
 
     def _round(self, jobs: list[_Job]) -> None:
         from minserve.embeddings.protocol import EmbeddingsRequestError
+        from minserve.embeddings.scoring import finish_scores, prepare_scores
 
         emb = self.embedder
         ready: list[_Job] = []
         for job in jobs:  # per-request validation: one bad request must not fail the others
             try:
-                job.token_lists = emb.prepare(job.inputs, job.truncate_prompt_tokens,
-                                              job.dimensions)
+                if job.pairs is not None:
+                    job.prepared = prepare_scores(emb, job.pairs, job.labels,
+                                                  job.truncate_prompt_tokens)
+                    job.token_lists = job.prepared.token_lists
+                else:
+                    job.token_lists = emb.prepare(job.inputs, job.truncate_prompt_tokens,
+                                                  job.dimensions)
                 ready.append(job)
             except EmbeddingsRequestError as e:
                 job.loop.call_soon_threadsafe(_resolve, job.future, None, e)
@@ -208,14 +239,19 @@ class EmbeddingService:
         self.num_rounds += 1
         self.num_requests += len(ready)
         try:
-            pooled = emb.pool_token_ids([t for job in ready for t in job.token_lists])
+            # a cross-encoder serves only score jobs, each of which carries segment ids
+            types = ([t for job in ready for t in job.prepared.token_type_lists]
+                     if emb.is_cross_encoder else None)
+            pooled = emb.pool_token_ids([t for job in ready for t in job.token_lists], types)
             start = 0
             for job in ready:
                 n = len(job.token_lists)
-                vectors = emb.finish(pooled[start:start + n], job.dimensions)
+                rows = pooled[start:start + n]
                 start += n
                 num_tokens = sum(len(t) for t in job.token_lists)
-                job.loop.call_soon_threadsafe(_resolve, job.future, (vectors, num_tokens))
+                result = (finish_scores(emb, job.prepared, rows) if job.pairs is not None
+                          else emb.finish(rows, job.dimensions))
+                job.loop.call_soon_threadsafe(_resolve, job.future, (result, num_tokens))
         except Exception as e:  # noqa: BLE001 (an engine fault: fail this round's requests, keep serving)
             logger.exception("embedding forward failed")
             self.is_healthy, self.dead_reason = False, f"{type(e).__name__}: {e}"
