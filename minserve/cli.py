@@ -1,5 +1,6 @@
 """`python -m minserve [serve] [MODEL] [flags]`: vLLM's flag names -> EngineConfig/ServerConfig,
 then granian in-process (embedded server, ASGI interface, one worker) with graceful SIGTERM/SIGINT.
+`python -m minserve run-batch -i IN -o OUT [flags]` runs a batch file offline (batch/offline.py).
 Does not import torch itself; the engine thread does."""
 from __future__ import annotations
 
@@ -71,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--port", type=int, default=8000)
     a("--served-model-name", nargs="+", default=None,
       help="the model name(s) the API accepts; the first one is reported")
-    a("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and tokenize "
-      f"routes (also read from {' or '.join(API_KEY_ENVS)})")
+    a("--api-key", nargs="+", default=None, metavar="KEY",
+      help="require `Authorization: Bearer KEY` (any of the keys given) on /v1 and tokenize "
+      f"routes (also read from {' or '.join(API_KEY_ENVS)}); each key sees only its own batch "
+      "files and batches")
     a("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     a("--device", default="auto", help="auto, cuda or cpu")
     a("--max-model-len", type=_size, default=None, help="context length (default: the model's)")
@@ -123,14 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     a("--embedding-model", default=None,
       help="also serve this embedding model (a folder, or all-minilm-l6-v2, fetched once) on "
            "/v1/embeddings next to the chat model")
+    a("--batch-storage-path", default=None,
+      help="where the Batch API keeps its files and state (an SQLite database and a files "
+           "folder; default: batches/ in the minserve cache)")
+    a("--max-batch-file-size", type=_size, default=200 * 1024 * 1024,
+      help="largest batch input file accepted by POST /v1/files (default 200MiB, as OpenAI)")
+    a("--max-batch-file-lines", type=int, default=50_000,
+      help="most requests in one batch input file (default 50000, as OpenAI)")
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None,
+               parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """parser: build_parser() with more flags (run-batch's); the checks are the same."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":  # `minserve serve MODEL` as `vllm serve MODEL`
         argv = argv[1:]
-    parser = build_parser()
+    parser = parser or build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flags = " ".join(unknown)
@@ -147,6 +159,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "not implemented yet; minserve runs on one device (use 1)")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be in 0..65535")
+    if args.max_batch_file_size < 1 or args.max_batch_file_lines < 1:
+        parser.error("--max-batch-file-size and --max-batch-file-lines must be positive")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         parser.error("--ssl-keyfile and --ssl-certfile go together")
     try:
@@ -177,13 +191,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)
     from minserve.server import ServerConfig
 
-    key = args.api_key or next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
+    env_key = next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
+    keys = args.api_key or ([env_key] if env_key else [])
     names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
     embed_only = args.task == "embed"
     return ServerConfig(
         served_model_names=[] if embed_only else names,
         embedding_model_names=names if embed_only else [m for m in [args.embedding_model] if m],
-        api_keys=[key] if key else [], allowed_origins=args.allowed_origins,
+        api_keys=keys, allowed_origins=args.allowed_origins,
         root_path=args.root_path.rstrip("/"), max_body_bytes=args.max_request_body_bytes,
         shutdown_grace_s=args.shutdown_timeout,
         log_requests=args.enable_log_requests and not args.disable_log_requests,
@@ -201,7 +216,7 @@ async def serve(args: argparse.Namespace) -> int:
     from minserve.server import create_app
 
     app = create_app(None if args.task == "embed" else args.engine_config, server_config(args),
-                     embedding=service_from_cli(args))
+                     embedding=service_from_cli(args), batches=batch_service_from_cli(args))
     scheme = "https" if args.ssl_certfile else "http"
     url = f"{scheme}://{args.host}:{args.port}{args.root_path.rstrip('/')}/v1"
     server = Server(app, address=args.host, port=args.port, interface=Interfaces.ASGI,
@@ -241,7 +256,21 @@ async def serve(args: argparse.Namespace) -> int:
     return exit_code
 
 
+def batch_service_from_cli(args: argparse.Namespace):  # -> BatchService
+    from minserve.batch.service import BatchLimits, BatchService
+    from minserve.config import cache_dir
+
+    root = args.batch_storage_path or os.path.join(cache_dir(), "batches")
+    return BatchService(os.path.expanduser(root), BatchLimits(
+        max_file_bytes=args.max_batch_file_size, max_file_lines=args.max_batch_file_lines,
+        max_in_flight=2 * args.max_num_seqs))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run-batch":
+        from minserve.batch.offline import main as run_batch_main
+        return run_batch_main(argv[1:])
     args = parse_args(argv)
     level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -15,7 +15,9 @@ from typing import Any
 import orjson
 
 from minserve import __version__, output
+from minserve.batch import routes as batch_routes
 from minserve.embeddings.routes import (
+    BATCH_SCOPE_KEY,
     POOLING_ROUTES,
     all_model_names,
     check_chat_route,
@@ -74,6 +76,7 @@ class Http:
     path: str
     headers: dict[bytes, bytes]
     path_param: str | None = None
+    path_params: dict[str, str] = field(default_factory=dict)
     started: bool = False   # http.response.start went out: errors can no longer be a status
     sse: bool = False       # ... and it opened an event stream: errors become an SSE event
 
@@ -107,10 +110,12 @@ async def _wait_disconnect(receive: Receive) -> None:
 class App:
     """app(scope, receive, send). Build with create_app()."""
 
-    def __init__(self, engine: AsyncEngine, cfg: ServerConfig, embedding: Any = None) -> None:
+    def __init__(self, engine: AsyncEngine, cfg: ServerConfig, embedding: Any = None,
+                 batches: Any = None) -> None:
         self.engine = engine
         self.cfg = cfg
         self.embedding = embedding  # EmbeddingService or None; `is engine` when serving it alone
+        self.batches = batches      # BatchService (the Batch API) or None
         self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
         self.metrics = Metrics(self.model_name, lambda: self.engine.stats)
         self._ctx: ServingContext | None = None
@@ -130,11 +135,15 @@ class App:
                 try:
                     for service in services(self):
                         service.start()
+                    if self.batches is not None:   # resumes unfinished batches
+                        await self.batches.start(self)
                 except Exception as e:  # never leave granian waiting on a startup reply
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                if self.batches is not None:   # first: its lines in flight run again next start
+                    await self.batches.shutdown()
                 for service in services(self):
                     await service.shutdown(self.cfg.shutdown_grace_s)
                 await send({"type": "lifespan.shutdown.complete"})
@@ -198,12 +207,15 @@ class App:
         try:
             # Auth before routing, as vLLM does: without a key, /v1 paths reveal nothing (401,
             # not 404). A CORS preflight carries no credentials, so it is not checked.
-            if self.cfg.api_keys and method != "OPTIONS" and (path.startswith("/v1/")
-                                                             or path in PROTECTED):
+            # (a batch line was authorized with its batch; only the batch runner sets the key)
+            if self.cfg.api_keys and method != "OPTIONS" and BATCH_SCOPE_KEY not in scope and (
+                    path.startswith("/v1/") or path in PROTECTED):
                 self._check_auth(headers)
             methods = ROUTES.get(path)
             if methods is None and path.startswith("/v1/models/"):
                 methods, http.path_param = ROUTES["/v1/models/{id}"], path[len("/v1/models/"):]
+            if methods is None:
+                methods, http.path_params = _templated(path)
             if methods is None:
                 raise OpenAIError(404, f"Not Found: {method} {path}", type="NotFoundError")
             if method == "OPTIONS" and cors and b"access-control-request-method" in headers:
@@ -258,6 +270,8 @@ class App:
         /v1/models, which describe both, need both)."""
         if path in POOLING_ROUTES and self.embedding is not None:
             needed = [self.embedding]
+        elif path.startswith(("/v1/files", "/v1/batches")):
+            needed = []     # the Batch API's bookkeeping needs no model
         elif path == "/v1/models" or path.startswith("/v1/models/"):
             needed = services(self)
         else:
@@ -501,13 +515,34 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/tokenize": {"POST": tokenize},
     "/detokenize": {"POST": detokenize},
 }
+ROUTES.update(batch_routes.ROUTES)
 PROTECTED = {"/tokenize", "/detokenize", "/score", "/rerank", "/v2/rerank"}  # and all /v1/
 ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics"}  # answer while loading, too
 
 
+def _templated(path: str) -> tuple[dict[str, Handler] | None, dict[str, str]]:
+    """"/v1/files/{file_id}/content"-style routes: each {name} matches one path segment."""
+    got = path.split("/")
+    for pattern, methods in ROUTES.items():
+        want = pattern.split("/")
+        if "{" not in pattern or len(want) != len(got) or pattern == "/v1/models/{id}":
+            continue
+        params = {}
+        for w, g in zip(want, got, strict=True):
+            if w.startswith("{") and w.endswith("}") and g:
+                params[w[1:-1]] = g
+            elif w != g:
+                break
+        else:
+            return methods, params
+    return None, {}
+
+
 def create_app(engine_config: Any, server_config: ServerConfig,
-               engine_factory: Callable[[Any], Any] | None = None, embedding: Any = None) -> App:
-    """engine_config None + an EmbeddingService: serve the embedding model alone."""
+               engine_factory: Callable[[Any], Any] | None = None, embedding: Any = None,
+               batches: Any = None) -> App:
+    """engine_config None + an EmbeddingService: serve the embedding model alone. batches: a
+    BatchService for the Batch API (/v1/files, /v1/batches)."""
     if engine_config is None and embedding is not None:
-        return App(embedding, server_config, embedding)
-    return App(AsyncEngine(engine_config, engine_factory), server_config, embedding)
+        return App(embedding, server_config, embedding, batches)
+    return App(AsyncEngine(engine_config, engine_factory), server_config, embedding, batches)

@@ -19,13 +19,14 @@ from minserve.protocol import OpenAIError
 
 # The routes the embedding model answers (their readiness waits on it alone).
 POOLING_ROUTES = ("/v1/embeddings", "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank")
-# A scope key only in-process callers set (the batch runner): ASGI servers never put it there,
-# so a client cannot raise its own priority. Higher runs later, as vLLM's priority.
-PRIORITY_SCOPE_KEY = "minserve.priority"
+# Set only by the in-process batch runner (batch/runner.py), never by an ASGI server, so no
+# client can claim it: its value is the line's priority (higher runs later, as vLLM's), and a
+# request carrying it skips the API-key check (the batch's owner passed it at creation).
+BATCH_SCOPE_KEY = "minserve.batch_priority"
 
 
 def request_priority(http: Any) -> int:
-    return int(http.scope.get(PRIORITY_SCOPE_KEY, 0))
+    return int(http.scope.get(BATCH_SCOPE_KEY, 0))
 
 
 def serves_chat(app: Any) -> bool:
