@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
            "/v1/embeddings next to the chat model")
     a("--batch-storage-path", default=None,
       help="where the Batch API keeps its files and state (an SQLite database and a files "
-           "folder; default: batches/ in the minserve cache)")
+           "folder), created on first use; default: batches/PORT in the minserve cache")
     a("--max-batch-file-size", type=_size, default=200 * 1024 * 1024,
       help="largest batch input file accepted by POST /v1/files (default 200MiB, as OpenAI)")
     a("--max-batch-file-lines", type=int, default=50_000,
@@ -260,7 +260,8 @@ def batch_service_from_cli(args: argparse.Namespace):  # -> BatchService
     from minserve.batch.service import BatchLimits, BatchService
     from minserve.config import cache_dir
 
-    root = args.batch_storage_path or os.path.join(cache_dir(), "batches")
+    # per port: two servers on one box keep apart, a restart on the same port resumes
+    root = args.batch_storage_path or os.path.join(cache_dir(), "batches", str(args.port))
     return BatchService(os.path.expanduser(root), BatchLimits(
         max_file_bytes=args.max_batch_file_size, max_file_lines=args.max_batch_file_lines,
         max_in_flight=2 * args.max_num_seqs))

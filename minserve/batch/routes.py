@@ -40,9 +40,12 @@ def _send_json(http: Any, status: int, obj: Any) -> Any:
     return send_json(http.send, status, obj)
 
 
-def _service(app: Any) -> Any:
+async def _service(app: Any) -> Any:
+    """The BatchService, its storage open (created on first use)."""
     if app.batches is None:
         raise OpenAIError(404, "the Batch API is not enabled on this server", type="NotFoundError")
+    if not await app.batches.open():
+        raise OpenAIError(503, f"the Batch API is unavailable: {app.batches.unavailable}")
     return app.batches
 
 
@@ -88,7 +91,7 @@ def _not_found(kind: str, value: str | None, param: str) -> OpenAIError:
 
 # ---------------------------------------------------------------- files
 async def upload_file(app: Any, http: Any) -> None:
-    service = _service(app)
+    service = await _service(app)
     owner = _owner(app, http)
     limit = service.limits.max_file_bytes
     declared = http.headers.get(b"content-length")
@@ -145,7 +148,7 @@ async def upload_file(app: Any, http: Any) -> None:
 
 
 async def list_files(app: Any, http: Any) -> None:
-    service = _service(app)
+    service = await _service(app)
     query = _query(http)
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
@@ -157,7 +160,7 @@ async def list_files(app: Any, http: Any) -> None:
 
 
 async def _own_file(app: Any, http: Any) -> dict[str, Any]:
-    service = _service(app)
+    service = await _service(app)
     file_id = http.path_params["file_id"]
     row = await service.store.run(service.store.get_file, _owner(app, http), file_id)
     if row is None:
@@ -185,7 +188,7 @@ async def file_content(app: Any, http: Any) -> None:
 
 
 async def delete_file(app: Any, http: Any) -> None:
-    service = _service(app)
+    service = await _service(app)
     file_id = http.path_params["file_id"]
     try:
         deleted = await service.store.run(service.store.delete_file, _owner(app, http), file_id)
@@ -210,7 +213,7 @@ def _metadata(value: Any) -> dict[str, str] | None:
 
 
 async def create_batch(app: Any, http: Any) -> None:
-    service = _service(app)
+    service = await _service(app)
     body = await app.read_json(http)
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
@@ -249,7 +252,7 @@ async def create_batch(app: Any, http: Any) -> None:
 
 
 async def get_batch(app: Any, http: Any) -> None:
-    service = _service(app)
+    service = await _service(app)
     batch_id = http.path_params["batch_id"]
     row = await service.store.run(service.store.get_batch, _owner(app, http), batch_id)
     if row is None:
@@ -258,7 +261,7 @@ async def get_batch(app: Any, http: Any) -> None:
 
 
 async def list_batches(app: Any, http: Any) -> None:
-    service = _service(app)
+    service = await _service(app)
     query = _query(http)
     rows, more = await service.store.run(service.store.list_batches, _owner(app, http),
                                          _limit(query, 20, 100), query.get("after"))
@@ -266,7 +269,7 @@ async def list_batches(app: Any, http: Any) -> None:
 
 
 async def cancel_batch(app: Any, http: Any) -> None:
-    service = _service(app)
+    service = await _service(app)
     batch_id = http.path_params["batch_id"]
     row = await service.cancel(_owner(app, http), batch_id)
     if row is None:

@@ -24,7 +24,7 @@ from minserve.batch.lines import (
     line_usage,
 )
 from minserve.batch.runner import BATCH_PRIORITY, LineRunner
-from minserve.batch.store import BatchStore, StorageFull, is_full
+from minserve.batch.store import BatchStore, StorageFull, StorageLocked, is_full
 
 logger = logging.getLogger("minserve.batch")
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
@@ -87,7 +87,8 @@ def validate_lines(path: str, endpoint: str) -> tuple[int, list[dict[str, Any]]]
 class BatchService:
     """service = BatchService(folder, limits); await service.start(app) (resumes unfinished
     batches); create()/cancel(); await service.shutdown() stops the lines in flight (they run
-    again at the next start)."""
+    again at the next start). The folder is created on first use (await service.open()), so a
+    server that never sees a batch leaves nothing on disk."""
 
     def __init__(self, root: str, limits: BatchLimits | None = None) -> None:
         self.store = BatchStore(root)
@@ -98,15 +99,34 @@ class BatchService:
         self._runners: dict[str, LineRunner] = {}
         self._cancelled: set[str] = set()
         self._stopping = False
+        self._open_lock: asyncio.Lock | None = None
+        self.unavailable: str | None = None     # why the storage cannot be used, if it cannot
 
     # ---- lifecycle
     async def start(self, app: Any) -> None:
         self.app = app
         self._slots = asyncio.Semaphore(self.limits.max_in_flight)
-        await self.store.run(self.store.open)
-        for batch_id in await self.store.run(self.store.unfinished_batches):
-            logger.info("resuming batch %s", batch_id)
-            self._spawn(batch_id)
+        self._open_lock = asyncio.Lock()
+        if self.store.exists():    # batches from an earlier run may wait there
+            await self.open()
+
+    async def open(self) -> bool:
+        """Open the storage (once) and resume its unfinished batches; False (and
+        self.unavailable says why) when another process holds it or it cannot be created."""
+        async with self._open_lock:
+            if self.store.is_open:
+                return True
+            if self.unavailable is None:
+                try:
+                    await self.store.run(self.store.open)
+                except (StorageLocked, OSError) as e:
+                    self.unavailable = str(e)
+                    logger.error("the Batch API is unavailable: %s", e)
+                    return False
+                for batch_id in await self.store.run(self.store.unfinished_batches):
+                    logger.info("resuming batch %s", batch_id)
+                    self._spawn(batch_id)
+            return self.store.is_open
 
     async def shutdown(self) -> None:
         self._stopping = True

@@ -55,6 +55,10 @@ class FileInUse(Exception):
     """A file an unfinished batch still reads."""
 
 
+class StorageLocked(RuntimeError):
+    """Another process holds this storage folder."""
+
+
 def owner_of(api_key: str | None) -> str:
     """What rows are keyed by: never the key itself, and "" when the server has no key."""
     if not api_key:
@@ -85,6 +89,17 @@ class BatchStore:
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     # ---- lifecycle (on the store's thread)
+    @property
+    def db_path(self) -> str:
+        return os.path.join(self.root, "batches.sqlite3")
+
+    def exists(self) -> bool:
+        return os.path.exists(self.db_path)
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
+
     def open(self) -> None:
         os.makedirs(self.files_dir, mode=0o700, exist_ok=True)
         self._lock_fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -93,10 +108,9 @@ class BatchStore:
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise RuntimeError(f"{self.root} is in use by another minserve process (one "
-                               "--batch-storage-path per server)") from None
-        conn = sqlite3.connect(os.path.join(self.root, "batches.sqlite3"),
-                               check_same_thread=False, isolation_level=None)
+            raise StorageLocked(f"{self.root} is in use by another minserve process (one "
+                                "--batch-storage-path per server)") from None
+        conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives the process being killed (the WAL is in the
         # OS); only a power loss may drop the last commits, never corrupt the database.
