@@ -67,6 +67,7 @@ class Request:
     sampling: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = 0.0
+    priority: int = 0           # lower runs first, as vLLM (batch lines run at a large one)
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
