@@ -146,19 +146,13 @@ class BatchStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException as e:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:   # SQLite rolls back by itself on some errors (a full disk)
+                conn.execute("ROLLBACK")
             if is_full(e):
                 raise StorageFull(str(e)) from e
             raise
-        else:
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.OperationalError as e:
-                conn.execute("ROLLBACK")
-                if is_full(e):
-                    raise StorageFull(str(e)) from e
-                raise
 
     # ---- file contents
     def temp_path(self) -> str:
