@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Progress:
-    """One line every few seconds on stderr (a log line, not an animation: run-batch output
-    usually lands in a log file)."""
+    """A line on stderr at every 10% and at least every few seconds (a log line, not an
+    animation: run-batch output usually lands in a log file)."""
 
     def __init__(self, total: int) -> None:
         self.total = total
@@ -58,7 +58,8 @@ class _Progress:
         self.num_failed += not ok
         self.num_output_tokens += num_output_tokens
         now = time.monotonic()
-        if now - self.last >= 2.0 or self.done == self.total:
+        step = max(self.total // 10, 1)
+        if now - self.last >= 5.0 or self.done % step == 0 or self.done == self.total:
             self.last = now
             elapsed = max(now - self.start, 1e-9)
             sys.stderr.write(f"Processed lines: {self.done}/{self.total} ({self.num_failed} "
