@@ -36,14 +36,14 @@ class Result:
 
 async def call(app: Any, method: str, path: str, json: Any = None, *, body: bytes | None = None,
                headers: dict[str, str] | None = None, disconnect_after: int | None = None,
-               chunked: bool = False) -> Result:
+               chunked: bool = False, query: bytes = b"") -> Result:
     """disconnect_after=k: the client goes away once k body chunks arrived."""
     if body is None:
         body = b"" if json is None else orjson.dumps(json)
     hdrs = {"content-type": "application/json"} if json is not None else {}
     hdrs.update(headers or {})
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+             "method": method, "path": path, "raw_path": path.encode(), "query_string": query,
              "root_path": "", "headers": [(k.lower().encode(), v.encode())
                                           for k, v in hdrs.items()]}
     res, gone = Result(), asyncio.Event()

@@ -229,7 +229,7 @@ async def create_batch(app: Any, http: Any) -> None:
         raise OpenAIError(400, f"{endpoint} needs a chat model; this server serves only an "
                           "embedding model", param="endpoint")
     window = body.get("completion_window")
-    if window not in COMPLETION_WINDOWS:
+    if not isinstance(window, str) or window not in COMPLETION_WINDOWS:
         raise OpenAIError(400, f"completion_window must be one of {sorted(COMPLETION_WINDOWS)}, "
                           f"got {window!r}", param="completion_window")
     metadata = _metadata(body.get("metadata"))
