@@ -1,6 +1,7 @@
 """Online serving benchmark against any OpenAI-compatible base URL, like `vllm bench serve`:
 random prompts of a given length (or a JSONL of prompts), fixed max concurrency or a Poisson
-request rate, streaming completions; prints throughput and TTFT/TPOT/ITL/E2E percentiles.
+request rate, streaming completions (or chat, --endpoint chat); prints throughput and
+TTFT/TPOT/ITL/E2E percentiles.
 Stdlib only (asyncio sockets, a minimal HTTP/1.1 + SSE reader), so it runs anywhere.
 
     python bench/serve.py --base-url http://127.0.0.1:8000 --input-len 200 --output-len 64 \
@@ -93,7 +94,8 @@ async def one_request(url: urllib.parse.ParseResult, path: str, body: dict,
                 if event.get("usage"):
                     res.num_output_tokens = event["usage"]["completion_tokens"]
                     res.num_prompt_tokens = event["usage"]["prompt_tokens"]
-                if not event.get("choices") or not event["choices"][0].get("text"):
+                choice = (event.get("choices") or [{}])[0]
+                if not (choice.get("text") or (choice.get("delta") or {}).get("content")):
                     continue
                 now = time.perf_counter()
                 if last is None:
@@ -135,12 +137,13 @@ def pct(xs: list[float], q: float) -> float:
 async def run(args: argparse.Namespace) -> dict:
     url = urllib.parse.urlparse(args.base_url)
     prefix = url.path.rstrip("/")
-    path = prefix + ("/completions" if prefix.endswith("/v1") else "/v1/completions")
+    v1 = prefix if prefix.endswith("/v1") else prefix + "/v1"
+    chat = getattr(args, "endpoint", "completions") == "chat"
+    path = v1 + ("/chat/completions" if chat else "/completions")
     model = args.model
     if model is None:
-        req = urllib.request.Request(f"{url.scheme}://{url.netloc}{path[:-len('/completions')]}"
-                                     "/models", headers={"Authorization":
-                                                         f"Bearer {args.api_key or 'none'}"})
+        req = urllib.request.Request(f"{url.scheme}://{url.netloc}{v1}/models",
+                                     headers={"Authorization": f"Bearer {args.api_key or 'none'}"})
         with urllib.request.urlopen(req, timeout=30) as r:
             model = json.load(r)["data"][0]["id"]
     prompts = make_prompts(args)
@@ -149,9 +152,10 @@ async def run(args: argparse.Namespace) -> dict:
 
     async def limited(p: str) -> Result:
         async with sem:
-            body = {"model": model, "prompt": p, "max_tokens": args.output_len, "stream": True,
+            body = {"model": model, "max_tokens": args.output_len, "stream": True,
                     "temperature": args.temperature, "ignore_eos": args.ignore_eos,
-                    "stream_options": {"include_usage": True}}
+                    "stream_options": {"include_usage": True},
+                    **({"messages": [{"role": "user", "content": p}]} if chat else {"prompt": p})}
             return await one_request(url, path, body, args.api_key)
 
     t0 = time.perf_counter()
@@ -209,6 +213,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="default: the first of /v1/models")
     p.add_argument("--api-key", default=None)
     p.add_argument("--dataset", default=None, help='JSONL of {"prompt": ...} (default: random)')
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                   help="chat: each prompt is one user message to /v1/chat/completions")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=200)
     p.add_argument("--output-len", type=int, default=64)

@@ -24,6 +24,7 @@ from minserve.embeddings.routes import (
     embeddings,
     model_max_len,
     no_chat_model_error,
+    request_priority,
     rerank,
     score,
     serves_chat,
@@ -314,7 +315,9 @@ class App:
             logger.info("request %s: %d prompt(s), %d prompt tokens, params=%s", req.request_id,
                         len(req.prompts), sum(map(len, req.prompts)), req.params)
         try:
-            stream = self.engine.add_batch(req.request_id, req.prompts, req.params)
+            # batch lines run after interactive requests (0), as vLLM's priority
+            stream = self.engine.add_batch(req.request_id, req.prompts, req.params,
+                                           priority=request_priority(http))
         except EngineError as e:
             raise OpenAIError(e.status, e.message) from None
         n = req.params.n

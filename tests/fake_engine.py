@@ -26,12 +26,14 @@ class FakeEngine:
         self.running: dict[str, dict] = {}
         self.pending_aborts: list[str] = []
         self.added: list[tuple] = []
+        self.priorities: dict[str, int] = {}
 
     def add_request(self, request_id, prompt_token_ids, params, *, parent_id=None,
-                    sample_index=0, arrival_time=None) -> None:
+                    sample_index=0, arrival_time=None, priority=0) -> None:
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(f"prompt of {len(prompt_token_ids)} tokens is too long")
         self.added.append((request_id, parent_id, sample_index, params))
+        self.priorities[request_id] = priority
         self.running[request_id] = {"prompt": list(prompt_token_ids), "out": [], "params": params,
                                     "shift": sample_index}
 

@@ -141,10 +141,10 @@ class AsyncEngine:
         return self.add_batch(request_id, [prompt_token_ids], params)
 
     def add_batch(self, request_id: str, prompts: list[list[int]],
-                  params: SamplingParams) -> RequestStream:
+                  params: SamplingParams, priority: int = 0) -> RequestStream:
         """Fan len(prompts) x params.n out into single-sample engine requests. Choice index
         p * n + i (OpenAI's order for a list of prompts); child id = request_id when there is
-        one, else f"{request_id}-{index}"."""
+        one, else f"{request_id}-{index}". priority: lower runs first (vLLM's)."""
         if not self.is_healthy:
             raise EngineError(self.dead_reason or "engine is not healthy", 503)
         if not self.is_ready or self._stopping:
@@ -162,7 +162,7 @@ class AsyncEngine:
         for k, cid in enumerate(child_ids):
             self._streams[cid] = stream
             self._inbox.put((_ADD, (cid, prompts[k // n], child_params,
-                                    None if single else request_id, k % n, arrival)))
+                                    None if single else request_id, k % n, arrival, priority)))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -256,10 +256,11 @@ class AsyncEngine:
                     if kind == _ABORT:
                         engine.abort_request(payload)
                         continue
-                    cid, prompt, params, parent_id, sample_index, arrival = payload
+                    cid, prompt, params, parent_id, sample_index, arrival, priority = payload
                     try:
                         engine.add_request(cid, prompt, params, parent_id=parent_id,
-                                           sample_index=sample_index, arrival_time=arrival)
+                                           sample_index=sample_index, arrival_time=arrival,
+                                           priority=priority)
                     except ValueError as e:  # the engine's word on a bad input: a 400
                         rejected.append((cid, EngineError(str(e), 400)))
                     except Exception as e:  # one bad request must not take the engine down

@@ -122,8 +122,9 @@ class Engine:
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     *, parent_id: str | None = None, sample_index: int = 0,
-                    arrival_time: float | None = None) -> None:
-        """Queue one sample (callers fan n out into n requests sharing parent_id)."""
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        """Queue one sample (callers fan n out into n requests sharing parent_id). priority:
+        lower runs first (vLLM's); the scheduler's docstring says how."""
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("the prompt is empty")
@@ -148,7 +149,7 @@ class Engine:
             request_id, list(prompt_token_ids), params,
             eos_token_ids=self.eos_token_ids,
             arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            parent_id=parent_id, sample_seed=seed, structured=structured))
+            parent_id=parent_id, sample_seed=seed, structured=structured, priority=priority))
 
     def _compile_structured(self, spec: dict) -> object:
         from minserve import structured  # llguidance is imported only when a request asks
