@@ -9,6 +9,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +118,10 @@ class App:
         self.cfg = cfg
         self.embedding = embedding  # EmbeddingService or None; `is engine` when serving it alone
         self.batches = batches      # BatchService (the Batch API) or None
+        # PERF: batch lines parse (template + tokenize) on their own thread: on the shared
+        # pool, 512 lines queued ahead of a chat request made its TTFT 32 s instead of ~1 s
+        # (tiny model, loaded 2-core CPU, bench/RESULTS.md).
+        self.batch_parse_pool = ThreadPoolExecutor(1, thread_name_prefix="minserve-batch-parse")
         self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
         self.metrics = Metrics(self.model_name, lambda: self.engine.stats)
         self._ctx: ServingContext | None = None
@@ -414,16 +419,25 @@ class App:
 # ---------------------------------------------------------------- route handlers
 # Parsing renders chat templates and tokenizes (up to a megabyte-scale prompt: about a second):
 # in a worker thread, so the event loop keeps every other stream flowing meanwhile.
+async def _parse(app: App, http: Http, parse: Callable[..., GenerateRequest],
+                 body: Any) -> GenerateRequest:
+    """In a worker thread; batch lines on their own, never ahead of interactive requests."""
+    if BATCH_SCOPE_KEY in http.scope:
+        return await asyncio.get_running_loop().run_in_executor(app.batch_parse_pool, parse,
+                                                                body, app.ctx)
+    return await asyncio.to_thread(parse, body, app.ctx)
+
+
 async def chat_completions(app: App, http: Http) -> None:
     body = await app.read_json(http)
     check_chat_route(app, body)
-    await app.generate(http, await asyncio.to_thread(parse_chat, body, app.ctx))
+    await app.generate(http, await _parse(app, http, parse_chat, body))
 
 
 async def completions(app: App, http: Http) -> None:
     body = await app.read_json(http)
     check_chat_route(app, body)
-    await app.generate(http, await asyncio.to_thread(parse_completion, body, app.ctx))
+    await app.generate(http, await _parse(app, http, parse_completion, body))
 
 
 def _model_card(app: App, name: str) -> dict[str, Any]:
