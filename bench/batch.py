@@ -174,11 +174,19 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
+    print(f"{args.num_lines} chat lines, ~{args.input_len} words in, {args.output_len} tokens out"
+          f" (ignore_eos), max_num_seqs {args.max_num_seqs}; load avg 1/5/15 min", flush=True)
+
+    class Rows(list):
+        def append(self, row: tuple[str, str, str]) -> None:   # printed as soon as measured
+            super().append(row)
+            print(f"{row[0]:<44}  {row[1]:<56}  {row[2]}", flush=True)
+
     prompts = serve.make_prompts(argparse.Namespace(dataset=None, seed=args.seed,
                                                     input_len=args.input_len,
                                                     num_prompts=args.num_lines))
     data = _lines(args, prompts)
-    rows = []
+    rows = Rows()
     with tempfile.TemporaryDirectory(prefix="minserve-bench-batch-") as tmp:
         path = os.path.join(tmp, "batch.jsonl")
         with open(path, "wb") as f:
@@ -220,11 +228,6 @@ def main() -> None:
     if base_ttft and online["ttft"]:
         ratio = statistics.median(online["ttft"]) / statistics.median(base_ttft)
         rows.append(("median TTFT ratio, batch / no batch", f"{ratio:.2f}x", ""))
-    print(f"{args.num_lines} chat lines, ~{args.input_len} words in, {args.output_len} tokens out"
-          f" (ignore_eos), max_num_seqs {args.max_num_seqs}; load avg 1/5/15 min")
-    width = max(len(r[0]) for r in rows)
-    for name, value, load in rows:
-        print(f"{name:<{width}}  {value:<52}  {load}")
 
 
 if __name__ == "__main__":

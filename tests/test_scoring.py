@@ -15,7 +15,12 @@ from minserve.config import ConfigError
 from minserve.embeddings.embedder import Embedder, _longest_first
 from minserve.embeddings.protocol import EmbeddingsRequestError
 from minserve.embeddings.scoring import score_pairs
-from tests.test_embeddings import WORDS, make_tiny_encoder, minilm  # noqa: F401 (fixture)
+from tests.test_embeddings import (  # noqa: F401 (minilm: a fixture)
+    WORDS,
+    make_tiny_encoder,
+    minilm,
+    widen_init,
+)
 
 QUERY = "a man is eating food"
 DOCS = ["a man is eating a piece of bread", "a man is riding a horse", "hello world",
@@ -63,13 +68,7 @@ def make_tiny_cross_encoder(folder: str, kind: str = "bert", **config_extra):
                   num_attention_heads=4, intermediate_size=128,
                   **{"num_labels": 1, **extra, **config_extra})
     torch.manual_seed(0)
-    model = model_cls(cfg).eval()
-    with torch.no_grad():  # widen the init so pairs get clearly different logits
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-            elif "LayerNorm.weight" not in name:
-                p.normal_(0.0, 0.1)
+    model = widen_init(model_cls(cfg).eval())
     model.save_pretrained(folder, safe_serialization=True)
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"model_max_length": 512}, f)

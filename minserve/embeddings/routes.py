@@ -106,17 +106,23 @@ async def embeddings(app: Any, http: Any) -> None:
                                                               num_tokens))
 
 
-async def score(app: Any, http: Any) -> None:
-    """POST /v1/score (and /score): text_1 against text_2."""
-    from minserve.server import send_json
-
+async def _scores(app: Any, http: Any, parse: Any) -> tuple[str, Any, list[float], int]:
+    """score and rerank: the body -> pairs -> the embedding service's scores."""
     arrival = time.monotonic()
-    req = parse_score_request(await app.read_json(http))
+    req = parse(await app.read_json(http))
     model = _embedding_model(app, req.model, http.path)
     scores, num_tokens = await app.embedding.score(req.pairs, req.labels,
                                                    req.truncate_prompt_tokens,
                                                    priority=request_priority(http))
     app.metrics.on_pooling_request(model, num_tokens, time.monotonic() - arrival)
+    return model, req, scores, num_tokens
+
+
+async def score(app: Any, http: Any) -> None:
+    """POST /v1/score (and /score): text_1 against text_2."""
+    from minserve.server import send_json
+
+    model, _, scores, num_tokens = await _scores(app, http, parse_score_request)
     await send_json(http.send, 200, build_score_response(model, scores, num_tokens))
 
 
@@ -125,11 +131,5 @@ async def rerank(app: Any, http: Any) -> None:
     clients read): results most relevant first."""
     from minserve.server import send_json
 
-    arrival = time.monotonic()
-    req = parse_rerank_request(await app.read_json(http))
-    model = _embedding_model(app, req.model, http.path)
-    scores, num_tokens = await app.embedding.score(req.pairs, req.labels,
-                                                   req.truncate_prompt_tokens,
-                                                   priority=request_priority(http))
-    app.metrics.on_pooling_request(model, num_tokens, time.monotonic() - arrival)
+    model, req, scores, num_tokens = await _scores(app, http, parse_rerank_request)
     await send_json(http.send, 200, build_rerank_response(model, req, scores, num_tokens))
