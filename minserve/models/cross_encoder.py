@@ -1,7 +1,8 @@
 """Cross-encoders: BertForSequenceClassification (ms-marco MiniLM) and
-XLMRobertaForSequenceClassification (BGE rerankers) in plain torch, over models/bert.py's encoder.
-A (query, document) pair goes in as one right-padded sequence; one logit per label comes out.
-Turning logits into a relevance score (the activation) is the caller's job (embeddings/scoring)."""
+XLMRobertaForSequenceClassification (BGE rerankers) in plain torch, over models/bert.py's encoder,
+loaded by loader.py as every model is. A (query, document) pair goes in as one right-padded
+sequence; one logit per label comes out. Turning logits into a relevance score (the activation)
+is the caller's job (embeddings/scoring.py)."""
 from __future__ import annotations
 
 import json
@@ -12,14 +13,8 @@ import torch
 from torch import nn
 
 from minserve.config import ConfigError
-from minserve.models.bert import (
-    BertModel,
-    EncoderConfig,
-    XLMRobertaModel,
-    assign_weights,
-    encoder_state_dict,
-    read_checkpoint,
-)
+from minserve.models.bert import BertModel, EncoderConfig, XLMRobertaModel
+from minserve.models.loader import load_model
 
 # sentence-transformers' CrossEncoder names its activation by its torch class; these are the two
 # its rerankers use. Unknown names are refused rather than guessed.
@@ -80,6 +75,8 @@ class CrossEncoder(nn.Module):
     """forward(input_ids [B, L], attention_mask [B, L], token_type_ids [B, L] | None) ->
     logits [B, num_labels] (float32)."""
 
+    packed_modules_mapping = BertModel.packed_modules_mapping
+
     def __init__(self, cfg: EncoderConfig, labels: int) -> None:
         super().__init__()
         self.config = cfg
@@ -94,6 +91,13 @@ class CrossEncoder(nn.Module):
             token_type_ids = None   # XLM-R has one segment type: every token is type 0
         hidden = self.encoder(input_ids, attention_mask, token_type_ids)
         return self.head(hidden[:, 0]).float()
+
+    def map_weight_name(self, name: str) -> str | None:
+        head = _head_name(name)
+        if head is not None:
+            return head
+        ours = self.encoder.map_weight_name(name)   # the encoder's own names
+        return None if ours is None else "encoder." + ours
 
 
 def _head_name(name: str) -> str | None:
@@ -111,22 +115,8 @@ def _head_name(name: str) -> str | None:
 
 def load_cross_encoder(folder: str, device: torch.device | str, dtype: torch.dtype
                        ) -> CrossEncoder:
-    """Meta-device build, then the checkpoint's encoder tensors (through bert.py's renames) and
-    head tensors assigned on device/dtype; a missing or extra tensor is a ConfigError."""
+    """The folder's cross-encoder; a missing checkpoint tensor is a ConfigError."""
     with open(os.path.join(folder, "config.json")) as f:
         hf = json.load(f)
-    cfg = EncoderConfig.from_dict(hf)
-    labels = num_labels(hf)
-    with torch.device("meta"):
-        model = CrossEncoder(cfg, labels)
-    encoder_tensors, state = {}, {}
-    for name, tensor in read_checkpoint(folder).items():
-        ours = _head_name(name)
-        if ours is None:
-            encoder_tensors[name] = tensor
-        else:
-            state[ours] = tensor.to(device=device, dtype=dtype)
-    for name, tensor in encoder_state_dict(encoder_tensors, device, dtype).items():
-        state["encoder." + name] = tensor
-    assign_weights(model, state, folder, cfg.architecture)
-    return model.eval()
+    cfg, labels = EncoderConfig.from_dict(hf), num_labels(hf)
+    return load_model(folder, cfg, device, dtype, model_cls=lambda c: CrossEncoder(c, labels))
