@@ -229,6 +229,8 @@ class BatchService:
         done = await store.run(store.done_lines, batch_id)
         runner = LineRunner(self.app, self.limits.max_in_flight, BATCH_PRIORITY, self._slots)
         self._runners[batch_id] = runner
+        if batch_id in self._cancelled:   # cancelled while it waited for the model
+            runner.stop()
         expired = False
 
         def expire() -> None:
