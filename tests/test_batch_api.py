@@ -11,7 +11,7 @@ import urllib.request
 import openai
 import pytest
 
-from tests.test_openai_sdk import start_server, stop_server
+from tests.serving import start_server, stop_server
 
 K1, K2 = "key-one", "key-two"
 DONE = ("completed", "failed", "cancelled", "expired")

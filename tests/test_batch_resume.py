@@ -12,8 +12,8 @@ import urllib.request
 
 import openai
 
+from tests.serving import start_server, stop_server
 from tests.test_batch_api import K1, _chat, _jsonl, _lines, wait_batch
-from tests.test_openai_sdk import start_server, stop_server
 
 
 def _args(model: str, storage: str) -> list[str]:

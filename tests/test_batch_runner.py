@@ -7,9 +7,10 @@ import asyncio
 
 from minserve.batch.lines import iter_lines
 from minserve.batch.runner import BATCH_PRIORITY, LineRunner, call_app
-from minserve.embeddings.routes import BATCH_SCOPE_KEY
+from minserve.http import BATCH_SCOPE_KEY
 from tests.asgi import call, lifespan
 from tests.fake_engine import make_fake_app
+from tests.serving import wait_until
 from tests.test_batch_store import _line
 
 
@@ -26,7 +27,7 @@ def test_lines_run_at_batch_priority_without_the_key_check(tiny_model_dir):
             # a client header named like the scope key is just a header
             spoof = await call(app, "POST", "/v1/completions", {"prompt": "Hi"},
                                headers={BATCH_SCOPE_KEY: "0"})
-            return status, raw, http, no_key, spoof, app.engine.engine.priorities
+            return status, raw, http, no_key, spoof, app.chat._engine.priorities
 
     status, raw, http, no_key, spoof, priorities = asyncio.run(fn())
     assert status == 200 and b"text_completion" in raw and http.status == 200
@@ -50,11 +51,9 @@ def test_stop_aborts_lines_in_flight_and_records_nothing_for_them(tiny_model_dir
                 if len(done) == 2:
                     runner.stop()        # as a cancel does
             await runner.run(lines, on_result)
-            for _ in range(500):         # the aborts land at the engine's next step
-                if not app.engine.engine.running:
-                    break
-                await asyncio.sleep(0.01)
-            return done, runner, app.engine.engine.running
+            # the aborts land at the engine's next step
+            await wait_until(lambda: not app.chat._engine.running, what="the aborts")
+            return done, runner, app.chat._engine.running
 
     done, runner, running = asyncio.run(fn())
     assert sorted(done) == ["c0", "c1"] and running == {}

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from tests.asgi import call
-from tests.test_embeddings import make_tiny_encoder
+from tests.tiny import make_tiny_encoder
 
 FLAGS = ["--kv-cache-memory", "8MiB", "--max-model-len", "256", "--served-model-name", "tiny"]
 

@@ -15,12 +15,8 @@ from minserve.config import ConfigError
 from minserve.embeddings.embedder import Embedder, _longest_first
 from minserve.embeddings.protocol import EmbeddingsRequestError
 from minserve.embeddings.scoring import score_pairs
-from tests.test_embeddings import (  # noqa: F401 (minilm: a fixture)
-    WORDS,
-    make_tiny_encoder,
-    minilm,
-    widen_init,
-)
+from tests.test_embeddings import minilm  # noqa: F401 (a fixture)
+from tests.tiny import WORDS, make_tiny_encoder, widen_init
 
 QUERY = "a man is eating food"
 DOCS = ["a man is eating a piece of bread", "a man is riding a horse", "hello world",

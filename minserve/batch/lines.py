@@ -13,6 +13,7 @@ import orjson
 # What a line may call: the app's own POST routes (never /v1/files or /v1/batches themselves).
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/score",
              "/v1/rerank")
+POOLING_ENDPOINTS = ("/v1/embeddings", "/v1/score", "/v1/rerank")  # the embedding model answers
 ALIASES = {"/score": "/v1/score", "/rerank": "/v1/rerank", "/v2/rerank": "/v1/rerank"}
 MAX_CUSTOM_ID_CHARS = 512
 

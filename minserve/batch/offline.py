@@ -105,9 +105,7 @@ async def run_batch(args: argparse.Namespace, input_path: str, out: BinaryIO) ->
         from prometheus_client import start_http_server
         start_http_server(args.port, args.url, registry=app.metrics.registry)
     async with app_running(app):
-        services = [app.engine] + ([app.embedding] if app.embedding not in (None, app.engine)
-                                   else [])
-        for service in services:
+        for service in app.services:
             try:
                 await service.wait_ready()
             except Exception as e:  # noqa: BLE001 - the model failed to load: said below
@@ -123,7 +121,7 @@ async def run_batch(args: argparse.Namespace, input_path: str, out: BinaryIO) ->
         with open(input_path, "rb") as f:
             await runner.run(iter_lines(f), on_result)
         elapsed = time.monotonic() - t0
-        reason = next((s.dead_reason for s in services if not s.is_healthy), None)
+        reason = next((s.dead_reason for s in app.services if not s.is_healthy), None)
     num_unanswered = 0
     if writer.next_index < total or writer.pending:   # the engine stopped answering
         with open(input_path, "rb") as f:

@@ -11,7 +11,7 @@ import os
 from typing import Any
 from urllib.parse import parse_qs
 
-from minserve.batch.lines import ENDPOINTS
+from minserve.batch.lines import ENDPOINTS, POOLING_ENDPOINTS
 from minserve.batch.multipart import (
     FileTooLarge,
     MultipartError,
@@ -27,17 +27,11 @@ from minserve.batch.store import (
     is_full,
     owner_of,
 )
-from minserve.protocol import OpenAIError
+from minserve.http import Http, OpenAIError
 
 MULTIPART_SLACK = 1 << 20        # the form's own bytes (boundaries, headers, fields)
 MAX_METADATA = 16                # OpenAI's metadata limits
 CONTENT_CHUNK = 1 << 20
-
-
-def _send_json(http: Any, status: int, obj: Any) -> Any:
-    from minserve.server import send_json  # server.py imports this module
-
-    return send_json(http.send, status, obj)
 
 
 async def _service(app: Any) -> Any:
@@ -49,7 +43,7 @@ async def _service(app: Any) -> Any:
     return app.batches
 
 
-def _owner(app: Any, http: Any) -> str:
+def _owner(app: Any, http: Http) -> str:
     """The key that passed auth (hashed); "" when the server has no keys."""
     if not app.cfg.api_keys:
         return ""
@@ -90,7 +84,7 @@ def _not_found(kind: str, value: str | None, param: str) -> OpenAIError:
 
 
 # ---------------------------------------------------------------- files
-async def upload_file(app: Any, http: Any) -> None:
+async def upload_file(app: Any, http: Http) -> None:
     service = await _service(app)
     owner = _owner(app, http)
     limit = service.limits.max_file_bytes
@@ -144,10 +138,10 @@ async def upload_file(app: Any, http: Any) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp)
-    await _send_json(http, 200, file_object(row))
+    await http.send_json(200, file_object(row))
 
 
-async def list_files(app: Any, http: Any) -> None:
+async def list_files(app: Any, http: Http) -> None:
     service = await _service(app)
     query = _query(http)
     order = query.get("order", "desc")
@@ -156,10 +150,10 @@ async def list_files(app: Any, http: Any) -> None:
     rows, more = await service.store.run(service.store.list_files, _owner(app, http),
                                          query.get("purpose"), _limit(query, 10_000, 10_000),
                                          order, query.get("after"))
-    await _send_json(http, 200, _page(rows, more, file_object))
+    await http.send_json(200, _page(rows, more, file_object))
 
 
-async def _own_file(app: Any, http: Any) -> dict[str, Any]:
+async def _own_file(app: Any, http: Http) -> dict[str, Any]:
     service = await _service(app)
     file_id = http.path_params["file_id"]
     row = await service.store.run(service.store.get_file, _owner(app, http), file_id)
@@ -168,11 +162,11 @@ async def _own_file(app: Any, http: Any) -> dict[str, Any]:
     return row
 
 
-async def get_file(app: Any, http: Any) -> None:
-    await _send_json(http, 200, file_object(await _own_file(app, http)))
+async def get_file(app: Any, http: Http) -> None:
+    await http.send_json(200, file_object(await _own_file(app, http)))
 
 
-async def file_content(app: Any, http: Any) -> None:
+async def file_content(app: Any, http: Http) -> None:
     row = await _own_file(app, http)
     # opened before the response starts: a delete meanwhile cannot cut the body short
     f = open(app.batches.store.file_path(row["id"]), "rb")  # noqa: SIM115 (closed below)
@@ -187,7 +181,7 @@ async def file_content(app: Any, http: Any) -> None:
         f.close()
 
 
-async def delete_file(app: Any, http: Any) -> None:
+async def delete_file(app: Any, http: Http) -> None:
     service = await _service(app)
     file_id = http.path_params["file_id"]
     try:
@@ -197,7 +191,7 @@ async def delete_file(app: Any, http: Any) -> None:
                           "finished; cancel it or wait", param="file_id") from None
     if not deleted:
         raise _not_found("file", file_id, "file_id")
-    await _send_json(http, 200, {"id": file_id, "object": "file", "deleted": True})
+    await http.send_json(200, {"id": file_id, "object": "file", "deleted": True})
 
 
 # ---------------------------------------------------------------- batches
@@ -212,20 +206,20 @@ def _metadata(value: Any) -> dict[str, str] | None:
     return value
 
 
-async def create_batch(app: Any, http: Any) -> None:
+async def create_batch(app: Any, http: Http) -> None:
     service = await _service(app)
-    body = await app.read_json(http)
+    body = await http.read_json()
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
     endpoint = body.get("endpoint")
     if not known_endpoint(endpoint):
         raise OpenAIError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}, got "
                           f"{endpoint!r}", param="endpoint")
-    pooling = endpoint in ("/v1/embeddings", "/v1/score", "/v1/rerank")
+    pooling = endpoint in POOLING_ENDPOINTS
     if pooling and app.embedding is None:
         raise OpenAIError(400, f"{endpoint} needs an embedding model, and this server has none "
                           "(--embedding-model or --task embed)", param="endpoint")
-    if not pooling and app.embedding is not None and app.engine is app.embedding:
+    if not pooling and app.chat is None:
         raise OpenAIError(400, f"{endpoint} needs a chat model; this server serves only an "
                           "embedding model", param="endpoint")
     window = body.get("completion_window")
@@ -248,27 +242,27 @@ async def create_batch(app: Any, http: Any) -> None:
     except StorageFull as e:
         raise OpenAIError(507, f"the batch storage is full: {e}",
                           type="InsufficientStorage") from None
-    await _send_json(http, 200, batch_object(batch))
+    await http.send_json(200, batch_object(batch))
 
 
-async def get_batch(app: Any, http: Any) -> None:
+async def get_batch(app: Any, http: Http) -> None:
     service = await _service(app)
     batch_id = http.path_params["batch_id"]
     row = await service.store.run(service.store.get_batch, _owner(app, http), batch_id)
     if row is None:
         raise _not_found("batch", batch_id, "batch_id")
-    await _send_json(http, 200, batch_object(row))
+    await http.send_json(200, batch_object(row))
 
 
-async def list_batches(app: Any, http: Any) -> None:
+async def list_batches(app: Any, http: Http) -> None:
     service = await _service(app)
     query = _query(http)
     rows, more = await service.store.run(service.store.list_batches, _owner(app, http),
                                          _limit(query, 20, 100), query.get("after"))
-    await _send_json(http, 200, _page(rows, more, batch_object))
+    await http.send_json(200, _page(rows, more, batch_object))
 
 
-async def cancel_batch(app: Any, http: Any) -> None:
+async def cancel_batch(app: Any, http: Http) -> None:
     service = await _service(app)
     batch_id = http.path_params["batch_id"]
     row = await service.cancel(_owner(app, http), batch_id)
@@ -277,7 +271,7 @@ async def cancel_batch(app: Any, http: Any) -> None:
     if row["status"] not in ("cancelling", "cancelled"):
         raise OpenAIError(400, f"batch {batch_id!r} is {row['status']}: only a validating or "
                           "in-progress batch can be cancelled", param="batch_id")
-    await _send_json(http, 200, batch_object(row))
+    await http.send_json(200, batch_object(row))
 
 
 ROUTES = {

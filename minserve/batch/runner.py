@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from minserve.batch.lines import BatchLine, error_line, output_line
-from minserve.embeddings.routes import BATCH_SCOPE_KEY
+from minserve.http import BATCH_SCOPE_KEY
 
 logger = logging.getLogger("minserve.batch")
 

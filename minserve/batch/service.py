@@ -17,6 +17,7 @@ import orjson
 
 from minserve.batch.lines import (
     ENDPOINTS,
+    POOLING_ENDPOINTS,
     BatchLine,
     error_line,
     is_success,
@@ -209,8 +210,9 @@ class BatchService:
 
     def _answering_service(self, endpoint: str) -> Any:
         app = self.app
-        pooling = endpoint in ("/v1/embeddings", "/v1/score", "/v1/rerank")
-        return app.embedding if pooling and app.embedding is not None else app.engine
+        if endpoint in POOLING_ENDPOINTS and app.embedding is not None:
+            return app.embedding
+        return app.chat if app.chat is not None else app.embedding
 
     async def _wait_ready(self, endpoint: str) -> bool:
         service = self._answering_service(endpoint)
