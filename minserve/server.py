@@ -1,6 +1,7 @@
 """THE ASGI app: lifespan (service start/stop, batches resumed), the route table, auth, CORS,
 readiness, and the chat/completions generation loop (a receive() disconnect watcher beside each
-response). The HTTP plumbing is http.py. Never imports torch: the engine is built in its own thread."""
+response). The HTTP plumbing is http.py. Never imports torch: the engine is built in its own
+thread."""
 from __future__ import annotations
 
 import asyncio
