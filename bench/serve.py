@@ -1,6 +1,7 @@
 """Online serving benchmark against any OpenAI-compatible base URL, like `vllm bench serve`:
 random prompts of a given length (or a JSONL of prompts), fixed max concurrency or a Poisson
-request rate, streaming completions; prints throughput and TTFT/TPOT/ITL/E2E percentiles.
+request rate, streaming completions (or chat, --endpoint chat); prints throughput and
+TTFT/TPOT/ITL/E2E percentiles.
 Stdlib only (asyncio sockets, a minimal HTTP/1.1 + SSE reader), so it runs anywhere.
 
     python bench/serve.py --base-url http://127.0.0.1:8000 --input-len 200 --output-len 64 \
@@ -156,20 +157,22 @@ def pct(xs: list[float], q: float) -> float:
 async def run(args: argparse.Namespace) -> dict:
     url = urllib.parse.urlparse(args.base_url)
     prefix = url.path.rstrip("/")
-    path = prefix + ("/completions" if prefix.endswith("/v1") else "/v1/completions")
+    v1 = prefix if prefix.endswith("/v1") else prefix + "/v1"
+    image = getattr(args, "image", None)    # (bench/batch.py's namespace has none)
+    chat = getattr(args, "endpoint", "completions") == "chat" or bool(image)   # images: chat
+    path = v1 + ("/chat/completions" if chat else "/completions")
     model = args.model
     if model is None:
-        req = urllib.request.Request(f"{url.scheme}://{url.netloc}{path[:-len('/completions')]}"
-                                     "/models", headers={"Authorization":
-                                                         f"Bearer {args.api_key or 'none'}"})
+        req = urllib.request.Request(f"{url.scheme}://{url.netloc}{v1}/models",
+                                     headers={"Authorization": f"Bearer {args.api_key or 'none'}"})
         with urllib.request.urlopen(req, timeout=30) as r:
             model = json.load(r)["data"][0]["id"]
     prompts = make_prompts(args)
     sem = asyncio.Semaphore(args.max_concurrency or len(prompts))
     rng = random.Random(args.seed)
     images = []
-    if args.image:
-        width, height = (int(x) for x in args.image.lower().split("x"))
+    if image:
+        width, height = (int(x) for x in image.lower().split("x"))
         images = [png_data_url(width, height, args.seed + i) for i in range(len(prompts))]
 
     async def limited(i: int, p: str) -> Result:
@@ -181,9 +184,10 @@ async def run(args: argparse.Namespace) -> dict:
                 body["messages"] = [{"role": "user", "content": [
                     {"type": "text", "text": p},
                     {"type": "image_url", "image_url": {"url": images[i]}}]}]
-                return await one_request(url, path[:-len("/completions")] + "/chat/completions",
-                                         body, args.api_key)
-            body["prompt"] = p
+            elif chat:
+                body["messages"] = [{"role": "user", "content": p}]
+            else:
+                body["prompt"] = p
             return await one_request(url, path, body, args.api_key)
 
     t0 = time.perf_counter()
@@ -241,6 +245,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="default: the first of /v1/models")
     p.add_argument("--api-key", default=None)
     p.add_argument("--dataset", default=None, help='JSONL of {"prompt": ...} (default: random)')
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                   help="chat: each prompt is one user message to /v1/chat/completions")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=200)
     p.add_argument("--output-len", type=int, default=64)

@@ -1,5 +1,6 @@
 """`python -m minserve [serve] [MODEL] [flags]`: vLLM's flag names -> EngineConfig/ServerConfig,
 then granian in-process (embedded server, ASGI interface, one worker) with graceful SIGTERM/SIGINT.
+(`python -m minserve run-batch` is __main__.py's, on these flags: batch/offline.py.)
 Does not import torch itself; the engine thread does."""
 from __future__ import annotations
 
@@ -144,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--port", type=int, default=8000)
     a("--served-model-name", nargs="+", default=None,
       help="the model name(s) the API accepts; the first one is reported")
-    a("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 and tokenize "
-      f"routes (also read from {' or '.join(API_KEY_ENVS)})")
+    a("--api-key", nargs="+", default=None, metavar="KEY",
+      help="require `Authorization: Bearer KEY` (any of the keys given) on /v1 and tokenize "
+      f"routes (also read from {' or '.join(API_KEY_ENVS)}); each key sees only its own batch "
+      "files and batches")
     a("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     a("--device", default="auto", help="auto, cuda or cpu")
     a("--max-model-len", type=_size, default=None, help="context length (default: the model's)")
@@ -225,9 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="split the model's <think> text into reasoning_content")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
       help="must be 1 (tensor parallelism is not implemented yet)")
-    a("--task", default="auto", choices=["auto", "generate", "embed", "embedding"],
-      help="embed: serve MODEL as an embedding model on /v1/embeddings (auto: from its "
-           "architecture)")
+    a("--task", default="auto", choices=["auto", "generate", "embed", "embedding", "score"],
+      help="embed/score: serve MODEL as a pooling model on /v1/embeddings, /v1/score and "
+           "/v1/rerank (a cross-encoder scores pairs itself; an embedding model by cosine). "
+           "auto: from its architecture")
     a("--runner", default="auto", choices=["auto", "generate", "pooling"],
       help="vLLM's newer spelling of --task: pooling = embed")
     a("--responses-store-size", type=int, default=1000,
@@ -236,14 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     a("--embedding-model", default=None,
       help="also serve this embedding model (a folder, or all-minilm-l6-v2, fetched once) on "
            "/v1/embeddings next to the chat model")
+    a("--batch-storage-path", default=None,
+      help="where the Batch API keeps its files and state (an SQLite database and a files "
+           "folder), created on first use; default: batches/PORT in the minserve cache")
+    a("--max-batch-file-size", type=_size, default=200 * 1024 * 1024,
+      help="largest batch input file accepted by POST /v1/files (default 200MiB, as OpenAI)")
+    a("--max-batch-file-lines", type=int, default=50_000,
+      help="most requests in one batch input file (default 50000, as OpenAI)")
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None,
+               parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """parser: build_parser() with more flags (run-batch's); the checks are the same."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":  # `minserve serve MODEL` as `vllm serve MODEL`
         argv = argv[1:]
-    parser = build_parser()
+    parser = parser or build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flags = " ".join(unknown)
@@ -264,6 +277,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--timeout-keep-alive {args.timeout_keep_alive}: must be > 0")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be in 0..65535")
+    if args.max_batch_file_size < 1 or args.max_batch_file_lines < 1:
+        parser.error("--max-batch-file-size and --max-batch-file-lines must be positive")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         parser.error("--ssl-keyfile and --ssl-certfile go together")
     try:
@@ -302,13 +317,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)
     from minserve.server import ServerConfig
 
-    key = args.api_key or next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
+    env_key = next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
+    keys = args.api_key or ([env_key] if env_key else [])
     names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
     embed_only = args.task == "embed"
     return ServerConfig(
         served_model_names=[] if embed_only else names,
         embedding_model_names=names if embed_only else [m for m in [args.embedding_model] if m],
-        api_keys=[key] if key else [], allowed_origins=args.allowed_origins,
+        api_keys=keys, allowed_origins=args.allowed_origins,
         root_path=args.root_path.rstrip("/"), max_body_bytes=args.max_request_body_bytes,
         shutdown_grace_s=args.shutdown_timeout,
         log_requests=args.enable_log_requests and not args.disable_log_requests,
@@ -331,7 +347,7 @@ async def serve(args: argparse.Namespace) -> int:
     if not args.reuse_port:
         check_port_free(args.host, args.port)
     app = create_app(None if args.task == "embed" else args.engine_config, server_config(args),
-                     embedding=service_from_cli(args))
+                     embedding=service_from_cli(args), batches=batch_service_from_cli(args))
     scheme = "https" if args.ssl_certfile else "http"
     url = f"{scheme}://{args.host}:{args.port}{args.root_path.rstrip('/')}/v1"
     # NOTE: HTTP/1.1 only, as vLLM's uvicorn: in granian's auto mode a connection that sends
@@ -376,6 +392,17 @@ async def serve(args: argparse.Namespace) -> int:
                 __version__, args.model or DEFAULT_MODEL_NAME, url)
     await server.serve()
     return exit_code
+
+
+def batch_service_from_cli(args: argparse.Namespace):  # -> BatchService
+    from minserve.batch.service import BatchLimits, BatchService
+    from minserve.config import cache_dir
+
+    # per port: two servers on one box keep apart, a restart on the same port resumes
+    root = args.batch_storage_path or os.path.join(cache_dir(), "batches", str(args.port))
+    return BatchService(os.path.expanduser(root), BatchLimits(
+        max_file_bytes=args.max_batch_file_size, max_file_lines=args.max_batch_file_lines,
+        max_in_flight=2 * args.max_num_seqs))
 
 
 def main(argv: list[str] | None = None) -> None:

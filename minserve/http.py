@@ -17,6 +17,10 @@ Headers = list[tuple[bytes, bytes]]
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                         (b"x-accel-buffering", b"no")]
+# Set only by an in-process caller (the batch runner, batch/runner.py), never by an ASGI server,
+# so no client can claim it: its value is the request's priority (higher runs later, as vLLM's),
+# and a request carrying it skips the API-key check (the batch's owner passed it at creation).
+BATCH_SCOPE_KEY = "minserve.batch_priority"
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                 405: "MethodNotAllowed", 413: "RequestEntityTooLarge", 415: "BadRequestError",
                 500: "InternalServerError", 503: "ServiceUnavailableError"}
@@ -56,6 +60,11 @@ class Http:
     # The route's error shape (another API's routes set their own; OpenAI's by default).
     error_body: Callable[[OpenAIError], Any] = OpenAIError.to_dict
     head_only: bool = False  # HEAD: answered as GET, its headers kept, without the body
+
+    @property
+    def priority(self) -> int:
+        """The engine priority of what this request runs: 0 (interactive) unless a batch line."""
+        return int(self.scope.get(BATCH_SCOPE_KEY, 0))
 
     async def send(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "http.response.start":

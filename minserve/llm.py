@@ -19,7 +19,7 @@ from minserve.output import SampleState
 from minserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:   # imported when embed() runs: a chat-only LLM never loads the embeddings code
-    from minserve.embeddings.offline import EmbeddingRequestOutput
+    from minserve.embeddings.offline import EmbeddingRequestOutput, ScoringRequestOutput
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -139,6 +139,17 @@ class LLM:
         from minserve.embeddings.offline import embed_prompts
 
         return embed_prompts(self.embedder, prompts, truncate_prompt_tokens, dimensions)
+
+    def score(self, data_1: str | list[str], data_2: str | list[str], *,
+              truncate_prompt_tokens: int | None = None) -> list[ScoringRequestOutput]:
+        """Relevance of data_1 against data_2 (one to one, one to many, or pairwise), as
+        /v1/score: a cross-encoder's score, or the cosine of an embedding model's vectors."""
+        if self.embedder is None:
+            raise ValueError("LLM.score() needs a cross-encoder or an embedding model "
+                             "(LLM(model, task=\"score\")); this LLM holds a chat model")
+        from minserve.embeddings.offline import score_prompts
+
+        return score_prompts(self.embedder, data_1, data_2, truncate_prompt_tokens)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

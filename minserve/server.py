@@ -1,6 +1,7 @@
-"""THE ASGI app: lifespan (service start/stop), the route table, auth, CORS, readiness, and the
-chat/completions generation loop (a receive() disconnect watcher beside each response). The HTTP
-plumbing is http.py. Never imports torch: the engine is built in its own thread."""
+"""THE ASGI app: lifespan (service start/stop, batches resumed), the route table, auth, CORS,
+readiness, and the chat/completions generation loop (a receive() disconnect watcher beside each
+response). The HTTP plumbing is http.py. Never imports torch: the engine is built in its own
+thread."""
 from __future__ import annotations
 
 import asyncio
@@ -9,14 +10,16 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from minserve import __version__, messages, output, responses
+from minserve.batch import routes as batch_routes
 from minserve.embeddings import routes as embedding_routes
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
 from minserve.errors import library_text
-from minserve.http import Http, OpenAIError, Receive, Scope, Send, find_route
+from minserve.http import BATCH_SCOPE_KEY, Http, OpenAIError, Receive, Scope, Send, find_route
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from minserve.metrics import Metrics, RequestTracker
 from minserve.protocol import (
@@ -55,13 +58,20 @@ Handler = Callable[["App", Http], Awaitable[None]]
 
 class App:
     """app(scope, receive, send). Build with create_app(). `chat` (an AsyncEngine) answers the
-    generation routes and `embedding` (an EmbeddingService) /v1/embeddings; either may be None."""
+    generation routes and `embedding` (an EmbeddingService) /v1/embeddings, /v1/score and
+    /v1/rerank; either may be None. `batches` (a BatchService) is the Batch API, or None."""
 
-    def __init__(self, cfg: ServerConfig, chat: AsyncEngine | None, embedding: Any = None) -> None:
+    def __init__(self, cfg: ServerConfig, chat: AsyncEngine | None, embedding: Any = None,
+                 batches: Any = None) -> None:
         self.cfg = cfg
         self.chat = chat
         self.embedding = embedding
+        self.batches = batches
         self.services = [s for s in (chat, embedding) if s is not None]
+        # PERF: batch lines parse (template + tokenize) on their own thread: on the shared
+        # pool, 512 lines queued ahead of a chat request made its TTFT 32 s instead of ~1 s
+        # (tiny model, loaded 2-core CPU, bench/RESULTS.md).
+        self.batch_parse_pool = ThreadPoolExecutor(1, thread_name_prefix="minserve-batch-parse")
         self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
         self.metrics = Metrics(self.model_name, lambda: self.services[0].stats)
         self._ctx: ServingContext | None = None
@@ -83,11 +93,15 @@ class App:
                 try:
                     for service in self.services:
                         service.start()
+                    if self.batches is not None:   # resumes unfinished batches
+                        await self.batches.start(self)
                 except Exception as e:  # never leave granian waiting on a startup reply
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                if self.batches is not None:   # first: its lines in flight run again next start
+                    await self.batches.shutdown()
                 grace_s = self.cfg.shutdown_grace_s
                 if self.shutdown_deadline is not None:  # the signal started the clock already
                     grace_s = max(0.0, self.shutdown_deadline - time.monotonic())
@@ -157,24 +171,26 @@ class App:
         model = body.get("model") if isinstance(body, dict) else None
         if isinstance(model, str) and model in self.cfg.embedding_model_names:
             raise OpenAIError(400, f"`{model}` is an embedding model: it answers POST "
-                              f"/v1/embeddings only. For completions use "
+                              f"/v1/embeddings (and /v1/score, /v1/rerank) only. For completions "
+                              f"use "
                               f"{_names(self.cfg.served_model_names)}.", param="model")
 
-    def embedding_model(self, model: str | None) -> str:
-        """The embedding model a /v1/embeddings request names (None: the first one)."""
+    def embedding_model(self, model: str | None, route: str = "/v1/embeddings") -> str:
+        """The embedding model a request to `route` (embeddings, score, rerank) names (None: the
+        first one)."""
         names = self.cfg.embedding_model_names
         if self.embedding is None or not names:
-            raise OpenAIError(400, "This server serves no embedding model (start it with "
-                              "--embedding-model all-minilm-l6-v2, or serve one with --task "
-                              "embed)" + (f"; `{model}` is a chat model" if model else ""),
-                              param="model")
+            raise OpenAIError(400, f"This server serves no embedding model, which {route} needs "
+                              "(start it with --embedding-model all-minilm-l6-v2, or serve one "
+                              "with --task embed or --task score)"
+                              + (f"; `{model}` is a chat model" if model else ""), param="model")
         if model is None:
             return names[0]
         if model in names:
             return model
         if self.chat is not None and model in self.cfg.served_model_names:
-            raise OpenAIError(400, f"`{model}` is a chat model and does not create embeddings: "
-                              f"use {_names(names)} with /v1/embeddings.", param="model")
+            raise OpenAIError(400, f"`{model}` is a chat model and does not answer {route}: "
+                              f"use {_names(names)}.", param="model")
         raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
                           type="NotFoundError")
 
@@ -194,6 +210,8 @@ class App:
         /v1/models, which describe both, need both)."""
         if path in EMBEDDING_ROUTES and self.embedding is not None:
             needed = [self.embedding]
+        elif path.startswith(("/v1/files", "/v1/batches")):
+            needed = []     # the Batch API's bookkeeping needs no model
         elif path == "/v1/models" or path.startswith("/v1/models/") or self.chat is None:
             needed = self.services
         else:
@@ -233,8 +251,10 @@ class App:
                     b"access-control-request-method" in headers:
                 return await self._preflight(http)
             # Auth before routing, as vLLM does: without a key, /v1 paths reveal nothing (401,
-            # not 404 or 405), whatever the method.
-            if self.cfg.api_keys and (path.startswith("/v1/") or path in PROTECTED):
+            # not 404 or 405), whatever the method. A batch line was authorized with its batch
+            # (only the in-process batch runner sets the key).
+            if self.cfg.api_keys and BATCH_SCOPE_KEY not in scope and (
+                    path.startswith("/v1/") or path in PROTECTED):
                 self._check_auth(scope.get("headers", []))
             found = find_route(ROUTES, path)
             if found is None:
@@ -283,6 +303,8 @@ class App:
         if self.cfg.log_requests:
             logger.info("request %s: %d prompt(s), %d prompt tokens, params=%s", req.request_id,
                         len(req.prompts), sum(map(len, req.prompts)), req.params)
+        for r in req.requests:  # batch lines run after interactive requests (0), as vLLM's
+            r.priority = http.priority
         stream = self.chat.add_request(req.request_id, req.requests)
         n = req.params.n
         tok = self.ctx.tokenizer
@@ -369,10 +391,19 @@ class App:
 # ---------------------------------------------------------------- route handlers
 # Parsing renders chat templates and tokenizes (up to a megabyte-scale prompt: about a second):
 # in a worker thread, so the event loop keeps every other stream flowing meanwhile.
+async def _parse(app: App, http: Http, parse: Callable[..., GenerateRequest],
+                 body: Any) -> GenerateRequest:
+    """In a worker thread; batch lines on their own, never queued ahead of interactive ones."""
+    if BATCH_SCOPE_KEY in http.scope:
+        return await asyncio.get_running_loop().run_in_executor(app.batch_parse_pool, parse,
+                                                                body, app.ctx)
+    return await asyncio.to_thread(parse, body, app.ctx)
+
+
 async def chat_completions(app: App, http: Http) -> None:
     body = await http.read_json()
     app.check_chat_model(body)
-    req = await asyncio.to_thread(parse_chat, body, app.ctx)
+    req = await _parse(app, http, parse_chat, body)
     if req.images:
         await _attach_images(app, req)
     await app.generate(http, req)
@@ -395,7 +426,7 @@ async def _attach_images(app: App, req: GenerateRequest) -> None:
 async def completions(app: App, http: Http) -> None:
     body = await http.read_json()
     app.check_chat_model(body)
-    await app.generate(http, await asyncio.to_thread(parse_completion, body, app.ctx))
+    await app.generate(http, await _parse(app, http, parse_completion, body))
 
 
 def _model_card(app: App, name: str) -> dict[str, Any]:
@@ -482,6 +513,7 @@ async def detokenize(app: App, http: Http) -> None:
 # {path pattern: {method: handler}}; a route module adds its own table (http.match_path patterns).
 ROUTES: dict[str, dict[str, Handler]] = {
     **embedding_routes.ROUTES,
+    **batch_routes.ROUTES,
     "/v1/chat/completions": {"POST": chat_completions},
     "/v1/completions": {"POST": completions},
     "/v1/models": {"GET": list_models},
@@ -502,7 +534,7 @@ EMBEDDING_ROUTES = set(embedding_routes.ROUTES)  # answered by App.embedding
 # A route of another API answers errors (its own and the dispatcher's: 401, 404...) in its shape.
 ERROR_SHAPES = {"/v1/messages": messages.error_body,
                 "/v1/messages/count_tokens": messages.error_body}
-PROTECTED = {"/tokenize", "/detokenize"}                 # besides every /v1/ route
+PROTECTED = {"/tokenize", "/detokenize", "/score", "/rerank", "/v2/rerank"}  # and every /v1/
 ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics"}  # answer while loading, too
 
 
@@ -511,8 +543,10 @@ def _names(names: list[str]) -> str:
 
 
 def create_app(engine_config: Any, server_config: ServerConfig,
-               engine_factory: Callable[[Any], Any] | None = None, embedding: Any = None) -> App:
-    """engine_config None + an EmbeddingService: serve the embedding model alone."""
+               engine_factory: Callable[[Any], Any] | None = None, embedding: Any = None,
+               batches: Any = None) -> App:
+    """engine_config None + an EmbeddingService: serve the embedding model alone. batches: a
+    BatchService for the Batch API (/v1/files, /v1/batches)."""
     chat = None if engine_config is None and embedding is not None else \
         AsyncEngine(engine_config, engine_factory)
-    return App(server_config, chat, embedding)
+    return App(server_config, chat, embedding, batches)

@@ -45,7 +45,8 @@ class Result:
 
 async def call(app: Any, method: str, path: str, json: Any = None, *, body: bytes | None = None,
                headers: dict[str, str] | list[tuple[str, str]] | None = None,
-               disconnect_after: int | None = None, chunked: bool = False) -> Result:
+               disconnect_after: int | None = None, chunked: bool = False,
+               query: bytes = b"") -> Result:
     """disconnect_after=k: the client goes away once k body chunks arrived. headers as a list
     of pairs may repeat a name."""
     if body is None:
@@ -55,7 +56,7 @@ async def call(app: Any, method: str, path: str, json: Any = None, *, body: byte
     hdrs.update(pairs if isinstance(headers, dict) else {})
     pairs = list(hdrs.items()) + ([] if isinstance(headers, dict) else pairs)
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+             "method": method, "path": path, "raw_path": path.encode(), "query_string": query,
              "root_path": "", "headers": [(k.lower().encode(), v.encode()) for k, v in pairs]}
     res, gone = Result(), asyncio.Event()
     pieces = [body[i:i + 7] for i in range(0, len(body), 7)] if chunked else [body]

@@ -23,12 +23,14 @@ class FakeEngine:
         self.num_steps = 0
         self.running: dict[str, dict] = {}
         self.pending_aborts: list[str] = []
+        self.priorities: dict[str, int] = {}
 
     def add_request(self, request) -> None:
         prompt = request.prompt_token_ids
         if len(prompt) >= self.info.max_model_len:
             raise ValueError(f"prompt of {len(prompt)} tokens is too long")
         for i, sid in enumerate(request.sample_ids()):  # the n fan-out, as the real engine's
+            self.priorities[sid] = request.priority
             self.running[sid] = {"prompt": list(prompt), "out": [],
                                  "params": request.sampling_params, "shift": i}
 

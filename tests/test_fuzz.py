@@ -8,6 +8,7 @@ what the same request answers whole. FUZZ_SEED and FUZZ_COUNT run other, longer 
 into the response)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -576,3 +577,135 @@ def test_malformed_responses_and_messages_requests(tiny_model_dir):
             assert r.json() == error_body(OpenAIError(status, err["message"])), case
         else:
             assert err["code"] == status and err["type"], case
+
+
+# ---------------------------------------------------------------- scores, reranks and batches
+RERANK_VALID = {"query": ["a man", "horse"], "documents": [["a", "b"], [{"text": "x"}], ["y"]],
+                "top_n": [0, 1, 5], "return_documents": [True, False],
+                "truncate_prompt_tokens": [-1, 8], "model": ["rr"]}
+SCORE_VALID = {"text_1": ["a man", ["a", "b"]], "text_2": ["horse", ["x", "y"], ["q"]],
+               "truncate_prompt_tokens": [-1, 8], "model": ["rr"]}
+BATCH_VALID = {"endpoint": ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"],
+               "completion_window": ["24h"], "metadata": [{"a": "b"}, None]}
+_BOUNDARY = b"fuzz-boundary"
+
+
+def _upload_body(rng: random.Random) -> tuple[bytes, str]:
+    content = b"\n".join(orjson.dumps({"custom_id": f"c{i}", "method": "POST",
+                                       "url": "/v1/completions",
+                                       "body": {"prompt": "hi", "max_tokens": 1}})
+                         for i in range(rng.randrange(1, 4)))
+    purpose = rng.choice([b"batch", b"batch", b"fine-tune", b""])
+    body = (b"--" + _BOUNDARY + b"\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n"
+            + purpose + b"\r\n--" + _BOUNDARY + b"\r\nContent-Disposition: form-data; "
+            b"name=\"file\"; filename=\"in.jsonl\"\r\n\r\n" + content + b"\r\n--" + _BOUNDARY
+            + b"--\r\n")
+    ctype = f"multipart/form-data; boundary={_BOUNDARY.decode()}"
+    cut = rng.random()
+    if cut < 0.15:
+        body = body[:rng.randrange(len(body))]
+    elif cut < 0.3:
+        i = rng.randrange(len(body))
+        body = body[:i] + bytes([rng.randrange(256)]) * rng.randrange(1, 9) + body[i + 1:]
+    elif cut < 0.4:
+        ctype = rng.choice(["multipart/form-data", "application/json", "multipart/form-data; "
+                            "boundary=", "text/plain; boundary=x", "multipart/form-data; "
+                            "boundary=other"])
+    elif cut < 0.5:
+        body = body.replace(content, rng.choice([b"{bad json", b"[1]", b"\xff\xfe", b"", b"\n"]))
+    return body, ctype
+
+
+def test_fuzzed_score_rerank_and_batch_requests_never_500(tiny_model_dir, tmp_path):
+    """/v1/score, /score, /v1/rerank, /rerank, /v2/rerank with a tiny cross-encoder, and the
+    Batch API (multipart uploads, batch bodies, odd ids and query strings): 2xx or 4xx only."""
+    from minserve.batch.service import BatchLimits, BatchService
+    from minserve.config import EngineConfig
+    from minserve.embeddings.service import EmbeddingService
+    from minserve.server import ServerConfig, create_app
+    from tests.asgi import lifespan
+    from tests.test_scoring import make_tiny_cross_encoder
+
+    folder, _ = make_tiny_cross_encoder(str(tmp_path / "ce"), "bert")
+    app = create_app(EngineConfig(model=tiny_model_dir, kv_cache_memory=4 << 20,
+                                  max_model_len=512),
+                     ServerConfig(served_model_names=["tiny"], embedding_model_names=["rr"]),
+                     embedding=EmbeddingService.lazy(folder, served_model_name="rr"),
+                     batches=BatchService(str(tmp_path / "store"),
+                                          BatchLimits(max_file_bytes=4096, max_file_lines=3)))
+    rng = random.Random(int(os.environ.get("FUZZ_SEED", 1234)) + 3)
+    count = int(os.environ.get("FUZZ_COUNT", 400)) // 2
+
+    def fuzzed(valid: dict, base: dict) -> bytes:
+        body = dict(base)
+        for _ in range(rng.choice([1, 2, 3])):
+            key = rng.choice(list(valid))
+            body[key] = rng.choice(valid[key])
+        if rng.random() < 0.6:
+            key = rng.choice(list(valid))
+            if key in body and rng.random() < 0.2:
+                del body[key]
+            else:
+                body[key] = _mutate(rng, body.get(key, rng.choice(ODD)))
+        return json.dumps(body).encode()
+
+    async def fn(app):
+        await app.embedding.wait_ready(timeout=120)
+        bad, counts, file_ids = [], {}, ["file-" + "0" * 32]
+        batch_ids = ["batch_" + "0" * 32]
+        for _ in range(count):
+            roll = rng.random()
+            query = b""
+            hdrs = {"content-type": "application/json"}
+            if roll < 0.3:
+                path = rng.choice(["/v1/rerank", "/rerank", "/v2/rerank"])
+                method, body = "POST", fuzzed(RERANK_VALID, {"query": "q", "documents": ["d"]})
+            elif roll < 0.45:
+                path = rng.choice(["/v1/score", "/score"])
+                method, body = "POST", fuzzed(SCORE_VALID, {"text_1": "a", "text_2": "b"})
+            elif roll < 0.6:
+                method, path = "POST", "/v1/files"
+                body, ctype = _upload_body(rng)
+                hdrs = {"content-type": ctype}
+            elif roll < 0.75:
+                method, path = "POST", "/v1/batches"
+                body = fuzzed({**BATCH_VALID, "input_file_id": file_ids},
+                              {"input_file_id": rng.choice(file_ids),
+                               "endpoint": "/v1/completions", "completion_window": "24h"})
+            else:
+                ident = rng.choice(file_ids + batch_ids + ["x", "file-../../etc", "%00",
+                                                            "file-" + "g" * 32])
+                method, path = rng.choice([
+                    ("GET", f"/v1/files/{ident}"), ("DELETE", f"/v1/files/{ident}"),
+                    ("GET", f"/v1/files/{ident}/content"), ("GET", f"/v1/batches/{ident}"),
+                    ("POST", f"/v1/batches/{ident}/cancel"), ("GET", "/v1/files"),
+                    ("GET", "/v1/batches"), ("PUT", "/v1/files"), ("GET", "/v1/files/a/b/c")])
+                query = rng.choice([b"", b"limit=2", b"limit=abc", b"limit=0", b"order=up",
+                                    b"after=" + ident.encode(), b"purpose=batch", b"%zz=&&",
+                                    b"limit=100000"])
+                body = b""
+                hdrs = {}
+            r = await call(app, method, path, body=body, headers=hdrs, query=query)
+            counts[r.status] = counts.get(r.status, 0) + 1
+            if r.status >= 500 or r.status not in (200, 400, 404, 405, 413, 415):
+                bad.append((method, path, body[:200], r.status, r.body[:300]))
+                continue
+            if path.endswith("/content") and r.status == 200:
+                continue
+            payload = r.json()
+            if r.status != 200:
+                assert payload["error"]["message"] and payload["error"]["code"] == r.status
+            elif path == "/v1/files" and method == "POST":
+                file_ids.append(payload["id"])
+            elif path == "/v1/batches" and method == "POST":
+                batch_ids.append(payload["id"])
+        return bad, counts, file_ids, batch_ids
+
+    async def main():
+        async with lifespan(app):
+            return await fn(app)
+
+    bad, counts, file_ids, batch_ids = asyncio.run(main())
+    assert not bad, bad[:5]
+    assert counts.get(200, 0) > 30 and counts.get(400, 0) > 30, counts
+    assert len(file_ids) > 3 and len(batch_ids) > 1, (file_ids, batch_ids)   # some were made

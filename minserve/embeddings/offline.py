@@ -1,4 +1,4 @@
-"""LLM.embed()'s work: prompts in the offline API's forms -> vLLM-shaped embedding outputs,
+"""LLM.embed() and LLM.score()'s work: prompts in the offline API's forms -> vLLM-shaped outputs,
 through one Embedder (no server, no worker thread)."""
 from __future__ import annotations
 
@@ -37,3 +37,34 @@ def embed_prompts(embedder: Any, prompts: Any, truncate_prompt_tokens: int | Non
     vectors = embedder.finish(embedder.pool_token_ids(token_lists), dimensions)
     return [EmbeddingRequestOutput(t, ids, EmbeddingOutput(v.tolist()))
             for t, ids, v in zip(texts, token_lists, vectors, strict=True)]
+
+
+@dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """vLLM's shape: .prompt_token_ids (the pair's tokens for a cross-encoder), .outputs.score."""
+    prompt_token_ids: list[int]
+    outputs: ScoringOutput
+
+
+def score_prompts(embedder: Any, data_1: Any, data_2: Any,
+                  truncate_prompt_tokens: int | None = None) -> list[ScoringRequestOutput]:
+    """text_1/text_2 as /v1/score takes them (one to one, one to many, pairwise), parsed by the
+    same code; one output per pair, in order."""
+    from minserve.embeddings.score_protocol import parse_score_request
+    from minserve.embeddings.scoring import finish_scores, prepare_scores
+
+    req = parse_score_request({"text_1": data_1, "text_2": data_2,
+                               "truncate_prompt_tokens": truncate_prompt_tokens})
+    prepared = prepare_scores(embedder, req.pairs, req.labels, req.truncate_prompt_tokens)
+    pooled = embedder.pool_token_ids(prepared.token_lists, prepared.token_type_lists)
+    scores = finish_scores(embedder, prepared, pooled)
+    if prepared.pair_rows is None:
+        ids = prepared.token_lists
+    else:
+        ids = [prepared.token_lists[i] + prepared.token_lists[j] for i, j in prepared.pair_rows]
+    return [ScoringRequestOutput(t, ScoringOutput(s)) for t, s in zip(ids, scores, strict=True)]

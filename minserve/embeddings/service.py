@@ -1,10 +1,12 @@
 """EmbeddingService: the asyncio face of an Embedder. One worker thread owns the model; embed()
-calls that arrive while it is busy are coalesced into the next round, so 32 concurrent HTTP
-requests become a few forwards, not 32. Imports no torch at module level (server.py may import it).
+and score() calls that arrive while it is busy are coalesced into the next round, so 32 concurrent
+HTTP requests become a few forwards, not 32. Lower priority values go first (batch jobs wait
+behind interactive calls). Imports no torch at module level (server.py may import it).
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 from dataclasses import dataclass, field
@@ -27,6 +29,29 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     token_lists: list[list[int]] = field(default_factory=list)
+    # score() jobs: the text pairs, their names for errors, and what prepare_scores made of them
+    pairs: list[tuple[str, str]] | None = None
+    labels: list[str] | None = None
+    prepared: Any = None
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs) if self.pairs is None else len(self.pairs)
+
+
+class _PriorityInbox:
+    """The worker's inbox in (priority, arrival) order, with SimpleQueue's put/get; STOP goes
+    behind every job."""
+
+    def __init__(self) -> None:
+        self._queue: queue.PriorityQueue[tuple[float, int, Any]] = queue.PriorityQueue()
+        self._arrivals = itertools.count()
+
+    def put(self, job: Any, priority: float = 0) -> None:
+        self._queue.put((float("inf") if job is STOP else priority, next(self._arrivals), job))
+
+    def get(self, block: bool = True) -> Any:
+        return self._queue.get(block)[2]
 
 
 def _resolve(fut: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -49,6 +74,7 @@ class EmbeddingService(WorkerService):
 
     def __init__(self, embedder: Any = None, loader: Any = None) -> None:
         super().__init__()
+        self._inbox = _PriorityInbox()
         self.embedder = embedder
         self._loader = loader     # () -> Embedder, run in the worker thread (model load)
         self.num_rounds = 0       # forwards rounds run; < requests when batching works
@@ -74,19 +100,32 @@ class EmbeddingService(WorkerService):
         return self.embedder.max_model_len
 
     async def embed(self, inputs: list[Any], truncate_prompt_tokens: int | None = None,
-                    dimensions: int | None = None) -> tuple[list[Any], int]:
+                    dimensions: int | None = None, priority: int = 0) -> tuple[list[Any], int]:
         """-> (float32 numpy vectors in input order, num_prompt_tokens). User errors raise
         EmbeddingsRequestError (an OpenAIError with status 400)."""
+        loop = asyncio.get_running_loop()
+        job = _Job(list(inputs), truncate_prompt_tokens, dimensions, loop, loop.create_future())
+        return await self._submit(job, priority)
+
+    async def score(self, pairs: list[tuple[str, str]], labels: list[str],
+                    truncate_prompt_tokens: int | None = None, priority: int = 0
+                    ) -> tuple[list[float], int]:
+        """-> (one relevance score per pair, num_prompt_tokens): the cross-encoder's, or the
+        cosine of the two embeddings (embeddings/scoring.py). labels name the pairs in errors."""
+        loop = asyncio.get_running_loop()
+        job = _Job([], truncate_prompt_tokens, None, loop, loop.create_future(), pairs=pairs,
+                   labels=labels)
+        return await self._submit(job, priority)
+
+    async def _submit(self, job: _Job, priority: int) -> Any:
         if self._thread is None:
             raise RuntimeError("EmbeddingService.start() was not called")
         if self._stopping:
             raise OpenAIError(503, "the server is shutting down")
-        loop = asyncio.get_running_loop()
-        job = _Job(list(inputs), truncate_prompt_tokens, dimensions, loop, loop.create_future())
         self.num_in_flight += 1
         self._futures.add(job.future)
         try:
-            self._inbox.put(job)
+            self._inbox.put(job, priority)
             return await job.future
         finally:
             self.num_in_flight -= 1
@@ -119,19 +158,25 @@ class EmbeddingService(WorkerService):
                     stop = True
                     break
                 jobs.append(job)
-                count += len(job.inputs)
+                count += job.num_inputs
             if jobs:
                 self._round(jobs)
 
     def _round(self, jobs: list[_Job]) -> None:
         from minserve.embeddings.protocol import EmbeddingsRequestError
+        from minserve.embeddings.scoring import finish_scores, prepare_scores
 
         emb = self.embedder
         ready: list[_Job] = []
         for job in jobs:  # per-request validation: one bad request must not fail the others
             try:
-                job.token_lists = emb.prepare(job.inputs, job.truncate_prompt_tokens,
-                                              job.dimensions)
+                if job.pairs is not None:
+                    job.prepared = prepare_scores(emb, job.pairs, job.labels,
+                                                  job.truncate_prompt_tokens)
+                    job.token_lists = job.prepared.token_lists
+                else:
+                    job.token_lists = emb.prepare(job.inputs, job.truncate_prompt_tokens,
+                                                  job.dimensions)
                 ready.append(job)
             except EmbeddingsRequestError as e:
                 job.loop.call_soon_threadsafe(_resolve, job.future, None, e)
@@ -140,14 +185,19 @@ class EmbeddingService(WorkerService):
         self.num_rounds += 1
         self.num_requests += len(ready)
         try:
-            pooled = emb.pool_token_ids([t for job in ready for t in job.token_lists])
+            # a cross-encoder serves only score jobs, each of which carries segment ids
+            types = ([t for job in ready for t in job.prepared.token_type_lists]
+                     if emb.is_cross_encoder else None)
+            pooled = emb.pool_token_ids([t for job in ready for t in job.token_lists], types)
             start = 0
             for job in ready:
                 n = len(job.token_lists)
-                vectors = emb.finish(pooled[start:start + n], job.dimensions)
+                rows = pooled[start:start + n]
                 start += n
                 num_tokens = sum(len(t) for t in job.token_lists)
-                job.loop.call_soon_threadsafe(_resolve, job.future, (vectors, num_tokens))
+                result = (finish_scores(emb, job.prepared, rows) if job.pairs is not None
+                          else emb.finish(rows, job.dimensions))
+                job.loop.call_soon_threadsafe(_resolve, job.future, (result, num_tokens))
         except Exception as e:  # noqa: BLE001 (an engine fault: fail this round's requests, keep serving)
             logger.exception("embedding forward failed")
             self.is_healthy, self.dead_reason = False, f"{type(e).__name__}: {library_text(e)}"

@@ -41,7 +41,7 @@ class EngineRequest:
     adapter_name: str | None = None      # a LoRA adapter (none are served yet)
     mm_items: list[MultiModalItem] = field(default_factory=list)
     cache_salt: str | None = None        # requests with different salts never share KV blocks
-    priority: int = 0                    # lower runs first, as vLLM (scheduling is FCFS today)
+    priority: int = 0                    # lower runs first, as vLLM's priority policy
     arrival_time: float = field(default_factory=time.monotonic)
     # Qwen2-VL's M-RoPE: [3, num_prompt_tokens] int64 positions; output token i (counting the
     # prompt) takes position i + mrope_position_delta on all three rows. None: 1-D positions.

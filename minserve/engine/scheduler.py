@@ -2,13 +2,19 @@
 and applies the sampled tokens afterwards. Never touches tensors (the runner does that).
 
 There is no prefill phase and no decode phase: each request's num_computed_tokens catches up with
-its num_tokens. A decode is a request one token behind; a prefill chunk is one further behind."""
+its num_tokens. A decode is a request one token behind; a prefill chunk is one further behind.
+
+Priorities follow vLLM's priority policy (lower first; all 0 is plain FCFS): waiting requests are
+admitted in (priority, arrival) order, running ones get the token budget in priority order, and a
+waiting request that cannot be admitted (no sequence slot or no room in the cache) preempts the
+lowest-priority running request below it. So batch lines, sent at a large priority, never keep
+an interactive request waiting behind them."""
 from __future__ import annotations
 
+import bisect
 import math
 import time
-from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from minserve.engine.kv_cache import KVCacheManager
@@ -58,6 +64,49 @@ class SampledTokens:
     prompt_logprobs: list[list[Logprob] | None] | None = None  # for the row's target tokens
 
 
+class WaitingQueue:
+    """Waiting requests, lowest priority value first, then in arrival order. appendleft puts a
+    request at the front of its own priority (a preempted request resumes first), so with every
+    priority equal this is exactly a FIFO deque."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[int, int, Request]] = []   # (priority, seq, request), sorted
+        self._back = self._front = 0
+
+    def append(self, request: Request) -> None:
+        self._back += 1
+        bisect.insort(self._items, (request.priority, self._back, request),
+                      key=lambda item: item[:2])
+
+    def appendleft(self, request: Request) -> None:
+        self._front -= 1
+        bisect.insort(self._items, (request.priority, self._front, request),
+                      key=lambda item: item[:2])
+
+    def extendleft(self, requests: Iterable[Request]) -> None:
+        for request in requests:
+            self.appendleft(request)
+
+    def peek(self) -> Request:
+        return self._items[0][2]
+
+    def popleft(self) -> Request:
+        return self._items.pop(0)[2]
+
+    def remove(self, request: Request) -> None:
+        for i, item in enumerate(self._items):
+            if item[2] is request:
+                del self._items[i]
+                return
+        raise ValueError(f"{request.request_id} is not waiting")
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (item[2] for item in self._items)
+
+
 def is_sampling_row(request: Request, num_scheduled: int) -> bool:
     """A row samples a token only when the step brings it fully up to date."""
     return request.num_computed_tokens + num_scheduled == request.num_tokens
@@ -68,7 +117,7 @@ class Scheduler:
         self.config = config
         self.kv = kv_cache_manager
         self.block_size = kv_cache_manager.block_size
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._pending_aborts: set[str] = set()
@@ -152,14 +201,18 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         self._apply_aborts(plan)
+        self._preempt_for_priority(plan)
+        num_priority_preempted = len(plan.preempted)
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
 
         # Running requests first, decodes (one token behind) before prefill chunks, so a long
-        # prompt never stalls running streams. Victims of preemption come from the tail of this
-        # order, which is never scheduled yet when the head needs room.
-        order = ([r for r in self.running if r.num_uncomputed == 1]
-                 + [r for r in self.running if r.num_uncomputed != 1])
+        # prompt never stalls running streams; all of it in priority order. Victims of
+        # preemption come from the tail of this order (the lowest priority), which is never
+        # scheduled yet when the head needs room.
+        order = sorted([r for r in self.running if r.num_uncomputed == 1]
+                       + [r for r in self.running if r.num_uncomputed != 1],
+                       key=lambda r: r.priority)
         i = 0
         while i < len(order) and budget > 0:
             request = order[i]
@@ -188,8 +241,9 @@ class Scheduler:
             i += 1
         self.running = [r for r in order if r.status == RequestStatus.RUNNING]
 
-        # Then waiting requests, unless this step already had to preempt (no room anyway).
-        if not plan.preempted:
+        # Then waiting requests, unless this step already had to preempt for room (none is
+        # left anyway); preempting for priority made room precisely for them.
+        if len(plan.preempted) == num_priority_preempted:
             budget = self._schedule_waiting(plan, budget)
         plan.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         return plan
@@ -209,6 +263,22 @@ class Scheduler:
             c = context_len  # the largest q with q * (c + q) <= area
             num_new = min(num_new, max(1, (math.isqrt(c * c + 4 * area) - c) // 2))
         return num_new
+
+    def _preempt_for_priority(self, plan: StepPlan) -> None:
+        """vLLM's priority preemption: while the first waiting request cannot be admitted (no
+        sequence slot, or too few free blocks for its first chunk) and a running request has a
+        lower priority (a larger value), preempt the lowest (latest arrived among equals)."""
+        budget = self.config.max_num_batched_tokens
+        while self.waiting and self.running:
+            head = self.waiting.peek()
+            victim = max(self.running, key=lambda r: (r.priority, r.arrival_time))
+            if victim.priority <= head.priority:
+                return
+            need = -(-min(head.num_tokens + 1, budget) // self.block_size)
+            if len(self.running) < self.config.max_num_seqs and need <= self.kv.num_free_blocks:
+                return
+            self.running.remove(victim)
+            self._preempt(victim, plan)
 
     def _child_must_wait(self, request: Request) -> bool:
         """n > 1 siblings: the first one admitted computes the prompt; the others wait until its

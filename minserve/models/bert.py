@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minserve.config import ConfigError
-from minserve.embeddings.models import ENCODER_ARCHITECTURES
+from minserve.embeddings.models import CROSS_ENCODER_ARCHITECTURES, ENCODER_ARCHITECTURES
 from minserve.models.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from minserve.models.linear import VocabParallelEmbedding as Embedding
 from minserve.models.loader import load_model
@@ -47,9 +47,9 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
         arch = (d.get("architectures") or ["BertModel"])[0]
-        if arch not in ENCODER_ARCHITECTURES:
-            raise ConfigError(
-                f"{arch} is not a BERT-family encoder ({sorted(ENCODER_ARCHITECTURES)})")
+        known = ENCODER_ARCHITECTURES | CROSS_ENCODER_ARCHITECTURES
+        if arch not in known:
+            raise ConfigError(f"{arch} is not a BERT-family encoder ({sorted(known)})")
         pos_type = d.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise ConfigError(

@@ -1,0 +1,171 @@
+"""Runs batch lines through the app itself: each line becomes an in-process ASGI request to the
+route its url names, so it is parsed, validated, scheduled and answered by exactly the code an
+HTTP client gets (one behaviour, one place), at batch priority and without re-checking the API
+key (the batch's owner was checked when it was created). Bounded concurrency, cancellable."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import orjson
+
+from minserve.batch.lines import BatchLine, error_line, output_line
+from minserve.http import BATCH_SCOPE_KEY
+
+logger = logging.getLogger("minserve.batch")
+
+# vLLM's priority: lower runs first; interactive requests have 0.
+BATCH_PRIORITY = 1 << 20
+# Statuses that say "not now" rather than "this line is wrong": the line runs again later.
+RETRY_STATUSES = (503,)
+
+
+class NotAnswered(Exception):
+    """The server could not answer the line now (shutting down, engine not healthy, cancelled):
+    nothing is recorded for it, so it runs again on resume."""
+
+
+async def call_app(app: Any, path: str, body: bytes, priority: int = BATCH_PRIORITY,
+                   gone: asyncio.Event | None = None) -> tuple[int, bytes]:
+    """POST body to the app's route `path` in-process -> (status, response body). `gone` set:
+    the caller went away, as a disconnecting client (the route aborts its engine request)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "client": None, "server": None,
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())],
+             BATCH_SCOPE_KEY: priority}
+    gone = gone or asyncio.Event()
+    pending = [body]
+    status, chunks = 0, []
+
+    async def receive() -> dict[str, Any]:
+        if pending:
+            return {"type": "http.request", "body": pending.pop(), "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(msg: dict[str, Any]) -> None:
+        nonlocal status
+        if msg["type"] == "http.response.start":
+            status = msg["status"]
+        elif msg["type"] == "http.response.body":
+            chunks.append(msg.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+async def run_line(app: Any, line: BatchLine, priority: int = BATCH_PRIORITY,
+                   gone: asyncio.Event | None = None) -> dict[str, Any]:
+    """One line -> its output line. NotAnswered when it must run again later."""
+    if line.error is not None:
+        return error_line(line.custom_id, line.error)
+    status, raw = await call_app(app, line.url, line.body, priority, gone)
+    if status == 0 or status in RETRY_STATUSES or (gone is not None and gone.is_set()):
+        raise NotAnswered(f"{status}: {raw[:200]!r}")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = {"error": {"message": "the route answered with a body that is not JSON",
+                          "type": "InternalServerError", "param": None, "code": status}}
+    return output_line(line.custom_id, status, body)
+
+
+OnResult = Callable[[BatchLine, dict[str, Any]], Awaitable[None]]
+
+
+class LineRunner:
+    """runner.run(lines, on_result): at most max_in_flight lines at once (vLLM's run-batch uses
+    2 x max_num_seqs, enough to keep continuous batching full); on_result(line, output line)
+    for each answered line, in completion order. stop() makes every line in flight go away
+    (aborting its engine request) and dispatches no more; run() then returns. Lines the server
+    could not answer are in not_answered (they stop the run too)."""
+
+    def __init__(self, app: Any, max_in_flight: int, priority: int = BATCH_PRIORITY,
+                 slots: asyncio.Semaphore | None = None) -> None:
+        self.app = app
+        self.priority = priority
+        # shared by every batch of a server, so two batches do not double the load
+        self.slots = slots or asyncio.Semaphore(max(1, max_in_flight))
+        self.stopped = False
+        self.not_answered: list[BatchLine] = []
+        self._gone: set[asyncio.Event] = set()
+
+    def stop(self) -> None:
+        self.stopped = True
+        for gone in self._gone:
+            gone.set()
+
+    async def run(self, lines: Iterable[BatchLine] | AsyncIterator[BatchLine],
+                  on_result: OnResult) -> None:
+        slots = self.slots
+        tasks: set[asyncio.Task] = set()
+        try:
+            async for line in _aiter(lines):
+                await slots.acquire()
+                if self.stopped:
+                    slots.release()
+                    break
+                task = asyncio.ensure_future(self._one(line, on_result))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                task.add_done_callback(lambda _: slots.release())
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            self.stop()
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _one(self, line: BatchLine, on_result: OnResult) -> None:
+        gone = asyncio.Event()
+        self._gone.add(gone)
+        try:
+            out = await run_line(self.app, line, self.priority, gone)
+        except NotAnswered as e:
+            # the server cannot answer now (shutting down, engine unhealthy): neither can it
+            # answer the lines after this one, so stop here; they all run again later
+            self.not_answered.append(line)
+            if not self.stopped:
+                logger.info("batch line %d not answered (%s); stopping", line.line_no, e)
+            self.stop()
+            return
+        finally:
+            self._gone.discard(gone)
+        await on_result(line, out)
+
+
+async def _aiter(lines: Iterable[BatchLine] | AsyncIterator[BatchLine]
+                 ) -> AsyncIterator[BatchLine]:
+    if hasattr(lines, "__aiter__"):
+        async for line in lines:
+            yield line
+    else:
+        for line in lines:
+            yield line
+
+
+@contextlib.asynccontextmanager
+async def app_running(app: Any) -> AsyncIterator[Any]:
+    """Run the app's ASGI lifespan (startup ... shutdown) around the block, in this process and
+    without a listener: what run-batch serves its lines with."""
+    inbox: asyncio.Queue = asyncio.Queue()
+    outbox: asyncio.Queue = asyncio.Queue()
+    task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}},
+                                     inbox.get, outbox.put))
+    await inbox.put({"type": "lifespan.startup"})
+    started = await outbox.get()
+    if started["type"] != "lifespan.startup.complete":
+        raise RuntimeError(started.get("message") or "the app failed to start")
+    try:
+        yield app
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await task
