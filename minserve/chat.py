@@ -17,7 +17,6 @@ import jinja2.utils
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Text part type -> the field holding its text (vLLM's set: Responses-style input_text and
 # output_text, and its "thinking" parts, are text too).
 TEXT_PART_TYPES = {"text": "text", "input_text": "text", "output_text": "text",
@@ -204,10 +203,9 @@ def normalize_messages(messages: Any, content_format: ContentFormat = "string") 
         if not isinstance(message, dict):
             raise ChatContentError(f"{where} must be an object", param=where)
         role = message.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            raise ChatContentError(
-                f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {role!r}",
-                param=f"{where}.role")
+        if not isinstance(role, str):  # any other role goes to the template, as in vLLM
+            raise ChatContentError(f"{where}.role must be a string, got {role!r}",
+                                   param=f"{where}.role")
         texts = _content_texts(message.get("content"), where)
         if content_format == "openai":
             content: Any = [{"type": "text", "text": t} for t in texts]

@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="the model's tool-call format, for tool_choice \"auto\"")
     a("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
       help="split the model's <think> text into reasoning_content")
+    a("--max-logprobs", type=int, default=20,
+      help="most logprobs (alternatives per token) a request may ask for; -1: no limit")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
       help="must be 1 (tensor parallelism is not implemented yet)")
     a("--task", default="auto", choices=["auto", "generate", "embed", "embedding"],
@@ -187,7 +189,8 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         log_requests=args.enable_log_requests and not args.disable_log_requests,
         model_root=args.model or DEFAULT_MODEL_NAME,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
-        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        max_logprobs=args.max_logprobs)
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -27,7 +27,6 @@ from minserve.tool_parsers.constrained import (
 from minserve.tool_parsers.registry import get_tool_parser
 
 MAX_N = 128
-MAX_LOGPROBS = 20
 MAX_STOP = 16
 
 
@@ -48,6 +47,7 @@ class ServingContext:
     # A longer prompt text cannot fit in max_model_len tokens whatever it tokenizes to (App sets
     # it from the tokenizer's longest token); None: no early check.
     max_prompt_chars: int | None = None
+    max_logprobs: int = 20  # --max-logprobs (-1: no cap)
 
 
 def prompt_chars_limit(max_model_len: int, max_token_bytes: int) -> int:
@@ -111,17 +111,45 @@ def _bad(param: str, msg: str) -> OpenAIError:
     return OpenAIError(400, f"{param}: {msg}", param=param)
 
 
+# vLLM's request models validate in pydantic's lax mode: "5" and 5.0 are an int, "0.5" a number,
+# "true"/"yes"/"1"/1 a boolean. The same forms pass here; anything else is a 400.
+_TRUE, _FALSE = {"1", "on", "t", "true", "y", "yes"}, {"0", "off", "f", "false", "n", "no"}
+
+
+def _lax_number(v: Any, integer: bool) -> Any:
+    """v as an int/float the way pydantic's lax mode reads it, or None when it cannot."""
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, str):
+        try:
+            v = float(v.strip()) if not integer or not v.strip().lstrip("+-").isdigit() \
+                else int(v.strip())
+        except ValueError:
+            return None
+    if isinstance(v, int) or not isinstance(v, float):
+        return v if isinstance(v, int) else None
+    if integer:
+        return v if not math.isfinite(v) or not v.is_integer() else \
+            (int(v) if abs(v) < 2**63 else v)
+    return v
+
+
 def _num(body: dict, name: str, default: Any, lo: float | None = None, hi: float | None = None,
          integer: bool = False, lo_open: bool = False) -> Any:
-    v = body.get(name)
-    if v is None:
+    raw = body.get(name)
+    if raw is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise _bad(name, f"must be {'an integer' if integer else 'a number'}, got {v!r}")
-    if not integer and not math.isfinite(v):
+    v = _lax_number(raw, integer)
+    if v is None:
+        raise _bad(name, f"must be {'an integer' if integer else 'a number'}, got {raw!r}")
+    if isinstance(v, float) and not math.isfinite(v):
         raise _bad(name, "must be a finite number")
+    if integer and isinstance(v, float) and v.is_integer():  # past int64, as a JSON float
+        raise _bad(name, f"{raw!r} is out of range (a 64-bit integer)")
+    if integer and isinstance(v, float):
+        raise _bad(name, f"must be an integer, got {raw!r}")
     if integer and abs(v) >= 2**63:
-        raise _bad(name, "is out of range")
+        raise _bad(name, f"{raw!r} is out of range (a 64-bit integer)")
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise _bad(name, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
     if hi is not None and v > hi:
@@ -129,20 +157,33 @@ def _num(body: dict, name: str, default: Any, lo: float | None = None, hi: float
     return v
 
 
+def _lax_bool(v: Any) -> bool | None:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+        return v.strip().lower() in _TRUE
+    return None
+
+
 def _bool(body: dict, name: str, default: bool) -> bool:
     v = body.get(name)
     if v is None:
         return default
-    if not isinstance(v, bool):
+    b = _lax_bool(v)
+    if b is None:
         raise _bad(name, f"must be a boolean, got {v!r}")
-    return v
+    return b
 
 
 def _int_list(v: Any, name: str, vocab_size: int | None = None) -> list[int]:
     if not isinstance(v, list) or not all(type(t) is int for t in v):
         raise _bad(name, "must be a list of integers")
-    if vocab_size is not None and any(t < 0 or t >= vocab_size for t in v):
-        raise _bad(name, f"token ids must be in [0, {vocab_size})")
+    bad = next((t for t in v if t < 0 or t >= vocab_size), None) if vocab_size else None
+    if bad is not None:  # vLLM's words, with the id
+        raise _bad(name, f"Token id {bad} is out of vocabulary (the vocabulary has {vocab_size} "
+                   "tokens)")
     return v
 
 
@@ -169,6 +210,21 @@ def _stop(body: dict) -> list[str]:
     if len(stop) > MAX_STOP:
         raise _bad("stop", f"at most {MAX_STOP} stop strings")
     return [s for s in stop if s]
+
+
+def _num_logprobs(body: dict, name: str, ctx: ServingContext) -> int | None:
+    """How many alternatives per token: -1 is the whole vocabulary; vLLM refuses more than
+    --max-logprobs (-1 there: no cap) in its words."""
+    k = _num(body, name, None, lo=-1, integer=True)
+    if k is None:
+        return None
+    num = ctx.vocab_size if k == -1 else k
+    cap = ctx.vocab_size if ctx.max_logprobs == -1 else ctx.max_logprobs
+    if num > cap:
+        raise _bad(name, f"Requested sample logprobs of {num}"
+                   f"{' (-1: the whole vocabulary)' if k == -1 else ''}, which is greater than "
+                   f"max allowed: {cap} (--max-logprobs)")
+    return num
 
 
 def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
@@ -304,7 +360,7 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     except ChatContentError as e:
         raise _chat_error(e) from None
     want_logprobs = _bool(body, "logprobs", False)
-    top = _num(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
+    top = _num_logprobs(body, "top_logprobs", ctx)
     if top is not None and top > 0 and not want_logprobs:
         raise _bad("top_logprobs", "requires logprobs to be true")
     add_gen = _bool(body, "add_generation_prompt", True)
@@ -424,7 +480,7 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     if echo_only:
         body = {**body, "max_tokens": 1}
     params = _sampling(body, ctx, 16, ("max_tokens",))
-    params.logprobs = _num(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
+    params.logprobs = _num_logprobs(body, "logprobs", ctx)
     if echo and params.logprobs is not None:
         params.prompt_logprobs = params.logprobs
     if len(prompts) * params.n > MAX_N:

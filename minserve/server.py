@@ -43,6 +43,13 @@ class ServerConfig:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     embedding_model_names: list[str] = field(default_factory=list)  # served by App.embedding
+    # vLLM's flags of the same names
+    max_logprobs: int = 20
+    enable_force_include_usage: bool = False
+    enable_prompt_tokens_details: bool = False
+    enable_tokenizer_info_endpoint: bool = False
+    enable_server_load_tracking: bool = False
+    return_tokens_as_token_ids: bool = False
 
 
 Handler = Callable[["App", Http], Awaitable[None]]
@@ -102,6 +109,7 @@ class App:
                 enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
                 tool_call_parser=self.cfg.tool_call_parser,
                 reasoning_parser=self.cfg.reasoning_parser,
+                max_logprobs=self.cfg.max_logprobs,
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
                                                     info.tokenizer.max_token_bytes))
         return self._ctx

@@ -109,8 +109,9 @@ class Engine:
         if error is not None:
             raise ValueError(error[0])
         vocab = self.info.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"Token id {bad} is out of vocabulary")
         ids = request.sample_ids()
         if any(rid in self.scheduler.requests for rid in ids):
             raise ValueError(f"request id {request.request_id!r} is already in use")

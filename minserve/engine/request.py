@@ -42,7 +42,7 @@ def prompt_length_error(num_prompt: int, max_tokens: int | None, max_model_len: 
                         what: str = "prompt") -> tuple[str, str] | None:
     """(message, param) when the prompt cannot run in max_model_len (vLLM's words), else None."""
     if num_prompt == 0:
-        return f"{what}: the prompt is empty", what
+        return "The decoder prompt cannot be empty", what  # vLLM's words
     if num_prompt >= max_model_len:
         return (f"This model's maximum context length is {max_model_len} tokens. However, your "
                 f"request has {num_prompt} input tokens. Please reduce the length of the input.",
