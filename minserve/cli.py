@@ -113,6 +113,29 @@ def build_parser() -> argparse.ArgumentParser:
       help="split the model's <think> text into reasoning_content")
     a("--max-logprobs", type=int, default=20,
       help="most logprobs (alternatives per token) a request may ask for; -1: no limit")
+    a("--enable-force-include-usage", action="store_true",
+      help="usage on every stream, as if stream_options.include_usage were true")
+    a("--enable-prompt-tokens-details", action="store_true",
+      help="usage.prompt_tokens_details.cached_tokens (without it: null, as vLLM)")
+    a("--enable-tokenizer-info-endpoint", action="store_true",
+      help="serve GET /tokenizer_info (the tokenizer's config and chat template)")
+    a("--enable-server-load-tracking", action="store_true",
+      help="serve GET /load: the number of generation/embedding requests in flight")
+    a("--return-tokens-as-token-ids", action="store_true",
+      help='logprob tokens as "token_id:N" (a request can ask with return_tokens_as_token_ids)')
+    # vLLM flags accepted with vLLM's meaning, where here that meaning holds already
+    a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+      help="accepted for vLLM compatibility; changes nothing: prefill is always chunked")
+    a("--structured-outputs-config.backend", dest="structured_outputs_backend",
+      default="auto", choices=["auto", "guidance"],
+      help="structured outputs backend: auto = guidance (llguidance, the only one here)")
+    a("--show-hidden-metrics-for-version", default=None,
+      help="accepted for vLLM compatibility; changes nothing: no metric is hidden here")
+    a("--disable-frontend-multiprocessing", action="store_true",
+      help="accepted for vLLM compatibility; changes nothing: the server and engine always "
+           "share one process")
+    a("--api-server-count", type=int, default=1,
+      help="must be 1: the API server and the engine share one process")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
       help="must be 1 (tensor parallelism is not implemented yet)")
     a("--task", default="auto", choices=["auto", "generate", "embed", "embedding"],
@@ -145,6 +168,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tensor_parallel_size != 1:
         parser.error(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
                      "not implemented yet; minserve runs on one device (use 1)")
+    if args.api_server_count != 1:
+        parser.error(f"--api-server-count {args.api_server_count}: minserve runs one API server "
+                     "in the engine's process (use 1); more need a separate engine process, "
+                     "which does not exist yet")
+    if args.max_logprobs < -1:
+        parser.error(f"--max-logprobs {args.max_logprobs}: must be >= 0, or -1 for no limit")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be in 0..65535")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
@@ -190,7 +219,12 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         model_root=args.model or DEFAULT_MODEL_NAME,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        max_logprobs=args.max_logprobs)
+        max_logprobs=args.max_logprobs,
+        enable_force_include_usage=args.enable_force_include_usage,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+        enable_server_load_tracking=args.enable_server_load_tracking,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids)
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -120,8 +120,10 @@ class ChoiceState(SampleState):
             text, calls = self.tools.extract(text or "")
             self.num_tool_calls = len(calls)
         content = (prefix + text) if text is not None else (prefix or None)
-        msg["content"] = content if content is not None or calls else ""
-        msg["tool_calls"] = [c.to_dict() for c in calls]
+        forced = getattr(self.tools, "forced", False)  # tool_choice required / named
+        msg["content"] = content if content is not None or (calls and not forced) else ""
+        # vLLM: a forced call that never completed (max_tokens) is no call: null, not []
+        msg["tool_calls"] = [c.to_dict() for c in calls] if calls or not forced else None
         return msg
 
     def chat_delta(self, text: str, finished: bool) -> dict[str, Any]:
@@ -193,14 +195,17 @@ class ChoiceState(SampleState):
         return out
 
 
-def usage(choices: list[SampleState], num_prompts: int, n: int) -> dict[str, Any]:
-    """Prompt tokens count once per prompt (not per sample), as OpenAI does."""
+def usage(choices: list[SampleState], num_prompts: int, n: int, details: bool = True
+          ) -> dict[str, Any]:
+    """Prompt tokens count once per prompt (not per sample), as OpenAI does. The server gives
+    prompt_tokens_details only with --enable-prompt-tokens-details (vLLM's usage otherwise)."""
     firsts = choices[::n][:num_prompts]
     prompt = sum(c.num_prompt_tokens for c in firsts)
     completion = sum(c.num_output_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in firsts)}}
+            "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in firsts)}
+            if details else None}
 
 
 def echo_prefix(req: GenerateRequest, c: ChoiceState) -> str:
@@ -242,7 +247,7 @@ def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]
     return {"id": req.request_id,
             "object": "chat.completion" if req.kind == "chat" else "text_completion",
             "created": req.created, "model": req.model, "choices": out,
-            "usage": usage(choices, len(req.prompts), req.params.n)}
+            "usage": usage(choices, len(req.prompts), req.params.n, req.prompt_tokens_details)}
 
 
 def chunk(req: GenerateRequest, choice_dicts: list[dict[str, Any]],
@@ -272,6 +277,8 @@ def chunk_choice(req: GenerateRequest, c: ChoiceState, text: str, lps: list[Logp
     if req.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant", "content": text} if role else \
             c.chat_delta(text, finished)
+        if finished and not delta:  # vLLM's last delta: clients do `text += delta.content`
+            delta = {"content": ""}
         ch: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": None}
         if req.logprobs is not None and lps:
             ch["logprobs"] = c.chat_logprobs(lps, req.logprobs)

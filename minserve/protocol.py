@@ -4,6 +4,7 @@ chat.py), the chat template rendered and the prompt tokenized. Responses are bui
 No torch, no I/O here."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -48,6 +49,8 @@ class ServingContext:
     # it from the tokenizer's longest token); None: no early check.
     max_prompt_chars: int | None = None
     max_logprobs: int = 20  # --max-logprobs (-1: no cap)
+    force_include_usage: bool = False        # --enable-force-include-usage
+    prompt_tokens_details: bool = False      # --enable-prompt-tokens-details
 
 
 def prompt_chars_limit(max_model_len: int, max_token_bytes: int) -> int:
@@ -83,6 +86,7 @@ class GenerateRequest:
     created: int = field(default_factory=lambda: int(time.time()))
     # chat: () -> (reasoning parser | None, tool parser | None), fresh per choice (they keep state)
     make_parsers: Callable[[], tuple[Any, Any]] | None = None
+    prompt_tokens_details: bool = False  # usage.prompt_tokens_details (else null, as vLLM)
     # completions with echo and max_tokens=0 (OpenAI's legacy scoring call, as lm-eval sends it):
     # the engine samples one token, which cannot be avoided; output.py drops it
     echo_only: bool = False
@@ -317,15 +321,16 @@ def _sampling(body: dict, ctx: ServingContext, max_tokens_default: int | None,
     )
 
 
-def _stream_opts(body: dict, stream: bool) -> tuple[bool, bool]:
+def _stream_opts(body: dict, stream: bool, force_usage: bool) -> tuple[bool, bool]:
     so = body.get("stream_options")
     if so is None:
-        return False, False
+        return stream and force_usage, False
     if not isinstance(so, dict):
         raise _bad("stream_options", "must be an object")
     if not stream:
         raise _bad("stream_options", "is only allowed when stream is true")
-    return (_bool(so, "include_usage", False), _bool(so, "continuous_usage_stats", False))
+    return (_bool(so, "include_usage", False) or force_usage,
+            _bool(so, "continuous_usage_stats", False))
 
 
 def _check_length(ctx: ServingContext, prompt: list[int], params: SamplingParams,
@@ -342,7 +347,7 @@ def _common(body: Any, ctx: ServingContext) -> tuple[str, bool, bool, bool]:
     stream = _bool(body, "stream", False)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise _bad("user", "must be a string")
-    return (model, stream, *_stream_opts(body, stream))
+    return (model, stream, *_stream_opts(body, stream, ctx.force_include_usage))
 
 
 # ---------------------------------------------------------------- chat
@@ -398,7 +403,27 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
                            [echoed], stream, include_usage, continuous, echo,
                            params.logprobs,
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
-                           else None)
+                           else None, prompt_tokens_details=ctx.prompt_tokens_details)
+
+
+def parse_chat_batch(body: Any, ctx: ServingContext) -> GenerateRequest:
+    """vLLM's POST /v1/chat/completions/batch: a chat body whose `messages` is a list of
+    conversations -> one request, one choice per conversation (x n), not streamed."""
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object")
+    convs = body.get("messages")
+    if not isinstance(convs, list) or not convs or not all(isinstance(c, list) for c in convs):
+        raise _bad("messages", "must be a non-empty list of conversations (lists of messages)")
+    if _bool(body, "stream", False):
+        raise _bad("stream", "the batch chat route does not stream")
+    parsed = [parse_chat({**body, "messages": conv}, ctx) for conv in convs]
+    first = parsed[0]
+    if len(first.prompts) * len(parsed) * first.params.n > MAX_N:
+        raise _bad("n", f"conversations x n must be <= {MAX_N}")
+    first.requests = [dataclasses.replace(p.requests[0], request_id=f"{first.request_id}-{i}")
+                      for i, p in enumerate(parsed)]
+    first.prompt_texts = [p.prompt_texts[0] for p in parsed]
+    return first
 
 
 # ---------------------------------------------------------------- tools
@@ -495,4 +520,4 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     return GenerateRequest("completion", request_id, model,
                            _engine_requests(request_id, prompts, params, body), texts,
                            stream, include_usage, continuous, echo, params.logprobs,
-                           echo_only=echo_only)
+                           echo_only=echo_only, prompt_tokens_details=ctx.prompt_tokens_details)

@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from minserve import __version__, output
 from minserve.embeddings import routes as embedding_routes
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
@@ -22,6 +24,7 @@ from minserve.protocol import (
     GenerateRequest,
     ServingContext,
     parse_chat,
+    parse_chat_batch,
     parse_completion,
     prompt_chars_limit,
 )
@@ -65,9 +68,11 @@ class App:
         self.embedding = embedding
         self.services = [s for s in (chat, embedding) if s is not None]
         self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
-        self.metrics = Metrics(self.model_name, lambda: self.services[0].stats)
+        self.metrics = Metrics(self.model_name, lambda: self.services[0].stats,
+                               self._cache_config_info)
         self._ctx: ServingContext | None = None
         self.started = time.time()
+        self.server_load = 0  # requests in flight on the LOAD_AWARE routes (GET /load)
 
     # ---- ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -93,6 +98,16 @@ class App:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    def _cache_config_info(self) -> dict[str, Any] | None:
+        """vllm:cache_config_info's labels, once the chat model is loaded."""
+        info = self.chat.info if self.chat is not None and self.chat.is_ready else None
+        if info is None or not info.block_size:
+            return None
+        num_tokens = info.num_kv_blocks * info.block_size
+        return {"block_size": info.block_size, "num_gpu_blocks": info.num_kv_blocks,
+                "kv_cache_size_tokens": num_tokens,
+                "kv_cache_max_concurrency": round(num_tokens / info.max_model_len, 2)}
+
     # ---- routing policy: which model answers which route
     @property
     def ctx(self) -> ServingContext:
@@ -110,6 +125,8 @@ class App:
                 tool_call_parser=self.cfg.tool_call_parser,
                 reasoning_parser=self.cfg.reasoning_parser,
                 max_logprobs=self.cfg.max_logprobs,
+                force_include_usage=self.cfg.enable_force_include_usage,
+                prompt_tokens_details=self.cfg.enable_prompt_tokens_details,
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
                                                     info.tokenizer.max_token_bytes))
         return self._ctx
@@ -222,6 +239,12 @@ class App:
                                   f"{', '.join(sorted(methods))})")
             if path not in ALWAYS_OPEN:
                 self._check_ready(path)
+            if path in LOAD_AWARE:
+                self.server_load += 1
+                try:
+                    return await handler(self, http)
+                finally:
+                    self.server_load -= 1
             await handler(self, http)
         except Exception as e:  # noqa: BLE001 - whatever happens, the client gets an answer
             if isinstance(e, EngineError):  # the engine's word on this request (400/500/503)
@@ -259,6 +282,8 @@ class App:
         choices = [output.ChoiceState(i, req, tok, req.prompts[i // n])
                    for i in range(len(req.prompts) * n)]
         tracker = self.metrics.tracker()
+        max_len = self.ctx.max_model_len
+        tracker.on_params(n, [req.params.max_tokens or max_len - len(p) for p in req.prompts])
         body = self._stream_body if req.stream else self._full_body
         producer = asyncio.ensure_future(body(http, req, stream, choices, tracker))
         watcher = asyncio.ensure_future(http.wait_disconnect())
@@ -287,7 +312,7 @@ class App:
             self.chat.abort_child(stream, out.request_id)
         tracker.on_tokens(c.num_output_tokens - before, c.index)
         if out.timings is not None:
-            tracker.on_engine_timings(out.timings, c.num_output_tokens)
+            tracker.on_engine_timings(out.timings, c.num_output_tokens, out.num_preemptions)
         return c, text, lps, c.finish_reason is not None
 
     def _finish(self, req: GenerateRequest, choices: list, tracker: RequestTracker) -> None:
@@ -306,13 +331,13 @@ class App:
     async def _stream_body(self, http: Http, req: GenerateRequest, stream: RequestStream,
                            choices: list, tracker: RequestTracker) -> None:
         await http.start_events()
-        n, num_prompts = req.params.n, len(req.prompts)
+        n, num_prompts, details = req.params.n, len(req.prompts), req.prompt_tokens_details
         continuous = req.include_usage and req.continuous_usage
         # Echo with logprobs waits for the prompt's logprobs, which come with the first output.
         echo_later = req.kind == "completion" and req.echo and req.logprobs is not None
 
         async def send_chunk(choice: dict[str, Any]) -> None:
-            u = output.usage(choices, num_prompts, n) if continuous else None
+            u = output.usage(choices, num_prompts, n, details) if continuous else None
             await http.send_event(output.chunk(req, [choice], u))
 
         for c in choices:  # chat: the role first; echo: the prompt text first
@@ -331,7 +356,8 @@ class App:
                     continue  # the reasoning/tool parsers hold this text back for now
                 await send_chunk(ch)
         if req.include_usage:
-            await http.send_event(output.chunk(req, [], output.usage(choices, num_prompts, n)))
+            await http.send_event(output.chunk(req, [], output.usage(choices, num_prompts, n,
+                                                                     details)))
         self._finish(req, choices, tracker)
         await http.end_events()
 
@@ -349,6 +375,56 @@ async def completions(app: App, http: Http) -> None:
     body = await http.read_json()
     app.check_chat_model(body)
     await app.generate(http, await asyncio.to_thread(parse_completion, body, app.ctx))
+
+
+async def chat_completions_batch(app: App, http: Http) -> None:
+    body = await http.read_json()
+    app.check_chat_model(body)
+    await app.generate(http, await asyncio.to_thread(parse_chat_batch, body, app.ctx))
+
+
+async def invocations(app: App, http: Http) -> None:
+    """SageMaker's one route: the body says which API it is, as vLLM routes it."""
+    body = await http.read_json()
+    if isinstance(body, dict) and "messages" in body:
+        handler = chat_completions
+    elif isinstance(body, dict) and "prompt" in body:
+        handler = completions
+    elif isinstance(body, dict) and "input" in body:
+        handler = embedding_routes.embeddings
+    else:
+        raise OpenAIError(400, "Cannot find suitable handler for request. Expected one of: "
+                          "a chat completion (messages), a completion (prompt) or an "
+                          "embedding (input) request")
+    replay = [{"type": "http.request", "body": orjson.dumps(body), "more_body": False}]
+    receive = http.receive
+
+    async def replayed() -> dict[str, Any]:  # the handler reads the body again; then as before
+        return replay.pop() if replay else await receive()
+    http.receive = replayed
+    await handler(app, http)
+
+
+async def tokenizer_info(app: App, http: Http) -> None:
+    if not app.cfg.enable_tokenizer_info_endpoint:
+        raise OpenAIError(404, "Not Found: GET /tokenizer_info (start the server with "
+                          "--enable-tokenizer-info-endpoint)", type="NotFoundError")
+    tok = app.ctx.tokenizer
+    cfg = {k: v for k, v in tok.tokenizer_config.items() if k != "added_tokens_decoder"}
+    await http.send_json(200, {**cfg, "tokenizer_class": cfg.get("tokenizer_class",
+                                                                 "PreTrainedTokenizerFast"),
+                               "chat_template": tok.chat_template,
+                               "model_max_length": app.ctx.max_model_len,
+                               "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                               "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+                               "vocab_size": app.ctx.vocab_size})
+
+
+async def server_load(app: App, http: Http) -> None:
+    if not app.cfg.enable_server_load_tracking:
+        raise OpenAIError(404, "Not Found: GET /load (start the server with "
+                          "--enable-server-load-tracking)", type="NotFoundError")
+    await http.send_json(200, {"server_load": app.server_load})
 
 
 def _model_card(app: App, name: str) -> dict[str, Any]:
@@ -424,7 +500,11 @@ async def detokenize(app: App, http: Http) -> None:
 ROUTES: dict[str, dict[str, Handler]] = {
     **embedding_routes.ROUTES,
     "/v1/chat/completions": {"POST": chat_completions},
+    "/v1/chat/completions/batch": {"POST": chat_completions_batch},
     "/v1/completions": {"POST": completions},
+    "/invocations": {"POST": invocations},
+    "/tokenizer_info": {"GET": tokenizer_info},
+    "/load": {"GET": server_load},
     "/v1/models": {"GET": list_models},
     "/v1/models/{model:path}": {"GET": get_model},
     "/health": {"GET": health},
@@ -435,8 +515,11 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/detokenize": {"POST": detokenize},
 }
 EMBEDDING_ROUTES = set(embedding_routes.ROUTES)  # answered by App.embedding
-PROTECTED = {"/tokenize", "/detokenize"}                 # besides every /v1/ route
-ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics"}  # answer while loading, too
+PROTECTED = {"/tokenize", "/detokenize", "/invocations", "/tokenizer_info"}                 # besides every /v1/ route
+ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics", "/load"}  # also while loading
+# what GET /load counts (vLLM's load_aware_call routes)
+LOAD_AWARE = {"/v1/chat/completions", "/v1/chat/completions/batch", "/v1/completions",
+              "/v1/embeddings", "/invocations"}
 
 
 def _names(names: list[str]) -> str:

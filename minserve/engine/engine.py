@@ -3,6 +3,7 @@ schedule -> StepInputs (plain data, built here from the Requests) -> runner.exec
 Synchronous; no asyncio, no HTTP, no stop strings (callers detokenize and abort on those)."""
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import os
@@ -27,6 +28,8 @@ from minserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, is_s
 
 DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 # generation_config.json keys that become default SamplingParams (vLLM's list)
+# vllm:iteration_tokens_total's bucket bounds (tokens run in one step)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 _GEN_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
@@ -85,6 +88,9 @@ class Engine:
         self.info = EngineInfo(tokenizer, model_config.vocab_size, config.max_model_len,
                                model_config.architecture, defaults, frozenset(eos),
                                self.runner.num_blocks, config.block_size)
+        # steps per bucket of ITERATION_TOKEN_BUCKETS (+inf last), and the tokens they ran
+        self._iteration_buckets = [0] * (len(ITERATION_TOKEN_BUCKETS) + 1)
+        self._iteration_tokens_sum = 0
         # Unseeded requests draw their seed here: with --seed fixed a whole run is reproducible.
         self._seed_rng = random.Random(config.seed)
 
@@ -148,6 +154,9 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return self.scheduler.update(plan, [])
+        num = plan.total_num_scheduled_tokens
+        self._iteration_buckets[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, num)] += 1
+        self._iteration_tokens_sum += num
         return self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan)))
 
     def _step_inputs(self, plan: StepPlan) -> StepInputs:
@@ -188,6 +197,8 @@ class Engine:
             "prefix_cache_queries": self.kv_cache.prefix_cache_queries,
             "prefix_cache_hits": self.kv_cache.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_waiting_deferred": self.scheduler.num_waiting_deferred,
+            "iteration_tokens": (tuple(self._iteration_buckets), self._iteration_tokens_sum),
         }
 
 

@@ -114,6 +114,7 @@ class RequestOutput:
     prompt_logprobs: list[Logprob | None] | None = None  # once, when the prompt is done
     error: str | None = None                 # finish_reason ERROR: why
     timings: RequestTimings | None = None    # once, when finished (for /metrics)
+    num_preemptions: int = 0                 # so far (vllm:request_num_preemptions)
 
     @property
     def finished(self) -> bool:

@@ -86,6 +86,7 @@ class RequiredToolCallParser(ToolParser):
     {"name", "parameters"}; each call is streamed as soon as its object is complete."""
 
     name = "required"
+    forced = True  # no complete call: tool_calls is null, content "" (vLLM)
 
     def parse(self, text: str, final: bool) -> list[Piece]:
         body = text.lstrip()
@@ -101,8 +102,8 @@ class RequiredToolCallParser(ToolParser):
                 return pieces + [rest] if rest else pieces
             try:
                 obj, end = _decoder.raw_decode(text, pos)
-            except json.JSONDecodeError:  # still being written, or cut off by max_tokens
-                return pieces + [text[pos:]] if final and pos < len(text) else pieces
+            except json.JSONDecodeError:  # still being written, or cut off by max_tokens:
+                return pieces               # an unfinished call never leaks into content
             call = call_from_json(obj, ("parameters", "arguments"))
             pieces.append(call if call is not None else text[pos:end])
             pos = end
@@ -113,6 +114,7 @@ class NamedToolCallParser:
     the header first, then each text delta as an argument fragment (OpenAI's own shape)."""
 
     reports_tool_calls = False  # OpenAI ends a forced function call with "stop"
+    forced = True
 
     def __init__(self, function_name: str) -> None:
         self.function_name = function_name
@@ -120,6 +122,11 @@ class NamedToolCallParser:
         self.num_tool_calls = 0
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """Arguments cut off by max_tokens are no call at all (never broken JSON)."""
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            return None, []
         return None, [ToolCall(self.function_name, text)]
 
     def extract_streaming(self, delta_text: str) -> dict[str, Any] | None:

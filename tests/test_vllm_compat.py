@@ -1,0 +1,186 @@
+"""Behaviours a client written for vLLM relies on (issue 20), through the official openai SDK
+against a real `python -m minserve` on the tiny model: lenient fields, vLLM's error words, how
+streams end, vLLM's extra routes, flags and metrics. The flag-less defaults run in-process."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from minserve.tokenizer import Tokenizer
+from tests.asgi import call
+from tests.serving import KEY, real_app, run, serving
+
+HI = [{"role": "user", "content": "Hi"}]
+FLAGS = ["--enable-tokenizer-info-endpoint", "--enable-server-load-tracking",
+         "--enable-prompt-tokens-details", "--enable-force-include-usage", "--max-logprobs", "-1",
+         "--enable-chunked-prefill", "--structured-outputs-config.backend", "guidance",
+         "--show-hidden-metrics-for-version", "0.10", "--disable-frontend-multiprocessing",
+         "--api-server-count", "1"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    with serving(["serve", tiny_model_dir, "--served-model-name", "tiny", "--api-key", KEY,
+                  "--kv-cache-memory", "8MiB", "--max-model-len", "512", *FLAGS]) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def _get(url: str, auth: bool = True) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {KEY}"} if auth else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+# ---------------------------------------------------------------- item 7: error words
+def test_error_messages_carry_vllms_values(client):
+    with pytest.raises(openai.BadRequestError, match="Token id 100000 is out of vocabulary"):
+        client.completions.create(model="tiny", prompt=[1, 2, 100000], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="The decoder prompt cannot be empty"):
+        client.completions.create(model="tiny", prompt="", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="stop_token_ids.*Token id 7777"):
+        client.chat.completions.create(model="tiny", messages=HI, max_tokens=2,
+                                       extra_body={"stop_token_ids": [3, 7777]})
+    with pytest.raises(openai.BadRequestError, match="seed.*out of range"):
+        client.chat.completions.create(model="tiny", messages=HI, max_tokens=2,
+                                       seed=-2**63 - 1)
+
+
+# ---------------------------------------------------------------- item 2: lenient fields
+def test_lenient_fields_custom_roles_and_whole_vocabulary_logprobs(client):
+    r = client.chat.completions.create(
+        model="tiny", max_tokens=2, messages=[{"role": "my-custom-role", "content": "x"}, *HI],
+        extra_body={"logprobs": "true", "top_logprobs": "2", "temperature": "0"})
+    assert len(r.choices[0].logprobs.content[0].top_logprobs) == 2
+    # --max-logprobs -1 here: -1 is every token of the vocabulary
+    r = client.chat.completions.create(model="tiny", messages=HI, max_tokens=1, logprobs=True,
+                                       top_logprobs=-1)
+    assert len(r.choices[0].logprobs.content[0].top_logprobs) == 512
+    with pytest.raises(openai.BadRequestError, match="n"):
+        client.chat.completions.create(model="tiny", messages=HI, extra_body={"n": "two"})
+
+
+# ---------------------------------------------------------------- item 3: how streams end
+def test_stream_stopped_by_eos_ends_with_empty_content(client, tiny_model_dir):
+    eos = Tokenizer.from_folder(tiny_model_dir).eos_token_id
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=HI, max_tokens=5, stream=True, logit_bias={str(eos): 100}))
+    last = [c for c in chunks if c.choices][-1]
+    assert last.choices[0].finish_reason == "stop"
+    assert last.choices[0].delta.content == ""
+    text = ""
+    for c in chunks:
+        for ch in c.choices:
+            text += ch.delta.content  # what vLLM clients do; never None here
+    assert text == ""
+
+
+# ---------------------------------------------------------------- item 5: routes and flags
+def test_batch_chat_route(client, server):
+    status, body = _post(server + "/v1/chat/completions/batch", {
+        "model": "tiny", "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+        "messages": [HI, [{"role": "user", "content": "Tell me more"}]]})
+    assert status == 200, body
+    assert body["object"] == "chat.completion" and [c["index"] for c in body["choices"]] == [0, 1]
+    one = client.chat.completions.create(model="tiny", messages=HI, max_tokens=3, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert body["choices"][0]["message"]["content"] == one.choices[0].message.content
+    assert body["usage"]["completion_tokens"] == 6
+    status, err = _post(server + "/v1/chat/completions/batch", {"messages": HI})
+    assert status == 400 and "conversations" in err["error"]["message"]
+
+
+def test_invocations_routes_by_body(server):
+    status, chat = _post(server + "/invocations", {"messages": HI, "max_tokens": 2})
+    assert status == 200 and chat["object"] == "chat.completion"
+    status, comp = _post(server + "/invocations", {"prompt": "Hi", "max_tokens": 2})
+    assert status == 200 and comp["object"] == "text_completion"
+    status, err = _post(server + "/invocations", {"foo": 1})
+    assert status == 400 and "suitable handler" in err["error"]["message"]
+
+
+def test_tokenizer_info_and_load(server):
+    status, body = _get(server + "/tokenizer_info")
+    info = json.loads(body)
+    assert status == 200 and info["eos_token"] == "<|im_end|>" and "chat_template" in info
+    status, body = _get(server + "/load")
+    assert status == 200 and json.loads(body) == {"server_load": 0}
+
+
+def test_force_include_usage_and_prompt_tokens_details(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=HI, max_tokens=2,
+                                                 stream=True))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
+    r = client.completions.create(model="tiny", prompt="Hi", max_tokens=2)
+    assert isinstance(r.usage.prompt_tokens_details.cached_tokens, int)
+
+
+def test_api_server_count_above_one_is_a_clear_error(tiny_model_dir):
+    out = subprocess.run([sys.executable, "-m", "minserve", tiny_model_dir,
+                          "--api-server-count", "2"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--api-server-count 2" in out.stderr
+
+
+# ---------------------------------------------------------------- item 6: metrics
+def test_vllm_dashboard_metrics(client, server):
+    client.completions.create(model="tiny", prompt="Hi", max_tokens=3, n=2)
+    status, body = _get(server + "/metrics")
+    text = body.decode()
+    assert status == 200
+    for line in ('vllm:iteration_tokens_total_bucket{le="+Inf",model_name="tiny"}',
+                 'vllm:num_requests_waiting_by_reason{model_name="tiny",reason="capacity"} 0.0',
+                 'vllm:num_requests_waiting_by_reason{model_name="tiny",reason="deferred"} 0.0',
+                 'vllm:request_params_n_bucket{le="2.0",model_name="tiny"}',
+                 'vllm:request_params_max_tokens_bucket{le="5.0",model_name="tiny"}',
+                 'vllm:request_num_preemptions_bucket{le="0.0",model_name="tiny"}'):
+        assert line in text, line
+    cache = next(ln for ln in text.splitlines() if ln.startswith("vllm:cache_config_info{"))
+    for label in ("block_size=", "num_gpu_blocks=", "kv_cache_size_tokens=",
+                  "kv_cache_max_concurrency="):
+        assert label in cache
+    assert cache.endswith(" 1.0")
+    steps = next(ln for ln in text.splitlines()
+                 if ln.startswith("vllm:iteration_tokens_total_count"))
+    assert float(steps.split()[-1]) >= 3
+
+
+# ---------------------------------------------------------------- defaults, without the flags
+def test_defaults_match_vllm_without_the_flags(tiny_model_dir):
+    async def fn(app):
+        full = await call(app, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        streamed = await call(app, "POST", "/v1/chat/completions",
+                              {"messages": HI, "max_tokens": 2, "stream": True})
+        load = await call(app, "GET", "/load")
+        info = await call(app, "GET", "/tokenizer_info")
+        capped = await call(app, "POST", "/v1/chat/completions", {
+            "messages": HI, "logprobs": True, "top_logprobs": -1})
+        return full, streamed, load, info, capped
+
+    full, streamed, load, info, capped = run(real_app(tiny_model_dir), fn)
+    assert full.json()["usage"]["prompt_tokens_details"] is None
+    assert all("usage" not in e for e in streamed.events() if isinstance(e, dict))
+    assert load.status == 404 and info.status == 404
+    assert capped.status == 400 and "max allowed: 20" in capped.json()["error"]["message"]
