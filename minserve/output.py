@@ -90,6 +90,9 @@ class ChoiceState(SampleState):
         self.num_tool_calls = 0
         self.echo_only = req.echo_only
         self.echo_sent = False   # streaming: the echoed prompt went out
+        self.tokens_as_ids = req.tokens_as_token_ids
+        self.num_ids_sent = 0    # streaming return_token_ids: token ids already in a chunk
+        self.prompt_extras_sent = False  # ... prompt_token_ids / prompt_logprobs went out
 
     def update(self, out: RequestOutput) -> tuple[str, list[Logprob], bool]:
         if self.echo_only:  # max_tokens=0: drop the one sampled token; it ended on "length"
@@ -156,8 +159,27 @@ class ChoiceState(SampleState):
 
     # ---- logprobs in OpenAI's two shapes
     def _token(self, token_id: int) -> tuple[str, list[int]]:
+        if self.tokens_as_ids:  # vLLM's return_tokens_as_token_ids
+            tok = f"token_id:{token_id}"
+            return tok, list(tok.encode())
         b = self.tokenizer.token_bytes(token_id)
         return b.decode("utf-8", errors="replace"), list(b)
+
+    def vllm_prompt_logprobs(self) -> list[dict[str, Any] | None]:
+        """vLLM's prompt_logprobs: per prompt position None (the first) or {token id: {logprob,
+        rank, decoded_token}} for the prompt's token and the top alternatives."""
+        out: list[dict[str, Any] | None] = []
+        for lp in self.prompt_logprobs or []:
+            if lp is None:
+                out.append(None)
+                continue
+            d = {str(lp.token_id): {"logprob": max(lp.logprob, _MIN_LOGPROB), "rank": lp.rank,
+                                    "decoded_token": self._token(lp.token_id)[0]}}
+            for rank, (tid, v) in enumerate(lp.top, 1):
+                d.setdefault(str(tid), {"logprob": max(v, _MIN_LOGPROB), "rank": rank,
+                                        "decoded_token": self._token(tid)[0]})
+            out.append(d)
+        return out
 
     def chat_logprobs(self, lps: list[Logprob], k: int) -> dict[str, Any]:
         content = []
@@ -243,11 +265,25 @@ def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]
                 ch["logprobs"] = lp
         ch["finish_reason"] = c.api_finish_reason
         ch["stop_reason"] = c.stop_reason
+        ch["token_ids"] = c.token_ids if req.return_token_ids else None
+        if req.kind != "chat":  # vLLM: per choice for completions, top-level for chat
+            ch.update(_prompt_extras(req, c))
         out.append(ch)
-    return {"id": req.request_id,
+    body = {"id": req.request_id,
             "object": "chat.completion" if req.kind == "chat" else "text_completion",
             "created": req.created, "model": req.model, "choices": out,
             "usage": usage(choices, len(req.prompts), req.params.n, req.prompt_tokens_details)}
+    if req.kind == "chat":
+        body.update(_prompt_extras(req, choices[0]))
+    return body
+
+
+def _prompt_extras(req: GenerateRequest, c: ChoiceState) -> dict[str, Any]:
+    """vLLM's prompt_logprobs and prompt_token_ids: null unless asked."""
+    return {"prompt_logprobs": c.vllm_prompt_logprobs() if req.prompt_logprobs is not None
+            else None,
+            "prompt_token_ids": req.prompts[c.index // req.params.n] if req.return_token_ids
+            else None}
 
 
 def chunk(req: GenerateRequest, choice_dicts: list[dict[str, Any]],
@@ -289,4 +325,18 @@ def chunk_choice(req: GenerateRequest, c: ChoiceState, text: str, lps: list[Logp
             ch["logprobs"] = c.completion_logprobs(lps, req.logprobs, offset)
     ch["finish_reason"] = c.api_finish_reason if finished else None
     ch["stop_reason"] = c.stop_reason if finished else None
+    if req.return_token_ids and not role and not echo:  # the ids new since the last chunk
+        ch["token_ids"] = c.token_ids[c.num_ids_sent:]
+        c.num_ids_sent = len(c.token_ids)
     return ch
+
+
+def stream_prompt_extras(req: GenerateRequest, c: ChoiceState) -> dict[str, Any] | None:
+    """Streaming: prompt_token_ids / prompt_logprobs once, with the first chunk that can carry
+    them (prompt logprobs arrive with the choice's first output)."""
+    if c.prompt_extras_sent or (req.prompt_logprobs is None and not req.return_token_ids):
+        return None
+    if req.prompt_logprobs is not None and c.prompt_logprobs is None:
+        return None
+    c.prompt_extras_sent = True
+    return {k: v for k, v in _prompt_extras(req, c).items() if v is not None}

@@ -51,6 +51,7 @@ class ServingContext:
     max_logprobs: int = 20  # --max-logprobs (-1: no cap)
     force_include_usage: bool = False        # --enable-force-include-usage
     prompt_tokens_details: bool = False      # --enable-prompt-tokens-details
+    return_tokens_as_token_ids: bool = False  # --return-tokens-as-token-ids
 
 
 def prompt_chars_limit(max_model_len: int, max_token_bytes: int) -> int:
@@ -87,6 +88,11 @@ class GenerateRequest:
     # chat: () -> (reasoning parser | None, tool parser | None), fresh per choice (they keep state)
     make_parsers: Callable[[], tuple[Any, Any]] | None = None
     prompt_tokens_details: bool = False  # usage.prompt_tokens_details (else null, as vLLM)
+    # vLLM's extras: prompt logprobs asked (top-k; None: `prompt_logprobs` is null), token ids
+    # in the response, logprob tokens as "token_id:N"
+    prompt_logprobs: int | None = None
+    return_token_ids: bool = False
+    tokens_as_token_ids: bool = False
     # completions with echo and max_tokens=0 (OpenAI's legacy scoring call, as lm-eval sends it):
     # the engine samples one token, which cannot be avoided; output.py drops it
     echo_only: bool = False
@@ -333,6 +339,39 @@ def _stream_opts(body: dict, stream: bool, force_usage: bool) -> tuple[bool, boo
             _bool(so, "continuous_usage_stats", False))
 
 
+def _truncate(body: dict, ctx: ServingContext, prompt: list[int]) -> list[int]:
+    """vLLM's truncate_prompt_tokens (-1: max_model_len) and truncation_side: the prompt is cut
+    before the length check, and usage counts what is left."""
+    k = _num(body, "truncate_prompt_tokens", None, lo=-1, integer=True)
+    side = body.get("truncation_side", "left")
+    if side not in ("left", "right"):
+        raise _bad("truncation_side", f"must be 'left' or 'right', got {side!r}")
+    if k is None:
+        return prompt
+    k = ctx.max_model_len if k == -1 else k
+    if k > ctx.max_model_len:
+        raise _bad("truncate_prompt_tokens", f"must be <= max_model_len ({ctx.max_model_len}), "
+                   f"got {k}")
+    if len(prompt) <= k:
+        return prompt
+    return prompt[len(prompt) - k:] if side == "left" else prompt[:k]
+
+
+def _vllm_extras(body: dict, ctx: ServingContext, params: SamplingParams) -> dict[str, Any]:
+    """prompt_logprobs / return_token_ids / return_tokens_as_token_ids -> GenerateRequest
+    fields; the prompt's logprobs come from the engine through SamplingParams."""
+    plp = body.get("prompt_logprobs")
+    if plp is not None and _lax_number(plp, True) == -1:
+        raise _bad("prompt_logprobs", "-1 (the whole vocabulary) is not supported for prompt "
+                   "logprobs; ask for at most --max-logprobs")
+    k = _num_logprobs(body, "prompt_logprobs", ctx)
+    if k is not None:
+        params.prompt_logprobs = max(k, params.prompt_logprobs or 0)
+    return {"prompt_logprobs": k, "return_token_ids": _bool(body, "return_token_ids", False),
+            "tokens_as_token_ids": _bool(body, "return_tokens_as_token_ids",
+                                         ctx.return_tokens_as_token_ids)}
+
+
 def _check_length(ctx: ServingContext, prompt: list[int], params: SamplingParams,
                   what: str) -> None:
     error = prompt_length_error(len(prompt), params.max_tokens, ctx.max_model_len, what)
@@ -384,7 +423,7 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
             tools=tools, chat_template_kwargs=body.get("chat_template_kwargs"))
     except (ValueError, TypeError, KeyError) as e:  # chat.py's errors are ValueErrors
         raise _chat_error(e) from None
-    prompt = encode_prompt(ctx, text, "messages", add_special_tokens=False)
+    prompt = _truncate(body, ctx, encode_prompt(ctx, text, "messages", add_special_tokens=False))
     reasoning_cls = get_reasoning_parser(ctx.reasoning_parser) if ctx.reasoning_parser else None
     opens = reasoning_cls is not None and prompt_opens_reasoning(text)
 
@@ -403,7 +442,8 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
                            [echoed], stream, include_usage, continuous, echo,
                            params.logprobs,
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
-                           else None, prompt_tokens_details=ctx.prompt_tokens_details)
+                           else None, prompt_tokens_details=ctx.prompt_tokens_details,
+                           **_vllm_extras(body, ctx, params))
 
 
 def parse_chat_batch(body: Any, ctx: ServingContext) -> GenerateRequest:
@@ -497,6 +537,10 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     if body.get("suffix"):
         raise _bad("suffix", "is not supported (no fill-in-the-middle)")
     prompts, texts = _prompts(body, ctx)
+    cut = [_truncate(body, ctx, ids) for ids in prompts]
+    texts = [t if len(c) == len(ids) else None for t, c, ids in zip(texts, cut, prompts,
+                                                                     strict=True)]
+    prompts = cut
     echo = _bool(body, "echo", False)
     echo_only = type(body.get("max_tokens")) is int and body["max_tokens"] == 0
     if echo_only and not echo:
@@ -508,6 +552,7 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     params.logprobs = _num_logprobs(body, "logprobs", ctx)
     if echo and params.logprobs is not None:
         params.prompt_logprobs = params.logprobs
+    extras = _vllm_extras(body, ctx, params)
     if len(prompts) * params.n > MAX_N:
         raise _bad("n", f"prompts x n must be <= {MAX_N}")
     for ids in prompts:
@@ -520,4 +565,5 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     return GenerateRequest("completion", request_id, model,
                            _engine_requests(request_id, prompts, params, body), texts,
                            stream, include_usage, continuous, echo, params.logprobs,
-                           echo_only=echo_only, prompt_tokens_details=ctx.prompt_tokens_details)
+                           echo_only=echo_only, prompt_tokens_details=ctx.prompt_tokens_details,
+                           **extras)

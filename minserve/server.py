@@ -127,6 +127,7 @@ class App:
                 max_logprobs=self.cfg.max_logprobs,
                 force_include_usage=self.cfg.enable_force_include_usage,
                 prompt_tokens_details=self.cfg.enable_prompt_tokens_details,
+                return_tokens_as_token_ids=self.cfg.return_tokens_as_token_ids,
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
                                                     info.tokenizer.max_token_bytes))
         return self._ctx
@@ -336,25 +337,30 @@ class App:
         # Echo with logprobs waits for the prompt's logprobs, which come with the first output.
         echo_later = req.kind == "completion" and req.echo and req.logprobs is not None
 
-        async def send_chunk(choice: dict[str, Any]) -> None:
+        async def send_chunk(choice: dict[str, Any], c: output.ChoiceState) -> None:
             u = output.usage(choices, num_prompts, n, details) if continuous else None
-            await http.send_event(output.chunk(req, [choice], u))
+            d = output.chunk(req, [choice], u)
+            extras = output.stream_prompt_extras(req, c)
+            if extras:  # vLLM: top-level for chat, in the choice for completions
+                (d if req.kind == "chat" else choice).update(extras)
+            await http.send_event(d)
 
         for c in choices:  # chat: the role first; echo: the prompt text first
             text = output.echo_prefix(req, c)
             if req.kind == "chat" or (text and not echo_later):
                 await send_chunk(output.chunk_choice(req, c, text, [], role=req.kind == "chat",
-                                                     echo=True))
+                                                     echo=True), c)
         async for out in stream:  # an EngineError ends the stream with an error event (_http)
             c, text, lps, finished = self._consume(out, stream, choices, tracker)
             if echo_later and not c.echo_sent:
                 c.echo_sent = True
-                await send_chunk(output.echo_chunk_choice(req, c))
-            if text or lps or finished:
+                await send_chunk(output.echo_chunk_choice(req, c), c)
+            if text or lps or finished or (req.return_token_ids and out.new_token_ids):
                 ch = output.chunk_choice(req, c, text, lps, finished=finished)
-                if req.kind == "chat" and not (ch["delta"] or lps or finished):
+                if req.kind == "chat" and not (ch["delta"] or lps or finished
+                                               or ch.get("token_ids")):
                     continue  # the reasoning/tool parsers hold this text back for now
-                await send_chunk(ch)
+                await send_chunk(ch, c)
         if req.include_usage:
             await http.send_event(output.chunk(req, [], output.usage(choices, num_prompts, n,
                                                                      details)))

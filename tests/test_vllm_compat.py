@@ -184,3 +184,81 @@ def test_defaults_match_vllm_without_the_flags(tiny_model_dir):
     assert all("usage" not in e for e in streamed.events() if isinstance(e, dict))
     assert load.status == 404 and info.status == 404
     assert capped.status == 400 and "max allowed: 20" in capped.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- item 4: vLLM's extra fields
+def test_prompt_logprobs_completions_and_chat(client, tiny_model_dir):
+    ids = Tokenizer.from_folder(tiny_model_dir).encode("The quick brown fox")
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=1,
+                                  extra_body={"prompt_logprobs": 2})
+    plp = r.choices[0].prompt_logprobs
+    assert len(plp) == len(ids) and plp[0] is None
+    for tid, pos in zip(ids[1:], plp[1:], strict=True):
+        assert str(tid) in pos and 2 <= len(pos) <= 3
+        assert pos[str(tid)]["rank"] >= 1 and pos[str(tid)]["logprob"] <= 0
+        assert {1, 2} <= {v["rank"] for v in pos.values()}  # the top 2, by rank
+    chat = client.chat.completions.create(model="tiny", messages=HI, max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    assert chat.prompt_logprobs[0] is None and len(chat.prompt_logprobs) > 1
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=HI, max_tokens=1).http_response.json()
+    assert raw["prompt_logprobs"] is None and raw["choices"][0]["token_ids"] is None
+    with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+        client.completions.create(model="tiny", prompt="Hi", extra_body={"prompt_logprobs": -1})
+
+
+def test_return_token_ids_streamed_and_not(client, tiny_model_dir):
+    ids = Tokenizer.from_folder(tiny_model_dir).encode("Hello there")
+    kw = {"model": "tiny", "prompt": "Hello there", "max_tokens": 5, "temperature": 0,
+          "extra_body": {"return_token_ids": True, "ignore_eos": True}}
+    r = client.completions.create(**kw)
+    ch = r.choices[0]
+    assert ch.prompt_token_ids == ids and len(ch.token_ids) == 5 == r.usage.completion_tokens
+    streamed, prompt_ids = [], None
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed += c.model_extra.get("token_ids") or []
+            prompt_ids = prompt_ids or c.model_extra.get("prompt_token_ids")
+    assert streamed == ch.token_ids and prompt_ids == ids
+    chat = client.chat.completions.create(model="tiny", messages=HI, max_tokens=3,
+                                          extra_body={"return_token_ids": True})
+    assert chat.prompt_token_ids and \
+        len(chat.choices[0].token_ids) == chat.usage.completion_tokens
+    s_ids, s_prompt = [], None
+    for chunk in client.chat.completions.create(model="tiny", messages=HI, max_tokens=3,
+                                                stream=True, temperature=0,
+                                                extra_body={"return_token_ids": True,
+                                                            "ignore_eos": True}):
+        s_prompt = s_prompt or chunk.model_extra.get("prompt_token_ids")
+        for c in chunk.choices:
+            s_ids += c.model_extra.get("token_ids") or []
+    assert s_prompt == chat.prompt_token_ids and len(s_ids) == 3
+
+
+def test_truncate_prompt_tokens_left_and_right(client, tiny_model_dir):
+    ids = Tokenizer.from_folder(tiny_model_dir).encode("one two three four five six seven " * 4)
+    assert len(ids) > 12
+    kw = {"model": "tiny", "max_tokens": 3, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    for side, kept in (("left", ids[-8:]), ("right", ids[:8])):
+        cut = client.completions.create(prompt=ids, **{**kw, "extra_body": {
+            "ignore_eos": True, "truncate_prompt_tokens": 8, "truncation_side": side}})
+        same = client.completions.create(prompt=kept, **kw)
+        assert cut.usage.prompt_tokens == 8 and cut.choices[0].text == same.choices[0].text
+    long = client.completions.create(model="tiny", prompt=ids * 40, max_tokens=2,  # > 512
+                                     extra_body={"truncate_prompt_tokens": 100})
+    assert long.usage.prompt_tokens == 100
+    with pytest.raises(openai.BadRequestError, match="truncation_side"):
+        client.completions.create(prompt=ids, model="tiny",
+                                  extra_body={"truncate_prompt_tokens": 4,
+                                              "truncation_side": "middle"})
+
+
+def test_return_tokens_as_token_ids(client):
+    r = client.completions.create(model="tiny", prompt="Hi", max_tokens=2, logprobs=1,
+                                  extra_body={"return_tokens_as_token_ids": True})
+    assert all(t.startswith("token_id:") for t in r.choices[0].logprobs.tokens)
+    chat = client.chat.completions.create(model="tiny", messages=HI, max_tokens=2, logprobs=True,
+                                          top_logprobs=1,
+                                          extra_body={"return_tokens_as_token_ids": True})
+    lp = chat.choices[0].logprobs.content[0]
+    assert lp.token.startswith("token_id:") and lp.top_logprobs[0].token.startswith("token_id:")
