@@ -250,18 +250,18 @@ def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]
             msg = c.chat_message(echo_prefix(req, c))
             ch: dict[str, Any] = {"index": c.index, "message": msg, "logprobs": None}
             if req.logprobs is not None:
-                ch["logprobs"] = c.chat_logprobs(c.logprobs, req.logprobs)
+                ch["logprobs"] = c.chat_logprobs(c.logprobs, _num_top(req))
         else:
             prefix = echo_prefix(req, c)
             ch = {"index": c.index, "text": prefix + c.text, "logprobs": None}
             if req.logprobs is not None:
                 if req.echo:
                     lp = _prompt_logprobs(req, c)
-                    gen = c.completion_logprobs(c.logprobs, req.logprobs, len(prefix))
+                    gen = c.completion_logprobs(c.logprobs, _num_top(req), len(prefix))
                     for key in lp:
                         lp[key] += gen[key]
                 else:
-                    lp = c.completion_logprobs(c.logprobs, req.logprobs, 0)
+                    lp = c.completion_logprobs(c.logprobs, _num_top(req), 0)
                 ch["logprobs"] = lp
         ch["finish_reason"] = c.api_finish_reason
         ch["stop_reason"] = c.stop_reason
@@ -276,6 +276,11 @@ def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]
     if req.kind == "chat":
         body.update(_prompt_extras(req, choices[0]))
     return body
+
+
+def _num_top(req: GenerateRequest) -> int:
+    """Alternatives per generated token: top_logprobs, then the logprob_token_ids asked."""
+    return req.logprobs + len(req.params.logprob_token_ids or [])
 
 
 def _prompt_extras(req: GenerateRequest, c: ChoiceState) -> dict[str, Any]:
@@ -317,12 +322,12 @@ def chunk_choice(req: GenerateRequest, c: ChoiceState, text: str, lps: list[Logp
             delta = {"content": ""}
         ch: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": None}
         if req.logprobs is not None and lps:
-            ch["logprobs"] = c.chat_logprobs(lps, req.logprobs)
+            ch["logprobs"] = c.chat_logprobs(lps, _num_top(req))
     else:
         ch = {"index": c.index, "text": text, "logprobs": None}
         if req.logprobs is not None and lps:
             offset = 0 if echo else len(echo_prefix(req, c)) + len(c.text) - len(text)
-            ch["logprobs"] = c.completion_logprobs(lps, req.logprobs, offset)
+            ch["logprobs"] = c.completion_logprobs(lps, _num_top(req), offset)
     ch["finish_reason"] = c.api_finish_reason if finished else None
     ch["stop_reason"] = c.stop_reason if finished else None
     if req.return_token_ids and not role and not echo:  # the ids new since the last chunk

@@ -300,6 +300,8 @@ def _sampling(body: dict, ctx: ServingContext, max_tokens_default: int | None,
         default = gd.get("max_tokens") or gd.get("max_new_tokens")
         if default and (max_tokens is None or default < max_tokens):
             max_tokens = int(default)
+    if _bool(body, "use_beam_search", False):  # never silently ignored
+        raise _bad("use_beam_search", "beam search is not supported by this server")
     n = _num(body, "n", 1, lo=1, hi=MAX_N, integer=True)
     best_of = _num(body, "best_of", None, lo=1, integer=True)
     if best_of is not None and best_of != n:
@@ -374,6 +376,11 @@ def _vllm_extras(body: dict, ctx: ServingContext, params: SamplingParams) -> dic
     k = _num_logprobs(body, "prompt_logprobs", ctx)
     if k is not None:
         params.prompt_logprobs = max(k, params.prompt_logprobs or 0)
+    asked = body.get("logprob_token_ids")
+    if asked is not None:  # logprobs of these ids at every generated position (implies logprobs)
+        params.logprob_token_ids = _int_list(asked, "logprob_token_ids", ctx.vocab_size) or None
+        if params.logprob_token_ids and params.logprobs is None:
+            params.logprobs = 0
     return {"prompt_logprobs": k, "return_token_ids": _bool(body, "return_token_ids", False),
             "tokens_as_token_ids": _bool(body, "return_tokens_as_token_ids",
                                          ctx.return_tokens_as_token_ids)}
@@ -457,13 +464,14 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     last = messages[-1]
     echoed = last["content"] if echo and (not add_gen or last["role"] == "assistant") else None
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    extras = _vllm_extras(body, ctx, params)  # before params.logprobs is read below
     return GenerateRequest("chat", request_id, model,
                            _engine_requests(request_id, [prompt], params, body),
                            [echoed], stream, include_usage, continuous, echo,
                            params.logprobs,
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
                            else None, prompt_tokens_details=ctx.prompt_tokens_details,
-                           images=refs, **_vllm_extras(body, ctx, params))
+                           images=refs, **extras)
 
 
 def parse_chat_batch(body: Any, ctx: ServingContext) -> GenerateRequest:

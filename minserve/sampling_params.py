@@ -25,6 +25,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None        # top-k alternatives per sampled token (0 = sampled only)
     prompt_logprobs: int | None = None
+    logprob_token_ids: list[int] | None = None  # logprobs of these ids too, at every position
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False

@@ -90,6 +90,7 @@ CASES = [
     (CHAT, {"messages": MSG, "stop_token_ids": [1, "x"]}, 400, "stop_token_ids"),
     (CHAT, {"messages": MSG, "min_tokens": 50, "max_tokens": 10}, 400, "min_tokens"),
     (CHAT, {"messages": MSG, "best_of": 3}, 400, "best_of"),
+    (CHAT, {"messages": MSG, "use_beam_search": True}, 400, "use_beam_search"),
     (CHAT, {"messages": MSG, "response_format": {"type": "xml"}}, 400, "response_format"),
     (CHAT, {"messages": MSG, "response_format": {"type": "json_schema"}}, 400, "response_format"),
     (CHAT, {"messages": MSG, "response_format": {"type": "json_object"},

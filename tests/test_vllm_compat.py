@@ -262,3 +262,29 @@ def test_return_tokens_as_token_ids(client):
                                           extra_body={"return_tokens_as_token_ids": True})
     lp = chat.choices[0].logprobs.content[0]
     assert lp.token.startswith("token_id:") and lp.top_logprobs[0].token.startswith("token_id:")
+
+
+def test_logprob_token_ids(client):
+    """The asked ids' logprobs at every generated position, equal to their logprobs in the
+    whole-vocabulary list of the same greedy run."""
+    kw = {"model": "tiny", "messages": HI, "max_tokens": 3, "temperature": 0,
+          "extra_body": {"ignore_eos": True, "return_tokens_as_token_ids": True,
+                         "logprob_token_ids": [5, 7]}}
+    r = client.chat.completions.create(**kw)
+    whole = client.chat.completions.create(**{**kw, "logprobs": True, "top_logprobs": -1})
+    assert len(r.choices[0].logprobs.content) == 3
+    for pos, full in zip(r.choices[0].logprobs.content, whole.choices[0].logprobs.content,
+                         strict=True):
+        asked = {t.token: t.logprob for t in pos.top_logprobs}
+        ref = {t.token: t.logprob for t in full.top_logprobs}
+        assert set(asked) == {"token_id:5", "token_id:7"}
+        for tok, v in asked.items():
+            assert abs(v - ref[tok]) < 1e-4
+    comp = client.completions.create(model="tiny", prompt="Hi", max_tokens=2, logprobs=1,
+                                     extra_body={"logprob_token_ids": [9],
+                                                 "return_tokens_as_token_ids": True})
+    for top in comp.choices[0].logprobs.top_logprobs:
+        assert "token_id:9" in top and len(top) <= 3
+    with pytest.raises(openai.BadRequestError, match="logprob_token_ids"):
+        client.completions.create(model="tiny", prompt="Hi",
+                                  extra_body={"logprob_token_ids": [10**6]})
