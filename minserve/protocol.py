@@ -300,8 +300,6 @@ def _sampling(body: dict, ctx: ServingContext, max_tokens_default: int | None,
         default = gd.get("max_tokens") or gd.get("max_new_tokens")
         if default and (max_tokens is None or default < max_tokens):
             max_tokens = int(default)
-    if _bool(body, "use_beam_search", False):  # never silently ignored
-        raise _bad("use_beam_search", "beam search is not supported by this server")
     n = _num(body, "n", 1, lo=1, hi=MAX_N, integer=True)
     best_of = _num(body, "best_of", None, lo=1, integer=True)
     if best_of is not None and best_of != n:
@@ -333,7 +331,22 @@ def _sampling(body: dict, ctx: ServingContext, max_tokens_default: int | None,
         spaces_between_special_tokens=_bool(body, "spaces_between_special_tokens", True),
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
         structured=_structured(body),
+        **_beam(body),
     )
+
+
+def _beam(body: dict) -> dict[str, Any]:
+    """vLLM's use_beam_search (n beams), length_penalty and early_stopping."""
+    if not _bool(body, "use_beam_search", False):
+        return {}
+    early = body.get("early_stopping", False)
+    if early != "never":
+        early = _bool(body, "early_stopping", False)
+    if body.get("structured_outputs") is not None or body.get("response_format") not in (
+            None, {"type": "text"}):
+        raise _bad("use_beam_search", "cannot be combined with structured outputs")
+    return {"use_beam_search": True, "early_stopping": early,
+            "length_penalty": _num(body, "length_penalty", 1.0)}
 
 
 def _stream_opts(body: dict, stream: bool, force_usage: bool) -> tuple[bool, bool]:

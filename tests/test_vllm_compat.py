@@ -288,3 +288,25 @@ def test_logprob_token_ids(client):
     with pytest.raises(openai.BadRequestError, match="logprob_token_ids"):
         client.completions.create(model="tiny", prompt="Hi",
                                   extra_body={"logprob_token_ids": [10**6]})
+
+
+def test_beam_search_through_the_sdk(client):
+    kw = {"model": "tiny", "prompt": "The quick brown", "max_tokens": 4, "n": 3,
+          "extra_body": {"use_beam_search": True, "ignore_eos": True, "length_penalty": 0.8}}
+    r = client.completions.create(**kw)
+    texts = [c.text for c in r.choices]
+    assert len(texts) == 3 and len(set(texts)) == 3  # three distinct beams, best first
+    assert r.usage.completion_tokens == 12
+    streamed = {}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[i] for i in range(3)] == texts
+    greedy = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=4,
+                                       temperature=0, extra_body={"ignore_eos": True})
+    one = client.completions.create(**{**kw, "n": 1})
+    assert one.choices[0].text == greedy.choices[0].text
+    chat = client.chat.completions.create(model="tiny", messages=HI, max_tokens=3, n=2,
+                                          extra_body={"use_beam_search": True,
+                                                      "early_stopping": "never"})
+    assert len(chat.choices) == 2

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from minserve.config import DTYPE_NAMES, ConfigError, EngineConfig, ModelConfig
+from minserve.engine.beam import BeamSearchManager
 from minserve.engine.kv_cache import KVCacheManager
 from minserve.engine.request import (
     EngineInfo,
@@ -96,6 +97,8 @@ class Engine:
         # steps per bucket of ITERATION_TOKEN_BUCKETS (+inf last), and the tokens they ran
         self._iteration_buckets = [0] * (len(ITERATION_TOKEN_BUCKETS) + 1)
         self._iteration_tokens_sum = 0
+        self.beams = BeamSearchManager(self.scheduler.add, self.scheduler.abort,
+                                       config.max_model_len)
         # Unseeded requests draw their seed here: with --seed fixed a whole run is reproducible.
         self._seed_rng = random.Random(config.seed)
 
@@ -155,8 +158,11 @@ class Engine:
             raise ValueError(f"Token id {bad} is out of vocabulary")
         self._check_mm_items(request)
         ids = request.sample_ids()
-        if any(rid in self.scheduler.requests for rid in ids):
+        if any(rid in self.scheduler.requests for rid in ids) or \
+                request.request_id in self.beams.searches:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if params.use_beam_search:
+            return self.beams.add(request, self.info.eos_token_ids)
         # All n compile before any is queued: a bad grammar rejects the request as a whole.
         constraints = [None if params.structured is None
                        else self._compile_structured(params.structured) for _ in ids]
@@ -189,7 +195,8 @@ class Engine:
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Takes effect at the next step: the request's blocks are freed then."""
-        self.scheduler.abort([request_ids] if isinstance(request_ids, str) else request_ids)
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self.scheduler.abort(self.beams.abort(ids) if self.beams.searches else ids)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -200,11 +207,15 @@ class Engine:
         requests in flight); the scheduler's state is then undefined."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return self.scheduler.update(plan, [])
+            return self._beam_outputs(self.scheduler.update(plan, []))
         num = plan.total_num_scheduled_tokens
         self._iteration_buckets[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, num)] += 1
         self._iteration_tokens_sum += num
-        return self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan)))
+        return self._beam_outputs(
+            self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan))))
+
+    def _beam_outputs(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        return self.beams.process(outputs) if self.beams.searches else outputs
 
     def _step_inputs(self, plan: StepPlan) -> StepInputs:
         """The plan as plain data for the runner: tokens, block tables, the rows that sample and
