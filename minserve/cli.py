@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--disable-frontend-multiprocessing", action="store_true",
       help="accepted for vLLM compatibility; changes nothing: the server and engine always "
            "share one process")
+    a("--skip-tokenizer-init", action="store_true",
+      help="load no tokenizer: prompts as token ids (completions), outputs as token_ids with "
+           "empty text; chat, stop strings and structured outputs are refused")
     a("--api-server-count", type=int, default=1,
       help="must be 1: the API server and the engine share one process")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
@@ -235,7 +238,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         limit_mm_per_prompt=args.limit_mm_per_prompt,
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=args.allowed_media_domains,
-        allow_private_media_urls=args.allow_private_media_urls)
+        allow_private_media_urls=args.allow_private_media_urls,
+        skip_tokenizer_init=args.skip_tokenizer_init)
 
 
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)

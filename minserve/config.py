@@ -151,6 +151,7 @@ class EngineConfig:
     enforce_eager: bool = False
     chat_template: str | None = None  # a file path or the template text
     generation_config: str = "auto"  # auto | vllm | a folder
+    skip_tokenizer_init: bool = False  # no tokenizer: token ids in and out only (vLLM's flag)
     revision: str | None = None
     # Vision-language models. limit_mm_per_prompt: at most this many items of a modality in one
     # prompt ({"image": N}; None: vLLM's default of 999). Images come from http(s) and data:

@@ -22,9 +22,11 @@ class SampleState:
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int],
                  params: SamplingParams) -> None:
+        # --skip-tokenizer-init: no tokenizer, no text (token ids out only)
         self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids,
                                             params.skip_special_tokens,
-                                            params.spaces_between_special_tokens)
+                                            params.spaces_between_special_tokens) \
+            if tokenizer is not None else None
         self.stop = StopChecker(params.stop, params.include_stop_str_in_output) \
             if params.stop else None
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -58,8 +60,8 @@ class SampleState:
             self.prompt_logprobs = out.prompt_logprobs
         lps = list(out.logprobs or [])
         self.logprobs += lps
-        delta = self.detok.push(out.new_token_ids) if out.new_token_ids else ""
-        if out.finished:  # anything the detokenizer still held (a split UTF-8 char) comes out
+        delta = self.detok.push(out.new_token_ids) if out.new_token_ids and self.detok else ""
+        if out.finished and self.detok:  # what the detokenizer still held (a split character)
             delta += self.detok.flush()
         hit = None
         if self.stop is not None:
@@ -159,7 +161,7 @@ class ChoiceState(SampleState):
 
     # ---- logprobs in OpenAI's two shapes
     def _token(self, token_id: int) -> tuple[str, list[int]]:
-        if self.tokens_as_ids:  # vLLM's return_tokens_as_token_ids
+        if self.tokens_as_ids or self.tokenizer is None:  # vLLM's return_tokens_as_token_ids
             tok = f"token_id:{token_id}"
             return tok, list(tok.encode())
         b = self.tokenizer.token_bytes(token_id)

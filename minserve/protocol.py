@@ -34,7 +34,7 @@ MAX_STOP = 16
 @dataclass
 class ServingContext:
     """What parsing needs from the loaded engine."""
-    tokenizer: Any
+    tokenizer: Any            # None: --skip-tokenizer-init (token ids in and out only)
     model_names: list[str]
     max_model_len: int
     vocab_size: int
@@ -68,6 +68,9 @@ def encode_prompt(ctx: ServingContext, text: str, what: str,
                   add_special_tokens: bool = True) -> list[int]:
     """Tokenize a prompt, refusing at once a text too long to fit (a 30 MB prompt took 34 s to
     tokenize, only to be refused for its length)."""
+    if ctx.tokenizer is None:
+        raise OpenAIError(400, f"{what}: this server runs with --skip-tokenizer-init: send "
+                          "the prompt as token ids (completions only)", param=what)
     if ctx.max_prompt_chars is not None and len(text) > ctx.max_prompt_chars:
         raise OpenAIError(400, f"This model's maximum context length is {ctx.max_model_len} "
                           f"tokens. However, your request has {len(text)} characters of {what}, "
@@ -394,7 +397,11 @@ def _vllm_extras(body: dict, ctx: ServingContext, params: SamplingParams) -> dic
         params.logprob_token_ids = _int_list(asked, "logprob_token_ids", ctx.vocab_size) or None
         if params.logprob_token_ids and params.logprobs is None:
             params.logprobs = 0
-    return {"prompt_logprobs": k, "return_token_ids": _bool(body, "return_token_ids", False),
+    if ctx.tokenizer is None and (params.stop or params.structured is not None):
+        raise _bad("stop" if params.stop else _structured_param(body),
+                   "needs the tokenizer, which --skip-tokenizer-init leaves out")
+    return {"prompt_logprobs": k,
+            "return_token_ids": _bool(body, "return_token_ids", ctx.tokenizer is None),
             "tokens_as_token_ids": _bool(body, "return_tokens_as_token_ids",
                                          ctx.return_tokens_as_token_ids)}
 
@@ -431,6 +438,10 @@ def _image_parts(ctx: ServingContext) -> ImageParts | None:
 
 def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     model, stream, include_usage, continuous = _common(body, ctx)
+    if ctx.tokenizer is None:
+        raise OpenAIError(400, "chat needs the tokenizer and its chat template, which "
+                          "--skip-tokenizer-init leaves out: use /v1/completions with token ids",
+                          param="messages")
     try:  # the template reads its own copy; this one is for checking and for echo
         messages = normalize_messages(body.get("messages"),
                                       images=_image_parts(ctx))
@@ -631,6 +642,8 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     for ids in prompts:
         _check_length(ctx, ids, params, "prompt")
     _check_structured(ctx, params.structured, _structured_param(body))
+    if echo and ctx.tokenizer is None:
+        raise _bad("echo", "needs the tokenizer, which --skip-tokenizer-init leaves out")
     if echo:
         texts = [t if t is not None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
                  for t, ids in zip(texts, prompts, strict=True)]

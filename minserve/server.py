@@ -133,7 +133,8 @@ class App:
                 image_processor=info.image_processor, image_limit=info.image_limit,
                 media_policy=info.media_policy,
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
-                                                    info.tokenizer.max_token_bytes))
+                                                    info.tokenizer.max_token_bytes)
+                if info.tokenizer is not None else None)
         return self._ctx
 
     def _check_structured(self, spec: dict[str, Any]) -> None:
@@ -436,7 +437,7 @@ async def tokenizer_info(app: App, http: Http) -> None:
     if not app.cfg.enable_tokenizer_info_endpoint:
         raise OpenAIError(404, "Not Found: GET /tokenizer_info (start the server with "
                           "--enable-tokenizer-info-endpoint)", type="NotFoundError")
-    tok = app.ctx.tokenizer
+    tok = _tokenizer(app)
     cfg = {k: v for k, v in tok.tokenizer_config.items() if k != "added_tokens_decoder"}
     await http.send_json(200, {**cfg, "tokenizer_class": cfg.get("tokenizer_class",
                                                                  "PreTrainedTokenizerFast"),
@@ -488,6 +489,7 @@ async def metrics(app: App, http: Http) -> None:
 
 
 async def tokenize(app: App, http: Http) -> None:
+    _tokenizer(app)
     body = await http.read_json()
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
@@ -519,7 +521,15 @@ def _tokenize(body: dict[str, Any], ctx: ServingContext,
             "token_strs": strs}
 
 
+def _tokenizer(app: App) -> Any:
+    if app.ctx.tokenizer is None:
+        raise OpenAIError(400, "this server runs with --skip-tokenizer-init: it has no "
+                          "tokenizer (token ids in and out only)")
+    return app.ctx.tokenizer
+
+
 async def detokenize(app: App, http: Http) -> None:
+    _tokenizer(app)
     body = await http.read_json()
     ids = body.get("tokens") if isinstance(body, dict) else None
     vocab = app.ctx.vocab_size

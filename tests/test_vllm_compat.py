@@ -310,3 +310,26 @@ def test_beam_search_through_the_sdk(client):
                                           extra_body={"use_beam_search": True,
                                                       "early_stopping": "never"})
     assert len(chat.choices) == 2
+
+
+def test_skip_tokenizer_init_token_ids_in_and_out(tiny_model_dir):
+    """--skip-tokenizer-init: no tokenizer is loaded; token-id prompts give token_ids (and
+    empty text); what needs the tokenizer is a clear 400."""
+    ids = Tokenizer.from_folder(tiny_model_dir).encode("Hello there")
+    with serving(["serve", tiny_model_dir, "--served-model-name", "tiny",
+                  "--kv-cache-memory", "4MiB", "--max-model-len", "256",
+                  "--skip-tokenizer-init"]) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = c.completions.create(model="tiny", prompt=ids, max_tokens=4, temperature=0,
+                                 logprobs=1, extra_body={"ignore_eos": True})
+        ch = r.choices[0]
+        assert ch.text == "" and len(ch.token_ids) == 4 and ch.prompt_token_ids == ids
+        assert ch.logprobs.tokens == [f"token_id:{t}" for t in ch.token_ids]
+        for bad in ({"prompt": "Hello"}, {"prompt": ids, "stop": ["x"]},
+                    {"prompt": ids, "echo": True}):
+            with pytest.raises(openai.BadRequestError, match="tokenizer"):
+                c.completions.create(model="tiny", max_tokens=2, **bad)
+        with pytest.raises(openai.BadRequestError, match="skip-tokenizer-init"):
+            c.chat.completions.create(model="tiny", messages=HI)
+        status, _ = _post(url + "/tokenize", {"prompt": "x"})
+        assert status == 400

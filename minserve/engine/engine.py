@@ -64,7 +64,8 @@ class Engine:
         if chat_template is not None and os.path.isfile(chat_template):
             with open(chat_template) as f:
                 chat_template = f.read()
-        tokenizer = Tokenizer.from_folder(config.tokenizer or folder, chat_template=chat_template)
+        tokenizer = None if config.skip_tokenizer_init else \
+            Tokenizer.from_folder(config.tokenizer or folder, chat_template=chat_template)
         if config.generation_config == "vllm":
             gen = {}
         else:
@@ -87,8 +88,8 @@ class Engine:
         if gen.get("max_new_tokens") is not None:
             defaults["max_tokens"] = gen["max_new_tokens"]
         gen_eos = gen.get("eos_token_id")
-        eos = set(model_config.eos_token_ids) | set(tokenizer.eos_token_ids) | set(
-            [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+        eos = set(model_config.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
+        eos |= set([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
         self.info = EngineInfo(tokenizer, model_config.vocab_size, config.max_model_len,
                                model_config.architecture, defaults, frozenset(eos),
                                self.runner.num_blocks, config.block_size, image_processor,
