@@ -20,7 +20,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from minserve.errors import library_text
 
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Text part type -> the field holding its text (vLLM's set: Responses-style input_text and
 # output_text, and its "thinking" parts, are text too).
 TEXT_PART_TYPES = {"text": "text", "input_text": "text", "output_text": "text",
@@ -231,10 +230,9 @@ def normalize_messages(messages: Any, content_format: ContentFormat = "string",
         if not isinstance(message, dict):
             raise ChatContentError(f"{where} must be an object", param=where)
         role = message.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            raise ChatContentError(
-                f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {role!r}",
-                param=f"{where}.role")
+        if not isinstance(role, str):  # any other role goes to the template, as in vLLM
+            raise ChatContentError(f"{where}.role must be a string, got {role!r}",
+                                   param=f"{where}.role")
         parts = _content_parts(message.get("content"), where, images)
         texts = [p for p in parts if isinstance(p, str)]
         if content_format == "openai" and role != "tool":

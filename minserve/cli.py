@@ -226,6 +226,34 @@ def build_parser() -> argparse.ArgumentParser:
       help="the model's tool-call format, for tool_choice \"auto\"")
     a("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
       help="split the model's <think> text into reasoning_content")
+    a("--max-logprobs", type=int, default=20,
+      help="most logprobs (alternatives per token) a request may ask for; -1: no limit")
+    a("--enable-force-include-usage", action="store_true",
+      help="usage on every stream, as if stream_options.include_usage were true")
+    a("--enable-prompt-tokens-details", action="store_true",
+      help="usage.prompt_tokens_details.cached_tokens (without it: null, as vLLM)")
+    a("--enable-tokenizer-info-endpoint", action="store_true",
+      help="serve GET /tokenizer_info (the tokenizer's config and chat template)")
+    a("--enable-server-load-tracking", action="store_true",
+      help="serve GET /load: the number of generation/embedding requests in flight")
+    a("--return-tokens-as-token-ids", action="store_true",
+      help='logprob tokens as "token_id:N" (a request can ask with return_tokens_as_token_ids)')
+    # vLLM flags accepted with vLLM's meaning, where here that meaning holds already
+    a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
+      help="accepted for vLLM compatibility; changes nothing: prefill is always chunked")
+    a("--structured-outputs-config.backend", dest="structured_outputs_backend",
+      default="auto", choices=["auto", "guidance"],
+      help="structured outputs backend: auto = guidance (llguidance, the only one here)")
+    a("--show-hidden-metrics-for-version", default=None,
+      help="accepted for vLLM compatibility; changes nothing: no metric is hidden here")
+    a("--disable-frontend-multiprocessing", action="store_true",
+      help="accepted for vLLM compatibility; changes nothing: the server and engine always "
+           "share one process")
+    a("--skip-tokenizer-init", action="store_true",
+      help="load no tokenizer: prompts as token ids (completions), outputs as token_ids with "
+           "empty text; chat, stop strings and structured outputs are refused")
+    a("--api-server-count", type=int, default=1,
+      help="must be 1: the API server and the engine share one process")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
       help="must be 1 (tensor parallelism is not implemented yet)")
     a("--task", default="auto", choices=["auto", "generate", "embed", "embedding", "score"],
@@ -275,6 +303,12 @@ def parse_args(argv: list[str] | None = None,
         parser.error("--responses-store-size must be >= 0")
     if not args.timeout_keep_alive > 0:
         parser.error(f"--timeout-keep-alive {args.timeout_keep_alive}: must be > 0")
+    if args.api_server_count != 1:
+        parser.error(f"--api-server-count {args.api_server_count}: minserve runs one API server "
+                     "in the engine's process (use 1); more need a separate engine process, "
+                     "which does not exist yet")
+    if args.max_logprobs < -1:
+        parser.error(f"--max-logprobs {args.max_logprobs}: must be >= 0, or -1 for no limit")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be in 0..65535")
     if args.max_batch_file_size < 1 or args.max_batch_file_lines < 1:
@@ -311,7 +345,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         limit_mm_per_prompt=args.limit_mm_per_prompt,
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=args.allowed_media_domains,
-        allow_private_media_urls=args.allow_private_media_urls)
+        allow_private_media_urls=args.allow_private_media_urls,
+        skip_tokenizer_init=args.skip_tokenizer_init)
 
 
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)
@@ -331,7 +366,14 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         model_root=args.model or DEFAULT_MODEL_NAME,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        responses_store_size=args.responses_store_size)
+        responses_store_size=args.responses_store_size,
+
+        max_logprobs=args.max_logprobs,
+        enable_force_include_usage=args.enable_force_include_usage,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+        enable_server_load_tracking=args.enable_server_load_tracking,
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids)
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -163,6 +163,7 @@ class EngineConfig:
     enforce_eager: bool = False
     chat_template: str | None = None  # a file path or the template text
     generation_config: str = "auto"  # auto | vllm | a folder
+    skip_tokenizer_init: bool = False  # no tokenizer: token ids in and out only (vLLM's flag)
     revision: str | None = None
     quantization: str | None = None  # None: from the checkpoint (quantization_config, GGUF)
     kv_cache_dtype: str = "auto"  # auto: the model dtype; fp8 (= fp8_e4m3)

@@ -13,7 +13,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -25,6 +25,10 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 # vLLM's build_1_2_5_buckets for token counts (vLLM stops at max_model_len; we cannot know it
 # before the engine loads, so the tail goes to 1M).
 TOKEN_BUCKETS = tuple(m * 10**e for e in range(7) for m in (1, 2, 5))
+N_BUCKETS = (1, 2, 5, 10, 20)
+PREEMPTION_BUCKETS = (0, 1, 2, 3, 4, 5, 10, 20)
+# = engine.ITERATION_TOKEN_BUCKETS (the engine counts steps per bucket; no import of the engine)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 disable_created_metrics()  # no *_created series (vLLM's exposition has none either)
 
@@ -32,12 +36,43 @@ disable_created_metrics()  # no *_created series (vLLM's exposition has none eit
 class _EngineCollector:
     """Gauges and cumulative counters taken from Engine.stats() at scrape time."""
 
-    def __init__(self, model_name: str, get_stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, model_name: str, get_stats: Callable[[], dict[str, Any]],
+                 get_cache_info: Callable[[], dict[str, Any] | None]) -> None:
         self.model_name = model_name
         self.get_stats = get_stats
+        self.get_cache_info = get_cache_info
 
     def collect(self) -> Iterator[Any]:
         s = self.get_stats() or {}
+        yield from self._engine_families(s)
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting_by_reason",
+                                    "Number of requests waiting, by reason (capacity: for room "
+                                    "in the batch or KV cache; deferred: other constraints).",
+                                    labels=["model_name", "reason"])
+        deferred = int(s.get("num_waiting_deferred", 0) or 0)
+        waiting.add_metric([self.model_name, "capacity"],
+                           float(int(s.get("num_waiting", 0) or 0) - deferred))
+        waiting.add_metric([self.model_name, "deferred"], float(deferred))
+        yield waiting
+        buckets, total = s.get("iteration_tokens") or ((0,) * (len(ITERATION_TOKEN_BUCKETS) + 1), 0)
+        cumulative, acc = [], 0
+        for bound, count in zip((*ITERATION_TOKEN_BUCKETS, "+Inf"), buckets, strict=True):
+            acc += count
+            cumulative.append((str(float(bound)) if bound != "+Inf" else bound, acc))
+        hist = HistogramMetricFamily("vllm:iteration_tokens_total",
+                                     "Histogram of number of tokens per engine_step.",
+                                     labels=["model_name"])
+        hist.add_metric([self.model_name], cumulative, sum_value=float(total))
+        yield hist
+        info = self.get_cache_info()
+        if info is not None:
+            cache = GaugeMetricFamily("vllm:cache_config_info",
+                                      "Information of the LLMEngine CacheConfig",
+                                      labels=["model_name", *info])
+            cache.add_metric([self.model_name, *map(str, info.values())], 1.0)
+            yield cache
+
+    def _engine_families(self, s: dict[str, Any]) -> Iterator[Any]:
         for family, name, doc, key in (
             (GaugeMetricFamily, "vllm:num_requests_running",
              "Number of requests in model execution batches.", "num_running"),
@@ -58,7 +93,8 @@ class _EngineCollector:
 
 
 class Metrics:
-    def __init__(self, model_name: str, get_stats: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, model_name: str, get_stats: Callable[[], dict[str, Any]],
+                 get_cache_info: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         r, lbl = self.registry, ["model_name"]
@@ -103,7 +139,16 @@ class Metrics:
             "vllm:request_time_per_output_token_seconds",
             "Histogram of time_per_output_token_seconds per request.", lbl, buckets=ITL_BUCKETS,
             registry=r).labels(model_name)
-        r.register(_EngineCollector(model_name, get_stats))
+        self.request_params_n = Histogram(
+            "vllm:request_params_n", "Histogram of the n request parameter.", lbl,
+            buckets=N_BUCKETS, registry=r).labels(model_name)
+        self.request_params_max_tokens = Histogram(
+            "vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.",
+            lbl, buckets=TOKEN_BUCKETS, registry=r).labels(model_name)
+        self.request_num_preemptions = Histogram(
+            "vllm:request_num_preemptions", "Number of preemptions per finished request.", lbl,
+            buckets=PREEMPTION_BUCKETS, registry=r).labels(model_name)
+        r.register(_EngineCollector(model_name, get_stats, get_cache_info))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -142,15 +187,23 @@ class RequestTracker:
         self.last[choice] = now
         self.m.generation_tokens.inc(num_new_tokens)
 
-    def on_engine_timings(self, timings: Any, num_output_tokens: int) -> None:
+    def on_engine_timings(self, timings: Any, num_output_tokens: int,
+                          num_preemptions: int = 0) -> None:
         """A finished engine request's RequestTimings (engine/request.py); None phases skipped.
         TPOT = decode time over the tokens after the first, for requests with two or more."""
+        self.m.request_num_preemptions.observe(num_preemptions)
         for phase, histogram in self.m.phases.items():
             seconds = getattr(timings, phase)
             if seconds is not None:
                 histogram.observe(seconds)
         if timings.decode is not None and num_output_tokens > 1:
             self.m.request_tpot.observe(timings.decode / (num_output_tokens - 1))
+
+    def on_params(self, n: int, max_tokens: list[int]) -> None:
+        """One observation per prompt, as vLLM counts its requests."""
+        for num in max_tokens:
+            self.m.request_params_n.observe(n)
+            self.m.request_params_max_tokens.observe(num)
 
     def on_finish(self, num_prompt_tokens: int, finish_reasons: list[str | None],
                   num_output_tokens: list[int] = ()) -> None:

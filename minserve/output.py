@@ -22,10 +22,12 @@ class SampleState:
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams,
                  stop: StopStrings | None = None) -> None:
-        """stop: params.stop prepared once for all of a request's samples."""
+        """stop: params.stop prepared once for all of a request's samples. tokenizer None
+        (--skip-tokenizer-init): no detokenizer, no text (token ids out only)."""
         self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids,
                                             params.skip_special_tokens,
-                                            params.spaces_between_special_tokens)
+                                            params.spaces_between_special_tokens) \
+            if tokenizer is not None else None
         self.stop = StopChecker(stop or params.stop, params.include_stop_str_in_output) \
             if params.stop else None
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -59,8 +61,8 @@ class SampleState:
             self.prompt_logprobs = out.prompt_logprobs
         lps = list(out.logprobs or [])
         self.logprobs += lps
-        delta = self.detok.push(out.new_token_ids) if out.new_token_ids else ""
-        if out.finished:  # anything the detokenizer still held (a split UTF-8 char) comes out
+        delta = self.detok.push(out.new_token_ids) if out.new_token_ids and self.detok else ""
+        if out.finished and self.detok:  # what the detokenizer still held (a split character)
             delta += self.detok.flush()
         hit = None
         if self.stop is not None:
@@ -91,6 +93,9 @@ class ChoiceState(SampleState):
         self.num_tool_calls = 0
         self.echo_only = req.echo_only
         self.echo_sent = False   # streaming: the echoed prompt went out
+        self.tokens_as_ids = req.tokens_as_token_ids
+        self.num_ids_sent = 0    # streaming return_token_ids: token ids already in a chunk
+        self.prompt_extras_sent = False  # ... prompt_token_ids / prompt_logprobs went out
 
     def update(self, out: RequestOutput) -> tuple[str, list[Logprob], bool]:
         if self.echo_only:  # max_tokens=0: drop the one sampled token; it ended on "length"
@@ -121,8 +126,10 @@ class ChoiceState(SampleState):
             text, calls = self.tools.extract(text or "")
             self.num_tool_calls = len(calls)
         content = (prefix + text) if text is not None else (prefix or None)
-        msg["content"] = content if content is not None or calls else ""
-        msg["tool_calls"] = [c.to_dict() for c in calls]
+        forced = getattr(self.tools, "forced", False)  # tool_choice required / named
+        msg["content"] = content if content is not None or (calls and not forced) else ""
+        # vLLM: a forced call that never completed (max_tokens) is no call: null, not []
+        msg["tool_calls"] = [c.to_dict() for c in calls] if calls or not forced else None
         return msg
 
     def chat_delta(self, text: str, finished: bool) -> dict[str, Any]:
@@ -155,8 +162,27 @@ class ChoiceState(SampleState):
 
     # ---- logprobs in OpenAI's two shapes
     def _token(self, token_id: int) -> tuple[str, list[int]]:
+        if self.tokens_as_ids or self.tokenizer is None:  # vLLM's return_tokens_as_token_ids
+            tok = f"token_id:{token_id}"
+            return tok, list(tok.encode())
         b = self.tokenizer.token_bytes(token_id)
         return b.decode("utf-8", errors="replace"), list(b)
+
+    def vllm_prompt_logprobs(self) -> list[dict[str, Any] | None]:
+        """vLLM's prompt_logprobs: per prompt position None (the first) or {token id: {logprob,
+        rank, decoded_token}} for the prompt's token and the top alternatives."""
+        out: list[dict[str, Any] | None] = []
+        for lp in self.prompt_logprobs or []:
+            if lp is None:
+                out.append(None)
+                continue
+            d = {str(lp.token_id): {"logprob": max(lp.logprob, _MIN_LOGPROB), "rank": lp.rank,
+                                    "decoded_token": self._token(lp.token_id)[0]}}
+            for rank, (tid, v) in enumerate(lp.top, 1):
+                d.setdefault(str(tid), {"logprob": max(v, _MIN_LOGPROB), "rank": rank,
+                                        "decoded_token": self._token(tid)[0]})
+            out.append(d)
+        return out
 
     def chat_logprobs(self, lps: list[Logprob], k: int) -> dict[str, Any]:
         content = []
@@ -194,14 +220,17 @@ class ChoiceState(SampleState):
         return out
 
 
-def usage(choices: list[SampleState], num_prompts: int, n: int) -> dict[str, Any]:
-    """Prompt tokens count once per prompt (not per sample), as OpenAI does."""
+def usage(choices: list[SampleState], num_prompts: int, n: int, details: bool = True
+          ) -> dict[str, Any]:
+    """Prompt tokens count once per prompt (not per sample), as OpenAI does. The server gives
+    prompt_tokens_details only with --enable-prompt-tokens-details (vLLM's usage otherwise)."""
     firsts = choices[::n][:num_prompts]
     prompt = sum(c.num_prompt_tokens for c in firsts)
     completion = sum(c.num_output_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in firsts)}}
+            "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in firsts)}
+            if details else None}
 
 
 def echo_prefix(req: GenerateRequest, c: ChoiceState) -> str:
@@ -224,26 +253,45 @@ def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]
             msg = c.chat_message(echo_prefix(req, c))
             ch: dict[str, Any] = {"index": c.index, "message": msg, "logprobs": None}
             if req.logprobs is not None:
-                ch["logprobs"] = c.chat_logprobs(c.logprobs, req.logprobs)
+                ch["logprobs"] = c.chat_logprobs(c.logprobs, _num_top(req))
         else:
             prefix = echo_prefix(req, c)
             ch = {"index": c.index, "text": prefix + c.text, "logprobs": None}
             if req.logprobs is not None:
                 if req.echo:
                     lp = _prompt_logprobs(req, c)
-                    gen = c.completion_logprobs(c.logprobs, req.logprobs, len(prefix))
+                    gen = c.completion_logprobs(c.logprobs, _num_top(req), len(prefix))
                     for key in lp:
                         lp[key] += gen[key]
                 else:
-                    lp = c.completion_logprobs(c.logprobs, req.logprobs, 0)
+                    lp = c.completion_logprobs(c.logprobs, _num_top(req), 0)
                 ch["logprobs"] = lp
         ch["finish_reason"] = c.api_finish_reason
         ch["stop_reason"] = c.stop_reason
+        ch["token_ids"] = c.token_ids if req.return_token_ids else None
+        if req.kind != "chat":  # vLLM: per choice for completions, top-level for chat
+            ch.update(_prompt_extras(req, c))
         out.append(ch)
-    return {"id": req.request_id,
+    body = {"id": req.request_id,
             "object": "chat.completion" if req.kind == "chat" else "text_completion",
             "created": req.created, "model": req.model, "choices": out,
-            "usage": usage(choices, len(req.prompts), req.params.n)}
+            "usage": usage(choices, len(req.prompts), req.params.n, req.prompt_tokens_details)}
+    if req.kind == "chat":
+        body.update(_prompt_extras(req, choices[0]))
+    return body
+
+
+def _num_top(req: GenerateRequest) -> int:
+    """Alternatives per generated token: top_logprobs, then the logprob_token_ids asked."""
+    return req.logprobs + len(req.params.logprob_token_ids or [])
+
+
+def _prompt_extras(req: GenerateRequest, c: ChoiceState) -> dict[str, Any]:
+    """vLLM's prompt_logprobs and prompt_token_ids: null unless asked."""
+    return {"prompt_logprobs": c.vllm_prompt_logprobs() if req.prompt_logprobs is not None
+            else None,
+            "prompt_token_ids": req.prompts[c.index // req.params.n] if req.return_token_ids
+            else None}
 
 
 def chunk(req: GenerateRequest, choice_dicts: list[dict[str, Any]],
@@ -273,14 +321,30 @@ def chunk_choice(req: GenerateRequest, c: ChoiceState, text: str, lps: list[Logp
     if req.kind == "chat":
         delta: dict[str, Any] = {"role": "assistant", "content": text} if role else \
             c.chat_delta(text, finished)
+        if finished and not delta:  # vLLM's last delta: clients do `text += delta.content`
+            delta = {"content": ""}
         ch: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": None}
         if req.logprobs is not None and lps:
-            ch["logprobs"] = c.chat_logprobs(lps, req.logprobs)
+            ch["logprobs"] = c.chat_logprobs(lps, _num_top(req))
     else:
         ch = {"index": c.index, "text": text, "logprobs": None}
         if req.logprobs is not None and lps:
             offset = 0 if echo else len(echo_prefix(req, c)) + len(c.text) - len(text)
-            ch["logprobs"] = c.completion_logprobs(lps, req.logprobs, offset)
+            ch["logprobs"] = c.completion_logprobs(lps, _num_top(req), offset)
     ch["finish_reason"] = c.api_finish_reason if finished else None
     ch["stop_reason"] = c.stop_reason if finished else None
+    if req.return_token_ids and not role and not echo:  # the ids new since the last chunk
+        ch["token_ids"] = c.token_ids[c.num_ids_sent:]
+        c.num_ids_sent = len(c.token_ids)
     return ch
+
+
+def stream_prompt_extras(req: GenerateRequest, c: ChoiceState) -> dict[str, Any] | None:
+    """Streaming: prompt_token_ids / prompt_logprobs once, with the first chunk that can carry
+    them (prompt logprobs arrive with the choice's first output)."""
+    if c.prompt_extras_sent or (req.prompt_logprobs is None and not req.return_token_ids):
+        return None
+    if req.prompt_logprobs is not None and c.prompt_logprobs is None:
+        return None
+    c.prompt_extras_sent = True
+    return {k: v for k, v in _prompt_extras(req, c).items() if v is not None}

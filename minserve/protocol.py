@@ -4,6 +4,7 @@ chat.py), the chat template rendered and the prompt tokenized. Responses are bui
 No torch, no I/O here."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -28,7 +29,6 @@ from minserve.tool_parsers.constrained import (
 from minserve.tool_parsers.registry import get_tool_parser
 
 MAX_N = 128
-MAX_LOGPROBS = 20
 MAX_STOP = 16
 MAX_STOP_CHARS = 16384  # all stop strings together: they are scanned at every token of every choice
 
@@ -36,7 +36,7 @@ MAX_STOP_CHARS = 16384  # all stop strings together: they are scanned at every t
 @dataclass
 class ServingContext:
     """What parsing needs from the loaded engine."""
-    tokenizer: Any
+    tokenizer: Any            # None: --skip-tokenizer-init (token ids in and out only)
     model_names: list[str]
     max_model_len: int
     vocab_size: int
@@ -50,6 +50,10 @@ class ServingContext:
     # A longer prompt text cannot fit in max_model_len tokens whatever it tokenizes to (App sets
     # it from the tokenizer's longest token); None: no early check.
     max_prompt_chars: int | None = None
+    max_logprobs: int = 20  # --max-logprobs (-1: no cap)
+    force_include_usage: bool = False        # --enable-force-include-usage
+    prompt_tokens_details: bool = False      # --enable-prompt-tokens-details
+    return_tokens_as_token_ids: bool = False  # --return-tokens-as-token-ids
     # Vision-language models (EngineInfo's): None / 0 for a text-only model.
     image_processor: Any = None
     image_limit: int = 0
@@ -66,6 +70,9 @@ def encode_prompt(ctx: ServingContext, text: str, what: str,
                   add_special_tokens: bool = True) -> list[int]:
     """Tokenize a prompt, refusing at once a text too long to fit (a 30 MB prompt took 34 s to
     tokenize, only to be refused for its length)."""
+    if ctx.tokenizer is None:
+        raise OpenAIError(400, f"{what}: this server runs with --skip-tokenizer-init: send "
+                          "the prompt as token ids (completions only)", param=what)
     if ctx.max_prompt_chars is not None and len(text) > ctx.max_prompt_chars:
         raise OpenAIError(400, f"This model's maximum context length is {ctx.max_model_len} "
                           f"tokens. However, your request has {len(text)} characters of {what}, "
@@ -89,6 +96,12 @@ class GenerateRequest:
     created: int = field(default_factory=lambda: int(time.time()))
     # chat: () -> (reasoning parser | None, tool parser | None), fresh per choice (they keep state)
     make_parsers: Callable[[], tuple[Any, Any]] | None = None
+    prompt_tokens_details: bool = False  # usage.prompt_tokens_details (else null, as vLLM)
+    # vLLM's extras: prompt logprobs asked (top-k; None: `prompt_logprobs` is null), token ids
+    # in the response, logprob tokens as "token_id:N"
+    prompt_logprobs: int | None = None
+    return_token_ids: bool = False
+    tokens_as_token_ids: bool = False
     # completions with echo and max_tokens=0 (OpenAI's legacy scoring call, as lm-eval sends it):
     # the engine samples one token, which cannot be avoided; output.py drops it
     echo_only: bool = False
@@ -126,17 +139,45 @@ def _bad(param: str, msg: str) -> OpenAIError:
     return OpenAIError(400, f"{param}: {msg}", param=param)
 
 
+# vLLM's request models validate in pydantic's lax mode: "5" and 5.0 are an int, "0.5" a number,
+# "true"/"yes"/"1"/1 a boolean. The same forms pass here; anything else is a 400.
+_TRUE, _FALSE = {"1", "on", "t", "true", "y", "yes"}, {"0", "off", "f", "false", "n", "no"}
+
+
+def _lax_number(v: Any, integer: bool) -> Any:
+    """v as an int/float the way pydantic's lax mode reads it, or None when it cannot."""
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, str):
+        try:
+            v = float(v.strip()) if not integer or not v.strip().lstrip("+-").isdigit() \
+                else int(v.strip())
+        except ValueError:
+            return None
+    if isinstance(v, int) or not isinstance(v, float):
+        return v if isinstance(v, int) else None
+    if integer:
+        return v if not math.isfinite(v) or not v.is_integer() else \
+            (int(v) if abs(v) < 2**63 else v)
+    return v
+
+
 def _num(body: dict, name: str, default: Any, lo: float | None = None, hi: float | None = None,
          integer: bool = False, lo_open: bool = False) -> Any:
-    v = body.get(name)
-    if v is None:
+    raw = body.get(name)
+    if raw is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise _bad(name, f"must be {'an integer' if integer else 'a number'}, got {v!r}")
-    if not integer and not math.isfinite(v):
+    v = _lax_number(raw, integer)
+    if v is None:
+        raise _bad(name, f"must be {'an integer' if integer else 'a number'}, got {raw!r}")
+    if isinstance(v, float) and not math.isfinite(v):
         raise _bad(name, "must be a finite number")
+    if integer and isinstance(v, float) and v.is_integer():  # past int64, as a JSON float
+        raise _bad(name, f"{raw!r} is out of range (a 64-bit integer)")
+    if integer and isinstance(v, float):
+        raise _bad(name, f"must be an integer, got {raw!r}")
     if integer and abs(v) >= 2**63:
-        raise _bad(name, "is out of range")
+        raise _bad(name, f"{raw!r} is out of range (a 64-bit integer)")
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise _bad(name, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
     if hi is not None and v > hi:
@@ -144,20 +185,33 @@ def _num(body: dict, name: str, default: Any, lo: float | None = None, hi: float
     return v
 
 
+def _lax_bool(v: Any) -> bool | None:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+        return v.strip().lower() in _TRUE
+    return None
+
+
 def _bool(body: dict, name: str, default: bool) -> bool:
     v = body.get(name)
     if v is None:
         return default
-    if not isinstance(v, bool):
+    b = _lax_bool(v)
+    if b is None:
         raise _bad(name, f"must be a boolean, got {v!r}")
-    return v
+    return b
 
 
 def _int_list(v: Any, name: str, vocab_size: int | None = None) -> list[int]:
     if not isinstance(v, list) or not all(type(t) is int for t in v):
         raise _bad(name, "must be a list of integers")
-    if vocab_size is not None and any(t < 0 or t >= vocab_size for t in v):
-        raise _bad(name, f"token ids must be in [0, {vocab_size})")
+    bad = next((t for t in v if t < 0 or t >= vocab_size), None) if vocab_size else None
+    if bad is not None:  # vLLM's words, with the id
+        raise _bad(name, f"Token id {bad} is out of vocabulary (the vocabulary has {vocab_size} "
+                   "tokens)")
     return v
 
 
@@ -188,6 +242,21 @@ def _stop(body: dict) -> list[str]:
         raise _bad("stop", f"the stop strings have {num_chars} characters; at most "
                    f"{MAX_STOP_CHARS} together")
     return [s for s in stop if s]
+
+
+def _num_logprobs(body: dict, name: str, ctx: ServingContext) -> int | None:
+    """How many alternatives per token: -1 is the whole vocabulary; vLLM refuses more than
+    --max-logprobs (-1 there: no cap) in its words."""
+    k = _num(body, name, None, lo=-1, integer=True)
+    if k is None:
+        return None
+    num = ctx.vocab_size if k == -1 else k
+    cap = ctx.vocab_size if ctx.max_logprobs == -1 else ctx.max_logprobs
+    if num > cap:
+        raise _bad(name, f"Requested sample logprobs of {num}"
+                   f"{' (-1: the whole vocabulary)' if k == -1 else ''}, which is greater than "
+                   f"max allowed: {cap} (--max-logprobs)")
+    return num
 
 
 def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
@@ -277,18 +346,76 @@ def _sampling(body: dict, ctx: ServingContext, max_tokens_default: int | None,
         spaces_between_special_tokens=_bool(body, "spaces_between_special_tokens", True),
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
         structured=_structured(body),
+        **_beam(body),
     )
 
 
-def _stream_opts(body: dict, stream: bool) -> tuple[bool, bool]:
+def _beam(body: dict) -> dict[str, Any]:
+    """vLLM's use_beam_search (n beams), length_penalty and early_stopping."""
+    if not _bool(body, "use_beam_search", False):
+        return {}
+    early = body.get("early_stopping", False)
+    if early != "never":
+        early = _bool(body, "early_stopping", False)
+    if body.get("structured_outputs") is not None or body.get("response_format") not in (
+            None, {"type": "text"}):
+        raise _bad("use_beam_search", "cannot be combined with structured outputs")
+    return {"use_beam_search": True, "early_stopping": early,
+            "length_penalty": _num(body, "length_penalty", 1.0)}
+
+
+def _stream_opts(body: dict, stream: bool, force_usage: bool) -> tuple[bool, bool]:
     so = body.get("stream_options")
     if so is None:
-        return False, False
+        return stream and force_usage, False
     if not isinstance(so, dict):
         raise _bad("stream_options", "must be an object")
     if not stream:
         raise _bad("stream_options", "is only allowed when stream is true")
-    return (_bool(so, "include_usage", False), _bool(so, "continuous_usage_stats", False))
+    return (_bool(so, "include_usage", False) or force_usage,
+            _bool(so, "continuous_usage_stats", False))
+
+
+def _truncate(body: dict, ctx: ServingContext, prompt: list[int]) -> list[int]:
+    """vLLM's truncate_prompt_tokens (-1: max_model_len) and truncation_side: the prompt is cut
+    before the length check, and usage counts what is left."""
+    k = _num(body, "truncate_prompt_tokens", None, lo=-1, integer=True)
+    side = body.get("truncation_side", "left")
+    if side not in ("left", "right"):
+        raise _bad("truncation_side", f"must be 'left' or 'right', got {side!r}")
+    if k is None:
+        return prompt
+    k = ctx.max_model_len if k == -1 else k
+    if k > ctx.max_model_len:
+        raise _bad("truncate_prompt_tokens", f"must be <= max_model_len ({ctx.max_model_len}), "
+                   f"got {k}")
+    if len(prompt) <= k:
+        return prompt
+    return prompt[len(prompt) - k:] if side == "left" else prompt[:k]
+
+
+def _vllm_extras(body: dict, ctx: ServingContext, params: SamplingParams) -> dict[str, Any]:
+    """prompt_logprobs / return_token_ids / return_tokens_as_token_ids -> GenerateRequest
+    fields; the prompt's logprobs come from the engine through SamplingParams."""
+    plp = body.get("prompt_logprobs")
+    if plp is not None and _lax_number(plp, True) == -1:
+        raise _bad("prompt_logprobs", "-1 (the whole vocabulary) is not supported for prompt "
+                   "logprobs; ask for at most --max-logprobs")
+    k = _num_logprobs(body, "prompt_logprobs", ctx)
+    if k is not None:
+        params.prompt_logprobs = max(k, params.prompt_logprobs or 0)
+    asked = body.get("logprob_token_ids")
+    if asked is not None:  # logprobs of these ids at every generated position (implies logprobs)
+        params.logprob_token_ids = _int_list(asked, "logprob_token_ids", ctx.vocab_size) or None
+        if params.logprob_token_ids and params.logprobs is None:
+            params.logprobs = 0
+    if ctx.tokenizer is None and (params.stop or params.structured is not None):
+        raise _bad("stop" if params.stop else _structured_param(body),
+                   "needs the tokenizer, which --skip-tokenizer-init leaves out")
+    return {"prompt_logprobs": k,
+            "return_token_ids": _bool(body, "return_token_ids", ctx.tokenizer is None),
+            "tokens_as_token_ids": _bool(body, "return_tokens_as_token_ids",
+                                         ctx.return_tokens_as_token_ids)}
 
 
 def _check_length(ctx: ServingContext, prompt: list[int], params: SamplingParams,
@@ -305,7 +432,7 @@ def _common(body: Any, ctx: ServingContext) -> tuple[str, bool, bool, bool]:
     stream = _bool(body, "stream", False)
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise _bad("user", "must be a string")
-    return (model, stream, *_stream_opts(body, stream))
+    return (model, stream, *_stream_opts(body, stream, ctx.force_include_usage))
 
 
 # ---------------------------------------------------------------- chat
@@ -323,13 +450,17 @@ def _image_parts(ctx: ServingContext) -> ImageParts | None:
 
 def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     model, stream, include_usage, continuous = _common(body, ctx)
+    if ctx.tokenizer is None:
+        raise OpenAIError(400, "chat needs the tokenizer and its chat template, which "
+                          "--skip-tokenizer-init leaves out: use /v1/completions with token ids",
+                          param="messages")
     try:  # the template reads its own copy; this one is for checking and for echo
         messages = normalize_messages(body.get("messages"),
                                       images=_image_parts(ctx))
     except ChatContentError as e:
         raise _chat_error(e) from None
     want_logprobs = _bool(body, "logprobs", False)
-    top = _num(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
+    top = _num_logprobs(body, "top_logprobs", ctx)
     if top is not None and top > 0 and not want_logprobs:
         raise _bad("top_logprobs", "requires logprobs to be true")
     add_gen = _bool(body, "add_generation_prompt", True)
@@ -349,7 +480,7 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
             tools=tools, chat_template_kwargs=body.get("chat_template_kwargs"), images=images)
     except (ValueError, TypeError, KeyError) as e:  # chat.py's errors are ValueErrors
         raise _chat_error(e) from None
-    prompt = encode_prompt(ctx, text, "messages", add_special_tokens=False)
+    prompt = _truncate(body, ctx, encode_prompt(ctx, text, "messages", add_special_tokens=False))
     reasoning_cls = get_reasoning_parser(ctx.reasoning_parser) if ctx.reasoning_parser else None
     opens = reasoning_cls is not None and prompt_opens_reasoning(text)
 
@@ -357,6 +488,8 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
         return (reasoning_cls(start_in_reasoning=opens) if reasoning_cls else None,
                 make_tool_parser() if make_tool_parser else None)
     refs = images.found if images is not None else []
+    if refs and body.get("truncate_prompt_tokens") is not None:  # it could cut an image apart
+        raise _bad("truncate_prompt_tokens", "cannot be combined with images")
     if refs:   # the length is known once the images are in (attach_images)
         _media(lambda: _check_image_count(len(refs), ctx.image_limit))
     else:
@@ -367,12 +500,36 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     last = messages[-1]
     echoed = last["content"] if echo and (not add_gen or last["role"] == "assistant") else None
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    extras = _vllm_extras(body, ctx, params)  # before params.logprobs is read below
     return GenerateRequest("chat", request_id, model,
                            _engine_requests(request_id, [prompt], params, body),
                            [echoed], stream, include_usage, continuous, echo,
                            params.logprobs,
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
-                           else None, images=refs)
+                           else None, prompt_tokens_details=ctx.prompt_tokens_details,
+                           images=refs, **extras)
+
+
+def parse_chat_batch(body: Any, ctx: ServingContext) -> GenerateRequest:
+    """vLLM's POST /v1/chat/completions/batch: a chat body whose `messages` is a list of
+    conversations -> one request, one choice per conversation (x n), not streamed."""
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "the request body must be a JSON object")
+    convs = body.get("messages")
+    if not isinstance(convs, list) or not convs or not all(isinstance(c, list) for c in convs):
+        raise _bad("messages", "must be a non-empty list of conversations (lists of messages)")
+    if _bool(body, "stream", False):
+        raise _bad("stream", "the batch chat route does not stream")
+    parsed = [parse_chat({**body, "messages": conv}, ctx) for conv in convs]
+    if any(p.images for p in parsed):
+        raise _bad("messages", "the batch chat route takes text conversations only")
+    first = parsed[0]
+    if len(first.prompts) * len(parsed) * first.params.n > MAX_N:
+        raise _bad("n", f"conversations x n must be <= {MAX_N}")
+    first.requests = [dataclasses.replace(p.requests[0], request_id=f"{first.request_id}-{i}")
+                      for i, p in enumerate(parsed)]
+    first.prompt_texts = [p.prompt_texts[0] for p in parsed]
+    return first
 
 
 def attach_images(req: GenerateRequest, images: list[Any], ctx: ServingContext) -> None:
@@ -476,6 +633,10 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     if body.get("suffix"):
         raise _bad("suffix", "is not supported (no fill-in-the-middle)")
     prompts, texts = _prompts(body, ctx)
+    cut = [_truncate(body, ctx, ids) for ids in prompts]
+    texts = [t if len(c) == len(ids) else None for t, c, ids in zip(texts, cut, prompts,
+                                                                     strict=True)]
+    prompts = cut
     echo = _bool(body, "echo", False)
     echo_only = type(body.get("max_tokens")) is int and body["max_tokens"] == 0
     if echo_only and not echo:
@@ -484,14 +645,17 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     if echo_only:
         body = {**body, "max_tokens": 1}
     params = _sampling(body, ctx, 16, ("max_tokens",))
-    params.logprobs = _num(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
+    params.logprobs = _num_logprobs(body, "logprobs", ctx)
     if echo and params.logprobs is not None:
         params.prompt_logprobs = params.logprobs
+    extras = _vllm_extras(body, ctx, params)
     if len(prompts) * params.n > MAX_N:
         raise _bad("n", f"prompts x n must be <= {MAX_N}")
     for ids in prompts:
         _check_length(ctx, ids, params, "prompt")
     _check_structured(ctx, params.structured, _structured_param(body))
+    if echo and ctx.tokenizer is None:
+        raise _bad("echo", "needs the tokenizer, which --skip-tokenizer-init leaves out")
     if echo:
         texts = [t if t is not None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
                  for t, ids in zip(texts, prompts, strict=True)]
@@ -499,4 +663,5 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     return GenerateRequest("completion", request_id, model,
                            _engine_requests(request_id, prompts, params, body), texts,
                            stream, include_usage, continuous, echo, params.logprobs,
-                           echo_only=echo_only)
+                           echo_only=echo_only, prompt_tokens_details=ctx.prompt_tokens_details,
+                           **extras)

@@ -25,6 +25,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None        # top-k alternatives per sampled token (0 = sampled only)
     prompt_logprobs: int | None = None
+    logprob_token_ids: list[int] | None = None  # logprobs of these ids too, at every position
+    # beam search (engine/beam.py): n beams; vLLM's length_penalty and early_stopping
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False   # True, False or "never"
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from minserve import __version__, messages, output, responses
 from minserve.batch import routes as batch_routes
 from minserve.embeddings import routes as embedding_routes
@@ -29,6 +31,7 @@ from minserve.protocol import (
     encode_prompt,
     media_error,
     parse_chat,
+    parse_chat_batch,
     parse_completion,
     prompt_chars_limit,
 )
@@ -51,6 +54,13 @@ class ServerConfig:
     reasoning_parser: str | None = None
     embedding_model_names: list[str] = field(default_factory=list)  # served by App.embedding
     responses_store_size: int = 1000   # /v1/responses kept for previous_response_id and GET
+    # vLLM's flags of the same names
+    max_logprobs: int = 20
+    enable_force_include_usage: bool = False
+    enable_prompt_tokens_details: bool = False
+    enable_tokenizer_info_endpoint: bool = False
+    enable_server_load_tracking: bool = False
+    return_tokens_as_token_ids: bool = False
 
 
 Handler = Callable[["App", Http], Awaitable[None]]
@@ -73,11 +83,13 @@ class App:
         # (tiny model, loaded 2-core CPU, bench/RESULTS.md).
         self.batch_parse_pool = ThreadPoolExecutor(1, thread_name_prefix="minserve-batch-parse")
         self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
-        self.metrics = Metrics(self.model_name, lambda: self.services[0].stats)
+        self.metrics = Metrics(self.model_name, lambda: self.services[0].stats,
+                               self._cache_config_info)
         self._ctx: ServingContext | None = None
         self.responses = responses.ResponseStore(cfg.responses_store_size)
         self.started = time.time()
         self.shutdown_deadline: float | None = None  # monotonic; set by begin_shutdown()
+        self.server_load = 0  # requests in flight on the LOAD_AWARE routes (GET /load)
 
     # ---- ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -128,6 +140,16 @@ class App:
         for service in self.services:
             service.fail_in_flight("the server is shutting down")
 
+    def _cache_config_info(self) -> dict[str, Any] | None:
+        """vllm:cache_config_info's labels, once the chat model is loaded."""
+        info = self.chat.info if self.chat is not None and self.chat.is_ready else None
+        if info is None or not info.block_size:
+            return None
+        num_tokens = info.num_kv_blocks * info.block_size
+        return {"block_size": info.block_size, "num_gpu_blocks": info.num_kv_blocks,
+                "kv_cache_size_tokens": num_tokens,
+                "kv_cache_max_concurrency": round(num_tokens / info.max_model_len, 2)}
+
     # ---- routing policy: which model answers which route
     @property
     def ctx(self) -> ServingContext:
@@ -144,10 +166,15 @@ class App:
                 enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
                 tool_call_parser=self.cfg.tool_call_parser,
                 reasoning_parser=self.cfg.reasoning_parser,
+                max_logprobs=self.cfg.max_logprobs,
+                force_include_usage=self.cfg.enable_force_include_usage,
+                prompt_tokens_details=self.cfg.enable_prompt_tokens_details,
+                return_tokens_as_token_ids=self.cfg.return_tokens_as_token_ids,
                 image_processor=info.image_processor, image_limit=info.image_limit,
                 media_policy=info.media_policy,
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
-                                                    info.tokenizer.max_token_bytes))
+                                                    info.tokenizer.max_token_bytes)
+                if info.tokenizer is not None else None)
         return self._ctx
 
     def _check_structured(self, spec: dict[str, Any]) -> None:
@@ -266,6 +293,12 @@ class App:
                                   f"{', '.join(sorted(methods))})")
             if path not in ALWAYS_OPEN:
                 self._check_ready(path)
+            if path in LOAD_AWARE:
+                self.server_load += 1
+                try:
+                    return await handler(self, http)
+                finally:
+                    self.server_load -= 1
             await handler(self, http)
         except Exception as e:  # noqa: BLE001 - whatever happens, the client gets an answer
             if isinstance(e, EngineError):  # the engine's word on this request (400/500/503)
@@ -311,6 +344,8 @@ class App:
         choices = [output.ChoiceState(i, req, tok, req.prompts[i // n])
                    for i in range(len(req.prompts) * n)]
         tracker = self.metrics.tracker()
+        max_len = self.ctx.max_model_len
+        tracker.on_params(n, [req.params.max_tokens or max_len - len(p) for p in req.prompts])
         body = self._stream_body if req.stream else self._full_body
         producer = asyncio.ensure_future(body(http, req, stream, choices, tracker))
         watcher = asyncio.ensure_future(http.wait_disconnect())
@@ -339,7 +374,7 @@ class App:
             self.chat.abort_child(stream, out.request_id)
         tracker.on_tokens(c.num_output_tokens - before, c.index)
         if out.timings is not None:
-            tracker.on_engine_timings(out.timings, c.num_output_tokens)
+            tracker.on_engine_timings(out.timings, c.num_output_tokens, out.num_preemptions)
         return c, text, lps, c.finish_reason is not None
 
     def _finish(self, req: GenerateRequest, choices: list, tracker: RequestTracker) -> None:
@@ -358,32 +393,38 @@ class App:
     async def _stream_body(self, http: Http, req: GenerateRequest, stream: RequestStream,
                            choices: list, tracker: RequestTracker) -> None:
         await http.start_events()
-        n, num_prompts = req.params.n, len(req.prompts)
+        n, num_prompts, details = req.params.n, len(req.prompts), req.prompt_tokens_details
         continuous = req.include_usage and req.continuous_usage
         # Echo with logprobs waits for the prompt's logprobs, which come with the first output.
         echo_later = req.kind == "completion" and req.echo and req.logprobs is not None
 
-        async def send_chunk(choice: dict[str, Any]) -> None:
-            u = output.usage(choices, num_prompts, n) if continuous else None
-            await http.send_event(output.chunk(req, [choice], u))
+        async def send_chunk(choice: dict[str, Any], c: output.ChoiceState) -> None:
+            u = output.usage(choices, num_prompts, n, details) if continuous else None
+            d = output.chunk(req, [choice], u)
+            extras = output.stream_prompt_extras(req, c)
+            if extras:  # vLLM: top-level for chat, in the choice for completions
+                (d if req.kind == "chat" else choice).update(extras)
+            await http.send_event(d)
 
         for c in choices:  # chat: the role first; echo: the prompt text first
             text = output.echo_prefix(req, c)
             if req.kind == "chat" or (text and not echo_later):
                 await send_chunk(output.chunk_choice(req, c, text, [], role=req.kind == "chat",
-                                                     echo=True))
+                                                     echo=True), c)
         async for out in stream:  # an EngineError ends the stream with an error event (_http)
             c, text, lps, finished = self._consume(out, stream, choices, tracker)
             if echo_later and not c.echo_sent:
                 c.echo_sent = True
-                await send_chunk(output.echo_chunk_choice(req, c))
-            if text or lps or finished:
+                await send_chunk(output.echo_chunk_choice(req, c), c)
+            if text or lps or finished or (req.return_token_ids and out.new_token_ids):
                 ch = output.chunk_choice(req, c, text, lps, finished=finished)
-                if req.kind == "chat" and not (ch["delta"] or lps or finished):
+                if req.kind == "chat" and not (ch["delta"] or lps or finished
+                                               or ch.get("token_ids")):
                     continue  # the reasoning/tool parsers hold this text back for now
-                await send_chunk(ch)
+                await send_chunk(ch, c)
         if req.include_usage:
-            await http.send_event(output.chunk(req, [], output.usage(choices, num_prompts, n)))
+            await http.send_event(output.chunk(req, [], output.usage(choices, num_prompts, n,
+                                                                     details)))
         self._finish(req, choices, tracker)
         await http.end_events()
 
@@ -429,6 +470,56 @@ async def completions(app: App, http: Http) -> None:
     await app.generate(http, await _parse(app, http, parse_completion, body))
 
 
+async def chat_completions_batch(app: App, http: Http) -> None:
+    body = await http.read_json()
+    app.check_chat_model(body)
+    await app.generate(http, await asyncio.to_thread(parse_chat_batch, body, app.ctx))
+
+
+async def invocations(app: App, http: Http) -> None:
+    """SageMaker's one route: the body says which API it is, as vLLM routes it."""
+    body = await http.read_json()
+    if isinstance(body, dict) and "messages" in body:
+        handler = chat_completions
+    elif isinstance(body, dict) and "prompt" in body:
+        handler = completions
+    elif isinstance(body, dict) and "input" in body:
+        handler = embedding_routes.embeddings
+    else:
+        raise OpenAIError(400, "Cannot find suitable handler for request. Expected one of: "
+                          "a chat completion (messages), a completion (prompt) or an "
+                          "embedding (input) request")
+    replay = [{"type": "http.request", "body": orjson.dumps(body), "more_body": False}]
+    receive = http.receive
+
+    async def replayed() -> dict[str, Any]:  # the handler reads the body again; then as before
+        return replay.pop() if replay else await receive()
+    http.receive = replayed
+    await handler(app, http)
+
+
+async def tokenizer_info(app: App, http: Http) -> None:
+    if not app.cfg.enable_tokenizer_info_endpoint:
+        raise OpenAIError(404, "Not Found: GET /tokenizer_info (start the server with "
+                          "--enable-tokenizer-info-endpoint)", type="NotFoundError")
+    tok = _tokenizer(app)
+    cfg = {k: v for k, v in tok.tokenizer_config.items() if k != "added_tokens_decoder"}
+    await http.send_json(200, {**cfg, "tokenizer_class": cfg.get("tokenizer_class",
+                                                                 "PreTrainedTokenizerFast"),
+                               "chat_template": tok.chat_template,
+                               "model_max_length": app.ctx.max_model_len,
+                               "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                               "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+                               "vocab_size": app.ctx.vocab_size})
+
+
+async def server_load(app: App, http: Http) -> None:
+    if not app.cfg.enable_server_load_tracking:
+        raise OpenAIError(404, "Not Found: GET /load (start the server with "
+                          "--enable-server-load-tracking)", type="NotFoundError")
+    await http.send_json(200, {"server_load": app.server_load})
+
+
 def _model_card(app: App, name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(app.started), "owned_by": "minserve",
             "root": app.cfg.model_root or name, "parent": None,
@@ -463,6 +554,7 @@ async def metrics(app: App, http: Http) -> None:
 
 
 async def tokenize(app: App, http: Http) -> None:
+    _tokenizer(app)
     body = await http.read_json()
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
@@ -500,7 +592,15 @@ def _tokenize(body: dict[str, Any], ctx: ServingContext,
             "token_strs": strs}
 
 
+def _tokenizer(app: App) -> Any:
+    if app.ctx.tokenizer is None:
+        raise OpenAIError(400, "this server runs with --skip-tokenizer-init: it has no "
+                          "tokenizer (token ids in and out only)")
+    return app.ctx.tokenizer
+
+
 async def detokenize(app: App, http: Http) -> None:
+    _tokenizer(app)
     body = await http.read_json()
     ids = body.get("tokens") if isinstance(body, dict) else None
     vocab = app.ctx.vocab_size
@@ -515,7 +615,11 @@ ROUTES: dict[str, dict[str, Handler]] = {
     **embedding_routes.ROUTES,
     **batch_routes.ROUTES,
     "/v1/chat/completions": {"POST": chat_completions},
+    "/v1/chat/completions/batch": {"POST": chat_completions_batch},
     "/v1/completions": {"POST": completions},
+    "/invocations": {"POST": invocations},
+    "/tokenizer_info": {"GET": tokenizer_info},
+    "/load": {"GET": server_load},
     "/v1/models": {"GET": list_models},
     "/v1/models/{model:path}": {"GET": get_model},
     "/health": {"GET": health},
@@ -534,8 +638,12 @@ EMBEDDING_ROUTES = set(embedding_routes.ROUTES)  # answered by App.embedding
 # A route of another API answers errors (its own and the dispatcher's: 401, 404...) in its shape.
 ERROR_SHAPES = {"/v1/messages": messages.error_body,
                 "/v1/messages/count_tokens": messages.error_body}
-PROTECTED = {"/tokenize", "/detokenize", "/score", "/rerank", "/v2/rerank"}  # and every /v1/
-ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics"}  # answer while loading, too
+PROTECTED = {"/tokenize", "/detokenize", "/score", "/rerank", "/v2/rerank", "/invocations",
+             "/tokenizer_info"}  # and every /v1/ route
+ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics", "/load"}  # also while loading
+# what GET /load counts (vLLM's load_aware_call routes)
+LOAD_AWARE = {"/v1/chat/completions", "/v1/chat/completions/batch", "/v1/completions",
+              "/v1/embeddings", "/invocations"}
 
 
 def _names(names: list[str]) -> str:

@@ -161,3 +161,18 @@ def test_gumbel_noise_is_always_finite():
     keys = torch.arange(2000, dtype=torch.long) * 7919 + 12345
     noise = gumbel_noise(keys, 49152)
     assert torch.isfinite(noise).all()
+
+
+def test_compute_logprobs_of_asked_ids():
+    from minserve.engine.sampler import compute_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    asked = torch.tensor([[4, 9], [0, 0], [49, 3]])
+    got = compute_logprobs(logits, torch.tensor([1, 2, 3]), 2, asked)
+    ref = torch.log_softmax(logits, dim=-1)
+    assert torch.allclose(got.asked_logprobs, ref.gather(1, asked))
+    lps = got.to_list([1, 2, 3], [2, 0, 1], [2, 1, 2])
+    assert [t for t, _ in lps[1].top] == [0]
+    assert [t for t, _ in lps[0].top][2:] == [t for t in (4, 9)
+                                               if t not in [t for t, _ in lps[0].top][:2]]

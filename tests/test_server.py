@@ -580,7 +580,7 @@ def test_usage_reports_cached_prompt_tokens(tiny_model_dir):
                                                   "stream_options": {"include_usage": True}})
         return first.json()["usage"], again.json()["usage"], streamed.events()[-2]["usage"]
 
-    first, again, streamed = run(real_app(tiny_model_dir), fn)
+    first, again, streamed = run(real_app(tiny_model_dir, enable_prompt_tokens_details=True), fn)
     assert first["prompt_tokens_details"]["cached_tokens"] == 0
     block = 16  # EngineConfig's default block size: whole blocks are reused
     want_cached = first["prompt_tokens"] // block * block
@@ -609,7 +609,7 @@ def test_cache_salt_keeps_tenants_apart_in_the_prefix_cache(tiny_model_dir):
                 bad.append(await call(app, "POST", path, {**body, "cache_salt": salt}))
         return cached, bad, app.chat.stats
 
-    cached, bad, stats = run(real_app(tiny_model_dir), fn)
+    cached, bad, stats = run(real_app(tiny_model_dir, enable_prompt_tokens_details=True), fn)
     for got in cached.values():
         assert got[0] == got[1] == got[3] == 0 and got[2] > 0 and got[4] == got[2], got
     assert all(r.status == 400 and r.json()["error"]["param"] == "cache_salt" for r in bad)

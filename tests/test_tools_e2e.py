@@ -108,7 +108,7 @@ def test_required_tool_choice_always_valid_calls(client, stream):
         r = _stream(client, **kw) if stream else client.chat.completions.create(**kw)
         ch = r.choices[0]
         if ch.finish_reason == "length":
-            continue  # cut off: then it is content, never a half call
+            continue  # cut off: never a half call, and no raw text in content
         complete += 1
         assert ch.finish_reason == "tool_calls"
         _check_calls(ch.message)
@@ -123,9 +123,29 @@ def test_named_tool_choice_arguments_validate(client, stream):
               "temperature": 1.0, "max_tokens": 120, "extra_body": COMPACT}
         r = _stream(client, **kw) if stream else client.chat.completions.create(**kw)
         ch = r.choices[0]
+        if ch.finish_reason == "length":  # cut off: no call with broken JSON, streamed or not
+            assert not ch.message.tool_calls and not ch.message.content
+            continue
         assert [c.function.name for c in ch.message.tool_calls] == ["get_weather"]
         if ch.finish_reason != "length":
             _check_calls(ch.message, {"get_weather"})
+            assert stream or ch.message.content == ""  # vLLM's content for a named call
+
+
+def test_forced_tool_calls_cut_off_by_max_tokens_are_null(client):
+    """As vLLM: a forced call that max_tokens cut off is no call (tool_calls null, never a call
+    with broken JSON) and its raw text never leaks into content."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("required", named):
+        r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS,
+                                           tool_choice=choice, max_tokens=3, extra_body=COMPACT)
+        ch = r.choices[0]
+        assert ch.finish_reason == "length"
+        assert ch.message.tool_calls is None and ch.message.content == "", ch.message
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=3,
+            extra_body=COMPACT).http_response.json()
+        assert raw["choices"][0]["message"]["tool_calls"] is None
 
 
 def test_n_samples_each_constrained(client):

@@ -3,6 +3,7 @@ schedule -> StepInputs (plain data, built here from the Requests) -> runner.exec
 Synchronous; no asyncio, no HTTP, no stop strings (callers detokenize and abort on those)."""
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import os
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from minserve.config import DTYPE_NAMES, ConfigError, EngineConfig, ModelConfig
+from minserve.engine.beam import BeamSearchManager
 from minserve.engine.kv_cache import KVCacheManager
 from minserve.engine.request import (
     EngineInfo,
@@ -28,6 +30,8 @@ from minserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, is_s
 
 DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 # generation_config.json keys that become default SamplingParams (vLLM's list)
+# vllm:iteration_tokens_total's bucket bounds (tokens run in one step)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 _GEN_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
@@ -91,7 +95,8 @@ class Engine:
         if chat_template is not None and os.path.isfile(chat_template):
             with open(chat_template) as f:
                 chat_template = f.read()
-        tokenizer = Tokenizer.from_folder(config.tokenizer or folder, chat_template=chat_template)
+        tokenizer = None if config.skip_tokenizer_init else \
+            Tokenizer.from_folder(config.tokenizer or folder, chat_template=chat_template)
         if config.generation_config == "vllm":
             gen = {}
         else:
@@ -116,13 +121,18 @@ class Engine:
         if gen.get("max_new_tokens") is not None:
             defaults["max_tokens"] = gen["max_new_tokens"]
         gen_eos = gen.get("eos_token_id")
-        eos = set(model_config.eos_token_ids) | set(tokenizer.eos_token_ids) | set(
-            [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+        eos = set(model_config.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
+        eos |= set([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
         self.info = EngineInfo(tokenizer, model_config.vocab_size, config.max_model_len,
                                model_config.architecture, defaults, frozenset(eos),
                                self.runner.num_blocks, config.block_size, image_processor,
                                config.image_limit if image_processor is not None else 0,
                                media_policy)
+        # steps per bucket of ITERATION_TOKEN_BUCKETS (+inf last), and the tokens they ran
+        self._iteration_buckets = [0] * (len(ITERATION_TOKEN_BUCKETS) + 1)
+        self._iteration_tokens_sum = 0
+        self.beams = BeamSearchManager(self.scheduler.add, self.scheduler.abort,
+                                       config.max_model_len)
         # Unseeded requests draw their seed here: with --seed fixed a whole run is reproducible.
         self._seed_rng = random.Random(config.seed)
 
@@ -181,12 +191,16 @@ class Engine:
         if error is not None:
             raise ValueError(error[0])
         vocab = self.info.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"Token id {bad} is out of vocabulary")
         self._check_mm_items(request)
         ids = request.sample_ids()
-        if any(rid in self.scheduler.requests for rid in ids):
+        if any(rid in self.scheduler.requests for rid in ids) or \
+                request.request_id in self.beams.searches:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if params.use_beam_search:
+            return self.beams.add(request, self.info.eos_token_ids)
         # All n compile before any is queued: a bad grammar rejects the request as a whole.
         constraints = [None if params.structured is None
                        else self._compile_structured(params.structured) for _ in ids]
@@ -219,7 +233,8 @@ class Engine:
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Takes effect at the next step: the request's blocks are freed then."""
-        self.scheduler.abort([request_ids] if isinstance(request_ids, str) else request_ids)
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self.scheduler.abort(self.beams.abort(ids) if self.beams.searches else ids)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -230,8 +245,15 @@ class Engine:
         requests in flight); the scheduler's state is then undefined."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return self.scheduler.update(plan, [])
-        return self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan)))
+            return self._beam_outputs(self.scheduler.update(plan, []))
+        num = plan.total_num_scheduled_tokens
+        self._iteration_buckets[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, num)] += 1
+        self._iteration_tokens_sum += num
+        return self._beam_outputs(
+            self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan))))
+
+    def _beam_outputs(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        return self.beams.process(outputs) if self.beams.searches else outputs
 
     def _step_inputs(self, plan: StepPlan) -> StepInputs:
         """The plan as plain data for the runner: tokens, block tables, the rows that sample and
@@ -278,6 +300,8 @@ class Engine:
             "prefix_cache_queries": self.kv_cache.prefix_cache_queries,
             "prefix_cache_hits": self.kv_cache.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_waiting_deferred": self.scheduler.num_waiting_deferred,
+            "iteration_tokens": (tuple(self._iteration_buckets), self._iteration_tokens_sum),
         }
 
 

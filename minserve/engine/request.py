@@ -58,7 +58,7 @@ def prompt_length_error(num_prompt: int, max_tokens: int | None, max_model_len: 
                         what: str = "prompt") -> tuple[str, str] | None:
     """(message, param) when the prompt cannot run in max_model_len (vLLM's words), else None."""
     if num_prompt == 0:
-        return f"{what}: the prompt is empty", what
+        return "The decoder prompt cannot be empty", what  # vLLM's words
     if num_prompt >= max_model_len:
         return (f"This model's maximum context length is {max_model_len} tokens. However, your "
                 f"request has {num_prompt} input tokens. Please reduce the length of the input.",
@@ -135,6 +135,7 @@ class RequestOutput:
     prompt_logprobs: list[Logprob | None] | None = None  # once, when the prompt is done
     error: str | None = None                 # finish_reason ERROR: why
     timings: RequestTimings | None = None    # once, when finished (for /metrics)
+    num_preemptions: int = 0                 # so far (vllm:request_num_preemptions)
 
     @property
     def finished(self) -> bool:

@@ -322,7 +322,8 @@ class ModelRunner:
             st = step.sampling
             if st.logprob_rows:
                 out.logprobs = [None] * R
-                lps = result.logprobs.to_list([toks[i] for i in st.logprob_rows], st.num_logprobs)
+                lps = result.logprobs.to_list([toks[i] for i in st.logprob_rows], st.num_logprobs,
+                                              st.num_logprob_token_ids)
                 for i, lp in zip(st.logprob_rows, lps, strict=True):
                     out.logprobs[step.sample_rows[i]] = lp
         plp = step.prompt_logprobs

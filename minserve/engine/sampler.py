@@ -63,6 +63,10 @@ class SamplingTensors:
     random_rows: list[int]               # rows that sample randomly (host list)
     logprob_rows: list[int]              # rows that asked for logprobs
     num_logprobs: list[int]              # top-k asked, per logprob row
+    # vLLM's logprob_token_ids: [L, M] int64 per logprob row (padded by repeating the row's
+    # first id; L = len(logprob_rows)) and how many of them each row asked; None if no row did
+    logprob_token_ids: torch.Tensor | None = None
+    num_logprob_token_ids: list[int] | None = None
 
     @classmethod
     def from_requests(cls, requests: Sequence[Request], vocab_size: int,
@@ -107,6 +111,10 @@ class SamplingTensors:
             fill_bitmasks([r.structured for r in requests], bitmask)  # rows in parallel, no GIL
 
         logprob_rows = [i for i, sp in enumerate(sps) if sp.logprobs is not None]
+        asked = [sps[i].logprob_token_ids or [] for i in logprob_rows]
+        width = max(map(len, asked), default=0)
+        asked_ids = host([a + [a[0] if a else 0] * (width - len(a)) for a in asked], torch.long,
+                         width > 0)
         return cls(
             temperature=host([1.0 if sp.is_greedy else sp.temperature for sp in sps]),
             noise_keys=host([row_noise_key(r.sample_seed, r.num_tokens) for r in requests],
@@ -125,6 +133,8 @@ class SamplingTensors:
             banned=(host(mrows, torch.long), host(mcols, torch.long)) if mrows else None,
             bitmask=bitmask, random_rows=random_rows, logprob_rows=logprob_rows,
             num_logprobs=[sps[i].logprobs for i in logprob_rows],
+            logprob_token_ids=asked_ids,
+            num_logprob_token_ids=list(map(len, asked)) if width else None,
         )
 
     def to(self, device: torch.device) -> SamplingTensors:
@@ -152,26 +162,41 @@ class LogprobsTensors:
     ranks: torch.Tensor            # [N] int64, 1 = most likely
     top_logprobs: torch.Tensor     # [N, k] float32
     top_ids: torch.Tensor          # [N, k] int64
+    asked_ids: torch.Tensor | None = None        # [N, M] int64, logprob_token_ids
+    asked_logprobs: torch.Tensor | None = None   # [N, M] float32
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LogprobsTensors:
-        return LogprobsTensors(*(fn(getattr(self, f.name)) for f in fields(self)))
+        return LogprobsTensors(*(None if getattr(self, f.name) is None else
+                                 fn(getattr(self, f.name)) for f in fields(self)))
 
-    def to_list(self, token_ids: list[int], ks: list[int]) -> list[Logprob]:
-        """Host tensors -> one Logprob per row, its top list trimmed to the k the row asked."""
-        token_lp, ranks, top_lp, top_ids = (getattr(self, f.name).tolist() for f in fields(self))
-        return [Logprob(token_ids[i], token_lp[i], ranks[i],
-                        list(zip(top_ids[i][:k], top_lp[i][:k], strict=True)))
-                for i, k in enumerate(ks)]
+    def to_list(self, token_ids: list[int], ks: list[int],
+                num_asked: list[int] | None = None) -> list[Logprob]:
+        """Host tensors -> one Logprob per row, its top list trimmed to the k the row asked, then
+        the row's logprob_token_ids not already in it."""
+        token_lp, ranks, top_lp, top_ids = (getattr(self, name).tolist() for name in (
+            "token_logprobs", "ranks", "top_logprobs", "top_ids"))
+        out = [Logprob(token_ids[i], token_lp[i], ranks[i],
+                       list(zip(top_ids[i][:k], top_lp[i][:k], strict=True)))
+               for i, k in enumerate(ks)]
+        if num_asked is not None and self.asked_ids is not None:
+            ids, lps = self.asked_ids.tolist(), self.asked_logprobs.tolist()
+            for i, (lp, m) in enumerate(zip(out, num_asked, strict=True)):
+                seen = {t for t, _ in lp.top}
+                lp.top += [(t, v) for t, v in zip(ids[i][:m], lps[i][:m], strict=True)
+                           if t not in seen and not seen.add(t)]
+        return out
 
 
-def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int,
+                     asked_ids: torch.Tensor | None = None) -> LogprobsTensors:
     """Raw log-softmax of the model's logits (vLLM V1's default), the given tokens' logprobs and
-    ranks, and the top-k alternatives."""
+    ranks, the top-k alternatives, and the logprobs of asked_ids ([N, M]) when given."""
     lp = torch.log_softmax(logits.float(), dim=-1)                   # [N, V]
     token_lp = lp.gather(1, token_ids[:, None]).squeeze(1)           # [N]
     ranks = (lp > token_lp[:, None]).sum(dim=-1) + 1                 # [N]
     top_lp, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], token_ids[:, None][:, :0])
-    return LogprobsTensors(token_lp, ranks, top_lp, top_ids)
+    asked_lp = lp.gather(1, asked_ids) if asked_ids is not None else None   # [N, M]
+    return LogprobsTensors(token_lp, ranks, top_lp, top_ids, asked_ids, asked_lp)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
@@ -259,5 +284,6 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerResult:
 
     lp = None
     if logprobs_src is not None:
-        lp = compute_logprobs(logprobs_src, token_ids[st.logprob_rows], max(st.num_logprobs))
+        lp = compute_logprobs(logprobs_src, token_ids[st.logprob_rows], max(st.num_logprobs),
+                              st.logprob_token_ids)
     return SamplerResult(token_ids, lp)

@@ -149,6 +149,12 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_waiting_deferred(self) -> int:
+        """Waiting for a reason other than room (vLLM's "deferred"): n > 1 siblings held back
+        until the first one's prompt is in the prefix cache."""
+        return sum(1 for r in self.waiting if self._child_must_wait(r))
+
     def _finish(self, request: Request, reason: FinishReason) -> None:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
@@ -165,6 +171,7 @@ class Scheduler:
             num_cached_tokens=request.num_cached_tokens,
             timings=(request.timings(time.monotonic()) if request.finish_reason is not None
                      else None),
+            num_preemptions=request.num_preemptions,
         )
 
     def _apply_aborts(self, plan: StepPlan) -> None:

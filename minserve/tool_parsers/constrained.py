@@ -86,6 +86,7 @@ class RequiredToolCallParser(ToolParser):
     {"name", "parameters"}; each call is streamed as soon as its object is complete."""
 
     name = "required"
+    forced = True  # no complete call: tool_calls is null, content "" (vLLM)
 
     def parse(self, text: str, final: bool) -> list[Piece]:
         body = text.lstrip()
@@ -101,8 +102,8 @@ class RequiredToolCallParser(ToolParser):
                 return pieces + [rest] if rest else pieces
             try:
                 obj, end = _decoder.raw_decode(text, pos)
-            except json.JSONDecodeError:  # still being written, or cut off by max_tokens
-                return pieces + [text[pos:]] if final and pos < len(text) else pieces
+            except json.JSONDecodeError:  # still being written, or cut off by max_tokens:
+                return pieces               # an unfinished call never leaks into content
             call = call_from_json(obj, ("parameters", "arguments"))
             pieces.append(call if call is not None else text[pos:end])
             pos = end
@@ -110,27 +111,43 @@ class RequiredToolCallParser(ToolParser):
 
 class NamedToolCallParser:
     """Reads the constrained output of a named tool_choice: the text is the arguments. Streams
-    the header first, then each text delta as an argument fragment (OpenAI's own shape)."""
+    the call once its arguments are complete JSON (header and arguments in one delta; any later
+    text as argument fragments), so a call cut off by max_tokens is never sent, streamed or not."""
 
     reports_tool_calls = False  # OpenAI ends a forced function call with "stop"
+    forced = True
 
     def __init__(self, function_name: str) -> None:
         self.function_name = function_name
         self._started = False
+        self._held = ""
         self.num_tool_calls = 0
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """Arguments cut off by max_tokens are no call at all (never broken JSON)."""
+        if not _is_json(text):
+            return None, []
         return None, [ToolCall(self.function_name, text)]
 
     def extract_streaming(self, delta_text: str) -> dict[str, Any] | None:
-        item: dict[str, Any] = {"index": 0, "function": {"arguments": delta_text}}
-        if not self._started:
-            self._started, self.num_tool_calls = True, 1
-            item.update(id=ToolCall(self.function_name, "").id, type="function")
-            item["function"]["name"] = self.function_name
-        elif not delta_text:
+        if self._started:
+            return {"tool_calls": [{"index": 0, "function": {"arguments": delta_text}}]} \
+                if delta_text else None
+        self._held += delta_text
+        if not _is_json(self._held):
             return None
-        return {"tool_calls": [item]}
+        self._started, self.num_tool_calls = True, 1
+        return {"tool_calls": [{"index": 0, "id": ToolCall(self.function_name, "").id,
+                                "type": "function", "function": {
+                                    "name": self.function_name, "arguments": self._held}}]}
 
     def finish(self) -> dict[str, Any] | None:
-        return None if self._started else self.extract_streaming("")
+        return None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
