@@ -9,8 +9,16 @@ import torch
 from minserve.kernels.attention import AttnMetadata, paged_attention_ref, paged_attention_triton
 from minserve.kernels.cache import store_kv_ref, store_kv_triton
 from minserve.kernels.jit import triton
+from minserve.kernels.lora import (
+    LoRAMapping,
+    lora_expand_ref,
+    lora_expand_triton,
+    lora_shrink_ref,
+    lora_shrink_triton,
+)
 
-__all__ = ["AttnMetadata", "paged_attention", "store_kv", "triton_enabled"]
+__all__ = ["AttnMetadata", "LoRAMapping", "lora_expand", "lora_shrink", "paged_attention",
+           "store_kv", "triton_enabled"]
 
 _TRITON = triton is not None and os.environ.get("MINSERVE_NO_TRITON", "") != "1"
 
@@ -42,3 +50,21 @@ def store_kv(
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, mapping: LoRAMapping,
+                y: torch.Tensor) -> None:
+    """x [T, IN], lora_a [S, R, IN] -> y [T, R] = x @ A[slot]^T for tokens with an adapter."""
+    if triton_enabled(x):
+        lora_shrink_triton(x, lora_a, mapping, y)
+    else:
+        lora_shrink_ref(x, lora_a, mapping, y)
+
+
+def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, mapping: LoRAMapping,
+                out: torch.Tensor) -> None:
+    """out [T, N] += y [T, R] @ B[slot]^T (lora_b [S, N, R]) for tokens with an adapter."""
+    if triton_enabled(y):
+        lora_expand_triton(y, lora_b, mapping, out)
+    else:
+        lora_expand_ref(y, lora_b, mapping, out)

@@ -14,7 +14,7 @@ import signal
 import sys
 
 from minserve import __version__
-from minserve.config import DEFAULT_MODEL_NAME, ConfigError, EngineConfig
+from minserve.config import DEFAULT_MODEL_NAME, ConfigError, EngineConfig, LoRAConfig, LoRAModule
 from minserve.embeddings.models import DEFAULT_EMBEDDING_MODEL, resolve_task
 from minserve.reasoning import REASONING_PARSERS
 from minserve.tool_parsers.registry import TOOL_PARSERS
@@ -49,6 +49,48 @@ def _origins(text: str) -> list[str]:
             raise argparse.ArgumentTypeError("--allowed-origins must be a JSON list")
         return [str(v) for v in value]
     return [o.strip() for o in text.split(",") if o.strip()]
+
+
+def _lora_module(text: str) -> LoRAModule:
+    """`name=path` or JSON {"name", "path", "base_model_name"} (vLLM's two spellings)."""
+    if text.lstrip().startswith("{"):
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"--lora-modules: bad JSON {text!r}: {e}") from None
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str) \
+                or not isinstance(d.get("path"), str) or set(d) - {"name", "path",
+                                                                   "base_model_name"}:
+            raise argparse.ArgumentTypeError(
+                f'--lora-modules: {text!r} must be {{"name": str, "path": str, '
+                '"base_model_name": str (optional)}')
+        return LoRAModule(d["name"], d["path"], d.get("base_model_name"))
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora-modules: {text!r} is not name=path or JSON")
+    return LoRAModule(name, path)
+
+
+def _split_lora_modules(argv: list[str]) -> list[str]:
+    """`--lora-modules a=x b=y MODEL` -> `--lora-modules=a=x --lora-modules=b=y MODEL`: the list
+    after the flag ends at the first item that is neither name=path nor JSON, so a positional
+    model after it is not swallowed (a plain nargs="+" would take it as a module)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg != "--lora-modules":
+            out.append(arg)
+            continue
+        start = i
+        while i < len(argv) and not argv[i].startswith("-") and (
+                "=" in argv[i] or argv[i].lstrip().startswith("{")):
+            out.append(f"--lora-modules={argv[i]}")
+            i += 1
+        if i == start:
+            out.append(arg)   # argparse reports the missing value
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--embedding-model", default=None,
       help="also serve this embedding model (a folder, or all-minilm-l6-v2, fetched once) on "
            "/v1/embeddings next to the chat model")
+    a("--enable-lora", action="store_true", help="serve LoRA adapters (--lora-modules, or "
+      "/v1/load_lora_adapter with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+    a("--lora-modules", action="append", type=_lora_module, default=None,
+      metavar="NAME=PATH", help='adapters, name=path (several after one flag) or JSON '
+      '{"name": ..., "path": ..., "base_model_name": ...}; requests select one by `model`')
+    a("--max-loras", type=int, default=1, help="distinct adapters in one step (default 1)")
+    a("--max-lora-rank", type=int, default=16, help="the largest adapter rank (default 16)")
+    a("--max-cpu-loras", type=int, default=None,
+      help="adapters kept loaded off the device (default --max-loras)")
+    a("--lora-dtype", default="auto", help="auto (the model's dtype), bfloat16, float16, float32")
     return p
 
 
@@ -129,7 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if argv and argv[0] == "serve":  # `minserve serve MODEL` as `vllm serve MODEL`
         argv = argv[1:]
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(_split_lora_modules(argv))
     if unknown:
         flags = " ".join(unknown)
         parser.error(f"unsupported argument(s): {flags} -- minserve does not implement these "
@@ -153,6 +205,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(e))
     if args.task == "embed":
         args.model = args.model or DEFAULT_EMBEDDING_MODEL
+    if args.lora_modules and not args.enable_lora:
+        parser.error("--lora-modules needs --enable-lora")
+    if args.enable_lora and args.task == "embed":
+        parser.error("--enable-lora serves generation models only, not --task embed")
     try:
         args.engine_config = engine_config(args)
     except ConfigError as e:
@@ -169,7 +225,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching, block_size=args.block_size,
         load_format=args.load_format, seed=args.seed, enforce_eager=args.enforce_eager,
-        chat_template=args.chat_template, generation_config=args.generation_config)
+        chat_template=args.chat_template, generation_config=args.generation_config,
+        lora=LoRAConfig(args.lora_modules or [], args.max_loras, args.max_lora_rank,
+                        args.max_cpu_loras, args.lora_dtype) if args.enable_lora else None)
 
 
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)

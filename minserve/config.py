@@ -106,6 +106,7 @@ class EngineConfig:
     chat_template: str | None = None  # a file path or the template text
     generation_config: str = "auto"  # auto | vllm | a folder
     revision: str | None = None
+    lora: LoRAConfig | None = None   # --enable-lora (None: LoRA off)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 8:
@@ -124,6 +125,47 @@ class EngineConfig:
             raise ConfigError(
                 f"--load-format {self.load_format!r} is not one of auto, safetensors, gguf, dummy"
             )
+
+
+# vLLM's allowed --max-lora-rank values
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class LoRAModule:
+    """One --lora-modules entry: the name requests use as `model`, and its folder or hub id."""
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+@dataclass
+class LoRAConfig:
+    """--enable-lora and its knobs, vLLM's names and defaults."""
+    lora_modules: list[LoRAModule] = field(default_factory=list)
+    max_loras: int = 1            # distinct adapters in one step (device slots)
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None   # adapters kept loaded off the device (default max_loras)
+    lora_dtype: str = "auto"      # auto: the model's dtype
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ConfigError(f"--max-loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ConfigError(f"--max-lora-rank {self.max_lora_rank} is not one of "
+                              f"{', '.join(map(str, LORA_RANKS))}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        elif self.max_cpu_loras < self.max_loras:
+            raise ConfigError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras "
+                              f"({self.max_loras})")
+        if self.lora_dtype != "auto" and self.lora_dtype not in DTYPE_NAMES:
+            raise ConfigError(f"--lora-dtype {self.lora_dtype!r} is not one of auto, bfloat16, "
+                              "float16, float32")
+        names = [m.name for m in self.lora_modules]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"--lora-modules: the name {sorted(dup)[0]!r} is given twice")
 
 
 def cache_dir() -> str:
