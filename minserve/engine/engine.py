@@ -69,12 +69,24 @@ class Engine:
         self.model_config = model_config
         torch.manual_seed(config.seed)
         model = load_model(folder, model_config, self.device, self.dtype, config.load_format)
+        self.lora = None
+        if config.lora is not None:   # before the runner: its KV sizing sees the LoRA slots
+            from minserve.lora.manager import LoRAManager
+
+            lora_dtype = (self.dtype if config.lora.lora_dtype == "auto"
+                          else DTYPES[config.lora.lora_dtype])
+            self.lora = LoRAManager(model, model_config, config.lora, self.device, lora_dtype)
+            for module in config.lora.lora_modules:
+                self.lora.add(module.name, module.path)
         self.runner = ModelRunner(model, model_config, config, self.device, self.dtype)
+        if self.lora is not None:
+            self.runner.lora_state = self.lora.state
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
                                        config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                            config.max_model_len),
+                            config.max_model_len,
+                            config.lora.max_loras if config.lora is not None else 0),
             self.kv_cache)
         defaults = {k: gen[k] for k in _GEN_KEYS if gen.get(k) is not None}
         if gen.get("max_new_tokens") is not None:
@@ -111,6 +123,10 @@ class Engine:
         vocab = self.info.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        name = request.adapter_name
+        if name is not None and (self.lora is None or not self.lora.has(name)):
+            raise ValueError(f"The model `{name}` does not exist." if self.lora is not None
+                             else f"LoRA adapter {name!r}: LoRA is off (start with --enable-lora)")
         ids = request.sample_ids()
         if any(rid in self.scheduler.requests for rid in ids):
             raise ValueError(f"request id {request.request_id!r} is already in use")
@@ -145,9 +161,27 @@ class Engine:
         """schedule -> execute -> update. Exceptions reach the caller (AsyncEngine fails the
         requests in flight); the scheduler's state is then undefined."""
         plan = self.scheduler.schedule()
+        if self.lora is not None and self.lora.retired:
+            self.lora.purge({r.adapter_name for r in self.scheduler.requests.values()})
         if plan.is_empty:
             return self.scheduler.update(plan, [])
         return self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan)))
+
+    # ---- LoRA adapters (the load/unload routes and LLM call these on the engine thread) ------
+    def add_lora(self, name: str, path: str) -> None:
+        """Serve another adapter; ValueError (LoRAError) when it is refused."""
+        if self.lora is None:
+            raise ValueError("LoRA is off: start the server with --enable-lora")
+        self.lora.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving an adapter; requests running with it finish first."""
+        if self.lora is None:
+            raise ValueError("LoRA is off: start the server with --enable-lora")
+        self.lora.remove(name)
+
+    def list_loras(self) -> dict[str, str]:
+        return dict(self.lora.paths) if self.lora is not None else {}
 
     def _step_inputs(self, plan: StepPlan) -> StepInputs:
         """The plan as plain data for the runner: tokens, block tables, the rows that sample and
@@ -176,8 +210,10 @@ class Engine:
             sampling = SamplingTensors.from_requests(
                 [plan.requests[r] for r in sample_rows], self.info.vocab_size,
                 pin=self.device.type == "cuda")
+        slots = (None if self.lora is None
+                 else self.lora.activate([r.adapter_name for r in plan.requests]))
         return StepInputs(token_ids, plan.num_scheduled_tokens, computed, block_tables,
-                          sample_rows, sampling, plp)
+                          sample_rows, sampling, plp, slots)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -187,7 +223,17 @@ class Engine:
             "prefix_cache_queries": self.kv_cache.prefix_cache_queries,
             "prefix_cache_hits": self.kv_cache.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            **(self._lora_stats() if self.lora is not None else {}),
         }
+
+    def _lora_stats(self) -> dict[str, Any]:
+        """vllm:lora_requests_info's labels: adapters of running and of waiting requests."""
+        sched = self.scheduler
+        return {"lora_running": sorted({r.adapter_name for r in sched.running
+                                        if r.adapter_name is not None}),
+                "lora_waiting": sorted({r.adapter_name for r in sched.waiting
+                                        if r.adapter_name is not None}),
+                "max_lora": self.config.lora.max_loras}
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:

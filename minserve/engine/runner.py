@@ -32,6 +32,7 @@ from minserve.engine.sampler import (
 )
 from minserve.engine.scheduler import SampledTokens
 from minserve.kernels import AttnMetadata
+from minserve.kernels.lora import LoRAMapping, lora_mapping
 from minserve.sampling_params import SamplingParams
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
@@ -55,6 +56,7 @@ class StepInputs:
     sample_rows: list[int]               # rows the step brings up to date: they sample
     sampling: SamplingTensors | None     # host tensors for sample_rows, in that order
     prompt_logprobs: PromptLogprobInputs | None = None
+    adapter_slots: list[int] | None = None   # [R] LoRA slot per row, -1 = the base model
 
 
 @dataclass(slots=True)
@@ -67,6 +69,7 @@ class ModelInputs:
     num_sample: int                      # the first num_sample logits rows sample
     adapter_indices: torch.Tensor | None = None   # [T] LoRA slot per token (LoRA: later)
     inputs_embeds: torch.Tensor | None = None     # [T, hidden] in place of input_ids (images)
+    lora_mapping: LoRAMapping | None = None       # the tokens grouped by slot (kernels/lora.py)
 
 
 class _Buffer:
@@ -112,6 +115,7 @@ class ModelRunner:
         # records this event after its copies and waits on it before writing the buffers again.
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
+        self.lora_state = None   # a LoRAState (minserve/lora) when LoRA is on; set by Engine
         self.num_blocks = self._allocate_kv_cache(engine_config)
 
     # ---- KV cache sizing ----------------------------------------------------------------------
@@ -224,12 +228,17 @@ class ModelRunner:
             query_start_loc_host=qsl_host, seq_lens_host=seq_lens_host)
         inputs = ModelInputs(self._input_ids.to_device(T), self._positions.to_device(T), attn,
                              self._logits_indices.to_device(len(indices)), num_sample)
+        if step.adapter_slots is not None and max(step.adapter_slots) >= 0:
+            inputs.lora_mapping = lora_mapping(np.repeat(step.adapter_slots, counts), self.device)
+            inputs.adapter_indices = inputs.lora_mapping.token_slots
         if self._copied is not None:
             self._copied.record()
         return inputs
 
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """The forward pass alone, -> hidden [T, hidden]: the one call a CUDA graph will wrap."""
+        if self.lora_state is not None:
+            self.lora_state.mapping = inputs.lora_mapping
         return self.model(inputs.input_ids, inputs.positions, inputs.attn)
 
     def sample(self, hidden: torch.Tensor, inputs: ModelInputs, step: StepInputs

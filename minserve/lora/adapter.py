@@ -28,7 +28,9 @@ _VARIANTS = {"use_dora": (False, None), "rank_pattern": ({}, None), "alpha_patte
              "lora_bias": (False, None), "fan_in_fan_out": (False, None),
              "layer_replication": (None,), "use_qalora": (False, None),
              "megatron_config": (None,), "trainable_token_indices": (None,),
-             "target_parameters": (None, [])}
+             "target_parameters": (None, []), "alora_invocation_tokens": (None,),
+             "use_bdlora": (None, False), "arrow_config": (None,), "velora_config": (None,),
+             "monteclora_config": (None,), "kasa_config": (None,)}
 _KEY = re.compile(r"(?:base_model\.model\.)?(model\.layers\.(\d+)\.(\w+)\.(\w+))"
                   r"\.lora_([AB])(?:\.default)?\.weight")
 
