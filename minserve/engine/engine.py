@@ -161,11 +161,13 @@ class Engine:
         """schedule -> execute -> update. Exceptions reach the caller (AsyncEngine fails the
         requests in flight); the scheduler's state is then undefined."""
         plan = self.scheduler.schedule()
-        if self.lora is not None and self.lora.retired:
-            self.lora.purge({r.adapter_name for r in self.scheduler.requests.values()})
         if plan.is_empty:
-            return self.scheduler.update(plan, [])
-        return self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan)))
+            outputs = self.scheduler.update(plan, [])
+        else:
+            outputs = self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan)))
+        if self.lora is not None and self.lora.retired:   # unloaded adapters nobody uses now
+            self.lora.purge({r.adapter_name for r in self.scheduler.requests.values()})
+        return outputs
 
     # ---- LoRA adapters (the load/unload routes and LLM call these on the engine thread) ------
     def add_lora(self, name: str, path: str) -> None:
