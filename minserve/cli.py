@@ -245,7 +245,10 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         log_requests=args.enable_log_requests and not args.disable_log_requests,
         model_root=args.model or DEFAULT_MODEL_NAME,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
-        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        lora_modules=args.lora_modules or [],
+        allow_runtime_lora=args.enable_lora and os.environ.get(
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("true", "1"))
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,8 @@ class ServingContext:
     # A longer prompt text cannot fit in max_model_len tokens whatever it tokenizes to (App sets
     # it from the tokenizer's longest token); None: no early check.
     max_prompt_chars: int | None = None
+    # LoRA adapters served as models (`model` = an adapter name); a live view, loads show up
+    adapter_names: Container[str] = ()
 
 
 def prompt_chars_limit(max_model_len: int, max_token_bytes: int) -> int:
@@ -97,13 +99,16 @@ class GenerateRequest:
 
 
 def _engine_requests(request_id: str, prompts: list[list[int]], params: SamplingParams,
-                     body: dict) -> list[EngineRequest]:
+                     body: dict, ctx: ServingContext) -> list[EngineRequest]:
     """One EngineRequest per prompt, named request_id (one prompt) or request_id-p."""
     salt = body.get("cache_salt")
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise _bad("cache_salt", "must be a non-empty string")
+    model = body.get("model")
+    adapter = model if model is not None and model in ctx.adapter_names else None
     return [EngineRequest(request_id if len(prompts) == 1 else f"{request_id}-{p}", ids, params,
-                          cache_salt=salt) for p, ids in enumerate(prompts)]
+                          adapter_name=adapter, cache_salt=salt)
+            for p, ids in enumerate(prompts)]
 
 
 # ---------------------------------------------------------------- typed field readers
@@ -152,7 +157,7 @@ def _check_model(body: dict, ctx: ServingContext) -> str:
         return ctx.model_names[0]
     if not isinstance(model, str):
         raise _bad("model", "must be a string")
-    if model not in ctx.model_names:
+    if model not in ctx.model_names and model not in ctx.adapter_names:
         raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
                           type="NotFoundError")
     return model
@@ -338,7 +343,7 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     echoed = last["content"] if echo and (not add_gen or last["role"] == "assistant") else None
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     return GenerateRequest("chat", request_id, model,
-                           _engine_requests(request_id, [prompt], params, body),
+                           _engine_requests(request_id, [prompt], params, body, ctx),
                            [echoed], stream, include_usage, continuous, echo,
                            params.logprobs,
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
@@ -437,6 +442,6 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
                  for t, ids in zip(texts, prompts, strict=True)]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     return GenerateRequest("completion", request_id, model,
-                           _engine_requests(request_id, prompts, params, body), texts,
+                           _engine_requests(request_id, prompts, params, body, ctx), texts,
                            stream, include_usage, continuous, echo, params.logprobs,
                            echo_only=echo_only)

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minserve import __version__, output
+from minserve.config import LoRAModule
 from minserve.embeddings import routes as embedding_routes
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
 from minserve.http import Http, OpenAIError, Receive, Scope, Send, find_route
+from minserve.lora import routes as lora_routes
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from minserve.metrics import Metrics, RequestTracker
 from minserve.protocol import (
@@ -43,6 +45,8 @@ class ServerConfig:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     embedding_model_names: list[str] = field(default_factory=list)  # served by App.embedding
+    lora_modules: list[LoRAModule] = field(default_factory=list)    # --lora-modules
+    allow_runtime_lora: bool = False   # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload routes
 
 
 Handler = Callable[["App", Http], Awaitable[None]]
@@ -61,6 +65,8 @@ class App:
         self.metrics = Metrics(self.model_name, lambda: self.services[0].stats)
         self._ctx: ServingContext | None = None
         self.started = time.time()
+        # adapters served as models; the load/unload routes change it once the engine agrees
+        self.lora_adapters: dict[str, LoRAModule] = {m.name: m for m in cfg.lora_modules}
 
     # ---- ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -101,7 +107,7 @@ class App:
                 check_structured=self._check_structured,
                 enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
                 tool_call_parser=self.cfg.tool_call_parser,
-                reasoning_parser=self.cfg.reasoning_parser,
+                reasoning_parser=self.cfg.reasoning_parser, adapter_names=self.lora_adapters,
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
                                                     info.tokenizer.max_token_bytes))
         return self._ctx
@@ -344,6 +350,12 @@ async def completions(app: App, http: Http) -> None:
 
 
 def _model_card(app: App, name: str) -> dict[str, Any]:
+    lora = app.lora_adapters.get(name)
+    if lora is not None:   # vLLM's card: parent = the base model, root = the adapter's path
+        return {"id": name, "object": "model", "created": int(app.started),
+                "owned_by": "minserve", "root": lora.path,
+                "parent": lora.base_model_name or app.model_name,
+                "max_model_len": app.ctx.max_model_len, "permission": []}
     return {"id": name, "object": "model", "created": int(app.started), "owned_by": "minserve",
             "root": app.cfg.model_root or name, "parent": None,
             "max_model_len": app.model_max_len(name), "permission": []}
@@ -351,12 +363,12 @@ def _model_card(app: App, name: str) -> dict[str, Any]:
 
 async def list_models(app: App, http: Http) -> None:
     await http.send_json(200, {"object": "list", "data": [
-        _model_card(app, name) for name in app.model_names()]})
+        _model_card(app, name) for name in app.model_names() + list(app.lora_adapters)]})
 
 
 async def get_model(app: App, http: Http) -> None:
     name = http.path_params["model"]
-    if name not in app.model_names():
+    if name not in app.model_names() and name not in app.lora_adapters:
         raise OpenAIError(404, f"The model `{name}` does not exist.", param="model",
                           type="NotFoundError")
     await http.send_json(200, _model_card(app, name))
@@ -415,6 +427,7 @@ async def detokenize(app: App, http: Http) -> None:
 # {path pattern: {method: handler}}; a route module adds its own table (http.match_path patterns).
 ROUTES: dict[str, dict[str, Handler]] = {
     **embedding_routes.ROUTES,
+    **lora_routes.ROUTES,
     "/v1/chat/completions": {"POST": chat_completions},
     "/v1/completions": {"POST": completions},
     "/v1/models": {"GET": list_models},
