@@ -263,3 +263,45 @@ def test_other_architectures_match_peft(tiny_model_factory, tmp_path, arch):
                                  lora=LoRAConfig([LoRAModule("ad", path)])))
     got = run(engine, [("r", PROMPT, "ad")])
     assert_matches(got["r"], peft_greedy(load_peft(base, path), PROMPT))
+
+
+def test_llm_lora_request_per_prompt_and_for_all(tiny_model_dir, adapters, reference):
+    from minserve.llm import LLM, LoRARequest
+
+    llm = LLM(tiny_model_dir, enable_lora=True, max_loras=2, kv_cache_memory=4 << 20)
+    params = SamplingParams(temperature=0, max_tokens=N, ignore_eos=True)
+    a8, qv4 = LoRARequest("a8", 1, adapters["a8"]), LoRARequest("qv4", 2, adapters["qv4"])
+    outs = llm.generate([PROMPT, SHORT, SHORT], params, lora_request=[a8, None, qv4])
+    assert [o.outputs[0].token_ids for o in outs] == [
+        reference["a8"][tuple(PROMPT)][0], reference[None][tuple(SHORT)][0],
+        reference["qv4"][tuple(SHORT)][0]]
+    outs = llm.generate([PROMPT, SHORT], params, lora_request=a8)
+    assert [o.outputs[0].token_ids for o in outs] == [reference["a8"][tuple(p)][0]
+                                                      for p in (PROMPT, SHORT)]
+    with pytest.raises(ValueError, match="one per prompt"):
+        llm.generate([SHORT], params, lora_request=[a8, qv4])
+    with pytest.raises(TypeError, match="enable_lora"):
+        LLM(tiny_model_dir, max_loras=2)
+
+
+def test_scheduler_keeps_max_loras_per_step_with_a_fake_runner():
+    from tests.test_scheduler import fake_token, make, new_req
+
+    sched, runner = make(budget=24)
+    sched.config.max_loras = 2
+    names = ["a", "b", "c", None]
+    for i in range(16):
+        req = new_req(f"r{i}", [7 + i, 8, 9, 10, 11][: 2 + i % 4], max_tokens=3 + i % 3)
+        req.adapter_name = names[i % 4]
+        sched.add(req)
+    done, steps = {}, 0
+    while sched.has_unfinished_requests():
+        plan = sched.schedule()
+        assert len({r.adapter_name for r in plan.requests} - {None}) <= 2
+        for o in sched.update(plan, runner.execute(plan) if not plan.is_empty else []):
+            if o.finished:
+                done[o.request_id] = o.finish_reason
+        steps += 1
+        assert steps < 1000
+    assert len(done) == 16 and fake_token  # every request completed, none failed
+    assert all(reason.value == "length" for reason in done.values())
