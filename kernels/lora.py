@@ -15,7 +15,7 @@ of one segment, so a prefill chunk is one contiguous segment and decode rows are
 Plain-torch references beside the kernels; CPU runs them (kernels/__init__.py dispatches)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,10 +32,17 @@ class LoRAMapping:
     seg_start: torch.Tensor          # [A + 1] int32
     seg_slots: torch.Tensor          # [A] int32
     max_seg_len: int
+    onehot: torch.Tensor             # [T, A] float32: token t uses active slot a (refs only)
+    _onehot_as: dict = field(default_factory=dict)
 
     @property
     def is_empty(self) -> bool:
         return not self.seg_slots_host
+
+    def onehot_as(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._onehot_as:
+            self._onehot_as[dtype] = self.onehot.to(dtype)
+        return self._onehot_as[dtype]
 
 
 def lora_mapping(token_slots: np.ndarray, device: torch.device) -> LoRAMapping:
@@ -47,37 +54,53 @@ def lora_mapping(token_slots: np.ndarray, device: torch.device) -> LoRAMapping:
     seg_start = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=seg_start[1:])
     nb = device.type == "cuda"
+    onehot = torch.from_numpy((slots[:, None] == seg_slots[None, :]).astype(np.float32))
     return LoRAMapping(
         torch.from_numpy(slots).to(device, non_blocking=nb), seg_slots.tolist(),
         seg_start.tolist(), torch.from_numpy(order.astype(np.int64)).to(device, non_blocking=nb),
         torch.from_numpy(seg_start.astype(np.int32)).to(device, non_blocking=nb),
         torch.from_numpy(seg_slots.astype(np.int32)).to(device, non_blocking=nb),
-        int(counts.max()) if len(counts) else 0)
+        int(counts.max()) if len(counts) else 0, onehot.to(device, non_blocking=nb))
 
 
-def _segments(m: LoRAMapping):
-    for i, slot in enumerate(m.seg_slots_host):
-        yield slot, m.sorted_token_ids[m.seg_start_host[i]:m.seg_start_host[i + 1]]
+# The references compute every active adapter for every token and keep each token's own: a few
+# large ops instead of a loop over segments, so CPU steps stay cheap (the waste is A x a rank-R
+# product, small beside the base layer's).
+# PERF: CPU, default model, 16 decode rows over 4 adapters: see bench/RESULTS.md (issue 12).
+
+def _active(lora: torch.Tensor, m: LoRAMapping) -> torch.Tensor:
+    """lora [S, ...] -> [A, ...]: the step's active slots only."""
+    if len(m.seg_slots_host) == lora.shape[0]:
+        return lora
+    return lora[m.seg_slots]
 
 
 def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, m: LoRAMapping,
                     y: torch.Tensor) -> None:
-    """x [T, IN], lora_a [S, R, IN] -> y [T, R] for the tokens with an adapter (others kept)."""
+    """x [T, IN], lora_a [S, R, IN] -> y [T, R] for the tokens with an adapter (base rows: 0)."""
+    if m.is_empty:
+        return
     if len(m.seg_slots_host) == 1 and m.seg_start_host[1] == x.shape[0]:
         torch.matmul(x, lora_a[m.seg_slots_host[0]].t(), out=y)   # one adapter, every token
         return
-    for slot, rows in _segments(m):
-        y[rows] = x[rows] @ lora_a[slot].t()
+    a = _active(lora_a, m)                                          # [A, R, IN]
+    num_active, rank = a.shape[0], a.shape[1]
+    y_all = (x @ a.reshape(num_active * rank, -1).t()).view(-1, num_active, rank)   # [T, A, R]
+    torch.sum(y_all * m.onehot_as(x.dtype)[:, :, None], dim=1, out=y)
 
 
 def lora_expand_ref(y: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping,
                     out: torch.Tensor) -> None:
     """y [T, R], lora_b [S, N, R]: out [T, N] += y @ B^T per token's slot (out may be a view)."""
+    if m.is_empty:
+        return
     if len(m.seg_slots_host) == 1 and m.seg_start_host[1] == y.shape[0]:
         out.add_(y @ lora_b[m.seg_slots_host[0]].t())
         return
-    for slot, rows in _segments(m):
-        out.index_add_(0, rows, (y[rows] @ lora_b[slot].t()).to(out.dtype))
+    b = _active(lora_b, m)                                          # [A, N, R]
+    num_active, rank = b.shape[0], b.shape[2]
+    y_wide = (y[:, None, :] * m.onehot_as(y.dtype)[:, :, None]).view(-1, num_active * rank)
+    out.add_(y_wide @ b.permute(1, 0, 2).reshape(b.shape[1], num_active * rank).t())
 
 
 @jit

@@ -305,3 +305,23 @@ def test_scheduler_keeps_max_loras_per_step_with_a_fake_runner():
         assert steps < 1000
     assert len(done) == 16 and fake_token  # every request completed, none failed
     assert all(reason.value == "length" for reason in done.values())
+
+
+def test_kernel_refs_equal_a_per_token_loop():
+    """The references (every active adapter for every token, each token keeping its own)
+    against the definition, one token at a time: out[t] += (x[t] @ A[s]^T) @ B[s]^T."""
+    from minserve.kernels import lora as k
+
+    torch.manual_seed(0)
+    for slots in ([2, 2, 2, -1, 0, 2, 0], [1, 1, 1], [-1, 3, -1], [0, 1, 2, 3, -1, 1]):
+        mapping = k.lora_mapping(torch.tensor(slots).numpy(), torch.device("cpu"))
+        x, a, b = torch.randn(len(slots), 24), torch.randn(4, 8, 24), torch.randn(4, 40, 8)
+        y = torch.empty(len(slots), 8)
+        k.lora_shrink_ref(x, a, mapping, y)
+        out = torch.randn(len(slots), 50)
+        want = out.clone()
+        k.lora_expand_ref(y, b, mapping, out[:, 5:45])
+        for t, s in enumerate(slots):
+            if s >= 0:
+                want[t, 5:45] += (x[t] @ a[s].t()) @ b[s].t()
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-5)
