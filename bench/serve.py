@@ -154,7 +154,8 @@ async def run(args: argparse.Namespace) -> dict:
 
     async def limited(i: int, p: str) -> Result:
         async with sem:
-            body = {"model": names[i % len(names)] if names else model, "prompt": p, "max_tokens": args.output_len, "stream": True,
+            body = {"model": names[i % len(names)] if names else model, "prompt": p,
+                    "max_tokens": args.output_len, "stream": True,
                     "temperature": args.temperature, "ignore_eos": args.ignore_eos,
                     "stream_options": {"include_usage": True}}
             return await one_request(url, path, body, args.api_key)
@@ -171,7 +172,8 @@ async def run(args: argparse.Namespace) -> dict:
     out_tokens = sum(r.num_output_tokens for r in ok)
     tpot = [(r.e2e - r.ttft) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
     itl = [x for r in ok for x in r.itl]
-    summary = {"model": ",".join(names) or model, "num_prompts": len(prompts), "successful": len(ok),
+    summary = {"model": ",".join(names) or model, "num_prompts": len(prompts),
+               "successful": len(ok),
                "failed": len(results) - len(ok), "duration_s": duration,
                "max_concurrency": args.max_concurrency, "request_rate": args.request_rate,
                "request_throughput": len(ok) / duration,
