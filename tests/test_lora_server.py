@@ -112,26 +112,43 @@ def test_adapters_through_the_routes(tiny_model_dir, adapters, tmp_path):
     run(app, body)
 
 
-def test_guide_task8_through_the_sdk_equals_merged_weights(tiny_model_dir, adapters,
-                                                          tmp_path):
+def guide_task8(base: str, adapters: dict[str, str], tmp_path) -> None:
+    """The guide's client code: one server with two adapters, `model=` picks one per request.
+    Each answer (temperature 0) equals a server on that adapter's merged weights, and differs
+    from the base model's."""
     # `--lora-modules a=... b=...` before the positional model must not swallow it
     args = ["serve", "--enable-lora", "--lora-modules", f"sql_adapter={adapters['sql']}",
-            f"poet_adapter={adapters['poet']}", tiny_model_dir, "--max-loras", "2",
-            "--kv-cache-memory", "8MiB", "--max-model-len", "512"]
+            f"poet_adapter={adapters['poet']}", base, "--served-model-name", "base",
+            "--max-loras", "2", "--kv-cache-memory", "64MiB", "--max-model-len", "512"]
     answers = {}
     with serving(args) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         assert {m.id for m in client.models.list().data} >= {"sql_adapter", "poet_adapter"}
-        for model in ("sql_adapter", "poet_adapter", tiny_model_dir):
+        for model in ("sql_adapter", "poet_adapter", "base"):
             r = client.chat.completions.create(model=model, messages=MSGS, temperature=0,
                                                max_tokens=12, extra_body={"ignore_eos": True})
             answers[model] = r.choices[0].message.content
-    assert answers["sql_adapter"] != answers[tiny_model_dir] != answers["poet_adapter"]
+    assert answers["sql_adapter"] != answers["base"] != answers["poet_adapter"]
     for name, adapter in (("sql_adapter", "sql"), ("poet_adapter", "poet")):
-        merged = merged_model(tiny_model_dir, adapters[adapter], str(tmp_path / adapter))
-        app = create_app(EngineConfig(model=merged, kv_cache_memory=4 << 20, max_model_len=512),
+        merged = merged_model(base, adapters[adapter], str(tmp_path / adapter))
+        app = create_app(EngineConfig(model=merged, kv_cache_memory=64 << 20, max_model_len=512),
                          ServerConfig(served_model_names=["m"]))
         r = run(app, lambda app: call(app, "POST", "/v1/chat/completions", {
             "model": "m", "messages": MSGS, "temperature": 0, "max_tokens": 12,
             "ignore_eos": True}))
         assert r.json()["choices"][0]["message"]["content"] == answers[name]
+
+
+def test_guide_task8_through_the_sdk_equals_merged_weights(tiny_model_dir, adapters, tmp_path):
+    guide_task8(tiny_model_dir, adapters, tmp_path)
+
+
+@pytest.mark.slow
+def test_guide_task8_on_the_default_model(tmp_path):
+    from minserve.models.loader import default_model_folder
+
+    base = default_model_folder()
+    adapters = {"sql": make_adapter(base, str(tmp_path / "sql"), r=16, seed=21, scale=0.05),
+                "poet": make_adapter(base, str(tmp_path / "poet"), r=8, use_rslora=True,
+                                     seed=22, scale=0.05)}
+    guide_task8(base, adapters, tmp_path)
