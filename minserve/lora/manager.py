@@ -4,6 +4,7 @@ of a step its slot, loading what is missing on demand; the scheduler keeps a ste
 --max-loras distinct adapters, so a slot is always free or held by an adapter the step skips."""
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -17,6 +18,8 @@ from minserve.lora.adapter import slice_shapes as _slice_shapes
 from minserve.lora.layers import LoRALayer, LoRAState
 from minserve.models.linear import LinearBase
 
+_LAYER = re.compile(r"(?:^|\.)(model\.layers\.\d+\.(?:self_attn|mlp)\.(" +
+                    "|".join(FUSED_SLICES) + r"))$")
 _FIRST_LEAF = {fused: leaf for leaf, (_, fused, i) in reversed(TARGETS.items()) if i == 0}
 
 
@@ -27,11 +30,14 @@ class LoRAManager:
         self.state = LoRAState()
         self.layers: dict[str, LoRALayer] = {}
         for name, module in model.named_modules():
-            leaf = name.rpartition(".")[2]
-            if leaf in FUSED_SLICES and isinstance(module, LinearBase):
-                full_in = _slice_shapes(mc, _FIRST_LEAF[leaf])[0]
-                self.layers[name] = LoRALayer(module, full_in, config.max_loras,
-                                              config.max_lora_rank, dtype, device, self.state)
+            # the language model's layers only (a vision tower has qkv_proj layers too), keyed
+            # as PEFT names them below the base model: model.layers.N.self_attn.qkv_proj
+            m = _LAYER.search(name)
+            if m is not None and isinstance(module, LinearBase):
+                full_in = _slice_shapes(mc, _FIRST_LEAF[m.group(2)])[0]
+                self.layers[m.group(1)] = LoRALayer(module, full_in, config.max_loras,
+                                                    config.max_lora_rank, dtype, device,
+                                                    self.state)
         self.paths: dict[str, str] = {}          # served adapters
         self.retired: dict[str, str] = {}        # unloaded, kept while requests still use them
         self.cpu: OrderedDict[str, LoRAWeights] = OrderedDict()
