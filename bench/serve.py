@@ -7,6 +7,9 @@ Stdlib only (asyncio sockets, a minimal HTTP/1.1 + SSE reader), so it runs anywh
     python bench/serve.py --base-url http://127.0.0.1:8000 --input-len 200 --output-len 64 \
         --num-prompts 64 --max-concurrency 4 --ignore-eos
 
+--lora-names a,b,c,d spreads the requests over those LoRA adapters (request i asks for
+names[i % len]), as a server started with --enable-lora --lora-modules a=... serves them.
+
 --image WIDTHxHEIGHT sends each prompt as a chat message with a generated PNG (a different one
 per request, so no cache hides the vision encoder) as a base64 image_url part.
 """
@@ -175,9 +178,12 @@ async def run(args: argparse.Namespace) -> dict:
         width, height = (int(x) for x in image.lower().split("x"))
         images = [png_data_url(width, height, args.seed + i) for i in range(len(prompts))]
 
+    names = [n for n in (args.lora_names or "").split(",") if n]
+
     async def limited(i: int, p: str) -> Result:
         async with sem:
-            body = {"model": model, "max_tokens": args.output_len, "stream": True,
+            body = {"model": names[i % len(names)] if names else model,
+                    "max_tokens": args.output_len, "stream": True,
                     "temperature": args.temperature, "ignore_eos": args.ignore_eos,
                     "stream_options": {"include_usage": True}}
             if images:
@@ -202,7 +208,8 @@ async def run(args: argparse.Namespace) -> dict:
     out_tokens = sum(r.num_output_tokens for r in ok)
     tpot = [(r.e2e - r.ttft) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
     itl = [x for r in ok for x in r.itl]
-    summary = {"model": model, "num_prompts": len(prompts), "successful": len(ok),
+    summary = {"model": ",".join(names) or model, "num_prompts": len(prompts),
+               "successful": len(ok),
                "failed": len(results) - len(ok), "duration_s": duration,
                "max_concurrency": args.max_concurrency, "request_rate": args.request_rate,
                "request_throughput": len(ok) / duration,
@@ -256,6 +263,8 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-names", default=None,
+                   help="comma-separated LoRA adapter names; requests are spread over them")
     p.add_argument("--image", default=None, metavar="WIDTHxHEIGHT",
                    help="send each prompt as a chat message with a generated image this size")
     p.add_argument("--json", action="store_true", help="print the summary as JSON too")

@@ -23,8 +23,16 @@ from minserve.kernels.quant_gemm import (
     int_gemm_ref,
     int_gemm_triton,
 )
+from minserve.kernels.lora import (
+    LoRAMapping,
+    lora_expand_ref,
+    lora_expand_triton,
+    lora_shrink_ref,
+    lora_shrink_triton,
+)
 
-__all__ = ["AttnMetadata", "Fp8Weight", "IntWeight", "fp8_gemm", "int_gemm", "paged_attention",
+__all__ = ["AttnMetadata", "Fp8Weight", "IntWeight", "LoRAMapping", "fp8_gemm", "int_gemm",
+           "lora_expand", "lora_shrink", "paged_attention",
            "store_kv", "triton_enabled"]
 
 _TRITON = triton is not None and os.environ.get("MINSERVE_NO_TRITON", "") != "1"
@@ -83,3 +91,21 @@ def _on_rows(gemm, x: torch.Tensor, w: object, bias: torch.Tensor | None) -> tor
     """A [M, K] GEMM applied to x [..., K]."""
     out = gemm(x.reshape(-1, x.shape[-1]), w, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, mapping: LoRAMapping,
+                y: torch.Tensor) -> None:
+    """x [T, IN], lora_a [S, R, IN] -> y [T, R] = x @ A[slot]^T for tokens with an adapter."""
+    if triton_enabled(x):
+        lora_shrink_triton(x, lora_a, mapping, y)
+    else:
+        lora_shrink_ref(x, lora_a, mapping, y)
+
+
+def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, mapping: LoRAMapping,
+                out: torch.Tensor) -> None:
+    """out [T, N] += y [T, R] @ B[slot]^T (lora_b [S, N, R]) for tokens with an adapter."""
+    if triton_enabled(y):
+        lora_expand_triton(y, lora_b, mapping, out)
+    else:
+        lora_expand_ref(y, lora_b, mapping, out)

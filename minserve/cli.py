@@ -22,6 +22,8 @@ from minserve.config import (
     QUANTIZATION_METHODS,
     ConfigError,
     EngineConfig,
+    LoRAConfig,
+    LoRAModule,
 )
 from minserve.embeddings.models import DEFAULT_EMBEDDING_MODEL, resolve_task
 from minserve.reasoning import REASONING_PARSERS
@@ -105,6 +107,48 @@ def _origins(text: str) -> list[str]:
             raise argparse.ArgumentTypeError("--allowed-origins must be a JSON list")
         return [str(v) for v in value]
     return [o.strip() for o in text.split(",") if o.strip()]
+
+
+def _lora_module(text: str) -> LoRAModule:
+    """`name=path` or JSON {"name", "path", "base_model_name"} (vLLM's two spellings)."""
+    if text.lstrip().startswith("{"):
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"--lora-modules: bad JSON {text!r}: {e}") from None
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str) \
+                or not isinstance(d.get("path"), str) or set(d) - {"name", "path",
+                                                                   "base_model_name"}:
+            raise argparse.ArgumentTypeError(
+                f'--lora-modules: {text!r} must be {{"name": str, "path": str, '
+                '"base_model_name": str (optional)}')
+        return LoRAModule(d["name"], d["path"], d.get("base_model_name"))
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora-modules: {text!r} is not name=path or JSON")
+    return LoRAModule(name, path)
+
+
+def _split_lora_modules(argv: list[str]) -> list[str]:
+    """`--lora-modules a=x b=y MODEL` -> `--lora-modules=a=x --lora-modules=b=y MODEL`: the list
+    after the flag ends at the first item that is neither name=path nor JSON, so a positional
+    model after it is not swallowed (a plain nargs="+" would take it as a module)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg != "--lora-modules":
+            out.append(arg)
+            continue
+        start = i
+        while i < len(argv) and not argv[i].startswith("-") and (
+                "=" in argv[i] or argv[i].lstrip().startswith("{")):
+            out.append(f"--lora-modules={argv[i]}")
+            i += 1
+        if i == start:
+            out.append(arg)   # argparse reports the missing value
+    return out
 
 
 def _mm_limits(text: str) -> dict[str, int]:
@@ -275,6 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
       help="largest batch input file accepted by POST /v1/files (default 200MiB, as OpenAI)")
     a("--max-batch-file-lines", type=int, default=50_000,
       help="most requests in one batch input file (default 50000, as OpenAI)")
+    a("--enable-lora", action="store_true", help="serve LoRA adapters (--lora-modules, or "
+      "/v1/load_lora_adapter with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
+    a("--lora-modules", action="append", type=_lora_module, default=None,
+      metavar="NAME=PATH", help='adapters, name=path (several after one flag) or JSON '
+      '{"name": ..., "path": ..., "base_model_name": ...}; requests select one by `model`')
+    a("--max-loras", type=int, default=1, help="distinct adapters in one step (default 1)")
+    a("--max-lora-rank", type=int, default=16, help="the largest adapter rank (default 16)")
+    a("--max-cpu-loras", type=int, default=None,
+      help="adapters kept loaded off the device (default --max-loras)")
+    a("--lora-dtype", default="auto", help="auto (the model's dtype), bfloat16, float16, float32")
     return p
 
 
@@ -285,7 +339,7 @@ def parse_args(argv: list[str] | None = None,
     if argv and argv[0] == "serve":  # `minserve serve MODEL` as `vllm serve MODEL`
         argv = argv[1:]
     parser = parser or build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(_split_lora_modules(argv))
     if unknown:
         flags = " ".join(unknown)
         parser.error(f"unsupported argument(s): {flags} -- minserve does not implement these "
@@ -321,6 +375,10 @@ def parse_args(argv: list[str] | None = None,
         parser.error(str(e))
     if args.task == "embed":
         args.model = args.model or DEFAULT_EMBEDDING_MODEL
+    if args.lora_modules and not args.enable_lora:
+        parser.error("--lora-modules needs --enable-lora")
+    if args.enable_lora and args.task == "embed":
+        parser.error("--enable-lora serves generation models only, not --task embed")
     try:
         args.engine_config = engine_config(args)
     except ConfigError as e:
@@ -346,7 +404,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=args.allowed_media_domains,
         allow_private_media_urls=args.allow_private_media_urls,
-        skip_tokenizer_init=args.skip_tokenizer_init)
+        skip_tokenizer_init=args.skip_tokenizer_init,
+
+        lora=LoRAConfig(args.lora_modules or [], args.max_loras, args.max_lora_rank,
+                        args.max_cpu_loras, args.lora_dtype) if args.enable_lora else None)
 
 
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)
@@ -367,13 +428,16 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
         responses_store_size=args.responses_store_size,
-
         max_logprobs=args.max_logprobs,
         enable_force_include_usage=args.enable_force_include_usage,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
         enable_server_load_tracking=args.enable_server_load_tracking,
-        return_tokens_as_token_ids=args.return_tokens_as_token_ids)
+        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+
+        lora_modules=args.lora_modules or [],
+        allow_runtime_lora=args.enable_lora and os.environ.get(
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("true", "1"))
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -179,6 +179,7 @@ class EngineConfig:
     allowed_local_media_path: str | None = None
     allowed_media_domains: list[str] | None = None
     allow_private_media_urls: bool = False
+    lora: LoRAConfig | None = None   # --enable-lora (None: LoRA off)
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 8:
@@ -230,6 +231,47 @@ class EngineConfig:
 # Modalities --limit-mm-per-prompt names (vLLM's); minserve's models take images only.
 MODALITIES = ("image", "video", "audio")
 DEFAULT_MM_LIMIT = 999   # vLLM's default per modality
+
+
+# vLLM's allowed --max-lora-rank values
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class LoRAModule:
+    """One --lora-modules entry: the name requests use as `model`, and its folder or hub id."""
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+@dataclass
+class LoRAConfig:
+    """--enable-lora and its knobs, vLLM's names and defaults."""
+    lora_modules: list[LoRAModule] = field(default_factory=list)
+    max_loras: int = 1            # distinct adapters in one step (device slots)
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None   # adapters kept loaded off the device (default max_loras)
+    lora_dtype: str = "auto"      # auto: the model's dtype
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ConfigError(f"--max-loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ConfigError(f"--max-lora-rank {self.max_lora_rank} is not one of "
+                              f"{', '.join(map(str, LORA_RANKS))}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        elif self.max_cpu_loras < self.max_loras:
+            raise ConfigError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras "
+                              f"({self.max_loras})")
+        if self.lora_dtype != "auto" and self.lora_dtype not in DTYPE_NAMES:
+            raise ConfigError(f"--lora-dtype {self.lora_dtype!r} is not one of auto, bfloat16, "
+                              "float16, float32")
+        names = [m.name for m in self.lora_modules]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"--lora-modules: the name {sorted(dup)[0]!r} is given twice")
 
 
 def cache_dir() -> str:

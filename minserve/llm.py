@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from minserve.config import EngineConfig
+from minserve.config import EngineConfig, LoRAConfig
 from minserve.detokenizer import StopStrings
 from minserve.engine.engine import Engine
 from minserve.engine.request import EngineRequest, FinishReason, Logprob
+from minserve.lora.request import LoRARequest
 from minserve.output import SampleState
 from minserve.sampling_params import SamplingParams
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:   # imported when embed() runs: a chat-only LLM never loads th
     from minserve.embeddings.offline import EmbeddingRequestOutput, ScoringRequestOutput
 
 Prompt = str | list[int] | dict[str, Any]
+# LLM(enable_lora=True, max_loras=..., ...): vLLM's engine args, gathered into a LoRAConfig
+_LORA_ARGS = ("max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype")
 
 
 @dataclass
@@ -113,6 +116,11 @@ class LLM:
                                 f"{', '.join(_EMBEDDER_ARGS)})")
             self.embedder = Embedder(model or DEFAULT_EMBEDDING_MODEL, **engine_args)
         else:
+            lora_args = {k: engine_args.pop(k) for k in _LORA_ARGS if k in engine_args}
+            if engine_args.pop("enable_lora", False):
+                engine_args["lora"] = LoRAConfig(**lora_args)
+            elif lora_args:
+                raise TypeError(f"{', '.join(lora_args)}: need enable_lora=True")
             self.engine = Engine(EngineConfig(model=model, **engine_args))
 
     def _generator(self) -> Engine:
@@ -153,8 +161,11 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool | None = None) -> list[GenerateOutput]:
+                 use_tqdm: bool | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None
+                 ) -> list[GenerateOutput]:
         """Prompts are strings, token-id lists, or {"prompt": ...} / {"prompt_token_ids": ...}.
+        lora_request: one adapter for every prompt, or one (or None) per prompt.
         Returns one GenerateOutput per prompt, in order."""
         self._generator()
         if isinstance(prompts, (str, dict)) or (
@@ -169,15 +180,16 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        adapters = self._adapters(lora_request, len(prompts))
         results, samples = [], {}
         try:
-            for prompt, params in zip(prompts, params_list, strict=True):
+            for prompt, params, adapter in zip(prompts, params_list, adapters, strict=True):
                 text, ids = self._tokenize(prompt)
                 rid = f"llm-{next(self._ids)}"
                 res = GenerateOutput(rid, text, ids, [CompletionOutput(i)
                                                       for i in range(params.n)])
                 results.append(res)
-                request = EngineRequest(rid, ids, params)
+                request = EngineRequest(rid, ids, params, adapter_name=adapter)
                 if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
                     self._attach_images(request, prompt["multi_modal_data"])
                     res.prompt_token_ids = ids = request.prompt_token_ids
@@ -193,6 +205,25 @@ class LLM:
                 self.engine.step()
             raise
         return results
+
+    def _adapters(self, lora_request: LoRARequest | Sequence[LoRARequest | None] | None,
+                  num_prompts: int) -> list[str | None]:
+        """Each prompt's adapter name, loading adapters the engine does not serve yet."""
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            requests = [lora_request] * num_prompts
+        else:
+            requests = list(lora_request)
+            if len(requests) != num_prompts:
+                raise ValueError("lora_request must be one LoRARequest or one per prompt")
+        served = self.engine.list_loras()
+        for lr in {r for r in requests if r is not None}:
+            if lr.lora_name not in served:
+                self.engine.add_lora(lr.lora_name, lr.lora_path)
+                served[lr.lora_name] = lr.lora_path
+            elif lr.lora_path and served[lr.lora_name] != lr.lora_path:
+                raise ValueError(f"LoRA adapter {lr.lora_name!r} is loaded from "
+                                 f"{served[lr.lora_name]}, not {lr.lora_path}")
+        return [None if r is None else r.lora_name for r in requests]
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -252,7 +283,9 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool | None = None, *, add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: list[dict] | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[GenerateOutput]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None
+             ) -> list[GenerateOutput]:
         """One conversation (a list of {"role", "content"}) or a list of conversations."""
         from minserve.chat import ImageParts
 
@@ -278,7 +311,7 @@ class LLM:
                 prompt["multi_modal_data"] = {"image": load_images_sync(images.found,
                                                                         info.media_policy)}
             prompts.append(prompt)
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
 
-__all__ = ["LLM", "CompletionOutput", "FinishReason", "GenerateOutput"]
+__all__ = ["LLM", "CompletionOutput", "FinishReason", "GenerateOutput", "LoRARequest"]

@@ -90,6 +90,13 @@ class _EngineCollector:
             metric = family(name, doc, labels=["model_name"])
             metric.add_metric([self.model_name], float(s.get(key, 0) or 0))
             yield metric
+        if "max_lora" in s:   # --enable-lora: vLLM's info gauge, its value the scrape time
+            metric = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                                       labels=["running_lora_adapters", "waiting_lora_adapters",
+                                               "max_lora"])
+            metric.add_metric([",".join(s["lora_running"]), ",".join(s["lora_waiting"]),
+                               str(s["max_lora"])], time.time())
+            yield metric
 
 
 class Metrics:

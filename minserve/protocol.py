@@ -8,7 +8,7 @@ import dataclasses
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,8 @@ class ServingContext:
     image_processor: Any = None
     image_limit: int = 0
     media_policy: Any = None
+    # LoRA adapters served as models (`model` = an adapter name); a live view, loads show up
+    adapter_names: Container[str] = ()
 
 
 def prompt_chars_limit(max_model_len: int, max_token_bytes: int) -> int:
@@ -125,13 +127,16 @@ class GenerateRequest:
 
 
 def _engine_requests(request_id: str, prompts: list[list[int]], params: SamplingParams,
-                     body: dict) -> list[EngineRequest]:
+                     body: dict, ctx: ServingContext) -> list[EngineRequest]:
     """One EngineRequest per prompt, named request_id (one prompt) or request_id-p."""
     salt = body.get("cache_salt")
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise _bad("cache_salt", "must be a non-empty string")
+    model = body.get("model")
+    adapter = model if model is not None and model in ctx.adapter_names else None
     return [EngineRequest(request_id if len(prompts) == 1 else f"{request_id}-{p}", ids, params,
-                          cache_salt=salt) for p, ids in enumerate(prompts)]
+                          adapter_name=adapter, cache_salt=salt)
+            for p, ids in enumerate(prompts)]
 
 
 # ---------------------------------------------------------------- typed field readers
@@ -221,7 +226,7 @@ def _check_model(body: dict, ctx: ServingContext) -> str:
         return ctx.model_names[0]
     if not isinstance(model, str):
         raise _bad("model", "must be a string")
-    if model not in ctx.model_names:
+    if model not in ctx.model_names and model not in ctx.adapter_names:
         raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
                           type="NotFoundError")
     return model
@@ -502,7 +507,7 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     extras = _vllm_extras(body, ctx, params)  # before params.logprobs is read below
     return GenerateRequest("chat", request_id, model,
-                           _engine_requests(request_id, [prompt], params, body),
+                           _engine_requests(request_id, [prompt], params, body, ctx),
                            [echoed], stream, include_usage, continuous, echo,
                            params.logprobs,
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
@@ -661,7 +666,7 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
                  for t, ids in zip(texts, prompts, strict=True)]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     return GenerateRequest("completion", request_id, model,
-                           _engine_requests(request_id, prompts, params, body), texts,
+                           _engine_requests(request_id, prompts, params, body, ctx), texts,
                            stream, include_usage, continuous, echo, params.logprobs,
                            echo_only=echo_only, prompt_tokens_details=ctx.prompt_tokens_details,
                            **extras)

@@ -22,6 +22,8 @@ from minserve.embeddings import routes as embedding_routes
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
 from minserve.errors import library_text
 from minserve.http import BATCH_SCOPE_KEY, Http, OpenAIError, Receive, Scope, Send, find_route
+from minserve.config import LoRAModule
+from minserve.lora import routes as lora_routes
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from minserve.metrics import Metrics, RequestTracker
 from minserve.protocol import (
@@ -61,6 +63,8 @@ class ServerConfig:
     enable_tokenizer_info_endpoint: bool = False
     enable_server_load_tracking: bool = False
     return_tokens_as_token_ids: bool = False
+    lora_modules: list[LoRAModule] = field(default_factory=list)    # --lora-modules
+    allow_runtime_lora: bool = False   # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload routes
 
 
 Handler = Callable[["App", Http], Awaitable[None]]
@@ -90,6 +94,8 @@ class App:
         self.started = time.time()
         self.shutdown_deadline: float | None = None  # monotonic; set by begin_shutdown()
         self.server_load = 0  # requests in flight on the LOAD_AWARE routes (GET /load)
+        # adapters served as models; the load/unload routes change it once the engine agrees
+        self.lora_adapters: dict[str, LoRAModule] = {m.name: m for m in cfg.lora_modules}
 
     # ---- ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -170,6 +176,7 @@ class App:
                 force_include_usage=self.cfg.enable_force_include_usage,
                 prompt_tokens_details=self.cfg.enable_prompt_tokens_details,
                 return_tokens_as_token_ids=self.cfg.return_tokens_as_token_ids,
+                adapter_names=self.lora_adapters,
                 image_processor=info.image_processor, image_limit=info.image_limit,
                 media_policy=info.media_policy,
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
@@ -521,6 +528,12 @@ async def server_load(app: App, http: Http) -> None:
 
 
 def _model_card(app: App, name: str) -> dict[str, Any]:
+    lora = app.lora_adapters.get(name)
+    if lora is not None:   # vLLM's card: parent = the base model, root = the adapter's path
+        return {"id": name, "object": "model", "created": int(app.started),
+                "owned_by": "minserve", "root": lora.path,
+                "parent": lora.base_model_name or app.model_name,
+                "max_model_len": app.ctx.max_model_len, "permission": []}
     return {"id": name, "object": "model", "created": int(app.started), "owned_by": "minserve",
             "root": app.cfg.model_root or name, "parent": None,
             "max_model_len": app.model_max_len(name), "permission": []}
@@ -528,12 +541,12 @@ def _model_card(app: App, name: str) -> dict[str, Any]:
 
 async def list_models(app: App, http: Http) -> None:
     await http.send_json(200, {"object": "list", "data": [
-        _model_card(app, name) for name in app.model_names()]})
+        _model_card(app, name) for name in app.model_names() + list(app.lora_adapters)]})
 
 
 async def get_model(app: App, http: Http) -> None:
     name = http.path_params["model"]
-    if name not in app.model_names():
+    if name not in app.model_names() and name not in app.lora_adapters:
         raise OpenAIError(404, f"The model `{name}` does not exist.", param="model",
                           type="NotFoundError")
     await http.send_json(200, _model_card(app, name))
@@ -614,6 +627,7 @@ async def detokenize(app: App, http: Http) -> None:
 ROUTES: dict[str, dict[str, Handler]] = {
     **embedding_routes.ROUTES,
     **batch_routes.ROUTES,
+    **lora_routes.ROUTES,
     "/v1/chat/completions": {"POST": chat_completions},
     "/v1/chat/completions/batch": {"POST": chat_completions_batch},
     "/v1/completions": {"POST": completions},

@@ -9,7 +9,7 @@ import sys
 import traceback
 
 import torch
-from minserve.kernels import attention, cache
+from minserve.kernels import attention, cache, lora
 from minserve.kernels.attention import AttnMetadata, paged_attention_ref
 
 MIXED = [(1, 37), (5, 18), (17, 40)]          # (query_len, seq_len) per request
@@ -266,6 +266,47 @@ for _case in FP8_GEMM_CASES:
         got, want = fp8_gemm_triton(x, w), fp8_gemm_ref(x, w)
         tol = TOL[dtype] if dtype != torch.float32 else 1e-4
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def check_lora(slot_runs, *, num_slots=4, in_features=40, rank=16, out_features=24,
+               dtype=torch.float32, seed=0):
+    """shrink then expand (into a column slice of a wider output, as a fused qkv's), Triton vs
+    the reference; slot_runs = [(slot, num_tokens), ...] in step order (-1: base tokens)."""
+    torch.manual_seed(seed)
+    slots = torch.cat([torch.full((n,), s) for s, n in slot_runs]).numpy()
+    mapping = lora.lora_mapping(slots, torch.device("cpu"))
+    T = len(slots)
+    x = torch.randn(T, in_features).to(dtype)
+    a = torch.randn(num_slots, rank, in_features).to(dtype) / 4
+    b = torch.randn(num_slots, out_features, rank).to(dtype) / 4
+    y_ref = torch.zeros(T, rank, dtype=dtype)
+    y = torch.full((T, rank), float("nan"), dtype=dtype)
+    lora.lora_shrink_ref(x, a, mapping, y_ref)
+    lora.lora_shrink_triton(x, a, mapping, y)
+    keep = torch.from_numpy(slots >= 0)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y[keep], y_ref[keep], atol=tol, rtol=tol)
+    base = torch.randn(T, out_features + 8).to(dtype)
+    want, got = base.clone(), base.clone()
+    lora.lora_expand_ref(y_ref, b, mapping, want[:, 4:4 + out_features])
+    lora.lora_expand_triton(y_ref, b, mapping, got[:, 4:4 + out_features])
+    torch.testing.assert_close(got, want, atol=tol * 4, rtol=tol * 4)
+
+
+_LORA_MIXED = [(2, 37), (0, 1), (-1, 1), (1, 1), (2, 1), (-1, 5), (1, 70), (3, 1)]
+for _dtype in (torch.float32, torch.float16):
+    @check(f"lora_mixed[{_dtype}]")
+    def _(dtype=_dtype):
+        check_lora(_LORA_MIXED, dtype=dtype)
+
+
+@check("lora_rank_and_widths")
+def _():
+    # three slices' ranks stacked (48), widths that are not tile multiples, decode rows only
+    check_lora([(0, 1), (3, 1), (-1, 1), (1, 1), (0, 1)], in_features=72, rank=48,
+               out_features=130, seed=1)
+    check_lora([(1, 3)], rank=8, out_features=16, seed=2)      # one adapter, every token
+    check_lora([(-1, 4)], seed=3)                              # no adapter in the step
 
 
 def run(names: list[str]) -> dict[str, str | None]:

@@ -19,6 +19,14 @@ from minserve.errors import library_text
 logger = logging.getLogger("minserve.engine")
 
 STOP = None  # on the inbox: the worker thread returns
+
+
+class EngineCall:
+    """On the inbox: run engine.<method>(*args) on the engine thread, in order with the
+    requests around it (LoRA load/unload); the result or a 400 comes back to `future`."""
+
+    def __init__(self, method: str, args: tuple, future: asyncio.Future) -> None:
+        self.method, self.args, self.future = method, args, future
 _END = None  # queued to wake a RequestStream reader after an abort
 
 
@@ -250,6 +258,23 @@ class AsyncEngine(WorkerService):
             self._parents.pop(stream.request_id, None)
             stream._queue.put_nowait(_END)  # wake a reader waiting on the queue
 
+    async def call(self, method: str, *args: Any) -> Any:
+        """engine.<method>(*args) on the engine thread; its ValueError is an EngineError 400."""
+        if not self.is_healthy or not self.is_ready or self._stopping:
+            raise EngineError(self.dead_reason or "engine is not ready", 503)
+        future = asyncio.get_running_loop().create_future()
+        self._inbox.put(EngineCall(method, args, future))
+        return await future
+
+    @staticmethod
+    def _resolve(future: asyncio.Future, result: Any, error: EngineError | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
     # ---- delivery (runs on the event loop via call_soon_threadsafe) ----
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -280,6 +305,16 @@ class AsyncEngine(WorkerService):
         self.stats = dict(self._engine.stats())
         self.info = self._engine.info
 
+    def _run_call(self, engine: Any, call: EngineCall) -> None:
+        try:
+            result, error = getattr(engine, call.method)(*call.args), None
+        except ValueError as e:
+            result, error = None, EngineError(str(e), 400)
+        except Exception as e:  # one bad call must not take the engine down
+            logger.exception("engine.%s failed", call.method)
+            result, error = None, EngineError(f"{type(e).__name__}: {e}", 500)
+        self._on_loop(self._resolve, call.future, result, error)
+
     def _serve(self) -> None:
         engine, loop = self._engine, self._on_loop
         while True:
@@ -294,6 +329,9 @@ class AsyncEngine(WorkerService):
             for msg in msgs:
                 if msg is STOP:
                     return
+                if isinstance(msg, EngineCall):
+                    self._run_call(engine, msg)
+                    continue
                 if not isinstance(msg, EngineRequest):
                     engine.abort_request(msg)
                     continue

@@ -108,14 +108,26 @@ class Engine:
         model = load_model(folder, model_config, self.device, self.dtype, config.load_format,
                            quantization=config.quantization)
         image_processor, media_policy = self._multimodal(folder, model_config, tokenizer, config)
+        self.lora = None
+        if config.lora is not None:   # before the runner: its KV sizing sees the LoRA slots
+            from minserve.lora.manager import LoRAManager
+
+            lora_dtype = (self.dtype if config.lora.lora_dtype == "auto"
+                          else DTYPES[config.lora.lora_dtype])
+            self.lora = LoRAManager(model, model_config, config.lora, self.device, lora_dtype)
+            for module in config.lora.lora_modules:
+                self.lora.add(module.name, module.path)
         self.runner = ModelRunner(model, model_config, config, self.device, self.dtype,
                                   profile_images=self._profile_images(image_processor, config))
+        if self.lora is not None:
+            self.runner.lora_state = self.lora.state
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
                                        config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.max_model_len, config.long_prefill_token_threshold,
-                            config.max_chunk_attention),
+                            config.max_chunk_attention,
+                            config.lora.max_loras if config.lora is not None else 0),
             self.kv_cache)
         defaults = {k: gen[k] for k in _GEN_KEYS if gen.get(k) is not None}
         if gen.get("max_new_tokens") is not None:
@@ -195,6 +207,10 @@ class Engine:
         if bad is not None:
             raise ValueError(f"Token id {bad} is out of vocabulary")
         self._check_mm_items(request)
+        name = request.adapter_name
+        if name is not None and (self.lora is None or not self.lora.has(name)):
+            raise ValueError(f"The model `{name}` does not exist." if self.lora is not None
+                             else f"LoRA adapter {name!r}: LoRA is off (start with --enable-lora)")
         ids = request.sample_ids()
         if any(rid in self.scheduler.requests for rid in ids) or \
                 request.request_id in self.beams.searches:
@@ -245,15 +261,34 @@ class Engine:
         requests in flight); the scheduler's state is then undefined."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            return self._beam_outputs(self.scheduler.update(plan, []))
-        num = plan.total_num_scheduled_tokens
-        self._iteration_buckets[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, num)] += 1
-        self._iteration_tokens_sum += num
-        return self._beam_outputs(
-            self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan))))
+            outputs = self.scheduler.update(plan, [])
+        else:
+            num = plan.total_num_scheduled_tokens
+            self._iteration_buckets[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, num)] += 1
+            self._iteration_tokens_sum += num
+            outputs = self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan)))
+        if self.lora is not None and self.lora.retired:   # unloaded adapters nobody uses now
+            self.lora.purge({r.adapter_name for r in self.scheduler.requests.values()})
+        return self._beam_outputs(outputs)
 
     def _beam_outputs(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         return self.beams.process(outputs) if self.beams.searches else outputs
+
+    # ---- LoRA adapters (the load/unload routes and LLM call these on the engine thread) ------
+    def add_lora(self, name: str, path: str) -> None:
+        """Serve another adapter; ValueError (LoRAError) when it is refused."""
+        if self.lora is None:
+            raise ValueError("LoRA is off: start the server with --enable-lora")
+        self.lora.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving an adapter; requests running with it finish first."""
+        if self.lora is None:
+            raise ValueError("LoRA is off: start the server with --enable-lora")
+        self.lora.remove(name)
+
+    def list_loras(self) -> dict[str, str]:
+        return dict(self.lora.paths) if self.lora is not None else {}
 
     def _step_inputs(self, plan: StepPlan) -> StepInputs:
         """The plan as plain data for the runner: tokens, block tables, the rows that sample and
@@ -289,8 +324,10 @@ class Engine:
             sampling = SamplingTensors.from_requests(
                 [plan.requests[r] for r in sample_rows], self.info.vocab_size,
                 pin=self.device.type == "cuda")
+        slots = (None if self.lora is None
+                 else self.lora.activate([r.adapter_name for r in plan.requests]))
         return StepInputs(token_ids, plan.num_scheduled_tokens, computed, block_tables,
-                          sample_rows, sampling, plp, mm_inputs, mrope)
+                          sample_rows, sampling, plp, mm_inputs, mrope, slots)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -302,7 +339,17 @@ class Engine:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_waiting_deferred": self.scheduler.num_waiting_deferred,
             "iteration_tokens": (tuple(self._iteration_buckets), self._iteration_tokens_sum),
+            **(self._lora_stats() if self.lora is not None else {}),
         }
+
+    def _lora_stats(self) -> dict[str, Any]:
+        """vllm:lora_requests_info's labels: adapters of running and of waiting requests."""
+        sched = self.scheduler
+        return {"lora_running": sorted({r.adapter_name for r in sched.running
+                                        if r.adapter_name is not None}),
+                "lora_waiting": sorted({r.adapter_name for r in sched.waiting
+                                        if r.adapter_name is not None}),
+                "max_lora": self.config.lora.max_loras}
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:

@@ -34,6 +34,7 @@ from minserve.engine.sampler import (
 )
 from minserve.engine.scheduler import SampledTokens
 from minserve.kernels import AttnMetadata
+from minserve.kernels.lora import LoRAMapping, lora_mapping
 from minserve.sampling_params import SamplingParams
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
@@ -61,6 +62,7 @@ class StepInputs:
     mm_inputs: list[tuple[int, MultiModalItem]] = field(default_factory=list)
     # M-RoPE models: per row (prompt positions [3, P] or None, delta); None for other models
     mrope: list[tuple[Any, int]] | None = None
+    adapter_slots: list[int] | None = None   # [R] LoRA slot per row, -1 = the base model
 
 
 @dataclass(slots=True)
@@ -73,6 +75,7 @@ class ModelInputs:
     num_sample: int                      # the first num_sample logits rows sample
     adapter_indices: torch.Tensor | None = None   # [T] LoRA slot per token (LoRA: later)
     inputs_embeds: torch.Tensor | None = None     # [T, hidden] in place of input_ids (images)
+    lora_mapping: LoRAMapping | None = None       # the tokens grouped by slot (kernels/lora.py)
 
 
 class _Buffer:
@@ -128,6 +131,7 @@ class ModelRunner:
         # records this event after its copies and waits on it before writing the buffers again.
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
+        self.lora_state = None   # a LoRAState (minserve/lora) when LoRA is on; set by Engine
         self.num_blocks = self._allocate_kv_cache(engine_config)
 
     # ---- KV cache sizing ----------------------------------------------------------------------
@@ -250,6 +254,9 @@ class ModelRunner:
             positions = self._fill_mrope(step, positions_np=self._positions.np[:T], T=T)
         inputs = ModelInputs(self._input_ids.to_device(T), positions, attn,
                              self._logits_indices.to_device(len(indices)), num_sample)
+        if step.adapter_slots is not None and max(step.adapter_slots) >= 0:
+            inputs.lora_mapping = lora_mapping(np.repeat(step.adapter_slots, counts), self.device)
+            inputs.adapter_indices = inputs.lora_mapping.token_slots
         if self._copied is not None:
             self._copied.record()
         return inputs
@@ -287,6 +294,8 @@ class ModelRunner:
 
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """The forward pass alone, -> hidden [T, hidden]: the one call a CUDA graph will wrap."""
+        if self.lora_state is not None:
+            self.lora_state.mapping = inputs.lora_mapping
         return self.model(inputs.input_ids, inputs.positions, inputs.attn, inputs.inputs_embeds)
 
     def sample(self, hidden: torch.Tensor, inputs: ModelInputs, step: StepInputs

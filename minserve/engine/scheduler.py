@@ -39,6 +39,7 @@ class SchedulerConfig:
     # cap). Attention work grows with the context: on CPU a late chunk of an 8,000-token prompt
     # cost 20x what the first did; this keeps late chunks as short as early ones.
     max_chunk_attention: int = 0
+    max_loras: int = 0   # distinct LoRA adapters in one step (0: LoRA off)
 
 
 @dataclass(slots=True)
@@ -301,9 +302,10 @@ class Scheduler:
     def _schedule_waiting(self, plan: StepPlan, budget: int) -> int:
         skipped: list[Request] = []
         num_blocks = self.kv.num_blocks
+        adapters = {r.adapter_name for r in self.running if r.adapter_name is not None}
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.popleft()
-            if self._child_must_wait(request):
+            if self._child_must_wait(request) or self._over_max_loras(request, adapters):
                 skipped.append(request)
                 continue
             # +1: the first sampled token must fit too
@@ -324,6 +326,8 @@ class Scheduler:
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
+            if request.adapter_name is not None:
+                adapters.add(request.adapter_name)
             if request.scheduled_time is None:   # a preempted request keeps its first time
                 request.scheduled_time = time.monotonic()
             if request.parent_id is not None:
@@ -334,6 +338,12 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(skipped))
         return budget
+
+    def _over_max_loras(self, request: Request, adapters: set[str]) -> bool:
+        """A new adapter beyond --max-loras waits (not fails) until one in use drains."""
+        name = request.adapter_name
+        return (name is not None and name not in adapters
+                and len(adapters) >= self.config.max_loras)
 
     # ---- update -------------------------------------------------------------------------------
     def update(self, plan: StepPlan, sampled: SampledTokens | list[int]) -> list[RequestOutput]:

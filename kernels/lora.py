@@ -1,0 +1,210 @@
+"""Batched LoRA in the punica manner, for a step whose tokens use different adapters (slot -1:
+the base model, no delta). Two ops per LoRA-wrapped linear, each one launch for the whole batch:
+
+    shrink  y[t, :]   = x[t] @ A[slot[t]]^T          x [T, IN], A [S, R, IN]  -> y [T, R]
+    expand  out[t, :] += y[t] @ B[slot[t]]^T         B [S, N, R]              -> out [T, N]
+
+The step's tokens are grouped by slot once (LoRAMapping): segment i holds the tokens of slot
+seg_slots[i], at sorted_token_ids[seg_start[i]:seg_start[i + 1]]. A program takes BLOCK_M tokens
+of one segment, so a prefill chunk is one contiguous segment and decode rows are gathered:
+
+    token_slots:      [ 2  2  2 -1  0  2  0 ]        (T = 7)
+    sorted_token_ids: [ 4  6 | 0  1  2  5 ]          base tokens are left out
+    seg_start:        [ 0    2            6 ]   seg_slots: [ 0  2 ]
+
+Plain-torch references beside the kernels; CPU runs them (kernels/__init__.py dispatches)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from minserve.kernels.jit import jit, tl, triton
+
+
+@dataclass(slots=True)
+class LoRAMapping:
+    token_slots: torch.Tensor        # [T] int64 slot per token, -1 = base model
+    seg_slots_host: list[int]        # [A] the active slots, ascending
+    seg_start_host: list[int]        # [A + 1] segment bounds into sorted_token_ids
+    sorted_token_ids: torch.Tensor   # [sum of segments] int64
+    seg_start: torch.Tensor          # [A + 1] int32
+    seg_slots: torch.Tensor          # [A] int32
+    max_seg_len: int
+    onehot: torch.Tensor             # [T, A] float32: token t uses active slot a (refs only)
+    _onehot_as: dict = field(default_factory=dict)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seg_slots_host
+
+    def onehot_as(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._onehot_as:
+            self._onehot_as[dtype] = self.onehot.to(dtype)
+        return self._onehot_as[dtype]
+
+
+def lora_mapping(token_slots: np.ndarray, device: torch.device) -> LoRAMapping:
+    """Group a step's tokens by adapter slot (on the host, once per step)."""
+    slots = np.asarray(token_slots, dtype=np.int64)
+    order = np.argsort(slots, kind="stable")
+    order = order[slots[order] >= 0]
+    seg_slots, counts = np.unique(slots[order], return_counts=True)
+    seg_start = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=seg_start[1:])
+    nb = device.type == "cuda"
+    onehot = torch.from_numpy((slots[:, None] == seg_slots[None, :]).astype(np.float32))
+    return LoRAMapping(
+        torch.from_numpy(slots).to(device, non_blocking=nb), seg_slots.tolist(),
+        seg_start.tolist(), torch.from_numpy(order.astype(np.int64)).to(device, non_blocking=nb),
+        torch.from_numpy(seg_start.astype(np.int32)).to(device, non_blocking=nb),
+        torch.from_numpy(seg_slots.astype(np.int32)).to(device, non_blocking=nb),
+        int(counts.max()) if len(counts) else 0, onehot.to(device, non_blocking=nb))
+
+
+# The references compute every active adapter for every token and keep each token's own: a few
+# large ops instead of a loop over segments, so CPU steps stay cheap (the waste is A x a rank-R
+# product, small beside the base layer's).
+# PERF: CPU, default model, 16 decode rows over 4 adapters: see bench/RESULTS.md (issue 12).
+
+def _active(lora: torch.Tensor, m: LoRAMapping) -> torch.Tensor:
+    """lora [S, ...] -> [A, ...]: the step's active slots only."""
+    if len(m.seg_slots_host) == lora.shape[0]:
+        return lora
+    return lora[m.seg_slots]
+
+
+def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, m: LoRAMapping,
+                    y: torch.Tensor) -> None:
+    """x [T, IN], lora_a [S, R, IN] -> y [T, R] for the tokens with an adapter (base rows: 0)."""
+    if m.is_empty:
+        return
+    if len(m.seg_slots_host) == 1 and m.seg_start_host[1] == x.shape[0]:
+        torch.matmul(x, lora_a[m.seg_slots_host[0]].t(), out=y)   # one adapter, every token
+        return
+    a = _active(lora_a, m)                                          # [A, R, IN]
+    num_active, rank = a.shape[0], a.shape[1]
+    y_all = (x @ a.reshape(num_active * rank, -1).t()).view(-1, num_active, rank)   # [T, A, R]
+    torch.sum(y_all * m.onehot_as(x.dtype)[:, :, None], dim=1, out=y)
+
+
+def lora_expand_ref(y: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping,
+                    out: torch.Tensor) -> None:
+    """y [T, R], lora_b [S, N, R]: out [T, N] += y @ B^T per token's slot (out may be a view)."""
+    if m.is_empty:
+        return
+    if len(m.seg_slots_host) == 1 and m.seg_start_host[1] == y.shape[0]:
+        out.add_(y @ lora_b[m.seg_slots_host[0]].t())
+        return
+    b = _active(lora_b, m)                                          # [A, N, R]
+    num_active, rank = b.shape[0], b.shape[2]
+    y_wide = (y[:, None, :] * m.onehot_as(y.dtype)[:, :, None]).view(-1, num_active * rank)
+    out.add_(y_wide @ b.permute(1, 0, 2).reshape(b.shape[1], num_active * rank).t())
+
+
+@jit
+def _lora_shrink_kernel(
+    x_ptr,            # [T, IN]
+    a_ptr,            # [S, R, IN]
+    y_ptr,            # [T, R]
+    sorted_ptr,       # [sum of segments] token ids grouped by slot
+    seg_start_ptr,    # [A + 1]
+    seg_slots_ptr,    # [A]
+    stride_x_t, stride_a_s, stride_a_r, stride_y_t,
+    N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (A, cdiv(max_seg_len, BLOCK_M), cdiv(R, BLOCK_N))."""
+    seg = tl.program_id(0)
+    start = tl.load(seg_start_ptr + seg)
+    end = tl.load(seg_start_ptr + seg + 1)
+    m0 = start + tl.program_id(1) * BLOCK_M
+    if m0 >= end:
+        return
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < end
+    tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + tok[:, None] * stride_x_t + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)           # [BM, BK]
+        a = tl.load(a_ptr + slot * stride_a_s + offs_n[None, :] * stride_a_r + offs_k[:, None],
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)           # [BK, BN]
+        acc += tl.dot(x, a)
+    tl.store(y_ptr + tok[:, None] * stride_y_t + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@jit
+def _lora_expand_kernel(
+    y_ptr,            # [T, R] (a column slice of the shrink output)
+    b_ptr,            # [S, N, R]
+    out_ptr,          # [T, N] (a column slice of the base layer's output)
+    sorted_ptr, seg_start_ptr, seg_slots_ptr,
+    stride_y_t, stride_b_s, stride_b_n, stride_o_t,
+    N, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (A, cdiv(max_seg_len, BLOCK_M), cdiv(N, BLOCK_N)); tokens of a segment are unique
+    and segments disjoint, so the read-add-write of out never races."""
+    seg = tl.program_id(0)
+    start = tl.load(seg_start_ptr + seg)
+    end = tl.load(seg_start_ptr + seg + 1)
+    m0 = start + tl.program_id(1) * BLOCK_M
+    if m0 >= end:
+        return
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < end
+    tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        y = tl.load(y_ptr + tok[:, None] * stride_y_t + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)           # [BM, BK]
+        b = tl.load(b_ptr + slot * stride_b_s + offs_n[None, :] * stride_b_n + offs_k[:, None],
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)           # [BK, BN]
+        acc += tl.dot(y.to(b.dtype), b)
+    mask = mask_m[:, None] & mask_n[None, :]
+    o_ptrs = out_ptr + tok[:, None] * stride_o_t + offs_n[None, :]
+    o = tl.load(o_ptrs, mask=mask, other=0.0)
+    tl.store(o_ptrs, (o.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_m(m: LoRAMapping) -> int:
+    return 16 if m.max_seg_len <= 16 else 64
+
+
+def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, m: LoRAMapping,
+                       y: torch.Tensor) -> None:
+    assert x.stride(-1) == 1 and lora_a.stride(-1) == 1 and y.stride(-1) == 1
+    if m.is_empty:
+        return
+    n, k = lora_a.shape[1], lora_a.shape[2]
+    bm, bn, bk = _block_m(m), 16 if n <= 16 else 32, 64
+    grid = (len(m.seg_slots_host), triton.cdiv(m.max_seg_len, bm), triton.cdiv(n, bn))
+    _lora_shrink_kernel[grid](x, lora_a, y, m.sorted_token_ids, m.seg_start, m.seg_slots,
+                              x.stride(0), lora_a.stride(0), lora_a.stride(1), y.stride(0),
+                              n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+
+
+def lora_expand_triton(y: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping,
+                       out: torch.Tensor) -> None:
+    assert y.stride(-1) == 1 and lora_b.stride(-1) == 1 and out.stride(-1) == 1
+    if m.is_empty:
+        return
+    n, k = lora_b.shape[1], lora_b.shape[2]
+    bm, bn, bk = _block_m(m), 64, 16 if k <= 16 else 32
+    grid = (len(m.seg_slots_host), triton.cdiv(m.max_seg_len, bm), triton.cdiv(n, bn))
+    _lora_expand_kernel[grid](y, lora_b, out, m.sorted_token_ids, m.seg_start, m.seg_slots,
+                              y.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+                              n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)

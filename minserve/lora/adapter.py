@@ -1,0 +1,188 @@
+"""Read one LoRA adapter in the PEFT layout (adapter_config.json + adapter_model.safetensors) and
+check it against the base model: rank, target modules, shapes, unsupported variants. The result
+holds, per fused base layer (qkv_proj, gate_up_proj, ...), each slice's A [r, in] and B [out, r]
+with the scale folded into B. Never unpickles anything (adapter_model.bin is refused)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from minserve.config import ConfigError, ModelConfig
+
+MAX_CONFIG_BYTES = 1 << 20
+# HF projection -> (parent module, fused module in minserve, slice index in the fused layer)
+TARGETS = {
+    "q_proj": ("self_attn", "qkv_proj", 0), "k_proj": ("self_attn", "qkv_proj", 1),
+    "v_proj": ("self_attn", "qkv_proj", 2), "o_proj": ("self_attn", "o_proj", 0),
+    "gate_proj": ("mlp", "gate_up_proj", 0), "up_proj": ("mlp", "gate_up_proj", 1),
+    "down_proj": ("mlp", "down_proj", 0),
+}
+FUSED_SLICES = {"qkv_proj": 3, "o_proj": 1, "gate_up_proj": 2, "down_proj": 1}
+# config fields of PEFT variants minserve does not run: refused when set to anything but these
+_VARIANTS = {"use_dora": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
+             "lora_bias": (False, None), "fan_in_fan_out": (False, None),
+             "layer_replication": (None,), "use_qalora": (False, None),
+             "megatron_config": (None,), "trainable_token_indices": (None,),
+             "target_parameters": (None, []), "alora_invocation_tokens": (None,),
+             "use_bdlora": (None, False), "arrow_config": (None,), "velora_config": (None,),
+             "monteclora_config": (None,), "kasa_config": (None,)}
+_KEY = re.compile(r"(?:base_model\.model\.)?(model\.layers\.(\d+)\.(\w+)\.(\w+))"
+                  r"\.lora_([AB])(?:\.default)?\.weight")
+
+
+class LoRAError(ConfigError):
+    """An adapter minserve cannot serve: a start-up error, or a 400 on the load route."""
+
+
+@dataclass
+class LoRAWeights:
+    """One loaded adapter: weights[fused module name][slice] = (A [r, in], B*scale [out, r])."""
+    name: str
+    path: str
+    rank: int
+    scale: float
+    weights: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]] = field(
+        default_factory=dict)
+
+
+def slice_shapes(mc: ModelConfig, leaf: str) -> tuple[int, int]:
+    """(in_features, out_features) of one HF projection in the full (unsharded) model."""
+    q, kv, h, i = (mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim,
+                   mc.hidden_size, mc.intermediate_size)
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[leaf]
+
+
+def resolve_adapter(path: str) -> str:
+    """A local folder, or a hub id fetched through huggingface-hub like a model."""
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        return local
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or not path:
+        raise LoRAError(f"LoRA adapter {path!r}: no such folder")
+    from minserve.models.loader import _hub_snapshot
+    try:
+        return _hub_snapshot(path, None)
+    except ConfigError as e:
+        raise LoRAError(str(e)) from None
+
+
+def read_config(folder: str, max_rank: int) -> dict:
+    cfg_path = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise LoRAError(f"{folder}: no adapter_config.json (not a PEFT LoRA adapter)")
+    if os.path.getsize(cfg_path) > MAX_CONFIG_BYTES:
+        raise LoRAError(f"{cfg_path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoRAError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise LoRAError(f"{cfg_path}: must be a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise LoRAError(f"adapter_config.json: peft_type {cfg['peft_type']!r} is not supported "
+                        "(only LORA)")
+    for name, allowed in _VARIANTS.items():
+        if cfg.get(name) not in allowed:
+            raise LoRAError(f"adapter_config.json: {name}={cfg[name]!r} is not supported "
+                            "(plain LoRA only: no DoRA, rank/alpha patterns or other variants)")
+    if cfg.get("modules_to_save"):
+        raise LoRAError(f"adapter_config.json: modules_to_save={cfg['modules_to_save']!r} is not "
+                        "supported (the adapter must not replace whole base-model modules)")
+    if cfg.get("bias", "none") != "none":
+        raise LoRAError(f"adapter_config.json: bias={cfg['bias']!r} is not supported (only "
+                        '"none")')
+    r = cfg.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise LoRAError(f"adapter_config.json: r must be a positive integer, got {r!r}")
+    if r > max_rank:
+        raise LoRAError(f"adapter_config.json: the LoRA rank r={r} is greater than "
+                        f"--max-lora-rank {max_rank}")
+    alpha = cfg.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise LoRAError(f"adapter_config.json: lora_alpha must be a number, got {alpha!r}")
+    return cfg
+
+
+def check_targets(target_modules: object, num_layers: int) -> None:
+    """target_modules (names, a regex over module names, or "all-linear") must name projections
+    the base model has and minserve wraps."""
+    if target_modules == "all-linear":
+        return
+    if isinstance(target_modules, str):
+        names = [f"model.layers.{i}.{parent}.{leaf}" for i in range(num_layers)
+                 for leaf, (parent, _, _) in TARGETS.items()]
+        try:
+            if not any(re.fullmatch(target_modules, n) for n in names):
+                raise LoRAError(f"adapter_config.json: target_modules {target_modules!r} matches "
+                                "no module of the base model")
+        except re.error as e:
+            raise LoRAError(f"adapter_config.json: target_modules {target_modules!r} is not a "
+                            f"valid regex ({e})") from None
+        return
+    if not isinstance(target_modules, list) or not target_modules:
+        raise LoRAError("adapter_config.json: target_modules must be a list of module names or "
+                        "a regex")
+    for t in target_modules:
+        if t not in TARGETS:
+            raise LoRAError(f"adapter_config.json: target_modules names {t!r}, which the base "
+                            f"model does not have as a LoRA target (supported: "
+                            f"{', '.join(TARGETS)})")
+
+
+def load_adapter(name: str, path: str, mc: ModelConfig, max_rank: int,
+                 dtype: torch.dtype) -> LoRAWeights:
+    """Read and check an adapter (on the CPU, in dtype). Raises LoRAError naming the problem."""
+    folder = resolve_adapter(path)
+    cfg = read_config(folder, max_rank)
+    check_targets(cfg.get("target_modules"), mc.num_hidden_layers)
+    st_path = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(st_path):
+        if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
+            raise LoRAError(f"{folder}: adapter_model.bin is a pickle file, which minserve never "
+                            "loads; convert it to adapter_model.safetensors")
+        raise LoRAError(f"{folder}: no adapter_model.safetensors")
+    r = cfg["r"]
+    alpha = cfg.get("lora_alpha", 8)
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    out = LoRAWeights(name, path, r, scale)
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(st_path, framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                m = _KEY.fullmatch(key)
+                if m is None or m.group(4) not in TARGETS or \
+                        TARGETS[m.group(4)][0] != m.group(3):
+                    raise LoRAError(f"adapter_model.safetensors: tensor {key!r} is not a LoRA "
+                                    "A/B weight of a q/k/v/o/gate/up/down projection of the "
+                                    "base model")
+                if int(m.group(2)) >= mc.num_hidden_layers:
+                    raise LoRAError(f"adapter_model.safetensors: {key!r}: the base model has "
+                                    f"{mc.num_hidden_layers} layers")
+                pairs.setdefault((m.group(1), m.group(4)), {})[m.group(5)] = f.get_tensor(key)
+    except SafetensorError as e:
+        raise LoRAError(f"{st_path}: not a valid safetensors file ({e})") from None
+    if not pairs:
+        raise LoRAError(f"{st_path}: holds no LoRA weights")
+    for (module, leaf), ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise LoRAError(f"adapter_model.safetensors: {module} has lora_{set(ab).pop()} "
+                            "without its pair")
+        in_f, out_f = slice_shapes(mc, leaf)
+        a, b = ab["A"], ab["B"]
+        if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
+            raise LoRAError(f"adapter_model.safetensors: {module}: lora_A {tuple(a.shape)} and "
+                            f"lora_B {tuple(b.shape)} do not fit the base model (expected "
+                            f"{(r, in_f)} and {(out_f, r)} for r={r})")
+        _, fused, index = TARGETS[leaf]
+        fused_name = module.rpartition(".")[0] + "." + fused
+        slices = out.weights.setdefault(fused_name, [None] * FUSED_SLICES[fused])
+        slices[index] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+    return out

@@ -1,0 +1,124 @@
+"""Adapter residency: the known adapters (name -> path), an LRU of --max-cpu-loras loaded ones
+on the host, and --max-loras device slots that every LoRALayer stacks. activate() gives each row
+of a step its slot, loading what is missing on demand; the scheduler keeps a step within
+--max-loras distinct adapters, so a slot is always free or held by an adapter the step skips."""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+from minserve.config import LoRAConfig, ModelConfig
+from minserve.kernels.lora import lora_mapping
+from minserve.lora.adapter import FUSED_SLICES, TARGETS, LoRAError, LoRAWeights, load_adapter
+from minserve.lora.adapter import slice_shapes as _slice_shapes
+from minserve.lora.layers import LoRALayer, LoRAState
+from minserve.models.linear import LinearBase
+
+_LAYER = re.compile(r"(?:^|\.)(model\.layers\.\d+\.(?:self_attn|mlp)\.(" +
+                    "|".join(FUSED_SLICES) + r"))$")
+_FIRST_LEAF = {fused: leaf for leaf, (_, fused, i) in reversed(TARGETS.items()) if i == 0}
+
+
+class LoRAManager:
+    def __init__(self, model: nn.Module, mc: ModelConfig, config: LoRAConfig,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.config, self.model_config, self.dtype = config, mc, dtype
+        self.state = LoRAState()
+        self.layers: dict[str, LoRALayer] = {}
+        for name, module in model.named_modules():
+            # the language model's layers only (a vision tower has qkv_proj layers too), keyed
+            # as PEFT names them below the base model: model.layers.N.self_attn.qkv_proj
+            m = _LAYER.search(name)
+            if m is not None and isinstance(module, LinearBase):
+                full_in = _slice_shapes(mc, _FIRST_LEAF[m.group(2)])[0]
+                self.layers[m.group(1)] = LoRALayer(module, full_in, config.max_loras,
+                                                    config.max_lora_rank, dtype, device,
+                                                    self.state)
+        self.paths: dict[str, str] = {}          # served adapters
+        self.retired: dict[str, str] = {}        # unloaded, kept while requests still use them
+        self.cpu: OrderedDict[str, LoRAWeights] = OrderedDict()
+        self.slots: list[str | None] = [None] * config.max_loras
+        self._slot_tick = [0] * config.max_loras
+        self._tick = 0
+
+    # ---- the served set -------------------------------------------------------------------
+    def add(self, name: str, path: str) -> LoRAWeights:
+        """Load and check an adapter, then serve it under name (LoRAError: refused)."""
+        if name in self.paths:
+            raise LoRAError(f"The lora adapter '{name}' has already been loaded.")
+        if name in self.retired:
+            raise LoRAError(f"The lora adapter '{name}' is being unloaded; requests still use "
+                            "it. Try again when they finish.")
+        weights = load_adapter(name, path, self.model_config, self.config.max_lora_rank,
+                               self.dtype)
+        self.paths[name] = path
+        self._cache(weights)
+        return weights
+
+    def remove(self, name: str) -> None:
+        """Stop serving an adapter; requests already running with it finish (see purge)."""
+        if name not in self.paths:
+            raise LoRAError(f"The lora adapter '{name}' is not loaded.")
+        self.retired[name] = self.paths.pop(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.paths
+
+    def purge(self, in_use: set[str | None]) -> None:
+        """Drop the retired adapters no request uses any more (slot and host copy)."""
+        for name in [n for n in self.retired if n not in in_use]:
+            del self.retired[name]
+            self.cpu.pop(name, None)
+            for s, held in enumerate(self.slots):
+                if held == name:
+                    self.slots[s] = None
+                    for layer in self.layers.values():
+                        layer.set_slot(s, None)
+
+    # ---- residency ------------------------------------------------------------------------
+    def _cache(self, weights: LoRAWeights) -> None:
+        self.cpu[weights.name] = weights
+        self.cpu.move_to_end(weights.name)
+        while len(self.cpu) > self.config.max_cpu_loras:
+            self.cpu.popitem(last=False)
+
+    def _weights(self, name: str) -> LoRAWeights:
+        weights = self.cpu.get(name)
+        if weights is None:   # evicted from the host LRU: read it again
+            path = self.paths.get(name) or self.retired[name]
+            weights = load_adapter(name, path, self.model_config, self.config.max_lora_rank,
+                                   self.dtype)
+        self._cache(weights)
+        return weights
+
+    def activate(self, adapter_names: list[str | None]) -> list[int]:
+        """Each row's slot (-1: base model), loading into device slots what the step needs."""
+        wanted = {n for n in adapter_names if n is not None}
+        if len(wanted) > len(self.slots):
+            raise RuntimeError(f"a step with {len(wanted)} adapters > --max-loras "
+                               f"{len(self.slots)} (the scheduler should prevent it)")
+        self._tick += 1
+        slot_of: dict[str, int] = {}
+        for name in wanted:
+            if name in self.slots:
+                slot_of[name] = self.slots.index(name)
+        for name in sorted(wanted - set(slot_of)):
+            free = [s for s in range(len(self.slots)) if self.slots[s] not in wanted]
+            s = min(free, key=lambda i: (self.slots[i] is not None, self._slot_tick[i]))
+            weights = self._weights(name)
+            for layer_name, layer in self.layers.items():
+                layer.set_slot(s, weights.weights.get(layer_name))
+            self.slots[s] = name
+            slot_of[name] = s
+        for s in slot_of.values():
+            self._slot_tick[s] = self._tick
+        return [-1 if n is None else slot_of[n] for n in adapter_names]
+
+    def set_step(self, token_slots: np.ndarray | None, device: torch.device) -> None:
+        """The mapping every LoRALayer reads during this step's forward (None: base only)."""
+        self.state.mapping = (None if token_slots is None or not (token_slots >= 0).any()
+                              else lora_mapping(token_slots, device))
