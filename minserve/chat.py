@@ -17,6 +17,8 @@ import jinja2.utils
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from minserve.value_text import value_text
+
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Text part type -> the field holding its text (vLLM's set: Responses-style input_text and
 # output_text, and its "thinking" parts, are text too).
@@ -206,7 +208,7 @@ def normalize_messages(messages: Any, content_format: ContentFormat = "string") 
         role = message.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise ChatContentError(
-                f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {role!r}",
+                f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {value_text(role)}",
                 param=f"{where}.role")
         texts = _content_texts(message.get("content"), where)
         if content_format == "openai":
@@ -268,10 +270,10 @@ def _content_texts(content: Any, where: str) -> list[str]:
         elif kind in MEDIA_PART_TYPES:
             raise ChatContentError(
                 f"this model is text-only and does not accept {MEDIA_PART_TYPES[kind]} ({pwhere} "
-                f"has type {kind!r}); send text content only", param=pwhere)
+                f"has type {value_text(kind)}); send text content only", param=pwhere)
         else:
             raise ChatContentError(
-                f"{pwhere} has unsupported content part type {kind!r}; supported: "
+                f"{pwhere} has unsupported content part type {value_text(kind)}; supported: "
                 f"{', '.join(sorted(TEXT_PART_TYPES))}", param=f"{pwhere}.type")
     return texts
 

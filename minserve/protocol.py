@@ -25,6 +25,7 @@ from minserve.tool_parsers.constrained import (
     tool_choice_spec,
 )
 from minserve.tool_parsers.registry import get_tool_parser
+from minserve.value_text import value_text
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -117,7 +118,7 @@ def _num(body: dict, name: str, default: Any, lo: float | None = None, hi: float
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise _bad(name, f"must be {'an integer' if integer else 'a number'}, got {v!r}")
+        raise _bad(name, f"must be {'an integer' if integer else 'a number'}, got {value_text(v)}")
     if not integer and not math.isfinite(v):
         raise _bad(name, "must be a finite number")
     if integer and abs(v) >= 2**63:
@@ -134,7 +135,7 @@ def _bool(body: dict, name: str, default: bool) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise _bad(name, f"must be a boolean, got {v!r}")
+        raise _bad(name, f"must be a boolean, got {value_text(v)}")
     return v
 
 
@@ -182,7 +183,7 @@ def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
         try:
             tok = int(k)
         except ValueError:
-            raise _bad("logit_bias", f"key {k!r} is not a token id") from None
+            raise _bad("logit_bias", f"key {value_text(k)} is not a token id") from None
         if not 0 <= tok < vocab_size:
             raise _bad("logit_bias", f"token id {tok} is out of range [0, {vocab_size})")
         out[tok] = float(_num({"logit_bias": v}, "logit_bias", 0.0, -100, 100))
@@ -379,7 +380,7 @@ def _tools(body: dict, ctx: ServingContext, params: SamplingParams
     except ToolChoiceError as e:
         raise _bad("tool_choice", str(e)) from None
     if params.structured is not None:
-        raise _bad("tool_choice", f"{choice!r} tool choice cannot be combined with "
+        raise _bad("tool_choice", f"{value_text(choice)} tool choice cannot be combined with "
                    f"{_structured_param(body)}")
     # The whitespace options of structured outputs apply to the calls' JSON as well.
     so = body.get("structured_outputs")

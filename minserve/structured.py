@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import llguidance
 
+from minserve.value_text import value_text
+
 if TYPE_CHECKING:
     import torch
 
@@ -85,7 +87,8 @@ def _from_response_format(fmt: Any) -> dict[str, Any] | None:
             return {"json_object": True}
         return {"json": _check_value("json", schema, "response_format.json_schema.schema")}
     raise StructuredOutputError(
-        f"response_format type {kind!r} is not supported (use text, json_object or json_schema)")
+        f"response_format type {value_text(kind)} is not supported "
+        "(use text, json_object or json_schema)")
 
 
 def _check_value(kind: str, value: Any, where: str) -> Any:

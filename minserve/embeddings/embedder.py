@@ -29,6 +29,7 @@ from minserve.embeddings.pooling import (
 from minserve.embeddings.protocol import EmbeddingsRequestError
 from minserve.engine.engine import DTYPES, resolve_device
 from minserve.models.bert import load_encoder
+from minserve.value_text import value_text
 
 
 def _resolve_device_dtype(device: str, dtype: str, config_dtype: str | None
@@ -208,7 +209,7 @@ class Embedder:
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
                 raise EmbeddingsRequestError(
-                    f"input[{i}] holds token id {t!r}, outside the vocabulary [0, "
+                    f"input[{i}] holds token id {value_text(t)}, outside the vocabulary [0, "
                     f"{self.vocab_size})", param="input")
         return ids
 
