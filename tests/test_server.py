@@ -458,6 +458,29 @@ def test_usage_reports_cached_prompt_tokens(tiny_model_dir):
     assert again["completion_tokens"] == 4 and again["total_tokens"] == first["prompt_tokens"] + 4
 
 
+def test_requests_ending_in_their_prefill_step_are_prefix_cache_hits_later(tiny_model_dir):
+    """max_tokens 1 and a guided_choice end in the step that computes their prompt (scoring and
+    classification calls): the same prompt sent again hits every full block of it."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    bodies = [{"prompt": prompt, "max_tokens": 1},
+              {"messages": [{"role": "user", "content": prompt}], "max_tokens": 1},
+              {"prompt": "Spam? " + prompt, "guided_choice": ["yes", "no"], "max_tokens": 4}]
+
+    async def fn(app):
+        out = []
+        for body in bodies:
+            path = CHAT if "messages" in body else COMP
+            usages = [(await call(app, "POST", path, body)).json()["usage"] for _ in range(2)]
+            out.append(usages)
+        return out
+
+    block = 16
+    for first, again in run(real_app(tiny_model_dir), fn):
+        assert first["prompt_tokens_details"]["cached_tokens"] == 0
+        want = (first["prompt_tokens"] - 1) // block * block  # the last token always runs
+        assert again["prompt_tokens_details"]["cached_tokens"] == want > 0, (first, again)
+
+
 def test_cache_salt_keeps_tenants_apart_in_the_prefix_cache(tiny_model_dir):
     """vLLM's cache_salt on completions and chat: the same prompt shares KV blocks with an
     earlier request only under the same salt (no salt is a tenant of its own); a salt that is

@@ -246,8 +246,10 @@ class Scheduler:
                 continue
             num_prompt_lps = self._collect_prompt_logprobs(request, sampled, i)
             request.num_computed_tokens += num
+            # NOTE: publish before the finish check: a request that ends in the step that computed
+            # its prompt (max_tokens 1, a choice, a loglikelihood) still leaves its blocks cached.
+            self.kv.cache_full_blocks(request)
             if request.num_computed_tokens < request.num_tokens:
-                self.kv.cache_full_blocks(request)
                 continue  # a prefill chunk short of the end samples nothing
             token = sampled.token_ids[i]
             if not request.output_token_ids:
@@ -265,8 +267,6 @@ class Scheduler:
             if request.finish_reason is not None:
                 self.running.remove(request)
                 self._finish(request, request.finish_reason)
-            else:
-                self.kv.cache_full_blocks(request)
             outputs.append(out)
         return outputs
 
