@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import llguidance
 
+from minserve.regex_dialect import WORD_CLASS, RegexDialectError, prepare_regex
 from minserve.value_text import value_text
 
 if TYPE_CHECKING:
@@ -137,11 +138,25 @@ def grammar_from_spec(spec: dict[str, Any]) -> str:
             # NOTE: \d and \w are ASCII ([0-9], [0-9a-zA-Z_]) as in JSON Schema and xgrammar: the
             # Rust defaults (any Unicode digit/letter/mark) let a model write "６" into an IPv4
             # address, and produce text that Python's re (another Unicode table) rejects.
-            return llguidance.LLMatcher.grammar_from_lark(
-                f"start: /{llguidance.regex_to_lark(value, 'dw')}/")
+            return _regex_grammar(value)
         return llguidance.grammar_from("grammar", value)  # Lark, or GBNF/EBNF converted to Lark
     except ValueError as e:
         raise StructuredOutputError(f"invalid {kind}: {e}") from None
+
+
+def _regex_grammar(regex: str) -> str:
+    """A guided_regex as one Lark lexeme; a \\b at an end becomes an intersection (`&`) with
+    "starts/ends with a word character", which is exactly what it means under fullmatch."""
+    try:
+        rx = prepare_regex(regex)
+    except RegexDialectError as e:
+        raise StructuredOutputError(str(e)) from None
+    lexeme = f"/{llguidance.regex_to_lark(rx.body, 'dw')}/"
+    if rx.word_start:
+        lexeme += f" & /{WORD_CLASS}(.|\\n)*/"
+    if rx.word_end:
+        lexeme += f" & /(.|\\n)*{WORD_CLASS}/"
+    return llguidance.LLMatcher.grammar_from_lark(f"start: REGEX\nREGEX: {lexeme}")
 
 
 # ---------------------------------------------------------------- tokenizer bridge

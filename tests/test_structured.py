@@ -126,6 +126,38 @@ def test_regex_random_logits(tok, regex):
         assert re.fullmatch(regex, text), (regex, text)
 
 
+GUIDE_IPV4 = (r"\b(25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)\.(25[0-5]|2[0-4][0-9]|[01]?[0-9]"
+              r"[0-9]?)\.(25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)\.(25[0-5]|2[0-4][0-9]|[01]?[0-9]"
+              r"[0-9]?)\b")  # vLLM's structured-outputs guide, Task 9, verbatim
+
+
+@pytest.mark.parametrize("regex", [
+    GUIDE_IPV4, r"^\d{3}-\d{4}$", r"\A[a-z]+\Z", r"\w+\s\w+", r"a{,3}b", r"(?:ab){1,2}?c",
+    r"(?i)yes|no", r"\b[a-z ]{1,8}", r"[ .a-c]{1,6}\b", r"[^\W\d]{2}", r"\$[0-9]+\.[0-9]{2}"])
+def test_regex_dialect_random_logits(tok, regex):
+    """What people write for vLLM's backends: anchors and \b at the ends are exact (Python's
+    re.fullmatch agrees with every output), Python's {,n} works, flags and lazy quantifiers too."""
+    for seed in range(8):
+        text, finished = run_random(st.compile({"regex": regex}, tok, MODEL_VOCAB), tok, seed)
+        # \d and \w are ASCII (see structured.py); (?i) folds case as Unicode does (ſ ~ s)
+        flags = 0 if "(?i)" in regex else re.ASCII
+        assert finished and re.fullmatch(regex, text, flags), (regex, text)
+
+
+@pytest.mark.parametrize("regex, message", [
+    (r"a(?=b)b", "a lookaround ((?=) at position 1"),
+    (r"(?<!x)a", "a lookaround ((?<!) at position 0"),
+    (r"(a)\1", "a backreference (\\1) at position 3"),
+    (r"a\bb", "a word boundary (\\b) at position 1"),
+    (r"\ba|b", "a word boundary (\\b) at position 0"), (r"x\B", "(\\B) at position 1"),
+    (r"a^b", "the anchor ^ at position 1"), (r"(?>ab)", "an atomic group"),
+    (r"(?m)^a$", "the multi-line flag")])
+def test_regex_dialect_refusals_name_the_construct(tok, regex, message):
+    with pytest.raises(StructuredOutputError) as e:
+        st.compile({"regex": regex}, tok, MODEL_VOCAB)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 def test_choice_random_logits(tok):
     choices = ["SPAM", "NOT_SPAM", "日本語 ok", 'a "quote"', "SPAMMER"]
     seen = set()
