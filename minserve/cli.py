@@ -51,6 +51,35 @@ def _origins(text: str) -> list[str]:
     return [o.strip() for o in text.split(",") if o.strip()]
 
 
+# vLLM's StructuredOutputsConfig keys; only the two switches change what minserve generates
+# (llguidance is the one backend; "auto", "guidance", "xgrammar" are accepted for compatibility).
+_SO_SWITCHES = {"disable_any_whitespace": "any_whitespace",
+                "disable_additional_properties": "additional_properties"}
+_SO_ACCEPTED = {"backend", "disable_fallback", "reasoning_parser", "enable_in_reasoning"}
+
+
+def _structured_outputs_config(text: str) -> dict[str, bool]:
+    """--structured-outputs-config '{"disable_any_whitespace": true}' -> spec options."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. "
+                                         '\'{"disable_any_whitespace": true}\'') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    unknown = sorted(set(value) - set(_SO_SWITCHES) - _SO_ACCEPTED)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown key(s) {', '.join(unknown)} (known: "
+                                         f"{', '.join(sorted({*_SO_SWITCHES, *_SO_ACCEPTED}))})")
+    out = {}
+    for key, option in _SO_SWITCHES.items():
+        if key in value:
+            if not isinstance(value[key], bool):
+                raise argparse.ArgumentTypeError(f"{key} must be true or false")
+            out[option] = not value[key]
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m minserve",
@@ -111,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="the model's tool-call format, for tool_choice \"auto\"")
     a("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
       help="split the model's <think> text into reasoning_content")
+    a("--structured-outputs-config", type=_structured_outputs_config, default={},
+      help='JSON, as vLLM: {"disable_any_whitespace": true} (compact JSON), '
+           '{"disable_additional_properties": false} (objects without additionalProperties '
+           "may hold unlisted keys; by default they hold only the listed ones, as xgrammar)")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
       help="must be 1 (tensor parallelism is not implemented yet)")
     a("--task", default="auto", choices=["auto", "generate", "embed", "embedding"],
@@ -187,7 +220,8 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         log_requests=args.enable_log_requests and not args.disable_log_requests,
         model_root=args.model or DEFAULT_MODEL_NAME,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
-        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        structured_defaults=args.structured_outputs_config)
 
 
 async def serve(args: argparse.Namespace) -> int:

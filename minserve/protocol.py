@@ -16,7 +16,7 @@ from minserve.engine.request import EngineRequest, prompt_length_error
 from minserve.http import OpenAIError
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
 from minserve.sampling_params import SamplingParams
-from minserve.structured import StructuredOutputError, structured_from_request
+from minserve.structured import StructuredOutputError, request_options, structured_from_request
 from minserve.tool_parsers.constrained import (
     NamedToolCallParser,
     RequiredToolCallParser,
@@ -46,6 +46,9 @@ class ServingContext:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # --structured-outputs-config as spec options ({"any_whitespace": False, ...}); a request's
+    # own structured_outputs switches win.
+    structured_defaults: dict[str, bool] = field(default_factory=dict)
     # A longer prompt text cannot fit in max_model_len tokens whatever it tokenizes to (App sets
     # it from the tokenizer's longest token); None: no early check.
     max_prompt_chars: int | None = None
@@ -190,10 +193,12 @@ def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
     return out
 
 
-def _structured(body: dict) -> dict[str, Any] | None:
-    """Every spelling of a structured-output constraint (structured.py reads them all)."""
+def _structured(body: dict, ctx: ServingContext) -> dict[str, Any] | None:
+    """Every spelling of a structured-output constraint (structured.py reads them all), with the
+    server's --structured-outputs-config where the request sets no option of its own."""
     try:
-        return structured_from_request(body)
+        spec = structured_from_request(body)
+        return None if spec is None else {**ctx.structured_defaults, **spec}
     except StructuredOutputError as e:
         raise OpenAIError(400, str(e), param=_structured_param(body)) from None
 
@@ -258,7 +263,7 @@ def _sampling(body: dict, ctx: ServingContext, max_tokens_default: int | None,
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
         spaces_between_special_tokens=_bool(body, "spaces_between_special_tokens", True),
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
-        structured=_structured(body),
+        structured=_structured(body, ctx),
     )
 
 
@@ -383,9 +388,10 @@ def _tools(body: dict, ctx: ServingContext, params: SamplingParams
         raise _bad("tool_choice", f"{value_text(choice)} tool choice cannot be combined with "
                    f"{_structured_param(body)}")
     # The whitespace options of structured outputs apply to the calls' JSON as well.
-    so = body.get("structured_outputs")
-    if isinstance(so, dict) and so.get("disable_any_whitespace"):
-        spec["any_whitespace"] = False
+    try:
+        spec.update(ctx.structured_defaults, **request_options(body.get("structured_outputs")))
+    except StructuredOutputError as e:
+        raise _bad("structured_outputs", str(e)) from None
     ws = body.get("guided_whitespace_pattern")
     if isinstance(ws, str):
         spec["whitespace_pattern"] = ws

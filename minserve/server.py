@@ -42,6 +42,7 @@ class ServerConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    structured_defaults: dict[str, bool] = field(default_factory=dict)  # from the CLI flag
     embedding_model_names: list[str] = field(default_factory=list)  # served by App.embedding
 
 
@@ -102,6 +103,7 @@ class App:
                 enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
                 tool_call_parser=self.cfg.tool_call_parser,
                 reasoning_parser=self.cfg.reasoning_parser,
+                structured_defaults=self.cfg.structured_defaults,
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
                                                     info.tokenizer.max_token_bytes))
         return self._ctx

@@ -65,9 +65,25 @@ def structured_from_request(body: dict[str, Any]) -> dict[str, Any] | None:
         if not isinstance(ws, str):
             raise StructuredOutputError("'guided_whitespace_pattern' must be a string")
         spec["whitespace_pattern"] = ws
-    if so is not None and so.get("disable_any_whitespace"):
-        spec["any_whitespace"] = False
+    spec.update(request_options(so))
     return spec
+
+
+def request_options(so: Any) -> dict[str, bool]:
+    """vLLM's per-request switches in `structured_outputs` -> spec options (absent: the
+    server's --structured-outputs-config, then the defaults of grammar_from_spec)."""
+    out: dict[str, bool] = {}
+    if not isinstance(so, dict):
+        return out
+    for key, option in (("disable_any_whitespace", "any_whitespace"),
+                        ("disable_additional_properties", "additional_properties")):
+        value = so.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            raise StructuredOutputError(f"'structured_outputs.{key}' must be a boolean")
+        out[option] = not value
+    return out
 
 
 def _from_response_format(fmt: Any) -> dict[str, Any] | None:
@@ -115,6 +131,41 @@ def _check_value(kind: str, value: Any, where: str) -> Any:
 
 
 # ---------------------------------------------------------------- spec -> grammar
+# Keywords whose values are subschemas: maps of them, lists of them, or one.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_SCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains",
+               "propertyNames", "additionalItems", "unevaluatedProperties", "unevaluatedItems")
+
+
+def close_objects(schema: Any) -> Any:
+    """vLLM's disable_additional_properties, our default: every object schema that lists
+    `properties` (or `patternProperties`) and says nothing of `additionalProperties` gets
+    `additionalProperties: false`, so the output holds only the listed keys, as xgrammar (vLLM's
+    default backend) generates. A copy, built without recursion; the input is untouched."""
+    root = [schema]
+    todo: list[tuple[Any, Any]] = [(root, 0)]  # (container, key) of each subschema to visit
+    while todo:
+        parent, key = todo.pop()
+        node = parent[key]
+        if not isinstance(node, dict):
+            continue
+        node = parent[key] = dict(node)
+        if ("properties" in node or "patternProperties" in node) \
+                and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        for k in _SCHEMA_MAPS:
+            if isinstance(node.get(k), dict):
+                node[k] = dict(node[k])
+                todo.extend((node[k], name) for name in node[k])
+        for k in _SCHEMA_LISTS:
+            if isinstance(node.get(k), list):
+                node[k] = list(node[k])
+                todo.extend((node[k], i) for i in range(len(node[k])))
+        todo.extend((node, k) for k in _SCHEMA_ONE if isinstance(node.get(k), dict))
+    return root[0]
+
+
 def grammar_from_spec(spec: dict[str, Any]) -> str:
     """The llguidance grammar text for a spec (not yet checked against a tokenizer)."""
     kinds = [k for k in SPEC_KINDS if spec.get(k) not in (None, False)]
@@ -123,6 +174,8 @@ def grammar_from_spec(spec: dict[str, Any]) -> str:
             f"a structured output spec needs exactly one of {', '.join(SPEC_KINDS)}; got {kinds}")
     kind = kinds[0]
     value = _check_value(kind, spec[kind], kind)
+    if kind == "json" and not spec.get("additional_properties", False):
+        value = close_objects(value)
     options: dict[str, Any] = {"whitespace_flexible": spec.get("any_whitespace", True)}
     if spec.get("whitespace_pattern") is not None:
         options["whitespace_pattern"] = spec["whitespace_pattern"]

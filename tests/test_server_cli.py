@@ -21,6 +21,7 @@ VLLM_FLAGS = [
     ["--uvicorn-log-level", "warning"], ["--allowed-origins", '["https://a.example"]'],
     ["--root-path", "/api"], ["--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem"],
     ["--trust-remote-code"], ["--tensor-parallel-size", "1"],
+    ["--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}'],
 ]
 
 
@@ -62,6 +63,14 @@ def test_api_key_from_environment(monkeypatch):
     assert cli.server_config(cli.parse_args(["--api-key", "flag"])).api_keys == ["flag"]
 
 
+def test_structured_outputs_config_sets_the_spec_defaults():
+    args = cli.parse_args(["--structured-outputs-config", '{"disable_any_whitespace": true, '
+                           '"disable_additional_properties": false}'])
+    assert cli.server_config(args).structured_defaults == {"any_whitespace": False,
+                                                           "additional_properties": True}
+    assert cli.server_config(cli.parse_args([])).structured_defaults == {}
+
+
 @pytest.mark.parametrize("argv, word", [
     (["--quantization", "awq"], "unsupported argument(s): --quantization"),
     (["--speculative-config", "{}"], "unsupported argument(s): --speculative-config"),
@@ -72,6 +81,9 @@ def test_api_key_from_environment(monkeypatch):
     (["--block-size", "12"], "--block-size"),
     (["--dtype", "int3"], "--dtype"),
     (["/a", "--model", "/b"], "two models"),
+    (["--structured-outputs-config", "{nope"], "must be a JSON object"),
+    (["--structured-outputs-config", '{"disable_any_whitespac": true}'], "unknown key(s)"),
+    (["--structured-outputs-config", '{"disable_any_whitespace": 1}'], "true or false"),
 ])
 def test_bad_flags_are_errors_that_say_why(argv, word, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -273,6 +273,36 @@ def test_ll_tokenizer_cached_on_tokenizer(tok):
     st.get_ll_tokenizer(tok.tokenizer, MODEL_VOCAB)  # a bare tokenizers.Tokenizer works too
 
 
+OPEN = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                         "age": {"type": "integer", "minimum": 0,
+                                                 "maximum": 99}},
+        "required": ["name", "age"]}  # vLLM's guide: no additionalProperties
+
+
+def test_objects_hold_only_their_listed_properties_by_default(tok):
+    """vLLM's disable_additional_properties is the default (xgrammar's behaviour): random logits
+    never add a key the schema does not list; nested objects and $defs are closed too, but
+    `additionalProperties: true` or a schema under it still allows extra keys."""
+    nested = {"type": "object", "properties": {"p": {"$ref": "#/$defs/p"}}, "required": ["p"],
+              "$defs": {"p": OPEN}}
+    for schema in (OPEN, nested):
+        for seed in range(10):
+            text, finished = run_random(st.compile({"json": schema}, tok, MODEL_VOCAB), tok, seed)
+            value = json.loads(text)
+            inner = value["p"] if schema is nested else value
+            assert finished and set(value) == set(schema["required"]) and \
+                set(inner) == {"name", "age"}, text
+    opened = [st.compile({"json": OPEN, "additional_properties": True}, tok, MODEL_VOCAB),
+              st.compile({"json": {**OPEN, "additionalProperties": {"type": "integer"}}}, tok,
+                         MODEL_VOCAB)]
+    extra = tok.tokenizer.encode('{"name":"a","age":1,"x').ids  # only valid with extra keys
+    for c in opened:
+        assert all(c.accept_token(t) for t in extra), c.error
+    closed = st.compile({"json": OPEN}, tok, MODEL_VOCAB)
+    assert not all(closed.accept_token(t) for t in extra)
+    assert st.close_objects(OPEN) is not OPEN and "additionalProperties" not in OPEN
+
+
 # ---------------------------------------------------------------- request spellings
 @pytest.mark.parametrize("body,want", [
     ({}, None),
@@ -291,6 +321,8 @@ def test_ll_tokenizer_cached_on_tokenizer(tok):
     ({"structured_outputs": {"choice": ["x"]}}, {"choice": ["x"]}),
     ({"structured_outputs": {"json": PERSON, "disable_any_whitespace": True}},
      {"json": PERSON, "any_whitespace": False}),
+    ({"structured_outputs": {"json": PERSON, "disable_additional_properties": False}},
+     {"json": PERSON, "additional_properties": True}),
     ({"response_format": {"type": "text"}, "guided_regex": "a"}, {"regex": "a"}),
 ])
 def test_structured_from_request(body, want):
