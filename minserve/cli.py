@@ -20,6 +20,9 @@ from minserve.reasoning import REASONING_PARSERS
 from minserve.tool_parsers.registry import TOOL_PARSERS
 
 logger = logging.getLogger("minserve")
+# The start-up lines (loading, ready, the URL) print at any --uvicorn-log-level (main() keeps
+# this logger at INFO), as vLLM's "Uvicorn running on" does.
+startup_logger = logging.getLogger("minserve.startup")
 
 API_KEY_ENVS = ("VLLM_API_KEY", "MINSERVE_API_KEY")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -120,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
            "CUDA graphs, so it always runs eagerly")
     a("--disable-log-requests", action="store_true", help="do not log each request (default)")
     a("--enable-log-requests", action="store_true", help="log each request's size and params")
-    a("--log-level", "--uvicorn-log-level", dest="log_level", default="info", choices=LOG_LEVELS)
+    a("--log-level", "--uvicorn-log-level", dest="log_level", default="info", choices=LOG_LEVELS,
+      help="minserve's and granian's log level (the start-up and ready lines print at any)")
+    a("--enable-metrics", action="store_true",
+      help="accepted for vLLM compatibility: /metrics (Prometheus) is always on")
     a("--allowed-origins", type=_origins, default=["*"],
       help='CORS origins, a JSON list or comma-separated (default ["*"])')
     a("--root-path", default="", help="path prefix when behind a path-based proxy")
@@ -241,15 +247,16 @@ async def serve(args: argparse.Namespace) -> int:
                     # granian wants Paths here (a str fails inside its TLS set-up)
                     ssl_cert=_path(args.ssl_certfile), ssl_key=_path(args.ssl_keyfile),
                     backlog=1024)
+    logging.getLogger("_granian").addFilter(_quiet_granian)
     exit_code = 0
     primary = app.services[0]  # the chat engine, or the embedding service serving alone
 
     def on_ready() -> None:
         info = primary.info
-        logger.info("loaded %s (%s) max_model_len=%d; KV cache: %d blocks = %s tokens",
-                    app.model_name, info.architecture, info.max_model_len, info.num_kv_blocks,
-                    info.num_kv_blocks * info.block_size)
-        logger.info("ready: OpenAI API at %s (model %r)", url, app.model_name)
+        startup_logger.info("loaded %s (%s) max_model_len=%d; KV cache: %d blocks = %s tokens",
+                            app.model_name, info.architecture, info.max_model_len,
+                            info.num_kv_blocks, info.num_kv_blocks * info.block_size)
+        startup_logger.info("ready: OpenAI API at %s (model %r)", url, app.model_name)
 
     def on_dead(reason: str, force: bool = False) -> None:
         nonlocal exit_code
@@ -266,14 +273,20 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.stop)
-    logger.info("minserve %s: loading %s; listening on %s (/health is 503 until loaded)",
-                __version__, args.model or DEFAULT_MODEL_NAME, url)
+    startup_logger.info("minserve %s: loading %s; listening on %s (/health is 503 until "
+                        "loaded)", __version__, args.model or DEFAULT_MODEL_NAME, url)
     await server.serve()
     return exit_code
+
+
+def _quiet_granian(record: logging.LogRecord) -> bool:
+    """granian's embedded mode warns that it is experimental on every start: not for our users."""
+    return "is experimental" not in record.getMessage()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    startup_logger.setLevel(min(logging.INFO, logging.getLevelName(level)))
     sys.exit(asyncio.run(serve(args)))

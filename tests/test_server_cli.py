@@ -111,3 +111,22 @@ def test_engine_that_fails_to_load_exits_non_zero(tmp_path):
 def test_sizes_read_as_vllm_reads_them():
     assert [cli._size(t) for t in ("4096", "4k", "4K", "1.5k", "2M", "2GiB", "512MB", "1gib")] == [
         4096, 4000, 4096, 1500, 2 << 20, 2 << 30, 512 << 20, 1 << 30]
+
+
+def test_ready_line_at_any_log_level_and_no_granian_warning(tiny_model_dir):
+    """--uvicorn-log-level warning (the guides' spelling) and --enable-metrics: the loading,
+    ready and URL lines still print, granian's "experimental" warning does not, /metrics is on."""
+    import urllib.request
+
+    from tests.serving import start_server, stop_server
+
+    proc, url = start_server(["serve", tiny_model_dir, "--uvicorn-log-level", "warning",
+                              "--enable-metrics", "--kv-cache-memory", "4MiB"])
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            assert b"vllm:num_requests_running" in r.read()
+    finally:
+        code, out = stop_server(proc)
+    assert code == 0, out
+    assert "ready: OpenAI API at http://127.0.0.1:" in out and "loading" in out, out
+    assert "experimental" not in out, out

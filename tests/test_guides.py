@@ -1,0 +1,51 @@
+"""vLLM's guide snippets, run as written through the OpenAI SDK against `python -m minserve` on
+the default model (slow): structured outputs Task 4 (a JSON schema without
+additionalProperties, no max_tokens) and Task 9 (the IPv4 regex with \\b), tool calling Task 7
+(`--enable-auto-tool-choice` alone). One server for the module."""
+from __future__ import annotations
+
+import json
+import re
+
+import openai
+import pytest
+
+from tests.serving import serving
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client():
+    with serving(["--enable-auto-tool-choice", "--max-model-len", "2048",
+                  "--kv-cache-memory", "64MiB"], timeout=900) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
+
+
+def test_task4_json_schema_closes_the_object(client):
+    model = client.models.list().data[0].id
+    json_schema = {"type": "object",
+                   "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                   "required": ["name", "age"]}
+    completion = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user",
+                   "content": "Generate a JSON with the name and age of one random person."}],
+        extra_body={"guided_json": json_schema},
+    )
+    value = json.loads(completion.choices[0].message.content)
+    assert set(value) == {"name", "age"} and isinstance(value["age"], int), value
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.completion_tokens <= 60, completion.usage
+
+
+def test_task9_regex_with_word_boundaries(client):
+    model = client.models.list().data[0].id
+    ip = (r"\b(25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)\.(25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)\."
+          r"(25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)\.(25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)\b")
+    completion = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Generate an example IP address."}],
+        extra_body={"guided_regex": ip, "stop": ["\n"]},
+    )
+    assert re.fullmatch(ip, completion.choices[0].message.content), completion
