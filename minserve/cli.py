@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--enable-log-requests", action="store_true", help="log each request's size and params")
     a("--log-level", "--uvicorn-log-level", dest="log_level", default="info", choices=LOG_LEVELS,
       help="minserve's and granian's log level (the start-up and ready lines print at any)")
+    a("--disable-log-stats", action="store_true",
+      help="do not log the throughput/KV-usage line every 10 s while requests run")
     a("--enable-metrics", action="store_true",
       help="accepted for vLLM compatibility: /metrics (Prometheus) is always on")
     a("--allowed-origins", type=_origins, default=["*"],
@@ -227,7 +229,7 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         model_root=args.model or DEFAULT_MODEL_NAME,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        structured_defaults=args.structured_outputs_config)
+        structured_defaults=args.structured_outputs_config, log_stats=not args.disable_log_stats)
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ class ServerConfig:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     structured_defaults: dict[str, bool] = field(default_factory=dict)  # from the CLI flag
+    log_stats: bool = True          # the periodic throughput line (--disable-log-stats)
     embedding_model_names: list[str] = field(default_factory=list)  # served by App.embedding
 
 
@@ -59,7 +60,9 @@ class App:
         self.embedding = embedding
         self.services = [s for s in (chat, embedding) if s is not None]
         self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
-        self.metrics = Metrics(self.model_name, lambda: self.services[0].stats)
+        self.metrics = Metrics(self.model_name, lambda: self.services[0].stats,
+                               log_stats=cfg.log_stats)
+        self._stats_task: asyncio.Task | None = None
         self._ctx: ServingContext | None = None
         self.started = time.time()
 
@@ -80,12 +83,21 @@ class App:
                 except Exception as e:  # never leave granian waiting on a startup reply
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return
+                self._stats_task = asyncio.create_task(self._tick_stats())
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                if self._stats_task is not None:
+                    self._stats_task.cancel()
                 for service in self.services:
                     await service.shutdown(self.cfg.shutdown_grace_s)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _tick_stats(self) -> None:
+        """Close a stats interval every few seconds (vLLM's periodic log line and gauges)."""
+        while True:
+            await asyncio.sleep(self.metrics.window.interval)
+            self.metrics.window.tick()
 
     # ---- routing policy: which model answers which route
     @property

@@ -22,6 +22,7 @@ VLLM_FLAGS = [
     ["--root-path", "/api"], ["--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem"],
     ["--trust-remote-code"], ["--tensor-parallel-size", "1"],
     ["--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}'],
+    ["--enable-metrics"], ["--disable-log-stats"],
 ]
 
 
