@@ -13,7 +13,7 @@ from typing import Any
 
 from minserve.chat import ChatContentError, ChatTemplateError, normalize_messages
 from minserve.engine.request import EngineRequest, prompt_length_error
-from minserve.http import OpenAIError
+from minserve.http import OpenAIError, model_not_found
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
 from minserve.sampling_params import SamplingParams
 from minserve.structured import StructuredOutputError, request_options, structured_from_request
@@ -157,8 +157,7 @@ def _check_model(body: dict, ctx: ServingContext) -> str:
     if not isinstance(model, str):
         raise _bad("model", "must be a string")
     if model not in ctx.model_names:
-        raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
-                          type="NotFoundError")
+        raise model_not_found(model, ctx.model_names)
     return model
 
 

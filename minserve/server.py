@@ -15,7 +15,7 @@ from typing import Any
 from minserve import __version__, output
 from minserve.embeddings import routes as embedding_routes
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
-from minserve.http import Http, OpenAIError, Receive, Scope, Send, find_route
+from minserve.http import Http, OpenAIError, Receive, Scope, Send, find_route, model_not_found
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from minserve.metrics import Metrics, RequestTracker
 from minserve.protocol import (
@@ -159,8 +159,7 @@ class App:
         if self.chat is not None and model in self.cfg.served_model_names:
             raise OpenAIError(400, f"`{model}` is a chat model and does not create embeddings: "
                               f"use {_names(names)} with /v1/embeddings.", param="model")
-        raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
-                          type="NotFoundError")
+        raise model_not_found(str(model), names)
 
     def model_names(self) -> list[str]:
         chat = self.cfg.served_model_names if self.chat is not None else []
@@ -371,8 +370,7 @@ async def list_models(app: App, http: Http) -> None:
 async def get_model(app: App, http: Http) -> None:
     name = http.path_params["model"]
     if name not in app.model_names():
-        raise OpenAIError(404, f"The model `{name}` does not exist.", param="model",
-                          type="NotFoundError")
+        raise model_not_found(name, app.model_names())
     await http.send_json(200, _model_card(app, name))
 
 

@@ -635,3 +635,18 @@ def test_stats_window_logs_vllm_line_and_feeds_throughput_gauges(tiny_model_dir,
     stats["num_generation_tokens"] = 30
     caplog.clear()
     assert quiet.tick(now=3.0) and quiet.generation_throughput == 10.0 and not caplog.records
+
+
+def test_unknown_model_404_lists_the_served_names(tiny_model_dir):
+    """A newcomer's first 404: it names what is served and where the names come from."""
+    async def fn(app):
+        return [await call(app, "POST", CHAT, {"model": "gpt-4", "messages": [
+                    {"role": "user", "content": "x"}]}),
+                await call(app, "POST", COMP, {"model": "m" * 10_000, "prompt": "x"}),
+                await call(app, "GET", "/v1/models/gpt-4")]
+
+    for r in run(real_app(tiny_model_dir), fn):
+        err = r.json()["error"]
+        assert r.status == 404 and err["type"] == "NotFoundError" and err["param"] == "model"
+        assert "does not exist" in err["message"] and "`tiny`, `alias`" in err["message"]
+        assert "--served-model-name" in err["message"] and len(err["message"]) < 400

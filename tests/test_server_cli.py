@@ -2,6 +2,7 @@
 what we do not support is an error that says so."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -131,3 +132,15 @@ def test_ready_line_at_any_log_level_and_no_granian_warning(tiny_model_dir):
     assert code == 0, out
     assert "ready: OpenAI API at http://127.0.0.1:" in out and "loading" in out, out
     assert "experimental" not in out, out
+
+
+def test_hub_id_offline_is_one_error_line(tmp_path):
+    """An unfetchable hub id: exit 1 with one error line naming the alternatives, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    p = subprocess.run([sys.executable, "-m", "minserve", "serve", "someorg/some-model",
+                        "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "local model folder" in errors[0] and ".gguf" in errors[0], out

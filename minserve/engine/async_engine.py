@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from minserve.config import ConfigError
 from minserve.engine.request import EngineInfo, EngineRequest, FinishReason, RequestOutput
 
 logger = logging.getLogger("minserve.engine")
@@ -166,11 +167,18 @@ class WorkerService:
 
     # ---- the worker thread ----
     def _run(self) -> None:
+        loaded = False
         try:
             self._load()
+            loaded = True
             self._on_loop(self._became_ready)
             self._serve()
         except Exception as e:  # a bad model, or a step that failed: report, never hang
+            if isinstance(e, ConfigError) and not loaded:
+                # the user's model or flags: the reason alone is the message (no traceback)
+                logger.debug("%s did not load", self.thread_name, exc_info=True)
+                self._on_loop(self._died, str(e))
+                return
             logger.exception("%s failed; failing all in-flight requests", self.thread_name)
             self._on_loop(self._died, f"{type(e).__name__}: {e}")
 
