@@ -266,6 +266,15 @@ async def serve(args: argparse.Namespace) -> int:
         if force or not primary.is_ready:
             logger.error("engine failed to start: %s", reason)
             exit_code = 1
+            if not primary.is_ready and not force:
+                # NOTE: nothing was served, so nothing needs a graceful stop; stopping granian
+                # while its workers still start died of a Rust panic about once in 13 runs
+                # (exit -6). Leave at once, deterministically: exit 1 after the one error line.
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
             server.stop()
 
     primary.on_ready, primary.on_dead = on_ready, on_dead

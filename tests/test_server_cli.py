@@ -106,8 +106,11 @@ def test_engine_that_fails_to_load_exits_non_zero(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"]}')
     p = subprocess.run([sys.executable, "-m", "minserve", "serve", str(tmp_path), "--port", "0"],
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1, p.stdout + p.stderr
-    assert "engine failed to start" in p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "engine failed to start" in errors[0], out
+    assert "Traceback" not in out and "panic" not in out, out  # bench/failed_load.py: x50
 
 
 def test_sizes_read_as_vllm_reads_them():

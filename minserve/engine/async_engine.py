@@ -174,10 +174,12 @@ class WorkerService:
             self._on_loop(self._became_ready)
             self._serve()
         except Exception as e:  # a bad model, or a step that failed: report, never hang
-            if isinstance(e, ConfigError) and not loaded:
-                # the user's model or flags: the reason alone is the message (no traceback)
+            if not loaded:
+                # A model that does not load: the reason is the one error line the owner (cli)
+                # prints; the traceback only at --log-level debug.
                 logger.debug("%s did not load", self.thread_name, exc_info=True)
-                self._on_loop(self._died, str(e))
+                self._on_loop(self._died, str(e) if isinstance(e, ConfigError)
+                              else f"{type(e).__name__}: {e}")
                 return
             logger.exception("%s failed; failing all in-flight requests", self.thread_name)
             self._on_loop(self._died, f"{type(e).__name__}: {e}")
