@@ -142,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="accepted for vLLM compatibility; has no effect: minserve never runs code from a "
            "model repository")
     a("--enable-auto-tool-choice", action="store_true",
-      help='allow tool_choice "auto" (needs --tool-call-parser); "required" and a named '
-           "function work without it")
+      help='allow tool_choice "auto"; without --tool-call-parser the format is detected from '
+           "the chat template (a template that renders no tools gets minserve's generic "
+           'format); "required" and a named function work without it')
     a("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
       help="the model's tool-call format, for tool_choice \"auto\"")
     a("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
@@ -178,9 +179,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.model_tag and args.model and args.model_tag != args.model:
         parser.error(f"two models given: {args.model_tag!r} and --model {args.model!r}")
     args.model = args.model or args.model_tag
-    if args.enable_auto_tool_choice and not args.tool_call_parser:
-        parser.error("--enable-auto-tool-choice needs --tool-call-parser "
-                     f"({', '.join(sorted(TOOL_PARSERS))})")
     if args.tensor_parallel_size != 1:
         parser.error(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
                      "not implemented yet; minserve runs on one device (use 1)")

@@ -24,6 +24,7 @@ from minserve.tool_parsers.constrained import (
     named_tool,
     tool_choice_spec,
 )
+from minserve.tool_parsers.generic import auto_call_spec, with_tools_in_system
 from minserve.tool_parsers.registry import get_tool_parser
 from minserve.value_text import value_text
 
@@ -46,6 +47,9 @@ class ServingContext:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # The chat template renders no tools: protocol puts them into the system message and
+    # constrains "auto" (tool_parsers/generic.py).
+    tools_in_system: bool = False
     # --structured-outputs-config as spec options ({"any_whitespace": False, ...}); a request's
     # own structured_outputs switches win.
     structured_defaults: dict[str, bool] = field(default_factory=dict)
@@ -322,9 +326,12 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     params.logprobs = (top or 0) if want_logprobs else None
     tools, make_tool_parser, forced = _tools(body, ctx, params)
     _check_structured(ctx, params.structured, "tool_choice" if forced else _structured_param(body))
+    template_messages = body["messages"]
+    if ctx.tools_in_system and make_tool_parser is not None:
+        template_messages = with_tools_in_system(template_messages, tools)
     try:
         text = ctx.tokenizer.apply_chat_template(
-            body["messages"], add_generation_prompt=add_gen, continue_final_message=cont,
+            template_messages, add_generation_prompt=add_gen, continue_final_message=cont,
             tools=tools, chat_template_kwargs=body.get("chat_template_kwargs"))
     except (ValueError, TypeError, KeyError) as e:  # chat.py's errors are ValueErrors
         raise _chat_error(e) from None
@@ -377,6 +384,8 @@ def _tools(body: dict, ctx: ServingContext, params: SamplingParams
         parser_cls = get_tool_parser(ctx.tool_call_parser)
         if parser_cls.needs_special_tokens:  # the call markers are special tokens
             params.skip_special_tokens = False
+        if ctx.tools_in_system and params.structured is None:
+            params.structured = {**auto_call_spec(tools), **ctx.structured_defaults}
         return tools, lambda: parser_cls(tools), False
     try:
         spec = tool_choice_spec(choice, tools, parallel)

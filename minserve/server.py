@@ -25,6 +25,7 @@ from minserve.protocol import (
     parse_completion,
     prompt_chars_limit,
 )
+from minserve.tool_parsers.generic import detect_tool_parser
 
 logger = logging.getLogger("minserve.server")
 
@@ -107,18 +108,35 @@ class App:
             raise self._no_chat_model()
         if self._ctx is None:
             info = self.chat.info
+            parser, tools_in_system = self._tool_call_format(info.tokenizer)
             self._ctx = ServingContext(
                 tokenizer=info.tokenizer, model_names=self.cfg.served_model_names,
                 max_model_len=info.max_model_len, vocab_size=info.vocab_size,
                 generation_defaults=dict(info.generation_defaults),
                 check_structured=self._check_structured,
                 enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
-                tool_call_parser=self.cfg.tool_call_parser,
+                tool_call_parser=parser, tools_in_system=tools_in_system,
                 reasoning_parser=self.cfg.reasoning_parser,
                 structured_defaults=self.cfg.structured_defaults,
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
                                                     info.tokenizer.max_token_bytes))
         return self._ctx
+
+    def _tool_call_format(self, tokenizer: Any) -> tuple[str | None, bool]:
+        """--tool-call-parser, or with --enable-auto-tool-choice alone the parser the chat
+        template's markers name (logged); True: minserve renders the tools (generic.py)."""
+        if self.cfg.tool_call_parser or not self.cfg.enable_auto_tool_choice:
+            return self.cfg.tool_call_parser, False
+        templates = getattr(tokenizer, "chat_templates", None) or {}
+        template = templates.get("tool_use") or getattr(tokenizer, "chat_template", None)
+        parser, tools_in_system = detect_tool_parser(template)
+        if tools_in_system:
+            logger.info("tool calls: the chat template renders no tools; minserve puts them "
+                        "into the system message and reads %s-style calls", parser)
+        else:
+            logger.info("tool calls: --tool-call-parser %s, detected from the chat template",
+                        parser)
+        return parser, tools_in_system
 
     def _check_structured(self, spec: dict[str, Any]) -> None:
         # The engine compiles the same spec again; structured.compile caches it, so this is the
