@@ -49,3 +49,48 @@ def test_task9_regex_with_word_boundaries(client):
         extra_body={"guided_regex": ip, "stop": ["\n"]},
     )
     assert re.fullmatch(ip, completion.choices[0].message.content), completion
+
+
+TASK7_TOOLS = [{
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a given location",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "location": {"type": "string", "description": "City and state, e.g., 'San Francisco, CA'"},  # noqa: E501
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["location", "unit"],
+        },
+    },
+}]
+
+
+def test_task7_auto_tool_choice_on_the_default_model(client):
+    """SmolLM2's template renders no tools: minserve's generic format. The snippet as written,
+    then the same request over 20 seeds: the share that calls get_weather is printed (the
+    report quotes it); every call there is well formed."""
+    response = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": "What's the weather like in San Francisco?"}],
+        tools=TASK7_TOOLS,
+        tool_choice="auto",
+    )
+    tool_call = response.choices[0].message.tool_calls[0].function
+    assert tool_call.name == "get_weather"
+    assert set(json.loads(tool_call.arguments)) == {"location", "unit"}
+    num_calls = 0
+    for seed in range(20):
+        r = client.chat.completions.create(
+            model=client.models.list().data[0].id, seed=seed, tools=TASK7_TOOLS,
+            messages=[{"role": "user", "content": "What's the weather like in San Francisco?"}],
+            tool_choice="auto")
+        calls = r.choices[0].message.tool_calls or []
+        for c in calls:
+            assert c.function.name == "get_weather", c
+            assert set(json.loads(c.function.arguments)) == {"location", "unit"}
+        num_calls += bool(calls)
+    print(f"task 7: {num_calls}/20 seeds call get_weather")
+    assert num_calls >= 10
