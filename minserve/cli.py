@@ -83,6 +83,27 @@ def _structured_outputs_config(text: str) -> dict[str, bool]:
     return out
 
 
+def _mm_limits(text: str) -> dict[str, int]:
+    """--limit-mm-per-prompt: 'image=2' (comma-separated for several) or '{"image": 2}'."""
+    text = text.strip()
+    try:
+        if text.startswith("{"):
+            value = json.loads(text)
+        else:
+            value = {}
+            for item in filter(None, (t.strip() for t in text.split(","))):
+                name, sep, count = item.partition("=")
+                if not sep:
+                    raise ValueError(item)
+                value[name.strip()] = int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'--limit-mm-per-prompt {text!r}: use image=N or JSON like {{"image": N}}') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('--limit-mm-per-prompt JSON must be an object')
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m minserve",
@@ -138,6 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
       help="larger request bodies are refused with 413 (default 32MiB)")
     a("--shutdown-timeout", type=float, default=30.0,
       help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    a("--limit-mm-per-prompt", type=_mm_limits, default=None,
+      help='vision models: at most N images in one prompt, as image=N or {"image": N} '
+           "(default 999); more is a 400")
+    a("--allowed-local-media-path", default=None,
+      help="serve file:// image URLs from below this folder (refused otherwise)")
+    a("--allowed-media-domains", nargs="+", default=None,
+      help="fetch image URLs only from these host names (default: any public host)")
+    a("--allow-private-media-urls", action="store_true",
+      help="allow image URLs whose host resolves to a loopback, private or link-local address "
+           "(refused by default: a server-side request forgery guard)")
     a("--trust-remote-code", action="store_true",
       help="accepted for vLLM compatibility; has no effect: minserve never runs code from a "
            "model repository")
@@ -208,7 +239,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching, block_size=args.block_size,
         load_format=args.load_format, seed=args.seed, enforce_eager=args.enforce_eager,
-        chat_template=args.chat_template, generation_config=args.generation_config)
+        chat_template=args.chat_template, generation_config=args.generation_config,
+        limit_mm_per_prompt=args.limit_mm_per_prompt,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=args.allowed_media_domains,
+        allow_private_media_urls=args.allow_private_media_urls)
 
 
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)

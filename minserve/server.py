@@ -21,6 +21,8 @@ from minserve.metrics import Metrics, RequestTracker
 from minserve.protocol import (
     GenerateRequest,
     ServingContext,
+    attach_images,
+    media_error,
     parse_chat,
     parse_completion,
     prompt_chars_limit,
@@ -118,6 +120,8 @@ class App:
                 tool_call_parser=parser, tools_in_system=tools_in_system,
                 reasoning_parser=self.cfg.reasoning_parser,
                 structured_defaults=self.cfg.structured_defaults,
+                image_processor=info.image_processor, image_limit=info.image_limit,
+                media_policy=info.media_policy,
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
                                                     info.tokenizer.max_token_bytes))
         return self._ctx
@@ -365,7 +369,24 @@ class App:
 async def chat_completions(app: App, http: Http) -> None:
     body = await http.read_json()
     app.check_chat_model(body)
-    await app.generate(http, await asyncio.to_thread(parse_chat, body, app.ctx))
+    req = await asyncio.to_thread(parse_chat, body, app.ctx)
+    if req.images:
+        await _attach_images(app, req)
+    await app.generate(http, req)
+
+
+async def _attach_images(app: App, req: GenerateRequest) -> None:
+    """Fetch the request's images (their own threads, all at once, each bounded by the fetch
+    timeout: other streams flow meanwhile), decode them, expand the prompt."""
+    from minserve.multimodal.image import MediaError
+    from minserve.multimodal.inputs import load_images
+
+    ctx = app.ctx
+    try:
+        images = await load_images(req.images, ctx.media_policy)
+    except MediaError as e:
+        raise media_error(e) from None
+    await asyncio.to_thread(attach_images, req, images, ctx)
 
 
 async def completions(app: App, http: Http) -> None:
@@ -410,13 +431,19 @@ async def tokenize(app: App, http: Http) -> None:
     body = await http.read_json()
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
-    await http.send_json(200, await asyncio.to_thread(_tokenize, body, app.ctx))
-
-
-def _tokenize(body: dict[str, Any], ctx: ServingContext) -> dict[str, Any]:
+    chat = None
     if "messages" in body:
-        chat = parse_chat({**body, "max_tokens": None, "max_completion_tokens": None,
-                           "stream": False, "stream_options": None}, ctx)
+        chat = await asyncio.to_thread(parse_chat, {
+            **body, "max_tokens": None, "max_completion_tokens": None, "stream": False,
+            "stream_options": None}, app.ctx)
+        if chat.images:     # counted as the model sees them: each image's tokens expanded
+            await _attach_images(app, chat)
+    await http.send_json(200, await asyncio.to_thread(_tokenize, body, app.ctx, chat))
+
+
+def _tokenize(body: dict[str, Any], ctx: ServingContext,
+              chat: GenerateRequest | None) -> dict[str, Any]:
+    if chat is not None:
         ids = chat.prompts[0]
     else:
         prompt = body.get("prompt")

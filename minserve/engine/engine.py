@@ -17,6 +17,7 @@ from minserve.engine.kv_cache import KVCacheManager
 from minserve.engine.request import (
     EngineInfo,
     EngineRequest,
+    MultiModalItem,
     Request,
     RequestOutput,
     prompt_length_error,
@@ -69,7 +70,9 @@ class Engine:
         self.model_config = model_config
         torch.manual_seed(config.seed)
         model = load_model(folder, model_config, self.device, self.dtype, config.load_format)
-        self.runner = ModelRunner(model, model_config, config, self.device, self.dtype)
+        image_processor, media_policy = self._multimodal(folder, model_config, tokenizer, config)
+        self.runner = ModelRunner(model, model_config, config, self.device, self.dtype,
+                                  profile_images=self._profile_images(image_processor, config))
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
                                        config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -84,7 +87,9 @@ class Engine:
             [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
         self.info = EngineInfo(tokenizer, model_config.vocab_size, config.max_model_len,
                                model_config.architecture, defaults, frozenset(eos),
-                               self.runner.num_blocks, config.block_size)
+                               self.runner.num_blocks, config.block_size, image_processor,
+                               config.image_limit if image_processor is not None else 0,
+                               media_policy)
         # Unseeded requests draw their seed here: with --seed fixed a whole run is reproducible.
         self._seed_rng = random.Random(config.seed)
 
@@ -100,6 +105,36 @@ class Engine:
         return dataclasses.replace(config, max_model_len=max_model_len,
                                    max_num_batched_tokens=max_batched)
 
+    @staticmethod
+    def _multimodal(folder: str, mc: ModelConfig, tokenizer: Any, config: EngineConfig
+                    ) -> tuple[Any, Any]:
+        """(image processor or None, MediaPolicy) for the front doors."""
+        from minserve.multimodal.fetch import MediaPolicy
+        from minserve.multimodal.inputs import get_image_processor
+
+        try:
+            policy = MediaPolicy.create(config.allowed_local_media_path,
+                                        config.allowed_media_domains,
+                                        config.allow_private_media_urls)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not mc.is_multimodal:
+            return None, policy
+        return get_image_processor(mc.architecture, folder, mc.hf_config, tokenizer), policy
+
+    def _profile_images(self, processor: Any, config: EngineConfig) -> list[dict[str, Any]]:
+        """The largest batch of images one step can encode, for the KV-cache profile run: the
+        largest image the processor makes, as many times as --limit-mm-per-prompt allows across
+        max_num_seqs prompts, but no more than a step's token budget can reach."""
+        if processor is None or config.image_limit == 0 or self.device.type != "cuda" \
+                or config.kv_cache_memory is not None:
+            return []    # only the CUDA profile run uses them
+        from PIL import Image
+
+        largest = processor.process(Image.new("RGB", processor.largest_image_size()))
+        per_step = config.max_num_batched_tokens // max(largest.num_embeds, 1) + 1
+        return [largest.data] * min(config.image_limit * config.max_num_seqs, per_step)
+
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request: EngineRequest) -> None:
         """Queue one prompt as its n samples (named by request.sample_ids()); the scheduler
@@ -111,6 +146,7 @@ class Engine:
         vocab = self.info.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        self._check_mm_items(request)
         ids = request.sample_ids()
         if any(rid in self.scheduler.requests for rid in ids):
             raise ValueError(f"request id {request.request_id!r} is already in use")
@@ -125,8 +161,19 @@ class Engine:
                 rid, prompt, params, eos_token_ids=self.info.eos_token_ids,
                 arrival_time=request.arrival_time, adapter_name=request.adapter_name,
                 mm_items=request.mm_items, cache_salt=request.cache_salt,
-                priority=request.priority, parent_id=parent_id, sample_seed=seed,
-                structured=structured))
+                priority=request.priority, mrope_positions=request.mrope_positions,
+                mrope_position_delta=request.mrope_position_delta, parent_id=parent_id,
+                sample_seed=seed, structured=structured))
+
+    def _check_mm_items(self, request: EngineRequest) -> None:
+        if request.mm_items and self.info.image_processor is None:
+            raise ValueError(f"{self.model_config.architecture} is a text-only model: it takes "
+                             "no images")
+        end = 0
+        for item in request.mm_items:
+            if item.offset < end or item.offset + item.length > len(request.prompt_token_ids):
+                raise ValueError("multimodal items must lie in the prompt, in order, apart")
+            end = item.offset + item.length
 
     def _compile_structured(self, spec: dict) -> object:
         from minserve import structured  # llguidance is imported only when a request asks
@@ -153,11 +200,18 @@ class Engine:
         """The plan as plain data for the runner: tokens, block tables, the rows that sample and
         their SamplingTensors (grammar bitmask included), the prompt-logprob targets."""
         token_ids, computed, block_tables, sample_rows = [], [], [], []
+        mm_inputs: list[tuple[int, MultiModalItem]] = []
+        mrope = [] if self.runner.uses_mrope else None
         plp = None
         for r, (req, n) in enumerate(zip(plan.requests, plan.num_scheduled_tokens, strict=True)):
             ctx = req.num_computed_tokens
             token_ids += _token_slice(req, ctx, ctx + n)
             computed.append(ctx)
+            # the images whose placeholder tokens this step runs (a chunk may cut one in two)
+            mm_inputs += [(r, item) for item in req.mm_items
+                          if item.offset < ctx + n and ctx < item.offset + item.length]
+            if mrope is not None:
+                mrope.append((req.mrope_positions, req.mrope_position_delta))
             block_tables.append(req.block_ids)   # read before the scheduler changes it again
             if is_sampling_row(req, n):
                 sample_rows.append(r)
@@ -177,7 +231,7 @@ class Engine:
                 [plan.requests[r] for r in sample_rows], self.info.vocab_size,
                 pin=self.device.type == "cuda")
         return StepInputs(token_ids, plan.num_scheduled_tokens, computed, block_tables,
-                          sample_rows, sampling, plp)
+                          sample_rows, sampling, plp, mm_inputs, mrope)
 
     def stats(self) -> dict[str, Any]:
         return {
