@@ -41,8 +41,9 @@ def detect_tool_parser(template: str | None) -> tuple[str, bool]:
 
 def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
     lines = [json.dumps(t.get("function", t), ensure_ascii=False) for t in tools]
-    return ("You may call one of these functions to answer the user. The functions:\n"
-            + "\n".join(lines) + "\nTo call a function, reply with only\n<tool_call>\n"
+    return ("You are a function calling AI model. You have these functions:\n"
+            + "\n".join(lines) + "\nWhen a function can answer the user's question, call it: "
+            "reply with only\n<tool_call>\n"
             '{"name": <function name>, "arguments": <arguments object>}\n</tool_call>\n'
             "Otherwise reply to the user in plain text.")
 
