@@ -18,6 +18,7 @@ import jinja2.utils
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from minserve.errors import library_text
 from minserve.value_text import value_text
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -179,7 +180,7 @@ def compile_template(template: str) -> jinja2.Template:
     try:
         return _environment().from_string(template)
     except TemplateError as e:
-        raise ChatTemplateError(f"the chat template does not compile: {e}") from e
+        raise ChatTemplateError(f"the chat template does not compile: {library_text(e)}") from e
 
 
 @lru_cache(maxsize=32)
@@ -401,9 +402,10 @@ def render_chat_template(
         rendered = compiled.render(messages=conversation, tools=tools, documents=documents,
                                    add_generation_prompt=add_generation_prompt, **context)
     except TemplateError as e:  # raise_exception, undefined fields, sandbox refusals
-        raise ChatTemplateError(f"chat template error: {e}") from e
+        raise ChatTemplateError(f"chat template error: {library_text(e)}") from e
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
-        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+        raise ChatTemplateError(
+            f"chat template failed: {type(e).__name__}: {library_text(e)}") from e
     if continue_final_message:
         rendered = _cut_after_final_message(rendered, final_text)
     return rendered

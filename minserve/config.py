@@ -143,7 +143,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes; CPU default below
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default: max(8192, max_model_len) capped
+    max_num_batched_tokens: int | None = None  # default: engine.default_batching(device)
+    long_prefill_token_threshold: int | None = None  # per-request prefill chunk cap (ditto)
+    max_chunk_attention: int | None = None  # prefill (query, context) pairs (ditto)
     enable_prefix_caching: bool = True
     block_size: int = 16
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
@@ -171,6 +173,10 @@ class EngineConfig:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
         if self.max_num_seqs < 1:
             raise ConfigError("--max-num-seqs must be >= 1")
+        for flag, value in (("--long-prefill-token-threshold", self.long_prefill_token_threshold),
+                            ("--max-chunk-attention", self.max_chunk_attention)):
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag} must be >= 0 (0: no cap), got {value}")
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise ConfigError(
                 f"--dtype {self.dtype!r} is not one of auto, bfloat16, float16, float32"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from minserve.config import EngineConfig
+from minserve.detokenizer import StopStrings
 from minserve.engine.engine import Engine
 from minserve.engine.request import EngineRequest, FinishReason, Logprob
 from minserve.output import SampleState
@@ -170,9 +171,10 @@ class LLM:
                     self._attach_images(request, prompt["multi_modal_data"])
                     res.prompt_token_ids = ids = request.prompt_token_ids
                 self.engine.add_request(request)
+                stop = StopStrings(params.stop)  # once for the n samples
                 for i, sid in enumerate(request.sample_ids()):
                     samples[sid] = (res, i, params, SampleState(self.engine.info.tokenizer, ids,
-                                                                params))
+                                                                params, stop))
             self._run(samples, use_tqdm, len(results))
         except BaseException:
             self.engine.abort_request(list(samples))

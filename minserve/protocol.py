@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from minserve.chat import ChatContentError, ChatTemplateError, ImageParts, normalize_messages
+from minserve.detokenizer import StopStrings
 from minserve.engine.request import EngineRequest, prompt_length_error
 from minserve.http import OpenAIError, model_not_found
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
@@ -31,6 +32,7 @@ from minserve.value_text import value_text
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP = 16
+MAX_STOP_CHARS = 16384  # all stop strings together: they are scanned at every token of every choice
 
 
 @dataclass
@@ -101,6 +103,12 @@ class GenerateRequest:
     # chat with image parts (chat.ImageRef, in prompt order): the caller fetches them and calls
     # attach_images(), which expands the prompt's placeholders and checks its length
     images: list[Any] = field(default_factory=list)
+    # params.stop prepared once for all choices, while parsing (off the event loop)
+    stop_strings: StopStrings | None = None
+
+    def __post_init__(self) -> None:
+        if self.stop_strings is None and self.params.stop:
+            self.stop_strings = StopStrings(self.params.stop)
 
     @property
     def prompts(self) -> list[list[int]]:
@@ -182,6 +190,10 @@ def _stop(body: dict) -> list[str]:
         raise _bad("stop", "must be a string or a list of strings")
     if len(stop) > MAX_STOP:
         raise _bad("stop", f"at most {MAX_STOP} stop strings")
+    num_chars = sum(map(len, stop))
+    if num_chars > MAX_STOP_CHARS:
+        raise _bad("stop", f"the stop strings have {num_chars} characters; at most "
+                   f"{MAX_STOP_CHARS} together")
     return [s for s in stop if s]
 
 

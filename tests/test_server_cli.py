@@ -86,6 +86,7 @@ def test_structured_outputs_config_sets_the_spec_defaults():
     (["--structured-outputs-config", "{nope"], "must be a JSON object"),
     (["--structured-outputs-config", '{"disable_any_whitespac": true}'], "unknown key(s)"),
     (["--structured-outputs-config", '{"disable_any_whitespace": 1}'], "true or false"),
+    (["--timeout-keep-alive", "0"], "--timeout-keep-alive"),
 ])
 def test_bad_flags_are_errors_that_say_why(argv, word, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -147,3 +148,17 @@ def test_hub_id_offline_is_one_error_line(tmp_path):
     assert "Traceback" not in out, out
     errors = [line for line in out.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "local model folder" in errors[0] and ".gguf" in errors[0], out
+
+
+def test_connection_limit_follows_the_open_files_limit(monkeypatch):
+    """Connections get file descriptors: the soft open-files limit is raised to the hard one, and
+    the connection limit stays FD_RESERVE below it (and at most MAX_CONNECTIONS)."""
+    import resource
+
+    state = {"soft": 1024, "hard": 4096}
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (state["soft"], state["hard"]))
+    monkeypatch.setattr(resource, "setrlimit", lambda _, lim: state.update(soft=lim[0]))
+    assert cli.connection_limit() == 4096 - cli.FD_RESERVE and state["soft"] == 4096
+    state.update(soft=1024, hard=1 << 20)
+    assert cli.connection_limit() == cli.MAX_CONNECTIONS
+    assert state["soft"] == cli.MAX_CONNECTIONS + cli.FD_RESERVE

@@ -46,6 +46,31 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# Step sizes on CPU: a step holds every stream back until it ends, so it should stay short,
+# about 0.5 s on 2 cores for the default model. From the idle figures (SmolLM2-135M float32: a
+# 2,000-token prompt in one step took 14 s, an 8,000-token one 183 s) a chunk of q prompt tokens
+# at context c costs about q * 1.7 ms + q * (c + q/2) * 5.3 us. So: 128 prompt tokens per
+# request per step (~0.25 s at the start; half the 256-token budget stays for other requests,
+# so a new arrival starts at the next step), and 48k (query, context) pairs per chunk (~0.25 s
+# of attention at any context). bench/stall.py measures it (bench/RESULTS.md).
+CPU_BATCHING = (256, 128, 48 * 1024)
+
+
+def default_batching(device: torch.device) -> tuple[int, int, int]:
+    """(max_num_batched_tokens, long_prefill_token_threshold, max_chunk_attention) when
+    not given. GPU: vLLM's server defaults (8192 tokens on a GPU of >= 70 GiB that is not an
+    A100, else 2048; no per-request caps)."""
+    if device.type != "cuda":
+        return CPU_BATCHING
+    props = torch.cuda.get_device_properties(device)
+    big = props.total_memory >= 70 << 30 and "a100" not in props.name.lower()
+    return (8192 if big else 2048), 0, 0
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         from minserve.models.loader import load_model, resolve_model
@@ -66,7 +91,7 @@ class Engine:
         else:
             gen = load_generation_config(folder if config.generation_config == "auto"
                                          else config.generation_config)
-        self.config = config = self._resolve_limits(config, model_config)
+        self.config = config = self._resolve_limits(config, model_config, self.device)
         self.model_config = model_config
         torch.manual_seed(config.seed)
         model = load_model(folder, model_config, self.device, self.dtype, config.load_format)
@@ -77,7 +102,8 @@ class Engine:
                                        config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                            config.max_model_len),
+                            config.max_model_len, config.long_prefill_token_threshold,
+                            config.max_chunk_attention),
             self.kv_cache)
         defaults = {k: gen[k] for k in _GEN_KEYS if gen.get(k) is not None}
         if gen.get("max_new_tokens") is not None:
@@ -94,16 +120,20 @@ class Engine:
         self._seed_rng = random.Random(config.seed)
 
     @staticmethod
-    def _resolve_limits(config: EngineConfig, mc: ModelConfig) -> EngineConfig:
+    def _resolve_limits(config: EngineConfig, mc: ModelConfig,
+                        device: torch.device) -> EngineConfig:
         max_model_len = config.max_model_len or mc.max_position_embeddings
         if max_model_len > mc.max_position_embeddings and not mc.rope_scaling:
             raise ConfigError(f"--max-model-len {max_model_len} is longer than the model's "
                               f"max_position_embeddings ({mc.max_position_embeddings})")
-        max_batched = config.max_num_batched_tokens or max(8192, max_model_len)
+        tokens, threshold, attention = default_batching(device)
+        max_batched = config.max_num_batched_tokens or tokens
         if max_batched < config.block_size:
             raise ConfigError("--max-num-batched-tokens must be at least --block-size")
-        return dataclasses.replace(config, max_model_len=max_model_len,
-                                   max_num_batched_tokens=max_batched)
+        return dataclasses.replace(
+            config, max_model_len=max_model_len, max_num_batched_tokens=max_batched,
+            long_prefill_token_threshold=_or(config.long_prefill_token_threshold, threshold),
+            max_chunk_attention=_or(config.max_chunk_attention, attention))
 
     @staticmethod
     def _multimodal(folder: str, mc: ModelConfig, tokenizer: Any, config: EngineConfig
