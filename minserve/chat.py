@@ -19,6 +19,7 @@ from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from minserve.errors import library_text
+from minserve.value_text import value_text
 
 # Text part type -> the field holding its text (vLLM's set: Responses-style input_text and
 # output_text, and its "thinking" parts, are text too).
@@ -231,7 +232,7 @@ def normalize_messages(messages: Any, content_format: ContentFormat = "string",
             raise ChatContentError(f"{where} must be an object", param=where)
         role = message.get("role")
         if not isinstance(role, str):  # any other role goes to the template, as in vLLM
-            raise ChatContentError(f"{where}.role must be a string, got {role!r}",
+            raise ChatContentError(f"{where}.role must be a string, got {value_text(role)}",
                                    param=f"{where}.role")
         parts = _content_parts(message.get("content"), where, images)
         texts = [p for p in parts if isinstance(p, str)]
@@ -305,10 +306,10 @@ def _content_parts(content: Any, where: str, images: ImageParts | None) -> list[
         elif kind in MEDIA_PART_TYPES:
             raise ChatContentError(
                 f"this model is text-only and does not accept {MEDIA_PART_TYPES[kind]} ({pwhere} "
-                f"has type {kind!r}); send text content only", param=pwhere)
+                f"has type {value_text(kind)}); send text content only", param=pwhere)
         else:
             raise ChatContentError(
-                f"{pwhere} has unsupported content part type {kind!r}; supported: "
+                f"{pwhere} has unsupported content part type {value_text(kind)}; supported: "
                 f"{', '.join(sorted(TEXT_PART_TYPES))}", param=f"{pwhere}.type")
     return texts
 

@@ -30,6 +30,9 @@ from minserve.reasoning import REASONING_PARSERS
 from minserve.tool_parsers.registry import TOOL_PARSERS
 
 logger = logging.getLogger("minserve")
+# The start-up lines (loading, ready, the URL) print at any --uvicorn-log-level (main() keeps
+# this logger at INFO), as vLLM's "Uvicorn running on" does.
+startup_logger = logging.getLogger("minserve.startup")
 
 API_KEY_ENVS = ("VLLM_API_KEY", "MINSERVE_API_KEY")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -148,6 +151,34 @@ def _split_lora_modules(argv: list[str]) -> list[str]:
             i += 1
         if i == start:
             out.append(arg)   # argparse reports the missing value
+
+
+# vLLM's StructuredOutputsConfig keys; only the two switches change what minserve generates
+# (llguidance is the one backend; "auto", "guidance", "xgrammar" are accepted for compatibility).
+_SO_SWITCHES = {"disable_any_whitespace": "any_whitespace",
+                "disable_additional_properties": "additional_properties"}
+_SO_ACCEPTED = {"backend", "disable_fallback", "reasoning_parser", "enable_in_reasoning"}
+
+
+def _structured_outputs_config(text: str) -> dict[str, bool]:
+    """--structured-outputs-config '{"disable_any_whitespace": true}' -> spec options."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. "
+                                         '\'{"disable_any_whitespace": true}\'') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    unknown = sorted(set(value) - set(_SO_SWITCHES) - _SO_ACCEPTED)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown key(s) {', '.join(unknown)} (known: "
+                                         f"{', '.join(sorted({*_SO_SWITCHES, *_SO_ACCEPTED}))})")
+    out = {}
+    for key, option in _SO_SWITCHES.items():
+        if key in value:
+            if not isinstance(value[key], bool):
+                raise argparse.ArgumentTypeError(f"{key} must be true or false")
+            out[option] = not value[key]
     return out
 
 
@@ -232,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
            "CUDA graphs, so it always runs eagerly")
     a("--disable-log-requests", action="store_true", help="do not log each request (default)")
     a("--enable-log-requests", action="store_true", help="log each request's size and params")
-    a("--log-level", "--uvicorn-log-level", dest="log_level", default="info", choices=LOG_LEVELS)
+    a("--log-level", "--uvicorn-log-level", dest="log_level", default="info", choices=LOG_LEVELS,
+      help="minserve's and granian's log level (the start-up and ready lines print at any)")
+    a("--disable-log-stats", action="store_true",
+      help="do not log the throughput/KV-usage line every 10 s while requests run")
+    a("--enable-metrics", action="store_true",
+      help="accepted for vLLM compatibility: /metrics (Prometheus) is always on")
     a("--allowed-origins", type=_origins, default=["*"],
       help='CORS origins, a JSON list or comma-separated (default ["*"])')
     a("--root-path", default="", help="path prefix when behind a path-based proxy")
@@ -264,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="accepted for vLLM compatibility; has no effect: minserve never runs code from a "
            "model repository")
     a("--enable-auto-tool-choice", action="store_true",
-      help='allow tool_choice "auto" (needs --tool-call-parser); "required" and a named '
-           "function work without it")
+      help='allow tool_choice "auto"; without --tool-call-parser the format is detected from '
+           "the chat template (a template that renders no tools gets minserve's generic "
+           'format); "required" and a named function work without it')
     a("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
       help="the model's tool-call format, for tool_choice \"auto\"")
     a("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
@@ -298,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
            "empty text; chat, stop strings and structured outputs are refused")
     a("--api-server-count", type=int, default=1,
       help="must be 1: the API server and the engine share one process")
+    a("--structured-outputs-config", type=_structured_outputs_config, default={},
+      help='JSON, as vLLM: {"disable_any_whitespace": true} (compact JSON), '
+           '{"disable_additional_properties": false} (objects without additionalProperties '
+           "may hold unlisted keys; by default they hold only the listed ones, as xgrammar)")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
       help="must be 1 (tensor parallelism is not implemented yet)")
     a("--task", default="auto", choices=["auto", "generate", "embed", "embedding", "score"],
@@ -347,9 +388,6 @@ def parse_args(argv: list[str] | None = None,
     if args.model_tag and args.model and args.model_tag != args.model:
         parser.error(f"two models given: {args.model_tag!r} and --model {args.model!r}")
     args.model = args.model or args.model_tag
-    if args.enable_auto_tool_choice and not args.tool_call_parser:
-        parser.error("--enable-auto-tool-choice needs --tool-call-parser "
-                     f"({', '.join(sorted(TOOL_PARSERS))})")
     if args.tensor_parallel_size != 1:
         parser.error(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
                      "not implemented yet; minserve runs on one device (use 1)")
@@ -428,13 +466,13 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
         responses_store_size=args.responses_store_size,
+        structured_defaults=args.structured_outputs_config, log_stats=not args.disable_log_stats,
         max_logprobs=args.max_logprobs,
         enable_force_include_usage=args.enable_force_include_usage,
         enable_prompt_tokens_details=args.enable_prompt_tokens_details,
         enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
         enable_server_load_tracking=args.enable_server_load_tracking,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
-
         lora_modules=args.lora_modules or [],
         allow_runtime_lora=args.enable_lora and os.environ.get(
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("true", "1"))
@@ -468,15 +506,16 @@ async def serve(args: argparse.Namespace) -> int:
                     http1_settings=HTTP1Settings(
                         header_read_timeout=int(args.timeout_keep_alive * 1000)),
                     backlog=BACKLOG, backpressure=connection_limit())
+    logging.getLogger("_granian").addFilter(_quiet_granian)
     exit_code = 0
     primary = app.services[0]  # the chat engine, or the embedding service serving alone
 
     def on_ready() -> None:
         info = primary.info
-        logger.info("loaded %s (%s) max_model_len=%d; KV cache: %d blocks = %s tokens",
-                    app.model_name, info.architecture, info.max_model_len, info.num_kv_blocks,
-                    info.num_kv_blocks * info.block_size)
-        logger.info("ready: OpenAI API at %s (model %r)", url, app.model_name)
+        startup_logger.info("loaded %s (%s) max_model_len=%d; KV cache: %d blocks = %s tokens",
+                            app.model_name, info.architecture, info.max_model_len,
+                            info.num_kv_blocks, info.num_kv_blocks * info.block_size)
+        startup_logger.info("ready: OpenAI API at %s (model %r)", url, app.model_name)
 
     def on_dead(reason: str, force: bool = False) -> None:
         nonlocal exit_code
@@ -484,6 +523,15 @@ async def serve(args: argparse.Namespace) -> int:
         if force or not primary.is_ready:
             logger.error("engine failed to start: %s", reason)
             exit_code = 1
+            if not primary.is_ready and not force:
+                # NOTE: nothing was served, so nothing needs a graceful stop; stopping granian
+                # while its workers still start died of a Rust panic about once in 13 runs
+                # (exit -6). Leave at once, deterministically: exit 1 after the one error line.
+                for handler in logging.getLogger().handlers:
+                    handler.flush()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
             server.stop()
 
     primary.on_ready, primary.on_dead = on_ready, on_dead
@@ -494,8 +542,8 @@ async def serve(args: argparse.Namespace) -> int:
     shutdown = GracefulShutdown(server, app, args.port)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, shutdown.begin)
-    logger.info("minserve %s: loading %s; listening on %s (/health is 503 until loaded)",
-                __version__, args.model or DEFAULT_MODEL_NAME, url)
+    startup_logger.info("minserve %s: loading %s; listening on %s (/health is 503 until "
+                        "loaded)", __version__, args.model or DEFAULT_MODEL_NAME, url)
     await server.serve()
     return exit_code
 
@@ -511,8 +559,14 @@ def batch_service_from_cli(args: argparse.Namespace):  # -> BatchService
         max_in_flight=2 * args.max_num_seqs))
 
 
+def _quiet_granian(record: logging.LogRecord) -> bool:
+    """granian's embedded mode warns that it is experimental on every start: not for our users."""
+    return "is experimental" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    startup_logger.setLevel(min(logging.INFO, logging.getLevelName(level)))
     sys.exit(asyncio.run(serve(args)))

@@ -43,6 +43,15 @@ class OpenAIError(Exception):
                           "code": self.code}}
 
 
+def model_not_found(model: str, served: list[str]) -> OpenAIError:
+    """The 404 for a model this server does not serve: vLLM's sentence, then what is served."""
+    shown = model if len(model) <= 100 else model[:100] + "…"
+    names = ", ".join(f"`{n}`" for n in served) or "none"
+    return OpenAIError(404, f"The model `{shown}` does not exist. This server serves {names} "
+                       "(the names come from --served-model-name; by default the model "
+                       "argument).", param="model", type="NotFoundError")
+
+
 @dataclass
 class Http:
     """One HTTP exchange as the handlers see it. send() tracks whether the response started

@@ -2,6 +2,7 @@
 model_name. Request-level numbers are recorded by the server; engine gauges are read at scrape."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,20 +31,64 @@ PREEMPTION_BUCKETS = (0, 1, 2, 3, 4, 5, 10, 20)
 # = engine.ITERATION_TOKEN_BUCKETS (the engine counts steps per bucket; no import of the engine)
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+logger = logging.getLogger("minserve.stats")
 disable_created_metrics()  # no *_created series (vLLM's exposition has none either)
+
+
+class StatsWindow:
+    """vLLM's periodic stats: throughput over the last interval (tokens since the previous tick
+    over the seconds since it), with running/waiting/KV usage/prefix hit rate, as one log line
+    (vLLM V1's LoggingStatLogger) and as the avg_*_throughput gauges. App ticks it every
+    `interval` seconds; --disable-log-stats keeps the gauges and drops the line."""
+
+    def __init__(self, get_stats: Callable[[], dict[str, Any]], log: bool = True,
+                 interval: float = 10.0) -> None:
+        self.get_stats, self.log, self.interval = get_stats, log, interval
+        self.prompt_throughput = self.generation_throughput = 0.0
+        self._last: tuple[float, dict[str, Any]] = (time.monotonic(), {})
+
+    def tick(self, now: float | None = None) -> str | None:
+        """Close the interval; -> the log line (also logged) when anything ran in it."""
+        now = time.monotonic() if now is None else now
+        s = dict(self.get_stats() or {})
+        then, prev = self._last
+        self._last = (now, s)
+        seconds = max(now - then, 1e-9)
+
+        def delta(key: str) -> float:
+            return float(s.get(key, 0) or 0) - float(prev.get(key, 0) or 0)
+        self.prompt_throughput = max(delta("num_prompt_tokens"), 0.0) / seconds
+        self.generation_throughput = max(delta("num_generation_tokens"), 0.0) / seconds
+        queries = delta("prefix_cache_queries")
+        hit_rate = delta("prefix_cache_hits") / queries if queries > 0 else 0.0
+        running, waiting = s.get("num_running", 0) or 0, s.get("num_waiting", 0) or 0
+        if not (running or waiting or self.prompt_throughput or self.generation_throughput):
+            return None
+        line = (f"Avg prompt throughput: {self.prompt_throughput:.1f} tokens/s, "
+                f"Avg generation throughput: {self.generation_throughput:.1f} tokens/s, "
+                f"Running: {running} reqs, Waiting: {waiting} reqs, "
+                f"KV cache usage: {100 * float(s.get('kv_cache_usage', 0) or 0):.1f}%, "
+                f"Prefix cache hit rate: {100 * hit_rate:.1f}%")
+        if self.log:
+            logger.info(line)
+        return line
 
 
 class _EngineCollector:
     """Gauges and cumulative counters taken from Engine.stats() at scrape time."""
 
     def __init__(self, model_name: str, get_stats: Callable[[], dict[str, Any]],
-                 get_cache_info: Callable[[], dict[str, Any] | None]) -> None:
+                 get_cache_info: Callable[[], dict[str, Any] | None],
+                 window: StatsWindow) -> None:
         self.model_name = model_name
         self.get_stats = get_stats
         self.get_cache_info = get_cache_info
+        self.window = window
 
     def collect(self) -> Iterator[Any]:
-        s = self.get_stats() or {}
+        s = dict(self.get_stats() or {})
+        s["prompt_throughput"] = self.window.prompt_throughput
+        s["generation_throughput"] = self.window.generation_throughput
         yield from self._engine_families(s)
         waiting = GaugeMetricFamily("vllm:num_requests_waiting_by_reason",
                                     "Number of requests waiting, by reason (capacity: for room "
@@ -80,6 +125,15 @@ class _EngineCollector:
              "Number of requests waiting to be processed.", "num_waiting"),
             (GaugeMetricFamily, "vllm:kv_cache_usage_perc",
              "KV-cache usage. 1 means 100 percent usage.", "kv_cache_usage"),
+            # the older name, still read by the guides and many Grafana dashboards
+            (GaugeMetricFamily, "vllm:gpu_cache_usage_perc",
+             "GPU KV-cache usage. 1 means 100 percent usage.", "kv_cache_usage"),
+            (GaugeMetricFamily, "vllm:avg_prompt_throughput_toks_per_s",
+             "Average prefill throughput in tokens/s over the last interval.",
+             "prompt_throughput"),
+            (GaugeMetricFamily, "vllm:avg_generation_throughput_toks_per_s",
+             "Average generation throughput in tokens/s over the last interval.",
+             "generation_throughput"),
             (CounterMetricFamily, "vllm:prefix_cache_queries",
              "Prefix cache queries, in terms of number of queried tokens.", "prefix_cache_queries"),
             (CounterMetricFamily, "vllm:prefix_cache_hits",
@@ -101,8 +155,10 @@ class _EngineCollector:
 
 class Metrics:
     def __init__(self, model_name: str, get_stats: Callable[[], dict[str, Any]],
-                 get_cache_info: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+                 get_cache_info: Callable[[], dict[str, Any] | None] = lambda: None,
+                 log_stats: bool = True) -> None:
         self.model_name = model_name
+        self.window = StatsWindow(get_stats, log=log_stats)
         self.registry = CollectorRegistry()
         r, lbl = self.registry, ["model_name"]
         # The families stay reachable (for embedding requests, labelled with their own model);
@@ -155,7 +211,7 @@ class Metrics:
         self.request_num_preemptions = Histogram(
             "vllm:request_num_preemptions", "Number of preemptions per finished request.", lbl,
             buckets=PREEMPTION_BUCKETS, registry=r).labels(model_name)
-        r.register(_EngineCollector(model_name, get_stats, get_cache_info))
+        r.register(_EngineCollector(model_name, get_stats, get_cache_info, self.window))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,10 +15,10 @@ from typing import Any
 from minserve.chat import ChatContentError, ChatTemplateError, ImageParts, normalize_messages
 from minserve.detokenizer import StopStrings
 from minserve.engine.request import EngineRequest, prompt_length_error
-from minserve.http import OpenAIError
+from minserve.http import OpenAIError, model_not_found
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
 from minserve.sampling_params import SamplingParams
-from minserve.structured import StructuredOutputError, structured_from_request
+from minserve.structured import StructuredOutputError, request_options, structured_from_request
 from minserve.tool_parsers.constrained import (
     NamedToolCallParser,
     RequiredToolCallParser,
@@ -26,7 +26,9 @@ from minserve.tool_parsers.constrained import (
     named_tool,
     tool_choice_spec,
 )
+from minserve.tool_parsers.generic import auto_call_spec, with_tools_in_system
 from minserve.tool_parsers.registry import get_tool_parser
+from minserve.value_text import value_text
 
 MAX_N = 128
 MAX_STOP = 16
@@ -47,6 +49,12 @@ class ServingContext:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # The chat template renders no tools: protocol puts them into the system message and
+    # constrains "auto" (tool_parsers/generic.py).
+    tools_in_system: bool = False
+    # --structured-outputs-config as spec options ({"any_whitespace": False, ...}); a request's
+    # own structured_outputs switches win.
+    structured_defaults: dict[str, bool] = field(default_factory=dict)
     # A longer prompt text cannot fit in max_model_len tokens whatever it tokenizes to (App sets
     # it from the tokenizer's longest token); None: no early check.
     max_prompt_chars: int | None = None
@@ -174,7 +182,7 @@ def _num(body: dict, name: str, default: Any, lo: float | None = None, hi: float
         return default
     v = _lax_number(raw, integer)
     if v is None:
-        raise _bad(name, f"must be {'an integer' if integer else 'a number'}, got {raw!r}")
+        raise _bad(name, f"must be {'an integer' if integer else 'a number'}, got {value_text(raw)}")
     if isinstance(v, float) and not math.isfinite(v):
         raise _bad(name, "must be a finite number")
     if integer and isinstance(v, float) and v.is_integer():  # past int64, as a JSON float
@@ -206,7 +214,7 @@ def _bool(body: dict, name: str, default: bool) -> bool:
         return default
     b = _lax_bool(v)
     if b is None:
-        raise _bad(name, f"must be a boolean, got {v!r}")
+        raise _bad(name, f"must be a boolean, got {value_text(v)}")
     return b
 
 
@@ -227,8 +235,7 @@ def _check_model(body: dict, ctx: ServingContext) -> str:
     if not isinstance(model, str):
         raise _bad("model", "must be a string")
     if model not in ctx.model_names and model not in ctx.adapter_names:
-        raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
-                          type="NotFoundError")
+        raise model_not_found(model, ctx.model_names)
     return model
 
 
@@ -275,17 +282,19 @@ def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
         try:
             tok = int(k)
         except ValueError:
-            raise _bad("logit_bias", f"key {k!r} is not a token id") from None
+            raise _bad("logit_bias", f"key {value_text(k)} is not a token id") from None
         if not 0 <= tok < vocab_size:
             raise _bad("logit_bias", f"token id {tok} is out of range [0, {vocab_size})")
         out[tok] = float(_num({"logit_bias": v}, "logit_bias", 0.0, -100, 100))
     return out
 
 
-def _structured(body: dict) -> dict[str, Any] | None:
-    """Every spelling of a structured-output constraint (structured.py reads them all)."""
+def _structured(body: dict, ctx: ServingContext) -> dict[str, Any] | None:
+    """Every spelling of a structured-output constraint (structured.py reads them all), with the
+    server's --structured-outputs-config where the request sets no option of its own."""
     try:
-        return structured_from_request(body)
+        spec = structured_from_request(body)
+        return None if spec is None else {**ctx.structured_defaults, **spec}
     except StructuredOutputError as e:
         raise OpenAIError(400, str(e), param=_structured_param(body)) from None
 
@@ -350,7 +359,7 @@ def _sampling(body: dict, ctx: ServingContext, max_tokens_default: int | None,
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
         spaces_between_special_tokens=_bool(body, "spaces_between_special_tokens", True),
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
-        structured=_structured(body),
+        structured=_structured(body, ctx),
         **_beam(body),
     )
 
@@ -479,9 +488,12 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     tools, make_tool_parser, forced = _tools(body, ctx, params)
     _check_structured(ctx, params.structured, "tool_choice" if forced else _structured_param(body))
     images = _image_parts(ctx)
+    template_messages = body["messages"]
+    if ctx.tools_in_system and make_tool_parser is not None:
+        template_messages = with_tools_in_system(template_messages, tools)
     try:
         text = ctx.tokenizer.apply_chat_template(
-            body["messages"], add_generation_prompt=add_gen, continue_final_message=cont,
+            template_messages, add_generation_prompt=add_gen, continue_final_message=cont,
             tools=tools, chat_template_kwargs=body.get("chat_template_kwargs"), images=images)
     except (ValueError, TypeError, KeyError) as e:  # chat.py's errors are ValueErrors
         raise _chat_error(e) from None
@@ -594,6 +606,8 @@ def _tools(body: dict, ctx: ServingContext, params: SamplingParams
         parser_cls = get_tool_parser(ctx.tool_call_parser)
         if parser_cls.needs_special_tokens:  # the call markers are special tokens
             params.skip_special_tokens = False
+        if ctx.tools_in_system and params.structured is None:
+            params.structured = {**auto_call_spec(tools), **ctx.structured_defaults}
         return tools, lambda: parser_cls(tools), False
     try:
         spec = tool_choice_spec(choice, tools, parallel)
@@ -601,12 +615,13 @@ def _tools(body: dict, ctx: ServingContext, params: SamplingParams
     except ToolChoiceError as e:
         raise _bad("tool_choice", str(e)) from None
     if params.structured is not None:
-        raise _bad("tool_choice", f"{choice!r} tool choice cannot be combined with "
+        raise _bad("tool_choice", f"{value_text(choice)} tool choice cannot be combined with "
                    f"{_structured_param(body)}")
     # The whitespace options of structured outputs apply to the calls' JSON as well.
-    so = body.get("structured_outputs")
-    if isinstance(so, dict) and so.get("disable_any_whitespace"):
-        spec["any_whitespace"] = False
+    try:
+        spec.update(ctx.structured_defaults, **request_options(body.get("structured_outputs")))
+    except StructuredOutputError as e:
+        raise _bad("structured_outputs", str(e)) from None
     ws = body.get("guided_whitespace_pattern")
     if isinstance(ws, str):
         spec["whitespace_pattern"] = ws

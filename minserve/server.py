@@ -21,7 +21,8 @@ from minserve.batch import routes as batch_routes
 from minserve.embeddings import routes as embedding_routes
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
 from minserve.errors import library_text
-from minserve.http import BATCH_SCOPE_KEY, Http, OpenAIError, Receive, Scope, Send, find_route
+from minserve.http import BATCH_SCOPE_KEY, Http, OpenAIError, Receive, Scope, Send, find_route, \
+    model_not_found
 from minserve.config import LoRAModule
 from minserve.lora import routes as lora_routes
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -37,6 +38,7 @@ from minserve.protocol import (
     parse_completion,
     prompt_chars_limit,
 )
+from minserve.tool_parsers.generic import detect_tool_parser
 
 logger = logging.getLogger("minserve.server")
 
@@ -54,6 +56,8 @@ class ServerConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    structured_defaults: dict[str, bool] = field(default_factory=dict)  # from the CLI flag
+    log_stats: bool = True          # the periodic throughput line (--disable-log-stats)
     embedding_model_names: list[str] = field(default_factory=list)  # served by App.embedding
     responses_store_size: int = 1000   # /v1/responses kept for previous_response_id and GET
     # vLLM's flags of the same names
@@ -88,7 +92,9 @@ class App:
         self.batch_parse_pool = ThreadPoolExecutor(1, thread_name_prefix="minserve-batch-parse")
         self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
         self.metrics = Metrics(self.model_name, lambda: self.services[0].stats,
-                               self._cache_config_info)
+                               self._cache_config_info,
+                               log_stats=cfg.log_stats)
+        self._stats_task: asyncio.Task | None = None
         self._ctx: ServingContext | None = None
         self.responses = responses.ResponseStore(cfg.responses_store_size)
         self.started = time.time()
@@ -116,8 +122,11 @@ class App:
                 except Exception as e:  # never leave granian waiting on a startup reply
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return
+                self._stats_task = asyncio.create_task(self._tick_stats())
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                if self._stats_task is not None:
+                    self._stats_task.cancel()
                 if self.batches is not None:   # first: its lines in flight run again next start
                     await self.batches.shutdown()
                 grace_s = self.cfg.shutdown_grace_s
@@ -129,6 +138,12 @@ class App:
                 logger.info("stopped")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _tick_stats(self) -> None:
+        """Close a stats interval every few seconds (vLLM's periodic log line and gauges)."""
+        while True:
+            await asyncio.sleep(self.metrics.window.interval)
+            self.metrics.window.tick()
 
     # ---- shutdown (minserve/shutdown.py drives these from the signal)
     def begin_shutdown(self) -> float:
@@ -164,25 +179,43 @@ class App:
             raise self._no_chat_model()
         if self._ctx is None:
             info = self.chat.info
+            parser, tools_in_system = self._tool_call_format(info.tokenizer)
             self._ctx = ServingContext(
                 tokenizer=info.tokenizer, model_names=self.cfg.served_model_names,
                 max_model_len=info.max_model_len, vocab_size=info.vocab_size,
                 generation_defaults=dict(info.generation_defaults),
                 check_structured=self._check_structured,
                 enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
-                tool_call_parser=self.cfg.tool_call_parser,
+                tool_call_parser=parser, tools_in_system=tools_in_system,
                 reasoning_parser=self.cfg.reasoning_parser,
                 max_logprobs=self.cfg.max_logprobs,
                 force_include_usage=self.cfg.enable_force_include_usage,
                 prompt_tokens_details=self.cfg.enable_prompt_tokens_details,
                 return_tokens_as_token_ids=self.cfg.return_tokens_as_token_ids,
                 adapter_names=self.lora_adapters,
+                structured_defaults=self.cfg.structured_defaults,
                 image_processor=info.image_processor, image_limit=info.image_limit,
                 media_policy=info.media_policy,
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
                                                     info.tokenizer.max_token_bytes)
                 if info.tokenizer is not None else None)
         return self._ctx
+
+    def _tool_call_format(self, tokenizer: Any) -> tuple[str | None, bool]:
+        """--tool-call-parser, or with --enable-auto-tool-choice alone the parser the chat
+        template's markers name (logged); True: minserve renders the tools (generic.py)."""
+        if self.cfg.tool_call_parser or not self.cfg.enable_auto_tool_choice:
+            return self.cfg.tool_call_parser, False
+        templates = getattr(tokenizer, "chat_templates", None) or {}
+        template = templates.get("tool_use") or getattr(tokenizer, "chat_template", None)
+        parser, tools_in_system = detect_tool_parser(template)
+        if tools_in_system:
+            logger.info("tool calls: the chat template renders no tools; minserve puts them "
+                        "into the system message and reads %s-style calls", parser)
+        else:
+            logger.info("tool calls: --tool-call-parser %s, detected from the chat template",
+                        parser)
+        return parser, tools_in_system
 
     def _check_structured(self, spec: dict[str, Any]) -> None:
         # The engine compiles the same spec again; structured.compile caches it, so this is the
@@ -225,8 +258,7 @@ class App:
         if self.chat is not None and model in self.cfg.served_model_names:
             raise OpenAIError(400, f"`{model}` is a chat model and does not answer {route}: "
                               f"use {_names(names)}.", param="model")
-        raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
-                          type="NotFoundError")
+        raise model_not_found(str(model), names)
 
     def model_names(self) -> list[str]:
         chat = self.cfg.served_model_names if self.chat is not None else []
@@ -547,8 +579,7 @@ async def list_models(app: App, http: Http) -> None:
 async def get_model(app: App, http: Http) -> None:
     name = http.path_params["model"]
     if name not in app.model_names() and name not in app.lora_adapters:
-        raise OpenAIError(404, f"The model `{name}` does not exist.", param="model",
-                          type="NotFoundError")
+        raise model_not_found(name, app.model_names())
     await http.send_json(200, _model_card(app, name))
 
 

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import llguidance
 
 from minserve.errors import library_text
+from minserve.regex_dialect import WORD_CLASS, RegexDialectError, prepare_regex
+from minserve.value_text import value_text
 
 if TYPE_CHECKING:
     import torch
@@ -137,9 +139,25 @@ def structured_from_request(body: dict[str, Any]) -> dict[str, Any] | None:
         if not isinstance(ws, str):
             raise StructuredOutputError("'guided_whitespace_pattern' must be a string")
         spec["whitespace_pattern"] = ws
-    if so is not None and so.get("disable_any_whitespace"):
-        spec["any_whitespace"] = False
+    spec.update(request_options(so))
     return spec
+
+
+def request_options(so: Any) -> dict[str, bool]:
+    """vLLM's per-request switches in `structured_outputs` -> spec options (absent: the
+    server's --structured-outputs-config, then the defaults of grammar_from_spec)."""
+    out: dict[str, bool] = {}
+    if not isinstance(so, dict):
+        return out
+    for key, option in (("disable_any_whitespace", "any_whitespace"),
+                        ("disable_additional_properties", "additional_properties")):
+        value = so.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            raise StructuredOutputError(f"'structured_outputs.{key}' must be a boolean")
+        out[option] = not value
+    return out
 
 
 def _from_response_format(fmt: Any) -> dict[str, Any] | None:
@@ -160,7 +178,8 @@ def _from_response_format(fmt: Any) -> dict[str, Any] | None:
             return {"json_object": True}
         return {"json": _check_value("json", schema, "response_format.json_schema.schema")}
     raise StructuredOutputError(
-        f"response_format type {kind!r} is not supported (use text, json_object or json_schema)")
+        f"response_format type {value_text(kind)} is not supported "
+        "(use text, json_object or json_schema)")
 
 
 def _check_value(kind: str, value: Any, where: str) -> Any:
@@ -187,6 +206,41 @@ def _check_value(kind: str, value: Any, where: str) -> Any:
 
 
 # ---------------------------------------------------------------- spec -> grammar
+# Keywords whose values are subschemas: maps of them, lists of them, or one.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_SCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains",
+               "propertyNames", "additionalItems", "unevaluatedProperties", "unevaluatedItems")
+
+
+def close_objects(schema: Any) -> Any:
+    """vLLM's disable_additional_properties, our default: every object schema that lists
+    `properties` (or `patternProperties`) and says nothing of `additionalProperties` gets
+    `additionalProperties: false`, so the output holds only the listed keys, as xgrammar (vLLM's
+    default backend) generates. A copy, built without recursion; the input is untouched."""
+    root = [schema]
+    todo: list[tuple[Any, Any]] = [(root, 0)]  # (container, key) of each subschema to visit
+    while todo:
+        parent, key = todo.pop()
+        node = parent[key]
+        if not isinstance(node, dict):
+            continue
+        node = parent[key] = dict(node)
+        if ("properties" in node or "patternProperties" in node) \
+                and "additionalProperties" not in node:
+            node["additionalProperties"] = False
+        for k in _SCHEMA_MAPS:
+            if isinstance(node.get(k), dict):
+                node[k] = dict(node[k])
+                todo.extend((node[k], name) for name in node[k])
+        for k in _SCHEMA_LISTS:
+            if isinstance(node.get(k), list):
+                node[k] = list(node[k])
+                todo.extend((node[k], i) for i in range(len(node[k])))
+        todo.extend((node, k) for k in _SCHEMA_ONE if isinstance(node.get(k), dict))
+    return root[0]
+
+
 def grammar_from_spec(spec: dict[str, Any]) -> str:
     """The llguidance grammar text for a spec (not yet checked against a tokenizer)."""
     kinds = [k for k in SPEC_KINDS if spec.get(k) not in (None, False)]
@@ -196,6 +250,8 @@ def grammar_from_spec(spec: dict[str, Any]) -> str:
     kind = kinds[0]
     value = _check_value(kind, spec[kind], kind)
     check_limits(kind, value)
+    if kind == "json" and not spec.get("additional_properties", False):
+        value = close_objects(value)
     options: dict[str, Any] = {"whitespace_flexible": spec.get("any_whitespace", True)}
     if spec.get("whitespace_pattern") is not None:
         options["whitespace_pattern"] = spec["whitespace_pattern"]
@@ -211,11 +267,25 @@ def grammar_from_spec(spec: dict[str, Any]) -> str:
             # NOTE: \d and \w are ASCII ([0-9], [0-9a-zA-Z_]) as in JSON Schema and xgrammar: the
             # Rust defaults (any Unicode digit/letter/mark) let a model write "６" into an IPv4
             # address, and produce text that Python's re (another Unicode table) rejects.
-            return llguidance.LLMatcher.grammar_from_lark(
-                f"start: /{llguidance.regex_to_lark(value, 'dw')}/")
+            return _regex_grammar(value)
         return llguidance.grammar_from("grammar", value)  # Lark, or GBNF/EBNF converted to Lark
     except (ValueError, RecursionError) as e:
         raise StructuredOutputError(f"invalid {kind}: {_describe(str(e))}") from None
+
+
+def _regex_grammar(regex: str) -> str:
+    """A guided_regex as one Lark lexeme; a \\b at an end becomes an intersection (`&`) with
+    "starts/ends with a word character", which is exactly what it means under fullmatch."""
+    try:
+        rx = prepare_regex(regex)
+    except RegexDialectError as e:
+        raise StructuredOutputError(str(e)) from None
+    lexeme = f"/{llguidance.regex_to_lark(rx.body, 'dw')}/"
+    if rx.word_start:
+        lexeme += f" & /{WORD_CLASS}(.|\\n)*/"
+    if rx.word_end:
+        lexeme += f" & /(.|\\n)*{WORD_CLASS}/"
+    return llguidance.LLMatcher.grammar_from_lark(f"start: REGEX\nREGEX: {lexeme}")
 
 
 # ---------------------------------------------------------------- tokenizer bridge

@@ -709,3 +709,56 @@ def test_fuzzed_score_rerank_and_batch_requests_never_500(tiny_model_dir, tmp_pa
     assert not bad, bad[:5]
     assert counts.get(200, 0) > 30 and counts.get(400, 0) > 30, counts
     assert len(file_ids) > 3 and len(batch_ids) > 1, (file_ids, batch_ids)   # some were made
+
+
+def _deep_bodies(base: dict, fields: list[str]):
+    """`base` with one field set to a list / an object 1,000 levels deep (raw JSON text: the
+    stdlib encoder would recurse too), then deeper than any JSON reader takes."""
+    for name in fields:
+        rest = orjson.dumps({k: v for k, v in base.items() if k != name}).decode()[:-1]
+        for deep in ("[" * 1000 + "]" * 1000, '{"a":' * 1000 + "1" + "}" * 1000,
+                     "[" * 5000 + "]" * 5000):
+            yield name, f'{rest}{", " if len(rest) > 1 else ""}"{name}": {deep}}}'.encode()
+
+
+def test_deeply_nested_values_are_400s_on_every_route(tiny_model_dir, tmp_path):
+    """A field holding a list or object 1,000 levels deep was a 500 on chat, completions,
+    embeddings and tokenize: building the error message repr'd the value (RecursionError). Now
+    every route answers 4xx, and the message shows the value's type and a bounded prefix."""
+    from minserve.config import EngineConfig
+    from minserve.embeddings.service import EmbeddingService
+    from minserve.server import ServerConfig, create_app
+    from tests.tiny import make_tiny_encoder
+
+    folder, _ = make_tiny_encoder(str(tmp_path / "bert"), "bert")
+    app = create_app(EngineConfig(model=tiny_model_dir, kv_cache_memory=4 << 20,
+                                  max_model_len=512),
+                     ServerConfig(served_model_names=["tiny"], embedding_model_names=["emb"],
+                                  enable_auto_tool_choice=True, tool_call_parser="hermes"),
+                     embedding=EmbeddingService.lazy(folder, served_model_name="emb"))
+    role = (b'{"messages": [{"role": ' + b'{"a":' * 1000 + b"1" + b"}" * 1000
+            + b', "content": "x"}]}')
+    cases = [(p.split("#")[0], f, b) for p, (base, fields) in BASES.items()
+             for f, b in _deep_bodies(base, fields)]
+    cases += [("/v1/chat/completions", "messages[0].role", role)]
+    cases += [("/v1/embeddings", f, b) for f, b in _deep_bodies({"input": "hi", "model": "emb"},
+                                                                list(EMBED_VALID))]
+
+    async def fn(app):
+        bad, messages, accepted = [], [], []
+        for path, name, body in cases:
+            r = await call(app, "POST", path, body=body,
+                           headers={"content-type": "application/json"})
+            if r.status not in (200, 400, 404, 413, 422):
+                bad.append((path, name, r.status, r.body[:200]))
+            elif r.status != 200:
+                messages.append(r.json()["error"]["message"])
+            else:
+                accepted.append((path, name))
+        return bad, messages, accepted
+
+    bad, messages, _ = run(app, fn)
+    assert not bad, bad[:5]
+    assert max(map(len, messages)) < 400
+    assert any("array [[[[" in m for m in messages) and any("object {'a': {" in m
+                                                            for m in messages)

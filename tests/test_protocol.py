@@ -202,6 +202,31 @@ def test_structured_seam_fills_sampling_params(tiny_model_dir):
         assert parse_chat({"messages": MSG, **extra}, ctx).params.structured == want
 
 
+def test_structured_outputs_config_defaults_and_request_switches(tiny_model_dir):
+    """--structured-outputs-config's switches reach every spec (tool calls' JSON too) unless
+    the request's structured_outputs sets its own; a non-boolean switch is a 400."""
+    from minserve.protocol import OpenAIError, ServingContext, parse_chat
+    from minserve.tokenizer import Tokenizer
+
+    ctx = ServingContext(Tokenizer.from_folder(tiny_model_dir), ["tiny"], 256, 512,
+                         structured_defaults={"any_whitespace": False})
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    spec = parse_chat({"messages": MSG, "guided_json": schema}, ctx).params.structured
+    assert spec == {"json": schema, "any_whitespace": False}
+    spec = parse_chat({"messages": MSG, "structured_outputs": {
+        "json": schema, "disable_any_whitespace": False, "disable_additional_properties": False}},
+        ctx).params.structured
+    assert spec == {"json": schema, "any_whitespace": True, "additional_properties": True}
+    spec = parse_chat({"messages": MSG, "tools": [tool], "tool_choice": "required",
+                       "structured_outputs": {"disable_additional_properties": False}},
+                      ctx).params.structured
+    assert spec["any_whitespace"] is False and spec["additional_properties"] is True
+    with pytest.raises(OpenAIError, match="must be a boolean"):
+        parse_chat({"messages": MSG, "structured_outputs": {
+            "json": schema, "disable_additional_properties": "yes"}}, ctx)
+
+
 def test_sampling_mapping(tiny_model_dir):
     from minserve.protocol import ServingContext, parse_completion
     from minserve.tokenizer import Tokenizer

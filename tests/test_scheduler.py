@@ -439,3 +439,19 @@ def test_equal_priorities_never_preempt_for_priority():
 
     outs = run(sched, runner, check)
     assert len(outs) == 4
+
+
+def test_requests_that_finish_in_their_prefill_step_leave_their_blocks_cached():
+    """max_tokens 1 (a score, a choice, a loglikelihood) ends in the step that computes the
+    prompt: its full blocks are published all the same, so the same prompt again hits them,
+    whether the prompt ran in one step or in chunks, and whatever ended the request."""
+    for budget in (64, 8):  # one prefill step; chunks of 8
+        sched, runner = make(budget=budget)
+        prompt = list(range(100, 137))  # 37 tokens: 9 full blocks of 4
+        sched.add(new_req("a", prompt, max_tokens=1))
+        run(sched, runner)
+        sched.add(new_req("b", prompt, max_tokens=1))
+        sched.add(new_req("c", prompt[:20] + [7] * 9, max_tokens=1))
+        outs = run(sched, runner)
+        assert outs["b"][0].num_cached_tokens == 36 and outs["c"][0].num_cached_tokens == 20
+        assert sched.kv.num_free_blocks == sched.kv.num_blocks

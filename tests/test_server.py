@@ -590,6 +590,29 @@ def test_usage_reports_cached_prompt_tokens(tiny_model_dir):
     assert again["completion_tokens"] == 4 and again["total_tokens"] == first["prompt_tokens"] + 4
 
 
+def test_requests_ending_in_their_prefill_step_are_prefix_cache_hits_later(tiny_model_dir):
+    """max_tokens 1 and a guided_choice end in the step that computes their prompt (scoring and
+    classification calls): the same prompt sent again hits every full block of it."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    bodies = [{"prompt": prompt, "max_tokens": 1},
+              {"messages": [{"role": "user", "content": prompt}], "max_tokens": 1},
+              {"prompt": "Spam? " + prompt, "guided_choice": ["yes", "no"], "max_tokens": 4}]
+
+    async def fn(app):
+        out = []
+        for body in bodies:
+            path = CHAT if "messages" in body else COMP
+            usages = [(await call(app, "POST", path, body)).json()["usage"] for _ in range(2)]
+            out.append(usages)
+        return out
+
+    block = 16
+    for first, again in run(real_app(tiny_model_dir), fn):
+        assert first["prompt_tokens_details"]["cached_tokens"] == 0
+        want = (first["prompt_tokens"] - 1) // block * block  # the last token always runs
+        assert again["prompt_tokens_details"]["cached_tokens"] == want > 0, (first, again)
+
+
 def test_cache_salt_keeps_tenants_apart_in_the_prefix_cache(tiny_model_dir):
     """vLLM's cache_salt on completions and chat: the same prompt shares KV blocks with an
     earlier request only under the same salt (no salt is a tenant of its own); a salt that is
@@ -701,3 +724,61 @@ def test_route_patterns():
     assert find_route(routes, "/v1/files/list") == ({"GET": 3}, {})
     assert find_route(routes, "/v1/files/f1") == ({"GET": 1}, {"id": "f1"})
     assert find_route(routes, "/v1/nothing") is None
+
+
+def test_stats_window_logs_vllm_line_and_feeds_throughput_gauges(tiny_model_dir, caplog):
+    """vLLM's periodic line (Avg prompt/generation throughput, Running, Waiting, KV cache usage,
+    Prefix cache hit rate) over the tokens of the last interval; the same throughputs and the
+    old gpu_cache_usage_perc name on /metrics; nothing logged for an idle interval, and nothing
+    at all with log_stats off (--disable-log-stats) while the gauges still move."""
+    import logging
+    import re
+
+    from minserve.metrics import StatsWindow
+
+    async def fn(app):
+        window = app.metrics.window
+        window.tick(now=100.0)
+        for _ in range(2):
+            await call(app, "POST", COMP, {"prompt": "Hello there " * 8, "max_tokens": 5,
+                                           "ignore_eos": True})
+        line = window.tick(now=102.0)
+        metrics = (await call(app, "GET", "/metrics")).body.decode()
+        idle = window.tick(now=104.0)
+        return line, metrics, idle, dict(app.chat.stats)
+
+    with caplog.at_level(logging.INFO, logger="minserve.stats"):
+        line, metrics, idle, stats = run(real_app(tiny_model_dir), fn)
+    assert stats["num_generation_tokens"] == 10
+    assert "Avg generation throughput: 5.0 tokens/s" in line, line  # 10 tokens in 2 s
+    prompt_tps = float(re.search(r"Avg prompt throughput: ([\d.]+)", line)[1])
+    assert 0 < prompt_tps <= stats["num_prompt_tokens"] / 2
+    assert re.search(r"Running: 0 reqs, Waiting: 0 reqs, KV cache usage: [\d.]+%, "
+                     r"Prefix cache hit rate: [1-9][\d.]*%$", line), line  # the 2nd hit the 1st
+    assert any(r.getMessage() == line for r in caplog.records)
+    assert re.search(r'^vllm:avg_generation_throughput_toks_per_s\{model_name="tiny"\} 5\.0$',
+                     metrics, re.M), metrics
+    assert re.search(r"^vllm:avg_prompt_throughput_toks_per_s\{.*\} [1-9]", metrics, re.M)
+    assert re.search(r"^vllm:gpu_cache_usage_perc\{", metrics, re.M)
+    assert idle is None
+    stats = {"num_generation_tokens": 0}
+    quiet = StatsWindow(lambda: stats, log=False)
+    quiet.tick(now=0.0)
+    stats["num_generation_tokens"] = 30
+    caplog.clear()
+    assert quiet.tick(now=3.0) and quiet.generation_throughput == 10.0 and not caplog.records
+
+
+def test_unknown_model_404_lists_the_served_names(tiny_model_dir):
+    """A newcomer's first 404: it names what is served and where the names come from."""
+    async def fn(app):
+        return [await call(app, "POST", CHAT, {"model": "gpt-4", "messages": [
+                    {"role": "user", "content": "x"}]}),
+                await call(app, "POST", COMP, {"model": "m" * 10_000, "prompt": "x"}),
+                await call(app, "GET", "/v1/models/gpt-4")]
+
+    for r in run(real_app(tiny_model_dir), fn):
+        err = r.json()["error"]
+        assert r.status == 404 and err["type"] == "NotFoundError" and err["param"] == "model"
+        assert "does not exist" in err["message"] and "`tiny`, `alias`" in err["message"]
+        assert "--served-model-name" in err["message"] and len(err["message"]) < 400

@@ -2,6 +2,7 @@
 what we do not support is an error that says so."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -21,6 +22,8 @@ VLLM_FLAGS = [
     ["--uvicorn-log-level", "warning"], ["--allowed-origins", '["https://a.example"]'],
     ["--root-path", "/api"], ["--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem"],
     ["--trust-remote-code"], ["--tensor-parallel-size", "1"],
+    ["--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}'],
+    ["--enable-metrics"], ["--disable-log-stats"],
 ]
 
 
@@ -62,6 +65,14 @@ def test_api_key_from_environment(monkeypatch):
     assert cli.server_config(cli.parse_args(["--api-key", "flag"])).api_keys == ["flag"]
 
 
+def test_structured_outputs_config_sets_the_spec_defaults():
+    args = cli.parse_args(["--structured-outputs-config", '{"disable_any_whitespace": true, '
+                           '"disable_additional_properties": false}'])
+    assert cli.server_config(args).structured_defaults == {"any_whitespace": False,
+                                                           "additional_properties": True}
+    assert cli.server_config(cli.parse_args([])).structured_defaults == {}
+
+
 @pytest.mark.parametrize("argv, word", [
     (["--quantization", "bitsandbytes"], "invalid choice: 'bitsandbytes'"),
     (["--kv-cache-dtype", "int8"], "invalid choice: 'int8'"),
@@ -74,6 +85,9 @@ def test_api_key_from_environment(monkeypatch):
     (["--block-size", "12"], "--block-size"),
     (["--dtype", "int3"], "--dtype"),
     (["/a", "--model", "/b"], "two models"),
+    (["--structured-outputs-config", "{nope"], "must be a JSON object"),
+    (["--structured-outputs-config", '{"disable_any_whitespac": true}'], "unknown key(s)"),
+    (["--structured-outputs-config", '{"disable_any_whitespace": 1}'], "true or false"),
     (["--timeout-keep-alive", "0"], "--timeout-keep-alive"),
 ])
 def test_bad_flags_are_errors_that_say_why(argv, word, capsys):
@@ -95,13 +109,47 @@ def test_engine_that_fails_to_load_exits_non_zero(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"]}')
     p = subprocess.run([sys.executable, "-m", "minserve", "serve", str(tmp_path), "--port", "0"],
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1, p.stdout + p.stderr
-    assert "engine failed to start" in p.stdout + p.stderr
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "engine failed to start" in errors[0], out
+    assert "Traceback" not in out and "panic" not in out, out  # bench/failed_load.py: x50
 
 
 def test_sizes_read_as_vllm_reads_them():
     assert [cli._size(t) for t in ("4096", "4k", "4K", "1.5k", "2M", "2GiB", "512MB", "1gib")] == [
         4096, 4000, 4096, 1500, 2 << 20, 2 << 30, 512 << 20, 1 << 30]
+
+
+def test_ready_line_at_any_log_level_and_no_granian_warning(tiny_model_dir):
+    """--uvicorn-log-level warning (the guides' spelling) and --enable-metrics: the loading,
+    ready and URL lines still print, granian's "experimental" warning does not, /metrics is on."""
+    import urllib.request
+
+    from tests.serving import start_server, stop_server
+
+    proc, url = start_server(["serve", tiny_model_dir, "--uvicorn-log-level", "warning",
+                              "--enable-metrics", "--kv-cache-memory", "4MiB"])
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            assert b"vllm:num_requests_running" in r.read()
+    finally:
+        code, out = stop_server(proc)
+    assert code == 0, out
+    assert "ready: OpenAI API at http://127.0.0.1:" in out and "loading" in out, out
+    assert "experimental" not in out, out
+
+
+def test_hub_id_offline_is_one_error_line(tmp_path):
+    """An unfetchable hub id: exit 1 with one error line naming the alternatives, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    p = subprocess.run([sys.executable, "-m", "minserve", "serve", "someorg/some-model",
+                        "--port", "0"], capture_output=True, text=True, timeout=120, env=env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "local model folder" in errors[0] and ".gguf" in errors[0], out
 
 
 def test_connection_limit_follows_the_open_files_limit(monkeypatch):

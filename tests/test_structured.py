@@ -126,6 +126,38 @@ def test_regex_random_logits(tok, regex):
         assert re.fullmatch(regex, text), (regex, text)
 
 
+GUIDE_IPV4 = (r"\b(25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)\.(25[0-5]|2[0-4][0-9]|[01]?[0-9]"
+              r"[0-9]?)\.(25[0-5]|2[0-4][0-9]|[01]?[0-9][0-9]?)\.(25[0-5]|2[0-4][0-9]|[01]?[0-9]"
+              r"[0-9]?)\b")  # vLLM's structured-outputs guide, Task 9, verbatim
+
+
+@pytest.mark.parametrize("regex", [
+    GUIDE_IPV4, r"^\d{3}-\d{4}$", r"\A[a-z]+\Z", r"\w+\s\w+", r"a{,3}b", r"(?:ab){1,2}?c",
+    r"(?i)yes|no", r"\b[a-z ]{1,8}", r"[ .a-c]{1,6}\b", r"[^\W\d]{2}", r"\$[0-9]+\.[0-9]{2}"])
+def test_regex_dialect_random_logits(tok, regex):
+    """What people write for vLLM's backends: anchors and \b at the ends are exact (Python's
+    re.fullmatch agrees with every output), Python's {,n} works, flags and lazy quantifiers too."""
+    for seed in range(8):
+        text, finished = run_random(st.compile({"regex": regex}, tok, MODEL_VOCAB), tok, seed)
+        # \d and \w are ASCII (see structured.py); (?i) folds case as Unicode does (ſ ~ s)
+        flags = 0 if "(?i)" in regex else re.ASCII
+        assert finished and re.fullmatch(regex, text, flags), (regex, text)
+
+
+@pytest.mark.parametrize("regex, message", [
+    (r"a(?=b)b", "a lookaround ((?=) at position 1"),
+    (r"(?<!x)a", "a lookaround ((?<!) at position 0"),
+    (r"(a)\1", "a backreference (\\1) at position 3"),
+    (r"a\bb", "a word boundary (\\b) at position 1"),
+    (r"\ba|b", "a word boundary (\\b) at position 0"), (r"x\B", "(\\B) at position 1"),
+    (r"a^b", "the anchor ^ at position 1"), (r"(?>ab)", "an atomic group"),
+    (r"(?m)^a$", "the multi-line flag")])
+def test_regex_dialect_refusals_name_the_construct(tok, regex, message):
+    with pytest.raises(StructuredOutputError) as e:
+        st.compile({"regex": regex}, tok, MODEL_VOCAB)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 def test_choice_random_logits(tok):
     choices = ["SPAM", "NOT_SPAM", "日本語 ok", 'a "quote"', "SPAMMER"]
     seen = set()
@@ -241,6 +273,36 @@ def test_ll_tokenizer_cached_on_tokenizer(tok):
     st.get_ll_tokenizer(tok.tokenizer, MODEL_VOCAB)  # a bare tokenizers.Tokenizer works too
 
 
+OPEN = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                         "age": {"type": "integer", "minimum": 0,
+                                                 "maximum": 99}},
+        "required": ["name", "age"]}  # vLLM's guide: no additionalProperties
+
+
+def test_objects_hold_only_their_listed_properties_by_default(tok):
+    """vLLM's disable_additional_properties is the default (xgrammar's behaviour): random logits
+    never add a key the schema does not list; nested objects and $defs are closed too, but
+    `additionalProperties: true` or a schema under it still allows extra keys."""
+    nested = {"type": "object", "properties": {"p": {"$ref": "#/$defs/p"}}, "required": ["p"],
+              "$defs": {"p": OPEN}}
+    for schema in (OPEN, nested):
+        for seed in range(10):
+            text, finished = run_random(st.compile({"json": schema}, tok, MODEL_VOCAB), tok, seed)
+            value = json.loads(text)
+            inner = value["p"] if schema is nested else value
+            assert finished and set(value) == set(schema["required"]) and \
+                set(inner) == {"name", "age"}, text
+    opened = [st.compile({"json": OPEN, "additional_properties": True}, tok, MODEL_VOCAB),
+              st.compile({"json": {**OPEN, "additionalProperties": {"type": "integer"}}}, tok,
+                         MODEL_VOCAB)]
+    extra = tok.tokenizer.encode('{"name":"a","age":1,"x').ids  # only valid with extra keys
+    for c in opened:
+        assert all(c.accept_token(t) for t in extra), c.error
+    closed = st.compile({"json": OPEN}, tok, MODEL_VOCAB)
+    assert not all(closed.accept_token(t) for t in extra)
+    assert st.close_objects(OPEN) is not OPEN and "additionalProperties" not in OPEN
+
+
 # ---------------------------------------------------------------- request spellings
 @pytest.mark.parametrize("body,want", [
     ({}, None),
@@ -259,6 +321,8 @@ def test_ll_tokenizer_cached_on_tokenizer(tok):
     ({"structured_outputs": {"choice": ["x"]}}, {"choice": ["x"]}),
     ({"structured_outputs": {"json": PERSON, "disable_any_whitespace": True}},
      {"json": PERSON, "any_whitespace": False}),
+    ({"structured_outputs": {"json": PERSON, "disable_additional_properties": False}},
+     {"json": PERSON, "additional_properties": True}),
     ({"response_format": {"type": "text"}, "guided_regex": "a"}, {"regex": "a"}),
 ])
 def test_structured_from_request(body, want):

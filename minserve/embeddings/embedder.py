@@ -32,6 +32,7 @@ from minserve.embeddings.protocol import EmbeddingsRequestError
 from minserve.engine.engine import DTYPES, resolve_device
 from minserve.models.bert import load_encoder
 from minserve.protocol import prompt_chars_limit
+from minserve.value_text import value_text
 
 # Texts are tokenized this many at a time, each group checked before the next: an over-long
 # input is refused after at most one group's work (2,048 inputs of ~5,000 tokens each took
@@ -287,7 +288,7 @@ class Embedder:
         for t in ids:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
                 raise EmbeddingsRequestError(
-                    f"input[{i}] holds token id {t!r}, outside the vocabulary [0, "
+                    f"input[{i}] holds token id {value_text(t)}, outside the vocabulary [0, "
                     f"{self.vocab_size})", param="input")
         return ids
 

@@ -22,6 +22,7 @@ import torch
 
 from minserve.config import ConfigError
 from minserve.embeddings.protocol import EmbeddingsRequestError
+from minserve.value_text import value_text
 
 POOLING_MODES = ("mean", "cls", "lasttoken", "max", "mean_sqrt_len")
 # sentence-transformers 1_Pooling/config.json flag -> our mode name
@@ -101,7 +102,8 @@ def check_dimensions(dimensions: int | None, full_dim: int, cfg: PoolingConfig,
     if dimensions is None or dimensions == full_dim:
         return
     if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
-        raise EmbeddingsRequestError(f"dimensions must be a positive integer, got {dimensions!r}",
+        raise EmbeddingsRequestError(
+            f"dimensions must be a positive integer, got {value_text(dimensions)}",
                                      param="dimensions")
     if dimensions > full_dim:
         raise EmbeddingsRequestError(

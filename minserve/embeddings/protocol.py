@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minserve.protocol import OpenAIError
+from minserve.value_text import value_text
 
 MAX_INPUTS = 2048              # OpenAI's limit on the number of inputs in one request
 ENCODING_FORMATS = ("float", "base64")
@@ -41,7 +42,7 @@ def _token_list(ids: list[Any], where: str) -> list[int]:
         raise EmbeddingsRequestError(f"{where} is an empty list of token ids", param="input")
     for t in ids:
         if not _is_int(t) or t < 0:
-            raise EmbeddingsRequestError(f"{where} holds {t!r}, which is not a token id "
+            raise EmbeddingsRequestError(f"{where} holds {value_text(t)}, which is not a token id "
                                          "(a non-negative integer)", param="input")
     return ids
 
@@ -93,15 +94,16 @@ def parse_embeddings_request(body: Any) -> EmbeddingsRequest:
     encoding_format = body.get("encoding_format") or "float"
     if encoding_format not in ENCODING_FORMATS:
         raise EmbeddingsRequestError(f"encoding_format must be 'float' or 'base64', got "
-                                     f"{encoding_format!r}", param="encoding_format")
+                                     f"{value_text(encoding_format)}", param="encoding_format")
     dimensions = body.get("dimensions")
     if dimensions is not None and (not _is_int(dimensions) or dimensions < 1):
-        raise EmbeddingsRequestError(f"dimensions must be a positive integer, got {dimensions!r}",
+        raise EmbeddingsRequestError(
+            f"dimensions must be a positive integer, got {value_text(dimensions)}",
                                      param="dimensions")
     truncate = body.get("truncate_prompt_tokens")
     if truncate is not None and (not _is_int(truncate) or (truncate < 1 and truncate != -1)):
         raise EmbeddingsRequestError("truncate_prompt_tokens must be a positive integer or -1 "
-                                     f"(the model's max length), got {truncate!r}",
+                                     f"(the model's max length), got {value_text(truncate)}",
                                      param="truncate_prompt_tokens")
     user = body.get("user")
     if user is not None and not isinstance(user, str):

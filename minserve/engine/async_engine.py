@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from minserve.config import ConfigError
 from minserve.engine.request import EngineInfo, EngineRequest, FinishReason, RequestOutput
 from minserve.errors import library_text
 
@@ -181,11 +182,20 @@ class WorkerService:
 
     # ---- the worker thread ----
     def _run(self) -> None:
+        loaded = False
         try:
             self._load()
+            loaded = True
             self._on_loop(self._became_ready)
             self._serve()
         except Exception as e:  # a bad model, or a step that failed: report, never hang
+            if not loaded:
+                # A model that does not load: the reason is the one error line the owner (cli)
+                # prints; the traceback only at --log-level debug.
+                logger.debug("%s did not load", self.thread_name, exc_info=True)
+                self._on_loop(self._died, str(e) if isinstance(e, ConfigError)
+                              else f"{type(e).__name__}: {e}")
+                return
             logger.exception("%s failed; failing all in-flight requests", self.thread_name)
             self._on_loop(self._died, f"{type(e).__name__}: {library_text(e)}")
 

@@ -337,6 +337,8 @@ class Engine:
             "prefix_cache_queries": self.kv_cache.prefix_cache_queries,
             "prefix_cache_hits": self.kv_cache.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_prompt_tokens": self.scheduler.num_prompt_tokens_computed,
+            "num_generation_tokens": self.scheduler.num_generation_tokens,
             "num_waiting_deferred": self.scheduler.num_waiting_deferred,
             "iteration_tokens": (tuple(self._iteration_buckets), self._iteration_tokens_sum),
             **(self._lora_stats() if self.lora is not None else {}),

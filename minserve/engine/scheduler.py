@@ -126,6 +126,8 @@ class Scheduler:
         self._leaders: dict[str, Request] = {}
         self._prompt_logprobs: dict[str, list[Logprob | None]] = {}
         self.num_preemptions = 0   # cumulative, for vllm:num_preemptions_total
+        self.num_prompt_tokens_computed = 0   # cumulative, for the throughput log line
+        self.num_generation_tokens = 0
 
     # ---- queue management -------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -356,14 +358,19 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue
             num_prompt_lps = self._collect_prompt_logprobs(request, sampled, i)
+            self.num_prompt_tokens_computed += max(0, min(
+                num, request.num_prompt_tokens - request.num_computed_tokens))
             request.num_computed_tokens += num
+            # NOTE: publish before the finish check: a request that ends in the step that computed
+            # its prompt (max_tokens 1, a choice, a loglikelihood) still leaves its blocks cached.
+            self.kv.cache_full_blocks(request)
             if request.num_computed_tokens < request.num_tokens:
-                self.kv.cache_full_blocks(request)
                 continue  # a prefill chunk short of the end samples nothing
             token = sampled.token_ids[i]
             if not request.output_token_ids:
                 request.first_token_time = time.monotonic()
             request.output_token_ids.append(token)
+            self.num_generation_tokens += 1
             self._check_stop(request, token)
             out = self._out(request, [token])
             if request.finish_reason == FinishReason.ERROR and request.structured is not None:
@@ -376,8 +383,6 @@ class Scheduler:
             if request.finish_reason is not None:
                 self.running.remove(request)
                 self._finish(request, request.finish_reason)
-            else:
-                self.kv.cache_full_blocks(request)
             outputs.append(out)
         return outputs
 

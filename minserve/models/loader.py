@@ -38,11 +38,11 @@ def resolve_model(model: str | None, revision: str | None = None,
     """None -> the embedded default model; a folder -> itself; a .gguf -> a converted folder
     under cache_dir() (gguf_quantized: linear weights kept in their GGUF blocks, else
     dequantized); anything else -> a hub id fetched through huggingface_hub."""
-    if model is None:
-        return default_model_folder(gguf_quantized)
-    path = os.path.expanduser(model)
-    if os.path.isdir(path):
+    path = os.path.expanduser(model) if model is not None else None
+    if path is not None and os.path.isdir(path):
         return path
+    if model is None or model == DEFAULT_MODEL_NAME:  # the name /v1/models shows for it
+        return default_model_folder(gguf_quantized)
     if os.path.isfile(path):
         if path.endswith(".gguf"):
             return gguf_folder(path, gguf_quantized)
@@ -70,11 +70,14 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> str:
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, HFValidationError,
             OSError, *_http_errors()) as e:
+        # NOTE: one line, no chained traceback: the hub's own text spans lines and repeats
+        # the URL; its first line says enough.
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise ConfigError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "If the machine is offline, download the model elsewhere and pass its local folder "
-            "(config.json + *.safetensors) or a .gguf file path as --model"
-        ) from e
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}"
+            f"{': ' + first[:160] if first else ''}). Offline? Pass a local model folder "
+            "(config.json + *.safetensors) or a .gguf file as --model, or leave --model out to "
+            f"serve the default model ({DEFAULT_MODEL_NAME})") from None
 
 
 def _http_errors() -> tuple[type[BaseException], ...]:

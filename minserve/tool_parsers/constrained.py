@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from minserve.tool_parsers.base import Piece, ToolCall, ToolParser, call_from_json
+from minserve.value_text import value_text
 
 _decoder = json.JSONDecoder()
 _EMPTY_PARAMS = {"type": "object", "properties": {}}
@@ -54,10 +55,11 @@ def tool_choice_spec(tool_choice: Any, tools: list[dict[str, Any]] | None,
     name = named_tool(tool_choice)
     if name is not None:
         if name not in functions:
-            raise ToolChoiceError(f"tool_choice names function {name!r}, which is not in tools")
+            raise ToolChoiceError(
+                f"tool_choice names function {value_text(name)}, which is not in tools")
         return {"json": functions[name].get("parameters") or _EMPTY_PARAMS}
     if tool_choice != "required":
-        raise ToolChoiceError(f"unknown tool_choice {tool_choice!r}")
+        raise ToolChoiceError(f"unknown tool_choice {value_text(tool_choice)}")
     if not functions:
         raise ToolChoiceError("tool_choice 'required' needs at least one tool in 'tools'")
     defs: dict[str, Any] = {}
