@@ -80,7 +80,7 @@ def test_attention_ref_matches_dense_attention(group, window, dtype):
     from tests.kernel_checks import make_batch
 
     torch.manual_seed(group)
-    cases = [(1, 37), (5, 18), (17, 40), (1, 1), (7, 39)]
+    cases = [(1, 37), (5, 18), (17, 40), (1, 1), (7, 39), (1, 16), (1, 33)]
     q, k_cache, v_cache, attn = make_batch(cases, 2 * group, 2, 16, 16, dtype)
     got = paged_attention_ref(q, k_cache, v_cache, attn, 0.25, window)
     qsl = attn.query_start_loc_host
