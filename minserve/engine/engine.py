@@ -32,6 +32,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_cpu_threads(device: torch.device) -> None:
+    """On CPU, one torch intra-op thread per CPU this process may use (cgroup quota included),
+    unless OMP_NUM_THREADS says otherwise."""
+    from minserve.cpu_threads import num_torch_threads
+
+    num = num_torch_threads() if device.type == "cpu" else None
+    if num is not None and num != torch.get_num_threads():
+        torch.set_num_threads(num)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         # bf16 halves memory traffic on GPUs; CPUs run float32 (bf16 matmuls are slow there).
@@ -46,6 +56,7 @@ class Engine:
 
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        set_cpu_threads(self.device)
         folder = resolve_model(config.model, config.revision)
         with open(os.path.join(folder, "config.json")) as f:
             model_config = ModelConfig.from_dict(json.load(f))
