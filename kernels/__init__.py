@@ -6,21 +6,13 @@ from __future__ import annotations
 import os
 
 import torch
-from minserve.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
 from minserve.kernels.attention import AttnMetadata, paged_attention_ref, paged_attention_triton
-from minserve.kernels.attention import triton as _triton
 from minserve.kernels.cache import store_kv_ref, store_kv_triton
-from minserve.kernels.norm import rmsnorm_ref, rmsnorm_triton
-from minserve.kernels.rotary import make_cos_sin_cache, rotary_ref, rotary_triton
+from minserve.kernels.jit import triton
 
-__all__ = [
-    "AttnMetadata", "make_cos_sin_cache", "paged_attention", "rms_norm", "rotary",
-    "silu_and_mul", "store_kv", "triton_enabled",
-]
+__all__ = ["AttnMetadata", "paged_attention", "store_kv", "triton_enabled"]
 
-# Note: the function `rotary` below shadows the submodule attribute of the same name; import
-# from the file with `from minserve.kernels.rotary import rotary_ref`, not `import ... as`.
-_TRITON = _triton is not None and os.environ.get("MINSERVE_NO_TRITON", "") != "1"
+_TRITON = triton is not None and os.environ.get("MINSERVE_NO_TRITON", "") != "1"
 
 
 def triton_enabled(t: torch.Tensor) -> bool:
@@ -33,8 +25,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, H, D], caches [NB, BS, K, D] -> [T, H, D] (written into `out` when given)."""
     if triton_enabled(q):
-        return paged_attention_triton(q, k_cache, v_cache, attn, scale, sliding_window,
-                                                out=out)
+        return paged_attention_triton(q, k_cache, v_cache, attn, scale, sliding_window, out=out)
     result = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window)
     if out is None:
         return result
@@ -51,29 +42,3 @@ def store_kv(
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
-
-
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """norm(x); with residual: h = x + residual, returns (norm(h), h)."""
-    if triton_enabled(x):
-        return rmsnorm_triton(x, weight, eps, residual)
-    return rmsnorm_ref(x, weight, eps, residual)
-
-
-def rotary(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-) -> None:
-    """Neox-style rotary on q [T, H, D] and k [T, K, D] in place; cache [max_pos, rot_dim]."""
-    if triton_enabled(q):
-        rotary_triton(positions, q, k, cos_sin_cache)
-    else:
-        rotary_ref(positions, q, k, cos_sin_cache)
-
-
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x [..., 2I] = [gate | up] -> silu(gate) * up [..., I]."""
-    if triton_enabled(x):
-        return silu_and_mul_triton(x)
-    return silu_and_mul_ref(x)

@@ -17,13 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the reference still works, the kernels are never called
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from minserve.kernels.jit import jit, tl, triton
 
 
 @dataclass(slots=True)
@@ -37,10 +31,6 @@ class AttnMetadata:
     # Host copies, so the torch reference never syncs with the device.
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
-
-    @property
-    def num_reqs(self) -> int:
-        return len(self.seq_lens_host)
 
 
 def paged_attention_ref(
@@ -121,7 +111,7 @@ SPLIT_KV_MAX_PROGRAMS = 128   # split decode when num_reqs * num_kv_heads is bel
 SPLIT_KV_SEGMENTS = 16
 
 
-@_jit
+@jit
 def _find_request(query_start_loc_ptr, block_idx, num_reqs, BLOCK_Q: tl.constexpr):
     # Loop-carried values must be int32 tensors from the start (a Python 0 is a constexpr).
     lo = tl.full([], 0, tl.int32)
@@ -136,7 +126,7 @@ def _find_request(query_start_loc_ptr, block_idx, num_reqs, BLOCK_Q: tl.constexp
     return lo - 1
 
 
-@_jit
+@jit
 def _tile_loop(
     acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, kv_head,
     tile_lo, tile_hi, kv_end, query_abs_pos, qk_scale,
@@ -177,7 +167,7 @@ def _tile_loop(
     return acc, m_i, l_i
 
 
-@_jit
+@jit
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
     segm_out_ptr, segm_max_ptr, segm_sum_ptr, qk_scale, num_reqs,
@@ -248,7 +238,7 @@ def _paged_attention_kernel(
         tl.store(segm_out_ptr + row[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=io_mask)
 
 
-@_jit
+@jit
 def _reduce_segments(
     out_ptr, segm_out_ptr, segm_max_ptr, segm_sum_ptr, query_start_loc_ptr, num_reqs,
     stride_o_t, stride_o_h,

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the reference still works, the kernel is never called
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
+from minserve.kernels.jit import jit, tl, triton
 
 
 def store_kv_ref(
@@ -26,7 +20,7 @@ def store_kv_ref(
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
 
 
-@_jit
+@jit
 def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_k_t, stride_k_h, stride_v_t, stride_v_h,

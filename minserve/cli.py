@@ -14,16 +14,13 @@ import signal
 import sys
 
 from minserve import __version__
-from minserve.config import ConfigError, EngineConfig
+from minserve.config import DEFAULT_MODEL_NAME, ConfigError, EngineConfig
 from minserve.embeddings.models import DEFAULT_EMBEDDING_MODEL, resolve_task
 from minserve.reasoning import REASONING_PARSERS
 from minserve.tool_parsers.registry import TOOL_PARSERS
 
 logger = logging.getLogger("minserve")
 
-# NOTE: kept equal to models/loader.py DEFAULT_MODEL_NAME; importing the loader here would pull
-# torch into the CLI before the server is even listening.
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 API_KEY_ENVS = ("VLLM_API_KEY", "MINSERVE_API_KEY")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# The model served when none is named (models/loader.py fetches it; the CLI reports its name).
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
 class ConfigError(ValueError):
     """A bad engine argument or an unsupported model; the CLI prints it and exits."""
 
@@ -33,7 +37,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
-    hf: dict[str, Any] = field(default_factory=dict, repr=False)  # the raw config.json
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -73,7 +76,6 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=d.get("torch_dtype") or d.get("dtype"),
-            hf=d,
         )
 
 

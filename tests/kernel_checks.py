@@ -9,9 +9,8 @@ import sys
 import traceback
 
 import torch
-from minserve.kernels import activation, attention, cache, norm, rotary_ref
+from minserve.kernels import attention, cache
 from minserve.kernels.attention import AttnMetadata, paged_attention_ref
-from minserve.kernels.rotary import make_cos_sin_cache, rotary_triton
 
 MIXED = [(1, 37), (5, 18), (17, 40)]          # (query_len, seq_len) per request
 TOL = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -169,51 +168,6 @@ def _():
     cache.store_kv_triton(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache.view(-1, 1, head_dim)[slots[0]], k[0])
     assert torch.equal(v_cache.view(-1, 1, head_dim)[slots[2]], v[2])
-
-
-for _dtype in (torch.float32, torch.float16, torch.bfloat16):
-    for _residual in (False, True):
-        @check(f"rmsnorm[{_dtype},residual={_residual}]")
-        def _(dtype=_dtype, with_residual=_residual):
-            torch.manual_seed(9)
-            x = torch.randn(7, 3, 40).to(dtype)             # 40: not a power of two
-            weight = torch.randn(40).to(dtype)
-            residual = torch.randn_like(x) if with_residual else None
-            got = norm.rmsnorm_triton(x, weight, 1e-6, residual)
-            want = norm.rmsnorm_ref(x, weight, 1e-6, residual)
-            if with_residual:
-                # The interpreter truncates fp32 -> bf16 (GPUs round to nearest): 1 ulp slack.
-                ulp = 2 ** -7 if dtype == torch.bfloat16 else 0.0
-                torch.testing.assert_close(got[1], want[1], atol=0.0, rtol=ulp)
-                got, want = got[0], want[0]
-            torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype],
-                                       rtol=TOL[dtype])
-
-    for _rot_dim in (16, 8):                                  # full and partial rotary
-        @check(f"rotary[{_dtype},rot_dim={_rot_dim}]")
-        def _(dtype=_dtype, rot_dim=_rot_dim):
-            torch.manual_seed(10)
-            num_tokens, head_dim = 6, 16
-            inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2).float() / rot_dim))
-            cos_sin_cache = make_cos_sin_cache(inv_freq, 64)
-            positions = torch.randint(0, 64, (num_tokens,))
-            qkv = torch.randn(num_tokens, 5 + 1 + 1, head_dim).to(dtype)   # 5 q, 1 k, 1 v head
-            q, k = qkv[:, :5], qkv[:, 5:6]
-            want_q, want_k = q.clone(), k.clone()
-            rotary_ref(positions, want_q, want_k, cos_sin_cache)
-            v_before = qkv[:, 6].clone()
-            rotary_triton(positions, q, k, cos_sin_cache)
-            torch.testing.assert_close(q.float(), want_q.float(), atol=TOL[dtype], rtol=TOL[dtype])
-            torch.testing.assert_close(k.float(), want_k.float(), atol=TOL[dtype], rtol=TOL[dtype])
-            assert torch.equal(qkv[:, 6], v_before), "rotary touched v"
-
-    @check(f"silu_and_mul[{_dtype}]")
-    def _(dtype=_dtype):
-        torch.manual_seed(12)
-        x = torch.randn(5, 2, 2 * 1100).to(dtype)      # 1100 > one 1024-wide block
-        got = activation.silu_and_mul_triton(x)
-        torch.testing.assert_close(got.float(), activation.silu_and_mul_ref(x).float(),
-                                   atol=TOL[dtype], rtol=TOL[dtype])
 
 
 def run(names: list[str]) -> dict[str, str | None]:

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-from minserve.kernels.rotary import make_cos_sin_cache, rotary_ref
 
 pytest.importorskip("triton")
 from tests.kernel_checks import CHECKS  # noqa: E402  (imports triton in compiled mode: fine)
@@ -39,35 +38,18 @@ def test_kernel_matches_reference(interpreter_results, name):
         pytest.fail(error, pytrace=False)
 
 
-def test_rotary_ref_matches_hf_rotate_half():
-    # The reference itself against HF Llama: q * cos + rotate_half(q) * sin, cos/sin = [f | f].
-    torch.manual_seed(11)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
-    cos_sin_cache = make_cos_sin_cache(inv_freq, 32)
-    positions = torch.tensor([0, 3, 31])
-    q, k = torch.randn(3, 2, 16), torch.randn(3, 1, 16)
-    cos = cos_sin_cache[positions, :8].repeat(1, 2)[:, None]
-    sin = cos_sin_cache[positions, 8:].repeat(1, 2)[:, None]
-
-    def rotate_half(x):
-        return torch.cat([-x[..., 8:], x[..., :8]], dim=-1)
-
-    want_q, want_k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    rotary_ref(positions, q, k, cos_sin_cache)
-    torch.testing.assert_close(q, want_q)
-    torch.testing.assert_close(k, want_k)
-
-
 def test_dispatch_uses_refs_on_cpu():
     import minserve.kernels as kernels
+    from minserve.kernels.attention import paged_attention_ref
 
-    x = torch.randn(4, 2, 6)
-    assert not kernels.triton_enabled(x)
-    out, h = kernels.rms_norm(x, torch.ones(6), 1e-6, residual=torch.ones_like(x))
-    torch.testing.assert_close(h, x + 1)
-    torch.testing.assert_close(out.pow(2).mean(-1), torch.ones(4, 2), atol=1e-4, rtol=1e-4)
-    y = kernels.silu_and_mul(x)
-    torch.testing.assert_close(y, torch.nn.functional.silu(x[..., :3]) * x[..., 3:])
+    from tests.kernel_checks import make_batch
+
+    torch.manual_seed(3)
+    q, k_cache, v_cache, attn = make_batch([(1, 37), (5, 18)], 4, 2, 16, 16, torch.float32)
+    assert not kernels.triton_enabled(q)
+    out = torch.full_like(q, float("nan"))
+    assert kernels.paged_attention(q, k_cache, v_cache, attn, 0.25, out=out) is out
+    torch.testing.assert_close(out, paged_attention_ref(q, k_cache, v_cache, attn, 0.25))
 
 
 @pytest.mark.parametrize("group,window,dtype", [(1, None, torch.float32), (3, None, torch.float32),

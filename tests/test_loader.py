@@ -243,3 +243,84 @@ def test_default_model_matches_transformers_and_knows_paris():
         SamplingParams(temperature=0, max_tokens=12))[0]
     assert out.prompt_token_ids == prompt
     assert "Paris" in out.outputs[0].text, out.outputs[0].text
+
+
+# ------------------------------------------------------------------------------------------
+# load_weights: packed names, one thread-safe import of triton
+# ------------------------------------------------------------------------------------------
+
+def test_packed_names_map_per_module_not_by_substring():
+    """q/k/v_proj -> qkv_proj by the checkpoint module's own name; a container module that
+    happens to be called k_proj keeps its children's names. A missing shard is named."""
+    from torch import nn
+
+    from minserve.models.linear import QKVParallelLinear, ReplicatedLinear
+    from minserve.models.llama import LlamaForCausalLM
+    from minserve.models.loader import load_weights
+
+    class Toy(nn.Module):
+        packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.Module()
+            self.attn.qkv_proj = QKVParallelLinear(4, 2, 2, 1, bias=False)
+            self.block = nn.Module()
+            self.block.k_proj = nn.Module()
+            self.block.k_proj.dense = ReplicatedLinear(4, 3, bias=False)
+
+    q, k, v, dense = torch.randn(4, 4), torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 4)
+    checkpoint = {"attn.v_proj.weight": v, "attn.q_proj.weight": q, "attn.k_proj.weight": k,
+                  "block.k_proj.dense.weight": dense}
+    model = Toy()
+    load_weights(model, checkpoint.items())
+    assert torch.equal(model.attn.qkv_proj.weight, torch.cat([q, k, v]))
+    assert torch.equal(model.block.k_proj.dense.weight, dense)
+    del checkpoint["attn.v_proj.weight"]
+    with pytest.raises(ConfigError, match=r"missing 1 weight.*attn\.qkv_proj\.weight\[v\]"):
+        load_weights(Toy(), checkpoint.items())
+    checkpoint["attn.v_proj.weight"] = torch.randn(3, 4)
+    with pytest.raises(ConfigError, match="attn.v_proj.weight: .*expects 2"):
+        load_weights(Toy(), checkpoint.items())
+
+
+_WATCH_IMPORTS = """
+import sys, traceback
+first = {}
+
+class Watch:   # records where each watched module is first imported from; imports nothing
+    def find_spec(self, name, path=None, target=None):
+        if name in ("triton", "torch._dynamo") and name not in first:
+            first[name] = "".join(traceback.format_stack())
+
+sys.meta_path.insert(0, Watch())
+import json, torch
+from minserve.config import ModelConfig
+from minserve.models.bert import BertModel, EncoderConfig
+from minserve.models.loader import load_model
+
+with open(sys.argv[1] + "/config.json") as f:
+    load_model(sys.argv[1], ModelConfig.from_dict(json.load(f)), "cpu", torch.float32, "dummy")
+bert = load_model(sys.argv[2], EncoderConfig.from_dict(json.load(open(sys.argv[2] + "/config.json"))),
+                  "cpu", torch.float32, "dummy", model_cls=BertModel)
+bert(torch.tensor([[2, 5, 6, 0]]), torch.tensor([[1, 1, 1, 0]]))
+assert "torch._dynamo" not in first, first["torch._dynamo"]
+assert "kernels/jit.py" in first["triton"], first["triton"]
+print("ok")
+"""
+
+
+def test_model_builds_import_triton_only_through_kernels(tiny_model_dir, tmp_path):
+    """Building and loading a decoder and an encoder (as the engine and embedding threads do,
+    maybe at once) imports triton from kernels/jit.py alone and never torch._dynamo, which
+    reads sysconfig and imports triton on its own (kernels/jit.py says why that matters)."""
+    import subprocess
+    import sys
+
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"architectures": ["BertModel"], "vocab_size": 30, "hidden_size": 16,
+                   "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                   "max_position_embeddings": 8}, f)
+    proc = subprocess.run([sys.executable, "-c", _WATCH_IMPORTS, tiny_model_dir, str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

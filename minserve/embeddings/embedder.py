@@ -295,25 +295,12 @@ def _padded_chunk_end(order: list[int], token_lists: list[list[int]], start: int
 
 def _load_decoder(folder: str, hf: dict[str, Any], device: torch.device, dtype: torch.dtype
                   ) -> tuple[torch.nn.Module, ModelConfig]:
-    """The Llama-family model from models/llama.py, without its LM head (never needed here).
-    Base-model checkpoints (Qwen3Model) name weights without the "model." prefix."""
-    from minserve.models.loader import iter_safetensors, load_weights, safetensors_files
-    from minserve.models.registry import get_model_class
+    """The Llama-family model from models/llama.py, without its LM head (never needed here);
+    base-model checkpoints (Qwen3Model) load too (LlamaForCausalLM.map_weight_name)."""
+    from minserve.models.loader import load_model
 
     d = dict(hf)
     d["architectures"] = [DECODER_ARCHITECTURES[(hf.get("architectures") or [""])[0]]]
     d["tie_word_embeddings"] = True   # so the model builds no lm_head
     model_config = ModelConfig.from_dict(d)
-    with torch.device("meta"):
-        model = get_model_class(model_config.architecture)(model_config)
-    model.to(dtype)
-    model.to_empty(device=device)
-
-    def renamed():
-        for name, tensor in iter_safetensors(safetensors_files(folder)):
-            if name.startswith("lm_head."):
-                continue
-            yield (name if name.startswith("model.") else "model." + name), tensor
-
-    load_weights(model, renamed())
-    return model.eval().requires_grad_(False), model_config
+    return load_model(folder, model_config, device, dtype), model_config

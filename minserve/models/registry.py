@@ -1,25 +1,25 @@
-"""HF `architectures` name -> model class. Only maps names; never builds or loads a model."""
+"""HF `architectures` name -> model class, imported only when asked for. Only maps names; never
+builds or loads a model."""
 from __future__ import annotations
+
+import importlib
 
 from minserve.config import ConfigError
 
-# All of these are the Llama block with different flags (sliding window, qkv bias, q/k norm),
-# which ModelConfig reads from config.json.
-_LLAMA_FAMILY = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
+# architecture -> (module in minserve.models, class). The Llama-family names are one class with
+# config flags (sliding window, qkv bias, q/k norm) that ModelConfig reads from config.json. A
+# wrapper architecture (a vision tower around a Llama) maps to its own class the same way.
+_MODELS = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("llama", "LlamaForCausalLM"),
+}
 
 
 def get_model_class(architecture: str) -> type:
-    if architecture in _LLAMA_FAMILY:
-        from minserve.models.llama import LlamaForCausalLM
-        return LlamaForCausalLM
-    raise ConfigError(f"model architecture {architecture!r} is not supported; "
-                      f"supported: {', '.join(_LLAMA_FAMILY)}")
-
-
-def supported_architectures() -> list[str]:
-    return list(_LLAMA_FAMILY)
+    if architecture not in _MODELS:
+        raise ConfigError(f"model architecture {architecture!r} is not supported; "
+                          f"supported: {', '.join(_MODELS)}")
+    module, name = _MODELS[architecture]
+    return getattr(importlib.import_module(f"minserve.models.{module}"), name)
