@@ -47,7 +47,7 @@ def main() -> None:
         from phases import PhaseTimers
 
         timers = PhaseTimers()
-        timers.install()
+        timers.install(engine)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {engine.dtype}, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     rng = random.Random(0)

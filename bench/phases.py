@@ -5,7 +5,7 @@ this thread's (time.thread_time), so on a machine shared with other jobs it show
 costs, while wall time shows what waiting for a core adds. With more than one torch thread the
 intra-op threads' CPU is not in it (the wall column still is).
 
-    timers = PhaseTimers(); timers.install(); ...; print(timers.table(num_steps))
+    timers = PhaseTimers(); timers.install(llm.engine); ...; print(timers.table(num_steps))
 
 A benchmark aid, never imported by minserve itself: install() patches classes in place for the
 life of the process.
@@ -55,10 +55,11 @@ class PhaseTimers:
         timed._phase = name
         setattr(owner, attr, timed)
 
-    def install(self) -> None:
+    def install(self, engine: Any) -> None:
+        """Patch the step pieces; `engine` names the model class whose lm_head is timed."""
         import torch.nn as nn
 
-        import minserve.engine.engine as engine
+        import minserve.engine.engine as engine_mod
         import minserve.engine.runner as runner
         import minserve.engine.sampler as sampler
         import minserve.engine.scheduler as scheduler
@@ -66,14 +67,22 @@ class PhaseTimers:
         import minserve.llm as llm
         import minserve.models.layers as layers
 
-        self.wrap(engine.Engine, "step", "engine step (rest)")
+        self.wrap(engine_mod.Engine, "step", "engine step (rest)")
         self.wrap(scheduler.Scheduler, "schedule", "schedule")
         self.wrap(scheduler.Scheduler, "update", "scheduler update")
         self.wrap(runner.ModelRunner, "execute", "batch build (runner rest)")
         self.wrap(nn.Module, "__call__", "model (other ops)")
         self.wrap(nn.Linear, "forward", "matmuls")
-        for cls in _model_classes():
-            self.wrap(cls, "compute_logits", "lm_head")
+        try:
+            from minserve.models import linear
+        except ImportError:     # before models/linear.py
+            pass
+        else:
+            for cls in vars(linear).values():
+                if isinstance(cls, type) and issubclass(cls, linear.LinearBase) \
+                        and "forward" in vars(cls):
+                    self.wrap(cls, "forward", "matmuls")
+        self.wrap(type(engine.runner.model), "compute_logits", "lm_head")
         self.wrap(kernels, "paged_attention", "attention")
         self.wrap(kernels, "store_kv", "store_kv")
         self.wrap(layers.RMSNorm, "forward", "rmsnorm")
@@ -103,12 +112,6 @@ class PhaseTimers:
         return {name: {"wall_ms": round(self.wall[name] / num_steps * 1e3, 3),
                        "cpu_ms": round(self.cpu[name] / num_steps * 1e3, 3)}
                 for name in self.wall}
-
-
-def _model_classes() -> list[type]:
-    from minserve.models import registry
-
-    return list({registry.get_model_class(a) for a in registry.supported_architectures()})
 
 
 def _modules_with(attr: str) -> list[Any]:
