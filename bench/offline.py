@@ -3,6 +3,7 @@ random of length U[100, 1024], max_tokens U[100, 1024], ignore_eos, temperature 
 output tokens per second over wall time. Run small on CPU, full size on a GPU:
 
     python bench/offline.py --num-requests 16 --max-input-len 128 --max-output-len 64
+    python bench/offline.py --num-requests 16 --max-input-len 128 --max-output-len 64 --timers
     python bench/offline.py --model bench/configs/qwen3-0.6b --load-format dummy   # GPU
     python bench/offline.py --model bench/configs/llama-3-8b --load-format dummy   # GPU
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from random import randint, seed
@@ -49,6 +51,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--timers", action="store_true",
+                    help="per-phase self times per step (bench/phases.py), printed after the run")
     args = ap.parse_args()
 
     from minserve import LLM, SamplingParams
@@ -74,6 +78,13 @@ def main() -> None:
               for _ in range(args.num_requests)]
 
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
+    timers = None
+    if args.timers:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from phases import PhaseTimers
+
+        timers = PhaseTimers()
+        timers.install(llm.engine)
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
@@ -87,6 +98,10 @@ def main() -> None:
         "total_tok_s": round((num_in + num_out) / elapsed, 1),
         "num_kv_blocks": llm.engine.num_kv_blocks,
     }))
+    if timers:
+        num_steps = timers.calls["engine step (rest)"]
+        print(f"# {num_steps} steps, per step:")
+        print(timers.table(max(num_steps, 1)))
 
 
 if __name__ == "__main__":
