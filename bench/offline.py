@@ -96,7 +96,7 @@ def main() -> None:
         "num_requests": args.num_requests, "input_tokens": num_in, "output_tokens": num_out,
         "elapsed_s": round(elapsed, 2), "output_tok_s": round(num_out / elapsed, 1),
         "total_tok_s": round((num_in + num_out) / elapsed, 1),
-        "num_kv_blocks": llm.engine.num_kv_blocks,
+        "num_kv_blocks": llm.engine.info.num_kv_blocks,
     }))
     if timers:
         num_steps = timers.calls["engine step (rest)"]

@@ -1,10 +1,12 @@
 """minserve: a small, fast LLM server that speaks the OpenAI API.
 
-Module map: cli (flags) -> server (ASGI app) -> protocol (OpenAI bodies) -> engine/async_engine
+Module map: cli (flags) -> server (ASGI app, routes; http.py for the plumbing) -> protocol
+(OpenAI bodies; chat.py checks messages and renders templates) -> engine/async_engine
 (thread bridge) -> engine/engine (step = schedule, run, update) -> engine/scheduler, kv_cache,
 runner, sampler -> models/ (torch model code, loader) -> kernels/ (Triton + torch references).
-Back out: output (per-choice detokenizer, stop strings, parsers -> OpenAI JSON). Beside it:
-embeddings/ (/v1/embeddings, LLM.embed), structured (llguidance), tool_parsers/, reasoning.
+Back out: output (per-sample detokenizer and stop strings, shared with llm; parsers -> OpenAI
+JSON). Beside it: embeddings/ (/v1/embeddings, LLM.embed), structured (llguidance),
+tool_parsers/, reasoning.
 """
 from __future__ import annotations
 

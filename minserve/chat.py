@@ -1,5 +1,7 @@
-"""Chat templates: normalise OpenAI-style messages and render a model's jinja2 chat template the
-way transformers does, inside an immutable sandbox. Never tokenizes and never imports torch."""
+"""Chat messages and templates: the one check of OpenAI-style messages (the server and LLM.chat
+both go through normalize_messages, which follows vLLM's parsing) and rendering a model's jinja2
+chat template the way transformers does, in an immutable sandbox. Never tokenizes or imports
+torch."""
 from __future__ import annotations
 
 import json
@@ -16,7 +18,10 @@ from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "refusal"})
+# Text part type -> the field holding its text (vLLM's set: Responses-style input_text and
+# output_text, and its "thinking" parts, are text too).
+TEXT_PART_TYPES = {"text": "text", "input_text": "text", "output_text": "text",
+                   "refusal": "refusal", "thinking": "thinking"}
 # Part type -> the modality named in the error a text-only model gives back.
 MEDIA_PART_TYPES = {
     "image_url": "images", "input_image": "images", "image": "images", "image_embeds": "images",
@@ -199,7 +204,7 @@ def normalize_messages(messages: Any, content_format: ContentFormat = "string") 
         if not isinstance(message, dict):
             raise ChatContentError(f"{where} must be an object", param=where)
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ChatContentError(
                 f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {role!r}",
                 param=f"{where}.role")
@@ -211,8 +216,11 @@ def normalize_messages(messages: Any, content_format: ContentFormat = "string") 
         if role == "tool" and isinstance(content, list):
             content = "\n".join(texts)  # vLLM: tool results are plain strings for every template
         msg: dict[str, Any] = {"role": role, "content": content}
-        if isinstance(message.get("name"), str):
-            msg["name"] = message["name"]
+        name = message.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise ChatContentError(f"{where}.name must be a string", param=f"{where}.name")
+            msg["name"] = name
         if role == "tool" and message.get("tool_call_id") is not None:
             msg["tool_call_id"] = str(message["tool_call_id"])
         if role == "assistant":
@@ -248,15 +256,19 @@ def _content_texts(content: Any, where: str) -> list[str]:
         if kind is None:  # vLLM accepts {"image_url": ...} without a type
             kind = next((k for k in MEDIA_PART_TYPES if k in part),
                         "text" if "text" in part else None)
+        if kind is not None and not isinstance(kind, str):
+            raise ChatContentError(f"{pwhere}.type must be a string", param=f"{pwhere}.type")
         if kind in TEXT_PART_TYPES:
-            text = part.get("refusal") if kind == "refusal" else part.get("text")
+            field = TEXT_PART_TYPES[kind]
+            text = part.get(field)
             if not isinstance(text, str):
-                raise ChatContentError(f"{pwhere}.text must be a string", param=f"{pwhere}.text")
+                raise ChatContentError(f"{pwhere}.{field} must be a string",
+                                       param=f"{pwhere}.{field}")
             texts.append(text)
         elif kind in MEDIA_PART_TYPES:
             raise ChatContentError(
-                f"this model does not accept {MEDIA_PART_TYPES[kind]} ({pwhere} has type "
-                f"{kind!r}); send text content only", param=pwhere)
+                f"this model is text-only and does not accept {MEDIA_PART_TYPES[kind]} ({pwhere} "
+                f"has type {kind!r}); send text content only", param=pwhere)
         else:
             raise ChatContentError(
                 f"{pwhere} has unsupported content part type {kind!r}; supported: "

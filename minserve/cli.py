@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
            "folder")
     a("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     a("--seed", type=int, default=0)
-    a("--enforce-eager", action="store_true", help="do not capture CUDA graphs")
+    a("--enforce-eager", action="store_true",
+      help="accepted for vLLM compatibility; changes nothing yet: minserve does not capture "
+           "CUDA graphs, so it always runs eagerly")
     a("--disable-log-requests", action="store_true", help="do not log each request (default)")
     a("--enable-log-requests", action="store_true", help="log each request's size and params")
     a("--log-level", "--uvicorn-log-level", dest="log_level", default="info", choices=LOG_LEVELS)
@@ -206,26 +208,25 @@ async def serve(args: argparse.Namespace) -> int:
                     ssl_cert=_path(args.ssl_certfile), ssl_key=_path(args.ssl_keyfile),
                     backlog=1024)
     exit_code = 0
+    primary = app.services[0]  # the chat engine, or the embedding service serving alone
 
     def on_ready() -> None:
-        eng = app.engine.engine
-        stats = app.engine.stats
+        info = primary.info
         logger.info("loaded %s (%s) max_model_len=%d; KV cache: %d blocks = %s tokens",
-                    app.model_name, getattr(eng.model_config, "architecture", "?"),
-                    eng.max_model_len, getattr(eng, "num_kv_blocks", 0),
-                    stats.get("num_kv_tokens", "?"))
+                    app.model_name, info.architecture, info.max_model_len, info.num_kv_blocks,
+                    info.num_kv_blocks * info.block_size)
         logger.info("ready: OpenAI API at %s (model %r)", url, app.model_name)
 
     def on_dead(reason: str, force: bool = False) -> None:
         nonlocal exit_code
         # the model never loaded: nothing to serve, exit non-zero
-        if force or not app.engine.is_ready:
+        if force or not primary.is_ready:
             logger.error("engine failed to start: %s", reason)
             exit_code = 1
             server.stop()
 
-    app.engine.on_ready, app.engine.on_dead = on_ready, on_dead
-    if app.embedding is not None and app.embedding is not app.engine:
+    primary.on_ready, primary.on_dead = on_ready, on_dead
+    if app.chat is not None and app.embedding is not None:
         # the embedding model failing to load ends the server too (chat alone was not asked for)
         app.embedding.on_dead = lambda reason: on_dead(f"embedding model: {reason}", force=True)
     loop = asyncio.get_running_loop()

@@ -35,8 +35,6 @@ class IncrementalDetokenizer:
         self.read_offset = len(self._ids)
         self._prefix_text: str | None = None  # decode of ids[prefix_offset:read_offset], cached
         self._window_emitted = 0  # chars past _prefix_text already emitted (complete chars only)
-        self._pieces: list[str] = []
-        self.num_output_tokens = 0
 
     def _prompt_context(self, prompt: list[int]) -> list[int]:
         n = len(prompt)
@@ -48,24 +46,13 @@ class IncrementalDetokenizer:
                 return suffix
         return []
 
-    @property
-    def text(self) -> str:
-        if len(self._pieces) > 1:
-            self._pieces = ["".join(self._pieces)]
-        return self._pieces[0] if self._pieces else ""
-
     def push(self, new_token_ids: list[int]) -> str:
         """Append sampled ids; return the newly complete text (maybe "")."""
-        out = [self._step(t) for t in new_token_ids]
-        delta = "".join(out)
-        if delta:
-            self._pieces.append(delta)
-        return delta
+        return "".join([self._step(t) for t in new_token_ids])
 
     def _step(self, token_id: int) -> str:
         ids = self._ids
         ids.append(token_id)
-        self.num_output_tokens += 1
         skip = self.skip_special_tokens
         if self._prefix_text is None:
             self._prefix_text = self._decode(ids[self.prefix_offset:self.read_offset],
@@ -103,10 +90,7 @@ class IncrementalDetokenizer:
         start = len(prefix_text) + self._window_emitted
         self.prefix_offset = self.read_offset = len(self._ids)
         self._prefix_text, self._window_emitted = None, 0
-        delta = new_text[start:]
-        if delta:
-            self._pieces.append(delta)
-        return delta
+        return new_text[start:]
 
 
 def _kmp_failure(s: str) -> list[int]:
@@ -141,10 +125,6 @@ class StopChecker:
         self._state = [0] * len(self.stop)
         self._held = ""
         self.stop_hit: str | None = None
-
-    @property
-    def is_stopped(self) -> bool:
-        return self.stop_hit is not None
 
     def push(self, delta: str) -> tuple[str, str | None]:
         if self.stop_hit is not None or not delta:

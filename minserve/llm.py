@@ -1,6 +1,7 @@
-"""LLM: the offline / embedded Python API. Drives Engine.step() synchronously (no asyncio),
-fans n out into sibling requests, detokenizes and applies stop strings. With an embedding model
-(task="embed", or detected from the architecture) it wraps an Embedder and offers embed()."""
+"""LLM: the offline / embedded Python API. Drives Engine.step() synchronously (no asyncio): one
+EngineRequest per prompt (the engine fans n out), and the samples' outputs become text through the
+server's per-sample state (output.SampleState). With an embedding model (task="embed", or
+detected from the architecture) it wraps an Embedder and offers embed()."""
 from __future__ import annotations
 
 import itertools
@@ -11,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from minserve.config import EngineConfig
-from minserve.detokenizer import IncrementalDetokenizer, StopChecker
 from minserve.engine.engine import Engine
-from minserve.engine.request import FinishReason, Logprob, RequestOutput
+from minserve.engine.request import EngineRequest, FinishReason, Logprob
+from minserve.output import SampleState
 from minserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:   # imported when embed() runs: a chat-only LLM never loads the embeddings code
@@ -54,43 +55,12 @@ class GenerateOutput:
 _EMBEDDER_ARGS = ("dtype", "device", "max_model_len")
 
 
-class _Sample:
-    """Per-sample state: detokenizer, stop strings, accumulated output."""
-
-    def __init__(self, engine: Engine, out: CompletionOutput, params: SamplingParams,
-                 prompt_token_ids: list[int]) -> None:
-        self.out = out
-        self.params = params
-        self.detok = IncrementalDetokenizer(engine.tokenizer, prompt_token_ids,
-                                            params.skip_special_tokens,
-                                            params.spaces_between_special_tokens)
-        self.stop = StopChecker(params.stop, params.include_stop_str_in_output)
-        self.pieces: list[str] = []
-        if params.logprobs is not None:
-            out.logprobs, out.cumulative_logprob = [], 0.0
-
-    def update(self, ro: RequestOutput) -> bool:
-        """Apply one engine delta; True when a stop string ended the sample."""
-        out = self.out
-        out.token_ids += ro.new_token_ids
-        if ro.logprobs and out.logprobs is not None:
-            out.logprobs += ro.logprobs
-            out.cumulative_logprob += sum(lp.logprob for lp in ro.logprobs)
-        text = self.detok.push(ro.new_token_ids)
-        if ro.finished:
-            text += self.detok.flush()
-        emit, hit = self.stop.push(text)
-        self.pieces.append(emit)
-        if hit is not None:
-            out.finish_reason, out.stop_reason = "stop", hit
-            out.text = "".join(self.pieces)
-            return True
-        if ro.finished:
-            self.pieces.append(self.stop.flush())
-            out.text = "".join(self.pieces)
-            out.finish_reason = ro.finish_reason.value
-            out.stop_reason, out.error = ro.stop_reason, ro.error
-        return False
+def _completion_output(index: int, sample: SampleState, params: SamplingParams
+                       ) -> CompletionOutput:
+    lps = sample.logprobs if params.logprobs is not None else None
+    return CompletionOutput(index, sample.text, sample.token_ids,
+                            sum(lp.logprob for lp in lps) if lps is not None else None, lps,
+                            sample.finish_reason, sample.stop_reason, sample.error)
 
 
 class _Progress:
@@ -144,12 +114,6 @@ class LLM:
         else:
             self.engine = Engine(EngineConfig(model=model, **engine_args))
 
-    @classmethod
-    def from_engine(cls, engine: Engine) -> LLM:
-        self = cls.__new__(cls)
-        self.engine, self.embedder, self._ids = engine, None, itertools.count()
-        return self
-
     def _generator(self) -> Engine:
         if self.engine is None:
             raise ValueError(f"{self.embedder.model_name} is an embedding model: use "
@@ -157,11 +121,11 @@ class LLM:
         return self.engine
 
     def get_tokenizer(self) -> Any:
-        return self.engine.tokenizer if self.engine is not None else self.embedder.tokenizer
+        return self.engine.info.tokenizer if self.engine is not None else self.embedder.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults (as vLLM does)."""
-        return SamplingParams(**self._generator().generation_defaults)
+        return SamplingParams(**self._generator().info.generation_defaults)
 
     def embed(self, prompts: Prompt | Sequence[Prompt], *, truncate_prompt_tokens: int | None
               = None, dimensions: int | None = None) -> list[EmbeddingRequestOutput]:
@@ -201,12 +165,11 @@ class LLM:
                 res = GenerateOutput(rid, text, ids, [CompletionOutput(i)
                                                       for i in range(params.n)])
                 results.append(res)
-                for i in range(params.n):
-                    sid = f"{rid}-{i}" if params.n > 1 else rid
-                    self.engine.add_request(sid, ids, params,
-                                            parent_id=rid if params.n > 1 else None,
-                                            sample_index=i)
-                    samples[sid] = (res, _Sample(self.engine, res.outputs[i], params, ids))
+                request = EngineRequest(rid, ids, params)
+                self.engine.add_request(request)
+                for i, sid in enumerate(request.sample_ids()):
+                    samples[sid] = (res, i, params, SampleState(self.engine.info.tokenizer, ids,
+                                                                params))
             self._run(samples, use_tqdm, len(results))
         except BaseException:
             self.engine.abort_request(list(samples))
@@ -221,29 +184,29 @@ class LLM:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
-            return prompt, self.engine.tokenizer.encode(prompt)
+            return prompt, self.engine.info.tokenizer.encode(prompt)
         return None, list(prompt)
 
-    def _run(self, samples: dict[str, tuple[GenerateOutput, _Sample]], use_tqdm: bool | None,
-             num_prompts: int) -> None:
+    def _run(self, samples: dict[str, tuple[GenerateOutput, int, SamplingParams, SampleState]],
+             use_tqdm: bool | None, num_prompts: int) -> None:
         if use_tqdm is None:
             use_tqdm = num_prompts >= 8 and sys.stderr.isatty()
         bar = _Progress(num_prompts, use_tqdm)
-        pending = {res.request_id: len(res.outputs) for res, _ in samples.values()}
+        pending = {res.request_id: len(res.outputs) for res, *_ in samples.values()}
         unfinished = set(samples)
         while unfinished:
             num_done = num_tokens = 0
             for ro in self.engine.step():
                 if ro.request_id not in unfinished:
                     continue  # the ABORT echo of a sample a stop string already ended
-                res, sample = samples[ro.request_id]
-                if ro.prompt_logprobs is not None:
-                    res.prompt_logprobs = ro.prompt_logprobs
-                res.num_cached_tokens = max(res.num_cached_tokens, ro.num_cached_tokens)
+                res, i, params, sample = samples[ro.request_id]
                 num_tokens += len(ro.new_token_ids)
-                if sample.update(ro):
+                if sample.update(ro)[2]:
                     self.engine.abort_request(ro.request_id)
-                if sample.out.finish_reason is not None:
+                if sample.finish_reason is not None:
+                    res.outputs[i] = _completion_output(i, sample, params)
+                    res.num_cached_tokens = max(res.num_cached_tokens, sample.num_cached_tokens)
+                    res.prompt_logprobs = res.prompt_logprobs or sample.prompt_logprobs
                     unfinished.discard(ro.request_id)
                     pending[res.request_id] -= 1
                     num_done += pending[res.request_id] == 0
@@ -258,14 +221,15 @@ class LLM:
              continue_final_message: bool = False, tools: list[dict] | None = None,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[GenerateOutput]:
         """One conversation (a list of {"role", "content"}) or a list of conversations."""
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tok = self._generator().tokenizer
+        convs = list(messages) if messages and isinstance(messages[0], list) else [messages]
+        tok = self._generator().info.tokenizer
         prompts: list[Prompt] = []
         for conv in convs:
+            # Messages and chat_template_kwargs are checked as the server checks them (chat.py).
             text = tok.apply_chat_template(
                 conv, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tools=tools,
-                **(chat_template_kwargs or {}))
+                chat_template_kwargs=chat_template_kwargs)
             # The template already wrote bos (if the model wants one): do not add it twice.
             prompts.append({"prompt": text,
                             "prompt_token_ids": tok.encode(text, add_special_tokens=False)})

@@ -38,29 +38,23 @@ class _EngineCollector:
 
     def collect(self) -> Iterator[Any]:
         s = self.get_stats() or {}
-        lbl = [self.model_name]
-        for name, doc, key in (
-            ("vllm:num_requests_running", "Number of requests in model execution batches.",
-             "num_running"),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-             "num_waiting"),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-             "kv_cache_usage"),
+        for family, name, doc, key in (
+            (GaugeMetricFamily, "vllm:num_requests_running",
+             "Number of requests in model execution batches.", "num_running"),
+            (GaugeMetricFamily, "vllm:num_requests_waiting",
+             "Number of requests waiting to be processed.", "num_waiting"),
+            (GaugeMetricFamily, "vllm:kv_cache_usage_perc",
+             "KV-cache usage. 1 means 100 percent usage.", "kv_cache_usage"),
+            (CounterMetricFamily, "vllm:prefix_cache_queries",
+             "Prefix cache queries, in terms of number of queried tokens.", "prefix_cache_queries"),
+            (CounterMetricFamily, "vllm:prefix_cache_hits",
+             "Prefix cache hits, in terms of number of cached tokens.", "prefix_cache_hits"),
+            (CounterMetricFamily, "vllm:num_preemptions",
+             "Cumulative number of preemption from the engine.", "num_preemptions"),
         ):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(lbl, float(s.get(key, 0) or 0))
-            yield g
-        for name, doc, key in (
-            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
-             "tokens.", "prefix_cache_queries"),
-            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-             "prefix_cache_hits"),
-            ("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-             "num_preemptions"),
-        ):
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(lbl, float(s.get(key, 0) or 0))
-            yield c
+            metric = family(name, doc, labels=["model_name"])
+            metric.add_metric([self.model_name], float(s.get(key, 0) or 0))
+            yield metric
 
 
 class Metrics:

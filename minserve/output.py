@@ -1,53 +1,56 @@
-"""Engine outputs -> OpenAI responses: per-choice state (incremental detokenizing, stop strings,
-logprobs) and the chat/completions response and chunk builders. Plain dicts; no I/O, no torch."""
+"""Engine outputs -> text and OpenAI responses: SampleState (one sample's tokens, logprobs and
+text: incremental detokenizing, stop strings, why it ended; the server's choices and LLM both use
+it), ChoiceState (a server choice: chat parsers, logprob shapes) and the chat/completions response
+and chunk builders. Plain dicts; no I/O, no torch."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minserve.detokenizer import IncrementalDetokenizer, StopChecker
 from minserve.engine.request import FinishReason, Logprob, RequestOutput
-from minserve.protocol import GenerateRequest
+from minserve.sampling_params import SamplingParams
 
-_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort",
-           FinishReason.ERROR: "error"}
+if TYPE_CHECKING:
+    from minserve.protocol import GenerateRequest
+
 _MIN_LOGPROB = -9999.0  # vLLM's floor for -inf, so the JSON stays finite
 
 
-class ChoiceState:
-    """One choice (one prompt x one sample): what was emitted and why it ended."""
+class SampleState:
+    """One sample as its engine deltas arrive: token ids, logprobs, text and why it ended."""
 
-    def __init__(self, index: int, req: GenerateRequest, tokenizer: Any,
-                 prompt_token_ids: list[int]) -> None:
-        p = req.params
-        self.index = index
-        self.tokenizer = tokenizer
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, p.skip_special_tokens,
-                                            p.spaces_between_special_tokens)
-        self.stop = StopChecker(p.stop, p.include_stop_str_in_output) if p.stop else None
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int],
+                 params: SamplingParams) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids,
+                                            params.skip_special_tokens,
+                                            params.spaces_between_special_tokens)
+        self.stop = StopChecker(params.stop, params.include_stop_str_in_output) \
+            if params.stop else None
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_cached_tokens = 0
-        self.num_output_tokens = 0
-        self.text = ""                # emitted so far
+        self.token_ids: list[int] = []
         self.logprobs: list[Logprob] = []
         self.prompt_logprobs: list[Logprob | None] | None = None
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
         self.stop_reason: int | str | None = None
-        # chat only: reasoning / tool-call parsers (each keeps this choice's streaming state)
-        self.reasoning, self.tools = req.make_parsers() if req.make_parsers else (None, None)
-        self.num_tool_calls = 0
-        self.echo_only = req.echo_only
-        self.echo_sent = False   # streaming: the echoed prompt went out
+        self.error: str | None = None
+        self._pieces: list[str] = []
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def text(self) -> str:
+        """Emitted so far (joined once per read, not once per delta)."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
     def update(self, out: RequestOutput) -> tuple[str, list[Logprob], bool]:
         """-> (new text, new logprobs, stop string hit). On a hit the caller aborts the sample."""
-        if self.echo_only:  # max_tokens=0: drop the one sampled token; it ended on "length"
-            reason = out.finish_reason
-            if reason in (FinishReason.STOP, FinishReason.LENGTH):
-                reason = FinishReason.LENGTH
-            out = dataclasses.replace(out, new_token_ids=[], logprobs=None, finish_reason=reason,
-                                      stop_reason=None)
-        self.num_output_tokens += len(out.new_token_ids)
+        self.token_ids += out.new_token_ids
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if out.num_prompt_tokens:
             self.num_prompt_tokens = out.num_prompt_tokens
@@ -63,13 +66,39 @@ class ChoiceState:
             delta, hit = self.stop.push(delta)
             if hit is None and out.finished:
                 delta += self.stop.flush()
-        self.text += delta
+        if delta:
+            self._pieces.append(delta)
         if hit is not None:
             self.finish_reason, self.stop_reason = "stop", hit
         elif out.finished:
-            self.finish_reason = _FINISH[out.finish_reason]
-            self.stop_reason = out.stop_reason
+            self.finish_reason = out.finish_reason.value
+            self.stop_reason, self.error = out.stop_reason, out.error
         return delta, lps, hit is not None
+
+
+class ChoiceState(SampleState):
+    """One server choice (one prompt x one sample): the sample plus its chat parsers and the
+    OpenAI shapes of its message, deltas and logprobs."""
+
+    def __init__(self, index: int, req: GenerateRequest, tokenizer: Any,
+                 prompt_token_ids: list[int]) -> None:
+        super().__init__(tokenizer, prompt_token_ids, req.params)
+        self.index = index
+        self.tokenizer = tokenizer
+        # chat only: reasoning / tool-call parsers (each keeps this choice's streaming state)
+        self.reasoning, self.tools = req.make_parsers() if req.make_parsers else (None, None)
+        self.num_tool_calls = 0
+        self.echo_only = req.echo_only
+        self.echo_sent = False   # streaming: the echoed prompt went out
+
+    def update(self, out: RequestOutput) -> tuple[str, list[Logprob], bool]:
+        if self.echo_only:  # max_tokens=0: drop the one sampled token; it ended on "length"
+            reason = out.finish_reason
+            if reason in (FinishReason.STOP, FinishReason.LENGTH):
+                reason = FinishReason.LENGTH
+            out = dataclasses.replace(out, new_token_ids=[], logprobs=None, finish_reason=reason,
+                                      stop_reason=None)
+        return super().update(out)
 
     @property
     def api_finish_reason(self) -> str | None:
@@ -164,7 +193,7 @@ class ChoiceState:
         return out
 
 
-def usage(choices: list[ChoiceState], num_prompts: int, n: int) -> dict[str, Any]:
+def usage(choices: list[SampleState], num_prompts: int, n: int) -> dict[str, Any]:
     """Prompt tokens count once per prompt (not per sample), as OpenAI does."""
     firsts = choices[::n][:num_prompts]
     prompt = sum(c.num_prompt_tokens for c in firsts)

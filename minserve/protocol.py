@@ -1,5 +1,7 @@
-"""OpenAI request bodies -> GenerateRequest (validated; bad input is an OpenAIError 4xx naming the
-parameter), and the response/chunk builders for chat and completions. No torch, no I/O here."""
+"""OpenAI chat/completions request bodies -> GenerateRequest, one EngineRequest per prompt: every
+field checked (bad input is an OpenAIError 4xx naming the parameter; message errors come from
+chat.py), the chat template rendered and the prompt tokenized. Responses are built in output.py.
+No torch, no I/O here."""
 from __future__ import annotations
 
 import math
@@ -9,6 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from minserve.chat import ChatContentError, ChatTemplateError, normalize_messages
+from minserve.engine.request import EngineRequest, prompt_length_error
+from minserve.http import OpenAIError
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
 from minserve.sampling_params import SamplingParams
 from minserve.structured import StructuredOutputError, structured_from_request
@@ -24,28 +29,6 @@ from minserve.tool_parsers.registry import get_tool_parser
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP = 16
-
-
-class OpenAIError(Exception):
-    """A user-facing error: server.py turns it into {"error": {...}} with `status`."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str | None = None, code: str | int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.type = type or _ERROR_TYPES.get(status, "BadRequestError")
-        self.code = code if code is not None else status
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                405: "MethodNotAllowed", 413: "RequestEntityTooLarge", 415: "BadRequestError",
-                500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
 @dataclass
@@ -90,9 +73,8 @@ class GenerateRequest:
     kind: str                         # "chat" | "completion"
     request_id: str
     model: str
-    prompts: list[list[int]]          # one per completions prompt; chat has exactly one
+    requests: list[EngineRequest]     # one per completions prompt; chat has exactly one
     prompt_texts: list[str | None]    # for echo
-    params: SamplingParams
     stream: bool = False
     include_usage: bool = False
     continuous_usage: bool = False
@@ -104,6 +86,24 @@ class GenerateRequest:
     # completions with echo and max_tokens=0 (OpenAI's legacy scoring call, as lm-eval sends it):
     # the engine samples one token, which cannot be avoided; output.py drops it
     echo_only: bool = False
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [r.prompt_token_ids for r in self.requests]
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.requests[0].sampling_params
+
+
+def _engine_requests(request_id: str, prompts: list[list[int]], params: SamplingParams,
+                     body: dict) -> list[EngineRequest]:
+    """One EngineRequest per prompt, named request_id (one prompt) or request_id-p."""
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise _bad("cache_salt", "must be a non-empty string")
+    return [EngineRequest(request_id if len(prompts) == 1 else f"{request_id}-{p}", ids, params,
+                          cache_salt=salt) for p, ids in enumerate(prompts)]
 
 
 # ---------------------------------------------------------------- typed field readers
@@ -274,19 +274,9 @@ def _stream_opts(body: dict, stream: bool) -> tuple[bool, bool]:
 
 def _check_length(ctx: ServingContext, prompt: list[int], params: SamplingParams,
                   what: str) -> None:
-    num_prompt = len(prompt)
-    if num_prompt == 0:
-        raise _bad(what, "the prompt is empty")
-    if num_prompt >= ctx.max_model_len:
-        raise OpenAIError(400, f"This model's maximum context length is {ctx.max_model_len} "
-                          f"tokens. However, your request has {num_prompt} input tokens. Please "
-                          f"reduce the length of the input.", param=what)
-    if params.max_tokens is not None and num_prompt + params.max_tokens > ctx.max_model_len:
-        raise OpenAIError(400, f"This model's maximum context length is {ctx.max_model_len} "
-                          f"tokens. However, you requested {num_prompt + params.max_tokens} "
-                          f"tokens ({num_prompt} in the {what}, {params.max_tokens} in the "
-                          f"completion). Please reduce the length of the {what} or completion.",
-                          param="max_tokens")
+    error = prompt_length_error(len(prompt), params.max_tokens, ctx.max_model_len, what)
+    if error is not None:
+        raise OpenAIError(400, error[0], param=error[1])
 
 
 def _common(body: Any, ctx: ServingContext) -> tuple[str, bool, bool, bool]:
@@ -300,50 +290,19 @@ def _common(body: Any, ctx: ServingContext) -> tuple[str, bool, bool, bool]:
 
 
 # ---------------------------------------------------------------- chat
-_ROLES = {"system", "developer", "user", "assistant", "tool"}
-
-
-def _messages(body: dict) -> list[dict[str, Any]]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise _bad("messages", "must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(msgs):
-        p = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _bad(p, "must be an object")
-        role = m.get("role")
-        if not isinstance(role, str) or role not in _ROLES:
-            raise _bad(f"{p}.role", f"must be one of {sorted(_ROLES)}, got {role!r}")
-        content = m.get("content")
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                ptype = part.get("type") if isinstance(part, dict) else None
-                if ptype == "text" and isinstance(part.get("text"), str):
-                    texts.append(part["text"])
-                elif ptype in ("image_url", "input_image", "image", "input_audio", "video_url"):
-                    raise _bad(f"{p}.content[{j}]", f"{ptype} parts are not supported: this "
-                               "model is text-only")
-                else:
-                    raise _bad(f"{p}.content[{j}]", "must be a {\"type\": \"text\", \"text\": "
-                               "...} part")
-            content = "\n".join(texts)
-        elif content is None:
-            if role != "assistant":
-                raise _bad(f"{p}.content", "is required")
-        elif not isinstance(content, str):
-            raise _bad(f"{p}.content", "must be a string or a list of content parts")
-        msg = {**m, "role": role, "content": content if content is not None else ""}
-        if m.get("name") is not None and not isinstance(m["name"], str):
-            raise _bad(f"{p}.name", "must be a string")
-        out.append(msg)
-    return out
+def _chat_error(e: Exception) -> OpenAIError:
+    """chat.py's errors (bad messages, chat_template_kwargs, a failing template) -> a 400."""
+    msg = str(e) if isinstance(e, (ChatContentError, ChatTemplateError)) else \
+        f"chat template error: {e}"
+    return OpenAIError(400, msg, param=getattr(e, "param", None) or "messages")
 
 
 def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     model, stream, include_usage, continuous = _common(body, ctx)
-    messages = _messages(body)
+    try:  # the template reads its own copy; this one is for checking and for echo
+        messages = normalize_messages(body.get("messages"))
+    except ChatContentError as e:
+        raise _chat_error(e) from None
     want_logprobs = _bool(body, "logprobs", False)
     top = _num(body, "top_logprobs", None, lo=0, hi=MAX_LOGPROBS, integer=True)
     if top is not None and top > 0 and not want_logprobs:
@@ -354,25 +313,16 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
         raise _bad("continue_final_message", "cannot be combined with add_generation_prompt")
     if cont:
         add_gen = False
-    kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise _bad("chat_template_kwargs", "must be an object")
     params = _sampling(body, ctx, None, ("max_completion_tokens", "max_tokens"))
     params.logprobs = (top or 0) if want_logprobs else None
     tools, make_tool_parser, forced = _tools(body, ctx, params)
     _check_structured(ctx, params.structured, "tool_choice" if forced else _structured_param(body))
-    tok = ctx.tokenizer
-    if not getattr(tok, "chat_template", None):
-        raise OpenAIError(400, "this model has no chat template; pass one with --chat-template "
-                          "(a file or the template text), or use /v1/completions", param="messages")
     try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=add_gen,
-                                       continue_final_message=cont, tools=tools,
-                                       chat_template_kwargs=kwargs)
-    except (ValueError, TypeError, KeyError) as e:  # ChatTemplateError is a ValueError
-        param = getattr(e, "param", None) or "messages"
-        msg = str(e) if str(e).startswith("chat template") else f"chat template error: {e}"
-        raise OpenAIError(400, msg, param=param) from None
+        text = ctx.tokenizer.apply_chat_template(
+            body["messages"], add_generation_prompt=add_gen, continue_final_message=cont,
+            tools=tools, chat_template_kwargs=body.get("chat_template_kwargs"))
+    except (ValueError, TypeError, KeyError) as e:  # chat.py's errors are ValueErrors
+        raise _chat_error(e) from None
     prompt = encode_prompt(ctx, text, "messages", add_special_tokens=False)
     reasoning_cls = get_reasoning_parser(ctx.reasoning_parser) if ctx.reasoning_parser else None
     opens = reasoning_cls is not None and prompt_opens_reasoning(text)
@@ -386,8 +336,10 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     # generation prompt, else the last message's own role (i.e. always).
     last = messages[-1]
     echoed = last["content"] if echo and (not add_gen or last["role"] == "assistant") else None
-    return GenerateRequest("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [prompt],
-                           [echoed], params, stream, include_usage, continuous, echo,
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    return GenerateRequest("chat", request_id, model,
+                           _engine_requests(request_id, [prompt], params, body),
+                           [echoed], stream, include_usage, continuous, echo,
                            params.logprobs,
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
                            else None)
@@ -483,6 +435,8 @@ def parse_completion(body: Any, ctx: ServingContext) -> GenerateRequest:
     if echo:
         texts = [t if t is not None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
                  for t, ids in zip(texts, prompts, strict=True)]
-    return GenerateRequest("completion", f"cmpl-{uuid.uuid4().hex}", model, prompts, texts,
-                           params, stream, include_usage, continuous, echo, params.logprobs,
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    return GenerateRequest("completion", request_id, model,
+                           _engine_requests(request_id, prompts, params, body), texts,
+                           stream, include_usage, continuous, echo, params.logprobs,
                            echo_only=echo_only)

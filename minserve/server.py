@@ -1,6 +1,6 @@
-"""THE ASGI app: lifespan (AsyncEngine start/stop), route table, body limit, auth, CORS, OpenAI
-error objects, and the SSE writer with a receive() disconnect watcher (granian's send() does not
-raise after a disconnect). Never imports torch: the engine is built in its own thread."""
+"""THE ASGI app: lifespan (service start/stop), the route table, auth, CORS, readiness, and the
+chat/completions generation loop (a receive() disconnect watcher beside each response). The HTTP
+plumbing is http.py. Never imports torch: the engine is built in its own thread."""
 from __future__ import annotations
 
 import asyncio
@@ -12,24 +12,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from minserve import __version__, output
-from minserve.embeddings.routes import (
-    all_model_names,
-    check_chat_route,
-    embeddings,
-    model_max_len,
-    no_chat_model_error,
-    serves_chat,
-    services,
-)
+from minserve.embeddings import routes as embedding_routes
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
+from minserve.http import Http, OpenAIError, Receive, Scope, Send, find_route
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from minserve.metrics import Metrics, RequestTracker
 from minserve.protocol import (
     GenerateRequest,
-    OpenAIError,
     ServingContext,
     parse_chat,
     parse_completion,
@@ -37,13 +27,6 @@ from minserve.protocol import (
 )
 
 logger = logging.getLogger("minserve.server")
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-JSON = [(b"content-type", b"application/json")]
-SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-       (b"x-accel-buffering", b"no")]
 
 
 @dataclass
@@ -62,54 +45,20 @@ class ServerConfig:
     embedding_model_names: list[str] = field(default_factory=list)  # served by App.embedding
 
 
-@dataclass
-class Http:
-    """One HTTP exchange as the handlers see it."""
-    scope: Scope
-    receive: Receive
-    send: Send
-    path: str
-    headers: dict[bytes, bytes]
-    path_param: str | None = None
-    started: bool = False   # http.response.start went out: errors can no longer be a status
-    sse: bool = False       # ... and it opened an event stream: errors become an SSE event
-
-
 Handler = Callable[["App", Http], Awaitable[None]]
 
 
-async def send_json(send: Send, status: int, obj: Any,
-                    headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = orjson.dumps(obj)
-    await send({"type": "http.response.start", "status": status,
-                "headers": JSON + [(b"content-length", str(len(body)).encode())] + (headers or [])})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def send_error(send: Send, err: OpenAIError) -> None:
-    extra = [(b"www-authenticate", b"Bearer")] if err.status == 401 else []
-    await send_json(send, err.status, err.to_dict(), extra)
-
-
-def _sse(obj: Any) -> dict[str, Any]:
-    return {"type": "http.response.body", "body": b"data: " + orjson.dumps(obj) + b"\n\n",
-            "more_body": True}
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 class App:
-    """app(scope, receive, send). Build with create_app()."""
+    """app(scope, receive, send). Build with create_app(). `chat` (an AsyncEngine) answers the
+    generation routes and `embedding` (an EmbeddingService) /v1/embeddings; either may be None."""
 
-    def __init__(self, engine: AsyncEngine, cfg: ServerConfig, embedding: Any = None) -> None:
-        self.engine = engine
+    def __init__(self, cfg: ServerConfig, chat: AsyncEngine | None, embedding: Any = None) -> None:
         self.cfg = cfg
-        self.embedding = embedding  # EmbeddingService or None; `is engine` when serving it alone
+        self.chat = chat
+        self.embedding = embedding
+        self.services = [s for s in (chat, embedding) if s is not None]
         self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
-        self.metrics = Metrics(self.model_name, lambda: self.engine.stats)
+        self.metrics = Metrics(self.model_name, lambda: self.services[0].stats)
         self._ctx: ServingContext | None = None
         self.started = time.time()
 
@@ -125,43 +74,107 @@ class App:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
                 try:
-                    for service in services(self):
+                    for service in self.services:
                         service.start()
                 except Exception as e:  # never leave granian waiting on a startup reply
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
-                for service in services(self):
+                for service in self.services:
                     await service.shutdown(self.cfg.shutdown_grace_s)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
+    # ---- routing policy: which model answers which route
     @property
     def ctx(self) -> ServingContext:
-        if not serves_chat(self):
-            raise no_chat_model_error(self)
+        """What parsing a chat/completions request needs from the chat model."""
+        if self.chat is None:
+            raise self._no_chat_model()
         if self._ctx is None:
-            eng = self.engine.engine
+            info = self.chat.info
             self._ctx = ServingContext(
-                tokenizer=eng.tokenizer, model_names=self.cfg.served_model_names,
-                max_model_len=eng.max_model_len, vocab_size=eng.model_config.vocab_size,
-                generation_defaults=dict(getattr(eng, "generation_defaults", None) or {}),
+                tokenizer=info.tokenizer, model_names=self.cfg.served_model_names,
+                max_model_len=info.max_model_len, vocab_size=info.vocab_size,
+                generation_defaults=dict(info.generation_defaults),
                 check_structured=self._check_structured,
                 enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
                 tool_call_parser=self.cfg.tool_call_parser,
                 reasoning_parser=self.cfg.reasoning_parser,
-                max_prompt_chars=prompt_chars_limit(eng.max_model_len,
-                                                    eng.tokenizer.max_token_bytes))
+                max_prompt_chars=prompt_chars_limit(info.max_model_len,
+                                                    info.tokenizer.max_token_bytes))
         return self._ctx
 
     def _check_structured(self, spec: dict[str, Any]) -> None:
         # The engine compiles the same spec again; structured.compile caches it, so this is the
         # one real compile, done here where a bad grammar can still be a 400.
         from minserve import structured  # imports torch lazily only for the bitmask helpers
-        eng = self.engine.engine
-        structured.compile(spec, eng.tokenizer, vocab_size=eng.model_config.vocab_size)
+        info = self.chat.info
+        structured.compile(spec, info.tokenizer, vocab_size=info.vocab_size)
 
+    def _no_chat_model(self) -> OpenAIError:
+        return OpenAIError(400, f"This server serves only the embedding model(s) "
+                           f"{_names(self.cfg.embedding_model_names)}: use POST /v1/embeddings "
+                           "(start it with a chat model, and --embedding-model, to serve both)",
+                           param="model")
+
+    def check_chat_model(self, body: Any) -> None:
+        """Before parse_chat/parse_completion: refuse embedding models on the generation
+        routes, naming the model to use."""
+        if self.chat is None:
+            raise self._no_chat_model()
+        model = body.get("model") if isinstance(body, dict) else None
+        if isinstance(model, str) and model in self.cfg.embedding_model_names:
+            raise OpenAIError(400, f"`{model}` is an embedding model: it answers POST "
+                              f"/v1/embeddings only. For completions use "
+                              f"{_names(self.cfg.served_model_names)}.", param="model")
+
+    def embedding_model(self, model: str | None) -> str:
+        """The embedding model a /v1/embeddings request names (None: the first one)."""
+        names = self.cfg.embedding_model_names
+        if self.embedding is None or not names:
+            raise OpenAIError(400, "This server serves no embedding model (start it with "
+                              "--embedding-model all-minilm-l6-v2, or serve one with --task "
+                              "embed)" + (f"; `{model}` is a chat model" if model else ""),
+                              param="model")
+        if model is None:
+            return names[0]
+        if model in names:
+            return model
+        if self.chat is not None and model in self.cfg.served_model_names:
+            raise OpenAIError(400, f"`{model}` is a chat model and does not create embeddings: "
+                              f"use {_names(names)} with /v1/embeddings.", param="model")
+        raise OpenAIError(404, f"The model `{model}` does not exist.", param="model",
+                          type="NotFoundError")
+
+    def model_names(self) -> list[str]:
+        chat = self.cfg.served_model_names if self.chat is not None else []
+        return chat + (self.cfg.embedding_model_names if self.embedding is not None else [])
+
+    def model_max_len(self, name: str) -> int:
+        """For /v1/models: each card reports its own model's context length."""
+        if self.embedding is not None and name in self.cfg.embedding_model_names:
+            return self.embedding.max_model_len
+        return self.ctx.max_model_len
+
+    def _check_ready(self, path: str) -> None:
+        """Each route waits only for the model that answers it: chat keeps working while the
+        embedding model loads or after it failed, and the other way round (/health and
+        /v1/models, which describe both, need both)."""
+        if path in EMBEDDING_ROUTES and self.embedding is not None:
+            needed = [self.embedding]
+        elif path == "/v1/models" or path.startswith("/v1/models/") or self.chat is None:
+            needed = self.services
+        else:
+            needed = [self.chat]
+        for service in needed:
+            if not service.is_healthy:
+                raise OpenAIError(503, f"the engine is not healthy: {service.dead_reason}")
+            if not service.is_ready:
+                raise OpenAIError(503, "the model is still loading; retry when /health returns 200")
+
+    # ---- HTTP dispatch
     def _cors(self, headers: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
         origin = headers.get(b"origin")
         allowed = self.cfg.allowed_origins
@@ -175,35 +188,25 @@ class App:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
-        cors = self._cors(headers)
         path = scope["path"]
         root = scope.get("root_path") or self.cfg.root_path
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         method = scope["method"]
-        http = Http(scope, receive, send, path, headers)
-
-        async def send(msg: dict[str, Any]) -> None:  # noqa: F811 - track the start, add CORS
-            if msg["type"] == "http.response.start":
-                http.started = True
-                http.sse = (b"content-type", b"text/event-stream") in msg.get("headers", ())
-                if cors:
-                    msg = {**msg, "headers": list(msg.get("headers", [])) + cors}
-            await http_send(msg)
-
-        http_send, http.send = http.send, send
+        http = Http(scope, receive, send, path, headers, self.cfg.max_body_bytes,
+                    self._cors(headers))
         try:
             # Auth before routing, as vLLM does: without a key, /v1 paths reveal nothing (401,
             # not 404). A CORS preflight carries no credentials, so it is not checked.
             if self.cfg.api_keys and method != "OPTIONS" and (path.startswith("/v1/")
                                                              or path in PROTECTED):
                 self._check_auth(headers)
-            methods = ROUTES.get(path)
-            if methods is None and path.startswith("/v1/models/"):
-                methods, http.path_param = ROUTES["/v1/models/{id}"], path[len("/v1/models/"):]
-            if methods is None:
+            found = find_route(ROUTES, path)
+            if found is None:
                 raise OpenAIError(404, f"Not Found: {method} {path}", type="NotFoundError")
-            if method == "OPTIONS" and cors and b"access-control-request-method" in headers:
+            methods, http.path_params = found
+            if method == "OPTIONS" and http.extra_headers and \
+                    b"access-control-request-method" in headers:
                 return await self._preflight(http)
             handler = methods.get(method)
             if handler is None:
@@ -213,30 +216,18 @@ class App:
                 self._check_ready(path)
             await handler(self, http)
         except Exception as e:  # noqa: BLE001 - whatever happens, the client gets an answer
-            if not isinstance(e, OpenAIError):
+            if isinstance(e, EngineError):  # the engine's word on this request (400/500/503)
+                e = OpenAIError(e.status, e.message)
+            elif not isinstance(e, OpenAIError):
                 logger.exception("unhandled error in %s %s", method, path)
                 e = OpenAIError(500, f"internal server error: {type(e).__name__}: {e}")
-            await self._send_late_error(http, e)
-
-    async def _send_late_error(self, http: Http, err: OpenAIError) -> None:
-        """An error as a status when nothing was sent yet; inside an open event stream as one
-        `data: {"error": ...}` event and [DONE]; otherwise the body just ends."""
-        if not http.started:
-            return await send_error(http.send, err)
-        if http.sse:
-            await http.send(_sse(err.to_dict()))
-            await http.send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
-                             "more_body": False})
-        else:
-            await http.send({"type": "http.response.body", "body": b"", "more_body": False})
+            await http.send_error(e)
 
     async def _preflight(self, http: Http) -> None:
         req_headers = http.headers.get(b"access-control-request-headers", b"*")
-        await http.send({"type": "http.response.start", "status": 200, "headers": [
+        await http.send_body(200, b"", [
             (b"access-control-allow-methods", b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"),
-            (b"access-control-allow-headers", req_headers),
-            (b"access-control-max-age", b"600"), (b"content-length", b"0")]})
-        await http.send({"type": "http.response.body", "body": b"", "more_body": False})
+            (b"access-control-allow-headers", req_headers), (b"access-control-max-age", b"600")])
 
     def _check_auth(self, headers: dict[bytes, bytes]) -> None:
         auth = headers.get(b"authorization", b"")
@@ -249,57 +240,12 @@ class App:
             raise OpenAIError(401, "Unauthorized: a valid `Authorization: Bearer <api key>` "
                               "header is required", type="AuthenticationError")
 
-    def _check_ready(self, path: str) -> None:
-        """Each route waits only for the model that answers it: chat keeps working while the
-        embedding model loads or after it failed, and the other way round (/health and
-        /v1/models, which describe both, need both)."""
-        if path == "/v1/embeddings" and self.embedding is not None:
-            needed = [self.embedding]
-        elif path == "/v1/models" or path.startswith("/v1/models/"):
-            needed = services(self)
-        else:
-            needed = [self.engine]
-        for service in needed:
-            if not service.is_healthy:
-                raise OpenAIError(503, f"the engine is not healthy: {service.dead_reason}")
-            if not service.is_ready:
-                raise OpenAIError(503, "the model is still loading; retry when /health returns 200")
-
-    async def read_json(self, http: Http) -> Any:
-        ctype = http.headers.get(b"content-type")
-        if ctype is not None and b"json" not in ctype.lower():
-            raise OpenAIError(415, f"Content-Type must be application/json, got "
-                              f"{ctype.decode('latin-1')!r}")
-        limit = self.cfg.max_body_bytes
-        declared = http.headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise OpenAIError(413, f"request body is larger than the limit of {limit} bytes")
-        chunks, size = [], 0
-        while True:
-            msg = await http.receive()
-            if msg["type"] == "http.disconnect":
-                raise OpenAIError(400, "client disconnected")
-            body = msg.get("body", b"")
-            size += len(body)
-            if size > limit:
-                raise OpenAIError(413, f"request body is larger than the limit of {limit} bytes")
-            chunks.append(body)
-            if not msg.get("more_body", False):
-                break
-        try:
-            return orjson.loads(b"".join(chunks))
-        except orjson.JSONDecodeError as e:
-            raise OpenAIError(400, f"invalid JSON body: {e}") from None
-
     # ---- generation
     async def generate(self, http: Http, req: GenerateRequest) -> None:
         if self.cfg.log_requests:
             logger.info("request %s: %d prompt(s), %d prompt tokens, params=%s", req.request_id,
                         len(req.prompts), sum(map(len, req.prompts)), req.params)
-        try:
-            stream = self.engine.add_batch(req.request_id, req.prompts, req.params)
-        except EngineError as e:
-            raise OpenAIError(e.status, e.message) from None
+        stream = self.chat.add_request(req.request_id, req.requests)
         n = req.params.n
         tok = self.ctx.tokenizer
         choices = [output.ChoiceState(i, req, tok, req.prompts[i // n])
@@ -307,7 +253,7 @@ class App:
         tracker = self.metrics.tracker()
         body = self._stream_body if req.stream else self._full_body
         producer = asyncio.ensure_future(body(http, req, stream, choices, tracker))
-        watcher = asyncio.ensure_future(_wait_disconnect(http.receive))
+        watcher = asyncio.ensure_future(http.wait_disconnect())
         try:
             done, _ = await asyncio.wait({producer, watcher},
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -322,15 +268,15 @@ class App:
         finally:
             watcher.cancel()
             producer.cancel()
-            self.engine.abort(req.request_id)  # a no-op if it already finished
+            self.chat.abort(req.request_id)  # a no-op if it already finished
 
-    async def _consume(self, out: Any, stream: RequestStream, choices: list, tracker:
+    def _consume(self, out: Any, stream: RequestStream, choices: list, tracker:
                        RequestTracker) -> tuple[output.ChoiceState, str, list, bool]:
         c = choices[stream.index_of(out.request_id)]
         before = c.num_output_tokens
         text, lps, hit = c.update(out)
         if hit:
-            self.engine.abort_child(stream, out.request_id)
+            self.chat.abort_child(stream, out.request_id)
         tracker.on_tokens(c.num_output_tokens - before, c.index)
         if out.timings is not None:
             tracker.on_engine_timings(out.timings, c.num_output_tokens)
@@ -344,19 +290,14 @@ class App:
 
     async def _full_body(self, http: Http, req: GenerateRequest, stream: RequestStream,
                          choices: list, tracker: RequestTracker) -> None:
-        try:
-            async for out in stream:
-                await self._consume(out, stream, choices, tracker)
-        except EngineError as e:
-            raise OpenAIError(e.status, e.message) from None
+        async for out in stream:
+            self._consume(out, stream, choices, tracker)
         self._finish(req, choices, tracker)
-        await send_json(http.send, 200, output.response(req, choices))
+        await http.send_json(200, output.response(req, choices))
 
     async def _stream_body(self, http: Http, req: GenerateRequest, stream: RequestStream,
                            choices: list, tracker: RequestTracker) -> None:
-        send = http.send
-        # Headers go out before the first token so clients see the stream open at once.
-        await send({"type": "http.response.start", "status": 200, "headers": SSE})
+        await http.start_events()
         n, num_prompts = req.params.n, len(req.prompts)
         continuous = req.include_usage and req.continuous_usage
         # Echo with logprobs waits for the prompt's logprobs, which come with the first output.
@@ -364,90 +305,82 @@ class App:
 
         async def send_chunk(choice: dict[str, Any]) -> None:
             u = output.usage(choices, num_prompts, n) if continuous else None
-            await send(_sse(output.chunk(req, [choice], u)))
+            await http.send_event(output.chunk(req, [choice], u))
 
-        try:
-            for c in choices:  # chat: the role first; echo: the prompt text first
-                text = output.echo_prefix(req, c)
-                if req.kind == "chat" or (text and not echo_later):
-                    await send_chunk(output.chunk_choice(req, c, text, [],
-                                                         role=req.kind == "chat", echo=True))
-            async for out in stream:
-                c, text, lps, finished = await self._consume(out, stream, choices, tracker)
-                if echo_later and not c.echo_sent:
-                    c.echo_sent = True
-                    await send_chunk(output.echo_chunk_choice(req, c))
-                if text or lps or finished:
-                    ch = output.chunk_choice(req, c, text, lps, finished=finished)
-                    if req.kind == "chat" and not (ch["delta"] or lps or finished):
-                        continue  # the reasoning/tool parsers hold this text back for now
-                    await send_chunk(ch)
-            if req.include_usage:
-                await send(_sse(output.chunk(req, [], output.usage(choices, num_prompts, n))))
-            self._finish(req, choices, tracker)
-        except EngineError as e:
-            await send(_sse(OpenAIError(e.status, e.message).to_dict()))
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n",
-                    "more_body": False})
+        for c in choices:  # chat: the role first; echo: the prompt text first
+            text = output.echo_prefix(req, c)
+            if req.kind == "chat" or (text and not echo_later):
+                await send_chunk(output.chunk_choice(req, c, text, [], role=req.kind == "chat",
+                                                     echo=True))
+        async for out in stream:  # an EngineError ends the stream with an error event (_http)
+            c, text, lps, finished = self._consume(out, stream, choices, tracker)
+            if echo_later and not c.echo_sent:
+                c.echo_sent = True
+                await send_chunk(output.echo_chunk_choice(req, c))
+            if text or lps or finished:
+                ch = output.chunk_choice(req, c, text, lps, finished=finished)
+                if req.kind == "chat" and not (ch["delta"] or lps or finished):
+                    continue  # the reasoning/tool parsers hold this text back for now
+                await send_chunk(ch)
+        if req.include_usage:
+            await http.send_event(output.chunk(req, [], output.usage(choices, num_prompts, n)))
+        self._finish(req, choices, tracker)
+        await http.end_events()
 
 
 # ---------------------------------------------------------------- route handlers
 # Parsing renders chat templates and tokenizes (up to a megabyte-scale prompt: about a second):
 # in a worker thread, so the event loop keeps every other stream flowing meanwhile.
 async def chat_completions(app: App, http: Http) -> None:
-    body = await app.read_json(http)
-    check_chat_route(app, body)
+    body = await http.read_json()
+    app.check_chat_model(body)
     await app.generate(http, await asyncio.to_thread(parse_chat, body, app.ctx))
 
 
 async def completions(app: App, http: Http) -> None:
-    body = await app.read_json(http)
-    check_chat_route(app, body)
+    body = await http.read_json()
+    app.check_chat_model(body)
     await app.generate(http, await asyncio.to_thread(parse_completion, body, app.ctx))
 
 
 def _model_card(app: App, name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(app.started), "owned_by": "minserve",
             "root": app.cfg.model_root or name, "parent": None,
-            "max_model_len": model_max_len(app, name), "permission": []}
+            "max_model_len": app.model_max_len(name), "permission": []}
 
 
 async def list_models(app: App, http: Http) -> None:
-    await send_json(http.send, 200, {"object": "list", "data": [
-        _model_card(app, name) for name in all_model_names(app)]})
+    await http.send_json(200, {"object": "list", "data": [
+        _model_card(app, name) for name in app.model_names()]})
 
 
 async def get_model(app: App, http: Http) -> None:
-    if http.path_param not in all_model_names(app):
-        raise OpenAIError(404, f"The model `{http.path_param}` does not exist.", param="model",
+    name = http.path_params["model"]
+    if name not in app.model_names():
+        raise OpenAIError(404, f"The model `{name}` does not exist.", param="model",
                           type="NotFoundError")
-    await send_json(http.send, 200, _model_card(app, http.path_param))
+    await http.send_json(200, _model_card(app, name))
 
 
 async def health(app: App, http: Http) -> None:
-    ok = all(s.is_ready and s.is_healthy for s in services(app))
-    await http.send({"type": "http.response.start", "status": 200 if ok else 503,
-                     "headers": [(b"content-length", b"0")]})
-    await http.send({"type": "http.response.body", "body": b"", "more_body": False})
+    ok = all(s.is_ready and s.is_healthy for s in app.services)
+    await http.send_body(200 if ok else 503, b"")
 
 
 async def version(app: App, http: Http) -> None:
-    await send_json(http.send, 200, {"version": __version__})
+    await http.send_json(200, {"version": __version__})
 
 
 async def metrics(app: App, http: Http) -> None:
-    body = app.metrics.render()
-    await http.send({"type": "http.response.start", "status": 200, "headers": [
-        (b"content-type", METRICS_CONTENT_TYPE.encode()),
-        (b"content-length", str(len(body)).encode())]})
-    await http.send({"type": "http.response.body", "body": body, "more_body": False})
+    await http.send_body(200, app.metrics.render(),
+                         [(b"content-type", METRICS_CONTENT_TYPE.encode())])
 
 
 async def tokenize(app: App, http: Http) -> None:
-    body = await app.read_json(http)
+    body = await http.read_json()
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
-    await send_json(http.send, 200, await asyncio.to_thread(_tokenize, body, app.ctx))
+    await http.send_json(200, await asyncio.to_thread(_tokenize, body, app.ctx))
 
 
 def _tokenize(body: dict[str, Any], ctx: ServingContext) -> dict[str, Any]:
@@ -470,22 +403,22 @@ def _tokenize(body: dict[str, Any], ctx: ServingContext) -> dict[str, Any]:
 
 
 async def detokenize(app: App, http: Http) -> None:
-    body = await app.read_json(http)
+    body = await http.read_json()
     ids = body.get("tokens") if isinstance(body, dict) else None
     vocab = app.ctx.vocab_size
     if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
         raise OpenAIError(400, f"tokens: must be a list of token ids in [0, {vocab})",
                           param="tokens")
-    await send_json(http.send, 200, {"prompt": app.ctx.tokenizer.decode(ids)})
+    await http.send_json(200, {"prompt": app.ctx.tokenizer.decode(ids)})
 
 
-# Others add routes here (e.g. "/v1/embeddings": {"POST": embeddings}).
+# {path pattern: {method: handler}}; a route module adds its own table (http.match_path patterns).
 ROUTES: dict[str, dict[str, Handler]] = {
+    **embedding_routes.ROUTES,
     "/v1/chat/completions": {"POST": chat_completions},
     "/v1/completions": {"POST": completions},
-    "/v1/embeddings": {"POST": embeddings},
     "/v1/models": {"GET": list_models},
-    "/v1/models/{id}": {"GET": get_model},
+    "/v1/models/{model:path}": {"GET": get_model},
     "/health": {"GET": health},
     "/ping": {"GET": health, "POST": health},
     "/version": {"GET": version},
@@ -493,13 +426,18 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/tokenize": {"POST": tokenize},
     "/detokenize": {"POST": detokenize},
 }
+EMBEDDING_ROUTES = set(embedding_routes.ROUTES)  # answered by App.embedding
 PROTECTED = {"/tokenize", "/detokenize"}                 # besides every /v1/ route
 ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics"}  # answer while loading, too
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names)
 
 
 def create_app(engine_config: Any, server_config: ServerConfig,
                engine_factory: Callable[[Any], Any] | None = None, embedding: Any = None) -> App:
     """engine_config None + an EmbeddingService: serve the embedding model alone."""
-    if engine_config is None and embedding is not None:
-        return App(embedding, server_config, embedding)
-    return App(AsyncEngine(engine_config, engine_factory), server_config, embedding)
+    chat = None if engine_config is None and embedding is not None else \
+        AsyncEngine(engine_config, engine_factory)
+    return App(server_config, chat, embedding)

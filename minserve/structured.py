@@ -237,23 +237,9 @@ class StructuredConstraint:
         """The grammar is complete (or errored): end the request with finish_reason stop."""
         return self.matcher.is_stopped()
 
-    def is_accepting(self) -> bool:
-        return self.matcher.is_accepting()
-
-    def rollback(self, num_tokens: int) -> bool:
-        return self.matcher.rollback(num_tokens)
-
     @property
     def error(self) -> str | None:
         return (self.matcher.get_error() or "error") if self.matcher.is_error() else None
-
-    def copy(self) -> StructuredConstraint:
-        """A fresh state for an n>1 sibling (cheaper than compiling again)."""
-        new = StructuredConstraint.__new__(StructuredConstraint)
-        new.matcher = self.matcher.deep_copy()
-        new.vocab_size, new.num_words = self.vocab_size, self.num_words
-        new.eos_token_ids = self.eos_token_ids
-        return new
 
 
 def _bit(i: int) -> int:
@@ -328,26 +314,3 @@ def fill_bitmasks(constraints: list[StructuredConstraint | None], bitmask: torch
             raise ValueError("bitmask must be contiguous")
         _executor.unsafe_compute_mask_ptr(fast, bitmask.data_ptr(), bitmask.shape[1] * 4,
                                           bitmask.shape[0])
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor,
-                  rows: list[int] | torch.Tensor | None = None) -> None:
-    """In place: logits[rows[i], t] = -inf where bit t of bitmask[i] is 0. logits [R, V] on any
-    device; bitmask int32 [len(rows), W] (rows=None: one bitmask row per logits row). Columns
-    past 32*W (padded vocab) are masked; bits past V are ignored."""
-    import torch
-
-    num_vocab = logits.shape[1]
-    mask = bitmask.to(logits.device, non_blocking=True)
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((mask.unsqueeze(-1) >> shifts) & 1).bool().view(mask.shape[0], -1)  # [n, 32W]
-    if allowed.shape[1] >= num_vocab:
-        allowed = allowed[:, :num_vocab]
-    else:
-        pad = allowed.new_zeros(allowed.shape[0], num_vocab - allowed.shape[1])
-        allowed = torch.cat([allowed, pad], dim=1)
-    if rows is None:
-        logits.masked_fill_(~allowed, float("-inf"))
-        return
-    idx = torch.as_tensor(rows, device=logits.device, dtype=torch.long)
-    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))

@@ -81,7 +81,8 @@ async def lifespan(app: Any, wait_ready: bool = True):
     await inbox.put({"type": "lifespan.startup"})
     assert (await outbox.get())["type"] == "lifespan.startup.complete"
     if wait_ready:
-        await app.engine.wait_ready(timeout=120)
+        for service in app.services:
+            await service.wait_ready(timeout=120)
     try:
         yield app
     finally:

@@ -3,9 +3,8 @@ block accounting (to check that aborts free blocks) and failure injection (the t
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
-from minserve.engine.request import FinishReason, Logprob, RequestOutput
+from minserve.engine.request import EngineInfo, FinishReason, Logprob, RequestOutput
 
 BLOCK_SIZE = 4
 
@@ -14,26 +13,22 @@ class FakeEngine:
     def __init__(self, tokenizer, *, text: str = " hello world, this is a fake engine talking.",
                  max_model_len: int = 256, num_kv_blocks: int = 512, step_delay: float = 0.002,
                  fail_at_step: int | None = None) -> None:
-        self.tokenizer = tokenizer
+        self.info = EngineInfo(tokenizer, tokenizer.vocab_size, max_model_len,
+                               num_kv_blocks=num_kv_blocks, block_size=BLOCK_SIZE)
         self.script = tokenizer.encode(text, add_special_tokens=False)
-        self.max_model_len = max_model_len
-        self.model_config = SimpleNamespace(vocab_size=tokenizer.vocab_size)
-        self.generation_defaults: dict = {}
-        self.num_kv_blocks = num_kv_blocks
         self.step_delay = step_delay
         self.fail_at_step = fail_at_step
         self.num_steps = 0
         self.running: dict[str, dict] = {}
         self.pending_aborts: list[str] = []
-        self.added: list[tuple] = []
 
-    def add_request(self, request_id, prompt_token_ids, params, *, parent_id=None,
-                    sample_index=0, arrival_time=None) -> None:
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt of {len(prompt_token_ids)} tokens is too long")
-        self.added.append((request_id, parent_id, sample_index, params))
-        self.running[request_id] = {"prompt": list(prompt_token_ids), "out": [], "params": params,
-                                    "shift": sample_index}
+    def add_request(self, request) -> None:
+        prompt = request.prompt_token_ids
+        if len(prompt) >= self.info.max_model_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens is too long")
+        for i, sid in enumerate(request.sample_ids()):  # the n fan-out, as the real engine's
+            self.running[sid] = {"prompt": list(prompt), "out": [],
+                                 "params": request.sampling_params, "shift": i}
 
     def abort_request(self, request_ids) -> None:
         self.pending_aborts.extend(request_ids)
@@ -48,9 +43,8 @@ class FakeEngine:
 
     def stats(self) -> dict:
         return {"num_running": len(self.running), "num_waiting": 0,
-                "kv_cache_usage": self.num_used_blocks / self.num_kv_blocks,
-                "prefix_cache_queries": 0, "prefix_cache_hits": 0,
-                "num_kv_tokens": self.num_kv_blocks * BLOCK_SIZE}
+                "kv_cache_usage": self.num_used_blocks / self.info.num_kv_blocks,
+                "prefix_cache_queries": 0, "prefix_cache_hits": 0}
 
     def step(self) -> list[RequestOutput]:
         self.num_steps += 1
@@ -78,7 +72,7 @@ class FakeEngine:
 
 
 def make_fake_app(model_dir: str, *, server: dict | None = None, **engine_kwargs):
-    """An App over a FakeEngine using the tiny model's real tokenizer; app.engine.engine is the
+    """An App over a FakeEngine using the tiny model's real tokenizer; app.chat._engine is the
     FakeEngine once started."""
     from minserve.server import ServerConfig, create_app
     from minserve.tokenizer import Tokenizer

@@ -32,32 +32,6 @@ def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
     return hf_model(torch.tensor([token_ids])).logits[0].float()
 
 
-def attn_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
-                  block_size: int) -> tuple[AttnMetadata, torch.Tensor]:
-    """(AttnMetadata, positions) for a step where request r runs query_lens[r] new tokens after
-    context_lens[r] cached ones."""
-    qsl = [0]
-    for n in query_lens:
-        qsl.append(qsl[-1] + n)
-    seq_lens = [c + q for c, q in zip(context_lens, query_lens, strict=False)]
-    positions, slots = [], []
-    for ctx, seq_len, table in zip(context_lens, seq_lens, block_tables, strict=False):
-        for pos in range(ctx, seq_len):
-            positions.append(pos)
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-    max_blocks = max(len(t) for t in block_tables)
-    padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
-    attn = AttnMetadata(
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_table=torch.tensor(padded, dtype=torch.int32),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-        query_start_loc_host=qsl, seq_lens_host=seq_lens,
-    )
-    return attn, torch.tensor(positions, dtype=torch.int64)
-
-
 class PagedRunner:
     """Owns a KV cache for `model` and runs steps of (request id, new token ids) pairs.
     Blocks are handed out in shuffled order so block tables are never contiguous."""
@@ -90,15 +64,32 @@ class PagedRunner:
             self.num_computed[req_id] = ctx + len(new_ids)
         attn, positions = attn_metadata(query_lens, context_lens, tables, self.block_size)
         hidden = self.model(torch.tensor(input_ids), positions, attn)
-        logits = self.model.compute_logits(hidden)
-        return list(logits.split(query_lens))
+        return list(self.model.compute_logits(hidden).split(query_lens))
 
 
-@torch.inference_mode()
+def attn_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+                  block_size: int) -> tuple[AttnMetadata, torch.Tensor]:
+    """(AttnMetadata, positions) for a step where request r runs query_lens[r] new tokens after
+    context_lens[r] cached ones."""
+    qsl, seq_lens = [0], [c + q for c, q in zip(context_lens, query_lens, strict=True)]
+    positions, slots = [], []
+    for q, ctx, table in zip(query_lens, context_lens, block_tables, strict=True):
+        qsl.append(qsl[-1] + q)
+        positions += range(ctx, ctx + q)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(ctx, ctx + q)]
+    width = max(len(t) for t in block_tables)
+    attn = AttnMetadata(
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_table=torch.tensor([t + [0] * (width - len(t)) for t in block_tables],
+                                 dtype=torch.int32),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+        query_start_loc_host=qsl, seq_lens_host=seq_lens)
+    return attn, torch.tensor(positions, dtype=torch.int64)
+
+
 def prefill_without_cache(model, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """The profiling path: empty caches, every request's query is its whole sequence."""
-    model.set_kv_caches([(torch.empty(0), torch.empty(0))] * model.config.num_hidden_layers)
-    lens = [len(p) for p in prompts]
-    attn, positions = attn_metadata(lens, [0] * len(lens), [[0]] * len(lens), 1 << 20)
-    hidden = model(torch.tensor([t for p in prompts for t in p]), positions, attn)
-    return list(model.compute_logits(hidden).split(lens))
+    """Fresh prompts all in one step, as the KV-sizing profile run does (on a fresh cache)."""
+    runner = PagedRunner(model, block_size=16, num_blocks=sum(-(-len(p) // 16) for p in prompts))
+    return runner.step([(str(i), p) for i, p in enumerate(prompts)])

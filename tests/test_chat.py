@@ -324,3 +324,76 @@ def test_sandbox_hides_private_attributes():
     # A bare unsafe lookup renders as undefined (empty), never the object it would reach.
     out = render_chat_template("[{{ messages.__class__ }}]", [{"role": "user", "content": "x"}])
     assert out == "[]"
+
+
+# (messages, chat_template_kwargs or None, the param a refusal names, or None when accepted)
+FRONT_DOOR_CASES = [
+    ([{"role": "user", "content": "Hi"}], None, None),
+    ([{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}], None, None),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, "b",
+                                   {"type": "thinking", "thinking": "c"}]}], None, None),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [
+        {"type": "output_text", "text": "Yo"}, {"type": "refusal", "refusal": "no"}]},
+      {"role": "user", "content": "again"}], None, None),
+    ([{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None,
+                                                 "tool_calls": [{"id": "1", "type": "function",
+                                                                 "function": {"name": "w",
+                                                                              "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "1", "content": [{"type": "text", "text": "sunny"}]}],
+     None, None),
+    ([{"role": "user", "content": "Hi"}, {"role": "function", "name": "f", "content": "42"}],
+     None, None),
+    ([{"role": "system", "content": None}, {"role": "user", "content": "Hi"}], None, None),
+    ([{"role": "user", "content": "Hi"}], {"flag": True}, None),
+    ([{"role": "wizard", "content": "Hi"}], None, "messages[0].role"),
+    ([{"content": "Hi"}], None, "messages[0].role"),
+    ([{"role": "user", "content": 5}], None, "messages[0].content"),
+    ([{"role": "user", "content": "Hi", "name": 5}], None, "messages[0].name"),
+    ([{"role": "user", "content": [{"type": "text", "text": 3}]}], None,
+     "messages[0].content[0].text"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], None,
+     "messages[0].content[0]"),
+    ([{"role": "user", "content": [{"type": "video"}]}], None, "messages[0].content[0]"),
+    ([{"role": "user", "content": [{"type": "hologram"}]}], None, "messages[0].content[0].type"),
+    ([], None, "messages"),
+    ([{"role": "user", "content": "Hi"}], {"messages": []}, "chat_template_kwargs"),
+    ([{"role": "user", "content": "Hi"}], ["x"], "chat_template_kwargs"),
+]
+
+
+def test_http_and_llm_chat_agree_on_messages(tiny_model_dir):
+    """The same messages through POST /v1/chat/completions (and /tokenize) and LLM.chat: both
+    accept them with the same prompt tokens, or both refuse them naming the same field."""
+    import asyncio
+
+    from minserve import LLM, SamplingParams
+    from tests.asgi import call, lifespan
+    from tests.fake_engine import make_fake_app
+
+    app = make_fake_app(tiny_model_dir)
+
+    async def over_http():
+        out = []
+        async with lifespan(app):
+            for messages, kwargs, _ in FRONT_DOOR_CASES:
+                body = {"messages": messages, "max_tokens": 1}
+                if kwargs is not None:
+                    body["chat_template_kwargs"] = kwargs
+                chat = await call(app, "POST", "/v1/chat/completions", body)
+                tok = await call(app, "POST", "/tokenize", body)
+                out.append((chat.status, chat.json(), tok.json()))
+        return out
+
+    llm = LLM(tiny_model_dir, kv_cache_memory=1 << 20)
+    for (messages, kwargs, param), (status, chat, tok) in zip(
+            FRONT_DOOR_CASES, asyncio.run(over_http()), strict=True):
+        case = (messages, kwargs)
+        if param is None:
+            assert status == 200, (case, chat)
+            got = llm.chat(messages, SamplingParams(max_tokens=1), chat_template_kwargs=kwargs)
+            assert got[0].prompt_token_ids == tok["tokens"], case
+        else:
+            assert status == 400 and chat["error"]["param"] == param, (case, chat)
+            with pytest.raises(ValueError) as err:
+                llm.chat(messages, SamplingParams(max_tokens=1), chat_template_kwargs=kwargs)
+            assert getattr(err.value, "param", None) == param, (case, err.value)

@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from minserve.embeddings.embedder import Embedder
-from tests.test_embeddings import make_tiny_encoder
-from tests.test_openai_sdk import KEY, serving
+from tests.serving import KEY, serving
+from tests.tiny import make_tiny_encoder
 
 
 def test_sdk_task_embed_with_api_key(tmp_path):

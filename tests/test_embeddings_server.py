@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from minserve.embeddings.embedder import Embedder
-from tests.test_embeddings import make_tiny_encoder
-from tests.test_openai_sdk import serving
+from tests.serving import serving, wait_until
+from tests.tiny import make_tiny_encoder
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +180,7 @@ def test_embedding_load_failure_is_unhealthy(tmp_path):
 
     async def main():
         async with lifespan(app, wait_ready=False):
-            for _ in range(1500):   # up to 30 s on a slow machine
-                if not service.is_healthy:
-                    break
-                await asyncio.sleep(0.02)
+            await wait_until(lambda: not service.is_healthy, 30, "the broken model to fail")
             return (await call(app, "GET", "/health")).status, \
                 await call(app, "POST", "/v1/embeddings", {"input": "hi"})
 
@@ -209,11 +206,8 @@ def test_chat_keeps_serving_when_the_embedding_model_fails(tiny_model_dir, tmp_p
 
     async def main():
         async with lifespan(app, wait_ready=False):
-            await app.engine.wait_ready(timeout=120)
-            for _ in range(1500):   # up to 30 s on a slow machine
-                if not service.is_healthy:
-                    break
-                await asyncio.sleep(0.02)
+            await app.chat.wait_ready(timeout=120)
+            await wait_until(lambda: not service.is_healthy, 30, "the broken model to fail")
             return ((await call(app, "GET", "/health")).status,
                     await call(app, "POST", "/v1/embeddings", {"input": "hi"}),
                     await call(app, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}))

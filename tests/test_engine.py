@@ -8,7 +8,7 @@ import torch
 
 from minserve.config import EngineConfig
 from minserve.engine.engine import Engine
-from minserve.engine.request import FinishReason
+from minserve.engine.request import EngineRequest, FinishReason
 from minserve.sampling_params import SamplingParams
 
 PROMPTS = [
@@ -54,17 +54,15 @@ def engine(tiny_model_dir):
     return make_engine(tiny_model_dir)
 
 
-def generate(engine: Engine, prompts, params, ids=None, trace=None) -> dict[str, list]:
+def generate(engine: Engine, prompts, params, ids=None) -> dict[str, list]:
     ids = ids or [f"q{i}" for i in range(len(prompts))]
     ps = params if isinstance(params, list) else [params] * len(prompts)
     for rid, p, sp in zip(ids, prompts, ps, strict=True):
-        engine.add_request(rid, p, sp)
-    outs: dict[str, list] = {rid: [] for rid in ids}
+        engine.add_request(EngineRequest(rid, p, sp))
+    outs: dict[str, list] = {}   # by sample id: n > 1 fans out into rid-0, rid-1, ...
     while engine.has_unfinished_requests():
-        if trace is not None:
-            trace.append(engine.stats())
         for o in engine.step():
-            outs[o.request_id].append(o)
+            outs.setdefault(o.request_id, []).append(o)
     return outs
 
 
@@ -127,7 +125,7 @@ def test_preemption_gives_same_greedy_tokens(tiny_model_dir, hf_model):
     # a 5-block cache must preempt on the way.
     prompts = [PROMPTS[2][:14], PROMPTS[1][:15], PROMPTS[2][5:35]]
     eng = make_engine(tiny_model_dir, kv_cache_memory=5 * 8192)
-    assert eng.num_kv_blocks == 5
+    assert eng.info.num_kv_blocks == 5
     preempted = record_preempted(eng)
     outs = generate(eng, prompts, GREEDY)
     assert preempted and eng.stats()["num_preemptions"] == len(preempted)
@@ -137,7 +135,8 @@ def test_preemption_gives_same_greedy_tokens(tiny_model_dir, hf_model):
 
 
 def test_abort_frees_blocks_at_next_step(engine):
-    engine.add_request("long", PROMPTS[2], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request(EngineRequest("long", PROMPTS[2],
+                                     SamplingParams(max_tokens=50, ignore_eos=True)))
     engine.step()
     assert engine.stats()["kv_cache_usage"] > 0
     engine.abort_request("long")
@@ -148,7 +147,7 @@ def test_abort_frees_blocks_at_next_step(engine):
 
 
 def test_stop_conditions(engine, reference):
-    eos = min(engine.eos_token_ids)
+    eos = min(engine.info.eos_token_ids)
     ref = reference[1]
     p = PROMPTS[1]
     outs = generate(engine, [p] * 5, [
@@ -169,24 +168,22 @@ def test_stop_conditions(engine, reference):
 
 
 def test_add_request_validation(engine):
+    max_len = engine.info.max_model_len
     with pytest.raises(ValueError, match="maximum context length"):
-        engine.add_request("x", [1] * engine.max_model_len, SamplingParams())
+        engine.add_request(EngineRequest("x", [1] * max_len, SamplingParams()))
     with pytest.raises(ValueError, match="maximum context length"):
-        engine.add_request("x", [1] * 10, SamplingParams(max_tokens=engine.max_model_len))
+        engine.add_request(EngineRequest("x", [1] * 10, SamplingParams(max_tokens=max_len)))
     with pytest.raises(ValueError, match="empty"):
-        engine.add_request("x", [], SamplingParams())
+        engine.add_request(EngineRequest("x", [], SamplingParams()))
+    assert not engine.has_unfinished_requests()
 
 
 def test_n_siblings_share_blocks_and_seeds(engine):
     p = PROMPTS[2]
     hits0 = engine.stats()["prefix_cache_hits"]
     params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
-    for i in range(3):
-        engine.add_request(f"s-{i}", p, params, parent_id="s", sample_index=i)
-    outs = {f"s-{i}": [] for i in range(3)}
-    while engine.has_unfinished_requests():
-        for o in engine.step():
-            outs[o.request_id].append(o)
+    outs = generate(engine, [p], params, ids=["s"])   # the engine fans n = 3 out
+    assert sorted(outs) == ["s-0", "s-1", "s-2"]
     assert engine.stats()["prefix_cache_hits"] - hits0 >= 2 * 32
     # sample i uses seed + i: the same as a lone request with that seed
     alone = generate(engine, [p], SamplingParams(temperature=1.0, seed=6, max_tokens=6,
@@ -245,17 +242,12 @@ def test_every_arch_and_source_through_the_scheduler(tiny_model_factory, tmp_pat
     head_dim = 32 if arch == "Qwen3ForCausalLM" else 16       # tests/tiny.py's shapes
     block_bytes = 2 * 2 * 2 * head_dim * 16 * 4               # K+V, layers, kv heads, fp32
     eng = make_engine(model, kv_cache_memory=5 * block_bytes, max_num_batched_tokens=16)
-    assert eng.num_kv_blocks == 5
+    assert eng.info.num_kv_blocks == 5
     preempted = record_preempted(eng)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True)
-    eng.add_request("q0", prompts[0], params)
-    eng.step()                                  # q0's first block is cached before q1 arrives
-    outs = {f"q{i}": [] for i in range(3)}
-    for i in (1, 2):
-        eng.add_request(f"q{i}", prompts[i], params)
-    while eng.has_unfinished_requests():
-        for o in eng.step():
-            outs[o.request_id].append(o)
+    eng.add_request(EngineRequest("q0", prompts[0], params))
+    assert eng.step() == []                     # q0's first block is cached before q1 arrives
+    outs = generate(eng, prompts[1:], params, ids=["q1", "q2"])   # collects q0's outputs too
     assert preempted, "the 5-block cache should have forced a preemption"
     assert eng.stats()["prefix_cache_hits"] >= 16
     assert eng.kv_cache.num_free_blocks == 5
@@ -268,3 +260,17 @@ def test_every_arch_and_source_through_the_scheduler(tiny_model_factory, tmp_pat
             top = ref.topk(5)
             assert [t for t, _ in lp.top] == top.indices.tolist()
             assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=2e-4)
+
+
+def test_profile_run_is_an_ordinary_step(tiny_model_dir, monkeypatch):
+    """The KV-sizing run (on CUDA) is one step through execute() on a one-block cache: the paged
+    attention that serves, every row sampling with top-k, top-p and logprobs."""
+    from minserve import kernels
+
+    runner, seen = make_engine(tiny_model_dir, max_num_batched_tokens=64).runner, []
+    real = kernels.paged_attention
+    monkeypatch.setattr(kernels, "paged_attention",
+                        lambda q, k, *a: seen.append(k.shape[0]) or real(q, k, *a))
+    runner._kv_cache(1)
+    runner.dummy_run(64, 4)
+    assert seen and set(seen) == {1}

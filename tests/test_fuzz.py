@@ -15,7 +15,7 @@ import random
 import orjson
 
 from tests.asgi import call
-from tests.test_server import real_app, run
+from tests.serving import real_app, run, wait_until
 
 MSG = [{"role": "user", "content": "Hello there"}]
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {
@@ -155,7 +155,7 @@ def test_fuzzed_requests_never_500_and_lose_nothing(tiny_model_dir):
             else:
                 orjson.loads(r.body)
         ok = await call(app, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
-        return bad, counts, ok, app.engine.stats
+        return bad, counts, ok, app.chat.stats
 
     bad, counts, ok, stats = run(app, fn)
     assert not bad, bad[:5]
@@ -175,7 +175,7 @@ EMBED_VALID = {
 def test_fuzzed_embedding_requests_never_500(tmp_path):
     from minserve.embeddings.service import EmbeddingService
     from minserve.server import ServerConfig, create_app
-    from tests.test_embeddings import make_tiny_encoder
+    from tests.tiny import make_tiny_encoder
 
     folder, _ = make_tiny_encoder(str(tmp_path / "bert"), "bert", is_matryoshka=True)
     app = create_app(None, ServerConfig(served_model_names=[], embedding_model_names=["emb"]),
@@ -229,17 +229,15 @@ def test_concurrent_fuzzed_requests_with_disconnects_leak_nothing(tiny_model_dir
         results = []
         for i in range(0, len(bodies), 60):
             results += await asyncio.gather(*(one(p, b) for p, b in bodies[i:i + 60]))
-        for _ in range(1500):   # aborts land at the engine's next step (30 s at most)
-            stats = app.engine.stats
-            if stats["num_running"] == stats["num_waiting"] == 0:
-                break
-            await asyncio.sleep(0.02)
+        # aborts land at the engine's next step
+        await wait_until(lambda: app.chat.stats["num_running"] == app.chat.stats["num_waiting"]
+                         == 0, 30, "every request to leave the engine")
         ok = await call(app, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
-        sched, kv = app.engine.engine.scheduler, app.engine.engine.kv_cache
+        sched, kv = app.chat._engine.scheduler, app.chat._engine.kv_cache
         # per-request bookkeeping everywhere is gone too (a leak here grows with uptime)
-        leftovers = [len(app.engine._streams), len(app.engine._parents), len(sched.requests),
+        leftovers = [len(app.chat._streams), len(app.chat._parents), len(sched.requests),
                      len(sched._leaders), len(sched._prompt_logprobs), len(kv._block_hashes)]
-        return results, ok, app.engine.stats, leftovers
+        return results, ok, app.chat.stats, leftovers
 
     results, ok, stats, leftovers = run(app, fn)
     assert leftovers == [0] * 6, leftovers

@@ -6,7 +6,7 @@ import pytest
 
 from minserve.engine import kv_cache
 from minserve.engine.kv_cache import KVCacheManager
-from minserve.engine.request import Request
+from minserve.engine.request import MultiModalItem, Request
 from minserve.sampling_params import SamplingParams
 
 BS = 4
@@ -90,6 +90,22 @@ def test_prefix_hit_shares_blocks_and_leaves_one_token():
     blocks, num_cached = kv.get_computed_blocks(c)
     assert num_cached == 8 and blocks == a.block_ids[:2]
     assert kv.prefix_cache_hits == 12 + 12 + 8   # b looked up twice (get + admit)
+
+
+def test_prefix_root_keeps_adapters_salts_and_images_apart():
+    """Blocks are shared only between requests with the same adapter, cache_salt and images."""
+    kv = KVCacheManager(64, BS)
+    cat, dog = [MultiModalItem(2, 4, "cat")], [MultiModalItem(2, 4, "dog")]
+    kinds = [{}, {"adapter_name": "sql"}, {"cache_salt": "t1"}, {"mm_items": cat},
+             {"mm_items": dog}, {"adapter_name": "sql", "cache_salt": "t1"}]
+    firsts = {}
+    for i, kw in enumerate(kinds * 2):   # round 2 hits round 1's blocks, kind by kind
+        r = Request(str(i), list(range(13)), SamplingParams(), **kw)
+        admit(kv, r)
+        finish_prefill(kv, r)
+        first = firsts.setdefault(i % len(kinds), r)
+        assert r.num_cached_tokens == (0 if first is r else 12), kw
+        assert r.block_ids[:3] == first.block_ids[:3]
 
 
 def test_hash_is_chained_over_the_prefix():

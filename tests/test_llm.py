@@ -77,7 +77,8 @@ def test_chat_and_per_prompt_params(llm, capsys):
 
 def test_too_long_prompt_raises_and_leaves_engine_clean(llm):
     with pytest.raises(ValueError, match="maximum context length"):
-        llm.generate(["ok", [1] * (llm.engine.max_model_len + 1)], SamplingParams(max_tokens=2))
+        llm.generate(["ok", [1] * (llm.engine.info.max_model_len + 1)],
+                     SamplingParams(max_tokens=2))
     assert not llm.engine.has_unfinished_requests()
 
 
@@ -87,7 +88,7 @@ def test_embed_with_an_embedding_model(tmp_path, llm):
     import numpy as np
 
     from minserve.embeddings.embedder import Embedder
-    from tests.test_embeddings import make_tiny_encoder
+    from tests.tiny import make_tiny_encoder
 
     folder, _ = make_tiny_encoder(str(tmp_path / "bert"), "bert", is_matryoshka=True)
     emb_llm = LLM(folder, dtype="float32")

@@ -3,75 +3,19 @@ free port, tiny model. The real default model is one @slow test at the end."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import os
 import re
-import signal
 import socket
-import ssl
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Iterator
 
 import openai
 import orjson
 import pytest
 
-KEY = "test-key"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args: list[str], timeout: float = 120, scheme: str = "http"
-                 ) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "minserve", *args, "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"{scheme}://127.0.0.1:{port}"
-    # a test's self-signed certificate: check liveness, not trust
-    context = ssl._create_unverified_context() if scheme == "https" else None
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1, context=context) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become healthy")
-
-
-def stop_server(proc: subprocess.Popen) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        out, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return proc.returncode, out
-
-
-@contextlib.contextmanager
-def serving(args: list[str], timeout: float = 120, scheme: str = "http") -> Iterator[str]:
-    """`with serving(ARGS) as url:` a real `python -m minserve ARGS` for the block; it is stopped
-    with SIGTERM afterwards and must then exit 0."""
-    proc, url = start_server(args, timeout, scheme)
-    try:
-        yield url
-    finally:
-        code, out = stop_server(proc)
-    assert code == 0, out
+from tests.serving import KEY, free_port, serving, start_server, stop_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +48,7 @@ def test_chat_usage_and_errors(client):
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens > 0
     assert r.usage.total_tokens == r.usage.prompt_tokens + 8
-    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+    assert isinstance(r.usage.prompt_tokens_details.cached_tokens, int)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                        temperature=-1)
@@ -183,16 +127,9 @@ def test_32_concurrent_streams_no_leaked_blocks(client, server):
 
     got = asyncio.run(main())
     assert got[:4] == want and all(got)
-    t0 = time.monotonic()
-    while True:
-        metrics = urllib.request.urlopen(server + "/metrics").read().decode()
-        usage = float(re.search(r"^vllm:kv_cache_usage_perc\{[^}]*\} (\S+)", metrics, re.M)[1])
-        running = float(re.search(r"^vllm:num_requests_running\{[^}]*\} (\S+)", metrics,
-                                  re.M)[1])
-        if (usage, running) == (0.0, 0.0) or time.monotonic() - t0 > 5:
-            break
-        time.sleep(0.05)
-    assert (usage, running) == (0.0, 0.0)
+    idle = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running")
+    asyncio.run(wait_until(lambda: [_metric(server, m) for m in idle] == [0.0, 0.0], 5,
+                           "no request running and no KV blocks in use"))
 
 
 @pytest.mark.slow
@@ -239,13 +176,10 @@ def test_client_disconnect_through_granian_aborts(server):
         assert chunk, buf  # the server closed the connection early
         buf += chunk
     s.close()
-    t0 = time.monotonic()
     # the server counts the abort at once; the engine frees the blocks at its next step
-    while time.monotonic() - t0 < 30 and (
-            _metric(server, aborted) == before
-            or _metric(server, "vllm:num_requests_running") != 0
-            or _metric(server, "vllm:kv_cache_usage_perc") != 0):
-        time.sleep(0.05)
+    asyncio.run(wait_until(lambda: _metric(server, aborted) == before + 1 and _metric(
+        server, "vllm:num_requests_running") == _metric(server, "vllm:kv_cache_usage_perc") == 0,
+        30, "the abort counted and its blocks freed"))
     assert _metric(server, aborted) == before + 1
     assert _metric(server, "vllm:num_requests_running") == 0
     assert _metric(server, "vllm:kv_cache_usage_perc") == 0
@@ -262,7 +196,7 @@ def test_container_healthcheck_against_the_running_server(server, tiny_model_dir
     cmdline = b"\0".join(x.encode() for x in [sys.executable, "-m", "minserve", "serve",
                                                 tiny_model_dir, "--port", port])
     assert check(server_argv(cmdline)) == 0
-    assert check(["--port", str(_free_port())], timeout=2) == 1
+    assert check(["--port", str(free_port())], timeout=2) == 1
 
 
 def test_https_with_ssl_flags(tiny_model_dir, tmp_path):

@@ -19,7 +19,6 @@ from minserve.engine.sampler import (
 from minserve.sampling_params import SamplingParams
 
 V = 8
-CPU = torch.device("cpu")
 EOS = 7
 
 
@@ -31,7 +30,7 @@ def mk(seed: int = 0, prompt=(1, 2), output=(), **kw) -> Request:
 
 
 def run(logits: torch.Tensor, reqs: list[Request]):
-    st = SamplingTensors.from_requests(reqs, logits.shape[1], CPU)
+    st = SamplingTensors.from_requests(reqs, logits.shape[1])
     return sample(logits.clone(), st)
 
 
@@ -101,7 +100,7 @@ def test_penalties_follow_vllm():
     logits = torch.tensor([[2.0, -2.0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.0]])
     r = mk(0, prompt=[0, 1], output=[2, 2, 4], repetition_penalty=2.0,
            frequency_penalty=0.1, presence_penalty=0.3)
-    st = SamplingTensors.from_requests([r], V, CPU)
+    st = SamplingTensors.from_requests([r], V)
     out = logits.clone()
     apply_penalties(out, st)
     expected = torch.tensor([[1.0, -4.0, 0.5 - 0.2 - 0.3, 1.0, 0.25 - 0.1 - 0.3, 0, 0, 0]])

@@ -229,7 +229,8 @@ def test_abort_takes_effect_at_next_schedule():
     assert sched.kv.num_blocks - sched.kv.num_free_blocks == used   # not yet
     plan = sched.schedule()
     assert [o.finish_reason for o in plan.finished_outputs] == [FinishReason.ABORT]
-    assert "a" in plan.finished_ids and all(r.request_id != "a" for r in plan.requests)
+    assert plan.finished_outputs[0].request_id == "a"
+    assert all(r.request_id != "a" for r in plan.requests)
     check_blocks(sched)
     sched.abort(["a", "nope"])   # aborting twice / unknown ids is a no-op
     outs = run(sched, runner)

@@ -4,29 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 
-from minserve.config import EngineConfig
 from minserve.server import ServerConfig, create_app
 from tests.asgi import call, lifespan
 from tests.fake_engine import FakeEngine, make_fake_app
+from tests.serving import real_app, run, wait_until
 
 MSG = [{"role": "user", "content": "Hello there"}]
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
-
-
-def real_app(model_dir: str, **server):
-    cfg = EngineConfig(model=model_dir, kv_cache_memory=4 << 20, max_model_len=512)
-    return create_app(cfg, ServerConfig(**{"served_model_names": ["tiny", "alias"], **server}))
-
-
-def run(app, fn):
-    async def main():
-        async with lifespan(app):
-            return await fn(app)
-    return asyncio.run(main())
 
 
 def test_routes(tiny_model_dir):
@@ -97,7 +84,7 @@ def test_not_ready_is_503(tiny_model_dir):
         chat = await call(app, "POST", CHAT, {"messages": MSG})
         version = await call(app, "GET", "/version")
         gate.set()
-        await app.engine.wait_ready(10)
+        await app.chat.wait_ready(10)
         after = await call(app, "GET", "/health")
         return before, chat, version, after
 
@@ -265,7 +252,7 @@ def test_stop_strings(tiny_model_dir):
 def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir):
     """The abort reaches the engine before its next step, and that step frees the blocks."""
     async def fn(app):
-        eng = app.engine.engine
+        eng = app.chat._engine
         usage = []  # KV-cache usage after each engine step, recorded on the engine thread
         step = eng.step
 
@@ -275,19 +262,16 @@ def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir):
             return out
         eng.step = counting_step
         steps_at_abort = []
-        abort = app.engine.abort
+        abort = app.chat.abort
 
         def counting_abort(request_id):
             steps_at_abort.append(len(usage))
             abort(request_id)
-        app.engine.abort = counting_abort
+        app.chat.abort = counting_abort
         body = {"prompt": "Hello " * 40, "max_tokens": 300, "ignore_eos": True, "stream": True}
         r = await call(app, "POST", COMP, body, disconnect_after=3)
-        for _ in range(500):
-            if not eng.has_unfinished_requests():
-                break
-            await asyncio.sleep(0.01)
-        return (r, usage, steps_at_abort, app.engine.stats, app.engine.num_in_flight,
+        await wait_until(lambda: not eng.has_unfinished_requests(), 5, "the engine to be idle")
+        return (r, usage, steps_at_abort, app.chat.stats, app.chat.num_in_flight,
                 app.metrics.render().decode())
 
     r, usage, steps_at_abort, stats, in_flight, metrics = run(real_app(tiny_model_dir), fn)
@@ -304,7 +288,6 @@ def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir):
 def test_disconnect_non_streaming(tiny_model_dir):
     """A non-streaming client that goes away is noticed by the receive() watcher too."""
     async def fn(app):
-        from tests import asgi
         gone = asyncio.Event()
         sent = []
         scope = {"type": "http", "method": "POST", "path": COMP, "root_path": "",
@@ -321,18 +304,14 @@ def test_disconnect_non_streaming(tiny_model_dir):
         async def send(m):
             sent.append(m)
         task = asyncio.ensure_future(app(scope, receive, send))
-        await asyncio.sleep(0.3)
-        busy = app.engine.stats["num_running"]
+        await wait_until(lambda: app.chat.stats.get("num_running") == 1, 30, "the request to run")
         gone.set()
         await asyncio.wait_for(task, 5)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 5 and app.engine.stats["kv_cache_usage"] > 0:
-            await asyncio.sleep(0.01)
-        assert asgi  # the driver module is shared with the other tests
-        return busy, sent, app.engine.stats
+        await wait_until(lambda: app.chat.stats["kv_cache_usage"] == 0, 5, "its blocks freed")
+        return sent, app.chat.stats
 
-    busy, sent, stats = run(real_app(tiny_model_dir), fn)
-    assert busy == 1 and sent == [] and stats["kv_cache_usage"] == 0
+    sent, stats = run(real_app(tiny_model_dir), fn)
+    assert sent == [] and stats["kv_cache_usage"] == 0 and stats["num_running"] == 0
 
 
 def test_engine_death_fails_requests_and_health(tiny_model_dir):
@@ -360,7 +339,7 @@ def test_graceful_shutdown_lets_requests_finish(tiny_model_dir):
         async with lifespan(app):
             task = asyncio.ensure_future(call(app, "POST", CHAT, {"messages": MSG,
                                                                   "max_tokens": 20}))
-            await asyncio.sleep(0.05)
+            await wait_until(lambda: app.chat.num_in_flight == 1, 10, "the request in flight")
         return await task  # lifespan shutdown waited for it
 
     r = asyncio.run(main())
@@ -390,7 +369,7 @@ def test_unexpected_errors_are_openai_errors(tiny_model_dir, monkeypatch):
         stream = await call(app, "POST", CHAT, {"messages": MSG, "max_tokens": 5,
                                                 "stream": True})
         after = await call(app, "GET", "/v1/models")
-        return full, stream, after, app.engine.num_in_flight
+        return full, stream, after, app.chat.num_in_flight
 
     full, stream, after, in_flight = run(app, fn)
     err = full.json()["error"]
@@ -445,7 +424,7 @@ def test_shutdown_grace_expiry_ends_streams_with_an_error(tiny_model_dir):
         async with lifespan(app):
             task = asyncio.ensure_future(call(app, "POST", COMP, {
                 "prompt": "Hi", "max_tokens": 5000, "stream": True}))
-            await asyncio.sleep(0.05)
+            await wait_until(lambda: app.chat.num_in_flight == 1, 10, "the request in flight")
         late = await call(app, "POST", COMP, {"prompt": "Hi"})
         return await asyncio.wait_for(task, 10), late
 
@@ -477,6 +456,32 @@ def test_usage_reports_cached_prompt_tokens(tiny_model_dir):
         assert u["prompt_tokens"] == first["prompt_tokens"]
         assert 0 < u["prompt_tokens_details"]["cached_tokens"] <= want_cached
     assert again["completion_tokens"] == 4 and again["total_tokens"] == first["prompt_tokens"] + 4
+
+
+def test_cache_salt_keeps_tenants_apart_in_the_prefix_cache(tiny_model_dir):
+    """vLLM's cache_salt on completions and chat: the same prompt shares KV blocks with an
+    earlier request only under the same salt (no salt is a tenant of its own); a salt that is
+    not a non-empty string is a 400."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    bodies = {COMP: {"prompt": prompt, "max_tokens": 2, "ignore_eos": True},
+              CHAT: {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2}}
+
+    async def fn(app):
+        cached, bad = {}, []
+        for path, body in bodies.items():
+            cached[path] = []
+            for salt in ("tenant-a", "tenant-b", "tenant-a", None, "tenant-b"):
+                r = await call(app, "POST", path, {**body, "cache_salt": salt})
+                cached[path].append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+            for salt in ("", 7, ["a"]):
+                bad.append(await call(app, "POST", path, {**body, "cache_salt": salt}))
+        return cached, bad, app.chat.stats
+
+    cached, bad, stats = run(real_app(tiny_model_dir), fn)
+    for got in cached.values():
+        assert got[0] == got[1] == got[3] == 0 and got[2] > 0 and got[4] == got[2], got
+    assert all(r.status == 400 and r.json()["error"]["param"] == "cache_salt" for r in bad)
+    assert stats["num_running"] == 0
 
 
 def test_ttft_and_itl_are_per_choice():
@@ -518,7 +523,7 @@ def test_outputs_after_a_stop_string_are_dropped(tiny_model_dir, finished_in_eng
     engine = AsyncEngine(None)   # never started: only its stream bookkeeping is used
     engine._streams = {"c0": stream, "c1": stream}
     app = App.__new__(App)
-    app.engine = engine
+    app.chat = engine
     tracker = Metrics("m", lambda: {}).tracker()
     ids = tok.encode(" hello world and more", add_special_tokens=False)
     # every output queued before the reader looks at the first: c0 writes the whole text (and
@@ -533,7 +538,7 @@ def test_outputs_after_a_stop_string_are_dropped(tiny_model_dir, finished_in_eng
                               logprobs=[Logprob(ids[0], -0.5, 1, [])]))
 
     async def read():
-        return [(out.request_id, await app._consume(out, stream, choices, tracker))
+        return [(out.request_id, app._consume(out, stream, choices, tracker))
                 async for out in stream]
 
     results = asyncio.run(read())
@@ -546,3 +551,21 @@ def test_outputs_after_a_stop_string_are_dropped(tiny_model_dir, finished_in_eng
         (cid, r[3]) for cid, r in results]
     # the engine is asked to abort c0 only while it still runs there
     assert engine._inbox.empty() == finished_in_engine and "c0" not in engine._streams
+
+
+def test_route_patterns():
+    """Route tables hold patterns: `{name}` is one path segment, `{name:path}` the rest (model
+    ids may hold slashes); exact paths win."""
+    from minserve.http import find_route, match_path
+
+    assert match_path("/v1/models/{model:path}", "/v1/models/org/name") == {"model": "org/name"}
+    assert match_path("/v1/models/{model:path}", "/v1/models/") is None
+    assert match_path("/v1/batches/{id}/cancel", "/v1/batches/b1/cancel") == {"id": "b1"}
+    for path in ("/v1/batches/b1", "/v1/batches//cancel", "/v1/batches/b1/cancel/x"):
+        assert match_path("/v1/batches/{id}/cancel", path) is None, path
+    routes = {"/v1/files/{id}": {"GET": 1}, "/v1/files/{id}/content": {"GET": 2},
+              "/v1/files/list": {"GET": 3}}
+    assert find_route(routes, "/v1/files/f1/content") == ({"GET": 2}, {"id": "f1"})
+    assert find_route(routes, "/v1/files/list") == ({"GET": 3}, {})
+    assert find_route(routes, "/v1/files/f1") == ({"GET": 1}, {"id": "f1"})
+    assert find_route(routes, "/v1/nothing") is None

@@ -2,13 +2,14 @@
 closes at once, the request in flight streams to its end, and the process exits 0."""
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 
 import orjson
 import pytest
 
-from tests.test_openai_sdk import start_server, stop_server
+from tests.serving import start_server, stop_server, wait_until
 
 
 def _open_stream(port: int, body: dict) -> socket.socket:
@@ -41,9 +42,7 @@ def test_signal_stops_accepting_and_finishes_in_flight(tiny_model_dir, sig):
         while b"data: " not in buf:
             buf += s.recv(65536)
         proc.send_signal(sig)
-        for _ in range(100):
-            if _refused(port):
-                break
+        asyncio.run(wait_until(lambda: _refused(port), 60, "the listener to close"))
         # 1000 tokens take seconds; the process is still draining when the listener is gone.
         alive_when_refused = proc.poll() is None
         while piece := s.recv(65536):

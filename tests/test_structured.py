@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer
 
 from minserve import structured as st
+from minserve.engine.sampler import apply_bitmask
 from minserve.structured import StructuredOutputError
 from tests.tiny import make_tokenizer_json
 
@@ -45,7 +46,7 @@ def run_random(constraint, tok: _Tok, seed: int, max_steps: int = 300,
     for _ in range(max_steps):
         constraint.fill_bitmask(bitmask, 0)
         logits = torch.randn(1, MODEL_VOCAB, generator=gen) * spiky
-        st.apply_bitmask(logits, bitmask, [0])
+        apply_bitmask(logits, bitmask)
         assert torch.isfinite(logits).any(), "mask allowed nothing"
         token = int(torch.multinomial(torch.softmax(logits, -1)[0], 1, generator=gen))
         assert token < 400, "a padded vocab id was allowed"
@@ -89,10 +90,9 @@ ARRAY = {"type": "array", "minItems": 1, "maxItems": 4,
 @pytest.mark.parametrize("ws", [None, r"[ ]?"])
 def test_json_schema_random_logits(tok, schema, ws):
     spec = {"json": schema} if ws is None else {"json": schema, "whitespace_pattern": ws}
-    proto = st.compile(spec, tok, MODEL_VOCAB)
     num_finished = 0
-    for seed in range(12):
-        text, finished = run_random(proto.copy(), tok, seed, max_steps=400)
+    for seed in range(12):  # compile() again is cheap: the matcher is cached and deep-copied
+        text, finished = run_random(st.compile(spec, tok, MODEL_VOCAB), tok, seed, max_steps=400)
         if finished:
             num_finished += 1
             jsonschema.validate(json.loads(text), schema)
@@ -120,19 +120,17 @@ IPV4 = r"((25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(25[0-5]|2[0-4]\d|1?\d?\d)"
 @pytest.mark.parametrize("regex", [IPV4, r"[a-z]{2,6}@[a-z]{2,5}\.(com|org)", r"(yes|no)!?",
                                    r"\w{1,5}-[0-9]{2}"])
 def test_regex_random_logits(tok, regex):
-    c = st.compile({"regex": regex}, tok, MODEL_VOCAB)
     for seed in range(15):
-        text, finished = run_random(c.copy(), tok, seed)
+        text, finished = run_random(st.compile({"regex": regex}, tok, MODEL_VOCAB), tok, seed)
         assert finished, text
         assert re.fullmatch(regex, text), (regex, text)
 
 
 def test_choice_random_logits(tok):
     choices = ["SPAM", "NOT_SPAM", "日本語 ok", 'a "quote"', "SPAMMER"]
-    c = st.compile({"choice": choices}, tok, MODEL_VOCAB)
     seen = set()
     for seed in range(40):
-        text, finished = run_random(c.copy(), tok, seed)
+        text, finished = run_random(st.compile({"choice": choices}, tok, MODEL_VOCAB), tok, seed)
         assert finished and text in choices, text
         seen.add(text)
     assert len(seen) >= 3
@@ -144,10 +142,9 @@ def test_choice_random_logits(tok):
     ('root ::= answer\nanswer ::= "yes" | "no" | "maybe" [0-9]', r"yes|no|maybe[0-9]"),
 ])
 def test_grammar_random_logits(tok, grammar, pattern):
-    c = st.compile({"grammar": grammar}, tok, MODEL_VOCAB)
     num_finished = 0
     for seed in range(15):
-        text, finished = run_random(c.copy(), tok, seed)
+        text, finished = run_random(st.compile({"grammar": grammar}, tok, MODEL_VOCAB), tok, seed)
         if finished:
             num_finished += 1
             assert re.fullmatch(pattern, text), text
@@ -178,26 +175,20 @@ def test_invalid_specs_raise_at_compile(tok, spec, message):
 
 
 def test_apply_bitmask_matches_reference():
+    """The sampler's mask: bit t % 32 of word t // 32 allows token t (bit 31 is the sign bit)."""
     gen = torch.Generator().manual_seed(0)
-    num_vocab, num_words = 70, 2  # logits wider than 32 * words: padded columns are masked
-    bitmask = torch.randint(-2**31, 2**31 - 1, (3, num_words), generator=gen, dtype=torch.int64)
+    num_vocab = 70
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 3), generator=gen, dtype=torch.int64)
     bitmask = bitmask.to(torch.int32)
     bitmask[1, 0] = -2**31  # only bit 31 set
-    logits = torch.randn(5, num_vocab, generator=gen)
+    logits = torch.randn(3, num_vocab, generator=gen)
     want = logits.clone()
-    rows = [4, 0, 2]
-    for i, r in enumerate(rows):
+    for r in range(3):
         for t in range(num_vocab):
-            word = t // 32
-            if word >= num_words or not (int(bitmask[i, word]) >> (t % 32)) & 1:
+            if not (int(bitmask[r, t // 32]) >> (t % 32)) & 1:
                 want[r, t] = float("-inf")
-    got = logits.clone()
-    st.apply_bitmask(got, bitmask, rows)
-    assert torch.equal(got, want)
-    assert torch.equal(got[[1, 3]], logits[[1, 3]])
-    full = logits[rows].clone()
-    st.apply_bitmask(full, bitmask)  # rows=None: one bitmask row per logits row
-    assert torch.equal(full, want[rows])
+    apply_bitmask(logits, bitmask)
+    assert torch.equal(logits, want)
 
 
 def test_fill_bitmasks_batched_equals_single(tok):
@@ -230,17 +221,16 @@ def test_wider_bitmask_and_error_state(tok):
     assert allowed == tok.eos_token_ids
 
 
-def test_rollback_and_copy(tok):
+def test_compiled_constraints_are_independent(tok):
+    """compile() hands out a fresh state each time (the cached matcher is deep-copied)."""
     c = st.compile({"choice": ["SPAM", "NOT_SPAM"]}, tok, MODEL_VOCAB)
-    ids = tok.tokenizer.encode("SPAM").ids
-    twin = c.copy()
-    for t in ids:
+    twin = st.compile({"choice": ["SPAM", "NOT_SPAM"]}, tok, MODEL_VOCAB)
+    for t in tok.tokenizer.encode("SPAM").ids:
         assert c.accept_token(t)
     assert c.is_finished() and not twin.is_finished()
-    assert c.rollback(len(ids)) and not c.is_finished()
     for t in tok.tokenizer.encode("NOT_SPAM").ids:
-        assert c.accept_token(t)
-    assert c.is_finished()
+        assert twin.accept_token(t)
+    assert twin.is_finished()
 
 
 def test_ll_tokenizer_cached_on_tokenizer(tok):

@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.test_openai_sdk import KEY, serving
+from tests.serving import KEY, serving
 
 PERSON = {"type": "object", "additionalProperties": False,
           "properties": {"name": {"type": "string", "maxLength": 12},

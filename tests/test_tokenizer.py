@@ -80,7 +80,6 @@ def _stream(tok: Tokenizer, prompt: list[int], chunks: list[list[int]], **kw) ->
     detok = IncrementalDetokenizer(tok, prompt, **kw)
     deltas = [detok.push(c) for c in chunks]
     deltas.append(detok.flush())
-    assert "".join(deltas) == detok.text
     return deltas
 
 
@@ -282,9 +281,7 @@ def test_detok_windows_stay_small(tok):
     decode = detok._decode
     detok._decode = lambda ids, **kw: (sizes.append(len(ids)), decode(ids, **kw))[1]
     ids = tok.encode(" ".join(TEXTS) * 20)
-    for i in ids:
-        detok.push([i])
-    assert detok.text == tok.decode(ids)
+    assert "".join(detok.push([i]) for i in ids) == tok.decode(ids)
     assert max(sizes) <= 12 and len(sizes) <= 2 * len(ids) + 2
 
 

@@ -185,10 +185,9 @@ def test_required_random_logits_make_valid_calls(tok):
 
     spec = tool_choice_spec("required", TOOLS)
     spec["any_whitespace"] = False
-    proto = st.compile(spec, tok, 512)
     num_finished = 0
     for seed in range(20):
-        text, finished = run_random(proto.copy(), tok, seed, max_steps=400)
+        text, finished = run_random(st.compile(spec, tok, 512), tok, seed, max_steps=400)
         if not finished:
             continue
         num_finished += 1
@@ -206,9 +205,8 @@ def test_named_random_logits_make_valid_arguments(tok):
     from tests.test_structured import run_random
 
     spec = tool_choice_spec({"type": "function", "function": {"name": "add"}}, TOOLS)
-    proto = st.compile(spec, tok, 512)
     for seed in range(15):
-        text, finished = run_random(proto.copy(), tok, seed, max_steps=400)
+        text, finished = run_random(st.compile(spec, tok, 512), tok, seed, max_steps=400)
         assert finished, text
         content, calls = NamedToolCallParser("add").extract(text)
         assert [c.name for c in calls] == ["add"] and content is None

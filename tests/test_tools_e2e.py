@@ -13,7 +13,7 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from minserve.protocol import OpenAIError, ServingContext, parse_chat
-from tests.test_openai_sdk import KEY, serving
+from tests.serving import KEY, serving
 
 WEATHER = {"type": "object", "additionalProperties": False,
            "properties": {"location": {"type": "string", "maxLength": 16},

@@ -197,3 +197,74 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32") ->
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# ---------------------------------------------------------------- tiny encoders (embeddings)
+WORDS = ["the", "a", "man", "is", "eating", "food", "bread", "riding", "horse", "piece", "of",
+         "hello", "world", "machine", "learning", "fascinating", "##s", "##ing", ".", ",", "!"]
+
+
+def write_wordpiece(path: str, specials: list[str], template: str) -> int:
+    """A small WordPiece tokenizer.json whose post-processor adds `template`'s specials."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(specials + list("abcdefghijklmnopqrstuvwxyz") + WORDS)}
+    unk = [s for s in specials if "unk" in s.lower()][0]
+    tok = Tokenizer(models.WordPiece(vocab, unk_token=unk))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    first, last = template.split(" $A ")
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(first, vocab[first]), (last, vocab[last])])
+    tok.save(path)
+    return len(vocab)
+
+
+def write_st_files(folder: str, mode: str | None, normalize: bool) -> None:
+    """sentence-transformers modules.json (+ 1_Pooling config); mode None = no ST files."""
+    if mode is None:
+        return
+    st = "sentence_transformers.models."
+    modules = [{"idx": 0, "name": "0", "path": "", "type": st + "Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": st + "Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    with open(os.path.join(folder, "modules.json"), "w") as f:
+        json.dump(modules, f)
+    os.makedirs(os.path.join(folder, "1_Pooling"), exist_ok=True)
+    flags = {"pooling_mode_cls_token": mode == "cls", "pooling_mode_mean_tokens": mode == "mean",
+             "pooling_mode_lasttoken": mode == "lasttoken", "pooling_mode_max_tokens": False}
+    with open(os.path.join(folder, "1_Pooling", "config.json"), "w") as f:
+        json.dump(flags, f)
+
+
+def make_tiny_encoder(folder: str, kind: str = "bert", st_mode: str | None = "mean",
+                      normalize: bool = True, **config_extra) -> tuple[str, torch.nn.Module]:
+    """A random 2-layer BERT or XLM-R saved with save_pretrained; returns (folder, HF model)."""
+    import transformers
+
+    os.makedirs(folder, exist_ok=True)
+    if kind == "bert":
+        specials, template, pad = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], "[CLS] $A [SEP]", 0
+        cfg_cls, model_cls = transformers.BertConfig, transformers.BertModel
+    else:
+        specials, template, pad = ["<s>", "<pad>", "</s>", "<unk>"], "<s> $A </s>", 1
+        cfg_cls, model_cls = transformers.XLMRobertaConfig, transformers.XLMRobertaModel
+    vocab_size = write_wordpiece(os.path.join(folder, "tokenizer.json"), specials, template)
+    cfg = cfg_cls(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=40 if kind == "bert" else 42,
+                  type_vocab_size=2 if kind == "bert" else 1, pad_token_id=pad, **config_extra)
+    torch.manual_seed(0)
+    model = model_cls(cfg, add_pooling_layer=True).eval()
+    with torch.no_grad():  # N(0, 0.02) init makes every token look alike; widen it
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+            elif "LayerNorm.weight" not in name:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 512}, f)
+    write_st_files(folder, st_mode, normalize)
+    return folder, model

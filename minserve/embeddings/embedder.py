@@ -260,16 +260,25 @@ class Embedder:
         qsl = [0]
         for n in lens:
             qsl.append(qsl[-1] + n)
-        dev = self.device
+        dev, bs, mc = self.device, 16, self.model_config
         input_ids = torch.tensor([t for r in rows for t in r], dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
-        # No KV cache: each attention layer's cache is empty, so it attends causally over the
-        # step's own tokens (the contract's profiling path); slot -1 = nothing stored.
+        # The serving path (paged attention) over a cache for this batch alone: row r owns the
+        # consecutive blocks from first[r]. Layers run one after another and each reads back
+        # only what it has just written, so all of them can share one layer's cache.
+        first = [0]
+        for n in lens:
+            first.append(first[-1] + -(-n // bs))
+        kv = torch.zeros(2, first[-1], bs, mc.num_key_value_heads, mc.head_dim, dtype=self.dtype,
+                         device=dev)                                      # [2, NB, BS, K, D]
+        self.model.set_kv_caches([(kv[0], kv[1])] * mc.num_hidden_layers)
+        table = torch.tensor(first[:-1])[:, None] + torch.arange(-(-max(lens) // bs))
         attn = AttnMetadata(
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_table=torch.zeros(len(rows), 0, dtype=torch.int32, device=dev),
-            slot_mapping=torch.full((qsl[-1],), -1, dtype=torch.int64, device=dev),
+            block_table=table.clamp(max=first[-1] - 1).to(dev, torch.int32),
+            slot_mapping=(positions + torch.tensor(first[:-1]).repeat_interleave(
+                torch.tensor(lens)).to(dev) * bs),
             max_query_len=max(lens), max_seq_len=max(lens),
             query_start_loc_host=qsl, seq_lens_host=lens)
         hidden = self.model(input_ids, positions, attn)

@@ -1,6 +1,6 @@
 """The /v1/embeddings body: validation (bad input -> EmbeddingsRequestError, a 400 OpenAIError
 naming the parameter) and the response builder with float / base64 encodings. No torch, no numpy,
-no I/O: server.py imports this directly; the model side lives in embedder.py."""
+no I/O: routes.py imports this directly; the model side lives in embedder.py."""
 from __future__ import annotations
 
 import base64

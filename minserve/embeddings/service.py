@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from minserve.engine.async_engine import STOP, WorkerService
+from minserve.engine.request import EngineInfo
 
 logger = logging.getLogger("minserve.embeddings")
 MAX_ROUND_INPUTS = 4096  # inputs taken into one round; the rest wait for the next
@@ -35,33 +36,23 @@ def _resolve(fut: asyncio.Future, result: Any = None, error: BaseException | Non
         fut.set_result(result)
 
 
-class EmbeddingService:
+class EmbeddingService(WorkerService):
     """service = EmbeddingService.lazy("all-minilm-l6-v2"); service.start();
     vectors, num_prompt_tokens = await service.embed(["a", "b"], dimensions=None).
 
-    It has AsyncEngine's lifecycle surface (start, shutdown, is_ready, is_healthy, dead_reason,
-    stats, on_ready/on_dead, engine), so server.py can run it next to the chat engine or alone."""
+    Its lifecycle is AsyncEngine's (WorkerService), so server.py runs it next to the chat engine
+    or alone."""
+
+    thread_name = "minserve-embed"
 
     def __init__(self, embedder: Any = None, loader: Any = None) -> None:
+        super().__init__()
         self.embedder = embedder
         self._loader = loader     # () -> Embedder, run in the worker thread (model load)
-        self._inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self.num_rounds = 0       # forwards rounds run; < requests when batching works
         self.num_requests = 0
         self.num_in_flight = 0
         self.is_ready = embedder is not None
-        self.is_healthy = True
-        self.dead_reason: str | None = None
-        self.on_ready: Any = None
-        self.on_dead: Any = None
-
-    @classmethod
-    def create(cls, model: str, **embedder_kwargs: Any) -> EmbeddingService:
-        """Load the model now (blocking)."""
-        from minserve.embeddings.embedder import Embedder
-        return cls(Embedder(model, **embedder_kwargs))
 
     @classmethod
     def lazy(cls, model: str, **embedder_kwargs: Any) -> EmbeddingService:
@@ -71,58 +62,13 @@ class EmbeddingService:
             return Embedder(model, **embedder_kwargs)
         return cls(None, load)
 
-    # Facts the server needs for /v1/models, validation, usage and its startup log.
-    @property
-    def engine(self) -> Any:
-        return self.embedder
-
     @property
     def stats(self) -> dict[str, Any]:
         return {"num_running": self.num_in_flight, "num_waiting": 0}
 
     @property
-    def model_name(self) -> str:
-        return self.embedder.model_name
-
-    @property
-    def dimension(self) -> int:
-        return self.embedder.dimension
-
-    @property
     def max_model_len(self) -> int:
         return self.embedder.max_model_len
-
-    def start(self) -> None:
-        if self._thread is None:
-            try:
-                self._loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self._loop = None
-            self._thread = threading.Thread(target=self._run, name="minserve-embed", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float | None = 10.0) -> None:
-        if self._thread is not None:
-            self._inbox.put(None)
-            self._thread.join(timeout)
-            self._thread = None
-
-    async def wait_ready(self, timeout: float | None = None) -> None:
-        t0 = time.monotonic()
-        while not self.is_ready:
-            if not self.is_healthy:
-                raise RuntimeError(self.dead_reason or "embedding model failed to load")
-            if timeout is not None and time.monotonic() - t0 > timeout:
-                raise TimeoutError("embedding model not ready")
-            await asyncio.sleep(0.05)
-
-    async def shutdown(self, grace_s: float = 30.0) -> None:
-        """Let in-flight calls finish (they take one forward round each), then stop the thread."""
-        t0 = time.monotonic()
-        while self.num_in_flight and self.is_healthy and time.monotonic() - t0 < grace_s:
-            await asyncio.sleep(0.05)
-        await asyncio.get_running_loop().run_in_executor(None, self.stop)
-        self.is_ready = False
 
     async def embed(self, inputs: list[Any], truncate_prompt_tokens: int | None = None,
                     dimensions: int | None = None) -> tuple[list[Any], int]:
@@ -139,57 +85,31 @@ class EmbeddingService:
         finally:
             self.num_in_flight -= 1
 
-    def _on_loop(self, fn: Any, *args: Any) -> None:
-        """Run a lifecycle callback on the server's loop (or here, without one or once closed)."""
-        try:
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(fn, *args)
-                return
-        except RuntimeError:  # the loop is closed (process exit)
-            pass
-        fn(*args)
-
-    def _became_ready(self) -> None:
-        self.is_ready = True
-        if self.on_ready is not None:
-            self.on_ready()
-
-    def _died(self, reason: str) -> None:
-        self.is_healthy, self.dead_reason = False, reason
-        if self.on_dead is not None:
-            self.on_dead(reason)
-
     # ------------------------------------------------------------------ worker thread
 
-    def _run(self) -> None:
+    def _load(self) -> None:
         if self.embedder is None:
-            try:
-                self.embedder = self._loader()
-            except Exception as e:  # noqa: BLE001 - a bad model or config: report, never hang
-                logger.exception("embedding model failed to load")
-                reason = f"{type(e).__name__}: {e}"
-                self._on_loop(self._died, reason)
-                return
-            self._on_loop(self._became_ready)
-        while True:
-            job = self._inbox.get()
-            if job is None:
-                return
-            jobs, count = [job], len(job.inputs)
-            stop = False
-            while count < MAX_ROUND_INPUTS:   # take whatever else has queued up meanwhile
+            self.embedder = self._loader()
+        emb = self.embedder
+        self.info = EngineInfo(emb.tokenizer, emb.vocab_size, emb.max_model_len,
+                               emb.model_config.architecture)
+
+    def _serve(self) -> None:
+        stop = False
+        while not stop:
+            jobs, count = [], 0
+            while count < MAX_ROUND_INPUTS:   # wait for one job, then take what queued up
                 try:
-                    nxt = self._inbox.get_nowait()
+                    job = self._inbox.get(block=not jobs)
                 except queue.Empty:
                     break
-                if nxt is None:
+                if job is STOP:
                     stop = True
                     break
-                jobs.append(nxt)
-                count += len(nxt.inputs)
-            self._round(jobs)
-            if stop:
-                return
+                jobs.append(job)
+                count += len(job.inputs)
+            if jobs:
+                self._round(jobs)
 
     def _round(self, jobs: list[_Job]) -> None:
         from minserve.embeddings.protocol import EmbeddingsRequestError

@@ -1,10 +1,11 @@
 """AsyncEngine: the bridge between the asyncio server and the synchronous Engine, which runs in its
-own thread. Inbox: a SimpleQueue of adds/aborts; outbox: one call_soon_threadsafe per step.
-The engine thread never awaits; the event loop never calls torch (the engine is built lazily)."""
+own thread. Inbox: a SimpleQueue of EngineRequests to add and lists of sample ids to abort;
+outbox: one call_soon_threadsafe per step.
+The engine thread never awaits; the event loop never calls torch (the engine is built lazily).
+WorkerService is the thread lifecycle it shares with the EmbeddingService."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -12,12 +13,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from minserve.engine.request import FinishReason, RequestOutput
-from minserve.sampling_params import SamplingParams
+from minserve.engine.request import EngineInfo, EngineRequest, FinishReason, RequestOutput
 
 logger = logging.getLogger("minserve.engine")
 
-_ADD, _ABORT, _STOP = "add", "abort", "stop"
+STOP = None  # on the inbox: the worker thread returns
 _END = None  # queued to wake a RequestStream reader after an abort
 
 
@@ -78,91 +78,143 @@ class RequestStream:
         return item
 
 
-def _default_engine_factory(config: Any) -> Any:
-    from minserve.engine.engine import Engine  # torch lives behind this import
+class WorkerService:
+    """A model served from its own worker thread, as the server's lifespan and /health see it.
+    start() returns at once; the thread runs the subclass's _load() (then is_ready, on_ready)
+    and _serve() until STOP reaches the inbox. A failure in either marks it dead (is_healthy
+    False, on_dead). Readiness and death reach the event loop through _on_loop."""
 
-    return Engine(config)
+    thread_name: str   # the subclass's
 
-
-class AsyncEngine:
-    def __init__(self, engine_config: Any,
-                 engine_factory: Callable[[Any], Any] | None = None) -> None:
-        self.config = engine_config
-        self._factory = engine_factory or _default_engine_factory
-        self.engine: Any = None
-        self.is_ready = False          # engine built; /health 200 while also healthy
-        self.is_healthy = True         # false once the engine thread died
+    def __init__(self) -> None:
+        self.is_ready = False          # the model is loaded; /health 200 while also healthy
+        self.is_healthy = True         # false once the worker thread died
         self.dead_reason: str | None = None
-        self.stats: dict[str, Any] = {}
+        self.info: EngineInfo | None = None   # published when ready
         self.on_ready: Callable[[], None] | None = None
         self.on_dead: Callable[[str], None] | None = None
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._streams: dict[str, RequestStream] = {}    # child id -> stream (event-loop side)
-        self._parents: dict[str, RequestStream] = {}    # API request id -> stream
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    # ---- lifecycle (event loop side) ----
+    num_in_flight: int              # API requests still waiting for an answer
+    _load: Callable[[], None]       # build the model (in the worker thread)
+    _serve: Callable[[], None]      # answer the inbox until STOP
+
+    def _fail_in_flight(self, err: EngineError) -> None:
+        """Fail whatever is still waiting for an answer (on the event loop)."""
+
+    # ---- event loop side ----
     def start(self) -> None:
-        """Start the engine thread; the engine loads there, so this returns at once."""
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="minserve-engine", daemon=True)
+        if self._thread is not None:
+            return
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:   # used without a server (tests, scripts)
+            self._loop = None
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         t0 = time.monotonic()
         while not self.is_ready:
             if not self.is_healthy:
-                raise EngineError(self.dead_reason or "engine failed", 503)
+                raise EngineError(self.dead_reason or "the model failed to load", 503)
             if timeout is not None and time.monotonic() - t0 > timeout:
-                raise TimeoutError("engine not ready")
+                raise TimeoutError(f"{self.thread_name} not ready")
             await asyncio.sleep(0.05)
+
+    async def shutdown(self, grace_s: float = 30.0) -> None:
+        """Stop taking requests, let in-flight ones finish for grace_s, then fail the rest and
+        stop the thread."""
+        self._stopping = True
+        t0 = time.monotonic()
+        while self.num_in_flight and self.is_healthy and time.monotonic() - t0 < grace_s:
+            await asyncio.sleep(0.05)
+        self._fail_in_flight(EngineError("server is shutting down", 503))
+        await asyncio.get_running_loop().run_in_executor(None, self.stop)
+        self.is_ready = False
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the worker thread after what it is doing, and wait for it (blocking)."""
+        if self._thread is not None:
+            self._inbox.put(STOP)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run fn on the server's loop (or here, without one or once it is closed)."""
+        try:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(fn, *args)
+                return
+        except RuntimeError:  # the loop is closed (process exit)
+            pass
+        fn(*args)
+
+    def _became_ready(self) -> None:
+        self.is_ready = True
+        if self.on_ready is not None:
+            self.on_ready()
+
+    def _died(self, reason: str) -> None:
+        self.is_healthy, self.dead_reason = False, reason
+        self._fail_in_flight(EngineError(f"engine failed: {reason}", 500))
+        if self.on_dead is not None:
+            self.on_dead(reason)
+
+    # ---- the worker thread ----
+    def _run(self) -> None:
+        try:
+            self._load()
+            self._on_loop(self._became_ready)
+            self._serve()
+        except Exception as e:  # a bad model, or a step that failed: report, never hang
+            logger.exception("%s failed; failing all in-flight requests", self.thread_name)
+            self._on_loop(self._died, f"{type(e).__name__}: {e}")
+
+
+def _default_engine_factory(config: Any) -> Any:
+    from minserve.engine.engine import Engine  # torch lives behind this import
+
+    return Engine(config)
+
+
+class AsyncEngine(WorkerService):
+    thread_name = "minserve-engine"
+
+    def __init__(self, engine_config: Any,
+                 engine_factory: Callable[[Any], Any] | None = None) -> None:
+        super().__init__()
+        self.config = engine_config
+        self._factory = engine_factory or _default_engine_factory
+        self._engine: Any = None
+        self.stats: dict[str, Any] = {}
+        self._streams: dict[str, RequestStream] = {}    # sample id -> stream (event-loop side)
+        self._parents: dict[str, RequestStream] = {}    # API request id -> stream
 
     @property
     def num_in_flight(self) -> int:
         return len(self._parents)
 
-    async def shutdown(self, grace_s: float = 30.0) -> None:
-        """Stop taking requests, let in-flight ones finish for grace_s, then abort the rest."""
-        self._stopping = True
-        t0 = time.monotonic()
-        while self._parents and self.is_healthy and time.monotonic() - t0 < grace_s:
-            await asyncio.sleep(0.05)
-        self._fail_all(EngineError("server is shutting down", 503))
-        self._inbox.put((_STOP, None))
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
-        self.is_ready = False
-
     # ---- requests (event loop side) ----
-    def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> RequestStream:
-        return self.add_batch(request_id, [prompt_token_ids], params)
-
-    def add_batch(self, request_id: str, prompts: list[list[int]],
-                  params: SamplingParams) -> RequestStream:
-        """Fan len(prompts) x params.n out into single-sample engine requests. Choice index
-        p * n + i (OpenAI's order for a list of prompts); child id = request_id when there is
-        one, else f"{request_id}-{index}"."""
+    def add_request(self, request_id: str, requests: list[EngineRequest]) -> RequestStream:
+        """Queue an API request's prompts, one EngineRequest each (the engine fans n out). The
+        stream's children are every sample id in order: choice index p * n + i, OpenAI's order
+        for a list of prompts."""
         if not self.is_healthy:
             raise EngineError(self.dead_reason or "engine is not healthy", 503)
         if not self.is_ready or self._stopping:
             raise EngineError("engine is not ready", 503)
         if request_id in self._parents:
             raise EngineError(f"duplicate request id {request_id!r}", 400)
-        n = params.n
-        single = len(prompts) == 1 and n == 1
-        child_ids = [request_id] if single else [
-            f"{request_id}-{k}" for k in range(len(prompts) * n)]
-        stream = RequestStream(request_id, child_ids)
+        stream = RequestStream(request_id, [sid for r in requests for sid in r.sample_ids()])
         self._parents[request_id] = stream
-        child_params = dataclasses.replace(params, n=1) if n > 1 else params
-        arrival = time.monotonic()
-        for k, cid in enumerate(child_ids):
-            self._streams[cid] = stream
-            self._inbox.put((_ADD, (cid, prompts[k // n], child_params,
-                                    None if single else request_id, k % n, arrival)))
+        for sid in stream.child_ids:
+            self._streams[sid] = stream
+        for r in requests:
+            self._inbox.put(r)
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -176,7 +228,7 @@ class AsyncEngine:
         stream._unfinished.clear()
         stream._queue.put_nowait(_END)
         if live:
-            self._inbox.put((_ABORT, live))
+            self._inbox.put(live)
 
     def abort_child(self, stream: RequestStream, child_id: str) -> None:
         """Stop one sample early (a stop string hit); `stream` yields no more of it, not even
@@ -186,7 +238,7 @@ class AsyncEngine:
         stream._dropped.add(child_id)
         if self._streams.pop(child_id, None) is None:
             return  # its last output is already queued: nothing left to abort in the engine
-        self._inbox.put((_ABORT, [child_id]))
+        self._inbox.put([child_id])
         if stream.finished:
             self._parents.pop(stream.request_id, None)
             stream._queue.put_nowait(_END)  # wake a reader waiting on the queue
@@ -209,71 +261,46 @@ class AsyncEngine:
             if stream is not None:  # its siblings are aborted by the server's finally
                 stream._put(err)
 
-    def _fail_all(self, err: EngineError) -> None:
+    def _fail_in_flight(self, err: EngineError) -> None:
         for stream in list(self._parents.values()):
             stream._put(err)
         self._parents.clear()
         self._streams.clear()
 
-    def _engine_died(self, reason: str) -> None:
-        self.is_healthy = False
-        self.dead_reason = reason
-        self._fail_all(EngineError(f"engine failed: {reason}", 500))
-        if self.on_dead is not None:
-            self.on_dead(reason)
-
-    def _became_ready(self) -> None:
-        self.is_ready = True
-        if self.on_ready is not None:
-            self.on_ready()
-
     # ---- the engine thread ----
-    def _run(self) -> None:
-        assert self._loop is not None
-        loop = self._loop
-        try:
-            self.engine = self._factory(self.config)
-            self.stats = dict(self.engine.stats())
-        except Exception as e:  # a bad model or config: report, never hang
-            logger.exception("engine failed to load")
-            loop.call_soon_threadsafe(self._engine_died, f"{type(e).__name__}: {e}")
-            return
-        loop.call_soon_threadsafe(self._became_ready)
-        engine = self.engine
-        try:
+    def _load(self) -> None:
+        self._engine = self._factory(self.config)
+        self.stats = dict(self._engine.stats())
+        self.info = self._engine.info
+
+    def _serve(self) -> None:
+        engine, loop = self._engine, self._on_loop
+        while True:
+            # NOTE: block on the inbox only when idle; while busy, drain it without waiting.
+            msgs = [] if engine.has_unfinished_requests() else [self._inbox.get()]
             while True:
-                # NOTE: block on the inbox only when idle; while busy, drain it without waiting.
-                msgs = [] if engine.has_unfinished_requests() else [self._inbox.get()]
-                while True:
-                    try:
-                        msgs.append(self._inbox.get_nowait())
-                    except queue.Empty:
-                        break
-                rejected: list[tuple[str, EngineError]] = []
-                for kind, payload in msgs:
-                    if kind == _STOP:
-                        return
-                    if kind == _ABORT:
-                        engine.abort_request(payload)
-                        continue
-                    cid, prompt, params, parent_id, sample_index, arrival = payload
-                    try:
-                        engine.add_request(cid, prompt, params, parent_id=parent_id,
-                                           sample_index=sample_index, arrival_time=arrival)
-                    except ValueError as e:  # the engine's word on a bad input: a 400
-                        rejected.append((cid, EngineError(str(e), 400)))
-                    except Exception as e:  # one bad request must not take the engine down
-                        logger.exception("add_request(%s) failed", cid)
-                        rejected.append((cid, EngineError(f"{type(e).__name__}: {e}", 500)))
-                if rejected:
-                    loop.call_soon_threadsafe(self._reject, rejected)
-                outputs = engine.step() if engine.has_unfinished_requests() else []
-                self.stats = dict(engine.stats())
-                if outputs:
-                    loop.call_soon_threadsafe(self._deliver, outputs)
-        except Exception as e:
-            logger.exception("engine step failed; failing all in-flight requests")
-            try:
-                loop.call_soon_threadsafe(self._engine_died, f"{type(e).__name__}: {e}")
-            except RuntimeError:  # the loop is already closed (process exit)
-                pass
+                try:
+                    msgs.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            rejected: list[tuple[str, EngineError]] = []
+            for msg in msgs:
+                if msg is STOP:
+                    return
+                if not isinstance(msg, EngineRequest):
+                    engine.abort_request(msg)
+                    continue
+                try:
+                    engine.add_request(msg)
+                except ValueError as e:  # the engine's word on a bad input: a 400
+                    rejected.append((msg.sample_ids()[0], EngineError(str(e), 400)))
+                except Exception as e:  # one bad request must not take the engine down
+                    logger.exception("add_request(%s) failed", msg.request_id)
+                    rejected.append((msg.sample_ids()[0],
+                                     EngineError(f"{type(e).__name__}: {e}", 500)))
+            if rejected:
+                loop(self._reject, rejected)
+            outputs = engine.step() if engine.has_unfinished_requests() else []
+            self.stats = dict(engine.stats())
+            if outputs:
+                loop(self._deliver, outputs)

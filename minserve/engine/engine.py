@@ -1,13 +1,12 @@
 """Engine: loads model and tokenizer, owns scheduler + KV cache manager + runner, and steps them:
-schedule -> runner.execute -> scheduler.update. Synchronous; no asyncio, no HTTP, no stop
-strings (callers detokenize and abort on those)."""
+schedule -> StepInputs (plain data, built here from the Requests) -> runner.execute -> update.
+Synchronous; no asyncio, no HTTP, no stop strings (callers detokenize and abort on those)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import random
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,9 +14,16 @@ import torch
 
 from minserve.config import DTYPE_NAMES, ConfigError, EngineConfig, ModelConfig
 from minserve.engine.kv_cache import KVCacheManager
-from minserve.engine.request import Request, RequestOutput
-from minserve.engine.scheduler import Scheduler, SchedulerConfig
-from minserve.sampling_params import SamplingParams
+from minserve.engine.request import (
+    EngineInfo,
+    EngineRequest,
+    Request,
+    RequestOutput,
+    prompt_length_error,
+)
+from minserve.engine.runner import ModelRunner, PromptLogprobInputs, StepInputs
+from minserve.engine.sampler import SamplingTensors
+from minserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, is_sampling_row
 
 DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 # generation_config.json keys that become default SamplingParams (vLLM's list)
@@ -70,21 +76,28 @@ class Engine:
         else:
             gen = load_generation_config(folder if config.generation_config == "auto"
                                          else config.generation_config)
-        config = self._resolve_limits(config, model_config)
+        self.config = config = self._resolve_limits(config, model_config)
+        self.model_config = model_config
         torch.manual_seed(config.seed)
         model = load_model(folder, model_config, self.device, self.dtype, config.load_format)
-        self._setup(config, model_config, model, tokenizer, gen, folder)
-
-    @classmethod
-    def from_parts(cls, config: EngineConfig, model_config: ModelConfig, model: Any,
-                   tokenizer: Any = None, generation_config: dict | None = None,
-                   device: str = "cpu", dtype: torch.dtype = torch.float32) -> Engine:
-        """An engine around an already-built model (tests, embedding a custom model)."""
-        self = cls.__new__(cls)
-        self.device, self.dtype = torch.device(device), dtype
-        config = cls._resolve_limits(config, model_config)
-        self._setup(config, model_config, model, tokenizer, generation_config or {}, None)
-        return self
+        self.runner = ModelRunner(model, model_config, config, self.device, self.dtype)
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
+                                       config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                            config.max_model_len),
+            self.kv_cache)
+        defaults = {k: gen[k] for k in _GEN_KEYS if gen.get(k) is not None}
+        if gen.get("max_new_tokens") is not None:
+            defaults["max_tokens"] = gen["max_new_tokens"]
+        gen_eos = gen.get("eos_token_id")
+        eos = set(model_config.eos_token_ids) | set(tokenizer.eos_token_ids) | set(
+            [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+        self.info = EngineInfo(tokenizer, model_config.vocab_size, config.max_model_len,
+                               model_config.architecture, defaults, frozenset(eos),
+                               self.runner.num_blocks, config.block_size)
+        # Unseeded requests draw their seed here: with --seed fixed a whole run is reproducible.
+        self._seed_rng = random.Random(config.seed)
 
     @staticmethod
     def _resolve_limits(config: EngineConfig, mc: ModelConfig) -> EngineConfig:
@@ -98,73 +111,38 @@ class Engine:
         return dataclasses.replace(config, max_model_len=max_model_len,
                                    max_num_batched_tokens=max_batched)
 
-    def _setup(self, config: EngineConfig, model_config: ModelConfig, model: Any,
-               tokenizer: Any, gen: dict, folder: str | None) -> None:
-        from minserve.engine.runner import ModelRunner
-
-        self.config = config
-        self.model_config = model_config
-        self.model_folder = folder
-        self.tokenizer = tokenizer
-        self.max_model_len = config.max_model_len
-        self.generation_defaults = {k: gen[k] for k in _GEN_KEYS if gen.get(k) is not None}
-        if gen.get("max_new_tokens") is not None:
-            self.generation_defaults["max_tokens"] = gen["max_new_tokens"]
-        eos = set(model_config.eos_token_ids)
-        if tokenizer is not None:
-            eos |= set(tokenizer.eos_token_ids)
-        gen_eos = gen.get("eos_token_id")
-        eos |= set([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
-        self.eos_token_ids = frozenset(eos)
-        self.runner = ModelRunner(model, model_config, config, self.device, self.dtype)
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
-                                       config.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                            config.max_model_len),
-            self.kv_cache)
-        # Unseeded requests draw their seed here: with --seed fixed a whole run is reproducible.
-        self._seed_rng = random.Random(config.seed)
-
-    @property
-    def num_kv_blocks(self) -> int:
-        return self.runner.num_blocks
-
     # ---- requests -----------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    *, parent_id: str | None = None, sample_index: int = 0,
-                    arrival_time: float | None = None) -> None:
-        """Queue one sample (callers fan n out into n requests sharing parent_id)."""
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise ValueError("the prompt is empty")
-        if num_prompt >= self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens, but the "
-                f"prompt has {num_prompt} tokens (at least one must be left to generate).")
-        if params.max_tokens is not None and num_prompt + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"you requested {num_prompt + params.max_tokens} tokens ({num_prompt} in the "
-                f"prompt, {params.max_tokens} for the completion). Please reduce the length.")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue one prompt as its n samples (named by request.sample_ids()); the scheduler
+        admits siblings behind the first, so they share the prompt's KV blocks."""
+        prompt, params = request.prompt_token_ids, request.sampling_params
+        error = prompt_length_error(len(prompt), params.max_tokens, self.info.max_model_len)
+        if error is not None:
+            raise ValueError(error[0])
+        vocab = self.info.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        seed = (params.seed + sample_index if params.seed is not None
-                else self._seed_rng.getrandbits(63))
-        structured = None
-        if params.structured is not None:
-            structured = self._compile_structured(params.structured)
-        self.scheduler.add(Request(
-            request_id, list(prompt_token_ids), params,
-            eos_token_ids=self.eos_token_ids,
-            arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-            parent_id=parent_id, sample_seed=seed, structured=structured))
+        ids = request.sample_ids()
+        if any(rid in self.scheduler.requests for rid in ids):
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        # All n compile before any is queued: a bad grammar rejects the request as a whole.
+        constraints = [None if params.structured is None
+                       else self._compile_structured(params.structured) for _ in ids]
+        parent_id = request.request_id if len(ids) > 1 else None
+        for i, (rid, structured) in enumerate(zip(ids, constraints, strict=True)):
+            seed = (params.seed + i if params.seed is not None
+                    else self._seed_rng.getrandbits(63))
+            self.scheduler.add(Request(
+                rid, prompt, params, eos_token_ids=self.info.eos_token_ids,
+                arrival_time=request.arrival_time, adapter_name=request.adapter_name,
+                mm_items=request.mm_items, cache_salt=request.cache_salt,
+                priority=request.priority, parent_id=parent_id, sample_seed=seed,
+                structured=structured))
 
     def _compile_structured(self, spec: dict) -> object:
         from minserve import structured  # llguidance is imported only when a request asks
 
-        return structured.compile(spec, self.tokenizer, vocab_size=self.model_config.vocab_size)
+        return structured.compile(spec, self.info.tokenizer, vocab_size=self.info.vocab_size)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Takes effect at the next step: the request's blocks are freed then."""
@@ -180,8 +158,37 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return self.scheduler.update(plan, [])
-        sampled = self.runner.execute(plan)
-        return self.scheduler.update(plan, sampled)
+        return self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan)))
+
+    def _step_inputs(self, plan: StepPlan) -> StepInputs:
+        """The plan as plain data for the runner: tokens, block tables, the rows that sample and
+        their SamplingTensors (grammar bitmask included), the prompt-logprob targets."""
+        token_ids, computed, block_tables, sample_rows = [], [], [], []
+        plp = None
+        for r, (req, n) in enumerate(zip(plan.requests, plan.num_scheduled_tokens, strict=True)):
+            ctx = req.num_computed_tokens
+            token_ids += _token_slice(req, ctx, ctx + n)
+            computed.append(ctx)
+            block_tables.append(req.block_ids)   # read before the scheduler changes it again
+            if is_sampling_row(req, n):
+                sample_rows.append(r)
+            k = req.sampling.prompt_logprobs
+            if k is not None and not req.prompt_logprobs_done:
+                # Position p predicts prompt token p + 1; the last prompt position predicts the
+                # first output token, which is the sampled row's business.
+                end = min(ctx + n, req.num_prompt_tokens - 1)
+                plp = plp or PromptLogprobInputs([], [], [], [])
+                plp.rows.append(r)
+                plp.counts.append(max(end - ctx, 0))
+                plp.target_ids += req.prompt_token_ids[ctx + 1:end + 1]
+                plp.num_logprobs.append(k)
+        sampling = None
+        if sample_rows:
+            sampling = SamplingTensors.from_requests(
+                [plan.requests[r] for r in sample_rows], self.info.vocab_size,
+                pin=self.device.type == "cuda")
+        return StepInputs(token_ids, plan.num_scheduled_tokens, computed, block_tables,
+                          sample_rows, sampling, plp)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -191,5 +198,14 @@ class Engine:
             "prefix_cache_queries": self.kv_cache.prefix_cache_queries,
             "prefix_cache_hits": self.kv_cache.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
-            "num_kv_tokens": self.runner.num_blocks * self.config.block_size,
         }
+
+
+def _token_slice(request: Request, start: int, end: int) -> list[int]:
+    """request.all_token_ids[start:end] without concatenating the lists (decodes are hot)."""
+    num_prompt = request.num_prompt_tokens
+    if start >= num_prompt:
+        return request.output_token_ids[start - num_prompt:end - num_prompt]
+    if end <= num_prompt:
+        return request.prompt_token_ids[start:end]
+    return request.prompt_token_ids[start:] + request.output_token_ids[:end - num_prompt]

@@ -1,21 +1,28 @@
 """Paged KV cache bookkeeping: which block ids each request owns, ref counts, and the automatic
-prefix cache (chained hashes of full blocks, LRU eviction). Pure Python: never touches tensors."""
+prefix cache (chained hashes of full blocks rooted in the request's adapter, cache_salt and images;
+LRU eviction). Pure Python: never touches tensors."""
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from minserve.engine.request import Request
 
-# The key of a full block: its parent's hash and its own token ids. hash() of a tuple of ints is
-# not salted per process, and on a hit the key is compared in full, so a hash collision can
-# never hand a request somebody else's K/V.
-BlockKey = tuple[int, tuple[int, ...]]
-_ROOT_HASH = -1
+# The key of a full block: its parent's hash (for the first block: the request's prefix root)
+# and its own token ids. On a hit the key is compared in full, so a hash collision can never hand
+# a request somebody else's K/V, nor a first block to another adapter, salt or image.
+BlockKey = tuple[Any, tuple[int, ...]]
 
 
 def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
     return hash((parent_hash, token_ids))
+
+
+def prefix_root(request: Request) -> tuple[Any, ...]:
+    """The root a request's first block chains to: blocks are shared only under an equal root."""
+    return (request.adapter_name, request.cache_salt,
+            tuple(item.content_hash for item in request.mm_items))
 
 
 @dataclass(slots=True, eq=False)
@@ -33,9 +40,8 @@ class BlockPool:
     may still carry a hash: it stays findable by prefix lookups until it is evicted, which happens
     only when it reaches the front of the queue and somebody needs a fresh block."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, KVCacheBlock] = {}   # block_hash -> block
@@ -87,7 +93,7 @@ class BlockPool:
     def publish(self, block_id: int, block_hash: int, key: BlockKey) -> None:
         """Make a full block findable. If an equal block is already published (two requests
         computed the same prefix at once), the first one stays the canonical copy."""
-        if not self.enable_caching or block_hash in self.cached:
+        if block_hash in self.cached:
             return
         block = self.blocks[block_id]
         block.block_hash, block.key = block_hash, key
@@ -115,7 +121,7 @@ class KVCacheManager:
                  enable_prefix_caching: bool = True) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.pool = BlockPool(num_blocks)
         # Per request: hashes of its full blocks computed so far, and how many are published.
         self._block_hashes: dict[str, list[int]] = {}
         self._num_published: dict[str, int] = {}
@@ -141,15 +147,15 @@ class KVCacheManager:
         if len(hashes) < num_full_blocks:
             token_ids = request.all_token_ids
             bs = self.block_size
-            parent = hashes[-1] if hashes else _ROOT_HASH
+            parent = hashes[-1] if hashes else hash(prefix_root(request))
             for i in range(len(hashes), num_full_blocks):
                 parent = hash_block(parent, tuple(token_ids[i * bs:(i + 1) * bs]))
                 hashes.append(parent)
         return hashes
 
-    def _key(self, token_ids: list[int], hashes: list[int], i: int) -> BlockKey:
+    def _key(self, request: Request, token_ids: list[int], hashes: list[int], i: int) -> BlockKey:
         bs = self.block_size
-        return (hashes[i - 1] if i else _ROOT_HASH), tuple(token_ids[i * bs:(i + 1) * bs])
+        return (hashes[i - 1] if i else prefix_root(request)), tuple(token_ids[i * bs:(i + 1) * bs])
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """The longest cached prefix of the request, as (block_ids, num_cached_tokens).
@@ -163,7 +169,7 @@ class KVCacheManager:
         token_ids = request.all_token_ids
         block_ids = []
         for i in range(num_full):
-            block = self.pool.lookup(hashes[i], self._key(token_ids, hashes, i))
+            block = self.pool.lookup(hashes[i], self._key(request, token_ids, hashes, i))
             if block is None:
                 break
             block_ids.append(block.block_id)
@@ -208,7 +214,8 @@ class KVCacheManager:
         hashes = self._hashes(request, num_full)
         token_ids = request.all_token_ids
         for i in range(start, num_full):
-            self.pool.publish(request.block_ids[i], hashes[i], self._key(token_ids, hashes, i))
+            self.pool.publish(request.block_ids[i], hashes[i],
+                              self._key(request, token_ids, hashes, i))
         self._num_published[request.request_id] = num_full
 
     def free(self, request: Request) -> None:
@@ -219,6 +226,3 @@ class KVCacheManager:
         # The hashes stay valid (tokens never change) but are cheap to recompute; drop them so
         # finished requests leave nothing behind.
         self._block_hashes.pop(request.request_id, None)
-
-    def reset_counters(self) -> None:
-        self.prefix_cache_queries = self.prefix_cache_hits = 0

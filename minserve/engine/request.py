@@ -1,11 +1,71 @@
-"""Per-request state that the scheduler and runner share: token lists and the counters of the
-glossary. No torch here."""
+"""The engine's interface types, torch-free so protocol, server and LLM can use them:
+EngineRequest in, RequestOutput out, EngineInfo once loaded; and Request, the per-sample state
+(token lists and the glossary's counters) the scheduler works on."""
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from minserve.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class MultiModalItem:
+    """One image (or other media) in a prompt: its placeholder tokens and a hash of its content."""
+    offset: int          # index of its first placeholder token in prompt_token_ids
+    length: int          # number of placeholder tokens
+    content_hash: str    # equal content, equal hash: only then may KV blocks be shared
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """One prompt as every front door hands it to the engine (protocol.py, llm.py). The engine
+    fans sampling_params.n out into n Requests named by sample_ids()."""
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    adapter_name: str | None = None      # a LoRA adapter (none are served yet)
+    mm_items: list[MultiModalItem] = field(default_factory=list)
+    cache_salt: str | None = None        # requests with different salts never share KV blocks
+    priority: int = 0                    # lower runs first, as vLLM (scheduling is FCFS today)
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    def sample_ids(self) -> list[str]:
+        """The engine request id of each of the n samples."""
+        n = self.sampling_params.n
+        return [self.request_id] if n == 1 else [f"{self.request_id}-{i}" for i in range(n)]
+
+
+def prompt_length_error(num_prompt: int, max_tokens: int | None, max_model_len: int,
+                        what: str = "prompt") -> tuple[str, str] | None:
+    """(message, param) when the prompt cannot run in max_model_len (vLLM's words), else None."""
+    if num_prompt == 0:
+        return f"{what}: the prompt is empty", what
+    if num_prompt >= max_model_len:
+        return (f"This model's maximum context length is {max_model_len} tokens. However, your "
+                f"request has {num_prompt} input tokens. Please reduce the length of the input.",
+                what)
+    if max_tokens is not None and num_prompt + max_tokens > max_model_len:
+        return (f"This model's maximum context length is {max_model_len} tokens. However, you "
+                f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the {what}, "
+                f"{max_tokens} in the completion). Please reduce the length of the {what} or "
+                "completion.", "max_tokens")
+    return None
+
+
+@dataclass(slots=True)
+class EngineInfo:
+    """What a loaded model tells its callers (server, LLM, CLI log), published once it is ready."""
+    tokenizer: Any
+    vocab_size: int
+    max_model_len: int
+    architecture: str = "?"
+    generation_defaults: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields
+    eos_token_ids: frozenset[int] = frozenset()
+    num_kv_blocks: int = 0
+    block_size: int = 0
 
 
 class RequestStatus(enum.Enum):
@@ -62,11 +122,16 @@ class RequestOutput:
 
 @dataclass(slots=True, eq=False)
 class Request:
+    """One sample of an EngineRequest, as the scheduler tracks it."""
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = 0.0
+    adapter_name: str | None = None       # these four come from the EngineRequest
+    mm_items: list[MultiModalItem] = field(default_factory=list)
+    cache_salt: str | None = None
+    priority: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
@@ -108,14 +173,6 @@ class Request:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.num_computed_tokens < self.num_prompt_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == RequestStatus.FINISHED
 
     @property
     def all_token_ids(self) -> list[int]:

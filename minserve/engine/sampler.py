@@ -1,14 +1,15 @@
 """Batched sampling on the device: logits processors, greedy/temperature/top-k/top-p/min-p, seeded
-Gumbel sampling, logprobs. Never loops over requests on the device and never syncs with the host
-(the runner does the step's one sync)."""
+Gumbel sampling, logprobs. SamplingTensors are built from the Requests on the engine side, so the
+runner gets tensors, not requests. Never syncs with the host (the runner does the one sync)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
-from minserve.engine.request import Request
+from minserve.engine.request import Logprob, Request
 
 _M32 = 0xFFFFFFFF
 # lowbias32 (Chris Wellons) with both multipliers < 2**31, so products of 32-bit values fit in a
@@ -44,9 +45,9 @@ def row_noise_key(seed: int, position: int) -> int:
 
 @dataclass(slots=True)
 class SamplingTensors:
-    """A batch of SamplingParams as device tensors (R = rows that sample)."""
+    """A batch of SamplingParams as tensors (R = rows that sample). from_requests() builds them on
+    the host, engine side (pinned when they go to a GPU); the runner moves them with to()."""
     temperature: torch.Tensor            # [R] float32, 1.0 on greedy rows
-    is_greedy: torch.Tensor              # [R] bool
     noise_keys: torch.Tensor             # [R] int64 (uint32 values), see row_noise_key
     top_k: torch.Tensor | None           # [R] int64, V = off
     top_p: torch.Tensor | None           # [R] float32
@@ -54,54 +55,36 @@ class SamplingTensors:
     presence: torch.Tensor | None        # [R] float32
     frequency: torch.Tensor | None       # [R] float32
     repetition: torch.Tensor | None      # [R] float32
-    output_counts: torch.Tensor | None   # [R, V] float32
-    prompt_mask: torch.Tensor | None     # [R, V] bool
+    output_tokens: tuple[torch.Tensor, torch.Tensor] | None   # rows, token ids (penalties)
+    prompt_tokens: tuple[torch.Tensor, torch.Tensor] | None   # rows, token ids (repetition)
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None   # rows, cols, values
     banned: tuple[torch.Tensor, torch.Tensor] | None               # rows, cols (min_tokens)
     bitmask: torch.Tensor | None         # [R, ceil(V/32)] int32, llguidance layout
-    all_greedy: bool
     random_rows: list[int]               # rows that sample randomly (host list)
     logprob_rows: list[int]              # rows that asked for logprobs
-    max_num_logprobs: int
+    num_logprobs: list[int]              # top-k asked, per logprob row
 
     @classmethod
     def from_requests(cls, requests: Sequence[Request], vocab_size: int,
-                      device: torch.device) -> SamplingTensors:
-        def dev(values: list, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.tensor(values, dtype=dtype)
-            if device.type == "cuda":
-                return t.pin_memory().to(device, non_blocking=True)
-            return t
+                      pin: bool = False) -> SamplingTensors:
+        def host(values: list, dtype: torch.dtype = torch.float32,
+                 use: bool = True) -> torch.Tensor | None:
+            t = torch.tensor(values, dtype=dtype) if use else None
+            return t.pin_memory() if pin and use else t
 
-        R = len(requests)
         sps = [r.sampling for r in requests]
-        greedy = [sp.is_greedy for sp in sps]
-        random_rows = [i for i, g in enumerate(greedy) if not g]
-        keys = [row_noise_key(r.sample_seed, r.num_tokens) for r in requests]
-        use_top_k = any(sp.top_k > 0 for sp in sps)
-        use_top_p = any(sp.top_p < 1.0 for sp in sps)
-        use_min_p = any(sp.min_p > 0.0 for sp in sps)
+        random_rows = [i for i, sp in enumerate(sps) if not sp.is_greedy]
         use_pen = any(sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0
                       for sp in sps)
-
-        counts = prompt_mask = None
-        if use_pen:
-            rows, cols, prows, pcols = [], [], [], []
-            for i, (r, sp) in enumerate(zip(requests, sps, strict=True)):
-                if sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0:
-                    rows += [i] * r.num_output_tokens
-                    cols += r.output_token_ids
-                if sp.repetition_penalty != 1.0:
-                    prows += [i] * r.num_prompt_tokens
-                    pcols += r.prompt_token_ids
-            counts = torch.zeros(R, vocab_size, dtype=torch.float32, device=device)
-            counts.index_put_((dev(rows, torch.long), dev(cols, torch.long)),
-                              torch.ones(len(rows), device=device), accumulate=True)
-            prompt_mask = torch.zeros(R, vocab_size, dtype=torch.bool, device=device)
-            prompt_mask[dev(prows, torch.long), dev(pcols, torch.long)] = True
-
+        rows, cols, prows, pcols = [], [], [], []
         brows, bcols, bvals, mrows, mcols = [], [], [], [], []
         for i, (r, sp) in enumerate(zip(requests, sps, strict=True)):
+            if sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0:
+                rows += [i] * r.num_output_tokens
+                cols += r.output_token_ids
+            if sp.repetition_penalty != 1.0:
+                prows += [i] * r.num_prompt_tokens
+                pcols += r.prompt_token_ids
             for tok, val in (sp.logit_bias or {}).items():
                 if 0 <= int(tok) < vocab_size:
                     brows.append(i)
@@ -120,34 +103,40 @@ class SamplingTensors:
         bitmask = None
         if any(r.structured is not None for r in requests):
             from minserve.structured import allocate_bitmask, fill_bitmasks
-            host = allocate_bitmask(R, vocab_size)  # pinned on CUDA
-            fill_bitmasks([r.structured for r in requests], host)  # rows in parallel, no GIL
-            bitmask = host.to(device, non_blocking=True)
+            bitmask = allocate_bitmask(len(requests), vocab_size)  # pinned on CUDA
+            fill_bitmasks([r.structured for r in requests], bitmask)  # rows in parallel, no GIL
 
         logprob_rows = [i for i, sp in enumerate(sps) if sp.logprobs is not None]
         return cls(
-            temperature=dev([1.0 if g else sp.temperature
-                             for g, sp in zip(greedy, sps, strict=True)], torch.float32),
-            is_greedy=dev(greedy, torch.bool),
-            noise_keys=dev(keys, torch.long),
-            top_k=dev([sp.top_k if sp.top_k > 0 else vocab_size for sp in sps], torch.long)
-            if use_top_k else None,
-            top_p=dev([sp.top_p for sp in sps], torch.float32) if use_top_p else None,
-            min_p=dev([sp.min_p for sp in sps], torch.float32) if use_min_p else None,
-            presence=dev([sp.presence_penalty for sp in sps], torch.float32) if use_pen else None,
-            frequency=dev([sp.frequency_penalty for sp in sps], torch.float32)
-            if use_pen else None,
-            repetition=dev([sp.repetition_penalty for sp in sps], torch.float32)
-            if use_pen else None,
-            output_counts=counts, prompt_mask=prompt_mask,
-            bias=(dev(brows, torch.long), dev(bcols, torch.long), dev(bvals, torch.float32))
+            temperature=host([1.0 if sp.is_greedy else sp.temperature for sp in sps]),
+            noise_keys=host([row_noise_key(r.sample_seed, r.num_tokens) for r in requests],
+                            torch.long),
+            top_k=host([sp.top_k if sp.top_k > 0 else vocab_size for sp in sps], torch.long,
+                       any(sp.top_k > 0 for sp in sps)),
+            top_p=host([sp.top_p for sp in sps], use=any(sp.top_p < 1.0 for sp in sps)),
+            min_p=host([sp.min_p for sp in sps], use=any(sp.min_p > 0.0 for sp in sps)),
+            presence=host([sp.presence_penalty for sp in sps], use=use_pen),
+            frequency=host([sp.frequency_penalty for sp in sps], use=use_pen),
+            repetition=host([sp.repetition_penalty for sp in sps], use=use_pen),
+            output_tokens=(host(rows, torch.long), host(cols, torch.long)) if use_pen else None,
+            prompt_tokens=(host(prows, torch.long), host(pcols, torch.long)) if use_pen else None,
+            bias=(host(brows, torch.long), host(bcols, torch.long), host(bvals))
             if brows else None,
-            banned=(dev(mrows, torch.long), dev(mcols, torch.long)) if mrows else None,
-            bitmask=bitmask,
-            all_greedy=not random_rows, random_rows=random_rows,
-            logprob_rows=logprob_rows,
-            max_num_logprobs=max((sps[i].logprobs for i in logprob_rows), default=0),
+            banned=(host(mrows, torch.long), host(mcols, torch.long)) if mrows else None,
+            bitmask=bitmask, random_rows=random_rows, logprob_rows=logprob_rows,
+            num_logprobs=[sps[i].logprobs for i in logprob_rows],
         )
+
+    def to(self, device: torch.device) -> SamplingTensors:
+        """The same batch on `device` (non-blocking copies: the host side is pinned for GPUs)."""
+        if device.type == "cpu":
+            return self
+
+        def move(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v.to(device, non_blocking=True)
+            return tuple(map(move, v)) if isinstance(v, tuple) else v
+        return SamplingTensors(*(move(getattr(self, f.name)) for f in fields(self)))
 
 
 @dataclass(slots=True)
@@ -163,6 +152,16 @@ class LogprobsTensors:
     ranks: torch.Tensor            # [N] int64, 1 = most likely
     top_logprobs: torch.Tensor     # [N, k] float32
     top_ids: torch.Tensor          # [N, k] int64
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LogprobsTensors:
+        return LogprobsTensors(*(fn(getattr(self, f.name)) for f in fields(self)))
+
+    def to_list(self, token_ids: list[int], ks: list[int]) -> list[Logprob]:
+        """Host tensors -> one Logprob per row, its top list trimmed to the k the row asked."""
+        token_lp, ranks, top_lp, top_ids = (getattr(self, f.name).tolist() for f in fields(self))
+        return [Logprob(token_ids[i], token_lp[i], ranks[i],
+                        list(zip(top_ids[i][:k], top_lp[i][:k], strict=True)))
+                for i, k in enumerate(ks)]
 
 
 def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
@@ -186,13 +185,18 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
 def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> None:
     """vLLM semantics: repetition over prompt+output tokens (divide positive logits, multiply
     negative ones); frequency and presence over output tokens only."""
-    assert st.output_counts is not None and st.prompt_mask is not None
-    seen = st.prompt_mask | (st.output_counts > 0)
+    assert st.output_tokens is not None and st.prompt_tokens is not None
+    counts = torch.zeros_like(logits)                                      # [R, V]
+    counts.index_put_(st.output_tokens, torch.ones_like(st.output_tokens[1], dtype=logits.dtype),
+                      accumulate=True)
+    in_output = counts > 0
+    seen = in_output.clone()
+    seen[st.prompt_tokens] = True
     rep = st.repetition[:, None].expand_as(logits)
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
     logits.copy_(torch.where(seen, penalized, logits))
-    logits -= st.frequency[:, None] * st.output_counts
-    logits -= st.presence[:, None] * (st.output_counts > 0).float()
+    logits -= st.frequency[:, None] * counts
+    logits -= st.presence[:, None] * in_output.float()
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
@@ -231,11 +235,11 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerResult:
         logits[st.banned] = float("-inf")
     if st.bias is not None:
         logits.index_put_(st.bias[:2], st.bias[2], accumulate=True)
-    if st.output_counts is not None:
+    if st.output_tokens is not None:
         apply_penalties(logits, st)
 
     token_ids = logits.argmax(dim=-1)
-    if not st.all_greedy:
+    if st.random_rows:
         rows = st.random_rows
         x = logits if len(rows) == logits.shape[0] else logits[rows]
         x = x / st.temperature[rows][:, None]
@@ -255,5 +259,5 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerResult:
 
     lp = None
     if logprobs_src is not None:
-        lp = compute_logprobs(logprobs_src, token_ids[st.logprob_rows], st.max_num_logprobs)
+        lp = compute_logprobs(logprobs_src, token_ids[st.logprob_rows], max(st.num_logprobs))
     return SamplerResult(token_ids, lp)

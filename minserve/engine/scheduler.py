@@ -34,7 +34,6 @@ class StepPlan:
     num_scheduled_tokens: list[int] = field(default_factory=list)
     total_num_scheduled_tokens: int = 0
     preempted: list[Request] = field(default_factory=list)
-    finished_ids: list[str] = field(default_factory=list)       # left since the last step
     finished_outputs: list[RequestOutput] = field(default_factory=list)  # aborted / failed
 
     @property
@@ -65,7 +64,6 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._pending_aborts: set[str] = set()
-        self._finished_ids: list[str] = []
         # parent_id -> the sibling admitted first; its prompt blocks are the ones to share
         self._leaders: dict[str, Request] = {}
         self._prompt_logprobs: dict[str, list[Logprob | None]] = {}
@@ -102,7 +100,6 @@ class Scheduler:
         self._prompt_logprobs.pop(request.request_id, None)
         if request.parent_id is not None and self._leaders.get(request.parent_id) is request:
             del self._leaders[request.parent_id]
-        self._finished_ids.append(request.request_id)
 
     def _out(self, request: Request, new_token_ids: list[int]) -> RequestOutput:
         return RequestOutput(
@@ -187,7 +184,6 @@ class Scheduler:
         if not plan.preempted:
             budget = self._schedule_waiting(plan, budget)
         plan.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
-        plan.finished_ids, self._finished_ids = self._finished_ids, []
         return plan
 
     def _child_must_wait(self, request: Request) -> bool:

@@ -189,34 +189,8 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMetadata
     ) -> torch.Tensor:
         # q [T, H, D], k/v [T, K, D] -> [T, H*D]
-        if self.k_cache.numel() == 0:
-            out = self._attend_without_cache(q, k, v, attn)
-        else:
-            kernels.store_kv(k, v, self.k_cache, self.v_cache, attn.slot_mapping)
-            out = kernels.paged_attention(
-                q, self.k_cache, self.v_cache, attn, self.scale, self.sliding_window
-            )
+        kernels.store_kv(k, v, self.k_cache, self.v_cache, attn.slot_mapping)
+        out = kernels.paged_attention(
+            q, self.k_cache, self.v_cache, attn, self.scale, self.sliding_window
+        )
         return out.reshape(q.shape[0], -1)
-
-    def _attend_without_cache(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMetadata
-    ) -> torch.Tensor:
-        """The profiling run has no cache yet: each request's query is its whole sequence."""
-        out = torch.empty_like(q)
-        group = self.num_heads // self.num_kv_heads
-        qsl = attn.query_start_loc_host
-        for r in range(len(qsl) - 1):
-            start, end = qsl[r], qsl[r + 1]
-            if end == start:
-                continue
-            qr = q[start:end].transpose(0, 1)  # [H, Q, D]
-            kr = k[start:end].transpose(0, 1).repeat_interleave(group, dim=0)  # [H, Q, D]
-            vr = v[start:end].transpose(0, 1).repeat_interleave(group, dim=0)
-            n = end - start
-            pos = torch.arange(n, device=q.device)
-            mask = pos[None, :] <= pos[:, None]
-            if self.sliding_window is not None:
-                mask &= pos[None, :] > pos[:, None] - self.sliding_window
-            o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=self.scale)
-            out[start:end] = o.transpose(0, 1)
-        return out
