@@ -37,6 +37,7 @@ def main() -> None:
     if args.threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)    # before torch is imported
     from minserve import LLM, SamplingParams
+    from minserve.engine.request import EngineRequest
 
     llm = LLM(args.model, dtype=args.dtype)
     engine = llm.engine
@@ -51,33 +52,36 @@ def main() -> None:
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {engine.dtype}, "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     rng = random.Random(0)
-    vocab = min(10000, engine.model_config.vocab_size - 1)
+    vocab = min(10000, engine.info.vocab_size - 1)
     for batch in args.batch:
         for i in range(batch):
-            engine.add_request(f"b{batch}-{i}", [rng.randint(0, vocab)
-                                                 for _ in range(args.input_len)],
-                               SamplingParams(temperature=args.temperature, ignore_eos=True,
-                                              max_tokens=args.steps + 4))
+            engine.add_request(EngineRequest(
+                f"b{batch}-{i}", [rng.randint(0, vocab) for _ in range(args.input_len)],
+                SamplingParams(temperature=args.temperature, ignore_eos=True,
+                               max_tokens=args.steps + 4)))
         while engine.scheduler.num_waiting or any(
                 r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
             engine.step()
         engine.step()                                    # first all-decode step: warm-up
         if timers:
             timers.reset()
-        wall, cpu = [], []
+        wall, cpu, proc = [], [], []
         for _ in range(args.steps):
-            w, c = time.perf_counter(), time.thread_time()
+            w, c, p = time.perf_counter(), time.thread_time(), time.process_time()
             engine.step()
             wall.append(time.perf_counter() - w)
             cpu.append(time.thread_time() - c)
+            proc.append(time.process_time() - p)
         step = statistics.median(wall)
         line = {"batch": batch, "median_step_ms": round(step * 1e3, 2),
                 "min_step_ms": round(min(wall) * 1e3, 2),
                 "median_thread_cpu_ms": round(statistics.median(cpu) * 1e3, 2),
+                "median_process_cpu_ms": round(statistics.median(proc) * 1e3, 2),
                 "tok_s": round(batch / step, 1), "load": round(os.getloadavg()[0], 2)}
         print(json.dumps(line) if args.json else
               f"batch {batch:3d}: step median {line['median_step_ms']:8.2f} ms "
-              f"(min {line['min_step_ms']:.2f}, thread cpu {line['median_thread_cpu_ms']:.2f})"
+              f"(min {line['min_step_ms']:.2f}, cpu: thread {line['median_thread_cpu_ms']:.2f}, "
+              f"process {line['median_process_cpu_ms']:.2f})"
               f" -> {line['tok_s']:7.1f} tok/s   load {line['load']}", flush=True)
         if timers:
             print(timers.table(args.steps), flush=True)

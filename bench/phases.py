@@ -64,7 +64,7 @@ class PhaseTimers:
         import minserve.engine.sampler as sampler
         import minserve.engine.scheduler as scheduler
         import minserve.kernels as kernels
-        import minserve.llm as llm
+        import minserve.output as output
         import minserve.models.layers as layers
 
         self.wrap(engine_mod.Engine, "step", "engine step (rest)")
@@ -95,7 +95,7 @@ class PhaseTimers:
         for fn in ("apply_penalties", "apply_bitmask", "apply_top_k_top_p"):
             self.wrap(sampler, fn, "logits processors")
         self.wrap(runner, "_to_host", "host sync")
-        self.wrap(llm._Sample, "update", "detokenize + stop strings")
+        self.wrap(output.SampleState, "update", "detokenize + stop strings")
 
     def table(self, num_steps: int) -> str:
         """Per-step self times, largest wall first."""

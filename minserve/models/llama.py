@@ -10,6 +10,7 @@ from torch import nn
 
 from minserve.config import ModelConfig
 from minserve.kernels import AttnMetadata
+from minserve.models import cpu_gemm
 from minserve.models.layers import Attention, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
 from minserve.models.linear import (
     MergedColumnParallelLinear,
@@ -164,7 +165,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, V] float32."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return cpu_gemm.linear(hidden, weight, None, self).float()
 
     def set_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One (k_cache, v_cache) pair, each [NB, BS, K, D], per layer."""
