@@ -54,3 +54,10 @@ def test_inside_inference_mode_like_the_runner():
     assert got.shape == (3, 24)
     x = torch.randn(3, 16)                           # the packed copy also serves outside it
     torch.testing.assert_close(cpu_gemm.linear(x, w, None, owner), F.linear(x, w))
+
+
+def test_a_weight_made_under_inference_mode():
+    owner = _Owner()
+    with torch.inference_mode():
+        w, x = torch.randn(24, 16), torch.randn(3, 16)
+        torch.testing.assert_close(cpu_gemm.linear(x, w, None, owner), F.linear(x, w))

@@ -33,7 +33,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or x.dim() != 2 or x.shape[0] < 2 or not available()):
         return F.linear(x, weight, bias)
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
+    # An inference tensor (a model loaded under inference_mode) has no version counter.
+    version = -1 if weight.is_inference() else weight._version
+    key = (weight.data_ptr(), version, tuple(weight.shape))
     cached = getattr(owner, "_onednn_weight", None)
     if cached is None or cached[0] != key:
         with torch.no_grad():
