@@ -189,6 +189,8 @@ class MRotaryEmbedding(RotaryEmbedding):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, N, D] rotated in HF's rotate_half layout (first half | second half of each head);
     cos/sin [T, 1, D] as RotaryEmbedding returns them."""
+    if cos.dim() == 2:            # [T, D] (the multimodal rotary's shape): broadcast over heads
+        cos, sin = cos[:, None, :], sin[:, None, :]
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return torch.addcmul(x * cos, rotated, sin)
