@@ -3,6 +3,7 @@ random of length U[100, 1024], max_tokens U[100, 1024], ignore_eos, temperature 
 output tokens per second over wall time. Run small on CPU, full size on a GPU:
 
     python bench/offline.py --num-requests 16 --max-input-len 128 --max-output-len 64
+    python bench/offline.py --num-requests 16 --max-input-len 128 --max-output-len 64 --timers
     python bench/offline.py --model bench/configs/qwen3-0.6b --load-format dummy   # GPU
     python bench/offline.py --model bench/configs/llama-3-8b --load-format dummy   # GPU
 
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from random import randint, seed
@@ -53,6 +55,8 @@ def main() -> None:
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--kv-cache-dtype", default="auto")
     ap.add_argument("--gguf-dequantize", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--timers", action="store_true",
+                    help="per-phase self times per step (bench/phases.py), printed after the run")
     args = ap.parse_args()
 
     from minserve import LLM, SamplingParams
@@ -80,6 +84,13 @@ def main() -> None:
               for _ in range(args.num_requests)]
 
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
+    timers = None
+    if args.timers:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from phases import PhaseTimers
+
+        timers = PhaseTimers()
+        timers.install(llm.engine)
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
@@ -96,6 +107,10 @@ def main() -> None:
         "max_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "quantization": args.quantization, "gguf_dequantize": args.gguf_dequantize,
     }))
+    if timers:
+        num_steps = timers.calls["engine step (rest)"]
+        print(f"# {num_steps} steps, per step:")
+        print(timers.table(max(num_steps, 1)))
 
 
 if __name__ == "__main__":

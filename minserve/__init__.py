@@ -12,7 +12,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from minserve.sampling_params import SamplingParams
+from minserve.cpu_threads import set_omp_defaults
+
+set_omp_defaults()     # before anything imports torch: libgomp reads its settings once, at load
+
+from minserve.sampling_params import SamplingParams  # noqa: E402
 
 __all__ = ["LLM", "SamplingParams", "__version__"]
 

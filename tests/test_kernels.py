@@ -62,7 +62,7 @@ def test_attention_ref_matches_dense_attention(group, window, dtype):
     from tests.kernel_checks import make_batch
 
     torch.manual_seed(group)
-    cases = [(1, 37), (5, 18), (17, 40), (1, 1), (7, 39)]
+    cases = [(1, 37), (5, 18), (17, 40), (1, 1), (7, 39), (1, 16), (1, 33)]
     q, k_cache, v_cache, attn = make_batch(cases, 2 * group, 2, 16, 16, dtype)
     got = paged_attention_ref(q, k_cache, v_cache, attn, 0.25, window)
     qsl = attn.query_start_loc_host
@@ -78,3 +78,23 @@ def test_attention_ref_matches_dense_attention(group, window, dtype):
             attn_mask=mask, scale=0.25).transpose(0, 1)
         tol = 2e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got[qsl[r]:qsl[r + 1]].float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_store_kv_ref_writes_each_token_to_its_slot(pad):
+    """With and without padding tokens (slot -1), from strided k/v views of a fused qkv."""
+    from minserve.kernels.cache import store_kv_ref
+
+    torch.manual_seed(3)
+    k_cache, v_cache = torch.zeros(4, 8, 2, 5), torch.zeros(4, 8, 2, 5)
+    qkv = torch.randn(6, 6, 5)
+    k, v = qkv[:, 2:4], qkv[:, 4:]
+    slots = torch.randperm(32)[:6]
+    if pad:
+        slots[[1, 4]] = -1
+    store_kv_ref(k, v, k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.view(-1, 2, 5), v_cache.view(-1, 2, 5)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(flat_k[slot], k[t]) and torch.equal(flat_v[slot], v[t])
+    assert int((flat_k.abs().sum((1, 2)) > 0).sum()) == int((slots >= 0).sum())

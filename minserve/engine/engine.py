@@ -43,6 +43,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_cpu_threads(device: torch.device) -> None:
+    """On CPU, one torch intra-op thread per CPU this process may use (cgroup quota included),
+    unless OMP_NUM_THREADS says otherwise."""
+    from minserve.cpu_threads import num_torch_threads
+
+    num = num_torch_threads() if device.type == "cpu" else None
+    if num is not None and num != torch.get_num_threads():
+        torch.set_num_threads(num)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         # bf16 halves memory traffic on GPUs; CPUs run float32 (bf16 matmuls are slow there).
@@ -82,6 +92,7 @@ class Engine:
 
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        set_cpu_threads(self.device)
         # GGUF: serve the quantized blocks, or dequantize at load (--gguf-dequantize); by default
         # dequantized on CPU, where dense float32 matmuls measured faster (README), quantized
         # on GPUs, where the weights' bytes are the decode time.

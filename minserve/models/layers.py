@@ -126,7 +126,7 @@ def _yarn_inv_freq(
 
 class RotaryEmbedding(nn.Module):
     """cos/sin for the step's positions, computed on the fly from inv_freq (no position cache,
-    so no length limit and nothing to index out of range): [T, D] each, in the model dtype."""
+    so no length limit and nothing to index out of range): [T, 1, D] each, in the model dtype."""
 
     def __init__(
         self,
@@ -155,7 +155,7 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]: broadcast over heads
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
         return cos, sin
@@ -187,10 +187,13 @@ class MRotaryEmbedding(RotaryEmbedding):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, N, D] rotated in HF's rotate_half layout (first half | second half of each head)."""
+    """x [T, N, D] rotated in HF's rotate_half layout (first half | second half of each head);
+    cos/sin [T, 1, D] as RotaryEmbedding returns them."""
+    if cos.dim() == 2:            # [T, D] (the multimodal rotary's shape): broadcast over heads
+        cos, sin = cos[:, None, :], sin[:, None, :]
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return torch.addcmul(x * cos, rotated, sin)
 
 
 class Attention(nn.Module):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minserve.config import ConfigError
+from minserve.models import cpu_gemm
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
@@ -49,7 +50,8 @@ def _divide(total: int, tp_size: int, what: str) -> int:
 
 
 class UnquantizedLinearMethod:
-    """One dense weight [sum(output_sizes), input_size] multiplied with F.linear.
+    """One dense weight [sum(output_sizes), input_size] multiplied with F.linear (on CPU in
+    float32, batches of rows go through oneDNN with a packed copy: models/cpu_gemm.py).
 
     A quantized method (the quantization issue) registers its own parameters (qweight, scales,
     zeros, ...) the same way: each with `output_dim`/`input_dim` (the dims that tensor parallelism
@@ -63,7 +65,7 @@ class UnquantizedLinearMethod:
 
     def apply(self, layer: LinearBase, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return cpu_gemm.linear(x, layer.weight, bias, layer)
 
 
 class LinearBase(nn.Module):

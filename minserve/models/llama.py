@@ -12,6 +12,7 @@ from torch import nn
 
 from minserve.config import ModelConfig
 from minserve.kernels import AttnMetadata
+from minserve.models import cpu_gemm
 from minserve.models.layers import Attention, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
 from minserve.models.linear import (
     MergedColumnParallelLinear,
@@ -53,14 +54,15 @@ class LlamaAttention(nn.Module):
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # [T, (H + 2K) * D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
+        qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)  # [T, H+K, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, K, D]
         cos, sin = cos_sin
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.q_norm is not None:
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+        # PERF: q and k rotate in one call (7 fewer torch ops per layer on the CPU path).
+        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v, attn))
 
 
@@ -178,7 +180,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, V] float32."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return cpu_gemm.linear(hidden, weight, None, self).float()
 
     def set_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One (k_cache, v_cache) pair, each [NB, BS, K, D], per layer."""

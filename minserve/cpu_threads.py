@@ -1,0 +1,71 @@
+"""CPU threading defaults for torch's OpenMP pool: the wait policy (set when minserve is imported,
+before torch loads libgomp) and the number of intra-op threads (the CPUs this process may really
+use). The user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT / OMP_NUM_THREADS always win. No torch here.
+
+Why: torch's libgomp, unless told otherwise, busy-waits ~300,000 spins at the end of every
+parallel region. With as many OpenMP threads as cores, any other runnable thread (minserve's
+event loop writing 16 streams, a client on the same box, another process) has to preempt a
+spinning worker, and the next region then waits a scheduler time slice for it. On a 2-core AVX2
+EPYC a batch-16 decode step has hundreds of such regions and took over a second; see bench/RESULTS.md, "Batched decode on AVX2".
+"""
+from __future__ import annotations
+
+import math
+import os
+
+OMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+# (quota file, period file or None when the quota file holds both): cgroup v2, then v1
+CGROUP_CPU_FILES = (("/sys/fs/cgroup/cpu.max", None),
+                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+
+
+def set_omp_defaults() -> bool:
+    """Put OMP_DEFAULTS into the environment where the user set nothing. Returns False when torch
+    is already imported, which makes it too late for libgomp to see them."""
+    import sys
+
+    if "GOMP_SPINCOUNT" not in os.environ:      # the user's own spin count is a wait policy too
+        for name, value in OMP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+    return "torch" not in sys.modules
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (a container
+    limited to 2 CPUs on a 64-core host would otherwise run 64 threads)."""
+    try:
+        num = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        num = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(num, math.ceil(quota))) if quota else max(1, num)
+
+
+def num_torch_threads() -> int | None:
+    """The intra-op thread count minserve sets on CPU, or None to leave torch's (the user set
+    OMP_NUM_THREADS)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return usable_cpus()
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs allowed by cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`; None when unlimited."""
+    for path, period_path in CGROUP_CPU_FILES:
+        try:
+            with open(path) as f:
+                fields = f.read().split()
+            if period_path is None:
+                quota, period = fields[0], fields[1]
+            else:
+                with open(period_path) as f:
+                    quota, period = fields[0], f.read().split()[0]
+        except (OSError, IndexError):
+            continue
+        if quota in ("max", "-1"):
+            return None
+        try:
+            return int(quota) / int(period)
+        except (ValueError, ZeroDivisionError):
+            return None
+    return None

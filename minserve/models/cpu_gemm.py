@@ -1,0 +1,45 @@
+"""Dense float32 linears on CPU through oneDNN with a prepacked weight, for more than one row.
+
+Why: torch's CPU F.linear calls MKL's sgemm, and on AMD CPUs (AVX2 EPYC) MKL's small-M GEMM
+scales almost linearly with the number of rows: a batch-16 decode step spent 3.7x the matmul
+time of a batch-1 step on weights that are read once either way. oneDNN picks its kernel by ISA,
+not vendor; with the weight reordered once into its blocked layout it took half MKL's CPU time
+at 2-16 rows (bench/RESULTS.md, "Batched decode on AVX2"). One row (a lone decode) stays on MKL,
+whose GEMV was ~25% faster. Set MINSERVE_CPU_ONEDNN=0 (read at import) to use F.linear always.
+
+The packed copy lives beside the weight (so loaders, LoRA and state_dict still see the plain
+one) and is redone when the weight changes in place (its version counter moves): the cost is a
+second copy of each dense linear weight in host memory.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+ENABLED = os.environ.get("MINSERVE_CPU_ONEDNN", "1") != "0"
+PACK_BATCH_HINT = 16        # oneDNN picks the blocked layout for about this many rows
+
+
+def available() -> bool:
+    return (ENABLED and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           owner: object) -> torch.Tensor:
+    """F.linear(x, weight, bias); `owner` (the layer) keeps the packed weight between calls."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or x.dim() != 2 or x.shape[0] < 2 or not available()):
+        return F.linear(x, weight, bias)
+    # An inference tensor (a model loaded under inference_mode) has no version counter.
+    version = -1 if weight.is_inference() else weight._version
+    key = (weight.data_ptr(), version, tuple(weight.shape))
+    cached = getattr(owner, "_onednn_weight", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+        cached = (key, packed)
+        owner._onednn_weight = cached
+    return torch.ops.mkldnn._linear_pointwise(x, cached[1], bias, "none", [], "")
