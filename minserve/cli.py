@@ -112,7 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
       help="split the model's <think> text into reasoning_content")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
-      help="must be 1 (tensor parallelism is not implemented yet)")
+      help="shard the model over N ranks (N-1 worker processes; gloo on CPU, NCCL on GPUs)")
+    a("--distributed-executor-backend", default="mp",
+      help="mp (worker processes; the only one supported)")
+    a("--nnodes", type=int, default=1, help="nodes the ranks span (torchrun's meaning)")
+    a("--node-rank", type=int, default=0,
+      help="this node's rank; nodes other than 0 run workers only, with no HTTP server")
+    a("--master-addr", default="127.0.0.1", help="the head node's address (rank 0)")
+    a("--master-port", type=int, default=None,
+      help="the head's torch.distributed port (default: a free port on one node, 29500 on "
+           "several)")
     a("--task", default="auto", choices=["auto", "generate", "embed", "embedding"],
       help="embed: serve MODEL as an embedding model on /v1/embeddings (auto: from its "
            "architecture)")
@@ -140,9 +149,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser "
                      f"({', '.join(sorted(TOOL_PARSERS))})")
-    if args.tensor_parallel_size != 1:
-        parser.error(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
-                     "not implemented yet; minserve runs on one device (use 1)")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be in 0..65535")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
@@ -153,6 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(e))
     if args.task == "embed":
         args.model = args.model or DEFAULT_EMBEDDING_MODEL
+    if args.tensor_parallel_size > 1 and (args.task == "embed" or args.embedding_model):
+        parser.error("--tensor-parallel-size > 1 shards the chat model only; serve embedding "
+                     "models with 1")
     try:
         args.engine_config = engine_config(args)
     except ConfigError as e:
@@ -169,7 +178,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching, block_size=args.block_size,
         load_format=args.load_format, seed=args.seed, enforce_eager=args.enforce_eager,
-        chat_template=args.chat_template, generation_config=args.generation_config)
+        chat_template=args.chat_template, generation_config=args.generation_config,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes,
+        node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port)
 
 
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)
@@ -219,8 +231,8 @@ async def serve(args: argparse.Namespace) -> int:
 
     def on_dead(reason: str, force: bool = False) -> None:
         nonlocal exit_code
-        # the model never loaded: nothing to serve, exit non-zero
-        if force or not primary.is_ready:
+        # the model never loaded, or a tensor-parallel rank died: exit non-zero
+        if force or not primary.is_ready or args.tensor_parallel_size > 1:
             logger.error("engine failed to start: %s", reason)
             exit_code = 1
             server.stop()
@@ -242,4 +254,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.node_rank > 0:   # a node other than the head: workers only, no HTTP server
+        from minserve.engine.workers import run_node
+
+        logger.info("node %d/%d: tensor-parallel workers of %s:%s", args.node_rank, args.nnodes,
+                    args.master_addr, args.engine_config.master_port or 29500)
+        sys.exit(run_node(args.engine_config))
     sys.exit(asyncio.run(serve(args)))

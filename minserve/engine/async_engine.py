@@ -286,6 +286,7 @@ class AsyncEngine(WorkerService):
             rejected: list[tuple[str, EngineError]] = []
             for msg in msgs:
                 if msg is STOP:
+                    getattr(engine, "shutdown", lambda: None)()   # tensor-parallel workers
                     return
                 if not isinstance(msg, EngineRequest):
                     engine.abort_request(msg)

@@ -67,9 +67,21 @@ class Engine:
                                          else config.generation_config)
         self.config = config = self._resolve_limits(config, model_config)
         self.model_config = model_config
-        torch.manual_seed(config.seed)
-        model = load_model(folder, model_config, self.device, self.dtype, config.load_format)
-        self.runner = ModelRunner(model, model_config, config, self.device, self.dtype)
+        self.workers = None
+        if config.tensor_parallel_size > 1:
+            from minserve.engine.workers import Workers, rank_device
+
+            self.device = rank_device(self.device, 0)
+            # the other ranks load the folder this rank resolved (a hub id is fetched once)
+            self.workers = Workers(dataclasses.replace(config, model=folder), model_config,
+                                   self.device)
+        try:
+            torch.manual_seed(config.seed)
+            model = load_model(folder, model_config, self.device, self.dtype, config.load_format)
+            self.runner = ModelRunner(model, model_config, config, self.device, self.dtype)
+        except BaseException:
+            self.shutdown()
+            raise
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
                                        config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -147,7 +159,23 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return self.scheduler.update(plan, [])
-        return self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan)))
+        step = self._step_inputs(plan)
+        if self.workers is None:
+            return self.scheduler.update(plan, self.runner.execute(step))
+        try:
+            self.workers.check_alive()
+            self.workers.broadcast(step)
+            sampled = self.runner.execute(step)
+        except BaseException:
+            self.workers.kill()   # a rank died or timed out: the others may be stuck
+            raise
+        return self.scheduler.update(plan, sampled)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (a no-op with one process)."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
 
     def _step_inputs(self, plan: StepPlan) -> StepInputs:
         """The plan as plain data for the runner: tokens, block tables, the rows that sample and

@@ -10,6 +10,7 @@ from torch import nn
 
 from minserve.config import ModelConfig
 from minserve.kernels import AttnMetadata
+from minserve.models import parallel
 from minserve.models.layers import Attention, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
 from minserve.models.linear import (
     MergedColumnParallelLinear,
@@ -24,17 +25,21 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, k, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
+        tp = parallel.tp_rank(), parallel.tp_size()
         # NOTE: attention_bias and qk_norm are separate flags (Qwen2 has bias and no norm,
         # Qwen3 the reverse), never inferred from the architecture here.
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, d, h, k, bias=config.attention_bias)
-        self.o_proj = RowParallelLinear(h * d, config.hidden_size, bias=False)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, d, h, k, config.attention_bias,
+                                          None, *tp)
+        # this rank's heads: H / tp, and K / tp (or one replicated kv head when K < tp)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = d
+        self.o_proj = RowParallelLinear(h * d, config.hidden_size, False, None, *tp)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.attn = Attention(h, k, d, config.sliding_window)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d, config.sliding_window)
 
     def forward(
         self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata
@@ -57,8 +62,10 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         i = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [i, i], bias=False)
-        self.down_proj = RowParallelLinear(i, config.hidden_size, bias=False)
+        tp = parallel.tp_rank(), parallel.tp_size()
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [i, i], False, None,
+                                                       *tp)
+        self.down_proj = RowParallelLinear(i, config.hidden_size, False, None, *tp)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +101,8 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   parallel.tp_rank(), parallel.tp_size())
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)
         )
@@ -136,7 +144,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else ParallelLMHead(config.vocab_size, config.hidden_size)
+            else ParallelLMHead(config.vocab_size, config.hidden_size, parallel.tp_rank(),
+                                parallel.tp_size())
         )
 
     def map_weight_name(self, name: str) -> str | None:
@@ -160,10 +169,11 @@ class LlamaForCausalLM(nn.Module):
         [T, hidden] (final-normed)."""
         return self.model(input_ids, positions, attn, inputs_embeds)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, V] float32."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> logits [N, V] float32 (on rank 0; None on the other ranks)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        logits = torch.nn.functional.linear(hidden, weight).float()   # [N, V / tp]
+        return parallel.gather_vocab(logits, self.config.vocab_size)
 
     def set_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One (k_cache, v_cache) pair, each [NB, BS, K, D], per layer."""
