@@ -79,6 +79,9 @@ class Engine:
             torch.manual_seed(config.seed)
             model = load_model(folder, model_config, self.device, self.dtype, config.load_format)
             self.runner = ModelRunner(model, model_config, config, self.device, self.dtype)
+            if self.workers is not None:
+                # every rank's first forward (lazy imports) runs now, not under the step timeout
+                self.runner.dummy_run(config.block_size, 1)
         except BaseException:
             self.shutdown()
             raise

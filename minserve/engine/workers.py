@@ -109,6 +109,7 @@ class Workers:
     def __init__(self, config: EngineConfig, model_config: ModelConfig,
                  device: torch.device) -> None:
         parallel.check_divisible(model_config, config.tensor_parallel_size)
+        self._timeout_s = step_timeout_s()
         port = _master_port(config)
         self._procs, self._pipes = _spawn_local(config, port, range(1, _ranks_per_node(config)))
         try:
@@ -120,8 +121,8 @@ class Workers:
 
     def broadcast(self, step: StepInputs) -> None:
         header, payload = encode_step(step)
-        parallel.broadcast_from_head(header)
-        parallel.broadcast_from_head(payload)
+        parallel.broadcast_from_head(header, self._timeout_s)
+        parallel.broadcast_from_head(payload, self._timeout_s)
 
     def check_alive(self) -> None:
         dead = [p for p in self._procs if p.exitcode is not None]
@@ -133,7 +134,8 @@ class Workers:
         """Tell every rank (other nodes' too) to stop, then wait for the local ones."""
         try:
             if not any(p.exitcode is not None for p in self._procs):
-                parallel.broadcast_from_head(torch.tensor([_STOP] + [0] * (_HEADER_LEN - 1)))
+                parallel.broadcast_from_head(torch.tensor([_STOP] + [0] * (_HEADER_LEN - 1)),
+                                             self._timeout_s)
         except Exception:  # a rank already gone: the kill below does the rest
             logger.warning("could not tell the workers to stop; killing them")
         for p in self._procs:
@@ -215,7 +217,9 @@ def _load_runner(config: EngineConfig, rank: int, local_rank: int, port: int) ->
                   step_timeout_s())
     torch.manual_seed(config.seed)
     model = load_model(folder, model_config, device, dtype, config.load_format)
-    return ModelRunner(model, model_config, config, device, dtype)
+    runner = ModelRunner(model, model_config, config, device, dtype)
+    runner.dummy_run(config.block_size, 1)   # the head runs the same warm-up step (Engine)
+    return runner
 
 
 def run_node(config: EngineConfig) -> int:

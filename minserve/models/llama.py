@@ -173,6 +173,8 @@ class LlamaForCausalLM(nn.Module):
         """hidden [N, hidden] -> logits [N, V] float32 (on rank 0; None on the other ranks)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = torch.nn.functional.linear(hidden, weight).float()   # [N, V / tp]
+        if self.model.embed_tokens.tp_size == 1:    # (another engine of this process may be TP)
+            return logits
         return parallel.gather_vocab(logits, self.config.vocab_size)
 
     def set_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -108,6 +108,12 @@ def min_across_ranks(value: int) -> int:
     return int(t.item())
 
 
-def broadcast_from_head(t: torch.Tensor) -> None:
-    """Rank 0's host tensor t into every rank's t (same shape and dtype), on the cpu group."""
-    dist.broadcast(t, src=0, group=_STATE.cpu_group)
+def broadcast_from_head(t: torch.Tensor, timeout_s: float | None = None) -> None:
+    """Rank 0's host tensor t into every rank's t (same shape and dtype), on the cpu group.
+    timeout_s (the head's): a rank that does not take it in time raises here, since gloo's
+    sender waits for the receivers."""
+    if timeout_s is None:
+        dist.broadcast(t, src=0, group=_STATE.cpu_group)
+        return
+    work = dist.broadcast(t, src=0, group=_STATE.cpu_group, async_op=True)
+    work.wait(timeout=datetime.timedelta(seconds=timeout_s))
