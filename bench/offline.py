@@ -5,6 +5,11 @@ output tokens per second over wall time. Run small on CPU, full size on a GPU:
     python bench/offline.py --num-requests 16 --max-input-len 128 --max-output-len 64
     python bench/offline.py --model bench/configs/qwen3-0.6b --load-format dummy   # GPU
     python bench/offline.py --model bench/configs/llama-3-8b --load-format dummy   # GPU
+    python bench/offline.py --num-requests 16 --max-input-len 128 --max-output-len 64 -tp 2
+
+With -tp N > 1 it also prints the head's time per step in the plan broadcast and in the
+collectives (all-reduces after row-parallel layers and the embedding, the logits gather); the
+latter includes waiting for the slowest rank.
 
 bench/configs/* hold only config.json (the real models' shapes, random weights). Prompts are
 token ids and every request ignores EOS, so the tokenizer only detokenizes the output: without
@@ -49,6 +54,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", type=int, default=None, help="bytes")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     args = ap.parse_args()
 
     from minserve import LLM, SamplingParams
@@ -61,7 +67,8 @@ def main() -> None:
               max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory=args.kv_cache_memory, dtype=args.dtype,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
+    timers = _time_collectives() if args.tensor_parallel_size > 1 else None
     vocab = llm.engine.model_config.vocab_size
     seed(0)
     min_in = min(args.min_input_len, args.max_input_len)
@@ -74,6 +81,8 @@ def main() -> None:
               for _ in range(args.num_requests)]
 
     llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=4), use_tqdm=False)   # warm-up
+    if timers is not None:
+        timers.update({k: 0.0 for k in timers})
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
@@ -86,7 +95,38 @@ def main() -> None:
         "elapsed_s": round(elapsed, 2), "output_tok_s": round(num_out / elapsed, 1),
         "total_tok_s": round((num_in + num_out) / elapsed, 1),
         "num_kv_blocks": llm.engine.info.num_kv_blocks,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        **({} if timers is None else {
+            "steps": int(timers["steps"]),
+            "ms_per_step": round(1e3 * elapsed / max(timers["steps"], 1), 2),
+            "broadcast_ms_per_step": round(1e3 * timers["broadcast"] / timers["steps"], 3),
+            "collectives_ms_per_step": round(1e3 * timers["collectives"] / timers["steps"], 3),
+            "collectives_per_step": round(timers["num_collectives"] / timers["steps"], 1)}),
     }))
+    llm.engine.shutdown()
+
+
+def _time_collectives() -> dict[str, float]:
+    """Wrap the head's plan broadcast and collectives with wall-clock timers."""
+    from minserve.engine.workers import Workers
+    from minserve.models import parallel
+
+    timers = {"steps": 0.0, "broadcast": 0.0, "collectives": 0.0, "num_collectives": 0.0}
+
+    def timed(fn, key, count):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                timers[key] += time.perf_counter() - t0
+                timers[count] += 1
+        return wrapper
+
+    Workers.broadcast = timed(Workers.broadcast, "broadcast", "steps")
+    parallel.all_reduce = timed(parallel.all_reduce, "collectives", "num_collectives")
+    parallel.gather_vocab = timed(parallel.gather_vocab, "collectives", "num_collectives")
+    return timers
 
 
 if __name__ == "__main__":

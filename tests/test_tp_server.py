@@ -1,7 +1,8 @@
-"""`python -m minserve -tp 2` on the real default model: the seed guide's chat answer through
+"""`python -m minserve -tp 3` on the real default model (SmolLM2-135M has 9 heads and 3 kv heads,
+so 2 ranks cannot split it: -tp 3 is its smallest split): the seed guide's chat answer through
 the OpenAI SDK, 16 concurrent streams equal to -tp 1 at temperature 0, a worker killed
-mid-stream (errors, exit non-zero, no process left), and two "nodes" on loopback serving and
-stopping together. The servers start once for the module."""
+mid-stream (errors, exit non-zero, no process left), and two "nodes" on loopback (tiny model,
+-tp 2) serving and stopping together. The servers start once for the module."""
 from __future__ import annotations
 
 import asyncio
@@ -61,7 +62,7 @@ def alive(pid: int) -> bool:
 def servers():
     with ThreadPoolExecutor(2) as pool:
         one, two = pool.map(lambda extra: start_server([*ARGS, *extra], timeout=900),
-                            [[], ["--tensor-parallel-size", "2"]])
+                            [[], ["--tensor-parallel-size", "3"]])
     yield one, two
     for proc, _ in (one, two):
         if proc.poll() is None:
@@ -72,9 +73,15 @@ def _client(url: str):
     return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
 
 
-def test_chat_answers_paris_with_tp2(servers):
+def test_default_model_refuses_tp2_with_the_numbers():
+    p = subprocess.run([sys.executable, "-m", "minserve", *ARGS, "-tp", "2"], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 1 and "num_attention_heads (9)" in p.stderr
+
+
+def test_chat_answers_paris_with_tp3(servers):
     (_, _), (proc, url) = servers
-    assert len(workers(proc.pid)) == 1          # the rank-1 worker
+    assert len(workers(proc.pid)) == 2          # ranks 1 and 2
     c = _client(url)
     model = c.models.list().data[0].id
     r = c.chat.completions.create(model=model, max_tokens=24, temperature=0, messages=CAPITAL)
@@ -103,7 +110,7 @@ def test_16_concurrent_streams_equal_tp1(servers):
 
 def test_worker_killed_mid_stream_fails_clients_and_leaves_no_process(servers):
     (_, _), (proc, url) = servers
-    [worker] = workers(proc.pid)
+    worker, other = workers(proc.pid)
     c = _client(url)
     model = c.models.list().data[0].id
     got = []
@@ -116,25 +123,26 @@ def test_worker_killed_mid_stream_fails_clients_and_leaves_no_process(servers):
                 os.kill(worker, signal.SIGKILL)
     assert len(got) >= 2
     assert proc.wait(timeout=120) != 0             # the CLI exits non-zero
-    asyncio.run(wait_until(lambda: not alive(worker), 60, "the worker gone"))
+    asyncio.run(wait_until(lambda: not alive(worker) and not alive(other), 60, "workers gone"))
     assert not children(proc.pid)
 
 
-def test_two_nodes_serve_together_and_stop_together():
+def test_two_nodes_serve_together_and_stop_together(tiny_model_dir):
     port = free_port()
     multi = ["--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1",
              "--master-port", str(port)]
-    node1 = subprocess.Popen([sys.executable, "-m", "minserve", *ARGS, *multi, "--node-rank", "1"],
+    tiny = [tiny_model_dir, "--kv-cache-memory", "8MiB", "--max-model-len", "512"]
+    node1 = subprocess.Popen([sys.executable, "-m", "minserve", *tiny, *multi, "--node-rank", "1"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        head, url = start_server([*ARGS, *multi, "--node-rank", "0"], timeout=900)
+        head, url = start_server([*tiny, *multi, "--node-rank", "0"], timeout=900)
         assert not workers(head.pid)                 # its one rank is the head itself
         [rank1] = workers(node1.pid)
         c = _client(url)
         model = c.models.list().data[0].id
-        r = c.chat.completions.create(model=model, max_tokens=24, temperature=0,
-                                      messages=CAPITAL)
-        assert "Paris" in r.choices[0].message.content
+        r = c.chat.completions.create(model=model, max_tokens=8, temperature=0,
+                                      messages=CAPITAL, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 8
         code, out = stop_server(head)
         assert code == 0, out
         assert node1.wait(timeout=120) == 0
