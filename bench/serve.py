@@ -5,18 +5,24 @@ Stdlib only (asyncio sockets, a minimal HTTP/1.1 + SSE reader), so it runs anywh
 
     python bench/serve.py --base-url http://127.0.0.1:8000 --input-len 200 --output-len 64 \
         --num-prompts 64 --max-concurrency 4 --ignore-eos
+
+--image WIDTHxHEIGHT sends each prompt as a chat message with a generated PNG (a different one
+per request, so no cache hides the vision encoder) as a base64 image_url part.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import random
 import ssl
 import statistics
+import struct
 import time
 import urllib.parse
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 
 WORDS = ("time person year way day thing man world life hand part child eye woman place work "
@@ -93,7 +99,8 @@ async def one_request(url: urllib.parse.ParseResult, path: str, body: dict,
                 if event.get("usage"):
                     res.num_output_tokens = event["usage"]["completion_tokens"]
                     res.num_prompt_tokens = event["usage"]["prompt_tokens"]
-                if not event.get("choices") or not event["choices"][0].get("text"):
+                choice = (event.get("choices") or [{}])[0]
+                if not (choice.get("text") or (choice.get("delta") or {}).get("content")):
                     continue
                 now = time.perf_counter()
                 if last is None:
@@ -125,6 +132,20 @@ def make_prompts(args: argparse.Namespace) -> list[str]:
             for _ in range(args.num_prompts)]
 
 
+def png_data_url(width: int, height: int, seed: int) -> str:
+    """A noise PNG (stdlib only: zlib rows, filter 0) as a data: URL."""
+    rng = random.Random(seed)
+    rows = b"".join(b"\0" + rng.randbytes(width * 3) for _ in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0,
+                                                                0, 0))
+           + chunk(b"IDAT", zlib.compress(rows, 1)) + chunk(b"IEND", b""))
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
 def pct(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -146,18 +167,29 @@ async def run(args: argparse.Namespace) -> dict:
     prompts = make_prompts(args)
     sem = asyncio.Semaphore(args.max_concurrency or len(prompts))
     rng = random.Random(args.seed)
+    images = []
+    if args.image:
+        width, height = (int(x) for x in args.image.lower().split("x"))
+        images = [png_data_url(width, height, args.seed + i) for i in range(len(prompts))]
 
-    async def limited(p: str) -> Result:
+    async def limited(i: int, p: str) -> Result:
         async with sem:
-            body = {"model": model, "prompt": p, "max_tokens": args.output_len, "stream": True,
+            body = {"model": model, "max_tokens": args.output_len, "stream": True,
                     "temperature": args.temperature, "ignore_eos": args.ignore_eos,
                     "stream_options": {"include_usage": True}}
+            if images:
+                body["messages"] = [{"role": "user", "content": [
+                    {"type": "text", "text": p},
+                    {"type": "image_url", "image_url": {"url": images[i]}}]}]
+                return await one_request(url, path[:-len("/completions")] + "/chat/completions",
+                                         body, args.api_key)
+            body["prompt"] = p
             return await one_request(url, path, body, args.api_key)
 
     t0 = time.perf_counter()
     tasks = []
-    for p in prompts:
-        tasks.append(asyncio.ensure_future(limited(p)))
+    for i, p in enumerate(prompts):
+        tasks.append(asyncio.ensure_future(limited(i, p)))
         if args.request_rate != float("inf"):
             await asyncio.sleep(rng.expovariate(args.request_rate))
     results = await asyncio.gather(*tasks)
@@ -218,6 +250,8 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", default=None, metavar="WIDTHxHEIGHT",
+                   help="send each prompt as a chat message with a generated image this size")
     p.add_argument("--json", action="store_true", help="print the summary as JSON too")
     args = p.parse_args()
     s = asyncio.run(run(args))

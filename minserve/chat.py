@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Literal
@@ -16,6 +17,8 @@ import jinja2.nodes
 import jinja2.utils
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from minserve.errors import library_text
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Text part type -> the field holding its text (vLLM's set: Responses-style input_text and
@@ -41,6 +44,27 @@ MISSING_TEMPLATE_MESSAGE = (
 )
 
 ContentFormat = Literal["string", "openai"]
+# Image part types a vision model takes: OpenAI's image_url (and Responses' input_image), and
+# LLM.chat's image_pil holding a Pillow image.
+IMAGE_PART_TYPES = frozenset({"image_url", "input_image", "image_pil"})
+
+
+@dataclass(slots=True)
+class ImageRef:
+    """One image part of a conversation, in order: a URL (http(s), data:, file:) or, from
+    LLM.chat, a Pillow image. `param` names the part, for error messages."""
+    url: str | None
+    image: Any
+    param: str
+
+
+@dataclass(slots=True)
+class ImageParts:
+    """How a vision model's image parts render: `placeholder` is what a string-content template
+    gets for each image (openai-content templates get {"type": "image"} parts); each part found
+    is appended to `found`."""
+    placeholder: str
+    found: list[ImageRef] = field(default_factory=list)
 
 
 class ChatTemplateError(ValueError):
@@ -155,7 +179,7 @@ def compile_template(template: str) -> jinja2.Template:
     try:
         return _environment().from_string(template)
     except TemplateError as e:
-        raise ChatTemplateError(f"the chat template does not compile: {e}") from e
+        raise ChatTemplateError(f"the chat template does not compile: {library_text(e)}") from e
 
 
 @lru_cache(maxsize=32)
@@ -192,10 +216,13 @@ def _is_content_access(node: jinja2.nodes.Node) -> bool:
 # ---------------------------------------------------------------- messages
 
 
-def normalize_messages(messages: Any, content_format: ContentFormat = "string") -> list[dict]:
+def normalize_messages(messages: Any, content_format: ContentFormat = "string",
+                       images: ImageParts | None = None) -> list[dict]:
     """OpenAI request messages -> the dicts templates read (a fresh copy; the input is untouched):
     content joined to one string (or a list of {"type": "text"} parts for "openai" templates),
-    tool_calls arguments parsed from JSON text to dicts, name / tool_call_id kept."""
+    tool_calls arguments parsed from JSON text to dicts, name / tool_call_id kept. Image parts
+    need `images` (a vision model): each becomes {"type": "image"} for "openai" templates, or its
+    placeholder, before the text and joined by a newline, for string ones (vLLM's layout)."""
     if not isinstance(messages, list) or not messages:
         raise ChatContentError("messages must be a non-empty list", param="messages")
     out: list[dict] = []
@@ -208,13 +235,16 @@ def normalize_messages(messages: Any, content_format: ContentFormat = "string") 
             raise ChatContentError(
                 f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {role!r}",
                 param=f"{where}.role")
-        texts = _content_texts(message.get("content"), where)
-        if content_format == "openai":
-            content: Any = [{"type": "text", "text": t} for t in texts]
+        parts = _content_parts(message.get("content"), where, images)
+        texts = [p for p in parts if isinstance(p, str)]
+        if content_format == "openai" and role != "tool":
+            content: Any = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"}
+                            for p in parts]
         else:
-            content = "\n".join(texts)  # vLLM joins text parts with a newline for string templates
-        if role == "tool" and isinstance(content, list):
-            content = "\n".join(texts)  # vLLM: tool results are plain strings for every template
+            # vLLM joins text parts with a newline for string templates (and for tool results,
+            # which are plain strings for every template), image placeholders first.
+            content = "\n".join([images.placeholder for p in parts if not isinstance(p, str)]
+                                + texts)
         msg: dict[str, Any] = {"role": role, "content": content}
         name = message.get("name")
         if name is not None:
@@ -236,7 +266,8 @@ def normalize_messages(messages: Any, content_format: ContentFormat = "string") 
     return out
 
 
-def _content_texts(content: Any, where: str) -> list[str]:
+def _content_parts(content: Any, where: str, images: ImageParts | None) -> list[str | ImageRef]:
+    """The message's text parts (str) and image parts (ImageRef), in order."""
     if content is None:
         return []
     if isinstance(content, str):
@@ -244,7 +275,7 @@ def _content_texts(content: Any, where: str) -> list[str]:
     if not isinstance(content, list):
         raise ChatContentError(f"{where}.content must be a string or a list of content parts",
                                param=f"{where}.content")
-    texts: list[str] = []
+    texts: list[str | ImageRef] = []
     for j, part in enumerate(content):
         pwhere = f"{where}.content[{j}]"
         if isinstance(part, str):
@@ -265,6 +296,14 @@ def _content_texts(content: Any, where: str) -> list[str]:
                 raise ChatContentError(f"{pwhere}.{field} must be a string",
                                        param=f"{pwhere}.{field}")
             texts.append(text)
+        elif kind in IMAGE_PART_TYPES and images is not None:
+            ref = _image_ref(part, kind, pwhere)
+            images.found.append(ref)
+            texts.append(ref)
+        elif kind in MEDIA_PART_TYPES and images is not None:
+            raise ChatContentError(
+                f"{pwhere} has type {kind!r}; this model takes images as image_url parts "
+                "(http(s) or data: URLs) and text", param=pwhere)
         elif kind in MEDIA_PART_TYPES:
             raise ChatContentError(
                 f"this model is text-only and does not accept {MEDIA_PART_TYPES[kind]} ({pwhere} "
@@ -274,6 +313,23 @@ def _content_texts(content: Any, where: str) -> list[str]:
                 f"{pwhere} has unsupported content part type {kind!r}; supported: "
                 f"{', '.join(sorted(TEXT_PART_TYPES))}", param=f"{pwhere}.type")
     return texts
+
+
+def _image_ref(part: dict, kind: str, where: str) -> ImageRef:
+    """{"type": "image_url", "image_url": {"url": ..., "detail": ...}} (detail is accepted and
+    ignored, as vLLM does), a bare URL string in its place (Responses' input_image), or
+    {"type": "image_pil", "image_pil": <PIL image>}."""
+    if kind == "image_pil":
+        if part.get("image_pil") is None:
+            raise ChatContentError(f"{where}.image_pil must be a PIL image",
+                                   param=f"{where}.image_pil")
+        return ImageRef(None, part["image_pil"], where)
+    value = part.get(kind) if kind in part else part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise ChatContentError(f"{where}.{kind}.url must be a non-empty string (an http(s) or "
+                               "data:image/...;base64 URL)", param=f"{where}.{kind}.url")
+    return ImageRef(url, None, where)
 
 
 def _tool_calls(tool_calls: Any, where: str) -> list[dict]:
@@ -315,6 +371,7 @@ def render_chat_template(
     eos_token: str | None = None,
     documents: list[dict] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    images: ImageParts | None = None,
     **kwargs: Any,
 ) -> str:
     """Render `messages` with `template` as transformers' apply_chat_template(tokenize=False)
@@ -336,7 +393,7 @@ def render_chat_template(
                                    param="chat_template_kwargs")
         extra.update(chat_template_kwargs)
     compiled = compile_template(template)
-    conversation = normalize_messages(messages, detect_content_format(template))
+    conversation = normalize_messages(messages, detect_content_format(template), images)
     if continue_final_message:
         final_text = _tag_final_message(conversation[-1])
     context = {"bos_token": bos_token or "", "eos_token": eos_token or "", **extra}
@@ -344,9 +401,10 @@ def render_chat_template(
         rendered = compiled.render(messages=conversation, tools=tools, documents=documents,
                                    add_generation_prompt=add_generation_prompt, **context)
     except TemplateError as e:  # raise_exception, undefined fields, sandbox refusals
-        raise ChatTemplateError(f"chat template error: {e}") from e
+        raise ChatTemplateError(f"chat template error: {library_text(e)}") from e
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
-        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+        raise ChatTemplateError(
+            f"chat template failed: {type(e).__name__}: {library_text(e)}") from e
     if continue_final_message:
         rendered = _cut_after_final_message(rendered, final_text)
     return rendered

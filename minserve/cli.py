@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import sys
 
 from minserve import __version__
@@ -23,6 +24,54 @@ logger = logging.getLogger("minserve")
 
 API_KEY_ENVS = ("VLLM_API_KEY", "MINSERVE_API_KEY")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+# Connections: at most MAX_CONNECTIONS open at once (granian's backpressure: past it, new ones
+# wait in the listen backlog until a slot frees), each needing a file descriptor, so the limit
+# also stays FD_RESERVE below the open-files limit, which is raised to its hard maximum.
+MAX_CONNECTIONS = 8192
+FD_RESERVE = 512
+BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+
+
+def connection_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one; -> the connections to allow."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return 1024
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_CONNECTIONS + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    limit = min(MAX_CONNECTIONS, soft - FD_RESERVE)
+    if limit < 1024:
+        logger.warning("the open-files limit (%d) allows only %d connections; raise it "
+                       "(ulimit -n) to serve more clients", soft, max(limit, 64))
+    return max(limit, 64)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """granian always binds with SO_REUSEPORT, so a second server on a port in use would start
+    and silently take half its connections: bind once without it first (SystemExit if taken)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SystemExit(f"minserve: cannot listen on {host}:{port}: {e.strerror} (another "
+                             "server is there? pass --reuse-port to share the port with it "
+                             "on purpose)") from None
 
 
 def _size(text: str) -> int:
@@ -51,6 +100,27 @@ def _origins(text: str) -> list[str]:
     return [o.strip() for o in text.split(",") if o.strip()]
 
 
+def _mm_limits(text: str) -> dict[str, int]:
+    """--limit-mm-per-prompt: 'image=2' (comma-separated for several) or '{"image": 2}'."""
+    text = text.strip()
+    try:
+        if text.startswith("{"):
+            value = json.loads(text)
+        else:
+            value = {}
+            for item in filter(None, (t.strip() for t in text.split(","))):
+                name, sep, count = item.partition("=")
+                if not sep:
+                    raise ValueError(item)
+                value[name.strip()] = int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f'--limit-mm-per-prompt {text!r}: use image=N or JSON like {{"image": N}}') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('--limit-mm-per-prompt JSON must be an object')
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m minserve",
@@ -77,7 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--kv-cache-memory", type=_size, default=None,
       help="bytes for the KV cache (overrides --gpu-memory-utilization), e.g. 2GiB")
     a("--max-num-seqs", type=int, default=256)
-    a("--max-num-batched-tokens", type=_size, default=None)
+    a("--max-num-batched-tokens", type=_size, default=None,
+      help="tokens per engine step (default: vLLM's 8192 or 2048 on a GPU; 256 on CPU, so "
+           "one step stays short)")
+    a("--long-prefill-token-threshold", type=_size, default=None,
+      help="prompt tokens of one request per step (default: 128 on CPU, none on a GPU; 0: no "
+           "cap): a long prompt leaves room in each step for the requests behind it")
+    a("--max-chunk-attention", type=_size, default=None,
+      help="(query, context) token pairs one request's prompt chunk may compute per step "
+           "(default: 48k on CPU, none on a GPU; 0: no cap): late chunks of a long prompt stay "
+           "as short as early ones (minserve only)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     a("--block-size", type=int, default=16)
     a("--chat-template", default=None, help="a jinja2 chat template file or its text")
@@ -99,8 +178,26 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ssl-certfile", default=None)
     a("--max-request-body-bytes", type=_size, default=32 * 1024 * 1024,
       help="larger request bodies are refused with 413 (default 32MiB)")
+    a("--reuse-port", action="store_true",
+      help="start even if another process listens on --port (SO_REUSEPORT: the kernel then "
+           "splits new connections between the two); without it a port in use is an error")
+    a("--timeout-keep-alive", type=float, default=5.0,
+      help="seconds a connection may stay idle, between requests or before its first one, and "
+           "a client may take to send a request's headers (uvicorn's flag, vLLM's default 5)")
     a("--shutdown-timeout", type=float, default=30.0,
-      help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+      help="seconds in-flight requests get to finish on SIGTERM/SIGINT; then they are cut "
+           "(a stream ends with an error event, a whole response is a 503) and the process "
+           "exits (a second signal cuts at once)")
+    a("--limit-mm-per-prompt", type=_mm_limits, default=None,
+      help='vision models: at most N images in one prompt, as image=N or {"image": N} '
+           "(default 999); more is a 400")
+    a("--allowed-local-media-path", default=None,
+      help="serve file:// image URLs from below this folder (refused otherwise)")
+    a("--allowed-media-domains", nargs="+", default=None,
+      help="fetch image URLs only from these host names (default: any public host)")
+    a("--allow-private-media-urls", action="store_true",
+      help="allow image URLs whose host resolves to a loopback, private or link-local address "
+           "(refused by default: a server-side request forgery guard)")
     a("--trust-remote-code", action="store_true",
       help="accepted for vLLM compatibility; has no effect: minserve never runs code from a "
            "model repository")
@@ -127,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
            "architecture)")
     a("--runner", default="auto", choices=["auto", "generate", "pooling"],
       help="vLLM's newer spelling of --task: pooling = embed")
+    a("--responses-store-size", type=int, default=1000,
+      help="how many /v1/responses are kept for previous_response_id and GET (oldest evicted "
+           "first)")
     a("--embedding-model", default=None,
       help="also serve this embedding model (a folder, or all-minilm-l6-v2, fetched once) on "
            "/v1/embeddings next to the chat model")
@@ -149,6 +249,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         parser.error("--enable-auto-tool-choice needs --tool-call-parser "
                      f"({', '.join(sorted(TOOL_PARSERS))})")
+    if args.responses_store_size < 0:
+        parser.error("--responses-store-size must be >= 0")
+    if not args.timeout_keep_alive > 0:
+        parser.error(f"--timeout-keep-alive {args.timeout_keep_alive}: must be > 0")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be in 0..65535")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
@@ -176,12 +280,18 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
+        max_chunk_attention=args.max_chunk_attention,
         enable_prefix_caching=args.enable_prefix_caching, block_size=args.block_size,
         load_format=args.load_format, seed=args.seed, enforce_eager=args.enforce_eager,
         chat_template=args.chat_template, generation_config=args.generation_config,
         tensor_parallel_size=args.tensor_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes,
-        node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port)
+        node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+        limit_mm_per_prompt=args.limit_mm_per_prompt,
+        allowed_local_media_path=args.allowed_local_media_path,
+        allowed_media_domains=args.allowed_media_domains,
+        allow_private_media_urls=args.allow_private_media_urls)
 
 
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)
@@ -199,26 +309,38 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         log_requests=args.enable_log_requests and not args.disable_log_requests,
         model_root=args.model or DEFAULT_MODEL_NAME,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
-        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        responses_store_size=args.responses_store_size)
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from granian.constants import Interfaces
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
     from granian.server.embed import Server
 
     from minserve.embeddings.service import service_from_cli
     from minserve.server import create_app
+    from minserve.shutdown import GracefulShutdown
 
+    if not args.reuse_port:
+        check_port_free(args.host, args.port)
     app = create_app(None if args.task == "embed" else args.engine_config, server_config(args),
                      embedding=service_from_cli(args))
     scheme = "https" if args.ssl_certfile else "http"
     url = f"{scheme}://{args.host}:{args.port}{args.root_path.rstrip('/')}/v1"
+    # NOTE: HTTP/1.1 only, as vLLM's uvicorn: in granian's auto mode a connection that sends
+    # nothing waits in HTTP/1-or-2 detection with no timeout, so ~1,030 idle connections used
+    # up every connection slot and locked all clients out. In HTTP/1 mode hyper's header read
+    # timeout runs from the start and between keep-alive requests: it is the idle timeout.
     server = Server(app, address=args.host, port=args.port, interface=Interfaces.ASGI,
                     log_level=LogLevels(args.log_level if args.log_level != "trace" else "debug"),
                     # granian wants Paths here (a str fails inside its TLS set-up)
                     ssl_cert=_path(args.ssl_certfile), ssl_key=_path(args.ssl_keyfile),
-                    backlog=1024)
+                    http=HTTPModes.http1, websockets=False,
+                    http1_settings=HTTP1Settings(
+                        header_read_timeout=int(args.timeout_keep_alive * 1000)),
+                    backlog=BACKLOG, backpressure=connection_limit())
     exit_code = 0
     primary = app.services[0]  # the chat engine, or the embedding service serving alone
 
@@ -242,8 +364,9 @@ async def serve(args: argparse.Namespace) -> int:
         # the embedding model failing to load ends the server too (chat alone was not asked for)
         app.embedding.on_dead = lambda reason: on_dead(f"embedding model: {reason}", force=True)
     loop = asyncio.get_running_loop()
+    shutdown = GracefulShutdown(server, app, args.port)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.stop)
+        loop.add_signal_handler(sig, shutdown.begin)
     logger.info("minserve %s: loading %s; listening on %s (/health is 503 until loaded)",
                 __version__, args.model or DEFAULT_MODEL_NAME, url)
     await server.serve()

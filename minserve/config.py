@@ -10,6 +10,19 @@ from typing import Any
 # The model served when none is named (models/loader.py fetches it; the CLI reports its name).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
+# Vision-language wrappers: a vision tower beside a Llama/Qwen2 language model whose settings sit
+# in config.json's text_config (Qwen2-VL checkpoints may also keep them at the top level).
+MULTIMODAL_ARCHITECTURES = frozenset({
+    "LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration", "Idefics3ForConditionalGeneration",
+})
+# transformers' LlamaConfig defaults: llava-1.5's text_config names only what differs from them.
+_LLAMA_DEFAULTS = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2,
+}
+
 
 class ConfigError(ValueError):
     """A bad engine argument or an unsupported model; the CLI prints it and exits."""
@@ -36,11 +49,21 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str | None = None
+    # Vision-language models: the whole config.json (the wrapper reads vision_config and its
+    # projector settings from it), the image placeholder token, Qwen2-VL's M-RoPE split.
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    image_token_id: int | None = None
+    mrope_section: list[int] | None = None
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.architecture in MULTIMODAL_ARCHITECTURES
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        archs = d.get("architectures") or ["LlamaForCausalLM"]
+    def from_dict(cls, top: dict[str, Any]) -> ModelConfig:
+        archs = top.get("architectures") or ["LlamaForCausalLM"]
         arch = archs[0]
+        d = _text_config(top, arch) if arch in MULTIMODAL_ARCHITECTURES else top
         num_heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
         eos = d.get("eos_token_id")
@@ -55,6 +78,12 @@ class ModelConfig:
         rope_scaling = d.get("rope_scaling")
         if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
             rope_scaling = rope_params
+        # Qwen2-VL: {"type": "mrope", "mrope_section": [...]} is plain rope over 3 position rows.
+        scaling = rope_scaling or {}
+        mrope_section = scaling.get("mrope_section") or rope_params.get("mrope_section")
+        if mrope_section is not None and scaling.get("rope_type", scaling.get("type")) in (
+                None, "mrope", "default"):
+            rope_scaling = None
         return cls(
             architecture=arch,
             vocab_size=int(d["vocab_size"]),
@@ -74,8 +103,25 @@ class ModelConfig:
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            torch_dtype=d.get("torch_dtype") or d.get("dtype") or top.get("torch_dtype")
+            or top.get("dtype"),
+            hf_config=top if arch in MULTIMODAL_ARCHITECTURES else {},
+            image_token_id=top.get("image_token_id", top.get("image_token_index")),
+            mrope_section=list(mrope_section) if mrope_section else None,
         )
+
+
+def _text_config(top: dict[str, Any], arch: str) -> dict[str, Any]:
+    """A vision-language config's language-model settings, as a text model's config.json."""
+    text = top.get("text_config") or {}
+    if arch.startswith("Qwen2"):
+        # Older Qwen2-VL checkpoints keep the text settings at the top level.
+        flat = {k: v for k, v in top.items() if k not in ("vision_config", "text_config")}
+        return {**flat, **text}
+    out = {**_LLAMA_DEFAULTS, **text}
+    if "tie_word_embeddings" not in text and "tie_word_embeddings" in top:
+        out["tie_word_embeddings"] = top["tie_word_embeddings"]
+    return out
 
 
 # --dtype spellings (vLLM's and common short ones) -> the torch dtype's name; engine.py maps them.
@@ -97,7 +143,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes; CPU default below
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default: max(8192, max_model_len) capped
+    max_num_batched_tokens: int | None = None  # default: engine.default_batching(device)
+    long_prefill_token_threshold: int | None = None  # per-request prefill chunk cap (ditto)
+    max_chunk_attention: int | None = None  # prefill (query, context) pairs (ditto)
     enable_prefix_caching: bool = True
     block_size: int = 16
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
@@ -113,6 +161,15 @@ class EngineConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int | None = None   # default: a free port with one node, 29500 with several
+    # Vision-language models. limit_mm_per_prompt: at most this many items of a modality in one
+    # prompt ({"image": N}; None: vLLM's default of 999). Images come from http(s) and data:
+    # URLs; file:// ones only from below allowed_local_media_path; hosts only from
+    # allowed_media_domains when set; URLs resolving to loopback/private/link-local addresses
+    # only with allow_private_media_urls (--allow-private-media-urls).
+    limit_mm_per_prompt: dict[str, int] | None = None
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: list[str] | None = None
+    allow_private_media_urls: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 8:
@@ -123,6 +180,10 @@ class EngineConfig:
             raise ConfigError("--gpu-memory-utilization must be in (0, 1]")
         if self.max_num_seqs < 1:
             raise ConfigError("--max-num-seqs must be >= 1")
+        for flag, value in (("--long-prefill-token-threshold", self.long_prefill_token_threshold),
+                            ("--max-chunk-attention", self.max_chunk_attention)):
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag} must be >= 0 (0: no cap), got {value}")
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
             raise ConfigError(
                 f"--dtype {self.dtype!r} is not one of auto, bfloat16, float16, float32"
@@ -144,6 +205,26 @@ class EngineConfig:
             raise ConfigError(
                 f"--load-format {self.load_format!r} is not one of auto, safetensors, gguf, dummy"
             )
+        if self.limit_mm_per_prompt is not None:
+            limits = self.limit_mm_per_prompt
+            if not isinstance(limits, dict) or any(
+                    not isinstance(v, int) or isinstance(v, bool) or v < 0
+                    for v in limits.values()):
+                raise ConfigError("--limit-mm-per-prompt must map modalities to counts >= 0, "
+                                  'e.g. image=2 or {"image": 2}')
+            unknown = set(limits) - set(MODALITIES)
+            if unknown:
+                raise ConfigError(f"--limit-mm-per-prompt: unknown modality "
+                                  f"{', '.join(sorted(unknown))} (known: {', '.join(MODALITIES)})")
+
+    @property
+    def image_limit(self) -> int:
+        return (self.limit_mm_per_prompt or {}).get("image", DEFAULT_MM_LIMIT)
+
+
+# Modalities --limit-mm-per-prompt names (vLLM's); minserve's models take images only.
+MODALITIES = ("image", "video", "audio")
+DEFAULT_MM_LIMIT = 999   # vLLM's default per modality
 
 
 def cache_dir() -> str:

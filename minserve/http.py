@@ -55,6 +55,7 @@ class Http:
     sse: bool = False       # the response is an event stream: a late error becomes an event
     # The route's error shape (another API's routes set their own; OpenAI's by default).
     error_body: Callable[[OpenAIError], Any] = OpenAIError.to_dict
+    head_only: bool = False  # HEAD: answered as GET, its headers kept, without the body
 
     async def send(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "http.response.start":
@@ -62,6 +63,8 @@ class Http:
             self.sse = SSE_HEADERS[0] in msg.get("headers", ())
             if self.extra_headers:
                 msg = {**msg, "headers": list(msg.get("headers", [])) + self.extra_headers}
+        elif self.head_only:
+            msg = {**msg, "body": b""}
         await self.raw_send(msg)
 
     # ---- the request

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from minserve.config import EngineConfig
+from minserve.detokenizer import StopStrings
 from minserve.engine.engine import Engine
 from minserve.engine.request import EngineRequest, FinishReason, Logprob
 from minserve.output import SampleState
@@ -166,10 +167,14 @@ class LLM:
                                                       for i in range(params.n)])
                 results.append(res)
                 request = EngineRequest(rid, ids, params)
+                if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
+                    self._attach_images(request, prompt["multi_modal_data"])
+                    res.prompt_token_ids = ids = request.prompt_token_ids
                 self.engine.add_request(request)
+                stop = StopStrings(params.stop)  # once for the n samples
                 for i, sid in enumerate(request.sample_ids()):
                     samples[sid] = (res, i, params, SampleState(self.engine.info.tokenizer, ids,
-                                                                params))
+                                                                params, stop))
             self._run(samples, use_tqdm, len(results))
         except BaseException:
             self.engine.abort_request(list(samples))
@@ -186,6 +191,23 @@ class LLM:
         if isinstance(prompt, str):
             return prompt, self.engine.info.tokenizer.encode(prompt)
         return None, list(prompt)
+
+    def _attach_images(self, request: EngineRequest, data: Any) -> None:
+        """multi_modal_data {"image": a PIL image or a list of them} -> the prompt's image
+        placeholders expanded (vLLM's offline form)."""
+        from minserve.multimodal.image import check_image
+        from minserve.multimodal.inputs import attach_images, check_image_count
+
+        info = self.engine.info
+        if not isinstance(data, dict) or set(data) - {"image"}:
+            raise ValueError('multi_modal_data must be {"image": <PIL image or list>}; '
+                             "minserve's models take images only")
+        if info.image_processor is None:
+            raise ValueError(f"{info.architecture} is a text-only model: it takes no images")
+        images = data.get("image")
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        check_image_count(len(images), info.image_limit)
+        attach_images(request, [check_image(im) for im in images], info.image_processor)
 
     def _run(self, samples: dict[str, tuple[GenerateOutput, int, SamplingParams, SampleState]],
              use_tqdm: bool | None, num_prompts: int) -> None:
@@ -221,18 +243,30 @@ class LLM:
              continue_final_message: bool = False, tools: list[dict] | None = None,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[GenerateOutput]:
         """One conversation (a list of {"role", "content"}) or a list of conversations."""
+        from minserve.chat import ImageParts
+
         convs = list(messages) if messages and isinstance(messages[0], list) else [messages]
-        tok = self._generator().info.tokenizer
+        info = self._generator().info
+        tok = info.tokenizer
         prompts: list[Prompt] = []
         for conv in convs:
+            images = ImageParts(info.image_processor.placeholder) if info.image_processor \
+                else None
             # Messages and chat_template_kwargs are checked as the server checks them (chat.py).
             text = tok.apply_chat_template(
                 conv, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tools=tools,
-                chat_template_kwargs=chat_template_kwargs)
+                chat_template_kwargs=chat_template_kwargs, images=images)
             # The template already wrote bos (if the model wants one): do not add it twice.
-            prompts.append({"prompt": text,
-                            "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+            prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": tok.encode(
+                text, add_special_tokens=False)}
+            if images is not None and images.found:
+                from minserve.multimodal.inputs import check_image_count, load_images_sync
+
+                check_image_count(len(images.found), info.image_limit)
+                prompt["multi_modal_data"] = {"image": load_images_sync(images.found,
+                                                                        info.media_policy)}
+            prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from minserve.detokenizer import IncrementalDetokenizer, StopChecker
+from minserve.detokenizer import IncrementalDetokenizer, StopChecker, StopStrings
 from minserve.engine.request import FinishReason, Logprob, RequestOutput
 from minserve.sampling_params import SamplingParams
 
@@ -20,12 +20,13 @@ _MIN_LOGPROB = -9999.0  # vLLM's floor for -inf, so the JSON stays finite
 class SampleState:
     """One sample as its engine deltas arrive: token ids, logprobs, text and why it ended."""
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int],
-                 params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams,
+                 stop: StopStrings | None = None) -> None:
+        """stop: params.stop prepared once for all of a request's samples."""
         self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids,
                                             params.skip_special_tokens,
                                             params.spaces_between_special_tokens)
-        self.stop = StopChecker(params.stop, params.include_stop_str_in_output) \
+        self.stop = StopChecker(stop or params.stop, params.include_stop_str_in_output) \
             if params.stop else None
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_cached_tokens = 0
@@ -82,7 +83,7 @@ class ChoiceState(SampleState):
 
     def __init__(self, index: int, req: GenerateRequest, tokenizer: Any,
                  prompt_token_ids: list[int]) -> None:
-        super().__init__(tokenizer, prompt_token_ids, req.params)
+        super().__init__(tokenizer, prompt_token_ids, req.params, req.stop_strings)
         self.index = index
         self.tokenizer = tokenizer
         # chat only: reasoning / tool-call parsers (each keeps this choice's streaming state)

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from minserve.chat import ChatContentError, ChatTemplateError, normalize_messages
+from minserve.chat import ChatContentError, ChatTemplateError, ImageParts, normalize_messages
+from minserve.detokenizer import StopStrings
 from minserve.engine.request import EngineRequest, prompt_length_error
 from minserve.http import OpenAIError
 from minserve.reasoning import get_reasoning_parser, prompt_opens_reasoning
@@ -29,6 +30,7 @@ from minserve.tool_parsers.registry import get_tool_parser
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP = 16
+MAX_STOP_CHARS = 16384  # all stop strings together: they are scanned at every token of every choice
 
 
 @dataclass
@@ -48,6 +50,10 @@ class ServingContext:
     # A longer prompt text cannot fit in max_model_len tokens whatever it tokenizes to (App sets
     # it from the tokenizer's longest token); None: no early check.
     max_prompt_chars: int | None = None
+    # Vision-language models (EngineInfo's): None / 0 for a text-only model.
+    image_processor: Any = None
+    image_limit: int = 0
+    media_policy: Any = None
 
 
 def prompt_chars_limit(max_model_len: int, max_token_bytes: int) -> int:
@@ -86,6 +92,15 @@ class GenerateRequest:
     # completions with echo and max_tokens=0 (OpenAI's legacy scoring call, as lm-eval sends it):
     # the engine samples one token, which cannot be avoided; output.py drops it
     echo_only: bool = False
+    # chat with image parts (chat.ImageRef, in prompt order): the caller fetches them and calls
+    # attach_images(), which expands the prompt's placeholders and checks its length
+    images: list[Any] = field(default_factory=list)
+    # params.stop prepared once for all choices, while parsing (off the event loop)
+    stop_strings: StopStrings | None = None
+
+    def __post_init__(self) -> None:
+        if self.stop_strings is None and self.params.stop:
+            self.stop_strings = StopStrings(self.params.stop)
 
     @property
     def prompts(self) -> list[list[int]]:
@@ -168,6 +183,10 @@ def _stop(body: dict) -> list[str]:
         raise _bad("stop", "must be a string or a list of strings")
     if len(stop) > MAX_STOP:
         raise _bad("stop", f"at most {MAX_STOP} stop strings")
+    num_chars = sum(map(len, stop))
+    if num_chars > MAX_STOP_CHARS:
+        raise _bad("stop", f"the stop strings have {num_chars} characters; at most "
+                   f"{MAX_STOP_CHARS} together")
     return [s for s in stop if s]
 
 
@@ -297,10 +316,16 @@ def _chat_error(e: Exception) -> OpenAIError:
     return OpenAIError(400, msg, param=getattr(e, "param", None) or "messages")
 
 
+def _image_parts(ctx: ServingContext) -> ImageParts | None:
+    """A vision model's collector of the chat's image parts; None (image parts refused) else."""
+    return ImageParts(ctx.image_processor.placeholder) if ctx.image_processor else None
+
+
 def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     model, stream, include_usage, continuous = _common(body, ctx)
     try:  # the template reads its own copy; this one is for checking and for echo
-        messages = normalize_messages(body.get("messages"))
+        messages = normalize_messages(body.get("messages"),
+                                      images=_image_parts(ctx))
     except ChatContentError as e:
         raise _chat_error(e) from None
     want_logprobs = _bool(body, "logprobs", False)
@@ -317,10 +342,11 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     params.logprobs = (top or 0) if want_logprobs else None
     tools, make_tool_parser, forced = _tools(body, ctx, params)
     _check_structured(ctx, params.structured, "tool_choice" if forced else _structured_param(body))
+    images = _image_parts(ctx)
     try:
         text = ctx.tokenizer.apply_chat_template(
             body["messages"], add_generation_prompt=add_gen, continue_final_message=cont,
-            tools=tools, chat_template_kwargs=body.get("chat_template_kwargs"))
+            tools=tools, chat_template_kwargs=body.get("chat_template_kwargs"), images=images)
     except (ValueError, TypeError, KeyError) as e:  # chat.py's errors are ValueErrors
         raise _chat_error(e) from None
     prompt = encode_prompt(ctx, text, "messages", add_special_tokens=False)
@@ -330,7 +356,11 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     def make_parsers() -> tuple[Any, Any]:
         return (reasoning_cls(start_in_reasoning=opens) if reasoning_cls else None,
                 make_tool_parser() if make_tool_parser else None)
-    _check_length(ctx, prompt, params, "messages")
+    refs = images.found if images is not None else []
+    if refs:   # the length is known once the images are in (attach_images)
+        _media(lambda: _check_image_count(len(refs), ctx.image_limit))
+    else:
+        _check_length(ctx, prompt, params, "messages")
     echo = _bool(body, "echo", False)
     # vLLM echoes the last message only when it has the response's role: "assistant" with a
     # generation prompt, else the last message's own role (i.e. always).
@@ -342,7 +372,37 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
                            [echoed], stream, include_usage, continuous, echo,
                            params.logprobs,
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
-                           else None)
+                           else None, images=refs)
+
+
+def attach_images(req: GenerateRequest, images: list[Any], ctx: ServingContext) -> None:
+    """A parsed chat request's images (fetched and decoded by the caller) -> its prompt with
+    each placeholder expanded to the image's tokens, then the length check parse_chat left."""
+    from minserve.multimodal.inputs import attach_images as attach
+
+    (request,) = req.requests
+    _media(lambda: attach(request, images, ctx.image_processor))
+    _check_length(ctx, request.prompt_token_ids, request.sampling_params, "messages")
+
+
+def _check_image_count(num_images: int, limit: int) -> None:
+    from minserve.multimodal.inputs import check_image_count
+
+    check_image_count(num_images, limit)
+
+
+def media_error(e: Exception) -> OpenAIError:
+    """A multimodal.MediaError (bad URL, fetch failure, not an image...) -> its 400."""
+    return OpenAIError(400, str(e), param=getattr(e, "param", None) or "messages")
+
+
+def _media(fn: Callable[[], Any]) -> Any:
+    from minserve.multimodal.image import MediaError
+
+    try:
+        return fn()
+    except MediaError as e:
+        raise media_error(e) from None
 
 
 # ---------------------------------------------------------------- tools

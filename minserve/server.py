@@ -12,15 +12,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from minserve import __version__, output
+from minserve import __version__, messages, output, responses
 from minserve.embeddings import routes as embedding_routes
 from minserve.engine.async_engine import AsyncEngine, EngineError, RequestStream
+from minserve.errors import library_text
 from minserve.http import Http, OpenAIError, Receive, Scope, Send, find_route
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from minserve.metrics import Metrics, RequestTracker
 from minserve.protocol import (
     GenerateRequest,
     ServingContext,
+    attach_images,
+    encode_prompt,
+    media_error,
     parse_chat,
     parse_completion,
     prompt_chars_limit,
@@ -43,6 +47,7 @@ class ServerConfig:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     embedding_model_names: list[str] = field(default_factory=list)  # served by App.embedding
+    responses_store_size: int = 1000   # /v1/responses kept for previous_response_id and GET
 
 
 Handler = Callable[["App", Http], Awaitable[None]]
@@ -60,7 +65,9 @@ class App:
         self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
         self.metrics = Metrics(self.model_name, lambda: self.services[0].stats)
         self._ctx: ServingContext | None = None
+        self.responses = responses.ResponseStore(cfg.responses_store_size)
         self.started = time.time()
+        self.shutdown_deadline: float | None = None  # monotonic; set by begin_shutdown()
 
     # ---- ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -81,10 +88,31 @@ class App:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                grace_s = self.cfg.shutdown_grace_s
+                if self.shutdown_deadline is not None:  # the signal started the clock already
+                    grace_s = max(0.0, self.shutdown_deadline - time.monotonic())
+                logger.info("connections drained; stopping the engine")
                 for service in self.services:
-                    await service.shutdown(self.cfg.shutdown_grace_s)
+                    await service.shutdown(grace_s)
+                logger.info("stopped")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    # ---- shutdown (minserve/shutdown.py drives these from the signal)
+    def begin_shutdown(self) -> float:
+        """Start the --shutdown-timeout clock; -> its seconds."""
+        self.shutdown_deadline = time.monotonic() + self.cfg.shutdown_grace_s
+        return self.cfg.shutdown_grace_s
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(service.num_in_flight for service in self.services)
+
+    def cut_in_flight(self) -> None:
+        """The deadline passed: every request still running ends now with a 503 (an error event
+        in a stream), and new ones are refused."""
+        for service in self.services:
+            service.fail_in_flight("the server is shutting down")
 
     # ---- routing policy: which model answers which route
     @property
@@ -102,6 +130,8 @@ class App:
                 enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
                 tool_call_parser=self.cfg.tool_call_parser,
                 reasoning_parser=self.cfg.reasoning_parser,
+                image_processor=info.image_processor, image_limit=info.image_limit,
+                media_policy=info.media_policy,
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
                                                     info.tokenizer.max_token_bytes))
         return self._ctx
@@ -194,21 +224,23 @@ class App:
             path = path[len(root):] or "/"
         method = scope["method"]
         http = Http(scope, receive, send, path, headers, self.cfg.max_body_bytes,
-                    self._cors(headers))
+                    self._cors(headers), head_only=method == "HEAD")
+        http.error_body = ERROR_SHAPES.get(path, OpenAIError.to_dict)
         try:
+            # A CORS preflight carries no credentials: answered before auth and routing, the
+            # same for every path (as Starlette's CORSMiddleware does).
+            if method == "OPTIONS" and http.extra_headers and \
+                    b"access-control-request-method" in headers:
+                return await self._preflight(http)
             # Auth before routing, as vLLM does: without a key, /v1 paths reveal nothing (401,
-            # not 404). A CORS preflight carries no credentials, so it is not checked.
-            if self.cfg.api_keys and method != "OPTIONS" and (path.startswith("/v1/")
-                                                             or path in PROTECTED):
-                self._check_auth(headers)
+            # not 404 or 405), whatever the method.
+            if self.cfg.api_keys and (path.startswith("/v1/") or path in PROTECTED):
+                self._check_auth(scope.get("headers", []))
             found = find_route(ROUTES, path)
             if found is None:
                 raise OpenAIError(404, f"Not Found: {method} {path}", type="NotFoundError")
             methods, http.path_params = found
-            if method == "OPTIONS" and http.extra_headers and \
-                    b"access-control-request-method" in headers:
-                return await self._preflight(http)
-            handler = methods.get(method)
+            handler = methods.get("GET" if method == "HEAD" else method)
             if handler is None:
                 raise OpenAIError(405, f"Method Not Allowed: {method} {path} (allowed: "
                                   f"{', '.join(sorted(methods))})")
@@ -220,7 +252,8 @@ class App:
                 e = OpenAIError(e.status, e.message)
             elif not isinstance(e, OpenAIError):
                 logger.exception("unhandled error in %s %s", method, path)
-                e = OpenAIError(500, f"internal server error: {type(e).__name__}: {e}")
+                e = OpenAIError(500, "internal server error: "
+                                f"{type(e).__name__}: {library_text(e)}")
             await http.send_error(e)
 
     async def _preflight(self, http: Http) -> None:
@@ -229,16 +262,21 @@ class App:
             (b"access-control-allow-methods", b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"),
             (b"access-control-allow-headers", req_headers), (b"access-control-max-age", b"600")])
 
-    def _check_auth(self, headers: dict[bytes, bytes]) -> None:
-        auth = headers.get(b"authorization", b"")
-        token = auth[7:] if auth[:7].lower() == b"bearer " else b""
+    def _check_auth(self, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        values = [v for k, v in raw_headers if k.lower() == b"authorization"]
+        if len(values) > 1:  # which one counts would be a guess (the last one used to win)
+            raise OpenAIError(400, f"{len(values)} Authorization headers: send exactly one")
+        auth = values[0] if values else b""
+        # Anthropic's clients send the key as x-api-key.
+        token = auth[7:] if auth[:7].lower() == b"bearer " else \
+            next((v for k, v in raw_headers if k.lower() == b"x-api-key"), b"")
         # NOTE: compare against every key so timing does not tell which one is close.
         ok = False
         for key in self.cfg.api_keys:
             ok |= hmac.compare_digest(token, key.encode())
         if not ok:
             raise OpenAIError(401, "Unauthorized: a valid `Authorization: Bearer <api key>` "
-                              "header is required", type="AuthenticationError")
+                              "(or `x-api-key`) header is required", type="AuthenticationError")
 
     # ---- generation
     async def generate(self, http: Http, req: GenerateRequest) -> None:
@@ -334,7 +372,24 @@ class App:
 async def chat_completions(app: App, http: Http) -> None:
     body = await http.read_json()
     app.check_chat_model(body)
-    await app.generate(http, await asyncio.to_thread(parse_chat, body, app.ctx))
+    req = await asyncio.to_thread(parse_chat, body, app.ctx)
+    if req.images:
+        await _attach_images(app, req)
+    await app.generate(http, req)
+
+
+async def _attach_images(app: App, req: GenerateRequest) -> None:
+    """Fetch the request's images (their own threads, all at once, each bounded by the fetch
+    timeout: other streams flow meanwhile), decode them, expand the prompt."""
+    from minserve.multimodal.image import MediaError
+    from minserve.multimodal.inputs import load_images
+
+    ctx = app.ctx
+    try:
+        images = await load_images(req.images, ctx.media_policy)
+    except MediaError as e:
+        raise media_error(e) from None
+    await asyncio.to_thread(attach_images, req, images, ctx)
 
 
 async def completions(app: App, http: Http) -> None:
@@ -380,13 +435,19 @@ async def tokenize(app: App, http: Http) -> None:
     body = await http.read_json()
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
-    await http.send_json(200, await asyncio.to_thread(_tokenize, body, app.ctx))
-
-
-def _tokenize(body: dict[str, Any], ctx: ServingContext) -> dict[str, Any]:
+    chat = None
     if "messages" in body:
-        chat = parse_chat({**body, "max_tokens": None, "max_completion_tokens": None,
-                           "stream": False, "stream_options": None}, ctx)
+        chat = await asyncio.to_thread(parse_chat, {
+            **body, "max_tokens": None, "max_completion_tokens": None, "stream": False,
+            "stream_options": None}, app.ctx)
+        if chat.images:     # counted as the model sees them: each image's tokens expanded
+            await _attach_images(app, chat)
+    await http.send_json(200, await asyncio.to_thread(_tokenize, body, app.ctx, chat))
+
+
+def _tokenize(body: dict[str, Any], ctx: ServingContext,
+              chat: GenerateRequest | None) -> dict[str, Any]:
+    if chat is not None:
         ids = chat.prompts[0]
     else:
         prompt = body.get("prompt")
@@ -396,7 +457,13 @@ def _tokenize(body: dict[str, Any], ctx: ServingContext) -> dict[str, Any]:
         if not isinstance(add, bool):
             raise OpenAIError(400, "add_special_tokens: must be a boolean",
                               param="add_special_tokens")
-        ids = ctx.tokenizer.encode(prompt, add_special_tokens=add)
+        ids = encode_prompt(ctx, prompt, "prompt", add_special_tokens=add)
+    # NOTE: this bounds the response too: at most max_model_len ids and token strings (a 31 MB
+    # prompt once took 53 s, answered 43 MB and kept 6 GB resident).
+    if len(ids) > ctx.max_model_len:
+        raise OpenAIError(400, f"This model's maximum context length is {ctx.max_model_len} "
+                          f"tokens. However, your request has {len(ids)} input tokens. Please "
+                          "reduce the length of the input.", param="prompt")
     strs = ctx.tokenizer.convert_ids_to_tokens(ids) if body.get("return_token_strs") else None
     return {"count": len(ids), "max_model_len": ctx.max_model_len, "tokens": ids,
             "token_strs": strs}
@@ -425,8 +492,16 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/metrics": {"GET": metrics},
     "/tokenize": {"POST": tokenize},
     "/detokenize": {"POST": detokenize},
+    "/v1/responses": {"POST": responses.create_response},
+    "/v1/responses/{id}": {"GET": responses.get_response, "DELETE": responses.delete_response},
+    "/v1/responses/{id}/cancel": {"POST": responses.cancel_response},
+    "/v1/messages": {"POST": messages.create_message},
+    "/v1/messages/count_tokens": {"POST": messages.count_tokens},
 }
 EMBEDDING_ROUTES = set(embedding_routes.ROUTES)  # answered by App.embedding
+# A route of another API answers errors (its own and the dispatcher's: 401, 404...) in its shape.
+ERROR_SHAPES = {"/v1/messages": messages.error_body,
+                "/v1/messages/count_tokens": messages.error_body}
 PROTECTED = {"/tokenize", "/detokenize"}                 # besides every /v1/ route
 ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics"}  # answer while loading, too
 

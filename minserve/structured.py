@@ -5,11 +5,15 @@ scheduling: the engine asks for bitmask rows and reports sampled tokens."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import llguidance
+
+from minserve.errors import library_text
 
 if TYPE_CHECKING:
     import torch
@@ -17,9 +21,80 @@ if TYPE_CHECKING:
 SPEC_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 _MAX_CACHED_MATCHERS = 64
 
+# Limits checked before anything is compiled. NOTE: llguidance recurses (in Rust) along rule
+# references, nested groups and JSON-schema nesting and $ref chains, with up to about 3 KB of
+# stack per level: a 3,000-rule chain overflowed the default 8 MB thread stack and the whole server
+# died of SIGSEGV. Compiles run on threads of their own with COMPILE_STACK_BYTES of stack (address
+# space: only the part used becomes memory), and these caps keep the deepest input accepted
+# (MAX_GRAMMAR_LEVELS or MAX_SCHEMA_NODES levels, ~60 MB) well inside it.
+COMPILE_STACK_BYTES = 256 << 20
+MAX_SPEC_CHARS = 1 << 20        # grammar, regex or JSON-schema text
+MAX_GRAMMAR_LEVELS = 20_000     # rule definitions + groups ( [ { in a grammar
+MAX_GBNF_RULES = 1_000          # llguidance's GBNF -> Lark conversion is quadratic Python (~4 s)
+MAX_SCHEMA_NODES = 20_000       # objects and arrays in a JSON schema
+MAX_SCHEMA_DEPTH = 128          # as llguidance's JSON reader (deeper is refused there anyway)
+MAX_CHOICES = 10_000            # 100,000 choices took 36 s, then panicked inside llguidance
+# verbose_errors off: llguidance's verbose errors dump lexer and parser state into the message.
+_LIMITS = llguidance.LLParserLimits(verbose_errors=False)
+_RULE_DEF = re.compile(r"(?m)^\s*[?!]?[\w.]+(?:\{[^}\n]*\})?\s*(?:::=|:)")
+
 
 class StructuredOutputError(ValueError):
     """A bad schema/regex/grammar or conflicting options: the server answers 400 with the text."""
+
+
+def check_limits(kind: str, value: Any) -> None:
+    """Refuse, before compiling, a spec past the caps above (StructuredOutputError)."""
+    if kind == "choice":
+        if len(value) > MAX_CHOICES:
+            raise StructuredOutputError(f"{len(value)} choices; at most {MAX_CHOICES} are allowed")
+        size = sum(map(len, value))
+    elif kind == "json":
+        size = _check_schema_shape(value)
+    elif kind in ("regex", "grammar"):
+        size = len(value)
+    else:
+        return
+    if size > MAX_SPEC_CHARS:
+        raise StructuredOutputError(f"the {kind} is {size} characters long; at most "
+                                    f"{MAX_SPEC_CHARS} are allowed")
+    if kind == "grammar":
+        num_rules = len(_RULE_DEF.findall(value))
+        if "::=" in value and num_rules > MAX_GBNF_RULES:
+            raise StructuredOutputError(f"the GBNF grammar has {num_rules} rules; at most "
+                                        f"{MAX_GBNF_RULES} are allowed")
+        levels = num_rules + sum(value.count(c) for c in "([{")
+        if levels > MAX_GRAMMAR_LEVELS:
+            raise StructuredOutputError(
+                f"the grammar has {num_rules} rules and {levels - num_rules} groups; at most "
+                f"{MAX_GRAMMAR_LEVELS} together are allowed")
+
+
+def _check_schema_shape(schema: Any) -> int:
+    """Count a schema's objects/arrays and its depth without recursing; -> its string size."""
+    num_nodes, size = 0, 0
+    todo: list[tuple[Any, int]] = [(schema, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, str):
+            size += len(node)
+            continue
+        if not isinstance(node, (dict, list)):
+            size += 8
+            continue
+        num_nodes += 1
+        if num_nodes > MAX_SCHEMA_NODES:
+            raise StructuredOutputError(f"the JSON schema has more than {MAX_SCHEMA_NODES} "
+                                        "objects and arrays")
+        if depth > MAX_SCHEMA_DEPTH:
+            raise StructuredOutputError(f"the JSON schema is nested more than "
+                                        f"{MAX_SCHEMA_DEPTH} levels deep")
+        if isinstance(node, dict):
+            size += sum(len(k) for k in node if isinstance(k, str))
+            todo.extend((v, depth + 1) for v in node.values())
+        else:
+            todo.extend((v, depth + 1) for v in node)
+    return size
 
 
 # ---------------------------------------------------------------- request -> spec
@@ -93,8 +168,9 @@ def _check_value(kind: str, value: Any, where: str) -> Any:
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise StructuredOutputError(f"'{where}' is not valid JSON: {e}") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise StructuredOutputError(f"'{where}' is not valid JSON: "
+                                            f"{library_text(e)}") from None
         if not isinstance(value, (dict, bool)):
             raise StructuredOutputError(f"'{where}' must be a JSON schema object")
         return value
@@ -119,6 +195,7 @@ def grammar_from_spec(spec: dict[str, Any]) -> str:
             f"a structured output spec needs exactly one of {', '.join(SPEC_KINDS)}; got {kinds}")
     kind = kinds[0]
     value = _check_value(kind, spec[kind], kind)
+    check_limits(kind, value)
     options: dict[str, Any] = {"whitespace_flexible": spec.get("any_whitespace", True)}
     if spec.get("whitespace_pattern") is not None:
         options["whitespace_pattern"] = spec["whitespace_pattern"]
@@ -137,8 +214,8 @@ def grammar_from_spec(spec: dict[str, Any]) -> str:
             return llguidance.LLMatcher.grammar_from_lark(
                 f"start: /{llguidance.regex_to_lark(value, 'dw')}/")
         return llguidance.grammar_from("grammar", value)  # Lark, or GBNF/EBNF converted to Lark
-    except ValueError as e:
-        raise StructuredOutputError(f"invalid {kind}: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise StructuredOutputError(f"invalid {kind}: {_describe(str(e))}") from None
 
 
 # ---------------------------------------------------------------- tokenizer bridge
@@ -239,7 +316,8 @@ class StructuredConstraint:
 
     @property
     def error(self) -> str | None:
-        return (self.matcher.get_error() or "error") if self.matcher.is_error() else None
+        return library_text(self.matcher.get_error() or "error") if self.matcher.is_error() \
+            else None
 
 
 def _bit(i: int) -> int:
@@ -254,7 +332,13 @@ def compile(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None = None,
     """Validate and compile a spec into a fresh constraint. Raises StructuredOutputError with
     llguidance's message for a bad schema/regex/grammar, so errors surface before step one.
     Compiled matchers are cached (LRU) and deep-copied, so the protocol layer can validate and
-    the engine compile again for each of n samples at little cost."""
+    the engine compile again for each of n samples at little cost. The work runs on a compile
+    thread (see COMPILE_STACK_BYTES); the caller waits for it."""
+    return _on_compile_thread(_compile, spec, tokenizer, vocab_size)
+
+
+def _compile(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None
+             ) -> StructuredConstraint:
     grammar = grammar_from_spec(spec)
     ll_tok = get_ll_tokenizer(tokenizer, vocab_size)
     key = (id(tokenizer), vocab_size, grammar)
@@ -263,7 +347,8 @@ def compile(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None = None,
         if proto is not None:
             _proto_cache.move_to_end(key)
     if proto is None:
-        proto = llguidance.LLMatcher(ll_tok, grammar, log_level=0)  # drops the GIL while building
+        # drops the GIL while building
+        proto = llguidance.LLMatcher(ll_tok, grammar, log_level=0, limits=_LIMITS)
         if proto.is_error():
             kind = next(k for k in SPEC_KINDS if spec.get(k) not in (None, False))
             raise StructuredOutputError(f"invalid {kind}: {_describe(proto.get_error())}")
@@ -276,8 +361,37 @@ def compile(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None = None,
 
 def _describe(error: str) -> str:
     if error.startswith("Unimplemented keys"):
-        return f"unsupported JSON schema keyword(s): {error.split(':', 1)[1].strip()}"
-    return error.strip()
+        error = f"unsupported JSON schema keyword(s): {error.split(':', 1)[1].strip()}"
+    return library_text(error)
+
+
+_stack_size_lock = threading.Lock()
+
+
+def _on_compile_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on a fresh thread with COMPILE_STACK_BYTES of stack; its exception re-raised.
+    A thread per call (~0.1 ms) rather than a pool: the stack pages a deep compile touched are
+    given back when the thread ends."""
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            error.append(e)
+
+    thread = threading.Thread(target=target, name="minserve-compile", daemon=True)
+    with _stack_size_lock:  # NOTE: stack_size() is process-wide: set it only around our start
+        previous = threading.stack_size(COMPILE_STACK_BYTES)
+        try:
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 # ---------------------------------------------------------------- batched torch helpers

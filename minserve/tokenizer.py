@@ -265,6 +265,7 @@ class Tokenizer:
         tools: list[dict] | None = None,
         chat_template: str | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
+        images: Any = None,
         **template_kwargs: Any,
     ) -> str:
         """Render a conversation to the prompt text. Encode the result with
@@ -282,7 +283,7 @@ class Tokenizer:
             template, messages, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tools=tools,
             bos_token=self.bos_token, eos_token=self.eos_token,
-            chat_template_kwargs=chat_template_kwargs, **template_kwargs)
+            chat_template_kwargs=chat_template_kwargs, images=images, **template_kwargs)
 
 
 def _find_chat_templates(folder: str, tokenizer_config: dict) -> dict[str, str]:

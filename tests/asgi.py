@@ -33,19 +33,30 @@ class Result:
                 out.append(data if data == "[DONE]" else orjson.loads(data))
         return out
 
+    def named_events(self) -> list[tuple[str | None, Any]]:
+        """SSE frames as (event name, parsed data), for the APIs that name their events."""
+        out = []
+        for frame in self.body.decode().split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in frame.splitlines() if ": " in line)
+            if "data" in fields:
+                out.append((fields.get("event"), orjson.loads(fields["data"])))
+        return out
+
 
 async def call(app: Any, method: str, path: str, json: Any = None, *, body: bytes | None = None,
-               headers: dict[str, str] | None = None, disconnect_after: int | None = None,
-               chunked: bool = False) -> Result:
-    """disconnect_after=k: the client goes away once k body chunks arrived."""
+               headers: dict[str, str] | list[tuple[str, str]] | None = None,
+               disconnect_after: int | None = None, chunked: bool = False) -> Result:
+    """disconnect_after=k: the client goes away once k body chunks arrived. headers as a list
+    of pairs may repeat a name."""
     if body is None:
         body = b"" if json is None else orjson.dumps(json)
     hdrs = {"content-type": "application/json"} if json is not None else {}
-    hdrs.update(headers or {})
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    hdrs.update(pairs if isinstance(headers, dict) else {})
+    pairs = list(hdrs.items()) + ([] if isinstance(headers, dict) else pairs)
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
              "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
-             "root_path": "", "headers": [(k.lower().encode(), v.encode())
-                                          for k, v in hdrs.items()]}
+             "root_path": "", "headers": [(k.lower().encode(), v.encode()) for k, v in pairs]}
     res, gone = Result(), asyncio.Event()
     pieces = [body[i:i + 7] for i in range(0, len(body), 7)] if chunked else [body]
 

@@ -12,12 +12,14 @@ BLOCK_SIZE = 4
 class FakeEngine:
     def __init__(self, tokenizer, *, text: str = " hello world, this is a fake engine talking.",
                  max_model_len: int = 256, num_kv_blocks: int = 512, step_delay: float = 0.002,
-                 fail_at_step: int | None = None) -> None:
+                 fail_at_step: int | None = None, fail_min_running: int = 0) -> None:
         self.info = EngineInfo(tokenizer, tokenizer.vocab_size, max_model_len,
                                num_kv_blocks=num_kv_blocks, block_size=BLOCK_SIZE)
         self.script = tokenizer.encode(text, add_special_tokens=False)
         self.step_delay = step_delay
         self.fail_at_step = fail_at_step
+        self.fail_min_running = fail_min_running  # steps count toward the failure from then on
+        self.failing_steps = 0
         self.num_steps = 0
         self.running: dict[str, dict] = {}
         self.pending_aborts: list[str] = []
@@ -48,7 +50,8 @@ class FakeEngine:
 
     def step(self) -> list[RequestOutput]:
         self.num_steps += 1
-        if self.fail_at_step is not None and self.num_steps >= self.fail_at_step:
+        self.failing_steps += len(self.running) >= self.fail_min_running
+        if self.fail_at_step is not None and self.failing_steps >= self.fail_at_step:
             raise RuntimeError("injected engine failure")
         for rid in self.pending_aborts:
             self.running.pop(rid, None)

@@ -151,6 +151,27 @@ def test_strings_tokenized_with_specials_and_truncation(tmp_path):
         emb.embed([[]])
 
 
+def test_over_long_inputs_are_refused_before_all_are_tokenized(tmp_path):
+    """2,048 over-long inputs: the first group is tokenized, found too long, and the rest never
+    are; a text longer than any tokenization of max_model_len tokens is refused untokenized."""
+    folder, _ = make_tiny_encoder(str(tmp_path / "b"), "bert")
+    emb = Embedder(folder)
+    encoded = []
+    real = emb.tokenizer.encode_batch
+    emb.tokenizer.encode_batch = lambda texts, max_len: encoded.extend(texts) or real(
+        texts, max_len)
+    with pytest.raises(EmbeddingsRequestError, match="input\\[0\\] has 62 tokens"):
+        emb.embed([" ".join(["horse"] * 60)] * 2048)
+    assert 0 < len(encoded) <= 64
+    encoded.clear()
+    with pytest.raises(EmbeddingsRequestError, match="input\\[1\\] has 1000000 characters"):
+        emb.embed(["a man", "x" * 1_000_000])
+    assert encoded == []
+    # the same text under truncation is fine (the first k tokens are kept)
+    [ids] = emb.tokenize(["horse " * 100_000], truncate_prompt_tokens=-1)
+    assert len(ids) == 40
+
+
 def test_dimensions_rule(tmp_path):
     folder, _ = make_tiny_encoder(str(tmp_path / "b"), "bert")
     emb = Embedder(folder)
@@ -344,3 +365,43 @@ def test_service_coalesces_concurrent_requests(tmp_path):
         want, want_n = emb.embed([texts[i]], dimensions=16 if i % 2 else None)
         np.testing.assert_allclose(vectors[0], want[0], atol=1e-5)
         assert n == want_n
+
+
+def test_service_fail_in_flight_ends_calls_with_503():
+    """The shutdown deadline: calls waiting on the worker end with a 503 at once, new ones are
+    refused, and the round still running finishes harmlessly."""
+    import threading
+
+    from minserve.protocol import OpenAIError
+
+    release = threading.Event()
+
+    class SlowEmbedder:
+        def prepare(self, inputs, truncate_prompt_tokens, dimensions):
+            release.wait(60)
+            return [[1, 2]]
+
+        def pool_token_ids(self, token_lists):
+            return [np.zeros(4, dtype=np.float32) for _ in token_lists]
+
+        def finish(self, pooled, dimensions):
+            return pooled
+
+    service = EmbeddingService(SlowEmbedder())
+    service.start()
+
+    async def main():
+        call = asyncio.ensure_future(service.embed(["a"]))
+        while service.num_in_flight == 0:
+            await asyncio.sleep(0.01)
+        service.fail_in_flight("the server is shutting down")
+        results = await asyncio.gather(call, service.embed(["b"]), return_exceptions=True)
+        release.set()
+        return results
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        release.set()
+        service.stop()
+    assert all(isinstance(r, OpenAIError) and r.status == 503 for r in results), results

@@ -14,6 +14,9 @@ import random
 
 import orjson
 
+from minserve.http import OpenAIError
+from minserve.messages import error_body
+from tests.api_checks import message_body, message_events, response_body, response_events
 from tests.asgi import call
 from tests.serving import real_app, run, wait_until
 
@@ -45,6 +48,8 @@ ODD += [SCHEMA, {"type": "object", "properties": 5}, {"type": "string", "pattern
         {"$ref": "#/nowhere"}, {"enum": []}, {"type": "array", "items": {"type": "nothing"}},
         {"type": "json_object"}, {"type": "function", "function": {"name": "g"}}, "required",
         "none", {"type": "function", "function": {"name": "f"}}]
+RTOOL = {"type": "function", "name": "f", "parameters": TOOL["function"]["parameters"]}
+ATOOL = {"name": "f", "input_schema": TOOL["function"]["parameters"]}
 HISTORY = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
            {"role": "assistant", "content": None, "tool_calls": [
                {"id": "call_1", "type": "function",
@@ -64,6 +69,17 @@ BASES = {
     "/tokenize": ({"prompt": "Hello"}, ["prompt", "messages", "add_special_tokens",
                                         "add_generation_prompt", "model", "tools"]),
     "/detokenize": ({"tokens": [5, 6]}, ["tokens", "model"]),
+}
+# The other APIs' routes, drawn from a seed of their own (the bodies above stay as they were).
+API_BASES = {
+    "/v1/responses": ({"input": "Hello", "max_output_tokens": 4, "tools": [RTOOL]}, [
+        "input", "instructions", "max_output_tokens", "model", "temperature", "top_p", "tools",
+        "tool_choice", "parallel_tool_calls", "text", "reasoning", "metadata", "user", "stream",
+        "store", "previous_response_id", "stop", "ignore_eos", "seed"]),
+    "/v1/messages": ({"messages": MSG, "max_tokens": 4, "tools": [ATOOL]}, [
+        "messages", "system", "max_tokens", "model", "temperature", "top_p", "top_k", "tools",
+        "tool_choice", "stop_sequences", "thinking", "output_config", "metadata", "stream",
+        "ignore_eos", "seed"]),
 }
 
 
@@ -95,6 +111,68 @@ VALID = {
 }
 
 
+# Where a route's field has another shape than the chat field of that name.
+ROUTE_VALID = {
+    "/v1/responses": {
+        "input": ["Hi", [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+                  [{"role": "user", "content": "Hi"}, {"type": "function_call", "call_id": "c1",
+                                                       "name": "f", "arguments": "{}"},
+                   {"type": "function_call_output", "call_id": "c1", "output": "ok"}]],
+        "max_output_tokens": [1, 4], "instructions": ["Be brief."], "store": [True, False],
+        "tool_choice": ["auto", "none", "required", {"type": "function", "name": "f"}],
+        "text": [{"format": {"type": "json_object"}}, {"format": {
+            "type": "json_schema", "name": "p", "schema": SCHEMA}}],
+        "reasoning": [{"effort": "low"}, {"effort": "none"}], "metadata": [{"a": "b"}],
+        "tools": [[RTOOL]], "previous_response_id": ["resp_nope"]},
+    "/v1/messages": {
+        "system": ["Be brief.", [{"type": "text", "text": "Be brief."}]],
+        "messages": [MSG, [*MSG, {"role": "assistant", "content": "Sure"}], [
+            *MSG, {"role": "assistant", "content": [{"type": "tool_use", "id": "t1",
+                                                     "name": "f", "input": {"a": 1}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                          "content": "ok"}]}]],
+        "tool_choice": [{"type": "auto"}, {"type": "any"}, {"type": "none"},
+                        {"type": "tool", "name": "f"}],
+        "tools": [[ATOOL]], "stop_sequences": [["a", "\n"]], "metadata": [{"user_id": "u"}],
+        "thinking": [{"type": "enabled", "budget_tokens": 1024}, {"type": "disabled"}],
+        "output_config": [{"format": {"type": "json_schema", "schema": SCHEMA}}]},
+}
+
+
+def _valid(path: str, key: str) -> list | None:
+    return ROUTE_VALID.get(path.split("#")[0], {}).get(key) or VALID.get(key)
+
+
+def _answer_problem(path: str, r) -> str | None:
+    """What is wrong with an answer: a 5xx or odd status, an error not in the route's shape, a
+    stream that ends badly; None when it is fine."""
+    path = path.split("#")[0]
+    if r.status >= 500 or r.status not in (200, 400, 404, 413, 422):
+        return f"status {r.status}"
+    if r.status != 200:
+        body = r.json()
+        if path.startswith("/v1/messages"):
+            ok = body == error_body(OpenAIError(r.status, body["error"]["message"]))
+        else:
+            ok = body["error"]["code"] == r.status
+        return None if ok and body["error"]["message"] else f"error shape {body}"
+    streamed = r.headers.get("content-type") == "text/event-stream"
+    if path == "/v1/responses":
+        return None if (response_events(r.named_events()) if streamed else
+                        response_body(r.json())) else "no response"
+    if path == "/v1/messages":
+        return None if (message_events(r.named_events()) if streamed else
+                        message_body(r.json())) else "no message"
+    if streamed:
+        events = r.events()
+        if events[-1] != "[DONE]" or any("error" in e for e in events[:-1]
+                                         if isinstance(e, dict)):
+            return "stream"
+        return None
+    orjson.loads(r.body)
+    return None
+
+
 def _mutate(rng: random.Random, value, depth: int = 0):
     """A wrong-ish replacement: an odd value, or the same shape with one part made odd."""
     if depth < 3 and isinstance(value, list) and value and rng.random() < 0.5:
@@ -106,24 +184,27 @@ def _mutate(rng: random.Random, value, depth: int = 0):
     return rng.choice(ODD)
 
 
-def _bodies(seed: int, count: int):
+def _bodies(seed: int, count: int, bases: dict = BASES):
     rng = random.Random(seed)
     for _ in range(count):
-        path = rng.choice(list(BASES))
-        base, fields = BASES[path]
+        path = rng.choice(list(bases))
+        base, fields = bases[path]
         body = dict(base)
         for _ in range(rng.choice([1, 2, 4, 6])):
             key = rng.choice(fields)
-            if key in VALID:
-                body[key] = rng.choice(VALID[key])
+            if _valid(path, key):
+                body[key] = rng.choice(_valid(path, key))
         if rng.random() < 0.6:
             key = rng.choice(fields)
             if key in body and rng.random() < 0.2:
                 del body[key]
             else:
                 body[key] = _mutate(rng, body.get(key, rng.choice(ODD)))
-        if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool):
-            body["max_tokens"] = min(body["max_tokens"], 8)  # keep each generation short
+        for key in ("max_tokens", "max_output_tokens"):  # keep each generation short
+            if isinstance(body.get(key), int) and not isinstance(body[key], bool):
+                body[key] = min(body[key], 8)
+        if path == "/v1/responses":  # without it, a response runs to the context's end
+            body.setdefault("max_output_tokens", 8)
         if isinstance(body.get("n"), int) and not isinstance(body["n"], bool):
             body["n"] = min(body["n"], 3)
         yield path, body
@@ -136,24 +217,16 @@ def test_fuzzed_requests_never_500_and_lose_nothing(tiny_model_dir):
     async def fn(app):
         bad = []
         counts = {}
-        for path, body in _bodies(seed=int(os.environ.get("FUZZ_SEED", 1234)),
-                                  count=int(os.environ.get("FUZZ_COUNT", 400))):
+        seed, count = int(os.environ.get("FUZZ_SEED", 1234)), int(os.environ.get("FUZZ_COUNT",
+                                                                                 400))
+        for path, body in [*_bodies(seed, count), *_bodies(seed + 3, count // 8, API_BASES)]:
             # the stdlib encoder: it writes integers past 64 bits, which orjson refuses
             r = await call(app, "POST", path.split("#")[0], body=json.dumps(body).encode(),
                            headers={"content-type": "application/json"})
             counts[r.status] = counts.get(r.status, 0) + 1
-            if r.status >= 500 or r.status not in (200, 400, 404, 413, 422):
-                bad.append((path, body, r.status, r.body[:300]))
-            elif r.status != 200:
-                err = r.json()["error"]
-                assert err["message"] and err["code"] == r.status, (body, err)
-            elif r.headers.get("content-type") == "text/event-stream":
-                events = r.events()
-                if events[-1] != "[DONE]" or any("error" in e for e in events[:-1]
-                                                 if isinstance(e, dict)):
-                    bad.append((path, body, "stream", r.body[-300:]))
-            else:
-                orjson.loads(r.body)
+            problem = _answer_problem(path, r)
+            if problem:
+                bad.append((path, body, problem, r.body[:300]))
         ok = await call(app, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
         return bad, counts, ok, app.chat.stats
 
@@ -217,8 +290,9 @@ def test_concurrent_fuzzed_requests_with_disconnects_leak_nothing(tiny_model_dir
     app = real_app(tiny_model_dir, enable_auto_tool_choice=True, tool_call_parser="hermes",
                    reasoning_parser="qwen3")
     rng = random.Random(int(os.environ.get("FUZZ_SEED", 1234)) + 1)
-    bodies = list(_bodies(seed=rng.randrange(1 << 30),
-                          count=int(os.environ.get("FUZZ_COUNT", 400)) // 2))
+    count = int(os.environ.get("FUZZ_COUNT", 400))
+    bodies = list(_bodies(seed=rng.randrange(1 << 30), count=count // 2))
+    bodies += _bodies(int(os.environ.get("FUZZ_SEED", 1234)) + 4, count // 16, API_BASES)
 
     async def one(path, body):
         cut = rng.choice([None, None, 1, 2, 3])
@@ -300,7 +374,7 @@ def test_streamed_equals_whole_for_seeded_feature_combinations(tiny_model_dir):
     rng = random.Random(int(os.environ.get("FUZZ_SEED", 1234)) + 2)
     cases = []
     for _ in range(int(os.environ.get("FUZZ_COUNT", 400)) // 4):
-        path = rng.choice([p for p in BASES if not p.endswith("tokenize")])
+        path = rng.choice([p for p in BASES if p.startswith(("/v1/chat", "/v1/completions"))])
         base, fields = BASES[path]
         body = dict(base)
         for _ in range(rng.choice([1, 2, 4])):
@@ -329,3 +403,176 @@ def test_streamed_equals_whole_for_seeded_feature_combinations(tiny_model_dir):
         assert got == want, json.dumps([body, got, want])
         compared += 1
     assert compared > len(cases) // 4, compared
+
+
+HI = [{"role": "user", "content": "Hi"}]
+# Malformed requests to the Responses and Messages routes: (method, path, body, status, a word
+# the error message must carry). Each answer is in its route's error shape, and none is a 500.
+MALFORMED = [
+    ("POST", "/v1/responses", [], 400, "JSON object"),
+    ("POST", "/v1/responses", {}, 400, "input"),
+    ("POST", "/v1/responses", {"input": 5}, 400, "input"),
+    ("POST", "/v1/responses", {"input": [5]}, 400, "input"),
+    ("POST", "/v1/responses", {"input": []}, 400, "input"),
+    ("POST", "/v1/responses", {"input": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ("POST", "/v1/responses", {"input": [{"role": "user", "content": 5}]}, 400, "content"),
+    ("POST", "/v1/responses", {"input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "http://x/y.png"}]}]}, 400, "text-only"),
+    ("POST", "/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_text"}]}]},
+     400, "input_text"),
+    ("POST", "/v1/responses", {"input": [{"type": "function_call", "name": "f"}]}, 400, "call_id"),
+    ("POST", "/v1/responses", {"input": [{"type": "function_call_output", "output": "x"}]}, 400,
+     "call_id"),
+    ("POST", "/v1/responses", {"input": [{"type": "function_call_output", "call_id": "c",
+                                          "output": 5}]}, 400, "output"),
+    ("POST", "/v1/responses", {"input": [{"type": "web_search_call", "id": "w"}]}, 400,
+     "web_search_call"),
+    ("POST", "/v1/responses", {"input": [{"type": "item_reference", "id": "i"}]}, 400,
+     "item_reference"),
+    ("POST", "/v1/responses", {"input": "x", "tools": [{"type": "web_search"}]}, 400, "web_search"),
+    ("POST", "/v1/responses", {"input": "x", "tools": [{"type": "file_search"}]}, 400,
+     "file_search"),
+    ("POST", "/v1/responses", {"input": "x", "tools": [{"type": "code_interpreter"}]}, 400,
+     "code_interpreter"),
+    ("POST", "/v1/responses", {"input": "x", "tools": [{"type": "mcp", "server_label": "s"}]},
+     400, "mcp"),
+    ("POST", "/v1/responses", {"input": "x", "tools": "f"}, 400, "tools"),
+    ("POST", "/v1/responses", {"input": "x", "tools": [{"type": "function"}]}, 400, "name"),
+    ("POST", "/v1/responses", {"input": "x", "tools": [RTOOL], "tool_choice": {
+        "type": "web_search_preview"}}, 400, "web_search_preview"),
+    ("POST", "/v1/responses", {"input": "x", "tools": [RTOOL], "tool_choice": {
+        "type": "function", "name": "g"}}, 400, "g"),
+    ("POST", "/v1/responses", {"input": "x", "tool_choice": "required"}, 400, "tools"),
+    ("POST", "/v1/responses", {"input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),
+    ("POST", "/v1/responses", {"input": "x", "max_output_tokens": "9"}, 400,
+     "max_output_tokens"),
+    ("POST", "/v1/responses", {"input": "x", "max_output_tokens": 10**6}, 400,
+     "maximum context length"),
+    ("POST", "/v1/responses", {"input": "x", "temperature": -1}, 400, "temperature"),
+    ("POST", "/v1/responses", {"input": "x", "top_p": 0}, 400, "top_p"),
+    ("POST", "/v1/responses", {"input": "x", "text": "json"}, 400, "text"),
+    ("POST", "/v1/responses", {"input": "x", "text": {"format": {"type": "xml"}}}, 400,
+     "text.format"),
+    ("POST", "/v1/responses", {"input": "x", "text": {"format": {"type": "json_schema",
+                                                                 "name": "a"}}}, 400, "schema"),
+    ("POST", "/v1/responses", {"input": "x", "text": {"format": {
+        "type": "json_schema", "name": "a", "schema": {"type": "string", "pattern": "["}}}}, 400,
+     "text.format"),
+    ("POST", "/v1/responses", {"input": "x", "reasoning": {"effort": "extreme"}}, 400,
+     "reasoning.effort"),
+    ("POST", "/v1/responses", {"input": "x", "reasoning": "high"}, 400, "reasoning"),
+    ("POST", "/v1/responses", {"input": "x", "metadata": {"a": 1}}, 400, "metadata"),
+    ("POST", "/v1/responses", {"input": "x", "metadata": [1]}, 400, "metadata"),
+    ("POST", "/v1/responses", {"input": "x", "stream": "yes"}, 400, "stream"),
+    ("POST", "/v1/responses", {"input": "x", "store": 1}, 400, "store"),
+    ("POST", "/v1/responses", {"input": "x", "background": True, "store": False}, 400,
+     "background"),
+    ("POST", "/v1/responses", {"input": "x", "previous_response_id": "resp_nope"}, 404,
+     "resp_nope"),
+    ("POST", "/v1/responses", {"input": "x", "previous_response_id": 5}, 400,
+     "previous_response_id"),
+    ("POST", "/v1/responses", {"input": "x", "instructions": ["a"]}, 400, "instructions"),
+    ("POST", "/v1/responses", {"input": "x", "conversation": "conv_1"}, 400, "conversation"),
+    ("POST", "/v1/responses", {"input": "x", "model": "gpt-5"}, 404, "gpt-5"),
+    ("POST", "/v1/responses", {"input": "x" * 300_000}, 400, "maximum context length"),
+    ("GET", "/v1/responses/resp_nope", None, 404, "resp_nope"),
+    ("DELETE", "/v1/responses/resp_nope", None, 404, "resp_nope"),
+    ("POST", "/v1/responses/resp_nope/cancel", None, 404, "resp_nope"),
+    ("PUT", "/v1/responses", {"input": "x"}, 405, "POST"),
+    ("POST", "/v1/messages", [], 400, "JSON object"),
+    ("POST", "/v1/messages", {"messages": HI}, 400, "max_tokens"),
+    ("POST", "/v1/messages", {"max_tokens": 5}, 400, "messages"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": []}, 400, "messages"),
+    ("POST", "/v1/messages", {"max_tokens": 0, "messages": HI}, 400, "max_tokens"),
+    ("POST", "/v1/messages", {"max_tokens": "5", "messages": HI}, 400, "max_tokens"),
+    ("POST", "/v1/messages", {"max_tokens": 10**6, "messages": HI}, 400, "maximum context"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": [{"role": "system", "content": "x"}]},
+     400, "role"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": ["Hi"]}, 400, "role"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": 5}]},
+     400, "content"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "http://x/y.png"}}]}]}, 400,
+     "text-only"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]}, 400, "text"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": [*HI, {"role": "assistant", "content": [
+        {"type": "tool_use", "name": "f"}]}]}, 400, "tool_use"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "content": "x"}]}]}, 400, "tool_use_id"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image"}]}]}]}, 400,
+     "text-only"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "system": 5}, 400, "system"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "system": [{"type": "x"}]}, 400,
+     "system"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "stop_sequences": "x"}, 400,
+     "stop_sequences"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "stop_sequences": [1]}, 400,
+     "stop_sequences"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "tools": [
+        {"type": "web_search_20250305", "name": "web_search"}]}, 400, "web_search_20250305"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "tools": [
+        {"type": "bash_20250124", "name": "bash"}]}, 400, "bash_20250124"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "tools": [{"name": "f"}]}, 400,
+     "input_schema"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "tools": {"name": "f"}}, 400,
+     "tools"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "tools": [ATOOL],
+                              "tool_choice": {"type": "maybe"}}, 400, "tool_choice"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "tools": [ATOOL],
+                              "tool_choice": "auto"}, 400, "tool_choice"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "tools": [ATOOL],
+                              "tool_choice": {"type": "tool"}}, 400, "tool_choice.name"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "tools": [ATOOL],
+                              "tool_choice": {"type": "tool", "name": "g"}}, 400, "g"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "tool_choice": {"type": "any"}},
+     400, "tools"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "thinking": {"type": "on"}}, 400,
+     "thinking"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "output_config": {
+        "format": {"type": "json_schema"}}}, 400, "output_config.format"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "output_config": {"format": {
+        "type": "json_schema", "schema": {"type": "string", "pattern": "["}}}}, 400,
+     "output_config.format"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "output_config": 5}, 400,
+     "output_config"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "metadata": "u"}, 400, "metadata"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "temperature": -1}, 400,
+     "temperature"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "top_k": "a"}, 400, "top_k"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "stream": "yes"}, 400, "stream"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": HI, "model": "claude-opus"}, 404,
+     "claude-opus"),
+    ("POST", "/v1/messages", {"max_tokens": 5, "messages": [{"role": "user",
+                                                            "content": "x" * 300_000}]},
+     400, "maximum context length"),
+    ("GET", "/v1/messages", None, 405, "POST"),
+    ("POST", "/v1/messages/count_tokens", [], 400, "JSON object"),
+    ("POST", "/v1/messages/count_tokens", {"messages": "x"}, 400, "messages"),
+    ("POST", "/v1/messages/count_tokens", {"messages": HI, "system": 5}, 400, "system"),
+    ("POST", "/v1/messages/count_tokens", {"messages": HI, "model": "claude-opus"}, 404,
+     "claude-opus"),
+]
+
+
+def test_malformed_responses_and_messages_requests(tiny_model_dir):
+    app = real_app(tiny_model_dir)
+
+    async def fn(app):
+        out = []
+        for method, path, body, status, word in MALFORMED:
+            r = await call(app, method, path, body=None if body is None else orjson.dumps(body),
+                           headers={"content-type": "application/json"})
+            out.append((method, path, body, status, word, r))
+        return out
+
+    for method, path, body, status, word, r in run(app, fn):
+        case = (method, path, str(body)[:200])
+        assert r.status == status, (case, r.body[:300])
+        err = r.json()["error"]
+        assert word in err["message"], (case, err)
+        if path.startswith("/v1/messages"):
+            assert r.json() == error_body(OpenAIError(status, err["message"])), case
+        else:
+            assert err["code"] == status and err["type"], case

@@ -39,9 +39,11 @@ class FakeRunner:
 
 
 def make(num_blocks: int = 64, max_num_seqs: int = 8, budget: int = 32,
-         max_model_len: int = 256, caching: bool = True) -> tuple[Scheduler, FakeRunner]:
+         max_model_len: int = 256, caching: bool = True, threshold: int = 0,
+         attention: int = 0) -> tuple[Scheduler, FakeRunner]:
     kv = KVCacheManager(num_blocks, BS, caching)
-    sched = Scheduler(SchedulerConfig(max_num_seqs, budget, max_model_len), kv)
+    sched = Scheduler(SchedulerConfig(max_num_seqs, budget, max_model_len, threshold, attention),
+                      kv)
     return sched, FakeRunner(sched)
 
 
@@ -105,6 +107,55 @@ def test_budget_and_decodes_first():
     outs = run(sched, runner, check)
     assert seen_chunked
     assert len(outs) == 10 and all(o[-1].finished for o in outs.values())
+
+
+def test_long_prompt_is_split_and_others_advance_between_its_chunks():
+    """The CPU step policy (issue 22.4): a 400-token prompt runs in chunks of at most 16 tokens
+    and 2,000 (query, context) pairs, so its chunks shrink as its context grows; a stream decodes
+    at every step meanwhile, and a request arriving mid-prefill runs at the next step and
+    finishes long before the long prompt does. Its greedy tokens are those of an unsplit run."""
+    sched, runner = make(num_blocks=256, budget=32, max_model_len=1024, threshold=16,
+                         attention=2000)
+    rng = random.Random(1)
+    long_prompt = [rng.randrange(10, 500) for _ in range(400)]
+    ticker = new_req("ticker", [11, 12, 13], max_tokens=400, ignore_eos=True)
+    sched.add(ticker)
+    finished_at: dict[str, int] = {}
+    chunks: list[tuple[int, int]] = []   # (context_len, query_len) of the long prompt's chunks
+    outputs: dict[str, list[int]] = {}
+
+    def step(i: int) -> StepPlan:
+        plan = sched.schedule()
+        for r, n in zip(plan.requests, plan.num_scheduled_tokens, strict=True):
+            if r.request_id == "long" and r.num_computed_tokens < r.num_prompt_tokens:
+                chunks.append((r.num_computed_tokens, n))
+        for o in sched.update(plan, runner.execute(plan)):
+            outputs.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                finished_at[o.request_id] = i
+        return plan
+
+    step(0)                                      # the ticker's prompt, then it decodes
+    sched.add(new_req("long", long_prompt, max_tokens=2))
+    decodes_during_prefill = 0
+    for i in range(1, 1000):
+        if i == 3:
+            sched.add(new_req("probe", [21, 22, 23, 24], max_tokens=1))
+        plan = step(i)
+        if "long" not in finished_at and any(r.request_id == "ticker" for r in plan.requests):
+            decodes_during_prefill += 1
+        if "long" in finished_at:
+            break
+    assert sum(q for _, q in chunks) == 400 and len(chunks) > 400 // 16
+    assert all(q <= 16 and q * (c + q) <= 2000 for c, q in chunks), chunks
+    assert chunks[-1][1] < chunks[0][1]          # later chunks are smaller: more context each
+    assert decodes_during_prefill >= len(chunks) - 1   # the stream moved at (nearly) every chunk
+    assert finished_at["probe"] == 3             # admitted at once, done in one step
+    assert finished_at["probe"] < finished_at["long"]
+    # chunking changes when tokens are computed, not which: the same greedy tokens as alone
+    alone, alone_runner = make(num_blocks=256, budget=1024, max_model_len=1024)
+    alone.add(new_req("long", long_prompt, max_tokens=2))
+    assert tokens(run(alone, alone_runner)["long"]) == outputs["long"]
 
 
 def test_greedy_tokens_and_stop_conditions():

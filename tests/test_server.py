@@ -130,6 +130,71 @@ def test_auth_body_limit_content_type(tiny_model_dir):
     assert r["unknown_ok"].status == 404
 
 
+def test_tokenize_is_bounded_like_completions(tiny_model_dir):
+    """/tokenize refuses a text too long to fit before tokenizing it (as completions do), and
+    any input over max_model_len tokens, which bounds its response; the API key guards it."""
+    app = make_fake_app(tiny_model_dir, server={"api_keys": ["k"]}, max_model_len=64)
+    good = {"authorization": "Bearer k"}
+
+    async def fn(app):
+        huge = "word " * 2_000_000  # 10 MB: refused by its length in characters, untokenized
+        return {
+            "fits": await call(app, "POST", "/tokenize", {"prompt": "Hello world",
+                                                          "return_token_strs": True},
+                               headers=good),
+            "huge": await call(app, "POST", "/tokenize", {"prompt": huge}, headers=good),
+            "long": await call(app, "POST", "/tokenize", {"prompt": "Hello world " * 40},
+                               headers=good),
+            "chat": await call(app, "POST", "/tokenize", {"messages": [
+                {"role": "user", "content": "Hello world " * 40}]}, headers=good),
+            "nokey": await call(app, "POST", "/tokenize", {"prompt": "Hello"}),
+        }
+
+    r = run(app, fn)
+    assert r["fits"].status == 200 and r["fits"].json()["count"] == len(
+        r["fits"].json()["token_strs"])
+    for k in ("huge", "long", "chat"):
+        assert r[k].status == 400 and "maximum context length is 64" in \
+            r[k].json()["error"]["message"], k
+    assert "characters" in r["huge"].json()["error"]["message"]
+    assert r["nokey"].status == 401
+
+
+def test_auth_edge_cases_head_and_options(tiny_model_dir):
+    """Two Authorization headers are a 400, not "the last one wins"; without a key OPTIONS
+    answers every /v1 path alike (401), and a CORS preflight is a 200 for every path; HEAD is
+    GET without the body (issue 22.8)."""
+    app = make_fake_app(tiny_model_dir, server={"api_keys": ["k"]})
+    good = {"authorization": "Bearer k"}
+
+    async def fn(app):
+        pre = {"origin": "https://x.example", "access-control-request-method": "POST"}
+        return {
+            "two": await call(app, "GET", "/v1/models", headers=[
+                ("authorization", "Bearer wrong"), ("authorization", "Bearer k")]),
+            "opt_route": await call(app, "OPTIONS", CHAT),
+            "opt_none": await call(app, "OPTIONS", "/v1/no-such-route"),
+            "pre_route": await call(app, "OPTIONS", CHAT, headers=pre),
+            "pre_none": await call(app, "OPTIONS", "/v1/no-such-route", headers=pre),
+            "head_health": await call(app, "HEAD", "/health"),
+            "get_models": await call(app, "GET", "/v1/models", headers=good),
+            "head_models": await call(app, "HEAD", "/v1/models", headers=good),
+            "head_post_only": await call(app, "HEAD", CHAT, headers=good),
+        }
+
+    r = run(app, fn)
+    assert r["two"].status == 400 and "Authorization headers" in r["two"].json()["error"]["message"]
+    assert r["opt_route"].status == r["opt_none"].status == 401
+    assert r["opt_route"].body == r["opt_none"].body
+    assert r["pre_route"].status == r["pre_none"].status == 200
+    assert r["pre_route"].headers == r["pre_none"].headers
+    assert r["head_health"].status == 200 and r["head_health"].body == b""
+    assert r["head_models"].status == 200 and r["head_models"].body == b""
+    assert r["head_models"].headers["content-length"] == \
+        r["get_models"].headers["content-length"] != "0"
+    assert r["head_post_only"].status == 405
+
+
 def test_cors_and_root_path(tiny_model_dir):
     app = make_fake_app(tiny_model_dir, server={"allowed_origins": ["https://ok.example"],
                                                 "root_path": "/api"})
@@ -249,7 +314,44 @@ def test_stop_strings(tiny_model_dir):
     assert ev[-2]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir):
+def test_stop_strings_are_prepared_once_off_the_event_loop(tiny_model_dir, monkeypatch):
+    """A request's stop automata are built once, while parsing in a worker thread, and shared by
+    its n choices (a 10 MB stop string with n=4 stalled every client for 3.9 s); their total
+    size is bounded."""
+    from minserve import detokenizer
+
+    built: list[tuple[str, list[str]]] = []
+    init = detokenizer.StopStrings.__init__
+
+    def record(self, stop):
+        built.append((threading.current_thread().name, stop))
+        init(self, stop)
+    monkeypatch.setattr(detokenizer.StopStrings, "__init__", record)
+    app = make_fake_app(tiny_model_dir)
+
+    async def fn(app):
+        loop_thread = threading.current_thread().name
+        ok = await call(app, "POST", COMP, {"prompt": "Hi", "max_tokens": 8, "n": 4,
+                                            "stop": ["zz", "qq"], "stream": True})
+        big = await call(app, "POST", COMP, {"prompt": "Hi", "stop": ["x" * 20000]})
+        return loop_thread, ok, big
+
+    loop_thread, ok, big = run(app, fn)
+    assert ok.status == 200 and ok.events()[-1] == "[DONE]"
+    assert [stop for _, stop in built] == [["zz", "qq"]]   # once for the 4 choices
+    assert built[0][0] != loop_thread
+    assert big.status == 400 and "at most 16384" in big.json()["error"]["message"]
+
+
+LONG = {"max_tokens": 300, "ignore_eos": True, "stream": True}
+
+
+@pytest.mark.parametrize("path,body", [
+    (COMP, {"prompt": "Hello " * 40, **LONG}),
+    ("/v1/responses", {"input": "Hello " * 40, **LONG, "max_output_tokens": 300}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "Hello " * 40}], **LONG}),
+], ids=["completions", "responses", "messages"])
+def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir, path, body):
     """The abort reaches the engine before its next step, and that step frees the blocks."""
     async def fn(app):
         eng = app.chat._engine
@@ -268,8 +370,7 @@ def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir):
             steps_at_abort.append(len(usage))
             abort(request_id)
         app.chat.abort = counting_abort
-        body = {"prompt": "Hello " * 40, "max_tokens": 300, "ignore_eos": True, "stream": True}
-        r = await call(app, "POST", COMP, body, disconnect_after=3)
+        r = await call(app, "POST", path, body, disconnect_after=3)
         await wait_until(lambda: not eng.has_unfinished_requests(), 5, "the engine to be idle")
         return (r, usage, steps_at_abort, app.chat.stats, app.chat.num_in_flight,
                 app.metrics.render().decode())
@@ -292,7 +393,7 @@ def test_disconnect_non_streaming(tiny_model_dir):
         sent = []
         scope = {"type": "http", "method": "POST", "path": COMP, "root_path": "",
                  "headers": [(b"content-type", b"application/json")], "query_string": b""}
-        body = b'{"prompt": "Hi", "max_tokens": 400, "ignore_eos": true}'
+        body = b'{"prompt": "Hi", "max_tokens": 500, "ignore_eos": true}'
         msgs = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive():
@@ -315,7 +416,8 @@ def test_disconnect_non_streaming(tiny_model_dir):
 
 
 def test_engine_death_fails_requests_and_health(tiny_model_dir):
-    app = make_fake_app(tiny_model_dir, fail_at_step=4)
+    # The failure comes once both requests run (however slowly the second one is parsed).
+    app = make_fake_app(tiny_model_dir, fail_at_step=4, fail_min_running=2, step_delay=0.02)
 
     async def fn(app):
         s = asyncio.ensure_future(call(app, "POST", CHAT, {"messages": MSG, "max_tokens": 50,
@@ -351,8 +453,8 @@ def test_unexpected_errors_are_openai_errors(tiny_model_dir, monkeypatch):
     plus [DONE] after a stream started; the server keeps serving."""
     from minserve import output
 
-    def broken_response(req, choices):
-        raise RuntimeError("boom in response")
+    def broken_response(req, choices):  # a library's multi-line text: one bounded line reaches us
+        raise RuntimeError("boom in response\nstack backtrace:\n  0: /home/ci/.cargo/x/src/a.rs:9")
     chunk_choice, calls = output.chunk_choice, []
 
     def broken_chunk_choice(*args, **kwargs):
@@ -374,6 +476,7 @@ def test_unexpected_errors_are_openai_errors(tiny_model_dir, monkeypatch):
     full, stream, after, in_flight = run(app, fn)
     err = full.json()["error"]
     assert full.status == 500 and "boom in response" in err["message"]
+    assert "\n" not in err["message"] and "/home" not in err["message"]
     assert err["type"] == "InternalServerError" and err["code"] == 500
     ev = stream.events()
     assert stream.status == 200 and stream.closed and ev[-1] == "[DONE]"
@@ -433,6 +536,35 @@ def test_shutdown_grace_expiry_ends_streams_with_an_error(tiny_model_dir):
     assert r.status == 200 and r.closed and ev[-1] == "[DONE]"
     assert "shutting down" in ev[-2]["error"]["message"]
     assert late.status == 503
+
+
+def test_shutdown_deadline_cuts_requests_in_flight(tiny_model_dir):
+    """What the signal handler does at the --shutdown-timeout deadline (minserve/shutdown.py):
+    a stream in flight ends with a 503 error event and [DONE], a whole request is a 503, and
+    what arrives afterwards is refused; the lifespan shutdown then has nothing left to wait for.
+    """
+    app = make_fake_app(tiny_model_dir, server={"shutdown_grace_s": 3600}, step_delay=0.01,
+                        max_model_len=100000)
+
+    async def main():
+        async with lifespan(app):
+            s = asyncio.ensure_future(call(app, "POST", COMP, {
+                "prompt": "Hi", "max_tokens": 50000, "stream": True}))
+            f = asyncio.ensure_future(call(app, "POST", COMP, {"prompt": "Hi",
+                                                               "max_tokens": 50000}))
+            await wait_until(lambda: len(app.chat._engine.running) == 2, 30, "both to run")
+            assert app.begin_shutdown() == 3600 and app.num_in_flight == 2
+            app.cut_in_flight()
+            s, f = await asyncio.wait_for(asyncio.gather(s, f), 30)
+            late = await call(app, "POST", COMP, {"prompt": "Hi"})
+            return s, f, late, app.num_in_flight
+
+    s, f, late, left = asyncio.run(main())
+    ev = s.events()
+    assert s.status == 200 and s.closed and ev[-1] == "[DONE]"
+    assert ev[-2]["error"]["code"] == 503 and "shutting down" in ev[-2]["error"]["message"]
+    assert f.status == 503 and "shutting down" in f.json()["error"]["message"]
+    assert late.status == 503 and left == 0
 
 
 def test_usage_reports_cached_prompt_tokens(tiny_model_dir):

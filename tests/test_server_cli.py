@@ -72,6 +72,7 @@ def test_api_key_from_environment(monkeypatch):
     (["--block-size", "12"], "--block-size"),
     (["--dtype", "int3"], "--dtype"),
     (["/a", "--model", "/b"], "two models"),
+    (["--timeout-keep-alive", "0"], "--timeout-keep-alive"),
 ])
 def test_bad_flags_are_errors_that_say_why(argv, word, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -99,3 +100,17 @@ def test_engine_that_fails_to_load_exits_non_zero(tmp_path):
 def test_sizes_read_as_vllm_reads_them():
     assert [cli._size(t) for t in ("4096", "4k", "4K", "1.5k", "2M", "2GiB", "512MB", "1gib")] == [
         4096, 4000, 4096, 1500, 2 << 20, 2 << 30, 512 << 20, 1 << 30]
+
+
+def test_connection_limit_follows_the_open_files_limit(monkeypatch):
+    """Connections get file descriptors: the soft open-files limit is raised to the hard one, and
+    the connection limit stays FD_RESERVE below it (and at most MAX_CONNECTIONS)."""
+    import resource
+
+    state = {"soft": 1024, "hard": 4096}
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (state["soft"], state["hard"]))
+    monkeypatch.setattr(resource, "setrlimit", lambda _, lim: state.update(soft=lim[0]))
+    assert cli.connection_limit() == 4096 - cli.FD_RESERVE and state["soft"] == 4096
+    state.update(soft=1024, hard=1 << 20)
+    assert cli.connection_limit() == cli.MAX_CONNECTIONS
+    assert state["soft"] == cli.MAX_CONNECTIONS + cli.FD_RESERVE

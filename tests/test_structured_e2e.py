@@ -26,9 +26,12 @@ USER = [{"role": "user", "content": "Extract data: John Doe is 30 years old."}]
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    with serving(["serve", tiny_model_dir, "--served-model-name", "tiny",
-                  "--api-key", KEY, "--max-model-len", "512"]) as url:
-        yield url
+    # RUST_BACKTRACE=1: a native panic's backtrace must still never reach an error body.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RUST_BACKTRACE", "1")
+        with serving(["serve", tiny_model_dir, "--served-model-name", "tiny",
+                      "--api-key", KEY, "--max-model-len", "512"]) as url:
+            yield url
 
 
 @pytest.fixture(scope="module")
@@ -151,4 +154,23 @@ def test_bad_constraints_are_400(client, extra, word):
         _chat(client, extra_body=extra)
     assert word in str(e.value)
     # ... and the server still answers.
+    assert _chat(client, max_tokens=3).choices[0].finish_reason == "length"
+
+
+def test_hostile_constraints_are_answered_and_the_server_lives_on(client):
+    """The 3,000-rule chain that once killed the process with SIGSEGV compiles; past the caps,
+    and for a Rust panic or a regex parser's caret diagram, the 400 says one line."""
+    from tests.test_structured_fuzz import rule_chain
+
+    r = _chat(client, max_tokens=5, extra_body={"guided_grammar": rule_chain(3000)["grammar"]})
+    assert r.choices[0].finish_reason in ("length", "stop")
+    for extra, word in [({"guided_grammar": rule_chain(30_000)["grammar"]}, "at most"),
+                        ({"guided_choice": [f"c{i}" for i in range(100_000)]}, "at most"),
+                        ({"guided_regex": "(?=a)b"}, "look-around"),
+                        ({"guided_regex": "[z-a]" + "x" * 5000}, "character class")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            _chat(client, extra_body=extra)
+        message = e.value.body["message"]
+        assert word in message and "\n" not in message and len(message) < 400, message
+        assert "panic" not in message.lower() and "backtrace" not in message.lower()
     assert _chat(client, max_tokens=3).choices[0].finish_reason == "length"

@@ -60,6 +60,19 @@ def make_tokenizer_json(path: str, vocab_size: int = 400) -> None:
     tok.save(path)
 
 
+@torch.no_grad()
+def scale_up_weights(model: torch.nn.Module) -> None:
+    """Random init of transformers is N(0, 0.02): logits are nearly flat. Scale up so greedy
+    choices are well separated and float32 comparisons are meaningful."""
+    for name, p in model.named_parameters():
+        if "norm" in name or "ln_q" in name:
+            p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        elif p.dim() > 1:
+            p.normal_(0.0, 0.15)
+        else:
+            p.normal_(0.0, 0.05)
+
+
 def make_tiny_model(path: str, arch: str = "LlamaForCausalLM", seed: int = 0, **overrides) -> str:
     """Write a tiny random model of `arch` into the folder `path` and return it."""
     import transformers
@@ -82,16 +95,7 @@ def make_tiny_model(path: str, arch: str = "LlamaForCausalLM", seed: int = 0, **
     model_cls = getattr(transformers, arch)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**cfg)).to(torch.float32).eval()
-    # Random init of transformers is N(0, 0.02): logits are nearly flat. Scale up so greedy
-    # choices are well separated and float32 comparisons are meaningful.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif p.dim() > 1:
-                p.normal_(0.0, 0.15)
-            else:
-                p.normal_(0.0, 0.05)
+    scale_up_weights(model)
     model.save_pretrained(path, safe_serialization=True)
 
     tok_cfg = {

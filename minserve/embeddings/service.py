@@ -12,6 +12,8 @@ from typing import Any
 
 from minserve.engine.async_engine import STOP, WorkerService
 from minserve.engine.request import EngineInfo
+from minserve.errors import library_text
+from minserve.protocol import OpenAIError
 
 logger = logging.getLogger("minserve.embeddings")
 MAX_ROUND_INPUTS = 4096  # inputs taken into one round; the rest wait for the next
@@ -28,7 +30,7 @@ class _Job:
 
 
 def _resolve(fut: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
-    if fut.cancelled():  # the client went away while we were embedding
+    if fut.done():  # the client went away meanwhile, or the shutdown deadline failed it
         return
     if error is not None:
         fut.set_exception(error)
@@ -52,6 +54,7 @@ class EmbeddingService(WorkerService):
         self.num_rounds = 0       # forwards rounds run; < requests when batching works
         self.num_requests = 0
         self.num_in_flight = 0
+        self._futures: set[asyncio.Future] = set()   # the in-flight calls' (event-loop side)
         self.is_ready = embedder is not None
 
     @classmethod
@@ -76,14 +79,23 @@ class EmbeddingService(WorkerService):
         EmbeddingsRequestError (an OpenAIError with status 400)."""
         if self._thread is None:
             raise RuntimeError("EmbeddingService.start() was not called")
+        if self._stopping:
+            raise OpenAIError(503, "the server is shutting down")
         loop = asyncio.get_running_loop()
         job = _Job(list(inputs), truncate_prompt_tokens, dimensions, loop, loop.create_future())
         self.num_in_flight += 1
+        self._futures.add(job.future)
         try:
             self._inbox.put(job)
             return await job.future
         finally:
             self.num_in_flight -= 1
+            self._futures.discard(job.future)
+
+    def _fail_in_flight(self, err: Exception) -> None:
+        """A round already running finishes in the worker, its results dropped."""
+        for fut in list(self._futures):
+            _resolve(fut, None, OpenAIError(err.status, str(err)))
 
     # ------------------------------------------------------------------ worker thread
 
@@ -138,7 +150,7 @@ class EmbeddingService(WorkerService):
                 job.loop.call_soon_threadsafe(_resolve, job.future, (vectors, num_tokens))
         except Exception as e:  # noqa: BLE001 (an engine fault: fail this round's requests, keep serving)
             logger.exception("embedding forward failed")
-            self.is_healthy, self.dead_reason = False, f"{type(e).__name__}: {e}"
+            self.is_healthy, self.dead_reason = False, f"{type(e).__name__}: {library_text(e)}"
             for job in ready:
                 job.loop.call_soon_threadsafe(_resolve, job.future, None, e)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from minserve.engine.request import EngineInfo, EngineRequest, FinishReason, RequestOutput
+from minserve.errors import library_text
 
 logger = logging.getLogger("minserve.engine")
 
@@ -136,6 +137,12 @@ class WorkerService:
         await asyncio.get_running_loop().run_in_executor(None, self.stop)
         self.is_ready = False
 
+    def fail_in_flight(self, message: str) -> None:
+        """End every request in flight with a 503 and refuse new ones (the shutdown deadline);
+        work already running in the worker finishes there, its results dropped."""
+        self._stopping = True
+        self._fail_in_flight(EngineError(message, 503))
+
     def stop(self, timeout: float | None = 10.0) -> None:
         """Stop the worker thread after what it is doing, and wait for it (blocking)."""
         if self._thread is not None:
@@ -172,7 +179,7 @@ class WorkerService:
             self._serve()
         except Exception as e:  # a bad model, or a step that failed: report, never hang
             logger.exception("%s failed; failing all in-flight requests", self.thread_name)
-            self._on_loop(self._died, f"{type(e).__name__}: {e}")
+            self._on_loop(self._died, f"{type(e).__name__}: {library_text(e)}")
 
 
 def _default_engine_factory(config: Any) -> Any:
@@ -298,7 +305,8 @@ class AsyncEngine(WorkerService):
                 except Exception as e:  # one bad request must not take the engine down
                     logger.exception("add_request(%s) failed", msg.request_id)
                     rejected.append((msg.sample_ids()[0],
-                                     EngineError(f"{type(e).__name__}: {e}", 500)))
+                                     EngineError(f"{type(e).__name__}: {library_text(e)}",
+                                                 500)))
             if rejected:
                 loop(self._reject, rejected)
             outputs = engine.step() if engine.has_unfinished_requests() else []

@@ -17,6 +17,7 @@ from minserve.engine.kv_cache import KVCacheManager
 from minserve.engine.request import (
     EngineInfo,
     EngineRequest,
+    MultiModalItem,
     Request,
     RequestOutput,
     prompt_length_error,
@@ -45,6 +46,31 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+# Step sizes on CPU: a step holds every stream back until it ends, so it should stay short,
+# about 0.5 s on 2 cores for the default model. From the idle figures (SmolLM2-135M float32: a
+# 2,000-token prompt in one step took 14 s, an 8,000-token one 183 s) a chunk of q prompt tokens
+# at context c costs about q * 1.7 ms + q * (c + q/2) * 5.3 us. So: 128 prompt tokens per
+# request per step (~0.25 s at the start; half the 256-token budget stays for other requests,
+# so a new arrival starts at the next step), and 48k (query, context) pairs per chunk (~0.25 s
+# of attention at any context). bench/stall.py measures it (bench/RESULTS.md).
+CPU_BATCHING = (256, 128, 48 * 1024)
+
+
+def default_batching(device: torch.device) -> tuple[int, int, int]:
+    """(max_num_batched_tokens, long_prefill_token_threshold, max_chunk_attention) when
+    not given. GPU: vLLM's server defaults (8192 tokens on a GPU of >= 70 GiB that is not an
+    A100, else 2048; no per-request caps)."""
+    if device.type != "cuda":
+        return CPU_BATCHING
+    props = torch.cuda.get_device_properties(device)
+    big = props.total_memory >= 70 << 30 and "a100" not in props.name.lower()
+    return (8192 if big else 2048), 0, 0
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         from minserve.models.loader import load_model, resolve_model
@@ -65,7 +91,7 @@ class Engine:
         else:
             gen = load_generation_config(folder if config.generation_config == "auto"
                                          else config.generation_config)
-        self.config = config = self._resolve_limits(config, model_config)
+        self.config = config = self._resolve_limits(config, model_config, self.device)
         self.model_config = model_config
         self.workers = None
         if config.tensor_parallel_size > 1:
@@ -78,7 +104,13 @@ class Engine:
         try:
             torch.manual_seed(config.seed)
             model = load_model(folder, model_config, self.device, self.dtype, config.load_format)
-            self.runner = ModelRunner(model, model_config, config, self.device, self.dtype)
+            image_processor, media_policy = self._multimodal(folder, model_config, tokenizer,
+                                                             config)
+            if self.workers is not None and image_processor is not None:
+                raise ConfigError("--tensor-parallel-size > 1 does not shard vision models yet")
+            self.runner = ModelRunner(model, model_config, config, self.device, self.dtype,
+                                      profile_images=self._profile_images(image_processor,
+                                                                          config))
             if self.workers is not None:
                 # every rank's first forward (lazy imports) runs now, not under the step timeout
                 self.runner.dummy_run(config.block_size, 1)
@@ -89,7 +121,8 @@ class Engine:
                                        config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                            config.max_model_len),
+                            config.max_model_len, config.long_prefill_token_threshold,
+                            config.max_chunk_attention),
             self.kv_cache)
         defaults = {k: gen[k] for k in _GEN_KEYS if gen.get(k) is not None}
         if gen.get("max_new_tokens") is not None:
@@ -99,21 +132,57 @@ class Engine:
             [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
         self.info = EngineInfo(tokenizer, model_config.vocab_size, config.max_model_len,
                                model_config.architecture, defaults, frozenset(eos),
-                               self.runner.num_blocks, config.block_size)
+                               self.runner.num_blocks, config.block_size, image_processor,
+                               config.image_limit if image_processor is not None else 0,
+                               media_policy)
         # Unseeded requests draw their seed here: with --seed fixed a whole run is reproducible.
         self._seed_rng = random.Random(config.seed)
 
     @staticmethod
-    def _resolve_limits(config: EngineConfig, mc: ModelConfig) -> EngineConfig:
+    def _resolve_limits(config: EngineConfig, mc: ModelConfig,
+                        device: torch.device) -> EngineConfig:
         max_model_len = config.max_model_len or mc.max_position_embeddings
         if max_model_len > mc.max_position_embeddings and not mc.rope_scaling:
             raise ConfigError(f"--max-model-len {max_model_len} is longer than the model's "
                               f"max_position_embeddings ({mc.max_position_embeddings})")
-        max_batched = config.max_num_batched_tokens or max(8192, max_model_len)
+        tokens, threshold, attention = default_batching(device)
+        max_batched = config.max_num_batched_tokens or tokens
         if max_batched < config.block_size:
             raise ConfigError("--max-num-batched-tokens must be at least --block-size")
-        return dataclasses.replace(config, max_model_len=max_model_len,
-                                   max_num_batched_tokens=max_batched)
+        return dataclasses.replace(
+            config, max_model_len=max_model_len, max_num_batched_tokens=max_batched,
+            long_prefill_token_threshold=_or(config.long_prefill_token_threshold, threshold),
+            max_chunk_attention=_or(config.max_chunk_attention, attention))
+
+    @staticmethod
+    def _multimodal(folder: str, mc: ModelConfig, tokenizer: Any, config: EngineConfig
+                    ) -> tuple[Any, Any]:
+        """(image processor or None, MediaPolicy) for the front doors."""
+        from minserve.multimodal.fetch import MediaPolicy
+        from minserve.multimodal.inputs import get_image_processor
+
+        try:
+            policy = MediaPolicy.create(config.allowed_local_media_path,
+                                        config.allowed_media_domains,
+                                        config.allow_private_media_urls)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if not mc.is_multimodal:
+            return None, policy
+        return get_image_processor(mc.architecture, folder, mc.hf_config, tokenizer), policy
+
+    def _profile_images(self, processor: Any, config: EngineConfig) -> list[dict[str, Any]]:
+        """The largest batch of images one step can encode, for the KV-cache profile run: the
+        largest image the processor makes, as many times as --limit-mm-per-prompt allows across
+        max_num_seqs prompts, but no more than a step's token budget can reach."""
+        if processor is None or config.image_limit == 0 or self.device.type != "cuda" \
+                or config.kv_cache_memory is not None:
+            return []    # only the CUDA profile run uses them
+        from PIL import Image
+
+        largest = processor.process(Image.new("RGB", processor.largest_image_size()))
+        per_step = config.max_num_batched_tokens // max(largest.num_embeds, 1) + 1
+        return [largest.data] * min(config.image_limit * config.max_num_seqs, per_step)
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request: EngineRequest) -> None:
@@ -126,6 +195,7 @@ class Engine:
         vocab = self.info.vocab_size
         if any(not 0 <= t < vocab for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        self._check_mm_items(request)
         ids = request.sample_ids()
         if any(rid in self.scheduler.requests for rid in ids):
             raise ValueError(f"request id {request.request_id!r} is already in use")
@@ -140,8 +210,19 @@ class Engine:
                 rid, prompt, params, eos_token_ids=self.info.eos_token_ids,
                 arrival_time=request.arrival_time, adapter_name=request.adapter_name,
                 mm_items=request.mm_items, cache_salt=request.cache_salt,
-                priority=request.priority, parent_id=parent_id, sample_seed=seed,
-                structured=structured))
+                priority=request.priority, mrope_positions=request.mrope_positions,
+                mrope_position_delta=request.mrope_position_delta, parent_id=parent_id,
+                sample_seed=seed, structured=structured))
+
+    def _check_mm_items(self, request: EngineRequest) -> None:
+        if request.mm_items and self.info.image_processor is None:
+            raise ValueError(f"{self.model_config.architecture} is a text-only model: it takes "
+                             "no images")
+        end = 0
+        for item in request.mm_items:
+            if item.offset < end or item.offset + item.length > len(request.prompt_token_ids):
+                raise ValueError("multimodal items must lie in the prompt, in order, apart")
+            end = item.offset + item.length
 
     def _compile_structured(self, spec: dict) -> object:
         from minserve import structured  # llguidance is imported only when a request asks
@@ -184,11 +265,18 @@ class Engine:
         """The plan as plain data for the runner: tokens, block tables, the rows that sample and
         their SamplingTensors (grammar bitmask included), the prompt-logprob targets."""
         token_ids, computed, block_tables, sample_rows = [], [], [], []
+        mm_inputs: list[tuple[int, MultiModalItem]] = []
+        mrope = [] if self.runner.uses_mrope else None
         plp = None
         for r, (req, n) in enumerate(zip(plan.requests, plan.num_scheduled_tokens, strict=True)):
             ctx = req.num_computed_tokens
             token_ids += _token_slice(req, ctx, ctx + n)
             computed.append(ctx)
+            # the images whose placeholder tokens this step runs (a chunk may cut one in two)
+            mm_inputs += [(r, item) for item in req.mm_items
+                          if item.offset < ctx + n and ctx < item.offset + item.length]
+            if mrope is not None:
+                mrope.append((req.mrope_positions, req.mrope_position_delta))
             block_tables.append(req.block_ids)   # read before the scheduler changes it again
             if is_sampling_row(req, n):
                 sample_rows.append(r)
@@ -208,7 +296,7 @@ class Engine:
                 [plan.requests[r] for r in sample_rows], self.info.vocab_size,
                 pin=self.device.type == "cuda")
         return StepInputs(token_ids, plan.num_scheduled_tokens, computed, block_tables,
-                          sample_rows, sampling, plp)
+                          sample_rows, sampling, plp, mm_inputs, mrope)
 
     def stats(self) -> dict[str, Any]:
         return {

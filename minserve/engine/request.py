@@ -13,10 +13,22 @@ from minserve.sampling_params import SamplingParams
 
 @dataclass(slots=True)
 class MultiModalItem:
-    """One image (or other media) in a prompt: its placeholder tokens and a hash of its content."""
+    """One image (or other media) in a prompt: its placeholder tokens and a hash of its content.
+
+        prompt_token_ids:  ... t t [f r i i i i f r i i i i \n f g i i i i f] t t ...
+                                   |<-------------- length ------------->|
+                                   offset            embed_mask: the i's (None: every token)
+
+    The encoder's output rows go, in order, to the tokens embed_mask selects."""
     offset: int          # index of its first placeholder token in prompt_token_ids
     length: int          # number of placeholder tokens
     content_hash: str    # equal content, equal hash: only then may KV blocks be shared
+    data: dict[str, Any] = field(default_factory=dict)   # the encoder's inputs (numpy arrays)
+    embed_mask: Any = None   # [length] bool numpy array, or None: every token takes an embedding
+
+    @property
+    def num_embeds(self) -> int:
+        return self.length if self.embed_mask is None else int(self.embed_mask.sum())
 
 
 @dataclass(slots=True)
@@ -31,6 +43,10 @@ class EngineRequest:
     cache_salt: str | None = None        # requests with different salts never share KV blocks
     priority: int = 0                    # lower runs first, as vLLM (scheduling is FCFS today)
     arrival_time: float = field(default_factory=time.monotonic)
+    # Qwen2-VL's M-RoPE: [3, num_prompt_tokens] int64 positions; output token i (counting the
+    # prompt) takes position i + mrope_position_delta on all three rows. None: 1-D positions.
+    mrope_positions: Any = None
+    mrope_position_delta: int = 0
 
     def sample_ids(self) -> list[str]:
         """The engine request id of each of the n samples."""
@@ -66,6 +82,11 @@ class EngineInfo:
     eos_token_ids: frozenset[int] = frozenset()
     num_kv_blocks: int = 0
     block_size: int = 0
+    # Vision-language models: the image processor (minserve.multimodal; None: text only), the
+    # most images one prompt may carry, and where images may be fetched from (a MediaPolicy).
+    image_processor: Any = None
+    image_limit: int = 0
+    media_policy: Any = None
 
 
 class RequestStatus(enum.Enum):
@@ -128,10 +149,12 @@ class Request:
     sampling: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = 0.0
-    adapter_name: str | None = None       # these four come from the EngineRequest
+    adapter_name: str | None = None       # these come from the EngineRequest
     mm_items: list[MultiModalItem] = field(default_factory=list)
     cache_salt: str | None = None
     priority: int = 0
+    mrope_positions: Any = None           # as EngineRequest's
+    mrope_position_delta: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0

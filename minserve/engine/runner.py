@@ -16,13 +16,15 @@ The flat batch, for a step with a decode (r0), a prefill chunk mid-prompt (r1) a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from minserve.config import ConfigError, EngineConfig, ModelConfig
-from minserve.engine.request import Request
+from minserve.engine.encoder_cache import EncoderCache, merge_embeddings, to_tensors
+from minserve.engine.request import MultiModalItem, Request
 from minserve.engine.sampler import (
     LogprobsTensors,
     SamplerResult,
@@ -56,6 +58,10 @@ class StepInputs:
     sample_rows: list[int]               # rows the step brings up to date: they sample
     sampling: SamplingTensors | None     # host tensors for sample_rows, in that order
     prompt_logprobs: PromptLogprobInputs | None = None
+    # (row, item): the images with placeholder tokens among the row's scheduled tokens
+    mm_inputs: list[tuple[int, MultiModalItem]] = field(default_factory=list)
+    # M-RoPE models: per row (prompt positions [3, P] or None, delta); None for other models
+    mrope: list[tuple[Any, int]] | None = None
 
 
 @dataclass(slots=True)
@@ -88,7 +94,8 @@ class _Buffer:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig,
-                 engine_config: EngineConfig, device: torch.device, dtype: torch.dtype) -> None:
+                 engine_config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 profile_images: list[dict[str, Any]] | None = None) -> None:
         self.model = model
         self.model_config = model_config
         self.device = device
@@ -107,6 +114,12 @@ class ModelRunner:
         self._query_start_loc = _Buffer((R + 1,), torch.int32, device)
         self._seq_lens = _Buffer((R,), torch.int32, device)
         self._block_table = _Buffer((R, self.max_blocks_per_seq), torch.int32, device)
+        # Vision-language models: M-RoPE positions ([T, 3], handed over as [3, T]), the encoder
+        # outputs by image hash, and the images the profile run encodes.
+        self.uses_mrope = bool(getattr(model, "uses_mrope", False))
+        self._mrope_positions = _Buffer((T, 3), torch.long, device) if self.uses_mrope else None
+        self.encoder_cache = EncoderCache(max(self.max_num_batched_tokens, 16384))
+        self.profile_images = profile_images or []
         # NOTE: a step that samples nothing returns without a host sync, so the next step could
         # rewrite the pinned buffers above while the GPU has yet to run this step's non-blocking
         # copies out of them (the next step would then read half-new inputs). prepare_inputs
@@ -157,6 +170,7 @@ class ModelRunner:
         self.dummy_run(self.max_num_batched_tokens, self.max_num_seqs)
         torch.cuda.synchronize(self.device)
         activation_peak = torch.cuda.max_memory_allocated(self.device) - allocated_before
+        self.profile_images = []    # the largest images' arrays are not needed again
         torch.cuda.empty_cache()
         used_before = total - free          # weights, CUDA context, other processes
         return int(total * gpu_memory_utilization - used_before - activation_peak)
@@ -170,15 +184,21 @@ class ModelRunner:
         lens[-1] += num_tokens - sum(lens)
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=5)
         reqs = [Request(f"profile-{i}", [0], params) for i in range(num_reqs)]
+        # NOTE: the encoder's outputs stay alive through the step, as cached embeddings do.
+        encoded = self.encode_images(self.profile_images) if self.profile_images else None
         self.execute(StepInputs(
             [0] * num_tokens, lens, [0] * num_reqs,
             [[0] * -(-n // self.block_size) for n in lens], list(range(num_reqs)),
-            SamplingTensors.from_requests(reqs, self.model_config.vocab_size)))
+            SamplingTensors.from_requests(reqs, self.model_config.vocab_size),
+            mrope=[(None, 0)] * num_reqs if self.uses_mrope else None))
+        del encoded
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step: StepInputs) -> SampledTokens:
         inputs = self.prepare_inputs(step)
+        if step.mm_inputs:
+            inputs.inputs_embeds = self.embed_multimodal(step, inputs)
         hidden = self.run_model(inputs)
         result, prompt_lps = self.sample(hidden, inputs, step)
         return self.to_output(step, result, prompt_lps)
@@ -224,15 +244,49 @@ class ModelRunner:
             slot_mapping=self._slot_mapping.to_device(T),
             max_query_len=max(counts), max_seq_len=max(seq_lens_host),
             query_start_loc_host=qsl_host, seq_lens_host=seq_lens_host)
-        inputs = ModelInputs(self._input_ids.to_device(T), self._positions.to_device(T), attn,
+        positions = self._positions.to_device(T)
+        if self._mrope_positions is not None:
+            positions = self._fill_mrope(step, positions_np=self._positions.np[:T], T=T)
+        inputs = ModelInputs(self._input_ids.to_device(T), positions, attn,
                              self._logits_indices.to_device(len(indices)), num_sample)
         if self._copied is not None:
             self._copied.record()
         return inputs
 
+    def _fill_mrope(self, step: StepInputs, positions_np: np.ndarray, T: int) -> torch.Tensor:
+        """M-RoPE positions [3, T]: a prompt's own (t, row, col) positions where it has them,
+        else (for text-only prompts and every output token) position + delta on all rows."""
+        counts, computed = step.num_scheduled_tokens, step.num_computed_tokens
+        deltas = np.repeat(np.array([d for _, d in step.mrope], dtype=np.int64), counts)
+        buf = self._mrope_positions.np
+        buf[:T] = (positions_np + deltas)[:, None]
+        start = 0
+        for (prompt_pos, _), ctx, n in zip(step.mrope, computed, counts, strict=True):
+            if prompt_pos is not None and ctx < prompt_pos.shape[1]:
+                m = min(ctx + n, prompt_pos.shape[1]) - ctx
+                buf[start:start + m] = prompt_pos[:, ctx:ctx + m].T
+            start += n
+        return self._mrope_positions.to_device(T).t()
+
+    def encode_images(self, images: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """The vision encoder over a batch of images' processor outputs (numpy)."""
+        return self.model.encode_images([to_tensors(d, self.device, self.dtype) for d in images])
+
+    def embed_multimodal(self, step: StepInputs, inputs: ModelInputs) -> torch.Tensor:
+        """inputs_embeds [T, hidden]: the token embeddings with the step's image placeholder
+        rows replaced by the encoder's outputs (each distinct uncached image encoded once, all
+        of them in one batch)."""
+        embeds = self.encoder_cache.lookup_or_encode(
+            [item for _, item in step.mm_inputs],
+            lambda items: self.encode_images([item.data for item in items]))
+        inputs_embeds = self.model.embed_input_ids(inputs.input_ids)
+        merge_embeddings(inputs_embeds, step.mm_inputs, embeds,
+                         inputs.attn.query_start_loc_host, step.num_computed_tokens)
+        return inputs_embeds
+
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """The forward pass alone, -> hidden [T, hidden]: the one call a CUDA graph will wrap."""
-        return self.model(inputs.input_ids, inputs.positions, inputs.attn)
+        return self.model(inputs.input_ids, inputs.positions, inputs.attn, inputs.inputs_embeds)
 
     def sample(self, hidden: torch.Tensor, inputs: ModelInputs, step: StepInputs
                ) -> tuple[SamplerResult | None, LogprobsTensors | None]:

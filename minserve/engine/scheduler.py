@@ -5,6 +5,7 @@ There is no prefill phase and no decode phase: each request's num_computed_token
 its num_tokens. A decode is a request one token behind; a prefill chunk is one further behind."""
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -25,6 +26,13 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    # vLLM's name: at most this many prompt tokens of one request per step (0: no cap), so a
+    # long prompt leaves room in each step for the requests queued behind it.
+    long_prefill_token_threshold: int = 0
+    # At most this many (query token, context token) pairs in one request's prefill chunk (0: no
+    # cap). Attention work grows with the context: on CPU a late chunk of an 8,000-token prompt
+    # cost 20x what the first did; this keeps late chunks as short as early ones.
+    max_chunk_attention: int = 0
 
 
 @dataclass(slots=True)
@@ -155,7 +163,7 @@ class Scheduler:
         i = 0
         while i < len(order) and budget > 0:
             request = order[i]
-            num_new = min(request.num_uncomputed, budget)
+            num_new = self._chunk(request.num_computed_tokens, request.num_uncomputed, budget)
             while self.kv.allocate_slots(request, num_new) is None:
                 if len(order) - 1 > i:
                     victim = order.pop()
@@ -186,6 +194,22 @@ class Scheduler:
         plan.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         return plan
 
+    def _chunk(self, context_len: int, num_uncomputed: int, budget: int) -> int:
+        """Tokens to run for one request this step (at least 1 while budget is left).
+
+            |---- context_len ----|-- query_len --|   a prefill chunk computes
+                                                      query_len * (context_len + query_len) pairs
+        """
+        num_new = min(num_uncomputed, budget)
+        cap = self.config.long_prefill_token_threshold
+        if cap > 0:
+            num_new = min(num_new, cap)
+        area = self.config.max_chunk_attention
+        if area > 0 and num_new > 1:
+            c = context_len  # the largest q with q * (c + q) <= area
+            num_new = min(num_new, max(1, (math.isqrt(c * c + 4 * area) - c) // 2))
+        return num_new
+
     def _child_must_wait(self, request: Request) -> bool:
         """n > 1 siblings: the first one admitted computes the prompt; the others wait until its
         prompt's full blocks are published, then admit with a prefix hit on them."""
@@ -215,7 +239,7 @@ class Scheduler:
                 computed_blocks, num_cached = [], 0
             else:
                 computed_blocks, num_cached = self.kv.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_cached, budget)
+            num_new = self._chunk(num_cached, request.num_tokens - num_cached, budget)
             if self.kv.allocate_slots(request, num_new, computed_blocks) is None:
                 self.waiting.appendleft(request)
                 break

@@ -214,7 +214,7 @@ def _load_runner(config: EngineConfig, rank: int, local_rank: int, port: int) ->
     folder = resolve_model(config.model, config.revision)
     with open(os.path.join(folder, "config.json")) as f:
         model_config = ModelConfig.from_dict(json.load(f))
-    config = Engine._resolve_limits(config, model_config)
+    config = Engine._resolve_limits(config, model_config, device)
     parallel.check_divisible(model_config, config.tensor_parallel_size)
     parallel.init(rank, config.tensor_parallel_size, config.master_addr, port, device,
                   step_timeout_s())

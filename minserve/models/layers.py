@@ -161,6 +161,31 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
 
+class MRotaryEmbedding(RotaryEmbedding):
+    """Qwen2-VL's multimodal rotary embedding: positions [3, T] (temporal, row, column; the same
+    number thrice for text), and the D/2 frequencies split by mrope_section, section i rotated by
+    position row i. 1-D positions [T] mean text only (all three rows equal)."""
+
+    def __init__(self, head_dim: int, rope_theta: float, max_position_embeddings: int,
+                 mrope_section: list[int]) -> None:
+        super().__init__(head_dim, rope_theta, None, max_position_embeddings)
+        if sum(mrope_section) != head_dim // 2:
+            raise ConfigError(f"mrope_section {mrope_section} does not add up to head_dim / 2 "
+                              f"({head_dim // 2})")
+        self.mrope_section = list(mrope_section)
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().forward(positions, dtype)
+        freqs = positions.float()[:, :, None] * self.inv_freq.float()  # [3, T, D/2]
+        freqs = torch.cat([chunk[i % 3] for i, chunk in
+                           enumerate(freqs.split(self.mrope_section, dim=-1))], dim=-1)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, N, D] rotated in HF's rotate_half layout (first half | second half of each head)."""
     x1, x2 = x.chunk(2, dim=-1)

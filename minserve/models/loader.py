@@ -302,7 +302,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Random weights of the right shapes (load_format="dummy"), generated on the device."""
     for name, param in model.named_parameters():
         gen = torch.Generator(device=param.device).manual_seed(seed)
-        if name.endswith("norm.weight"):
+        module = name.rpartition(".")[0].rpartition(".")[2]   # "layer_norm1", "ln_q", ...
+        if name.endswith(".weight") and ("norm" in module or module.startswith("ln_")):
             param.fill_(1.0)
         elif name.endswith(".bias"):
             param.zero_()

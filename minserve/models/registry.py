@@ -14,6 +14,11 @@ _MODELS = {
     "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "LlavaForConditionalGeneration": ("vision.llava", "LlavaForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": ("vision.qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": ("vision.qwen2_vl",
+                                           "Qwen2_5_VLForConditionalGeneration"),
+    "Idefics3ForConditionalGeneration": ("vision.idefics3", "Idefics3ForConditionalGeneration"),
 }
 
 

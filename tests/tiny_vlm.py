@@ -1,0 +1,160 @@
+"""Tiny random vision-language models written as real HF folders by transformers (config.json,
+safetensors, a tokenizer with each model's image tokens, preprocessor/processor configs and a chat
+template shaped like the real checkpoint's), so tests go through our loader and processors."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from tests.tiny import CORPUS, scale_up_weights
+
+VLM_SPECIALS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|vision_start|>",
+                 "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<fake_token_around_image>",
+                 "<global-img>", "<end_of_utterance>"]
+                + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
+
+ARCHS = ["LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+         "Qwen2_5_VLForConditionalGeneration", "Idefics3ForConditionalGeneration"]
+
+# Chat templates with each family's shape: content parts of type "image" become the model's
+# image placeholder (llava-hf, Qwen2-VL and SmolVLM templates all read parts this way).
+_PARTS = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+          "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ IMAGE }}"
+          "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+          "{% endif %}")
+TEMPLATES = {
+    "LlavaForConditionalGeneration":
+        "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+        + _PARTS.replace("IMAGE", "'<image>\n'") + "{{ '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}",
+    "Qwen2VLForConditionalGeneration":
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+        + _PARTS.replace("IMAGE", "'<|vision_start|><|image_pad|><|vision_end|>'")
+        + "{{ '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+    "Idefics3ForConditionalGeneration":
+        "{% for message in messages %}{{ message['role'] | capitalize + ':' }}"
+        + _PARTS.replace("IMAGE", "'<image>'") + "{{ '<end_of_utterance>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}",
+}
+TEMPLATES["Qwen2_5_VLForConditionalGeneration"] = TEMPLATES["Qwen2VLForConditionalGeneration"]
+
+TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+# Qwen2-VL: images from 4 to 16 language-model tokens (28x28 pixels each).
+QWEN_PIXELS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 16}
+# Idefics3: 32-pixel tiles of 4 tokens, images up to 2x2 tiles plus the global one.
+IDEFICS3_TILE, IDEFICS3_LONGEST = 32, 64
+
+
+def make_vlm_tokenizer(folder: str) -> dict[str, int]:
+    """A small byte-level BPE with every family's image tokens; returns special -> id."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=VLM_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS * 3 + ["USER: ASSISTANT: User: Assistant:\n\n"] * 3,
+                            trainer=trainer)
+    path = os.path.join(folder, "tokenizer.json")
+    tok.save(path)
+    return {t: tok.token_to_id(t) for t in VLM_SPECIALS}
+
+
+def _config(arch: str, ids: dict[str, int], vocab: int) -> object:
+    import transformers
+
+    text = {**TEXT, "vocab_size": vocab, "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"]}
+    if arch == "LlavaForConditionalGeneration":
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                  "num_attention_heads": 4, "image_size": 56, "patch_size": 14}
+        return transformers.LlavaConfig(vision_config=vision, text_config=text,
+                                        image_token_index=ids["<image>"])
+    if arch.startswith("Qwen2"):
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
+                                   "mrope_section": [2, 3, 3]}
+        qwen_ids = {"image_token_id": ids["<|image_pad|>"],
+                    "video_token_id": ids["<|video_pad|>"],
+                    "vision_start_token_id": ids["<|vision_start|>"],
+                    "vision_end_token_id": ids["<|vision_end|>"]}
+        if arch == "Qwen2VLForConditionalGeneration":
+            vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4,
+                      "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2,
+                      "temporal_patch_size": 2}
+            return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **qwen_ids)
+        # window 56 pixels = 2x2 merged tokens: several windows per image, ragged at the edges
+        vision = {"depth": 3, "hidden_size": 32, "out_hidden_size": 64, "intermediate_size": 48,
+                  "num_heads": 4, "patch_size": 14, "spatial_merge_size": 2,
+                  "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1]}
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **qwen_ids)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "image_size": IDEFICS3_TILE, "patch_size": 8}
+    return transformers.Idefics3Config(text_config={**text, "model_type": "llama"},
+                                       vision_config=vision, scale_factor=2,
+                                       image_token_id=ids["<image>"])
+
+
+def _processor_files(arch: str) -> dict[str, dict]:
+    if arch == "LlavaForConditionalGeneration":
+        return {"preprocessor_config.json": {
+                    "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 56},
+                    "crop_size": {"height": 56, "width": 56}, "do_center_crop": True,
+                    "resample": 3},
+                "processor_config.json": {"patch_size": 14, "num_additional_image_tokens": 1,
+                                          "vision_feature_select_strategy": "default"}}
+    if arch.startswith("Qwen2"):
+        return {"preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor",
+                                             **QWEN_PIXELS, "patch_size": 14, "merge_size": 2,
+                                             "temporal_patch_size": 2}}
+    return {"preprocessor_config.json": {
+                "image_processor_type": "Idefics3ImageProcessor", "do_image_splitting": True,
+                "size": {"longest_edge": IDEFICS3_LONGEST},
+                "max_image_size": {"longest_edge": IDEFICS3_TILE}, "resample": 1},
+            "processor_config.json": {"image_seq_len": 4}}
+
+
+def make_tiny_vlm(folder: str, arch: str, seed: int = 0) -> str:
+    """Write a tiny random `arch` model (see the module docstring) into `folder`."""
+    import transformers
+
+    os.makedirs(folder, exist_ok=True)
+    ids = make_vlm_tokenizer(folder)
+    with open(os.path.join(folder, "tokenizer.json")) as f:
+        tok = json.load(f)
+    vocab = len(tok["model"]["vocab"]) + sum(t["content"] not in tok["model"]["vocab"]
+                                            for t in tok["added_tokens"])
+    config = _config(arch, ids, vocab)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).to(torch.float32).eval()
+    scale_up_weights(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok_cfg = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+               "unk_token": None, "add_bos_token": False, "chat_template": TEMPLATES[arch],
+               "model_max_length": TEXT["max_position_embeddings"],
+               "tokenizer_class": "PreTrainedTokenizerFast"}
+    files = {"tokenizer_config.json": tok_cfg, **_processor_files(arch),
+             "generation_config.json": {"eos_token_id": [ids["<|im_end|>"]]}}
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=2)
+    return folder
+
+
+def random_image(width: int, height: int, seed: int = 0):
+    """A noisy RGB Pillow image (smooth gradients plus noise, so every filter tap matters)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1),
+                     (x + y) * 127 / max(width + height - 2, 1)], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
