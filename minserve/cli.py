@@ -378,9 +378,10 @@ def main(argv: list[str] | None = None) -> None:
     level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.node_rank > 0:   # a node other than the head: workers only, no HTTP server
+        from minserve.engine.engine import load_worker_runner
         from minserve.engine.workers import run_node
 
         logger.info("node %d/%d: tensor-parallel workers of %s:%s", args.node_rank, args.nnodes,
                     args.master_addr, args.engine_config.master_port or 29500)
-        sys.exit(run_node(args.engine_config))
+        sys.exit(run_node(args.engine_config, load_worker_runner))
     sys.exit(asyncio.run(serve(args)))

@@ -100,7 +100,7 @@ class Engine:
             self.device = rank_device(self.device, 0)
             # the other ranks load the folder this rank resolved (a hub id is fetched once)
             self.workers = Workers(dataclasses.replace(config, model=folder), model_config,
-                                   self.device)
+                                   self.device, load_worker_runner)
         try:
             torch.manual_seed(config.seed)
             model = load_model(folder, model_config, self.device, self.dtype, config.load_format)
@@ -317,3 +317,27 @@ def _token_slice(request: Request, start: int, end: int) -> list[int]:
     if end <= num_prompt:
         return request.prompt_token_ids[start:end]
     return request.prompt_token_ids[start:] + request.output_token_ids[:end - num_prompt]
+
+
+def load_worker_runner(config: EngineConfig, rank: int, local_rank: int, port: int) -> ModelRunner:
+    """The rank's model shards and KV cache share, built as the Engine builds rank 0's."""
+    from minserve.engine.workers import rank_device, step_timeout_s
+    from minserve.models import parallel
+    from minserve.models.loader import load_model, resolve_model
+
+    device = rank_device(resolve_device(config.device), local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = resolve_dtype(config.dtype, device)
+    folder = resolve_model(config.model, config.revision)
+    with open(os.path.join(folder, "config.json")) as f:
+        model_config = ModelConfig.from_dict(json.load(f))
+    config = Engine._resolve_limits(config, model_config, device)
+    parallel.check_divisible(model_config, config.tensor_parallel_size)
+    parallel.init(rank, config.tensor_parallel_size, config.master_addr, port, device,
+                  step_timeout_s())
+    torch.manual_seed(config.seed)
+    model = load_model(folder, model_config, device, dtype, config.load_format)
+    runner = ModelRunner(model, model_config, config, device, dtype)
+    runner.dummy_run(config.block_size, 1)   # the head runs the same warm-up step (Engine)
+    return runner

@@ -13,13 +13,13 @@ The plan on the wire (one header broadcast, then one payload broadcast, both on 
 """
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -106,12 +106,15 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
 class Workers:
     """The head's side: the local worker processes, and the broadcast of each step's plan."""
 
-    def __init__(self, config: EngineConfig, model_config: ModelConfig,
-                 device: torch.device) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device,
+                 load_runner: Callable[..., ModelRunner]) -> None:
+        """load_runner(config, rank, local_rank, port): a worker's ModelRunner (engine.py's
+        load_worker_runner, passed in so this module never imports the engine)."""
         parallel.check_divisible(model_config, config.tensor_parallel_size)
         self._timeout_s = step_timeout_s()
         port = _master_port(config)
-        self._procs, self._pipes = _spawn_local(config, port, range(1, _ranks_per_node(config)))
+        self._procs, self._pipes = _spawn_local(config, port, range(1, _ranks_per_node(config)),
+                                                load_runner)
         try:
             parallel.init(0, config.tensor_parallel_size, config.master_addr, port, device,
                           step_timeout_s())
@@ -157,8 +160,8 @@ class Workers:
         self._pipes = []
 
 
-def _spawn_local(config: EngineConfig, port: int, local_ranks: range
-                 ) -> tuple[list[Any], list[Any]]:
+def _spawn_local(config: EngineConfig, port: int, local_ranks: range,
+                 load_runner: Callable[..., ModelRunner]) -> tuple[list[Any], list[Any]]:
     """One process per local rank, each with the read end of a pipe whose write end only this
     process holds: when this process dies (SIGKILL included) the worker reads EOF and exits."""
     ctx = multiprocessing.get_context("spawn")
@@ -167,7 +170,8 @@ def _spawn_local(config: EngineConfig, port: int, local_ranks: range
     for local_rank in local_ranks:
         reader, writer = ctx.Pipe(duplex=False)
         p = ctx.Process(target=_worker_main, name=f"minserve-tp{base + local_rank}",
-                        args=(config, base + local_rank, local_rank, port, reader), daemon=True)
+                        args=(config, base + local_rank, local_rank, port, reader, load_runner),
+                        daemon=True)
         p.start()
         reader.close()
         procs.append(p)
@@ -185,13 +189,13 @@ def _exit_with_parent(reader: Any) -> None:
 
 
 def _worker_main(config: EngineConfig, rank: int, local_rank: int, port: int,
-                 reader: Any) -> None:
+                 reader: Any, load_runner: Callable[..., ModelRunner]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the head's to handle
     threading.Thread(target=_exit_with_parent, args=(reader,), daemon=True).start()
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s rank{rank}: %(message)s")
     try:
-        runner = _load_runner(config, rank, local_rank, port)
+        runner = load_runner(config, rank, local_rank, port)
         with torch.inference_mode():
             while (step := _recv_step()) is not None:
                 inputs = runner.prepare_inputs(step)
@@ -202,35 +206,13 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, port: int,
     parallel.destroy()
 
 
-def _load_runner(config: EngineConfig, rank: int, local_rank: int, port: int) -> ModelRunner:
-    """The rank's model shards and KV cache share, built as the Engine builds rank 0's."""
-    from minserve.engine.engine import Engine, resolve_device, resolve_dtype
-    from minserve.models.loader import load_model, resolve_model
-
-    device = rank_device(resolve_device(config.device), local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dtype = resolve_dtype(config.dtype, device)
-    folder = resolve_model(config.model, config.revision)
-    with open(os.path.join(folder, "config.json")) as f:
-        model_config = ModelConfig.from_dict(json.load(f))
-    config = Engine._resolve_limits(config, model_config, device)
-    parallel.check_divisible(model_config, config.tensor_parallel_size)
-    parallel.init(rank, config.tensor_parallel_size, config.master_addr, port, device,
-                  step_timeout_s())
-    torch.manual_seed(config.seed)
-    model = load_model(folder, model_config, device, dtype, config.load_format)
-    runner = ModelRunner(model, model_config, config, device, dtype)
-    runner.dummy_run(config.block_size, 1)   # the head runs the same warm-up step (Engine)
-    return runner
-
-
-def run_node(config: EngineConfig) -> int:
+def run_node(config: EngineConfig, load_runner: Callable[..., ModelRunner]) -> int:
     """A node other than the head: its ranks only, until the head stops them (exit 0) or a rank
     fails or the head goes away (exit 1). SIGTERM/SIGINT stop the node's workers."""
     if config.node_rank == 0:
         raise ConfigError("node rank 0 is the head: it serves the API")
-    procs, pipes = _spawn_local(config, _master_port(config), range(_ranks_per_node(config)))
+    procs, pipes = _spawn_local(config, _master_port(config), range(_ranks_per_node(config)),
+                                load_runner)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
