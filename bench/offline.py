@@ -6,6 +6,11 @@ output tokens per second over wall time. Run small on CPU, full size on a GPU:
     python bench/offline.py --num-requests 16 --max-input-len 128 --max-output-len 64 --timers
     python bench/offline.py --model bench/configs/qwen3-0.6b --load-format dummy   # GPU
     python bench/offline.py --model bench/configs/llama-3-8b --load-format dummy   # GPU
+    python bench/offline.py --num-requests 16 --max-input-len 128 --max-output-len 64 -tp 2
+
+With -tp N > 1 it also prints the head's time per step in the plan broadcast and in the
+collectives (all-reduces after row-parallel layers and the embedding, the logits gather); the
+latter includes waiting for the slowest rank.
 
 bench/configs/* hold only config.json (the real models' shapes, random weights). Prompts are
 token ids and every request ignores EOS, so the tokenizer only detokenizes the output: without
@@ -57,6 +62,7 @@ def main() -> None:
     ap.add_argument("--gguf-dequantize", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--timers", action="store_true",
                     help="per-phase self times per step (bench/phases.py), printed after the run")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     args = ap.parse_args()
 
     from minserve import LLM, SamplingParams
@@ -71,7 +77,9 @@ def main() -> None:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory=args.kv_cache_memory, dtype=args.dtype,
               enforce_eager=args.enforce_eager, quantization=args.quantization,
-              kv_cache_dtype=args.kv_cache_dtype, gguf_dequantize=args.gguf_dequantize)
+              kv_cache_dtype=args.kv_cache_dtype, gguf_dequantize=args.gguf_dequantize,
+              tensor_parallel_size=args.tensor_parallel_size)
+    tp_timers = _time_collectives() if args.tensor_parallel_size > 1 else None
     vocab = llm.engine.model_config.vocab_size
     seed(0)
     min_in = min(args.min_input_len, args.max_input_len)
@@ -91,6 +99,8 @@ def main() -> None:
 
         timers = PhaseTimers()
         timers.install(llm.engine)
+    if tp_timers is not None:
+        tp_timers.update({k: 0.0 for k in tp_timers})
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
@@ -106,11 +116,42 @@ def main() -> None:
         "weight_MiB": round(weight_bytes(llm.engine.runner.model) / 2**20, 1),
         "max_rss_MiB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "quantization": args.quantization, "gguf_dequantize": args.gguf_dequantize,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        **({} if tp_timers is None else {
+            "steps": int(tp_timers["steps"]),
+            "ms_per_step": round(1e3 * elapsed / max(tp_timers["steps"], 1), 2),
+            "broadcast_ms_per_step": round(1e3 * tp_timers["broadcast"] / tp_timers["steps"], 3),
+            "collectives_ms_per_step": round(1e3 * tp_timers["collectives"] / tp_timers["steps"], 3),
+            "collectives_per_step": round(tp_timers["num_collectives"] / tp_timers["steps"], 1)}),
     }))
     if timers:
         num_steps = timers.calls["engine step (rest)"]
         print(f"# {num_steps} steps, per step:")
         print(timers.table(max(num_steps, 1)))
+    llm.engine.shutdown()
+
+
+def _time_collectives() -> dict[str, float]:
+    """Wrap the head's plan broadcast and collectives with wall-clock timers."""
+    from minserve.engine.workers import Workers
+    from minserve.models import parallel
+
+    timers = {"steps": 0.0, "broadcast": 0.0, "collectives": 0.0, "num_collectives": 0.0}
+
+    def timed(fn, key, count):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                timers[key] += time.perf_counter() - t0
+                timers[count] += 1
+        return wrapper
+
+    Workers.broadcast = timed(Workers.broadcast, "broadcast", "steps")
+    parallel.all_reduce = timed(parallel.all_reduce, "collectives", "num_collectives")
+    parallel.gather_vocab = timed(parallel.gather_vocab, "collectives", "num_collectives")
+    return timers
 
 
 if __name__ == "__main__":

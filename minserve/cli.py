@@ -340,7 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
            '{"disable_additional_properties": false} (objects without additionalProperties '
            "may hold unlisted keys; by default they hold only the listed ones, as xgrammar)")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
-      help="must be 1 (tensor parallelism is not implemented yet)")
+      help="shard the model over N ranks (N-1 worker processes; gloo on CPU, NCCL on GPUs)")
+    a("--distributed-executor-backend", default="mp",
+      help="mp (worker processes; the only one supported)")
+    a("--nnodes", type=int, default=1, help="nodes the ranks span (torchrun's meaning)")
+    a("--node-rank", type=int, default=0,
+      help="this node's rank; nodes other than 0 run workers only, with no HTTP server")
+    a("--master-addr", default="127.0.0.1", help="the head node's address (rank 0)")
+    a("--master-port", type=int, default=None,
+      help="the head's torch.distributed port (default: a free port on one node, 29500 on "
+           "several)")
     a("--task", default="auto", choices=["auto", "generate", "embed", "embedding", "score"],
       help="embed/score: serve MODEL as a pooling model on /v1/embeddings, /v1/score and "
            "/v1/rerank (a cross-encoder scores pairs itself; an embedding model by cosine). "
@@ -388,9 +397,6 @@ def parse_args(argv: list[str] | None = None,
     if args.model_tag and args.model and args.model_tag != args.model:
         parser.error(f"two models given: {args.model_tag!r} and --model {args.model!r}")
     args.model = args.model or args.model_tag
-    if args.tensor_parallel_size != 1:
-        parser.error(f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is "
-                     "not implemented yet; minserve runs on one device (use 1)")
     if args.responses_store_size < 0:
         parser.error("--responses-store-size must be >= 0")
     if not args.timeout_keep_alive > 0:
@@ -417,6 +423,12 @@ def parse_args(argv: list[str] | None = None,
         parser.error("--lora-modules needs --enable-lora")
     if args.enable_lora and args.task == "embed":
         parser.error("--enable-lora serves generation models only, not --task embed")
+    if args.tensor_parallel_size > 1 and (args.task == "embed" or args.embedding_model):
+        parser.error("--tensor-parallel-size > 1 shards the chat model only; serve embedding "
+                     "models with 1")
+    if args.tensor_parallel_size > 1 and args.enable_lora:
+        parser.error("--enable-lora with --tensor-parallel-size > 1 is not supported yet (the "
+                     "adapters' A/B matrices are not sharded)")
     try:
         args.engine_config = engine_config(args)
     except ConfigError as e:
@@ -438,6 +450,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         chat_template=args.chat_template, generation_config=args.generation_config,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         gguf_dequantize=args.gguf_dequantize,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes,
+        node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
         limit_mm_per_prompt=args.limit_mm_per_prompt,
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=args.allowed_media_domains,
@@ -519,8 +534,8 @@ async def serve(args: argparse.Namespace) -> int:
 
     def on_dead(reason: str, force: bool = False) -> None:
         nonlocal exit_code
-        # the model never loaded: nothing to serve, exit non-zero
-        if force or not primary.is_ready:
+        # the model never loaded, or a tensor-parallel rank died: exit non-zero
+        if force or not primary.is_ready or args.tensor_parallel_size > 1:
             logger.error("engine failed to start: %s", reason)
             exit_code = 1
             if not primary.is_ready and not force:
@@ -569,4 +584,11 @@ def main(argv: list[str] | None = None) -> None:
     level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     startup_logger.setLevel(min(logging.INFO, logging.getLevelName(level)))
+    if args.node_rank > 0:   # a node other than the head: workers only, no HTTP server
+        from minserve.engine.engine import load_worker_runner
+        from minserve.engine.workers import run_node
+
+        logger.info("node %d/%d: tensor-parallel workers of %s:%s", args.node_rank, args.nnodes,
+                    args.master_addr, args.engine_config.master_port or 29500)
+        sys.exit(run_node(args.engine_config, load_worker_runner))
     sys.exit(asyncio.run(serve(args)))

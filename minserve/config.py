@@ -170,6 +170,13 @@ class EngineConfig:
     # GGUF files: serve the linear weights from their quantized blocks (False) or dequantize
     # them at load (True); None picks per device (see README: measured on CPU)
     gguf_dequantize: bool | None = None
+    # tensor parallelism (engine/workers.py); nnodes..master_port mean what they mean to torchrun
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None   # default: a free port with one node, 29500 with several
     # Vision-language models. limit_mm_per_prompt: at most this many items of a modality in one
     # prompt ({"image": N}; None: vLLM's default of 999). Images come from http(s) and data:
     # URLs; file:// ones only from below allowed_local_media_path; hosts only from
@@ -207,6 +214,19 @@ class EngineConfig:
         if self.gguf_dequantize and self.quantization == "gguf":
             raise ConfigError("--quantization gguf serves the GGUF blocks; it contradicts "
                               "--gguf-dequantize")
+        tp, nnodes = self.tensor_parallel_size, self.nnodes
+        if tp < 1:
+            raise ConfigError(f"--tensor-parallel-size must be >= 1, got {tp}")
+        if self.distributed_executor_backend != "mp":
+            raise ConfigError(f"--distributed-executor-backend {self.distributed_executor_backend!r}"
+                              " is not supported; minserve runs its workers as processes (mp)")
+        if nnodes < 1 or tp % nnodes:
+            raise ConfigError(f"--nnodes {nnodes} must divide --tensor-parallel-size {tp} (each "
+                              "node runs the same number of ranks)")
+        if not 0 <= self.node_rank < nnodes:
+            raise ConfigError(f"--node-rank {self.node_rank} must be in 0..{nnodes - 1}")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ConfigError(f"--master-port {self.master_port} must be in 1..65535")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ConfigError(
                 f"--load-format {self.load_format!r} is not one of auto, safetensors, gguf, dummy"

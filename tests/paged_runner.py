@@ -41,7 +41,8 @@ class PagedRunner:
         cfg = model.config
         dtype = model.model.embed_tokens.weight.dtype
         self.model, self.block_size = model, block_size
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        num_kv_heads = model.model.layers[0].self_attn.num_kv_heads   # this rank's (TP)
+        shape = (num_blocks, block_size, num_kv_heads, cfg.head_dim)
         model.set_kv_caches([(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
                              for _ in range(cfg.num_hidden_layers)])
         self.free_blocks = list(range(num_blocks))
@@ -65,7 +66,8 @@ class PagedRunner:
             self.num_computed[req_id] = ctx + len(new_ids)
         attn, positions = attn_metadata(query_lens, context_lens, tables, self.block_size)
         hidden = self.model(torch.tensor(input_ids), positions, attn)
-        return list(self.model.compute_logits(hidden).split(query_lens))
+        logits = self.model.compute_logits(hidden)   # None on a tensor-parallel rank > 0
+        return [] if logits is None else list(logits.split(query_lens))
 
 
 def attn_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],

@@ -146,7 +146,7 @@ def test_default_model_chat_end_to_end():
 def test_bad_flags_exit_with_message():
     for args, word in ((["--speculative-model", "x"], "unsupported"),
                        (["--quantization", "bitsandbytes"], "invalid choice: 'bitsandbytes'"),
-                       (["--tensor-parallel-size", "2"], "tensor parallelism")):
+                       (["--distributed-executor-backend", "ray"], "(mp)")):
         p = subprocess.run([sys.executable, "-m", "minserve", *args], capture_output=True,
                            text=True, timeout=60, env={**os.environ})
         assert p.returncode == 2 and word in p.stderr

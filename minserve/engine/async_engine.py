@@ -338,6 +338,7 @@ class AsyncEngine(WorkerService):
             rejected: list[tuple[str, EngineError]] = []
             for msg in msgs:
                 if msg is STOP:
+                    getattr(engine, "shutdown", lambda: None)()   # tensor-parallel workers
                     return
                 if isinstance(msg, EngineCall):
                     self._run_call(engine, msg)

@@ -115,23 +115,42 @@ class Engine:
                                          else config.generation_config)
         self.config = config = self._resolve_limits(config, model_config, self.device)
         self.model_config = model_config
-        torch.manual_seed(config.seed)
-        model = load_model(folder, model_config, self.device, self.dtype, config.load_format,
-                           quantization=config.quantization)
-        image_processor, media_policy = self._multimodal(folder, model_config, tokenizer, config)
-        self.lora = None
-        if config.lora is not None:   # before the runner: its KV sizing sees the LoRA slots
-            from minserve.lora.manager import LoRAManager
+        self.workers = None
+        if config.tensor_parallel_size > 1:
+            from minserve.engine.workers import Workers, rank_device
 
-            lora_dtype = (self.dtype if config.lora.lora_dtype == "auto"
-                          else DTYPES[config.lora.lora_dtype])
-            self.lora = LoRAManager(model, model_config, config.lora, self.device, lora_dtype)
-            for module in config.lora.lora_modules:
-                self.lora.add(module.name, module.path)
-        self.runner = ModelRunner(model, model_config, config, self.device, self.dtype,
-                                  profile_images=self._profile_images(image_processor, config))
-        if self.lora is not None:
-            self.runner.lora_state = self.lora.state
+            self.device = rank_device(self.device, 0)
+            # the other ranks load the folder this rank resolved (a hub id is fetched once)
+            self.workers = Workers(dataclasses.replace(config, model=folder), model_config,
+                                   self.device, load_worker_runner)
+        try:
+            torch.manual_seed(config.seed)
+            model = load_model(folder, model_config, self.device, self.dtype, config.load_format,
+                               quantization=config.quantization)
+            image_processor, media_policy = self._multimodal(folder, model_config, tokenizer,
+                                                             config)
+            if self.workers is not None and image_processor is not None:
+                raise ConfigError("--tensor-parallel-size > 1 does not shard vision models yet")
+            self.lora = None
+            if config.lora is not None:   # before the runner: its KV sizing sees the LoRA slots
+                from minserve.lora.manager import LoRAManager
+
+                lora_dtype = (self.dtype if config.lora.lora_dtype == "auto"
+                              else DTYPES[config.lora.lora_dtype])
+                self.lora = LoRAManager(model, model_config, config.lora, self.device, lora_dtype)
+                for module in config.lora.lora_modules:
+                    self.lora.add(module.name, module.path)
+            self.runner = ModelRunner(model, model_config, config, self.device, self.dtype,
+                                      profile_images=self._profile_images(image_processor,
+                                                                          config))
+            if self.lora is not None:
+                self.runner.lora_state = self.lora.state
+            if self.workers is not None:
+                # every rank's first forward (lazy imports) runs now, not under the step timeout
+                self.runner.dummy_run(config.block_size, 1)
+        except BaseException:
+            self.shutdown()
+            raise
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
                                        config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -277,10 +296,27 @@ class Engine:
             num = plan.total_num_scheduled_tokens
             self._iteration_buckets[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, num)] += 1
             self._iteration_tokens_sum += num
-            outputs = self.scheduler.update(plan, self.runner.execute(self._step_inputs(plan)))
+            outputs = self.scheduler.update(plan, self._execute(self._step_inputs(plan)))
         if self.lora is not None and self.lora.retired:   # unloaded adapters nobody uses now
             self.lora.purge({r.adapter_name for r in self.scheduler.requests.values()})
         return self._beam_outputs(outputs)
+
+    def _execute(self, step: StepInputs) -> Any:
+        if self.workers is None:
+            return self.runner.execute(step)
+        try:
+            self.workers.check_alive()
+            self.workers.broadcast(step)
+            return self.runner.execute(step)
+        except BaseException:
+            self.workers.kill()   # a rank died or timed out: the others may be stuck
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (a no-op with one process)."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
 
     def _beam_outputs(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         return self.beams.process(outputs) if self.beams.searches else outputs
@@ -373,3 +409,27 @@ def _token_slice(request: Request, start: int, end: int) -> list[int]:
     if end <= num_prompt:
         return request.prompt_token_ids[start:end]
     return request.prompt_token_ids[start:] + request.output_token_ids[:end - num_prompt]
+
+
+def load_worker_runner(config: EngineConfig, rank: int, local_rank: int, port: int) -> ModelRunner:
+    """The rank's model shards and KV cache share, built as the Engine builds rank 0's."""
+    from minserve.engine.workers import rank_device, step_timeout_s
+    from minserve.models import parallel
+    from minserve.models.loader import load_model, resolve_model
+
+    device = rank_device(resolve_device(config.device), local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = resolve_dtype(config.dtype, device)
+    folder = resolve_model(config.model, config.revision)
+    with open(os.path.join(folder, "config.json")) as f:
+        model_config = ModelConfig.from_dict(json.load(f))
+    config = Engine._resolve_limits(config, model_config, device)
+    parallel.check_divisible(model_config, config.tensor_parallel_size)
+    parallel.init(rank, config.tensor_parallel_size, config.master_addr, port, device,
+                  step_timeout_s())
+    torch.manual_seed(config.seed)
+    model = load_model(folder, model_config, device, dtype, config.load_format)
+    runner = ModelRunner(model, model_config, config, device, dtype)
+    runner.dummy_run(config.block_size, 1)   # the head runs the same warm-up step (Engine)
+    return runner

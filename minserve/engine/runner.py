@@ -35,6 +35,7 @@ from minserve.engine.sampler import (
 from minserve.engine.scheduler import SampledTokens
 from minserve.kernels import AttnMetadata
 from minserve.kernels.lora import LoRAMapping, lora_mapping
+from minserve.models import parallel
 from minserve.sampling_params import SamplingParams
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
@@ -138,7 +139,7 @@ class ModelRunner:
     def _kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
         shape = (mc.num_hidden_layers, 2, num_blocks, self.block_size,
-                 mc.num_key_value_heads, mc.head_dim)
+                 self.num_kv_heads, mc.head_dim)
         # NOTE: zeros, not empty: kernels may load whole tiles past seq_len and multiply the
         # masked part by 0, which would still turn garbage NaNs into NaN outputs.
         kv = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)  # [L, 2, NB, BS, K, D]
@@ -146,7 +147,8 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, engine_config: EngineConfig) -> int:
         mc = self.model_config
-        per_block = (2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads
+        self.num_kv_heads = parallel.num_local_kv_heads(mc.num_key_value_heads, parallel.tp_size())
+        per_block = (2 * mc.num_hidden_layers * self.block_size * self.num_kv_heads
                      * mc.head_dim * self.kv_dtype.itemsize)
         # More than every sequence at full length can never be used.
         max_useful = self.max_num_seqs * self.max_blocks_per_seq
@@ -156,7 +158,7 @@ class ModelRunner:
             budget = self._profile_cuda_budget(engine_config.gpu_memory_utilization)
         else:
             budget = DEFAULT_CPU_KV_CACHE_BYTES
-        num_blocks = min(budget // per_block, max_useful)
+        num_blocks = parallel.min_across_ranks(min(budget // per_block, max_useful))
         if num_blocks < 1:
             raise ConfigError(
                 f"no room for the KV cache: {budget / 2**20:.0f} MiB available, one block needs "
@@ -303,7 +305,9 @@ class ModelRunner:
         """Logits of the rows that need them -> sampled tokens and prompt logprobs (on device)."""
         if inputs.logits_indices.numel() == 0:
             return None, None
-        logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()   # [N, V]
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])   # [N, V] float32
+        if logits is None:      # a tensor-parallel worker: rank 0 samples
+            return None, None
         n = inputs.num_sample
         result = sample(logits[:n], step.sampling.to(self.device)) if n else None
         plp = step.prompt_logprobs

@@ -1,13 +1,14 @@
 """Linear and embedding layers with vLLM's names and loading contract. A linear layer's
 quant_method creates its parameters (create_weights) and runs its matmul (apply); every parameter
 carries weight_loader(param, loaded_weight, shard_id=None), which copies this rank's part of a
-checkpoint tensor into it. tp_rank/tp_size slice the weights; no layer here runs a collective.
+checkpoint tensor into it. tp_rank/tp_size slice the weights; the row-parallel layers and the
+embedding all-reduce their partial sums (models/parallel.py; nothing with one rank).
 
 Column-parallel layers split the output rows, row-parallel ones the input columns (tp_size = 2):
 
     ColumnParallelLinear  W [out, in]  rank r holds rows  [r * out/2, (r+1) * out/2)
     RowParallelLinear     W [out, in]  rank r holds cols  [r * in/2, (r+1) * in/2); the ranks'
-                                       outputs sum to the full output (all-reduce: TP issue)
+                                       outputs sum to the full output (all-reduce)
     QKVParallelLinear     rank r holds q heads [r * H/2, ...) and kv heads [r * K/2, ...); with
                           more ranks than kv heads, each kv head is copied to tp_size / K ranks
 """
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minserve.config import ConfigError
-from minserve.models import cpu_gemm
+from minserve.models import cpu_gemm, parallel
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
@@ -182,9 +183,8 @@ class RowParallelLinear(LinearBase):
     split_dim = "input_dim"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NOTE: with tp_size > 1 this is one rank's partial sum; the tensor-parallel issue
-        # all-reduces it here, before anything reads the output.
-        return self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
+        out = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
+        return parallel.all_reduce(out) if self.tp_size > 1 else out
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -209,8 +209,7 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(input_ids, self.weight)
         mine = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
         out = F.embedding((input_ids - self.vocab_start) * mine, self.weight)
-        # NOTE: a partial lookup; the tensor-parallel issue all-reduces it here.
-        return out * mine.unsqueeze(-1)
+        return parallel.all_reduce(out * mine.unsqueeze(-1))
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: Any = None) -> None:
@@ -224,5 +223,5 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     """The output projection: the same vocab-split weight, multiplied by the model's
-    compute_logits (rank r's logits are columns [vocab_start, vocab_end); gathering them is
-    the tensor-parallel issue's)."""
+    compute_logits (rank r's logits are columns [vocab_start, vocab_end), which
+    parallel.gather_vocab puts together on rank 0)."""

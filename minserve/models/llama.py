@@ -12,7 +12,7 @@ from torch import nn
 
 from minserve.config import ModelConfig
 from minserve.kernels import AttnMetadata
-from minserve.models import cpu_gemm
+from minserve.models import cpu_gemm, parallel
 from minserve.models.layers import Attention, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
 from minserve.models.linear import (
     MergedColumnParallelLinear,
@@ -33,20 +33,23 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, prefix: str = "") -> None:
         super().__init__()
         h, k, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
+        tp = parallel.tp_rank(), parallel.tp_size()
         # NOTE: attention_bias and qk_norm are separate flags (Qwen2 has bias and no norm,
         # Qwen3 the reverse), never inferred from the architecture here.
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, d, h, k, bias=config.attention_bias,
-            quant_method=linear_method(config, f"{prefix}.qkv_proj"))
-        self.o_proj = RowParallelLinear(h * d, config.hidden_size, bias=False,
-                                        quant_method=linear_method(config, f"{prefix}.o_proj"))
+            config.hidden_size, d, h, k, config.attention_bias,
+            linear_method(config, f"{prefix}.qkv_proj"), *tp)
+        # this rank's heads: H / tp, and K / tp (or one replicated kv head when K < tp)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = d
+        self.o_proj = RowParallelLinear(h * d, config.hidden_size, False,
+                                        linear_method(config, f"{prefix}.o_proj"), *tp)
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.attn = Attention(h, k, d, config.sliding_window)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d, config.sliding_window)
 
     def forward(
         self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata
@@ -70,12 +73,12 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig, prefix: str = "") -> None:
         super().__init__()
         i = config.intermediate_size
+        tp = parallel.tp_rank(), parallel.tp_size()
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [i, i], bias=False,
-            quant_method=linear_method(config, f"{prefix}.gate_up_proj"))
+            config.hidden_size, [i, i], False,
+            linear_method(config, f"{prefix}.gate_up_proj"), *tp)
         self.down_proj = RowParallelLinear(
-            i, config.hidden_size, bias=False,
-            quant_method=linear_method(config, f"{prefix}.down_proj"))
+            i, config.hidden_size, False, linear_method(config, f"{prefix}.down_proj"), *tp)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +114,8 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   parallel.tp_rank(), parallel.tp_size())
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, f"model.layers.{i}") for i in range(config.num_hidden_layers)
         )
@@ -153,7 +157,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if config.tie_word_embeddings
-            else ParallelLMHead(config.vocab_size, config.hidden_size)
+            else ParallelLMHead(config.vocab_size, config.hidden_size, parallel.tp_rank(),
+                                parallel.tp_size())
         )
 
     def map_weight_name(self, name: str) -> str | None:
@@ -177,10 +182,13 @@ class LlamaForCausalLM(nn.Module):
         [T, hidden] (final-normed)."""
         return self.model(input_ids, positions, attn, inputs_embeds)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, V] float32."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> logits [N, V] float32 (on rank 0; None on the other ranks)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return cpu_gemm.linear(hidden, weight, None, self).float()
+        logits = cpu_gemm.linear(hidden, weight, None, self).float()   # [N, V / tp]
+        if self.model.embed_tokens.tp_size == 1:    # (another engine of this process may be TP)
+            return logits
+        return parallel.gather_vocab(logits, self.config.vocab_size)
 
     def set_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One (k_cache, v_cache) pair, each [NB, BS, K, D], per layer."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -227,8 +228,6 @@ def checkpoint_files(folder: str) -> list[str]:
 
 
 def iter_weights(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     for i, path in enumerate(files):
         if len(files) > 1:
             _progress(f"loading weights {i + 1}/{len(files)}: {os.path.basename(path)}")
@@ -236,10 +235,44 @@ def iter_weights(files: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
             # weights_only: tensors and plain containers only, never arbitrary pickled objects.
             yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
             continue
-        # safe_open memory-maps the file; get_tensor() reads only that tensor's pages.
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, f.get_tensor(name)
+        yield from mmap_safetensors(path)
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+              "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def mmap_safetensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """A .safetensors file's tensors as views of one private memory map: no tensor is read
+    until a weight_loader copies from it, and a tensor-parallel rank's narrow() copies only its
+    shard (safe_open's get_tensor would read each tensor whole, on every rank)."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > 100 << 20:
+            raise ConfigError(f"{path}: safetensors header of {header_len} bytes")
+        header = json.loads(f.read(header_len))
+        # ACCESS_COPY: writable for torch.frombuffer, never written back to the file.
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    base = 8 + header_len
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(meta["dtype"])
+        if dtype is None:
+            raise ConfigError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        start, end = meta["data_offsets"]
+        shape = meta["shape"]
+        if end - start != math.prod(shape) * dtype.itemsize or base + end > len(buf):
+            raise ConfigError(f"{path}: tensor {name} has a bad size or offset")
+        if start == end:
+            yield name, torch.empty(shape, dtype=dtype)
+            continue
+        yield name, torch.frombuffer(buf, dtype=dtype, count=math.prod(shape),
+                                     offset=base + start).view(shape)
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

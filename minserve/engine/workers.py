@@ -1,0 +1,236 @@
+"""Tensor-parallel workers over torch.distributed. Rank 0 is the Engine (it keeps the scheduler
+and samples); before each step it broadcasts the StepInputs as int64 tensors, and every other
+rank runs the same forward on its shards. Starts the local worker processes, runs a node other
+than the head (workers only, no HTTP), stops them all. Never unpickles what another rank sent.
+
+Ranks are laid out node after node: with tp = 4 and nnodes = 2, node 0 runs ranks 0 (the
+head) and 1, node 1 ranks 2 and 3 (cuda:local_rank on a GPU).
+
+The plan on the wire (one header broadcast, then one payload broadcast, both on the cpu group):
+    header  [R, T, S, P, B, has_prompt_logprobs]          (R = -1: stop)
+    payload num_scheduled_tokens[R] | num_computed_tokens[R] | token_ids[T] | sample_rows[S] |
+            prompt-logprob rows[P] | their counts[P] | block table lengths[R] | block ids[B]
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from minserve.config import ConfigError, EngineConfig, ModelConfig
+from minserve.engine.runner import ModelRunner, PromptLogprobInputs, StepInputs
+from minserve.models import parallel
+
+logger = logging.getLogger("minserve.workers")
+
+_HEADER_LEN = 6
+_STOP = -1
+_DEFAULT_MULTI_NODE_PORT = 29500   # torchrun's
+
+
+def step_timeout_s() -> float:
+    """How long a step may take before the head gives up on its workers."""
+    return float(os.environ.get("MINSERVE_STEP_TIMEOUT", "300"))
+
+
+# ---- the step plan as plain int64 tensors ----------------------------------------------------
+def encode_step(step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    plp = step.prompt_logprobs
+    plp_rows, plp_counts = (plp.rows, plp.counts) if plp is not None else ([], [])
+    tables = step.block_tables
+    block_ids = [b for table in tables for b in table]
+    header = [len(step.num_scheduled_tokens), len(step.token_ids), len(step.sample_rows),
+              len(plp_rows), len(block_ids), int(plp is not None)]
+    payload = (list(step.num_scheduled_tokens) + list(step.num_computed_tokens)
+               + list(step.token_ids) + list(step.sample_rows) + plp_rows + plp_counts
+               + [len(t) for t in tables] + block_ids)
+    return (torch.tensor(header, dtype=torch.int64), torch.tensor(payload, dtype=torch.int64))
+
+
+def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
+    """A worker's StepInputs: no sampling tensors (rank 0 samples), the prompt-logprob rows and
+    counts only (they decide which logits rows exist, which the vocab gather must agree on)."""
+    R, T, S, P, _, has_plp = header
+    values, pos = payload.tolist(), 0
+
+    def take(n: int) -> list[int]:
+        nonlocal pos
+        pos += n
+        return values[pos - n:pos]
+
+    counts, computed, token_ids, sample_rows = take(R), take(R), take(T), take(S)
+    plp_rows, plp_counts, lens = take(P), take(P), take(R)
+    tables = [take(n) for n in lens]
+    plp = PromptLogprobInputs(plp_rows, plp_counts, [], []) if has_plp else None
+    return StepInputs(token_ids, counts, computed, tables, sample_rows, None, plp)
+
+
+def _recv_step() -> StepInputs | None:
+    header = torch.empty(_HEADER_LEN, dtype=torch.int64)
+    parallel.broadcast_from_head(header)
+    h = header.tolist()
+    if h[0] == _STOP:
+        return None
+    payload = torch.empty(2 * h[0] + h[1] + h[2] + 2 * h[3] + h[0] + h[4], dtype=torch.int64)
+    parallel.broadcast_from_head(payload)
+    return decode_step(h, payload)
+
+
+# ---- rank layout -----------------------------------------------------------------------------
+def _ranks_per_node(config: EngineConfig) -> int:
+    return config.tensor_parallel_size // config.nnodes
+
+
+def _master_port(config: EngineConfig) -> int:
+    if config.master_port is not None:
+        return config.master_port
+    if config.nnodes > 1:
+        return _DEFAULT_MULTI_NODE_PORT
+    with socket.socket() as s:   # one node: any free loopback port
+        s.bind((config.master_addr, 0))
+        return s.getsockname()[1]
+
+
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
+
+
+# ---- the head (rank 0) -----------------------------------------------------------------------
+class Workers:
+    """The head's side: the local worker processes, and the broadcast of each step's plan."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device,
+                 load_runner: Callable[..., ModelRunner]) -> None:
+        """load_runner(config, rank, local_rank, port): a worker's ModelRunner (engine.py's
+        load_worker_runner, passed in so this module never imports the engine)."""
+        parallel.check_divisible(model_config, config.tensor_parallel_size)
+        self._timeout_s = step_timeout_s()
+        port = _master_port(config)
+        self._procs, self._pipes = _spawn_local(config, port, range(1, _ranks_per_node(config)),
+                                                load_runner)
+        try:
+            parallel.init(0, config.tensor_parallel_size, config.master_addr, port, device,
+                          step_timeout_s())
+        except BaseException:
+            self.kill()
+            raise
+
+    def broadcast(self, step: StepInputs) -> None:
+        header, payload = encode_step(step)
+        parallel.broadcast_from_head(header, self._timeout_s)
+        parallel.broadcast_from_head(payload, self._timeout_s)
+
+    def check_alive(self) -> None:
+        dead = [p for p in self._procs if p.exitcode is not None]
+        if dead:
+            raise RuntimeError(f"tensor-parallel worker {dead[0].name} exited "
+                               f"(code {dead[0].exitcode})")
+
+    def shutdown(self) -> None:
+        """Tell every rank (other nodes' too) to stop, then wait for the local ones."""
+        try:
+            if not any(p.exitcode is not None for p in self._procs):
+                parallel.broadcast_from_head(torch.tensor([_STOP] + [0] * (_HEADER_LEN - 1)),
+                                             self._timeout_s)
+        except Exception:  # a rank already gone: the kill below does the rest
+            logger.warning("could not tell the workers to stop; killing them")
+        for p in self._procs:
+            p.join(10)
+        self.kill()
+        try:
+            parallel.destroy()
+        except Exception:   # a group whose peers died may not tear down cleanly
+            logger.warning("torch.distributed teardown failed", exc_info=True)
+
+    def kill(self) -> None:
+        """SIGKILL the local workers (after a failed step: they may be stuck in a collective)."""
+        for p in self._procs:
+            if p.exitcode is None:
+                p.kill()
+            p.join(5)
+        for w in self._pipes:
+            w.close()
+        self._pipes = []
+
+
+def _spawn_local(config: EngineConfig, port: int, local_ranks: range,
+                 load_runner: Callable[..., ModelRunner]) -> tuple[list[Any], list[Any]]:
+    """One process per local rank, each with the read end of a pipe whose write end only this
+    process holds: when this process dies (SIGKILL included) the worker reads EOF and exits."""
+    ctx = multiprocessing.get_context("spawn")
+    base = config.node_rank * _ranks_per_node(config)
+    procs, pipes = [], []
+    for local_rank in local_ranks:
+        reader, writer = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_worker_main, name=f"minserve-tp{base + local_rank}",
+                        args=(config, base + local_rank, local_rank, port, reader, load_runner),
+                        daemon=True)
+        p.start()
+        reader.close()
+        procs.append(p)
+        pipes.append(writer)
+    return procs, pipes
+
+
+# ---- a worker (rank > 0) ---------------------------------------------------------------------
+def _exit_with_parent(reader: Any) -> None:
+    try:
+        reader.recv()
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
+
+
+def _worker_main(config: EngineConfig, rank: int, local_rank: int, port: int,
+                 reader: Any, load_runner: Callable[..., ModelRunner]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the head's to handle
+    threading.Thread(target=_exit_with_parent, args=(reader,), daemon=True).start()
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s %(levelname)s rank{rank}: %(message)s")
+    try:
+        runner = load_runner(config, rank, local_rank, port)
+        with torch.inference_mode():
+            while (step := _recv_step()) is not None:
+                inputs = runner.prepare_inputs(step)
+                runner.sample(runner.run_model(inputs), inputs, step)
+    except Exception:
+        logger.exception("tensor-parallel rank %d failed", rank)
+        os._exit(1)
+    parallel.destroy()
+
+
+def run_node(config: EngineConfig, load_runner: Callable[..., ModelRunner]) -> int:
+    """A node other than the head: its ranks only, until the head stops them (exit 0) or a rank
+    fails or the head goes away (exit 1). SIGTERM/SIGINT stop the node's workers."""
+    if config.node_rank == 0:
+        raise ConfigError("node rank 0 is the head: it serves the API")
+    procs, pipes = _spawn_local(config, _master_port(config), range(_ranks_per_node(config)),
+                                load_runner)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    from multiprocessing.connection import wait
+
+    pending = list(procs)
+    while pending and not stop.is_set():
+        for sentinel in wait([p.sentinel for p in pending], timeout=0.5):
+            pending = [p for p in pending if p.sentinel != sentinel]
+        if any(p.exitcode for p in procs if p.exitcode is not None):
+            break
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+        p.join(10)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+    for w in pipes:
+        w.close()
+    return 0 if stop.is_set() or all(p.exitcode == 0 for p in procs) else 1

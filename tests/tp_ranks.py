@@ -1,0 +1,47 @@
+"""One tensor-parallel rank for test_tp.py: `python tests/tp_ranks.py RANK WORLD PORT OUT FOLDER...`
+joins the gloo group, runs STEPS through each folder's sharded model on a hand-built paged cache,
+and (rank 0) saves the gathered logits to OUT/<n>.pt for the test to compare with one process."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from minserve.models import parallel  # noqa: E402
+from tests.paged_runner import PagedRunner, load_ours  # noqa: E402
+
+# (request id, new token ids) per step: two chunked prefills, then a chunk beside a decode,
+# then decodes of both (20 + 13 tokens cross the 16-token block edges)
+STEPS = [
+    [("a", list(range(3, 13))), ("b", list(range(40, 60)))],
+    [("a", list(range(100, 113))), ("b", [7])],
+    [("a", [9]), ("b", [11])],
+    [("a", [300]), ("b", [301])],
+]
+
+
+def run_steps(model) -> list[torch.Tensor]:
+    """Every step's logits, [sum of query lens, V] each (empty on a rank > 0)."""
+    runner = PagedRunner(model, block_size=16, num_blocks=16, seed=3)
+    out = []
+    for batch in STEPS:
+        logits = runner.step(batch)
+        if logits:
+            out.append(torch.cat(logits))
+    return out
+
+
+def main() -> None:
+    rank, world, port, out_dir, *folders = sys.argv[1:]
+    parallel.init(int(rank), int(world), "127.0.0.1", int(port), torch.device("cpu"), 120)
+    for i, folder in enumerate(folders):
+        logits = run_steps(load_ours(folder))
+        if int(rank) == 0:
+            torch.save(logits, os.path.join(out_dir, f"{i}.pt"))
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
