@@ -151,6 +151,7 @@ def _split_lora_modules(argv: list[str]) -> list[str]:
             i += 1
         if i == start:
             out.append(arg)   # argparse reports the missing value
+    return out
 
 
 # vLLM's StructuredOutputsConfig keys; only the two switches change what minserve generates
