@@ -169,6 +169,7 @@ async def run(app: Any, http: Any, req: GenerateRequest, reader: ChatReader) -> 
                 await reader.feed(obj)
 
     req.stream = req.include_usage = True
+    req.prompt_tokens_details = True   # both APIs report cached prompt tokens in their usage
     try:
         await app.generate(Http(http.scope, http.receive, send, http.path, http.headers,
                                 http.max_body_bytes), req)

@@ -173,7 +173,7 @@ def test_the_default_models_served_name_serves_the_cached_default(tiny_model_dir
     hub lookup; a folder of that name in the working directory still wins."""
     from minserve.models import loader
 
-    monkeypatch.setattr(loader, "default_model_folder", lambda: tiny_model_dir)
+    monkeypatch.setattr(loader, "default_model_folder", lambda gguf_quantized=False: tiny_model_dir)
     monkeypatch.setattr(loader, "_hub_snapshot", lambda *a: pytest.fail("went to the hub"))
     assert resolve_model(loader.DEFAULT_MODEL_NAME) == tiny_model_dir
     (tmp_path / loader.DEFAULT_MODEL_NAME).mkdir()

@@ -40,7 +40,7 @@ def _mixed_lines() -> list[str]:
         elif kind == 8:     # answered by the route with a 400, as HTTP would
             bad = [{"messages": 5}, {"prompt": "x", "max_tokens": -1},
                    {"prompt": "word " * 400, "max_tokens": 4}, {"input": ""},
-                   {"messages": [{"role": "wizard", "content": "x"}]}][i // 10 % 5]
+                   {"messages": [{"role": 5, "content": "x"}]}][i // 10 % 5]
             url = "/v1/embeddings" if "input" in bad else (
                 "/v1/chat/completions" if "messages" in bad else "/v1/completions")
             req(f"bad-body-{i}", url, bad)

@@ -607,7 +607,7 @@ def test_requests_ending_in_their_prefill_step_are_prefix_cache_hits_later(tiny_
         return out
 
     block = 16
-    for first, again in run(real_app(tiny_model_dir), fn):
+    for first, again in run(real_app(tiny_model_dir, enable_prompt_tokens_details=True), fn):
         assert first["prompt_tokens_details"]["cached_tokens"] == 0
         want = (first["prompt_tokens"] - 1) // block * block  # the last token always runs
         assert again["prompt_tokens_details"]["cached_tokens"] == want > 0, (first, again)

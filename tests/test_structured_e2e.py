@@ -166,7 +166,7 @@ def test_hostile_constraints_are_answered_and_the_server_lives_on(client):
     assert r.choices[0].finish_reason in ("length", "stop")
     for extra, word in [({"guided_grammar": rule_chain(30_000)["grammar"]}, "at most"),
                         ({"guided_choice": [f"c{i}" for i in range(100_000)]}, "at most"),
-                        ({"guided_regex": "(?=a)b"}, "look-around"),
+                        ({"guided_regex": "(?=a)b"}, "lookaround"),
                         ({"guided_regex": "[z-a]" + "x" * 5000}, "character class")]:
         with pytest.raises(openai.BadRequestError) as e:
             _chat(client, extra_body=extra)

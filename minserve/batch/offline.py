@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-tmp-dir", default=None,
                    help="folder for the output while it is written (default: -o's folder, so "
                         "the final rename stays on one filesystem)")
-    p.add_argument("--enable-metrics", action="store_true",
-                   help="serve Prometheus metrics on --url:--port while the batch runs")
+    # --enable-metrics (the server's flag, kept): here it serves Prometheus metrics on
+    # --url:--port while the batch runs
     p.add_argument("--url", default="0.0.0.0", help="metrics address (with --enable-metrics)")
     return p
 
