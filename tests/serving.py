@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import ssl
@@ -97,3 +98,16 @@ def serving(args: list[str], timeout: float = 120, scheme: str = "http") -> Iter
     assert code == 0, out
 
 
+def children(pid: int) -> list[int]:
+    """Live (non-zombie) children of pid, from the process table."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(name))
+    return out

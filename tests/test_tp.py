@@ -23,7 +23,7 @@ from minserve.sampling_params import SamplingParams
 from minserve.server import ServerConfig, create_app
 from tests.asgi import call, lifespan
 from tests.paged_runner import load_ours
-from tests.serving import free_port, wait_until
+from tests.serving import children, free_port, wait_until
 from tests.tiny import make_tiny_model
 from tests.tp_ranks import run_steps
 
@@ -38,21 +38,6 @@ ARCHS = {
     "llama-tied-kv1": ("LlamaForCausalLM", {"tie_word_embeddings": True,
                                             "num_key_value_heads": 1}),
 }
-
-
-def child_pids() -> list[int]:
-    """This process's live children, from the process table."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == os.getpid() and fields[0] != "Z":
-                pids.append(int(name))
-    return pids
 
 
 @pytest.fixture(scope="module")
@@ -194,4 +179,4 @@ def test_hung_worker_fails_in_flight_requests_and_health_is_503(llms, folders):
     res, health = asyncio.run(main())
     assert res.status == 200 and "error" in res.events()[-2]   # then [DONE]
     assert health.status == 503
-    assert worker.exitcode is not None and worker.pid not in child_pids()
+    assert worker.exitcode is not None and worker.pid not in children(os.getpid())

@@ -15,26 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.serving import free_port, start_server, stop_server, wait_until
+from tests.serving import children, free_port, start_server, stop_server, wait_until
 
 pytestmark = pytest.mark.slow
 ARGS = ["--kv-cache-memory", "64MiB", "--max-model-len", "1024", "--max-num-seqs", "16"]
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def children(pid: int) -> list[int]:
-    """Live (non-zombie) children of pid, from the process table."""
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(name))
-    return out
 
 
 def workers(pid: int) -> list[int]:
