@@ -16,6 +16,7 @@ The flat batch, for a step with a decode (r0), a prefill chunk mid-prompt (r1) a
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,11 @@ from minserve.kernels.lora import LoRAMapping, lora_mapping
 from minserve.models import parallel
 from minserve.sampling_params import SamplingParams
 
+# The CPU KV cache by default: room for one full-length sequence, at least 512 MiB (about 16
+# CPU-sized batches' worth of short chats for the default model), at most 2 GiB; never more than
+# max_num_seqs full-length sequences. Its pages are committed as blocks are first written.
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+MIN_CPU_KV_CACHE_BYTES = 512 << 20
 
 
 @dataclass(slots=True)
@@ -141,8 +146,10 @@ class ModelRunner:
         shape = (mc.num_hidden_layers, 2, num_blocks, self.block_size,
                  self.num_kv_heads, mc.head_dim)
         # NOTE: zeros, not empty: kernels may load whole tiles past seq_len and multiply the
-        # masked part by 0, which would still turn garbage NaNs into NaN outputs.
-        kv = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)  # [L, 2, NB, BS, K, D]
+        # masked part by 0, which would still turn garbage NaNs into NaN outputs. On CPU the
+        # zeros come from an anonymous mapping, so only the pages of blocks in use are resident.
+        kv = (torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+              if self.device.type != "cpu" else lazy_zeros(shape, self.kv_dtype))
         self.model.set_kv_caches([(kv[i, 0], kv[i, 1]) for i in range(mc.num_hidden_layers)])
 
     def _allocate_kv_cache(self, engine_config: EngineConfig) -> int:
@@ -157,7 +164,8 @@ class ModelRunner:
         elif self.device.type == "cuda":
             budget = self._profile_cuda_budget(engine_config.gpu_memory_utilization)
         else:
-            budget = DEFAULT_CPU_KV_CACHE_BYTES
+            budget = min(DEFAULT_CPU_KV_CACHE_BYTES,
+                         max(MIN_CPU_KV_CACHE_BYTES, per_block * self.max_blocks_per_seq))
         num_blocks = parallel.min_across_ranks(min(budget // per_block, max_useful))
         if num_blocks < 1:
             raise ConfigError(
@@ -356,3 +364,15 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cpu":
         return t
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose pages are committed on first write: a fresh anonymous mapping
+    reads as zeros (POSIX), where torch.zeros would write, and so commit, every page at once.
+    Huge pages are declined, so a block's first write commits its own 4 KiB pages, not 2 MiB."""
+    nbytes = max(math.prod(shape) * dtype.itemsize, 1)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    # torch.frombuffer keeps the mapping alive as long as the tensor (and its views) live
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
