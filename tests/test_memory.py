@@ -56,3 +56,57 @@ def _block_bytes(eng: Engine) -> int:
 def _default_budget(eng: Engine) -> int:
     one_seq = _block_bytes(eng) * eng.runner.max_blocks_per_seq
     return min(runner.DEFAULT_CPU_KV_CACHE_BYTES, max(runner.MIN_CPU_KV_CACHE_BYTES, one_seq))
+
+
+# ---- caches keyed by request content stay at their caps (LRU)
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from tests.test_structured import _Tok
+    from tests.tiny import make_tokenizer_json
+    from tokenizers import Tokenizer
+
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    make_tokenizer_json(path)
+    return _Tok(Tokenizer.from_file(path))
+
+
+def test_compiled_grammars_stay_at_their_cap(tok, monkeypatch):
+    from collections import OrderedDict
+
+    from minserve import structured as st
+
+    monkeypatch.setattr(st, "_MAX_CACHED_MATCHERS", 3)
+    monkeypatch.setattr(st, "_proto_cache", OrderedDict())
+    regex = [f"a{i}[0-9]" for i in range(6)]
+    for r in regex[:3]:
+        st.compile({"regex": r}, tok, 512)
+    st.compile({"regex": regex[0]}, tok, 512)           # used again: now the newest
+    for r in regex[3:5]:
+        st.compile({"regex": r}, tok, 512)
+    kept = [key[2] for key in st._proto_cache]
+    assert len(kept) == 3
+    assert [st.grammar_from_spec({"regex": r}) for r in (regex[0], regex[3], regex[4])] == kept
+    for r in regex * 5:                                   # a long run of new grammars
+        st.compile({"regex": r + "x"}, tok, 512)
+    assert len(st._proto_cache) == 3
+
+
+def test_chat_template_caches_stay_at_their_cap():
+    from minserve import chat
+
+    for fn in (chat.compile_template, chat.detect_content_format):
+        cap = fn.cache_info().maxsize
+        assert cap is not None and cap <= 64
+        for i in range(cap + 10):
+            fn(f"{{{{ messages[0]['content'] }}}} {i}")
+        assert fn.cache_info().currsize == cap
+
+
+def test_token_bytes_cache_is_bounded_by_the_vocabulary(tiny_model_dir):
+    from minserve.tokenizer import Tokenizer
+
+    t = Tokenizer.from_folder(tiny_model_dir)
+    for _ in range(3):
+        for i in range(t.vocab_size):
+            t.token_bytes(i)
+    assert len(t._bytes_cache) <= t.vocab_size
