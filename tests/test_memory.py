@@ -110,3 +110,28 @@ def test_token_bytes_cache_is_bounded_by_the_vocabulary(tiny_model_dir):
         for i in range(t.vocab_size):
             t.token_bytes(i)
     assert len(t._bytes_cache) <= t.vocab_size
+
+
+# ---- freed heap memory goes back to the OS when the engine goes idle
+def test_engine_trims_the_heap_once_idle_after_work(tiny_model_dir, monkeypatch):
+    from minserve.engine import async_engine, heap
+    from tests.asgi import call
+    from tests.fake_engine import make_fake_app
+    from tests.serving import run, wait_until
+
+    assert heap.trim() in (True, False)     # glibc here; elsewhere a no-op
+    trims: list[int] = []
+    monkeypatch.setattr(async_engine, "HEAP_TRIM_IDLE_S", 0.05)
+    monkeypatch.setattr(heap, "trim", lambda: trims.append(1) or True)
+
+    async def fn(app):
+        await wait_until(lambda: True)
+        assert not trims                       # idle since start: nothing to give back
+        resp = await call(app, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3})
+        assert resp.status == 200
+        await wait_until(lambda: trims, what="a trim after going idle")
+        resp = await call(app, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        await wait_until(lambda: len(trims) == 2, what="one trim per busy -> idle")
+        return len(trims)
+
+    assert run(make_fake_app(tiny_model_dir), fn) == 2

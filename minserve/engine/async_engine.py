@@ -14,12 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 from minserve.config import ConfigError
+from minserve.engine import heap
 from minserve.engine.request import EngineInfo, EngineRequest, FinishReason, RequestOutput
 from minserve.errors import library_text
 
 logger = logging.getLogger("minserve.engine")
 
 STOP = None  # on the inbox: the worker thread returns
+HEAP_TRIM_IDLE_S = 1.0   # idle this long after work: give freed heap memory back (engine/heap.py)
 
 
 class EngineCall:
@@ -327,9 +329,22 @@ class AsyncEngine(WorkerService):
 
     def _serve(self) -> None:
         engine, loop = self._engine, self._on_loop
+        stepped = False     # a step ran since the heap was last trimmed
         while True:
             # NOTE: block on the inbox only when idle; while busy, drain it without waiting.
-            msgs = [] if engine.has_unfinished_requests() else [self._inbox.get()]
+            if engine.has_unfinished_requests():
+                msgs = []
+            elif stepped:
+                # idle for HEAP_TRIM_IDLE_S after work (the HTTP side has freed its part by
+                # then): hand the freed heap back to the OS (engine/heap.py), then wait
+                try:
+                    msgs = [self._inbox.get(timeout=HEAP_TRIM_IDLE_S)]
+                except queue.Empty:
+                    heap.trim()
+                    stepped = False
+                    msgs = [self._inbox.get()]
+            else:
+                msgs = [self._inbox.get()]
             while True:
                 try:
                     msgs.append(self._inbox.get_nowait())
@@ -358,6 +373,7 @@ class AsyncEngine(WorkerService):
             if rejected:
                 loop(self._reject, rejected)
             outputs = engine.step() if engine.has_unfinished_requests() else []
+            stepped = stepped or bool(msgs)
             self.stats = dict(engine.stats())
             if outputs:
                 loop(self._deliver, outputs)
