@@ -7,7 +7,8 @@ compiles a new grammar), tokenize, embeddings when the server answers them, and 
 bodies (bad JSON, wrong types, 1,000-deep nesting, unknown models, prompts past the context).
 Prompts are random words, so the prefix cache keeps taking new blocks. Prints the server's RSS
 (VmRSS, the process and its children) when ready, every --every requests, after the first
---mark requests and at the end, and whether the end is within 10% of the mark. Any 5xx fails.
+--mark requests and at the end, and whether the end is within 10% of the mark; also the part outside the KV cache's mapping,
+which on CPU is committed as blocks are first used, up to its fixed size. Any 5xx fails.
 
     python bench/soak.py                                  # 2,000 requests, mark at 200
     python bench/soak.py --requests 400 --mark 100 --server-args "--max-num-seqs 8"
@@ -48,6 +49,25 @@ def rss_kib(pid: int) -> int:
         except (OSError, AttributeError):
             pass
     return total
+
+
+def largest_anon_kib(pid: int) -> int:
+    """Resident KiB of pid's largest anonymous mapping: on CPU, the KV cache (one mapping of
+    --kv-cache-memory bytes, committed as its blocks are first used; weights are one allocation
+    per tensor, far smaller). Growth there is the cache filling up to its fixed size."""
+    best_size, best_rss, size, anon = 0, 0, 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split()
+                if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    size, anon = hi - lo, len(head) < 6
+                elif head[0] == "Rss:" and anon and size > best_size:
+                    best_size, best_rss = size, int(head[1])
+    except OSError:
+        pass
+    return best_rss
 
 
 def words(rng: random.Random, n: int) -> str:
@@ -192,21 +212,25 @@ def main() -> int:
                 codes[(kind, status)] += 1
                 done += 1
                 if done == args.mark or done % args.every == 0 or done == args.requests:
-                    marks[done] = rss_kib(proc.pid)
+                    marks[done] = rss_kib(proc.pid), largest_anon_kib(proc.pid)
                     print(f"{done:5d} requests  {time.monotonic() - t0:6.0f} s  "
-                          f"RSS {marks[done] / 1024:6.0f} MiB", flush=True)
+                          f"RSS {marks[done][0] / 1024:6.0f} MiB (KV cache mapping "
+                          f"{marks[done][1] / 1024:4.0f} MiB)", flush=True)
 
         with ThreadPoolExecutor(args.concurrency) as pool:
             list(pool.map(one, reqs))
-        end, mark = marks[args.requests], marks[args.mark]
+        (end, end_kv), (mark, mark_kv) = marks[args.requests], marks[args.mark]
         print("answers:", dict(sorted(codes.items(), key=str)))
         server_errors = sum(n for (_, s), n in codes.items()
                             if not isinstance(s, int) or s >= 500)
         growth = end / mark - 1
+        rest = (end - end_kv) / max(mark - mark_kv, 1) - 1
         ok = abs(growth) <= 0.10 and server_errors == 0
         print(f"idle {idle / 1024:.0f} MiB, after {args.mark}: {mark / 1024:.0f} MiB, after "
-              f"{args.requests}: {end / 1024:.0f} MiB ({growth:+.1%}); 5xx/transport errors: "
-              f"{server_errors}; {'PASS' if ok else 'FAIL'} (end within 10% of the mark)")
+              f"{args.requests}: {end / 1024:.0f} MiB ({growth:+.1%}); without the KV cache "
+              f"mapping: {(mark - mark_kv) / 1024:.0f} -> {(end - end_kv) / 1024:.0f} MiB "
+              f"({rest:+.1%}); 5xx/transport errors: {server_errors}; "
+              f"{'PASS' if ok else 'FAIL'} (end within 10% of the mark)")
         return 0 if ok else 1
     finally:
         proc.terminate()

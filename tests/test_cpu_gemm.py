@@ -61,3 +61,18 @@ def test_a_weight_made_under_inference_mode():
     with torch.inference_mode():
         w, x = torch.randn(24, 16), torch.randn(3, 16)
         torch.testing.assert_close(cpu_gemm.linear(x, w, None, owner), F.linear(x, w))
+
+
+def test_row_counts_run_in_few_buckets():
+    """Every row count runs at one of a few bucket sizes (oneDNN caches a primitive per row
+    count), and the padded rows never reach the result."""
+    buckets = {cpu_gemm.bucket_rows(m) for m in range(2, 257)}
+    assert len(buckets) <= 20
+    assert all(cpu_gemm.bucket_rows(m) >= m for m in range(2, 2000))
+    assert all(cpu_gemm.bucket_rows(m) <= 1.5 * m + 2 for m in range(2, 2000))
+    w, b, owner = torch.randn(24, 16), torch.randn(24), _Owner()
+    for rows in (2, 3, 5, 17, 65, 257):
+        x = torch.randn(rows, 16)
+        got = cpu_gemm.linear(x, w, b, owner)
+        assert got.shape == (rows, 24)
+        torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-4, atol=1e-4)

@@ -42,4 +42,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
         cached = (key, packed)
         owner._onednn_weight = cached
+    rows = x.shape[0]
+    padded = bucket_rows(rows)
+    if padded != rows:    # see bucket_rows: one oneDNN primitive per (shape, bucket), not per row count
+        x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
+        return torch.ops.mkldnn._linear_pointwise(x, cached[1], bias, "none", [], "")[:rows]
     return torch.ops.mkldnn._linear_pointwise(x, cached[1], bias, "none", [], "")
+
+
+def bucket_rows(rows: int) -> int:
+    """The row count a linear of `rows` rows runs at: 2, 4, then multiples of 4 to 16, of 8 to
+    64, of 32 to 256, of 128 beyond. oneDNN JIT-compiles and caches a primitive for every row
+    count it sees (~0.6 MiB each for the default model, up to 1,024 of them, tens of ms to
+    build): unbucketed, a mixed load of prefill chunks and batch sizes grew RSS by ~600 MiB
+    (bench/RESULTS.md, "Memory"). Padding rows costs little where the weight's bytes, read once
+    for all rows, are the time."""
+    if rows <= 4:
+        return 2 if rows <= 2 else 4
+    step = 4 if rows <= 16 else 8 if rows <= 64 else 32 if rows <= 256 else 128
+    return -(-rows // step) * step
