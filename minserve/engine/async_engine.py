@@ -329,7 +329,7 @@ class AsyncEngine(WorkerService):
 
     def _serve(self) -> None:
         engine, loop = self._engine, self._on_loop
-        stepped = False     # a step ran since the heap was last trimmed
+        stepped = False     # work came in since the heap was last trimmed
         while True:
             # NOTE: block on the inbox only when idle; while busy, drain it without waiting.
             if engine.has_unfinished_requests():
