@@ -20,7 +20,6 @@ import argparse
 import collections
 import http.client
 import json
-import os
 import random
 import re
 import shlex
