@@ -20,11 +20,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from minserve.models.quant.base import config_error
+from minserve.config import ConfigError
 
 Spec = tuple[int, int, int]   # (stored dim, logical features, stored elements per step)
 # (name, tensor, the shard's tensors) -> (Spec along N or None, Spec along K or None)
 Layouts = Callable[[str, torch.Tensor, dict[str, torch.Tensor]], tuple[Spec | None, Spec | None]]
+
+
+def config_error(message: str) -> ConfigError:
+    return ConfigError(f"quantization: {message}")   # base.config_error's (no import cycle)
 
 
 def checkpoint_part(layer: nn.Module, index: int) -> tuple[int, int]:
