@@ -75,3 +75,23 @@ def test_the_cli_passes_the_split_to_embed_servers_only(monkeypatch):
                                              embedding_model="e"))
     assert [(kw["tensor_parallel_size"], kw["beside_tensor_parallel"]) for kw in got] == [
         (2, False), (1, True)]
+
+
+def test_embed_server_with_tp2_answers_the_one_process_vectors(folder):
+    """`python -m minserve MODEL --task embed -tp 2`: /v1/embeddings through the OpenAI SDK."""
+    import openai
+
+    from tests.serving import start_server, stop_server
+
+    texts = ["The capital of France is Paris.", "hello", "a b c d e f g h i j k l m n o p"]
+    want, _ = Embedder(folder).embed(texts)
+    proc, url = start_server([folder, "--task", "embed", "-tp", "2"], timeout=600)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        got = client.embeddings.create(model=folder, input=texts)
+        np.testing.assert_allclose(np.array([d.embedding for d in got.data]), np.stack(want),
+                                   atol=2e-5, rtol=1e-5)
+        assert len(children(proc.pid)) >= 1
+    finally:
+        code, out = stop_server(proc)
+    assert code == 0, out
