@@ -156,3 +156,22 @@ def test_fp8_block_split_by_a_rank_boundary_is_a_startup_error():
                             "weight_scale_inv": torch.ones(-(-rows // 32), 2)}, shard_id)
     with pytest.raises(ConfigError, match=r"16 output features.*32"):
         layer.quant_method.process_weights_after_loading(layer, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["gptq-4bit-g32-act-order", "fp8-dynamic"])
+def test_llm_with_tp2_generates_one_process_tokens(name, specs):
+    """Through the engine and its worker processes (torch's CPU int4 kernel on both sides):
+    --quantization reaches every rank, and greedy tokens match one process."""
+    from minserve import LLM, SamplingParams
+
+    folder, _, quantization = specs[name].partition("::")
+    args = dict(kv_cache_memory=1 << 22, max_model_len=256, quantization=quantization or None)
+    prompts = [[5, 17, 33, 200, 9, 41, 77, 12], [100, 3, 4]]
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    one = LLM(folder, **args).generate(prompts, sp, use_tqdm=False)
+    two = LLM(folder, tensor_parallel_size=2, **args)
+    try:
+        got = two.generate(prompts, sp, use_tqdm=False)
+    finally:
+        two.engine.shutdown()
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in one]

@@ -429,7 +429,8 @@ def load_worker_runner(config: EngineConfig, rank: int, local_rank: int, port: i
     parallel.init(rank, config.tensor_parallel_size, config.master_addr, port, device,
                   step_timeout_s())
     torch.manual_seed(config.seed)
-    model = load_model(folder, model_config, device, dtype, config.load_format)
+    model = load_model(folder, model_config, device, dtype, config.load_format,
+                       quantization=config.quantization)   # --quantization fp8 on every rank
     runner = ModelRunner(model, model_config, config, device, dtype)
     runner.dummy_run(config.block_size, 1)   # the head runs the same warm-up step (Engine)
     return runner
