@@ -88,6 +88,9 @@ class DecoderForward:
             pos += n
         return rows
 
+    def share_from_head(self, rows: list[list[int]], has_images: bool) -> None:
+        return None   # text rows only: the step plan holds everything
+
     def run_model(self, rows: list[list[int]]) -> torch.Tensor:
         return self.hidden(rows)
 

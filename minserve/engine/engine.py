@@ -129,8 +129,6 @@ class Engine:
                                quantization=config.quantization)
             image_processor, media_policy = self._multimodal(folder, model_config, tokenizer,
                                                              config)
-            if self.workers is not None and image_processor is not None:
-                raise ConfigError("--tensor-parallel-size > 1 does not shard vision models yet")
             self.lora = None
             if config.lora is not None:   # before the runner: its KV sizing sees the LoRA slots
                 from minserve.lora.manager import LoRAManager
