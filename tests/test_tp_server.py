@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.serving import children, free_port, start_server, stop_server, wait_until
+from tests.serving import alive, children, free_port, start_server, stop_server, wait_until
 
 pytestmark = pytest.mark.slow
 ARGS = ["--kv-cache-memory", "64MiB", "--max-model-len", "1024", "--max-num-seqs", "16"]
@@ -34,14 +34,6 @@ def workers(pid: int) -> list[int]:
         except OSError:
             pass
     return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
