@@ -37,10 +37,13 @@ class Fp8Weight:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scale))
 
 
-def fp8_quantize_weight(w: torch.Tensor) -> Fp8Weight:
+def fp8_quantize_weight(w: torch.Tensor, amax: torch.Tensor | None = None) -> Fp8Weight:
     """Dense [N, K] -> FP8 with one scale per output channel (amax / 448), as `--quantization
-    fp8` does at load for a 16-bit checkpoint."""
-    scale = w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX   # [N, 1]
+    fp8` does at load for a 16-bit checkpoint. amax [N, 1]: the rows' absolute maxima when w
+    is a tensor-parallel slice of them (default: w's own)."""
+    if amax is None:
+        amax = w.float().abs().amax(dim=1, keepdim=True)
+    scale = amax.float().clamp(min=1e-12) / FP8_MAX                                 # [N, 1]
     weight = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return Fp8Weight(weight, scale, (1, w.shape[1]))
 

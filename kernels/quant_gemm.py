@@ -18,6 +18,8 @@ q is unsigned (0..2^bits-1); a signed or zero-pointed format folds its offset in
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
@@ -131,7 +133,11 @@ def cpu_int4_gemm(x: torch.Tensor, w: CpuInt4Weight, bias: torch.Tensor | None =
 
 
 def int_gemm_ref(x: torch.Tensor, w: IntWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] -> [M, N]: dequantize, then one matmul in x's dtype (what CPU serves with)."""
+    """x [M, K] -> [M, N]: dequantize, then one matmul in x's dtype (what CPU serves with).
+    Act-order: x's columns in the weight's sorted row order, as the kernels read them (a
+    padded tensor-parallel shard's pad rows read the zero column past K)."""
+    if w.perm is not None:
+        x, w = x.index_select(1, w.perm), dataclasses.replace(w, perm=None)
     return torch.nn.functional.linear(x, dequantize_int(w, x.dtype), bias)
 
 

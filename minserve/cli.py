@@ -442,9 +442,9 @@ def parse_args(argv: list[str] | None = None,
         parser.error("--lora-modules needs --enable-lora")
     if args.enable_lora and args.task == "embed":
         parser.error("--enable-lora serves generation models only, not --task embed")
-    if args.tensor_parallel_size > 1 and (args.task == "embed" or args.embedding_model):
-        parser.error("--tensor-parallel-size > 1 shards the chat model only; serve embedding "
-                     "models with 1")
+    if args.tensor_parallel_size > 1 and args.task == "embed" and args.nnodes > 1:
+        parser.error("--task embed with --tensor-parallel-size > 1 runs on one node "
+                     "(--nnodes 1)")
     if args.tensor_parallel_size > 1 and args.enable_lora:
         parser.error("--enable-lora with --tensor-parallel-size > 1 is not supported yet (the "
                      "adapters' A/B matrices are not sharded)")

@@ -65,12 +65,3 @@ def test_fp8_override_quantizes_a_16_bit_checkpoint():
 def test_refusals_name_what_is_unsupported(cfg, override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         get_quant_config(cfg, override)
-
-
-def test_quantized_layers_refuse_tensor_parallel_shards():
-    from minserve.models.linear import QKVParallelLinear
-
-    method = get_quant_config({"quant_method": "awq", "bits": 4, "group_size": 32})
-    with pytest.raises(ConfigError, match="do not support tensor parallelism yet"):
-        QKVParallelLinear(64, 16, 4, 2, bias=False, tp_rank=0, tp_size=2,
-                          quant_method=method.get_linear_method("layers.0.qkv_proj"))

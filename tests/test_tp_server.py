@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.serving import children, free_port, start_server, stop_server, wait_until
+from tests.serving import alive, children, free_port, start_server, stop_server, wait_until
 
 pytestmark = pytest.mark.slow
 ARGS = ["--kv-cache-memory", "64MiB", "--max-model-len", "1024", "--max-num-seqs", "16"]
@@ -33,14 +34,6 @@ def workers(pid: int) -> list[int]:
         except OSError:
             pass
     return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +129,26 @@ def test_two_nodes_serve_together_and_stop_together(tiny_model_dir):
         if node1.poll() is None:
             node1.kill()
         node1.communicate(timeout=60)
+
+
+def test_head_killed_with_sigkill_leaves_no_worker_shm_or_port(tiny_model_dir):
+    """SIGKILL gives the head no chance to clean up: its workers notice the parent pipe's EOF
+    and exit; the HTTP and rendezvous ports are free again and /dev/shm holds nothing of it."""
+    master, shm_before = free_port(), set(os.listdir("/dev/shm"))
+    head, url = start_server([tiny_model_dir, "--kv-cache-memory", "8MiB", "--max-model-len",
+                              "512", "-tp", "2", "--master-port", str(master)], timeout=900)
+    ranks = workers(head.pid)
+    others = [p for p in children(head.pid) if p not in ranks]   # the resource tracker
+    assert len(ranks) == 1
+    shm_made = set(os.listdir("/dev/shm")) - shm_before
+    head.kill()
+    head.wait(timeout=60)
+    asyncio.run(wait_until(lambda: not any(alive(p) for p in ranks + others), 60,
+                           "the head's worker and helper processes to exit"))
+    asyncio.run(wait_until(lambda: not shm_made & set(os.listdir("/dev/shm")), 60,
+                           "the head's /dev/shm entries to go"))
+    port = int(url.rsplit(":", 1)[1])
+    for p in (port, master):
+        with socket.socket() as s:          # nothing listens there any more
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", p))

@@ -1,6 +1,8 @@
 """One tensor-parallel rank for test_tp.py: `python tests/tp_ranks.py RANK WORLD PORT OUT FOLDER...`
 joins the gloo group, runs STEPS through each folder's sharded model on a hand-built paged cache,
-and (rank 0) saves the gathered logits to OUT/<n>.pt for the test to compare with one process."""
+and (rank 0) saves the gathered logits to OUT/<n>.pt for the test to compare with one process.
+FOLDER::METHOD loads with --quantization METHOD. MINSERVE_TEST_REFERENCE_INT=1 keeps int4
+layers on the plain-torch reference GEMM (as test_quant_models.py's fixture does)."""
 from __future__ import annotations
 
 import os
@@ -22,6 +24,12 @@ STEPS = [
 ]
 
 
+def load_spec(spec: str):
+    """FOLDER or FOLDER::QUANTIZATION -> the model, as on one process."""
+    folder, _, quantization = spec.partition("::")
+    return load_ours(folder, quantization=quantization or None)
+
+
 def run_steps(model) -> list[torch.Tensor]:
     """Every step's logits, [sum of query lens, V] each (empty on a rank > 0)."""
     runner = PagedRunner(model, block_size=16, num_blocks=16, seed=3)
@@ -35,9 +43,13 @@ def run_steps(model) -> list[torch.Tensor]:
 
 def main() -> None:
     rank, world, port, out_dir, *folders = sys.argv[1:]
+    if os.environ.get("MINSERVE_TEST_REFERENCE_INT") == "1":
+        import minserve.models.quant.base as base
+
+        base.cpu_int4_supported = lambda w: False
     parallel.init(int(rank), int(world), "127.0.0.1", int(port), torch.device("cpu"), 120)
     for i, folder in enumerate(folders):
-        logits = run_steps(load_ours(folder))
+        logits = run_steps(load_spec(folder))
         if int(rank) == 0:
             torch.save(logits, os.path.join(out_dir, f"{i}.pt"))
     parallel.destroy()

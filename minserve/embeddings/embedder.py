@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from minserve.config import ConfigError, ModelConfig
+from minserve.config import ConfigError
+from minserve.embeddings.decoder import (
+    DecoderForward,
+    ShardedDecoder,
+    check_shardable,
+    load_decoder,
+)
 from minserve.embeddings.models import (
     CROSS_ENCODER_ARCHITECTURES,
     DECODER_ARCHITECTURES,
@@ -151,7 +157,8 @@ class Embedder:
     def __init__(self, model: str = "all-minilm-l6-v2", dtype: str = "auto", device: str = "auto",
                  max_batch_tokens: int = 16384, *, max_padding: float | None = None,
                  max_model_len: int | None = None,
-                 matryoshka: bool | None = None, served_model_name: str | None = None) -> None:
+                 matryoshka: bool | None = None, served_model_name: str | None = None,
+                 tensor_parallel_size: int = 1, beside_tensor_parallel: bool = False) -> None:
         self.model_path = resolve_embedding_model(model)
         self.model_name = served_model_name or model
         with open(os.path.join(self.model_path, "config.json")) as f:
@@ -171,9 +178,20 @@ class Embedder:
                             else (0.1 if self.device.type == "cpu" else 1.0))
         self.pooling = load_pooling_config(self.model_path, hf, decoder=self.is_decoder,
                                            matryoshka=matryoshka)
+        check_shardable(tensor_parallel_size, self.is_decoder, self.model_name,
+                        beside_tensor_parallel)
+        self.sharded: ShardedDecoder | None = None
         if self.is_decoder:
-            self.model, self.model_config = _load_decoder(self.model_path, hf, self.device,
-                                                          self.dtype)
+            if tensor_parallel_size > 1:
+                self.sharded = ShardedDecoder(self.model_path, hf, self.device, self.dtype,
+                                              tensor_parallel_size)
+                self.device, self.model_config = self.sharded.device, self.sharded.model_config
+                self.decoder = self.sharded.local
+            else:
+                model, self.model_config = load_decoder(self.model_path, hf, self.device,
+                                                        self.dtype)
+                self.decoder = DecoderForward(model, self.model_config, self.device, self.dtype)
+            self.model = self.decoder.model
             self.vocab_size = self.model_config.vocab_size
             self.dimension = self.model_config.hidden_size
             position_limit = self.model_config.max_position_embeddings
@@ -202,6 +220,12 @@ class Embedder:
                     f"normalize={self.pooling.normalize}")
         _progress(f"embedding model {self.model_name}: {arch}, {what}, max_model_len "
                   f"{self.max_model_len}, {self.dtype} on {self.device}")
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks (a no-op on one process)."""
+        if self.sharded is not None:
+            self.sharded.shutdown()
+            self.sharded = None
 
     # ------------------------------------------------------------------ public API
 
@@ -346,34 +370,10 @@ class Embedder:
         return pool_padded(hidden, mask, self.pooling.mode)
 
     def _forward_decoder(self, rows: list[list[int]]) -> torch.Tensor:
-        from minserve.kernels import AttnMetadata
-
-        lens = [len(r) for r in rows]
+        hidden = (self.sharded or self.decoder).hidden(rows)
         qsl = [0]
-        for n in lens:
-            qsl.append(qsl[-1] + n)
-        dev, bs, mc = self.device, 16, self.model_config
-        input_ids = torch.tensor([t for r in rows for t in r], dtype=torch.long, device=dev)
-        positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
-        # The serving path (paged attention) over a cache for this batch alone: row r owns the
-        # consecutive blocks from first[r]. Layers run one after another and each reads back
-        # only what it has just written, so all of them can share one layer's cache.
-        first = [0]
-        for n in lens:
-            first.append(first[-1] + -(-n // bs))
-        kv = torch.zeros(2, first[-1], bs, mc.num_key_value_heads, mc.head_dim, dtype=self.dtype,
-                         device=dev)                                      # [2, NB, BS, K, D]
-        self.model.set_kv_caches([(kv[0], kv[1])] * mc.num_hidden_layers)
-        table = torch.tensor(first[:-1])[:, None] + torch.arange(-(-max(lens) // bs))
-        attn = AttnMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_table=table.clamp(max=first[-1] - 1).to(dev, torch.int32),
-            slot_mapping=(positions + torch.tensor(first[:-1]).repeat_interleave(
-                torch.tensor(lens)).to(dev) * bs),
-            max_query_len=max(lens), max_seq_len=max(lens),
-            query_start_loc_host=qsl, seq_lens_host=lens)
-        hidden = self.model(input_ids, positions, attn)
+        for r in rows:
+            qsl.append(qsl[-1] + len(r))
         return pool_packed(hidden, qsl, self.pooling.mode)
 
 
@@ -392,16 +392,3 @@ def _padded_chunk_end(order: list[int], token_lists: list[list[int]], start: int
         real += nxt
         end += 1
     return end
-
-
-def _load_decoder(folder: str, hf: dict[str, Any], device: torch.device, dtype: torch.dtype
-                  ) -> tuple[torch.nn.Module, ModelConfig]:
-    """The Llama-family model from models/llama.py, without its LM head (never needed here);
-    base-model checkpoints (Qwen3Model) load too (LlamaForCausalLM.map_weight_name)."""
-    from minserve.models.loader import load_model
-
-    d = dict(hf)
-    d["architectures"] = [DECODER_ARCHITECTURES[(hf.get("architectures") or [""])[0]]]
-    d["tie_word_embeddings"] = True   # so the model builds no lm_head
-    model_config = ModelConfig.from_dict(d)
-    return load_model(folder, model_config, device, dtype), model_config

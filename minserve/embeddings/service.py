@@ -161,6 +161,7 @@ class EmbeddingService(WorkerService):
                 count += job.num_inputs
             if jobs:
                 self._round(jobs)
+        getattr(self.embedder, "shutdown", lambda: None)()   # tensor-parallel ranks
 
     def _round(self, jobs: list[_Job]) -> None:
         from minserve.embeddings.protocol import EmbeddingsRequestError
@@ -208,12 +209,16 @@ class EmbeddingService(WorkerService):
 def service_from_cli(args: Any) -> EmbeddingService | None:
     """The EmbeddingService `python -m minserve` runs: MODEL itself with --task embed, else
     --embedding-model next to the chat model; None when neither. Loads on start()."""
+    tp, beside = 1, False
     if args.task == "embed":
         model, names, max_len = args.model, args.served_model_name, args.max_model_len
+        tp = args.tensor_parallel_size
     elif args.embedding_model:
         model, names, max_len = args.embedding_model, None, None
+        beside = args.tensor_parallel_size > 1   # runs whole, on rank 0 of the chat model
     else:
         return None
     return EmbeddingService.lazy(model, dtype=args.dtype, device=args.device,
                                  max_model_len=max_len,
-                                 served_model_name=(names or [model])[0])
+                                 served_model_name=(names or [model])[0],
+                                 tensor_parallel_size=tp, beside_tensor_parallel=beside)

@@ -130,8 +130,6 @@ class Engine:
                                quantization=config.quantization)
             image_processor, media_policy = self._multimodal(folder, model_config, tokenizer,
                                                              config)
-            if self.workers is not None and image_processor is not None:
-                raise ConfigError("--tensor-parallel-size > 1 does not shard vision models yet")
             self.lora = None
             if config.lora is not None:   # before the runner: its KV sizing sees the LoRA slots
                 from minserve.lora.manager import LoRAManager
@@ -430,7 +428,8 @@ def load_worker_runner(config: EngineConfig, rank: int, local_rank: int, port: i
     parallel.init(rank, config.tensor_parallel_size, config.master_addr, port, device,
                   step_timeout_s())
     torch.manual_seed(config.seed)
-    model = load_model(folder, model_config, device, dtype, config.load_format)
+    model = load_model(folder, model_config, device, dtype, config.load_format,
+                       quantization=config.quantization)   # --quantization fp8 on every rank
     runner = ModelRunner(model, model_config, config, device, dtype)
     runner.dummy_run(config.block_size, 1)   # the head runs the same warm-up step (Engine)
     return runner

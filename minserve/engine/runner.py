@@ -214,6 +214,7 @@ class ModelRunner:
         inputs = self.prepare_inputs(step)
         if step.mm_inputs:
             inputs.inputs_embeds = self.embed_multimodal(step, inputs)
+        self.share_from_head(inputs, bool(step.mm_inputs))
         hidden = self.run_model(inputs)
         result, prompt_lps = self.sample(hidden, inputs, step)
         return self.to_output(step, result, prompt_lps)
@@ -301,6 +302,19 @@ class ModelRunner:
         merge_embeddings(inputs_embeds, step.mm_inputs, embeds,
                          inputs.attn.query_start_loc_host, step.num_computed_tokens)
         return inputs_embeds
+
+    def share_from_head(self, inputs: ModelInputs, has_images: bool) -> None:
+        """Tensor parallelism: what only rank 0 can build (it holds the requests' images and
+        M-RoPE positions) into every rank's inputs: the merged image embeddings (the vision
+        encoder runs on rank 0 alone) and the M-RoPE positions. Every rank calls it each step
+        (engine/workers.py); nothing with one rank."""
+        if parallel.tp_size() == 1:
+            return
+        if has_images:
+            parallel.broadcast_activations(inputs.inputs_embeds)
+        if self.uses_mrope:
+            inputs.positions = inputs.positions.contiguous()
+            parallel.broadcast_activations(inputs.positions)
 
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """The forward pass alone, -> hidden [T, hidden]: the one call a CUDA graph will wrap."""

@@ -7,9 +7,12 @@ Ranks are laid out node after node: with tp = 4 and nnodes = 2, node 0 runs rank
 head) and 1, node 1 ranks 2 and 3 (cuda:local_rank on a GPU).
 
 The plan on the wire (one header broadcast, then one payload broadcast, both on the cpu group):
-    header  [R, T, S, P, B, has_prompt_logprobs]          (R = -1: stop)
+    header  [R, T, S, P, B, has_prompt_logprobs, has_images]          (R = -1: stop)
     payload num_scheduled_tokens[R] | num_computed_tokens[R] | token_ids[T] | sample_rows[S] |
             prompt-logprob rows[P] | their counts[P] | block table lengths[R] | block ids[B]
+A step with images, and every step of an M-RoPE model, then broadcasts rank 0's image-merged
+embeddings and positions on the device group (ModelRunner.share_from_head): the vision encoder
+and the requests' images stay on rank 0.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from minserve.models import parallel
 
 logger = logging.getLogger("minserve.workers")
 
-_HEADER_LEN = 6
+_HEADER_LEN = 7
 _STOP = -1
 _DEFAULT_MULTI_NODE_PORT = 29500   # torchrun's
 
@@ -47,7 +50,7 @@ def encode_step(step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
     tables = step.block_tables
     block_ids = [b for table in tables for b in table]
     header = [len(step.num_scheduled_tokens), len(step.token_ids), len(step.sample_rows),
-              len(plp_rows), len(block_ids), int(plp is not None)]
+              len(plp_rows), len(block_ids), int(plp is not None), int(bool(step.mm_inputs))]
     payload = (list(step.num_scheduled_tokens) + list(step.num_computed_tokens)
                + list(step.token_ids) + list(step.sample_rows) + plp_rows + plp_counts
                + [len(t) for t in tables] + block_ids)
@@ -56,8 +59,9 @@ def encode_step(step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
     """A worker's StepInputs: no sampling tensors (rank 0 samples), the prompt-logprob rows and
-    counts only (they decide which logits rows exist, which the vocab gather must agree on)."""
-    R, T, S, P, _, has_plp = header
+    counts only (they decide which logits rows exist, which the vocab gather must agree on), no
+    images and M-RoPE placeholders (rank 0 broadcasts both: ModelRunner.share_from_head)."""
+    R, T, S, P, _, has_plp, _ = header
     values, pos = payload.tolist(), 0
 
     def take(n: int) -> list[int]:
@@ -69,10 +73,12 @@ def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
     plp_rows, plp_counts, lens = take(P), take(P), take(R)
     tables = [take(n) for n in lens]
     plp = PromptLogprobInputs(plp_rows, plp_counts, [], []) if has_plp else None
-    return StepInputs(token_ids, counts, computed, tables, sample_rows, None, plp)
+    return StepInputs(token_ids, counts, computed, tables, sample_rows, None, plp,
+                      mrope=[(None, 0)] * R)
 
 
-def _recv_step() -> StepInputs | None:
+def _recv_step() -> tuple[StepInputs, bool] | None:
+    """The next step and whether it has images; None: stop."""
     header = torch.empty(_HEADER_LEN, dtype=torch.int64)
     parallel.broadcast_from_head(header)
     h = header.tolist()
@@ -80,7 +86,7 @@ def _recv_step() -> StepInputs | None:
         return None
     payload = torch.empty(2 * h[0] + h[1] + h[2] + 2 * h[3] + h[0] + h[4], dtype=torch.int64)
     parallel.broadcast_from_head(payload)
-    return decode_step(h, payload)
+    return decode_step(h, payload), bool(h[6])
 
 
 # ---- rank layout -----------------------------------------------------------------------------
@@ -197,8 +203,12 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, port: int,
     try:
         runner = load_runner(config, rank, local_rank, port)
         with torch.inference_mode():
-            while (step := _recv_step()) is not None:
+            while (received := _recv_step()) is not None:
+                step, has_images = received
                 inputs = runner.prepare_inputs(step)
+                if has_images:   # the embedding lookup's all-reduce; rank 0 adds the images
+                    inputs.inputs_embeds = runner.model.embed_input_ids(inputs.input_ids)
+                runner.share_from_head(inputs, has_images)
                 runner.sample(runner.run_model(inputs), inputs, step)
     except Exception:
         logger.exception("tensor-parallel rank %d failed", rank)

@@ -91,6 +91,11 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
 
+    def checkpoint_part(self, index: int) -> tuple[int, int]:
+        """(part, number of parts) of checkpoint shard `index` (its position among
+        output_sizes) that this rank holds along split_dim (quantized layers slice by it)."""
+        return self.tp_rank, self.tp_size
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: Any = None) -> None:
         """This rank's part along split_dim (a parameter without that dim loads whole)."""
@@ -163,12 +168,15 @@ class QKVParallelLinear(MergedColumnParallelLinear):
                       shard_id: Any = None) -> None:
         if shard_id not in ("q", "k", "v"):
             raise ConfigError(f"qkv shard id must be q, k or v, got {shard_id!r}")
-        if shard_id == "q":
-            self._load_shard(param, loaded_weight, 0, self.tp_rank, self.tp_size)
-        else:
-            replicas = self.num_kv_head_replicas
-            self._load_shard(param, loaded_weight, "qkv".index(shard_id),
-                             self.tp_rank // replicas, self.tp_size // replicas)
+        index = "qkv".index(shard_id)
+        self._load_shard(param, loaded_weight, index, *self.checkpoint_part(index))
+
+    def checkpoint_part(self, index: int) -> tuple[int, int]:
+        """k and v: with more ranks than kv heads, num_kv_head_replicas ranks share a part."""
+        if index == 0:
+            return self.tp_rank, self.tp_size
+        replicas = self.num_kv_head_replicas
+        return self.tp_rank // replicas, self.tp_size // replicas
 
 
 class RowParallelLinear(LinearBase):

@@ -99,6 +99,11 @@ def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
     return torch.cat(parts, dim=-1)[..., :vocab_size] if parts is not None else None
 
 
+def broadcast_activations(t: torch.Tensor) -> None:
+    """Rank 0's device tensor t into every rank's t (same shape and dtype), on the device group."""
+    dist.broadcast(t, src=0, group=_STATE.device_group)
+
+
 def min_across_ranks(value: int) -> int:
     """The smallest rank's value (the KV cache is sized from the smallest rank's memory)."""
     if _STATE.tp_size == 1:

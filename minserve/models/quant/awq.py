@@ -63,3 +63,8 @@ class AwqConfig(IntConfig):
     def to_int(self, shard: dict[str, torch.Tensor], in_features: int) -> IntWeight:
         group = in_features if self.group_size == -1 else self.group_size
         return awq_to_int(shard["qweight"], shard["qzeros"], shard["scales"], group)
+
+    def layouts(self, name: str, tensor: torch.Tensor, shard: dict[str, torch.Tensor]) -> Any:
+        groups = None if self.group_size == -1 else (0, self.group_size, 1)
+        return {"qweight": ((1, 8, 1), (0, 1, 1)), "qzeros": ((1, 8, 1), groups),
+                "scales": ((1, 1, 1), groups)}.get(name, (None, None))

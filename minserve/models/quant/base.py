@@ -82,23 +82,18 @@ def shard_index(shard_id: Any) -> int:
     return "qkv".index(shard_id) if isinstance(shard_id, str) else int(shard_id)
 
 
-def check_single_rank(layer: nn.Module) -> None:
-    """The stash keeps whole checkpoint shards; slicing them per rank (after unpacking, where
-    no packed dim gets in the way) is the tensor-parallel issue's. Refuse until then."""
-    if getattr(layer, "tp_size", 1) > 1:
-        raise config_error("quantized layers do not support tensor parallelism yet "
-                           "(use --tensor-parallel-size 1)")
-
-
 class ShardStash:
     """Checkpoint tensors of one layer, by name and shard, until the layer is complete. The
     tensors keep the checkpoint's own (packed) shapes: each format unpacks a whole shard at
-    once, so nothing here needs to know where a format packs its bits."""
+    once. On one rank each tensor is copied as it arrives; under tensor parallelism the
+    memory-mapped view is kept until take(), which copies only this rank's slice (sharding.py),
+    since a slice can need another tensor of the shard (GGUF's block size is in weight_type)."""
 
     def __init__(self, names: tuple[str, ...], num_shards: int,
-                 optional: tuple[str, ...] = ()) -> None:
-        self.names, self.optional = names, optional
+                 optional: tuple[str, ...] = (), sharded: bool = False) -> None:
+        self.names, self.optional, self.sharded = names, optional, sharded
         self.tensors: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
+        self.device = torch.device("cpu")
 
     def register(self, layer: nn.Module) -> None:
         for name in self.names:
@@ -114,10 +109,15 @@ class ShardStash:
         index = shard_index(shard_id)
         if not 0 <= index < len(self.tensors):
             raise config_error(f"unexpected shard {shard_id!r} for {param.stash_name}")
-        self.tensors[index][param.stash_name] = loaded.to(param.device, copy=True)
+        self.device = param.device
+        self.tensors[index][param.stash_name] = (
+            loaded if self.sharded else loaded.to(param.device, copy=True))
 
-    def take(self, layer: nn.Module) -> list[dict[str, torch.Tensor]]:
-        """Every shard's tensors; drops the placeholders and the stash from the layer."""
+    def take(self, layer: nn.Module, layouts: Any = None) -> list[dict[str, torch.Tensor]]:
+        """Every shard's tensors (this rank's slices, by `layouts`: sharding.Layouts); drops
+        the placeholders and the stash from the layer."""
+        from minserve.models.quant.sharding import narrow_shard
+
         for index, shard in enumerate(self.tensors):
             missing = [n for n in self.names if n not in shard and n not in self.optional]
             if missing:
@@ -125,7 +125,11 @@ class ShardStash:
         for name in self.names:
             delattr(layer, name)
         del layer.stash
-        return self.tensors
+        if not self.sharded:
+            return self.tensors
+        return [{name: t.to(self.device, copy=True)
+                 for name, t in narrow_shard(layer, index, shard, layouts).items()}
+                for index, shard in enumerate(self.tensors)]
 
 
 class IntConfig(QuantConfig):
@@ -149,6 +153,10 @@ class IntConfig(QuantConfig):
 
     def to_int(self, shard: dict[str, torch.Tensor], in_features: int) -> IntWeight | torch.Tensor:
         """One shard's checkpoint tensors -> IntWeight (or a dense [N, K] tensor)."""
+        raise NotImplementedError
+
+    def layouts(self, name: str, tensor: torch.Tensor, shard: dict[str, torch.Tensor]) -> Any:
+        """Where `name` runs along N and K (sharding.Layouts), for tensor parallelism."""
         raise NotImplementedError
 
 
@@ -190,6 +198,9 @@ def cpu_layout(part: IntWeight | torch.Tensor) -> Any:
 def part_forward(x: torch.Tensor, part: Any) -> torch.Tensor:
     if isinstance(part, torch.Tensor):
         return torch.nn.functional.linear(x, part)
+    if part.in_features != x.shape[-1]:
+        # act-order shard padded to whole groups: its pad rows read this zero column
+        x = torch.nn.functional.pad(x, (0, 1))
     return kernels.int_gemm(x, part)
 
 
@@ -198,19 +209,20 @@ class IntLinearMethod(LinearMethod):
         self.config = config
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int]) -> None:
-        check_single_rank(layer)
         layer.quant_input_size, layer.quant_output_sizes = input_size, list(output_sizes)
         layer.stash = ShardStash(self.config.param_names, len(output_sizes),
-                                 self.config.optional_params)
+                                 self.config.optional_params, getattr(layer, "tp_size", 1) > 1)
         layer.stash.register(layer)
         layer.parts = []
 
     def process_weights_after_loading(self, layer: nn.Module, dtype: torch.dtype) -> None:
         parts = []
-        for index, shard in enumerate(layer.stash.take(layer)):
+        for index, shard in enumerate(layer.stash.take(layer, self.config.layouts)):
             part = self.config.to_int(shard, layer.quant_input_size)
             rows = part.out_features if isinstance(part, IntWeight) else part.shape[0]
             cols = part.in_features if isinstance(part, IntWeight) else part.shape[1]
+            if isinstance(part, IntWeight) and part.perm is not None:   # pad rows: not inputs
+                cols = int((part.perm < layer.quant_input_size).sum())
             if (rows, cols) != (layer.quant_output_sizes[index], layer.quant_input_size):
                 raise config_error(f"shard {index} is [{rows}, {cols}] after unpacking; the "
                                    f"model expects [{layer.quant_output_sizes[index]}, "

@@ -30,8 +30,8 @@ from minserve.models.quant.base import (
     config_error,
     prefix_matches,
 )
-from minserve.models.quant.fp8 import Fp8LinearMethod, shard_to_fp8
-from minserve.models.quant.gptq import act_order_perm
+from minserve.models.quant.fp8 import Fp8LinearMethod, fp8_layouts, shard_to_fp8
+from minserve.models.quant.gptq import grouped_weight, int_layouts
 
 SUPPORTED_FORMATS = ("pack-quantized", "float-quantized")
 
@@ -41,23 +41,18 @@ def pack_quantized_to_int(weight_packed: torch.Tensor, weight_scale: torch.Tenso
                           weight_g_idx: torch.Tensor | None, bits: int,
                           group_size: int) -> IntWeight:
     n = weight_packed.shape[0]
-    qweight = weight_packed.t().contiguous()                          # [K // P, N]
-    k = qweight.shape[0] * (32 // bits)
-    scale = weight_scale.float().reshape(n, -1).t().contiguous()      # [K // G, N]
-    if scale.shape[0] * group_size != k:
-        raise config_error(f"compressed-tensors weight_scale {tuple(weight_scale.shape)} does "
-                           f"not fit K={k} in groups of {group_size}")
+    q = unpack_int(weight_packed.t().contiguous(), bits)              # [K, N]
+    scale = weight_scale.float().reshape(n, -1).t().contiguous()      # [groups, N]
     offset = float(1 << (bits - 1))
     if weight_zero_point is not None:
         # packed like the weights: zp + 2^(bits-1), along N
         zp = unpack_int(weight_zero_point.contiguous(), bits)[:n].t().float() - offset
     else:
         zp = torch.zeros_like(scale)
-    perm = None if weight_g_idx is None else act_order_perm(weight_g_idx, group_size)
-    if perm is not None:
-        from minserve.kernels.quant_gemm import pack_int
-        qweight = pack_int(unpack_int(qweight, bits).index_select(0, perm), bits)
-    return IntWeight(qweight, scale, -(zp + offset) * scale, bits, group_size, perm)
+    if weight_g_idx is None and scale.shape[0] * group_size != q.shape[0]:
+        raise config_error(f"compressed-tensors weight_scale {tuple(weight_scale.shape)} does "
+                           f"not fit K={q.shape[0]} in groups of {group_size}")
+    return grouped_weight(q, scale, -(zp + offset) * scale, weight_g_idx, bits, group_size)
 
 
 class CtIntScheme(IntConfig):
@@ -77,6 +72,13 @@ class CtIntScheme(IntConfig):
         return pack_quantized_to_int(shard["weight_packed"], shard["weight_scale"],
                                      shard.get("weight_zero_point"), shard.get("weight_g_idx"),
                                      self.bits, group)
+
+    def layouts(self, name: str, tensor: torch.Tensor, shard: dict[str, torch.Tensor]) -> Any:
+        per_word, g = 32 // self.bits, self.group_size
+        groups = None if g == -1 else (1, g, 1)
+        return int_layouts(name, "weight_g_idx", g, shard, {
+            "weight_packed": ((0, 1, 1), (1, per_word, 1)), "weight_scale": ((0, 1, 1), groups),
+            "weight_zero_point": ((0, per_word, 1), groups), "weight_g_idx": (None, (0, 1, 1))})
 
 
 def _scheme(group: dict[str, Any], fmt: str) -> QuantConfig | tuple[str, Any]:
@@ -165,4 +167,4 @@ class CompressedTensorsConfig(QuantConfig):
                 shard = {**shard, "weight_scale_inv": shard["weight_scale"]}
             return shard_to_fp8(shard, block, static_input, quantize_input)
 
-        return Fp8LinearMethod(names, convert)
+        return Fp8LinearMethod(names, convert, fp8_layouts(block, "weight_scale"))

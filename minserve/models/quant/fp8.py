@@ -21,7 +21,6 @@ from minserve.models.quant.base import (
     LinearMethod,
     QuantConfig,
     ShardStash,
-    check_single_rank,
     config_error,
     prefix_matches,
 )
@@ -79,6 +78,24 @@ def shard_to_fp8(shard: dict[str, torch.Tensor], block: tuple[int, int] | None,
                        f"per-channel scales of a [{n}, {k}] weight")
 
 
+def fp8_layouts(block: tuple[int, int] | None, block_scale_name: str = "weight_scale_inv"
+                ) -> Any:
+    """sharding.Layouts of FP8 checkpoint tensors: weight [N, K]; block scales one per
+    [BN, BK] block (a rank's features must start on a block); per-channel scales along N;
+    per-tensor and input scales whole on every rank."""
+
+    def layouts(name: str, tensor: torch.Tensor, shard: dict[str, torch.Tensor]) -> Any:
+        if name == "weight":
+            return (0, 1, 1), (1, 1, 1)
+        if name == block_scale_name and block is not None:
+            return (0, block[0], 1), (1, block[1], 1)
+        if name in ("weight_scale", "weight_scale_inv") and tensor.numel() > 1:
+            return (0, 1, 1), None
+        return None, None
+
+    return layouts
+
+
 class Fp8Config(QuantConfig):
     name = "fp8"
 
@@ -119,37 +136,44 @@ class Fp8Config(QuantConfig):
         if prefix_matches(prefix, self.skip_modules):
             return None
         if not self.serialized:
-            return Fp8LinearMethod(("weight",), lambda shard: shard["weight"])
+            return Fp8LinearMethod(("weight",), lambda shard: shard["weight"], fp8_layouts(None))
         names = ("weight", "weight_scale_inv") if self.block else ("weight", "weight_scale")
         if self.static_input:
             names += ("input_scale",)
         return Fp8LinearMethod(names, lambda shard: shard_to_fp8(shard, self.block,
-                                                                 self.static_input))
+                                                                 self.static_input),
+                               fp8_layouts(self.block))
 
 
 class Fp8LinearMethod(LinearMethod):
     """`convert` turns one shard's tensors into an Fp8Weight, or returns a dense 16-bit weight
-    that is quantized here (per channel) after the shards are stacked."""
+    that is quantized here (per channel) after the shards are stacked. `layouts`: where each
+    checkpoint tensor runs along N and K (sharding.Layouts)."""
 
-    def __init__(self, names: tuple[str, ...], convert: Any) -> None:
-        self.names, self.convert = names, convert
+    def __init__(self, names: tuple[str, ...], convert: Any, layouts: Any) -> None:
+        self.names, self.convert, self.layouts = names, convert, layouts
 
     def create_weights(self, layer: nn.Module, input_size: int, output_sizes: list[int]) -> None:
-        check_single_rank(layer)
         layer.quant_input_size, layer.quant_output_sizes = input_size, list(output_sizes)
-        layer.stash = ShardStash(self.names, len(output_sizes))
+        layer.stash = ShardStash(self.names, len(output_sizes),
+                                 sharded=getattr(layer, "tp_size", 1) > 1)
         layer.stash.register(layer)
         layer.fp8_weight = None
 
     def process_weights_after_loading(self, layer: nn.Module, dtype: torch.dtype) -> None:
-        shards = [self.convert(shard) for shard in layer.stash.take(layer)]
+        amax = None
+        if layer.stash.sharded and layer.split_dim == "input_dim" and self.names == ("weight",):
+            # a row shard quantized at load keeps the whole row's scale (one process's)
+            amax = torch.cat([s["weight"].abs().amax(1, keepdim=True).float()
+                              for s in layer.stash.tensors]).to(layer.stash.device)
+        shards = [self.convert(shard) for shard in layer.stash.take(layer, self.layouts)]
         for index, s in enumerate(shards):
             shape = tuple(s.shape if isinstance(s, torch.Tensor) else s.weight.shape)
             if shape != (layer.quant_output_sizes[index], layer.quant_input_size):
                 raise config_error(f"shard {index} weight is {shape}, the model expects "
                                    f"[{layer.quant_output_sizes[index]}, {layer.quant_input_size}]")
         if isinstance(shards[0], torch.Tensor):
-            layer.fp8_weight = fp8_quantize_weight(torch.cat(shards, 0))
+            layer.fp8_weight = fp8_quantize_weight(torch.cat(shards, 0), amax)
         else:
             layer.fp8_weight = merge_fp8(shards)
 

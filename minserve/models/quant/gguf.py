@@ -15,6 +15,8 @@ tests check every type against it. Scales and offsets are kept in fp32 for the K
 d*sc needs more mantissa than fp16 has, and in fp16 (exact) for the 32-blocks."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from minserve.kernels.quant_gemm import IntWeight, pack_int
@@ -136,3 +138,13 @@ class GgufConfig(IntConfig):
 
     def to_int(self, shard: dict[str, torch.Tensor], in_features: int) -> IntWeight | torch.Tensor:
         return gguf_to_int(shard["weight"], int(shard["weight_type"].item()), in_features)
+
+    def layouts(self, name: str, tensor: torch.Tensor, shard: dict[str, torch.Tensor]) -> Any:
+        """Rows are output features; along K, a rank takes whole blocks of bytes."""
+        if name != "weight":
+            return None, None
+        type_id = int(shard["weight_type"].item())
+        if type_id not in GGML_TYPES:
+            decode_blocks(tensor[:0], ggml_type_name(type_id))   # the unsupported-type error
+        _, block, block_bytes = GGML_TYPES[type_id]
+        return (0, 1, 1), (1, block, block_bytes)
