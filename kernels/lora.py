@@ -33,6 +33,12 @@ class LoRAMapping:
     seg_slots: torch.Tensor          # [A] int32
     max_seg_len: int
     onehot: torch.Tensor             # [T, A] float32: token t uses active slot a (refs only)
+    # the fused CPU path (lora_fused_cpu), planned once per step on the host:
+    runs: list = field(default_factory=list)   # (slot, rows): a slice when contiguous, else
+    #                                             an int64 index tensor of the slot's tokens
+    slot_lo: int = 0                 # the active slots span slot_lo..slot_hi
+    slot_hi: int = -1
+    span_mask: torch.Tensor | None = None   # [T, slot_hi - slot_lo + 1]: token t uses slot
     _onehot_as: dict = field(default_factory=dict)
 
     @property
@@ -55,12 +61,22 @@ def lora_mapping(token_slots: np.ndarray, device: torch.device) -> LoRAMapping:
     np.cumsum(counts, out=seg_start[1:])
     nb = device.type == "cuda"
     onehot = torch.from_numpy((slots[:, None] == seg_slots[None, :]).astype(np.float32))
-    return LoRAMapping(
+    m = LoRAMapping(
         torch.from_numpy(slots).to(device, non_blocking=nb), seg_slots.tolist(),
         seg_start.tolist(), torch.from_numpy(order.astype(np.int64)).to(device, non_blocking=nb),
         torch.from_numpy(seg_start.astype(np.int32)).to(device, non_blocking=nb),
         torch.from_numpy(seg_slots.astype(np.int32)).to(device, non_blocking=nb),
         int(counts.max()) if len(counts) else 0, onehot.to(device, non_blocking=nb))
+    if device.type == "cpu" and len(seg_slots):
+        for i, slot in enumerate(m.seg_slots_host):
+            rows = order[seg_start[i]:seg_start[i + 1]]
+            first, last = int(rows[0]), int(rows[-1])
+            m.runs.append((slot, slice(first, last + 1) if last - first + 1 == len(rows)
+                           else torch.from_numpy(rows.astype(np.int64))))
+        m.slot_lo, m.slot_hi = m.seg_slots_host[0], m.seg_slots_host[-1]
+        span = np.arange(m.slot_lo, m.slot_hi + 1)
+        m.span_mask = torch.from_numpy((slots[:, None] == span[None, :]).astype(np.float32))
+    return m
 
 
 # The references compute every active adapter for every token and keep each token's own: a few
@@ -101,6 +117,51 @@ def lora_expand_ref(y: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping,
     num_active, rank = b.shape[0], b.shape[2]
     y_wide = (y[:, None, :] * m.onehot_as(y.dtype)[:, :, None]).view(-1, num_active * rank)
     out.add_(y_wide @ b.permute(1, 0, 2).reshape(b.shape[1], num_active * rank).t())
+
+
+# The fused CPU path: a CPU step pays per op and per flop of small-M GEMMs (their cost grows
+# with the rows), so one LoRA-wrapped linear runs few ops, each token through its own adapter
+# where that is cheap. B is kept per slice as B^T, lora_bt[i] [S, R, N_i] (one slot's rows
+# contiguous, several slots' one [W*R, N_i] view).
+# - Few tokens over several adapters (decode rows): the onehot form, one shrink for every
+#   slot of the step's span, masked, then one addmm per slice into its columns of `out`
+#   (measured: fewer flops than one block-diagonal B over the slices, fewer ops than a run
+#   per adapter).
+# - Otherwise one run per adapter: a contiguous run (a prefill chunk) works on row views;
+#   gathered rows are selected, and their delta index-added once.
+FUSED_ONEHOT_MAX_TOKENS = 32
+
+
+def lora_fused_cpu(x: torch.Tensor, lora_a: torch.Tensor, lora_bt: list[torch.Tensor],
+                   m: LoRAMapping, out: torch.Tensor) -> None:
+    """out [T, sum N_i] += per token with an adapter, for each slice i (its column range):
+    (x[t] @ A[slot]^T)[i*R:(i+1)*R] @ lora_bt[i][slot]. The same sum as lora_shrink_ref then
+    lora_expand_ref per slice (to rounding). x [T, IN], lora_a [S, n*R, IN], lora_bt n x
+    [S, R, N_i], out [T, N] with unit column stride."""
+    if m.is_empty:
+        return
+    num_tokens, rank = x.shape[0], lora_bt[0].shape[1]
+    offsets = [0]
+    for b in lora_bt:
+        offsets.append(offsets[-1] + b.shape[2])
+    if len(m.runs) > 1 and num_tokens <= FUSED_ONEHOT_MAX_TOKENS:
+        lo, hi = m.slot_lo, m.slot_hi + 1
+        y = (x @ lora_a[lo:hi].reshape(-1, lora_a.shape[2]).t()).view(
+            num_tokens, hi - lo, len(lora_bt), rank)                      # [T, W, n, R]
+        y.mul_(m.span_mask[:, :, None, None])
+        for i, b in enumerate(lora_bt):
+            out[:, offsets[i]:offsets[i + 1]].addmm_(y[:, :, i].reshape(num_tokens, -1),
+                                                    b[lo:hi].reshape(-1, b.shape[2]))
+        return
+    for slot, rows in m.runs:
+        if isinstance(rows, slice):
+            ys, o = x[rows] @ lora_a[slot].t(), out[rows]
+            for i, b in enumerate(lora_bt):
+                o[:, offsets[i]:offsets[i + 1]].addmm_(ys[:, i * rank:(i + 1) * rank], b[slot])
+        else:
+            ys = x.index_select(0, rows) @ lora_a[slot].t()
+            out.index_add_(0, rows, torch.cat([ys[:, i * rank:(i + 1) * rank] @ b[slot]
+                                               for i, b in enumerate(lora_bt)], dim=1))
 
 
 @jit
