@@ -427,9 +427,6 @@ def parse_args(argv: list[str] | None = None,
     if args.tensor_parallel_size > 1 and (args.task == "embed" or args.embedding_model):
         parser.error("--tensor-parallel-size > 1 shards the chat model only; serve embedding "
                      "models with 1")
-    if args.tensor_parallel_size > 1 and args.enable_lora:
-        parser.error("--enable-lora with --tensor-parallel-size > 1 is not supported yet (the "
-                     "adapters' A/B matrices are not sharded)")
     try:
         args.engine_config = engine_config(args)
     except ConfigError as e:

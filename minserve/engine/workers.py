@@ -7,12 +7,14 @@ Ranks are laid out node after node: with tp = 4 and nnodes = 2, node 0 runs rank
 head) and 1, node 1 ranks 2 and 3 (cuda:local_rank on a GPU).
 
 The plan on the wire (one header broadcast, then one payload broadcast, both on the cpu group):
-    header  [R, T, S, P, B, has_prompt_logprobs]          (R = -1: stop)
+    header  [R, T, S, P, B, has_prompt_logprobs, A, L]    (R = -1: stop)
     payload num_scheduled_tokens[R] | num_computed_tokens[R] | token_ids[T] | sample_rows[S] |
-            prompt-logprob rows[P] | their counts[P] | block table lengths[R] | block ids[B]
+            prompt-logprob rows[P] | their counts[P] | block table lengths[R] | block ids[B] |
+            LoRA slot per row[A: R or 0] | the LoRA slot loads as UTF-8 JSON bytes[L]
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -30,7 +32,7 @@ from minserve.models import parallel
 
 logger = logging.getLogger("minserve.workers")
 
-_HEADER_LEN = 6
+_HEADER_LEN = 8
 _STOP = -1
 _DEFAULT_MULTI_NODE_PORT = 29500   # torchrun's
 
@@ -46,18 +48,20 @@ def encode_step(step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
     plp_rows, plp_counts = (plp.rows, plp.counts) if plp is not None else ([], [])
     tables = step.block_tables
     block_ids = [b for table in tables for b in table]
+    slots = list(step.adapter_slots or [])
+    loads = list(json.dumps(step.lora_loads).encode()) if step.lora_loads else []
     header = [len(step.num_scheduled_tokens), len(step.token_ids), len(step.sample_rows),
-              len(plp_rows), len(block_ids), int(plp is not None)]
+              len(plp_rows), len(block_ids), int(plp is not None), len(slots), len(loads)]
     payload = (list(step.num_scheduled_tokens) + list(step.num_computed_tokens)
                + list(step.token_ids) + list(step.sample_rows) + plp_rows + plp_counts
-               + [len(t) for t in tables] + block_ids)
+               + [len(t) for t in tables] + block_ids + slots + loads)
     return (torch.tensor(header, dtype=torch.int64), torch.tensor(payload, dtype=torch.int64))
 
 
 def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
     """A worker's StepInputs: no sampling tensors (rank 0 samples), the prompt-logprob rows and
     counts only (they decide which logits rows exist, which the vocab gather must agree on)."""
-    R, T, S, P, _, has_plp = header
+    R, T, S, P, _, has_plp, A, L = header
     values, pos = payload.tolist(), 0
 
     def take(n: int) -> list[int]:
@@ -68,8 +72,11 @@ def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
     counts, computed, token_ids, sample_rows = take(R), take(R), take(T), take(S)
     plp_rows, plp_counts, lens = take(P), take(P), take(R)
     tables = [take(n) for n in lens]
+    slots, loads = take(A) or None, take(L)
     plp = PromptLogprobInputs(plp_rows, plp_counts, [], []) if has_plp else None
-    return StepInputs(token_ids, counts, computed, tables, sample_rows, None, plp)
+    return StepInputs(token_ids, counts, computed, tables, sample_rows, None, plp,
+                      adapter_slots=slots,
+                      lora_loads=json.loads(bytes(loads).decode()) if loads else None)
 
 
 def _recv_step() -> StepInputs | None:
@@ -78,7 +85,8 @@ def _recv_step() -> StepInputs | None:
     h = header.tolist()
     if h[0] == _STOP:
         return None
-    payload = torch.empty(2 * h[0] + h[1] + h[2] + 2 * h[3] + h[0] + h[4], dtype=torch.int64)
+    payload = torch.empty(2 * h[0] + h[1] + h[2] + 2 * h[3] + h[0] + h[4] + h[6] + h[7],
+                          dtype=torch.int64)
     parallel.broadcast_from_head(payload)
     return decode_step(h, payload)
 
@@ -198,6 +206,8 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, port: int,
         runner = load_runner(config, rank, local_rank, port)
         with torch.inference_mode():
             while (step := _recv_step()) is not None:
+                if step.lora_loads:   # the slots rank 0 filled for this step (LoRA)
+                    runner.lora_manager.load_slots(step.lora_loads)
                 inputs = runner.prepare_inputs(step)
                 runner.sample(runner.run_model(inputs), inputs, step)
     except Exception:
