@@ -165,18 +165,22 @@ def lora_fused_cpu(x: torch.Tensor, lora_a: torch.Tensor, lora_bt: list[torch.Te
 
 
 @jit
-def _lora_shrink_kernel(
-    x_ptr,            # [T, IN]
-    a_ptr,            # [S, R, IN]
-    y_ptr,            # [T, R]
+def _lora_kernel(
+    in_ptr,           # [T, K]: x (shrink) or a column slice of the shrink output (expand)
+    w_ptr,            # [S, N, K]: A (shrink, N = R) or B (expand, K = R)
+    out_ptr,          # [T, N]: y (shrink) or a column slice of the base output (expand)
     sorted_ptr,       # [sum of segments] token ids grouped by slot
     seg_start_ptr,    # [A + 1]
     seg_slots_ptr,    # [A]
-    stride_x_t, stride_a_s, stride_a_r, stride_y_t,
+    stride_in_t, stride_w_s, stride_w_n, stride_o_t,
     N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
-    """Grid (A, cdiv(max_seg_len, BLOCK_M), cdiv(R, BLOCK_N))."""
+    """out[tok] (+)= in[tok] @ W[slot]^T for the BLOCK_M tokens of one segment: shrink stores,
+    expand (ACCUMULATE) adds into the base layer's output. Grid (A, cdiv(max_seg_len,
+    BLOCK_M), cdiv(N, BLOCK_N)); tokens of a segment are unique and segments disjoint, so the
+    read-add-write of out never races."""
     seg = tl.program_id(0)
     start = tl.load(seg_start_ptr + seg)
     end = tl.load(seg_start_ptr + seg + 1)
@@ -193,52 +197,16 @@ def _lora_shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + tok[:, None] * stride_x_t + offs_k[None, :],
+        v = tl.load(in_ptr + tok[:, None] * stride_in_t + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)           # [BM, BK]
-        a = tl.load(a_ptr + slot * stride_a_s + offs_n[None, :] * stride_a_r + offs_k[:, None],
+        w = tl.load(w_ptr + slot * stride_w_s + offs_n[None, :] * stride_w_n + offs_k[:, None],
                     mask=mask_n[None, :] & mask_k[:, None], other=0.0)           # [BK, BN]
-        acc += tl.dot(x, a)
-    tl.store(y_ptr + tok[:, None] * stride_y_t + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@jit
-def _lora_expand_kernel(
-    y_ptr,            # [T, R] (a column slice of the shrink output)
-    b_ptr,            # [S, N, R]
-    out_ptr,          # [T, N] (a column slice of the base layer's output)
-    sorted_ptr, seg_start_ptr, seg_slots_ptr,
-    stride_y_t, stride_b_s, stride_b_n, stride_o_t,
-    N, K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Grid (A, cdiv(max_seg_len, BLOCK_M), cdiv(N, BLOCK_N)); tokens of a segment are unique
-    and segments disjoint, so the read-add-write of out never races."""
-    seg = tl.program_id(0)
-    start = tl.load(seg_start_ptr + seg)
-    end = tl.load(seg_start_ptr + seg + 1)
-    m0 = start + tl.program_id(1) * BLOCK_M
-    if m0 >= end:
-        return
-    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
-    tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        y = tl.load(y_ptr + tok[:, None] * stride_y_t + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)           # [BM, BK]
-        b = tl.load(b_ptr + slot * stride_b_s + offs_n[None, :] * stride_b_n + offs_k[:, None],
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)           # [BK, BN]
-        acc += tl.dot(y.to(b.dtype), b)
+        acc += tl.dot(v.to(w.dtype), w)
     mask = mask_m[:, None] & mask_n[None, :]
     o_ptrs = out_ptr + tok[:, None] * stride_o_t + offs_n[None, :]
-    o = tl.load(o_ptrs, mask=mask, other=0.0)
-    tl.store(o_ptrs, (o.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    if ACCUMULATE:
+        acc += tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_m(m: LoRAMapping) -> int:
@@ -253,9 +221,9 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, m: LoRAMapping,
     n, k = lora_a.shape[1], lora_a.shape[2]
     bm, bn, bk = _block_m(m), 16 if n <= 16 else 32, 64
     grid = (len(m.seg_slots_host), triton.cdiv(m.max_seg_len, bm), triton.cdiv(n, bn))
-    _lora_shrink_kernel[grid](x, lora_a, y, m.sorted_token_ids, m.seg_start, m.seg_slots,
-                              x.stride(0), lora_a.stride(0), lora_a.stride(1), y.stride(0),
-                              n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    _lora_kernel[grid](x, lora_a, y, m.sorted_token_ids, m.seg_start, m.seg_slots,
+                       x.stride(0), lora_a.stride(0), lora_a.stride(1), y.stride(0),
+                       n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACCUMULATE=False)
 
 
 def lora_expand_triton(y: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping,
@@ -266,6 +234,6 @@ def lora_expand_triton(y: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping,
     n, k = lora_b.shape[1], lora_b.shape[2]
     bm, bn, bk = _block_m(m), 64, 16 if k <= 16 else 32
     grid = (len(m.seg_slots_host), triton.cdiv(m.max_seg_len, bm), triton.cdiv(n, bn))
-    _lora_expand_kernel[grid](y, lora_b, out, m.sorted_token_ids, m.seg_start, m.seg_slots,
-                              y.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
-                              n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    _lora_kernel[grid](y, lora_b, out, m.sorted_token_ids, m.seg_start, m.seg_slots,
+                       y.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+                       n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACCUMULATE=True)
