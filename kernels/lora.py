@@ -12,7 +12,8 @@ of one segment, so a prefill chunk is one contiguous segment and decode rows are
     sorted_token_ids: [ 4  6 | 0  1  2  5 ]          base tokens are left out
     seg_start:        [ 0    2            6 ]   seg_slots: [ 0  2 ]
 
-Plain-torch references beside the kernels; CPU runs them (kernels/__init__.py dispatches)."""
+Plain-torch references beside the kernels (what the interpreter tests compare against); a CPU
+step runs lora_fused_cpu, the same sums in fewer ops (kernels/__init__.py's lora_add dispatches)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -80,9 +81,7 @@ def lora_mapping(token_slots: np.ndarray, device: torch.device) -> LoRAMapping:
 
 
 # The references compute every active adapter for every token and keep each token's own: a few
-# large ops instead of a loop over segments, so CPU steps stay cheap (the waste is A x a rank-R
-# product, small beside the base layer's).
-# PERF: CPU, default model, 16 decode rows over 4 adapters: see bench/RESULTS.md (issue 12).
+# large ops instead of a loop over segments.
 
 def _active(lora: torch.Tensor, m: LoRAMapping) -> torch.Tensor:
     """lora [S, ...] -> [A, ...]: the step's active slots only."""
@@ -129,6 +128,7 @@ def lora_expand_ref(y: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping,
 #   per adapter).
 # - Otherwise one run per adapter: a contiguous run (a prefill chunk) works on row views;
 #   gathered rows are selected, and their delta index-added once.
+# PERF: CPU, default model, per layer and per step: bench/RESULTS.md (issue 12, "fused CPU path").
 FUSED_ONEHOT_MAX_TOKENS = 32
 
 
@@ -172,7 +172,7 @@ def _lora_kernel(
     sorted_ptr,       # [sum of segments] token ids grouped by slot
     seg_start_ptr,    # [A + 1]
     seg_slots_ptr,    # [A]
-    stride_in_t, stride_w_s, stride_w_n, stride_o_t,
+    stride_in_t, stride_w_s, stride_w_n, stride_w_k, stride_o_t,
     N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACCUMULATE: tl.constexpr,
@@ -199,7 +199,8 @@ def _lora_kernel(
         mask_k = offs_k < K
         v = tl.load(in_ptr + tok[:, None] * stride_in_t + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)           # [BM, BK]
-        w = tl.load(w_ptr + slot * stride_w_s + offs_n[None, :] * stride_w_n + offs_k[:, None],
+        w = tl.load(w_ptr + slot * stride_w_s + offs_n[None, :] * stride_w_n
+                    + offs_k[:, None] * stride_w_k,
                     mask=mask_n[None, :] & mask_k[:, None], other=0.0)           # [BK, BN]
         acc += tl.dot(v.to(w.dtype), w)
     mask = mask_m[:, None] & mask_n[None, :]
@@ -222,18 +223,21 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, m: LoRAMapping,
     bm, bn, bk = _block_m(m), 16 if n <= 16 else 32, 64
     grid = (len(m.seg_slots_host), triton.cdiv(m.max_seg_len, bm), triton.cdiv(n, bn))
     _lora_kernel[grid](x, lora_a, y, m.sorted_token_ids, m.seg_start, m.seg_slots,
-                       x.stride(0), lora_a.stride(0), lora_a.stride(1), y.stride(0),
+                       x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+                       y.stride(0),
                        n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACCUMULATE=False)
 
 
 def lora_expand_triton(y: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping,
                        out: torch.Tensor) -> None:
-    assert y.stride(-1) == 1 and lora_b.stride(-1) == 1 and out.stride(-1) == 1
+    """lora_b [S, N, R] with any strides (LoRALayer passes B^T [S, R, N] transposed)."""
+    assert y.stride(-1) == 1 and out.stride(-1) == 1
     if m.is_empty:
         return
     n, k = lora_b.shape[1], lora_b.shape[2]
     bm, bn, bk = _block_m(m), 64, 16 if k <= 16 else 32
     grid = (len(m.seg_slots_host), triton.cdiv(m.max_seg_len, bm), triton.cdiv(n, bn))
     _lora_kernel[grid](y, lora_b, out, m.sorted_token_ids, m.seg_start, m.seg_slots,
-                       y.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
+                       y.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+                       out.stride(0),
                        n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACCUMULATE=True)

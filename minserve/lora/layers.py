@@ -1,8 +1,7 @@
 """The LoRA delta on a base linear layer, for a batch that mixes adapters: the layer's forward
-(models/linear.py, `layer.lora`) calls add_delta on its output before any all-reduce. On CUDA
-that is lora_expand(lora_shrink(x)), one shrink for all of a fused layer's slices (q|k|v stacked
-along the rank dim) and one expand per slice into its column range; on CPU, lora_fused_cpu (B
-kept transposed, fewer and larger ops per step). The model's parameter names do not change. Slots hold this rank's part: B sharded like the
+(models/linear.py, `layer.lora`) calls add_delta on its output before any all-reduce: one
+kernels.lora_add over all of a fused layer's slices (A stacked q|k|v along the rank dim, B^T
+per slice, each into its column range). The model's parameter names do not change. Slots hold this rank's part: B sharded like the
 output of a column-parallel layer, A like the input of a row-parallel one (the delta of a row
 layer is then a partial sum, reduced with the base output's)."""
 from __future__ import annotations
@@ -10,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minserve.kernels import lora_expand, lora_shrink, triton_enabled
-from minserve.kernels.lora import LoRAMapping, lora_fused_cpu
+from minserve.kernels import lora_add
+from minserve.kernels.lora import LoRAMapping
 from minserve.models.linear import QKVParallelLinear, RowParallelLinear
 
 
@@ -32,13 +31,8 @@ class LoRALayer:
         n = len(self.slice_sizes)
         self.lora_a = torch.zeros(num_slots, n * max_rank, self.in_local, dtype=dtype,
                                   device=device)                     # [S, n*R, IN]
-        self.fused = not triton_enabled(self.lora_a)
-        if self.fused:   # B^T per slice: n x [S, R, N_i]
-            self.lora_bt = [torch.zeros(num_slots, max_rank, size, dtype=dtype, device=device)
-                            for size in self.slice_sizes]
-        else:
-            self.lora_b = [torch.zeros(num_slots, size, max_rank, dtype=dtype, device=device)
-                           for size in self.slice_sizes]                 # n x [S, N_i, R]
+        self.lora_bt = [torch.zeros(num_slots, max_rank, size, dtype=dtype, device=device)
+                        for size in self.slice_sizes]                # n x [S, R, N_i]: B^T
         base.lora = self
 
     def _shard_rank(self, index: int) -> tuple[int, int]:
@@ -54,8 +48,8 @@ class LoRALayer:
         """Slot <- one adapter's (A [r, in], B [out, r]) per slice (None: no delta there)."""
         R = self.max_rank
         self.lora_a[slot].zero_()
-        for b in self.lora_bt if self.fused else self.lora_b:
-            b[slot].zero_()
+        for bt in self.lora_bt:
+            bt[slot].zero_()
         for i, ab in enumerate(slices or []):
             if ab is None:
                 continue
@@ -69,24 +63,12 @@ class LoRALayer:
                 assert b.shape[0] == size * num_ranks
                 b = b.narrow(0, rank * size, size)
             self.lora_a[slot, i * R:i * R + r].copy_(a)
-            if self.fused:
-                self.lora_bt[i][slot, :r].copy_(b.t())
-            else:
-                self.lora_b[i][slot, :, :r].copy_(b)
+            self.lora_bt[i][slot, :r].copy_(b.t())
 
     def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (the base layer's [T, N] output, this rank's part) += the step's LoRA deltas."""
         m: LoRAMapping | None = self.state.mapping
         if m is None:
             return out
-        if self.fused:
-            lora_fused_cpu(x, self.lora_a, self.lora_bt, m, out)
-            return out
-        R = self.max_rank
-        y = torch.empty(x.shape[0], self.lora_a.shape[1], dtype=x.dtype, device=x.device)
-        lora_shrink(x, self.lora_a, m, y)
-        offset = 0
-        for i, (b, size) in enumerate(zip(self.lora_b, self.slice_sizes, strict=True)):
-            lora_expand(y[:, i * R:(i + 1) * R], b, m, out[:, offset:offset + size])
-            offset += size
+        lora_add(x, self.lora_a, self.lora_bt, m, out)
         return out
