@@ -197,11 +197,11 @@ def main() -> None:
             before = asyncio.run(interactive_ttft(base, args.ttft_requests, args.ttft_output_len))
             rows.append(("TTFT, no batch (before)", _ms(before), _load()))
             load0 = _load()
-            s = asyncio.run(serve.run(argparse.Namespace(
-                base_url=base, model=None, api_key=None, dataset=None, seed=args.seed,
-                num_prompts=args.num_lines, input_len=args.input_len, output_len=args.output_len,
-                max_concurrency=args.max_concurrency, request_rate=float("inf"),
-                temperature=0.0, ignore_eos=True, endpoint="chat")))
+            s = asyncio.run(serve.run(serve.parser().parse_args([
+                "--base-url", base, "--seed", str(args.seed), "--endpoint", "chat",
+                "--num-prompts", str(args.num_lines), "--input-len", str(args.input_len),
+                "--output-len", str(args.output_len), "--ignore-eos",
+                "--max-concurrency", str(args.max_concurrency)])))
             rows.append((f"bench/serve.py, concurrency {args.max_concurrency}",
                          f"{s['duration_s']:.1f} s, {s['output_throughput']:.1f} output tok/s "
                          f"({s['successful']}/{args.num_lines} ok)", f"{load0} -> {_load()}"))

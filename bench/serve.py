@@ -246,7 +246,8 @@ def print_summary(s: dict) -> None:
     print("=" * 60)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The load generator's flags (bench/batch.py builds its runs from these too)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--model", default=None, help="default: the first of /v1/models")
@@ -268,7 +269,11 @@ def main() -> None:
     p.add_argument("--image", default=None, metavar="WIDTHxHEIGHT",
                    help="send each prompt as a chat message with a generated image this size")
     p.add_argument("--json", action="store_true", help="print the summary as JSON too")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     s = asyncio.run(run(args))
     print_summary(s)
     if args.json:

@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import sys
+from typing import Any
 
 from minserve import __version__
 from minserve.config import (
@@ -24,6 +25,7 @@ from minserve.config import (
     EngineConfig,
     LoRAConfig,
     LoRAModule,
+    check_generation_overrides,
 )
 from minserve.embeddings.models import DEFAULT_EMBEDDING_MODEL, resolve_task
 from minserve.reasoning import REASONING_PARSERS
@@ -161,6 +163,19 @@ _SO_SWITCHES = {"disable_any_whitespace": "any_whitespace",
 _SO_ACCEPTED = {"backend", "disable_fallback", "reasoning_parser", "enable_in_reasoning"}
 
 
+def _generation_overrides(text: str) -> dict[str, Any]:
+    """--override-generation-config '{"temperature": 0.5, "max_new_tokens": 256}' (vLLM's flag):
+    sampling defaults set over (or, with --generation-config vllm, instead of) the model's."""
+    try:
+        return check_generation_overrides(json.loads(text))
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"temperature": 0.5}\'') \
+            from None
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--override-generation-config")
+                                         .lstrip(": ")) from None
+
+
 def _structured_outputs_config(text: str) -> dict[str, bool]:
     """--structured-outputs-config '{"disable_any_whitespace": true}' -> spec options."""
     try:
@@ -248,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--generation-config", default="auto",
       help="auto (sampling defaults from the model's generation_config.json), vllm (none), or a "
            "folder")
+    a("--override-generation-config", type=_generation_overrides, default=None,
+      help='JSON sampling defaults over the generation config, e.g. \'{"temperature": 0.5, '
+           '"max_new_tokens": 256}\'')
     a("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     a("--quantization", "-q", default=None, choices=list(QUANTIZATION_METHODS),
       help="the weights' quantization method (default: from config.json's quantization_config "
@@ -446,6 +464,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, block_size=args.block_size,
         load_format=args.load_format, seed=args.seed, enforce_eager=args.enforce_eager,
         chat_template=args.chat_template, generation_config=args.generation_config,
+        override_generation_config=args.override_generation_config,
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         gguf_dequantize=args.gguf_dequantize,
         tensor_parallel_size=args.tensor_parallel_size,

@@ -28,6 +28,29 @@ class ConfigError(ValueError):
     """A bad engine argument or an unsupported model; the CLI prints it and exits."""
 
 
+# generation_config.json keys that become default sampling parameters (vLLM's choice).
+GENERATION_SAMPLING_KEYS = (
+    "temperature", "top_p", "top_k", "repetition_penalty", "min_p", "max_new_tokens",
+)
+
+
+def check_generation_overrides(value: object) -> dict:
+    """--override-generation-config's value: a dict of GENERATION_SAMPLING_KEYS to numbers."""
+    flag = "--override-generation-config"
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, e.g. '{{\"temperature\": 0.5}}'")
+    unknown = sorted(set(value) - set(GENERATION_SAMPLING_KEYS))
+    if unknown:
+        raise ConfigError(f"{flag}: unknown key(s) {', '.join(map(str, unknown))} (known: "
+                          f"{', '.join(GENERATION_SAMPLING_KEYS)})")
+    for key, v in value.items():
+        whole = key in ("top_k", "max_new_tokens")
+        if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)) or v < 0:
+            raise ConfigError(f"{flag}: {key} must be a non-negative "
+                              f"{'integer' if whole else 'number'}, got {v!r}")
+    return value
+
+
 @dataclass
 class ModelConfig:
     architecture: str
@@ -163,6 +186,7 @@ class EngineConfig:
     enforce_eager: bool = False
     chat_template: str | None = None  # a file path or the template text
     generation_config: str = "auto"  # auto | vllm | a folder
+    override_generation_config: dict | None = None  # HF keys set over generation_config
     skip_tokenizer_init: bool = False  # no tokenizer: token ids in and out only (vLLM's flag)
     revision: str | None = None
     quantization: str | None = None  # None: from the checkpoint (quantization_config, GGUF)
@@ -214,6 +238,8 @@ class EngineConfig:
         if self.gguf_dequantize and self.quantization == "gguf":
             raise ConfigError("--quantization gguf serves the GGUF blocks; it contradicts "
                               "--gguf-dequantize")
+        if self.override_generation_config is not None:
+            check_generation_overrides(self.override_generation_config)
         tp, nnodes = self.tensor_parallel_size, self.nnodes
         if tp < 1:
             raise ConfigError(f"--tensor-parallel-size must be >= 1, got {tp}")

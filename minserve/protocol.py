@@ -607,7 +607,10 @@ def _tools(body: dict, ctx: ServingContext, params: SamplingParams
         if parser_cls.needs_special_tokens:  # the call markers are special tokens
             params.skip_special_tokens = False
         if ctx.tools_in_system and params.structured is None:
-            params.structured = {**auto_call_spec(tools), **ctx.structured_defaults}
+            try:
+                params.structured = {**ctx.structured_defaults, **auto_call_spec(tools)}
+            except ToolChoiceError as e:
+                raise _bad("tools", str(e)) from None
         return tools, lambda: parser_cls(tools), False
     try:
         spec = tool_choice_spec(choice, tools, parallel)

@@ -38,7 +38,7 @@ from minserve.protocol import (
     parse_completion,
     prompt_chars_limit,
 )
-from minserve.tool_parsers.generic import detect_tool_parser
+from minserve.tool_parsers.generic import GENERIC, detect_tool_parser
 
 logger = logging.getLogger("minserve.server")
 
@@ -203,19 +203,20 @@ class App:
 
     def _tool_call_format(self, tokenizer: Any) -> tuple[str | None, bool]:
         """--tool-call-parser, or with --enable-auto-tool-choice alone the parser the chat
-        template's markers name (logged); True: minserve renders the tools (generic.py)."""
-        if self.cfg.tool_call_parser or not self.cfg.enable_auto_tool_choice:
-            return self.cfg.tool_call_parser, False
-        templates = getattr(tokenizer, "chat_templates", None) or {}
-        template = templates.get("tool_use") or getattr(tokenizer, "chat_template", None)
-        parser, tools_in_system = detect_tool_parser(template)
-        if tools_in_system:
-            logger.info("tool calls: the chat template renders no tools; minserve puts them "
-                        "into the system message and reads %s-style calls", parser)
-        else:
-            logger.info("tool calls: --tool-call-parser %s, detected from the chat template",
-                        parser)
-        return parser, tools_in_system
+        template's markers name (logged); True: the generic format, where minserve renders the
+        tools into the system message (tool_parsers/generic.py)."""
+        parser = self.cfg.tool_call_parser
+        if not parser and self.cfg.enable_auto_tool_choice:
+            templates = getattr(tokenizer, "chat_templates", None) or {}
+            template = templates.get("tool_use") or getattr(tokenizer, "chat_template", None)
+            parser = detect_tool_parser(template)
+            if parser == GENERIC:
+                logger.info("tool calls: the chat template renders no tools; minserve puts "
+                            "them into the system message (--tool-call-parser generic)")
+            else:
+                logger.info("tool calls: --tool-call-parser %s, detected from the chat "
+                            "template", parser)
+        return parser, parser == GENERIC
 
     def _check_structured(self, spec: dict[str, Any]) -> None:
         # The engine compiles the same spec again; structured.compile caches it, so this is the

@@ -12,12 +12,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from minserve.chat import load_chat_template, render_chat_template
-from minserve.config import ConfigError
-
-# generation_config.json keys that become default sampling parameters (vLLM's choice).
-GENERATION_SAMPLING_KEYS = (
-    "temperature", "top_p", "top_k", "repetition_penalty", "min_p", "max_new_tokens",
-)
+from minserve.config import GENERATION_SAMPLING_KEYS, ConfigError
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 

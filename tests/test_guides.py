@@ -17,8 +17,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def client():
+    # max_new_tokens bounds the snippets that send no max_tokens (Task 7's text answers)
     with serving(["--enable-auto-tool-choice", "--max-model-len", "2048",
-                  "--kv-cache-memory", "64MiB"], timeout=900) as url:
+                  "--kv-cache-memory", "64MiB",
+                  "--override-generation-config", '{"max_new_tokens": 256}'],
+                 timeout=900) as url:
         yield openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0)
 
 
@@ -68,12 +71,10 @@ TASK7_TOOLS = [{
 }]
 
 
-@pytest.mark.skip(reason="issue 19.3 partial: on the default model a text answer under 'auto' "
-                  "can run to the context limit (a request took > 600 s on the shared CPU)")
 def test_task7_auto_tool_choice_on_the_default_model(client):
     """SmolLM2's template renders no tools: minserve's generic format. The snippet as written,
-    then the same request over 20 seeds: the share that calls get_weather is printed (the
-    report quotes it; a 135M model often answers in text); every call is well formed."""
+    then the same request over 8 seeds: every call is well formed, at least one seed calls
+    (bench/tool_choice.py measures the share over 20 seeds: about half)."""
     response = client.chat.completions.create(
         model=client.models.list().data[0].id,
         messages=[{"role": "user", "content": "What's the weather like in San Francisco?"}],
@@ -84,9 +85,9 @@ def test_task7_auto_tool_choice_on_the_default_model(client):
         assert c.function.name == "get_weather"
         assert set(json.loads(c.function.arguments)) == {"location", "unit"}
     num_calls = 0
-    for seed in range(20):
+    for seed in range(8):
         r = client.chat.completions.create(
-            model=client.models.list().data[0].id, seed=seed, tools=TASK7_TOOLS,
+            model=client.models.list().data[0].id, seed=seed, tools=TASK7_TOOLS, max_tokens=64,
             messages=[{"role": "user", "content": "What's the weather like in San Francisco?"}],
             tool_choice="auto")
         calls = r.choices[0].message.tool_calls or []
@@ -94,6 +95,6 @@ def test_task7_auto_tool_choice_on_the_default_model(client):
             assert c.function.name == "get_weather", c
             assert set(json.loads(c.function.arguments)) == {"location", "unit"}
         num_calls += bool(calls)
-    print(f"task 7: {num_calls}/20 seeds call get_weather; verbatim snippet: "
+    print(f"task 7: {num_calls}/8 seeds call get_weather; verbatim snippet: "
           f"{bool(response.choices[0].message.tool_calls)}")
     assert num_calls >= 1

@@ -455,3 +455,34 @@ def test_requests_that_finish_in_their_prefill_step_leave_their_blocks_cached():
         outs = run(sched, runner)
         assert outs["b"][0].num_cached_tokens == 36 and outs["c"][0].num_cached_tokens == 20
         assert sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_lower_priority_rows_sit_out_while_a_better_one_waits_for_its_first_token():
+    """A batch is decoding; an interactive request arrives: the steps up to its first token run
+    it alone (the batch rows keep their K/V and are not preempted), then both share the steps
+    again, and everyone's tokens are as if alone."""
+    sched, runner = make(num_blocks=64, max_num_seqs=8, budget=4)
+    for i in range(3):
+        sched.add(_prio(f"b{i}", [20 + i, 30 + i], 1 << 20, 12, float(i)))
+    outs: dict[str, list] = {}
+    for _ in range(3):
+        for o in sched.update(plan := sched.schedule(), runner.execute(plan)):
+            outs.setdefault(o.request_id, []).append(o)
+    sched.add(_prio("chat", list(range(60, 70)), 0, 3, 10.0))   # 10 tokens: 3 chunks of 4
+    steps = []
+    while sched.has_unfinished_requests():
+        plan = sched.schedule()
+        steps.append([r.request_id for r in plan.requests])
+        assert not plan.preempted
+        for o in sched.update(plan, runner.execute(plan)):
+            outs.setdefault(o.request_id, []).append(o)
+        check_blocks(sched)
+    assert steps[:3] == [["chat"], ["chat"], ["chat"]]       # prompt chunks, the batch held
+    assert "chat" in steps[3] and any(r.startswith("b") for r in steps[3])
+    for rid, prompt in [("b0", [20, 30]), ("b1", [21, 31]), ("b2", [22, 32]),
+                        ("chat", list(range(60, 70)))]:
+        seq, toks = list(prompt), tokens(outs[rid])
+        for t in toks:
+            assert t == fake_token(seq)
+            seq.append(t)
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks

@@ -24,6 +24,7 @@ VLLM_FLAGS = [
     ["--trust-remote-code"], ["--tensor-parallel-size", "1"],
     ["--structured-outputs-config", '{"backend": "guidance", "disable_any_whitespace": true}'],
     ["--enable-metrics"], ["--disable-log-stats"],
+    ["--override-generation-config", '{"temperature": 0.5, "max_new_tokens": 64}'],
 ]
 
 
@@ -88,12 +89,30 @@ def test_structured_outputs_config_sets_the_spec_defaults():
     (["--structured-outputs-config", '{"disable_any_whitespac": true}'], "unknown key(s)"),
     (["--structured-outputs-config", '{"disable_any_whitespace": 1}'], "true or false"),
     (["--timeout-keep-alive", "0"], "--timeout-keep-alive"),
+    (["--override-generation-config", "[1]"], "must be a JSON object"),
+    (["--override-generation-config", '{"temprature": 1}'], "unknown key(s) temprature"),
+    (["--override-generation-config", '{"max_new_tokens": 1.5}'], "max_new_tokens must be"),
 ])
 def test_bad_flags_are_errors_that_say_why(argv, word, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.parse_args(argv)
     assert exc.value.code == 2
     assert word in capsys.readouterr().err
+
+
+def test_generation_overrides_set_the_default_sampling(tiny_model_dir):
+    """--override-generation-config (LLM: override_generation_config) sets the sampling
+    defaults over the model's generation_config.json; max_new_tokens becomes max_tokens."""
+    from minserve import LLM
+    from minserve.config import ConfigError
+
+    llm = LLM(tiny_model_dir, override_generation_config={"max_new_tokens": 3, "top_k": 5},
+              kv_cache_memory=1 << 20)
+    params = llm.get_default_sampling_params()
+    assert (params.max_tokens, params.top_k) == (3, 5)
+    assert len(llm.generate(["hello"], params)[0].outputs[0].token_ids) <= 3
+    with pytest.raises(ConfigError, match="top_k must be a non-negative integer"):
+        LLM(tiny_model_dir, override_generation_config={"top_k": 0.5})
 
 
 def test_help_says_trust_remote_code_changes_nothing():

@@ -113,6 +113,7 @@ class Engine:
         else:
             gen = load_generation_config(folder if config.generation_config == "auto"
                                          else config.generation_config)
+        gen = {**gen, **(config.override_generation_config or {})}
         self.config = config = self._resolve_limits(config, model_config, self.device)
         self.model_config = model_config
         self.workers = None

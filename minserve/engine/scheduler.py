@@ -7,8 +7,10 @@ its num_tokens. A decode is a request one token behind; a prefill chunk is one f
 Priorities follow vLLM's priority policy (lower first; all 0 is plain FCFS): waiting requests are
 admitted in (priority, arrival) order, running ones get the token budget in priority order, and a
 waiting request that cannot be admitted (no sequence slot or no room in the cache) preempts the
-lowest-priority running request below it. So batch lines, sent at a large priority, never keep
-an interactive request waiting behind them."""
+lowest-priority running request below it. Beyond vLLM: while a request waits for its first
+token, running rows of a worse priority sit the steps out (keeping their K/V) until it has it.
+So batch lines, sent at a large priority, never keep an interactive request waiting behind them,
+not even behind one step of theirs."""
 from __future__ import annotations
 
 import bisect
@@ -223,8 +225,13 @@ class Scheduler:
         order = sorted([r for r in self.running if r.num_uncomputed == 1]
                        + [r for r in self.running if r.num_uncomputed != 1],
                        key=lambda r: r.priority)
+        # While a request of a better priority waits for its first token, the rows below it sit
+        # this step out (they keep their K/V): its TTFT is then one step of its own class, not
+        # one step of a 256-row batch. They stay at the tail of `order`, first to be preempted.
+        urgent = self._urgent_priority()
+        limit = len(order) if urgent is None else sum(r.priority <= urgent for r in order)
         i = 0
-        while i < len(order) and budget > 0:
+        while i < min(limit, len(order)) and budget > 0:
             request = order[i]
             num_new = self._chunk(request.num_computed_tokens, request.num_uncomputed, budget)
             while self.kv.allocate_slots(request, num_new) is None:
@@ -254,7 +261,7 @@ class Scheduler:
         # Then waiting requests, unless this step already had to preempt for room (none is
         # left anyway); preempting for priority made room precisely for them.
         if len(plan.preempted) == num_priority_preempted:
-            budget = self._schedule_waiting(plan, budget)
+            budget = self._schedule_waiting(plan, budget, urgent)
         plan.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         return plan
 
@@ -301,11 +308,30 @@ class Scheduler:
         return (leader.status == RequestStatus.RUNNING
                 and leader.num_computed_tokens < leader.num_prompt_tokens)
 
-    def _schedule_waiting(self, plan: StepPlan, budget: int) -> int:
+    def _urgent_priority(self) -> int | None:
+        """The best priority with a first token pending (waiting, or running its prompt) when it
+        beats some running request's; None when no row has to sit out."""
+        if not self.running:
+            return None
+        pending = [r.priority for r in self.running
+                   if r.num_output_tokens == 0 and r.num_computed_tokens < r.num_prompt_tokens]
+        adapters = {r.adapter_name for r in self.running if r.adapter_name is not None}
+        for r in self.waiting:   # the first that may start (one waiting on an adapter cannot:
+            if not (self._child_must_wait(r) or self._over_max_loras(r, adapters)):
+                pending.append(r.priority)   # holding the rows back would only stall them)
+                break
+        if not pending:
+            return None
+        best = min(pending)
+        return best if max(r.priority for r in self.running) > best else None
+
+    def _schedule_waiting(self, plan: StepPlan, budget: int, max_priority: int | None) -> int:
         skipped: list[Request] = []
         num_blocks = self.kv.num_blocks
         adapters = {r.adapter_name for r in self.running if r.adapter_name is not None}
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            if max_priority is not None and self.waiting.peek().priority > max_priority:
+                break   # sorted by priority: the rest sit this step out too
             request = self.waiting.popleft()
             if self._child_must_wait(request) or self._over_max_loras(request, adapters):
                 skipped.append(request)

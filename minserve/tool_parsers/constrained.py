@@ -42,6 +42,26 @@ def named_tool(tool_choice: Any) -> str | None:
     return None
 
 
+def tool_variants(tools: list[dict[str, Any]] | None,
+                  args_key: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One schema per tool for {"name": <its name>, args_key: <its parameters>}, and the tools'
+    $defs, moved out so the caller puts them at its schema's root (where "#/$defs/..." points).
+    """
+    defs: dict[str, Any] = {}
+    variants = []
+    for fn_name, fn in _functions(tools).items():
+        params = dict(fn.get("parameters") or _EMPTY_PARAMS)
+        for key, value in (params.pop("$defs", None) or {}).items():
+            if key in defs and defs[key] != value:
+                raise ToolChoiceError(f"tools define $defs/{key} differently; rename one")
+            defs[key] = value
+        variants.append({"type": "object", "additionalProperties": False,
+                         "properties": {"name": {"type": "string", "enum": [fn_name]},
+                                        args_key: params},
+                         "required": ["name", args_key]})
+    return variants, defs
+
+
 def tool_choice_spec(tool_choice: Any, tools: list[dict[str, Any]] | None,
                      parallel_tool_calls: bool = True) -> dict[str, Any] | None:
     """The structured-output spec for tool_choice, or None when the output is unconstrained
@@ -62,19 +82,7 @@ def tool_choice_spec(tool_choice: Any, tools: list[dict[str, Any]] | None,
         raise ToolChoiceError(f"unknown tool_choice {value_text(tool_choice)}")
     if not functions:
         raise ToolChoiceError("tool_choice 'required' needs at least one tool in 'tools'")
-    defs: dict[str, Any] = {}
-    variants = []
-    for fn_name, fn in functions.items():
-        params = dict(fn.get("parameters") or _EMPTY_PARAMS)
-        # $defs move to the root, where "#/$defs/..." refs inside the parameters point.
-        for key, value in (params.pop("$defs", None) or {}).items():
-            if key in defs and defs[key] != value:
-                raise ToolChoiceError(f"tools define $defs/{key} differently; rename one")
-            defs[key] = value
-        variants.append({"type": "object", "additionalProperties": False,
-                         "properties": {"name": {"type": "string", "enum": [fn_name]},
-                                        "parameters": params},
-                         "required": ["name", "parameters"]})
+    variants, defs = tool_variants(tools, "parameters")
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": variants}}
     if not parallel_tool_calls:
         schema["maxItems"] = 1
