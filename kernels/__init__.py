@@ -26,13 +26,14 @@ from minserve.kernels.quant_gemm import (
 from minserve.kernels.lora import (
     LoRAMapping,
     lora_expand_ref,
+    lora_fused_cpu,
     lora_expand_triton,
     lora_shrink_ref,
     lora_shrink_triton,
 )
 
 __all__ = ["AttnMetadata", "Fp8Weight", "IntWeight", "LoRAMapping", "fp8_gemm", "int_gemm",
-           "lora_expand", "lora_shrink", "paged_attention",
+           "lora_add", "lora_expand", "lora_shrink", "paged_attention",
            "store_kv", "triton_enabled"]
 
 _TRITON = triton is not None and os.environ.get("MINSERVE_NO_TRITON", "") != "1"
@@ -109,3 +110,23 @@ def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, mapping: LoRAMapping,
         lora_expand_triton(y, lora_b, mapping, out)
     else:
         lora_expand_ref(y, lora_b, mapping, out)
+
+
+def lora_add(x: torch.Tensor, lora_a: torch.Tensor, lora_bt: list[torch.Tensor],
+             mapping: LoRAMapping, out: torch.Tensor) -> None:
+    """A LoRA-wrapped linear's delta for a step that mixes adapters: for each slice i of a fused
+    layer (its columns of out [T, sum N_i]), out += (x @ A[slot]^T)[:, i*R:(i+1)*R] @
+    lora_bt[i][slot]. lora_a [S, n*R, IN], lora_bt n x [S, R, N_i] (B^T per slice). CUDA: one
+    shrink, then one expand per slice; CPU: lora_fused_cpu (fewer, larger ops)."""
+    if not triton_enabled(x):
+        lora_fused_cpu(x, lora_a, lora_bt, mapping, out)
+        return
+    rank = lora_bt[0].shape[1]
+    y = torch.empty(x.shape[0], lora_a.shape[1], dtype=x.dtype, device=x.device)
+    lora_shrink_triton(x, lora_a, mapping, y)
+    offset = 0
+    for i, bt in enumerate(lora_bt):
+        size = bt.shape[2]
+        lora_expand_triton(y[:, i * rank:(i + 1) * rank], bt.transpose(1, 2), mapping,
+                           out[:, offset:offset + size])
+        offset += size

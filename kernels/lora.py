@@ -12,7 +12,8 @@ of one segment, so a prefill chunk is one contiguous segment and decode rows are
     sorted_token_ids: [ 4  6 | 0  1  2  5 ]          base tokens are left out
     seg_start:        [ 0    2            6 ]   seg_slots: [ 0  2 ]
 
-Plain-torch references beside the kernels; CPU runs them (kernels/__init__.py dispatches)."""
+Plain-torch references beside the kernels (what the interpreter tests compare against); a CPU
+step runs lora_fused_cpu, the same sums in fewer ops (kernels/__init__.py's lora_add dispatches)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,6 +34,12 @@ class LoRAMapping:
     seg_slots: torch.Tensor          # [A] int32
     max_seg_len: int
     onehot: torch.Tensor             # [T, A] float32: token t uses active slot a (refs only)
+    # the fused CPU path (lora_fused_cpu), planned once per step on the host:
+    runs: list = field(default_factory=list)   # (slot, rows): a slice when contiguous, else
+    #                                             an int64 index tensor of the slot's tokens
+    slot_lo: int = 0                 # the active slots span slot_lo..slot_hi
+    slot_hi: int = -1
+    span_mask: torch.Tensor | None = None   # [T, slot_hi - slot_lo + 1]: token t uses slot
     _onehot_as: dict = field(default_factory=dict)
 
     @property
@@ -55,18 +62,26 @@ def lora_mapping(token_slots: np.ndarray, device: torch.device) -> LoRAMapping:
     np.cumsum(counts, out=seg_start[1:])
     nb = device.type == "cuda"
     onehot = torch.from_numpy((slots[:, None] == seg_slots[None, :]).astype(np.float32))
-    return LoRAMapping(
+    m = LoRAMapping(
         torch.from_numpy(slots).to(device, non_blocking=nb), seg_slots.tolist(),
         seg_start.tolist(), torch.from_numpy(order.astype(np.int64)).to(device, non_blocking=nb),
         torch.from_numpy(seg_start.astype(np.int32)).to(device, non_blocking=nb),
         torch.from_numpy(seg_slots.astype(np.int32)).to(device, non_blocking=nb),
         int(counts.max()) if len(counts) else 0, onehot.to(device, non_blocking=nb))
+    if device.type == "cpu" and len(seg_slots):
+        for i, slot in enumerate(m.seg_slots_host):
+            rows = order[seg_start[i]:seg_start[i + 1]]
+            first, last = int(rows[0]), int(rows[-1])
+            m.runs.append((slot, slice(first, last + 1) if last - first + 1 == len(rows)
+                           else torch.from_numpy(rows.astype(np.int64))))
+        m.slot_lo, m.slot_hi = m.seg_slots_host[0], m.seg_slots_host[-1]
+        span = np.arange(m.slot_lo, m.slot_hi + 1)
+        m.span_mask = torch.from_numpy((slots[:, None] == span[None, :]).astype(np.float32))
+    return m
 
 
 # The references compute every active adapter for every token and keep each token's own: a few
-# large ops instead of a loop over segments, so CPU steps stay cheap (the waste is A x a rank-R
-# product, small beside the base layer's).
-# PERF: CPU, default model, 16 decode rows over 4 adapters: see bench/RESULTS.md (issue 12).
+# large ops instead of a loop over segments.
 
 def _active(lora: torch.Tensor, m: LoRAMapping) -> torch.Tensor:
     """lora [S, ...] -> [A, ...]: the step's active slots only."""
@@ -103,19 +118,69 @@ def lora_expand_ref(y: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping,
     out.add_(y_wide @ b.permute(1, 0, 2).reshape(b.shape[1], num_active * rank).t())
 
 
+# The fused CPU path: a CPU step pays per op and per flop of small-M GEMMs (their cost grows
+# with the rows), so one LoRA-wrapped linear runs few ops, each token through its own adapter
+# where that is cheap. B is kept per slice as B^T, lora_bt[i] [S, R, N_i] (one slot's rows
+# contiguous, several slots' one [W*R, N_i] view).
+# - Few tokens over several adapters (decode rows): the onehot form, one shrink for every
+#   slot of the step's span, masked, then one addmm per slice into its columns of `out`
+#   (measured: fewer flops than one block-diagonal B over the slices, fewer ops than a run
+#   per adapter).
+# - Otherwise one run per adapter: a contiguous run (a prefill chunk) works on row views;
+#   gathered rows are selected, and their delta index-added once.
+# PERF: CPU, default model, per layer and per step: bench/RESULTS.md (issue 12, "fused CPU path").
+FUSED_ONEHOT_MAX_TOKENS = 32
+
+
+def lora_fused_cpu(x: torch.Tensor, lora_a: torch.Tensor, lora_bt: list[torch.Tensor],
+                   m: LoRAMapping, out: torch.Tensor) -> None:
+    """out [T, sum N_i] += per token with an adapter, for each slice i (its column range):
+    (x[t] @ A[slot]^T)[i*R:(i+1)*R] @ lora_bt[i][slot]. The same sum as lora_shrink_ref then
+    lora_expand_ref per slice (to rounding). x [T, IN], lora_a [S, n*R, IN], lora_bt n x
+    [S, R, N_i], out [T, N] with unit column stride."""
+    if m.is_empty:
+        return
+    num_tokens, rank = x.shape[0], lora_bt[0].shape[1]
+    offsets = [0]
+    for b in lora_bt:
+        offsets.append(offsets[-1] + b.shape[2])
+    if len(m.runs) > 1 and num_tokens <= FUSED_ONEHOT_MAX_TOKENS:
+        lo, hi = m.slot_lo, m.slot_hi + 1
+        y = (x @ lora_a[lo:hi].reshape(-1, lora_a.shape[2]).t()).view(
+            num_tokens, hi - lo, len(lora_bt), rank)                      # [T, W, n, R]
+        y.mul_(m.span_mask[:, :, None, None])
+        for i, b in enumerate(lora_bt):
+            out[:, offsets[i]:offsets[i + 1]].addmm_(y[:, :, i].reshape(num_tokens, -1),
+                                                    b[lo:hi].reshape(-1, b.shape[2]))
+        return
+    for slot, rows in m.runs:
+        if isinstance(rows, slice):
+            ys, o = x[rows] @ lora_a[slot].t(), out[rows]
+            for i, b in enumerate(lora_bt):
+                o[:, offsets[i]:offsets[i + 1]].addmm_(ys[:, i * rank:(i + 1) * rank], b[slot])
+        else:
+            ys = x.index_select(0, rows) @ lora_a[slot].t()
+            out.index_add_(0, rows, torch.cat([ys[:, i * rank:(i + 1) * rank] @ b[slot]
+                                               for i, b in enumerate(lora_bt)], dim=1))
+
+
 @jit
-def _lora_shrink_kernel(
-    x_ptr,            # [T, IN]
-    a_ptr,            # [S, R, IN]
-    y_ptr,            # [T, R]
+def _lora_kernel(
+    in_ptr,           # [T, K]: x (shrink) or a column slice of the shrink output (expand)
+    w_ptr,            # [S, N, K]: A (shrink, N = R) or B (expand, K = R)
+    out_ptr,          # [T, N]: y (shrink) or a column slice of the base output (expand)
     sorted_ptr,       # [sum of segments] token ids grouped by slot
     seg_start_ptr,    # [A + 1]
     seg_slots_ptr,    # [A]
-    stride_x_t, stride_a_s, stride_a_r, stride_y_t,
+    stride_in_t, stride_w_s, stride_w_n, stride_w_k, stride_o_t,
     N, K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
-    """Grid (A, cdiv(max_seg_len, BLOCK_M), cdiv(R, BLOCK_N))."""
+    """out[tok] (+)= in[tok] @ W[slot]^T for the BLOCK_M tokens of one segment: shrink stores,
+    expand (ACCUMULATE) adds into the base layer's output. Grid (A, cdiv(max_seg_len,
+    BLOCK_M), cdiv(N, BLOCK_N)); tokens of a segment are unique and segments disjoint, so the
+    read-add-write of out never races."""
     seg = tl.program_id(0)
     start = tl.load(seg_start_ptr + seg)
     end = tl.load(seg_start_ptr + seg + 1)
@@ -132,52 +197,17 @@ def _lora_shrink_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + tok[:, None] * stride_x_t + offs_k[None, :],
+        v = tl.load(in_ptr + tok[:, None] * stride_in_t + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)           # [BM, BK]
-        a = tl.load(a_ptr + slot * stride_a_s + offs_n[None, :] * stride_a_r + offs_k[:, None],
+        w = tl.load(w_ptr + slot * stride_w_s + offs_n[None, :] * stride_w_n
+                    + offs_k[:, None] * stride_w_k,
                     mask=mask_n[None, :] & mask_k[:, None], other=0.0)           # [BK, BN]
-        acc += tl.dot(x, a)
-    tl.store(y_ptr + tok[:, None] * stride_y_t + offs_n[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@jit
-def _lora_expand_kernel(
-    y_ptr,            # [T, R] (a column slice of the shrink output)
-    b_ptr,            # [S, N, R]
-    out_ptr,          # [T, N] (a column slice of the base layer's output)
-    sorted_ptr, seg_start_ptr, seg_slots_ptr,
-    stride_y_t, stride_b_s, stride_b_n, stride_o_t,
-    N, K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Grid (A, cdiv(max_seg_len, BLOCK_M), cdiv(N, BLOCK_N)); tokens of a segment are unique
-    and segments disjoint, so the read-add-write of out never races."""
-    seg = tl.program_id(0)
-    start = tl.load(seg_start_ptr + seg)
-    end = tl.load(seg_start_ptr + seg + 1)
-    m0 = start + tl.program_id(1) * BLOCK_M
-    if m0 >= end:
-        return
-    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
-    tok = tl.load(sorted_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        y = tl.load(y_ptr + tok[:, None] * stride_y_t + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)           # [BM, BK]
-        b = tl.load(b_ptr + slot * stride_b_s + offs_n[None, :] * stride_b_n + offs_k[:, None],
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)           # [BK, BN]
-        acc += tl.dot(y.to(b.dtype), b)
+        acc += tl.dot(v.to(w.dtype), w)
     mask = mask_m[:, None] & mask_n[None, :]
     o_ptrs = out_ptr + tok[:, None] * stride_o_t + offs_n[None, :]
-    o = tl.load(o_ptrs, mask=mask, other=0.0)
-    tl.store(o_ptrs, (o.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    if ACCUMULATE:
+        acc += tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_m(m: LoRAMapping) -> int:
@@ -192,19 +222,22 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, m: LoRAMapping,
     n, k = lora_a.shape[1], lora_a.shape[2]
     bm, bn, bk = _block_m(m), 16 if n <= 16 else 32, 64
     grid = (len(m.seg_slots_host), triton.cdiv(m.max_seg_len, bm), triton.cdiv(n, bn))
-    _lora_shrink_kernel[grid](x, lora_a, y, m.sorted_token_ids, m.seg_start, m.seg_slots,
-                              x.stride(0), lora_a.stride(0), lora_a.stride(1), y.stride(0),
-                              n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    _lora_kernel[grid](x, lora_a, y, m.sorted_token_ids, m.seg_start, m.seg_slots,
+                       x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+                       y.stride(0),
+                       n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACCUMULATE=False)
 
 
 def lora_expand_triton(y: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping,
                        out: torch.Tensor) -> None:
-    assert y.stride(-1) == 1 and lora_b.stride(-1) == 1 and out.stride(-1) == 1
+    """lora_b [S, N, R] with any strides (LoRALayer passes B^T [S, R, N] transposed)."""
+    assert y.stride(-1) == 1 and out.stride(-1) == 1
     if m.is_empty:
         return
     n, k = lora_b.shape[1], lora_b.shape[2]
     bm, bn, bk = _block_m(m), 64, 16 if k <= 16 else 32
     grid = (len(m.seg_slots_host), triton.cdiv(m.max_seg_len, bm), triton.cdiv(n, bn))
-    _lora_expand_kernel[grid](y, lora_b, out, m.sorted_token_ids, m.seg_start, m.seg_slots,
-                              y.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0),
-                              n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    _lora_kernel[grid](y, lora_b, out, m.sorted_token_ids, m.seg_start, m.seg_slots,
+                       y.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+                       out.stride(0),
+                       n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ACCUMULATE=True)

@@ -445,9 +445,6 @@ def parse_args(argv: list[str] | None = None,
     if args.tensor_parallel_size > 1 and args.task == "embed" and args.nnodes > 1:
         parser.error("--task embed with --tensor-parallel-size > 1 runs on one node "
                      "(--nnodes 1)")
-    if args.tensor_parallel_size > 1 and args.enable_lora:
-        parser.error("--enable-lora with --tensor-parallel-size > 1 is not supported yet (the "
-                     "adapters' A/B matrices are not sharded)")
     try:
         args.engine_config = engine_config(args)
     except ConfigError as e:

@@ -269,9 +269,10 @@ for _case in FP8_GEMM_CASES:
 
 
 def check_lora(slot_runs, *, num_slots=4, in_features=40, rank=16, out_features=24,
-               dtype=torch.float32, seed=0):
+               dtype=torch.float32, seed=0, b_transposed=False):
     """shrink then expand (into a column slice of a wider output, as a fused qkv's), Triton vs
-    the reference; slot_runs = [(slot, num_tokens), ...] in step order (-1: base tokens)."""
+    the reference; slot_runs = [(slot, num_tokens), ...] in step order (-1: base tokens).
+    b_transposed: B is a [S, N, R] view of B^T [S, R, N], as LoRALayer keeps it."""
     torch.manual_seed(seed)
     slots = torch.cat([torch.full((n,), s) for s, n in slot_runs]).numpy()
     mapping = lora.lora_mapping(slots, torch.device("cpu"))
@@ -279,6 +280,8 @@ def check_lora(slot_runs, *, num_slots=4, in_features=40, rank=16, out_features=
     x = torch.randn(T, in_features).to(dtype)
     a = torch.randn(num_slots, rank, in_features).to(dtype) / 4
     b = torch.randn(num_slots, out_features, rank).to(dtype) / 4
+    if b_transposed:
+        b = b.transpose(1, 2).contiguous().transpose(1, 2)
     y_ref = torch.zeros(T, rank, dtype=dtype)
     y = torch.full((T, rank), float("nan"), dtype=dtype)
     lora.lora_shrink_ref(x, a, mapping, y_ref)
@@ -307,6 +310,7 @@ def _():
                out_features=130, seed=1)
     check_lora([(1, 3)], rank=8, out_features=16, seed=2)      # one adapter, every token
     check_lora([(-1, 4)], seed=3)                              # no adapter in the step
+    check_lora(_LORA_MIXED, out_features=70, seed=4, b_transposed=True)   # LoRALayer's B^T
 
 
 def run(names: list[str]) -> dict[str, str | None]:

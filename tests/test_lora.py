@@ -171,6 +171,24 @@ def test_runtime_load_and_unload_while_running(tiny_model_dir, adapters, referen
     assert engine.list_loras() == {"a8": adapters["a8"]}
 
 
+def test_reloading_other_weights_under_one_name_never_hits_the_old_blocks(
+        tiny_model_dir, adapters, reference):
+    """The prefix root is the adapter's load, not its name: unload a8, load rs16's weights as
+    "a8", the same prompt computes afresh (no cached token) and gives rs16's output."""
+    engine = make_engine(tiny_model_dir, adapters, names=("a8",))
+    assert_matches(run(engine, [("old", PROMPT, "a8")])["old"], reference["a8"][tuple(PROMPT)])
+    assert_matches(run(engine, [("hit", PROMPT, "a8")])["hit"], reference["a8"][tuple(PROMPT)])
+    assert run.cached["hit"] >= 32          # the prompt's blocks are in the cache under a8
+    engine.remove_lora("a8")                # nothing runs with it: the name is free at once
+    engine.add_lora("a8", adapters["rs16"])
+    got = run(engine, [("new", PROMPT, "a8")])
+    assert run.cached["new"] == 0
+    assert_matches(got["new"], reference["rs16"][tuple(PROMPT)])
+    assert_matches(run(engine, [("again", PROMPT, "a8")])["again"],
+                   reference["rs16"][tuple(PROMPT)])
+    assert run.cached["again"] >= 32        # the new load's blocks are shared as usual
+
+
 def test_host_lru_reloads_evicted_adapters(tiny_model_dir, adapters, reference):
     engine = make_engine(tiny_model_dir, adapters, max_loras=1, max_cpu_loras=1)
     assert list(engine.lora.cpu) == ["qv4"]   # the last one added; the others were evicted
@@ -325,3 +343,30 @@ def test_kernel_refs_equal_a_per_token_loop():
             if s >= 0:
                 want[t, 5:45] += (x[t] @ a[s].t()) @ b[s].t()
         torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [
+    [2, 2, 2, -1, 0, 2, 0], [1, 1, 1], [-1, 3, -1], [0, 1, 2, 3, -1, 1],
+    [3] * 40 + [-1] * 5 + [1] * 20,                    # many tokens: contiguous runs (views)
+    [i % 3 for i in range(50)] + [-1, 2]])             # many tokens: gathered runs
+def test_fused_cpu_path_equals_the_references(slots):
+    """lora_fused_cpu (the onehot form for few tokens, runs per adapter for more: views or
+    gathered rows) against lora_shrink_ref + one lora_expand_ref per slice."""
+    from minserve.kernels import lora as k
+
+    torch.manual_seed(0)
+    sizes, rank = [40, 8, 8], 8
+    mapping = k.lora_mapping(torch.tensor(slots).numpy(), torch.device("cpu"))
+    x = torch.randn(len(slots), 24)
+    a = torch.randn(4, len(sizes) * rank, 24)
+    bs = [torch.randn(4, n, rank) for n in sizes]
+    out = torch.randn(len(slots), sum(sizes))
+    want = out.clone()
+    y = torch.empty(len(slots), len(sizes) * rank)
+    k.lora_shrink_ref(x, a, mapping, y)
+    col = 0
+    for i, b in enumerate(bs):
+        k.lora_expand_ref(y[:, i * rank:(i + 1) * rank], b, mapping, want[:, col:col + sizes[i]])
+        col += sizes[i]
+    k.lora_fused_cpu(x, a, [b.transpose(1, 2).contiguous() for b in bs], mapping, out)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-5)

@@ -80,7 +80,6 @@ def test_structured_outputs_config_sets_the_spec_defaults():
     (["--quantization", "gguf", "--gguf-dequantize"], "contradicts --gguf-dequantize"),
     (["--speculative-config", "{}"], "unsupported argument(s): --speculative-config"),
     (["-tp", "2", "--task", "embed", "--nnodes", "2"], "runs on one node"),
-    (["-tp", "2", "--enable-lora"], "not supported yet"),
     (["--port", "70000"], "--port"),
     (["--ssl-keyfile", "k.pem"], "go together"),
     (["--block-size", "12"], "--block-size"),

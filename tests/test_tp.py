@@ -81,6 +81,12 @@ def test_step_plan_round_trips_as_plain_tensors():
     assert (got.prompt_logprobs.rows, got.prompt_logprobs.counts) == ([1], [2])
     assert decode_step(*(lambda h, p: (h.tolist(), p))(*encode_step(
         StepInputs([1], [1], [0], [[0]], [], None)))).prompt_logprobs is None
+    lora = StepInputs([5, 6], [1, 1], [3, 4], [[1], [2]], [0, 1], None, adapter_slots=[1, -1],
+                      lora_loads=[[1, "sql", "/adapters/sql"], [0, "poet", ""]])
+    got = decode_step(*(lambda h, p: (h.tolist(), p))(*encode_step(lora)))
+    assert (got.adapter_slots, got.lora_loads) == ([1, -1], [[1, "sql", "/adapters/sql"],
+                                                             [0, "poet", ""]])
+    assert (got.token_ids, got.block_tables) == ([5, 6], [[1], [2]])
 
 
 def test_indivisible_models_are_a_startup_error_with_the_numbers():

@@ -132,11 +132,7 @@ class Engine:
                                                              config)
             self.lora = None
             if config.lora is not None:   # before the runner: its KV sizing sees the LoRA slots
-                from minserve.lora.manager import LoRAManager
-
-                lora_dtype = (self.dtype if config.lora.lora_dtype == "auto"
-                              else DTYPES[config.lora.lora_dtype])
-                self.lora = LoRAManager(model, model_config, config.lora, self.device, lora_dtype)
+                self.lora = _lora_manager(model, model_config, config, self.device, self.dtype)
                 for module in config.lora.lora_modules:
                     self.lora.add(module.name, module.path)
             self.runner = ModelRunner(model, model_config, config, self.device, self.dtype,
@@ -172,7 +168,7 @@ class Engine:
         # steps per bucket of ITERATION_TOKEN_BUCKETS (+inf last), and the tokens they ran
         self._iteration_buckets = [0] * (len(ITERATION_TOKEN_BUCKETS) + 1)
         self._iteration_tokens_sum = 0
-        self.beams = BeamSearchManager(self.scheduler.add, self.scheduler.abort,
+        self.beams = BeamSearchManager(self._enqueue, self.scheduler.abort,
                                        config.max_model_len)
         # Unseeded requests draw their seed here: with --seed fixed a whole run is reproducible.
         self._seed_rng = random.Random(config.seed)
@@ -253,7 +249,7 @@ class Engine:
         for i, (rid, structured) in enumerate(zip(ids, constraints, strict=True)):
             seed = (params.seed + i if params.seed is not None
                     else self._seed_rng.getrandbits(63))
-            self.scheduler.add(Request(
+            self._enqueue(Request(
                 rid, prompt, params, eos_token_ids=self.info.eos_token_ids,
                 arrival_time=request.arrival_time, adapter_name=request.adapter_name,
                 mm_items=request.mm_items, cache_salt=request.cache_salt,
@@ -300,6 +296,12 @@ class Engine:
             self.lora.purge({r.adapter_name for r in self.scheduler.requests.values()})
         return self._beam_outputs(outputs)
 
+    def _enqueue(self, request: Request) -> None:
+        """Into the scheduler, stamped with its adapter's current load (the prefix-cache root)."""
+        if request.adapter_name is not None:
+            request.adapter_load = self.lora.load_id(request.adapter_name)
+        self.scheduler.add(request)
+
     def _execute(self, step: StepInputs) -> Any:
         if self.workers is None:
             return self.runner.execute(step)
@@ -332,6 +334,7 @@ class Engine:
         if self.lora is None:
             raise ValueError("LoRA is off: start the server with --enable-lora")
         self.lora.remove(name)
+        self.lora.purge({r.adapter_name for r in self.scheduler.requests.values()})
 
     def list_loras(self) -> dict[str, str]:
         return dict(self.lora.paths) if self.lora is not None else {}
@@ -372,8 +375,10 @@ class Engine:
                 pin=self.device.type == "cuda")
         slots = (None if self.lora is None
                  else self.lora.activate([r.adapter_name for r in plan.requests]))
+        loads = self.lora.take_slot_loads() if self.lora is not None else None
         return StepInputs(token_ids, plan.num_scheduled_tokens, computed, block_tables,
-                          sample_rows, sampling, plp, mm_inputs, mrope, slots)
+                          sample_rows, sampling, plp, mm_inputs, mrope, slots,
+                          loads if self.workers is not None else None)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -410,6 +415,15 @@ def _token_slice(request: Request, start: int, end: int) -> list[int]:
     return request.prompt_token_ids[start:] + request.output_token_ids[:end - num_prompt]
 
 
+def _lora_manager(model: Any, model_config: ModelConfig, config: EngineConfig,
+                  device: torch.device, dtype: torch.dtype) -> Any:
+    """The LoRA slots on a rank's model (every rank builds them before its runner sizes KV)."""
+    from minserve.lora.manager import LoRAManager
+
+    lora_dtype = dtype if config.lora.lora_dtype == "auto" else DTYPES[config.lora.lora_dtype]
+    return LoRAManager(model, model_config, config.lora, device, lora_dtype)
+
+
 def load_worker_runner(config: EngineConfig, rank: int, local_rank: int, port: int) -> ModelRunner:
     """The rank's model shards and KV cache share, built as the Engine builds rank 0's."""
     from minserve.engine.workers import rank_device, step_timeout_s
@@ -430,6 +444,10 @@ def load_worker_runner(config: EngineConfig, rank: int, local_rank: int, port: i
     torch.manual_seed(config.seed)
     model = load_model(folder, model_config, device, dtype, config.load_format,
                        quantization=config.quantization)   # --quantization fp8 on every rank
+    lora = (None if config.lora is None
+            else _lora_manager(model, model_config, config, device, dtype))
     runner = ModelRunner(model, model_config, config, device, dtype)
+    if lora is not None:   # the head's step plans say what to load in which slot
+        runner.lora_state, runner.lora_manager = lora.state, lora
     runner.dummy_run(config.block_size, 1)   # the head runs the same warm-up step (Engine)
     return runner

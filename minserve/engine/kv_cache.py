@@ -21,7 +21,7 @@ def hash_block(parent_hash: int, token_ids: tuple[int, ...]) -> int:
 
 def prefix_root(request: Request) -> tuple[Any, ...]:
     """The root a request's first block chains to: blocks are shared only under an equal root."""
-    return (request.adapter_name, request.cache_salt,
+    return (request.adapter_name, request.adapter_load, request.cache_salt,
             tuple(item.content_hash for item in request.mm_items))
 
 

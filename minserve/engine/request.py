@@ -151,6 +151,9 @@ class Request:
     eos_token_ids: frozenset[int] = frozenset()
     arrival_time: float = 0.0
     adapter_name: str | None = None       # these come from the EngineRequest
+    adapter_load: int = 0                 # which load of adapter_name (LoRAManager.add counts
+    #                                       them): the prefix-cache root, so reloaded weights
+    #                                       under an old name never hit the old ones' blocks
     mm_items: list[MultiModalItem] = field(default_factory=list)
     cache_salt: str | None = None
     priority: int = 0

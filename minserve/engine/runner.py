@@ -69,6 +69,9 @@ class StepInputs:
     # M-RoPE models: per row (prompt positions [3, P] or None, delta); None for other models
     mrope: list[tuple[Any, int]] | None = None
     adapter_slots: list[int] | None = None   # [R] LoRA slot per row, -1 = the base model
+    # tensor parallel: the LoRA slots rank 0 (re)filled since the last step, [slot, name, path]
+    # (path "": emptied); the other ranks load the same adapters into the same slots
+    lora_loads: list[list] | None = None
 
 
 @dataclass(slots=True)
@@ -138,6 +141,7 @@ class ModelRunner:
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
         self.lora_state = None   # a LoRAState (minserve/lora) when LoRA is on; set by Engine
+        self.lora_manager = None   # a tensor-parallel rank > 0's (load_worker_runner)
         self.num_blocks = self._allocate_kv_cache(engine_config)
 
     # ---- KV cache sizing ----------------------------------------------------------------------

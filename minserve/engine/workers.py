@@ -7,15 +7,17 @@ Ranks are laid out node after node: with tp = 4 and nnodes = 2, node 0 runs rank
 head) and 1, node 1 ranks 2 and 3 (cuda:local_rank on a GPU).
 
 The plan on the wire (one header broadcast, then one payload broadcast, both on the cpu group):
-    header  [R, T, S, P, B, has_prompt_logprobs, has_images]          (R = -1: stop)
+    header  [R, T, S, P, B, has_prompt_logprobs, has_images, A, L]     (R = -1: stop)
     payload num_scheduled_tokens[R] | num_computed_tokens[R] | token_ids[T] | sample_rows[S] |
-            prompt-logprob rows[P] | their counts[P] | block table lengths[R] | block ids[B]
+            prompt-logprob rows[P] | their counts[P] | block table lengths[R] | block ids[B] |
+            LoRA slot per row[A: R or 0] | the LoRA slot loads as UTF-8 JSON bytes[L]
 A step with images, and every step of an M-RoPE model, then broadcasts rank 0's image-merged
 embeddings and positions on the device group (ModelRunner.share_from_head): the vision encoder
 and the requests' images stay on rank 0.
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -33,7 +35,7 @@ from minserve.models import parallel
 
 logger = logging.getLogger("minserve.workers")
 
-_HEADER_LEN = 7
+_HEADER_LEN = 9
 _STOP = -1
 _DEFAULT_MULTI_NODE_PORT = 29500   # torchrun's
 
@@ -49,11 +51,14 @@ def encode_step(step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
     plp_rows, plp_counts = (plp.rows, plp.counts) if plp is not None else ([], [])
     tables = step.block_tables
     block_ids = [b for table in tables for b in table]
+    slots = list(step.adapter_slots or [])
+    loads = list(json.dumps(step.lora_loads).encode()) if step.lora_loads else []
     header = [len(step.num_scheduled_tokens), len(step.token_ids), len(step.sample_rows),
-              len(plp_rows), len(block_ids), int(plp is not None), int(bool(step.mm_inputs))]
+              len(plp_rows), len(block_ids), int(plp is not None), int(bool(step.mm_inputs)),
+              len(slots), len(loads)]
     payload = (list(step.num_scheduled_tokens) + list(step.num_computed_tokens)
                + list(step.token_ids) + list(step.sample_rows) + plp_rows + plp_counts
-               + [len(t) for t in tables] + block_ids)
+               + [len(t) for t in tables] + block_ids + slots + loads)
     return (torch.tensor(header, dtype=torch.int64), torch.tensor(payload, dtype=torch.int64))
 
 
@@ -61,7 +66,7 @@ def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
     """A worker's StepInputs: no sampling tensors (rank 0 samples), the prompt-logprob rows and
     counts only (they decide which logits rows exist, which the vocab gather must agree on), no
     images and M-RoPE placeholders (rank 0 broadcasts both: ModelRunner.share_from_head)."""
-    R, T, S, P, _, has_plp, _ = header
+    R, T, S, P, _, has_plp, _, A, L = header
     values, pos = payload.tolist(), 0
 
     def take(n: int) -> list[int]:
@@ -72,9 +77,11 @@ def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
     counts, computed, token_ids, sample_rows = take(R), take(R), take(T), take(S)
     plp_rows, plp_counts, lens = take(P), take(P), take(R)
     tables = [take(n) for n in lens]
+    slots, loads = take(A) or None, take(L)
     plp = PromptLogprobInputs(plp_rows, plp_counts, [], []) if has_plp else None
     return StepInputs(token_ids, counts, computed, tables, sample_rows, None, plp,
-                      mrope=[(None, 0)] * R)
+                      mrope=[(None, 0)] * R, adapter_slots=slots,
+                      lora_loads=json.loads(bytes(loads).decode()) if loads else None)
 
 
 def _recv_step() -> tuple[StepInputs, bool] | None:
@@ -84,7 +91,8 @@ def _recv_step() -> tuple[StepInputs, bool] | None:
     h = header.tolist()
     if h[0] == _STOP:
         return None
-    payload = torch.empty(2 * h[0] + h[1] + h[2] + 2 * h[3] + h[0] + h[4], dtype=torch.int64)
+    payload = torch.empty(2 * h[0] + h[1] + h[2] + 2 * h[3] + h[0] + h[4] + h[7] + h[8],
+                          dtype=torch.int64)
     parallel.broadcast_from_head(payload)
     return decode_step(h, payload), bool(h[6])
 
@@ -205,6 +213,8 @@ def _worker_main(config: EngineConfig, rank: int, local_rank: int, port: int,
         with torch.inference_mode():
             while (received := _recv_step()) is not None:
                 step, has_images = received
+                if step.lora_loads:   # the slots rank 0 filled for this step (LoRA)
+                    runner.lora_manager.load_slots(step.lora_loads)
                 inputs = runner.prepare_inputs(step)
                 if has_images:   # the embedding lookup's all-reduce; rank 0 adds the images
                     inputs.inputs_embeds = runner.model.embed_input_ids(inputs.input_ids)

@@ -1,7 +1,7 @@
-"""The LoRA delta on a base linear layer, for a batch that mixes adapters: a forward hook adds
-lora_expand(lora_shrink(x)) to the layer's output, one shrink for all of a fused layer's slices
-(q|k|v stacked along the rank dim) and one expand per slice into its column range. The model's
-own code and parameter names do not change. Slots hold this rank's part: B sharded like the
+"""The LoRA delta on a base linear layer, for a batch that mixes adapters: the layer's forward
+(models/linear.py, `layer.lora`) calls add_delta on its output before any all-reduce: one
+kernels.lora_add over all of a fused layer's slices (A stacked q|k|v along the rank dim, B^T
+per slice, each into its column range). The model's parameter names do not change. Slots hold this rank's part: B sharded like the
 output of a column-parallel layer, A like the input of a row-parallel one (the delta of a row
 layer is then a partial sum, reduced with the base output's)."""
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minserve.kernels import LoRAMapping, lora_expand, lora_shrink
+from minserve.kernels import lora_add
+from minserve.kernels.lora import LoRAMapping
 from minserve.models.linear import QKVParallelLinear, RowParallelLinear
 
 
@@ -30,9 +31,9 @@ class LoRALayer:
         n = len(self.slice_sizes)
         self.lora_a = torch.zeros(num_slots, n * max_rank, self.in_local, dtype=dtype,
                                   device=device)                     # [S, n*R, IN]
-        self.lora_b = [torch.zeros(num_slots, size, max_rank, dtype=dtype, device=device)
-                       for size in self.slice_sizes]                 # n x [S, N_i, R]
-        self.handle = base.register_forward_hook(self._hook)
+        self.lora_bt = [torch.zeros(num_slots, max_rank, size, dtype=dtype, device=device)
+                        for size in self.slice_sizes]                # n x [S, R, N_i]: B^T
+        base.lora = self
 
     def _shard_rank(self, index: int) -> tuple[int, int]:
         base = self.base
@@ -47,8 +48,8 @@ class LoRALayer:
         """Slot <- one adapter's (A [r, in], B [out, r]) per slice (None: no delta there)."""
         R = self.max_rank
         self.lora_a[slot].zero_()
-        for b in self.lora_b:
-            b[slot].zero_()
+        for bt in self.lora_bt:
+            bt[slot].zero_()
         for i, ab in enumerate(slices or []):
             if ab is None:
                 continue
@@ -62,18 +63,12 @@ class LoRALayer:
                 assert b.shape[0] == size * num_ranks
                 b = b.narrow(0, rank * size, size)
             self.lora_a[slot, i * R:i * R + r].copy_(a)
-            self.lora_b[i][slot, :, :r].copy_(b)
+            self.lora_bt[i][slot, :r].copy_(b.t())
 
-    def _hook(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        m = self.state.mapping
+    def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (the base layer's [T, N] output, this rank's part) += the step's LoRA deltas."""
+        m: LoRAMapping | None = self.state.mapping
         if m is None:
             return out
-        x = args[0]
-        R = self.max_rank
-        y = torch.empty(x.shape[0], self.lora_a.shape[1], dtype=x.dtype, device=x.device)
-        lora_shrink(x, self.lora_a, m, y)
-        offset = 0
-        for i, (b, size) in enumerate(zip(self.lora_b, self.slice_sizes, strict=True)):
-            lora_expand(y[:, i * R:(i + 1) * R], b, m, out[:, offset:offset + size])
-            offset += size
+        lora_add(x, self.lora_a, self.lora_bt, m, out)
         return out

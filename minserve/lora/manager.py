@@ -4,6 +4,7 @@ of a step its slot, loading what is missing on demand; the scheduler keeps a ste
 --max-loras distinct adapters, so a slot is always free or held by an adapter the step skips."""
 from __future__ import annotations
 
+import itertools
 import re
 from collections import OrderedDict
 
@@ -39,9 +40,14 @@ class LoRAManager:
                                                     config.max_lora_rank, dtype, device,
                                                     self.state)
         self.paths: dict[str, str] = {}          # served adapters
+        self._loads = itertools.count(1)
+        self.load_ids: dict[str, int] = {}       # name -> which add() serves it (prefix root)
         self.retired: dict[str, str] = {}        # unloaded, kept while requests still use them
         self.cpu: OrderedDict[str, LoRAWeights] = OrderedDict()
         self.slots: list[str | None] = [None] * config.max_loras
+        # [slot, name, path] per slot (re)filled or emptied (path "") since the last
+        # take_slot_loads(): what the other tensor-parallel ranks must load to match this one
+        self.slot_loads: list[list] = []
         self._slot_tick = [0] * config.max_loras
         self._tick = 0
 
@@ -56,6 +62,7 @@ class LoRAManager:
         weights = load_adapter(name, path, self.model_config, self.config.max_lora_rank,
                                self.dtype)
         self.paths[name] = path
+        self.load_ids[name] = next(self._loads)
         self._cache(weights)
         return weights
 
@@ -68,16 +75,22 @@ class LoRAManager:
     def has(self, name: str) -> bool:
         return name in self.paths
 
+    def load_id(self, name: str) -> int:
+        """The identity of the weights served under name now: each add() gets a new one."""
+        return self.load_ids[name]
+
     def purge(self, in_use: set[str | None]) -> None:
         """Drop the retired adapters no request uses any more (slot and host copy)."""
         for name in [n for n in self.retired if n not in in_use]:
             del self.retired[name]
+            del self.load_ids[name]
             self.cpu.pop(name, None)
             for s, held in enumerate(self.slots):
                 if held == name:
                     self.slots[s] = None
                     for layer in self.layers.values():
                         layer.set_slot(s, None)
+                    self.slot_loads.append([s, name, ""])
 
     # ---- residency ------------------------------------------------------------------------
     def _cache(self, weights: LoRAWeights) -> None:
@@ -110,13 +123,29 @@ class LoRAManager:
             free = [s for s in range(len(self.slots)) if self.slots[s] not in wanted]
             s = min(free, key=lambda i: (self.slots[i] is not None, self._slot_tick[i]))
             weights = self._weights(name)
-            for layer_name, layer in self.layers.items():
-                layer.set_slot(s, weights.weights.get(layer_name))
+            self._fill(s, weights)
             self.slots[s] = name
+            self.slot_loads.append([s, name, self.paths.get(name) or self.retired[name]])
             slot_of[name] = s
         for s in slot_of.values():
             self._slot_tick[s] = self._tick
         return [-1 if n is None else slot_of[n] for n in adapter_names]
+
+    def _fill(self, slot: int, weights: LoRAWeights | None) -> None:
+        for layer_name, layer in self.layers.items():
+            layer.set_slot(slot, None if weights is None else weights.weights.get(layer_name))
+
+    def take_slot_loads(self) -> list[list]:
+        loads, self.slot_loads = self.slot_loads, []
+        return loads
+
+    def load_slots(self, loads: list[list]) -> None:
+        """A tensor-parallel rank > 0: fill the slots as rank 0 did (its take_slot_loads()),
+        reading each adapter from its path (rank 0 checked it when it was added)."""
+        for slot, name, path in loads:
+            self._fill(slot, None if not path else load_adapter(
+                name, path, self.model_config, self.config.max_lora_rank, self.dtype))
+            self.slots[slot] = name if path else None
 
     def set_step(self, token_slots: np.ndarray | None, device: torch.device) -> None:
         """The mapping every LoRALayer reads during this step's forward (None: base only)."""

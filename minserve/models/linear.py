@@ -73,6 +73,7 @@ class LinearBase(nn.Module):
     """input_size and output_sizes are this rank's part (the subclasses divide by tp_size)."""
 
     split_dim = "output_dim"   # the parameter attribute naming the dim that tp_size splits
+    lora = None                # a LoRALayer (minserve/lora/layers.py) when LoRA wraps this one
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool,
                  quant_method: Any = None, tp_rank: int = 0, tp_size: int = 1) -> None:
@@ -89,7 +90,8 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+        out = self.quant_method.apply(self, x, self.bias)
+        return out if self.lora is None else self.lora.add_delta(x, out)
 
     def checkpoint_part(self, index: int) -> tuple[int, int]:
         """(part, number of parts) of checkpoint shard `index` (its position among
@@ -192,6 +194,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
+        if self.lora is not None:   # a partial sum like the base output's: reduced with it
+            out = self.lora.add_delta(x, out)
         return parallel.all_reduce(out) if self.tp_size > 1 else out
 
 
