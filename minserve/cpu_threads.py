@@ -3,17 +3,20 @@ before torch loads libgomp) and the number of intra-op threads (the CPUs this pr
 use). The user's own OMP_WAIT_POLICY / GOMP_SPINCOUNT / OMP_NUM_THREADS always win. No torch here.
 
 Why: torch's libgomp, unless told otherwise, busy-waits ~300,000 spins at the end of every
-parallel region. With as many OpenMP threads as cores, any other runnable thread (minserve's
-event loop writing 16 streams, a client on the same box, another process) has to preempt a
-spinning worker, and the next region then waits a scheduler time slice for it. On a 2-core AVX2
-EPYC a batch-16 decode step has hundreds of such regions and took over a second; see bench/RESULTS.md, "Batched decode on AVX2".
+parallel region. With as many OpenMP threads as cores, any other runnable thread (another process,
+a client on the same box) has to preempt a spinning worker, and the next region then waits a
+scheduler time slice for it: on a loaded 2-core AVX2 EPYC a batch-16 decode step took 15-32 s.
+Never spinning (PASSIVE) is safe under load but wakes every thread by futex at each of a step's
+hundreds of regions: on an idle box it gave 0.4x the output rate of spinning at concurrency 16.
+So minserve spins briefly: 10,000 spins cover the gap between a step's back-to-back regions and
+cost little when a core is taken. bench/RESULTS.md, "OpenMP wait policy, side by side".
 """
 from __future__ import annotations
 
 import math
 import os
 
-OMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+OMP_DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
 # (quota file, period file or None when the quota file holds both): cgroup v2, then v1
 CGROUP_CPU_FILES = (("/sys/fs/cgroup/cpu.max", None),
                     ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
@@ -24,9 +27,8 @@ def set_omp_defaults() -> bool:
     is already imported, which makes it too late for libgomp to see them."""
     import sys
 
-    if "GOMP_SPINCOUNT" not in os.environ:      # the user's own spin count is a wait policy too
-        for name, value in OMP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
+    if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):   # the user's policy wins
+        os.environ.update(OMP_DEFAULTS)
     return "torch" not in sys.modules
 
 

@@ -16,17 +16,18 @@ def _fresh_python(code: str, **env: str) -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
-def test_importing_minserve_sets_a_passive_wait_policy_before_torch_loads():
-    code = ("import os, minserve, torch; "
-            "print(os.environ.get('OMP_WAIT_POLICY'), torch.get_num_threads() >= 1)")
-    assert _fresh_python(code) == "PASSIVE True"
+def test_importing_minserve_sets_a_short_spin_before_torch_loads():
+    code = ("import os, minserve, torch; print(os.environ.get('GOMP_SPINCOUNT'), "
+            "os.environ.get('OMP_WAIT_POLICY'), torch.get_num_threads() >= 1)")
+    assert _fresh_python(code) == "10000 None True"
 
 
 def test_the_users_omp_settings_win():
-    code = "import os, minserve; print(os.environ.get('OMP_WAIT_POLICY'))"
-    assert _fresh_python(code, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
-    # a spin count of the user's own is a wait policy too: nothing is added on top of it
-    assert _fresh_python(code, GOMP_SPINCOUNT="10000") == "None"
+    code = ("import os, minserve; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
+    assert _fresh_python(code, OMP_WAIT_POLICY="PASSIVE") == "PASSIVE None"
+    assert _fresh_python(code, OMP_WAIT_POLICY="ACTIVE") == "ACTIVE None"
+    assert _fresh_python(code, GOMP_SPINCOUNT="300000") == "None 300000"
 
 
 def test_num_torch_threads_leaves_an_explicit_omp_num_threads_alone(monkeypatch):
