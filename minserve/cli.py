@@ -25,7 +25,6 @@ from minserve.config import (
     EngineConfig,
     LoRAConfig,
     LoRAModule,
-    check_generation_overrides,
 )
 from minserve.embeddings.models import DEFAULT_EMBEDDING_MODEL, resolve_task
 from minserve.reasoning import REASONING_PARSERS
@@ -163,17 +162,15 @@ _SO_SWITCHES = {"disable_any_whitespace": "any_whitespace",
 _SO_ACCEPTED = {"backend", "disable_fallback", "reasoning_parser", "enable_in_reasoning"}
 
 
-def _generation_overrides(text: str) -> dict[str, Any]:
+def _generation_overrides(text: str) -> Any:
     """--override-generation-config '{"temperature": 0.5, "max_new_tokens": 256}' (vLLM's flag):
-    sampling defaults set over (or, with --generation-config vllm, instead of) the model's."""
+    sampling defaults set over (or, with --generation-config vllm, instead of) the model's.
+    Only parsed here; EngineConfig checks the keys and values (for LLM() too)."""
     try:
-        return check_generation_overrides(json.loads(text))
+        return json.loads(text)
     except json.JSONDecodeError:
         raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"temperature": 0.5}\'') \
             from None
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--override-generation-config")
-                                         .lstrip(": ")) from None
 
 
 def _structured_outputs_config(text: str) -> dict[str, bool]:

@@ -26,7 +26,7 @@ from minserve.tool_parsers.constrained import (
     named_tool,
     tool_choice_spec,
 )
-from minserve.tool_parsers.generic import auto_call_spec, with_tools_in_system
+from minserve.tool_parsers.generic import GENERIC, auto_call_spec, with_tools_in_system
 from minserve.tool_parsers.registry import get_tool_parser
 from minserve.value_text import value_text
 
@@ -47,11 +47,10 @@ class ServingContext:
     # invalid), so a bad schema is a 400 here and not a failure in the engine thread.
     check_structured: Callable[[dict[str, Any]], None] | None = None
     enable_auto_tool_choice: bool = False
+    # "generic" (a chat template that renders no tools): protocol puts the tools into the system
+    # message and constrains "auto" (tool_parsers/generic.py)
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
-    # The chat template renders no tools: protocol puts them into the system message and
-    # constrains "auto" (tool_parsers/generic.py).
-    tools_in_system: bool = False
     # --structured-outputs-config as spec options ({"any_whitespace": False, ...}); a request's
     # own structured_outputs switches win.
     structured_defaults: dict[str, bool] = field(default_factory=dict)
@@ -489,7 +488,7 @@ def parse_chat(body: Any, ctx: ServingContext) -> GenerateRequest:
     _check_structured(ctx, params.structured, "tool_choice" if forced else _structured_param(body))
     images = _image_parts(ctx)
     template_messages = body["messages"]
-    if ctx.tools_in_system and make_tool_parser is not None:
+    if ctx.tool_call_parser == GENERIC and make_tool_parser is not None:
         template_messages = with_tools_in_system(template_messages, tools)
     try:
         text = ctx.tokenizer.apply_chat_template(
@@ -606,7 +605,7 @@ def _tools(body: dict, ctx: ServingContext, params: SamplingParams
         parser_cls = get_tool_parser(ctx.tool_call_parser)
         if parser_cls.needs_special_tokens:  # the call markers are special tokens
             params.skip_special_tokens = False
-        if ctx.tools_in_system and params.structured is None:
+        if ctx.tool_call_parser == GENERIC and params.structured is None:
             try:
                 params.structured = {**ctx.structured_defaults, **auto_call_spec(tools)}
             except ToolChoiceError as e:

@@ -179,14 +179,13 @@ class App:
             raise self._no_chat_model()
         if self._ctx is None:
             info = self.chat.info
-            parser, tools_in_system = self._tool_call_format(info.tokenizer)
             self._ctx = ServingContext(
                 tokenizer=info.tokenizer, model_names=self.cfg.served_model_names,
                 max_model_len=info.max_model_len, vocab_size=info.vocab_size,
                 generation_defaults=dict(info.generation_defaults),
                 check_structured=self._check_structured,
                 enable_auto_tool_choice=self.cfg.enable_auto_tool_choice,
-                tool_call_parser=parser, tools_in_system=tools_in_system,
+                tool_call_parser=self._tool_call_parser(info.tokenizer),
                 reasoning_parser=self.cfg.reasoning_parser,
                 max_logprobs=self.cfg.max_logprobs,
                 force_include_usage=self.cfg.enable_force_include_usage,
@@ -201,10 +200,10 @@ class App:
                 if info.tokenizer is not None else None)
         return self._ctx
 
-    def _tool_call_format(self, tokenizer: Any) -> tuple[str | None, bool]:
+    def _tool_call_parser(self, tokenizer: Any) -> str | None:
         """--tool-call-parser, or with --enable-auto-tool-choice alone the parser the chat
-        template's markers name (logged); True: the generic format, where minserve renders the
-        tools into the system message (tool_parsers/generic.py)."""
+        template's markers name (logged); generic: minserve renders the tools into the system
+        message (tool_parsers/generic.py)."""
         parser = self.cfg.tool_call_parser
         if not parser and self.cfg.enable_auto_tool_choice:
             templates = getattr(tokenizer, "chat_templates", None) or {}
@@ -216,7 +215,7 @@ class App:
             else:
                 logger.info("tool calls: --tool-call-parser %s, detected from the chat "
                             "template", parser)
-        return parser, parser == GENERIC
+        return parser
 
     def _check_structured(self, spec: dict[str, Any]) -> None:
         # The engine compiles the same spec again; structured.compile caches it, so this is the
