@@ -15,6 +15,9 @@ from minserve.kernels.fp8_gemm import (
     fp8_scaled_mm,
     scaled_mm_supported,
 )
+from minserve.kernels import cpu_native
+from minserve.kernels.cpu_native import CpuIntWeight
+from minserve.kernels.cpu_native import int_gemm as cpu_int_gemm
 from minserve.kernels.jit import triton
 from minserve.kernels.quant_gemm import (
     CpuInt4Weight,
@@ -32,7 +35,7 @@ from minserve.kernels.lora import (
     lora_shrink_triton,
 )
 
-__all__ = ["AttnMetadata", "Fp8Weight", "IntWeight", "LoRAMapping", "fp8_gemm", "int_gemm",
+__all__ = ["AttnMetadata", "CpuIntWeight", "Fp8Weight", "IntWeight", "LoRAMapping", "fp8_gemm", "int_gemm",
            "lora_add", "lora_expand", "lora_shrink", "paged_attention",
            "store_kv", "triton_enabled"]
 
@@ -53,12 +56,39 @@ def paged_attention(
     if triton_enabled(q):
         return paged_attention_triton(q, k_cache, v_cache, attn, scale, sliding_window,
                                       out=out, k_scale=k_scale, v_scale=v_scale)
-    result = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window,
-                                 k_scale, v_scale)
     if out is None:
-        return result
-    out.copy_(result)
+        out = torch.empty_like(q)
+    rest = None
+    if (q.device.type == "cpu" and sliding_window is None and k_scale == 1.0 and v_scale == 1.0
+            and attn.max_query_len >= 1):
+        rest = _native_decode_rows(q, k_cache, v_cache, attn, scale, out)
+    if rest != []:
+        paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window, k_scale, v_scale,
+                            rows=rest, out=out)
     return out
+
+
+def _native_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        attn: AttnMetadata, scale: float, out: torch.Tensor) -> list[int] | None:
+    """The decode rows (one query token) through the native CPU kernel, all in one call; returns
+    the rows left for the reference (None: all of them)."""
+    qsl, seq_lens = attn.query_start_loc_host, attn.seq_lens_host
+    decode = [r for r in range(len(seq_lens)) if qsl[r + 1] - qsl[r] == 1]
+    if not decode:
+        return None
+    if len(decode) == len(seq_lens) and len(qsl) - 1 == q.shape[0]:   # a pure decode step
+        done = cpu_native.decode_attention(q, k_cache, v_cache, attn.block_table, attn.seq_lens,
+                                           scale, out)
+        return [] if done else None
+    tokens = torch.tensor([qsl[r] for r in decode])
+    part = torch.empty(len(decode), *q.shape[1:], dtype=q.dtype)
+    if not cpu_native.decode_attention(q.index_select(0, tokens).contiguous(), k_cache, v_cache,
+                                       attn.block_table[decode], attn.seq_lens[decode], scale,
+                                       part):
+        return None
+    out.index_copy_(0, tokens, part)
+    decoded = set(decode)
+    return [r for r in range(len(seq_lens)) if r not in decoded]
 
 
 def store_kv(
@@ -72,9 +102,11 @@ def store_kv(
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def int_gemm(x: torch.Tensor, w: IntWeight | CpuInt4Weight,
+def int_gemm(x: torch.Tensor, w: IntWeight | CpuIntWeight | CpuInt4Weight,
              bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ int4/int8 weight [N, K].T -> [..., N] (weight-only, group-wise scales)."""
+    if isinstance(w, CpuIntWeight):
+        return _on_rows(cpu_int_gemm, x, w, bias)
     if isinstance(w, CpuInt4Weight):
         return _on_rows(cpu_int4_gemm, x, w, bias)
     return _on_rows(int_gemm_triton if triton_enabled(x) else int_gemm_ref, x, w, bias)

@@ -42,8 +42,11 @@ def paged_attention_ref(
     sliding_window: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    rows: list[int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:           # [T, H, D]
-    """One request at a time, in float32 (an fp8 cache holds k / k_scale,
+    """(rows: only these requests, into `out`; the others' tokens are left as they are.)
+    One request at a time, in float32 (an fp8 cache holds k / k_scale,
     v / v_scale). GQA without copying K/V per query head: a decode's G
     query heads of kv head k become G rows of k's matrix (the kernel's tile packing, in torch),
     which made CPU serving's attention 2.5-3x faster than repeat_interleave + einsum; longer
@@ -55,9 +58,9 @@ def paged_attention_ref(
     _, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     qsl, seq_lens = attn.query_start_loc_host, attn.seq_lens_host
-    for r in range(len(seq_lens)):
+    for r in range(len(seq_lens)) if rows is None else rows:
         start, end, seq_len = qsl[r], qsl[r + 1], seq_lens[r]
         query_len = end - start
         if query_len == 0:

@@ -66,8 +66,8 @@ def _prompt(n: int, seed: int) -> list[int]:
 
 @pytest.fixture
 def reference_int_path(monkeypatch):
-    """Keep int4 layers in the int GEMM layout on CPU, so the plain-torch reference (exact fp32
-    dequantization) runs instead of torch's bf16-activation CPU int4 kernel."""
+    """Keep int4 layers off torch's bf16-activation CPU int4 kernel: the plain-torch reference
+    runs, or where it builds the native kernel, both with exact fp32 dequantization."""
     import minserve.models.quant.base as base
 
     monkeypatch.setattr(base, "cpu_int4_supported", lambda w: False)
@@ -151,14 +151,17 @@ def test_gguf_served_quantized_matches_dequantized(tiny_model_factory, tmp_path,
     _check_pair(ours, load_ours(resolve_model(path)))
 
 
-def test_cpu_int4_kernel_path_tracks_dequantized(tiny_model_dir, tmp_path):
-    """Without the fixture, CPU int4 layers run torch's int4 kernel on bf16 activations: the
-    logits follow the dequantized model to bf16 rounding (a wrong nibble order is off by ~5)."""
+def test_cpu_int4_kernel_path_tracks_dequantized(tiny_model_dir, tmp_path, monkeypatch):
+    """Without the native kernel, CPU int4 layers run torch's int4 kernel on bf16 activations:
+    the logits follow the dequantized model to bf16 rounding (a wrong nibble order is off by
+    ~5)."""
+    import minserve.models.quant.base as base
     from minserve.kernels.quant_gemm import CpuInt4Weight
 
     from tests.paged_runner import load_ours
     from tests.quant_packers import quantize_model_folder
 
+    monkeypatch.setattr(base.cpu_native, "available", lambda: False)
     dst, ref = str(tmp_path / "quantized"), str(tmp_path / "dequantized")
     quantize_model_folder(tiny_model_dir, dst, ref, "gptq", bits=4, group_size=32,
                           desc_act=True)
@@ -166,3 +169,23 @@ def test_cpu_int4_kernel_path_tracks_dequantized(tiny_model_dir, tmp_path):
     assert any(isinstance(p, CpuInt4Weight) for m in ours.modules() for p in
                getattr(m, "parts", []))
     _check_pair(ours, load_ours(ref), atol=0.25)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cpu_native_kernel_path_tracks_dequantized(tiny_model_dir, tmp_path, bits):
+    """With a C compiler, CPU int layers run the native kernel (kernels/cpu_native.py) on fp32
+    activations: the logits follow the dequantized model to fp32 summation order."""
+    from minserve.kernels import cpu_native
+
+    from tests.paged_runner import load_ours
+    from tests.quant_packers import quantize_model_folder
+
+    if not cpu_native.available():
+        pytest.skip("no C compiler for the native CPU kernel")
+    dst, ref = str(tmp_path / "quantized"), str(tmp_path / "dequantized")
+    quantize_model_folder(tiny_model_dir, dst, ref, "gptq", bits=bits, group_size=32,
+                          desc_act=True)
+    ours = load_ours(dst)
+    assert any(isinstance(p, cpu_native.CpuIntWeight) for m in ours.modules() for p in
+               getattr(m, "parts", []))
+    _check_pair(ours, load_ours(ref))

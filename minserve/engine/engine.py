@@ -93,12 +93,16 @@ class Engine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         set_cpu_threads(self.device)
-        # GGUF: serve the quantized blocks, or dequantize at load (--gguf-dequantize); by default
-        # dequantized on CPU, where dense float32 matmuls measured faster (README), quantized
-        # on GPUs, where the weights' bytes are the decode time.
+        # GGUF: serve the quantized blocks, or dequantize at load (--gguf-dequantize). By
+        # default served quantized: the weights' bytes are the decode time, on a GPU and, with
+        # the native CPU kernel (kernels/cpu_native.py), on a CPU. Without that kernel a CPU
+        # dequantizes, since dense float32 matmuls measured faster than torch's int ones.
         gguf_dequantize = config.gguf_dequantize
         if gguf_dequantize is None:
-            gguf_dequantize = self.device.type == "cpu" and config.quantization != "gguf"
+            from minserve.kernels import cpu_native
+
+            gguf_dequantize = (self.device.type == "cpu" and config.quantization != "gguf"
+                               and not cpu_native.available())
         folder = resolve_model(config.model, config.revision, gguf_quantized=not gguf_dequantize)
         with open(os.path.join(folder, "config.json")) as f:
             model_config = ModelConfig.from_dict(json.load(f))

@@ -185,7 +185,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [N, hidden] -> logits [N, V] float32 (on rank 0; None on the other ranks)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = cpu_gemm.linear(hidden, weight, None, self).float()   # [N, V / tp]
+        logits = cpu_gemm.logits(hidden, weight, self).float()   # [N, V / tp]
         if self.model.embed_tokens.tp_size == 1:    # (another engine of this process may be TP)
             return logits
         return parallel.gather_vocab(logits, self.config.vocab_size)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from minserve import kernels
+from minserve.kernels import cpu_native
 from minserve.config import ConfigError
 from minserve.kernels.quant_gemm import IntWeight, cpu_int4_supported, to_cpu_int4
 
@@ -188,8 +189,11 @@ def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 
 
 def cpu_layout(part: IntWeight | torch.Tensor) -> Any:
-    """On CPU, int4 weights move to torch's CPU int4 GEMM layout (kernels/quant_gemm.py
+    """On CPU, int weights move to the native kernel's row-major layout (kernels/cpu_native.py)
+    where it builds, else int4 ones to torch's CPU int4 GEMM layout (kernels/quant_gemm.py
     CpuInt4Weight): the reference would dequantize the whole weight on every call."""
+    if isinstance(part, IntWeight) and cpu_native.supported(part) and cpu_native.available():
+        return cpu_native.to_cpu_int(part)
     if isinstance(part, IntWeight) and cpu_int4_supported(part):
         return to_cpu_int4(part)
     return part

@@ -1,0 +1,231 @@
+/* Weight-only int4/int8 GEMM for CPUs, for the few rows of a decode step (kernels/cpu_native.py
+ * compiles this file once with the system C compiler and calls it through ctypes).
+ *
+ * Why: at one row a decode step reads every weight once, so its time is the weight's bytes.
+ * torch's CPU int4/int8 weight-only kernels measured no faster than the fp32 matmul on AVX2
+ * (kernels/quant_gemm.py), and torch.compile's C++ for a fused dequantize-and-reduce was 7-16x
+ * slower than fp32 (bench/RESULTS.md, "Quantized CPU decode"). Up to 4 activation rows read
+ * each weight row straight from its packed bytes; more rows share 4 weight rows decoded into an
+ * L1 buffer.
+ *
+ * Layout (CpuIntWeight in kernels/cpu_native.py): N rows of K values, row-major, K % 32 == 0.
+ *   bits 8: q[n * K + k], one byte per value.
+ *   bits 4: per 32-value chunk c of row n, byte j (0..15) holds value 32c + j in its low nibble
+ *           and value 32c + 16 + j in its high nibble (llama.cpp's Q4 order): q[n * K/2 + 16c + j].
+ *   scales, bias: float [N, K / G] (G % 32 == 0); w[n, k] = q * scales[n, k/G] + bias[n, k/G].
+ * x: float [M, K] (row stride ldx), y: float [M, N] (row stride ldy).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* Row n of the weight, dequantized into out[K] (fp32). */
+INLINE void decode_row(const uint8_t *q, const float *s, const float *b, int bits, int64_t K,
+                       int64_t G, float *out) {
+    for (int64_t k = 0; k < K; k += 32) {
+        const float sc = s[k / G], bi = b[k / G];
+        const uint8_t *p = bits == 4 ? q + k / 2 : q + k;
+#ifdef __AVX2__
+        __m256 vs = _mm256_set1_ps(sc), vb = _mm256_set1_ps(bi);
+        __m256i v0, v1, v2, v3;
+        if (bits == 4) {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
+            const __m128i lo = _mm_and_si128(raw, mask);
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            v0 = _mm256_cvtepu8_epi32(lo);
+            v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
+            v2 = _mm256_cvtepu8_epi32(hi);
+            v3 = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+        } else {
+            v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+            v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+            v2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 16)));
+            v3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 24)));
+        }
+        _mm256_storeu_ps(out + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v0), vs, vb));
+        _mm256_storeu_ps(out + k + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v1), vs, vb));
+        _mm256_storeu_ps(out + k + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v2), vs, vb));
+        _mm256_storeu_ps(out + k + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v3), vs, vb));
+#else
+        for (int j = 0; j < 32; j++) {
+            int v = bits == 4 ? (j < 16 ? p[j] & 0x0F : p[j - 16] >> 4) : p[j];
+            out[k + j] = (float)v * sc + bi;
+        }
+#endif
+    }
+}
+
+#ifdef __AVX2__
+INLINE float hsum(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_hadd_ps(a, a);
+    a = _mm_hadd_ps(a, a);
+    return _mm_cvtss_f32(a);
+}
+
+/* 32 values of a row as floats q (scale and bias not applied), in 4 registers. */
+INLINE void load32(const uint8_t *p, int bits, __m256 w[4]) {
+    __m256i v0, v1, v2, v3;
+    if (bits == 4) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
+        const __m128i lo = _mm_and_si128(raw, mask);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        v0 = _mm256_cvtepu8_epi32(lo);
+        v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
+        v2 = _mm256_cvtepu8_epi32(hi);
+        v3 = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+    } else {
+        v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+        v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+        v2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 16)));
+        v3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 24)));
+    }
+    w[0] = _mm256_cvtepi32_ps(v0);
+    w[1] = _mm256_cvtepi32_ps(v1);
+    w[2] = _mm256_cvtepi32_ps(v2);
+    w[3] = _mm256_cvtepi32_ps(v3);
+}
+
+/* Few rows (a decode step), straight from the packed row: per 32-chunk c, dot(q_c, x_c) is
+ * scaled once; the bias term is sum_g bias[g] * sum(x over group g), from xsum [M, K / G]. */
+#define FEW(MT)                                                                               \
+    static void few_##MT(const uint8_t *q, const float *s, const float *b, int bits, int64_t K, \
+                         int64_t G, const float *x, int64_t ldx, const float *xsum, float *y,  \
+                         int64_t ldy) {                                                       \
+        __m256 acc[MT];                                                                       \
+        for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();                            \
+        for (int64_t k = 0; k < K; k += 32) {                                                 \
+            __m256 w[4];                                                                      \
+            load32(bits == 4 ? q + k / 2 : q + k, bits, w);                                   \
+            const __m256 sc = _mm256_set1_ps(s[k / G]);                                       \
+            for (int m = 0; m < MT; m++) {                                                    \
+                const float *xm = x + m * ldx + k;                                            \
+                __m256 c0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xm));                         \
+                __m256 c1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xm + 8));                     \
+                c0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xm + 16), c0);                     \
+                c1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm + 24), c1);                     \
+                acc[m] = _mm256_fmadd_ps(sc, _mm256_add_ps(c0, c1), acc[m]);                  \
+            }                                                                                 \
+        }                                                                                     \
+        const int64_t groups = K / G;                                                         \
+        for (int m = 0; m < MT; m++) {                                                        \
+            float t = hsum(acc[m]);                                                           \
+            for (int64_t g = 0; g < groups; g++) t += b[g] * xsum[m * groups + g];            \
+            y[m * ldy] = t;                                                                   \
+        }                                                                                     \
+    }
+FEW(1)
+FEW(2)
+FEW(3)
+FEW(4)
+
+/* Many rows: NR (<= 4) weight rows decoded into buf [4][K], against MT rows of x at once:
+ * 4 x MT accumulators, 4 + MT loads per 4 * MT FMAs. */
+#define MANY(MT)                                                                              \
+    static void many_##MT(const float *buf, int64_t K, const float *x, int64_t ldx, float *y,  \
+                          int64_t ldy, int nr) {                                              \
+        __m256 acc[MT][4];                                                                    \
+        for (int m = 0; m < MT; m++)                                                          \
+            for (int r = 0; r < 4; r++) acc[m][r] = _mm256_setzero_ps();                      \
+        for (int64_t k = 0; k < K; k += 8) {                                                  \
+            const __m256 w0 = _mm256_loadu_ps(buf + k), w1 = _mm256_loadu_ps(buf + K + k);    \
+            const __m256 w2 = _mm256_loadu_ps(buf + 2 * K + k);                               \
+            const __m256 w3 = _mm256_loadu_ps(buf + 3 * K + k);                               \
+            for (int m = 0; m < MT; m++) {                                                    \
+                const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);                           \
+                acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);                               \
+                acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);                               \
+                acc[m][2] = _mm256_fmadd_ps(w2, xv, acc[m][2]);                               \
+                acc[m][3] = _mm256_fmadd_ps(w3, xv, acc[m][3]);                               \
+            }                                                                                 \
+        }                                                                                     \
+        for (int m = 0; m < MT; m++)                                                          \
+            for (int r = 0; r < nr; r++) y[m * ldy + r] = hsum(acc[m][r]);                    \
+    }
+MANY(1)
+MANY(2)
+MANY(3)
+#endif
+
+#define FEW_ROWS 4    /* up to here each row is read from its packed bytes, once per 4 x rows */
+
+/* y = x @ w.T. Returns 0, or 1 when a buffer could not be allocated. */
+int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const float *s,
+             const float *b, int bits, int64_t K, int64_t G, int64_t N, float *y, int64_t ldy,
+             int nthreads) {
+    const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
+    int failed = 0;
+#ifdef __AVX2__
+    if (M <= FEW_ROWS && groups <= 512) {
+        float xsum[FEW_ROWS * 512];
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t g = 0; g < groups; g++) {
+                float t = 0.f;
+                for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * ldx + k];
+                xsum[m * groups + g] = t;
+            }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *qn = q + n * row_bytes;
+            const float *sn = s + n * groups, *bn = b + n * groups;
+            switch (M) {
+                case 1: few_1(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
+                case 2: few_2(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
+                case 3: few_3(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
+                default: few_4(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
+            }
+        }
+        return 0;
+    }
+#endif
+    const int64_t quads = (N + 3) / 4;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *buf = (float *)malloc(sizeof(float) * 4 * K);
+        if (buf == NULL) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < quads; t++) {
+                const int64_t n = 4 * t;
+                const int nr = N - n < 4 ? (int)(N - n) : 4;
+                for (int r = 0; r < 4; r++) {   /* missing rows repeat the first, unwritten */
+                    const int64_t row = n + (r < nr ? r : 0);
+                    decode_row(q + row * row_bytes, s + row * groups, b + row * groups, bits, K,
+                               G, buf + r * K);
+                }
+                int64_t m = 0;
+#ifdef __AVX2__
+                for (; m + 3 <= M; m += 3) many_3(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr);
+                if (M - m == 2) many_2(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr);
+                if (M - m == 1) many_1(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr);
+#else
+                for (; m < M; m++)
+                    for (int r = 0; r < nr; r++) {
+                        float acc = 0.f;
+                        for (int64_t k = 0; k < K; k++) acc += buf[r * K + k] * x[m * ldx + k];
+                        y[m * ldy + n + r] = acc;
+                    }
+#endif
+            }
+            free(buf);
+        }
+    }
+    return failed;
+}
+
+/* out[N, K] = the dequantized weight (fp32), for the many rows of a prefill. */
+void int_dequantize(const uint8_t *q, const float *s, const float *b, int bits, int64_t K,
+                    int64_t G, int64_t N, float *out, int nthreads) {
+    const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        decode_row(q + n * row_bytes, s + n * groups, b + n * groups, bits, K, G, out + n * K);
+}

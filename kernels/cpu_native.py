@@ -1,0 +1,262 @@
+"""Native CPU kernels for decode: the weight-only int4/int8 GEMM (cpu_int_gemm.c) and paged decode
+attention (cpu_attention.c), compiled once per machine with the system C compiler (`cc`, or $CC)
+into one library and called through ctypes.
+
+Why native code: a decode step on CPU is bound by reading the weights. The int layout reads 4.5
+or 8.5 bits a value instead of fp32's 32, but torch's own CPU int kernels and torch.compile's
+C++ were no faster than the fp32 matmul (bench/RESULTS.md, "Quantized CPU decode"). The .so is
+built with -march=native into the cache ($MINSERVE_CACHE/native, keyed by the source, the
+compiler and the CPU's flags) and links the OpenMP runtime torch already loaded (libgomp.so.1),
+so both share one thread pool. Without a compiler, or with MINSERVE_CPU_NATIVE=0, available()
+is False and int weights stay on the torch paths of kernels/quant_gemm.py.
+
+Rows: up to MAX_ROWS (a decode step) run the native kernel; more (a prefill chunk) dequantize
+the weight natively into a scratch fp32 tensor and run one sgemm, where the FLOPs are the time.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from minserve.kernels.quant_gemm import IntWeight, unpack_int
+
+log = logging.getLogger("minserve")
+
+ENABLED = os.environ.get("MINSERVE_CPU_NATIVE", "1") != "0"
+SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+           for name in ("cpu_int_gemm.c", "cpu_attention.c")]
+MAX_ROWS = 16              # bench/cpu_int_gemm.py: the native kernel's edge over sgemm ends here
+CHUNK = 32                 # the layout's unit (cpu_int_gemm.c); K and the group size divide by it
+COMPILE_TIMEOUT_S = 120
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+@dataclass(slots=True)
+class CpuIntWeight:
+    """An IntWeight in cpu_int_gemm.c's row-major layout (see there); made once at load."""
+    q: torch.Tensor                 # uint8 [N, K] (8 bits) or [N, K // 2] (4 bits)
+    scales: torch.Tensor            # float32 [N, K // G]
+    bias: torch.Tensor              # float32 [N, K // G]
+    bits: int
+    group_size: int
+    perm: torch.Tensor | None = None  # as IntWeight.perm: x's columns are read in this order
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1] * (8 // self.bits)
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    def nbytes(self) -> int:
+        tensors = [self.q, self.scales, self.bias] + ([self.perm] if self.perm is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def supported(w: IntWeight) -> bool:
+    k = w.in_features
+    return (w.bits in (4, 8) and k % CHUNK == 0 and w.group_size % CHUNK == 0
+            and k % w.group_size == 0 and w.qweight.device.type == "cpu")
+
+
+def to_cpu_int(w: IntWeight) -> CpuIntWeight:
+    """IntWeight ([K // P, N] words) -> the native row-major layout (lossless)."""
+    q = unpack_int(w.qweight, w.bits).t().to(torch.uint8)                # [N, K]
+    if w.bits == 4:
+        n, k = q.shape
+        halves = q.view(n, k // CHUNK, 2, CHUNK // 2)
+        q = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(n, k // 2)
+    return CpuIntWeight(q.contiguous(), w.scales.float().t().contiguous(),
+                        w.bias.float().t().contiguous(), w.bits, w.group_size, w.perm)
+
+
+def int8_exact(w: torch.Tensor) -> CpuIntWeight | None:
+    """A float32 [N, K] weight whose groups of 32 are exactly d * q (q in -127..127, d the
+    group's absmax / 127), as the 8-bit layout; None if any value is not. A GGUF Q8_0 tensor
+    dequantized at load is such a weight (its d is absmax / 127 rounded to fp16, and
+    127 * d / 127 == d in fp32), so a tied Q8_0 embedding serves the logits from 8.5 bits a
+    value again, with the same products."""
+    n, k = w.shape
+    if w.dtype != torch.float32 or k % CHUNK or w.device.type != "cpu":
+        return None
+    groups = w.view(n, k // CHUNK, CHUNK)
+    d = groups.abs().amax(-1) / 127                                   # [N, K / 32]
+    q = torch.where(d[:, :, None] > 0, groups / d.clamp_min(1e-38)[:, :, None], 0).round()
+    if not torch.equal(q * d[:, :, None], groups):
+        return None
+    q = (q + 128).to(torch.uint8).view(n, k)
+    return CpuIntWeight(q, d.contiguous(), (-128 * d).contiguous(), 8, CHUNK)
+
+
+def dequantize_ref(w: CpuIntWeight) -> torch.Tensor:
+    """The plain-torch reference for the layout: [N, K] fp32 in the weight's (sorted) row order."""
+    n = w.out_features
+    if w.bits == 4:
+        chunks = w.q.view(n, -1, CHUNK // 2)
+        q = torch.stack([chunks & 0x0F, chunks >> 4], dim=2).reshape(n, -1)
+    else:
+        q = w.q
+    k = q.shape[1]
+    groups = q.view(n, k // w.group_size, w.group_size).float()
+    return torch.addcmul(w.bias[:, :, None], groups, w.scales[:, :, None]).view(n, k)
+
+
+def int_gemm_ref(x: torch.Tensor, w: CpuIntWeight) -> torch.Tensor:
+    if w.perm is not None:
+        x = x.index_select(1, w.perm)
+    return torch.nn.functional.linear(x.float(), dequantize_ref(w)).to(x.dtype)
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use; None where it cannot be (logged once)."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    if not ENABLED or platform.system() != "Linux":
+        return None
+    with _lock:
+        if "lib" not in _state:
+            try:
+                _state["lib"] = _load(_build())
+            except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+                log.warning("native CPU kernels unavailable (%s); int weights and decode attention use torch", e)
+                _state["lib"] = None
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _build() -> str:
+    from minserve.config import cache_dir
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc) on PATH")
+    source = b""
+    for path in SOURCES:
+        with open(path, "rb") as f:
+            source += f.read()
+    version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
+    key = hashlib.sha256(source + version + _cpu_flags().encode() + platform.machine().encode())
+    out_dir = os.path.join(cache_dir(), "native")
+    out = os.path.join(out_dir, f"cpu_int_gemm-{key.hexdigest()[:16]}.so")
+    if os.path.isfile(out):
+        return out
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    # -fno-math-errno lets expf vectorize (glibc's libmvec); it changes no result.
+    base = [cc, "-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", *SOURCES,
+            "-o", tmp, "-lm"]
+    try:
+        for flags in (["-march=native"], []):     # a compiler without -march=native still builds
+            run = subprocess.run(base[:1] + flags + base[1:], capture_output=True,
+                                 timeout=COMPILE_TIMEOUT_S)
+            if run.returncode == 0:
+                os.replace(tmp, out)
+                return out
+        raise RuntimeError(f"{cc} failed: {run.stderr.decode(errors='replace').strip()[:300]}")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load(path: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(path)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.int_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr, i64,
+                             ctypes.c_int]
+    lib.int_gemm.restype = ctypes.c_int
+    lib.int_dequantize.argtypes = [ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int]
+    lib.int_dequantize.restype = None
+    lib.decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
+                                     ctypes.c_float, ptr, i64, ctypes.c_int]
+    lib.decode_attention.restype = ctypes.c_int
+    return lib
+
+
+def dequantize(w: CpuIntWeight) -> torch.Tensor:
+    lib = library()
+    if lib is None:
+        return dequantize_ref(w)
+    n, k = w.out_features, w.in_features
+    out = torch.empty(n, k, dtype=torch.float32)
+    lib.int_dequantize(w.q.data_ptr(), w.scales.data_ptr(), w.bias.data_ptr(), w.bits, k,
+                       w.group_size, n, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def int_gemm(x: torch.Tensor, w: CpuIntWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x's dtype: the native kernel for up to MAX_ROWS rows, else one
+    sgemm on the natively dequantized weight."""
+    lib = library()
+    if w.perm is not None:
+        x = x.index_select(1, w.perm)
+    dtype = x.dtype
+    if dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    m, k = x.shape
+    if lib is None:
+        out = int_gemm_ref(x, w)
+    elif m > MAX_ROWS:
+        out = torch.nn.functional.linear(x, dequantize(w))
+    else:
+        n = w.q.shape[0]
+        out = torch.empty(m, n, dtype=torch.float32)
+        if lib.int_gemm(x.data_ptr(), m, k, w.q.data_ptr(), w.scales.data_ptr(),
+                        w.bias.data_ptr(), w.bits, k, w.group_size, n, out.data_ptr(), n,
+                        torch.get_num_threads()):
+            raise MemoryError("cpu_int_gemm: no memory for the per-thread row buffer")
+    if dtype != torch.float32:
+        out = out.to(dtype)
+    return out if bias is None else out + bias
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                     out: torch.Tensor) -> bool:
+    """out[r] = attention of decode token q[r] ([R, H, D]) over its seq_lens[r] cached keys
+    (block_table [R, max_blocks] int32). False, with out untouched, where the native kernel
+    does not apply (no library, or not float32 contiguous caches): the caller uses torch."""
+    lib = library()
+    if (lib is None or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32
+            or q.dtype != torch.float32 or out.dtype != torch.float32
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+            or q.stride(-1) != 1 or q.stride(-2) != q.shape[-1] or out.stride(-1) != 1
+            or out.stride(-2) != out.shape[-1] or block_table.stride(-1) != 1):
+        return False
+    r, h, d = q.shape
+    _, bs, kh, _ = k_cache.shape
+    block_table = block_table.to(torch.int32)
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    if lib.decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                            block_table.data_ptr(), block_table.stride(0), seq_lens.data_ptr(),
+                            r, h, kh, d, bs, scale, out.data_ptr(), out.stride(0),
+                            torch.get_num_threads()):
+        raise MemoryError("cpu_attention: no memory for the per-thread score buffer")
+    return True

@@ -1,0 +1,132 @@
+"""The native CPU kernels (kernels/cpu_native.py: cpu_int_gemm.c, cpu_attention.c) against their
+plain-torch references, on mixed shapes. Skipped where no C compiler builds them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minserve import kernels
+from minserve.kernels import cpu_native
+from minserve.kernels.attention import paged_attention_ref
+from minserve.kernels.quant_gemm import IntWeight, dequantize_int, int_gemm_ref, pack_int
+
+from tests.kernel_checks import make_batch
+
+needs_native = pytest.mark.skipif(not cpu_native.available(),
+                                  reason="no C compiler for the native CPU kernels")
+
+
+def _int_weight(n: int, k: int, bits: int, group: int, perm: bool = False, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2 ** bits, (k, n), generator=g)
+    scales = torch.rand(k // group, n, generator=g) * 0.02 + 0.001
+    bias = (torch.rand(k // group, n, generator=g) - 0.5) * 0.1
+    order = torch.randperm(k, generator=g) if perm else None
+    return IntWeight(pack_int(q, bits), scales, bias, bits, group, order)
+
+
+GEMM_CASES = [  # (N, K, bits, group)
+    (5, 32, 4, 32), (67, 96, 4, 32), (130, 576, 4, 64), (64, 256, 4, 256),
+    (3, 64, 8, 32), (67, 96, 8, 32), (130, 512, 8, 128), (33, 1536, 8, 32),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("n,k,bits,group", GEMM_CASES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17])
+def test_int_gemm_matches_reference(n, k, bits, group, rows):
+    w = _int_weight(n, k, bits, group, seed=rows)
+    cw = cpu_native.to_cpu_int(w)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(n))
+    want = int_gemm_ref(x, w)
+    torch.testing.assert_close(kernels.int_gemm(x, cw), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cpu_native.int_gemm_ref(x, cw), want, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+def test_int_gemm_act_order_bias_and_half_activations():
+    w = _int_weight(40, 128, 4, 32, perm=True)
+    cw = cpu_native.to_cpu_int(w)
+    x, bias = torch.randn(3, 2, 128), torch.randn(40)
+    got = kernels.int_gemm(x, cw, bias)
+    assert got.shape == (3, 2, 40)
+    torch.testing.assert_close(got, int_gemm_ref(x.view(6, 128), w, bias).view(3, 2, 40),
+                               atol=1e-4, rtol=1e-4)
+    xb = x.view(6, 128).to(torch.bfloat16)
+    got = kernels.int_gemm(xb, cw)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), int_gemm_ref(xb.float(), w), atol=2e-2, rtol=2e-2)
+
+
+@needs_native
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 64)])
+def test_dequantize_is_exact(bits, group):
+    w = _int_weight(37, 192, bits, group)
+    cw = cpu_native.to_cpu_int(w)
+    dense = dequantize_int(w)
+    assert torch.equal(cpu_native.dequantize(cw), dense)
+    assert torch.equal(cpu_native.dequantize_ref(cw), dense)
+
+
+def test_int8_exact_finds_q8_0_weights_only():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (50, 4, 32), generator=g).float()
+    q[:, :, 0] = 127                              # as Q8_0 writes it: the absmax is +-127 d
+    d = (torch.rand(50, 4, 1, generator=g) * 0.01 + 1e-4).half().float()
+    w = (q * d).view(50, 128)
+    w[3, 32:64] = 0                               # an all-zero group
+    cw = cpu_native.int8_exact(w)
+    assert cw is not None and cw.bits == 8
+    assert torch.equal(cpu_native.dequantize_ref(cw), w)
+    assert cpu_native.int8_exact(torch.randn(50, 128)) is None
+    assert cpu_native.int8_exact(torch.randn(50, 100)) is None      # K not a multiple of 32
+
+
+ATTN_CASES = [  # (cases (query_len, seq_len), group, kv heads, head dim, block size)
+    ([(1, 37), (5, 18), (1, 1), (17, 40), (1, 230)], 3, 3, 64, 16),
+    ([(1, 5)] * 16, 3, 3, 64, 16),
+    ([(1, 300), (1, 17)], 1, 2, 16, 32),
+    ([(1, 129)] * 4, 4, 2, 128, 64),
+    ([(1, 50), (1, 9)], 2, 1, 80, 8),               # a head dim that is not a multiple of 8
+    ([(7, 30), (3, 3)], 2, 2, 32, 16),              # no decode row: the reference alone
+]
+
+
+@needs_native
+@pytest.mark.parametrize("cases,group,kv_heads,head_dim,block_size", ATTN_CASES)
+def test_decode_attention_matches_reference(cases, group, kv_heads, head_dim, block_size):
+    torch.manual_seed(len(cases))
+    q, k_cache, v_cache, attn = make_batch(cases, group * kv_heads, kv_heads, head_dim,
+                                           block_size, torch.float32)
+    scale = head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    got = kernels.paged_attention(q, k_cache, v_cache, attn, scale, out=out)
+    assert got is out and not got.isnan().any()
+    torch.testing.assert_close(got, paged_attention_ref(q, k_cache, v_cache, attn, scale),
+                               atol=2e-5, rtol=1e-5)
+
+
+@needs_native
+def test_decode_attention_leaves_other_cache_dtypes_to_the_reference():
+    q, k_cache, v_cache, attn = make_batch([(1, 20)], 2, 1, 16, 16, torch.bfloat16)
+    out = torch.empty_like(q)
+    assert not cpu_native.decode_attention(q, k_cache, v_cache, attn.block_table,
+                                           attn.seq_lens, 0.25, out)
+    torch.testing.assert_close(kernels.paged_attention(q, k_cache, v_cache, attn, 0.25),
+                               paged_attention_ref(q, k_cache, v_cache, attn, 0.25))
+
+
+def test_without_a_compiler_the_torch_paths_run(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_native, "_state", {})
+    monkeypatch.setenv("MINSERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with caplog.at_level("WARNING", logger="minserve"):
+        assert not cpu_native.available()
+    assert "native CPU kernels unavailable" in caplog.text
+    w = _int_weight(9, 64, 4, 32)
+    cw = cpu_native.to_cpu_int(w)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(cpu_native.int_gemm(x, cw), int_gemm_ref(x, w))
+    q, k_cache, v_cache, attn = make_batch([(1, 20), (3, 9)], 2, 1, 16, 16, torch.float32)
+    torch.testing.assert_close(kernels.paged_attention(q, k_cache, v_cache, attn, 0.25),
+                               paged_attention_ref(q, k_cache, v_cache, attn, 0.25))
