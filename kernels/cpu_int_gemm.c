@@ -5,7 +5,7 @@
  * torch's CPU int4/int8 weight-only kernels measured no faster than the fp32 matmul on AVX2
  * (kernels/quant_gemm.py), and torch.compile's C++ for a fused dequantize-and-reduce was 7-16x
  * slower than fp32 (bench/RESULTS.md, "Quantized CPU decode"). Up to 4 activation rows read
- * each weight row straight from its packed bytes; more rows share 4 weight rows decoded into an
+ * each weight row straight from its packed bytes; more rows share 3 weight rows decoded into an
  * L1 buffer.
  *
  * Layout (CpuIntWeight in kernels/cpu_native.py): N rows of K values, row-major, K % 32 == 0.
@@ -126,24 +126,26 @@ FEW(2)
 FEW(3)
 FEW(4)
 
-/* Many rows: NR (<= 4) weight rows decoded into buf [4][K], against MT rows of x at once:
- * 4 x MT accumulators, 4 + MT loads per 4 * MT FMAs. */
+/* Many rows: NR (<= 3) weight rows decoded into buf [3][K], against MT (<= 4) rows of x at
+ * once: 3 x MT accumulators + 3 weight registers + 1 for x fill the 16 ymm registers, so each
+ * k-step issues 3 + MT loads for 3 * MT FMAs (4 weight rows left no register for x, and the
+ * compiler re-read x from memory for every FMA). */
 #define MANY(MT)                                                                              \
     static void many_##MT(const float *buf, int64_t K, const float *x, int64_t ldx, float *y,  \
                           int64_t ldy, int nr) {                                              \
-        __m256 acc[MT][4];                                                                    \
+        __m256 acc[MT][3];                                                                    \
         for (int m = 0; m < MT; m++)                                                          \
-            for (int r = 0; r < 4; r++) acc[m][r] = _mm256_setzero_ps();                      \
+            for (int r = 0; r < 3; r++) acc[m][r] = _mm256_setzero_ps();                      \
         for (int64_t k = 0; k < K; k += 8) {                                                  \
-            const __m256 w0 = _mm256_loadu_ps(buf + k), w1 = _mm256_loadu_ps(buf + K + k);    \
-            const __m256 w2 = _mm256_loadu_ps(buf + 2 * K + k);                               \
-            const __m256 w3 = _mm256_loadu_ps(buf + 3 * K + k);                               \
+            __m256 w0 = _mm256_loadu_ps(buf + k), w1 = _mm256_loadu_ps(buf + K + k);          \
+            __m256 w2 = _mm256_loadu_ps(buf + 2 * K + k);                                     \
+            __asm__("" : "+x"(w0), "+x"(w1), "+x"(w2));                                       \
             for (int m = 0; m < MT; m++) {                                                    \
-                const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);                           \
+                __m256 xv = _mm256_loadu_ps(x + m * ldx + k);                                 \
+                __asm__("" : "+x"(xv));  /* registers, not memory operands */     \
                 acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);                               \
                 acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);                               \
                 acc[m][2] = _mm256_fmadd_ps(w2, xv, acc[m][2]);                               \
-                acc[m][3] = _mm256_fmadd_ps(w3, xv, acc[m][3]);                               \
             }                                                                                 \
         }                                                                                     \
         for (int m = 0; m < MT; m++)                                                          \
@@ -152,6 +154,7 @@ FEW(4)
 MANY(1)
 MANY(2)
 MANY(3)
+MANY(4)
 #endif
 
 #define FEW_ROWS 4    /* up to here each row is read from its packed bytes, once per 4 x rows */
@@ -185,27 +188,30 @@ int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const flo
         return 0;
     }
 #endif
-    const int64_t quads = (N + 3) / 4;
+    const int64_t triples = (N + 2) / 3;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        float *buf = (float *)malloc(sizeof(float) * 4 * K);
+        float *buf = (float *)malloc(sizeof(float) * 3 * K);
         if (buf == NULL) {
             failed = 1;
         } else {
 #pragma omp for schedule(static)
-            for (int64_t t = 0; t < quads; t++) {
-                const int64_t n = 4 * t;
-                const int nr = N - n < 4 ? (int)(N - n) : 4;
-                for (int r = 0; r < 4; r++) {   /* missing rows repeat the first, unwritten */
+            for (int64_t t = 0; t < triples; t++) {
+                const int64_t n = 3 * t;
+                const int nr = N - n < 3 ? (int)(N - n) : 3;
+                for (int r = 0; r < 3; r++) {   /* missing rows repeat the first, unwritten */
                     const int64_t row = n + (r < nr ? r : 0);
                     decode_row(q + row * row_bytes, s + row * groups, b + row * groups, bits, K,
                                G, buf + r * K);
                 }
                 int64_t m = 0;
 #ifdef __AVX2__
-                for (; m + 3 <= M; m += 3) many_3(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr);
-                if (M - m == 2) many_2(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr);
-                if (M - m == 1) many_1(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr);
+                for (; m + 4 <= M; m += 4) many_4(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr);
+                switch (M - m) {
+                    case 3: many_3(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr); break;
+                    case 2: many_2(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr); break;
+                    case 1: many_1(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr); break;
+                }
 #else
                 for (; m < M; m++)
                     for (int r = 0; r < nr; r++) {
