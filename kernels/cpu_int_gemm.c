@@ -15,6 +15,7 @@
  *   scales, bias: float [N, K / G] (G % 32 == 0); w[n, k] = q * scales[n, k/G] + bias[n, k/G].
  * x: float [M, K] (row stride ldx), y: float [M, N] (row stride ldy).
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #ifdef _OPENMP
@@ -234,4 +235,27 @@ void int_dequantize(const uint8_t *q, const float *s, const float *b, int bits, 
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++)
         decode_row(q + n * row_bytes, s + n * groups, b + n * groups, bits, K, G, out + n * K);
+}
+
+/* The 8-bit layout of w [N, K] when every group of 32 is exactly d * q (q in -127..127, d =
+ * absmax / 127): q + 128 into q8 [N, K], d into d [N, K / 32]. Returns 1 when exact, else 0
+ * (cpu_native.py int8_exact: a tied GGUF Q8_0 embedding, dequantized at load, is exact). */
+int int8_exact(const float *w, int64_t N, int64_t K, uint8_t *q8, float *d, int nthreads) {
+    int inexact = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : inexact)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t g = 0; g < K / 32 && !inexact; g++) {
+            const float *wg = w + n * K + g * 32;
+            float amax = 0.f;
+            for (int j = 0; j < 32; j++) amax = fabsf(wg[j]) > amax ? fabsf(wg[j]) : amax;
+            const float dg = amax / 127.f;
+            d[n * (K / 32) + g] = dg;
+            for (int j = 0; j < 32; j++) {
+                const float qf = dg > 0.f ? nearbyintf(wg[j] / dg) : 0.f;
+                if (qf * dg != wg[j]) inexact = 1;
+                q8[n * K + g * 32 + j] = (uint8_t)(int)(qf + 128.f);
+            }
+        }
+    }
+    return !inexact;
 }

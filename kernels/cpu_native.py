@@ -92,6 +92,14 @@ def int8_exact(w: torch.Tensor) -> CpuIntWeight | None:
     n, k = w.shape
     if w.dtype != torch.float32 or k % CHUNK or w.device.type != "cpu":
         return None
+    lib = library()
+    if lib is not None:
+        w = w.contiguous()
+        q, d = torch.empty(n, k, dtype=torch.uint8), torch.empty(n, k // CHUNK)
+        if not lib.int8_exact(w.data_ptr(), n, k, q.data_ptr(), d.data_ptr(),
+                              torch.get_num_threads()):
+            return None
+        return CpuIntWeight(q, d, -128 * d, 8, CHUNK)
     groups = w.view(n, k // CHUNK, CHUNK)
     d = groups.abs().amax(-1) / 127                                   # [N, K / 32]
     q = torch.where(d[:, :, None] > 0, groups / d.clamp_min(1e-38)[:, :, None], 0).round()
@@ -194,6 +202,8 @@ def _load(path: str) -> ctypes.CDLL:
     lib.int_gemm.restype = ctypes.c_int
     lib.int_dequantize.argtypes = [ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int]
     lib.int_dequantize.restype = None
+    lib.int8_exact.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    lib.int8_exact.restype = ctypes.c_int
     lib.decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
                                      ctypes.c_float, ptr, i64, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int

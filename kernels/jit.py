@@ -17,7 +17,24 @@ import sysconfig
 # test_model_builds_import_triton_only_through_kernels checks that invariant instead.
 sysconfig.get_config_vars()
 
+
+
+def _wants_triton() -> bool:
+    """Importing triton costs ~70 MiB of resident memory (bench/RESULTS.md, "Memory"), and a
+    process without CUDA never launches a Triton kernel, unless the interpreter is asked for
+    (TRITON_INTERPRET=1: the kernel tests). MINSERVE_IMPORT_TRITON=1 imports it regardless."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("MINSERVE_IMPORT_TRITON") == "1":
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
 try:
+    if not _wants_triton():
+        raise ImportError("no CUDA device: the torch references serve")
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs: the references still work, the kernels are never called

@@ -68,13 +68,18 @@ def test_dequantize_is_exact(bits, group):
     assert torch.equal(cpu_native.dequantize_ref(cw), dense)
 
 
-def test_int8_exact_finds_q8_0_weights_only():
-    g = torch.Generator().manual_seed(0)
+def _q8_0_valued(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
     q = torch.randint(-127, 128, (50, 4, 32), generator=g).float()
     q[:, :, 0] = 127                              # as Q8_0 writes it: the absmax is +-127 d
     d = (torch.rand(50, 4, 1, generator=g) * 0.01 + 1e-4).half().float()
     w = (q * d).view(50, 128)
     w[3, 32:64] = 0                               # an all-zero group
+    return w
+
+
+def test_int8_exact_finds_q8_0_weights_only():
+    w = _q8_0_valued()
     cw = cpu_native.int8_exact(w)
     assert cw is not None and cw.bits == 8
     assert torch.equal(cpu_native.dequantize_ref(cw), w)
@@ -127,6 +132,9 @@ def test_without_a_compiler_the_torch_paths_run(monkeypatch, tmp_path, caplog):
     cw = cpu_native.to_cpu_int(w)
     x = torch.randn(2, 64)
     torch.testing.assert_close(cpu_native.int_gemm(x, cw), int_gemm_ref(x, w))
+    q8 = _q8_0_valued()
+    assert torch.equal(cpu_native.dequantize_ref(cpu_native.int8_exact(q8)), q8)
+    assert cpu_native.int8_exact(torch.randn(50, 128)) is None
     q, k_cache, v_cache, attn = make_batch([(1, 20), (3, 9)], 2, 1, 16, 16, torch.float32)
     torch.testing.assert_close(kernels.paged_attention(q, k_cache, v_cache, attn, 0.25),
                                paged_attention_ref(q, k_cache, v_cache, attn, 0.25))

@@ -329,7 +329,9 @@ class AsyncEngine(WorkerService):
 
     def _serve(self) -> None:
         engine, loop = self._engine, self._on_loop
-        stepped = False     # work came in since the heap was last trimmed
+        # work came in since the heap was last trimmed; True at first, since loading freed its
+        # staging copies (a GGUF's raw blocks and unpacked shards: ~120 MiB for the default model)
+        stepped = True
         while True:
             # NOTE: block on the inbox only when idle; while busy, drain it without waiting.
             if engine.has_unfinished_requests():
