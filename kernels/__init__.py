@@ -98,7 +98,8 @@ def store_kv(
     """k, v [T, K, D] -> cache slots slot_mapping[T] (int64; -1 skips the token)."""
     if triton_enabled(k):
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
-    else:
+    elif not (k_scale == 1.0 and v_scale == 1.0
+              and cpu_native.store_kv(k, v, k_cache, v_cache, slot_mapping)):
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 

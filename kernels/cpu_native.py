@@ -1,5 +1,5 @@
-"""Native CPU kernels for decode: the weight-only int4/int8 GEMM (cpu_int_gemm.c) and paged decode
-attention (cpu_attention.c), compiled once per machine with the system C compiler (`cc`, or $CC)
+"""Native CPU kernels for decode: the weight-only int4/int8 GEMM (cpu_int_gemm.c), paged decode
+attention (cpu_attention.c) and a layer's small fused ops (cpu_layer_ops.c), compiled once per machine with the system C compiler (`cc`, or $CC)
 into one library and called through ctypes.
 
 Why native code: a decode step on CPU is bound by reading the weights. The int layout reads 4.5
@@ -34,7 +34,7 @@ log = logging.getLogger("minserve")
 
 ENABLED = os.environ.get("MINSERVE_CPU_NATIVE", "1") != "0"
 SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-           for name in ("cpu_int_gemm.c", "cpu_attention.c")]
+           for name in ("cpu_int_gemm.c", "cpu_attention.c", "cpu_layer_ops.c")]
 MAX_ROWS = 16              # bench/cpu_int_gemm.py: the native kernel's edge over sgemm ends here
 CHUNK = 32                 # the layout's unit (cpu_int_gemm.c); K and the group size divide by it
 COMPILE_TIMEOUT_S = 120
@@ -202,6 +202,13 @@ def _load(path: str) -> ctypes.CDLL:
     lib.int_gemm.restype = ctypes.c_int
     lib.int_dequantize.argtypes = [ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int]
     lib.int_dequantize.restype = None
+    f32 = ctypes.c_float
+    lib.rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, ctypes.c_int]
+    lib.rms_norm.restype = None
+    lib.silu_and_mul.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
+    lib.silu_and_mul.restype = None
+    lib.store_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+    lib.store_kv.restype = ctypes.c_int
     lib.int8_exact.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.int8_exact.restype = ctypes.c_int
     lib.decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
@@ -269,4 +276,61 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                             r, h, kh, d, bs, scale, out.data_ptr(), out.stride(0),
                             torch.get_num_threads()):
         raise MemoryError("cpu_attention: no memory for the per-thread score buffer")
+    return True
+
+
+def _f32_rows(*tensors: torch.Tensor | None) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu"
+                             and t.dim() == 2 and t.is_contiguous()) for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """layers.RMSNorm's forward ([M, D] float32 rows) in one call; None where it does not apply
+    (no library, other dtypes or layouts): the caller runs torch."""
+    lib = library()
+    if lib is None or not _f32_rows(x, residual) or weight.dtype != torch.float32:
+        return None
+    m, d = x.shape
+    out = torch.empty_like(x)
+    res_out = None if residual is None else torch.empty_like(x)
+    lib.rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(),
+                 None if res_out is None else res_out.data_ptr(), weight.data_ptr(),
+                 out.data_ptr(), m, d, eps, torch.get_num_threads())
+    return out if res_out is None else (out, res_out)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
+    """[M, 2I] -> [M, I] = silu(gate) * up in one call; None where it does not apply."""
+    lib = library()
+    if lib is None or not _f32_rows(x):
+        return None
+    m, two_i = x.shape
+    out = torch.empty(m, two_i // 2, dtype=torch.float32)
+    lib.silu_and_mul(x.data_ptr(), out.data_ptr(), m, two_i // 2, torch.get_num_threads())
+    return out
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> bool:
+    """k, v [T, K, D] into the float32 caches' slots (slot_mapping [T] int64, -1 skips); False,
+    with nothing written, where it does not apply."""
+    lib = library()
+    if (lib is None or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32
+            or k.dtype != torch.float32 or v.dtype != torch.float32
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+            or slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous()
+            or k.device.type != "cpu"):
+        return False
+    t, kh, d = k.shape
+    for x in (k, v):
+        if x.stride(2) != 1 or x.stride(1) != d:
+            return False
+    if k_cache.shape[2:] != (kh, d) or v_cache.shape != k_cache.shape:
+        return False
+    if lib.store_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
+                    v_cache.data_ptr(), slot_mapping.data_ptr(), t, kh * d,
+                    k_cache.shape[0] * k_cache.shape[1]):
+        raise IndexError("store_kv: a slot is past the end of the KV cache")
     return True

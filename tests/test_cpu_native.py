@@ -138,3 +138,45 @@ def test_without_a_compiler_the_torch_paths_run(monkeypatch, tmp_path, caplog):
     q, k_cache, v_cache, attn = make_batch([(1, 20), (3, 9)], 2, 1, 16, 16, torch.float32)
     torch.testing.assert_close(kernels.paged_attention(q, k_cache, v_cache, attn, 0.25),
                                paged_attention_ref(q, k_cache, v_cache, attn, 0.25))
+
+
+@needs_native
+@pytest.mark.parametrize("rows,dim", [(1, 576), (5, 64), (17, 100)])
+def test_layer_ops_match_torch(rows, dim):
+    from minserve.models.layers import RMSNorm, SiluAndMul
+
+    g = torch.Generator().manual_seed(rows)
+    x, residual = torch.randn(rows, dim, generator=g), torch.randn(rows, dim, generator=g)
+    norm = RMSNorm(dim, 1e-5)
+    norm.weight.data = torch.randn(dim, generator=g)
+
+    def torch_norm(h):
+        return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+    torch.testing.assert_close(norm(x), torch_norm(x))
+    out, res = norm(x, residual)
+    assert torch.equal(res, x + residual)
+    torch.testing.assert_close(out, torch_norm(x + residual))
+    assert torch.equal(residual, residual.clone()) and res.data_ptr() != residual.data_ptr()
+    gate_up = torch.randn(rows, 2 * dim, generator=g)
+    torch.testing.assert_close(SiluAndMul()(gate_up),
+                               torch.nn.functional.silu(gate_up[:, :dim]) * gate_up[:, dim:])
+
+
+@needs_native
+def test_store_kv_matches_reference_and_refuses_slots_past_the_cache():
+    from minserve.kernels.cache import store_kv_ref
+
+    k_cache = torch.zeros(6, 4, 2, 8)
+    v_cache = torch.zeros_like(k_cache)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    qkv = torch.randn(5, 48)              # k and v as views into a fused projection's rows
+    k, v = qkv[:, 16:32].view(5, 2, 8), qkv[:, 32:].view(5, 2, 8)
+    slots = torch.tensor([3, -1, 7, 23, 0])
+    kernels.store_kv(k, v, k_cache, v_cache, slots)
+    store_kv_ref(k, v, want_k, want_v, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    before = k_cache.clone()
+    with pytest.raises(IndexError, match="past the end"):
+        kernels.store_kv(k, v, k_cache, v_cache, torch.tensor([3, -1, 7, 24, 0]))
+    assert torch.equal(k_cache, before)

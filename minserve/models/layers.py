@@ -13,7 +13,7 @@ from torch import nn
 
 from minserve import kernels
 from minserve.config import ConfigError
-from minserve.kernels import AttnMetadata
+from minserve.kernels import AttnMetadata, cpu_native
 
 
 class RMSNorm(nn.Module):
@@ -29,6 +29,10 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with `residual`: (norm(x + residual), x + residual), the pre-norm step of
         every decoder layer in one call."""
+        if x.device.type == "cpu":   # one native call where it builds (kernels/cpu_layer_ops.c)
+            fused = cpu_native.rms_norm(x, self.weight, self.eps, residual)
+            if fused is not None:
+                return fused
         if residual is not None:
             x = x + residual
             residual = x
@@ -44,6 +48,10 @@ class SiluAndMul(nn.Module):
     """[T, 2*I] (gate | up) -> [T, I] = silu(gate) * up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            fused = cpu_native.silu_and_mul(x)
+            if fused is not None:
+                return fused
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
