@@ -35,7 +35,7 @@ log = logging.getLogger("minserve")
 ENABLED = os.environ.get("MINSERVE_CPU_NATIVE", "1") != "0"
 SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
            for name in ("cpu_int_gemm.c", "cpu_attention.c", "cpu_layer_ops.c")]
-MAX_ROWS = 16              # bench/cpu_int_gemm.py: the native kernel's edge over sgemm ends here
+MAX_ROWS = 64              # the native kernel beat dequantize + sgemm up to here (bench/RESULTS.md)
 CHUNK = 32                 # the layout's unit (cpu_int_gemm.c); K and the group size divide by it
 COMPILE_TIMEOUT_S = 120
 

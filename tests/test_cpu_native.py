@@ -33,7 +33,7 @@ GEMM_CASES = [  # (N, K, bits, group)
 
 @needs_native
 @pytest.mark.parametrize("n,k,bits,group", GEMM_CASES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 64, 65])
 def test_int_gemm_matches_reference(n, k, bits, group, rows):
     w = _int_weight(n, k, bits, group, seed=rows)
     cw = cpu_native.to_cpu_int(w)
