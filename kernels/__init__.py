@@ -35,8 +35,8 @@ from minserve.kernels.lora import (
     lora_shrink_triton,
 )
 
-__all__ = ["AttnMetadata", "CpuIntWeight", "Fp8Weight", "IntWeight", "LoRAMapping", "fp8_gemm", "int_gemm",
-           "lora_add", "lora_expand", "lora_shrink", "paged_attention",
+__all__ = ["AttnMetadata", "CpuIntWeight", "Fp8Weight", "IntWeight", "LoRAMapping", "fp8_gemm",
+           "int_gemm", "lora_add", "lora_expand", "lora_shrink", "paged_attention",
            "store_kv", "triton_enabled"]
 
 _TRITON = triton is not None and os.environ.get("MINSERVE_NO_TRITON", "") != "1"
@@ -59,8 +59,7 @@ def paged_attention(
     if out is None:
         out = torch.empty_like(q)
     rest = None
-    if (q.device.type == "cpu" and sliding_window is None and k_scale == 1.0 and v_scale == 1.0
-            and attn.max_query_len >= 1):
+    if q.device.type == "cpu" and sliding_window is None and k_scale == 1.0 and v_scale == 1.0:
         rest = _native_decode_rows(q, k_cache, v_cache, attn, scale, out)
     if rest != []:
         paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window, k_scale, v_scale,

@@ -4,7 +4,7 @@
  * Why: at one row a decode step reads every weight once, so its time is the weight's bytes.
  * torch's CPU int4/int8 weight-only kernels measured no faster than the fp32 matmul on AVX2
  * (kernels/quant_gemm.py), and torch.compile's C++ for a fused dequantize-and-reduce was 7-16x
- * slower than fp32 (bench/RESULTS.md, "Quantized CPU decode"). Up to 4 activation rows read
+ * slower than fp32 (bench/RESULTS.md, "Native CPU decode kernels"). Up to 4 activation rows read
  * each weight row straight from its packed bytes; more rows share 3 weight rows decoded into an
  * L1 buffer.
  *
@@ -26,42 +26,6 @@
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
-
-/* Row n of the weight, dequantized into out[K] (fp32). */
-INLINE void decode_row(const uint8_t *q, const float *s, const float *b, int bits, int64_t K,
-                       int64_t G, float *out) {
-    for (int64_t k = 0; k < K; k += 32) {
-        const float sc = s[k / G], bi = b[k / G];
-        const uint8_t *p = bits == 4 ? q + k / 2 : q + k;
-#ifdef __AVX2__
-        __m256 vs = _mm256_set1_ps(sc), vb = _mm256_set1_ps(bi);
-        __m256i v0, v1, v2, v3;
-        if (bits == 4) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
-            const __m128i lo = _mm_and_si128(raw, mask);
-            const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-            v0 = _mm256_cvtepu8_epi32(lo);
-            v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
-            v2 = _mm256_cvtepu8_epi32(hi);
-            v3 = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
-        } else {
-            v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-            v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
-            v2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 16)));
-            v3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 24)));
-        }
-        _mm256_storeu_ps(out + k, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v0), vs, vb));
-        _mm256_storeu_ps(out + k + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v1), vs, vb));
-        _mm256_storeu_ps(out + k + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v2), vs, vb));
-        _mm256_storeu_ps(out + k + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v3), vs, vb));
-#else
-        for (int j = 0; j < 32; j++) {
-            int v = bits == 4 ? (j < 16 ? p[j] & 0x0F : p[j - 16] >> 4) : p[j];
-            out[k + j] = (float)v * sc + bi;
-        }
-#endif
-    }
-}
 
 #ifdef __AVX2__
 INLINE float hsum(__m256 v) {
@@ -93,7 +57,30 @@ INLINE void load32(const uint8_t *p, int bits, __m256 w[4]) {
     w[2] = _mm256_cvtepi32_ps(v2);
     w[3] = _mm256_cvtepi32_ps(v3);
 }
+#endif
 
+/* Row n of the weight, dequantized into out[K] (fp32). */
+INLINE void decode_row(const uint8_t *q, const float *s, const float *b, int bits, int64_t K,
+                       int64_t G, float *out) {
+    for (int64_t k = 0; k < K; k += 32) {
+        const float sc = s[k / G], bi = b[k / G];
+        const uint8_t *p = bits == 4 ? q + k / 2 : q + k;
+#ifdef __AVX2__
+        const __m256 vs = _mm256_set1_ps(sc), vb = _mm256_set1_ps(bi);
+        __m256 w[4];
+        load32(p, bits, w);
+        for (int i = 0; i < 4; i++)
+            _mm256_storeu_ps(out + k + 8 * i, _mm256_fmadd_ps(w[i], vs, vb));
+#else
+        for (int j = 0; j < 32; j++) {
+            int v = bits == 4 ? (j < 16 ? p[j] & 0x0F : p[j - 16] >> 4) : p[j];
+            out[k + j] = (float)v * sc + bi;
+        }
+#endif
+    }
+}
+
+#ifdef __AVX2__
 /* Few rows (a decode step), straight from the packed row: per 32-chunk c, dot(q_c, x_c) is
  * scaled once; the bias term is sum_g bias[g] * sum(x over group g), from xsum [M, K / G]. */
 #define FEW(MT)                                                                               \

@@ -1,10 +1,10 @@
 """Native CPU kernels for decode: the weight-only int4/int8 GEMM (cpu_int_gemm.c), paged decode
-attention (cpu_attention.c) and a layer's small fused ops (cpu_layer_ops.c), compiled once per machine with the system C compiler (`cc`, or $CC)
-into one library and called through ctypes.
+attention (cpu_attention.c) and a layer's small fused ops (cpu_layer_ops.c), compiled once per
+machine with the system C compiler (`cc`, or $CC) into one library and called through ctypes.
 
 Why native code: a decode step on CPU is bound by reading the weights. The int layout reads 4.5
 or 8.5 bits a value instead of fp32's 32, but torch's own CPU int kernels and torch.compile's
-C++ were no faster than the fp32 matmul (bench/RESULTS.md, "Quantized CPU decode"). The .so is
+C++ were no faster than the fp32 matmul (bench/RESULTS.md, "Native CPU decode kernels"). The .so is
 built with -march=native into the cache ($MINSERVE_CACHE/native, keyed by the source, the
 compiler and the CPU's flags) and links the OpenMP runtime torch already loaded (libgomp.so.1),
 so both share one thread pool. Without a compiler, or with MINSERVE_CPU_NATIVE=0, available()
@@ -143,7 +143,8 @@ def library() -> ctypes.CDLL | None:
             try:
                 _state["lib"] = _load(_build())
             except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-                log.warning("native CPU kernels unavailable (%s); int weights and decode attention use torch", e)
+                log.warning("native CPU kernels unavailable (%s); int weights and decode "
+                            "attention use torch", e)
                 _state["lib"] = None
     return _state["lib"]  # type: ignore[return-value]
 
@@ -172,7 +173,7 @@ def _build() -> str:
     version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
     key = hashlib.sha256(source + version + _cpu_flags().encode() + platform.machine().encode())
     out_dir = os.path.join(cache_dir(), "native")
-    out = os.path.join(out_dir, f"cpu_int_gemm-{key.hexdigest()[:16]}.so")
+    out = os.path.join(out_dir, f"minserve_cpu-{key.hexdigest()[:16]}.so")
     if os.path.isfile(out):
         return out
     os.makedirs(out_dir, exist_ok=True)
