@@ -599,7 +599,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     startup_logger.setLevel(min(logging.INFO, logging.getLevelName(level)))
     if args.node_rank > 0:   # a node other than the head: workers only, no HTTP server
-        from minserve.engine.engine import load_worker_runner
+        from minserve.engine.builder import load_worker_runner
         from minserve.engine.workers import run_node
 
         logger.info("node %d/%d: tensor-parallel workers of %s:%s", args.node_rank, args.nnodes,

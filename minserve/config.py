@@ -10,12 +10,6 @@ from typing import Any
 # The model served when none is named (models/loader.py fetches it; the CLI reports its name).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
-# Vision-language wrappers: a vision tower beside a Llama/Qwen2 language model whose settings sit
-# in config.json's text_config (Qwen2-VL checkpoints may also keep them at the top level).
-MULTIMODAL_ARCHITECTURES = frozenset({
-    "LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration", "Idefics3ForConditionalGeneration",
-})
 # transformers' LlamaConfig defaults: llava-1.5's text_config names only what differs from them.
 _LLAMA_DEFAULTS = {
     "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
@@ -82,15 +76,14 @@ class ModelConfig:
     image_token_id: int | None = None
     mrope_section: list[int] | None = None
 
-    @property
-    def is_multimodal(self) -> bool:
-        return self.architecture in MULTIMODAL_ARCHITECTURES
-
     @classmethod
     def from_dict(cls, top: dict[str, Any]) -> ModelConfig:
         archs = top.get("architectures") or ["LlamaForCausalLM"]
         arch = archs[0]
-        d = _text_config(top, arch) if arch in MULTIMODAL_ARCHITECTURES else top
+        # NOTE: a vision-language wrapper (a vision_config beside the language model) keeps the
+        # language model's settings in text_config (Qwen2-VL also at the top level).
+        is_wrapper = "vision_config" in top
+        d = _text_config(top, arch) if is_wrapper else top
         num_heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
         eos = d.get("eos_token_id")
@@ -133,7 +126,7 @@ class ModelConfig:
             quantization_config=top.get("quantization_config") or d.get("quantization_config"),
             torch_dtype=d.get("torch_dtype") or d.get("dtype") or top.get("torch_dtype")
             or top.get("dtype"),
-            hf_config=top if arch in MULTIMODAL_ARCHITECTURES else {},
+            hf_config=top if is_wrapper else {},
             image_token_id=top.get("image_token_id", top.get("image_token_index")),
             mrope_section=list(mrope_section) if mrope_section else None,
         )
@@ -176,7 +169,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes; CPU default below
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default: engine.default_batching(device)
+    max_num_batched_tokens: int | None = None  # default: builder.default_batching(device)
     long_prefill_token_threshold: int | None = None  # per-request prefill chunk cap (ditto)
     max_chunk_attention: int | None = None  # prefill (query, context) pairs (ditto)
     enable_prefix_caching: bool = True
@@ -257,6 +250,9 @@ class EngineConfig:
             raise ConfigError(
                 f"--load-format {self.load_format!r} is not one of auto, safetensors, gguf, dummy"
             )
+        local = self.allowed_local_media_path
+        if local and not os.path.isdir(os.path.realpath(local)):
+            raise ConfigError(f"--allowed-local-media-path {local!r} is not an existing folder")
         if self.limit_mm_per_prompt is not None:
             limits = self.limit_mm_per_prompt
             if not isinstance(limits, dict) or any(

@@ -305,11 +305,12 @@ class LLM:
             prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": tok.encode(
                 text, add_special_tokens=False)}
             if images is not None and images.found:
+                from minserve.multimodal.fetch import MediaPolicy
                 from minserve.multimodal.inputs import check_image_count, load_images_sync
 
                 check_image_count(len(images.found), info.image_limit)
-                prompt["multi_modal_data"] = {"image": load_images_sync(images.found,
-                                                                        info.media_policy)}
+                prompt["multi_modal_data"] = {"image": load_images_sync(
+                    images.found, MediaPolicy.from_config(self.engine.config))}
             prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 

@@ -178,6 +178,8 @@ class App:
         if self.chat is None:
             raise self._no_chat_model()
         if self._ctx is None:
+            from minserve.multimodal.fetch import MediaPolicy
+
             info = self.chat.info
             self._ctx = ServingContext(
                 tokenizer=info.tokenizer, model_names=self.cfg.served_model_names,
@@ -194,7 +196,7 @@ class App:
                 adapter_names=self.lora_adapters,
                 structured_defaults=self.cfg.structured_defaults,
                 image_processor=info.image_processor, image_limit=info.image_limit,
-                media_policy=info.media_policy,
+                media_policy=MediaPolicy.from_config(self.chat.config),
                 max_prompt_chars=prompt_chars_limit(info.max_model_len,
                                                     info.tokenizer.max_token_bytes)
                 if info.tokenizer is not None else None)

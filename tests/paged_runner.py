@@ -21,6 +21,16 @@ def load_ours(folder: str, dtype: torch.dtype = torch.float32, load_format: str 
     return load_model(folder, config, "cpu", dtype, load_format, quantization=quantization)
 
 
+def load_pooling_model(folder: str) -> torch.nn.Module:
+    """An embedding or scoring model (an encoder, a cross-encoder), float32 on the CPU, built as
+    the Embedder builds it."""
+    from minserve.config import EngineConfig
+    from minserve.engine.builder import build_model, find_model
+
+    config, cpu = EngineConfig(model=folder, device="cpu", dtype="float32"), torch.device("cpu")
+    return build_model(config, find_model(config, cpu, task="embed"), cpu).model
+
+
 def load_hf(folder: str, dtype: torch.dtype = torch.float32):
     import transformers
 

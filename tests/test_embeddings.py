@@ -47,10 +47,10 @@ def _pool_ref(hidden: torch.Tensor, rows: list[list[int]], mode: str) -> torch.T
 
 @pytest.mark.parametrize("kind", ["bert", "xlmr"])
 def test_encoder_hidden_states_match_transformers(tmp_path, kind):
-    from minserve.models.bert import load_encoder
+    from tests.paged_runner import load_pooling_model
 
     folder, ref = make_tiny_encoder(str(tmp_path / kind), kind)
-    ours = load_encoder(folder, "cpu", torch.float32)
+    ours = load_pooling_model(folder)
     pad = 0 if kind == "bert" else 1
     rows = _random_batch(ours.config.vocab_size, [7, 1, 19, 12])
     width = max(map(len, rows))
@@ -113,7 +113,7 @@ def test_prefixed_checkpoint_drops_pooler_and_mlm_head(tmp_path):
     """BertForMaskedLM-style names (bert.*, cls.*) load; pooler and MLM head are ignored."""
     from safetensors.torch import load_file, save_file
 
-    from minserve.models.bert import load_encoder
+    from tests.paged_runner import load_pooling_model
 
     folder, ref = make_tiny_encoder(str(tmp_path / "b"), "bert")
     path = os.path.join(folder, "model.safetensors")
@@ -121,7 +121,7 @@ def test_prefixed_checkpoint_drops_pooler_and_mlm_head(tmp_path):
     state["cls.predictions.bias"] = torch.zeros(3)
     os.remove(path)
     save_file(state, path)
-    ours = load_encoder(folder, "cpu", torch.float32)
+    ours = load_pooling_model(folder)
     rows = _random_batch(ours.config.vocab_size, [5, 8])
     got = ours(torch.tensor([rows[0] + [0] * 3, rows[1]]),
                torch.tensor([[1] * 5 + [0] * 3, [1] * 8]))

@@ -266,12 +266,12 @@ def test_step_size_defaults_cpu_and_gpu(tiny_model_dir, monkeypatch):
     """CPU: short steps (issue 22.4); GPU: vLLM's server defaults; flags win either way."""
     from types import SimpleNamespace
 
-    from minserve.engine import engine as engine_mod
+    from minserve.engine import builder
 
     eng = make_engine(tiny_model_dir)
     sc = eng.scheduler.config
     assert (sc.max_num_batched_tokens, sc.long_prefill_token_threshold,
-            sc.max_chunk_attention) == engine_mod.CPU_BATCHING == (256, 128, 48 * 1024)
+            sc.max_chunk_attention) == builder.CPU_BATCHING == (256, 128, 48 * 1024)
     eng = make_engine(tiny_model_dir, max_num_batched_tokens=64, long_prefill_token_threshold=0,
                       max_chunk_attention=0)
     sc = eng.scheduler.config
@@ -282,7 +282,7 @@ def test_step_size_defaults_cpu_and_gpu(tiny_model_dir, monkeypatch):
                             ("NVIDIA A100-SXM4-80GB", 80, 2048), ("NVIDIA L4", 24, 2048)]:
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, n=name, g=gib:
                             SimpleNamespace(name=n, total_memory=g << 30))
-        assert engine_mod.default_batching(cuda) == (want, 0, 0)
+        assert builder.default_batching(cuda) == (want, 0, 0)
 
 
 def test_profile_run_is_an_ordinary_step(tiny_model_dir, monkeypatch):

@@ -313,13 +313,13 @@ class Watch:   # records where each watched module is first imported from; impor
 sys.meta_path.insert(0, Watch())
 import json, torch
 from minserve.config import ModelConfig
-from minserve.models.bert import BertModel, EncoderConfig
+from minserve.models.bert import EncoderConfig
 from minserve.models.loader import load_model
 
 with open(sys.argv[1] + "/config.json") as f:
     load_model(sys.argv[1], ModelConfig.from_dict(json.load(f)), "cpu", torch.float32, "dummy")
 bert = load_model(sys.argv[2], EncoderConfig.from_dict(json.load(open(sys.argv[2] + "/config.json"))),
-                  "cpu", torch.float32, "dummy", model_cls=BertModel)
+                  "cpu", torch.float32, "dummy")
 bert(torch.tensor([[2, 5, 6, 0]]), torch.tensor([[1, 1, 1, 0]]))
 assert "torch._dynamo" not in first, first["torch._dynamo"]
 assert "kernels/jit.py" in first["triton"], first["triton"]

@@ -21,7 +21,7 @@ from minserve.models.linear import (
     VocabParallelEmbedding,
 )
 from minserve.models.loader import resolve_model
-from minserve.models.registry import get_model_class
+from minserve.models.registry import lookup
 from tests.paged_runner import (
     PagedRunner,
     attn_metadata,
@@ -186,14 +186,14 @@ def test_llama3_inv_freq_matches_transformers():
 def test_unsupported_rope_and_arch_raise_config_error():
     with pytest.raises(ConfigError, match="dynamic"):
         compute_inv_freq(16, 10000.0, {"rope_type": "dynamic", "factor": 2.0}, 128)
-    with pytest.raises(ConfigError, match="GPT2LMHeadModel"):
-        get_model_class("GPT2LMHeadModel")
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM, "):
+        lookup("GPT2LMHeadModel")
     cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 8,
                                  "hidden_size": 8, "intermediate_size": 8,
                                  "num_hidden_layers": 1, "num_attention_heads": 2,
                                  "rope_scaling": {"rope_type": "longrope"}})
     with pytest.raises(ConfigError, match="longrope"):
-        get_model_class(cfg.architecture)(cfg)
+        lookup(cfg.architecture).model_class()(cfg)
 
 
 # ------------------------------------------------------------------------------------------

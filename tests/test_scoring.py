@@ -94,7 +94,7 @@ def cross(request, tmp_path_factory):
 
 
 def test_cross_encoder_logits_match_transformers(cross):
-    from minserve.models.cross_encoder import load_cross_encoder
+    from tests.paged_runner import load_pooling_model
 
     folder, ref, kind = cross
     pairs = [(QUERY, d) for d in DOCS] + [("horse", "a man is riding a horse . " * 3)]
@@ -110,7 +110,7 @@ def test_cross_encoder_logits_match_transformers(cross):
     got = emb.pool_token_ids([ids for ids, _ in encoded], [t for _, t in encoded])[:, 0]
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     assert want.std() > 0.1     # the pairs really differ
-    model = load_cross_encoder(folder, "cpu", torch.float32)
+    model = load_pooling_model(folder)
     assert model.num_labels == 1
     scores, num_tokens = score_pairs(emb, pairs)
     np.testing.assert_allclose(scores, torch.sigmoid(want).numpy(), atol=1e-5)

@@ -10,8 +10,9 @@ import types
 import numpy as np
 import pytest
 
+from minserve.models.registry import lookup
 from minserve.multimodal.image import MediaError
-from minserve.multimodal.inputs import expand_prompt, get_image_processor
+from minserve.multimodal.inputs import expand_prompt
 from minserve.tokenizer import Tokenizer
 from tests.tiny_vlm import make_tiny_vlm, random_image
 
@@ -30,7 +31,7 @@ def setup(request, tmp_path_factory):
     with open(os.path.join(folder, "config.json")) as f:
         hf_config = json.load(f)
     tokenizer = Tokenizer.from_folder(folder)
-    ours = get_image_processor(arch, folder, hf_config, tokenizer)
+    ours = lookup(arch).processor_class()(folder, hf_config, tokenizer)
     return arch, folder, hf_config, tokenizer, ours
 
 
@@ -88,7 +89,7 @@ def test_matches_transformers(setup, size):
     ref_ids, ref_pixels, ref_grid = _hf_reference(arch, folder, hf_config, text, image)
     prompt = expand_prompt(tokenizer.encode(text, add_special_tokens=False), [image], ours)
     assert prompt.prompt_token_ids == list(ref_ids)
-    (placed,) = prompt.images
+    (placed,) = prompt.items
     assert placed.num_embeds == sum(t == ours.image_token_id for t in ref_ids)
     pixels = placed.data["pixel_values"]
     assert pixels.dtype == np.float32 and pixels.shape == ref_pixels.shape
@@ -108,7 +109,7 @@ def _check_mrope(hf_config: dict, prompt, ours) -> None:
     ns.get_vision_position_ids = lambda *a, **k: Qwen2VLModel.get_vision_position_ids(ns, *a, **k)
     ids = torch.tensor([prompt.prompt_token_ids])
     types_ = (ids == ours.image_token_id).int()
-    grids = torch.tensor(np.concatenate([p.data["image_grid_thw"] for p in prompt.images]))
+    grids = torch.tensor(np.concatenate([p.data["image_grid_thw"] for p in prompt.items]))
     ref, delta = Qwen2VLModel.get_rope_index(ns, ids, types_, image_grid_thw=grids)
     np.testing.assert_array_equal(prompt.mrope_positions, ref[:, 0].numpy())
     assert prompt.mrope_position_delta == int(delta)
@@ -121,9 +122,9 @@ def test_two_images_and_placeholder_count(setup):
     ids = tokenizer.encode(text, add_special_tokens=False)
     images = [random_image(90, 60, 1), random_image(40, 70, 2)]
     prompt = expand_prompt(ids, images, ours)
-    a, b = prompt.images
+    a, b = prompt.items
     assert a.offset + a.length <= b.offset
-    for p in prompt.images:
+    for p in prompt.items:
         span = prompt.prompt_token_ids[p.offset:p.offset + p.length]
         assert sum(t == ours.image_token_id for t in span) == p.num_embeds
     assert a.content_hash != b.content_hash
@@ -137,7 +138,7 @@ def test_qwen_refuses_extreme_aspect_ratio(tmp_path):
     arch = "Qwen2VLForConditionalGeneration"
     folder = make_tiny_vlm(str(tmp_path), arch)
     with open(os.path.join(folder, "config.json")) as f:
-        proc = get_image_processor(arch, folder, json.load(f), Tokenizer.from_folder(folder))
+        proc = lookup(arch).processor_class()(folder, json.load(f), Tokenizer.from_folder(folder))
     with pytest.raises(MediaError, match="aspect ratio"):
         proc.process(random_image(3000, 10))
 
@@ -148,6 +149,7 @@ def test_image_path_stays_torch_free():
     import sys
 
     code = ("import sys, minserve.server, minserve.multimodal.inputs, minserve.multimodal.fetch, "
-            "minserve.multimodal.llava, minserve.multimodal.qwen2_vl, minserve.multimodal.idefics3"
+            "minserve.models.registry, minserve.models.vision.llava_processor, "
+            "minserve.models.vision.qwen2_vl_processor, minserve.models.vision.idefics3_processor"
             "; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,7 +12,7 @@ import torch
 from minserve.chat import ImageParts
 from minserve.config import EngineConfig
 from minserve.engine.engine import Engine
-from minserve.engine.request import EngineRequest, MultiModalItem
+from minserve.engine.request import EngineRequest
 from minserve.engine.runner import StepInputs
 from minserve.multimodal.inputs import expand_prompt
 from minserve.sampling_params import SamplingParams
@@ -43,9 +43,7 @@ def _prompt(engine: Engine, images: list, text: str = "describe these") -> Engin
                                                          images=ImageParts(proc.placeholder))
     ids = engine.info.tokenizer.encode(rendered, add_special_tokens=False)
     mm = expand_prompt(ids, images, proc)
-    items = [MultiModalItem(p.offset, p.length, p.content_hash, p.data, p.embed_mask)
-             for p in mm.images]
-    return EngineRequest("r", mm.prompt_token_ids, SamplingParams(max_tokens=4), mm_items=items,
+    return EngineRequest("r", mm.prompt_token_ids, SamplingParams(max_tokens=4), mm_items=mm.items,
                          mrope_positions=mm.mrope_positions,
                          mrope_position_delta=mm.mrope_position_delta)
 
@@ -194,12 +192,12 @@ def test_profile_run_encodes_the_largest_image_batch(setup, monkeypatch):
 
     from PIL import Image
 
+    from minserve.engine.builder import profile_images
+
     arch, engine, hf = setup
     runner, proc = engine.runner, engine.info.image_processor
-    monkeypatch.setattr(engine, "device", torch.device("cuda"))   # only to size the batch
-    images = engine._profile_images(proc, dataclasses.replace(engine.config,
-                                                              kv_cache_memory=None))
-    monkeypatch.undo()
+    images = profile_images(proc, dataclasses.replace(engine.config, kv_cache_memory=None),
+                             torch.device("cuda"))   # the device only sizes the batch
     largest = proc.process(Image.new("RGB", proc.largest_image_size()))
     assert len(images) == min(999 * 4, 512 // largest.num_embeds + 1)
     batches = []

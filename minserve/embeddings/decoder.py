@@ -6,37 +6,18 @@ failure path as the chat engine), each rank runs the same forward on its shards,
 pools; the hidden states after the final norm are whole on every rank (all-reduced)."""
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import torch
 
 from minserve.config import ConfigError, EngineConfig, ModelConfig
+from minserve.engine.builder import ModelSource, build_model, join_as_worker, rank_device
 from minserve.engine.runner import StepInputs
+from minserve.engine.workers import Workers
 from minserve.models import parallel
+from minserve.models.registry import Architecture
 
 BLOCK_SIZE = 16
-
-
-def load_decoder(folder: str, hf: dict[str, Any], device: torch.device, dtype: torch.dtype
-                 ) -> tuple[torch.nn.Module, ModelConfig]:
-    """The Llama-family model from models/llama.py, without its LM head (never needed here);
-    base-model checkpoints (Qwen3Model) load too (LlamaForCausalLM.map_weight_name). Sharded
-    when this process is a tensor-parallel rank (models/parallel.py)."""
-    from minserve.models.loader import load_model
-
-    model_config = decoder_config(hf)
-    return load_model(folder, model_config, device, dtype), model_config
-
-
-def decoder_config(hf: dict[str, Any]) -> ModelConfig:
-    from minserve.embeddings.models import DECODER_ARCHITECTURES
-
-    d = dict(hf)
-    d["architectures"] = [DECODER_ARCHITECTURES[(hf.get("architectures") or [""])[0]]]
-    d["tie_word_embeddings"] = True   # so the model builds no lm_head
-    return ModelConfig.from_dict(d)
 
 
 class DecoderForward:
@@ -108,22 +89,16 @@ class ShardedDecoder:
     """Rank 0 of a tensor-parallel decoder embedding model: the other ranks' processes, and
     each forward's rows broadcast to them before this rank runs its own shards."""
 
-    def __init__(self, folder: str, hf: dict[str, Any], device: torch.device,
-                 dtype: torch.dtype, tensor_parallel_size: int) -> None:
-        from minserve.engine.workers import Workers, rank_device
-
-        # the ranks take the device type and dtype this rank resolved
-        config = EngineConfig(model=folder, tensor_parallel_size=tensor_parallel_size,
-                              dtype=str(dtype).removeprefix("torch."), device=device.type)
+    def __init__(self, config: EngineConfig, source: ModelSource, device: torch.device) -> None:
+        """config: with the device type and dtype this rank resolved, which the ranks take."""
         self.device = rank_device(device, 0)
-        self.workers = Workers(config, decoder_config(hf), self.device, load_worker)
+        self.workers = Workers(config, source.model_config, self.device, load_worker)
         try:
-            model, model_config = load_decoder(folder, hf, self.device, dtype)
+            built = build_model(config, source, self.device)
         except BaseException:
             self.workers.shutdown()
             raise
-        self.model_config = model_config
-        self.local = DecoderForward(model, model_config, self.device, dtype)
+        self.local = DecoderForward(built.model, source.model_config, self.device, built.dtype)
 
     def hidden(self, rows: list[list[int]]) -> torch.Tensor:
         try:
@@ -139,27 +114,18 @@ class ShardedDecoder:
 
 
 def load_worker(config: EngineConfig, rank: int, local_rank: int, port: int) -> DecoderForward:
-    """A rank > 0 (in its own process): joins the group, loads its shards."""
-    from minserve.engine.engine import DTYPES, resolve_device
-    from minserve.engine.workers import rank_device, step_timeout_s
-
-    with open(os.path.join(config.model, "config.json")) as f:
-        hf = json.load(f)
-    device, dtype = rank_device(resolve_device(config.device), local_rank), DTYPES[config.dtype]
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    parallel.init(rank, config.tensor_parallel_size, config.master_addr, port, device,
-                  step_timeout_s())
-    model, model_config = load_decoder(config.model, hf, device, dtype)
-    return DecoderForward(model, model_config, device, dtype)
+    """A rank > 0 (in its own process): joins the group, builds its shards."""
+    source, device = join_as_worker(config, rank, local_rank, port, task="embed")
+    built = build_model(config, source, device)
+    return DecoderForward(built.model, source.model_config, device, built.dtype)
 
 
-def check_shardable(tensor_parallel_size: int, is_decoder: bool, model_name: str,
-                    beside_tensor_parallel: bool) -> None:
+def check_shardable(arch: Architecture, tensor_parallel_size: int, is_decoder: bool,
+                    model_name: str, beside_tensor_parallel: bool) -> None:
     """Encoders are not sharded (they are small). Beside a sharded chat model, this process is
     rank 0 of the chat model's group: a decoder built here would take the chat model's shard
     layout (models/llama.py reads the process's rank), so only encoders run there, whole."""
-    if tensor_parallel_size > 1 and not is_decoder:
+    if tensor_parallel_size > 1 and not arch.tensor_parallel:
         raise ConfigError(f"--tensor-parallel-size {tensor_parallel_size}: {model_name} is an "
                           "encoder (BERT-style) embedding model, which is not sharded; serve it "
                           "with --tensor-parallel-size 1")

@@ -3,6 +3,7 @@ pooling) + its tokenizer + pooling, behind embed(inputs) -> (float32 vectors, nu
 Synchronous and single-threaded; service.py batches concurrent callers onto it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from functools import cached_property
@@ -11,17 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from minserve.config import ConfigError
-from minserve.embeddings.decoder import (
-    DecoderForward,
-    ShardedDecoder,
-    check_shardable,
-    load_decoder,
-)
+from minserve.config import ConfigError, EngineConfig, ModelConfig
+from minserve.embeddings.decoder import DecoderForward, ShardedDecoder, check_shardable
 from minserve.embeddings.models import (
-    CROSS_ENCODER_ARCHITECTURES,
-    DECODER_ARCHITECTURES,
-    ENCODER_ARCHITECTURES,
     _progress,
     fetch_packaged_model,  # noqa: F401 (re-exported: the public entry points live here too)
     is_embedding_model,  # noqa: F401
@@ -35,8 +28,8 @@ from minserve.embeddings.pooling import (
     pool_padded,
 )
 from minserve.embeddings.protocol import EmbeddingsRequestError
-from minserve.engine.engine import DTYPES, resolve_device
-from minserve.models.bert import load_encoder
+from minserve.engine.builder import build_model, find_model, resolve_device, resolve_dtype
+from minserve.models.cross_encoder import score_activation
 from minserve.protocol import prompt_chars_limit
 from minserve.value_text import value_text
 
@@ -44,20 +37,6 @@ from minserve.value_text import value_text
 # input is refused after at most one group's work (2,048 inputs of ~5,000 tokens each took
 # 10.7 s and +1.2 GB to tokenize, only to be refused).
 _ENCODE_GROUP = 64
-from minserve.models.cross_encoder import load_cross_encoder, score_activation
-
-
-def _resolve_device_dtype(device: str, dtype: str, config_dtype: str | None
-                          ) -> tuple[torch.device, torch.dtype]:
-    dev = resolve_device(device)
-    if dtype != "auto":
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype {dtype!r} is not one of auto, float32, float16, bfloat16")
-        return dev, DTYPES[dtype]
-    if dev.type == "cpu":
-        return dev, torch.float32
-    # vLLM's rule: keep bf16 checkpoints in bf16, run fp32/fp16 ones in fp16 on the GPU.
-    return dev, torch.bfloat16 if config_dtype == "bfloat16" else torch.float16
 
 
 class _EmbeddingTokenizer:
@@ -161,47 +140,42 @@ class Embedder:
                  tensor_parallel_size: int = 1, beside_tensor_parallel: bool = False) -> None:
         self.model_path = resolve_embedding_model(model)
         self.model_name = served_model_name or model
-        with open(os.path.join(self.model_path, "config.json")) as f:
-            hf = json.load(f)
-        arch = (hf.get("architectures") or ["BertModel"])[0]
-        encoders = ENCODER_ARCHITECTURES | CROSS_ENCODER_ARCHITECTURES
-        self.is_cross_encoder = arch in CROSS_ENCODER_ARCHITECTURES
-        self.is_decoder = arch not in encoders
-        if self.is_decoder and arch not in DECODER_ARCHITECTURES:
-            raise ConfigError(f"{arch} is not a supported embedding architecture "
-                              f"({sorted(encoders | DECODER_ARCHITECTURES.keys())})")
+        dev = resolve_device(device)
+        config = EngineConfig(model=self.model_path, dtype=dtype, device=device,
+                              tensor_parallel_size=tensor_parallel_size)
+        source = find_model(config, dev, task="embed")
+        arch, hf = source.arch.name, source.hf_config
+        self.is_cross_encoder = source.arch.task == "score"
+        self.is_decoder = isinstance(source.model_config, ModelConfig)
         # cross-encoders: "sigmoid" | "identity" on their logit (scoring.py); None otherwise
         self.score_activation = score_activation(hf) if self.is_cross_encoder else None
-        self.device, self.dtype = _resolve_device_dtype(device, dtype, hf.get("torch_dtype"))
+        self.device, self.dtype = dev, resolve_dtype(dtype, dev, source)
         self.max_batch_tokens = max_batch_tokens
         self.max_padding = (max_padding if max_padding is not None
                             else (0.1 if self.device.type == "cpu" else 1.0))
         self.pooling = load_pooling_config(self.model_path, hf, decoder=self.is_decoder,
                                            matryoshka=matryoshka)
-        check_shardable(tensor_parallel_size, self.is_decoder, self.model_name,
+        check_shardable(source.arch, tensor_parallel_size, self.is_decoder, self.model_name,
                         beside_tensor_parallel)
+        cfg = self.model_config = source.model_config   # .architecture, for the server log
         self.sharded: ShardedDecoder | None = None
-        if self.is_decoder:
-            if tensor_parallel_size > 1:
-                self.sharded = ShardedDecoder(self.model_path, hf, self.device, self.dtype,
-                                              tensor_parallel_size)
-                self.device, self.model_config = self.sharded.device, self.sharded.model_config
-                self.decoder = self.sharded.local
-            else:
-                model, self.model_config = load_decoder(self.model_path, hf, self.device,
-                                                        self.dtype)
-                self.decoder = DecoderForward(model, self.model_config, self.device, self.dtype)
+        if self.is_decoder and tensor_parallel_size > 1:
+            # the ranks take the device type and dtype this rank resolved
+            config = dataclasses.replace(config, device=dev.type,
+                                         dtype=str(self.dtype).removeprefix("torch."))
+            self.sharded = ShardedDecoder(config, source, dev)
+            self.device, self.decoder = self.sharded.device, self.sharded.local
             self.model = self.decoder.model
-            self.vocab_size = self.model_config.vocab_size
-            self.dimension = self.model_config.hidden_size
-            position_limit = self.model_config.max_position_embeddings
-            self.pad_token_id = 0
         else:
-            load = load_cross_encoder if self.is_cross_encoder else load_encoder
-            self.model = load(self.model_path, self.device, self.dtype)
-            cfg = self.model_config = self.model.config   # .architecture, for the server log
+            self.model = build_model(config, source, dev).model
+            self.decoder = DecoderForward(self.model, cfg, dev, self.dtype) \
+                if self.is_decoder else None
+        self.vocab_size = cfg.vocab_size
+        if self.is_decoder:
+            self.dimension = cfg.hidden_size
+            position_limit, self.pad_token_id = cfg.max_position_embeddings, 0
+        else:
             # a cross-encoder's "vector" is its row of label logits
-            self.vocab_size = cfg.vocab_size
             self.dimension = self.model.num_labels if self.is_cross_encoder else cfg.hidden_size
             position_limit, self.pad_token_id = cfg.max_tokens, cfg.pad_token_id
             if self.is_cross_encoder and self.dimension != 1:

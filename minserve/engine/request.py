@@ -38,7 +38,7 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    adapter_name: str | None = None      # a LoRA adapter (none are served yet)
+    adapter_name: str | None = None      # a LoRA adapter (--enable-lora), None: the base model
     mm_items: list[MultiModalItem] = field(default_factory=list)
     cache_salt: str | None = None        # requests with different salts never share KV blocks
     priority: int = 0                    # lower runs first, as vLLM's priority policy
@@ -82,11 +82,11 @@ class EngineInfo:
     eos_token_ids: frozenset[int] = frozenset()
     num_kv_blocks: int = 0
     block_size: int = 0
-    # Vision-language models: the image processor (minserve.multimodal; None: text only), the
-    # most images one prompt may carry, and where images may be fetched from (a MediaPolicy).
+    # Vision-language models: the image processor (models/vision/; None: text only) and the
+    # most images one prompt may carry. Where images may come from is the front doors' business
+    # (multimodal.fetch.MediaPolicy).
     image_processor: Any = None
     image_limit: int = 0
-    media_policy: Any = None
 
 
 class RequestStatus(enum.Enum):

@@ -112,8 +112,9 @@ def _master_port(config: EngineConfig) -> int:
         return s.getsockname()[1]
 
 
-def rank_device(device: torch.device, local_rank: int) -> torch.device:
-    return torch.device("cuda", local_rank) if device.type == "cuda" else device
+def join_group(config: EngineConfig, rank: int, port: int, device: torch.device) -> None:
+    parallel.init(rank, config.tensor_parallel_size, config.master_addr, port, device,
+                  step_timeout_s())
 
 
 # ---- the head (rank 0) -----------------------------------------------------------------------
@@ -122,16 +123,16 @@ class Workers:
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device,
                  load_runner: Callable[..., ModelRunner]) -> None:
-        """load_runner(config, rank, local_rank, port): a worker's ModelRunner (engine.py's
-        load_worker_runner, passed in so this module never imports the engine)."""
+        """load_runner(config, rank, local_rank, port): a worker's runner (builder.py's
+        load_worker_runner, or an embedding model's), passed in so this module imports
+        neither."""
         parallel.check_divisible(model_config, config.tensor_parallel_size)
         self._timeout_s = step_timeout_s()
         port = _master_port(config)
         self._procs, self._pipes = _spawn_local(config, port, range(1, _ranks_per_node(config)),
                                                 load_runner)
         try:
-            parallel.init(0, config.tensor_parallel_size, config.master_addr, port, device,
-                          step_timeout_s())
+            join_group(config, 0, port, device)
         except BaseException:
             self.kill()
             raise

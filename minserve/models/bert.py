@@ -4,8 +4,6 @@ from (through loader.py, as every model does). Returns per-token hidden states o
 normalization live in embeddings/pooling.py."""
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,10 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minserve.config import ConfigError
-from minserve.embeddings.models import CROSS_ENCODER_ARCHITECTURES, ENCODER_ARCHITECTURES
 from minserve.models.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from minserve.models.linear import VocabParallelEmbedding as Embedding
-from minserve.models.loader import load_model
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),                      # exact erf, as HF's "gelu"
@@ -43,13 +39,11 @@ class EncoderConfig:
     pad_token_id: int = 0
     # RoBERTa numbers positions from pad_token_id + 1 (fairseq); BERT from 0.
     roberta_positions: bool = False
+    num_labels: int = 2      # a cross-encoder's logits per pair
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
         arch = (d.get("architectures") or ["BertModel"])[0]
-        known = ENCODER_ARCHITECTURES | CROSS_ENCODER_ARCHITECTURES
-        if arch not in known:
-            raise ConfigError(f"{arch} is not a BERT-family encoder ({sorted(known)})")
         pos_type = d.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise ConfigError(
@@ -72,6 +66,7 @@ class EncoderConfig:
             layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
             pad_token_id=int(d.get("pad_token_id") or 0),
             roberta_positions="Roberta" in arch,
+            num_labels=num_labels(d),
         )
 
     @property
@@ -80,6 +75,12 @@ class EncoderConfig:
         if self.roberta_positions:
             return self.max_position_embeddings - self.pad_token_id - 1
         return self.max_position_embeddings
+
+
+def num_labels(hf: dict[str, Any]) -> int:
+    if "num_labels" in hf:
+        return int(hf["num_labels"])
+    return len(hf.get("id2label") or {0: "LABEL_0", 1: "LABEL_1"})   # transformers' default: 2
 
 
 class BertEmbeddings(nn.Module):
@@ -139,6 +140,7 @@ class BertModel(nn.Module):
     """forward(input_ids [B, L], attention_mask [B, L] (1 = token, 0 = right padding)) ->
     hidden [B, L, hidden]. Rows of padding positions hold garbage; pooling masks them out."""
 
+    config_class = EncoderConfig
     # HF's attention.self.query/key/value (after map_weight_name) -> the fused q|k|v projection.
     packed_modules_mapping = {"query": ("qkv_proj", "q"), "key": ("qkv_proj", "k"),
                               "value": ("qkv_proj", "v")}
@@ -205,10 +207,3 @@ def _rename(name: str) -> str | None:
         return f"layers.{idx}.{_LAYER_RENAMES[module]}.{param}"
     return name
 
-
-def load_encoder(folder: str, device: torch.device | str, dtype: torch.dtype) -> BertModel:
-    """The folder's encoder, its weights loaded by loader.load_model as every model's are."""
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = EncoderConfig.from_dict(json.load(f))
-    model_cls = XLMRobertaModel if cfg.roberta_positions else BertModel
-    return load_model(folder, cfg, device, dtype, model_cls=model_cls)

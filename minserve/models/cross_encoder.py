@@ -5,16 +5,13 @@ sequence; one logit per label comes out. Turning logits into a relevance score (
 is the caller's job (embeddings/scoring.py)."""
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import torch
 from torch import nn
 
 from minserve.config import ConfigError
-from minserve.models.bert import BertModel, EncoderConfig, XLMRobertaModel
-from minserve.models.loader import load_model
+from minserve.models.bert import BertModel, EncoderConfig, XLMRobertaModel, num_labels
 
 # sentence-transformers' CrossEncoder names its activation by its torch class; these are the two
 # its rerankers use. Unknown names are refused rather than guessed.
@@ -39,12 +36,6 @@ def score_activation(hf: dict[str, Any]) -> str:
         raise ConfigError(f"cross-encoder activation {name!r} is not supported "
                           f"({', '.join(sorted(set(_ACTIVATIONS)))})")
     return _ACTIVATIONS[name]
-
-
-def num_labels(hf: dict[str, Any]) -> int:
-    if "num_labels" in hf:
-        return int(hf["num_labels"])
-    return len(hf.get("id2label") or {0: "LABEL_0", 1: "LABEL_1"})   # transformers' default: 2
 
 
 class _BertHead(nn.Module):
@@ -75,12 +66,13 @@ class CrossEncoder(nn.Module):
     """forward(input_ids [B, L], attention_mask [B, L], token_type_ids [B, L] | None) ->
     logits [B, num_labels] (float32)."""
 
+    config_class = EncoderConfig
     packed_modules_mapping = BertModel.packed_modules_mapping
 
-    def __init__(self, cfg: EncoderConfig, labels: int) -> None:
+    def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.num_labels = labels
+        self.num_labels = labels = cfg.num_labels
         self.encoder = (XLMRobertaModel if cfg.roberta_positions else BertModel)(cfg)
         head = _RobertaHead if cfg.roberta_positions else _BertHead
         self.head = head(cfg.hidden_size, labels)
@@ -112,11 +104,3 @@ def _head_name(name: str) -> str | None:
         return "head.classifier." + rest                 # BERT: one Linear
     return None
 
-
-def load_cross_encoder(folder: str, device: torch.device | str, dtype: torch.dtype
-                       ) -> CrossEncoder:
-    """The folder's cross-encoder; a missing checkpoint tensor is a ConfigError."""
-    with open(os.path.join(folder, "config.json")) as f:
-        hf = json.load(f)
-    cfg, labels = EncoderConfig.from_dict(hf), num_labels(hf)
-    return load_model(folder, cfg, device, dtype, model_cls=lambda c: CrossEncoder(c, labels))

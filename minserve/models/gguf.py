@@ -16,15 +16,9 @@ from typing import Any
 import numpy as np
 
 from minserve.config import ConfigError
+from minserve.models.registry import lookup_gguf
 from minserve.tokenizer import bytes_to_unicode
 
-# GGUF architecture -> (HF architecture, whether llama.cpp permuted the Q/K rows)
-_ARCHS = {
-    "llama": ("LlamaForCausalLM", True),
-    "mistral": ("MistralForCausalLM", True),
-    "qwen2": ("Qwen2ForCausalLM", False),
-    "qwen3": ("Qwen3ForCausalLM", False),
-}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -86,10 +80,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
     arch = meta.get("general.architecture")
-    if arch not in _ARCHS:
-        raise ConfigError(
-            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(_ARCHS)})"
-        )
+    hf_arch = lookup_gguf(arch).name
 
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
@@ -99,7 +90,6 @@ def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
     head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // num_heads
     vocab_size = get("vocab_size") or len(meta["tokenizer.ggml.tokens"])
     sliding_window = get("attention.sliding_window")
-    hf_arch = _ARCHS[arch][0]
     if arch == "llama" and sliding_window:
         hf_arch = "MistralForCausalLM"
     eos_ids = _eos_ids(meta)
@@ -209,7 +199,7 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
 
     from minserve.models.quant.gguf import GGML_TYPES, QUANTIZED_TYPES
 
-    permuted = _ARCHS[meta["general.architecture"]][1]
+    permuted = lookup_gguf(meta["general.architecture"]).gguf_permuted_qk
     out: dict[str, np.ndarray] = {}
     kept: set[str] = set()
     for t in reader.tensors:

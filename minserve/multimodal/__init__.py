@@ -1,3 +1,3 @@
-"""Images for vision-language models, torch-free (the server imports it): fetching (fetch.py),
-decoding (image.py), each model's preprocessing in numpy + Pillow and its placeholder tokens
-(processor.py, llava.py, qwen2_vl.py, idefics3.py), and the prompt they make (inputs.py)."""
+"""The model-independent side of images, torch-free (the server imports it): the fetch policy and
+fetching (fetch.py), safe decoding (image.py), and the prompt a model's processor makes of them
+(inputs.py). Each model's preprocessing sits beside its tower in models/vision/."""

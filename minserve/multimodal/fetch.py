@@ -23,6 +23,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from minserve.multimodal.image import MediaError
 
@@ -58,16 +59,18 @@ class MediaPolicy:
     max_redirects: int = MAX_REDIRECTS
 
     @classmethod
+    def from_config(cls, config: Any) -> MediaPolicy:
+        """The policy an EngineConfig's media flags describe (the server's and LLM's; the
+        engine never fetches). EngineConfig has checked the local folder exists."""
+        return cls.create(config.allowed_local_media_path, config.allowed_media_domains,
+                          config.allow_private_media_urls)
+
+    @classmethod
     def create(cls, allowed_local_media_path: str | None = None,
                allowed_media_domains: list[str] | None = None,
                allow_private_addresses: bool = False, max_bytes: int | None = None,
                timeout: float | None = None) -> MediaPolicy:
-        local = None
-        if allowed_local_media_path:
-            local = os.path.realpath(allowed_local_media_path)
-            if not os.path.isdir(local):
-                raise ValueError(f"--allowed-local-media-path {allowed_local_media_path!r} is "
-                                 "not an existing folder")
+        local = os.path.realpath(allowed_local_media_path) if allowed_local_media_path else None
         domains = None
         if allowed_media_domains:
             domains = frozenset(d.strip().lower().rstrip(".") for d in allowed_media_domains

@@ -1,6 +1,7 @@
 """What every vision-language wrapper shares: a LlamaForCausalLM language model (the step's
-forward, logits and KV caches go straight to it), checkpoint-name prefixes mapped onto our module
-tree, and encode_images(), the one call the runner makes per step for the images it needs."""
+forward, logits and KV caches go straight to it), the vision tower and projector on tensor-parallel
+rank 0 only, checkpoint-name prefixes mapped onto our module tree, and encode_images(), the one
+call the runner makes per step for the images it needs."""
 from __future__ import annotations
 
 import torch
@@ -8,21 +9,31 @@ from torch import nn
 
 from minserve.config import ModelConfig
 from minserve.kernels import AttnMetadata
+from minserve.models import parallel
 from minserve.models.llama import LlamaForCausalLM
 
 
 class VisionLanguageModel(nn.Module):
-    is_multimodal = True
     uses_mrope = False
     packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping
     # (checkpoint prefix, our prefix), first match wins: transformers has saved each of these
     # models under more than one layout.
     weight_prefixes: tuple[tuple[str, str], ...] = ()
+    vision_modules: tuple[str, ...] = ()   # our prefixes of what build_vision makes
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.language_model = LlamaForCausalLM(config)
+        # NOTE: the encoder runs on rank 0 alone, which broadcasts the merged embeddings
+        # (ModelRunner.share_from_head): the other ranks neither build nor load it.
+        self.has_vision = parallel.tp_rank() == 0
+        if self.has_vision:
+            self.build_vision(config)
+
+    def build_vision(self, config: ModelConfig) -> None:
+        """The vision tower and projector, under the names in vision_modules."""
+        raise NotImplementedError
 
     def map_weight_name(self, name: str) -> str | None:
         for src, dst in self.weight_prefixes:
@@ -32,6 +43,8 @@ class VisionLanguageModel(nn.Module):
         if name.endswith("rotary_emb.inv_freq"):
             return None
         if name.startswith("language_model.lm_head.") and self.language_model.lm_head is None:
+            return None
+        if not self.has_vision and name.startswith(self.vision_modules):
             return None
         return self.keep_weight(name)
 

@@ -40,9 +40,9 @@ class Idefics3ForConditionalGeneration(VisionLanguageModel):
         ("model.connector.", "connector."),
         ("lm_head.", "language_model.lm_head."),
     )
+    vision_modules = ("vision_model.", "connector.")
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
+    def build_vision(self, config: ModelConfig) -> None:
         hf = config.hf_config
         self.vision_model = SiglipVisionTower(hf.get("vision_config", {}))
         self.connector = Idefics3Connector(self.vision_model.hidden_size, config.hidden_size,
@@ -53,3 +53,4 @@ class Idefics3ForConditionalGeneration(VisionLanguageModel):
         features = self.connector(self.vision_model(tiles))               # [tiles, n, hidden]
         counts = [image["pixel_values"].shape[0] for image in images]
         return [f.reshape(-1, f.shape[-1]) for f in features.split(counts)]
+

@@ -44,9 +44,9 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         ("lm_head.", "language_model.lm_head."),
         ("vision_tower.vision_model.", "vision_tower."),
     )
+    vision_modules = ("vision_tower.", "multi_modal_projector.")
 
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
+    def build_vision(self, config: ModelConfig) -> None:
         hf = config.hf_config
         vision = {**CLIP_VISION_DEFAULTS, **hf.get("vision_config", {})}
         self.strategy = hf.get("vision_feature_select_strategy", "default")
@@ -75,3 +75,4 @@ class LlavaForConditionalGeneration(VisionLanguageModel):
         if self.strategy == "default":
             states = [s[:, 1:] for s in states]    # drop the class token
         return list(self.multi_modal_projector(torch.cat(states, dim=-1)))
+

@@ -21,13 +21,16 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
         ("model.", "language_model.model."),
         ("lm_head.", "language_model.lm_head."),
     )
+    vision_modules = ("visual.",)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        self.visual = QwenVisionTower(config.hf_config.get("vision_config", {}), self.is_v2_5)
         self.language_model.model.rotary_emb = MRotaryEmbedding(
             config.head_dim, config.rope_theta, config.max_position_embeddings,
             config.mrope_section or [config.head_dim // 2, 0, 0])
+
+    def build_vision(self, config: ModelConfig) -> None:
+        self.visual = QwenVisionTower(config.hf_config.get("vision_config", {}), self.is_v2_5)
 
     def encode_images(self, images: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
         pixel_values = torch.cat([image["pixel_values"] for image in images])   # [N, C*T*P*P]

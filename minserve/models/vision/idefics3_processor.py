@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from minserve.multimodal.processor import (
+from minserve.models.vision.processor import (
     STANDARD_MEAN,
     STANDARD_STD,
     ImageProcessor,

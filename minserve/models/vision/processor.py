@@ -2,7 +2,8 @@
 transformers' PIL ("slow") image processors compute it: Pillow resizes uint8 images with the
 checkpoint's filter, then rescale and normalize run in float32 on channel-first arrays. And the
 contract every model's processor keeps: one image -> the encoder's input arrays plus the tokens
-its one placeholder token becomes. Torch-free (the server runs it in a worker thread)."""
+its one placeholder token becomes. Torch-free (the server runs it in a worker thread); each
+family's processor is its *_processor.py, beside its model file."""
 from __future__ import annotations
 
 import json
@@ -38,6 +39,10 @@ class ImageProcessor:
     uses_mrope = False
 
     def process(self, image: Image.Image) -> ProcessedImage:
+        raise NotImplementedError
+
+    def mrope_positions(self, num_tokens: int, items: list[Any]) -> tuple[np.ndarray, int]:
+        """M-RoPE models: ([3, num_tokens] positions, delta) of a prompt holding these items."""
         raise NotImplementedError
 
     def read_normalization(self, pp: dict[str, Any], mean: Any, std: Any) -> None:

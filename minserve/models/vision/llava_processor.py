@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from minserve.multimodal.processor import (
+from minserve.models.vision.processor import (
     CLIP_MEAN,
     CLIP_STD,
     ImageProcessor,

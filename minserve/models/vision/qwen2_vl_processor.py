@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from minserve.multimodal.image import MediaError
-from minserve.multimodal.processor import (
+from minserve.models.vision.processor import (
     CLIP_MEAN,
     CLIP_STD,
     ImageProcessor,
@@ -94,6 +94,10 @@ class Qwen2VLImageProcessor(ImageProcessor):
         factor = self.patch * self.merge
         side = max(factor, math.isqrt(self.max_pixels) // factor * factor)
         return side, side
+
+    def mrope_positions(self, num_tokens: int, items: list[Any]) -> tuple[np.ndarray, int]:
+        return mrope_positions(num_tokens, [(item.offset, item.data["image_grid_thw"], self.merge)
+                                            for item in items])
 
 
 def mrope_positions(num_tokens: int, images: list[tuple[int, np.ndarray, int]]
