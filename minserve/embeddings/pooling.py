@@ -13,6 +13,7 @@ The `dimensions` rule (checked by check_dimensions, raised as EmbeddingsRequestE
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -120,24 +121,10 @@ def check_dimensions(dimensions: int | None, full_dim: int, cfg: PoolingConfig,
 
 
 def pool_padded(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """hidden [B, L, H] over right-padded rows, attention_mask [B, L] (1 = token) -> [B, H] fp32."""
-    mask = attention_mask.to(torch.float32).unsqueeze(-1)       # [B, L, 1]
-    lengths = attention_mask.sum(dim=1)                           # [B]
-    if mode == "cls":
-        return hidden[:, 0].float()
-    if mode == "lasttoken":
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, lengths.long() - 1].float()
-    if mode == "max":
-        masked = hidden.float().masked_fill(mask == 0, float("-inf"))
-        return masked.max(dim=1).values
-    summed = (hidden.float() * mask).sum(dim=1)
-    denom = lengths.to(torch.float32).clamp(min=1).unsqueeze(-1)
-    if mode == "mean":
-        return summed / denom
-    if mode == "mean_sqrt_len":
-        return summed / denom.sqrt()
-    raise ValueError(f"unknown pooling mode {mode!r}")
+    """hidden [B, L, H] over right-padded rows, attention_mask [B, L] (1 = token) -> [B, H] fp32:
+    the rows' tokens packed back to back, then pool_packed."""
+    lengths = attention_mask.sum(dim=1).tolist()
+    return pool_packed(hidden[attention_mask.bool()], [0, *itertools.accumulate(lengths)], mode)
 
 
 def finish_vectors(pooled: torch.Tensor, dimensions: int | None, normalize: bool) -> torch.Tensor:

@@ -4,6 +4,7 @@ tokens sit, which of them take embeddings, its content hash and the encoder's in
 positions for Qwen2-VL). The same function serves the server and LLM; torch-free."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,15 +12,14 @@ import numpy as np
 from PIL import Image
 
 from minserve.engine.request import MultiModalItem
-from minserve.multimodal.image import MediaError, image_hash
+from minserve.multimodal.fetch import fetch_async, fetch_media
+from minserve.multimodal.image import MediaError, check_image, decode_image, image_hash
 
 
 # ---------------------------------------------------------------- image parts -> images
 
 def load_images_sync(refs: list[Any], policy: Any) -> list[Image.Image]:
     """chat.ImageRefs -> RGB images, fetching in this thread (LLM.chat)."""
-    from minserve.multimodal.fetch import fetch_media
-
     out = []
     for ref in refs:
         try:
@@ -33,10 +33,6 @@ def load_images_sync(refs: list[Any], policy: Any) -> list[Image.Image]:
 async def load_images(refs: list[Any], policy: Any) -> list[Image.Image]:
     """chat.ImageRefs -> RGB images: every URL fetched at once in the fetch threads, then
     decoded in a worker thread (decoding holds the CPU, not the event loop)."""
-    import asyncio
-
-    from minserve.multimodal.fetch import fetch_async
-
     async def fetch(ref: Any) -> bytes | None:
         if ref.url is None:
             return None
@@ -54,8 +50,6 @@ async def load_images(refs: list[Any], policy: Any) -> list[Image.Image]:
 
 
 def _decoded(ref: Any, data: bytes | None) -> Image.Image:
-    from minserve.multimodal.image import check_image, decode_image
-
     try:
         return decode_image(data) if data is not None else check_image(ref.image)
     except MediaError as e:

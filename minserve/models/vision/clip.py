@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minserve.models.vision.vit import VisionEncoderLayer, with_defaults
+from minserve.models.vision.vit import encoder_layers, with_defaults
 
 # transformers' CLIPVisionConfig defaults
 CLIP_VISION_DEFAULTS = {
@@ -47,12 +47,7 @@ class CLIPVisionTower(nn.Module):
         self.hidden_size = int(cfg["hidden_size"])
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg["hidden_size"], eps=cfg["layer_norm_eps"])
-        self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(
-            VisionEncoderLayer(cfg["hidden_size"], cfg["intermediate_size"],
-                               cfg["num_attention_heads"], cfg["hidden_act"],
-                               cfg["layer_norm_eps"])
-            for _ in range(num_layers))
+        self.encoder = encoder_layers(cfg, num_layers)
 
     def forward(self, pixel_values: torch.Tensor, feature_layers: list[int]) -> list[torch.Tensor]:
         """The hidden states after each layer in feature_layers (0 = the embeddings after the

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minserve.models.vision.vit import VisionEncoderLayer, with_defaults
+from minserve.models.vision.vit import encoder_layers, with_defaults
 
 # transformers' Idefics3VisionConfig defaults
 IDEFICS3_VISION_DEFAULTS = {
@@ -59,12 +59,7 @@ class SiglipVisionTower(nn.Module):
         self.image_size, self.patch_size = int(cfg["image_size"]), int(cfg["patch_size"])
         self.hidden_size = int(cfg["hidden_size"])
         self.embeddings = SiglipVisionEmbeddings(cfg)
-        self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(
-            VisionEncoderLayer(cfg["hidden_size"], cfg["intermediate_size"],
-                               cfg["num_attention_heads"], cfg["hidden_act"],
-                               cfg["layer_norm_eps"])
-            for _ in range(cfg["num_hidden_layers"]))
+        self.encoder = encoder_layers(cfg, cfg["num_hidden_layers"])
         self.post_layernorm = nn.LayerNorm(cfg["hidden_size"], eps=cfg["layer_norm_eps"])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

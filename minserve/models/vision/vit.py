@@ -105,6 +105,16 @@ class VisionEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def encoder_layers(cfg: dict, num_layers: int) -> nn.Module:
+    """An `encoder` holding num_layers VisionEncoderLayers as `layers` (the checkpoints' names)."""
+    encoder = nn.Module()
+    encoder.layers = nn.ModuleList(
+        VisionEncoderLayer(cfg["hidden_size"], cfg["intermediate_size"],
+                           cfg["num_attention_heads"], cfg["hidden_act"], cfg["layer_norm_eps"])
+        for _ in range(num_layers))
+    return encoder
+
+
 def with_defaults(cfg: dict, defaults: dict) -> dict:
     """A vision_config with transformers' defaults where the checkpoint leaves a field out."""
     return {**defaults, **{k: v for k, v in cfg.items() if v is not None}}
