@@ -101,13 +101,7 @@ class ShardedDecoder:
         self.local = DecoderForward(built.model, source.model_config, self.device, built.dtype)
 
     def hidden(self, rows: list[list[int]]) -> torch.Tensor:
-        try:
-            self.workers.check_alive()
-            self.workers.broadcast(rows_step(rows))
-            return self.local.hidden(rows)
-        except BaseException:
-            self.workers.kill()   # a rank died or timed out: the others may be stuck
-            raise
+        return self.workers.run(rows_step(rows), lambda: self.local.hidden(rows))
 
     def shutdown(self) -> None:
         self.workers.shutdown()

@@ -166,13 +166,7 @@ class Engine:
     def _execute(self, step: StepInputs) -> Any:
         if self.workers is None:
             return self.runner.execute(step)
-        try:
-            self.workers.check_alive()
-            self.workers.broadcast(step)
-            return self.runner.execute(step)
-        except BaseException:
-            self.workers.kill()   # a rank died or timed out: the others may be stuck
-            raise
+        return self.workers.run(step, lambda: self.runner.execute(step))
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (a no-op with one process)."""

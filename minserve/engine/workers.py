@@ -25,7 +25,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -34,6 +34,7 @@ from minserve.engine.runner import ModelRunner, PromptLogprobInputs, StepInputs
 from minserve.models import parallel
 
 logger = logging.getLogger("minserve.workers")
+T = TypeVar("T")
 
 _HEADER_LEN = 9
 _STOP = -1
@@ -137,16 +138,21 @@ class Workers:
             self.kill()
             raise
 
-    def broadcast(self, step: StepInputs) -> None:
-        header, payload = encode_step(step)
-        parallel.broadcast_from_head(header, self._timeout_s)
-        parallel.broadcast_from_head(payload, self._timeout_s)
-
-    def check_alive(self) -> None:
-        dead = [p for p in self._procs if p.exitcode is not None]
-        if dead:
-            raise RuntimeError(f"tensor-parallel worker {dead[0].name} exited "
-                               f"(code {dead[0].exitcode})")
+    def run(self, step: StepInputs, run_head: Callable[[], T]) -> T:
+        """Broadcast the step, then run rank 0's part of it. A rank that died or timed out fails
+        the step, and the local workers are killed: the others may be stuck in a collective."""
+        try:
+            dead = [p for p in self._procs if p.exitcode is not None]
+            if dead:
+                raise RuntimeError(f"tensor-parallel worker {dead[0].name} exited "
+                                   f"(code {dead[0].exitcode})")
+            header, payload = encode_step(step)
+            parallel.broadcast_from_head(header, self._timeout_s)
+            parallel.broadcast_from_head(payload, self._timeout_s)
+            return run_head()
+        except BaseException:
+            self.kill()
+            raise
 
     def shutdown(self) -> None:
         """Tell every rank (other nodes' too) to stop, then wait for the local ones."""

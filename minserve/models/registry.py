@@ -85,7 +85,7 @@ def lookup(name: str, task: str | None = None) -> Architecture:
     if arch is not None and (task is None or serves(arch, task)):
         return arch
     wanted = [a.name for a in ARCHITECTURES.values() if task is None or serves(a, task)]
-    what = "not supported" if arch is None else f"a {arch.task} model, not a {task} model"
+    what = "not supported" if arch is None else f"for {arch.task}, not {task}"
     raise ConfigError(f"model architecture {name!r} is {what}; supported"
                       f"{f' for {task}' if task else ''}: {', '.join(wanted)}")
 
