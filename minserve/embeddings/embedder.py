@@ -14,12 +14,7 @@ import torch
 
 from minserve.config import ConfigError, EngineConfig, ModelConfig
 from minserve.embeddings.decoder import DecoderForward, ShardedDecoder, check_shardable
-from minserve.embeddings.models import (
-    _progress,
-    fetch_packaged_model,  # noqa: F401 (re-exported: the public entry points live here too)
-    is_embedding_model,  # noqa: F401
-    resolve_embedding_model,
-)
+from minserve.embeddings.models import _progress, resolve_embedding_model
 from minserve.embeddings.pooling import (
     check_dimensions,
     finish_vectors,

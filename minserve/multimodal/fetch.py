@@ -221,16 +221,20 @@ def _guarded_connection(policy: MediaPolicy, address: tuple[str, int],
                      "the server runs with --allow-private-media-urls")
 
 
-class _GuardedHTTPConnection(http.client.HTTPConnection):
+class _Guarded:
+    """Mixed into http.client's connections: they connect through _guarded_connection."""
+
     def __init__(self, *args: object, policy: MediaPolicy, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self._create_connection = functools.partial(_guarded_connection, policy)
 
 
-class _GuardedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args: object, policy: MediaPolicy, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self._create_connection = functools.partial(_guarded_connection, policy)
+class _GuardedHTTPConnection(_Guarded, http.client.HTTPConnection):
+    pass
+
+
+class _GuardedHTTPSConnection(_Guarded, http.client.HTTPSConnection):
+    pass
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
