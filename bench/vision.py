@@ -21,7 +21,11 @@ from minserve.models.vision.idefics3 import Idefics3Connector
 from minserve.models.vision.llava import LlavaMultiModalProjector
 from minserve.models.vision.qwen_vit import QwenVisionTower
 from minserve.models.vision.siglip import SiglipVisionTower
-from minserve.models.vision.idefics3_processor import _rescale_to_max_len, _scale_below, _to_tile_multiple
+from minserve.models.vision.idefics3_processor import (
+    _rescale_to_max_len,
+    _scale_below,
+    _to_tile_multiple,
+)
 from minserve.models.vision.qwen2_vl_processor import smart_resize
 
 CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,

@@ -200,7 +200,7 @@ def image_processor(source: ModelSource, tokenizer: Any) -> Any:
 
 
 def profile_images(processor: Any, config: EngineConfig, device: torch.device
-                    ) -> list[dict[str, Any]]:
+                   ) -> list[dict[str, Any]]:
     """The largest batch of images one step can encode, for the KV-cache profile run: the
     largest image the processor makes, as many times as --limit-mm-per-prompt allows across
     max_num_seqs prompts, but no more than a step's token budget can reach."""
