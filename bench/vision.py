@@ -18,15 +18,15 @@ import torch
 
 from minserve.models.loader import init_dummy_weights
 from minserve.models.vision.idefics3 import Idefics3Connector
-from minserve.models.vision.llava import LlavaMultiModalProjector
-from minserve.models.vision.qwen_vit import QwenVisionTower
-from minserve.models.vision.siglip import SiglipVisionTower
 from minserve.models.vision.idefics3_processor import (
     _rescale_to_max_len,
     _scale_below,
     _to_tile_multiple,
 )
+from minserve.models.vision.llava import LlavaMultiModalProjector
 from minserve.models.vision.qwen2_vl_processor import smart_resize
+from minserve.models.vision.qwen_vit import QwenVisionTower
+from minserve.models.vision.siglip import SiglipVisionTower
 
 CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
               "num_attention_heads": 16, "image_size": 336, "patch_size": 14}
