@@ -61,7 +61,10 @@ class MediaPolicy:
     @classmethod
     def from_config(cls, config: Any) -> MediaPolicy:
         """The policy an EngineConfig's media flags describe (the server's and LLM's; the
-        engine never fetches). EngineConfig has checked the local folder exists."""
+        engine never fetches); None (an engine made by a factory): the defaults. EngineConfig
+        has checked that the local folder exists."""
+        if config is None:
+            return cls.create()
         return cls.create(config.allowed_local_media_path, config.allowed_media_domains,
                           config.allow_private_media_urls)
 
