@@ -63,17 +63,14 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2: bias on q/k/v
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     sliding_window: int | None = None  # Mistral
-    bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
-    torch_dtype: str | None = None
     quantization_config: dict[str, Any] | None = None  # config.json's, as written
     # The parsed method (a models.quant QuantConfig), set by the loader before the model is
     # built; each linear layer asks it for its quant_method.
     quant_config: Any = None
     # Vision-language models: the whole config.json (the wrapper reads vision_config and its
-    # projector settings from it), the image placeholder token, Qwen2-VL's M-RoPE split.
+    # projector settings from it) and Qwen2-VL's M-RoPE split.
     hf_config: dict[str, Any] = field(default_factory=dict)
-    image_token_id: int | None = None
     mrope_section: list[int] | None = None
 
     @classmethod
@@ -121,13 +118,9 @@ class ModelConfig:
             attention_bias=bool(d.get("attention_bias", arch.startswith("Qwen2"))),
             qk_norm=arch.startswith("Qwen3"),
             sliding_window=int(sliding) if sliding else None,
-            bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             quantization_config=top.get("quantization_config") or d.get("quantization_config"),
-            torch_dtype=d.get("torch_dtype") or d.get("dtype") or top.get("torch_dtype")
-            or top.get("dtype"),
             hf_config=top if is_wrapper else {},
-            image_token_id=top.get("image_token_id", top.get("image_token_index")),
             mrope_section=list(mrope_section) if mrope_section else None,
         )
 

@@ -196,7 +196,7 @@ def build_runner(config: EngineConfig, source: ModelSource, device: torch.device
 def image_processor(source: ModelSource, tokenizer: Any) -> Any:
     """The model's image processor (models/vision/), or None for a text-only model."""
     cls = source.arch.processor_class()
-    return None if cls is None else cls(source.folder, source.model_config.hf_config, tokenizer)
+    return None if cls is None else cls(source.folder, source.hf_config, tokenizer)
 
 
 def profile_images(processor: Any, config: EngineConfig, device: torch.device

@@ -145,22 +145,14 @@ def _llama3_scaling_from_rope_freqs(config: dict[str, Any], rope_freqs: np.ndarr
 
     from minserve.models.layers import compute_inv_freq
 
-    sc = {
-        "rope_type": "llama3",
-        "factor": float(rope_freqs.max()),
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-    }
+    sc = {"rope_type": "llama3", "factor": float(rope_freqs.max()), "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     base, _ = compute_inv_freq(config["head_dim"], config["rope_theta"], None, 0)
     scaled, _ = compute_inv_freq(config["head_dim"], config["rope_theta"], sc, 0)
-    if not torch.allclose(
-        base / torch.from_numpy(rope_freqs.astype(np.float32)), scaled, rtol=1e-3
-    ):
-        raise ConfigError(
-            "this GGUF stores rope_freqs that are not Llama 3 rope scaling; "
-            "load the original HF folder instead"
-        )
+    if not torch.allclose(base / torch.from_numpy(rope_freqs.astype(np.float32)), scaled,
+                          rtol=1e-3):
+        raise ConfigError("this GGUF stores rope_freqs that are not Llama 3 rope scaling; "
+                          "load the original HF folder instead")
     config["rope_scaling"] = sc
 
 
@@ -216,9 +208,8 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
                 int(t.tensor_type), dtype=np.int32)
             kept.add(type_name)
         else:
-            data = np.ascontiguousarray(
-                dequantize(t.data, t.tensor_type).reshape(shape), dtype=np.float32
-            )
+            data = np.ascontiguousarray(dequantize(t.data, t.tensor_type).reshape(shape),
+                                        dtype=np.float32)
             if quantized and name is not None and name.endswith(_LINEAR_SUFFIXES):
                 # No int layout for this type (F16/F32 rows, Q5_0, Q3_K, ...): float32 rows,
                 # served dense.
@@ -229,9 +220,8 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
             _llama3_scaling_from_rope_freqs(config, data)
             continue
         if name is None:
-            raise ConfigError(
-                f"GGUF tensor {t.name!r} has no HF counterpart; this GGUF variant is not supported"
-            )
+            raise ConfigError(f"GGUF tensor {t.name!r} has no HF counterpart; this GGUF "
+                              "variant is not supported")
         if permuted and ".q_proj." in name:
             data = unpermute_qk(data, config["num_attention_heads"])
         elif permuted and ".k_proj." in name:
@@ -295,10 +285,8 @@ def gguf_tokenizer(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     """(tokenizer.json, tokenizer_config.json, generation_config.json) as dicts."""
     model_type = meta.get("tokenizer.ggml.model")
     if model_type != "gpt2":
-        raise ConfigError(
-            f"GGUF tokenizer model {model_type!r} is not supported (only byte-level "
-            "BPE, 'gpt2'); pass the original HF folder instead"
-        )
+        raise ConfigError(f"GGUF tokenizer model {model_type!r} is not supported (only "
+                          "byte-level BPE, 'gpt2'); pass the original HF folder instead")
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     token_types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges: list[str] = meta.get("tokenizer.ggml.merges") or []
