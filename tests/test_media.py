@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from minserve.multimodal import fetch
-from minserve.multimodal.fetch import MediaPolicy, fetch_all, fetch_media
+from minserve.multimodal.fetch import MediaPolicy, fetch_media
 from minserve.multimodal.image import MediaError, decode_image, image_hash
 from tests.media_server import MediaServer, png_bytes
 from tests.tiny_vlm import random_image
@@ -203,11 +203,19 @@ def test_redirect_to_private_address_refused(server, monkeypatch):
 
 
 def test_fetch_all_concurrently_and_first_error(server):
-    urls = [server.url("/img.png"), server.url("/img2.png")]
-    assert asyncio.run(fetch_all(urls, OPEN)) == [server.images["/img.png"],
-                                                  server.images["/img2.png"]]
-    with pytest.raises(MediaError, match="HTTP 404"):
-        asyncio.run(fetch_all([urls[0], server.url("/missing")], OPEN))
+    """load_images (the server's path): every URL fetched at once, then decoded; the first
+    failure, in part order, names its part."""
+    from minserve.chat import ImageRef
+    from minserve.multimodal.inputs import load_images
+
+    refs = [ImageRef(server.url(p), None, f"part{i}") for i, p in enumerate(server.images)]
+    got = asyncio.run(load_images(refs, OPEN))
+    assert [im.tobytes() for im in got] == [decode_image(b).tobytes()
+                                            for b in server.images.values()]
+    refs[1] = ImageRef(server.url("/missing"), None, "part1")
+    with pytest.raises(MediaError, match="part1: .*HTTP 404") as e:
+        asyncio.run(load_images(refs, OPEN))
+    assert e.value.param == "part1"
 
 
 def test_timeout_env(monkeypatch):

@@ -302,12 +302,3 @@ async def fetch_async(url: str, policy: MediaPolicy) -> bytes:
     except asyncio.TimeoutError:
         raise MediaError(f"fetching the image URL timed out after {policy.timeout:g} s") from None
 
-
-async def fetch_all(urls: list[str], policy: MediaPolicy) -> list[bytes]:
-    """Every URL fetched at once; the first failure (in URL order) is raised."""
-    results = await asyncio.gather(*(fetch_async(u, policy) for u in urls),
-                                   return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results
