@@ -20,24 +20,16 @@ from minserve.multimodal.image import MediaError, check_image, decode_image, ima
 
 def load_images_sync(refs: list[Any], policy: Any) -> list[Image.Image]:
     """chat.ImageRefs -> RGB images, fetching in this thread (LLM.chat)."""
-    out = []
-    for ref in refs:
-        try:
-            data = fetch_media(ref.url, policy) if ref.url is not None else None
-        except MediaError as e:
-            raise MediaError(f"{ref.param}: {e}", ref.param) from None
-        out.append(_decoded(ref, data))
-    return out
+    return [_decoded(ref, None if ref.url is None else _named(ref, fetch_media, ref.url, policy))
+            for ref in refs]
 
 
 async def load_images(refs: list[Any], policy: Any) -> list[Image.Image]:
     """chat.ImageRefs -> RGB images: every URL fetched at once in the fetch threads, then
     decoded in a worker thread (decoding holds the CPU, not the event loop)."""
     async def fetch(ref: Any) -> bytes | None:
-        if ref.url is None:
-            return None
         try:
-            return await fetch_async(ref.url, policy)
+            return await fetch_async(ref.url, policy) if ref.url is not None else None
         except MediaError as e:
             raise MediaError(f"{ref.param}: {e}", ref.param) from None
 
@@ -50,8 +42,15 @@ async def load_images(refs: list[Any], policy: Any) -> list[Image.Image]:
 
 
 def _decoded(ref: Any, data: bytes | None) -> Image.Image:
+    if data is None:
+        return _named(ref, check_image, ref.image)
+    return _named(ref, decode_image, data)
+
+
+def _named(ref: Any, fn: Any, *args: Any) -> Any:
+    """fn(*args), its MediaError naming the image's part of the request."""
     try:
-        return decode_image(data) if data is not None else check_image(ref.image)
+        return fn(*args)
     except MediaError as e:
         raise MediaError(f"{ref.param}: {e}", ref.param) from None
 
