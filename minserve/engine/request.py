@@ -83,8 +83,7 @@ class EngineInfo:
     num_kv_blocks: int = 0
     block_size: int = 0
     # Vision-language models: the image processor (models/vision/; None: text only) and the
-    # most images one prompt may carry. Where images may come from is the front doors' business
-    # (multimodal.fetch.MediaPolicy).
+    # most images one prompt may carry (where images may come from: the front doors' MediaPolicy)
     image_processor: Any = None
     image_limit: int = 0
 

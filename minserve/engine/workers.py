@@ -125,8 +125,7 @@ class Workers:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device,
                  load_runner: Callable[..., ModelRunner]) -> None:
         """load_runner(config, rank, local_rank, port): a worker's runner (builder.py's
-        load_worker_runner, or an embedding model's), passed in so this module imports
-        neither."""
+        load_worker_runner, or an embedding model's), passed in: this module imports neither."""
         parallel.check_divisible(model_config, config.tensor_parallel_size)
         self._timeout_s = step_timeout_s()
         port = _master_port(config)
