@@ -6,6 +6,7 @@ failure path as the chat engine), each rank runs the same forward on its shards,
 pools; the hidden states after the final norm are whole on every rank (all-reduced)."""
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -36,17 +37,13 @@ class DecoderForward:
         from minserve.kernels import AttnMetadata
 
         lens = [len(r) for r in rows]
-        qsl = [0]
-        for n in lens:
-            qsl.append(qsl[-1] + n)
+        qsl = [0, *itertools.accumulate(lens)]
         dev, bs, mc = self.device, BLOCK_SIZE, self.model_config
         input_ids = torch.tensor([t for r in rows for t in r], dtype=torch.long, device=dev)
         positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
         # Row r owns the consecutive blocks from first[r]. Layers run one after another and
         # each reads back only what it has just written, so all of them share one layer's cache.
-        first = [0]
-        for n in lens:
-            first.append(first[-1] + -(-n // bs))
+        first = [0, *itertools.accumulate(-(-n // bs) for n in lens)]
         kv = torch.zeros(2, first[-1], bs, self.num_kv_heads, mc.head_dim, dtype=self.dtype,
                          device=dev)                                      # [2, NB, BS, K, D]
         self.model.set_kv_caches([(kv[0], kv[1])] * mc.num_hidden_layers)

@@ -4,6 +4,7 @@ Synchronous and single-threaded; service.py batches concurrent callers onto it."
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from functools import cached_property
@@ -340,10 +341,7 @@ class Embedder:
 
     def _forward_decoder(self, rows: list[list[int]]) -> torch.Tensor:
         hidden = (self.sharded or self.decoder).hidden(rows)
-        qsl = [0]
-        for r in rows:
-            qsl.append(qsl[-1] + len(r))
-        return pool_packed(hidden, qsl, self.pooling.mode)
+        return pool_packed(hidden, [0, *itertools.accumulate(map(len, rows))], self.pooling.mode)
 
 
 def _padded_chunk_end(order: list[int], token_lists: list[list[int]], start: int,
