@@ -140,7 +140,7 @@ class Embedder:
         config = EngineConfig(model=self.model_path, dtype=dtype, device=device,
                               tensor_parallel_size=tensor_parallel_size)
         source = find_model(config, dev, task="embed")
-        arch, hf = source.arch.name, source.hf_config
+        hf = source.hf_config
         self.is_cross_encoder = source.arch.task == "score"
         self.is_decoder = isinstance(source.model_config, ModelConfig)
         # cross-encoders: "sigmoid" | "identity" on their logit (scoring.py); None otherwise
@@ -183,13 +183,14 @@ class Embedder:
                               f"positions of {self.model_name}")
         self.max_model_len = max_model_len or limit
         self.tokenizer = _EmbeddingTokenizer(self.model_path)
+        _progress(f"embedding model {self.model_name}: {source.arch.name}, {self._kind()}, "
+                  f"max_model_len {self.max_model_len}, {self.dtype} on {self.device}")
+
+    def _kind(self) -> str:
         if self.is_cross_encoder:
-            what = f"cross-encoder, {self.dimension} label(s), {self.score_activation} score"
-        else:
-            what = (f"dim {self.dimension}, {self.pooling.mode} pooling ({self.pooling.source}), "
-                    f"normalize={self.pooling.normalize}")
-        _progress(f"embedding model {self.model_name}: {arch}, {what}, max_model_len "
-                  f"{self.max_model_len}, {self.dtype} on {self.device}")
+            return f"cross-encoder, {self.dimension} label(s), {self.score_activation} score"
+        return (f"dim {self.dimension}, {self.pooling.mode} pooling ({self.pooling.source}), "
+                f"normalize={self.pooling.normalize}")
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel ranks (a no-op on one process)."""
