@@ -134,16 +134,13 @@ class Engine:
                                quantization=config.quantization)
             image_processor, media_policy = self._multimodal(folder, model_config, tokenizer,
                                                              config)
-            self.lora = None
-            if config.lora is not None:   # before the runner: its KV sizing sees the LoRA slots
-                self.lora = _lora_manager(model, model_config, config, self.device, self.dtype)
-                for module in config.lora.lora_modules:
-                    self.lora.add(module.name, module.path)
             self.runner = ModelRunner(model, model_config, config, self.device, self.dtype,
                                       profile_images=self._profile_images(image_processor,
                                                                           config))
+            self.lora = self.runner.lora_manager
             if self.lora is not None:
-                self.runner.lora_state = self.lora.state
+                for module in config.lora.lora_modules:
+                    self.lora.add(module.name, module.path)
             if self.workers is not None:
                 # every rank's first forward (lazy imports) runs now, not under the step timeout
                 self.runner.dummy_run(config.block_size, 1)
@@ -419,15 +416,6 @@ def _token_slice(request: Request, start: int, end: int) -> list[int]:
     return request.prompt_token_ids[start:] + request.output_token_ids[:end - num_prompt]
 
 
-def _lora_manager(model: Any, model_config: ModelConfig, config: EngineConfig,
-                  device: torch.device, dtype: torch.dtype) -> Any:
-    """The LoRA slots on a rank's model (every rank builds them before its runner sizes KV)."""
-    from minserve.lora.manager import LoRAManager
-
-    lora_dtype = dtype if config.lora.lora_dtype == "auto" else DTYPES[config.lora.lora_dtype]
-    return LoRAManager(model, model_config, config.lora, device, lora_dtype)
-
-
 def load_worker_runner(config: EngineConfig, rank: int, local_rank: int, port: int) -> ModelRunner:
     """The rank's model shards and KV cache share, built as the Engine builds rank 0's."""
     from minserve.engine.workers import rank_device, step_timeout_s
@@ -448,10 +436,6 @@ def load_worker_runner(config: EngineConfig, rank: int, local_rank: int, port: i
     torch.manual_seed(config.seed)
     model = load_model(folder, model_config, device, dtype, config.load_format,
                        quantization=config.quantization)   # --quantization fp8 on every rank
-    lora = (None if config.lora is None
-            else _lora_manager(model, model_config, config, device, dtype))
     runner = ModelRunner(model, model_config, config, device, dtype)
-    if lora is not None:   # the head's step plans say what to load in which slot
-        runner.lora_state, runner.lora_manager = lora.state, lora
     runner.dummy_run(config.block_size, 1)   # the head runs the same warm-up step (Engine)
     return runner

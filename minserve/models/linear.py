@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minserve import kernels
 from minserve.config import ConfigError
+from minserve.kernels import LoRAMapping
 from minserve.models import cpu_gemm, parallel
 
 
@@ -73,7 +75,7 @@ class LinearBase(nn.Module):
     """input_size and output_sizes are this rank's part (the subclasses divide by tp_size)."""
 
     split_dim = "output_dim"   # the parameter attribute naming the dim that tp_size splits
-    lora = None                # a LoRALayer (minserve/lora/layers.py) when LoRA wraps this one
+    lora_slots = None          # a LoRASlots (minserve/lora/layers.py) when LoRA is on
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool,
                  quant_method: Any = None, tp_rank: int = 0, tp_size: int = 1) -> None:
@@ -89,9 +91,16 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.quant_method.apply(self, x, self.bias)
-        return out if self.lora is None else self.lora.add_delta(x, out)
+    def forward(self, x: torch.Tensor, lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
+        """x [T, IN] -> [T, N]; with the step's lora_mapping, plus each token's LoRA delta."""
+        return self._add_lora(x, self.quant_method.apply(self, x, self.bias), lora_mapping)
+
+    def _add_lora(self, x: torch.Tensor, out: torch.Tensor,
+                  lora_mapping: LoRAMapping | None) -> torch.Tensor:
+        if lora_mapping is not None and self.lora_slots is not None:
+            kernels.lora_add(x, self.lora_slots.lora_a, self.lora_slots.lora_bt, lora_mapping,
+                             out)
+        return out
 
     def checkpoint_part(self, index: int) -> tuple[int, int]:
         """(part, number of parts) of checkpoint shard `index` (its position among
@@ -192,10 +201,10 @@ class RowParallelLinear(LinearBase):
 
     split_dim = "input_dim"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
         out = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
-        if self.lora is not None:   # a partial sum like the base output's: reduced with it
-            out = self.lora.add_delta(x, out)
+        # the LoRA delta is a partial sum like the base output's: reduced with it
+        out = self._add_lora(x, out, lora_mapping)
         return parallel.all_reduce(out) if self.tp_size > 1 else out
 
 
