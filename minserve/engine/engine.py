@@ -94,15 +94,14 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         set_cpu_threads(self.device)
         # GGUF: serve the quantized blocks, or dequantize at load (--gguf-dequantize). By
-        # default served quantized: the weights' bytes are the decode time, on a GPU and, with
-        # the native CPU kernel (kernels/cpu_native.py), on a CPU. Without that kernel a CPU
-        # dequantizes, since dense float32 matmuls measured faster than torch's int ones.
+        # default served quantized: the weights' bytes are the decode time, where the int
+        # kernels are fast (kernels.int_gemm_fast: not a CPU without the native kernel).
         gguf_dequantize = config.gguf_dequantize
         if gguf_dequantize is None:
-            from minserve.kernels import cpu_native
+            from minserve import kernels
 
-            gguf_dequantize = (self.device.type == "cpu" and config.quantization != "gguf"
-                               and not cpu_native.available())
+            gguf_dequantize = (config.quantization != "gguf"
+                               and not kernels.int_gemm_fast(self.device))
         folder = resolve_model(config.model, config.revision, gguf_quantized=not gguf_dequantize)
         with open(os.path.join(folder, "config.json")) as f:
             model_config = ModelConfig.from_dict(json.load(f))

@@ -23,7 +23,7 @@ from torch import nn
 from minserve import kernels
 from minserve.config import ConfigError
 from minserve.kernels import LoRAMapping
-from minserve.models import cpu_gemm, parallel
+from minserve.models import parallel
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
@@ -53,8 +53,8 @@ def _divide(total: int, tp_size: int, what: str) -> int:
 
 
 class UnquantizedLinearMethod:
-    """One dense weight [sum(output_sizes), input_size] multiplied with F.linear (on CPU in
-    float32, batches of rows go through oneDNN with a packed copy: models/cpu_gemm.py).
+    """One dense weight [sum(output_sizes), input_size] multiplied by kernels.linear (the layer
+    keeps whatever packed copy of the weight the device's path wants).
 
     A quantized method (the quantization issue) registers its own parameters (qweight, scales,
     zeros, ...) the same way: each with `output_dim`/`input_dim` (the dims that tensor parallelism
@@ -68,7 +68,7 @@ class UnquantizedLinearMethod:
 
     def apply(self, layer: LinearBase, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-        return cpu_gemm.linear(x, layer.weight, bias, layer)
+        return kernels.linear(x, layer.weight, bias, layer)
 
 
 class LinearBase(nn.Module):

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from minserve import kernels
 from minserve.config import ModelConfig
 from minserve.kernels import AttnMetadata, LoRAMapping
-from minserve.models import cpu_gemm, parallel
+from minserve.models import parallel
 from minserve.models.layers import Attention, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
 from minserve.models.linear import (
     MergedColumnParallelLinear,
@@ -188,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [N, hidden] -> logits [N, V] float32 (on rank 0; None on the other ranks)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = cpu_gemm.logits(hidden, weight, self).float()   # [N, V / tp]
+        logits = kernels.logits(hidden, weight, self).float()   # [N, V / tp]
         if self.model.embed_tokens.tp_size == 1:    # (another engine of this process may be TP)
             return logits
         return parallel.gather_vocab(logits, self.config.vocab_size)
