@@ -13,7 +13,7 @@ of one segment, so a prefill chunk is one contiguous segment and decode rows are
     seg_start:        [ 0    2            6 ]   seg_slots: [ 0  2 ]
 
 Plain-torch references beside the kernels (what the interpreter tests compare against); a CPU
-step runs lora_fused_cpu, the same sums in fewer ops (kernels/__init__.py's lora_add dispatches)."""
+step runs lora_fused_cpu, the same sums in fewer ops (dispatch.py's lora_add chooses)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -230,7 +230,8 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, m: LoRAMapping,
 
 def lora_expand_triton(y: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping,
                        out: torch.Tensor) -> None:
-    """lora_b [S, N, R] with any strides (LoRALayer passes B^T [S, R, N] transposed)."""
+    """lora_b [S, N, R] with any strides (lora_add passes the B^T [S, R, N] of LoRASlots
+    transposed)."""
     assert y.stride(-1) == 1 and out.stride(-1) == 1
     if m.is_empty:
         return
