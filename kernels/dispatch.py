@@ -38,10 +38,6 @@ from minserve.kernels.lora import (
     lora_shrink_triton,
 )
 
-__all__ = ["AttnMetadata", "CpuIntWeight", "Fp8Weight", "IntWeight", "LoRAMapping", "fp8_gemm",
-           "int_gemm", "int_gemm_fast", "linear", "logits", "lora_add", "paged_attention",
-           "prepare_int_weight", "rms_norm", "silu_and_mul", "store_kv", "triton_enabled"]
-
 _TRITON = triton is not None and not env.NO_TRITON
 
 

@@ -26,7 +26,6 @@ from minserve.kernels.jit import jit, tl, triton
 
 @dataclass(slots=True)
 class LoRAMapping:
-    token_slots: torch.Tensor        # [T] int64 slot per token, -1 = base model
     seg_slots_host: list[int]        # [A] the active slots, ascending
     seg_start_host: list[int]        # [A + 1] segment bounds into sorted_token_ids
     sorted_token_ids: torch.Tensor   # [sum of segments] int64
@@ -63,8 +62,8 @@ def lora_mapping(token_slots: np.ndarray, device: torch.device) -> LoRAMapping:
     nb = device.type == "cuda"
     onehot = torch.from_numpy((slots[:, None] == seg_slots[None, :]).astype(np.float32))
     m = LoRAMapping(
-        torch.from_numpy(slots).to(device, non_blocking=nb), seg_slots.tolist(),
-        seg_start.tolist(), torch.from_numpy(order.astype(np.int64)).to(device, non_blocking=nb),
+        seg_slots.tolist(), seg_start.tolist(),
+        torch.from_numpy(order.astype(np.int64)).to(device, non_blocking=nb),
         torch.from_numpy(seg_start.astype(np.int32)).to(device, non_blocking=nb),
         torch.from_numpy(seg_slots.astype(np.int32)).to(device, non_blocking=nb),
         int(counts.max()) if len(counts) else 0, onehot.to(device, non_blocking=nb))
