@@ -287,7 +287,7 @@ def _f32_rows(*tensors: torch.Tensor | None) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
-    """layers.RMSNorm's forward ([M, D] float32 rows) in one call; None where it does not apply
+    """layer_ops.rms_norm_ref ([M, D] float32 rows) in one call; None where it does not apply
     (no library, other dtypes or layouts): the caller runs torch."""
     lib = library()
     if lib is None or not _f32_rows(x, residual) or weight.dtype != torch.float32:

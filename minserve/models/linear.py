@@ -93,14 +93,15 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor, lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
         """x [T, IN] -> [T, N]; with the step's lora_mapping, plus each token's LoRA delta."""
-        return self._add_lora(x, self.quant_method.apply(self, x, self.bias), lora_mapping)
+        out = self.quant_method.apply(self, x, self.bias)
+        if lora_mapping is not None:
+            self._add_lora(x, out, lora_mapping)
+        return out
 
-    def _add_lora(self, x: torch.Tensor, out: torch.Tensor,
-                  lora_mapping: LoRAMapping | None) -> torch.Tensor:
-        if lora_mapping is not None and self.lora_slots is not None:
+    def _add_lora(self, x: torch.Tensor, out: torch.Tensor, lora_mapping: LoRAMapping) -> None:
+        if self.lora_slots is not None:
             kernels.lora_add(x, self.lora_slots.lora_a, self.lora_slots.lora_bt, lora_mapping,
                              out)
-        return out
 
     def checkpoint_part(self, index: int) -> tuple[int, int]:
         """(part, number of parts) of checkpoint shard `index` (its position among
@@ -203,8 +204,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor, lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
         out = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
-        # the LoRA delta is a partial sum like the base output's: reduced with it
-        out = self._add_lora(x, out, lora_mapping)
+        if lora_mapping is not None:   # a partial sum like the base output's: reduced with it
+            self._add_lora(x, out, lora_mapping)
         return parallel.all_reduce(out) if self.tp_size > 1 else out
 
 
