@@ -8,7 +8,8 @@ C++ were no faster than the fp32 matmul (bench/RESULTS.md, "Native CPU decode ke
 built with -march=native into the cache ($MINSERVE_CACHE/native, keyed by the source, the
 compiler and the CPU's flags) and links the OpenMP runtime torch already loaded (libgomp.so.1),
 so both share one thread pool. Without a compiler, or with MINSERVE_CPU_NATIVE=0, available()
-is False and int weights stay on the torch paths of kernels/quant_gemm.py.
+is False and int weights stay on the torch paths of kernels/quant_gemm.py (minserve/env.py reads
+the variables).
 
 Rows: up to MAX_ROWS (a decode step) run the native kernel; more (a prefill chunk) dequantize
 the weight natively into a scratch fp32 tensor and run one sgemm, where the FLOPs are the time.
@@ -28,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
+from minserve import env
 from minserve.kernels.quant_gemm import IntWeight, unpack_int
 
 log = logging.getLogger("minserve")
 
-ENABLED = os.environ.get("MINSERVE_CPU_NATIVE", "1") != "0"
 SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
            for name in ("cpu_int_gemm.c", "cpu_attention.c", "cpu_layer_ops.c")]
 MAX_ROWS = 64              # the native kernel beat dequantize + sgemm up to here (bench/RESULTS.md)
@@ -136,7 +137,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None where it cannot be (logged once)."""
     if "lib" in _state:
         return _state["lib"]  # type: ignore[return-value]
-    if not ENABLED or platform.system() != "Linux":
+    if not env.CPU_NATIVE or platform.system() != "Linux":
         return None
     with _lock:
         if "lib" not in _state:
@@ -161,9 +162,7 @@ def _cpu_flags() -> str:
 
 
 def _build() -> str:
-    from minserve.config import cache_dir
-
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = env.c_compiler() or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc) on PATH")
     source = b""
@@ -172,7 +171,7 @@ def _build() -> str:
             source += f.read()
     version = subprocess.run([cc, "--version"], capture_output=True, timeout=30).stdout
     key = hashlib.sha256(source + version + _cpu_flags().encode() + platform.machine().encode())
-    out_dir = os.path.join(cache_dir(), "native")
+    out_dir = os.path.join(env.cache_dir(), "native")
     out = os.path.join(out_dir, f"minserve_cpu-{key.hexdigest()[:16]}.so")
     if os.path.isfile(out):
         return out
@@ -288,7 +287,7 @@ def _f32_rows(*tensors: torch.Tensor | None) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None
              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
-    """layers.RMSNorm's forward ([M, D] float32 rows) in one call; None where it does not apply
+    """layer_ops.rms_norm_ref ([M, D] float32 rows) in one call; None where it does not apply
     (no library, other dtypes or layouts): the caller runs torch."""
     lib = library()
     if lib is None or not _f32_rows(x, residual) or weight.dtype != torch.float32:

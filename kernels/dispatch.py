@@ -1,11 +1,13 @@
 """Kernel dispatch: Triton on CUDA, native C or the plain-torch reference elsewhere (CPU, no
-triton, or MINSERVE_NO_TRITON=1, read once at import). Every public op has the same signature and
-the same results (to rounding) on every path; callers never branch on the device themselves."""
+triton, or MINSERVE_NO_TRITON=1: minserve/env.py). Every public op has the same signature and the
+same results (to rounding) on every path; callers never branch on the device themselves, and the
+weight layouts each device runs fastest are chosen here too (prepare_int_weight)."""
 from __future__ import annotations
 
-import os
-
 import torch
+import torch.nn.functional as F
+
+from minserve import env
 from minserve.kernels.attention import AttnMetadata, paged_attention_ref, paged_attention_triton
 from minserve.kernels.cache import store_kv_ref, store_kv_triton
 from minserve.kernels.fp8_gemm import (
@@ -15,31 +17,28 @@ from minserve.kernels.fp8_gemm import (
     fp8_scaled_mm,
     scaled_mm_supported,
 )
-from minserve.kernels import cpu_native
+from minserve.kernels import cpu_gemm, cpu_native
 from minserve.kernels.cpu_native import CpuIntWeight
 from minserve.kernels.cpu_native import int_gemm as cpu_int_gemm
 from minserve.kernels.jit import triton
+from minserve.kernels.layer_ops import rms_norm_ref, silu_and_mul_ref
 from minserve.kernels.quant_gemm import (
     CpuInt4Weight,
     IntWeight,
     cpu_int4_gemm,
+    cpu_int4_supported,
     int_gemm_ref,
     int_gemm_triton,
+    to_cpu_int4,
 )
 from minserve.kernels.lora import (
     LoRAMapping,
-    lora_expand_ref,
     lora_fused_cpu,
     lora_expand_triton,
-    lora_shrink_ref,
     lora_shrink_triton,
 )
 
-__all__ = ["AttnMetadata", "CpuIntWeight", "Fp8Weight", "IntWeight", "LoRAMapping", "fp8_gemm",
-           "int_gemm", "lora_add", "lora_expand", "lora_shrink", "paged_attention",
-           "store_kv", "triton_enabled"]
-
-_TRITON = triton is not None and os.environ.get("MINSERVE_NO_TRITON", "") != "1"
+_TRITON = triton is not None and not env.NO_TRITON
 
 
 def triton_enabled(t: torch.Tensor) -> bool:
@@ -102,6 +101,69 @@ def store_kv(
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x [T, D] -> norm(x) * weight, or with `residual`: (norm(x + residual) * weight,
+    x + residual), the pre-norm step of a decoder layer in one call on CPU."""
+    if x.device.type == "cpu":
+        fused = cpu_native.rms_norm(x, weight, eps, residual)
+        if fused is not None:
+            return fused
+    return rms_norm_ref(x, weight, eps, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2*I] (gate | up) -> [T, I] = silu(gate) * up."""
+    if x.device.type == "cpu":
+        fused = cpu_native.silu_and_mul(x)
+        if fused is not None:
+            return fused
+    return silu_and_mul_ref(x)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           owner: object) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T (+ bias) -> [..., N], a dense linear layer. On CPU, batches
+    of float32 rows run on oneDNN with a packed copy of the weight that `owner` (the layer)
+    keeps (cpu_gemm.py)."""
+    if x.device.type == "cpu":
+        out = cpu_gemm.linear(x, weight, bias, owner)
+        if out is not None:
+            return out
+    return F.linear(x, weight, bias)
+
+
+def logits(x: torch.Tensor, weight: torch.Tensor, owner: object) -> torch.Tensor:
+    """x [N, hidden] @ the output layer's weight [V, hidden].T -> [N, V]. On CPU an exactly
+    8-bit weight (a GGUF Q8_0 embedding) runs on the native int kernel (cpu_gemm.int8_weight)."""
+    if x.device.type == "cpu":
+        w8 = cpu_gemm.int8_weight(weight, owner)
+        if w8 is not None:
+            return cpu_int_gemm(x.reshape(-1, x.shape[-1]), w8)
+    return linear(x, weight, None, owner)
+
+
+def prepare_int_weight(w: IntWeight | torch.Tensor
+                       ) -> IntWeight | CpuIntWeight | CpuInt4Weight | torch.Tensor:
+    """A loaded int weight -> the layout int_gemm runs fastest where it lives: on CPU the native
+    kernel's row-major one where the library builds, else torch's int4 tiles for int4 (the
+    reference would dequantize the whole weight on every call). Anything else as it is."""
+    if isinstance(w, IntWeight):
+        if cpu_native.supported(w) and cpu_native.available():
+            return cpu_native.to_cpu_int(w)
+        if cpu_int4_supported(w):
+            return to_cpu_int4(w)
+    return w
+
+
+def int_gemm_fast(device: torch.device) -> bool:
+    """Whether int weights serve at least as fast as dequantized float ones on `device`: not on
+    a CPU without the native library, where torch's int kernels measured slower than the fp32
+    matmul (bench/RESULTS.md, "Native CPU decode kernels")."""
+    return device.type != "cpu" or cpu_native.available()
+
+
 def int_gemm(x: torch.Tensor, w: IntWeight | CpuIntWeight | CpuInt4Weight,
              bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ int4/int8 weight [N, K].T -> [..., N] (weight-only, group-wise scales)."""
@@ -124,24 +186,6 @@ def _on_rows(gemm, x: torch.Tensor, w: object, bias: torch.Tensor | None) -> tor
     """A [M, K] GEMM applied to x [..., K]."""
     out = gemm(x.reshape(-1, x.shape[-1]), w, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, mapping: LoRAMapping,
-                y: torch.Tensor) -> None:
-    """x [T, IN], lora_a [S, R, IN] -> y [T, R] = x @ A[slot]^T for tokens with an adapter."""
-    if triton_enabled(x):
-        lora_shrink_triton(x, lora_a, mapping, y)
-    else:
-        lora_shrink_ref(x, lora_a, mapping, y)
-
-
-def lora_expand(y: torch.Tensor, lora_b: torch.Tensor, mapping: LoRAMapping,
-                out: torch.Tensor) -> None:
-    """out [T, N] += y [T, R] @ B[slot]^T (lora_b [S, N, R]) for tokens with an adapter."""
-    if triton_enabled(y):
-        lora_expand_triton(y, lora_b, mapping, out)
-    else:
-        lora_expand_ref(y, lora_b, mapping, out)
 
 
 def lora_add(x: torch.Tensor, lora_a: torch.Tensor, lora_bt: list[torch.Tensor],

@@ -23,9 +23,9 @@ def _wants_triton() -> bool:
     """Importing triton costs ~70 MiB of resident memory (bench/RESULTS.md, "Memory"), and a
     process without CUDA never launches a Triton kernel, unless the interpreter is asked for
     (TRITON_INTERPRET=1: the kernel tests). MINSERVE_IMPORT_TRITON=1 imports it regardless."""
-    import os
+    from minserve import env
 
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("MINSERVE_IMPORT_TRITON") == "1":
+    if env.IMPORT_TRITON:
         return True
     import torch
 

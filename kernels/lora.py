@@ -13,7 +13,7 @@ of one segment, so a prefill chunk is one contiguous segment and decode rows are
     seg_start:        [ 0    2            6 ]   seg_slots: [ 0  2 ]
 
 Plain-torch references beside the kernels (what the interpreter tests compare against); a CPU
-step runs lora_fused_cpu, the same sums in fewer ops (kernels/__init__.py's lora_add dispatches)."""
+step runs lora_fused_cpu, the same sums in fewer ops (dispatch.py's lora_add chooses)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,7 +26,6 @@ from minserve.kernels.jit import jit, tl, triton
 
 @dataclass(slots=True)
 class LoRAMapping:
-    token_slots: torch.Tensor        # [T] int64 slot per token, -1 = base model
     seg_slots_host: list[int]        # [A] the active slots, ascending
     seg_start_host: list[int]        # [A + 1] segment bounds into sorted_token_ids
     sorted_token_ids: torch.Tensor   # [sum of segments] int64
@@ -63,8 +62,8 @@ def lora_mapping(token_slots: np.ndarray, device: torch.device) -> LoRAMapping:
     nb = device.type == "cuda"
     onehot = torch.from_numpy((slots[:, None] == seg_slots[None, :]).astype(np.float32))
     m = LoRAMapping(
-        torch.from_numpy(slots).to(device, non_blocking=nb), seg_slots.tolist(),
-        seg_start.tolist(), torch.from_numpy(order.astype(np.int64)).to(device, non_blocking=nb),
+        seg_slots.tolist(), seg_start.tolist(),
+        torch.from_numpy(order.astype(np.int64)).to(device, non_blocking=nb),
         torch.from_numpy(seg_start.astype(np.int32)).to(device, non_blocking=nb),
         torch.from_numpy(seg_slots.astype(np.int32)).to(device, non_blocking=nb),
         int(counts.max()) if len(counts) else 0, onehot.to(device, non_blocking=nb))
@@ -230,7 +229,8 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, m: LoRAMapping,
 
 def lora_expand_triton(y: torch.Tensor, lora_b: torch.Tensor, m: LoRAMapping,
                        out: torch.Tensor) -> None:
-    """lora_b [S, N, R] with any strides (LoRALayer passes B^T [S, R, N] transposed)."""
+    """lora_b [S, N, R] with any strides (lora_add passes the B^T [S, R, N] of LoRASlots
+    transposed)."""
     assert y.stride(-1) == 1 and out.stride(-1) == 1
     if m.is_empty:
         return

@@ -16,7 +16,7 @@ import socket
 import sys
 from typing import Any
 
-from minserve import __version__
+from minserve import __version__, env
 from minserve.config import (
     DEFAULT_MODEL_NAME,
     KV_CACHE_DTYPES,
@@ -35,7 +35,7 @@ logger = logging.getLogger("minserve")
 # this logger at INFO), as vLLM's "Uvicorn running on" does.
 startup_logger = logging.getLogger("minserve.startup")
 
-API_KEY_ENVS = ("VLLM_API_KEY", "MINSERVE_API_KEY")
+API_KEY_ENVS = env.API_KEY_ENVS
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -480,7 +480,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)
     from minserve.server import ServerConfig
 
-    env_key = next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
+    env_key = env.api_key()
     keys = args.api_key or ([env_key] if env_key else [])
     names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
     embed_only = args.task == "embed"
@@ -503,8 +503,7 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         enable_server_load_tracking=args.enable_server_load_tracking,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         lora_modules=args.lora_modules or [],
-        allow_runtime_lora=args.enable_lora and os.environ.get(
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("true", "1"))
+        allow_runtime_lora=args.enable_lora and env.allow_runtime_lora())
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -3,9 +3,10 @@ knobs (named as vLLM's flags). Never imports torch, so the server can read them 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from minserve.env import cache_dir  # noqa: F401  (its home is env.py; callers import it here)
 
 # The model served when none is named (models/loader.py fetches it; the CLI reports its name).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -308,9 +309,3 @@ class LoRAConfig:
         if dup:
             raise ConfigError(f"--lora-modules: the name {sorted(dup)[0]!r} is given twice")
 
-
-def cache_dir() -> str:
-    """Where minserve keeps the default model and converted weights ($MINSERVE_CACHE)."""
-    return os.environ.get("MINSERVE_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "minserve"
-    )

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 import os
 
+from minserve import env
+
 OMP_DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
 # (quota file, period file or None when the quota file holds both): cgroup v2, then v1
 CGROUP_CPU_FILES = (("/sys/fs/cgroup/cpu.max", None),
@@ -27,7 +29,7 @@ def set_omp_defaults() -> bool:
     is already imported, which makes it too late for libgomp to see them."""
     import sys
 
-    if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):   # the user's policy wins
+    if not env.omp_wait_policy_set():   # the user's policy wins
         os.environ.update(OMP_DEFAULTS)
     return "torch" not in sys.modules
 
@@ -46,7 +48,7 @@ def usable_cpus() -> int:
 def num_torch_threads() -> int | None:
     """The intra-op thread count minserve sets on CPU, or None to leave torch's (the user set
     OMP_NUM_THREADS)."""
-    if os.environ.get("OMP_NUM_THREADS"):
+    if env.omp_num_threads_set():
         return None
     return usable_cpus()
 

@@ -272,7 +272,7 @@ def check_lora(slot_runs, *, num_slots=4, in_features=40, rank=16, out_features=
                dtype=torch.float32, seed=0, b_transposed=False):
     """shrink then expand (into a column slice of a wider output, as a fused qkv's), Triton vs
     the reference; slot_runs = [(slot, num_tokens), ...] in step order (-1: base tokens).
-    b_transposed: B is a [S, N, R] view of B^T [S, R, N], as LoRALayer keeps it."""
+    b_transposed: B is a [S, N, R] view of B^T [S, R, N], as LoRASlots keep it."""
     torch.manual_seed(seed)
     slots = torch.cat([torch.full((n,), s) for s, n in slot_runs]).numpy()
     mapping = lora.lora_mapping(slots, torch.device("cpu"))
@@ -310,7 +310,7 @@ def _():
                out_features=130, seed=1)
     check_lora([(1, 3)], rank=8, out_features=16, seed=2)      # one adapter, every token
     check_lora([(-1, 4)], seed=3)                              # no adapter in the step
-    check_lora(_LORA_MIXED, out_features=70, seed=4, b_transposed=True)   # LoRALayer's B^T
+    check_lora(_LORA_MIXED, out_features=70, seed=4, b_transposed=True)   # LoRASlots' B^T
 
 
 def run(names: list[str]) -> dict[str, str | None]:

@@ -370,3 +370,29 @@ def test_fused_cpu_path_equals_the_references(slots):
         col += sizes[i]
     k.lora_fused_cpu(x, a, [b.transpose(1, 2).contiguous() for b in bs], mapping, out)
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-5)
+
+
+def test_a_linear_adds_the_delta_of_the_mapping_it_is_given():
+    """The step's LoRA mapping is an argument of the forward, not state the layer keeps: the same
+    layer gives the base output without one, and each token its own adapter's delta with one."""
+    import numpy as np
+
+    from minserve.kernels.lora import lora_mapping
+    from minserve.lora.layers import LoRASlots
+    from minserve.models.linear import MergedColumnParallelLinear
+
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    layer = MergedColumnParallelLinear(16, [8, 6], bias=False)
+    layer.weight.data.normal_()
+    slots = LoRASlots(layer, 16, num_slots=2, max_rank=4, dtype=torch.float32, device=cpu)
+    ab = [(torch.randn(3, 16), torch.randn(8, 3)), (torch.randn(3, 16), torch.randn(6, 3))]
+    slots.set_slot(1, ab)
+    x = torch.randn(3, 16)
+    base = x @ layer.weight.t()
+    want = base.clone()
+    for t in (0, 2):
+        want[t] += torch.cat([(x[t] @ a.t()) @ b.t() for a, b in ab])
+    torch.testing.assert_close(layer(x), base)
+    torch.testing.assert_close(layer(x, lora_mapping(np.array([1, -1, 1]), cpu)), want)
+    torch.testing.assert_close(layer(x), base)     # nothing of the last call stays behind

@@ -68,9 +68,9 @@ def _prompt(n: int, seed: int) -> list[int]:
 def reference_int_path(monkeypatch):
     """Keep int4 layers off torch's bf16-activation CPU int4 kernel: the plain-torch reference
     runs, or where it builds the native kernel, both with exact fp32 dequantization."""
-    import minserve.models.quant.base as base
+    import minserve.kernels.dispatch as dispatch
 
-    monkeypatch.setattr(base, "cpu_int4_supported", lambda w: False)
+    monkeypatch.setattr(dispatch, "cpu_int4_supported", lambda w: False)
 
 
 def _check_pair(ours, ref, atol: float = ATOL) -> None:
@@ -155,13 +155,13 @@ def test_cpu_int4_kernel_path_tracks_dequantized(tiny_model_dir, tmp_path, monke
     """Without the native kernel, CPU int4 layers run torch's int4 kernel on bf16 activations:
     the logits follow the dequantized model to bf16 rounding (a wrong nibble order is off by
     ~5)."""
-    import minserve.models.quant.base as base
+    from minserve.kernels import cpu_native
     from minserve.kernels.quant_gemm import CpuInt4Weight
 
     from tests.paged_runner import load_ours
     from tests.quant_packers import quantize_model_folder
 
-    monkeypatch.setattr(base.cpu_native, "available", lambda: False)
+    monkeypatch.setattr(cpu_native, "available", lambda: False)
     dst, ref = str(tmp_path / "quantized"), str(tmp_path / "dequantized")
     quantize_model_folder(tiny_model_dir, dst, ref, "gptq", bits=4, group_size=32,
                           desc_act=True)

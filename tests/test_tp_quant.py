@@ -85,9 +85,9 @@ def sharded_logits(specs, tmp_path_factory):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_quantized_logits_at_tp2_equal_one_process(name, specs, sharded_logits, monkeypatch):
-    import minserve.models.quant.base as base
+    import minserve.kernels.dispatch as dispatch
 
-    monkeypatch.setattr(base, "cpu_int4_supported", lambda w: False)
+    monkeypatch.setattr(dispatch, "cpu_int4_supported", lambda w: False)
     model = load_spec(specs[name])
     assert any(getattr(m, "parts", None) or getattr(m, "fp8_weight", None) is not None
                for m in model.modules()), "no layer was quantized"
@@ -107,7 +107,7 @@ def _load_layer(layer, tensors: dict, shard_id=None):
 def test_act_order_row_shard_pads_its_groups_and_sums_to_the_whole(monkeypatch):
     """A row shard of an act-order GPTQ layer holds parts of groups: padded to whole groups
     (reading a zero column), its partial output plus the other rank's is the whole layer's."""
-    import minserve.models.quant.base as base
+    import minserve.kernels.dispatch as dispatch
     from minserve.models.linear import RowParallelLinear
     from minserve.models.quant import get_quant_config
     from tests.quant_packers import QUANTIZERS
@@ -127,7 +127,7 @@ def test_act_order_row_shard_pads_its_groups_and_sums_to_the_whole(monkeypatch):
         return layer
 
     for int4_kernel in (False, True):            # the reference GEMM, then torch's CPU kernel
-        monkeypatch.setattr(base, "cpu_int4_supported", lambda w, on=int4_kernel: on)
+        monkeypatch.setattr(dispatch, "cpu_int4_supported", lambda w, on=int4_kernel: on)
         whole = layer(0, 1)
         want = whole.quant_method.apply(whole, x)
         total = torch.zeros(3, n)

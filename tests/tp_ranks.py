@@ -44,9 +44,9 @@ def run_steps(model) -> list[torch.Tensor]:
 def main() -> None:
     rank, world, port, out_dir, *folders = sys.argv[1:]
     if os.environ.get("MINSERVE_TEST_REFERENCE_INT") == "1":
-        import minserve.models.quant.base as base
+        import minserve.kernels.dispatch as dispatch
 
-        base.cpu_int4_supported = lambda w: False
+        dispatch.cpu_int4_supported = lambda w: False
     parallel.init(int(rank), int(world), "127.0.0.1", int(port), torch.device("cpu"), 120)
     for i, folder in enumerate(folders):
         logits = run_steps(load_spec(folder))

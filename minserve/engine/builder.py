@@ -45,7 +45,6 @@ class ModelSource:
 class LoadedModel:
     model: torch.nn.Module
     dtype: torch.dtype
-    lora: Any = None           # LoRAManager: the slots on this rank's layers (--enable-lora)
 
 
 # ---- device, dtype, folder ------------------------------------------------------------------
@@ -110,9 +109,9 @@ def _gguf_dequantize(config: EngineConfig, device: torch.device) -> bool:
     float32 matmuls measured faster than torch's int ones."""
     if config.gguf_dequantize is not None:
         return config.gguf_dequantize
-    from minserve.kernels import cpu_native
+    from minserve import kernels
 
-    return device.type == "cpu" and config.quantization != "gguf" and not cpu_native.available()
+    return config.quantization != "gguf" and not kernels.int_gemm_fast(device)
 
 
 # ---- limits ---------------------------------------------------------------------------------
@@ -150,8 +149,8 @@ def resolve_limits(config: EngineConfig, mc: ModelConfig, device: torch.device) 
 # ---- the build ------------------------------------------------------------------------------
 def build_model(config: EngineConfig, source: ModelSource, device: torch.device
                 ) -> LoadedModel:
-    """This rank's model: weights (sharded when this process is a tensor-parallel rank), its
-    quantization, and the LoRA slots on its layers."""
+    """This rank's model: weights (sharded when this process is a tensor-parallel rank) and its
+    quantization (the runner adds the LoRA slots: ModelRunner owns its LoRAManager)."""
     from minserve.models.loader import load_model
 
     arch = source.arch
@@ -164,13 +163,7 @@ def build_model(config: EngineConfig, source: ModelSource, device: torch.device
     torch.manual_seed(config.seed)
     model = load_model(source.folder, source.model_config, device, dtype, config.load_format,
                        quantization=config.quantization)
-    lora = None
-    if config.lora is not None:   # before the runner: its KV sizing sees the LoRA slots
-        from minserve.lora.manager import LoRAManager
-
-        lora_dtype = dtype if config.lora.lora_dtype == "auto" else DTYPES[config.lora.lora_dtype]
-        lora = LoRAManager(model, source.model_config, config.lora, device, lora_dtype)
-    return LoadedModel(model, dtype, lora)
+    return LoadedModel(model, dtype)
 
 
 def build_runner(config: EngineConfig, source: ModelSource, device: torch.device,
@@ -179,14 +172,11 @@ def build_runner(config: EngineConfig, source: ModelSource, device: torch.device
     serves the --lora-modules (the other ranks load what its step plans say) and, on a GPU,
     sizes the KV cache with its largest image batch encoded."""
     built = build_model(config, source, device)
-    lora = built.lora
-    if lora is not None and parallel.tp_rank() == 0:
-        for module in config.lora.lora_modules:
-            lora.add(module.name, module.path)
     runner = ModelRunner(built.model, source.model_config, config, device, built.dtype,
                          profile_images=profile_images(image_processor, config, device))
-    if lora is not None:
-        runner.lora_state, runner.lora_manager = lora.state, lora
+    if runner.lora_manager is not None and parallel.tp_rank() == 0:
+        for module in config.lora.lora_modules:
+            runner.lora_manager.add(module.name, module.path)
     if config.tensor_parallel_size > 1:
         # every rank's first forward (lazy imports) runs now, not under the step timeout
         runner.dummy_run(config.block_size, 1)

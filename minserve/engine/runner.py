@@ -82,9 +82,10 @@ class ModelInputs:
     attn: AttnMetadata
     logits_indices: torch.Tensor         # [N] sample rows' last tokens, then prompt positions
     num_sample: int                      # the first num_sample logits rows sample
-    adapter_indices: torch.Tensor | None = None   # [T] LoRA slot per token (LoRA: later)
     inputs_embeds: torch.Tensor | None = None     # [T, hidden] in place of input_ids (images)
-    lora_mapping: LoRAMapping | None = None       # the tokens grouped by slot (kernels/lora.py)
+    # the tokens grouped by LoRA slot (kernels/lora.py), handed down to every linear layer;
+    # None: no token of the step uses an adapter
+    lora_mapping: LoRAMapping | None = None
 
 
 class _Buffer:
@@ -140,8 +141,11 @@ class ModelRunner:
         # records this event after its copies and waits on it before writing the buffers again.
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
-        self.lora_state = None   # a LoRAState (minserve/lora) when LoRA is on; set by Engine
-        self.lora_manager = None   # a tensor-parallel rank > 0's (load_worker_runner)
+        self.lora_manager = None
+        if engine_config.lora is not None:   # before the KV sizing, which sees the LoRA slots
+            from minserve.lora.manager import LoRAManager
+
+            self.lora_manager = LoRAManager(model, model_config, engine_config.lora, device, dtype)
         self.num_blocks = self._allocate_kv_cache(engine_config)
 
     # ---- KV cache sizing ----------------------------------------------------------------------
@@ -271,7 +275,6 @@ class ModelRunner:
                              self._logits_indices.to_device(len(indices)), num_sample)
         if step.adapter_slots is not None and max(step.adapter_slots) >= 0:
             inputs.lora_mapping = lora_mapping(np.repeat(step.adapter_slots, counts), self.device)
-            inputs.adapter_indices = inputs.lora_mapping.token_slots
         if self._copied is not None:
             self._copied.record()
         return inputs
@@ -322,9 +325,8 @@ class ModelRunner:
 
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """The forward pass alone, -> hidden [T, hidden]: the one call a CUDA graph will wrap."""
-        if self.lora_state is not None:
-            self.lora_state.mapping = inputs.lora_mapping
-        return self.model(inputs.input_ids, inputs.positions, inputs.attn, inputs.inputs_embeds)
+        return self.model(inputs.input_ids, inputs.positions, inputs.attn, inputs.inputs_embeds,
+                          inputs.lora_mapping)
 
     def sample(self, hidden: torch.Tensor, inputs: ModelInputs, step: StepInputs
                ) -> tuple[SamplerResult | None, LogprobsTensors | None]:

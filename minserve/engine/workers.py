@@ -31,6 +31,7 @@ import torch
 
 from minserve.config import ConfigError, EngineConfig, ModelConfig
 from minserve.engine.runner import ModelRunner, PromptLogprobInputs, StepInputs
+from minserve.env import step_timeout_s
 from minserve.models import parallel
 
 logger = logging.getLogger("minserve.workers")
@@ -39,11 +40,6 @@ T = TypeVar("T")
 _HEADER_LEN = 9
 _STOP = -1
 _DEFAULT_MULTI_NODE_PORT = 29500   # torchrun's
-
-
-def step_timeout_s() -> float:
-    """How long a step may take before the head gives up on its workers."""
-    return float(os.environ.get("MINSERVE_STEP_TIMEOUT", "300"))
 
 
 # ---- the step plan as plain int64 tensors ----------------------------------------------------

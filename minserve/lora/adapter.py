@@ -43,9 +43,6 @@ class LoRAError(ConfigError):
 class LoRAWeights:
     """One loaded adapter: weights[fused module name][slice] = (A [r, in], B*scale [out, r])."""
     name: str
-    path: str
-    rank: int
-    scale: float
     weights: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]] = field(
         default_factory=dict)
 
@@ -151,7 +148,7 @@ def load_adapter(name: str, path: str, mc: ModelConfig, max_rank: int,
     r = cfg["r"]
     alpha = cfg.get("lora_alpha", 8)
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    out = LoRAWeights(name, path, r, scale)
+    out = LoRAWeights(name)
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     from safetensors import SafetensorError, safe_open
     try:

@@ -1,7 +1,7 @@
-"""The LoRA delta on a base linear layer, for a batch that mixes adapters: the layer's forward
-(models/linear.py, `layer.lora`) calls add_delta on its output before any all-reduce: one
-kernels.lora_add over all of a fused layer's slices (A stacked q|k|v along the rank dim, B^T
-per slice, each into its column range). The model's parameter names do not change. Slots hold this rank's part: B sharded like the
+"""The LoRA slots of one base linear layer: every device slot's A (q|k|v stacked along the rank
+dim) and B^T per slice, as kernels.lora_add reads them. The layer's forward (models/linear.py)
+adds the delta for the step's LoRA mapping, which the runner passes down with the model inputs;
+the model's parameter names do not change. Slots hold this rank's part: B sharded like the
 output of a column-parallel layer, A like the input of a row-parallel one (the delta of a row
 layer is then a partial sum, reduced with the base output's)."""
 from __future__ import annotations
@@ -9,22 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minserve.kernels import lora_add
-from minserve.kernels.lora import LoRAMapping
 from minserve.models.linear import QKVParallelLinear, RowParallelLinear
 
 
-class LoRAState:
-    """The step's token -> slot grouping, shared by every LoRALayer (set by the runner)."""
-
-    def __init__(self) -> None:
-        self.mapping: LoRAMapping | None = None
-
-
-class LoRALayer:
+class LoRASlots:
     def __init__(self, base: nn.Module, full_in: int, num_slots: int, max_rank: int,
-                 dtype: torch.dtype, device: torch.device, state: LoRAState) -> None:
-        self.base, self.state, self.max_rank = base, state, max_rank
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.base, self.max_rank = base, max_rank
         self.is_row = isinstance(base, RowParallelLinear)
         self.in_local = full_in // base.tp_size if self.is_row else full_in
         self.slice_sizes = list(base.output_sizes)
@@ -33,7 +24,7 @@ class LoRALayer:
                                   device=device)                     # [S, n*R, IN]
         self.lora_bt = [torch.zeros(num_slots, max_rank, size, dtype=dtype, device=device)
                         for size in self.slice_sizes]                # n x [S, R, N_i]: B^T
-        base.lora = self
+        base.lora_slots = self
 
     def _shard_rank(self, index: int) -> tuple[int, int]:
         base = self.base
@@ -64,11 +55,3 @@ class LoRALayer:
                 b = b.narrow(0, rank * size, size)
             self.lora_a[slot, i * R:i * R + r].copy_(a)
             self.lora_bt[i][slot, :r].copy_(b.t())
-
-    def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out (the base layer's [T, N] output, this rank's part) += the step's LoRA deltas."""
-        m: LoRAMapping | None = self.state.mapping
-        if m is None:
-            return out
-        lora_add(x, self.lora_a, self.lora_bt, m, out)
-        return out

@@ -1,22 +1,21 @@
 """Adapter residency: the known adapters (name -> path), an LRU of --max-cpu-loras loaded ones
-on the host, and --max-loras device slots that every LoRALayer stacks. activate() gives each row
-of a step its slot, loading what is missing on demand; the scheduler keeps a step within
---max-loras distinct adapters, so a slot is always free or held by an adapter the step skips."""
+on the host, and --max-loras device slots that every wrapped linear stacks (LoRASlots). activate()
+gives each row of a step its slot, loading what is missing on demand; the scheduler keeps a step
+within --max-loras distinct adapters, so a slot is always free or held by an adapter the step
+skips. The runner owns the manager and turns the slots into the step's LoRA mapping."""
 from __future__ import annotations
 
 import itertools
 import re
 from collections import OrderedDict
 
-import numpy as np
 import torch
 from torch import nn
 
-from minserve.config import LoRAConfig, ModelConfig
-from minserve.kernels.lora import lora_mapping
+from minserve.config import DTYPE_NAMES, LoRAConfig, ModelConfig
 from minserve.lora.adapter import FUSED_SLICES, TARGETS, LoRAError, LoRAWeights, load_adapter
 from minserve.lora.adapter import slice_shapes as _slice_shapes
-from minserve.lora.layers import LoRALayer, LoRAState
+from minserve.lora.layers import LoRASlots
 from minserve.models.linear import LinearBase
 
 _LAYER = re.compile(r"(?:^|\.)(model\.layers\.\d+\.(?:self_attn|mlp)\.(" +
@@ -26,19 +25,19 @@ _FIRST_LEAF = {fused: leaf for leaf, (_, fused, i) in reversed(TARGETS.items()) 
 
 class LoRAManager:
     def __init__(self, model: nn.Module, mc: ModelConfig, config: LoRAConfig,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, model_dtype: torch.dtype) -> None:
+        dtype = (model_dtype if config.lora_dtype == "auto"
+                 else getattr(torch, DTYPE_NAMES[config.lora_dtype]))
         self.config, self.model_config, self.dtype = config, mc, dtype
-        self.state = LoRAState()
-        self.layers: dict[str, LoRALayer] = {}
+        self.layers: dict[str, LoRASlots] = {}
         for name, module in model.named_modules():
             # the language model's layers only (a vision tower has qkv_proj layers too), keyed
             # as PEFT names them below the base model: model.layers.N.self_attn.qkv_proj
             m = _LAYER.search(name)
             if m is not None and isinstance(module, LinearBase):
                 full_in = _slice_shapes(mc, _FIRST_LEAF[m.group(2)])[0]
-                self.layers[m.group(1)] = LoRALayer(module, full_in, config.max_loras,
-                                                    config.max_lora_rank, dtype, device,
-                                                    self.state)
+                self.layers[m.group(1)] = LoRASlots(module, full_in, config.max_loras,
+                                                    config.max_lora_rank, dtype, device)
         self.paths: dict[str, str] = {}          # served adapters
         self._loads = itertools.count(1)
         self.load_ids: dict[str, int] = {}       # name -> which add() serves it (prefix root)
@@ -146,8 +145,3 @@ class LoRAManager:
             self._fill(slot, None if not path else load_adapter(
                 name, path, self.model_config, self.config.max_lora_rank, self.dtype))
             self.slots[slot] = name if path else None
-
-    def set_step(self, token_slots: np.ndarray | None, device: torch.device) -> None:
-        """The mapping every LoRALayer reads during this step's forward (None: base only)."""
-        self.state.mapping = (None if token_slots is None or not (token_slots >= 0).any()
-                              else lora_mapping(token_slots, device))

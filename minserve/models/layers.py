@@ -1,6 +1,7 @@
 """Building blocks of the Llama-family models, in torch: RMSNorm (with the fused residual add),
 rotary embedding (default, linear, llama3, yarn), SiLU-and-mul, and the Attention module that
-writes the paged KV cache and reads it back. The linear layers live in linear.py."""
+writes the paged KV cache and reads it back. The linear layers live in linear.py. Device paths
+are minserve.kernels' choice: nothing here branches on the device."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minserve import kernels
 from minserve.config import ConfigError
-from minserve.kernels import AttnMetadata, cpu_native
+from minserve.kernels import AttnMetadata
 
 
 class RMSNorm(nn.Module):
@@ -29,31 +29,14 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with `residual`: (norm(x + residual), x + residual), the pre-norm step of
         every decoder layer in one call."""
-        if x.device.type == "cpu":   # one native call where it builds (kernels/cpu_layer_ops.c)
-            fused = cpu_native.rms_norm(x, self.weight, self.eps, residual)
-            if fused is not None:
-                return fused
-        if residual is not None:
-            x = x + residual
-            residual = x
-        # NOTE: normalise in float32 and cast back before the weight multiply, as HF does, so
-        # bf16/fp16 logits match the reference bit for bit in the norm.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(x.dtype)
-        return out if residual is None else (out, residual)
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class SiluAndMul(nn.Module):
     """[T, 2*I] (gate | up) -> [T, I] = silu(gate) * up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            fused = cpu_native.silu_and_mul(x)
-            if fused is not None:
-                return fused
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return kernels.silu_and_mul(x)
 
 
 def compute_inv_freq(

@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minserve import kernels
 from minserve.config import ConfigError
-from minserve.models import cpu_gemm, parallel
+from minserve.kernels import LoRAMapping
+from minserve.models import parallel
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
@@ -51,8 +53,8 @@ def _divide(total: int, tp_size: int, what: str) -> int:
 
 
 class UnquantizedLinearMethod:
-    """One dense weight [sum(output_sizes), input_size] multiplied with F.linear (on CPU in
-    float32, batches of rows go through oneDNN with a packed copy: models/cpu_gemm.py).
+    """One dense weight [sum(output_sizes), input_size] multiplied by kernels.linear (the layer
+    keeps whatever packed copy of the weight the device's path wants).
 
     A quantized method (the quantization issue) registers its own parameters (qweight, scales,
     zeros, ...) the same way: each with `output_dim`/`input_dim` (the dims that tensor parallelism
@@ -66,14 +68,14 @@ class UnquantizedLinearMethod:
 
     def apply(self, layer: LinearBase, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-        return cpu_gemm.linear(x, layer.weight, bias, layer)
+        return kernels.linear(x, layer.weight, bias, layer)
 
 
 class LinearBase(nn.Module):
     """input_size and output_sizes are this rank's part (the subclasses divide by tp_size)."""
 
     split_dim = "output_dim"   # the parameter attribute naming the dim that tp_size splits
-    lora = None                # a LoRALayer (minserve/lora/layers.py) when LoRA wraps this one
+    lora_slots = None          # a LoRASlots (minserve/lora/layers.py) when LoRA is on
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool,
                  quant_method: Any = None, tp_rank: int = 0, tp_size: int = 1) -> None:
@@ -89,9 +91,17 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
+        """x [T, IN] -> [T, N]; with the step's lora_mapping, plus each token's LoRA delta."""
         out = self.quant_method.apply(self, x, self.bias)
-        return out if self.lora is None else self.lora.add_delta(x, out)
+        if lora_mapping is not None:
+            self._add_lora(x, out, lora_mapping)
+        return out
+
+    def _add_lora(self, x: torch.Tensor, out: torch.Tensor, lora_mapping: LoRAMapping) -> None:
+        if self.lora_slots is not None:
+            kernels.lora_add(x, self.lora_slots.lora_a, self.lora_slots.lora_bt, lora_mapping,
+                             out)
 
     def checkpoint_part(self, index: int) -> tuple[int, int]:
         """(part, number of parts) of checkpoint shard `index` (its position among
@@ -192,10 +202,10 @@ class RowParallelLinear(LinearBase):
 
     split_dim = "input_dim"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
         out = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
-        if self.lora is not None:   # a partial sum like the base output's: reduced with it
-            out = self.lora.add_delta(x, out)
+        if lora_mapping is not None:   # a partial sum like the base output's: reduced with it
+            self._add_lora(x, out, lora_mapping)
         return parallel.all_reduce(out) if self.tp_size > 1 else out
 
 

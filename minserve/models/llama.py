@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from minserve import kernels
 from minserve.config import ModelConfig
-from minserve.kernels import AttnMetadata
-from minserve.models import cpu_gemm, parallel
+from minserve.kernels import AttnMetadata, LoRAMapping
+from minserve.models import parallel
 from minserve.models.layers import Attention, RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
 from minserve.models.linear import (
     MergedColumnParallelLinear,
@@ -52,10 +53,11 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, config.sliding_window)
 
     def forward(
-        self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata
+        self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata,
+        lora_mapping: LoRAMapping | None = None,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [T, (H + 2K) * D]
+        qkv = self.qkv_proj(hidden, lora_mapping)  # [T, (H + 2K) * D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
         qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)  # [T, H+K, D]
@@ -66,7 +68,7 @@ class LlamaAttention(nn.Module):
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         # PERF: q and k rotate in one call (7 fewer torch ops per layer on the CPU path).
         q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        return self.o_proj(self.attn(q, k, v, attn))
+        return self.o_proj(self.attn(q, k, v, attn), lora_mapping)
 
 
 class LlamaMLP(nn.Module):
@@ -81,8 +83,8 @@ class LlamaMLP(nn.Module):
             i, config.hidden_size, False, linear_method(config, f"{prefix}.down_proj"), *tp)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x, lora_mapping)), lora_mapping)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -99,6 +101,7 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         attn: AttnMetadata,
+        lora_mapping: LoRAMapping | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual stream is carried separately so each norm can fuse the add (vLLM style).
         if residual is None:
@@ -106,9 +109,9 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos_sin, attn)
+        hidden = self.self_attn(hidden, cos_sin, attn, lora_mapping)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, lora_mapping), residual
 
 
 class LlamaModel(nn.Module):
@@ -127,13 +130,13 @@ class LlamaModel(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor | None, positions: torch.Tensor, attn: AttnMetadata,
-        inputs_embeds: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None, lora_mapping: LoRAMapping | None = None,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos_sin = self.rotary_emb(positions, hidden.dtype)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos_sin, attn)
+            hidden, residual = layer(hidden, residual, cos_sin, attn, lora_mapping)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -176,16 +179,17 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor | None, positions: torch.Tensor, attn: AttnMetadata,
-        inputs_embeds: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None, lora_mapping: LoRAMapping | None = None,
     ) -> torch.Tensor:
         """input_ids [T] long (or inputs_embeds [T, hidden]), positions [T] long -> hidden
-        [T, hidden] (final-normed)."""
-        return self.model(input_ids, positions, attn, inputs_embeds)
+        [T, hidden] (final-normed). lora_mapping: the step's tokens grouped by LoRA slot (None:
+        the base model only), handed to every linear layer."""
+        return self.model(input_ids, positions, attn, inputs_embeds, lora_mapping)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [N, hidden] -> logits [N, V] float32 (on rank 0; None on the other ranks)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = cpu_gemm.logits(hidden, weight, self).float()   # [N, V / tp]
+        logits = kernels.logits(hidden, weight, self).float()   # [N, V / tp]
         if self.model.embed_tokens.tp_size == 1:    # (another engine of this process may be TP)
             return logits
         return parallel.gather_vocab(logits, self.config.vocab_size)

@@ -25,27 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from minserve.env import DEFAULT_IMAGE_FETCH_TIMEOUT_S as DEFAULT_FETCH_TIMEOUT
+from minserve.env import image_fetch_timeout_s
 from minserve.multimodal.image import MediaError
 
-DEFAULT_FETCH_TIMEOUT = 5.0
 DEFAULT_MAX_MEDIA_BYTES = 20 << 20
 MAX_REDIRECTS = 3
 _CHUNK = 1 << 16
-
-
-def fetch_timeout_from_env() -> float:
-    """VLLM_IMAGE_FETCH_TIMEOUT (seconds), vLLM's variable, read here only."""
-    raw = os.environ.get("VLLM_IMAGE_FETCH_TIMEOUT")
-    if not raw:
-        return DEFAULT_FETCH_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"VLLM_IMAGE_FETCH_TIMEOUT must be a number of seconds, "
-                         f"got {raw!r}") from None
-    if not value > 0:
-        raise ValueError("VLLM_IMAGE_FETCH_TIMEOUT must be positive")
-    return value
 
 
 @dataclass(frozen=True)
@@ -79,7 +65,7 @@ class MediaPolicy:
             domains = frozenset(d.strip().lower().rstrip(".") for d in allowed_media_domains
                                 if d.strip())
         return cls(local, domains, allow_private_addresses,
-                   fetch_timeout_from_env() if timeout is None else timeout,
+                   image_fetch_timeout_s() if timeout is None else timeout,
                    DEFAULT_MAX_MEDIA_BYTES if max_bytes is None else max_bytes)
 
 

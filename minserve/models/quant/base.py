@@ -1,7 +1,8 @@
 """What every quantization method shares: the config base (which layers it quantizes, how it
 names itself in the start-up log), start-up errors, and the weight-only int linear method that
 AWQ, GPTQ, compressed-tensors int and GGUF feed: checkpoint tensors are stashed shard by shard
-as they load, then each shard is repacked into the int GEMM layout (kernels/quant_gemm.py)."""
+as they load, then each shard is repacked into the int GEMM layout (kernels/quant_gemm.py), and
+kernels.prepare_int_weight picks the layout the device runs."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,9 +11,8 @@ import torch
 from torch import nn
 
 from minserve import kernels
-from minserve.kernels import cpu_native
 from minserve.config import ConfigError
-from minserve.kernels.quant_gemm import IntWeight, cpu_int4_supported, to_cpu_int4
+from minserve.kernels.quant_gemm import IntWeight
 
 SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256)
 
@@ -188,17 +188,6 @@ def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return torch.equal(a, b)
 
 
-def cpu_layout(part: IntWeight | torch.Tensor) -> Any:
-    """On CPU, int weights move to the native kernel's row-major layout (kernels/cpu_native.py)
-    where it builds, else int4 ones to torch's CPU int4 GEMM layout (kernels/quant_gemm.py
-    CpuInt4Weight): the reference would dequantize the whole weight on every call."""
-    if isinstance(part, IntWeight) and cpu_native.supported(part) and cpu_native.available():
-        return cpu_native.to_cpu_int(part)
-    if isinstance(part, IntWeight) and cpu_int4_supported(part):
-        return to_cpu_int4(part)
-    return part
-
-
 def part_forward(x: torch.Tensor, part: Any) -> torch.Tensor:
     if isinstance(part, torch.Tensor):
         return torch.nn.functional.linear(x, part)
@@ -232,7 +221,7 @@ class IntLinearMethod(LinearMethod):
                                    f"model expects [{layer.quant_output_sizes[index]}, "
                                    f"{layer.quant_input_size}]")
             parts.append(part.to(dtype) if isinstance(part, torch.Tensor) else part)
-        layer.parts = [cpu_layout(p) for p in merge_parts(parts)]
+        layer.parts = [kernels.prepare_int_weight(p) for p in merge_parts(parts)]
 
     def apply(self, layer: nn.Module, x: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minserve import kernels
 from minserve.kernels.fp8_gemm import FP8_MAX, Fp8Weight
 from minserve.kernels.quant_gemm import IntWeight, pack_int
-from minserve.models.quant.base import cpu_layout
 
 
 def quantized_layers(model: nn.Module) -> list[nn.Module]:
@@ -41,8 +41,8 @@ def init_dummy_quantized(model: nn.Module, seed: int = 0) -> None:
             group = k if group == -1 or k % group else group
             q = torch.randint(0, 2 ** bits, (k, n), device=device, generator=gen)
             scale = torch.full((k // group, n), 0.04 / 2 ** (bits - 3), device=device)
-            layer.parts = [cpu_layout(IntWeight(pack_int(q, bits), scale,
-                                                -scale * 2 ** (bits - 1), bits, group))]
+            layer.parts = [kernels.prepare_int_weight(
+                IntWeight(pack_int(q, bits), scale, -scale * 2 ** (bits - 1), bits, group))]
         else:
             w = torch.randn(n, k, device=device, generator=gen) * 0.02
             scale = w.abs().amax(1, keepdim=True) / FP8_MAX

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from minserve.config import ModelConfig
-from minserve.kernels import AttnMetadata
+from minserve.kernels import AttnMetadata, LoRAMapping
 from minserve.models import parallel
 from minserve.models.llama import LlamaForCausalLM
 
@@ -61,8 +61,9 @@ class VisionLanguageModel(nn.Module):
         return self.language_model.embed_input_ids(input_ids)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                attn: AttnMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        return self.language_model(input_ids, positions, attn, inputs_embeds)
+                attn: AttnMetadata, inputs_embeds: torch.Tensor | None = None,
+                lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
+        return self.language_model(input_ids, positions, attn, inputs_embeds, lora_mapping)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.compute_logits(hidden)

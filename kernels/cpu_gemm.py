@@ -1,11 +1,13 @@
-"""Dense float32 linears on CPU through oneDNN with a prepacked weight, for more than one row.
+"""Dense float32 linears on CPU through oneDNN with a prepacked weight, for more than one row,
+and the output layer on the native int8 kernel when its weight is exactly 8-bit. The dispatch
+(dispatch.py linear, logits) calls these on CPU; each returns None where it does not apply.
 
-Why: torch's CPU F.linear calls MKL's sgemm, and on AMD CPUs (AVX2 EPYC) MKL's small-M GEMM
-scales almost linearly with the number of rows: a batch-16 decode step spent 3.7x the matmul
+Why oneDNN: torch's CPU F.linear calls MKL's sgemm, and on AMD CPUs (AVX2 EPYC) MKL's small-M
+GEMM scales almost linearly with the number of rows: a batch-16 decode step spent 3.7x the matmul
 time of a batch-1 step on weights that are read once either way. oneDNN picks its kernel by ISA,
 not vendor; with the weight reordered once into its blocked layout it took half MKL's CPU time
 at 2-16 rows (bench/RESULTS.md, "Batched decode on AVX2"). One row (a lone decode) stays on MKL,
-whose GEMV was ~25% faster. Set MINSERVE_CPU_ONEDNN=0 (read at import) to use F.linear always.
+whose GEMV was ~25% faster. MINSERVE_CPU_ONEDNN=0 (minserve/env.py) uses F.linear always.
 
 The packed copy lives beside the weight (so loaders, LoRA and state_dict still see the plain
 one) and is redone when the weight changes in place (its version counter moves): the cost is a
@@ -13,26 +15,27 @@ second copy of each dense linear weight in host memory.
 """
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.nn.functional as F
+from minserve.kernels import cpu_native
+from minserve.kernels.cpu_native import CpuIntWeight
 
-ENABLED = os.environ.get("MINSERVE_CPU_ONEDNN", "1") != "0"
+from minserve import env
+
 PACK_BATCH_HINT = 16        # oneDNN picks the blocked layout for about this many rows
 
 
 def available() -> bool:
-    return (ENABLED and torch.backends.mkldnn.is_available()
+    return (env.CPU_ONEDNN and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           owner: object) -> torch.Tensor:
-    """F.linear(x, weight, bias); `owner` (the layer) keeps the packed weight between calls."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or x.dim() != 2 or x.shape[0] < 2 or not available()):
-        return F.linear(x, weight, bias)
+           owner: object) -> torch.Tensor | None:
+    """F.linear(x, weight, bias) through oneDNN; `owner` (the layer) keeps the packed weight
+    between calls. None for what F.linear does better: one row, other dtypes, no oneDNN."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 2
+            or x.shape[0] < 2 or not available()):
+        return None
     # An inference tensor (a model loaded under inference_mode) has no version counter.
     version = -1 if weight.is_inference() else weight._version
     key = (weight.data_ptr(), version, tuple(weight.shape))
@@ -44,7 +47,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         owner._onednn_weight = cached
     rows = x.shape[0]
     padded = bucket_rows(rows)
-    if padded != rows:    # see bucket_rows: one oneDNN primitive per (shape, bucket), not per row count
+    if padded != rows:    # one oneDNN primitive per (shape, bucket), not per row count
         x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
         return torch.ops.mkldnn._linear_pointwise(x, cached[1], bias, "none", [], "")[:rows]
     return torch.ops.mkldnn._linear_pointwise(x, cached[1], bias, "none", [], "")
@@ -63,20 +66,17 @@ def bucket_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def logits(x: torch.Tensor, weight: torch.Tensor, owner: object) -> torch.Tensor:
-    """linear(x, weight) for the output layer. A weight that is exactly 8-bit (a GGUF Q8_0
-    embedding, dequantized at load: kernels/cpu_native.py int8_exact) runs on the native int
-    kernel, which reads a quarter of the bytes: at one decode row the fp32 output layer of the
-    default model was ~11 ms of a ~40 ms step. Checked once per weight, on the first call."""
-    from minserve.kernels import cpu_native
-
-    if x.device.type == "cpu" and weight.dtype == torch.float32 and cpu_native.available():
-        key = (weight.data_ptr(), tuple(weight.shape))
-        cached = getattr(owner, "_int8_logits", None)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cached = (key, cpu_native.int8_exact(weight.detach()))
-            owner._int8_logits = cached
-        if cached[1] is not None:
-            return cpu_native.int_gemm(x.reshape(-1, x.shape[-1]), cached[1])
-    return linear(x, weight, None, owner)
+def int8_weight(weight: torch.Tensor, owner: object) -> CpuIntWeight | None:
+    """The output layer's weight as the native 8-bit layout when it is exactly 8-bit (a GGUF Q8_0
+    embedding, dequantized at load: cpu_native.int8_exact), else None. The int kernel reads a
+    quarter of the bytes: at one decode row the fp32 output layer of the default model was
+    ~11 ms of a ~40 ms step. Checked once per weight, on the first call; `owner` keeps it."""
+    if weight.dtype != torch.float32 or not cpu_native.available():
+        return None
+    key = (weight.data_ptr(), tuple(weight.shape))
+    cached = getattr(owner, "_int8_logits", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, cpu_native.int8_exact(weight.detach()))
+        owner._int8_logits = cached
+    return cached[1]

@@ -1,0 +1,85 @@
+"""Every environment variable minserve reads, read here and nowhere else (modules may still write
+the OpenMP ones for libgomp: cpu_threads.py). Imports nothing heavy (no torch): kernels/, the CLI
+and cpu_threads.py all use it. README "Environment variables" shows the same table.
+
+| variable                         | default           | what it does                              |
+|----------------------------------|-------------------|-------------------------------------------|
+| MINSERVE_CACHE                   | ~/.cache/minserve | default model, converted weights, builds  |
+| VLLM_API_KEY, MINSERVE_API_KEY   | (none)            | the API key when --api-key is not given   |
+| VLLM_ALLOW_RUNTIME_LORA_UPDATING | false             | true: the LoRA load/unload routes         |
+| VLLM_IMAGE_FETCH_TIMEOUT         | 5                 | seconds to fetch one image URL            |
+| MINSERVE_STEP_TIMEOUT            | 300               | seconds a tensor-parallel step may take   |
+| MINSERVE_CPU_NATIVE              | 1                 | 0: no native C kernels on CPU             |
+| MINSERVE_CPU_ONEDNN              | 1                 | 0: CPU float32 linears on F.linear only   |
+| MINSERVE_NO_TRITON               | 0                 | 1: torch references instead of Triton     |
+| MINSERVE_IMPORT_TRITON           | 0                 | 1: import triton even without CUDA        |
+| TRITON_INTERPRET                 | 0                 | 1: Triton's interpreter (kernel tests)    |
+| CC                               | cc                | the C compiler for the native kernels     |
+| OMP_NUM_THREADS                  | usable CPUs       | set: torch keeps its own thread count     |
+| OMP_WAIT_POLICY, GOMP_SPINCOUNT  | GOMP_SPINCOUNT=   | set: minserve's spin default is not used  |
+|                                  | 10000             |                                           |
+
+The switches that pick code paths (MINSERVE_CPU_NATIVE, MINSERVE_CPU_ONEDNN, MINSERVE_NO_TRITON,
+MINSERVE_IMPORT_TRITON, TRITON_INTERPRET) are read once, when this module is first imported. The
+others are read when used: a program that embeds minserve (or a test) may set them after import.
+"""
+from __future__ import annotations
+
+import os
+
+CPU_NATIVE: bool = os.environ.get("MINSERVE_CPU_NATIVE", "1") != "0"
+CPU_ONEDNN: bool = os.environ.get("MINSERVE_CPU_ONEDNN", "1") != "0"
+NO_TRITON: bool = os.environ.get("MINSERVE_NO_TRITON", "") == "1"
+IMPORT_TRITON: bool = (os.environ.get("MINSERVE_IMPORT_TRITON") == "1"
+                       or os.environ.get("TRITON_INTERPRET") == "1")
+
+API_KEY_ENVS = ("VLLM_API_KEY", "MINSERVE_API_KEY")
+DEFAULT_IMAGE_FETCH_TIMEOUT_S = 5.0
+DEFAULT_STEP_TIMEOUT_S = 300.0
+
+
+def cache_dir() -> str:
+    """Where minserve keeps the default model, converted weights and native kernel builds."""
+    return os.environ.get("MINSERVE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "minserve")
+
+
+def api_key() -> str | None:
+    return next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
+
+
+def allow_runtime_lora() -> bool:
+    return os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("true", "1")
+
+
+def image_fetch_timeout_s() -> float:
+    """ValueError naming the variable when it is not a positive number."""
+    raw = os.environ.get("VLLM_IMAGE_FETCH_TIMEOUT")
+    if not raw:
+        return DEFAULT_IMAGE_FETCH_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"VLLM_IMAGE_FETCH_TIMEOUT must be a number of seconds, "
+                         f"got {raw!r}") from None
+    if not value > 0:
+        raise ValueError("VLLM_IMAGE_FETCH_TIMEOUT must be positive")
+    return value
+
+
+def step_timeout_s() -> float:
+    """How long a tensor-parallel step may take before the head gives up on its workers."""
+    return float(os.environ.get("MINSERVE_STEP_TIMEOUT") or DEFAULT_STEP_TIMEOUT_S)
+
+
+def c_compiler() -> str | None:
+    """$CC, or None for the one on PATH."""
+    return os.environ.get("CC") or None
+
+
+def omp_num_threads_set() -> bool:
+    return bool(os.environ.get("OMP_NUM_THREADS"))
+
+
+def omp_wait_policy_set() -> bool:
+    return bool({"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ))
