@@ -303,12 +303,11 @@ def parse_chat_batch(body: Any, ctx: ServingContext, priority: int = 0) -> Gener
     return first
 
 
-def attach_images(req: GenerateRequest, images: list[Any], ctx: ServingContext) -> None:
-    """A parsed chat request's images (fetched and decoded by the caller) -> its prompt with
-    each placeholder expanded to the image's tokens, then the length check parse_chat left."""
+def attach_images(request: EngineRequest, images: list[Any], ctx: ServingContext) -> None:
+    """A prompt's images (fetched and decoded by the caller) -> its prompt with each placeholder
+    expanded to the image's tokens, then the length check parse_chat left."""
     from minserve.multimodal.inputs import attach_images as attach
 
-    (request,) = req.requests
     _media(lambda: attach(request, images, ctx.image_processor))
     check_length(ctx, request.prompt_token_ids, request.sampling.max_tokens, "messages")
 
