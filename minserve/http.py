@@ -25,8 +25,9 @@ _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFou
                 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
-class OpenAIError(Exception):
-    """A user-facing error: `status` and the {"error": {...}} body that goes with it."""
+class OpenAIError(ValueError):
+    """A user-facing error: `status` and the {"error": {...}} body that goes with it. A
+    ValueError, as LLM raises it: the offline API refuses input in the routes' words."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  type: str | None = None, code: str | int | None = None) -> None:
@@ -68,6 +69,7 @@ class Http:
     # The route's error shape (another API's routes set their own; OpenAI's by default).
     error_body: Callable[[OpenAIError], Any] = OpenAIError.to_dict
     head_only: bool = False  # HEAD: answered as GET, its headers kept, without the body
+    api_key: str | None = None   # the key that passed auth (None: the server has none)
 
     async def send(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "http.response.start":

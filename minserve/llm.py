@@ -2,18 +2,17 @@
 speed) over the serving path's shared parts: requests are built and checked by protocol.py (chat
 through parse_chat, as the route: messages, template, tools, images, length), one EngineRequest
 per prompt (the engine fans n out), and each sample's outputs become text through the server's
-per-sample state (output.SampleState). A refused input is a ValueError with the route's words.
+per-sample state (output.SampleState). A refused input is the route's OpenAIError (a ValueError).
 With an embedding model (task="embed", or detected from the architecture) it wraps an Embedder
 and offers embed()."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import itertools
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +20,9 @@ from minserve.config import EngineConfig, LoRAConfig
 from minserve.detokenizer import StopStrings
 from minserve.engine.engine import Engine
 from minserve.engine.request import EngineRequest, FinishReason, Logprob
-from minserve.http import OpenAIError
 from minserve.lora.request import LoRARequest
 from minserve.output import SampleState
-from minserve.protocol import ServingContext, attach_images, check_length, media_error, parse_chat
+from minserve.protocol import ServingContext, attach_images, check_length, media, parse_chat
 from minserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:   # imported when embed() runs: a chat-only LLM never loads the embeddings code
@@ -65,22 +63,6 @@ class GenerateOutput:
 
 # EngineConfig fields that mean something to an embedding model (no KV cache, no sampling).
 _EMBEDDER_ARGS = ("dtype", "device", "max_model_len")
-
-
-class RequestError(ValueError):
-    """An input LLM refuses, in the words (and naming the `param`) the HTTP routes use."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-@contextlib.contextmanager
-def _refusals() -> Iterator[None]:
-    try:
-        yield
-    except OpenAIError as e:
-        raise RequestError(e.message, e.param) from None
 
 
 def _completion_output(sample: SampleState, params: SamplingParams) -> CompletionOutput:
@@ -202,10 +184,8 @@ class LLM:
         prompts = list(prompts)
         params = self._params(sampling_params, len(prompts))
         adapters = self._adapters(lora_request, len(prompts))
-        with _refusals():
-            requests = [self._request(p, sp, a) for p, sp, a in zip(prompts, params, adapters,
-                                                                   strict=True)]
-        return self._run(requests, use_tqdm)
+        return self._run([self._request(p, sp, a) for p, sp, a in zip(prompts, params, adapters,
+                                                                       strict=True)], use_tqdm)
 
     def _params(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None,
                 num_prompts: int) -> list[SamplingParams]:
@@ -348,23 +328,16 @@ class LLM:
                     "tools": tools, "chat_template_kwargs": chat_template_kwargs}
             if not continue_final_message:  # continuing a message opens no new one
                 body["add_generation_prompt"] = add_generation_prompt
-            with _refusals():
-                req = parse_chat(body, self._ctx, sp)
-                request = dataclasses.replace(req.requests[0], request_id=f"llm-{next(self._ids)}",
-                                              adapter_name=adapter)
-                if req.images:
-                    attach_images(request, self._load(req.images), self._ctx)
+            req = parse_chat(body, self._ctx, sp)
+            request = dataclasses.replace(req.requests[0], request_id=f"llm-{next(self._ids)}",
+                                          adapter_name=adapter)
+            if req.images:
+                from minserve.multimodal.inputs import load_images_sync
+
+                images = media(lambda: load_images_sync(req.images, self._ctx.media_policy))
+                attach_images(request, images, self._ctx)
             requests.append((request, req.rendered_prompt))
         return self._run(requests, use_tqdm)
-
-    def _load(self, refs: list[Any]) -> list[Any]:
-        from minserve.multimodal.image import MediaError
-        from minserve.multimodal.inputs import load_images_sync
-
-        try:
-            return load_images_sync(refs, self._ctx.media_policy)
-        except MediaError as e:
-            raise media_error(e) from None
 
 
 __all__ = ["LLM", "CompletionOutput", "FinishReason", "GenerateOutput", "LoRARequest"]

@@ -262,7 +262,7 @@ def parse_chat(body: Any, ctx: ServingContext, params: SamplingParams | None = N
     if refs and body.get("truncate_prompt_tokens") is not None:  # it could cut an image apart
         raise bad("truncate_prompt_tokens", "cannot be combined with images")
     if refs:   # the length is known once the images are in (attach_images)
-        _media(lambda: _check_image_count(len(refs), ctx.image_limit))
+        media(lambda: _check_image_count(len(refs), ctx.image_limit))
     else:
         check_length(ctx, prompt, fields["max_tokens"], "messages")
     echo = boolean(body, "echo", False)
@@ -308,7 +308,7 @@ def attach_images(request: EngineRequest, images: list[Any], ctx: ServingContext
     expanded to the image's tokens, then the length check parse_chat left."""
     from minserve.multimodal.inputs import attach_images as attach
 
-    _media(lambda: attach(request, images, ctx.image_processor))
+    media(lambda: attach(request, images, ctx.image_processor))
     check_length(ctx, request.prompt_token_ids, request.sampling.max_tokens, "messages")
 
 
@@ -323,7 +323,8 @@ def media_error(e: Exception) -> OpenAIError:
     return OpenAIError(400, str(e), param=getattr(e, "param", None) or "messages")
 
 
-def _media(fn: Callable[[], Any]) -> Any:
+def media(fn: Callable[[], Any]) -> Any:
+    """fn(), a multimodal.MediaError from it as its 400."""
     from minserve.multimodal.image import MediaError
 
     try:

@@ -98,29 +98,37 @@ class App:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
                 try:
-                    for service in self.services:
-                        service.start()
-                    if self.batches is not None:   # resumes unfinished batches
-                        await self.batches.start(self)
+                    await self.startup()
                 except Exception as e:  # never leave granian waiting on a startup reply
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return
-                self._stats_task = asyncio.create_task(self._tick_stats())
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
-                if self._stats_task is not None:
-                    self._stats_task.cancel()
-                if self.batches is not None:   # first: its lines in flight run again next start
-                    await self.batches.shutdown()
-                grace_s = self.cfg.shutdown_grace_s
-                if self.shutdown_deadline is not None:  # the signal started the clock already
-                    grace_s = max(0.0, self.shutdown_deadline - time.monotonic())
-                logger.info("connections drained; stopping the engine")
-                for service in self.services:
-                    await service.shutdown(grace_s)
-                logger.info("stopped")
+                await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def startup(self) -> None:
+        """Start the models' threads (they load in the background) and resume the batches: the
+        lifespan's, and run-batch's (which serves no HTTP)."""
+        for service in self.services:
+            service.start()
+        if self.batches is not None:   # resumes unfinished batches
+            await self.batches.start(self)
+        self._stats_task = asyncio.create_task(self._tick_stats())
+
+    async def shutdown(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+        if self.batches is not None:   # first: its lines in flight run again next start
+            await self.batches.shutdown()
+        grace_s = self.cfg.shutdown_grace_s
+        if self.shutdown_deadline is not None:  # the signal started the clock already
+            grace_s = max(0.0, self.shutdown_deadline - time.monotonic())
+        logger.info("connections drained; stopping the engine")
+        for service in self.services:
+            await service.shutdown(grace_s)
+        logger.info("stopped")
 
     async def _tick_stats(self) -> None:
         """Close a stats interval every few seconds (vLLM's periodic log line and gauges)."""
@@ -241,7 +249,7 @@ class App:
             # Auth before routing, as vLLM does: without a key, /v1 paths reveal nothing (401,
             # not 404 or 405), whatever the method.
             if self.cfg.api_keys and (path.startswith("/v1/") or path in PROTECTED):
-                self._check_auth(scope.get("headers", []))
+                http.api_key = self._check_auth(scope.get("headers", []))
             found = find_route(ROUTES, path)
             if found is None:
                 raise OpenAIError(404, f"Not Found: {method} {path}", type="NotFoundError")
@@ -283,7 +291,8 @@ class App:
             (b"access-control-allow-methods", b"DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"),
             (b"access-control-allow-headers", req_headers), (b"access-control-max-age", b"600")])
 
-    def _check_auth(self, raw_headers: list[tuple[bytes, bytes]]) -> None:
+    def _check_auth(self, raw_headers: list[tuple[bytes, bytes]]) -> str:
+        """-> the API key the request carries (401 unless it is one of ours)."""
         values = [v for k, v in raw_headers if k.lower() == b"authorization"]
         if len(values) > 1:  # which one counts would be a guess (the last one used to win)
             raise OpenAIError(400, f"{len(values)} Authorization headers: send exactly one")
@@ -292,12 +301,14 @@ class App:
         token = auth[7:] if auth[:7].lower() == b"bearer " else \
             next((v for k, v in raw_headers if k.lower() == b"x-api-key"), b"")
         # NOTE: compare against every key so timing does not tell which one is close.
-        ok = False
+        found = None
         for key in self.cfg.api_keys:
-            ok |= hmac.compare_digest(token, key.encode())
-        if not ok:
+            if hmac.compare_digest(token, key.encode()):
+                found = key
+        if found is None:
             raise OpenAIError(401, "Unauthorized: a valid `Authorization: Bearer <api key>` "
                               "(or `x-api-key`) header is required", type="AuthenticationError")
+        return found
 
 
 # ---------------------------------------------------------------- route handlers

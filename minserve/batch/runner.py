@@ -117,22 +117,3 @@ async def _aiter(lines: Iterable[BatchLine] | AsyncIterator[BatchLine]
     else:
         for line in lines:
             yield line
-
-
-@contextlib.asynccontextmanager
-async def app_running(app: Any) -> AsyncIterator[Any]:
-    """Run the app's ASGI lifespan (startup ... shutdown) around the block, in this process and
-    without a listener: what run-batch serves its lines with."""
-    inbox: asyncio.Queue = asyncio.Queue()
-    outbox: asyncio.Queue = asyncio.Queue()
-    task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}},
-                                     inbox.get, outbox.put))
-    await inbox.put({"type": "lifespan.startup"})
-    started = await outbox.get()
-    if started["type"] != "lifespan.startup.complete":
-        raise RuntimeError(started.get("message") or "the app failed to start")
-    try:
-        yield app
-    finally:
-        await inbox.put({"type": "lifespan.shutdown"})
-        await task

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from minserve.config import ConfigError
 from minserve.engine import heap
@@ -25,12 +25,12 @@ STOP = None  # on the inbox: the worker thread returns
 HEAP_TRIM_IDLE_S = 1.0   # idle this long after work: give freed heap memory back (engine/heap.py)
 
 
-class EngineCall:
+class EngineCall(NamedTuple):
     """On the inbox: run(engine) on the engine thread, in order with the requests around it;
     the result or a 400 comes back to `future`. `what` names it in the log."""
-
-    def __init__(self, what: str, run: Callable[[Any], Any], future: asyncio.Future) -> None:
-        self.what, self.run, self.future = what, run, future
+    what: str
+    run: Callable[[Any], Any]
+    future: asyncio.Future
 
 
 _END = None  # queued to wake a RequestStream reader after an abort
