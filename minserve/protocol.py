@@ -222,25 +222,15 @@ def parse_chat(body: Any, ctx: ServingContext, params: SamplingParams | None = N
         messages = normalize_messages(body.get("messages"), images=_image_parts(ctx))
     except ChatContentError as e:
         raise _chat_error(e) from None
-    if params is None:
-        want_logprobs = boolean(body, "logprobs", False)
-        top = num_logprobs(body, "top_logprobs", ctx)
-        if top is not None and top > 0 and not want_logprobs:
-            raise bad("top_logprobs", "requires logprobs to be true")
+    fields = _chat_sampling(body, ctx, params)
     add_gen = boolean(body, "add_generation_prompt", True)
     cont = boolean(body, "continue_final_message", False)
     if add_gen and cont and "add_generation_prompt" in body:
         raise bad("continue_final_message", "cannot be combined with add_generation_prompt")
     if cont:
         add_gen = False
-    if params is None:
-        fields = sampling_fields(body, ctx, None, ("max_completion_tokens", "max_tokens"))
-        fields["logprobs"] = (top or 0) if want_logprobs else None
-    else:
-        fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
     tools, make_tool_parser, forced = _tools(body, ctx, fields)
-    check_structured(ctx, fields["structured"],
-                      "tool_choice" if forced else structured_param(body))
+    check_structured(ctx, fields["structured"], "tool_choice" if forced else structured_param(body))
     images = _image_parts(ctx)
     template_messages = body["messages"]
     if ctx.tool_call_parser == GENERIC and make_tool_parser is not None:
@@ -279,6 +269,20 @@ def parse_chat(body: Any, ctx: ServingContext, params: SamplingParams | None = N
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
                            else None, prompt_tokens_details=ctx.prompt_tokens_details,
                            images=refs, rendered_prompt=text, **extras)
+
+
+def _chat_sampling(body: dict, ctx: ServingContext, params: SamplingParams | None
+                   ) -> dict[str, Any]:
+    """The SamplingParams fields: the body's (with logprobs / top_logprobs), or params'."""
+    if params is not None:
+        return {f.name: getattr(params, f.name) for f in dataclasses.fields(params)}
+    want_logprobs = boolean(body, "logprobs", False)
+    top = num_logprobs(body, "top_logprobs", ctx)
+    if top is not None and top > 0 and not want_logprobs:
+        raise bad("top_logprobs", "requires logprobs to be true")
+    fields = sampling_fields(body, ctx, None, ("max_completion_tokens", "max_tokens"))
+    fields["logprobs"] = (top or 0) if want_logprobs else None
+    return fields
 
 
 def parse_chat_batch(body: Any, ctx: ServingContext, priority: int = 0) -> GenerateRequest:
@@ -356,7 +360,7 @@ def _tools(body: dict, ctx: ServingContext, fields: dict[str, Any]
     if choice == "auto":
         if not (ctx.enable_auto_tool_choice and ctx.tool_call_parser):
             raise bad("tool_choice", '"auto" tool choice requires --enable-auto-tool-choice '
-                       "and --tool-call-parser to be set")
+                      "and --tool-call-parser to be set")
         parser_cls = get_tool_parser(ctx.tool_call_parser)
         if parser_cls.needs_special_tokens:  # the call markers are special tokens
             fields["skip_special_tokens"] = False
@@ -373,7 +377,7 @@ def _tools(body: dict, ctx: ServingContext, fields: dict[str, Any]
         raise bad("tool_choice", str(e)) from None
     if fields["structured"] is not None:
         raise bad("tool_choice", f"{value_text(choice)} tool choice cannot be combined with "
-                   f"{structured_param(body)}")
+                  f"{structured_param(body)}")
     # The whitespace options of structured outputs apply to the calls' JSON as well.
     try:
         spec.update(ctx.structured_defaults, **request_options(body.get("structured_outputs")))
@@ -395,7 +399,7 @@ def _prompts(body: dict, ctx: ServingContext) -> tuple[list[list[int]], list[str
         p = [p]
     if not isinstance(p, list) or not p:
         raise bad("prompt", "must be a string, a list of strings, a list of token ids or a "
-                   "list of lists of token ids, and not empty")
+                  "list of lists of token ids, and not empty")
     if all(type(t) is int for t in p):
         return [int_list(p, "prompt", ctx.vocab_size)], [None]
     if all(isinstance(s, str) for s in p):
@@ -418,7 +422,7 @@ def parse_completion(body: Any, ctx: ServingContext, priority: int = 0) -> Gener
     echo_only = type(body.get("max_tokens")) is int and body["max_tokens"] == 0
     if echo_only and not echo:
         raise bad("max_tokens", "must be >= 1 (0 is accepted only with echo=true, to score "
-                   "the prompt)")
+                  "the prompt)")
     if echo_only:
         body = {**body, "max_tokens": 1}
     fields = sampling_fields(body, ctx, 16, ("max_tokens",))

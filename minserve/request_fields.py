@@ -47,7 +47,7 @@ def _lax_number(v: Any, integer: bool) -> Any:
 
 
 def number(body: dict, name: str, default: Any, lo: float | None = None, hi: float | None = None,
-         integer: bool = False, lo_open: bool = False) -> Any:
+           integer: bool = False, lo_open: bool = False) -> Any:
     raw = body.get(name)
     if raw is None:
         return default
@@ -95,7 +95,7 @@ def int_list(v: Any, name: str, vocab_size: int | None = None) -> list[int]:
     wrong = next((t for t in v if t < 0 or t >= vocab_size), None) if vocab_size else None
     if wrong is not None:  # vLLM's words, with the id
         raise bad(name, f"Token id {wrong} is out of vocabulary (the vocabulary has {vocab_size} "
-                   "tokens)")
+                  "tokens)")
     return v
 
 
@@ -123,7 +123,7 @@ def _stop(body: dict) -> list[str]:
     num_chars = sum(map(len, stop))
     if num_chars > MAX_STOP_CHARS:
         raise bad("stop", f"the stop strings have {num_chars} characters; at most "
-                   f"{MAX_STOP_CHARS} together")
+                  f"{MAX_STOP_CHARS} together")
     return [s for s in stop if s]
 
 
@@ -137,7 +137,7 @@ def num_logprobs(body: dict, name: str, ctx: ServingContext) -> int | None:
     cap = ctx.vocab_size if ctx.max_logprobs == -1 else ctx.max_logprobs
     if num > cap:
         raise bad(name, f"Requested sample logprobs of {num}"
-                   f"{' (-1: the whole vocabulary)' if k == -1 else ''}, which is greater than "
+                  f"{' (-1: the whole vocabulary)' if k == -1 else ''}, which is greater than "
                    f"max allowed: {cap} (--max-logprobs)")
     return num
 
@@ -188,7 +188,7 @@ def check_structured(ctx: ServingContext, spec: dict[str, Any] | None, param: st
 
 
 def sampling_fields(body: dict, ctx: ServingContext, max_tokens_default: int | None,
-              max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
+                    max_tokens_names: tuple[str, ...]) -> dict[str, Any]:
     """The body's SamplingParams fields; the caller adds logprobs, tools and vLLM's extras, then
     builds the SamplingParams once."""
     gd = ctx.generation_defaults
@@ -221,7 +221,7 @@ def sampling_fields(body: dict, ctx: ServingContext, max_tokens_default: int | N
         presence_penalty=number(body, "presence_penalty", 0.0, lo=-2, hi=2),
         frequency_penalty=number(body, "frequency_penalty", 0.0, lo=-2, hi=2),
         repetition_penalty=number(body, "repetition_penalty", gd.get("repetition_penalty", 1.0),
-                                lo=0, hi=100, lo_open=True),
+                                  lo=0, hi=100, lo_open=True),
         logit_bias=_logit_bias(body, ctx.vocab_size),
         min_tokens=min_tokens,
         max_tokens=max_tokens,
@@ -275,7 +275,7 @@ def truncate(body: dict, ctx: ServingContext, prompt: list[int]) -> list[int]:
     k = ctx.max_model_len if k == -1 else k
     if k > ctx.max_model_len:
         raise bad("truncate_prompt_tokens", f"must be <= max_model_len ({ctx.max_model_len}), "
-                   f"got {k}")
+                  f"got {k}")
     if len(prompt) <= k:
         return prompt
     return prompt[len(prompt) - k:] if side == "left" else prompt[:k]
@@ -287,7 +287,7 @@ def vllm_extras(body: dict, ctx: ServingContext, fields: dict[str, Any]) -> dict
     plp = body.get("prompt_logprobs")
     if plp is not None and _lax_number(plp, True) == -1:
         raise bad("prompt_logprobs", "-1 (the whole vocabulary) is not supported for prompt "
-                   "logprobs; ask for at most --max-logprobs")
+                  "logprobs; ask for at most --max-logprobs")
     k = num_logprobs(body, "prompt_logprobs", ctx)
     if k is not None:
         fields["prompt_logprobs"] = max(k, fields.get("prompt_logprobs") or 0)
@@ -298,10 +298,10 @@ def vllm_extras(body: dict, ctx: ServingContext, fields: dict[str, Any]) -> dict
             fields["logprobs"] = 0
     if ctx.tokenizer is None and (fields.get("stop") or fields.get("structured") is not None):
         raise bad("stop" if fields.get("stop") else structured_param(body),
-                   "needs the tokenizer, which --skip-tokenizer-init leaves out")
+                  "needs the tokenizer, which --skip-tokenizer-init leaves out")
     return {"prompt_logprobs": k,
             "return_token_ids": boolean(body, "return_token_ids", ctx.tokenizer is None),
             "tokens_as_token_ids": boolean(body, "return_tokens_as_token_ids",
-                                         ctx.return_tokens_as_token_ids)}
+                                           ctx.return_tokens_as_token_ids)}
 
 

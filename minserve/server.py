@@ -200,19 +200,20 @@ class App:
             return self.embedding.max_model_len
         return self.chat_serving().ctx.max_model_len
 
-    def _check_ready(self, path: str) -> None:
-        """Each route waits only for the model that answers it: chat keeps working while the
-        embedding model loads or after it failed, and the other way round (/health and
-        /v1/models, which describe both, need both)."""
+    def answering(self, path: str) -> list[Any]:
+        """The services (models) a route needs. Each route waits only for the model that answers
+        it: chat keeps working while the embedding model loads or after it failed, and the other
+        way round (/health and /v1/models, which describe both, need both)."""
         if path in EMBEDDING_ROUTES and self.embedding is not None:
-            needed = [self.embedding]
-        elif path.startswith(("/v1/files", "/v1/batches")):
-            needed = []     # the Batch API's bookkeeping needs no model
-        elif path == "/v1/models" or path.startswith("/v1/models/") or self.chat is None:
-            needed = self.services
-        else:
-            needed = [self.chat]
-        for service in needed:
+            return [self.embedding]
+        if path.startswith(("/v1/files", "/v1/batches")):
+            return []     # the Batch API's bookkeeping needs no model
+        if path == "/v1/models" or path.startswith("/v1/models/") or self.chat is None:
+            return self.services
+        return [self.chat]
+
+    def _check_ready(self, path: str) -> None:
+        for service in self.answering(path):
             if not service.is_healthy:
                 raise OpenAIError(503, f"the engine is not healthy: {service.dead_reason}")
             if not service.is_ready:
