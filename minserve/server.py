@@ -313,16 +313,19 @@ class App:
 
 
 # ---------------------------------------------------------------- route handlers
-async def chat_completions(app: App, http: Http) -> None:
-    await _generate(app, http, "chat", await http.read_json())
+def _generation_route(kind: str) -> Handler:
+    """POST /v1/chat/completions ("chat"), /v1/completions, /v1/chat/completions/batch."""
+    async def handler(app: App, http: Http) -> None:
+        await _generate(app, http, kind, await http.read_json())
+    return handler
 
 
-async def completions(app: App, http: Http) -> None:
-    await _generate(app, http, "completion", await http.read_json())
-
-
-async def chat_completions_batch(app: App, http: Http) -> None:
-    await _generate(app, http, "chat_batch", await http.read_json())
+def _generation_answer(kind: str) -> Callable[[App, Any, int], Awaitable[dict[str, Any]]]:
+    """The JSON a generation route answers a batch line's body with."""
+    async def answer(app: App, body: Any, priority: int) -> dict[str, Any]:
+        serving = app.chat_serving()
+        return await serving.complete(await serving.parse(kind, body, priority))
+    return answer
 
 
 async def _generate(app: App, http: Http, kind: str, body: Any) -> None:
@@ -339,16 +342,6 @@ async def _respond(http: Http, serving: Serving, req: GenerateRequest) -> None:
         async for chunk in output.stream_chunks(req, gen):
             await http.send_event(chunk)
     await http.end_events()
-
-
-async def _chat_json(app: App, body: Any, priority: int) -> dict[str, Any]:
-    serving = app.chat_serving()
-    return await serving.complete(await serving.parse("chat", body, priority))
-
-
-async def _completion_json(app: App, body: Any, priority: int) -> dict[str, Any]:
-    serving = app.chat_serving()
-    return await serving.complete(await serving.parse("completion", body, priority))
 
 
 async def invocations(app: App, http: Http) -> None:
@@ -417,9 +410,9 @@ ROUTES: dict[str, dict[str, Handler]] = {
     **batch_routes.ROUTES,
     **lora_routes.ROUTES,
     **token_routes.ROUTES,
-    "/v1/chat/completions": {"POST": chat_completions},
-    "/v1/chat/completions/batch": {"POST": chat_completions_batch},
-    "/v1/completions": {"POST": completions},
+    "/v1/chat/completions": {"POST": _generation_route("chat")},
+    "/v1/chat/completions/batch": {"POST": _generation_route("chat_batch")},
+    "/v1/completions": {"POST": _generation_route("completion")},
     "/invocations": {"POST": invocations},
     "/load": {"GET": server_load},
     "/v1/models": {"GET": list_models},
@@ -436,8 +429,8 @@ ROUTES: dict[str, dict[str, Handler]] = {
 }
 EMBEDDING_ROUTES = set(embedding_routes.ROUTES)  # answered by App.embedding
 # what a batch line may run: each POST route's answer to a JSON body (App.answer)
-ANSWERS = {"/v1/chat/completions": _chat_json, "/v1/completions": _completion_json,
-           **embedding_routes.ANSWERS}
+ANSWERS = {"/v1/chat/completions": _generation_answer("chat"),
+           "/v1/completions": _generation_answer("completion"), **embedding_routes.ANSWERS}
 # A route of another API answers errors (its own and the dispatcher's: 401, 404...) in its shape.
 ERROR_SHAPES = {"/v1/messages": messages.error_body,
                 "/v1/messages/count_tokens": messages.error_body}
