@@ -3,6 +3,7 @@ knobs (named as vLLM's flags). Never imports torch, so the server can read them 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -4,9 +4,11 @@ watcher) and path matching for the route tables. Knows no model and no route; im
 of minserve, so every route module imports it downward."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -17,17 +19,15 @@ Headers = list[tuple[bytes, bytes]]
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 SSE_HEADERS: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                         (b"x-accel-buffering", b"no")]
-# Set only by an in-process caller (the batch runner, batch/runner.py), never by an ASGI server,
-# so no client can claim it: its value is the request's priority (higher runs later, as vLLM's),
-# and a request carrying it skips the API-key check (the batch's owner passed it at creation).
-BATCH_SCOPE_KEY = "minserve.batch_priority"
+T = TypeVar("T")
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                 405: "MethodNotAllowed", 413: "RequestEntityTooLarge", 415: "BadRequestError",
                 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
-class OpenAIError(Exception):
-    """A user-facing error: `status` and the {"error": {...}} body that goes with it."""
+class OpenAIError(ValueError):
+    """A user-facing error: `status` and the {"error": {...}} body that goes with it. A
+    ValueError, as LLM raises it: the offline API refuses input in the routes' words."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  type: str | None = None, code: str | int | None = None) -> None:
@@ -69,11 +69,7 @@ class Http:
     # The route's error shape (another API's routes set their own; OpenAI's by default).
     error_body: Callable[[OpenAIError], Any] = OpenAIError.to_dict
     head_only: bool = False  # HEAD: answered as GET, its headers kept, without the body
-
-    @property
-    def priority(self) -> int:
-        """The engine priority of what this request runs: 0 (interactive) unless a batch line."""
-        return int(self.scope.get(BATCH_SCOPE_KEY, 0))
+    api_key: str | None = None   # the key that passed auth (None: the server has none)
 
     async def send(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "http.response.start":
@@ -122,6 +118,10 @@ class Http:
         while (await self.receive())["type"] != "http.disconnect":
             pass
 
+    async def watched(self, work: Awaitable[Any]) -> None:
+        """Run work (the response) until it ends or the client goes away, whichever is first."""
+        await run_unless(work, self.wait_disconnect())
+
     # ---- whole responses
     async def send_body(self, status: int, body: bytes, headers: Headers = ()) -> None:
         await self.send({"type": "http.response.start", "status": status, "headers": [
@@ -157,6 +157,23 @@ class Http:
         """OpenAI streams end with `data: [DONE]`; done=False ends without it."""
         await self.send({"type": "http.response.body", "more_body": False,
                          "body": b"data: [DONE]\n\n" if done else b""})
+
+
+async def run_unless(work: Awaitable[T], gone: Awaitable[Any]) -> T | None:
+    """work's result, or None when `gone` (a disconnect, a cancel) comes first: work is then
+    cancelled, and its finally blocks abort what it started. work's errors are raised."""
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(gone)
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
+    finally:
+        watcher.cancel()
+        task.cancel()
 
 
 def match_path(pattern: str, path: str) -> dict[str, str] | None:

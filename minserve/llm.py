@@ -1,9 +1,14 @@
-"""LLM: the offline / embedded Python API. Drives Engine.step() synchronously (no asyncio): one
-EngineRequest per prompt (the engine fans n out), and the samples' outputs become text through the
-server's per-sample state (output.SampleState). With an embedding model (task="embed", or
-detected from the architecture) it wraps an Embedder and offers embed()."""
+"""LLM: the offline / embedded Python API. Drives Engine.step() synchronously (no asyncio, for
+speed) over the serving path's shared parts: requests are built and checked by protocol.py (chat
+through parse_chat, as the route: messages, template, tools, images, length), one EngineRequest
+per prompt (the engine fans n out), and each sample's outputs become text through the server's
+per-sample state (output.SampleState). A refused input is the route's OpenAIError (a ValueError).
+With an embedding model (task="embed", or detected from the architecture) it wraps an Embedder
+and offers embed()."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import sys
 import time
@@ -17,6 +22,7 @@ from minserve.engine.engine import Engine
 from minserve.engine.request import EngineRequest, FinishReason, Logprob
 from minserve.lora.request import LoRARequest
 from minserve.output import SampleState
+from minserve.protocol import ServingContext, attach_images, check_length, media, parse_chat
 from minserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:   # imported when embed() runs: a chat-only LLM never loads the embeddings code
@@ -59,10 +65,9 @@ class GenerateOutput:
 _EMBEDDER_ARGS = ("dtype", "device", "max_model_len")
 
 
-def _completion_output(index: int, sample: SampleState, params: SamplingParams
-                       ) -> CompletionOutput:
+def _completion_output(sample: SampleState, params: SamplingParams) -> CompletionOutput:
     lps = sample.logprobs if params.logprobs is not None else None
-    return CompletionOutput(index, sample.text, sample.token_ids,
+    return CompletionOutput(sample.index, sample.text, sample.token_ids,
                             sum(lp.logprob for lp in lps) if lps is not None else None, lps,
                             sample.finish_reason, sample.stop_reason, sample.error)
 
@@ -129,6 +134,11 @@ class LLM:
                              "LLM.embed(), or load a chat model for generate()/chat()")
         return self.engine
 
+    @functools.cached_property
+    def _ctx(self) -> ServingContext:
+        """What request building needs from the engine (the routes' checks, LLM's defaults)."""
+        return ServingContext.from_info(self._generator().info, self.engine.config, ["llm"])
+
     def get_tokenizer(self) -> Any:
         return self.engine.info.tokenizer if self.engine is not None else self.embedder.tokenizer
 
@@ -172,39 +182,33 @@ class LLM:
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
+        params = self._params(sampling_params, len(prompts))
+        adapters = self._adapters(lora_request, len(prompts))
+        return self._run([self._request(p, sp, a) for p, sp, a in zip(prompts, params, adapters,
+                                                                       strict=True)], use_tqdm)
+
+    def _params(self, sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+                num_prompts: int) -> list[SamplingParams]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompts)
+            return [sampling_params] * num_prompts
+        params_list = list(sampling_params)
+        if len(params_list) != num_prompts:
+            raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        return params_list
+
+    def _request(self, prompt: Prompt, params: SamplingParams, adapter: str | None
+                 ) -> tuple[EngineRequest, str | None]:
+        """One prompt -> (its EngineRequest, checked as the completions route checks it; the
+        prompt text)."""
+        text, ids = self._tokenize(prompt)
+        request = EngineRequest(f"llm-{next(self._ids)}", ids, params, adapter_name=adapter)
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
+            attach_images(request, self._images(prompt["multi_modal_data"]), self._ctx)
         else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError("sampling_params must be one SamplingParams or one per prompt")
-        adapters = self._adapters(lora_request, len(prompts))
-        results, samples = [], {}
-        try:
-            for prompt, params, adapter in zip(prompts, params_list, adapters, strict=True):
-                text, ids = self._tokenize(prompt)
-                rid = f"llm-{next(self._ids)}"
-                res = GenerateOutput(rid, text, ids, [CompletionOutput(i)
-                                                      for i in range(params.n)])
-                results.append(res)
-                request = EngineRequest(rid, ids, params, adapter_name=adapter)
-                if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
-                    self._attach_images(request, prompt["multi_modal_data"])
-                    res.prompt_token_ids = ids = request.prompt_token_ids
-                self.engine.add_request(request)
-                stop = StopStrings(params.stop)  # once for the n samples
-                for i, sid in enumerate(request.sample_ids()):
-                    samples[sid] = (res, i, params, SampleState(self.engine.info.tokenizer, ids,
-                                                                params, stop))
-            self._run(samples, use_tqdm, len(results))
-        except BaseException:
-            self.engine.abort_request(list(samples))
-            while self.engine.has_unfinished_requests():  # drain the aborts
-                self.engine.step()
-            raise
-        return results
+            check_length(self._ctx, ids, params.max_tokens, "prompt")
+        return request, text
 
     def _adapters(self, lora_request: LoRARequest | Sequence[LoRARequest | None] | None,
                   num_prompts: int) -> list[str | None]:
@@ -234,11 +238,11 @@ class LLM:
             return prompt, self.engine.info.tokenizer.encode(prompt)
         return None, list(prompt)
 
-    def _attach_images(self, request: EngineRequest, data: Any) -> None:
-        """multi_modal_data {"image": a PIL image or a list of them} -> the prompt's image
-        placeholders expanded (vLLM's offline form)."""
+    def _images(self, data: Any) -> list[Any]:
+        """multi_modal_data {"image": a PIL image or a list of them} (vLLM's offline form) -> the
+        images, checked."""
         from minserve.multimodal.image import check_image
-        from minserve.multimodal.inputs import attach_images, check_image_count
+        from minserve.multimodal.inputs import check_image_count
 
         info = self.engine.info
         if not isinstance(data, dict) or set(data) - {"image"}:
@@ -249,10 +253,35 @@ class LLM:
         images = data.get("image")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         check_image_count(len(images), info.image_limit)
-        attach_images(request, [check_image(im) for im in images], info.image_processor)
+        return [check_image(im) for im in images]
 
-    def _run(self, samples: dict[str, tuple[GenerateOutput, int, SamplingParams, SampleState]],
-             use_tqdm: bool | None, num_prompts: int) -> None:
+    def _run(self, requests: list[tuple[EngineRequest, str | None]], use_tqdm: bool | None
+             ) -> list[GenerateOutput]:
+        """Add the requests, step the engine until each has all its samples; -> one output per
+        request, in order. Whatever happens meanwhile, nothing is left running."""
+        tok = self.engine.info.tokenizer
+        results, samples = [], {}
+        try:
+            for request, text in requests:
+                params = request.sampling
+                res = GenerateOutput(request.request_id, text, request.prompt_token_ids,
+                                     [CompletionOutput(i) for i in range(params.n)])
+                results.append(res)
+                self.engine.add_request(request)
+                stop = StopStrings(params.stop)  # once for the n samples
+                for i, sid in enumerate(request.sample_ids()):
+                    samples[sid] = (res, params, SampleState(i, tok, request.prompt_token_ids,
+                                                             params, stop))
+            self._step(samples, use_tqdm, len(results))
+        except BaseException:
+            self.engine.abort_request(list(samples))
+            while self.engine.has_unfinished_requests():  # drain the aborts
+                self.engine.step()
+            raise
+        return results
+
+    def _step(self, samples: dict[str, tuple[GenerateOutput, SamplingParams, SampleState]],
+              use_tqdm: bool | None, num_prompts: int) -> None:
         if use_tqdm is None:
             use_tqdm = num_prompts >= 8 and sys.stderr.isatty()
         bar = _Progress(num_prompts, use_tqdm)
@@ -263,12 +292,12 @@ class LLM:
             for ro in self.engine.step():
                 if ro.request_id not in unfinished:
                     continue  # the ABORT echo of a sample a stop string already ended
-                res, i, params, sample = samples[ro.request_id]
+                res, params, sample = samples[ro.request_id]
                 num_tokens += len(ro.new_token_ids)
-                if sample.update(ro)[2]:
+                if sample.update(ro).stopped:
                     self.engine.abort_request(ro.request_id)
                 if sample.finish_reason is not None:
-                    res.outputs[i] = _completion_output(i, sample, params)
+                    res.outputs[sample.index] = _completion_output(sample, params)
                     res.num_cached_tokens = max(res.num_cached_tokens, sample.num_cached_tokens)
                     res.prompt_logprobs = res.prompt_logprobs or sample.prompt_logprobs
                     unfinished.discard(ro.request_id)
@@ -286,33 +315,29 @@ class LLM:
              chat_template_kwargs: dict[str, Any] | None = None,
              lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None
              ) -> list[GenerateOutput]:
-        """One conversation (a list of {"role", "content"}) or a list of conversations."""
-        from minserve.chat import ImageParts
-
+        """One conversation (a list of {"role", "content"}) or a list of conversations, each
+        parsed as POST /v1/chat/completions parses its messages (parse_chat: the same checks,
+        template, tools, images and length check), sampled with sampling_params."""
         convs = list(messages) if messages and isinstance(messages[0], list) else [messages]
-        info = self._generator().info
-        tok = info.tokenizer
-        prompts: list[Prompt] = []
-        for conv in convs:
-            images = ImageParts(info.image_processor.placeholder) if info.image_processor \
-                else None
-            # Messages and chat_template_kwargs are checked as the server checks them (chat.py).
-            text = tok.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tools=tools,
-                chat_template_kwargs=chat_template_kwargs, images=images)
-            # The template already wrote bos (if the model wants one): do not add it twice.
-            prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": tok.encode(
-                text, add_special_tokens=False)}
-            if images is not None and images.found:
-                from minserve.multimodal.fetch import MediaPolicy
-                from minserve.multimodal.inputs import check_image_count, load_images_sync
+        self._generator()
+        params = self._params(sampling_params, len(convs))
+        adapters = self._adapters(lora_request, len(convs))
+        requests = []
+        for conv, sp, adapter in zip(convs, params, adapters, strict=True):
+            body = {"messages": conv, "continue_final_message": continue_final_message,
+                    "tools": tools, "chat_template_kwargs": chat_template_kwargs}
+            if not continue_final_message:  # continuing a message opens no new one
+                body["add_generation_prompt"] = add_generation_prompt
+            req = parse_chat(body, self._ctx, sp)
+            request = dataclasses.replace(req.requests[0], request_id=f"llm-{next(self._ids)}",
+                                          adapter_name=adapter)
+            if req.images:
+                from minserve.multimodal.inputs import load_images_sync
 
-                check_image_count(len(images.found), info.image_limit)
-                prompt["multi_modal_data"] = {"image": load_images_sync(
-                    images.found, MediaPolicy.from_config(self.engine.config))}
-            prompts.append(prompt)
-        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
+                images = media(lambda: load_images_sync(req.images, self._ctx.media_policy))
+                attach_images(request, images, self._ctx)
+            requests.append((request, req.rendered_prompt))
+        return self._run(requests, use_tqdm)
 
 
 __all__ = ["LLM", "CompletionOutput", "FinishReason", "GenerateOutput", "LoRARequest"]

@@ -1,15 +1,16 @@
 """Anthropic's Messages API on the chat path: POST /v1/messages (system, content blocks, tools,
-thinking -> a chat request for parse_chat; the chat output back as content blocks and Anthropic's
-stream events) and POST /v1/messages/count_tokens, with errors in Anthropic's shape. Parsing,
-sampling and generation are the chat route's."""
+thinking -> a chat request for parse_chat; the generation's blocks back as content blocks and
+Anthropic's stream events) and POST /v1/messages/count_tokens, with errors in Anthropic's shape.
+Parsing, sampling and generation are the chat route's."""
 from __future__ import annotations
 
 import json
 import uuid
 from typing import Any
 
+from minserve.blocks import Block, BlockWriter, parse
 from minserve.http import OpenAIError
-from minserve.translate import Block, ChatReader, parse, run
+from minserve.request_fields import bad as _bad
 
 # Request fields read as the chat route reads them (vLLM's extra sampling fields included).
 PASSED = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "min_p",
@@ -30,10 +31,6 @@ def error_body(err: OpenAIError) -> dict[str, Any]:
 def _error(status: int, message: str) -> dict[str, Any]:
     kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
     return {"type": "error", "error": {"type": kind, "message": message}}
-
-
-def _bad(param: str, msg: str) -> OpenAIError:
-    return OpenAIError(400, f"{param}: {msg}", param=param)
 
 
 def _block_text(block: Any, where: str) -> str:
@@ -186,7 +183,7 @@ def chat_body(body: Any, count_only: bool = False) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- chat output -> a message
-class MessageWriter(ChatReader):
+class MessageWriter(BlockWriter):
     """Builds the message from the chat output and, for a streaming client, sends Anthropic's
     events: message_start, ping, content_block_start/delta/stop, message_delta, message_stop."""
 
@@ -233,11 +230,10 @@ class MessageWriter(ChatReader):
             m["stop_reason"], m["stop_sequence"] = "stop_sequence", self.stop_reason
         else:
             m["stop_reason"] = "end_turn"
-        cached = u["prompt_tokens_details"]["cached_tokens"]
         # Anthropic's input_tokens leave out the tokens read from the (prefix) cache.
-        m["usage"] = {"input_tokens": u["prompt_tokens"] - cached, "output_tokens":
-                      u["completion_tokens"], "cache_creation_input_tokens": 0,
-                      "cache_read_input_tokens": cached}
+        m["usage"] = {"input_tokens": u.prompt_tokens - u.cached_tokens,
+                      "output_tokens": u.completion_tokens, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": u.cached_tokens}
         m["content"] = [self.block(b, True) for b in self.blocks]
         await self.send_event("message_delta", delta={"stop_reason": m["stop_reason"],
                                                 "stop_sequence": m["stop_sequence"]},
@@ -261,13 +257,15 @@ def _loads(text: str) -> Any:
 # ---------------------------------------------------------------- route handlers
 async def create_message(app: Any, http: Any) -> None:
     body = await http.read_json()
-    req = await parse(app, chat_body(body), RENAMES)
+    serving = app.chat_serving()
+    req = await parse(serving, chat_body(body), RENAMES)
     message = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
                "model": req.model, "content": [], "stop_reason": None, "stop_sequence": None,
                "usage": {"input_tokens": len(req.prompts[0]), "output_tokens": 0}}
-    await run(app, http, req, MessageWriter(message, http, bool(body.get("stream"))))
+    await http.watched(MessageWriter(message, http, bool(body.get("stream"))).run(serving, req))
 
 
 async def count_tokens(app: Any, http: Any) -> None:
-    req = await parse(app, chat_body(await http.read_json(), count_only=True), RENAMES)
+    body = chat_body(await http.read_json(), count_only=True)
+    req = await parse(app.chat_serving(), body, RENAMES)
     await http.send_json(200, {"input_tokens": len(req.prompts[0])})

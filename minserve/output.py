@@ -1,10 +1,13 @@
-"""Engine outputs -> text and OpenAI responses: SampleState (one sample's tokens, logprobs and
-text: incremental detokenizing, stop strings, why it ended; the server's choices and LLM both use
-it), ChoiceState (a server choice: chat parsers, logprob shapes) and the chat/completions response
-and chunk builders. Plain dicts; no I/O, no torch."""
+"""Engine outputs -> typed events -> OpenAI responses: SampleState (one sample's tokens, logprobs
+and text: incremental detokenizing, stop strings, why it ended; the server's choices and LLM both
+use it) turns each engine output into a Delta; ChoiceState (a server choice) adds the chat parsers
+and the logprob shapes. The chat/completions JSON body and SSE chunk payloads are built from them
+here; SSE framing is the HTTP edge's. Plain dicts; no I/O, no torch."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from minserve.detokenizer import IncrementalDetokenizer, StopChecker, StopStrings
@@ -17,13 +20,48 @@ if TYPE_CHECKING:
 _MIN_LOGPROB = -9999.0  # vLLM's floor for -inf, so the JSON stays finite
 
 
+@dataclass(slots=True)
+class Delta:
+    """The event for one engine output of one choice: its new text, token ids and logprobs.
+    Streamed chat runs its parsers on the text: `text` is then the content, beside `reasoning`
+    and `tool_calls` deltas. `finished` on its last (the choice's finish_reason is set);
+    `stopped`: a stop string ended it, so the caller aborts the sample in the engine."""
+    choice: SampleState
+    text: str
+    token_ids: list[int]
+    logprobs: list[Logprob]
+    finished: bool
+    stopped: bool = False
+    reasoning: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    """The event after a request's last Delta: its token counts (prompt tokens once per
+    prompt, not per sample, as OpenAI counts them)."""
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    def to_dict(self, details: bool = True) -> dict[str, Any]:
+        """OpenAI's usage; prompt_tokens_details only with `details` (the server's
+        --enable-prompt-tokens-details: vLLM's usage otherwise)."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens} if details
+                else None}
+
+
 class SampleState:
     """One sample as its engine deltas arrive: token ids, logprobs, text and why it ended."""
 
-    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams,
-                 stop: StopStrings | None = None) -> None:
-        """stop: params.stop prepared once for all of a request's samples. tokenizer None
-        (--skip-tokenizer-init): no detokenizer, no text (token ids out only)."""
+    def __init__(self, index: int, tokenizer: Any, prompt_token_ids: list[int],
+                 params: SamplingParams, stop: StopStrings | None = None) -> None:
+        """index: the sample's (choice's) place in its request. stop: params.stop prepared once
+        for all of a request's samples. tokenizer None (--skip-tokenizer-init): no detokenizer,
+        no text (token ids out only)."""
+        self.index = index
         self.detok = IncrementalDetokenizer(tokenizer, prompt_token_ids,
                                             params.skip_special_tokens,
                                             params.spaces_between_special_tokens) \
@@ -51,8 +89,9 @@ class SampleState:
             self._pieces = ["".join(self._pieces)]
         return self._pieces[0] if self._pieces else ""
 
-    def update(self, out: RequestOutput) -> tuple[str, list[Logprob], bool]:
-        """-> (new text, new logprobs, stop string hit). On a hit the caller aborts the sample."""
+    def update(self, out: RequestOutput) -> Delta:
+        """-> the Delta of this output. On a stop string (stopped) the caller aborts the
+        sample."""
         self.token_ids += out.new_token_ids
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if out.num_prompt_tokens:
@@ -76,7 +115,8 @@ class SampleState:
         elif out.finished:
             self.finish_reason = out.finish_reason.value
             self.stop_reason, self.error = out.stop_reason, out.error
-        return delta, lps, hit is not None
+        return Delta(self, delta, out.new_token_ids, lps, self.finish_reason is not None,
+                     hit is not None)
 
 
 class ChoiceState(SampleState):
@@ -85,11 +125,12 @@ class ChoiceState(SampleState):
 
     def __init__(self, index: int, req: GenerateRequest, tokenizer: Any,
                  prompt_token_ids: list[int]) -> None:
-        super().__init__(tokenizer, prompt_token_ids, req.params, req.stop_strings)
-        self.index = index
+        super().__init__(index, tokenizer, prompt_token_ids, req.params, req.stop_strings)
         self.tokenizer = tokenizer
-        # chat only: reasoning / tool-call parsers (each keeps this choice's streaming state)
+        # chat only: reasoning / tool-call parsers (each keeps this choice's streaming state);
+        # streamed, they split each delta; otherwise chat_message() splits the whole text
         self.reasoning, self.tools = req.make_parsers() if req.make_parsers else (None, None)
+        self.parse_deltas = req.stream and req.make_parsers is not None
         self.num_tool_calls = 0
         self.echo_only = req.echo_only
         self.echo_sent = False   # streaming: the echoed prompt went out
@@ -97,14 +138,17 @@ class ChoiceState(SampleState):
         self.num_ids_sent = 0    # streaming return_token_ids: token ids already in a chunk
         self.prompt_extras_sent = False  # ... prompt_token_ids / prompt_logprobs went out
 
-    def update(self, out: RequestOutput) -> tuple[str, list[Logprob], bool]:
+    def update(self, out: RequestOutput) -> Delta:
         if self.echo_only:  # max_tokens=0: drop the one sampled token; it ended on "length"
             reason = out.finish_reason
             if reason in (FinishReason.STOP, FinishReason.LENGTH):
                 reason = FinishReason.LENGTH
             out = dataclasses.replace(out, new_token_ids=[], logprobs=None, finish_reason=reason,
                                       stop_reason=None)
-        return super().update(out)
+        d = super().update(out)
+        if self.parse_deltas:
+            self._parse(d)
+        return d
 
     @property
     def api_finish_reason(self) -> str | None:
@@ -132,33 +176,24 @@ class ChoiceState(SampleState):
         msg["tool_calls"] = [c.to_dict() for c in calls] if calls or not forced else None
         return msg
 
-    def chat_delta(self, text: str, finished: bool) -> dict[str, Any]:
-        """The streamed delta for new text; on the last one the parsers flush what they held."""
-        if self.reasoning is None and self.tools is None:
-            return {"content": text} if text else {}
-        out: dict[str, Any] = {}
-        content = text
+    def _parse(self, d: Delta) -> None:
+        """A streamed delta's text through the parsers: content, reasoning and tool-call
+        deltas. On the last one the parsers flush what they held."""
+        text, finished = d.text, d.finished
         if self.reasoning is not None:
             parts = [self.reasoning.extract_streaming(text) if text else None,
                      self.reasoning.finish() if finished else None]
-            content = "".join((d or {}).get("content", "") for d in parts)
-            thought = "".join((d or {}).get("reasoning_content", "") for d in parts)
-            if thought:
-                out["reasoning_content"] = out["reasoning"] = thought
-        if self.tools is None:
-            if content:
-                out["content"] = content
-            return out
-        parts = [self.tools.extract_streaming(content) if content else None,
-                 self.tools.finish() if finished else None]
-        content = "".join((d or {}).get("content") or "" for d in parts)
-        calls = [c for d in parts for c in (d or {}).get("tool_calls", [])]
-        if content:
-            out["content"] = content
-        if calls:
-            out["tool_calls"] = calls
-            self.num_tool_calls += sum(1 for c in calls if "id" in c)  # a call's first delta
-        return out
+            text = "".join((p or {}).get("content", "") for p in parts)
+            d.reasoning = "".join((p or {}).get("reasoning_content", "") for p in parts)
+        if self.tools is not None:
+            parts = [self.tools.extract_streaming(text) if text else None,
+                     self.tools.finish() if finished else None]
+            text = "".join((p or {}).get("content") or "" for p in parts)
+            calls = [c for p in parts for c in (p or {}).get("tool_calls", [])]
+            if calls:
+                d.tool_calls = calls
+                self.num_tool_calls += sum(1 for c in calls if "id" in c)  # a call's first delta
+        d.text = text
 
     # ---- logprobs in OpenAI's two shapes
     def _token(self, token_id: int) -> tuple[str, list[int]]:
@@ -220,17 +255,11 @@ class ChoiceState(SampleState):
         return out
 
 
-def usage(choices: list[SampleState], num_prompts: int, n: int, details: bool = True
-          ) -> dict[str, Any]:
-    """Prompt tokens count once per prompt (not per sample), as OpenAI does. The server gives
-    prompt_tokens_details only with --enable-prompt-tokens-details (vLLM's usage otherwise)."""
+def usage(choices: list[SampleState], num_prompts: int, n: int) -> Usage:
     firsts = choices[::n][:num_prompts]
-    prompt = sum(c.num_prompt_tokens for c in firsts)
-    completion = sum(c.num_output_tokens for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in firsts)}
-            if details else None}
+    return Usage(sum(c.num_prompt_tokens for c in firsts),
+                 sum(c.num_output_tokens for c in choices),
+                 sum(c.num_cached_tokens for c in firsts))
 
 
 def echo_prefix(req: GenerateRequest, c: ChoiceState) -> str:
@@ -275,7 +304,8 @@ def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]
     body = {"id": req.request_id,
             "object": "chat.completion" if req.kind == "chat" else "text_completion",
             "created": req.created, "model": req.model, "choices": out,
-            "usage": usage(choices, len(req.prompts), req.params.n, req.prompt_tokens_details)}
+            "usage": usage(choices, len(req.prompts), req.params.n).to_dict(
+                req.prompt_tokens_details)}
     if req.kind == "chat":
         body.update(_prompt_extras(req, choices[0]))
     return body
@@ -305,22 +335,18 @@ def chunk(req: GenerateRequest, choice_dicts: list[dict[str, Any]],
     return d
 
 
-def echo_chunk_choice(req: GenerateRequest, c: ChoiceState) -> dict[str, Any]:
-    """Streaming completions with echo: the prompt text, and with logprobs the prompt's logprobs
-    (as the non-streaming body has them), which arrive with the choice's first output."""
-    ch = chunk_choice(req, c, echo_prefix(req, c), [], echo=True)
-    if req.logprobs is not None:
-        ch["logprobs"] = _prompt_logprobs(req, c)
-    return ch
-
-
-def chunk_choice(req: GenerateRequest, c: ChoiceState, text: str, lps: list[Logprob],
-                 *, role: bool = False, finished: bool = False, echo: bool = False
-                 ) -> dict[str, Any]:
-    """One choice's delta inside a streaming chunk."""
+def chunk_choice(req: GenerateRequest, d: Delta, *, opening: bool = False) -> dict[str, Any]:
+    """One choice's delta inside a streaming chunk. opening: before any output, chat's role or
+    the echoed prompt of completions."""
+    c, text, lps, finished = d.choice, d.text, d.logprobs, d.finished
     if req.kind == "chat":
-        delta: dict[str, Any] = {"role": "assistant", "content": text} if role else \
-            c.chat_delta(text, finished)
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if opening else {}
+        if d.reasoning:
+            delta["reasoning_content"] = delta["reasoning"] = d.reasoning
+        if text and not opening:
+            delta["content"] = text
+        if d.tool_calls:
+            delta["tool_calls"] = d.tool_calls
         if finished and not delta:  # vLLM's last delta: clients do `text += delta.content`
             delta = {"content": ""}
         ch: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": None}
@@ -328,12 +354,14 @@ def chunk_choice(req: GenerateRequest, c: ChoiceState, text: str, lps: list[Logp
             ch["logprobs"] = c.chat_logprobs(lps, _num_top(req))
     else:
         ch = {"index": c.index, "text": text, "logprobs": None}
-        if req.logprobs is not None and lps:
-            offset = 0 if echo else len(echo_prefix(req, c)) + len(c.text) - len(text)
+        if req.logprobs is not None and opening and req.echo:   # the echoed prompt's own
+            ch["logprobs"] = _prompt_logprobs(req, c)
+        elif req.logprobs is not None and lps:
+            offset = len(echo_prefix(req, c)) + len(c.text) - len(text)
             ch["logprobs"] = c.completion_logprobs(lps, _num_top(req), offset)
     ch["finish_reason"] = c.api_finish_reason if finished else None
     ch["stop_reason"] = c.stop_reason if finished else None
-    if req.return_token_ids and not role and not echo:  # the ids new since the last chunk
+    if req.return_token_ids and not opening:  # the ids new since the last chunk
         ch["token_ids"] = c.token_ids[c.num_ids_sent:]
         c.num_ids_sent = len(c.token_ids)
     return ch
@@ -348,3 +376,39 @@ def stream_prompt_extras(req: GenerateRequest, c: ChoiceState) -> dict[str, Any]
         return None
     c.prompt_extras_sent = True
     return {k: v for k, v in _prompt_extras(req, c).items() if v is not None}
+
+
+async def stream_chunks(req: GenerateRequest, gen: Any) -> AsyncIterator[dict[str, Any]]:
+    """A streamed chat/completions request's chunk payloads from its generation (serving.py):
+    each choice's opening (chat's role, the echoed prompt), a chunk per Delta that says
+    anything, the usage chunk when asked. Framing them as SSE is the HTTP edge's."""
+    n, num_prompts, details = req.params.n, len(req.prompts), req.prompt_tokens_details
+    continuous = req.include_usage and req.continuous_usage
+    # Echo with logprobs waits for the prompt's logprobs, which come with the first output.
+    echo_later = req.kind == "completion" and req.echo and req.logprobs is not None
+
+    def full(choice: dict[str, Any], c: ChoiceState) -> dict[str, Any]:
+        u = usage(gen.choices, num_prompts, n).to_dict(details) if continuous else None
+        d = chunk(req, [choice], u)
+        extras = stream_prompt_extras(req, c)
+        if extras:  # vLLM: top-level for chat, in the choice for completions
+            (d if req.kind == "chat" else choice).update(extras)
+        return d
+
+    for c in gen.choices:
+        text = echo_prefix(req, c)
+        if req.kind == "chat" or (text and not echo_later):
+            yield full(chunk_choice(req, Delta(c, text, [], [], False), opening=True), c)
+    async for ev in gen:
+        if type(ev) is Usage:
+            if req.include_usage:
+                yield chunk(req, [], ev.to_dict(details))
+            continue
+        c = ev.choice
+        if echo_later and not c.echo_sent:
+            c.echo_sent = True
+            yield full(chunk_choice(req, Delta(c, echo_prefix(req, c), [], [], False),
+                                    opening=True), c)
+        if ev.text or ev.logprobs or ev.finished or ev.reasoning or ev.tool_calls or (
+                req.return_token_ids and ev.token_ids):
+            yield full(chunk_choice(req, ev), c)

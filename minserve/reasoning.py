@@ -5,14 +5,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from minserve.tool_parsers.base import partial_marker_len
+
 THINK_START, THINK_END = "<think>", "</think>"
-
-
-def _partial_len(text: str, marker: str) -> int:
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
 
 
 def prompt_opens_reasoning(prompt: str) -> bool:
@@ -49,7 +44,7 @@ class ReasoningParser:
         if end >= 0:
             return rest[:end], rest[end + len(THINK_END):]
         # No </think> (yet): all reasoning, as vLLM does for a truncated thought.
-        keep = 0 if final else _partial_len(rest, THINK_END)
+        keep = 0 if final else partial_marker_len(rest, THINK_END)
         return rest[:len(rest) - keep], ""
 
     def extract(self, text: str) -> tuple[str | None, str | None]:

@@ -1,7 +1,7 @@
 """OpenAI's Responses API on the chat path: POST /v1/responses (input items -> chat messages and
-fields for parse_chat; the chat output back as output items and semantic SSE events), a bounded
-store for previous_response_id and GET/DELETE /v1/responses/{id}, and background runs with
-POST /v1/responses/{id}/cancel. Parsing, sampling and generation are the chat route's."""
+fields for parse_chat; the generation's blocks back as output items and semantic SSE events), a
+bounded store for previous_response_id and GET/DELETE /v1/responses/{id}, and background runs
+with POST /v1/responses/{id}/cancel. Parsing, sampling and generation are the chat route's."""
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from minserve.http import Http, OpenAIError
-from minserve.translate import Block, ChatReader, parse, run
+from minserve.blocks import Block, BlockWriter, parse
+from minserve.http import OpenAIError, run_unless
+from minserve.request_fields import bad as _bad
 
 logger = logging.getLogger("minserve.responses")
 
@@ -24,10 +25,6 @@ PASSED = ("model", "temperature", "top_p", "user", "parallel_tool_calls", "seed"
           "min_tokens", "structured_outputs")
 RENAMES = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
-
-
-def _bad(param: str, msg: str) -> OpenAIError:
-    return OpenAIError(400, f"{param}: {msg}", param=param)
 
 
 def _text(content: Any, where: str) -> str:
@@ -233,7 +230,7 @@ class ResponseStore:
 
 
 # ---------------------------------------------------------------- chat output -> a response
-class ResponseWriter(ChatReader):
+class ResponseWriter(BlockWriter):
     """Builds the response object from the chat output and, for a streaming client, sends the
     semantic events in OpenAI's order, each with its sequence_number."""
 
@@ -318,10 +315,9 @@ class ResponseWriter(ChatReader):
         r, u = self.response, self.usage
         reasoning = "".join(b.text for b in self.blocks if b.kind == "reasoning")
         r["usage"] = {
-            "input_tokens": u["prompt_tokens"], "output_tokens": u["completion_tokens"],
-            "total_tokens": u["total_tokens"],
-            "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
-                                     "cache_write_tokens": 0},
+            "input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
             "output_tokens_details": {"reasoning_tokens": len(self.tokenizer.encode(
                 reasoning, add_special_tokens=False)) if reasoning else 0}}
         r["completed_at"] = int(time.time())
@@ -373,32 +369,27 @@ async def create_response(app: Any, http: Any) -> None:
             raise _bad("previous_response_id", "that response is still in progress")
     history = prev.items + prev.response["output"] if prev else []
     chat, items, echo = chat_body(body, history)
-    req = await parse(app, chat, RENAMES)
+    serving = app.chat_serving()
+    req = await parse(serving, chat, RENAMES)
     response = _new_response(body, req, echo)
     record = Stored(response, items) if response["store"] else None
     stream, background = bool(body.get("stream")), response["background"]
     # a background run's client has its answer at once: the writer sends it nothing more
     writer = ResponseWriter(response, None if background and not stream else http, stream,
-                            app.ctx.tokenizer)
+                            serving.ctx.tokenizer)
     if record is not None:
         store.put(record)
     if not background:
-        await run(app, http, req, writer)
+        await http.watched(writer.run(serving, req))
         if not (writer.done or writer.failed):   # the client went away: the run was aborted
             response["status"] = "cancelled"
         return
     record.cancel = cancel = asyncio.Event()
-
-    async def until_cancelled() -> dict[str, Any]:
-        await cancel.wait()
-        return {"type": "http.disconnect"}
     if stream:
         await writer.open()
     else:
         await http.send_json(200, response)
-    detached = Http(http.scope, until_cancelled, None, http.path, http.headers,
-                    http.max_body_bytes)   # its receive() only: the writer holds the client
-    record.task = task = asyncio.ensure_future(_background(app, detached, req, writer, cancel))
+    record.task = task = asyncio.ensure_future(_background(serving, req, writer, cancel))
     if stream:  # the events go out as the run makes them; a client that leaves does not stop it
         gone = asyncio.ensure_future(http.wait_disconnect())
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -406,10 +397,12 @@ async def create_response(app: Any, http: Any) -> None:
         writer.client = None
 
 
-async def _background(app: Any, http: Any, req: Any, writer: ResponseWriter,
+async def _background(serving: Any, req: Any, writer: ResponseWriter,
                       cancel: asyncio.Event) -> None:
+    """The run goes on without its client (the writer holds it, if any) until done or
+    cancelled."""
     try:
-        await run(app, http, req, writer)
+        await run_unless(writer.run(serving, req), cancel.wait())
     except Exception as e:  # noqa: BLE001 - a run nobody awaits must still end as "failed"
         logger.exception("background response %s failed", writer.response["id"])
         await writer.error(500, {"message": f"internal server error: {type(e).__name__}: {e}"})

@@ -1,12 +1,13 @@
 """SamplingParams: what one request asks of the sampler. Plain Python (no torch) so the server's
-protocol layer can build it; the engine's sampler turns a batch of them into tensors."""
+protocol layer can build it; the engine's sampler turns a batch of them into tensors. Frozen: once
+built (protocol.py, or an LLM caller) nothing changes it; a variant is dataclasses.replace()."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -39,9 +40,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
-            self.stop = [self.stop]
+            object.__setattr__(self, "stop", [self.stop])   # frozen: normalized once, here
         if self.top_k < 0:
-            self.top_k = 0
+            object.__setattr__(self, "top_k", 0)
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0.0 < self.top_p <= 1.0:

@@ -32,7 +32,7 @@ class FakeEngine:
         for i, sid in enumerate(request.sample_ids()):  # the n fan-out, as the real engine's
             self.priorities[sid] = request.priority
             self.running[sid] = {"prompt": list(prompt), "out": [],
-                                 "params": request.sampling_params, "shift": i}
+                                 "params": request.sampling, "shift": i}
 
     def abort_request(self, request_ids) -> None:
         self.pending_aborts.extend(request_ids)

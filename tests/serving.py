@@ -1,11 +1,13 @@
 """Helpers the server tests share: wait_until() (poll a condition, never sleep-then-assert), an
-App over the tiny model driven in-process (real_app/run), and a real `python -m minserve`
-subprocess on a free port (start_server/stop_server/serving)."""
+App over the tiny model driven in-process (real_app/run), a real `python -m minserve`
+subprocess on a free port (start_server/stop_server/serving), the SDK test modules' one server
+fixture (sdk_server) and a Prometheus metric read from a running server (metric)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import ssl
@@ -15,6 +17,8 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import pytest
 
 from minserve.config import EngineConfig
 from minserve.server import ServerConfig, create_app
@@ -84,6 +88,31 @@ def stop_server(proc: subprocess.Popen) -> tuple[int, str]:
         proc.kill()
         out, _ = proc.communicate()
     return proc.returncode, out
+
+
+def sdk_server(*args: str) -> Any:
+    """The server fixture of an SDK test module (`server = sdk_server(...flags)`): one real
+    `python -m minserve serve` of the tiny model (served as "tiny", 8 MiB of KV cache, batch
+    storage in a temporary folder) with the module's flags, started once for the module. Yields
+    its URL; stopped with SIGTERM, it must exit 0 having logged its KV cache and readiness."""
+    @pytest.fixture(scope="module")
+    def server(tiny_model_dir: str, tmp_path_factory: Any) -> Iterator[str]:
+        storage = tmp_path_factory.mktemp("batch-storage")
+        proc, url = start_server(["serve", tiny_model_dir, "--served-model-name", "tiny",
+                                  "--kv-cache-memory", "8MiB",
+                                  "--batch-storage-path", str(storage), *args])
+        yield url
+        code, out = stop_server(proc)
+        assert code == 0, out
+        assert "KV cache" in out and "ready" in out
+    return server
+
+
+def metric(url: str, name: str) -> float:
+    """A server's Prometheus sample `name` (its first series), 0.0 when absent."""
+    text = urllib.request.urlopen(url + "/metrics").read().decode()
+    m = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)", text, re.M)
+    return float(m[1]) if m else 0.0
 
 
 @contextlib.contextmanager

@@ -11,23 +11,14 @@ import urllib.request
 import openai
 import pytest
 
-from tests.serving import start_server, stop_server
+from tests.serving import sdk_server
 
 K1, K2 = "key-one", "key-two"
 DONE = ("completed", "failed", "cancelled", "expired")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("batch-storage")
-    proc, url = start_server(["serve", tiny_model_dir, "--served-model-name", "tiny",
-                              "--api-key", K1, K2, "--kv-cache-memory", "8MiB",
-                              "--max-model-len", "256", "--max-num-seqs", "16",
-                              "--batch-storage-path", str(storage),
-                              "--max-batch-file-size", "64KiB", "--max-batch-file-lines", "300"])
-    yield url
-    code, out = stop_server(proc)
-    assert code == 0, out
+server = sdk_server("--api-key", K1, K2, "--max-model-len", "256", "--max-num-seqs", "16",
+                    "--max-batch-file-size", "64KiB", "--max-batch-file-lines", "300")
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
 """Batch lines through the app in-process (fake engine): they reach the engine at batch priority
-while HTTP requests stay at 0, skip the API-key check that HTTP clients cannot skip, stop
-cleanly (nothing recorded, engine requests aborted) and are cut off when the server says 503."""
+while HTTP requests stay at 0, need no API key (no HTTP exchange is built for them, and no client
+header can claim a batch line's standing), stop cleanly (nothing recorded, engine requests
+aborted) and are cut off when the server says 503."""
 from __future__ import annotations
 
 import asyncio
 
 from minserve.batch.lines import iter_lines
-from minserve.batch.runner import BATCH_PRIORITY, LineRunner, call_app
-from minserve.http import BATCH_SCOPE_KEY
+from minserve.batch.runner import BATCH_PRIORITY, LineRunner, run_line
 from tests.asgi import call, lifespan
 from tests.fake_engine import make_fake_app
 from tests.serving import wait_until
@@ -16,21 +16,24 @@ from tests.test_batch_store import _line
 
 def test_lines_run_at_batch_priority_without_the_key_check(tiny_model_dir):
     app = make_fake_app(tiny_model_dir, server={"api_keys": ["secret"]})
+    (line,) = iter_lines([_line("c0", url="/v1/completions",
+                                body={"prompt": "Hi", "max_tokens": 2})])
 
     async def fn():
         async with lifespan(app):
-            body = b'{"prompt": "Hi", "max_tokens": 2}'
-            status, raw = await call_app(app, "/v1/completions", body)
+            out = await run_line(app, line)
             http = await call(app, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2},
                               headers={"authorization": "Bearer secret"})
             no_key = await call(app, "POST", "/v1/completions", {"prompt": "Hi"})
-            # a client header named like the scope key is just a header
+            # a client header named like the old in-process batch marker is just a header
             spoof = await call(app, "POST", "/v1/completions", {"prompt": "Hi"},
-                               headers={BATCH_SCOPE_KEY: "0"})
-            return status, raw, http, no_key, spoof, app.chat._engine.priorities
+                               headers={"minserve.batch_priority": "0"})
+            return out, http, no_key, spoof, app.chat._engine.priorities
 
-    status, raw, http, no_key, spoof, priorities = asyncio.run(fn())
-    assert status == 200 and b"text_completion" in raw and http.status == 200
+    out, http, no_key, spoof, priorities = asyncio.run(fn())
+    response = out["response"]
+    assert response["status_code"] == 200 and response["body"]["object"] == "text_completion"
+    assert http.status == 200
     assert no_key.status == 401 and spoof.status == 401
     assert sorted(priorities.values()) == [0, BATCH_PRIORITY]
 

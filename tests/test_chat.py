@@ -362,39 +362,59 @@ FRONT_DOOR_CASES = [
 ]
 
 
-def test_http_and_llm_chat_agree_on_messages(tiny_model_dir):
+# Refused by both front doors in the same words: the chat route's own checks after the messages.
+FRONT_DOOR_CASES += [
+    ([{"role": "user", "content": "hello " * 300}], None, "messages"),   # > max_model_len
+    ([{"role": "assistant", "content": "x", "tool_calls": "call"}], None,
+     "messages[0].tool_calls"),
+    ([{"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]}], None,
+     "messages[0].tool_calls[0]"),
+    ("Hi", None, "messages"),
+    (["Hi"], None, "messages[0]"),
+    ([{"role": "user", "content": "Hi"}], {"add_generation_prompt": False},
+     "chat_template_kwargs"),
+]
+
+
+@pytest.fixture(scope="module")
+def llm_256(tiny_model_dir):
+    """An LLM over the tiny model with the fake engine's max_model_len (256)."""
+    from minserve import LLM
+
+    return LLM(tiny_model_dir, kv_cache_memory=1 << 20, max_model_len=256)
+
+
+@pytest.mark.parametrize("messages,kwargs,param", FRONT_DOOR_CASES)
+def test_http_and_llm_chat_agree_on_messages(tiny_model_dir, llm_256, messages, kwargs, param):
     """The same messages through POST /v1/chat/completions (and /tokenize) and LLM.chat: both
-    accept them with the same prompt tokens, or both refuse them naming the same field."""
+    accept them with the same prompt tokens, or both refuse them naming the same field in the
+    same words."""
     import asyncio
 
-    from minserve import LLM, SamplingParams
+    from minserve import SamplingParams
     from tests.asgi import call, lifespan
     from tests.fake_engine import make_fake_app
 
-    app = make_fake_app(tiny_model_dir)
+    app, llm = make_fake_app(tiny_model_dir), llm_256
 
     async def over_http():
-        out = []
         async with lifespan(app):
-            for messages, kwargs, _ in FRONT_DOOR_CASES:
-                body = {"messages": messages, "max_tokens": 1}
-                if kwargs is not None:
-                    body["chat_template_kwargs"] = kwargs
-                chat = await call(app, "POST", "/v1/chat/completions", body)
-                tok = await call(app, "POST", "/tokenize", body)
-                out.append((chat.status, chat.json(), tok.json()))
-        return out
+            body = {"messages": messages, "max_tokens": 1}
+            if kwargs is not None:
+                body["chat_template_kwargs"] = kwargs
+            chat = await call(app, "POST", "/v1/chat/completions", body)
+            tok = await call(app, "POST", "/tokenize", body)
+            return chat.status, chat.json(), tok.json()
 
-    llm = LLM(tiny_model_dir, kv_cache_memory=1 << 20)
-    for (messages, kwargs, param), (status, chat, tok) in zip(
-            FRONT_DOOR_CASES, asyncio.run(over_http()), strict=True):
-        case = (messages, kwargs)
-        if param is None:
-            assert status == 200, (case, chat)
-            got = llm.chat(messages, SamplingParams(max_tokens=1), chat_template_kwargs=kwargs)
-            assert got[0].prompt_token_ids == tok["tokens"], case
-        else:
-            assert status == 400 and chat["error"]["param"] == param, (case, chat)
-            with pytest.raises(ValueError) as err:
-                llm.chat(messages, SamplingParams(max_tokens=1), chat_template_kwargs=kwargs)
-            assert getattr(err.value, "param", None) == param, (case, err.value)
+    status, chat, tok = asyncio.run(over_http())
+    case = (messages, kwargs)
+    if param is None:
+        assert status == 200, (case, chat)
+        got = llm.chat(messages, SamplingParams(max_tokens=1), chat_template_kwargs=kwargs)
+        assert got[0].prompt_token_ids == tok["tokens"], case
+    else:
+        assert status == 400 and chat["error"]["param"] == param, (case, chat)
+        with pytest.raises(ValueError) as err:
+            llm.chat(messages, SamplingParams(max_tokens=1), chat_template_kwargs=kwargs)
+        assert getattr(err.value, "param", None) == param, (case, err.value)
+        assert str(err.value) == chat["error"]["message"], case

@@ -167,17 +167,6 @@ def test_stop_conditions(engine, reference):
     assert toks(outs["q4"]) == [eos] * 4
 
 
-def test_add_request_validation(engine):
-    max_len = engine.info.max_model_len
-    with pytest.raises(ValueError, match="maximum context length"):
-        engine.add_request(EngineRequest("x", [1] * max_len, SamplingParams()))
-    with pytest.raises(ValueError, match="maximum context length"):
-        engine.add_request(EngineRequest("x", [1] * 10, SamplingParams(max_tokens=max_len)))
-    with pytest.raises(ValueError, match="empty"):
-        engine.add_request(EngineRequest("x", [], SamplingParams()))
-    assert not engine.has_unfinished_requests()
-
-
 def test_n_siblings_share_blocks_and_seeds(engine):
     p = PROMPTS[2]
     hits0 = engine.stats()["prefix_cache_hits"]

@@ -82,6 +82,19 @@ def test_too_long_prompt_raises_and_leaves_engine_clean(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_prompt_length_is_checked_where_requests_are_built(llm):
+    """One length check (protocol.check_length), where every front door builds its request:
+    LLM's are refused before they reach the engine (which no longer checks again)."""
+    max_len = llm.engine.info.max_model_len
+    with pytest.raises(ValueError, match="maximum context length"):
+        llm.generate([[1] * max_len], SamplingParams())
+    with pytest.raises(ValueError, match="maximum context length"):
+        llm.generate([[1] * 10], SamplingParams(max_tokens=max_len))
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], SamplingParams())
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_embed_with_an_embedding_model(tmp_path, llm):
     """LLM(embedding folder) is detected as an embedding LLM: embed() gives the Embedder's
     vectors for strings, token ids and dicts, with dimensions; generate() says to use embed()."""

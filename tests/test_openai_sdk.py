@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -15,18 +14,10 @@ import openai
 import orjson
 import pytest
 
-from tests.serving import KEY, free_port, serving, start_server, stop_server, wait_until
+from tests.serving import KEY, free_port, metric, sdk_server, serving, wait_until
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    proc, url = start_server(["serve", tiny_model_dir, "--served-model-name", "tiny",
-                              "--api-key", KEY, "--kv-cache-memory", "8MiB",
-                              "--max-model-len", "512", "--max-num-seqs", "64"])
-    yield url
-    code, out = stop_server(proc)
-    assert code == 0, out
-    assert "KV cache" in out and "ready" in out
+server = sdk_server("--api-key", KEY, "--max-model-len", "512", "--max-num-seqs", "64")
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +119,7 @@ def test_32_concurrent_streams_no_leaked_blocks(client, server):
     got = asyncio.run(main())
     assert got[:4] == want and all(got)
     idle = ("vllm:kv_cache_usage_perc", "vllm:num_requests_running")
-    asyncio.run(wait_until(lambda: [_metric(server, m) for m in idle] == [0.0, 0.0], 5,
+    asyncio.run(wait_until(lambda: [metric(server, m) for m in idle] == [0.0, 0.0], 5,
                            "no request running and no KV blocks in use"))
 
 
@@ -152,18 +143,12 @@ def test_bad_flags_exit_with_message():
         assert p.returncode == 2 and word in p.stderr
 
 
-def _metric(server: str, name: str) -> float:
-    text = urllib.request.urlopen(server + "/metrics").read().decode()
-    m = re.search(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)", text, re.M)
-    return float(m[1]) if m else 0.0
-
-
 def test_client_disconnect_through_granian_aborts(server):
     """granian reports a closed socket only through receive(): the request must be aborted and
     its blocks freed, not generated to the end for nobody."""
     aborted = 'vllm:request_success_total{finished_reason="abort",model_name="tiny"}'
-    before = _metric(server, aborted)
-    generated_before = _metric(server, "vllm:request_generation_tokens_sum")
+    before = metric(server, aborted)
+    generated_before = metric(server, "vllm:request_generation_tokens_sum")
     port = int(server.rsplit(":", 1)[1])
     body = orjson.dumps({"model": "tiny", "prompt": "Hello " * 30, "max_tokens": 300,
                          "ignore_eos": True, "stream": True})
@@ -178,13 +163,13 @@ def test_client_disconnect_through_granian_aborts(server):
         buf += chunk
     s.close()
     # the server counts the abort at once; the engine frees the blocks at its next step
-    asyncio.run(wait_until(lambda: _metric(server, aborted) == before + 1 and _metric(
-        server, "vllm:num_requests_running") == _metric(server, "vllm:kv_cache_usage_perc") == 0,
+    asyncio.run(wait_until(lambda: metric(server, aborted) == before + 1 and metric(
+        server, "vllm:num_requests_running") == metric(server, "vllm:kv_cache_usage_perc") == 0,
         30, "the abort counted and its blocks freed"))
-    assert _metric(server, aborted) == before + 1
-    assert _metric(server, "vllm:num_requests_running") == 0
-    assert _metric(server, "vllm:kv_cache_usage_perc") == 0
-    generated = _metric(server, "vllm:request_generation_tokens_sum") - generated_before
+    assert metric(server, aborted) == before + 1
+    assert metric(server, "vllm:num_requests_running") == 0
+    assert metric(server, "vllm:kv_cache_usage_perc") == 0
+    generated = metric(server, "vllm:request_generation_tokens_sum") - generated_before
     assert 3 <= generated < 400, generated  # stopped early, not run to max_tokens
 
 

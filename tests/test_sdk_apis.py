@@ -13,7 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from tests.test_openai_sdk import KEY, _metric, serving, start_server, stop_server
+from tests.serving import KEY, metric, sdk_server, serving
 
 IGNORE_EOS = {"ignore_eos": True}
 COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
@@ -24,14 +24,7 @@ FUNCTION = {"type": "function", "name": "get_weather", "description": "Weather i
 ATOOL = {"name": "get_weather", "description": "Weather in a city", "input_schema": PARAMS}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    proc, url = start_server(["serve", tiny_model_dir, "--served-model-name", "tiny",
-                              "--api-key", KEY, "--kv-cache-memory", "8MiB",
-                              "--max-model-len", "512", "--responses-store-size", "8"])
-    yield url
-    code, out = stop_server(proc)
-    assert code == 0, out
+server = sdk_server("--api-key", KEY, "--max-model-len", "512", "--responses-store-size", "8")
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +118,10 @@ def test_responses_background_and_cancel(oai, server):
     cancelled = oai.responses.cancel(run.id)
     assert cancelled.status == "cancelled"
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 30 and (_metric(server, "vllm:num_requests_running") != 0
-                                          or _metric(server, "vllm:kv_cache_usage_perc") != 0):
+    while time.monotonic() - t0 < 30 and (metric(server, "vllm:num_requests_running") != 0
+                                          or metric(server, "vllm:kv_cache_usage_perc") != 0):
         time.sleep(0.05)
-    assert _metric(server, "vllm:kv_cache_usage_perc") == 0
+    assert metric(server, "vllm:kv_cache_usage_perc") == 0
 
 
 def test_messages_plain_system_multi_turn_stream(claude):

@@ -660,12 +660,12 @@ def test_outputs_after_a_stop_string_are_dropped(tiny_model_dir, finished_in_eng
     hits a stop string (and aborts the choice), later steps' outputs may already be queued.
     None of them may count: no extra tokens, logprobs or text, and no second final chunk."""
 
-    from minserve import output
-    from minserve.engine.async_engine import AsyncEngine, RequestStream
+    from minserve.engine.async_engine import AsyncEngine
     from minserve.engine.request import FinishReason, Logprob, RequestOutput
     from minserve.metrics import Metrics
+    from minserve.output import Delta
     from minserve.protocol import ServingContext, parse_completion
-    from minserve.server import App
+    from minserve.serving import Serving
     from minserve.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(tiny_model_dir)
@@ -673,39 +673,40 @@ def test_outputs_after_a_stop_string_are_dropped(tiny_model_dir, finished_in_eng
                          vocab_size=tok.vocab_size)
     req = parse_completion({"prompt": "Hi", "max_tokens": 12, "stop": " world", "logprobs": 1,
                             "n": 2}, ctx)
-    choices = [output.ChoiceState(i, req, tok, req.prompts[0]) for i in range(2)]
-    stream = RequestStream(req.request_id, ["c0", "c1"])
     engine = AsyncEngine(None)   # never started: only its stream bookkeeping is used
-    engine._streams = {"c0": stream, "c1": stream}
-    app = App.__new__(App)
-    app.chat = engine
-    tracker = Metrics("m", lambda: {}).tracker()
+    engine.is_ready = True
+    serving = Serving(ServerConfig(["tiny"]), engine, Metrics("m", lambda: {}), {})
+    serving._ctx = ctx
+    gen = serving.generate(req)
+    c0, c1 = gen.stream.child_ids
+    while not engine._inbox.empty():   # the requests the never-started engine thread would add
+        engine._inbox.get()
     ids = tok.encode(" hello world and more", add_special_tokens=False)
     # every output queued before the reader looks at the first: c0 writes the whole text (and
     # may even have finished, so the engine side let go of it), c1 one token and finishes
     for i, t in enumerate(ids):
         last = finished_in_engine and i == len(ids) - 1
-        stream._put(RequestOutput("c0", [t], FinishReason.LENGTH if last else None,
-                                  logprobs=[Logprob(t, -0.5, 1, [])]))
+        gen.stream.put(RequestOutput(c0, [t], FinishReason.LENGTH if last else None,
+                                     logprobs=[Logprob(t, -0.5, 1, [])]))
     if finished_in_engine:
-        engine._streams.pop("c0")   # as _deliver does once a child's last output is queued
-    stream._put(RequestOutput("c1", [ids[0]], FinishReason.LENGTH,
-                              logprobs=[Logprob(ids[0], -0.5, 1, [])]))
+        engine._streams.pop(c0)   # as _deliver does once a child's last output is queued
+    gen.stream.put(RequestOutput(c1, [ids[0]], FinishReason.LENGTH,
+                                 logprobs=[Logprob(ids[0], -0.5, 1, [])]))
 
     async def read():
-        return [(out.request_id, app._consume(out, stream, choices, tracker))
-                async for out in stream]
+        return [(gen.stream.child_ids[d.choice.index], d) async for d in gen
+                if type(d) is Delta]
 
     results = asyncio.run(read())
-    c0 = choices[0]
-    seen = [r for cid, r in results if cid == "c0"]
-    assert c0.finish_reason == "stop" and c0.text == " hello" and seen[-1][3]
-    assert [r[3] for r in seen].count(True) == 1   # one final chunk
-    assert c0.num_output_tokens == len(c0.logprobs) == len(seen) < len(ids)
-    assert choices[1].finish_reason == "length" and ("c1", True) in [
-        (cid, r[3]) for cid, r in results]
+    first = gen.choices[0]
+    seen = [d for cid, d in results if cid == c0]
+    assert first.finish_reason == "stop" and first.text == " hello" and seen[-1].finished
+    assert [d.finished for d in seen].count(True) == 1   # one final chunk
+    assert first.num_output_tokens == len(first.logprobs) == len(seen) < len(ids)
+    assert gen.choices[1].finish_reason == "length" and (c1, True) in [
+        (cid, d.finished) for cid, d in results]
     # the engine is asked to abort c0 only while it still runs there
-    assert engine._inbox.empty() == finished_in_engine and "c0" not in engine._streams
+    assert engine._inbox.empty() == finished_in_engine and c0 not in engine._streams
 
 
 def test_route_patterns():

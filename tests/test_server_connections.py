@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from tests.test_openai_sdk import serving
+from tests.serving import serving
 
 NUM_IDLE = 2000
 

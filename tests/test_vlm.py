@@ -129,7 +129,7 @@ def test_other_image_changes_logits(setup):
 
 def _generate(engine: Engine, req: EngineRequest, rid: str) -> list[int]:
     req.request_id = rid
-    req.sampling_params = SamplingParams(max_tokens=3, temperature=0.0)
+    req.sampling = SamplingParams(max_tokens=3, temperature=0.0)
     engine.add_request(req)
     tokens = []
     while engine.has_unfinished_requests():

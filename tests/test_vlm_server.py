@@ -19,7 +19,7 @@ from minserve.config import EngineConfig
 from minserve.server import ServerConfig, create_app
 from tests.asgi import call, lifespan
 from tests.media_server import MediaServer
-from tests.test_openai_sdk import start_server, stop_server
+from tests.serving import start_server, stop_server
 from tests.tiny_vlm import make_tiny_vlm, random_image
 
 CHAT = "/v1/chat/completions"

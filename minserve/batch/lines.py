@@ -26,7 +26,7 @@ class BatchLine:
     line_no: int
     custom_id: str | None
     url: str | None = None
-    body: bytes = b""          # the request body, as the route will read it
+    body: dict[str, Any] | None = None   # the request body, as its route answers it
     error: dict[str, Any] | None = None   # {"code", "message", "param", "line"}: never runs
 
 
@@ -71,7 +71,7 @@ def parse_line(raw: bytes, index: int, line_no: int, endpoint: str | None = None
     if body.get("stream") is True:
         return _bad(index, line_no, cid, "invalid_request",
                     f"line {line_no}: streaming is not supported in a batch", "body.stream")
-    return BatchLine(index, line_no, cid, url, orjson.dumps(body))
+    return BatchLine(index, line_no, cid, url, body)
 
 
 def iter_lines(chunks: Any, endpoint: str | None = None):

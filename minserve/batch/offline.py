@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from minserve.batch.lines import BatchLine, error_line, is_success, iter_lines, line_usage
-from minserve.batch.runner import LineRunner, app_running
+from minserve.batch.runner import LineRunner
 
 logger = logging.getLogger("minserve.batch")
 
@@ -104,7 +104,8 @@ async def run_batch(args: argparse.Namespace, input_path: str, out: BinaryIO) ->
     if args.enable_metrics:
         from prometheus_client import start_http_server
         start_http_server(args.port, args.url, registry=app.metrics.registry)
-    async with app_running(app):
+    await app.startup()   # the app serves the lines in this process, without a listener
+    try:
         for service in app.services:
             try:
                 await service.wait_ready()
@@ -122,6 +123,8 @@ async def run_batch(args: argparse.Namespace, input_path: str, out: BinaryIO) ->
             await runner.run(iter_lines(f), on_result)
         elapsed = time.monotonic() - t0
         reason = next((s.dead_reason for s in app.services if not s.is_healthy), None)
+    finally:
+        await app.shutdown()
     num_unanswered = 0
     if writer.next_index < total or writer.pending:   # the engine stopped answering
         with open(input_path, "rb") as f:

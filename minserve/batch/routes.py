@@ -1,12 +1,12 @@
 """The Batch API's HTTP handlers, as the openai SDK's `files` and `batches` resources call them:
 /v1/files (multipart upload, list, retrieve, content, delete) and /v1/batches (create, retrieve,
-list, cancel). Every row belongs to the API key that made it; another key gets a 404, as if it did
-not exist. Uploads are streamed to disk within --max-batch-file-size and checked as JSONL."""
+list, cancel). Every row belongs to the API key that made it (Http.api_key, from the auth check);
+another key gets a 404, as if it did not exist. Uploads are streamed to disk within
+--max-batch-file-size and checked as JSONL."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import os
 from typing import Any
 from urllib.parse import parse_qs
@@ -43,21 +43,6 @@ async def _service(app: Any) -> Any:
     return app.batches
 
 
-def _owner(app: Any, http: Http) -> str:
-    """The key that passed auth (hashed); "" when the server has no keys."""
-    if not app.cfg.api_keys:
-        return ""
-    auth = http.headers.get(b"authorization", b"")
-    token = auth[7:] if auth[:7].lower() == b"bearer " else b""
-    found = None
-    for key in app.cfg.api_keys:   # every key, as the auth check does (no timing hint)
-        if hmac.compare_digest(token, key.encode()):
-            found = key
-    if found is None:   # cannot happen after the auth check; refuse rather than share rows
-        raise OpenAIError(401, "Unauthorized", type="AuthenticationError")
-    return owner_of(found)
-
-
 def _query(http: Any) -> dict[str, str]:
     raw = http.scope.get("query_string", b"").decode("latin-1")
     return {k: v[-1] for k, v in parse_qs(raw, keep_blank_values=True).items()}
@@ -86,7 +71,7 @@ def _not_found(kind: str, value: str | None, param: str) -> OpenAIError:
 # ---------------------------------------------------------------- files
 async def upload_file(app: Any, http: Http) -> None:
     service = await _service(app)
-    owner = _owner(app, http)
+    owner = owner_of(http.api_key)
     limit = service.limits.max_file_bytes
     declared = http.headers.get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
@@ -147,7 +132,7 @@ async def list_files(app: Any, http: Http) -> None:
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise OpenAIError(400, "order must be \"asc\" or \"desc\"", param="order")
-    rows, more = await service.store.run(service.store.list_files, _owner(app, http),
+    rows, more = await service.store.run(service.store.list_files, owner_of(http.api_key),
                                          query.get("purpose"), _limit(query, 10_000, 10_000),
                                          order, query.get("after"))
     await http.send_json(200, _page(rows, more, file_object))
@@ -156,7 +141,7 @@ async def list_files(app: Any, http: Http) -> None:
 async def _own_file(app: Any, http: Http) -> dict[str, Any]:
     service = await _service(app)
     file_id = http.path_params["file_id"]
-    row = await service.store.run(service.store.get_file, _owner(app, http), file_id)
+    row = await service.store.run(service.store.get_file, owner_of(http.api_key), file_id)
     if row is None:
         raise _not_found("file", file_id, "file_id")
     return row
@@ -185,7 +170,8 @@ async def delete_file(app: Any, http: Http) -> None:
     service = await _service(app)
     file_id = http.path_params["file_id"]
     try:
-        deleted = await service.store.run(service.store.delete_file, _owner(app, http), file_id)
+        deleted = await service.store.run(service.store.delete_file, owner_of(http.api_key),
+                                          file_id)
     except FileInUse as e:
         raise OpenAIError(400, f"file {file_id!r} is the input of batch {e}, which has not "
                           "finished; cancel it or wait", param="file_id") from None
@@ -227,7 +213,7 @@ async def create_batch(app: Any, http: Http) -> None:
         raise OpenAIError(400, f"completion_window must be one of {sorted(COMPLETION_WINDOWS)}, "
                           f"got {window!r}", param="completion_window")
     metadata = _metadata(body.get("metadata"))
-    owner = _owner(app, http)
+    owner = owner_of(http.api_key)
     file_id = body.get("input_file_id")
     if not isinstance(file_id, str):
         raise OpenAIError(400, "input_file_id must be a file id", param="input_file_id")
@@ -248,7 +234,7 @@ async def create_batch(app: Any, http: Http) -> None:
 async def get_batch(app: Any, http: Http) -> None:
     service = await _service(app)
     batch_id = http.path_params["batch_id"]
-    row = await service.store.run(service.store.get_batch, _owner(app, http), batch_id)
+    row = await service.store.run(service.store.get_batch, owner_of(http.api_key), batch_id)
     if row is None:
         raise _not_found("batch", batch_id, "batch_id")
     await http.send_json(200, batch_object(row))
@@ -257,7 +243,7 @@ async def get_batch(app: Any, http: Http) -> None:
 async def list_batches(app: Any, http: Http) -> None:
     service = await _service(app)
     query = _query(http)
-    rows, more = await service.store.run(service.store.list_batches, _owner(app, http),
+    rows, more = await service.store.run(service.store.list_batches, owner_of(http.api_key),
                                          _limit(query, 20, 100), query.get("after"))
     await http.send_json(200, _page(rows, more, batch_object))
 
@@ -265,7 +251,7 @@ async def list_batches(app: Any, http: Http) -> None:
 async def cancel_batch(app: Any, http: Http) -> None:
     service = await _service(app)
     batch_id = http.path_params["batch_id"]
-    row = await service.cancel(_owner(app, http), batch_id)
+    row = await service.cancel(owner_of(http.api_key), batch_id)
     if row is None:
         raise _not_found("batch", batch_id, "batch_id")
     if row["status"] not in ("cancelling", "cancelled"):

@@ -1,7 +1,8 @@
-"""Runs batch lines through the app itself: each line becomes an in-process ASGI request to the
-route its url names, so it is parsed, validated, scheduled and answered by exactly the code an
-HTTP client gets (one behaviour, one place), at batch priority and without re-checking the API
-key (the batch's owner was checked when it was created). Bounded concurrency, cancellable."""
+"""Runs batch lines through the app's own routes: each line's body goes to App.answer, which
+answers it with the JSON its route gives an HTTP client (parsed, validated, scheduled and
+answered by the same code: one behaviour, one place), at batch priority; no ASGI exchange is
+built and no auth is re-checked (the batch's owner passed it when the batch was created). Bounded
+concurrency, cancellable."""
 from __future__ import annotations
 
 import asyncio
@@ -10,10 +11,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
-import orjson
-
 from minserve.batch.lines import BatchLine, error_line, output_line
-from minserve.http import BATCH_SCOPE_KEY
+from minserve.http import run_unless
 
 logger = logging.getLogger("minserve.batch")
 
@@ -28,51 +27,19 @@ class NotAnswered(Exception):
     nothing is recorded for it, so it runs again on resume."""
 
 
-async def call_app(app: Any, path: str, body: bytes, priority: int = BATCH_PRIORITY,
-                   gone: asyncio.Event | None = None) -> tuple[int, bytes]:
-    """POST body to the app's route `path` in-process -> (status, response body). `gone` set:
-    the caller went away, as a disconnecting client (the route aborts its engine request)."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
-             "query_string": b"", "root_path": "", "client": None, "server": None,
-             "headers": [(b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode())],
-             BATCH_SCOPE_KEY: priority}
-    gone = gone or asyncio.Event()
-    pending = [body]
-    status, chunks = 0, []
-
-    async def receive() -> dict[str, Any]:
-        if pending:
-            return {"type": "http.request", "body": pending.pop(), "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(msg: dict[str, Any]) -> None:
-        nonlocal status
-        if msg["type"] == "http.response.start":
-            status = msg["status"]
-        elif msg["type"] == "http.response.body":
-            chunks.append(msg.get("body", b""))
-
-    await app(scope, receive, send)
-    return status, b"".join(chunks)
-
-
 async def run_line(app: Any, line: BatchLine, priority: int = BATCH_PRIORITY,
                    gone: asyncio.Event | None = None) -> dict[str, Any]:
-    """One line -> its output line. NotAnswered when it must run again later."""
+    """One line -> its output line. `gone` set: the line's run is cancelled (its engine request
+    aborted). NotAnswered when it must run again later."""
     if line.error is not None:
         return error_line(line.custom_id, line.error)
-    status, raw = await call_app(app, line.url, line.body, priority, gone)
-    if status == 0 or status in RETRY_STATUSES or (gone is not None and gone.is_set()):
-        raise NotAnswered(f"{status}: {raw[:200]!r}")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        body = {"error": {"message": "the route answered with a body that is not JSON",
-                          "type": "InternalServerError", "param": None, "code": status}}
-    return output_line(line.custom_id, status, body)
+    gone = gone or asyncio.Event()
+    answered = await run_unless(app.answer(line.url, line.body, priority), gone.wait())
+    if answered is None or gone.is_set():
+        raise NotAnswered("cancelled")
+    if answered[0] in RETRY_STATUSES:
+        raise NotAnswered(str(answered)[:200])
+    return output_line(line.custom_id, *answered)
 
 
 OnResult = Callable[[BatchLine, dict[str, Any]], Awaitable[None]]
@@ -150,22 +117,3 @@ async def _aiter(lines: Iterable[BatchLine] | AsyncIterator[BatchLine]
     else:
         for line in lines:
             yield line
-
-
-@contextlib.asynccontextmanager
-async def app_running(app: Any) -> AsyncIterator[Any]:
-    """Run the app's ASGI lifespan (startup ... shutdown) around the block, in this process and
-    without a listener: what run-batch serves its lines with."""
-    inbox: asyncio.Queue = asyncio.Queue()
-    outbox: asyncio.Queue = asyncio.Queue()
-    task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}},
-                                     inbox.get, outbox.put))
-    await inbox.put({"type": "lifespan.startup"})
-    started = await outbox.get()
-    if started["type"] != "lifespan.startup.complete":
-        raise RuntimeError(started.get("message") or "the app failed to start")
-    try:
-        yield app
-    finally:
-        await inbox.put({"type": "lifespan.shutdown"})
-        await task

@@ -17,7 +17,6 @@ import orjson
 
 from minserve.batch.lines import (
     ENDPOINTS,
-    POOLING_ENDPOINTS,
     BatchLine,
     error_line,
     is_success,
@@ -208,19 +207,13 @@ class BatchService:
             return await store.run(store.set_status, batch["id"], "cancelling", total=num_lines)
         return await store.run(store.set_status, batch["id"], "in_progress", total=num_lines)
 
-    def _answering_service(self, endpoint: str) -> Any:
-        app = self.app
-        if endpoint in POOLING_ENDPOINTS and app.embedding is not None:
-            return app.embedding
-        return app.chat if app.chat is not None else app.embedding
-
     async def _wait_ready(self, endpoint: str) -> bool:
-        service = self._answering_service(endpoint)
-        while not service.is_ready:
-            if not service.is_healthy or self._stopping:
+        services = self.app.answering(endpoint)
+        while not all(s.is_ready for s in services):
+            if not all(s.is_healthy for s in services) or self._stopping:
                 return False
             await asyncio.sleep(0.1)
-        return service.is_healthy
+        return all(s.is_healthy for s in services)
 
     async def _run_lines(self, batch: dict[str, Any]) -> str | None:
         """-> the next status: "finalizing" (every line answered, or the batch expired) or

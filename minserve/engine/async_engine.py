@@ -1,6 +1,7 @@
 """AsyncEngine: the bridge between the asyncio server and the synchronous Engine, which runs in its
-own thread. Inbox: a SimpleQueue of EngineRequests to add and lists of sample ids to abort;
-outbox: one call_soon_threadsafe per step.
+own thread. Inbox: a SimpleQueue of EngineRequests to add, lists of sample ids to abort and
+EngineCalls (one AsyncEngine method per operation: add_lora, remove_lora); outbox: one
+call_soon_threadsafe per step.
 The engine thread never awaits; the event loop never calls torch (the engine is built lazily).
 WorkerService is the thread lifecycle it shares with the EmbeddingService."""
 from __future__ import annotations
@@ -11,7 +12,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from minserve.config import ConfigError
 from minserve.engine import heap
@@ -24,12 +25,14 @@ STOP = None  # on the inbox: the worker thread returns
 HEAP_TRIM_IDLE_S = 1.0   # idle this long after work: give freed heap memory back (engine/heap.py)
 
 
-class EngineCall:
-    """On the inbox: run engine.<method>(*args) on the engine thread, in order with the
-    requests around it (LoRA load/unload); the result or a 400 comes back to `future`."""
+class EngineCall(NamedTuple):
+    """On the inbox: run(engine) on the engine thread, in order with the requests around it;
+    the result or a 400 comes back to `future`. `what` names it in the log."""
+    what: str
+    run: Callable[[Any], Any]
+    future: asyncio.Future
 
-    def __init__(self, method: str, args: tuple, future: asyncio.Future) -> None:
-        self.method, self.args, self.future = method, args, future
+
 _END = None  # queued to wake a RequestStream reader after an abort
 
 
@@ -64,10 +67,26 @@ class RequestStream:
     def finished(self) -> bool:
         return not self._unfinished
 
-    def _put(self, item: RequestOutput | EngineError) -> None:
+    def put(self, item: RequestOutput | EngineError) -> None:
         if isinstance(item, RequestOutput) and item.finished:
             self._unfinished.discard(item.request_id)
         self._queue.put_nowait(item)
+
+    def close(self) -> list[str]:
+        """End the stream now (an abort): a waiting reader wakes up and stops. -> the children
+        that had not finished."""
+        live = [cid for cid in self.child_ids if cid in self._unfinished]
+        self._unfinished.clear()
+        self._queue.put_nowait(_END)
+        return live
+
+    def drop(self, child_id: str) -> None:
+        """Stop one child early: none of its outputs is read any more, queued ones included;
+        the stream ends (waking a waiting reader) when that was its last child."""
+        self._unfinished.discard(child_id)
+        self._dropped.add(child_id)
+        if self.finished:
+            self._queue.put_nowait(_END)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -249,11 +268,9 @@ class AsyncEngine(WorkerService):
         stream = self._parents.pop(request_id, None)
         if stream is None:
             return
-        live = [cid for cid in stream.child_ids if cid in stream._unfinished]
         for cid in stream.child_ids:
             self._streams.pop(cid, None)
-        stream._unfinished.clear()
-        stream._queue.put_nowait(_END)
+        live = stream.close()
         if live:
             self._inbox.put(live)
 
@@ -261,21 +278,26 @@ class AsyncEngine(WorkerService):
         """Stop one sample early (a stop string hit); `stream` yields no more of it, not even
         outputs already queued (the engine thread runs ahead of the reader, and may have
         finished the sample meanwhile)."""
-        stream._unfinished.discard(child_id)
-        stream._dropped.add(child_id)
+        stream.drop(child_id)
         if self._streams.pop(child_id, None) is None:
             return  # its last output is already queued: nothing left to abort in the engine
         self._inbox.put([child_id])
         if stream.finished:
             self._parents.pop(stream.request_id, None)
-            stream._queue.put_nowait(_END)  # wake a reader waiting on the queue
 
-    async def call(self, method: str, *args: Any) -> Any:
-        """engine.<method>(*args) on the engine thread; its ValueError is an EngineError 400."""
+    async def add_lora(self, name: str, path: str) -> None:
+        """Load a LoRA adapter on the engine thread (in order with the requests around it)."""
+        await self._call(f"add_lora({name!r})", lambda engine: engine.add_lora(name, path))
+
+    async def remove_lora(self, name: str) -> None:
+        await self._call(f"remove_lora({name!r})", lambda engine: engine.remove_lora(name))
+
+    async def _call(self, what: str, run: Callable[[Any], Any]) -> Any:
+        """run(engine) on the engine thread; its ValueError is an EngineError 400."""
         if not self.is_healthy or not self.is_ready or self._stopping:
             raise EngineError(self.dead_reason or "engine is not ready", 503)
         future = asyncio.get_running_loop().create_future()
-        self._inbox.put(EngineCall(method, args, future))
+        self._inbox.put(EngineCall(what, run, future))
         return await future
 
     @staticmethod
@@ -295,7 +317,7 @@ class AsyncEngine(WorkerService):
                 continue  # aborted meanwhile
             if out.finished:
                 del self._streams[out.request_id]
-            stream._put(out)
+            stream.put(out)
             if stream.finished:
                 self._parents.pop(stream.request_id, None)
 
@@ -303,11 +325,11 @@ class AsyncEngine(WorkerService):
         for cid, err in rejected:
             stream = self._streams.get(cid)
             if stream is not None:  # its siblings are aborted by the server's finally
-                stream._put(err)
+                stream.put(err)
 
     def _fail_in_flight(self, err: EngineError) -> None:
         for stream in list(self._parents.values()):
-            stream._put(err)
+            stream.put(err)
         self._parents.clear()
         self._streams.clear()
 
@@ -319,11 +341,11 @@ class AsyncEngine(WorkerService):
 
     def _run_call(self, engine: Any, call: EngineCall) -> None:
         try:
-            result, error = getattr(engine, call.method)(*call.args), None
+            result, error = call.run(engine), None
         except ValueError as e:
             result, error = None, EngineError(str(e), 400)
         except Exception as e:  # one bad call must not take the engine down
-            logger.exception("engine.%s failed", call.method)
+            logger.exception("engine %s failed", call.what)
             result, error = None, EngineError(f"{type(e).__name__}: {e}", 500)
         self._on_loop(self._resolve, call.future, result, error)
 

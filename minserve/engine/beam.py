@@ -43,16 +43,16 @@ class BeamSearch:
 
     @property
     def width(self) -> int:
-        return self.request.sampling_params.n
+        return self.request.sampling.n
 
     def score(self, beam: Beam) -> float:
         return beam_score(len(self.request.prompt_token_ids), beam,
-                          self.request.sampling_params.length_penalty)
+                          self.request.sampling.length_penalty)
 
     def expand(self) -> None:
         """Every beam x its top 2 x width next tokens -> the best `width` live beams; those
         ending on EOS join the completed hypotheses (vLLM's order of operations)."""
-        sp = self.request.sampling_params
+        sp = self.request.sampling
         candidates: list[Beam] = []
         for sub_id, beam in self.pending.items():
             for tok, lp in self.results[sub_id]:
@@ -72,7 +72,7 @@ class BeamSearch:
     def is_done(self) -> bool:
         if not self.beams or self.round >= self.max_tokens:
             return True
-        early = self.request.sampling_params.early_stopping
+        early = self.request.sampling.early_stopping
         if early == "never" or len(self.completed) < self.width:
             return False
         if early is True:
@@ -97,7 +97,7 @@ class BeamSearchManager:
         self._owner: dict[str, BeamSearch] = {}       # sub-request id -> search
 
     def add(self, request: EngineRequest, eos_token_ids: frozenset[int]) -> None:
-        sp, num_prompt = request.sampling_params, len(request.prompt_token_ids)
+        sp, num_prompt = request.sampling, len(request.prompt_token_ids)
         max_tokens = min(sp.max_tokens or self.max_model_len, self.max_model_len - num_prompt)
         search = BeamSearch(request, eos_token_ids, max_tokens)
         self.searches[request.request_id] = search

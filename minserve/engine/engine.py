@@ -29,7 +29,6 @@ from minserve.engine.request import (
     MultiModalItem,
     Request,
     RequestOutput,
-    prompt_length_error,
 )
 from minserve.engine.runner import PromptLogprobInputs, StepInputs
 from minserve.engine.sampler import SamplingTensors
@@ -83,11 +82,10 @@ class Engine:
     # ---- requests -----------------------------------------------------------------------------
     def add_request(self, request: EngineRequest) -> None:
         """Queue one prompt as its n samples (named by request.sample_ids()); the scheduler
-        admits siblings behind the first, so they share the prompt's KV blocks."""
-        prompt, params = request.prompt_token_ids, request.sampling_params
-        error = prompt_length_error(len(prompt), params.max_tokens, self.info.max_model_len)
-        if error is not None:
-            raise ValueError(error[0])
+        admits siblings behind the first, so they share the prompt's KV blocks.
+        NOTE: its length against max_model_len was checked once, where it was built
+        (protocol.check_length: the HTTP routes and LLM alike)."""
+        prompt, params = request.prompt_token_ids, request.sampling
         vocab = self.info.vocab_size
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:

@@ -34,11 +34,11 @@ class MultiModalItem:
 @dataclass(slots=True)
 class EngineRequest:
     """One prompt as every front door hands it to the engine (protocol.py, llm.py). The engine
-    fans sampling_params.n out into n Requests named by sample_ids()."""
+    fans sampling.n out into n Requests named by sample_ids()."""
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    adapter_name: str | None = None      # a LoRA adapter (--enable-lora), None: the base model
+    sampling: SamplingParams
+    adapter_name: str | None = None      # a LoRA adapter, by the name it is served under
     mm_items: list[MultiModalItem] = field(default_factory=list)
     cache_salt: str | None = None        # requests with different salts never share KV blocks
     priority: int = 0                    # lower runs first, as vLLM's priority policy
@@ -50,25 +50,8 @@ class EngineRequest:
 
     def sample_ids(self) -> list[str]:
         """The engine request id of each of the n samples."""
-        n = self.sampling_params.n
+        n = self.sampling.n
         return [self.request_id] if n == 1 else [f"{self.request_id}-{i}" for i in range(n)]
-
-
-def prompt_length_error(num_prompt: int, max_tokens: int | None, max_model_len: int,
-                        what: str = "prompt") -> tuple[str, str] | None:
-    """(message, param) when the prompt cannot run in max_model_len (vLLM's words), else None."""
-    if num_prompt == 0:
-        return "The decoder prompt cannot be empty", what  # vLLM's words
-    if num_prompt >= max_model_len:
-        return (f"This model's maximum context length is {max_model_len} tokens. However, your "
-                f"request has {num_prompt} input tokens. Please reduce the length of the input.",
-                what)
-    if max_tokens is not None and num_prompt + max_tokens > max_model_len:
-        return (f"This model's maximum context length is {max_model_len} tokens. However, you "
-                f"requested {num_prompt + max_tokens} tokens ({num_prompt} in the {what}, "
-                f"{max_tokens} in the completion). Please reduce the length of the {what} or "
-                "completion.", "max_tokens")
-    return None
 
 
 @dataclass(slots=True)

@@ -1,9 +1,10 @@
 """POST /v1/load_lora_adapter and /v1/unload_lora_adapter, as vLLM has them: present only when
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (otherwise 404), bodies {lora_name, lora_path} and
 {lora_name}, a plain-text success line, and OpenAI error objects (400) for what is refused.
-Torch-free: the engine thread loads the adapter (EngineCall)."""
+Torch-free: the engine thread loads the adapter (AsyncEngine.add_lora / remove_lora)."""
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 from minserve.config import LoRAModule
@@ -25,9 +26,9 @@ def _check_enabled(app: Any, http: Http) -> None:
                           type="NotFoundError")
 
 
-async def _engine_call(app: Any, param: str, method: str, *args: Any) -> None:
+async def _engine_call(param: str, call: Awaitable[None]) -> None:
     try:
-        await app.chat.call(method, *args)
+        await call
     except EngineError as e:
         raise OpenAIError(e.status, e.message, param=param if e.status == 400 else None) from None
 
@@ -39,7 +40,7 @@ async def load_lora_adapter(app: Any, http: Http) -> None:
     if name in app.lora_adapters or name in app.model_names():
         raise OpenAIError(400, f"The lora adapter '{name}' has already been loaded.",
                           param="lora_name")
-    await _engine_call(app, "lora_path", "add_lora", name, path)
+    await _engine_call("lora_path", app.chat.add_lora(name, path))
     app.lora_adapters[name] = LoRAModule(name, path)
     await http.send_body(200, f"Success: LoRA adapter '{name}' added successfully.".encode(),
                          [(b"content-type", b"text/plain; charset=utf-8")])
@@ -51,7 +52,7 @@ async def unload_lora_adapter(app: Any, http: Http) -> None:
     name = _field(body, "lora_name")
     if name not in app.lora_adapters:
         raise OpenAIError(400, f"The lora adapter '{name}' is not loaded.", param="lora_name")
-    await _engine_call(app, "lora_name", "remove_lora", name)
+    await _engine_call("lora_name", app.chat.remove_lora(name))
     del app.lora_adapters[name]
     await http.send_body(200, f"Success: LoRA adapter '{name}' removed successfully.".encode(),
                          [(b"content-type", b"text/plain; charset=utf-8")])
