@@ -39,6 +39,7 @@ from minserve.protocol import (
     prompt_chars_limit,
 )
 from minserve.tool_parsers.generic import GENERIC, detect_tool_parser
+from minserve.webui import routes as webui_routes
 
 logger = logging.getLogger("minserve.server")
 
@@ -69,6 +70,7 @@ class ServerConfig:
     return_tokens_as_token_ids: bool = False
     lora_modules: list[LoRAModule] = field(default_factory=list)    # --lora-modules
     allow_runtime_lora: bool = False   # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload routes
+    enable_webui: bool = True          # the chat page at / (--no-webui)
 
 
 Handler = Callable[["App", Http], Awaitable[None]]
@@ -659,6 +661,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     **embedding_routes.ROUTES,
     **batch_routes.ROUTES,
     **lora_routes.ROUTES,
+    **webui_routes.ROUTES,
     "/v1/chat/completions": {"POST": chat_completions},
     "/v1/chat/completions/batch": {"POST": chat_completions_batch},
     "/v1/completions": {"POST": completions},
@@ -685,7 +688,8 @@ ERROR_SHAPES = {"/v1/messages": messages.error_body,
                 "/v1/messages/count_tokens": messages.error_body}
 PROTECTED = {"/tokenize", "/detokenize", "/score", "/rerank", "/v2/rerank", "/invocations",
              "/tokenizer_info"}  # and every /v1/ route
-ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics", "/load"}  # also while loading
+ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics", "/load",
+               *webui_routes.ROUTES}  # also while loading
 # what GET /load counts (vLLM's load_aware_call routes)
 LOAD_AWARE = {"/v1/chat/completions", "/v1/chat/completions/batch", "/v1/completions",
               "/v1/embeddings", "/invocations"}
