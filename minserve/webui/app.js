@@ -110,12 +110,14 @@ async function loadModels() {
 function renderText(node, text) {
   node.replaceChildren();
   text.split("```").forEach((part, i) => {
-    if (i % 2 === 0) {
-      if (part) node.append(document.createTextNode(part));
+    if (i % 2 === 0) {  // prose; the line break after a closing fence is the block's own
+      const prose = i ? part.replace(/^\n/, "") : part;
+      if (prose) node.append(document.createTextNode(prose));
       return;
     }
     const newline = part.indexOf("\n");  // the fence's first line names the language
-    const code = el("code", null, newline >= 0 ? part.slice(newline + 1) : part);
+    const code = el("code", null, (newline >= 0 ? part.slice(newline + 1) : part)
+      .replace(/\n$/, ""));
     const pre = el("pre");
     pre.append(code);
     node.append(pre);
@@ -139,7 +141,7 @@ function fileView(file, onRemove) {
 }
 
 function statsText(stats) {
-  const parts = [`${stats.num_tokens} tokens`];
+  const parts = [`${stats.num_tokens} ${stats.num_tokens === 1 ? "token" : "tokens"}`];
   if (stats.ttft_s !== null) parts.push(`TTFT ${stats.ttft_s.toFixed(2)} s`);
   if (stats.tokens_per_s !== null) parts.push(`${stats.tokens_per_s.toFixed(1)} tok/s`);
   if (stats.finish_reason) parts.push(stats.finish_reason);
