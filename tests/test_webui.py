@@ -62,7 +62,7 @@ def test_no_webui_is_404_as_any_unknown_path(tiny_model_dir):
             await call(app, "GET", "/v1/models")
 
     gone, models = run(app, fn)
-    for res, path in zip(gone, (*PAGE_PATHS, *ASSETS)):
+    for res, path in zip(gone, (*PAGE_PATHS, *ASSETS), strict=True):
         assert res.status == 404, path
         assert res.json()["error"] == {"message": f"Not Found: GET {path}",
                                        "type": "NotFoundError", "param": None, "code": 404}
