@@ -114,6 +114,7 @@ def chat_bodies(requests: list) -> list[dict]:
     return [json.loads(r.post_data) for r in requests if r.url.endswith("/v1/chat/completions")]
 
 
+@pytest.mark.slow
 def test_key_asked_once_and_the_answer_streams_in(page, default_server, tmp_path):
     requests = []
     page.on("request", lambda r: requests.append(r) if "/v1/" in r.url else None)
@@ -155,6 +156,7 @@ def test_key_asked_once_and_the_answer_streams_in(page, default_server, tmp_path
     assert page.evaluate("window.__violations") == []
 
 
+@pytest.mark.slow
 def test_stop_aborts_the_request_on_the_server(page, default_server):
     open_chat(page, default_server, key=KEY)
     model = page.input_value("#model")
@@ -174,6 +176,7 @@ def test_stop_aborts_the_request_on_the_server(page, default_server):
     assert page.is_enabled("#send") and not page.is_enabled("#stop")
 
 
+@pytest.mark.slow
 def test_regenerate_edit_clear_and_json_mode(page, default_server, tmp_path):
     requests = []
     page.on("request", lambda r: requests.append(r))
@@ -205,6 +208,7 @@ def test_regenerate_edit_clear_and_json_mode(page, default_server, tmp_path):
     assert page.locator("#log .msg").count() == 0
 
 
+@pytest.mark.slow
 def test_hostile_answer_and_file_name_stay_text(page, default_server, tmp_path):
     """The answer (content, a code block, reasoning, a tool call) comes from a route that
     replies with markup aimed at the page; the file name and the question carry it too."""
