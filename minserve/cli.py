@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--allowed-origins", type=_origins, default=["*"],
       help='CORS origins, a JSON list or comma-separated (default ["*"])')
     a("--root-path", default="", help="path prefix when behind a path-based proxy")
+    a("--webui", dest="enable_webui", action=argparse.BooleanOptionalAction, default=True,
+      help="the chat page at / (llama-server's flag names; --no-webui: / is a 404)")
     a("--ssl-keyfile", default=None)
     a("--ssl-certfile", default=None)
     a("--max-request-body-bytes", type=_size, default=32 * 1024 * 1024,
@@ -503,6 +505,7 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
         enable_server_load_tracking=args.enable_server_load_tracking,
         return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         lora_modules=args.lora_modules or [],
+        enable_webui=args.enable_webui,
         allow_runtime_lora=args.enable_lora and env.allow_runtime_lora())
 
 

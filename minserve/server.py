@@ -25,6 +25,7 @@ from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from minserve.metrics import Metrics
 from minserve.protocol import GenerateRequest
 from minserve.serving import Serving
+from minserve.webui import routes as webui_routes
 
 logger = logging.getLogger("minserve.server")
 
@@ -55,6 +56,7 @@ class ServerConfig:
     return_tokens_as_token_ids: bool = False
     lora_modules: list[LoRAModule] = field(default_factory=list)    # --lora-modules
     allow_runtime_lora: bool = False   # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload routes
+    enable_webui: bool = True          # the chat page at / (--no-webui)
 
 
 Handler = Callable[["App", Http], Awaitable[None]]
@@ -410,6 +412,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     **batch_routes.ROUTES,
     **lora_routes.ROUTES,
     **token_routes.ROUTES,
+    **webui_routes.ROUTES,
     "/v1/chat/completions": {"POST": _generation_route("chat")},
     "/v1/chat/completions/batch": {"POST": _generation_route("chat_batch")},
     "/v1/completions": {"POST": _generation_route("completion")},
@@ -436,7 +439,8 @@ ERROR_SHAPES = {"/v1/messages": messages.error_body,
                 "/v1/messages/count_tokens": messages.error_body}
 PROTECTED = {"/tokenize", "/detokenize", "/score", "/rerank", "/v2/rerank", "/invocations",
              "/tokenizer_info"}  # and every /v1/ route
-ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics", "/load"}  # also while loading
+ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics", "/load",
+               *webui_routes.ROUTES}  # also while loading
 # what GET /load counts (vLLM's load_aware_call routes)
 LOAD_AWARE = {"/v1/chat/completions", "/v1/chat/completions/batch", "/v1/completions",
               "/v1/embeddings", "/invocations"}

@@ -113,7 +113,8 @@ class Serving:
         if self._ctx is None:
             cfg, info = self.cfg, self.engine.info
             self._ctx = ServingContext.from_info(
-                info, self.engine.config, cfg.served_model_names, check_structured=self._check_structured,
+                info, self.engine.config, cfg.served_model_names,
+                check_structured=self._check_structured,
                 enable_auto_tool_choice=cfg.enable_auto_tool_choice,
                 tool_call_parser=self._tool_call_parser(info.tokenizer),
                 reasoning_parser=cfg.reasoning_parser, max_logprobs=cfg.max_logprobs,
