@@ -16,8 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.serving import KEY, start_server, stop_server, wait_until
-from tests.test_openai_sdk import _metric
+from tests.serving import KEY, metric, start_server, stop_server, wait_until
 from tests.tiny_vlm import make_tiny_vlm, random_image
 
 CHROMIUM = "/usr/bin/chromium"
@@ -161,15 +160,15 @@ def test_stop_aborts_the_request_on_the_server(page, default_server):
     open_chat(page, default_server, key=KEY)
     model = page.input_value("#model")
     aborted = f'vllm:request_success_total{{finished_reason="abort",model_name="{model}"}}'
-    before = _metric(default_server, aborted)
+    before = metric(default_server, aborted)
     ask(page, "Write a long story about a dragon who learns to fly.", 1500)
     page.wait_for_function("() => document.querySelector('#log .assistant .content')"
                            "?.textContent.length >= 40")   # a few tokens in: mid-answer
-    assert _metric(default_server, "vllm:num_requests_running") == 1
+    assert metric(default_server, "vllm:num_requests_running") == 1
     page.click("#stop")
-    wait_for(lambda: _metric(default_server, aborted) == before + 1
-             and _metric(default_server, "vllm:num_requests_running") == 0
-             and _metric(default_server, "vllm:kv_cache_usage_perc") == 0, 60,
+    wait_for(lambda: metric(default_server, aborted) == before + 1
+             and metric(default_server, "vllm:num_requests_running") == 0
+             and metric(default_server, "vllm:kv_cache_usage_perc") == 0, 60,
              "the abort counted, no request running and its KV blocks freed")
     [stats] = wait_answers(page, 1)
     assert stats.endswith("stopped")
