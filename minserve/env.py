@@ -8,6 +8,7 @@ and cpu_threads.py all use it. README "Environment variables" shows the same tab
 | VLLM_API_KEY, MINSERVE_API_KEY   | (none)            | the API key when --api-key is not given   |
 | VLLM_ALLOW_RUNTIME_LORA_UPDATING | false             | true: the LoRA load/unload routes         |
 | VLLM_IMAGE_FETCH_TIMEOUT         | 5                 | seconds to fetch one image URL            |
+| VLLM_ALLOW_LONG_MAX_MODEL_LEN    | 0                 | 1: --max-model-len past the model's limit |
 | MINSERVE_STEP_TIMEOUT            | 300               | seconds a tensor-parallel step may take   |
 | MINSERVE_CPU_NATIVE              | 1                 | 0: no native C kernels on CPU             |
 | MINSERVE_CPU_ONEDNN              | 1                 | 0: CPU float32 linears on F.linear only   |
@@ -50,6 +51,11 @@ def api_key() -> str | None:
 
 def allow_runtime_lora() -> bool:
     return os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("true", "1")
+
+
+def allow_long_max_model_len() -> bool:
+    """vLLM's switch for a --max-model-len longer than the model was trained for."""
+    return os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").strip().lower() in ("1", "true")
 
 
 def image_fetch_timeout_s() -> float:

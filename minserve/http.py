@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -108,9 +109,10 @@ class Http:
                               f"{ctype.decode('latin-1')!r}")
         body = await self.read_body()
         try:
-            return orjson.loads(body)
+            obj = orjson.loads(body)
         except orjson.JSONDecodeError as e:
             raise OpenAIError(400, f"invalid JSON body: {e}") from None
+        return exact_big_ints(body, obj)
 
     async def wait_disconnect(self) -> None:
         """Returns when the client goes away: under granian, send() after a disconnect does not
@@ -157,6 +159,20 @@ class Http:
         """OpenAI streams end with `data: [DONE]`; done=False ends without it."""
         await self.send({"type": "http.response.body", "more_body": False,
                          "body": b"data: [DONE]\n\n" if done else b""})
+
+
+def exact_big_ints(body: bytes, obj: Any) -> Any:
+    """orjson reads an integer past 64 bits as a rounded float; a body with such a number among
+    its top-level fields (seed, say) is read again with the json module, whose integers are
+    exact, so the 400 shows the number as sent. orjson has checked the body already."""
+    if not isinstance(obj, dict) or not any(type(v) is float and abs(v) >= 2**63
+                                            for v in obj.values()):
+        return obj
+    try:
+        again = json.loads(body)
+    except (ValueError, RecursionError):  # over int's digit limit, or nested too deep
+        return obj
+    return again if isinstance(again, dict) else obj
 
 
 async def run_unless(work: Awaitable[T], gone: Awaitable[Any]) -> T | None:

@@ -46,11 +46,13 @@ class Usage:
 
     def to_dict(self, details: bool = True) -> dict[str, Any]:
         """OpenAI's usage; prompt_tokens_details only with `details` (the server's
-        --enable-prompt-tokens-details: vLLM's usage otherwise)."""
+        --enable-prompt-tokens-details: vLLM's usage otherwise). vLLM reports the prefix-cache
+        hits as cache_read_input_tokens too, always (Anthropic's name, beside OpenAI's)."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens} if details
-                else None}
+                else None,
+                "cache_read_input_tokens": self.cached_tokens}
 
 
 class SampleState:
@@ -172,7 +174,8 @@ class ChoiceState(SampleState):
         content = (prefix + text) if text is not None else (prefix or None)
         forced = getattr(self.tools, "forced", False)  # tool_choice required / named
         msg["content"] = content if content is not None or (calls and not forced) else ""
-        # vLLM: a forced call that never completed (max_tokens) is no call: null, not []
+        # vLLM: "required" calls that never completed (max_tokens) are no call: null, not []
+        # (a named function's call comes back even unfinished: NamedToolCallParser)
         msg["tool_calls"] = [c.to_dict() for c in calls] if calls or not forced else None
         return msg
 
@@ -219,12 +222,18 @@ class ChoiceState(SampleState):
             out.append(d)
         return out
 
-    def chat_logprobs(self, lps: list[Logprob], k: int) -> dict[str, Any]:
+    def chat_logprobs(self, lps: list[Logprob], k: int, sampled_first: bool = False
+                      ) -> dict[str, Any]:
+        """sampled_first (logprob_token_ids): top_logprobs is the sampled token, then the ids
+        asked, as vLLM's sampler fills it."""
         content = []
         for lp in lps:
             tok, b = self._token(lp.token_id)
             top = []
-            for tid, v in lp.top[:k]:
+            pairs = lp.top[:k]
+            if sampled_first:
+                pairs = [(lp.token_id, lp.logprob), *(p for p in pairs if p[0] != lp.token_id)]
+            for tid, v in pairs:
                 t, tb = self._token(tid)
                 top.append({"token": t, "logprob": max(v, _MIN_LOGPROB), "bytes": tb})
             content.append({"token": tok, "logprob": max(lp.logprob, _MIN_LOGPROB), "bytes": b,
@@ -282,7 +291,7 @@ def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]
             msg = c.chat_message(echo_prefix(req, c))
             ch: dict[str, Any] = {"index": c.index, "message": msg, "logprobs": None}
             if req.logprobs is not None:
-                ch["logprobs"] = c.chat_logprobs(c.logprobs, _num_top(req))
+                ch["logprobs"] = c.chat_logprobs(c.logprobs, _num_top(req), _asked_ids(req))
         else:
             prefix = echo_prefix(req, c)
             ch = {"index": c.index, "text": prefix + c.text, "logprobs": None}
@@ -304,6 +313,8 @@ def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]
     body = {"id": req.request_id,
             "object": "chat.completion" if req.kind == "chat" else "text_completion",
             "created": req.created, "model": req.model, "choices": out,
+            # null, as vLLM sends them: clients that compare key sets see OpenAI's fields
+            "service_tier": None, "system_fingerprint": None,
             "usage": usage(choices, len(req.prompts), req.params.n).to_dict(
                 req.prompt_tokens_details)}
     if req.kind == "chat":
@@ -314,6 +325,10 @@ def response(req: GenerateRequest, choices: list[ChoiceState]) -> dict[str, Any]
 def _num_top(req: GenerateRequest) -> int:
     """Alternatives per generated token: top_logprobs, then the logprob_token_ids asked."""
     return req.logprobs + len(req.params.logprob_token_ids or [])
+
+
+def _asked_ids(req: GenerateRequest) -> bool:
+    return bool(req.params.logprob_token_ids)
 
 
 def _prompt_extras(req: GenerateRequest, c: ChoiceState) -> dict[str, Any]:
@@ -351,7 +366,7 @@ def chunk_choice(req: GenerateRequest, d: Delta, *, opening: bool = False) -> di
             delta = {"content": ""}
         ch: dict[str, Any] = {"index": c.index, "delta": delta, "logprobs": None}
         if req.logprobs is not None and lps:
-            ch["logprobs"] = c.chat_logprobs(lps, _num_top(req))
+            ch["logprobs"] = c.chat_logprobs(lps, _num_top(req), _asked_ids(req))
     else:
         ch = {"index": c.index, "text": text, "logprobs": None}
         if req.logprobs is not None and opening and req.echo:   # the echoed prompt's own

@@ -398,7 +398,12 @@ def _tools(body: dict, ctx: ServingContext, fields: dict[str, Any]
 
 # ---------------------------------------------------------------- completions
 def _prompts(body: dict, ctx: ServingContext) -> tuple[list[list[int]], list[str | None]]:
-    p = body.get("prompt")
+    p, embeds = body.get("prompt"), body.get("prompt_embeds")
+    if embeds not in (None, "", []):
+        raise bad("prompt_embeds", "is not supported: send the prompt as text or token ids")
+    if p in (None, "", []):   # vLLM's words
+        raise OpenAIError(400, "Either prompt or prompt_embeds must be provided and non-empty.",
+                          param="prompt")
     if isinstance(p, str):
         p = [p]
     if not isinstance(p, list) or not p:
@@ -440,9 +445,10 @@ def parse_completion(body: Any, ctx: ServingContext, priority: int = 0) -> Gener
     for ids in prompts:
         check_length(ctx, ids, params.max_tokens, "prompt")
     check_structured(ctx, params.structured, structured_param(body))
-    if echo and ctx.tokenizer is None:
-        raise bad("echo", "needs the tokenizer, which --skip-tokenizer-init leaves out")
-    if echo:
+    if echo and ctx.tokenizer is None:  # vLLM: no text to echo; the prompt's ids come back
+        texts = [""] * len(prompts)
+        extras["return_token_ids"] = True
+    elif echo:
         texts = [t if t is not None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
                  for t, ids in zip(texts, prompts, strict=True)]
     request_id = f"cmpl-{uuid.uuid4().hex}"

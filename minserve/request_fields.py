@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from minserve.protocol import ServingContext
 
 MAX_N = 128
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 MAX_STOP = 16
 MAX_STOP_CHARS = 16384  # all stop strings together: they are scanned at every token of every choice
 
@@ -56,17 +57,24 @@ def number(body: dict, name: str, default: Any, lo: float | None = None, hi: flo
         raise bad(name, f"must be {'an integer' if integer else 'a number'}, got {value_text(raw)}")
     if isinstance(v, float) and not math.isfinite(v):
         raise bad(name, "must be a finite number")
-    if integer and isinstance(v, float) and v.is_integer():  # past int64, as a JSON float
-        raise bad(name, f"{raw!r} is out of range (a 64-bit integer)")
-    if integer and isinstance(v, float):
+    if integer and isinstance(v, float) and not v.is_integer():
         raise bad(name, f"must be an integer, got {raw!r}")
-    if integer and abs(v) >= 2**63:
-        raise bad(name, f"{raw!r} is out of range (a 64-bit integer)")
+    # an integral float left here is past int64 too (_lax_number converts the others)
+    if integer and (isinstance(v, float) or not INT64_MIN <= v <= INT64_MAX):
+        raise _int64_error(name, v, raw)
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise bad(name, f"must be {'>' if lo_open else '>='} {lo}, got {v}")
     if hi is not None and v > hi:
         raise bad(name, f"must be <= {hi}, got {v}")
     return v
+
+
+def _int64_error(name: str, v: float, raw: Any) -> OpenAIError:
+    """An integer field past int64, in the words of vLLM's pydantic models (their integers are
+    bounded by torch.long), the value shown as sent."""
+    bound, kind = (f"greater than or equal to {INT64_MIN}", "greater_than_equal") if v < 0 \
+        else (f"less than or equal to {INT64_MAX}", "less_than_equal")
+    return bad(name, f"Input should be {bound} [type={kind}], got {value_text(raw)}")
 
 
 def _lax_bool(v: Any) -> bool | None:
@@ -252,15 +260,18 @@ def _beam(body: dict) -> dict[str, Any]:
 
 
 def stream_options(body: dict, stream: bool, force_usage: bool) -> tuple[bool, bool]:
+    """-> (include_usage, continuous_usage_stats). force_usage (--enable-force-include-usage)
+    puts usage on every chunk, whatever the request asks, as vLLM does."""
     so = body.get("stream_options")
     if so is None:
-        return stream and force_usage, False
+        return stream and force_usage, stream and force_usage
     if not isinstance(so, dict):
         raise bad("stream_options", "must be an object")
     if not stream:
         raise bad("stream_options", "is only allowed when stream is true")
-    return (boolean(so, "include_usage", False) or force_usage,
-            boolean(so, "continuous_usage_stats", False))
+    include = boolean(so, "include_usage", False)
+    continuous = boolean(so, "continuous_usage_stats", False)
+    return (True, True) if force_usage else (include, continuous)
 
 
 def truncate(body: dict, ctx: ServingContext, prompt: list[int]) -> list[int]:
@@ -284,17 +295,13 @@ def truncate(body: dict, ctx: ServingContext, prompt: list[int]) -> list[int]:
 def vllm_extras(body: dict, ctx: ServingContext, fields: dict[str, Any]) -> dict[str, Any]:
     """prompt_logprobs / return_token_ids / return_tokens_as_token_ids -> GenerateRequest
     fields; the prompt's logprobs come from the engine through the SamplingParams `fields`."""
-    plp = body.get("prompt_logprobs")
-    if plp is not None and _lax_number(plp, True) == -1:
-        raise bad("prompt_logprobs", "-1 (the whole vocabulary) is not supported for prompt "
-                  "logprobs; ask for at most --max-logprobs")
-    k = num_logprobs(body, "prompt_logprobs", ctx)
+    k = num_logprobs(body, "prompt_logprobs", ctx)   # -1: the whole vocabulary, as top_logprobs
     if k is not None:
         fields["prompt_logprobs"] = max(k, fields.get("prompt_logprobs") or 0)
     asked = body.get("logprob_token_ids")
     if asked is not None:  # logprobs of these ids at every generated position (implies logprobs)
         fields["logprob_token_ids"] = int_list(asked, "logprob_token_ids", ctx.vocab_size) or None
-        if fields["logprob_token_ids"] and fields.get("logprobs") is None:
+        if fields["logprob_token_ids"]:  # vLLM: the ids asked replace the natural top-k
             fields["logprobs"] = 0
     if ctx.tokenizer is None and (fields.get("stop") or fields.get("structured") is not None):
         raise bad("stop" if fields.get("stop") else structured_param(body),

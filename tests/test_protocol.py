@@ -62,10 +62,11 @@ CASES = [
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": -1}, 400, "max allowed: 20"),
     (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": -2}, 400, "top_logprobs"),
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "seed": '
-     b'-9223372036854775809}', 400, "out of range"),
+     b'-9223372036854775809}', 400, "greater_than_equal], got integer -9223372036854775809"),
     (COMP, {"prompt": [5, 10**9]}, 400, "Token id 1000000000 is out of vocabulary"),
     (CHAT, {"messages": MSG, "stop_token_ids": [3, 10**6]}, 400, "Token id 1000000"),
-    (COMP, {"prompt": ""}, 400, "The decoder prompt cannot be empty"),
+    (COMP, {"prompt": ""}, 400, "Either prompt or prompt_embeds must be provided"),
+    (COMP, {"prompt": [[]]}, 400, "The decoder prompt cannot be empty"),
     (CHAT, {"messages": MSG, "n": 10**6}, 400, "n"),
     (CHAT, {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
     (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e30}', 400,

@@ -110,7 +110,8 @@ def _strip(body: dict) -> dict:
     """What may differ between two runs: ids, times, and prefix-cache hits (order-dependent)."""
     out = {k: v for k, v in body.items() if k not in ("id", "created")}
     if isinstance(out.get("usage"), dict):
-        out["usage"] = {k: v for k, v in out["usage"].items() if k != "prompt_tokens_details"}
+        out["usage"] = {k: v for k, v in out["usage"].items()
+                        if k not in ("prompt_tokens_details", "cache_read_input_tokens")}
     return out
 
 

@@ -123,29 +123,47 @@ def test_named_tool_choice_arguments_validate(client, stream):
               "temperature": 1.0, "max_tokens": 120, "extra_body": COMPACT}
         r = _stream(client, **kw) if stream else client.chat.completions.create(**kw)
         ch = r.choices[0]
-        if ch.finish_reason == "length":  # cut off: no call with broken JSON, streamed or not
-            assert not ch.message.tool_calls and not ch.message.content
-            continue
         assert [c.function.name for c in ch.message.tool_calls] == ["get_weather"]
+        if ch.finish_reason == "length":  # cut off: the unfinished call (issue 38), no content
+            assert not ch.message.content
+            continue
         if ch.finish_reason != "length":
             _check_calls(ch.message, {"get_weather"})
             assert stream or ch.message.content == ""  # vLLM's content for a named call
 
 
-def test_forced_tool_calls_cut_off_by_max_tokens_are_null(client):
-    """As vLLM: a forced call that max_tokens cut off is no call (tool_calls null, never a call
-    with broken JSON) and its raw text never leaks into content."""
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    for choice in ("required", named):
-        r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS,
-                                           tool_choice=choice, max_tokens=3, extra_body=COMPACT)
-        ch = r.choices[0]
-        assert ch.finish_reason == "length"
-        assert ch.message.tool_calls is None and ch.message.content == "", ch.message
-        raw = client.chat.completions.with_raw_response.create(
-            model="tiny", messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=3,
-            extra_body=COMPACT).http_response.json()
-        assert raw["choices"][0]["message"]["tool_calls"] is None
+def test_required_tool_calls_cut_off_by_max_tokens_are_null(client):
+    """As vLLM: "required" calls that max_tokens cut off are no call (tool_calls null, never a
+    call with broken JSON) and their raw text never leaks into content."""
+    r = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS,
+                                       tool_choice="required", max_tokens=3, extra_body=COMPACT)
+    ch = r.choices[0]
+    assert ch.finish_reason == "length"
+    assert ch.message.tool_calls is None and ch.message.content == "", ch.message
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=3,
+        extra_body=COMPACT).http_response.json()
+    assert raw["choices"][0]["message"]["tool_calls"] is None
+
+
+def test_named_tool_call_cut_off_by_max_tokens_comes_back_unfinished(client):
+    """issue 38 item 11, as vLLM: the named function was forced, so the output is its call even
+    when max_tokens cuts the arguments short: one call, its arguments the text written so far
+    (a prefix of valid arguments), content empty; streamed, the SDK builds the same message."""
+    kw = {"model": "tiny", "messages": ASK, "tools": TOOLS, "max_tokens": 3, "temperature": 0,
+          "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+          "extra_body": COMPACT}
+    whole = client.chat.completions.create(**kw).choices[0]
+    streamed = _stream(client, **kw).choices[0]
+    for ch in (whole, streamed):
+        assert ch.finish_reason == "length" and not ch.message.content
+        [call] = ch.message.tool_calls
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+        assert call.function.arguments.startswith("{")
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(call.function.arguments)   # unfinished, as the model left it
+    assert streamed.message.tool_calls[0].function.arguments == \
+        whole.message.tool_calls[0].function.arguments
 
 
 def test_n_samples_each_constrained(client):

@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from minserve import env
 from minserve.config import DTYPE_NAMES, ConfigError, EngineConfig, ModelConfig
 from minserve.engine.runner import ModelRunner
 from minserve.engine.workers import join_group
 from minserve.models import parallel
 from minserve.models.registry import Architecture, lookup
 
+logger = logging.getLogger("minserve.engine")
 DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 
 # Step sizes on CPU: a step holds every stream back until it ends, so it should stay short,
@@ -126,12 +129,26 @@ def default_batching(device: torch.device) -> tuple[int, int, int]:
     return (8192 if big else 2048), 0, 0
 
 
+def check_long_max_model_len(max_model_len: int, max_position_embeddings: int) -> None:
+    """A context past the model's training length: refused, or with VLLM_ALLOW_LONG_MAX_MODEL_LEN
+    served with a warning, as vLLM does. Every model here places positions by RoPE, computed
+    for any position (layers.RotaryEmbedding), so nothing indexes out of range; the output
+    past the training length is the user's risk."""
+    what = (f"--max-model-len {max_model_len} is longer than the model's "
+            f"max_position_embeddings ({max_position_embeddings})")
+    if not env.allow_long_max_model_len():
+        raise ConfigError(f"{what}; lower it, or set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 to serve "
+                          "positions the model was not trained on")
+    logger.warning("%s; served because VLLM_ALLOW_LONG_MAX_MODEL_LEN is set: positions past "
+                   "%d were never trained, so outputs there may degrade", what,
+                   max_position_embeddings)
+
+
 def resolve_limits(config: EngineConfig, mc: ModelConfig, device: torch.device) -> EngineConfig:
     """The config with max_model_len and the batching caps filled in for this model and device."""
     max_model_len = config.max_model_len or mc.max_position_embeddings
     if max_model_len > mc.max_position_embeddings and not mc.rope_scaling:
-        raise ConfigError(f"--max-model-len {max_model_len} is longer than the model's "
-                          f"max_position_embeddings ({mc.max_position_embeddings})")
+        check_long_max_model_len(max_model_len, mc.max_position_embeddings)
     tokens, threshold, attention = default_batching(device)
     max_batched = config.max_num_batched_tokens or tokens
     if max_batched < config.block_size:

@@ -147,10 +147,16 @@ class Engine:
         if plan.is_empty:
             outputs = self.scheduler.update(plan, [])
         else:
-            num = plan.total_num_scheduled_tokens
+            fresh = [r for r in plan.requests if not r.output_token_ids]
+            num_generated = self.scheduler.num_generation_tokens
+            outputs = self.scheduler.update(plan, self._execute(self._step_inputs(plan)))
+            # vLLM's count of a step (its IterationStats): the tokens it sampled, plus the whole
+            # prompt of each request whose first token it sampled (cached or chunked alike), so
+            # a request adds P + G over its steps
+            num = self.scheduler.num_generation_tokens - num_generated + sum(
+                r.num_prompt_tokens for r in fresh if r.output_token_ids)
             self._iteration_buckets[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, num)] += 1
             self._iteration_tokens_sum += num
-            outputs = self.scheduler.update(plan, self._execute(self._step_inputs(plan)))
         if self.lora is not None and self.lora.retired:   # unloaded adapters nobody uses now
             self.lora.purge({r.adapter_name for r in self.scheduler.requests.values()})
         return self._beam_outputs(outputs)

@@ -122,7 +122,9 @@ class RequiredToolCallParser(ToolParser):
 class NamedToolCallParser:
     """Reads the constrained output of a named tool_choice: the text is the arguments. Streams
     the call once its arguments are complete JSON (header and arguments in one delta; any later
-    text as argument fragments), so a call cut off by max_tokens is never sent, streamed or not."""
+    text as argument fragments). A call cut off by max_tokens comes back as it is, arguments
+    unfinished (vLLM's answer: the function was forced, so the output is its call), streamed
+    at the end."""
 
     reports_tool_calls = False  # OpenAI ends a forced function call with "stop"
     forced = True
@@ -134,9 +136,6 @@ class NamedToolCallParser:
         self.num_tool_calls = 0
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """Arguments cut off by max_tokens are no call at all (never broken JSON)."""
-        if not _is_json(text):
-            return None, []
         return None, [ToolCall(self.function_name, text)]
 
     def extract_streaming(self, delta_text: str) -> dict[str, Any] | None:
@@ -144,15 +143,18 @@ class NamedToolCallParser:
             return {"tool_calls": [{"index": 0, "function": {"arguments": delta_text}}]} \
                 if delta_text else None
         self._held += delta_text
-        if not _is_json(self._held):
-            return None
+        return self._open() if _is_json(self._held) else None
+
+    def finish(self) -> dict[str, Any] | None:
+        """The output ended with the arguments unfinished (max_tokens): the call as it is."""
+        return None if self._started else self._open()
+
+    def _open(self) -> dict[str, Any]:
+        """The call's first delta: header and the arguments held so far."""
         self._started, self.num_tool_calls = True, 1
         return {"tool_calls": [{"index": 0, "id": ToolCall(self.function_name, "").id,
                                 "type": "function", "function": {
                                     "name": self.function_name, "arguments": self._held}}]}
-
-    def finish(self) -> dict[str, Any] | None:
-        return None
 
 
 def _is_json(text: str) -> bool:
