@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from minserve import cli
+from minserve import cli, launch
 
 # Every flag issue 3 lists, with a value where it takes one.
 VLLM_FLAGS = [
@@ -178,7 +178,7 @@ def test_connection_limit_follows_the_open_files_limit(monkeypatch):
     state = {"soft": 1024, "hard": 4096}
     monkeypatch.setattr(resource, "getrlimit", lambda _: (state["soft"], state["hard"]))
     monkeypatch.setattr(resource, "setrlimit", lambda _, lim: state.update(soft=lim[0]))
-    assert cli.connection_limit() == 4096 - cli.FD_RESERVE and state["soft"] == 4096
+    assert launch.connection_limit() == 4096 - launch.FD_RESERVE and state["soft"] == 4096
     state.update(soft=1024, hard=1 << 20)
-    assert cli.connection_limit() == cli.MAX_CONNECTIONS
-    assert state["soft"] == cli.MAX_CONNECTIONS + cli.FD_RESERVE
+    assert launch.connection_limit() == launch.MAX_CONNECTIONS
+    assert state["soft"] == launch.MAX_CONNECTIONS + launch.FD_RESERVE
