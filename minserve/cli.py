@@ -24,6 +24,7 @@ from minserve.config import (
 )
 from minserve.embeddings.models import DEFAULT_EMBEDDING_MODEL, resolve_task
 from minserve.reasoning import REASONING_PARSERS
+from minserve.structured import StructuredOutputError, request_options
 from minserve.tool_parsers.registry import TOOL_PARSERS
 
 logger = logging.getLogger("minserve")
@@ -95,11 +96,11 @@ def _split_lora_modules(argv: list[str]) -> list[str]:
     return out
 
 
-# vLLM's StructuredOutputsConfig keys; only the two switches change what minserve generates
-# (llguidance is the one backend; "auto", "guidance", "xgrammar" are accepted for compatibility).
-_SO_SWITCHES = {"disable_any_whitespace": "any_whitespace",
-                "disable_additional_properties": "additional_properties"}
-_SO_ACCEPTED = {"backend", "disable_fallback", "reasoning_parser", "enable_in_reasoning"}
+# vLLM's StructuredOutputsConfig keys: only disable_any_whitespace and
+# disable_additional_properties change what minserve generates (structured.request_options reads
+# them, as it reads a request's own); llguidance is the one backend, the rest are accepted.
+_SO_KEYS = {"disable_any_whitespace", "disable_additional_properties", "backend",
+            "disable_fallback", "reasoning_parser", "enable_in_reasoning"}
 
 
 def _generation_overrides(text: str) -> Any:
@@ -122,17 +123,14 @@ def _structured_outputs_config(text: str) -> dict[str, bool]:
                                          '\'{"disable_any_whitespace": true}\'') from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
-    unknown = sorted(set(value) - set(_SO_SWITCHES) - _SO_ACCEPTED)
+    unknown = sorted(set(value) - _SO_KEYS)
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown key(s) {', '.join(unknown)} (known: "
-                                         f"{', '.join(sorted({*_SO_SWITCHES, *_SO_ACCEPTED}))})")
-    out = {}
-    for key, option in _SO_SWITCHES.items():
-        if key in value:
-            if not isinstance(value[key], bool):
-                raise argparse.ArgumentTypeError(f"{key} must be true or false")
-            out[option] = not value[key]
-    return out
+                                         f"{', '.join(sorted(_SO_KEYS))})")
+    try:
+        return request_options(value)
+    except StructuredOutputError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("structured_outputs.", "")) from None
 
 
 def _mm_limits(text: str) -> dict[str, int]:

@@ -87,7 +87,7 @@ def test_structured_outputs_config_sets_the_spec_defaults():
     (["/a", "--model", "/b"], "two models"),
     (["--structured-outputs-config", "{nope"], "must be a JSON object"),
     (["--structured-outputs-config", '{"disable_any_whitespac": true}'], "unknown key(s)"),
-    (["--structured-outputs-config", '{"disable_any_whitespace": 1}'], "true or false"),
+    (["--structured-outputs-config", '{"disable_any_whitespace": 1}'], "must be a boolean"),
     (["--timeout-keep-alive", "0"], "--timeout-keep-alive"),
     (["--override-generation-config", "[1]"], "must be a JSON object"),
     (["--override-generation-config", '{"temprature": 1}'], "unknown key(s) temprature"),
