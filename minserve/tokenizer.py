@@ -252,16 +252,10 @@ class Tokenizer:
     # ------------------------------------------------------------ chat
 
     def apply_chat_template(
-        self,
-        messages: list,
-        *,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-        tools: list[dict] | None = None,
-        chat_template: str | None = None,
-        chat_template_kwargs: dict[str, Any] | None = None,
-        images: Any = None,
-        **template_kwargs: Any,
+        self, messages: list, *, add_generation_prompt: bool = True,
+        continue_final_message: bool = False, tools: list[dict] | None = None,
+        chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+        images: Any = None, **template_kwargs: Any,
     ) -> str:
         """Render a conversation to the prompt text. Encode the result with
         add_special_tokens=False: templates write bos_token themselves. No template: a
