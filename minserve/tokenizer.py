@@ -13,6 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from minserve.chat import load_chat_template, render_chat_template
 from minserve.config import GENERATION_SAMPLING_KEYS, ConfigError
+
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from minserve.multimodal.image import MediaError
 from minserve.models.vision.processor import (
     CLIP_MEAN,
     CLIP_STD,
@@ -22,6 +21,7 @@ from minserve.models.vision.processor import (
     to_chw,
     token_id,
 )
+from minserve.multimodal.image import MediaError
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 
