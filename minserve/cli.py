@@ -399,33 +399,24 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)
+    """ServerConfig's fields read from the flags of the same names (vLLM's), as engine_config."""
     from minserve.server import ServerConfig
 
     env_key = env.api_key()
-    keys = args.api_key or ([env_key] if env_key else [])
     names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
     embed_only = args.task == "embed"
-    return ServerConfig(
+    same = {f.name for f in dataclasses.fields(ServerConfig)} & set(vars(args))
+    return ServerConfig(**{name: getattr(args, name) for name in same} | dict(
         served_model_names=[] if embed_only else names,
         embedding_model_names=names if embed_only else [m for m in [args.embedding_model] if m],
-        api_keys=keys, allowed_origins=args.allowed_origins,
+        api_keys=args.api_key or ([env_key] if env_key else []),
         root_path=args.root_path.rstrip("/"), max_body_bytes=args.max_request_body_bytes,
         shutdown_grace_s=args.shutdown_timeout,
         log_requests=args.enable_log_requests and not args.disable_log_requests,
         model_root=args.model or DEFAULT_MODEL_NAME,
-        enable_auto_tool_choice=args.enable_auto_tool_choice,
-        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        responses_store_size=args.responses_store_size,
         structured_defaults=args.structured_outputs_config, log_stats=not args.disable_log_stats,
-        max_logprobs=args.max_logprobs,
-        enable_force_include_usage=args.enable_force_include_usage,
-        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
-        enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
-        enable_server_load_tracking=args.enable_server_load_tracking,
-        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         lora_modules=args.lora_modules or [],
-        enable_webui=args.enable_webui,
-        allow_runtime_lora=args.enable_lora and env.allow_runtime_lora())
+        allow_runtime_lora=args.enable_lora and env.allow_runtime_lora()))
 
 
 def main(argv: list[str] | None = None) -> None:
