@@ -28,7 +28,6 @@ from minserve.structured import StructuredOutputError, request_options
 from minserve.tool_parsers.registry import TOOL_PARSERS
 
 logger = logging.getLogger("minserve")
-API_KEY_ENVS = env.API_KEY_ENVS
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -173,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="the model name(s) the API accepts; the first one is reported")
     a("--api-key", nargs="+", default=None, metavar="KEY",
       help="require `Authorization: Bearer KEY` (any of the keys given) on /v1 and tokenize "
-      f"routes (also read from {' or '.join(API_KEY_ENVS)}); each key sees only its own batch "
+      f"routes (also read from {' or '.join(env.API_KEY_ENVS)}); each key sees only its own batch "
       "files and batches")
     a("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     a("--device", default="auto", help="auto, cuda or cpu")

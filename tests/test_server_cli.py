@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from minserve import cli, launch
+from minserve import cli, env, launch
 
 # Every flag issue 3 lists, with a value where it takes one.
 VLLM_FLAGS = [
@@ -34,8 +34,8 @@ def test_each_vllm_flag_is_accepted(flag):
 
 
 def test_flags_map_onto_configs(monkeypatch):
-    for env in cli.API_KEY_ENVS:
-        monkeypatch.delenv(env, raising=False)
+    for name in env.API_KEY_ENVS:
+        monkeypatch.delenv(name, raising=False)
     args = cli.parse_args([
         "serve", "/models/m", "--served-model-name", "a", "b", "--max-model-len", "4K",
         "--kv-cache-memory", "2GiB", "--no-enable-prefix-caching", "--block-size", "32",
