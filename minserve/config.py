@@ -3,11 +3,22 @@ knobs (named as vLLM's flags). Never imports torch, so the server can read them 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from minserve.env import cache_dir  # noqa: F401  (its home is env.py; callers import it here)
+
+def read_json(folder: str, name: str) -> dict[str, Any]:
+    """A model folder's JSON side file as a dict: {} when it is missing or holds no object."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}
+
 
 # The model served when none is named (models/loader.py fetches it; the CLI reports its name).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
