@@ -37,12 +37,8 @@ def paged_attention_ref(
     q: torch.Tensor,         # [T, H, D]
     k_cache: torch.Tensor,   # [NB, BS, K, D]
     v_cache: torch.Tensor,   # [NB, BS, K, D]
-    attn: AttnMetadata,
-    scale: float,
-    sliding_window: int | None = None,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
-    rows: list[int] | None = None,
+    attn: AttnMetadata, scale: float, sliding_window: int | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0, rows: list[int] | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:           # [T, H, D]
     """(rows: only these requests, into `out`; the others' tokens are left as they are.)
@@ -280,15 +276,9 @@ def paged_attention_triton(
     q: torch.Tensor,         # [T, H, D]
     k_cache: torch.Tensor,   # [NB, BS, K, D]
     v_cache: torch.Tensor,   # [NB, BS, K, D]
-    attn: AttnMetadata,
-    scale: float,
-    sliding_window: int | None = None,
-    out: torch.Tensor | None = None,
-    *,
-    tile_size: int | None = None,
-    num_kv_splits: int | None = None,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    attn: AttnMetadata, scale: float, sliding_window: int | None = None,
+    out: torch.Tensor | None = None, *, tile_size: int | None = None,
+    num_kv_splits: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:           # [T, H, D]
     """One launch for the mixed batch. Split-KV rule (num_kv_splits=None): split when every row
     is a decode (max_query_len == 1) and num_reqs * num_kv_heads < SPLIT_KV_MAX_PROGRAMS, i.e.

@@ -14,8 +14,7 @@ def store_kv_ref(
     k_cache: torch.Tensor,       # [NB, BS, K, D]
     v_cache: torch.Tensor,       # [NB, BS, K, D]
     slot_mapping: torch.Tensor,  # [T] int64
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
     # PERF: index_copy_ without the boolean mask when no token is padding (the CPU runner never
     # pads): 21 instead of 47 us per layer at one token, 145 instead of 356 at 200 (1 thread).

@@ -19,13 +19,11 @@ q is unsigned (0..2^bits-1); a signed or zero-pointed format folds its offset in
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 
 import torch
-from minserve.kernels.jit import jit, tl, triton
 
-SUPPORTED_BITS = (4, 8)
+from minserve.kernels.jit import jit, tl, triton
 
 
 @dataclass(slots=True)

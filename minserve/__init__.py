@@ -1,12 +1,20 @@
 """minserve: a small, fast LLM server that speaks the OpenAI API.
 
-Module map: cli (flags) -> server (ASGI app, routes; http.py for the plumbing) -> protocol
-(OpenAI bodies; chat.py checks messages and renders templates) -> engine/async_engine
-(thread bridge) -> engine/engine (step = schedule, run, update) -> engine/scheduler, kv_cache,
-runner, sampler -> models/ (torch model code, loader) -> kernels/ (Triton + torch references).
-Back out: output (per-sample detokenizer and stop strings, shared with llm; parsers -> OpenAI
-JSON). Beside it: embeddings/ (/v1/embeddings, LLM.embed), structured (llguidance),
-tool_parsers/, reasoning.
+Module map (the README's file map and request flow say more):
+- front door: cli, launch (flags, granian) -> server (the ASGI app; http for framing and errors,
+  token_routes, webui/) -> serving (parse -> typed events, the one path) -> protocol,
+  request_fields, sampling_params (requests built once) -> output (events -> OpenAI JSON/SSE).
+  responses, messages and blocks put the other APIs on that path; batch/ (Batch API, run-batch)
+  and llm (LLM) consume it too.
+- text: chat (messages, templates), tokenizer, detokenizer, structured, regex_dialect,
+  tool_parsers/, reasoning.
+- engine/: async_engine (the thread) -> engine (step) -> scheduler, kv_cache, runner, sampler;
+  request, builder (the one model builder), workers (tensor parallel), beam, encoder_cache, heap.
+- models/: registry (one row per architecture), llama, bert, cross_encoder, layers, linear,
+  parallel, loader, gguf; quant/; vision/ (towers, wrappers, their processors). kernels/ picks
+  each op's device path. Beside them: embeddings/, lora/, multimodal/ (fetch, image, inputs).
+- config, env (every environment variable), metrics, errors, value_text, cpu_threads, pypi,
+  shutdown, healthcheck.
 """
 from __future__ import annotations
 

@@ -360,18 +360,11 @@ def _tool_calls(tool_calls: Any, where: str) -> list[dict]:
 
 
 def render_chat_template(
-    template: str | None,
-    messages: list,
-    *,
-    add_generation_prompt: bool = True,
-    continue_final_message: bool = False,
-    tools: list[dict] | None = None,
-    bos_token: str | None = None,
-    eos_token: str | None = None,
-    documents: list[dict] | None = None,
-    chat_template_kwargs: dict[str, Any] | None = None,
-    images: ImageParts | None = None,
-    **kwargs: Any,
+    template: str | None, messages: list, *, add_generation_prompt: bool = True,
+    continue_final_message: bool = False, tools: list[dict] | None = None,
+    bos_token: str | None = None, eos_token: str | None = None,
+    documents: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+    images: ImageParts | None = None, **kwargs: Any,
 ) -> str:
     """Render `messages` with `template` as transformers' apply_chat_template(tokenize=False)
     would. Extra template variables come as **kwargs and/or chat_template_kwargs (a request's

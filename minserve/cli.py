@@ -1,18 +1,14 @@
 """`python -m minserve [serve] [MODEL] [flags]`: vLLM's flag names -> EngineConfig/ServerConfig,
-then granian in-process (embedded server, ASGI interface, one worker) with graceful SIGTERM/SIGINT.
-(`python -m minserve run-batch` is __main__.py's, on these flags: batch/offline.py.)
-Does not import torch itself; the engine thread does."""
+then launch.py starts the server (`python -m minserve run-batch` is batch/offline.py's, on these
+flags). Does not import torch."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
-import os
-import pathlib
 import re
-import signal
-import socket
 import sys
 from typing import Any
 
@@ -28,63 +24,11 @@ from minserve.config import (
 )
 from minserve.embeddings.models import DEFAULT_EMBEDDING_MODEL, resolve_task
 from minserve.reasoning import REASONING_PARSERS
+from minserve.structured import StructuredOutputError, request_options
 from minserve.tool_parsers.registry import TOOL_PARSERS
 
 logger = logging.getLogger("minserve")
-# The start-up lines (loading, ready, the URL) print at any --uvicorn-log-level (main() keeps
-# this logger at INFO), as vLLM's "Uvicorn running on" does.
-startup_logger = logging.getLogger("minserve.startup")
-
-API_KEY_ENVS = env.API_KEY_ENVS
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-
-
-# Connections: at most MAX_CONNECTIONS open at once (granian's backpressure: past it, new ones
-# wait in the listen backlog until a slot frees), each needing a file descriptor, so the limit
-# also stays FD_RESERVE below the open-files limit, which is raised to its hard maximum.
-MAX_CONNECTIONS = 8192
-FD_RESERVE = 512
-BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
-
-
-def connection_limit() -> int:
-    """Raise RLIMIT_NOFILE's soft limit to the hard one; -> the connections to allow."""
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return 1024
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = MAX_CONNECTIONS + FD_RESERVE
-    if soft != resource.RLIM_INFINITY and soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-            soft = new
-        except (ValueError, OSError):
-            pass
-    if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS
-    limit = min(MAX_CONNECTIONS, soft - FD_RESERVE)
-    if limit < 1024:
-        logger.warning("the open-files limit (%d) allows only %d connections; raise it "
-                       "(ulimit -n) to serve more clients", soft, max(limit, 64))
-    return max(limit, 64)
-
-
-def check_port_free(host: str, port: int) -> None:
-    """granian always binds with SO_REUSEPORT, so a second server on a port in use would start
-    and silently take half its connections: bind once without it first (SystemExit if taken)."""
-    if port == 0:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise SystemExit(f"minserve: cannot listen on {host}:{port}: {e.strerror} (another "
-                             "server is there? pass --reuse-port to share the port with it "
-                             "on purpose)") from None
 
 
 def _size(text: str) -> int:
@@ -97,10 +41,6 @@ def _size(text: str) -> int:
     base = 1024 if binary else 1000
     scale = {"": 1, "k": base, "m": base**2, "g": base**3, "t": base**4}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
-
-
-def _path(text: str | None) -> pathlib.Path | None:
-    return pathlib.Path(text) if text else None
 
 
 def _origins(text: str) -> list[str]:
@@ -155,11 +95,11 @@ def _split_lora_modules(argv: list[str]) -> list[str]:
     return out
 
 
-# vLLM's StructuredOutputsConfig keys; only the two switches change what minserve generates
-# (llguidance is the one backend; "auto", "guidance", "xgrammar" are accepted for compatibility).
-_SO_SWITCHES = {"disable_any_whitespace": "any_whitespace",
-                "disable_additional_properties": "additional_properties"}
-_SO_ACCEPTED = {"backend", "disable_fallback", "reasoning_parser", "enable_in_reasoning"}
+# vLLM's StructuredOutputsConfig keys: only disable_any_whitespace and
+# disable_additional_properties change what minserve generates (structured.request_options reads
+# them, as it reads a request's own); llguidance is the one backend, the rest are accepted.
+_SO_KEYS = {"disable_any_whitespace", "disable_additional_properties", "backend",
+            "disable_fallback", "reasoning_parser", "enable_in_reasoning"}
 
 
 def _generation_overrides(text: str) -> Any:
@@ -182,17 +122,14 @@ def _structured_outputs_config(text: str) -> dict[str, bool]:
                                          '\'{"disable_any_whitespace": true}\'') from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
-    unknown = sorted(set(value) - set(_SO_SWITCHES) - _SO_ACCEPTED)
+    unknown = sorted(set(value) - _SO_KEYS)
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown key(s) {', '.join(unknown)} (known: "
-                                         f"{', '.join(sorted({*_SO_SWITCHES, *_SO_ACCEPTED}))})")
-    out = {}
-    for key, option in _SO_SWITCHES.items():
-        if key in value:
-            if not isinstance(value[key], bool):
-                raise argparse.ArgumentTypeError(f"{key} must be true or false")
-            out[option] = not value[key]
-    return out
+                                         f"{', '.join(sorted(_SO_KEYS))})")
+    try:
+        return request_options(value)
+    except StructuredOutputError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("structured_outputs.", "")) from None
 
 
 def _mm_limits(text: str) -> dict[str, int]:
@@ -235,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="the model name(s) the API accepts; the first one is reported")
     a("--api-key", nargs="+", default=None, metavar="KEY",
       help="require `Authorization: Bearer KEY` (any of the keys given) on /v1 and tokenize "
-      f"routes (also read from {' or '.join(API_KEY_ENVS)}); each key sees only its own batch "
+      f"routes (also read from {' or '.join(env.API_KEY_ENVS)}); each key sees only its own batch "
       "files and batches")
     a("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     a("--device", default="auto", help="auto, cuda or cpu")
@@ -452,154 +389,40 @@ def parse_args(argv: list[str] | None = None,
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig's fields are the flags' dests (vLLM's names); LoRA's knobs are one field."""
+    names = [f.name for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)]
     return EngineConfig(
-        model=args.model, tokenizer=args.tokenizer, revision=args.revision,
-        served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
-        max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        long_prefill_token_threshold=args.long_prefill_token_threshold,
-        max_chunk_attention=args.max_chunk_attention,
-        enable_prefix_caching=args.enable_prefix_caching, block_size=args.block_size,
-        load_format=args.load_format, seed=args.seed, enforce_eager=args.enforce_eager,
-        chat_template=args.chat_template, generation_config=args.generation_config,
-        override_generation_config=args.override_generation_config,
-        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-        gguf_dequantize=args.gguf_dequantize,
-        tensor_parallel_size=args.tensor_parallel_size,
-        distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes,
-        node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
-        limit_mm_per_prompt=args.limit_mm_per_prompt,
-        allowed_local_media_path=args.allowed_local_media_path,
-        allowed_media_domains=args.allowed_media_domains,
-        allow_private_media_urls=args.allow_private_media_urls,
-        skip_tokenizer_init=args.skip_tokenizer_init,
-
+        **{name: getattr(args, name) for name in names},
         lora=LoRAConfig(args.lora_modules or [], args.max_loras, args.max_lora_rank,
                         args.max_cpu_loras, args.lora_dtype) if args.enable_lora else None)
 
 
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)
+    """ServerConfig's fields read from the flags of the same names (vLLM's), as engine_config."""
     from minserve.server import ServerConfig
 
     env_key = env.api_key()
-    keys = args.api_key or ([env_key] if env_key else [])
     names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
     embed_only = args.task == "embed"
-    return ServerConfig(
+    same = {f.name for f in dataclasses.fields(ServerConfig)} & set(vars(args))
+    return ServerConfig(**{name: getattr(args, name) for name in same} | dict(
         served_model_names=[] if embed_only else names,
         embedding_model_names=names if embed_only else [m for m in [args.embedding_model] if m],
-        api_keys=keys, allowed_origins=args.allowed_origins,
+        api_keys=args.api_key or ([env_key] if env_key else []),
         root_path=args.root_path.rstrip("/"), max_body_bytes=args.max_request_body_bytes,
         shutdown_grace_s=args.shutdown_timeout,
         log_requests=args.enable_log_requests and not args.disable_log_requests,
         model_root=args.model or DEFAULT_MODEL_NAME,
-        enable_auto_tool_choice=args.enable_auto_tool_choice,
-        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        responses_store_size=args.responses_store_size,
         structured_defaults=args.structured_outputs_config, log_stats=not args.disable_log_stats,
-        max_logprobs=args.max_logprobs,
-        enable_force_include_usage=args.enable_force_include_usage,
-        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
-        enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
-        enable_server_load_tracking=args.enable_server_load_tracking,
-        return_tokens_as_token_ids=args.return_tokens_as_token_ids,
         lora_modules=args.lora_modules or [],
-        enable_webui=args.enable_webui,
-        allow_runtime_lora=args.enable_lora and env.allow_runtime_lora())
-
-
-async def serve(args: argparse.Namespace) -> int:
-    from granian.constants import HTTPModes, Interfaces
-    from granian.http import HTTP1Settings
-    from granian.log import LogLevels
-    from granian.server.embed import Server
-
-    from minserve.embeddings.service import service_from_cli
-    from minserve.server import create_app
-    from minserve.shutdown import GracefulShutdown
-
-    if not args.reuse_port:
-        check_port_free(args.host, args.port)
-    app = create_app(None if args.task == "embed" else args.engine_config, server_config(args),
-                     embedding=service_from_cli(args), batches=batch_service_from_cli(args))
-    scheme = "https" if args.ssl_certfile else "http"
-    url = f"{scheme}://{args.host}:{args.port}{args.root_path.rstrip('/')}/v1"
-    # NOTE: HTTP/1.1 only, as vLLM's uvicorn: in granian's auto mode a connection that sends
-    # nothing waits in HTTP/1-or-2 detection with no timeout, so ~1,030 idle connections used
-    # up every connection slot and locked all clients out. In HTTP/1 mode hyper's header read
-    # timeout runs from the start and between keep-alive requests: it is the idle timeout.
-    server = Server(app, address=args.host, port=args.port, interface=Interfaces.ASGI,
-                    log_level=LogLevels(args.log_level if args.log_level != "trace" else "debug"),
-                    # granian wants Paths here (a str fails inside its TLS set-up)
-                    ssl_cert=_path(args.ssl_certfile), ssl_key=_path(args.ssl_keyfile),
-                    http=HTTPModes.http1, websockets=False,
-                    http1_settings=HTTP1Settings(
-                        header_read_timeout=int(args.timeout_keep_alive * 1000)),
-                    backlog=BACKLOG, backpressure=connection_limit())
-    logging.getLogger("_granian").addFilter(_quiet_granian)
-    exit_code = 0
-    primary = app.services[0]  # the chat engine, or the embedding service serving alone
-
-    def on_ready() -> None:
-        info = primary.info
-        startup_logger.info("loaded %s (%s) max_model_len=%d; KV cache: %d blocks = %s tokens",
-                            app.model_name, info.architecture, info.max_model_len,
-                            info.num_kv_blocks, info.num_kv_blocks * info.block_size)
-        startup_logger.info("ready: OpenAI API at %s (model %r)", url, app.model_name)
-
-    def on_dead(reason: str, force: bool = False) -> None:
-        nonlocal exit_code
-        # the model never loaded, or a tensor-parallel rank died: exit non-zero
-        if force or not primary.is_ready or args.tensor_parallel_size > 1:
-            logger.error("engine failed to start: %s", reason)
-            exit_code = 1
-            if not primary.is_ready and not force:
-                # NOTE: nothing was served, so nothing needs a graceful stop; stopping granian
-                # while its workers still start died of a Rust panic about once in 13 runs
-                # (exit -6). Leave at once, deterministically: exit 1 after the one error line.
-                for handler in logging.getLogger().handlers:
-                    handler.flush()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(1)
-            server.stop()
-
-    primary.on_ready, primary.on_dead = on_ready, on_dead
-    if app.chat is not None and app.embedding is not None:
-        # the embedding model failing to load ends the server too (chat alone was not asked for)
-        app.embedding.on_dead = lambda reason: on_dead(f"embedding model: {reason}", force=True)
-    loop = asyncio.get_running_loop()
-    shutdown = GracefulShutdown(server, app, args.port)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, shutdown.begin)
-    startup_logger.info("minserve %s: loading %s; listening on %s (/health is 503 until "
-                        "loaded)", __version__, args.model or DEFAULT_MODEL_NAME, url)
-    await server.serve()
-    return exit_code
-
-
-def batch_service_from_cli(args: argparse.Namespace):  # -> BatchService
-    from minserve.batch.service import BatchLimits, BatchService
-    from minserve.config import cache_dir
-
-    # per port: two servers on one box keep apart, a restart on the same port resumes
-    root = args.batch_storage_path or os.path.join(cache_dir(), "batches", str(args.port))
-    return BatchService(os.path.expanduser(root), BatchLimits(
-        max_file_bytes=args.max_batch_file_size, max_file_lines=args.max_batch_file_lines,
-        max_in_flight=2 * args.max_num_seqs))
-
-
-def _quiet_granian(record: logging.LogRecord) -> bool:
-    """granian's embedded mode warns that it is experimental on every start: not for our users."""
-    return "is experimental" not in record.getMessage()
+        allow_runtime_lora=args.enable_lora and env.allow_runtime_lora()))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     level = "DEBUG" if args.log_level == "trace" else args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    startup_logger.setLevel(min(logging.INFO, logging.getLevelName(level)))
+    logging.getLogger("minserve.startup").setLevel(min(logging.INFO, logging.getLevelName(level)))
     if args.node_rank > 0:   # a node other than the head: workers only, no HTTP server
         from minserve.engine.builder import load_worker_runner
         from minserve.engine.workers import run_node
@@ -607,4 +430,6 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("node %d/%d: tensor-parallel workers of %s:%s", args.node_rank, args.nnodes,
                     args.master_addr, args.engine_config.master_port or 29500)
         sys.exit(run_node(args.engine_config, load_worker_runner))
-    sys.exit(asyncio.run(serve(args)))
+    from minserve.launch import serve
+
+    sys.exit(asyncio.run(serve(args, server_config(args))))

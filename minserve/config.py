@@ -3,11 +3,22 @@ knobs (named as vLLM's flags). Never imports torch, so the server can read them 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from minserve.env import cache_dir  # noqa: F401  (its home is env.py; callers import it here)
+
+def read_json(folder: str, name: str) -> dict[str, Any]:
+    """A model folder's JSON side file as a dict: {} when it is missing or holds no object."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return data if isinstance(data, dict) else {}
+
 
 # The model served when none is named (models/loader.py fetches it; the CLI reports its name).
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -104,22 +115,17 @@ class ModelConfig:
                 None, "mrope", "default"):
             rope_scaling = None
         return cls(
-            architecture=arch,
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=hidden,
+            architecture=arch, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
             intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
-            num_attention_heads=num_heads,
+            num_hidden_layers=int(d["num_hidden_layers"]), num_attention_heads=num_heads,
             num_key_value_heads=int(d.get("num_key_value_heads") or num_heads),
             head_dim=int(d.get("head_dim") or hidden // num_heads),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
+            rope_theta=float(rope_theta), rope_scaling=rope_scaling,
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", arch.startswith("Qwen2"))),
-            qk_norm=arch.startswith("Qwen3"),
-            sliding_window=int(sliding) if sliding else None,
+            qk_norm=arch.startswith("Qwen3"), sliding_window=int(sliding) if sliding else None,
             eos_token_ids=eos_ids,
             quantization_config=top.get("quantization_config") or d.get("quantization_config"),
             hf_config=top if is_wrapper else {},

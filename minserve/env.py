@@ -1,25 +1,6 @@
 """Every environment variable minserve reads, read here and nowhere else (modules may still write
 the OpenMP ones for libgomp: cpu_threads.py). Imports nothing heavy (no torch): kernels/, the CLI
-and cpu_threads.py all use it. README "Environment variables" shows the same table.
-
-| variable                         | default           | what it does                              |
-|----------------------------------|-------------------|-------------------------------------------|
-| MINSERVE_CACHE                   | ~/.cache/minserve | default model, converted weights, builds  |
-| VLLM_API_KEY, MINSERVE_API_KEY   | (none)            | the API key when --api-key is not given   |
-| VLLM_ALLOW_RUNTIME_LORA_UPDATING | false             | true: the LoRA load/unload routes         |
-| VLLM_IMAGE_FETCH_TIMEOUT         | 5                 | seconds to fetch one image URL            |
-| VLLM_ALLOW_LONG_MAX_MODEL_LEN    | 0                 | 1: --max-model-len past the model's limit |
-| MINSERVE_STEP_TIMEOUT            | 300               | seconds a tensor-parallel step may take   |
-| MINSERVE_CPU_NATIVE              | 1                 | 0: no native C kernels on CPU             |
-| MINSERVE_CPU_ONEDNN              | 1                 | 0: CPU float32 linears on F.linear only   |
-| MINSERVE_NO_TRITON               | 0                 | 1: torch references instead of Triton     |
-| MINSERVE_IMPORT_TRITON           | 0                 | 1: import triton even without CUDA        |
-| TRITON_INTERPRET                 | 0                 | 1: Triton's interpreter (kernel tests)    |
-| CC                               | cc                | the C compiler for the native kernels     |
-| OMP_NUM_THREADS                  | usable CPUs       | set: torch keeps its own thread count     |
-| OMP_WAIT_POLICY, GOMP_SPINCOUNT  | GOMP_SPINCOUNT=   | set: minserve's spin default is not used  |
-|                                  | 10000             |                                           |
-
+and cpu_threads.py all use it. Their table is the README's "Environment variables".
 The switches that pick code paths (MINSERVE_CPU_NATIVE, MINSERVE_CPU_ONEDNN, MINSERVE_NO_TRITON,
 MINSERVE_IMPORT_TRITON, TRITON_INTERPRET) are read once, when this module is first imported. The
 others are read when used: a program that embeds minserve (or a test) may set them after import.

@@ -65,13 +65,6 @@ class GenerateOutput:
 _EMBEDDER_ARGS = ("dtype", "device", "max_model_len")
 
 
-def _completion_output(sample: SampleState, params: SamplingParams) -> CompletionOutput:
-    lps = sample.logprobs if params.logprobs is not None else None
-    return CompletionOutput(sample.index, sample.text, sample.token_ids,
-                            sum(lp.logprob for lp in lps) if lps is not None else None, lps,
-                            sample.finish_reason, sample.stop_reason, sample.error)
-
-
 class _Progress:
     """A one-line progress bar on stderr (tqdm is not a dependency)."""
 
@@ -297,7 +290,11 @@ class LLM:
                 if sample.update(ro).stopped:
                     self.engine.abort_request(ro.request_id)
                 if sample.finish_reason is not None:
-                    res.outputs[sample.index] = _completion_output(sample, params)
+                    lps = sample.logprobs if params.logprobs is not None else None
+                    res.outputs[sample.index] = CompletionOutput(
+                        sample.index, sample.text, sample.token_ids,
+                        sum(lp.logprob for lp in lps) if lps is not None else None, lps,
+                        sample.finish_reason, sample.stop_reason, sample.error)
                     res.num_cached_tokens = max(res.num_cached_tokens, sample.num_cached_tokens)
                     res.prompt_logprobs = res.prompt_logprobs or sample.prompt_logprobs
                     unfinished.discard(ro.request_id)

@@ -256,7 +256,9 @@ def parse_chat(body: Any, ctx: ServingContext, params: SamplingParams | None = N
     if refs and body.get("truncate_prompt_tokens") is not None:  # it could cut an image apart
         raise bad("truncate_prompt_tokens", "cannot be combined with images")
     if refs:   # the length is known once the images are in (attach_images)
-        media(lambda: _check_image_count(len(refs), ctx.image_limit))
+        from minserve.multimodal.inputs import check_image_count
+
+        media(lambda: check_image_count(len(refs), ctx.image_limit))
     else:
         check_length(ctx, prompt, fields["max_tokens"], "messages")
     echo = boolean(body, "echo", False)
@@ -318,12 +320,6 @@ def attach_images(request: EngineRequest, images: list[Any], ctx: ServingContext
 
     media(lambda: attach(request, images, ctx.image_processor))
     check_length(ctx, request.prompt_token_ids, request.sampling.max_tokens, "messages")
-
-
-def _check_image_count(num_images: int, limit: int) -> None:
-    from minserve.multimodal.inputs import check_image_count
-
-    check_image_count(num_images, limit)
 
 
 def media_error(e: Exception) -> OpenAIError:

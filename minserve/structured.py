@@ -362,7 +362,8 @@ class StructuredConstraint:
             bitmask[row].zero_()
             for t in self.eos_token_ids:
                 if t < words * 32:
-                    bitmask[row, t // 32] |= _bit(t % 32)
+                    bit = t % 32    # bit 31 is the int32 sign bit
+                    bitmask[row, t // 32] |= 1 << bit if bit < 31 else -(1 << 31)
             return
         if words == self.num_words and bitmask.is_contiguous():
             ptr = bitmask.data_ptr() + row * words * 4
@@ -388,10 +389,6 @@ class StructuredConstraint:
     def error(self) -> str | None:
         return library_text(self.matcher.get_error() or "error") if self.matcher.is_error() \
             else None
-
-
-def _bit(i: int) -> int:
-    return 1 << i if i < 31 else -(1 << 31)  # bit 31 is the int32 sign bit
 
 
 _proto_cache: OrderedDict[tuple[int, int | None, str], llguidance.LLMatcher] = OrderedDict()

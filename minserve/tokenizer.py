@@ -12,7 +12,8 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from minserve.chat import load_chat_template, render_chat_template
-from minserve.config import GENERATION_SAMPLING_KEYS, ConfigError
+from minserve.config import GENERATION_SAMPLING_KEYS, ConfigError, read_json
+
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -37,14 +38,6 @@ def _byte_decoder() -> dict[str, int]:
     return {c: b for b, c in bytes_to_unicode().items()}
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return data if isinstance(data, dict) else {}
-
-
 def _token_content(value: Any) -> str | None:
     """tokenizer_config's bos_token & co: a string, an AddedToken dict, or null."""
     if isinstance(value, dict):
@@ -63,11 +56,10 @@ def _id_list(value: Any) -> list[int]:
 def load_generation_config(folder: str) -> dict[str, Any]:
     """generation_config.json -> {"eos_token_id": [ids...]} plus whichever of
     GENERATION_SAMPLING_KEYS it sets (HF names; the caller maps max_new_tokens to max_tokens)."""
-    path = os.path.join(folder, "generation_config.json")
-    if os.path.isfile(path):
-        data = _read_json(path)
+    if os.path.isfile(os.path.join(folder, "generation_config.json")):
+        data = read_json(folder, "generation_config.json")
     else:  # transformers derives one from config.json then; only its eos ids matter here
-        data = {"eos_token_id": _read_json(os.path.join(folder, "config.json")).get("eos_token_id")}
+        data = {"eos_token_id": read_json(folder, "config.json").get("eos_token_id")}
     out: dict[str, Any] = {"eos_token_id": _id_list(data.get("eos_token_id"))}
     for key in GENERATION_SAMPLING_KEYS:
         if data.get(key) is not None:
@@ -157,14 +149,14 @@ class Tokenizer:
             text = f.read()
         backend = HFTokenizer.from_str(text)
         decoder_kind = _decoder_kind(json.loads(text).get("decoder"))
-        tokenizer_config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+        tokenizer_config = read_json(folder, "tokenizer_config.json")
         templates = _find_chat_templates(folder, tokenizer_config)
         if chat_template is not None:  # an explicit template replaces every named one
             templates = {"default": load_chat_template(chat_template)}
         tokenizer = cls(backend, tokenizer_config, decoder_kind=decoder_kind,
                         chat_templates=templates,
                         generation_config=load_generation_config(folder),
-                        model_config=_read_json(os.path.join(folder, "config.json")))
+                        model_config=read_json(folder, "config.json"))
         tokenizer.folder = folder
         return tokenizer
 
@@ -252,16 +244,10 @@ class Tokenizer:
     # ------------------------------------------------------------ chat
 
     def apply_chat_template(
-        self,
-        messages: list,
-        *,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-        tools: list[dict] | None = None,
-        chat_template: str | None = None,
-        chat_template_kwargs: dict[str, Any] | None = None,
-        images: Any = None,
-        **template_kwargs: Any,
+        self, messages: list, *, add_generation_prompt: bool = True,
+        continue_final_message: bool = False, tools: list[dict] | None = None,
+        chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+        images: Any = None, **template_kwargs: Any,
     ) -> str:
         """Render a conversation to the prompt text. Encode the result with
         add_special_tokens=False: templates write bos_token themselves. No template: a
@@ -287,7 +273,7 @@ def _find_chat_templates(folder: str, tokenizer_config: dict) -> dict[str, str]:
     templates: dict[str, str] = {}
     raw = tokenizer_config.get("chat_template")
     if raw is None:
-        raw = _read_json(os.path.join(folder, "chat_template.json")).get("chat_template")
+        raw = read_json(folder, "chat_template.json").get("chat_template")
     if isinstance(raw, str):
         templates["default"] = raw
     elif isinstance(raw, list):  # [{"name": "default", "template": ...}, {"name": "tool_use"...}]

@@ -1,6 +1,6 @@
 """minserve/env.py is the one reader of the environment: no other module of minserve/ or kernels/
 reads os.environ (writing variables for libgomp is allowed), the README's table names the
-variables env.py's table names, and the typed readers read what they say."""
+variables env.py reads, and the typed readers read what they say."""
 from __future__ import annotations
 
 import ast
@@ -56,9 +56,8 @@ def _table_names(text: str) -> set[str]:
 def test_readme_lists_the_variables_env_py_reads():
     readme = README.read_text()
     section = readme.split("### Environment variables\n", 1)[1].split("\n### ", 1)[0]
-    documented = _table_names(env.__doc__)
+    documented = _table_names(section)
     assert "MINSERVE_CACHE" in documented and "CC" in documented and len(documented) >= 14
-    assert _table_names(section) == documented
     source = pathlib.Path(env.__file__).read_text()
     read = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', source))
     assert read == documented

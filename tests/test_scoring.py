@@ -14,9 +14,17 @@ import torch
 from minserve.config import ConfigError
 from minserve.embeddings.embedder import Embedder, _longest_first
 from minserve.embeddings.protocol import EmbeddingsRequestError
-from minserve.embeddings.scoring import score_pairs
+from minserve.embeddings.scoring import finish_scores, prepare_scores
 from tests.test_embeddings import minilm  # noqa: F401 (a fixture)
 from tests.tiny import WORDS, make_tiny_encoder, widen_init
+
+
+def score_pairs(emb, pairs, truncate_prompt_tokens=None):
+    """The service's three steps in one call: (scores, num_prompt_tokens)."""
+    labels = [f"pair[{i}]" for i in range(len(pairs))]
+    prepared = prepare_scores(emb, pairs, labels, truncate_prompt_tokens)
+    pooled = emb.pool_token_ids(prepared.token_lists, prepared.token_type_lists)
+    return finish_scores(emb, prepared, pooled), prepared.num_prompt_tokens
 
 QUERY = "a man is eating food"
 DOCS = ["a man is eating a piece of bread", "a man is riding a horse", "hello world",

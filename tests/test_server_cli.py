@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from minserve import cli
+from minserve import cli, env, launch
 
 # Every flag issue 3 lists, with a value where it takes one.
 VLLM_FLAGS = [
@@ -34,8 +34,8 @@ def test_each_vllm_flag_is_accepted(flag):
 
 
 def test_flags_map_onto_configs(monkeypatch):
-    for env in cli.API_KEY_ENVS:
-        monkeypatch.delenv(env, raising=False)
+    for name in env.API_KEY_ENVS:
+        monkeypatch.delenv(name, raising=False)
     args = cli.parse_args([
         "serve", "/models/m", "--served-model-name", "a", "b", "--max-model-len", "4K",
         "--kv-cache-memory", "2GiB", "--no-enable-prefix-caching", "--block-size", "32",
@@ -87,7 +87,7 @@ def test_structured_outputs_config_sets_the_spec_defaults():
     (["/a", "--model", "/b"], "two models"),
     (["--structured-outputs-config", "{nope"], "must be a JSON object"),
     (["--structured-outputs-config", '{"disable_any_whitespac": true}'], "unknown key(s)"),
-    (["--structured-outputs-config", '{"disable_any_whitespace": 1}'], "true or false"),
+    (["--structured-outputs-config", '{"disable_any_whitespace": 1}'], "must be a boolean"),
     (["--timeout-keep-alive", "0"], "--timeout-keep-alive"),
     (["--override-generation-config", "[1]"], "must be a JSON object"),
     (["--override-generation-config", '{"temprature": 1}'], "unknown key(s) temprature"),
@@ -178,7 +178,7 @@ def test_connection_limit_follows_the_open_files_limit(monkeypatch):
     state = {"soft": 1024, "hard": 4096}
     monkeypatch.setattr(resource, "getrlimit", lambda _: (state["soft"], state["hard"]))
     monkeypatch.setattr(resource, "setrlimit", lambda _, lim: state.update(soft=lim[0]))
-    assert cli.connection_limit() == 4096 - cli.FD_RESERVE and state["soft"] == 4096
+    assert launch.connection_limit() == 4096 - launch.FD_RESERVE and state["soft"] == 4096
     state.update(soft=1024, hard=1 << 20)
-    assert cli.connection_limit() == cli.MAX_CONNECTIONS
-    assert state["soft"] == cli.MAX_CONNECTIONS + cli.FD_RESERVE
+    assert launch.connection_limit() == launch.MAX_CONNECTIONS
+    assert state["soft"] == launch.MAX_CONNECTIONS + launch.FD_RESERVE

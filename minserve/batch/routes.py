@@ -12,12 +12,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from minserve.batch.lines import ENDPOINTS, POOLING_ENDPOINTS
-from minserve.batch.multipart import (
-    FileTooLarge,
-    MultipartError,
-    MultipartReader,
-    boundary_of,
-)
+from minserve.batch.multipart import FileTooLarge, MultipartError, MultipartReader, boundary_of
 from minserve.batch.service import COMPLETION_WINDOWS, UploadError, check_jsonl, known_endpoint
 from minserve.batch.store import (
     FileInUse,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from minserve.batch.lines import BatchLine, error_line, output_line
@@ -67,12 +67,11 @@ class LineRunner:
         for gone in self._gone:
             gone.set()
 
-    async def run(self, lines: Iterable[BatchLine] | AsyncIterator[BatchLine],
-                  on_result: OnResult) -> None:
+    async def run(self, lines: Iterable[BatchLine], on_result: OnResult) -> None:
         slots = self.slots
         tasks: set[asyncio.Task] = set()
         try:
-            async for line in _aiter(lines):
+            for line in lines:
                 await slots.acquire()
                 if self.stopped:
                     slots.release()
@@ -107,13 +106,3 @@ class LineRunner:
         finally:
             self._gone.discard(gone)
         await on_result(line, out)
-
-
-async def _aiter(lines: Iterable[BatchLine] | AsyncIterator[BatchLine]
-                 ) -> AsyncIterator[BatchLine]:
-    if hasattr(lines, "__aiter__"):
-        async for line in lines:
-            yield line
-    else:
-        for line in lines:
-            yield line

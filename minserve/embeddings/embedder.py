@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 from functools import cached_property
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minserve.config import ConfigError, EngineConfig, ModelConfig
+from minserve.config import ConfigError, EngineConfig, ModelConfig, read_json
 from minserve.embeddings.decoder import DecoderForward, ShardedDecoder, check_shardable
 from minserve.embeddings.models import _progress, resolve_embedding_model
 from minserve.embeddings.pooling import (
@@ -49,11 +48,7 @@ class _EmbeddingTokenizer:
         self.backend = Tokenizer.from_file(path)
         self.backend.no_padding()
         self.backend.no_truncation()
-        tc_path = os.path.join(folder, "tokenizer_config.json")
-        tc: dict[str, Any] = {}
-        if os.path.exists(tc_path):
-            with open(tc_path) as f:
-                tc = json.load(f)
+        tc = read_json(folder, "tokenizer_config.json")
         # transformers rebuilds the post-processor as "[bos] $A [eos]" when tokenizer_config sets
         # add_bos_token/add_eos_token (Llama tokenizers); minserve.tokenizer does the same.
         self.manual = "add_bos_token" in tc or "add_eos_token" in tc

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from minserve.config import ConfigError
+from minserve.config import ConfigError, read_json
 from minserve.embeddings.protocol import EmbeddingsRequestError
 from minserve.value_text import value_text
 
@@ -85,10 +85,7 @@ def load_pooling_config(
             elif kind == "Pooling":
                 pool_path = os.path.join(folder, module.get("path", ""), "config.json")
                 mode = _st_pooling_mode(_read_json(pool_path), pool_path)
-    max_seq_length = None
-    sbert_path = os.path.join(folder, "sentence_bert_config.json")
-    if os.path.exists(sbert_path):
-        max_seq_length = _read_json(sbert_path).get("max_seq_length")
+    max_seq_length = read_json(folder, "sentence_bert_config.json").get("max_seq_length")
     dims = hf_config.get("matryoshka_dimensions")
     if matryoshka is None:
         matryoshka = bool(hf_config.get("is_matryoshka")) or bool(dims) or decoder

@@ -81,16 +81,28 @@ def parse_inputs(value: Any) -> list[str | list[int]]:
     return out
 
 
-def parse_embeddings_request(body: Any) -> EmbeddingsRequest:
-    """Validate a decoded JSON body. Model-dependent checks (dimensions against the model, token
-    ids against the vocabulary, lengths against max_model_len) happen in Embedder.embed()."""
+def common_fields(body: Any) -> tuple[str | None, int | None]:
+    """What every pooling route's body is checked for first: a JSON object, its `model` and
+    `truncate_prompt_tokens` (the scoring routes' too)."""
     if not isinstance(body, dict):
         raise EmbeddingsRequestError("the request body must be a JSON object")
-    if "input" not in body:
-        raise EmbeddingsRequestError("input is required", param="input")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise EmbeddingsRequestError("model must be a string", param="model")
+    truncate = body.get("truncate_prompt_tokens")
+    if truncate is not None and (not _is_int(truncate) or (truncate < 1 and truncate != -1)):
+        raise EmbeddingsRequestError("truncate_prompt_tokens must be a positive integer or -1 "
+                                     f"(the model's max length), got {value_text(truncate)}",
+                                     param="truncate_prompt_tokens")
+    return model, truncate
+
+
+def parse_embeddings_request(body: Any) -> EmbeddingsRequest:
+    """Validate a decoded JSON body. Model-dependent checks (dimensions against the model, token
+    ids against the vocabulary, lengths against max_model_len) happen in Embedder.embed()."""
+    model, truncate = common_fields(body)
+    if "input" not in body:
+        raise EmbeddingsRequestError("input is required", param="input")
     encoding_format = body.get("encoding_format") or "float"
     if encoding_format not in ENCODING_FORMATS:
         raise EmbeddingsRequestError(f"encoding_format must be 'float' or 'base64', got "
@@ -100,11 +112,6 @@ def parse_embeddings_request(body: Any) -> EmbeddingsRequest:
         raise EmbeddingsRequestError(
             f"dimensions must be a positive integer, got {value_text(dimensions)}",
                                      param="dimensions")
-    truncate = body.get("truncate_prompt_tokens")
-    if truncate is not None and (not _is_int(truncate) or (truncate < 1 and truncate != -1)):
-        raise EmbeddingsRequestError("truncate_prompt_tokens must be a positive integer or -1 "
-                                     f"(the model's max length), got {value_text(truncate)}",
-                                     param="truncate_prompt_tokens")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise EmbeddingsRequestError("user must be a string", param="user")

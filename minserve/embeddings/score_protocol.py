@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from minserve.embeddings.protocol import MAX_INPUTS, EmbeddingsRequestError
+from minserve.embeddings.protocol import MAX_INPUTS, EmbeddingsRequestError, common_fields
 
 
 @dataclass
@@ -43,25 +43,10 @@ def _texts(value: Any, param: str) -> list[str]:
     return [_text(v, f"{param}[{i}]") for i, v in enumerate(value)]
 
 
-def _common(body: Any) -> tuple[str | None, int | None]:
-    if not isinstance(body, dict):
-        raise EmbeddingsRequestError("the request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise EmbeddingsRequestError("model must be a string", param="model")
-    truncate = body.get("truncate_prompt_tokens")
-    if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int)
-                                 or (truncate < 1 and truncate != -1)):
-        raise EmbeddingsRequestError("truncate_prompt_tokens must be a positive integer or -1 "
-                                     f"(the model's max length), got {truncate!r}",
-                                     param="truncate_prompt_tokens")
-    return model, truncate
-
-
 def parse_score_request(body: Any) -> ScoreRequest:
     """text_1 against text_2: one to one, one to many (text_1 a single text), or many to many
     (two lists of the same length, scored pairwise), as vLLM's /score."""
-    model, truncate = _common(body)
+    model, truncate = common_fields(body)
     for key in ("text_1", "text_2"):
         if key not in body:
             raise EmbeddingsRequestError(f"{key} is required", param=key)
@@ -81,7 +66,7 @@ def parse_score_request(body: Any) -> ScoreRequest:
 def parse_rerank_request(body: Any) -> ScoreRequest:
     """query + documents (strings, or {"text": ...} objects as Jina and Cohere v1 accept),
     top_n (0 or absent: all), return_documents (default true, as vLLM always returns them)."""
-    model, truncate = _common(body)
+    model, truncate = common_fields(body)
     query = _text(body.get("query"), "query")
     docs = body.get("documents")
     if not isinstance(docs, list) or not docs:

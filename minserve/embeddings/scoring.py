@@ -65,12 +65,3 @@ def finish_scores(emb, prepared: PreparedScores, pooled: torch.Tensor) -> list[f
     a = pooled[[i for i, _ in prepared.pair_rows]]
     b = pooled[[j for _, j in prepared.pair_rows]]
     return torch.nn.functional.cosine_similarity(a, b, dim=-1).tolist()
-
-
-def score_pairs(emb, pairs: list[tuple[str, str]], labels: list[str] | None = None,
-                truncate_prompt_tokens: int | None = None) -> tuple[list[float], int]:
-    """One call, no service: (scores, num_prompt_tokens)."""
-    labels = labels or [f"pair[{i}]" for i in range(len(pairs))]
-    prepared = prepare_scores(emb, pairs, labels, truncate_prompt_tokens)
-    pooled = emb.pool_token_ids(prepared.token_lists, prepared.token_type_lists)
-    return finish_scores(emb, prepared, pooled), prepared.num_prompt_tokens

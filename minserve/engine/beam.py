@@ -7,12 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from minserve.engine.request import (
-    EngineRequest,
-    FinishReason,
-    Request,
-    RequestOutput,
-)
+from minserve.engine.request import EngineRequest, FinishReason, Request, RequestOutput
 from minserve.sampling_params import SamplingParams
 
 

@@ -54,20 +54,15 @@ class EncoderConfig:
         if d["hidden_size"] % d["num_attention_heads"]:
             raise ConfigError("hidden_size must be a multiple of num_attention_heads")
         return cls(
-            architecture=arch,
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
+            architecture=arch, vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]), num_hidden_layers=int(d["num_hidden_layers"]),
             num_attention_heads=int(d["num_attention_heads"]),
-            intermediate_size=int(d["intermediate_size"]),
-            hidden_act=act,
+            intermediate_size=int(d["intermediate_size"]), hidden_act=act,
             max_position_embeddings=int(d.get("max_position_embeddings", 512)),
             type_vocab_size=int(d.get("type_vocab_size", 2)),
             layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
-            pad_token_id=int(d.get("pad_token_id") or 0),
-            roberta_positions="Roberta" in arch,
-            num_labels=num_labels(d),
-        )
+            pad_token_id=int(d.get("pad_token_id") or 0), roberta_positions="Roberta" in arch,
+            num_labels=num_labels(d))
 
     @property
     def max_tokens(self) -> int:
@@ -178,13 +173,9 @@ class XLMRobertaModel(BertModel):
 # HF checkpoint name (after the encoder.layer.N. prefix) -> our per-layer module name.
 _LAYER_RENAMES = {
     "attention.self.query": "query",      # these three: packed_modules_mapping -> qkv_proj
-    "attention.self.key": "key",
-    "attention.self.value": "value",
-    "attention.output.dense": "attn_out",
-    "attention.output.LayerNorm": "attn_norm",
-    "intermediate.dense": "ffn_in",
-    "output.dense": "ffn_out",
-    "output.LayerNorm": "ffn_norm",
+    "attention.self.key": "key", "attention.self.value": "value",
+    "attention.output.dense": "attn_out", "attention.output.LayerNorm": "attn_norm",
+    "intermediate.dense": "ffn_in", "output.dense": "ffn_out", "output.LayerNorm": "ffn_norm",
 }
 _PREFIXES = ("bert.", "roberta.", "model.")
 _SKIP = ("pooler.", "cls.", "lm_head.", "embeddings.position_ids", "embeddings.token_type_ids")

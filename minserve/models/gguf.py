@@ -19,23 +19,14 @@ from minserve.config import ConfigError
 from minserve.models.registry import lookup_gguf
 from minserve.tokenizer import bytes_to_unicode
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 _LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
@@ -73,9 +64,7 @@ def _write_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# config.json
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------- config.json
 
 
 def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
@@ -94,13 +83,10 @@ def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
         hf_arch = "MistralForCausalLM"
     eos_ids = _eos_ids(meta)
     config: dict[str, Any] = {
-        "architectures": [hf_arch],
-        "model_type": hf_arch[: -len("ForCausalLM")].lower(),
-        "vocab_size": int(vocab_size),
-        "hidden_size": hidden,
+        "architectures": [hf_arch], "model_type": hf_arch[: -len("ForCausalLM")].lower(),
+        "vocab_size": int(vocab_size), "hidden_size": hidden,
         "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
-        "num_attention_heads": num_heads,
+        "num_hidden_layers": int(get("block_count")), "num_attention_heads": num_heads,
         "num_key_value_heads": int(get("attention.head_count_kv") or num_heads),
         "head_dim": int(head_dim),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
@@ -109,8 +95,7 @@ def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
-        "torch_dtype": "float32",
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids, "torch_dtype": "float32",
     }
     if sliding_window:
         config["sliding_window"] = int(sliding_window)
@@ -119,12 +104,9 @@ def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
     scaling_type = get("rope.scaling.type")
     if scaling_type and scaling_type != "none":
         config["rope_scaling"] = {
-            "rope_type": scaling_type,
-            "factor": float(get("rope.scaling.factor", 1.0)),
-            "original_max_position_embeddings": int(
-                get("rope.scaling.original_context_length", config["max_position_embeddings"])
-            ),
-        }
+            "rope_type": scaling_type, "factor": float(get("rope.scaling.factor", 1.0)),
+            "original_max_position_embeddings": int(get(
+                "rope.scaling.original_context_length", config["max_position_embeddings"]))}
     return config
 
 
@@ -156,9 +138,7 @@ def _llama3_scaling_from_rope_freqs(config: dict[str, Any], rope_freqs: np.ndarr
     config["rope_scaling"] = sc
 
 
-# ---------------------------------------------------------------------------------------------
-# model.safetensors
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------- model.safetensors
 
 
 def hf_tensor_name(name: str) -> str | None:
@@ -215,7 +195,8 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
                 # served dense.
                 out[name.removesuffix(".weight") + ".weight_type"] = np.array(0, dtype=np.int32)
                 data = data.view(np.uint8).reshape(shape[0], -1)
-                kept.add(f"{type_name or ggml_type_label(t.tensor_type)} (dequantized)")
+                label = type_name or getattr(t.tensor_type, "name", str(t.tensor_type))
+                kept.add(f"{label} (dequantized)")
         if t.name == "rope_freqs.weight":
             _llama3_scaling_from_rope_freqs(config, data)
             continue
@@ -231,47 +212,27 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
     return sorted(kept)
 
 
-def ggml_type_label(tensor_type: Any) -> str:
-    return getattr(tensor_type, "name", str(tensor_type))
-
-
-# ---------------------------------------------------------------------------------------------
-# tokenizer.json, tokenizer_config.json, generation_config.json
-# ---------------------------------------------------------------------------------------------
+# ---- tokenizer.json, tokenizer_config.json, generation_config.json
 
 # Pre-tokenizer splits by tokenizer.ggml.pre (the regexes of the HF tokenizers they came from).
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_SPLITS = {
-    "llama3": _LLAMA3_SPLIT,
-    "llama-v3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
-    "smaug-bpe": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT,
-    "deepseek-r1-qwen": _QWEN2_SPLIT,
-}
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
+           "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+
+
+def _byte_level(add_prefix_space: bool, trim_offsets: bool) -> dict[str, Any]:
+    return {"type": "ByteLevel", "add_prefix_space": add_prefix_space,
+            "trim_offsets": trim_offsets, "use_regex": True}
 
 
 def _byte_level_pre_tokenizer(pre: str | None) -> dict[str, Any]:
-    byte_level = {
-        "type": "ByteLevel",
-        "add_prefix_space": False,
-        "trim_offsets": True,
-        "use_regex": True,
-    }
+    byte_level = _byte_level(False, True)
     if pre in _SPLITS:
-        split = {
-            "type": "Split",
-            "pattern": {"Regex": _SPLITS[pre]},
-            "behavior": "Isolated",
-            "invert": False,
-        }
+        split = {"type": "Split", "pattern": {"Regex": _SPLITS[pre]}, "behavior": "Isolated",
+                 "invert": False}
         return {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
     if pre == "smollm":
         # SmolLM's own tokenizer.json (and llama.cpp's "smollm" pre) split digits one by one
@@ -296,17 +257,9 @@ def gguf_tokenizer(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     added = []
     for i, (token, token_type) in enumerate(zip(tokens, token_types, strict=False)):
         if token_type in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED):
-            added.append(
-                {
-                    "id": i,
-                    "content": token,
-                    "single_word": False,
-                    "lstrip": False,
-                    "rstrip": False,
-                    "normalized": False,
-                    "special": token_type == _TOKEN_CONTROL,
-                }
-            )
+            added.append({"id": i, "content": token, "single_word": False, "lstrip": False,
+                          "rstrip": False, "normalized": False,
+                          "special": token_type == _TOKEN_CONTROL})
         elif not set(token) <= alphabet:  # spelled with raw characters: respell byte-level
             token = "".join(spelling[b] for b in token.encode("utf-8"))
         vocab.setdefault(token, i)
@@ -315,53 +268,21 @@ def gguf_tokenizer(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     bos_id = meta.get("tokenizer.ggml.bos_token_id")
     if add_bos and bos_id is not None:
         bos = tokens[bos_id]
-        post = {
-            "type": "TemplateProcessing",
-            "single": [
-                {"SpecialToken": {"id": bos, "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}},
-            ],
-            "pair": [
-                {"SpecialToken": {"id": bos, "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}},
-                {"SpecialToken": {"id": bos, "type_id": 1}},
-                {"Sequence": {"id": "B", "type_id": 1}},
-            ],
-            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
-        }
+        a, b = ({"Sequence": {"id": seq, "type_id": i}} for i, seq in enumerate("AB"))
+        bos0, bos1 = ({"SpecialToken": {"id": bos, "type_id": i}} for i in range(2))
+        post = {"type": "TemplateProcessing", "single": [bos0, a], "pair": [bos0, a, bos1, b],
+                "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
     else:
-        post = {
-            "type": "ByteLevel",
-            "add_prefix_space": True,
-            "trim_offsets": False,
-            "use_regex": True,
-        }
+        post = _byte_level(True, False)
     tokenizer_json = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": added,
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": None,
         "pre_tokenizer": _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre")),
-        "post_processor": post,
-        "decoder": {
-            "type": "ByteLevel",
-            "add_prefix_space": True,
-            "trim_offsets": True,
-            "use_regex": True,
-        },
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": "",
-            "end_of_word_suffix": "",
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": vocab,
-            "merges": [m.split(" ", 1) for m in merges],
-        },
+        "post_processor": post, "decoder": _byte_level(True, True),
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": False,
+                  "byte_fallback": False, "ignore_merges": False, "vocab": vocab,
+                  "merges": [m.split(" ", 1) for m in merges]},
     }
 
     def token_str(key: str) -> str | None:
@@ -379,22 +300,15 @@ def gguf_tokenizer(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
         "chat_template": meta.get("tokenizer.chat_template"),
         "model_max_length": int(meta.get(f"{meta['general.architecture']}.context_length") or 2048),
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "added_tokens_decoder": {
-            str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added
-        },
+        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"}
+                                 for t in added},
     }
-    generation_config: dict[str, Any] = {
-        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids
-    }
+    generation_config: dict[str, Any] = {"eos_token_id": eos_ids[0] if len(eos_ids) == 1
+                                         else eos_ids}
     if bos_id is not None:
         generation_config["bos_token_id"] = bos_id
-    for key, hf_key in (
-        ("temp", "temperature"),
-        ("top_p", "top_p"),
-        ("top_k", "top_k"),
-        ("min_p", "min_p"),
-        ("penalty_repeat", "repetition_penalty"),
-    ):
+    for key, hf_key in (("temp", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
+                        ("min_p", "min_p"), ("penalty_repeat", "repetition_penalty")):
         value = meta.get(f"general.sampling.{key}")
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             generation_config[hf_key] = value

@@ -39,12 +39,8 @@ class SiluAndMul(nn.Module):
         return kernels.silu_and_mul(x)
 
 
-def compute_inv_freq(
-    head_dim: int,
-    rope_theta: float,
-    rope_scaling: dict[str, Any] | None,
-    max_position_embeddings: int,
-) -> tuple[torch.Tensor, float]:
+def compute_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None,
+                     max_position_embeddings: int) -> tuple[torch.Tensor, float]:
     """(inv_freq [D/2] float32, attention_scaling), following transformers' rope init functions."""
     inv_freq = 1.0 / (
         rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
@@ -119,13 +115,8 @@ class RotaryEmbedding(nn.Module):
     """cos/sin for the step's positions, computed on the fly from inv_freq (no position cache,
     so no length limit and nothing to index out of range): [T, 1, D] each, in the model dtype."""
 
-    def __init__(
-        self,
-        head_dim: int,
-        rope_theta: float,
-        rope_scaling: dict[str, Any] | None,
-        max_position_embeddings: int,
-    ) -> None:
+    def __init__(self, head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None,
+                 max_position_embeddings: int) -> None:
         super().__init__()
         self.args = (head_dim, rope_theta, rope_scaling, max_position_embeddings)
         # NOTE: on the CPU even in a meta-device build, where this math would import torch._dynamo

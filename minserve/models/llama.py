@@ -95,14 +95,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, f"{prefix}.mlp")
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        residual: torch.Tensor | None,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        attn: AttnMetadata,
-        lora_mapping: LoRAMapping | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata,
+                lora_mapping: LoRAMapping | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual stream is carried separately so each norm can fuse the add (vLLM style).
         if residual is None:
             residual = hidden

@@ -162,11 +162,7 @@ def load_model(folder: str, model_config: Any, device: torch.device | str, dtype
     checkpoint, or with random weights (load_format="dummy"). The checkpoint's
     quantization_config (or `quantization`, --quantization) picks each linear's quant_method."""
     from minserve.models.quant import get_quant_config
-    from minserve.models.quant.loading import (
-        finish_loading,
-        init_dummy_quantized,
-        weight_bytes,
-    )
+    from minserve.models.quant.loading import finish_loading, init_dummy_quantized, weight_bytes
 
     device = torch.device(device)
     arch = lookup(model_config.architecture)

@@ -26,10 +26,6 @@ _STATE = ParallelState()
 IDLE_TIMEOUT = datetime.timedelta(days=3650)
 
 
-def state() -> ParallelState:
-    return _STATE
-
-
 def tp_rank() -> int:
     return _STATE.tp_rank
 

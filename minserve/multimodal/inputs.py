@@ -15,7 +15,6 @@ from minserve.engine.request import MultiModalItem
 from minserve.multimodal.fetch import fetch_async, fetch_media
 from minserve.multimodal.image import MediaError, check_image, decode_image, image_hash
 
-
 # ---------------------------------------------------------------- image parts -> images
 
 def load_images_sync(refs: list[Any], policy: Any) -> list[Image.Image]:

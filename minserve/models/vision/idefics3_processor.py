@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from minserve.config import read_json
 from minserve.models.vision.processor import (
     STANDARD_MEAN,
     STANDARD_STD,
     ImageProcessor,
     ProcessedImage,
-    read_json,
     resample_filter,
     resize,
     to_chw,

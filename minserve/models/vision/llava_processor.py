@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from minserve.config import read_json
 from minserve.models.vision.processor import (
     CLIP_MEAN,
     CLIP_STD,
     ImageProcessor,
     ProcessedImage,
     center_crop,
-    read_json,
     resample_filter,
     resize,
     to_chw,

@@ -6,8 +6,6 @@ its one placeholder token becomes. Torch-free (the server runs it in a worker th
 family's processor is its *_processor.py, beside its model file."""
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,15 +58,6 @@ class ImageProcessor:
         """(width, height) of an input whose embeddings are the largest this model makes (the KV
         profile run encodes such images)."""
         raise NotImplementedError
-
-
-def read_json(folder: str, name: str) -> dict[str, Any]:
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return data if isinstance(data, dict) else {}
 
 
 def resample_filter(code: Any, default: int) -> Image.Resampling:

@@ -10,18 +10,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from minserve.multimodal.image import MediaError
+from minserve.config import read_json
 from minserve.models.vision.processor import (
     CLIP_MEAN,
     CLIP_STD,
     ImageProcessor,
     ProcessedImage,
-    read_json,
     resample_filter,
     resize,
     to_chw,
     token_id,
 )
+from minserve.multimodal.image import MediaError
 
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280
 

@@ -10,11 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minserve.config import ConfigError
-from minserve.models.linear import (
-    ColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-)
+from minserve.models.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
