@@ -12,12 +12,12 @@ import sys
 
 import pytest
 import torch
-
-from minserve import kernels
 from minserve.kernels import cpu_native
 from minserve.kernels import fused_moe as fm
 from minserve.kernels.layer_ops import silu_and_mul_ref
 from minserve.kernels.quant_gemm import IntWeight, pack_int
+
+from minserve import kernels
 from tests.moe_kernel_checks import CHECKS, make_stack
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

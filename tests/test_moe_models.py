@@ -18,16 +18,17 @@ from tests.tiny import make_tiny_model
 
 ATOL = 2e-4
 VARIANTS = {
-    "qwen3moe-norm-dense0": ("Qwen3MoeForCausalLM", dict(
-        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
-        head_dim=32, mlp_only_layers=[0])),
-    "qwen3moe-top1-16": ("Qwen3MoeForCausalLM", dict(
-        num_experts=16, num_experts_per_tok=1, moe_intermediate_size=32)),
-    "qwen2moe-shared-step2": ("Qwen2MoeForCausalLM", dict(
-        num_experts=8, num_experts_per_tok=4, moe_intermediate_size=32,
-        shared_expert_intermediate_size=48, decoder_sparse_step=2, tie_word_embeddings=True)),
-    "mixtral-sliding24": ("MixtralForCausalLM", dict(
-        num_local_experts=4, num_experts_per_tok=2, sliding_window=24)),
+    "qwen3moe-norm-dense0": ("Qwen3MoeForCausalLM", {
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "norm_topk_prob": True, "head_dim": 32, "mlp_only_layers": [0]}),
+    "qwen3moe-top1-16": ("Qwen3MoeForCausalLM", {
+        "num_experts": 16, "num_experts_per_tok": 1, "moe_intermediate_size": 32}),
+    "qwen2moe-shared-step2": ("Qwen2MoeForCausalLM", {
+        "num_experts": 8, "num_experts_per_tok": 4, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48, "decoder_sparse_step": 2,
+        "tie_word_embeddings": True}),
+    "mixtral-sliding24": ("MixtralForCausalLM", {
+        "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24}),
 }
 
 
@@ -109,8 +110,8 @@ def hf_greedy(hf, prompt: list[int], num_tokens: int) -> list[int]:
 
 
 def test_moe_config_from_config_json():
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=6,
-                num_attention_heads=4)
+    base = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 96, "num_hidden_layers": 6,
+                "num_attention_heads": 4}
     mc = ModelConfig.from_dict({**base, "architectures": ["Qwen3MoeForCausalLM"],
                                 "num_experts": 8, "num_experts_per_tok": 2,
                                 "moe_intermediate_size": 16, "decoder_sparse_step": 2,
