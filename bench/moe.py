@@ -150,7 +150,6 @@ def decode_steps(args: argparse.Namespace) -> object:
 def naive_experts(x, w, topk_weights, topk_ids):
     """transformers' loop: every expert that got a token runs its rows through its own GEMMs."""
     import torch
-
     from minserve.kernels.dispatch import expert_gemm, silu_and_mul
 
     out = torch.zeros_like(x)

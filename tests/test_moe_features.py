@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 import torch
+from minserve.kernels import fused_moe as fm
 
 from minserve import LLM, SamplingParams
-from minserve.kernels import fused_moe as fm
 from minserve.models.moe import FusedMoE
 from tests.paged_runner import load_hf
 from tests.test_beam import _beam_params, reference_beam_search

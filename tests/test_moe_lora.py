@@ -1,7 +1,7 @@
 """LoRA on a mixture-of-experts model (a dense layer 0, a sparse layer 1): an adapter on the
-attention and the dense layer's MLP gives the greedy tokens of transformers' model with the deltas merged and logprobs; one that adapts the
-experts (peft's target_parameters, per-expert tensors, or the MLP of a sparse layer) is refused
-at load with a message that says so."""
+attention and the dense layer's MLP gives the greedy tokens and logprobs of transformers' model
+with the deltas merged in; one that adapts the experts (peft's target_parameters, per-expert
+tensors, or the MLP of a sparse layer) is refused at load with a message that says so."""
 from __future__ import annotations
 
 import os

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from minserve.kernels import cpu_native
 from minserve.kernels import fused_moe as fm
+
 from minserve.models.loader import resolve_model
 from minserve.models.moe import FusedMoE
 from tests.paged_runner import load_ours
