@@ -1,7 +1,8 @@
 """Mixture-of-experts models under tensor parallelism on CPU (gloo, two processes): each expert's
 intermediate dim split across the ranks (-tp 2), or whole experts per rank
-(--enable-expert-parallel), give one process's logits and the engine's greedy tokens; experts
-that do not divide are a start-up error naming the fix. Each process group starts once."""
+(--enable-expert-parallel), dense and GPTQ int4 experts, give one process's logits and the
+engine's greedy tokens; experts that do not divide are a start-up error naming the fix. Each
+process group starts once."""
 from __future__ import annotations
 
 import os
@@ -10,10 +11,12 @@ import sys
 
 import pytest
 import torch
+from minserve.kernels import fused_moe as fm
 
 from minserve import LLM, SamplingParams
 from minserve.config import ConfigError, ModelConfig
 from minserve.models import parallel
+from minserve.models.moe import FusedMoE
 from tests.paged_runner import load_ours
 from tests.serving import free_port
 from tests.tiny import make_tiny_model
@@ -30,16 +33,24 @@ MODELS = {
     "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2,
                                        "sliding_window": 24}),
 }
-# (name, model, load options): split experts, and expert parallel ("ep")
+# (name, model, load options): split experts, and expert parallel ("ep"); the GPTQ int4 model
+# (group 16: a rank's half of the 32-wide expert down_proj is one group) splits quantized experts
 CASES = [("qwen3moe-split", "qwen3moe", ""), ("qwen3moe-ep", "qwen3moe", "ep"),
-         ("qwen2moe-split", "qwen2moe", ""), ("mixtral-ep", "mixtral", "ep")]
+         ("qwen2moe-split", "qwen2moe", ""), ("mixtral-ep", "mixtral", "ep"),
+         ("qwen3moe-gptq-split", "qwen3moe-gptq", ""), ("qwen3moe-gptq-ep", "qwen3moe-gptq", "ep")]
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
+    from tests.quant_packers import quantize_model_folder
+
     root = tmp_path_factory.mktemp("moe-tp")
-    return {name: make_tiny_model(str(root / name), arch, **over)
-            for name, (arch, over) in MODELS.items()}
+    out = {name: make_tiny_model(str(root / name), arch, **over)
+           for name, (arch, over) in MODELS.items()}
+    out["qwen3moe-gptq"] = str(root / "qwen3moe-gptq")
+    quantize_model_folder(out["qwen3moe"], out["qwen3moe-gptq"], str(root / "qwen3moe-dq"),
+                          "gptq", bits=4, group_size=16)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +68,10 @@ def sharded_logits(folders, tmp_path_factory):
 
 @pytest.mark.parametrize("name,model", [(c[0], c[1]) for c in CASES], ids=[c[0] for c in CASES])
 def test_sharded_logits_match_one_process(name, model, folders, sharded_logits):
-    ours = run_steps(load_ours(folders[model]))
+    model_ = load_ours(folders[model])
+    stacks = [type(m.weights.w13) for m in model_.modules() if isinstance(m, FusedMoE)]
+    assert stacks and all((s is fm.DenseExperts) == ("gptq" not in name) for s in stacks)
+    ours = run_steps(model_)
     theirs = sharded_logits[name]
     assert len(ours) == len(theirs) == 4
     for a, b in zip(ours, theirs, strict=True):
