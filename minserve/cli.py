@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
            "may hold unlisted keys; by default they hold only the listed ones, as xgrammar)")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
       help="shard the model over N ranks (N-1 worker processes; gloo on CPU, NCCL on GPUs)")
+    a("--enable-expert-parallel", action="store_true",
+      help="mixture-of-experts models under -tp: each rank holds whole experts (num_experts / "
+           "N of them) instead of a slice of every expert")
     a("--distributed-executor-backend", default="mp",
       help="mp (worker processes; the only one supported)")
     a("--nnodes", type=int, default=1, help="nodes the ranks span (torchrun's meaning)")

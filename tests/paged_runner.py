@@ -15,9 +15,11 @@ from minserve.models.loader import load_model
 
 
 def load_ours(folder: str, dtype: torch.dtype = torch.float32, load_format: str = "auto",
-              quantization: str | None = None):
+              quantization: str | None = None, expert_parallel: bool = False):
     with open(os.path.join(folder, "config.json")) as f:
         config = ModelConfig.from_dict(json.load(f))
+    if expert_parallel:      # --enable-expert-parallel (a mixture-of-experts model)
+        config.moe.expert_parallel = True
     return load_model(folder, config, "cpu", dtype, load_format, quantization=quantization)
 
 

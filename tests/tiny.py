@@ -132,6 +132,36 @@ _GGUF_NAMES = {
 }
 
 
+_GGUF_NAMES.update({
+    "mlp.gate": "ffn_gate_inp", "block_sparse_moe.gate": "ffn_gate_inp",
+    "mlp.experts.gate_proj": "ffn_gate_exps", "mlp.experts.up_proj": "ffn_up_exps",
+    "mlp.experts.down_proj": "ffn_down_exps", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+    "mlp.shared_expert_gate": "ffn_gate_inp_shexp"})
+_MIXTRAL_EXPERTS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _stack_experts(tensors: dict) -> dict:
+    """Each layer's per-expert projections -> one [E, N, K] tensor (mlp.experts.gate_proj...),
+    as llama.cpp stores them; Qwen2-MoE's [1, H] shared-expert gate -> [H]."""
+    import re
+
+    import numpy as np
+
+    out, experts = {}, {}
+    for name, data in tensors.items():
+        m = re.fullmatch(r"(model\.layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                         r"(\w+)\.weight", name)
+        if m is None:
+            out[name] = data.reshape(-1) if name.endswith("shared_expert_gate.weight") else data
+            continue
+        proj = _MIXTRAL_EXPERTS.get(m.group(3), m.group(3))
+        experts.setdefault(f"{m.group(1)}.mlp.experts.{proj}.weight", {})[int(m.group(2))] = data
+    for name, by_expert in experts.items():
+        out[name] = np.stack([by_expert[e] for e in sorted(by_expert)])
+    return out
+
+
 def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
                qtypes: dict[str, str] | None = None) -> None:
     """qtype for every 2-D tensor; qtypes overrides it per GGUF module ("attn_v": "Q6_K").
@@ -160,6 +190,14 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
     w.add_vocab_size(cfg["vocab_size"])
     if cfg.get("sliding_window"):
         w.add_sliding_window(cfg["sliding_window"])
+    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    if num_experts:     # as convert_hf_to_gguf.py writes a MoE's settings
+        w.add_expert_count(num_experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        if cfg.get("moe_intermediate_size"):
+            w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if cfg.get("shared_expert_intermediate_size"):
+            w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
     # Tokenizer: the vocab in id order, added tokens marked CONTROL, merges as "a b" strings.
     vocab = dict(tok["model"]["vocab"])
     vocab.update({t["content"]: t["id"] for t in tok["added_tokens"]})
@@ -179,6 +217,7 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
     for path_ in sorted(os.listdir(hf_folder)):
         if path_.endswith(".safetensors"):
             tensors.update(load_file(os.path.join(hf_folder, path_)))
+    tensors = _stack_experts(tensors)
     for name, data in tensors.items():
         data = data.astype(np.float32)
         if name == "model.embed_tokens.weight":
@@ -196,13 +235,18 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
             elif gguf_arch == "llama" and module == "self_attn.k_proj":
                 data = _llama_cpp_permute(data, kv_heads)
         tensor_qtype = (qtypes or {}).get(gname.split(".")[-2], qtype)
+        if gname.split(".")[-2] in ("ffn_gate_inp", "ffn_gate_inp_shexp"):
+            tensor_qtype = "F32"              # llama.cpp keeps the routers in float
         quant = getattr(gguf.GGMLQuantizationType, tensor_qtype)
-        if data.ndim == 2 and tensor_qtype.endswith("_K"):
+        if data.ndim >= 2 and tensor_qtype.endswith("_K"):
             from tests.quant_packers import k_quant_blocks
 
-            blocks = k_quant_blocks(data.shape, tensor_qtype, float(data.std()), len(gname))
+            rows = int(np.prod(data.shape[:-1]))
+            blocks = k_quant_blocks((rows, data.shape[-1]), tensor_qtype, float(data.std()),
+                                    len(gname))
+            blocks = blocks.reshape(*data.shape[:-1], blocks.shape[-1])
             w.add_tensor(gname, blocks, raw_shape=blocks.shape, raw_dtype=quant)
-        elif data.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
+        elif data.ndim >= 2 and quant != gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, gguf.quants.quantize(data, quant), raw_dtype=quant)
         else:
             w.add_tensor(gname, data)

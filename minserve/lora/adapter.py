@@ -31,6 +31,11 @@ _VARIANTS = {"use_dora": (False, None), "rank_pattern": ({}, None), "alpha_patte
              "target_parameters": (None, []), "alora_invocation_tokens": (None,),
              "use_bdlora": (None, False), "arrow_config": (None,), "velora_config": (None,),
              "monteclora_config": (None,), "kasa_config": (None,)}
+# an adapter on a mixture-of-experts block: peft's target_parameters (the experts' fused
+# [E, ...] weights) or per-expert / shared-expert modules
+_EXPERT_KEY = re.compile(r"\.mlp\.(?:experts|shared_expert)\b")
+_NO_EXPERTS = ("minserve runs LoRA on the attention and dense MLP layers only, not on a "
+               "mixture-of-experts block; train the adapter without the experts")
 _KEY = re.compile(r"(?:base_model\.model\.)?(model\.layers\.(\d+)\.(\w+)\.(\w+))"
                   r"\.lora_([AB])(?:\.default)?\.weight")
 
@@ -85,6 +90,9 @@ def read_config(folder: str, max_rank: int) -> dict:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LoRAError(f"adapter_config.json: peft_type {cfg['peft_type']!r} is not supported "
                         "(only LORA)")
+    if cfg.get("target_parameters"):    # (before the variants: peft sets rank patterns with it)
+        raise LoRAError(f"adapter_config.json: target_parameters={cfg['target_parameters']!r} "
+                        f"adapts the experts' weights; {_NO_EXPERTS} (target_modules only)")
     for name, allowed in _VARIANTS.items():
         if cfg.get(name) not in allowed:
             raise LoRAError(f"adapter_config.json: {name}={cfg[name]!r} is not supported "
@@ -133,6 +141,16 @@ def check_targets(target_modules: object, num_layers: int) -> None:
                             f"{', '.join(TARGETS)})")
 
 
+def _check_not_experts(key: str, mc: ModelConfig) -> None:
+    """A tensor on an expert, or on the MLP of a layer whose MLP is a mixture of experts."""
+    m = re.search(r"layers\.(\d+)\.mlp\.(\w+)\.lora_", key)
+    sparse_layer = (m is not None and mc.moe is not None and m.group(2) in TARGETS
+                    and mc.moe.is_sparse(int(m.group(1))))
+    if _EXPERT_KEY.search(key) or sparse_layer:
+        raise LoRAError(f"adapter_model.safetensors: {key!r} adapts a mixture-of-experts "
+                        f"layer; {_NO_EXPERTS}")
+
+
 def load_adapter(name: str, path: str, mc: ModelConfig, max_rank: int,
                  dtype: torch.dtype) -> LoRAWeights:
     """Read and check an adapter (on the CPU, in dtype). Raises LoRAError naming the problem."""
@@ -154,6 +172,7 @@ def load_adapter(name: str, path: str, mc: ModelConfig, max_rank: int,
     try:
         with safe_open(st_path, framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                _check_not_experts(key, mc)
                 m = _KEY.fullmatch(key)
                 if m is None or m.group(4) not in TARGETS or \
                         TARGETS[m.group(4)][0] != m.group(3):

@@ -27,7 +27,14 @@ _LAYER_NAMES = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    # mixture of experts (Mixtral too: its model reads these Qwen-MoE names as well)
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
+# [E, N, K] tensors holding every expert of a layer: written as one HF tensor per expert
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj",
+                 "ffn_down_exps": "down_proj"}
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
 
@@ -101,6 +108,8 @@ def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
         config["sliding_window"] = int(sliding_window)
         if arch.startswith("qwen2"):
             config["use_sliding_window"] = True
+    if get("expert_count"):
+        config.update(_moe_config(get, config, tensor_names))
     scaling_type = get("rope.scaling.type")
     if scaling_type and scaling_type != "none":
         config["rope_scaling"] = {
@@ -108,6 +117,27 @@ def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
             "original_max_position_embeddings": int(get(
                 "rope.scaling.original_context_length", config["max_position_embeddings"]))}
     return config
+
+
+def _moe_config(get: Any, config: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+    """A mixture-of-experts file's config.json keys. llama.cpp writes Mixtral as "llama" with
+    experts; its Qwen MoE files mark the sparse layers by their router (ffn_gate_inp) alone."""
+    num_experts, top_k = int(get("expert_count")), int(get("expert_used_count"))
+    if config["architectures"][0] in ("LlamaForCausalLM", "MistralForCausalLM"):
+        config["architectures"] = ["MixtralForCausalLM"]
+        config["model_type"] = "mixtral"
+        return {"num_local_experts": num_experts, "num_experts_per_tok": top_k}
+    layers = range(config["num_hidden_layers"])
+    out = {"num_experts": num_experts, "num_experts_per_tok": top_k,
+           "moe_intermediate_size": int(get("expert_feed_forward_length")),
+           # qwen3moe renormalizes the top-k weights, qwen2moe does not (llama.cpp's graphs)
+           "norm_topk_prob": bool(get("expert_weights_norm",
+                                      config["model_type"] == "qwen3moe")),
+           "mlp_only_layers": [i for i in layers if f"blk.{i}.ffn_gate_inp.weight"
+                               not in tensor_names]}
+    if get("expert_shared_feed_forward_length"):
+        out["shared_expert_intermediate_size"] = int(get("expert_shared_feed_forward_length"))
+    return out
 
 
 def _eos_ids(meta: dict[str, Any]) -> list[int]:
@@ -142,11 +172,14 @@ def _llama3_scaling_from_rope_freqs(config: dict[str, Any], rope_freqs: np.ndarr
 
 
 def hf_tensor_name(name: str) -> str | None:
+    """The HF name; an [E, N, K] expert tensor gets one with "{e}" for the expert's number."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in _EXPERT_NAMES:
+        return f"model.layers.{m.group(1)}.mlp.experts.{{e}}.{_EXPERT_NAMES[m.group(2)]}.weight"
     return None
 
 
@@ -179,11 +212,12 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
         shape = tuple(int(d) for d in reversed(t.shape))
         name = hf_tensor_name(t.name)
         type_name = GGML_TYPES.get(int(t.tensor_type), ("",))[0]
+        matrix = len(shape) == (3 if name is not None and "{e}" in name else 2)
         if (quantized and name is not None and name.endswith(_LINEAR_SUFFIXES)
-                and len(shape) == 2 and type_name in QUANTIZED_TYPES):
+                and matrix and type_name in QUANTIZED_TYPES):
             # Rows stay whole blocks ([N, K / block * bytes]), so the Q/K row permutation
             # below applies to raw rows as it does to dequantized ones.
-            data = np.ascontiguousarray(t.data).reshape(shape[0], -1).view(np.uint8)
+            data = np.ascontiguousarray(t.data).reshape(*shape[:-1], -1).view(np.uint8)
             out[name.removesuffix(".weight") + ".weight_type"] = np.array(
                 int(t.tensor_type), dtype=np.int32)
             kept.add(type_name)
@@ -194,7 +228,7 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
                 # No int layout for this type (F16/F32 rows, Q5_0, Q3_K, ...): float32 rows,
                 # served dense.
                 out[name.removesuffix(".weight") + ".weight_type"] = np.array(0, dtype=np.int32)
-                data = data.view(np.uint8).reshape(shape[0], -1)
+                data = data.view(np.uint8).reshape(*shape[:-1], -1)
                 label = type_name or getattr(t.tensor_type, "name", str(t.tensor_type))
                 kept.add(f"{label} (dequantized)")
         if t.name == "rope_freqs.weight":
@@ -207,9 +241,25 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
             data = unpermute_qk(data, config["num_attention_heads"])
         elif permuted and ".k_proj." in name:
             data = unpermute_qk(data, config["num_key_value_heads"])
+        elif name.endswith(".shared_expert_gate.weight"):
+            data = data.reshape(1, -1)         # llama.cpp stores the [1, H] gate as [H]
+        if "{e}" in name:                      # one layer's experts: one tensor each
+            out.update(_split_experts(out, name, data))
+            continue
         out[name] = data
     save_file(out, path, metadata={"format": "pt"})
     return sorted(kept)
+
+
+def _split_experts(out: dict[str, np.ndarray], name: str, data: np.ndarray
+                   ) -> dict[str, np.ndarray]:
+    """[E, N, ...] -> {expert e's name: [N, ...]}, its weight_type (kept GGUF blocks) beside."""
+    parts = {name.format(e=e): np.ascontiguousarray(data[e]) for e in range(data.shape[0])}
+    type_name = name.removesuffix(".weight") + ".weight_type"
+    if type_name in out:
+        weight_type = out.pop(type_name)
+        parts.update({n.removesuffix(".weight") + ".weight_type": weight_type for n in list(parts)})
+    return parts
 
 
 # ---- tokenizer.json, tokenizer_config.json, generation_config.json
