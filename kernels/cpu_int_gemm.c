@@ -145,37 +145,24 @@ MANY(3)
 MANY(4)
 #endif
 
-#define FEW_ROWS 4    /* up to here each row is read from its packed bytes, once per 4 x rows */
+/* Row n of a weight into out[K] (fp32): one per weight layout. */
+typedef void (*row_decoder)(const void *w, int64_t n, float *out);
 
-/* y = x @ w.T. Returns 0, or 1 when a buffer could not be allocated. */
-int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const float *s,
-             const float *b, int bits, int64_t K, int64_t G, int64_t N, float *y, int64_t ldy,
-             int nthreads) {
-    const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
+struct int_rows { const uint8_t *q; const float *s, *b; int bits; int64_t K, G; };
+
+static void decode_int_row(const void *w, int64_t n, float *out) {
+    const struct int_rows *r = (const struct int_rows *)w;
+    const int64_t row_bytes = r->bits == 4 ? r->K / 2 : r->K, groups = r->K / r->G;
+    decode_row(r->q + n * row_bytes, r->s + n * groups, r->b + n * groups, r->bits, r->K, r->G,
+               out);
+}
+
+/* y = x @ w.T for any layout: each thread decodes 3 weight rows into buf [3][K] and runs them
+ * against every row of x (many_MT). Returns 0, or 1 when a buffer could not be allocated. */
+static int gemm_decoded(const float *x, int64_t M, int64_t ldx, row_decoder decode,
+                        const void *w, int64_t K, int64_t N, float *y, int64_t ldy,
+                        int nthreads) {
     int failed = 0;
-#ifdef __AVX2__
-    if (M <= FEW_ROWS && groups <= 512) {
-        float xsum[FEW_ROWS * 512];
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t g = 0; g < groups; g++) {
-                float t = 0.f;
-                for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * ldx + k];
-                xsum[m * groups + g] = t;
-            }
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const uint8_t *qn = q + n * row_bytes;
-            const float *sn = s + n * groups, *bn = b + n * groups;
-            switch (M) {
-                case 1: few_1(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-                case 2: few_2(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-                case 3: few_3(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-                default: few_4(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-            }
-        }
-        return 0;
-    }
-#endif
     const int64_t triples = (N + 2) / 3;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
@@ -189,8 +176,7 @@ int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const flo
                 const int nr = N - n < 3 ? (int)(N - n) : 3;
                 for (int r = 0; r < 3; r++) {   /* missing rows repeat the first, unwritten */
                     const int64_t row = n + (r < nr ? r : 0);
-                    decode_row(q + row * row_bytes, s + row * groups, b + row * groups, bits, K,
-                               G, buf + r * K);
+                    decode(w, row, buf + r * K);
                 }
                 int64_t m = 0;
 #ifdef __AVX2__
@@ -213,6 +199,73 @@ int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const flo
         }
     }
     return failed;
+}
+
+/* GGUF rows in their blocks (cpu_gguf.c). */
+void gguf_block_size(int type, int64_t *values, int64_t *bytes);
+void gguf_decode_row(const uint8_t *row, int type, int64_t K, float *out);
+
+INLINE int64_t gguf_row_bytes(int type, int64_t K) {
+    int64_t values, bytes;
+    gguf_block_size(type, &values, &bytes);
+    return K / values * bytes;
+}
+
+struct gguf_rows { const uint8_t *w; int type; int64_t K, row_bytes; };
+
+static void decode_gguf_row(const void *w, int64_t n, float *out) {
+    const struct gguf_rows *r = (const struct gguf_rows *)w;
+    gguf_decode_row(r->w + n * r->row_bytes, r->type, r->K, out);
+}
+
+/* y = x @ w.T for a GGUF weight in its blocks; same contract as int_gemm. The caller checks
+ * the type and that K is a multiple of its block (cpu_native.block_gemm). */
+int block_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int type, int64_t K,
+               int64_t N, float *y, int64_t ldy, int nthreads) {
+    const struct gguf_rows rows = {w, type, K, gguf_row_bytes(type, K)};
+    return gemm_decoded(x, M, ldx, decode_gguf_row, &rows, K, N, y, ldy, nthreads);
+}
+
+/* out[N, K] = a GGUF weight dequantized (fp32), for the many rows of a prefill. */
+void block_dequantize(const uint8_t *w, int type, int64_t K, int64_t N, float *out,
+                      int nthreads) {
+    const int64_t row_bytes = gguf_row_bytes(type, K);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) gguf_decode_row(w + n * row_bytes, type, K, out + n * K);
+}
+
+#define FEW_ROWS 4    /* up to here each row is read from its packed bytes, once per 4 x rows */
+
+/* y = x @ w.T. Returns 0, or 1 when a buffer could not be allocated. */
+int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const float *s,
+             const float *b, int bits, int64_t K, int64_t G, int64_t N, float *y, int64_t ldy,
+             int nthreads) {
+#ifdef __AVX2__
+    const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
+    if (M <= FEW_ROWS && groups <= 512) {
+        float xsum[FEW_ROWS * 512];
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t g = 0; g < groups; g++) {
+                float t = 0.f;
+                for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * ldx + k];
+                xsum[m * groups + g] = t;
+            }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *qn = q + n * row_bytes;
+            const float *sn = s + n * groups, *bn = b + n * groups;
+            switch (M) {
+                case 1: few_1(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
+                case 2: few_2(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
+                case 3: few_3(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
+                default: few_4(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
+            }
+        }
+        return 0;
+    }
+#endif
+    const struct int_rows rows = {q, s, b, bits, K, G};
+    return gemm_decoded(x, M, ldx, decode_int_row, &rows, K, N, y, ldy, nthreads);
 }
 
 /* out[N, K] = the dequantized weight (fp32), for the many rows of a prefill. */

@@ -20,6 +20,7 @@ from minserve.kernels.fp8_gemm import (
 from minserve.kernels import cpu_gemm, cpu_native
 from minserve.kernels.cpu_native import CpuIntWeight
 from minserve.kernels.cpu_native import int_gemm as cpu_int_gemm
+from minserve.kernels.gguf_blocks import GgufBlockWeight, to_int_weight
 from minserve.kernels.jit import triton
 from minserve.kernels.layer_ops import rms_norm_ref, silu_and_mul_ref
 from minserve.kernels.quant_gemm import (
@@ -144,11 +145,18 @@ def logits(x: torch.Tensor, weight: torch.Tensor, owner: object) -> torch.Tensor
     return linear(x, weight, None, owner)
 
 
-def prepare_int_weight(w: IntWeight | torch.Tensor
-                       ) -> IntWeight | CpuIntWeight | CpuInt4Weight | torch.Tensor:
+def prepare_int_weight(w: IntWeight | GgufBlockWeight | torch.Tensor
+                       ) -> (IntWeight | CpuIntWeight | CpuInt4Weight | GgufBlockWeight
+                             | torch.Tensor):
     """A loaded int weight -> the layout int_gemm runs fastest where it lives: on CPU the native
     kernel's row-major one where the library builds, else torch's int4 tiles for int4 (the
-    reference would dequantize the whole weight on every call). Anything else as it is."""
+    reference would dequantize the whole weight on every call); a GGUF weight stays in its
+    blocks for the native kernel, else is repacked (losslessly) as an int weight. Anything else
+    as it is."""
+    if isinstance(w, GgufBlockWeight):
+        if w.blocks.device.type == "cpu" and cpu_native.available():
+            return w
+        w = to_int_weight(w)
     if isinstance(w, IntWeight):
         if cpu_native.supported(w) and cpu_native.available():
             return cpu_native.to_cpu_int(w)
@@ -164,11 +172,13 @@ def int_gemm_fast(device: torch.device) -> bool:
     return device.type != "cpu" or cpu_native.available()
 
 
-def int_gemm(x: torch.Tensor, w: IntWeight | CpuIntWeight | CpuInt4Weight,
+def int_gemm(x: torch.Tensor, w: IntWeight | CpuIntWeight | CpuInt4Weight | GgufBlockWeight,
              bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ int4/int8 weight [N, K].T -> [..., N] (weight-only, group-wise scales)."""
     if isinstance(w, CpuIntWeight):
         return _on_rows(cpu_int_gemm, x, w, bias)
+    if isinstance(w, GgufBlockWeight):
+        return _on_rows(cpu_native.block_gemm, x, w, bias)
     if isinstance(w, CpuInt4Weight):
         return _on_rows(cpu_int4_gemm, x, w, bias)
     return _on_rows(int_gemm_triton if triton_enabled(x) else int_gemm_ref, x, w, bias)
