@@ -130,3 +130,67 @@ void gguf_decode_row(const uint8_t *row, int type, int64_t K, float *out) {
         else
             decode_small(row, type, out + k);
 }
+
+/* One row as the 8-bit int layout: value k = q[k] * s[k / G] + b[k / G], G = 16 for Q6_K and
+ * 32 otherwise (the group the return value gives). The few-row kernel (block_gemm) then reads
+ * bytes, as for an int8 weight: decoding to floats first spent more time than the bytes. */
+int gguf_row_q8(const uint8_t *row, int type, int64_t K, uint8_t *q, float *s, float *b) {
+    int64_t values, bytes;
+    gguf_block_size(type, &values, &bytes);
+    for (int64_t k = 0; k < K; k += values, row += bytes) {
+        uint8_t *qk = q + k;
+        if (type == Q6_K) {
+            const uint8_t *ql = row, *qh = row + 128;
+            const int8_t *sc = (const int8_t *)(row + 192);
+            const float d = f16(row + 208);
+            for (int half = 0; half < 2; half++, qk += 128, ql += 64, qh += 32)
+                for (int l = 0; l < 32; l++) {
+                    qk[l] = (ql[l] & 0xF) | (qh[l] & 3) << 4;
+                    qk[l + 32] = (ql[l + 32] & 0xF) | (qh[l] >> 2 & 3) << 4;
+                    qk[l + 64] = (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4;
+                    qk[l + 96] = (ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4;
+                }
+            for (int g = 0; g < 16; g++) {
+                s[k / 16 + g] = d * sc[g];
+                b[k / 16 + g] = -32.f * (d * sc[g]);
+            }
+        } else if (values == 256) {
+            const float d = f16(row), dmin = f16(row + 2);
+            const uint8_t *scales = row + 4, *qh = row + 16, *ql = type == Q5_K ? row + 48 : row + 16;
+            for (int j = 0; j < 4; j++, ql += 32, qk += 64) {
+                const int u1 = 1 << (2 * j), u2 = 2 << (2 * j);
+                for (int l = 0; l < 32; l++) {
+                    qk[l] = (ql[l] & 0xF) | (type == Q5_K && (qh[l] & u1) ? 16 : 0);
+                    qk[l + 32] = (ql[l] >> 4) | (type == Q5_K && (qh[l] & u2) ? 16 : 0);
+                }
+            }
+            for (int g = 0; g < 8; g++) {
+                float sc, m;
+                scale_min_k4(g, scales, &sc, &m);
+                s[k / 32 + g] = d * sc;
+                b[k / 32 + g] = -(dmin * m);
+            }
+        } else if (type == Q8_0) {
+            const float d = f16(row);
+            for (int j = 0; j < 32; j++) qk[j] = (uint8_t)((int8_t)row[2 + j] + 128);
+            s[k / 32] = d;
+            b[k / 32] = -128.f * d;
+        } else {
+            const float d = f16(row);
+            const int has_min = type == Q4_1 || type == Q5_1, five = type == Q5_0 || type == Q5_1;
+            uint32_t qh = 0;
+            const uint8_t *qs = row + 2 + 2 * has_min;
+            if (five) {
+                memcpy(&qh, qs, 4);
+                qs += 4;
+            }
+            for (int j = 0; j < 16; j++) {
+                qk[j] = (qs[j] & 0x0F) | (five ? (qh >> j) << 4 & 0x10 : 0);
+                qk[j + 16] = (qs[j] >> 4) | (five ? qh >> (j + 12) & 0x10 : 0);
+            }
+            s[k / 32] = d;
+            b[k / 32] = has_min ? f16(row + 2) : (five ? -16.f : -8.f) * d;
+        }
+    }
+    return type == Q6_K ? 16 : 32;
+}

@@ -92,14 +92,15 @@ INLINE void decode_row(const uint8_t *q, const float *s, const float *b, int bit
         for (int64_t k = 0; k < K; k += 32) {                                                 \
             __m256 w[4];                                                                      \
             load32(bits == 4 ? q + k / 2 : q + k, bits, w);                                   \
-            const __m256 sc = _mm256_set1_ps(s[k / G]);                                       \
+            /* two scales: a group of 16 (GGUF Q6_K) changes scale mid-chunk */              \
+            const __m256 lo = _mm256_set1_ps(s[k / G]), hi = _mm256_set1_ps(s[(k + 16) / G]); \
             for (int m = 0; m < MT; m++) {                                                    \
                 const float *xm = x + m * ldx + k;                                            \
                 __m256 c0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xm));                         \
-                __m256 c1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xm + 8));                     \
-                c0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xm + 16), c0);                     \
+                __m256 c1 = _mm256_mul_ps(w[2], _mm256_loadu_ps(xm + 16));                    \
+                c0 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xm + 8), c0);                      \
                 c1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm + 24), c1);                     \
-                acc[m] = _mm256_fmadd_ps(sc, _mm256_add_ps(c0, c1), acc[m]);                  \
+                acc[m] = _mm256_fmadd_ps(hi, c1, _mm256_fmadd_ps(lo, c0, acc[m]));            \
             }                                                                                 \
         }                                                                                     \
         const int64_t groups = K / G;                                                         \
@@ -144,6 +145,8 @@ MANY(2)
 MANY(3)
 MANY(4)
 #endif
+
+#define FEW_ROWS 4    /* up to here each row is read from its packed bytes, once per 4 x rows */
 
 /* Row n of a weight into out[K] (fp32): one per weight layout. */
 typedef void (*row_decoder)(const void *w, int64_t n, float *out);
@@ -204,6 +207,7 @@ static int gemm_decoded(const float *x, int64_t M, int64_t ldx, row_decoder deco
 /* GGUF rows in their blocks (cpu_gguf.c). */
 void gguf_block_size(int type, int64_t *values, int64_t *bytes);
 void gguf_decode_row(const uint8_t *row, int type, int64_t K, float *out);
+int gguf_row_q8(const uint8_t *row, int type, int64_t K, uint8_t *q, float *s, float *b);
 
 INLINE int64_t gguf_row_bytes(int type, int64_t K) {
     int64_t values, bytes;
@@ -218,11 +222,54 @@ static void decode_gguf_row(const void *w, int64_t n, float *out) {
     gguf_decode_row(r->w + n * r->row_bytes, r->type, r->K, out);
 }
 
+/* Per-group sums of M rows of x: xsum [M, K / G]. */
+static void group_sums(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t G,
+                       float *xsum) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < K / G; g++) {
+            float t = 0.f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * ldx + k];
+            xsum[m * (K / G) + g] = t;
+        }
+}
+
 /* y = x @ w.T for a GGUF weight in its blocks; same contract as int_gemm. The caller checks
- * the type and that K is a multiple of its block (cpu_native.block_gemm). */
+ * the type and that K is a multiple of its block (cpu_native.block_gemm). Up to FEW_ROWS rows
+ * each thread turns a row into the 8-bit layout (gguf_row_q8, in L1) and runs few_MT on it. */
 int block_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int type, int64_t K,
                int64_t N, float *y, int64_t ldy, int nthreads) {
     const struct gguf_rows rows = {w, type, K, gguf_row_bytes(type, K)};
+#ifdef __AVX2__
+    const int64_t G = type == 14 ? 16 : 32;     /* Q6_K's sub-blocks are 16 */
+    if (M <= FEW_ROWS) {
+        int failed = 0;
+        float *xsum = (float *)malloc(sizeof(float) * M * (K / G));
+        if (xsum == NULL) return 1;
+        group_sums(x, M, ldx, K, G, xsum);
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+        {
+            uint8_t *q = (uint8_t *)malloc(K + 2 * sizeof(float) * (K / G));
+            if (q == NULL) {
+                failed = 1;
+            } else {
+                float *s = (float *)(q + K), *b = s + K / G;   /* K % 32 == 0: aligned */
+#pragma omp for schedule(static)
+                for (int64_t n = 0; n < N; n++) {
+                    gguf_row_q8(w + n * rows.row_bytes, type, K, q, s, b);
+                    switch (M) {
+                        case 1: few_1(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
+                        case 2: few_2(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
+                        case 3: few_3(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
+                        default: few_4(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
+                    }
+                }
+                free(q);
+            }
+        }
+        free(xsum);
+        return failed;
+    }
+#endif
     return gemm_decoded(x, M, ldx, decode_gguf_row, &rows, K, N, y, ldy, nthreads);
 }
 
@@ -234,8 +281,6 @@ void block_dequantize(const uint8_t *w, int type, int64_t K, int64_t N, float *o
     for (int64_t n = 0; n < N; n++) gguf_decode_row(w + n * row_bytes, type, K, out + n * K);
 }
 
-#define FEW_ROWS 4    /* up to here each row is read from its packed bytes, once per 4 x rows */
-
 /* y = x @ w.T. Returns 0, or 1 when a buffer could not be allocated. */
 int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const float *s,
              const float *b, int bits, int64_t K, int64_t G, int64_t N, float *y, int64_t ldy,
@@ -244,12 +289,7 @@ int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const flo
     const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
     if (M <= FEW_ROWS && groups <= 512) {
         float xsum[FEW_ROWS * 512];
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t g = 0; g < groups; g++) {
-                float t = 0.f;
-                for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * ldx + k];
-                xsum[m * groups + g] = t;
-            }
+        group_sums(x, M, ldx, K, G, xsum);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *qn = q + n * row_bytes;
