@@ -13,6 +13,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -131,6 +134,63 @@ void gguf_decode_row(const uint8_t *row, int type, int64_t K, float *out) {
             decode_small(row, type, out + k);
 }
 
+/* The byte decoders of gguf_row_q8: AVX2 where the compiler has it (the scalar loops did not
+ * vectorize, and decoding took longer than the dot product it feeds). */
+#ifdef __AVX2__
+#define LOW4(v) _mm256_and_si256((v), _mm256_set1_epi8(0x0F))
+#define SHR(v, n) _mm256_srli_epi16((v), (n))      /* then masked: no bits cross bytes */
+#endif
+
+/* Q6_K, half a super-block: 64 B low nibbles, 32 B 2-bit highs -> 128 values 0..63. */
+INLINE void q6_bytes(const uint8_t *ql, const uint8_t *qh, uint8_t *q) {
+#ifdef __AVX2__
+    const __m256i l0 = _mm256_loadu_si256((const __m256i *)ql);
+    const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+    const __m256i h = _mm256_loadu_si256((const __m256i *)qh), three = _mm256_set1_epi8(3);
+    const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(h, three), 4);
+    const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(SHR(h, 2), three), 4);
+    const __m256i h2 = _mm256_slli_epi16(_mm256_and_si256(SHR(h, 4), three), 4);
+    const __m256i h3 = _mm256_slli_epi16(_mm256_and_si256(SHR(h, 6), three), 4);
+    _mm256_storeu_si256((__m256i *)q, _mm256_or_si256(LOW4(l0), h0));
+    _mm256_storeu_si256((__m256i *)(q + 32), _mm256_or_si256(LOW4(l1), h1));
+    _mm256_storeu_si256((__m256i *)(q + 64), _mm256_or_si256(LOW4(SHR(l0, 4)), h2));
+    _mm256_storeu_si256((__m256i *)(q + 96), _mm256_or_si256(LOW4(SHR(l1, 4)), h3));
+#else
+    for (int l = 0; l < 32; l++) {
+        q[l] = (ql[l] & 0xF) | (qh[l] & 3) << 4;
+        q[l + 32] = (ql[l + 32] & 0xF) | (qh[l] >> 2 & 3) << 4;
+        q[l + 64] = (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4;
+        q[l + 96] = (ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4;
+    }
+#endif
+}
+
+/* Q4_K/Q5_K, the j-th 64 values: 32 B of nibble pairs, and for Q5_K (qh not NULL) bits 2j
+ * and 2j + 1 of the 32 high-bit bytes. */
+INLINE void q45k_bytes(const uint8_t *ql, const uint8_t *qh, int j, uint8_t *q) {
+#ifdef __AVX2__
+    const __m256i v = _mm256_loadu_si256((const __m256i *)ql);
+    __m256i lo = LOW4(v), hi = LOW4(SHR(v, 4));
+    if (qh != NULL) {
+        const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+        const __m256i u1 = _mm256_set1_epi8((char)(1 << (2 * j)));
+        const __m256i u2 = _mm256_set1_epi8((char)(2 << (2 * j))), sixteen = _mm256_set1_epi8(16);
+        lo = _mm256_or_si256(lo, _mm256_and_si256(
+                 _mm256_cmpeq_epi8(_mm256_and_si256(h, u1), u1), sixteen));
+        hi = _mm256_or_si256(hi, _mm256_and_si256(
+                 _mm256_cmpeq_epi8(_mm256_and_si256(h, u2), u2), sixteen));
+    }
+    _mm256_storeu_si256((__m256i *)q, lo);
+    _mm256_storeu_si256((__m256i *)(q + 32), hi);
+#else
+    const int u1 = 1 << (2 * j), u2 = 2 << (2 * j);
+    for (int l = 0; l < 32; l++) {
+        q[l] = (ql[l] & 0xF) | (qh != NULL && (qh[l] & u1) ? 16 : 0);
+        q[l + 32] = (ql[l] >> 4) | (qh != NULL && (qh[l] & u2) ? 16 : 0);
+    }
+#endif
+}
+
 /* One row as the 8-bit int layout: value k = q[k] * s[k / G] + b[k / G], G = 16 for Q6_K and
  * 32 otherwise (the group the return value gives). The few-row kernel (block_gemm) then reads
  * bytes, as for an int8 weight: decoding to floats first spent more time than the bytes. */
@@ -144,12 +204,7 @@ int gguf_row_q8(const uint8_t *row, int type, int64_t K, uint8_t *q, float *s, f
             const int8_t *sc = (const int8_t *)(row + 192);
             const float d = f16(row + 208);
             for (int half = 0; half < 2; half++, qk += 128, ql += 64, qh += 32)
-                for (int l = 0; l < 32; l++) {
-                    qk[l] = (ql[l] & 0xF) | (qh[l] & 3) << 4;
-                    qk[l + 32] = (ql[l + 32] & 0xF) | (qh[l] >> 2 & 3) << 4;
-                    qk[l + 64] = (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4;
-                    qk[l + 96] = (ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4;
-                }
+                q6_bytes(ql, qh, qk);
             for (int g = 0; g < 16; g++) {
                 s[k / 16 + g] = d * sc[g];
                 b[k / 16 + g] = -32.f * (d * sc[g]);
@@ -157,13 +212,8 @@ int gguf_row_q8(const uint8_t *row, int type, int64_t K, uint8_t *q, float *s, f
         } else if (values == 256) {
             const float d = f16(row), dmin = f16(row + 2);
             const uint8_t *scales = row + 4, *qh = row + 16, *ql = type == Q5_K ? row + 48 : row + 16;
-            for (int j = 0; j < 4; j++, ql += 32, qk += 64) {
-                const int u1 = 1 << (2 * j), u2 = 2 << (2 * j);
-                for (int l = 0; l < 32; l++) {
-                    qk[l] = (ql[l] & 0xF) | (type == Q5_K && (qh[l] & u1) ? 16 : 0);
-                    qk[l + 32] = (ql[l] >> 4) | (type == Q5_K && (qh[l] & u2) ? 16 : 0);
-                }
-            }
+            for (int j = 0; j < 4; j++, ql += 32, qk += 64)
+                q45k_bytes(ql, type == Q5_K ? qh : NULL, j, qk);
             for (int g = 0; g < 8; g++) {
                 float sc, m;
                 scale_min_k4(g, scales, &sc, &m);

@@ -40,6 +40,14 @@ from minserve.kernels.lora import (
 )
 
 _TRITON = triton is not None and not env.NO_TRITON
+# GGUF types repacked into the int layout on CPU rather than served from their blocks: the
+# repack reads and holds 1.2-1.8x the bytes, but at one row its kernel took 0.6-0.7x the time
+# of the block kernel (which first turns each row into bytes and its scales into floats) on a
+# loaded 2-vCPU AVX2 box, one thread, where these kernels are bound by instructions, not by
+# DRAM (bench/gguf_blocks.py; retake idle before changing this). Q6_K stays in its blocks: the
+# int layout has no native kernel for its groups of 16, and the repack would hold 12 bits a
+# value instead of 6.6.
+CPU_REPACKED_GGUF = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"})
 
 
 def triton_enabled(t: torch.Tensor) -> bool:
@@ -154,7 +162,8 @@ def prepare_int_weight(w: IntWeight | GgufBlockWeight | torch.Tensor
     blocks for the native kernel, else is repacked (losslessly) as an int weight. Anything else
     as it is."""
     if isinstance(w, GgufBlockWeight):
-        if w.blocks.device.type == "cpu" and cpu_native.available():
+        if (w.blocks.device.type == "cpu" and cpu_native.available()
+                and w.type_name not in CPU_REPACKED_GGUF):
             return w
         w = to_int_weight(w)
     if isinstance(w, IntWeight):

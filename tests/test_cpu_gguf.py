@@ -9,6 +9,7 @@ import torch
 
 from minserve import kernels
 from minserve.kernels import cpu_native
+from minserve.kernels.dispatch import CPU_REPACKED_GGUF
 from minserve.kernels.gguf_blocks import QUANTIZED_TYPES, GgufBlockWeight, dequantize_ref
 
 from tests.quant_packers import k_quant_blocks
@@ -58,10 +59,13 @@ def test_torch_reference_matches_gguf(type_name, n, k):
 def test_block_gemm_matches_gguf(type_name, n, k, rows):
     raw = _blocks(type_name, n, k, seed=n + rows)
     want_w = _reference(raw, type_name, n, k)
-    w = kernels.prepare_int_weight(GgufBlockWeight(torch.from_numpy(raw), type_name, k))
-    assert isinstance(w, GgufBlockWeight)          # served from its blocks, not repacked
+    w = GgufBlockWeight(torch.from_numpy(raw), type_name, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k + rows))
     torch.testing.assert_close(kernels.int_gemm(x, w), x @ want_w.T, atol=1e-4, rtol=1e-4)
+    # and as the dispatch serves it on CPU (from the blocks, or repacked: CPU_REPACKED_GGUF)
+    served = kernels.prepare_int_weight(w)
+    assert isinstance(served, GgufBlockWeight) == (type_name not in CPU_REPACKED_GGUF)
+    torch.testing.assert_close(kernels.int_gemm(x, served), x @ want_w.T, atol=1e-4, rtol=1e-4)
 
 
 @needs_native
