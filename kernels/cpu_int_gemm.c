@@ -92,8 +92,31 @@ INLINE void decode_row(const uint8_t *q, const float *s, const float *b, int bit
         for (int64_t k = 0; k < K; k += 32) {                                                 \
             __m256 w[4];                                                                      \
             load32(bits == 4 ? q + k / 2 : q + k, bits, w);                                   \
-            /* two scales: a group of 16 (GGUF Q6_K) changes scale mid-chunk */              \
-            const __m256 lo = _mm256_set1_ps(s[k / G]), hi = _mm256_set1_ps(s[(k + 16) / G]); \
+            const __m256 sc = _mm256_set1_ps(s[k / G]);                                       \
+            for (int m = 0; m < MT; m++) {                                                    \
+                const float *xm = x + m * ldx + k;                                            \
+                __m256 c0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xm));                         \
+                __m256 c1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xm + 8));                     \
+                c0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xm + 16), c0);                     \
+                c1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm + 24), c1);                     \
+                acc[m] = _mm256_fmadd_ps(sc, _mm256_add_ps(c0, c1), acc[m]);                  \
+            }                                                                                 \
+        }                                                                                     \
+        FEW_BIAS(MT)                                                                          \
+    }
+
+/* The same for groups of 16 (GGUF Q6_K), whose scale changes mid-chunk; 8-bit values only. */
+#define FEW16(MT)                                                                             \
+    static void few16_##MT(const uint8_t *q, const float *s, const float *b, int64_t K,        \
+                           const float *x, int64_t ldx, const float *xsum, float *y,          \
+                           int64_t ldy) {                                                     \
+        const int64_t G = 16;                                                                 \
+        __m256 acc[MT];                                                                       \
+        for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();                            \
+        for (int64_t k = 0; k < K; k += 32) {                                                 \
+            __m256 w[4];                                                                      \
+            load32(q + k, 8, w);                                                              \
+            const __m256 lo = _mm256_set1_ps(s[k / G]), hi = _mm256_set1_ps(s[k / G + 1]);    \
             for (int m = 0; m < MT; m++) {                                                    \
                 const float *xm = x + m * ldx + k;                                            \
                 __m256 c0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xm));                         \
@@ -103,17 +126,25 @@ INLINE void decode_row(const uint8_t *q, const float *s, const float *b, int bit
                 acc[m] = _mm256_fmadd_ps(hi, c1, _mm256_fmadd_ps(lo, c0, acc[m]));            \
             }                                                                                 \
         }                                                                                     \
+        FEW_BIAS(MT)                                                                          \
+    }
+
+/* y[m] = the scaled dot products plus sum_g bias[g] * xsum[m, g]. */
+#define FEW_BIAS(MT)                                                                          \
         const int64_t groups = K / G;                                                         \
         for (int m = 0; m < MT; m++) {                                                        \
             float t = hsum(acc[m]);                                                           \
             for (int64_t g = 0; g < groups; g++) t += b[g] * xsum[m * groups + g];            \
             y[m * ldy] = t;                                                                   \
-        }                                                                                     \
-    }
+        }
 FEW(1)
 FEW(2)
 FEW(3)
 FEW(4)
+FEW16(1)
+FEW16(2)
+FEW16(3)
+FEW16(4)
 
 /* Many rows: NR (<= 3) weight rows decoded into buf [3][K], against MT (<= 4) rows of x at
  * once: 3 x MT accumulators + 3 weight registers + 1 for x fill the 16 ymm registers, so each
@@ -256,6 +287,15 @@ int block_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int typ
 #pragma omp for schedule(static)
                 for (int64_t n = 0; n < N; n++) {
                     gguf_row_q8(w + n * rows.row_bytes, type, K, q, s, b);
+                    if (G == 16) {
+                        switch (M) {
+                            case 1: few16_1(q, s, b, K, x, ldx, xsum, y + n, ldy); break;
+                            case 2: few16_2(q, s, b, K, x, ldx, xsum, y + n, ldy); break;
+                            case 3: few16_3(q, s, b, K, x, ldx, xsum, y + n, ldy); break;
+                            default: few16_4(q, s, b, K, x, ldx, xsum, y + n, ldy); break;
+                        }
+                        continue;
+                    }
                     switch (M) {
                         case 1: few_1(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
                         case 2: few_2(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
