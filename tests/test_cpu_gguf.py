@@ -107,3 +107,22 @@ def test_without_the_library_a_block_weight_is_repacked(monkeypatch):
         torch.testing.assert_close(dequantize_int(w), want, rtol=0, atol=0)
     x = torch.randn(2, 256)
     torch.testing.assert_close(kernels.int_gemm(x, w), x @ want.T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("type_name,bound", [("Q4_K", 0.12), ("Q6_K", 0.03)])
+def test_bench_k_quantizer_round_trips_through_gguf(type_name, bound):
+    """bench/gguf_quantize.py's own Q4_K/Q6_K (gguf-py has none), for the Q4_K_M bench file:
+    gguf-py's dequantizer reads back the values within round-to-nearest's error."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "gguf_quantize.py")
+    spec = importlib.util.spec_from_file_location("gguf_quantize", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    w = (np.random.default_rng(0).standard_normal((6, 512)) * 0.05).astype(np.float32)
+    raw = getattr(module, f"quantize_{type_name.lower()}")(w)
+    back = _reference(raw, type_name, 6, 512).numpy()
+    assert np.sqrt(((back - w) ** 2).mean()) / w.std() < bound
+    assert module.q4_k_m_type("blk.0.attn_v.weight", 576) == "Q8_0"
+    assert module.q4_k_m_type("blk.0.ffn_up.weight", 512) == "Q4_K"
