@@ -102,17 +102,49 @@ INLINE void decode_row(const uint8_t *q, const float *s, const float *b, int bit
                 acc[m] = _mm256_fmadd_ps(sc, _mm256_add_ps(c0, c1), acc[m]);                  \
             }                                                                                 \
         }                                                                                     \
+        FEW_BIAS(MT)                                                                          \
+    }
+
+/* The same for groups of 16 (GGUF Q6_K), whose scale changes mid-chunk; 8-bit values only. */
+#define FEW16(MT)                                                                             \
+    static void few16_##MT(const uint8_t *q, const float *s, const float *b, int64_t K,        \
+                           const float *x, int64_t ldx, const float *xsum, float *y,          \
+                           int64_t ldy) {                                                     \
+        const int64_t G = 16;                                                                 \
+        __m256 acc[MT];                                                                       \
+        for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();                            \
+        for (int64_t k = 0; k < K; k += 32) {                                                 \
+            __m256 w[4];                                                                      \
+            load32(q + k, 8, w);                                                              \
+            const __m256 lo = _mm256_set1_ps(s[k / G]), hi = _mm256_set1_ps(s[k / G + 1]);    \
+            for (int m = 0; m < MT; m++) {                                                    \
+                const float *xm = x + m * ldx + k;                                            \
+                __m256 c0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xm));                         \
+                __m256 c1 = _mm256_mul_ps(w[2], _mm256_loadu_ps(xm + 16));                    \
+                c0 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xm + 8), c0);                      \
+                c1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm + 24), c1);                     \
+                acc[m] = _mm256_fmadd_ps(hi, c1, _mm256_fmadd_ps(lo, c0, acc[m]));            \
+            }                                                                                 \
+        }                                                                                     \
+        FEW_BIAS(MT)                                                                          \
+    }
+
+/* y[m] = the scaled dot products plus sum_g bias[g] * xsum[m, g]. */
+#define FEW_BIAS(MT)                                                                          \
         const int64_t groups = K / G;                                                         \
         for (int m = 0; m < MT; m++) {                                                        \
             float t = hsum(acc[m]);                                                           \
             for (int64_t g = 0; g < groups; g++) t += b[g] * xsum[m * groups + g];            \
             y[m * ldy] = t;                                                                   \
-        }                                                                                     \
-    }
+        }
 FEW(1)
 FEW(2)
 FEW(3)
 FEW(4)
+FEW16(1)
+FEW16(2)
+FEW16(3)
+FEW16(4)
 
 /* Many rows: NR (<= 3) weight rows decoded into buf [3][K], against MT (<= 4) rows of x at
  * once: 3 x MT accumulators + 3 weight registers + 1 for x fill the 16 ymm registers, so each
@@ -168,21 +200,142 @@ static void dot_rows(const float *buf, int64_t K, const float *x, int64_t ldx, i
 #endif
 }
 
+/* Row n of a weight into out[K] (fp32): one per weight layout. */
+typedef void (*row_decoder)(const void *w, int64_t n, float *out);
+
+struct int_rows { const uint8_t *q; const float *s, *b; int bits; int64_t K, G; };
+
+static void decode_int_row(const void *w, int64_t n, float *out) {
+    const struct int_rows *r = (const struct int_rows *)w;
+    const int64_t row_bytes = r->bits == 4 ? r->K / 2 : r->K, groups = r->K / r->G;
+    decode_row(r->q + n * row_bytes, r->s + n * groups, r->b + n * groups, r->bits, r->K, r->G,
+               out);
+}
+
+/* y = x @ w.T for any layout: each thread decodes 3 weight rows into buf [3][K] and runs them
+ * against every row of x (many_MT). Returns 0, or 1 when a buffer could not be allocated. */
+static int gemm_decoded(const float *x, int64_t M, int64_t ldx, row_decoder decode,
+                        const void *w, int64_t K, int64_t N, float *y, int64_t ldy,
+                        int nthreads) {
+    int failed = 0;
+    const int64_t triples = (N + 2) / 3;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *buf = (float *)malloc(sizeof(float) * 3 * K);
+        if (buf == NULL) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < triples; t++) {
+                const int64_t n = 3 * t;
+                const int nr = N - n < 3 ? (int)(N - n) : 3;
+                for (int r = 0; r < 3; r++) {   /* missing rows repeat the first, unwritten */
+                    const int64_t row = n + (r < nr ? r : 0);
+                    decode(w, row, buf + r * K);
+                }
+                dot_rows(buf, K, x, ldx, M, y + n, ldy, nr);
+            }
+            free(buf);
+        }
+    }
+    return failed;
+}
+
+/* GGUF rows in their blocks (cpu_gguf.c). */
+void gguf_block_size(int type, int64_t *values, int64_t *bytes);
+void gguf_decode_row(const uint8_t *row, int type, int64_t K, float *out);
+int gguf_row_q8(const uint8_t *row, int type, int64_t K, uint8_t *q, float *s, float *b);
+
+INLINE int64_t gguf_row_bytes(int type, int64_t K) {
+    int64_t values, bytes;
+    gguf_block_size(type, &values, &bytes);
+    return K / values * bytes;
+}
+
+struct gguf_rows { const uint8_t *w; int type; int64_t K, row_bytes; };
+
+static void decode_gguf_row(const void *w, int64_t n, float *out) {
+    const struct gguf_rows *r = (const struct gguf_rows *)w;
+    gguf_decode_row(r->w + n * r->row_bytes, r->type, r->K, out);
+}
+
+/* Per-group sums of M rows of x: xsum [M, K / G]. */
+static void group_sums(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t G,
+                       float *xsum) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < K / G; g++) {
+            float t = 0.f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * ldx + k];
+            xsum[m * (K / G) + g] = t;
+        }
+}
+
+/* y = x @ w.T for a GGUF weight in its blocks; same contract as int_gemm. The caller checks
+ * the type and that K is a multiple of its block (cpu_native.block_gemm). Up to FEW_ROWS rows
+ * each thread turns a row into the 8-bit layout (gguf_row_q8, in L1) and runs few_MT on it. */
+int block_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int type, int64_t K,
+               int64_t N, float *y, int64_t ldy, int nthreads) {
+    const struct gguf_rows rows = {w, type, K, gguf_row_bytes(type, K)};
+#ifdef __AVX2__
+    const int64_t G = type == 14 ? 16 : 32;     /* Q6_K's sub-blocks are 16 */
+    if (M <= FEW_ROWS) {
+        int failed = 0;
+        float *xsum = (float *)malloc(sizeof(float) * M * (K / G));
+        if (xsum == NULL) return 1;
+        group_sums(x, M, ldx, K, G, xsum);
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+        {
+            uint8_t *q = (uint8_t *)malloc(K + 2 * sizeof(float) * (K / G));
+            if (q == NULL) {
+                failed = 1;
+            } else {
+                float *s = (float *)(q + K), *b = s + K / G;   /* K % 32 == 0: aligned */
+#pragma omp for schedule(static)
+                for (int64_t n = 0; n < N; n++) {
+                    gguf_row_q8(w + n * rows.row_bytes, type, K, q, s, b);
+                    if (G == 16) {
+                        switch (M) {
+                            case 1: few16_1(q, s, b, K, x, ldx, xsum, y + n, ldy); break;
+                            case 2: few16_2(q, s, b, K, x, ldx, xsum, y + n, ldy); break;
+                            case 3: few16_3(q, s, b, K, x, ldx, xsum, y + n, ldy); break;
+                            default: few16_4(q, s, b, K, x, ldx, xsum, y + n, ldy); break;
+                        }
+                        continue;
+                    }
+                    switch (M) {
+                        case 1: few_1(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
+                        case 2: few_2(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
+                        case 3: few_3(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
+                        default: few_4(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
+                    }
+                }
+                free(q);
+            }
+        }
+        free(xsum);
+        return failed;
+    }
+#endif
+    return gemm_decoded(x, M, ldx, decode_gguf_row, &rows, K, N, y, ldy, nthreads);
+}
+
+/* out[N, K] = a GGUF weight dequantized (fp32), for the many rows of a prefill. */
+void block_dequantize(const uint8_t *w, int type, int64_t K, int64_t N, float *out,
+                      int nthreads) {
+    const int64_t row_bytes = gguf_row_bytes(type, K);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t n = 0; n < N; n++) gguf_decode_row(w + n * row_bytes, type, K, out + n * K);
+}
+
 /* y = x @ w.T. Returns 0, or 1 when a buffer could not be allocated. */
 int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const float *s,
              const float *b, int bits, int64_t K, int64_t G, int64_t N, float *y, int64_t ldy,
              int nthreads) {
-    const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
-    int failed = 0;
 #ifdef __AVX2__
+    const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
     if (M <= FEW_ROWS && groups <= 512) {
         float xsum[FEW_ROWS * 512];
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t g = 0; g < groups; g++) {
-                float t = 0.f;
-                for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * ldx + k];
-                xsum[m * groups + g] = t;
-            }
+        group_sums(x, M, ldx, K, G, xsum);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *qn = q + n * row_bytes;
@@ -197,28 +350,8 @@ int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const flo
         return 0;
     }
 #endif
-    const int64_t triples = (N + 2) / 3;
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
-    {
-        float *buf = (float *)malloc(sizeof(float) * 3 * K);
-        if (buf == NULL) {
-            failed = 1;
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t t = 0; t < triples; t++) {
-                const int64_t n = 3 * t;
-                const int nr = N - n < 3 ? (int)(N - n) : 3;
-                for (int r = 0; r < 3; r++) {   /* missing rows repeat the first, unwritten */
-                    const int64_t row = n + (r < nr ? r : 0);
-                    decode_row(q + row * row_bytes, s + row * groups, b + row * groups, bits, K,
-                               G, buf + r * K);
-                }
-                dot_rows(buf, K, x, ldx, M, y + n, ldy, nr);
-            }
-            free(buf);
-        }
-    }
-    return failed;
+    const struct int_rows rows = {q, s, b, bits, K, G};
+    return gemm_decoded(x, M, ldx, decode_int_row, &rows, K, N, y, ldy, nthreads);
 }
 
 /* A mixture-of-experts layer's grouped GEMM (kernels/fused_moe.py): rows [starts[g], ends[g])

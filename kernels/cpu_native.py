@@ -1,4 +1,5 @@
-"""Native CPU kernels for decode: the weight-only int4/int8 GEMM (cpu_int_gemm.c), paged decode
+"""Native CPU kernels for decode: the weight-only int4/int8 GEMM (cpu_int_gemm.c) and its GGUF
+twin reading the file's blocks (cpu_gguf.c), paged decode
 attention (cpu_attention.c) and a layer's small fused ops (cpu_layer_ops.c), compiled once per
 machine with the system C compiler (`cc`, or $CC) into one library and called through ctypes.
 
@@ -30,12 +31,13 @@ from dataclasses import dataclass
 import torch
 
 from minserve import env
+from minserve.kernels.gguf_blocks import GgufBlockWeight, block_gemm_ref
 from minserve.kernels.quant_gemm import IntWeight, unpack_int
 
 log = logging.getLogger("minserve")
 
 SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-           for name in ("cpu_int_gemm.c", "cpu_attention.c", "cpu_layer_ops.c")]
+           for name in ("cpu_int_gemm.c", "cpu_gguf.c", "cpu_attention.c", "cpu_layer_ops.c")]
 MAX_ROWS = 64              # the native kernel beat dequantize + sgemm up to here (bench/RESULTS.md)
 CHUNK = 32                 # the layout's unit (cpu_int_gemm.c); K and the group size divide by it
 COMPILE_TIMEOUT_S = 120
@@ -233,6 +235,10 @@ def _load(path: str) -> ctypes.CDLL:
     lib.silu_and_mul.restype = None
     lib.store_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     lib.store_kv.restype = ctypes.c_int
+    lib.block_gemm.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, i64, ctypes.c_int]
+    lib.block_gemm.restype = ctypes.c_int
+    lib.block_dequantize.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int]
+    lib.block_dequantize.restype = None
     lib.int8_exact.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.int8_exact.restype = ctypes.c_int
     lib.decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
@@ -300,6 +306,37 @@ def moe_int_gemm(x: torch.Tensor, w: CpuIntExperts, groups: list[tuple[int, int,
                             k, w.group_size, n, out.data_ptr(), n, torch.get_num_threads()):
             raise MemoryError("cpu_int_gemm: no memory for the grouped GEMM's buffers")
     return out
+
+
+def block_gemm(x: torch.Tensor, w: GgufBlockWeight,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ a GGUF weight in its blocks -> [M, N] in x's dtype: the native kernel for up
+    to MAX_ROWS rows, else one sgemm on the natively dequantized weight; the reference without
+    the library."""
+    lib = library()
+    if lib is None:
+        return block_gemm_ref(x, w, bias)
+    dtype = x.dtype
+    if dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    m, k = x.shape
+    n = w.out_features
+    if k != w.in_features or not w.blocks.is_contiguous():
+        raise ValueError(f"block_gemm: x [{m}, {k}] against a {w.type_name} weight "
+                         f"[{n}, {w.in_features}]")
+    threads = torch.get_num_threads()
+    if m > MAX_ROWS:
+        dense = torch.empty(n, k, dtype=torch.float32)
+        lib.block_dequantize(w.blocks.data_ptr(), w.type_id, k, n, dense.data_ptr(), threads)
+        out = torch.nn.functional.linear(x, dense)
+    else:
+        out = torch.empty(m, n, dtype=torch.float32)
+        if lib.block_gemm(x.data_ptr(), m, k, w.blocks.data_ptr(), w.type_id, k, n,
+                          out.data_ptr(), n, threads):
+            raise MemoryError("cpu_int_gemm: no memory for the per-thread row buffer")
+    if dtype != torch.float32:
+        out = out.to(dtype)
+    return out if bias is None else out + bias
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

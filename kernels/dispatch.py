@@ -31,6 +31,7 @@ from minserve.kernels.fused_moe import (
     select_experts,  # noqa: F401  (re-exported: minserve.kernels.select_experts)
     triton_supports,
 )
+from minserve.kernels.gguf_blocks import GgufBlockWeight, to_int_weight
 from minserve.kernels.jit import triton
 from minserve.kernels.layer_ops import rms_norm_ref, silu_and_mul_ref
 from minserve.kernels.quant_gemm import (
@@ -50,6 +51,14 @@ from minserve.kernels.lora import (
 )
 
 _TRITON = triton is not None and not env.NO_TRITON
+# GGUF types repacked into the int layout on CPU rather than served from their blocks: the
+# repack reads and holds 1.2-1.8x the bytes, but at one row its kernel took 0.6-0.7x the time
+# of the block kernel (which first turns each row into bytes and its scales into floats) on a
+# loaded 2-vCPU AVX2 box, one thread, where these kernels are bound by instructions, not by
+# DRAM (bench/gguf_blocks.py; retake idle before changing this). Q6_K stays in its blocks: the
+# int layout has no native kernel for its groups of 16, and the repack would hold 12 bits a
+# value instead of 6.6.
+CPU_REPACKED_GGUF = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"})
 
 
 def triton_enabled(t: torch.Tensor) -> bool:
@@ -155,11 +164,19 @@ def logits(x: torch.Tensor, weight: torch.Tensor, owner: object) -> torch.Tensor
     return linear(x, weight, None, owner)
 
 
-def prepare_int_weight(w: IntWeight | torch.Tensor
-                       ) -> IntWeight | CpuIntWeight | CpuInt4Weight | torch.Tensor:
+def prepare_int_weight(w: IntWeight | GgufBlockWeight | torch.Tensor
+                       ) -> (IntWeight | CpuIntWeight | CpuInt4Weight | GgufBlockWeight
+                             | torch.Tensor):
     """A loaded int weight -> the layout int_gemm runs fastest where it lives: on CPU the native
     kernel's row-major one where the library builds, else torch's int4 tiles for int4 (the
-    reference would dequantize the whole weight on every call). Anything else as it is."""
+    reference would dequantize the whole weight on every call); a GGUF weight stays in its
+    blocks for the native kernel, else is repacked (losslessly) as an int weight. Anything else
+    as it is."""
+    if isinstance(w, GgufBlockWeight):
+        if (w.blocks.device.type == "cpu" and cpu_native.available()
+                and w.type_name not in CPU_REPACKED_GGUF):
+            return w
+        w = to_int_weight(w)
     if isinstance(w, IntWeight):
         if cpu_native.supported(w) and cpu_native.available():
             return cpu_native.to_cpu_int(w)
@@ -175,11 +192,13 @@ def int_gemm_fast(device: torch.device) -> bool:
     return device.type != "cpu" or cpu_native.available()
 
 
-def int_gemm(x: torch.Tensor, w: IntWeight | CpuIntWeight | CpuInt4Weight,
+def int_gemm(x: torch.Tensor, w: IntWeight | CpuIntWeight | CpuInt4Weight | GgufBlockWeight,
              bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ int4/int8 weight [N, K].T -> [..., N] (weight-only, group-wise scales)."""
     if isinstance(w, CpuIntWeight):
         return _on_rows(cpu_int_gemm, x, w, bias)
+    if isinstance(w, GgufBlockWeight):
+        return _on_rows(cpu_native.block_gemm, x, w, bias)
     if isinstance(w, CpuInt4Weight):
         return _on_rows(cpu_int4_gemm, x, w, bias)
     return _on_rows(int_gemm_triton if triton_enabled(x) else int_gemm_ref, x, w, bias)

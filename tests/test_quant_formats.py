@@ -161,7 +161,7 @@ def _gguf_blocks(type_name: str, n: int, k: int) -> np.ndarray:
 
     qtype = GGMLQuantizationType[type_name]
     rng = np.random.default_rng(k)
-    if type_name in ("Q4_0", "Q4_1", "Q8_0"):
+    if type_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
         return quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
     # gguf-py cannot quantize K-quants: random block bytes are valid blocks once the fp16
     # super-scales are set to finite values.
@@ -174,19 +174,24 @@ def _gguf_blocks(type_name: str, n: int, k: int) -> np.ndarray:
     return raw.reshape(n, -1)
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K",
+                                       "Q6_K"])
 def test_gguf_repack_equals_gguf_dequantize(type_name):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
+    from minserve.kernels.gguf_blocks import dequantize_ref, to_int_weight
     from minserve.models.quant.gguf import gguf_to_int
 
     n, k = 24, 512
     raw = _gguf_blocks(type_name, n, k)
     want = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).reshape(n, k))
     got = gguf_to_int(torch.from_numpy(raw), int(GGMLQuantizationType[type_name]), k)
-    assert got.bits == (4 if type_name in ("Q4_0", "Q4_1", "Q4_K") else 8)
-    torch.testing.assert_close(dequantize_int(got), want.float(), rtol=0, atol=0)
+    assert got.type_name == type_name and got.blocks.shape == raw.shape
+    torch.testing.assert_close(dequantize_ref(got), want.float(), rtol=0, atol=0)
+    repacked = to_int_weight(got)
+    assert repacked.bits == (4 if type_name in ("Q4_0", "Q4_1", "Q4_K") else 8)
+    torch.testing.assert_close(dequantize_int(repacked), want.float(), rtol=0, atol=0)
 
 
 def test_gguf_unsupported_type_names_it():
@@ -194,9 +199,9 @@ def test_gguf_unsupported_type_names_it():
 
     from minserve.models.quant.gguf import gguf_to_int
 
-    raw = torch.zeros(2, 22, dtype=torch.uint8)
-    with pytest.raises(ConfigError, match="Q5_0 cannot be served quantized"):
-        gguf_to_int(raw, int(GGMLQuantizationType.Q5_0), 32)
+    raw = torch.zeros(2, 110, dtype=torch.uint8)
+    with pytest.raises(ConfigError, match="Q3_K cannot be served quantized"):
+        gguf_to_int(raw, int(GGMLQuantizationType.Q3_K), 256)
 
 
 @pytest.mark.parametrize("n,k,group,act_order", [(48, 256, 32, False), (32, 128, 64, True),

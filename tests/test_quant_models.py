@@ -128,7 +128,7 @@ def test_fp8_dynamic_quantization_of_a_16_bit_checkpoint(tiny_model_dir):
 
 
 GGUF_CASES = [
-    ("Q4_0", {}, {}), ("Q4_1", {}, {}), ("Q8_0", {}, {}),
+    ("Q4_0", {}, {}), ("Q4_1", {}, {}), ("Q8_0", {}, {}), ("Q5_0", {"ffn_down": "Q5_1"}, {}),
     # the Q4_K_M mix: V and down in other K-quants, so q|k|v holds two layouts
     ("Q4_K", {"attn_v": "Q6_K", "ffn_down": "Q5_K"},
      {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64}),

@@ -225,7 +225,7 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
             data = np.ascontiguousarray(dequantize(t.data, t.tensor_type).reshape(shape),
                                         dtype=np.float32)
             if quantized and name is not None and name.endswith(_LINEAR_SUFFIXES):
-                # No int layout for this type (F16/F32 rows, Q5_0, Q3_K, ...): float32 rows,
+                # Not served from its blocks (F16/F32 rows, Q2_K, Q3_K, IQ*, ...): float32 rows,
                 # served dense.
                 out[name.removesuffix(".weight") + ".weight_type"] = np.array(0, dtype=np.int32)
                 data = data.view(np.uint8).reshape(*shape[:-1], -1)

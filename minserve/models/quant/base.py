@@ -12,6 +12,7 @@ from torch import nn
 
 from minserve import kernels
 from minserve.config import ConfigError
+from minserve.kernels.gguf_blocks import GgufBlockWeight
 from minserve.kernels.quant_gemm import IntWeight
 
 SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256)
@@ -175,6 +176,10 @@ def merge_parts(parts: list[IntWeight | torch.Tensor]) -> list[IntWeight | torch
                                    torch.cat([prev.scales, part.scales], 1),
                                    torch.cat([prev.bias, part.bias], 1),
                                    part.bits, part.group_size, part.perm)
+        elif (isinstance(part, GgufBlockWeight) and isinstance(prev, GgufBlockWeight)
+              and prev.type_name == part.type_name):
+            merged[-1] = GgufBlockWeight(torch.cat([prev.blocks, part.blocks]), part.type_name,
+                                         part.in_features)
         elif isinstance(part, torch.Tensor) and isinstance(prev, torch.Tensor):
             merged[-1] = torch.cat([prev, part], 0)
         else:
@@ -212,8 +217,9 @@ class IntLinearMethod(LinearMethod):
         parts = []
         for index, shard in enumerate(layer.stash.take(layer, self.config.layouts)):
             part = self.config.to_int(shard, layer.quant_input_size)
-            rows = part.out_features if isinstance(part, IntWeight) else part.shape[0]
-            cols = part.in_features if isinstance(part, IntWeight) else part.shape[1]
+            dense = isinstance(part, torch.Tensor)
+            rows = part.shape[0] if dense else part.out_features
+            cols = part.shape[1] if dense else part.in_features
             if isinstance(part, IntWeight) and part.perm is not None:   # pad rows: not inputs
                 cols = int((part.perm < layer.quant_input_size).sum())
             if (rows, cols) != (layer.quant_output_sizes[index], layer.quant_input_size):
