@@ -146,9 +146,24 @@ class MergedColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: Any = None) -> None:
+        """shard_id None: a checkpoint that stores the projections fused (Phi-3's qkv_proj and
+        gate_up_proj), split here into its shards along the output dim."""
         if shard_id is None:
-            raise ConfigError("a merged layer loads its shards one by one")
+            self._load_fused(param, loaded_weight)
+            return
         self._load_shard(param, loaded_weight, shard_id, self.tp_rank, self.tp_size)
+
+    def checkpoint_sizes(self) -> list[int]:
+        """Each shard's rows in the checkpoint (all ranks' together)."""
+        return [size * self.checkpoint_part(i)[1] for i, size in enumerate(self.output_sizes)]
+
+    def _load_fused(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        dim, sizes = getattr(param, "output_dim", None), self.checkpoint_sizes()
+        if dim is None or loaded_weight.shape[dim] != sum(sizes):
+            raise ConfigError(f"a fused checkpoint tensor {tuple(loaded_weight.shape)} does not "
+                              f"split into this layer's shards {sizes}")
+        for index, part in enumerate(loaded_weight.split(sizes, dim)):
+            self._load_shard(param, part, index, *self.checkpoint_part(index))
 
     def _load_shard(self, param: nn.Parameter, loaded_weight: torch.Tensor, index: int,
                     shard_rank: int, num_shard_ranks: int) -> None:
@@ -178,6 +193,9 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: Any = None) -> None:
+        if shard_id is None:           # q|k|v fused in the checkpoint (Phi-3)
+            self._load_fused(param, loaded_weight)
+            return
         if shard_id not in ("q", "k", "v"):
             raise ConfigError(f"qkv shard id must be q, k or v, got {shard_id!r}")
         index = "qkv".index(shard_id)

@@ -310,7 +310,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
                 param.weight_loader(param, tensor, shard_id)
         except ConfigError as e:
             raise ConfigError(f"{ckpt_name}: {e}") from None
-        loaded.add((name, shard_id))
+        # a fused module's checkpoint tensor (Phi-3's qkv_proj) fills all of its shards at once
+        fused = shards_of.get(_module_leaf(name)) if shard_id is None else None
+        loaded.update((name, s) for s in fused or [shard_id])
     missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in expected - loaded)
     if missing:
         raise ConfigError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:5]}")
