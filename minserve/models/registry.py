@@ -70,6 +70,11 @@ ARCHITECTURES = {a.name: a for a in (
     _text("Phi3ForCausalLM", None, lora=False),
     Architecture("Gemma3ForCausalLM", "gemma3:Gemma3ForCausalLM", tensor_parallel=True,
                  quantization=_DENSE),
+    Architecture("Gemma4ForCausalLM", "gemma4:Gemma4ForCausalLM", tensor_parallel=True,
+                 quantization=_DENSE),
+    # its text stack only (the vision and audio towers are not built; images get the 400)
+    Architecture("Gemma4ForConditionalGeneration", "gemma4:Gemma4ForCausalLM",
+                 tensor_parallel=True, quantization=_DENSE),
     _base("LlamaModel"), _base("MistralModel"), _base("Qwen2Model"), _base("Qwen3Model"),
     _vision("LlavaForConditionalGeneration", "llava", "LlavaImageProcessor"),
     _vision("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),
