@@ -223,3 +223,21 @@ def test_cpu_native_kernel_path_tracks_dequantized(tiny_model_dir, tmp_path, bit
     assert any(isinstance(p, cpu_native.CpuIntWeight) for m in ours.modules() for p in
                getattr(m, "parts", []))
     _check_pair(ours, load_ours(ref))
+
+
+@pytest.mark.parametrize("arch,gguf_arch", [("Phi3ForCausalLM", "phi3"),
+                                            ("Gemma3ForCausalLM", "gemma3")])
+def test_gguf_issue31_archs_served_from_their_blocks(tiny_model_factory, tmp_path, monkeypatch,
+                                                    reference_int_path, arch, gguf_arch):
+    """Phi-3's fused attn_qkv / ffn_up blocks split per projection at load, Gemma 3's linears:
+    served from their Q8_0 blocks, the logits follow the dequantized model."""
+    from minserve.models.loader import resolve_model
+    from tests.paged_runner import load_ours
+    from tests.tiny import write_gguf
+
+    monkeypatch.setenv("MINSERVE_CACHE", str(tmp_path / "cache"))
+    path = str(tmp_path / "tiny-q8.gguf")
+    write_gguf(tiny_model_factory(arch), path, gguf_arch, "Q8_0")
+    ours = load_ours(resolve_model(path, gguf_quantized=True))
+    assert sum(len(getattr(m, "parts", [])) for m in ours.modules()) > 0
+    _check_pair(ours, load_ours(resolve_model(path)))

@@ -162,10 +162,40 @@ _GGUF_NAMES = {
 }
 
 
+# llama.cpp's names that differ per architecture, and Gemma's norms stored as 1 + w
+_GGUF_ARCH_NAMES = {
+    "gemma3": {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+               "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"},
+    "phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
+}
+_GGUF_PERMUTED = ("llama", "smollm3")
+
+
+def _gguf_arch_metadata(w, cfg: dict, gguf_arch: str) -> None:
+    """What convert_hf_to_gguf.py writes beyond the Llama keys for gemma3 and phi3."""
+    import gguf
+
+    rope = cfg.get("rope_parameters") or {}
+    if gguf_arch == "gemma3":
+        w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+        if cfg.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        if rope["full_attention"].get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["full_attention"]["factor"])
+    if gguf_arch == "phi3":
+        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        w.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
+
+
 def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
-               qtypes: dict[str, str] | None = None) -> None:
+               qtypes: dict[str, str] | None = None, tokenizer_model: str = "gpt2") -> None:
     """qtype for every 2-D tensor; qtypes overrides it per GGUF module ("attn_v": "Q6_K").
-    K-quants get random blocks of the tensor's spread (gguf-py cannot quantize them)."""
+    K-quants get random blocks of the tensor's spread (gguf-py cannot quantize them).
+    tokenizer_model "llama" labels the vocab SentencePiece, as Gemma's and Phi-3's GGUFs are."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -182,9 +212,13 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    rope = cfg["rope_parameters"]
+    w.add_rope_freq_base(rope["full_attention"]["rope_theta"] if "full_attention" in rope
+                         else rope["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_dimension_count(head_dim)
+    if gguf_arch != "phi3":
+        w.add_rope_dimension_count(head_dim)
+    _gguf_arch_metadata(w, cfg, gguf_arch)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_vocab_size(cfg["vocab_size"])
@@ -195,7 +229,7 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
     vocab.update({t["content"]: t["id"] for t in tok["added_tokens"]})
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     specials = {t["content"] for t in tok["added_tokens"]}
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types([3 if t in specials else 1 for t in tokens])
@@ -209,6 +243,11 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
     for path_ in sorted(os.listdir(hf_folder)):
         if path_.endswith(".safetensors"):
             tensors.update(load_file(os.path.join(hf_folder, path_)))
+    if gguf_arch == "phi3" and rope.get("rope_type") == "longrope":
+        for kind in ("long", "short"):
+            w.add_tensor(f"rope_factors_{kind}.weight",
+                         np.array(rope[f"{kind}_factor"], dtype=np.float32))
+    names = {**_GGUF_NAMES, **_GGUF_ARCH_NAMES.get(gguf_arch, {})}
     for name, data in tensors.items():
         data = data.astype(np.float32)
         if name == "model.embed_tokens.weight":
@@ -220,11 +259,13 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
         else:
             _, _, layer, rest = name.split(".", 3)
             module, suffix = rest.rsplit(".", 1)
-            gname = f"blk.{layer}.{_GGUF_NAMES[module]}.{suffix}"
-            if gguf_arch == "llama" and module == "self_attn.q_proj":
+            gname = f"blk.{layer}.{names[module]}.{suffix}"
+            if gguf_arch in _GGUF_PERMUTED and module == "self_attn.q_proj":
                 data = _llama_cpp_permute(data, heads)
-            elif gguf_arch == "llama" and module == "self_attn.k_proj":
+            elif gguf_arch in _GGUF_PERMUTED and module == "self_attn.k_proj":
                 data = _llama_cpp_permute(data, kv_heads)
+        if gguf_arch == "gemma3" and name.endswith("norm.weight"):
+            data = data + 1.0
         tensor_qtype = (qtypes or {}).get(gname.split(".")[-2], qtype)
         quant = getattr(gguf.GGMLQuantizationType, tensor_qtype)
         if data.ndim == 2 and tensor_qtype.endswith("_K"):

@@ -64,12 +64,12 @@ ARCHITECTURES = {a.name: a for a in (
     _text("MistralForCausalLM", "mistral", permuted=True),
     _text("Qwen2ForCausalLM", "qwen2"),
     _text("Qwen3ForCausalLM", "qwen3"),
-    _text("SmolLM3ForCausalLM", None),
+    _text("SmolLM3ForCausalLM", "smollm3", permuted=True),
     # Phi-3/Phi-4: checkpoints hold qkv_proj and gate_up_proj fused (PEFT adapters target
     # those fused names, which the LoRA slots do not map)
-    _text("Phi3ForCausalLM", None, lora=False),
-    Architecture("Gemma3ForCausalLM", "gemma3:Gemma3ForCausalLM", tensor_parallel=True,
-                 quantization=_DENSE),
+    _text("Phi3ForCausalLM", "phi3", lora=False),
+    Architecture("Gemma3ForCausalLM", "gemma3:Gemma3ForCausalLM", gguf_name="gemma3",
+                 tensor_parallel=True, quantization=(*_DENSE, "gguf")),
     Architecture("Gemma4ForCausalLM", "gemma4:Gemma4ForCausalLM", tensor_parallel=True,
                  quantization=_DENSE),
     # its text stack only (the vision and audio towers are not built; images get the 400)
