@@ -32,6 +32,7 @@ else:
         LoRAMapping,
         fp8_gemm,
         fused_experts,
+        gelu_tanh_and_mul,
         int_gemm,
         int_gemm_fast,
         linear,

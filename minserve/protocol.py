@@ -247,7 +247,10 @@ def parse_chat(body: Any, ctx: ServingContext, params: SamplingParams | None = N
         raise _chat_error(e) from None
     prompt = truncate(body, ctx, encode_prompt(ctx, text, "messages", add_special_tokens=False))
     reasoning_cls = get_reasoning_parser(ctx.reasoning_parser) if ctx.reasoning_parser else None
-    opens = reasoning_cls is not None and prompt_opens_reasoning(text)
+    opens = reasoning_cls is not None and prompt_opens_reasoning(text, reasoning_cls.start,
+                                                                 reasoning_cls.end)
+    if reasoning_cls is not None and reasoning_cls.needs_special_tokens:
+        fields["skip_special_tokens"] = False      # its tags are special tokens
 
     def make_parsers() -> tuple[Any, Any]:
         return (reasoning_cls(start_in_reasoning=opens) if reasoning_cls else None,

@@ -1,5 +1,5 @@
-"""Reasoning parsers (--reasoning-parser deepseek_r1 | qwen3): split <think>...</think> into
-reasoning_content and content, whole or streamed. Streaming re-splits the text so far and sends
+"""Reasoning parsers (--reasoning-parser deepseek_r1 | qwen3 | gemma4): split <think>...</think>
+(Gemma 4: <|channel>thought ... <channel|>) into reasoning_content and content, whole or streamed. Streaming re-splits the text so far and sends
 only what is certain, so the accumulated stream equals the whole-text split. Touches no tokens."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from minserve.tool_parsers.base import partial_marker_len
 THINK_START, THINK_END = "<think>", "</think>"
 
 
-def prompt_opens_reasoning(prompt: str) -> bool:
+def prompt_opens_reasoning(prompt: str, start: str = THINK_START, end: str = THINK_END) -> bool:
     """True when the rendered prompt ends inside an unclosed <think> (templates that open the
     thinking block for the model, e.g. DeepSeek-R1 and Qwen3 thinking-2507)."""
-    return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
+    return prompt.rfind(start) > prompt.rfind(end)
 
 
 class ReasoningParser:
@@ -23,6 +23,9 @@ class ReasoningParser:
     name: ClassVar[str] = ""
     # What an output that does not start with <think> is, when the prompt did not open one.
     untagged_is_reasoning: ClassVar[bool] = False
+    start: ClassVar[str] = THINK_START
+    end: ClassVar[str] = THINK_END
+    needs_special_tokens: ClassVar[bool] = False   # the tags are special tokens (Gemma 4)
 
     def __init__(self, start_in_reasoning: bool = False) -> None:
         self.start_in_reasoning = start_in_reasoning or self.untagged_is_reasoning
@@ -32,19 +35,19 @@ class ReasoningParser:
     def split(self, text: str, final: bool = True) -> tuple[str, str]:
         """(reasoning, content) of the text; with final=False only the certain part."""
         body = text.lstrip()
-        if body.startswith(THINK_START):
-            rest = body[len(THINK_START):]
-        elif not final and THINK_START.startswith(body):  # "", "<thi": undecided
+        if body.startswith(self.start):
+            rest = body[len(self.start):]
+        elif not final and self.start.startswith(body):  # "", "<thi": undecided
             return "", ""
         elif self.start_in_reasoning:
             rest = text
         else:
             return "", text
-        end = rest.find(THINK_END)
+        end = rest.find(self.end)
         if end >= 0:
-            return rest[:end], rest[end + len(THINK_END):]
+            return rest[:end], rest[end + len(self.end):]
         # No </think> (yet): all reasoning, as vLLM does for a truncated thought.
-        keep = 0 if final else partial_marker_len(rest, THINK_END)
+        keep = 0 if final else partial_marker_len(rest, self.end)
         return rest[:len(rest) - keep], ""
 
     def extract(self, text: str) -> tuple[str | None, str | None]:
@@ -86,8 +89,18 @@ class Qwen3ReasoningParser(ReasoningParser):
     name = "qwen3"
 
 
+class Gemma4ReasoningParser(ReasoningParser):
+    """Gemma 4 with thinking on: <|channel>thought\n ... <channel|>, then the answer (vLLM's
+    gemma4); the channel marks are special tokens."""
+
+    name = "gemma4"
+    start, end = "<|channel>thought\n", "<channel|>"
+    needs_special_tokens = True
+
+
 REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
-    cls.name: cls for cls in (DeepSeekR1ReasoningParser, Qwen3ReasoningParser)
+    cls.name: cls for cls in (DeepSeekR1ReasoningParser, Qwen3ReasoningParser,
+                              Gemma4ReasoningParser)
 }
 
 

@@ -143,8 +143,9 @@ class Tokenizer:
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise ConfigError(
-                f"{folder} has no tokenizer.json; minserve needs a fast (tokenizers) tokenizer. "
-                "Save one with transformers: AutoTokenizer.from_pretrained(...).save_pretrained()")
+                f"{folder} has no tokenizer.json; minserve needs a fast (tokenizers) tokenizer: "
+                "pass --tokenizer with the model's HF folder (a SentencePiece GGUF needs it), or "
+                "save one with transformers: AutoTokenizer.from_pretrained(...).save_pretrained()")
         with open(path, encoding="utf-8") as f:
             text = f.read()
         backend = HFTokenizer.from_str(text)

@@ -83,7 +83,9 @@ def dequantize_groups(intweight: torch.Tensor, scales: torch.Tensor, zeros: torc
 
 # ---- whole tiny models: a quantized checkpoint folder and its producer-dequantized twin ------
 
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "qkv_proj", "gate_up_proj",   # (Phi-3 checkpoints keep these two fused)
+                "per_layer_input_gate", "per_layer_projection", "per_layer_model_projection")
 
 
 def _is_linear(name: str) -> bool:

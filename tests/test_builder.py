@@ -42,7 +42,8 @@ def test_unknown_or_wrong_task_architectures_say_what_is_supported():
     assert lookup_gguf("qwen2").name == "Qwen2ForCausalLM"
     assert lookup_gguf("llama").gguf_permuted_qk and not lookup_gguf("qwen3").gguf_permuted_qk
     with pytest.raises(ConfigError, match="GGUF architecture 'gpt2' is not supported "
-                                          r"\(supported: llama, mistral, qwen2, qwen3\)"):
+                                          r"\(supported: llama, mistral, qwen2, qwen3, qwen3moe, "
+                                          r"qwen2moe, smollm3, phi3, gemma3\)"):
         lookup_gguf("gpt2")
 
 

@@ -113,6 +113,35 @@ def test_decode_attention_matches_reference(cases, group, kv_heads, head_dim, bl
 
 
 @needs_native
+@pytest.mark.parametrize("window", [1, 7, 16, 40])
+def test_decode_attention_sliding_window_matches_reference(window):
+    """A sliding-window layer (Gemma 3's local layers) decodes natively too: rows longer and
+    shorter than the window, beside a prefill row the reference takes."""
+    torch.manual_seed(window)
+    cases = [(1, 37), (1, 5), (4, 30), (1, 230), (1, 16)]
+    q, k_cache, v_cache, attn = make_batch(cases, 6, 2, 32, 16, torch.float32)
+    want = paged_attention_ref(q, k_cache, v_cache, attn, 0.2, window)
+    got = kernels.paged_attention(q, k_cache, v_cache, attn, 0.2, window)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    decode = q[[0]], attn.block_table[[3]], attn.seq_lens[[3]]
+    out = torch.empty_like(decode[0])
+    assert cpu_native.decode_attention(decode[0], k_cache, v_cache, decode[1], decode[2], 0.2,
+                                       out, window)
+    torch.testing.assert_close(out, paged_attention_ref(
+        q[[0]], k_cache, v_cache, make_batch_view(attn, 3), 0.2, window), atol=2e-5, rtol=1e-5)
+
+
+def make_batch_view(attn, row: int):
+    """Row `row` of a batch's metadata as a one-row decode batch."""
+    from minserve.kernels import AttnMetadata
+
+    seq_len = attn.seq_lens_host[row]
+    return AttnMetadata(torch.tensor([0, 1], dtype=torch.int32), attn.seq_lens[[row]],
+                        attn.block_table[[row]], attn.slot_mapping[:1], 1, seq_len, [0, 1],
+                        [seq_len])
+
+
+@needs_native
 def test_decode_attention_leaves_other_cache_dtypes_to_the_reference():
     q, k_cache, v_cache, attn = make_batch([(1, 20)], 2, 1, 16, 16, torch.bfloat16)
     out = torch.empty_like(q)
@@ -144,7 +173,7 @@ def test_without_a_compiler_the_torch_paths_run(monkeypatch, tmp_path, caplog):
 @needs_native
 @pytest.mark.parametrize("rows,dim", [(1, 576), (5, 64), (17, 100)])
 def test_layer_ops_match_torch(rows, dim):
-    from minserve.models.layers import RMSNorm, SiluAndMul
+    from minserve.models.layers import GeluAndMul, RMSNorm, SiluAndMul
 
     g = torch.Generator().manual_seed(rows)
     x, residual = torch.randn(rows, dim, generator=g), torch.randn(rows, dim, generator=g)
@@ -162,6 +191,9 @@ def test_layer_ops_match_torch(rows, dim):
     gate_up = torch.randn(rows, 2 * dim, generator=g)
     torch.testing.assert_close(SiluAndMul()(gate_up),
                                torch.nn.functional.silu(gate_up[:, :dim]) * gate_up[:, dim:])
+    gelu = torch.nn.functional.gelu(gate_up[:, :dim], approximate="tanh") * gate_up[:, dim:]
+    assert cpu_native.gelu_tanh_and_mul(gate_up) is not None
+    torch.testing.assert_close(GeluAndMul()(gate_up), gelu)
 
 
 @needs_native

@@ -15,7 +15,7 @@ import torch
 from minserve.config import ConfigError
 from minserve.models.loader import resolve_model
 from tests.paged_runner import PagedRunner, hf_logits, load_hf, load_ours
-from tests.tiny import CORPUS, write_gguf
+from tests.tiny import CORPUS, make_tiny_model, write_gguf
 
 ATOL = 2e-4
 PROMPT = [5, 77, 300, 12, 499, 8, 123, 42, 256, 9, 14, 88, 401, 3, 190, 222, 61, 17, 333, 7,
@@ -85,12 +85,28 @@ def cache(tmp_path, monkeypatch) -> str:
     return str(tmp_path / "cache")
 
 
-@pytest.mark.parametrize("arch,gguf_arch", [
-    ("LlamaForCausalLM", "llama"), ("MistralForCausalLM", "llama"),
-    ("Qwen2ForCausalLM", "qwen2"), ("Qwen3ForCausalLM", "qwen3"),
-])
-def test_f32_gguf_loads_to_hf_logits(tiny_model_factory, tmp_path, cache, arch, gguf_arch):
-    src = tiny_model_factory(arch)
+PHI3_LONGROPE = {"partial_rotary_factor": 0.75, "original_max_position_embeddings": 32,
+                 "rope_scaling": {"rope_type": "longrope",
+                                  "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+                                  "long_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5]}}
+
+
+@pytest.mark.parametrize("arch,gguf_arch,overrides", [
+    ("LlamaForCausalLM", "llama", {}), ("MistralForCausalLM", "llama", {}),
+    ("Qwen2ForCausalLM", "qwen2", {}), ("Qwen3ForCausalLM", "qwen3", {}),
+    # issue 31: NoPE layers (permuted q/k as Llama), Phi-3's fused tensors with LongRoPE's
+    # factor tensors and a partial rotary, Gemma 3's four norms stored as 1 + w, its two rope
+    # bases and window pattern as metadata
+    # (llama.cpp fixes SmolLM3's NoPE interval at 4, with no metadata: 4 layers, the last NoPE)
+    ("SmolLM3ForCausalLM", "smollm3", {"num_hidden_layers": 4, "no_rope_layer_interval": 4}),
+    ("Phi3ForCausalLM", "phi3", PHI3_LONGROPE),
+    # (llama.cpp derives query_pre_attn_scalar from the shape: head_dim here)
+    ("Gemma3ForCausalLM", "gemma3", {"query_pre_attn_scalar": 32}),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_f32_gguf_loads_to_hf_logits(tiny_model_factory, tmp_path, cache, arch, gguf_arch,
+                                     overrides):
+    src = (make_tiny_model(str(tmp_path / "src"), arch, **overrides) if overrides
+           else tiny_model_factory(arch))
     gguf_path = str(tmp_path / "tiny.gguf")
     write_gguf(src, gguf_path, gguf_arch)
     folder = resolve_model(gguf_path)
@@ -111,6 +127,26 @@ def test_q8_gguf_matches_transformers_gguf(tiny_model_factory, tmp_path, cache):
     # and quantization noise keeps it near the unquantized model
     unquantized = hf_logits(load_hf(src), PROMPT)
     assert (got - unquantized).abs().max() < 0.05 * unquantized.abs().max()
+
+
+def test_sentencepiece_gguf_serves_with_the_hf_tokenizer(tiny_model_factory, tmp_path, cache):
+    """A Gemma 3 GGUF's vocab is SentencePiece, which minserve does not rebuild: its weights
+    convert, and serving names --tokenizer until it is given the HF folder's tokenizer."""
+    from minserve import LLM, SamplingParams
+
+    src = tiny_model_factory("Gemma3ForCausalLM")
+    gguf_path = str(tmp_path / "sp.gguf")
+    write_gguf(src, gguf_path, "gemma3", tokenizer_model="llama")
+    folder = resolve_model(gguf_path)
+    assert not os.path.exists(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "generation_config.json")) as f:
+        assert json.load(f)["eos_token_id"] == [load_hf(src).config.eos_token_id]
+    with pytest.raises(ConfigError, match="--tokenizer"):
+        LLM(gguf_path, kv_cache_memory=1 << 20)
+    llm = LLM(gguf_path, tokenizer=src, kv_cache_memory=1 << 20)
+    out = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=3,
+                                                     ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
 
 
 def test_gguf_tokenizer_and_chat_files(tiny_model_factory, tmp_path, cache):

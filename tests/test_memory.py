@@ -48,9 +48,8 @@ def test_cpu_kv_cache_default_size(tiny_model_dir):
 
 
 def _block_bytes(eng: Engine) -> int:
-    mc, r = eng.model_config, eng.runner
-    return 2 * mc.num_hidden_layers * r.block_size * r.num_kv_heads * mc.head_dim * \
-        r.kv_dtype.itemsize
+    r = eng.runner
+    return 2 * r.block_size * sum(k * d for k, d in r.kv_layout) * r.kv_dtype.itemsize
 
 
 def _default_budget(eng: Engine) -> int:

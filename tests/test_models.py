@@ -47,6 +47,17 @@ VARIANTS = [
     ("yarn-rope", "LlamaForCausalLM", {"rope_scaling": {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}),
     ("linear-rope", "LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    # issue 31's text architectures: NoPE layers; fused checkpoint projections with LongRoPE
+    # (its short factors here: no prompt passes original_max_position_embeddings;
+    # test_text_archs.py takes the long ones) and a partial rotary; local/global layers with the
+    # window below the prompts
+    ("smollm3-nope", "SmolLM3ForCausalLM", {}),
+    ("phi3-longrope-partial", "Phi3ForCausalLM", {
+        "partial_rotary_factor": 0.75, "original_max_position_embeddings": 1024,
+        "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5],
+                         "long_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5]}}),
+    ("gemma3-local-global", "Gemma3ForCausalLM", {}),
+    ("gemma4-ple-kvshare", "Gemma4ForCausalLM", {}),
     # The same tiny weights written as GGUF files (Q/K rows permuted as llama.cpp does) and
     # loaded through resolve_model's conversion: the reference stays transformers on the folder.
     ("llama-gguf", "LlamaForCausalLM", {}),
@@ -247,7 +258,7 @@ def test_qkv_and_merged_shards_fill_their_rows():
     torch.testing.assert_close(merged(x), torch.cat([x @ gate.T, x @ up.T], -1))
     with pytest.raises(ConfigError, match="expects 4"):
         qkv.weight.weight_loader(qkv.weight, torch.randn(5, 6), "k")
-    with pytest.raises(ConfigError, match="q, k or v"):
+    with pytest.raises(ConfigError, match="one of q, k, v"):
         qkv.weight.weight_loader(qkv.weight, q, 0)
 
 

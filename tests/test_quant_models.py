@@ -110,6 +110,40 @@ def test_quantized_checkpoint_matches_dequantized(tiny_model_dir, tmp_path, refe
     _check_pair(ours, load_ours(ref))
 
 
+ARCH_FORMATS = [   # issue 31's architectures: Phi-3's fused q|k|v and gate|up tensors are
+    # quantized whole, as AutoAWQ/GPTQModel write them, and split into shards at load
+    ("Phi3ForCausalLM", "awq", {"group_size": 32}),
+    ("Phi3ForCausalLM", "gptq", {"bits": 4, "group_size": 32, "desc_act": True}),
+    ("Phi3ForCausalLM", "ct-fp8", {"strategy": "tensor"}),
+    ("Phi3ForCausalLM", "fp8-block", {"block": (32, 32)}),
+    ("Gemma3ForCausalLM", "gptq", {"bits": 4, "group_size": 32, "sym": False}),
+    ("Gemma3ForCausalLM", "fp8-block", {"block": (32, 32)}),
+    ("SmolLM3ForCausalLM", "awq", {"group_size": 32}),
+    # its per-layer-input linears quantized too (K = 32, a whole group)
+    ("Gemma4ForCausalLM", "gptq", {"bits": 8, "group_size": 32}),
+]
+ARCH_SHAPES = {"Gemma4ForCausalLM": {"hidden_size_per_layer_input": 32}}
+
+
+@pytest.mark.parametrize("arch,method,opts", ARCH_FORMATS,
+                         ids=[f"{a[:-11].lower()}-{m}" for a, m, _ in ARCH_FORMATS])
+def test_quantized_architectures_match_dequantized(tiny_model_factory, tmp_path,
+                                                   reference_int_path, arch, method, opts):
+    if method.startswith("ct-"):
+        pytest.importorskip("compressed_tensors")
+    from tests.paged_runner import load_ours
+    from tests.quant_packers import quantize_model_folder
+
+    dst, ref = str(tmp_path / "quantized"), str(tmp_path / "dequantized")
+    quantize_model_folder(tiny_model_factory(arch, **ARCH_SHAPES.get(arch, {})), dst, ref, method,
+                          **opts)
+    ours = load_ours(dst)
+    assert any(hasattr(m, "parts") or getattr(m, "fp8_weight", None) is not None
+               for m in ours.modules()), "no layer was quantized"
+    # (4 layers and the per-layer inputs carry the fp16 rounding a little further)
+    _check_pair(ours, load_ours(ref), atol=3e-2 if arch.startswith("Gemma4") else ATOL)
+
+
 def test_fp8_dynamic_quantization_of_a_16_bit_checkpoint(tiny_model_dir):
     """--quantization fp8: per-channel scales computed at load; the reference is the dense
     model with each weight rounded the same way (which per-channel makes shard-independent)."""
@@ -189,3 +223,21 @@ def test_cpu_native_kernel_path_tracks_dequantized(tiny_model_dir, tmp_path, bit
     assert any(isinstance(p, cpu_native.CpuIntWeight) for m in ours.modules() for p in
                getattr(m, "parts", []))
     _check_pair(ours, load_ours(ref))
+
+
+@pytest.mark.parametrize("arch,gguf_arch", [("Phi3ForCausalLM", "phi3"),
+                                            ("Gemma3ForCausalLM", "gemma3")])
+def test_gguf_issue31_archs_served_from_their_blocks(tiny_model_factory, tmp_path, monkeypatch,
+                                                    reference_int_path, arch, gguf_arch):
+    """Phi-3's fused attn_qkv / ffn_up blocks split per projection at load, Gemma 3's linears:
+    served from their Q8_0 blocks, the logits follow the dequantized model."""
+    from minserve.models.loader import resolve_model
+    from tests.paged_runner import load_ours
+    from tests.tiny import write_gguf
+
+    monkeypatch.setenv("MINSERVE_CACHE", str(tmp_path / "cache"))
+    path = str(tmp_path / "tiny-q8.gguf")
+    write_gguf(tiny_model_factory(arch), path, gguf_arch, "Q8_0")
+    ours = load_ours(resolve_model(path, gguf_quantized=True))
+    assert sum(len(getattr(m, "parts", [])) for m in ours.modules()) > 0
+    _check_pair(ours, load_ours(resolve_model(path)))

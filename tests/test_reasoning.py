@@ -28,6 +28,12 @@ CASES = [
     ("qwen3", False, "<thinking> is not the tag", None, "<thinking> is not the tag"),
     ("qwen3", True, "opened by the prompt</think>answer", "opened by the prompt", "answer"),
     ("qwen3", False, "<think></think>", None, None),
+    # Gemma 4's channel marks (special tokens, kept in the text for this parser)
+    ("gemma4", False, "<|channel>thought\nCompare the two.<channel|>The first.",
+     "Compare the two.", "The first."),
+    ("gemma4", False, "No thinking today.", None, "No thinking today."),
+    ("gemma4", False, "<|channel>thought\ncut off", "cut off", None),
+    ("gemma4", False, "<think>not Gemma's tag</think>x", None, "<think>not Gemma's tag</think>x"),
 ]
 
 
@@ -66,7 +72,10 @@ def test_reasoning_then_tool_calls():
 
 
 def test_registry_and_prompt_detection():
-    assert set(REASONING_PARSERS) == {"deepseek_r1", "qwen3"}
+    assert set(REASONING_PARSERS) == {"deepseek_r1", "qwen3", "gemma4"}
+    gemma = get_reasoning_parser("gemma4")
+    assert gemma.needs_special_tokens
+    assert prompt_opens_reasoning("<|turn>model\n<|channel>thought\n", gemma.start, gemma.end)
     with pytest.raises(ValueError, match="qwen3"):
         get_reasoning_parser("o1")
     assert prompt_opens_reasoning("<|im_start|>assistant\n<think>\n")

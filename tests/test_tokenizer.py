@@ -381,3 +381,61 @@ def test_long_text_encoding_and_the_prompt_length_bound(which, request):
             assert ids == want
             assert len(ids) >= len(text.encode()) / t.max_token_bytes
     assert t.max_token_bytes == max(len(t.token_bytes(i)) for i in range(t.vocab_size))
+
+
+# ---------------------------------------------------------------- Mistral's Tekken vocabulary
+
+# tekken.json's pre-tokenizer pattern (Mistral Small 3.x, Mistral NeMo)
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.fixture(scope="module")
+def tekken_dir(tmp_path_factory) -> str:
+    """A Mistral 3 folder's tokenizer.json as transformers converts a tekken.json (byte-level
+    BPE ranks after the control tokens, the Split + ByteLevel pre-tokenizer, ignore_merges)."""
+    import base64
+
+    from transformers.integrations.mistral.tokenizer import MistralConverter
+
+    ranks = [bytes([b]) for b in range(256)]
+    for word in ("he", "ll", "hell", "hello", " w", " wo", " wor", " world", "\xc3".encode()):
+        if word not in ranks:
+            ranks.append(word if isinstance(word, bytes) else word.encode())
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
+    tekken = {"config": {"pattern": TEKKEN_PATTERN, "num_vocab_tokens": len(ranks) + 10,
+                         "default_vocab_size": len(ranks) + 10, "default_num_special_tokens": 10},
+              "vocab": [{"rank": i, "token_bytes": base64.b64encode(b).decode()}
+                        for i, b in enumerate(ranks)],
+              "special_tokens": [{"rank": i, "token_str": s, "is_control": True}
+                                 for i, s in enumerate(specials)]}
+    folder = str(tmp_path_factory.mktemp("tekken"))
+    _write(folder, "tekken.json", tekken)
+    MistralConverter(os.path.join(folder, "tekken.json")).converted().save(
+        os.path.join(folder, "tokenizer.json"))
+    os.remove(os.path.join(folder, "tekken.json"))
+    _write(folder, "tokenizer_config.json", {
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+        "chat_template": "{{ bos_token }}{% for m in messages %}[INST]{{ m['content'] }}[/INST]"
+                         "{% endfor %}",
+        "tokenizer_class": "PreTrainedTokenizerFast"})
+    return folder
+
+
+def test_tekken_tokenizer_json(tekken_dir):
+    """Encodes as transformers does (its post-processor adds no bos: the chat template does),
+    decodes, streams and gives each token's bytes; the control tokens are one id each."""
+    transformers = pytest.importorskip("transformers")
+    tok = Tokenizer.from_folder(tekken_dir)
+    ref = transformers.AutoTokenizer.from_pretrained(tekken_dir)
+    assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+    for text in ["hello world", *TEXTS]:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text)
+        assert tok.decode(ids) == text == ref.decode(ids)
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+        assert "".join(_stream(tok, [1], [[i] for i in ids])) == text
+    assert tok.encode("hello world") == [10 + 259, 10 + 263]     # tekken's ranks after 10
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hello"}])
+    assert tok.encode(prompt, add_special_tokens=False) == [1, 3, 10 + 259, 4]  # <s>[INST]..

@@ -108,6 +108,34 @@ CASES: dict[str, list[tuple[str, str | None, list[tuple[str, dict]]]]] = {
         ("[1, 2, 3] are numbers", "[1, 2, 3] are numbers", []),
         ('[f(a=1), g(b=', '[f(a=1), g(b=', []),
         ("[f(__import__('os'))]", "[f(__import__('os'))]", []),
+        # Gemma 3 with vLLM's pythonic template: the list, often inside a Markdown fence
+        ('```tool_code\n[get_weather(city="Paris")]\n```', None,
+         [("get_weather", {"city": "Paris"})]),
+        ('```python\n[f(a=1), g(b="x")]\n```\nDone.', "\n\nDone.", [("f", {"a": 1}),
+                                                                   ("g", {"b": "x"})]),
+        ("```python\nprint(1)\n```", "```python\nprint(1)\n```", []),
+    ],
+    "gemma4": [
+        ('<|tool_call>call:get_weather{city:<|"|>Paris, FR<|"|>,days:3}<tool_call|>', None,
+         [("get_weather", {"city": "Paris, FR", "days": 3})]),
+        ('Checking.<|tool_call>call:search{q:<|"|>a}b,c<|"|>,opts:{k:[1,<|"|>x<|"|>],on:true},'
+         'n:null}<tool_call|><|tool_call>call:now{}<tool_call|> ok', "Checking. ok",
+         [("search", {"q": "a}b,c", "opts": {"k": [1, "x"], "on": True}, "n": None}),
+          ("now", {})]),
+        ("no call here <|tool", "no call here <|tool", []),
+        ('<|tool_call>call:f{a:<|"|>open<tool_call|>', '<|tool_call>call:f{a:<|"|>open'
+         '<tool_call|>', []),                                         # unterminated string
+        ('<|tool_call>call:f{x:1.5}', None, [("f", {"x": 1.5})]),    # EOS before the end mark
+    ],
+    "phi4_mini_json": [
+        ('functools[{"name": "get_weather", "arguments": {"city": "Paris"}}]', None,
+         [("get_weather", {"city": "Paris"})]),
+        ('Let me look.functools[{"name": "a", "arguments": {}}, {"name": "b", "parameters": '
+         '{"x": [1]}}]', "Let me look.", [("a", {}), ("b", {"x": [1]})]),
+        ("I use functools.partial here.", "I use functools.partial here.", []),
+        ('functools[{"name": "f", "arguments": {"x": ', 'functools[{"name": "f", "arguments": '
+         '{"x": ', []),
+        ('functools[{"nom": "f"}] x', 'functools[{"nom": "f"}] x', []),
     ],
 }
 PARAMS = [(name, *case) for name, cases in CASES.items() for case in cases]
@@ -143,7 +171,13 @@ def test_streaming_equals_whole(parser_name, text, content, calls):
 
 
 def test_registry():
-    assert set(TOOL_PARSERS) == {"generic", "hermes", "llama3_json", "mistral", "pythonic"}
+    assert set(TOOL_PARSERS) == {"generic", "hermes", "llama3_json", "mistral", "pythonic",
+                                 "gemma4", "phi4_mini_json"}
+    from minserve.tool_parsers.generic import detect_tool_parser
+
+    tools = "{% for t in tools %}{{ t }}{% endfor %}"
+    assert detect_tool_parser(tools + "<|tool_call>call:") == "gemma4"
+    assert detect_tool_parser(tools + "functools[") == "phi4_mini_json"
     with pytest.raises(ValueError, match="hermes"):
         get_tool_parser("nope")
 

@@ -37,6 +37,15 @@ ARCHS = {
     "qwen3-qknorm-kv1": ("Qwen3ForCausalLM", {"num_key_value_heads": 1}),
     "llama-tied-kv1": ("LlamaForCausalLM", {"tie_word_embeddings": True,
                                             "num_key_value_heads": 1}),
+    # issue 31: NoPE layers; fused qkv/gate_up checkpoint tensors split per rank (LongRoPE,
+    # partial rotary); Gemma 3 with one kv head (as the 1B); Gemma 4's global layers (one kv
+    # head, v = k), shared KV caches and replicated per-layer inputs
+    "smollm3": ("SmolLM3ForCausalLM", {}),
+    "phi3-fused": ("Phi3ForCausalLM", {"partial_rotary_factor": 0.5, "rope_scaling": {
+        "rope_type": "longrope", "short_factor": [1.0, 1.2, 1.4, 1.6],
+        "long_factor": [1.0, 2.0, 3.0, 4.0]}, "original_max_position_embeddings": 16}),
+    "gemma3-kv1": ("Gemma3ForCausalLM", {"num_key_value_heads": 1}),
+    "gemma4": ("Gemma4ForCausalLM", {}),
 }
 
 

@@ -42,7 +42,31 @@ ARCH_EXTRAS = {
     "MistralForCausalLM": {"sliding_window": 24},
     "Qwen2ForCausalLM": {"tie_word_embeddings": True},
     "Qwen3ForCausalLM": {"head_dim": 32},
+    # NoPE on every second layer (the real interval, 4, would leave 2 layers all RoPE)
+    "SmolLM3ForCausalLM": {"pad_token_id": 0, "no_rope_layer_interval": 2},
+    "Phi3ForCausalLM": {"pad_token_id": 0},
+    # a local layer (window 24, below the 40-token prompts) then a global one, each with its own
+    # rope base; head_dim 32 != hidden / heads; query_pre_attn_scalar != head_dim
+    "Gemma3ForCausalLM": {"pad_token_id": 0, "head_dim": 32, "sliding_window": 24,
+                          "layer_types": ["sliding_attention", "full_attention"],
+                          "query_pre_attn_scalar": 24, "final_logit_softcapping": 30.0,
+                          "rope_parameters": {
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                              "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                 "rope_theta": 10000.0}},
+                          "tie_word_embeddings": True},
+    # 4 layers: local, global, then two that read layers 0 and 1's caches (with double-wide
+    # MLPs); global layers with head_dim 32 and one kv head where v = k; per-layer inputs
+    "Gemma4ForCausalLM": {"pad_token_id": 0, "num_hidden_layers": 4, "head_dim": 16,
+                          "global_head_dim": 32, "num_global_key_value_heads": 1,
+                          "attention_k_eq_v": True, "num_kv_shared_layers": 2,
+                          "use_double_wide_mlp": True, "sliding_window": 24,
+                          "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 512,
+                          "layer_types": ["sliding_attention", "full_attention"] * 2,
+                          "final_logit_softcapping": 30.0},
 }
+# the config class when it is not the architecture's name with "Config" (a text-only class)
+CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma4ForCausalLM": "Gemma4TextConfig"}
 
 
 def make_tokenizer_json(path: str, vocab_size: int = 400) -> None:
@@ -65,12 +89,17 @@ def scale_up_weights(model: torch.nn.Module) -> None:
     """Random init of transformers is N(0, 0.02): logits are nearly flat. Scale up so greedy
     choices are well separated and float32 comparisons are meaningful."""
     for name, p in model.named_parameters():
-        if "norm" in name or "ln_q" in name:
+        if ("norm" in name or "ln_q" in name) and "gemma3" in type(model).__name__.lower():
+            p.copy_(0.1 * torch.randn_like(p))      # Gemma's norms scale by 1 + w
+        elif "norm" in name or "ln_q" in name:
             p.copy_(1.0 + 0.1 * torch.randn_like(p))
         elif p.dim() > 1:
             p.normal_(0.0, 0.15)
         else:
             p.normal_(0.0, 0.05)
+    for name, b in model.named_buffers():
+        if name.endswith("layer_scalar"):       # Gemma 4's per-layer scale (a saved buffer)
+            b.uniform_(0.5, 1.5)
 
 
 def make_tiny_model(path: str, arch: str = "LlamaForCausalLM", seed: int = 0, **overrides) -> str:
@@ -91,7 +120,8 @@ def make_tiny_model(path: str, arch: str = "LlamaForCausalLM", seed: int = 0, **
 
     cfg = {**BASE, **ARCH_EXTRAS.get(arch, {}), **overrides}
     cfg.update(bos_token_id=endoftext_id, eos_token_id=eos_id)
-    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config_cls = getattr(transformers, CONFIG_CLASSES.get(arch, arch.replace("ForCausalLM",
+                                                                             "Config")))
     model_cls = getattr(transformers, arch)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**cfg)).to(torch.float32).eval()
@@ -162,10 +192,40 @@ def _stack_experts(tensors: dict) -> dict:
     return out
 
 
+# llama.cpp's names that differ per architecture, and Gemma's norms stored as 1 + w
+_GGUF_ARCH_NAMES = {
+    "gemma3": {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+               "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"},
+    "phi3": {"self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"},
+}
+_GGUF_PERMUTED = ("llama", "smollm3")
+
+
+def _gguf_arch_metadata(w, cfg: dict, gguf_arch: str) -> None:
+    """What convert_hf_to_gguf.py writes beyond the Llama keys for gemma3 and phi3."""
+    import gguf
+
+    rope = cfg.get("rope_parameters") or {}
+    if gguf_arch == "gemma3":
+        w.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+        if cfg.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        if rope["full_attention"].get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(rope["full_attention"]["factor"])
+    if gguf_arch == "phi3":
+        head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        w.add_rope_scaling_orig_ctx_len(cfg["original_max_position_embeddings"])
+
+
 def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
-               qtypes: dict[str, str] | None = None) -> None:
+               qtypes: dict[str, str] | None = None, tokenizer_model: str = "gpt2") -> None:
     """qtype for every 2-D tensor; qtypes overrides it per GGUF module ("attn_v": "Q6_K").
-    K-quants get random blocks of the tensor's spread (gguf-py cannot quantize them)."""
+    K-quants get random blocks of the tensor's spread (gguf-py cannot quantize them).
+    tokenizer_model "llama" labels the vocab SentencePiece, as Gemma's and Phi-3's GGUFs are."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -182,9 +242,13 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    rope = cfg["rope_parameters"]
+    w.add_rope_freq_base(rope["full_attention"]["rope_theta"] if "full_attention" in rope
+                         else rope["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    w.add_rope_dimension_count(head_dim)
+    if gguf_arch != "phi3":
+        w.add_rope_dimension_count(head_dim)
+    _gguf_arch_metadata(w, cfg, gguf_arch)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_vocab_size(cfg["vocab_size"])
@@ -203,7 +267,7 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
     vocab.update({t["content"]: t["id"] for t in tok["added_tokens"]})
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     specials = {t["content"] for t in tok["added_tokens"]}
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types([3 if t in specials else 1 for t in tokens])
@@ -217,6 +281,11 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
     for path_ in sorted(os.listdir(hf_folder)):
         if path_.endswith(".safetensors"):
             tensors.update(load_file(os.path.join(hf_folder, path_)))
+    if gguf_arch == "phi3" and rope.get("rope_type") == "longrope":
+        for kind in ("long", "short"):
+            w.add_tensor(f"rope_factors_{kind}.weight",
+                         np.array(rope[f"{kind}_factor"], dtype=np.float32))
+    names = {**_GGUF_NAMES, **_GGUF_ARCH_NAMES.get(gguf_arch, {})}
     tensors = _stack_experts(tensors)
     for name, data in tensors.items():
         data = data.astype(np.float32)
@@ -229,11 +298,13 @@ def write_gguf(hf_folder: str, path: str, gguf_arch: str, qtype: str = "F32",
         else:
             _, _, layer, rest = name.split(".", 3)
             module, suffix = rest.rsplit(".", 1)
-            gname = f"blk.{layer}.{_GGUF_NAMES[module]}.{suffix}"
-            if gguf_arch == "llama" and module == "self_attn.q_proj":
+            gname = f"blk.{layer}.{names[module]}.{suffix}"
+            if gguf_arch in _GGUF_PERMUTED and module == "self_attn.q_proj":
                 data = _llama_cpp_permute(data, heads)
-            elif gguf_arch == "llama" and module == "self_attn.k_proj":
+            elif gguf_arch in _GGUF_PERMUTED and module == "self_attn.k_proj":
                 data = _llama_cpp_permute(data, kv_heads)
+        if gguf_arch == "gemma3" and name.endswith("norm.weight"):
+            data = data + 1.0
         tensor_qtype = (qtypes or {}).get(gname.split(".")[-2], qtype)
         if gname.split(".")[-2] in ("ffn_gate_inp", "ffn_gate_inp_shexp"):
             tensor_qtype = "F32"              # llama.cpp keeps the routers in float

@@ -35,6 +35,16 @@ _LAYER_NAMES = {
 # [E, N, K] tensors holding every expert of a layer: written as one HF tensor per expert
 _EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj",
                  "ffn_down_exps": "down_proj"}
+# Where an architecture's tensors differ from Llama's names: Gemma 3's four norms per layer
+# (its ffn_norm is the pre-feedforward one), Phi-3's fused q|k|v and gate|up.
+_ARCH_LAYER_NAMES = {
+    "gemma3": {"ffn_norm": "pre_feedforward_layernorm",
+               "post_attention_norm": "post_attention_layernorm",
+               "post_ffw_norm": "post_feedforward_layernorm"},
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+}
+# llama.cpp's converter stores Gemma's (1 + w) norm weights with the 1 added
+_NORM_SHIFT = {"gemma3": 1.0}
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
 
@@ -51,6 +61,12 @@ def gguf_to_hf_folder(gguf_path: str, out_dir: str, quantized: bool = False) -> 
     if quantized:
         config["quantization_config"] = {"quant_method": "gguf", "types": types}
     _write_json(os.path.join(out_dir, "config.json"), config)
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        # a SentencePiece GGUF (Gemma 3, Phi-3): the weights serve with --tokenizer pointing at
+        # the HF tokenizer; without it, loading names the fix (tokenizer.py)
+        _write_json(os.path.join(out_dir, "generation_config.json"),
+                    {"eos_token_id": _eos_ids(meta)})
+        return
     tokenizer_json, tokenizer_config, generation_config = gguf_tokenizer(meta)
     _write_json(os.path.join(out_dir, "tokenizer.json"), tokenizer_json)
     _write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_config)
@@ -110,6 +126,7 @@ def gguf_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
             config["use_sliding_window"] = True
     if get("expert_count"):
         config.update(_moe_config(get, config, tensor_names))
+    _arch_config(arch, get, config)
     scaling_type = get("rope.scaling.type")
     if scaling_type and scaling_type != "none":
         config["rope_scaling"] = {
@@ -138,6 +155,33 @@ def _moe_config(get: Any, config: dict[str, Any], tensor_names: set[str]) -> dic
     if get("expert_shared_feed_forward_length"):
         out["shared_expert_intermediate_size"] = int(get("expert_shared_feed_forward_length"))
     return out
+
+
+def _arch_config(arch: str, get: Any, config: dict[str, Any]) -> None:
+    """config.json settings llama.cpp keeps as metadata, or as its own fixed rules, per arch."""
+    if arch == "smollm3":
+        config["no_rope_layer_interval"] = 4       # llama.cpp's n_no_rope_layer_step
+    elif arch == "phi3":
+        head_dim = config["hidden_size"] // config["num_attention_heads"]
+        rotary = int(get("rope.dimension_count") or head_dim)
+        config.update(head_dim=head_dim, partial_rotary_factor=rotary / head_dim)
+        orig = get("rope.scaling.original_context_length")
+        if orig:
+            config["original_max_position_embeddings"] = int(orig)
+    elif arch == "gemma3":
+        heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
+        # llama.cpp's rule: the 27B (62 layers) scales by hidden / heads, the others by head_dim
+        config.update(
+            query_pre_attn_scalar=config["hidden_size"] // heads if layers == 62
+            else config["head_dim"], hidden_activation="gelu_pytorch_tanh",
+            rope_local_base_freq=float(get("rope.freq_base_swa", 10000.0)),
+            final_logit_softcapping=get("final_logit_softcapping"))
+        pattern = get("attention.sliding_window_pattern", 6)     # every 6th global by default
+        if isinstance(pattern, list):                            # or a flag per layer
+            config["layer_types"] = ["sliding_attention" if swa else "full_attention"
+                                     for swa in pattern]
+        else:
+            config["sliding_window_pattern"] = int(pattern)
 
 
 def _eos_ids(meta: dict[str, Any]) -> list[int]:
@@ -171,13 +215,14 @@ def _llama3_scaling_from_rope_freqs(config: dict[str, Any], rope_freqs: np.ndarr
 # ----------------------------------------------- model.safetensors
 
 
-def hf_tensor_name(name: str) -> str | None:
+def hf_tensor_name(name: str, arch: str = "llama") -> str | None:
     """The HF name; an [E, N, K] expert tensor gets one with "{e}" for the expert's number."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    layer_names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch, {})}
+    if m and m.group(2) in layer_names:
+        return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
     if m and m.group(2) in _EXPERT_NAMES:
         return f"model.layers.{m.group(1)}.mlp.experts.{{e}}.{_EXPERT_NAMES[m.group(2)]}.weight"
     return None
@@ -193,7 +238,8 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 # The linear projections, which quantized=True keeps in their GGUF blocks.
 _LINEAR_SUFFIXES = tuple(f".{n}.weight" for n in (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+    "gate_up_proj"))
 
 
 def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], path: str,
@@ -204,13 +250,14 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
 
     from minserve.models.quant.gguf import GGML_TYPES, QUANTIZED_TYPES
 
-    permuted = lookup_gguf(meta["general.architecture"]).gguf_permuted_qk
+    arch = meta["general.architecture"]
+    permuted = lookup_gguf(arch).gguf_permuted_qk
     out: dict[str, np.ndarray] = {}
     kept: set[str] = set()
     for t in reader.tensors:
         # GGUF lists dims fastest-first; numpy (and HF) order is the reverse.
         shape = tuple(int(d) for d in reversed(t.shape))
-        name = hf_tensor_name(t.name)
+        name = hf_tensor_name(t.name, arch)
         type_name = GGML_TYPES.get(int(t.tensor_type), ("",))[0]
         matrix = len(shape) == (3 if name is not None and "{e}" in name else 2)
         if (quantized and name is not None and name.endswith(_LINEAR_SUFFIXES)
@@ -234,6 +281,12 @@ def _write_weights(reader: Any, config: dict[str, Any], meta: dict[str, Any], pa
         if t.name == "rope_freqs.weight":
             _llama3_scaling_from_rope_freqs(config, data)
             continue
+        if t.name in ("rope_factors_long.weight", "rope_factors_short.weight"):   # Phi-3
+            sc = config.setdefault("rope_scaling", {"rope_type": "longrope"})
+            sc["long_factor" if "long" in t.name else "short_factor"] = data.tolist()
+            continue
+        if name is not None and name.endswith("norm.weight") and arch in _NORM_SHIFT:
+            data = data - _NORM_SHIFT[arch]
         if name is None:
             raise ConfigError(f"GGUF tensor {t.name!r} has no HF counterpart; this GGUF "
                               "variant is not supported")

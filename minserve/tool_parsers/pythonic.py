@@ -1,5 +1,7 @@
-"""Pythonic tool calls (Llama 3.2 / Llama 4): [get_weather(city="Paris"), f(a=1)], read with ast
-(never eval). Output that does not start with such a list is content. Only parses."""
+"""Pythonic tool calls (Llama 3.2 / Llama 4, Gemma 3 with vLLM's pythonic template):
+[get_weather(city="Paris"), f(a=1)], read with ast (never eval), also inside the Markdown fence
+Gemma 3 tends to put around it (```tool_code ... ```). Output that does not start with such a
+list is content. Only parses."""
 from __future__ import annotations
 
 import ast
@@ -8,6 +10,7 @@ import json
 from minserve.tool_parsers.base import Piece, ToolCall, ToolParser
 
 START_TAG, END_TAG = "<|python_start|>", "<|python_end|>"
+FENCES, FENCE_END = ("```tool_code", "```python", "```"), "```"   # longest first
 
 
 class PythonicToolParser(ToolParser):
@@ -17,8 +20,13 @@ class PythonicToolParser(ToolParser):
     def parse(self, text: str, final: bool) -> list[Piece]:
         body = text.lstrip()
         offset = len(text) - len(body)
-        if body.startswith(START_TAG):
-            offset += len(START_TAG)
+        end_tag = END_TAG
+        if not final and body and any(f.startswith(body) for f in FENCES):
+            return []    # "``" may still become a fence
+        fence = next((f for f in FENCES if body.startswith(f)), None)
+        if body.startswith(START_TAG) or fence is not None:
+            offset += len(fence or START_TAG)
+            end_tag = FENCE_END if fence else END_TAG
             body = text[offset:].lstrip()
             offset = len(text) - len(body)
         if not body.startswith("["):
@@ -33,9 +41,9 @@ class PythonicToolParser(ToolParser):
                 rest = text[end + 1:]
                 after = rest.lstrip()
                 ws = rest[:len(rest) - len(after)]
-                if after.startswith(END_TAG):
-                    rest = ws + after[len(END_TAG):]
-                elif not final and after and END_TAG.startswith(after):
+                if after.startswith(end_tag):
+                    rest = ws + after[len(end_tag):]
+                elif not final and after and end_tag.startswith(after):
                     rest = ws  # "<|python_e" may still become the end tag
                 return [*calls, rest] if rest else list(calls)
             end = text.find("]", end + 1)
