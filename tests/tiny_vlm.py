@@ -41,6 +41,7 @@ TEMPLATES = {
         "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}",
 }
 TEMPLATES["Qwen2_5_VLForConditionalGeneration"] = TEMPLATES["Qwen2VLForConditionalGeneration"]
+TEMPLATES["Qwen3VLForConditionalGeneration"] = TEMPLATES["Qwen2VLForConditionalGeneration"]
 
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
@@ -78,13 +79,22 @@ def _config(arch: str, ids: dict[str, int], vocab: int) -> object:
                   "num_attention_heads": 4, "image_size": 56, "patch_size": 14}
         return transformers.LlavaConfig(vision_config=vision, text_config=text,
                                         image_token_index=ids["<image>"])
-    if arch.startswith("Qwen2"):
+    if arch.startswith("Qwen"):
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
                                    "mrope_section": [2, 3, 3]}
         qwen_ids = {"image_token_id": ids["<|image_pad|>"],
                     "video_token_id": ids["<|video_pad|>"],
                     "vision_start_token_id": ids["<|vision_start|>"],
                     "vision_end_token_id": ids["<|vision_end|>"]}
+        if arch == "Qwen3VLForConditionalGeneration":
+            # DeepStack into both language-model layers; a 4x4 position table resampled
+            text["rope_parameters"]["mrope_interleaved"] = True
+            vision = {"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 4,
+                      "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                      "out_hidden_size": 64, "num_position_embeddings": 16,
+                      "deepstack_visual_indexes": [0, 2]}
+            return transformers.Qwen3VLConfig(text_config={**text, "head_dim": 16},
+                                              vision_config=vision, **qwen_ids)
         if arch == "Qwen2VLForConditionalGeneration":
             vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4,
                       "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2,
@@ -114,6 +124,11 @@ def _processor_files(arch: str) -> dict[str, dict]:
         return {"preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor",
                                              **QWEN_PIXELS, "patch_size": 14, "merge_size": 2,
                                              "temporal_patch_size": 2}}
+    if arch.startswith("Qwen3"):
+        return {"preprocessor_config.json": {
+            "image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "merge_size": 2,
+            "temporal_patch_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+            "size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 16}}}
     return {"preprocessor_config.json": {
                 "image_processor_type": "Idefics3ImageProcessor", "do_image_splitting": True,
                 "size": {"longest_edge": IDEFICS3_LONGEST},

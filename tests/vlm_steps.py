@@ -1,0 +1,87 @@
+"""Helpers for the vision-language model tests: a chat prompt with images made into the
+EngineRequest the server would make, prompt positions run as one step of the engine's runner
+(on top of what earlier steps cached), and greedy generation through the whole engine."""
+from __future__ import annotations
+
+import torch
+
+from minserve.chat import ImageParts
+from minserve.engine.engine import Engine
+from minserve.engine.request import EngineRequest
+from minserve.engine.runner import StepInputs
+from minserve.multimodal.inputs import expand_prompt
+from minserve.sampling_params import SamplingParams
+
+BLOCK = 16
+
+
+def vlm_request(engine: Engine, images: list, text: str = "describe these") -> EngineRequest:
+    """One user turn (the images, then the text) through the chat template and the processor."""
+    proc = engine.info.image_processor
+    content = [{"type": "image_pil", "image_pil": im} for im in images]
+    content.append({"type": "text", "text": text})
+    rendered = engine.info.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                         images=ImageParts(proc.placeholder))
+    ids = engine.info.tokenizer.encode(rendered, add_special_tokens=False)
+    mm = expand_prompt(ids, images, proc)
+    return EngineRequest("r", mm.prompt_token_ids, SamplingParams(max_tokens=4), mm_items=mm.items,
+                         mrope_positions=mm.mrope_positions,
+                         mrope_position_delta=mm.mrope_position_delta)
+
+
+@torch.inference_mode()
+def run_chunk(engine: Engine, req: EngineRequest, start: int, end: int, block_ids: list[int]
+              ) -> torch.Tensor:
+    """Logits of prompt positions [start, end) run as one step on top of the cached [0, start)."""
+    runner = engine.runner
+    ids = req.prompt_token_ids
+    mm = [(0, item) for item in req.mm_items
+          if item.offset < end and start < item.offset + item.length]
+    step = StepInputs(ids[start:end], [end - start], [start], [block_ids], [], None,
+                      mm_inputs=mm,
+                      mrope=[(req.mrope_positions, req.mrope_position_delta)]
+                      if runner.uses_mrope else None)
+    inputs = runner.prepare_inputs(step)
+    if step.mm_inputs:
+        inputs.inputs_embeds = runner.embed_multimodal(step, inputs)
+    return runner.model.compute_logits(runner.run_model(inputs))
+
+
+def block_ids(num_tokens: int, first: int = 0) -> list[int]:
+    return list(range(first, first + -(-num_tokens // BLOCK)))
+
+
+def generate(engine: Engine, req: EngineRequest, request_id: str, max_tokens: int = 3
+             ) -> list[int]:
+    """Greedy tokens for req through the engine's scheduler and runner."""
+    req.request_id = request_id
+    req.sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    engine.add_request(req)
+    tokens = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens += out.new_token_ids
+    return tokens
+
+
+def hf_inputs(arch: str, hf, req: EngineRequest) -> dict:
+    """transformers' model inputs for req (our processor's pixels: test_vision_processing.py
+    checks them against transformers' processors)."""
+    import numpy as np
+
+    ids = torch.tensor([req.prompt_token_ids])
+    pv = [torch.from_numpy(item.data["pixel_values"]) for item in req.mm_items]
+    if arch.startswith("Qwen"):
+        grids = torch.tensor(np.concatenate([i.data["image_grid_thw"] for i in req.mm_items]))
+        return {"input_ids": ids, "pixel_values": torch.cat(pv), "image_grid_thw": grids,
+                "mm_token_type_ids": (ids == hf.config.image_token_id).int()}
+    raise ValueError(arch)
+
+
+@torch.inference_mode()
+def hf_greedy(arch: str, hf, req: EngineRequest, max_tokens: int) -> list[int]:
+    """transformers' greedy continuation of req."""
+    inputs = hf_inputs(arch, hf, req)
+    out = hf.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=0,
+                      eos_token_id=None, pad_token_id=0)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
