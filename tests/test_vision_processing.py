@@ -21,6 +21,8 @@ SIZES = [(56, 56), (100, 37), (37, 100), (640, 480), (480, 640), (20, 20), (1000
 TEXT = {"LlavaForConditionalGeneration": "USER: <image>\nwhat is it?",
         "Qwen2VLForConditionalGeneration":
             "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is it?",
+        "Qwen3VLForConditionalGeneration":
+            "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is it?",
         "Idefics3ForConditionalGeneration": "User:<image>what is it?"}
 
 
@@ -58,7 +60,7 @@ def _hf_reference(arch: str, folder: str, hf_config: dict, text: str, image):
                               tokenizer=_hf_tokenizer(folder), **proc_cfg)
         out = proc(images=[image], text=[text])
         return out["input_ids"][0], np.asarray(out["pixel_values"][0]), None
-    if arch == "Qwen2VLForConditionalGeneration":
+    if arch.startswith("Qwen"):
         # Qwen2VLProcessor wants a video processor (torchvision): expand as it does instead.
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
             Qwen2VLImageProcessorPil,
@@ -105,12 +107,20 @@ def _check_mrope(hf_config: dict, prompt, ours) -> None:
     from transformers import Qwen2VLConfig
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
-    ns = types.SimpleNamespace(config=Qwen2VLConfig(**hf_config))
-    ns.get_vision_position_ids = lambda *a, **k: Qwen2VLModel.get_vision_position_ids(ns, *a, **k)
+    model = Qwen2VLModel
+    if hf_config["architectures"][0].startswith("Qwen3"):
+        from transformers import Qwen3VLConfig
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+        model, config = Qwen3VLModel, Qwen3VLConfig(**hf_config)
+    else:
+        config = Qwen2VLConfig(**hf_config)
+    ns = types.SimpleNamespace(config=config)
+    ns.get_vision_position_ids = lambda *a, **k: model.get_vision_position_ids(ns, *a, **k)
     ids = torch.tensor([prompt.prompt_token_ids])
     types_ = (ids == ours.image_token_id).int()
     grids = torch.tensor(np.concatenate([p.data["image_grid_thw"] for p in prompt.items]))
-    ref, delta = Qwen2VLModel.get_rope_index(ns, ids, types_, image_grid_thw=grids)
+    ref, delta = model.get_rope_index(ns, ids, types_, image_grid_thw=grids)
     np.testing.assert_array_equal(prompt.mrope_positions, ref[:, 0].numpy())
     assert prompt.mrope_position_delta == int(delta)
 

@@ -1,7 +1,8 @@
 """The vision-language architectures of issue 31 against transformers on tiny random checkpoints,
 through our loader, processors and the engine: prompt logits with two images on a whole prefill,
-on chunks that cut the images (and a prefix hit inside one), greedy tokens for two different
-images (transformers' tokens, and not the same for both), and through the server, images within
+on chunks that cut the images (and a prefix hit inside one), greedy tokens through the
+scheduler's 16-token chunks for two different images (transformers' tokens; the images change
+the logits), and through the server, images within
 --limit-mm-per-prompt answered, one over it and a video part each a 400."""
 from __future__ import annotations
 
@@ -27,8 +28,11 @@ def setup(request, tmp_path_factory):
 
     arch = NEW_ARCHS[request.param]
     folder = make_tiny_vlm(str(tmp_path_factory.mktemp(request.param)), arch)
+    # the scheduler runs prompts in chunks of 16 tokens (generate() below), while a test may
+    # run a whole prompt as one step of the runner (run_chunk)
     engine = Engine(EngineConfig(model=folder, kv_cache_memory=8 << 20, max_num_seqs=4,
-                                 max_num_batched_tokens=512, max_model_len=512))
+                                 max_num_batched_tokens=512, long_prefill_token_threshold=16,
+                                 max_model_len=512))
     hf = transformers.AutoModelForImageTextToText.from_pretrained(
         folder, dtype=torch.float32, attn_implementation="eager").eval()
     return arch, folder, engine, hf
@@ -57,7 +61,7 @@ def test_prefill_logits_whole_chunked_and_after_a_hit(setup):
     torch.testing.assert_close(rest, ref[hit:], atol=ATOL, rtol=0)
 
 
-def test_two_images_give_transformers_greedy_tokens(setup):
+def test_two_images_give_transformers_greedy_tokens_through_chunks(setup):
     arch, _, engine, hf = setup
     last = []
     for seed in (3, 4):
