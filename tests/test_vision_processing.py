@@ -23,7 +23,8 @@ TEXT = {"LlavaForConditionalGeneration": "USER: <image>\nwhat is it?",
             "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is it?",
         "Qwen3VLForConditionalGeneration":
             "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is it?",
-        "Idefics3ForConditionalGeneration": "User:<image>what is it?"}
+        "Idefics3ForConditionalGeneration": "User:<image>what is it?",
+        "Mistral3ForConditionalGeneration": "[INST][IMG]what is it?[/INST]"}
 
 
 @pytest.fixture(scope="module", params=list(TEXT))
@@ -40,6 +41,11 @@ def setup(request, tmp_path_factory):
 def _hf_tokenizer(folder: str):
     from transformers import PreTrainedTokenizerFast
 
+    if os.path.isfile(os.path.join(folder, "tekken.json")):
+        from transformers.integrations.mistral.tokenizer import MistralConverter
+
+        return PreTrainedTokenizerFast(
+            tokenizer_object=MistralConverter(os.path.join(folder, "tekken.json")).converted())
     return PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"))
 
 
@@ -72,6 +78,19 @@ def _hf_reference(arch: str, folder: str, hf_config: dict, text: str, image):
         text = text.replace("<|image_pad|>", "<|image_pad|>" * n)
         ids = _hf_tokenizer(folder)(text)["input_ids"]
         return ids, np.asarray(out["pixel_values"]), grid
+    if arch.startswith("Mistral3"):
+        # PixtralProcessor wants torchvision: resize as its image processor does (patch *
+        # spatial merge) and expand as it does
+        from transformers.models.pixtral.image_processing_pil_pixtral import (
+            PixtralImageProcessorPil,
+        )
+
+        pp = {**_pp(folder), "patch_size": {"height": 8, "width": 8}}
+        out = PixtralImageProcessorPil(**pp)(images=[image])
+        h, w = (int(x) // 8 for x in out["image_sizes"][0])
+        expanded = (("[IMG]" * w + "[IMG_BREAK]") * h)[:-len("[IMG_BREAK]")] + "[IMG_END]"
+        ids = _hf_tokenizer(folder)(text.replace("[IMG]", expanded))["input_ids"]
+        return ids, np.asarray(out["pixel_values"][0]), None
     from transformers import Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import (
         Idefics3ImageProcessorPil,

@@ -19,7 +19,8 @@ from tests.tiny_vlm import make_tiny_vlm, random_image
 from tests.vlm_steps import BLOCK, block_ids, generate, hf_greedy, hf_inputs, run_chunk, vlm_request
 
 ATOL = 2e-4
-NEW_ARCHS = {"qwen3vl": "Qwen3VLForConditionalGeneration"}
+NEW_ARCHS = {"qwen3vl": "Qwen3VLForConditionalGeneration",
+             "mistral3": "Mistral3ForConditionalGeneration"}
 
 
 @pytest.fixture(scope="module", params=list(NEW_ARCHS))
@@ -48,6 +49,8 @@ def test_prefill_logits_whole_chunked_and_after_a_hit(setup):
     req = vlm_request(engine, [random_image(70, 50, 1), random_image(120, 100, 2)])
     ref = _hf_logits(arch, hf, req)
     n = len(req.prompt_token_ids)
+    window = engine.runner.model_config.sliding_window
+    assert window is None or n > 2 * window          # the prompt slides past the window
     torch.testing.assert_close(run_chunk(engine, req, 0, n, block_ids(n)), ref, atol=ATOL,
                                rtol=0)
     first, second = req.mm_items

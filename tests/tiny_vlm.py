@@ -42,6 +42,10 @@ TEMPLATES = {
 }
 TEMPLATES["Qwen2_5_VLForConditionalGeneration"] = TEMPLATES["Qwen2VLForConditionalGeneration"]
 TEMPLATES["Qwen3VLForConditionalGeneration"] = TEMPLATES["Qwen2VLForConditionalGeneration"]
+TEMPLATES["Mistral3ForConditionalGeneration"] = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST]' }}" + _PARTS.replace("IMAGE", "'[IMG]'") + "{{ '[/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
 
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
@@ -69,9 +73,63 @@ def make_vlm_tokenizer(folder: str) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in VLM_SPECIALS}
 
 
+# Tekken's split regex and the first of its special tokens, in its order ([IMG] is 10)
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+                  r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
+                  r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEKKEN_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]",
+                   "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]",
+                   "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+                   "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
+TEKKEN_NUM_SPECIAL = 24    # padded with <SPECIAL_i>, as the real file pads to 1000
+
+
+def make_tekken(folder: str, vocab_size: int = 400) -> dict[str, int]:
+    """A small tekken.json (Mistral's tokenizer format): a byte-level BPE trained on the corpus
+    with Tekken's split regex, its tokens written by rank as base64 bytes. -> special -> id."""
+    import base64
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    from minserve.tokenizer import bytes_to_unicode
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(TEKKEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - TEKKEN_NUM_SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS * 3 + ["USER: ASSISTANT: describe the picture\n"] * 3,
+                            trainer=trainer)
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    by_id = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    vocab = [{"rank": rank, "token_bytes": base64.b64encode(bytes(to_byte[c] for c in token))
+              .decode(), "token_str": None} for rank, (token, _) in enumerate(by_id)]
+    data = {"config": {"pattern": TEKKEN_PATTERN, "num_vocab_tokens": len(vocab),
+                       "default_vocab_size": TEKKEN_NUM_SPECIAL + len(vocab),
+                       "default_num_special_tokens": TEKKEN_NUM_SPECIAL, "version": "v7"},
+            "vocab": vocab,
+            "special_tokens": [{"rank": i, "token_str": t, "is_control": True}
+                               for i, t in enumerate(TEKKEN_SPECIALS)]}
+    with open(os.path.join(folder, "tekken.json"), "w") as f:
+        json.dump(data, f)
+    return {t: i for i, t in enumerate(TEKKEN_SPECIALS)}
+
+
 def _config(arch: str, ids: dict[str, int], vocab: int) -> object:
     import transformers
 
+    if arch == "Mistral3ForConditionalGeneration":
+        # a sliding window shorter than the image prompts; 4x4-pixel patches, 2x2 merged
+        text = {**TEXT, "vocab_size": vocab, "bos_token_id": ids["<s>"], "head_dim": 16,
+                "eos_token_id": ids["</s>"], "sliding_window": 32, "model_type": "mistral"}
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                  "num_attention_heads": 4, "image_size": 64, "patch_size": 4,
+                  "hidden_act": "silu", "head_dim": 8}
+        return transformers.Mistral3Config(text_config=text, vision_config=vision,
+                                           image_token_index=ids["[IMG]"], spatial_merge_size=2,
+                                           vision_feature_layer=-1, tie_word_embeddings=False)
     text = {**TEXT, "vocab_size": vocab, "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"]}
     if arch == "LlavaForConditionalGeneration":
@@ -124,6 +182,12 @@ def _processor_files(arch: str) -> dict[str, dict]:
         return {"preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor",
                                              **QWEN_PIXELS, "patch_size": 14, "merge_size": 2,
                                              "temporal_patch_size": 2}}
+    if arch == "Mistral3ForConditionalGeneration":
+        return {"preprocessor_config.json": {
+                    "image_processor_type": "PixtralImageProcessor",
+                    "patch_size": {"height": 4, "width": 4}, "size": {"longest_edge": 48},
+                    "resample": 3},
+                "processor_config.json": {"patch_size": 4, "spatial_merge_size": 2}}
     if arch.startswith("Qwen3"):
         return {"preprocessor_config.json": {
             "image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "merge_size": 2,
@@ -141,22 +205,31 @@ def make_tiny_vlm(folder: str, arch: str, seed: int = 0) -> str:
     import transformers
 
     os.makedirs(folder, exist_ok=True)
-    ids = make_vlm_tokenizer(folder)
-    with open(os.path.join(folder, "tokenizer.json")) as f:
-        tok = json.load(f)
-    vocab = len(tok["model"]["vocab"]) + sum(t["content"] not in tok["model"]["vocab"]
-                                            for t in tok["added_tokens"])
+    if arch == "Mistral3ForConditionalGeneration":
+        # Mistral's own tokenizer file alone (no tokenizer.json, no tokenizer_config.json)
+        ids, vocab = make_tekken(folder), 400
+        eos, files = ids["</s>"], {}
+        with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+            f.write(TEMPLATES[arch])
+    else:
+        ids = make_vlm_tokenizer(folder)
+        with open(os.path.join(folder, "tokenizer.json")) as f:
+            tok = json.load(f)
+        vocab = len(tok["model"]["vocab"]) + sum(t["content"] not in tok["model"]["vocab"]
+                                                for t in tok["added_tokens"])
+        eos = ids["<|im_end|>"]
+        files = {"tokenizer_config.json": {
+            "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+            "unk_token": None, "add_bos_token": False, "chat_template": TEMPLATES[arch],
+            "model_max_length": TEXT["max_position_embeddings"],
+            "tokenizer_class": "PreTrainedTokenizerFast"}}
     config = _config(arch, ids, vocab)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).to(torch.float32).eval()
     scale_up_weights(model)
     model.save_pretrained(folder, safe_serialization=True)
-    tok_cfg = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-               "unk_token": None, "add_bos_token": False, "chat_template": TEMPLATES[arch],
-               "model_max_length": TEXT["max_position_embeddings"],
-               "tokenizer_class": "PreTrainedTokenizerFast"}
-    files = {"tokenizer_config.json": tok_cfg, **_processor_files(arch),
-             "generation_config.json": {"eos_token_id": [ids["<|im_end|>"]]}}
+    files.update(_processor_files(arch))
+    files["generation_config.json"] = {"eos_token_id": [eos]}
     for name, content in files.items():
         with open(os.path.join(folder, name), "w") as f:
             json.dump(content, f, indent=2)

@@ -75,6 +75,12 @@ def hf_inputs(arch: str, hf, req: EngineRequest) -> dict:
         grids = torch.tensor(np.concatenate([i.data["image_grid_thw"] for i in req.mm_items]))
         return {"input_ids": ids, "pixel_values": torch.cat(pv), "image_grid_thw": grids,
                 "mm_token_type_ids": (ids == hf.config.image_token_id).int()}
+    if arch.startswith("Mistral3"):    # one batch, each image at the top left of its own
+        sizes = torch.tensor([list(x.shape[1:]) for x in pv])
+        batch = torch.zeros(len(pv), 3, *sizes.max(0).values.tolist())
+        for x, out in zip(pv, batch):
+            out[:, :x.shape[1], :x.shape[2]] = x
+        return {"input_ids": ids, "pixel_values": batch, "image_sizes": sizes}
     raise ValueError(arch)
 
 

@@ -68,6 +68,7 @@ ARCHITECTURES = {a.name: a for a in (
     _vision("Qwen2_5_VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),
     _vision("Idefics3ForConditionalGeneration", "idefics3", "Idefics3ImageProcessor"),
     _vision("Qwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3VLImageProcessor"),
+    _vision("Mistral3ForConditionalGeneration", "mistral3", "Mistral3ImageProcessor"),
     # BERT-family encoders (models/bert.py) and the cross-encoders over them (/v1/score, rerank)
     *(Architecture(name, f"bert:{cls}", "embed") for name, cls in (
         ("BertModel", "BertModel"), ("BertForMaskedLM", "BertModel"),
