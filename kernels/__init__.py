@@ -30,6 +30,7 @@ else:
         IntWeight,
         LoRAMapping,
         fp8_gemm,
+        gelu_tanh_and_mul,
         int_gemm,
         int_gemm_fast,
         linear,

@@ -48,6 +48,22 @@ void silu_and_mul(const float *x, float *out, int64_t M, int64_t I, int nthreads
     }
 }
 
+/* x [M, 2I] = gate | up -> out [M, I] = gelu_tanh(gate) * up (Gemma's GeGLU:
+ * 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))). */
+void gelu_tanh_and_mul(const float *x, float *out, int64_t M, int64_t I, int nthreads) {
+    const float c = 0.7978845608028654f;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M >= 8)
+    for (int64_t m = 0; m < M; m++) {
+        const float *g = x + m * 2 * I, *u = g + I;
+        float *o = out + m * I;
+#pragma omp simd
+        for (int64_t i = 0; i < I; i++) {
+            const float v = g[i];
+            o[i] = 0.5f * v * (1.f + tanhf(c * (v + 0.044715f * v * v * v))) * u[i];
+        }
+    }
+}
+
 /* k, v [T, row] (row = kv heads x head dim, row strides k_row, v_row) -> cache slot
  * slot_mapping[t] of k_cache / v_cache [num_slots, row]; a negative slot skips the token.
  * Returns 1, having written nothing, when a slot is past the cache (as index_copy_ raises). */

@@ -207,12 +207,14 @@ def _load(path: str) -> ctypes.CDLL:
     lib.rms_norm.restype = None
     lib.silu_and_mul.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
     lib.silu_and_mul.restype = None
+    lib.gelu_tanh_and_mul.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
+    lib.gelu_tanh_and_mul.restype = None
     lib.store_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     lib.store_kv.restype = ctypes.c_int
     lib.int8_exact.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.int8_exact.restype = ctypes.c_int
     lib.decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
-                                     ctypes.c_float, ptr, i64, ctypes.c_int]
+                                     ctypes.c_float, i64, ptr, i64, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
     return lib
 
@@ -256,10 +258,11 @@ def int_gemm(x: torch.Tensor, w: CpuIntWeight, bias: torch.Tensor | None = None)
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     out: torch.Tensor) -> bool:
+                     out: torch.Tensor, sliding_window: int | None = None) -> bool:
     """out[r] = attention of decode token q[r] ([R, H, D]) over its seq_lens[r] cached keys
-    (block_table [R, max_blocks] int32). False, with out untouched, where the native kernel
-    does not apply (no library, or not float32 contiguous caches): the caller uses torch."""
+    (the last sliding_window of them, when given; block_table [R, max_blocks] int32). False,
+    with out untouched, where the native kernel does not apply (no library, or not float32
+    contiguous caches): the caller uses torch."""
     lib = library()
     if (lib is None or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32
             or q.dtype != torch.float32 or out.dtype != torch.float32
@@ -273,7 +276,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     seq_lens = seq_lens.to(torch.int32).contiguous()
     if lib.decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                             block_table.data_ptr(), block_table.stride(0), seq_lens.data_ptr(),
-                            r, h, kh, d, bs, scale, out.data_ptr(), out.stride(0),
+                            r, h, kh, d, bs, scale, sliding_window or 0, out.data_ptr(),
+                            out.stride(0),
                             torch.get_num_threads()):
         raise MemoryError("cpu_attention: no memory for the per-thread score buffer")
     return True
@@ -309,6 +313,17 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
     m, two_i = x.shape
     out = torch.empty(m, two_i // 2, dtype=torch.float32)
     lib.silu_and_mul(x.data_ptr(), out.data_ptr(), m, two_i // 2, torch.get_num_threads())
+    return out
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor | None:
+    """[M, 2I] -> [M, I] = gelu_tanh(gate) * up in one call; None where it does not apply."""
+    lib = library()
+    if lib is None or not _f32_rows(x):
+        return None
+    m, two_i = x.shape
+    out = torch.empty(m, two_i // 2, dtype=torch.float32)
+    lib.gelu_tanh_and_mul(x.data_ptr(), out.data_ptr(), m, two_i // 2, torch.get_num_threads())
     return out
 
 

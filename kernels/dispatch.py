@@ -21,7 +21,7 @@ from minserve.kernels import cpu_gemm, cpu_native
 from minserve.kernels.cpu_native import CpuIntWeight
 from minserve.kernels.cpu_native import int_gemm as cpu_int_gemm
 from minserve.kernels.jit import triton
-from minserve.kernels.layer_ops import rms_norm_ref, silu_and_mul_ref
+from minserve.kernels.layer_ops import gelu_tanh_and_mul_ref, rms_norm_ref, silu_and_mul_ref
 from minserve.kernels.quant_gemm import (
     CpuInt4Weight,
     IntWeight,
@@ -58,8 +58,8 @@ def paged_attention(
     if out is None:
         out = torch.empty_like(q)
     rest = None
-    if q.device.type == "cpu" and sliding_window is None and k_scale == 1.0 and v_scale == 1.0:
-        rest = _native_decode_rows(q, k_cache, v_cache, attn, scale, out)
+    if q.device.type == "cpu" and k_scale == 1.0 and v_scale == 1.0:
+        rest = _native_decode_rows(q, k_cache, v_cache, attn, scale, out, sliding_window)
     if rest != []:
         paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window, k_scale, v_scale,
                             rows=rest, out=out)
@@ -67,7 +67,8 @@ def paged_attention(
 
 
 def _native_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        attn: AttnMetadata, scale: float, out: torch.Tensor) -> list[int] | None:
+                        attn: AttnMetadata, scale: float, out: torch.Tensor,
+                        sliding_window: int | None) -> list[int] | None:
     """The decode rows (one query token) through the native CPU kernel, all in one call; returns
     the rows left for the reference (None: all of them)."""
     qsl, seq_lens = attn.query_start_loc_host, attn.seq_lens_host
@@ -76,13 +77,13 @@ def _native_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         return None
     if len(decode) == len(seq_lens) and len(qsl) - 1 == q.shape[0]:   # a pure decode step
         done = cpu_native.decode_attention(q, k_cache, v_cache, attn.block_table, attn.seq_lens,
-                                           scale, out)
+                                           scale, out, sliding_window)
         return [] if done else None
     tokens = torch.tensor([qsl[r] for r in decode])
     part = torch.empty(len(decode), *q.shape[1:], dtype=q.dtype)
     if not cpu_native.decode_attention(q.index_select(0, tokens).contiguous(), k_cache, v_cache,
                                        attn.block_table[decode], attn.seq_lens[decode], scale,
-                                       part):
+                                       part, sliding_window):
         return None
     out.index_copy_(0, tokens, part)
     decoded = set(decode)
@@ -120,6 +121,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         if fused is not None:
             return fused
     return silu_and_mul_ref(x)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2*I] (gate | up) -> [T, I] = gelu_tanh(gate) * up (Gemma's GeGLU)."""
+    if x.device.type == "cpu":
+        fused = cpu_native.gelu_tanh_and_mul(x)
+        if fused is not None:
+            return fused
+    return gelu_tanh_and_mul_ref(x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

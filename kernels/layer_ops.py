@@ -1,5 +1,5 @@
-"""A decoder layer's small per-token ops in plain torch: RMSNorm (with the fused residual add) and
-SiLU-and-mul. The path on every device but a CPU with the native library, and the reference that
+"""A decoder layer's small per-token ops in plain torch: RMSNorm (with the fused residual add),
+SiLU-and-mul and GELU(tanh)-and-mul. The path on every device but a CPU with the native library, and the reference that
 cpu_layer_ops.c is tested against."""
 from __future__ import annotations
 
@@ -27,3 +27,9 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """[T, 2*I] (gate | up) -> [T, I] = silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2*I] (gate | up) -> [T, I] = gelu_tanh(gate) * up (GeGLU)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

@@ -65,6 +65,14 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2: bias on q/k/v
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     sliding_window: int | None = None  # Mistral
+    # Per-layer switches (None: every layer alike): "sliding_attention" / "full_attention" per
+    # layer (a window applies to sliding layers only), and SmolLM3's NoPE layers (0: no RoPE).
+    layer_types: list[str] | None = None
+    no_rope_layers: list[int] | None = None
+    partial_rotary_factor: float = 1.0   # Phi-4-mini: RoPE on the first part of each head
+    # The engine's context length, set by the builder before the model is built (Phi-3's
+    # LongRoPE picks its short or long factors by it, as vLLM does); None: the model's own.
+    max_model_len: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     quantization_config: dict[str, Any] | None = None  # config.json's, as written
     # The parsed method (a models.quant QuantConfig), set by the loader before the model is
@@ -74,6 +82,15 @@ class ModelConfig:
     # projector settings from it) and Qwen2-VL's M-RoPE split.
     hf_config: dict[str, Any] = field(default_factory=dict)
     mrope_section: list[int] | None = None
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that RoPE rotates (all but for a partial rotary)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and (
+            self.layer_types is None or self.layer_types[layer] == "sliding_attention")
 
     @classmethod
     def from_dict(cls, top: dict[str, Any]) -> ModelConfig:
@@ -88,7 +105,7 @@ class ModelConfig:
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         sliding = d.get("sliding_window")
-        if arch.startswith("Qwen2") and not d.get("use_sliding_window", False):
+        if arch.startswith(("Qwen2", "SmolLM3")) and not d.get("use_sliding_window", False):
             sliding = None  # Qwen2 configs carry a sliding_window they do not use
         # transformers >= 5 writes rope settings as one "rope_parameters" dict; older configs
         # carry rope_theta and rope_scaling at the top level.
@@ -103,12 +120,17 @@ class ModelConfig:
         if mrope_section is not None and scaling.get("rope_type", scaling.get("type")) in (
                 None, "mrope", "default"):
             rope_scaling = None
+        if rope_scaling is not None and "original_max_position_embeddings" in d:
+            # Phi-3 keeps its pretraining context beside rope_scaling, not in it
+            rope_scaling = {"original_max_position_embeddings":
+                            d["original_max_position_embeddings"], **rope_scaling}
+        num_layers = int(d["num_hidden_layers"])
         return cls(
             architecture=arch,
             vocab_size=int(d["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=int(d.get("num_key_value_heads") or num_heads),
             head_dim=int(d.get("head_dim") or hidden // num_heads),
@@ -120,11 +142,38 @@ class ModelConfig:
             attention_bias=bool(d.get("attention_bias", arch.startswith("Qwen2"))),
             qk_norm=arch.startswith("Qwen3"),
             sliding_window=int(sliding) if sliding else None,
+            layer_types=_layer_types(d, arch, num_layers, bool(sliding)),
+            no_rope_layers=_no_rope_layers(d, num_layers),
+            partial_rotary_factor=float(d.get("partial_rotary_factor")
+                                        or rope_params.get("partial_rotary_factor") or 1.0),
             eos_token_ids=eos_ids,
             quantization_config=top.get("quantization_config") or d.get("quantization_config"),
             hf_config=top if is_wrapper else {},
             mrope_section=list(mrope_section) if mrope_section else None,
         )
+
+
+def _no_rope_layers(d: dict[str, Any], num_layers: int) -> list[int] | None:
+    """SmolLM3: 1 where a layer applies RoPE, 0 for a NoPE layer (every
+    no_rope_layer_interval-th layer when the list is not written out)."""
+    if d.get("no_rope_layers") is not None:
+        return [int(v) for v in d["no_rope_layers"][:num_layers]]
+    interval = d.get("no_rope_layer_interval")
+    if interval is None:
+        return None
+    return [int((i + 1) % int(interval) != 0) for i in range(num_layers)]
+
+
+def _layer_types(d: dict[str, Any], arch: str, num_layers: int,
+                 has_window: bool) -> list[str] | None:
+    """Which layers are sliding-window ones; None: all alike. SmolLM3 slides on its NoPE layers
+    when use_sliding_window is set (its config class's rule, for configs that do not list them)."""
+    if d.get("layer_types") is not None:
+        return list(d["layer_types"][:num_layers])
+    if arch.startswith("SmolLM3") and has_window:
+        nope = _no_rope_layers(d, num_layers) or [1] * num_layers
+        return ["sliding_attention" if not rope else "full_attention" for rope in nope]
+    return None
 
 
 def _text_config(top: dict[str, Any], arch: str) -> dict[str, Any]:

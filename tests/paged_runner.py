@@ -12,12 +12,15 @@ from minserve.kernels import AttnMetadata
 
 from minserve.config import ModelConfig
 from minserve.models.loader import load_model
+from minserve.models.registry import lookup
 
 
 def load_ours(folder: str, dtype: torch.dtype = torch.float32, load_format: str = "auto",
               quantization: str | None = None):
     with open(os.path.join(folder, "config.json")) as f:
-        config = ModelConfig.from_dict(json.load(f))
+        hf = json.load(f)
+    arch = lookup((hf.get("architectures") or ["LlamaForCausalLM"])[0])
+    config = getattr(arch.model_class(), "config_class", ModelConfig).from_dict(hf)
     return load_model(folder, config, "cpu", dtype, load_format, quantization=quantization)
 
 
@@ -52,9 +55,11 @@ class PagedRunner:
         dtype = model.model.embed_tokens.weight.dtype
         self.model, self.block_size = model, block_size
         num_kv_heads = model.model.layers[0].self_attn.num_kv_heads   # this rank's (TP)
-        shape = (num_blocks, block_size, num_kv_heads, cfg.head_dim)
-        model.set_kv_caches([(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                             for _ in range(cfg.num_hidden_layers)])
+        layout = getattr(model, "kv_cache_layout", None)
+        layout = layout() if layout else [(num_kv_heads, cfg.head_dim)] * cfg.num_hidden_layers
+        model.set_kv_caches([(torch.zeros(num_blocks, block_size, k, d, dtype=dtype),
+                              torch.zeros(num_blocks, block_size, k, d, dtype=dtype))
+                             for k, d in layout])
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)
         self.block_tables: dict[str, list[int]] = {}

@@ -42,7 +42,31 @@ ARCH_EXTRAS = {
     "MistralForCausalLM": {"sliding_window": 24},
     "Qwen2ForCausalLM": {"tie_word_embeddings": True},
     "Qwen3ForCausalLM": {"head_dim": 32},
+    # NoPE on every second layer (the real interval, 4, would leave 2 layers all RoPE)
+    "SmolLM3ForCausalLM": {"pad_token_id": 0, "no_rope_layer_interval": 2},
+    "Phi3ForCausalLM": {"pad_token_id": 0},
+    # a local layer (window 24, below the 40-token prompts) then a global one, each with its own
+    # rope base; head_dim 32 != hidden / heads; query_pre_attn_scalar != head_dim
+    "Gemma3ForCausalLM": {"pad_token_id": 0, "head_dim": 32, "sliding_window": 24,
+                          "layer_types": ["sliding_attention", "full_attention"],
+                          "query_pre_attn_scalar": 24, "final_logit_softcapping": 30.0,
+                          "rope_parameters": {
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                              "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                 "rope_theta": 10000.0}},
+                          "tie_word_embeddings": True},
+    # 4 layers: local, global, then two that read layers 0 and 1's caches (with double-wide
+    # MLPs); global layers with head_dim 32 and one kv head where v = k; per-layer inputs
+    "Gemma4ForCausalLM": {"pad_token_id": 0, "num_hidden_layers": 4, "head_dim": 16,
+                          "global_head_dim": 32, "num_global_key_value_heads": 1,
+                          "attention_k_eq_v": True, "num_kv_shared_layers": 2,
+                          "use_double_wide_mlp": True, "sliding_window": 24,
+                          "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 512,
+                          "layer_types": ["sliding_attention", "full_attention"] * 2,
+                          "final_logit_softcapping": 30.0},
 }
+# the config class when it is not the architecture's name with "Config" (a text-only class)
+CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma4ForCausalLM": "Gemma4TextConfig"}
 
 
 def make_tokenizer_json(path: str, vocab_size: int = 400) -> None:
@@ -65,12 +89,17 @@ def scale_up_weights(model: torch.nn.Module) -> None:
     """Random init of transformers is N(0, 0.02): logits are nearly flat. Scale up so greedy
     choices are well separated and float32 comparisons are meaningful."""
     for name, p in model.named_parameters():
-        if "norm" in name or "ln_q" in name:
+        if ("norm" in name or "ln_q" in name) and "gemma3" in type(model).__name__.lower():
+            p.copy_(0.1 * torch.randn_like(p))      # Gemma's norms scale by 1 + w
+        elif "norm" in name or "ln_q" in name:
             p.copy_(1.0 + 0.1 * torch.randn_like(p))
         elif p.dim() > 1:
             p.normal_(0.0, 0.15)
         else:
             p.normal_(0.0, 0.05)
+    for name, b in model.named_buffers():
+        if name.endswith("layer_scalar"):       # Gemma 4's per-layer scale (a saved buffer)
+            b.uniform_(0.5, 1.5)
 
 
 def make_tiny_model(path: str, arch: str = "LlamaForCausalLM", seed: int = 0, **overrides) -> str:
@@ -91,7 +120,8 @@ def make_tiny_model(path: str, arch: str = "LlamaForCausalLM", seed: int = 0, **
 
     cfg = {**BASE, **ARCH_EXTRAS.get(arch, {}), **overrides}
     cfg.update(bos_token_id=endoftext_id, eos_token_id=eos_id)
-    config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    config_cls = getattr(transformers, CONFIG_CLASSES.get(arch, arch.replace("ForCausalLM",
+                                                                             "Config")))
     model_cls = getattr(transformers, arch)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**cfg)).to(torch.float32).eval()

@@ -159,6 +159,8 @@ def build_model(config: EngineConfig, source: ModelSource, device: torch.device
     if config.tensor_parallel_size > 1 and not arch.tensor_parallel:
         raise ConfigError(f"{arch.name} is not sharded; serve it with --tensor-parallel-size 1")
     set_cpu_threads(device)
+    if isinstance(source.model_config, ModelConfig) and config.max_model_len is not None:
+        source.model_config.max_model_len = config.max_model_len   # (LongRoPE's factor choice)
     dtype = resolve_dtype(config.dtype, device, source)
     torch.manual_seed(config.seed)
     model = load_model(source.folder, source.model_config, device, dtype, config.load_format,

@@ -150,21 +150,35 @@ class ModelRunner:
 
     # ---- KV cache sizing ----------------------------------------------------------------------
     def _kv_cache(self, num_blocks: int) -> None:
-        mc = self.model_config
-        shape = (mc.num_hidden_layers, 2, num_blocks, self.block_size,
-                 self.num_kv_heads, mc.head_dim)
         # NOTE: zeros, not empty: kernels may load whole tiles past seq_len and multiply the
         # masked part by 0, which would still turn garbage NaNs into NaN outputs. On CPU the
         # zeros come from an anonymous mapping, so only the pages of blocks in use are resident.
-        kv = (torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-              if self.device.type != "cpu" else lazy_zeros(shape, self.kv_dtype))
-        self.model.set_kv_caches([(kv[i, 0], kv[i, 1]) for i in range(mc.num_hidden_layers)])
+        def zeros(shape: tuple[int, ...]) -> torch.Tensor:
+            return (torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+                    if self.device.type != "cpu" else lazy_zeros(shape, self.kv_dtype))
+
+        layout = self.kv_layout
+        if len(set(layout)) == 1:      # every cache alike: one tensor [L, 2, NB, BS, K, D]
+            kv = zeros((len(layout), 2, num_blocks, self.block_size, *layout[0]))
+            self.model.set_kv_caches([(kv[i, 0], kv[i, 1]) for i in range(len(layout))])
+            return
+        # Gemma 4: global layers with their own head size and kv heads; one buffer, carved up
+        sizes = [2 * num_blocks * self.block_size * k * d for k, d in layout]
+        flat = zeros((sum(sizes),))
+        caches = [part.view(2, num_blocks, self.block_size, k, d)
+                  for part, (k, d) in zip(flat.split(sizes), layout, strict=True)]
+        self.model.set_kv_caches([(kv[0], kv[1]) for kv in caches])
 
     def _allocate_kv_cache(self, engine_config: EngineConfig) -> int:
         mc = self.model_config
-        self.num_kv_heads = parallel.num_local_kv_heads(mc.num_key_value_heads, parallel.tp_size())
-        per_block = (2 * mc.num_hidden_layers * self.block_size * self.num_kv_heads
-                     * mc.head_dim * self.kv_dtype.itemsize)
+        # (this rank's kv heads, head dim) of each KV cache, in set_kv_caches' order; one per
+        # layer unless the model says otherwise (Gemma 4: per-layer shapes, shared caches)
+        layout = getattr(self.model, "kv_cache_layout", None)
+        self.kv_layout = layout() if layout is not None else [
+            (parallel.num_local_kv_heads(mc.num_key_value_heads, parallel.tp_size()),
+             mc.head_dim)] * mc.num_hidden_layers
+        per_block = (2 * self.block_size * sum(k * d for k, d in self.kv_layout)
+                     * self.kv_dtype.itemsize)
         # More than every sequence at full length can never be used.
         max_useful = self.max_num_seqs * self.max_blocks_per_seq
         if engine_config.kv_cache_memory is not None:

@@ -1,7 +1,8 @@
-"""Building blocks of the Llama-family models, in torch: RMSNorm (with the fused residual add),
-rotary embedding (default, linear, llama3, yarn), SiLU-and-mul, and the Attention module that
-writes the paged KV cache and reads it back. The linear layers live in linear.py. Device paths
-are minserve.kernels' choice: nothing here branches on the device."""
+"""Building blocks of the decoder models, in torch: RMSNorm (with the fused residual add) and
+Gemma's (1 + weight) variant, rotary embedding (default, linear, llama3, yarn, Phi-3's longrope,
+Gemma 4's proportional; partial rotary), SiLU-and-mul and GELU(tanh)-and-mul, logit softcapping,
+and the Attention module that writes the paged KV cache and reads it back. The linear layers live
+in linear.py. Device paths are minserve.kernels' choice: nothing here branches on the device."""
 
 from __future__ import annotations
 
@@ -32,6 +33,23 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm, norm(x) * (1 + w): the checkpoint's w is stored as 1 + w at load, so the
+    forward is RMSNorm's (one fused call, no add per step). llama.cpp folds the 1 in the same way
+    (the GGUF converter takes it out again)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        self.weight.weight_loader = _load_plus_one
+
+
+def _load_plus_one(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+    if param.shape != loaded_weight.shape:
+        raise ConfigError(f"checkpoint shape {tuple(loaded_weight.shape)} != model shape "
+                          f"{tuple(param.shape)}")
+    param.data.copy_(loaded_weight.float() + 1.0)
+
+
 class SiluAndMul(nn.Module):
     """[T, 2*I] (gate | up) -> [T, I] = silu(gate) * up."""
 
@@ -39,13 +57,29 @@ class SiluAndMul(nn.Module):
         return kernels.silu_and_mul(x)
 
 
+class GeluAndMul(nn.Module):
+    """[T, 2*I] (gate | up) -> [T, I] = gelu_tanh(gate) * up (GeGLU: Gemma's
+    gelu_pytorch_tanh)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.gelu_tanh_and_mul(x)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma's final-logit softcapping); x itself when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
 def compute_inv_freq(
     head_dim: int,
     rope_theta: float,
     rope_scaling: dict[str, Any] | None,
     max_position_embeddings: int,
+    max_model_len: int | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """(inv_freq [D/2] float32, attention_scaling), following transformers' rope init functions."""
+    """(inv_freq [D/2] float32, attention_scaling), following transformers' rope init functions.
+    head_dim is the rotated size (a partial rotary's first dims). max_model_len: the engine's
+    context, which picks longrope's factors (vLLM's rule)."""
     inv_freq = 1.0 / (
         rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
     )
@@ -73,10 +107,38 @@ def compute_inv_freq(
         return torch.where(is_medium, smoothed, scaled), 1.0
     if rope_type == "yarn":
         return _yarn_inv_freq(head_dim, rope_theta, sc, max_position_embeddings)
+    if rope_type in ("longrope", "su"):
+        return _longrope_inv_freq(head_dim, rope_theta, sc, max_position_embeddings,
+                                  max_model_len)
+    if rope_type == "proportional":
+        # Gemma 4's global layers: the first partial_rotary_factor of the D/2 frequencies at
+        # their full-head spacing, the rest 0 (cos 1, sin 0: those dims pass unrotated).
+        rotated = int(float(sc.get("partial_rotary_factor", 1.0)) * head_dim // 2)
+        inv_freq = torch.cat((inv_freq[:rotated], torch.zeros(head_dim // 2 - rotated)))
+        return inv_freq / float(sc.get("factor", 1.0)), 1.0
     raise ConfigError(
         f"rope scaling type {rope_type!r} is not supported "
-        "(supported: default, linear, llama3, yarn)"
+        "(supported: default, linear, llama3, yarn, longrope, proportional)"
     )
+
+
+def _longrope_inv_freq(dim: int, base: float, sc: dict[str, Any], max_position_embeddings: int,
+                       max_model_len: int | None) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE: per-frequency divisors, short_factor within the pretraining context,
+    long_factor beyond it. As vLLM does, one set serves every position: the long one when the
+    engine's context (max_model_len) goes past original_max_position_embeddings."""
+    orig = int(sc["original_max_position_embeddings"])
+    use_long = (max_model_len or max_position_embeddings) > orig
+    ext = torch.tensor(sc["long_factor" if use_long else "short_factor"], dtype=torch.float32)
+    if ext.numel() != dim // 2:
+        raise ConfigError(f"longrope factors have {ext.numel()} entries; the rotary dim "
+                          f"{dim} needs {dim // 2}")
+    factor = sc.get("factor") or max_position_embeddings / orig
+    scaling = sc.get("attention_factor")
+    if scaling is None:
+        scaling = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    inv_freq = 1.0 / (ext * base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return inv_freq, float(scaling)
 
 
 def _yarn_inv_freq(
@@ -125,9 +187,10 @@ class RotaryEmbedding(nn.Module):
         rope_theta: float,
         rope_scaling: dict[str, Any] | None,
         max_position_embeddings: int,
+        max_model_len: int | None = None,
     ) -> None:
         super().__init__()
-        self.args = (head_dim, rope_theta, rope_scaling, max_position_embeddings)
+        self.args = (head_dim, rope_theta, rope_scaling, max_position_embeddings, max_model_len)
         # NOTE: on the CPU even in a meta-device build, where this math would import torch._dynamo
         # (see kernels/jit.py); _apply() recomputes it wherever the model lands.
         with torch.device("cpu"):
@@ -196,9 +259,13 @@ class MRotaryEmbedding(RotaryEmbedding):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, N, D] rotated in HF's rotate_half layout (first half | second half of each head);
-    cos/sin [T, 1, D] as RotaryEmbedding returns them."""
+    cos/sin [T, 1, R] as RotaryEmbedding returns them. R < D (a partial rotary, Phi-4-mini):
+    the first R dims rotate, the rest pass through."""
     if cos.dim() == 2:            # [T, D] (the multimodal rotary's shape): broadcast over heads
         cos, sin = cos[:, None, :], sin[:, None, :]
+    if cos.shape[-1] < x.shape[-1]:
+        rot, rest = x.split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
+        return torch.cat((apply_rotary(rot, cos, sin), rest), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return torch.addcmul(x * cos, rotated, sin)
@@ -211,11 +278,12 @@ class Attention(nn.Module):
     model.set_kv_caches(); they are not parameters and never enter the state dict."""
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None
+        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
@@ -224,11 +292,13 @@ class Attention(nn.Module):
         self.k_scale = self.v_scale = 1.0
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttnMetadata
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, attn: AttnMetadata
     ) -> torch.Tensor:
-        # q [T, H, D], k/v [T, K, D] -> [T, H*D]
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, attn.slot_mapping,
-                         self.k_scale, self.v_scale)
+        # q [T, H, D], k/v [T, K, D] -> [T, H*D]. k/v None: the layer reads a cache another
+        # layer wrote this step (Gemma 4's KV sharing) and stores nothing.
+        if k is not None:
+            kernels.store_kv(k, v, self.k_cache, self.v_cache, attn.slot_mapping,
+                             self.k_scale, self.v_scale)
         out = kernels.paged_attention(
             q, self.k_cache, self.v_cache, attn, self.scale, self.sliding_window,
             k_scale=self.k_scale, v_scale=self.v_scale,

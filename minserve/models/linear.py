@@ -146,9 +146,24 @@ class MergedColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: Any = None) -> None:
+        """shard_id None: a checkpoint that stores the projections fused (Phi-3's qkv_proj and
+        gate_up_proj), split here into its shards along the output dim."""
         if shard_id is None:
-            raise ConfigError("a merged layer loads its shards one by one")
+            self._load_fused(param, loaded_weight)
+            return
         self._load_shard(param, loaded_weight, shard_id, self.tp_rank, self.tp_size)
+
+    def checkpoint_sizes(self) -> list[int]:
+        """Each shard's rows in the checkpoint (all ranks' together)."""
+        return [size * self.checkpoint_part(i)[1] for i, size in enumerate(self.output_sizes)]
+
+    def _load_fused(self, param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        dim, sizes = getattr(param, "output_dim", None), self.checkpoint_sizes()
+        if dim is None or loaded_weight.shape[dim] != sum(sizes):
+            raise ConfigError(f"a fused checkpoint tensor {tuple(loaded_weight.shape)} does not "
+                              f"split into this layer's shards {sizes}")
+        for index, part in enumerate(loaded_weight.split(sizes, dim)):
+            self._load_shard(param, part, index, *self.checkpoint_part(index))
 
     def _load_shard(self, param: nn.Parameter, loaded_weight: torch.Tensor, index: int,
                     shard_rank: int, num_shard_ranks: int) -> None:
@@ -160,11 +175,14 @@ class MergedColumnParallelLinear(LinearBase):
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
-    """q|k|v projections stacked as [H*D | K*D | K*D] rows per rank; shard ids "q", "k", "v"."""
+    """q|k|v projections stacked as [H*D | K*D | K*D] rows per rank; shard ids "q", "k", "v".
+    shard_ids: the projections this layer holds, when fewer (Gemma 4: "qk" where v is k, "q"
+    where a layer reads another layer's KV cache); the loader expects only those."""
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
                  total_num_kv_heads: int, bias: bool = True, quant_method: Any = None,
-                 tp_rank: int = 0, tp_size: int = 1) -> None:
+                 tp_rank: int = 0, tp_size: int = 1, shard_ids: str = "qkv") -> None:
+        self.shard_ids = shard_ids
         self.num_heads = _divide(total_num_heads, tp_size, "number of attention heads")
         if tp_size >= total_num_kv_heads:
             self.num_kv_heads = 1
@@ -174,13 +192,18 @@ class QKVParallelLinear(MergedColumnParallelLinear):
             self.num_kv_heads = _divide(total_num_kv_heads, tp_size, "number of kv heads")
             self.num_kv_head_replicas = 1
         q, kv = self.num_heads * head_size, self.num_kv_heads * head_size
-        LinearBase.__init__(self, hidden_size, [q, kv, kv], bias, quant_method, tp_rank, tp_size)
+        LinearBase.__init__(self, hidden_size, [q, kv, kv][:len(shard_ids)], bias, quant_method,
+                            tp_rank, tp_size)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: Any = None) -> None:
-        if shard_id not in ("q", "k", "v"):
-            raise ConfigError(f"qkv shard id must be q, k or v, got {shard_id!r}")
-        index = "qkv".index(shard_id)
+        if shard_id is None:           # q|k|v fused in the checkpoint (Phi-3)
+            self._load_fused(param, loaded_weight)
+            return
+        if shard_id not in tuple(self.shard_ids):
+            raise ConfigError(f"qkv shard id must be one of {', '.join(self.shard_ids)}, got "
+                              f"{shard_id!r}")
+        index = self.shard_ids.index(shard_id)
         self._load_shard(param, loaded_weight, index, *self.checkpoint_part(index))
 
     def checkpoint_part(self, index: int) -> tuple[int, int]:

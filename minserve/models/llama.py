@@ -1,7 +1,9 @@
 """The Llama family in plain torch: Llama 2/3/3.1, SmolLM, TinyLlama, Mistral (sliding window),
-Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm). One flat batch of tokens per step, attention
+Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm), SmolLM3 (NoPE layers), Phi-3/Phi-4 (fused
+checkpoint projections, LongRoPE, partial rotary). One flat batch of tokens per step, attention
 over the paged KV cache. Module names match HF checkpoints, except the fused qkv/gate_up (see
-packed_modules_mapping); the model never reads a checkpoint itself (loader.py does)."""
+packed_modules_mapping; Phi-3 checkpoints store them fused already); the model never reads a
+checkpoint itself (loader.py does)."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def linear_method(config: ModelConfig, prefix: str) -> Any:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str = "") -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "", layer: int = 0) -> None:
         super().__init__()
         h, k, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         tp = parallel.tp_rank(), parallel.tp_size()
@@ -50,7 +52,10 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, d, config.sliding_window)
+        # SmolLM3's NoPE layers attend without positions; a window only on sliding layers
+        self.use_rope = config.no_rope_layers is None or bool(config.no_rope_layers[layer])
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d,
+                              config.sliding_window if config.is_sliding(layer) else None)
 
     def forward(
         self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata,
@@ -67,7 +72,9 @@ class LlamaAttention(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         # PERF: q and k rotate in one call (7 fewer torch ops per layer on the CPU path).
-        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        if self.use_rope:
+            qk = apply_rotary(qk, cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         return self.o_proj(self.attn(q, k, v, attn), lora_mapping)
 
 
@@ -88,10 +95,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str = "") -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "", layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, f"{prefix}.self_attn")
+        self.self_attn = LlamaAttention(config, f"{prefix}.self_attn", layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config, f"{prefix}.mlp")
 
@@ -120,13 +127,14 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    parallel.tp_rank(), parallel.tp_size())
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, f"model.layers.{i}") for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, f"model.layers.{i}", i)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # One rotary table for all layers: cos/sin are computed once per step and passed down.
         self.rotary_emb = RotaryEmbedding(
-            config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
-        )
+            config.rotary_dim, config.rope_theta, config.rope_scaling,
+            config.max_position_embeddings, config.max_model_len)
 
     def forward(
         self, input_ids: torch.Tensor | None, positions: torch.Tensor, attn: AttnMetadata,
@@ -151,10 +159,12 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    model_class: type[nn.Module] = LlamaModel   # the decoder stack (Gemma 3 brings its own)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = self.model_class(config)
         # NOTE: tied embeddings reuse embed_tokens.weight in compute_logits instead of sharing a
         # Parameter, which meta-device builds and .to() would silently untie.
         self.lm_head = (

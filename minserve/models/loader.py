@@ -285,8 +285,17 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         shards_of.setdefault(fused, []).append(shard_id)
     # Optional checkpoint tensors (GPTQ's g_idx in some writers, compressed-tensors' actorder
     # weight_g_idx) need not arrive.
+    modules = dict(model.named_modules())
+
+    def shard_ids(name: str) -> list[Any]:
+        """The shards a fused parameter loads: the mapping's, or fewer where its layer says so
+        (QKVParallelLinear.shard_ids)."""
+        shards = shards_of.get(_module_leaf(name), [None])
+        own = getattr(modules.get(name.rpartition(".")[0]), "shard_ids", None)
+        return shards if own is None else [s for s in shards if s in own]
+
     expected = {(name, s) for name, p in params.items() if not getattr(p, "is_optional", False)
-                for s in shards_of.get(_module_leaf(name), [None])}
+                for s in shard_ids(name)}
     rename = getattr(model, "map_weight_name", None)
     loaded: set[tuple[str, Any]] = set()
     for ckpt_name, tensor in weights:
@@ -310,7 +319,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
                 param.weight_loader(param, tensor, shard_id)
         except ConfigError as e:
             raise ConfigError(f"{ckpt_name}: {e}") from None
-        loaded.add((name, shard_id))
+        # a fused module's checkpoint tensor (Phi-3's qkv_proj) fills all of its shards at once
+        loaded.update((name, s) for s in (shard_ids(name) if shard_id is None else [shard_id]))
     missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in expected - loaded)
     if missing:
         raise ConfigError(f"checkpoint is missing {len(missing)} weight(s), e.g. {missing[:5]}")

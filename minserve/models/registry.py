@@ -36,12 +36,14 @@ class Architecture:
         return None if self.processor is None else _import(self.processor)
 
 
-def _text(name: str, gguf_name: str, permuted: bool = False) -> Architecture:
-    """A Llama-family decoder: one class, with config flags (sliding window, qkv bias, q/k norm)
-    that ModelConfig reads from config.json."""
+def _text(name: str, gguf_name: str | None, permuted: bool = False, lora: bool = True
+          ) -> Architecture:
+    """A Llama-family decoder: one class, with config flags (sliding window, qkv bias, q/k norm,
+    NoPE layers, LongRoPE, partial rotary) that ModelConfig reads from config.json."""
     return Architecture(name, "llama:LlamaForCausalLM", gguf_name=gguf_name,
-                        gguf_permuted_qk=permuted, can_embed=True, lora=True,
-                        tensor_parallel=True, quantization=(*_DENSE, "gguf"))
+                        gguf_permuted_qk=permuted, can_embed=True, lora=lora,
+                        tensor_parallel=True,
+                        quantization=(*_DENSE, "gguf") if gguf_name else _DENSE)
 
 
 def _base(name: str) -> Architecture:
@@ -62,6 +64,17 @@ ARCHITECTURES = {a.name: a for a in (
     _text("MistralForCausalLM", "mistral", permuted=True),
     _text("Qwen2ForCausalLM", "qwen2"),
     _text("Qwen3ForCausalLM", "qwen3"),
+    _text("SmolLM3ForCausalLM", None),
+    # Phi-3/Phi-4: checkpoints hold qkv_proj and gate_up_proj fused (PEFT adapters target
+    # those fused names, which the LoRA slots do not map)
+    _text("Phi3ForCausalLM", None, lora=False),
+    Architecture("Gemma3ForCausalLM", "gemma3:Gemma3ForCausalLM", tensor_parallel=True,
+                 quantization=_DENSE),
+    Architecture("Gemma4ForCausalLM", "gemma4:Gemma4ForCausalLM", tensor_parallel=True,
+                 quantization=_DENSE),
+    # its text stack only (the vision and audio towers are not built; images get the 400)
+    Architecture("Gemma4ForConditionalGeneration", "gemma4:Gemma4ForCausalLM",
+                 tensor_parallel=True, quantization=_DENSE),
     _base("LlamaModel"), _base("MistralModel"), _base("Qwen2Model"), _base("Qwen3Model"),
     _vision("LlavaForConditionalGeneration", "llava", "LlavaImageProcessor"),
     _vision("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),

@@ -94,6 +94,7 @@ class ShardStash:
                  optional: tuple[str, ...] = (), sharded: bool = False) -> None:
         self.names, self.optional, self.sharded = names, optional, sharded
         self.tensors: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
+        self.fused: dict[str, torch.Tensor] = {}   # a checkpoint's fused tensors, split at take()
         self.device = torch.device("cpu")
 
     def register(self, layer: nn.Module) -> None:
@@ -107,6 +108,11 @@ class ShardStash:
             layer.register_parameter(name, param)
 
     def load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        if shard_id is None and len(self.tensors) > 1:     # fused in the checkpoint (Phi-3)
+            self.device = param.device
+            self.fused[param.stash_name] = loaded if self.sharded else loaded.to(param.device,
+                                                                                 copy=True)
+            return
         index = shard_index(shard_id)
         if not 0 <= index < len(self.tensors):
             raise config_error(f"unexpected shard {shard_id!r} for {param.stash_name}")
@@ -117,8 +123,11 @@ class ShardStash:
     def take(self, layer: nn.Module, layouts: Any = None) -> list[dict[str, torch.Tensor]]:
         """Every shard's tensors (this rank's slices, by `layouts`: sharding.Layouts); drops
         the placeholders and the stash from the layer."""
-        from minserve.models.quant.sharding import narrow_shard
+        from minserve.models.quant.sharding import narrow_shard, split_fused
 
+        if self.fused:
+            for index, part in enumerate(split_fused(layer, self.fused, layouts)):
+                self.tensors[index].update(part)
         for index, shard in enumerate(self.tensors):
             missing = [n for n in self.names if n not in shard and n not in self.optional]
             if missing:

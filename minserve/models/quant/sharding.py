@@ -56,6 +56,30 @@ def narrow_shard(layer: nn.Module, index: int, shard: dict[str, torch.Tensor],
     return out
 
 
+def split_fused(layer: nn.Module, fused: dict[str, torch.Tensor],
+                layouts: Layouts) -> list[dict[str, torch.Tensor]]:
+    """A checkpoint's fused q|k|v (or gate|up) tensors -> each shard's tensors (views), split
+    along N at the shards' checkpoint sizes; a tensor with no N dim (a per-tensor scale, g_idx)
+    belongs to every shard."""
+    sizes = layer.checkpoint_sizes()
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in sizes]
+    for name, t in fused.items():
+        spec = layouts(name, t, fused)[0]
+        offset = 0
+        for part, size in zip(parts, sizes, strict=True):
+            if spec is None:
+                part[name] = t
+                continue
+            dim, features, stored = spec
+            if offset % features or size % features or t.shape[dim] != sum(sizes) // features \
+                    * stored:
+                raise config_error(f"fused {name} {tuple(t.shape)} does not split into the "
+                                   f"layer's shards {sizes} on {features}-feature steps")
+            part[name] = t.narrow(dim, offset // features * stored, size // features * stored)
+            offset += size
+    return parts
+
+
 def _narrow(name: str, t: torch.Tensor, spec: Spec, part: int, num_parts: int, local: int,
             along: str) -> torch.Tensor:
     dim, features, stored = spec

@@ -1,0 +1,235 @@
+"""Gemma 3's language model in plain torch (Gemma3ForCausalLM, and the text stack inside
+Gemma3ForConditionalGeneration checkpoints): what differs from Llama is written out here, the rest
+is models/llama.py's. Sliding-window (local) and global layers interleave, each kind with its own
+RoPE base; q/k RMSNorm; four norms per layer, all Gemma's (1 + w); GeGLU; embeddings scaled by
+sqrt(hidden); attention scaled by query_pre_attn_scalar; optional final-logit softcapping."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from minserve.config import ConfigError, ModelConfig
+from minserve.kernels import AttnMetadata, LoRAMapping
+from minserve.models import parallel
+from minserve.models.layers import (
+    Attention,
+    GeluAndMul,
+    GemmaRMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    softcap,
+)
+from minserve.models.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from minserve.models.llama import LlamaForCausalLM, linear_method
+
+# transformers' Gemma3TextConfig defaults: a Gemma3ForConditionalGeneration's text_config names
+# only what differs from them.
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "query_pre_attn_scalar": 256,
+    "sliding_window": 4096, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+    "eos_token_id": 1, "bos_token_id": 2,
+}
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
+
+
+@dataclass
+class Gemma3Config(ModelConfig):
+    """ModelConfig's rope_theta / rope_scaling are the global layers'; the local (sliding)
+    layers have their own."""
+    query_pre_attn_scalar: float = 256.0
+    final_logit_softcapping: float | None = None
+    local_rope_theta: float = 10_000.0
+    local_rope_scaling: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, top: dict[str, Any]) -> Gemma3Config:
+        is_wrapper = "vision_config" in top or "text_config" in top
+        text = {**GEMMA3_TEXT_DEFAULTS, **(top.get("text_config") or {} if is_wrapper else top)}
+        text.pop("vision_config", None)
+        arch = (top.get("architectures") or ["Gemma3ForCausalLM"])[0]
+        check_gemma_text(text)
+        full, local = rope_by_layer_type(text)
+        num_layers = int(text["num_hidden_layers"])
+        if text.get("layer_types") is None:
+            pattern = int(text.get("sliding_window_pattern", 6))
+            text["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                   for i in range(num_layers)]
+        base = ModelConfig.from_dict({**text, "architectures": [arch], "rope_parameters": None,
+                                      "rope_scaling": None, "rope_theta": full[0]})
+        base.rope_scaling = full[1]
+        base.quantization_config = top.get("quantization_config") or base.quantization_config
+        base.hf_config = top if is_wrapper else {}
+        return cls(**vars(base), query_pre_attn_scalar=float(text["query_pre_attn_scalar"]),
+                   final_logit_softcapping=text.get("final_logit_softcapping"),
+                   local_rope_theta=local[0], local_rope_scaling=local[1])
+
+    def rotary(self, sliding: bool) -> RotaryEmbedding:
+        theta, scaling = ((self.local_rope_theta, self.local_rope_scaling) if sliding
+                          else (self.rope_theta, self.rope_scaling))
+        return RotaryEmbedding(self.rotary_dim, theta, scaling, self.max_position_embeddings,
+                               self.max_model_len)
+
+
+def check_gemma_text(text: dict[str, Any]) -> None:
+    """Start-up errors for the Gemma text settings minserve does not implement."""
+    act = text.get("hidden_activation") or text.get("hidden_act")
+    if act not in GELU_TANH:
+        raise ConfigError(f"Gemma hidden_activation {act!r} is not supported (only "
+                          "gelu_pytorch_tanh)")
+    if text.get("attn_logit_softcapping") is not None:
+        raise ConfigError("attn_logit_softcapping (Gemma 2) is not supported: the paged attention "
+                          "kernels have no softcap")
+    if text.get("use_bidirectional_attention"):
+        raise ConfigError("use_bidirectional_attention (an embedding Gemma) is not supported for "
+                          "generation")
+
+
+def rope_by_layer_type(text: dict[str, Any]
+                       ) -> tuple[tuple[float, dict | None], tuple[float, dict | None]]:
+    """((theta, scaling) of the global layers, (theta, scaling) of the sliding ones), from
+    transformers 5's rope_parameters by layer type or the older rope_theta, rope_scaling (global
+    layers only) and rope_local_base_freq."""
+    params = text.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    else:
+        full = {**(text.get("rope_scaling") or {}), "rope_theta": text.get("rope_theta", 1e6)}
+        local = {"rope_theta": text.get("rope_local_base_freq", 10_000.0)}
+
+    def split(p: dict[str, Any], default_theta: float) -> tuple[float, dict | None]:
+        kind = p.get("rope_type") or p.get("type") or "default"
+        return float(p.get("rope_theta") or default_theta), None if kind == "default" else p
+
+    return split(full, 1_000_000.0), split(local, 10_000.0)
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config: Gemma3Config, prefix: str, layer: int) -> None:
+        super().__init__()
+        h, k, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        tp = parallel.tp_rank(), parallel.tp_size()
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, d, h, k, config.attention_bias,
+                                          linear_method(config, f"{prefix}.qkv_proj"), *tp)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = d
+        self.o_proj = RowParallelLinear(h * d, config.hidden_size, config.attention_bias,
+                                        linear_method(config, f"{prefix}.o_proj"), *tp)
+        self.q_norm = GemmaRMSNorm(d, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(d, config.rms_norm_eps)
+        self.is_sliding = config.is_sliding(layer)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d,
+                              config.sliding_window if self.is_sliding else None,
+                              scale=config.query_pre_attn_scalar ** -0.5)
+
+    def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+                attn: AttnMetadata, lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden, lora_mapping)  # [T, (H + 2K) * D]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
+        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
+        qk = apply_rotary(torch.cat((q, k), dim=1), *cos_sin)      # [T, H + K, D]
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        return self.o_proj(self.attn(q, k, v, attn), lora_mapping)
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, config: ModelConfig, prefix: str, intermediate_size: int | None = None
+                 ) -> None:
+        super().__init__()
+        i = intermediate_size or config.intermediate_size
+        tp = parallel.tp_rank(), parallel.tp_size()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [i, i], False, linear_method(config, f"{prefix}.gate_up_proj"),
+            *tp)
+        self.down_proj = RowParallelLinear(i, config.hidden_size, False,
+                                           linear_method(config, f"{prefix}.down_proj"), *tp)
+        self.act_fn = GeluAndMul()
+
+    def forward(self, x: torch.Tensor, lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x, lora_mapping)), lora_mapping)
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: Gemma3Config, prefix: str, layer: int) -> None:
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(hidden, eps)
+        self.self_attn = Gemma3Attention(config, f"{prefix}.self_attn", layer)
+        self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+        self.mlp = Gemma3MLP(config, f"{prefix}.mlp")
+        self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata,
+                lora_mapping: LoRAMapping | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # Llama's carried residual, with the post-norms applied to each branch before its add:
+        # residual += post_norm(branch) happens inside the next pre-norm's fused call.
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.post_attention_layernorm(self.self_attn(hidden, cos_sin, attn, lora_mapping))
+        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+        return self.post_feedforward_layernorm(self.mlp(hidden, lora_mapping)), residual
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, config: Gemma3Config) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
+                                                   parallel.tp_rank(), parallel.tp_size())
+        self.embed_scale = config.hidden_size ** 0.5
+        self.layers = nn.ModuleList(Gemma3DecoderLayer(config, f"model.layers.{i}", i)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        # one cos/sin pair per layer kind per step
+        self.rotary_emb = config.rotary(sliding=False)
+        self.rotary_emb_local = config.rotary(sliding=True)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] -> [T, hidden], scaled by sqrt(hidden) rounded to the weights' dtype (as HF)."""
+        x = self.embed_tokens(input_ids)
+        return x * torch.tensor(self.embed_scale, dtype=x.dtype)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                attn: AttnMetadata, inputs_embeds: torch.Tensor | None = None,
+                lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
+        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        rope = {False: self.rotary_emb(positions, hidden.dtype),
+                True: self.rotary_emb_local(positions, hidden.dtype)}
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, rope[layer.self_attn.is_sliding], attn,
+                                     lora_mapping)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    """LlamaForCausalLM's loading, logits and KV-cache plumbing around Gemma3Model. A wrapper
+    (Gemma3ForConditionalGeneration) builds it from a Gemma3Config as LLaVA builds Llama."""
+    config_class = Gemma3Config
+    model_class = Gemma3Model
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(input_ids)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = super().compute_logits(hidden)
+        return None if logits is None else softcap(logits, self.config.final_logit_softcapping)
+
