@@ -13,7 +13,8 @@ from tests.tiny import CORPUS, scale_up_weights
 
 VLM_SPECIALS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|vision_start|>",
                  "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<fake_token_around_image>",
-                 "<global-img>", "<end_of_utterance>"]
+                 "<global-img>", "<end_of_utterance>", "<bos>", "<start_of_turn>",
+                 "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
                 + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
 
 ARCHS = ["LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration",
@@ -42,6 +43,13 @@ TEMPLATES = {
 }
 TEMPLATES["Qwen2_5_VLForConditionalGeneration"] = TEMPLATES["Qwen2VLForConditionalGeneration"]
 TEMPLATES["Qwen3VLForConditionalGeneration"] = TEMPLATES["Qwen2VLForConditionalGeneration"]
+# NOTE: Gemma's own template writes "user\n" right before an image, which transformers'
+# processor expands to "\n\n\n<start_of_image>..." and tokenizes whole; ours expands by tokens
+# (a newline run there may tokenize apart): the tiny template keeps text before the image.
+TEMPLATES["Gemma3ForConditionalGeneration"] = (
+    "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + ': ' }}"
+    + _PARTS.replace("IMAGE", "'<start_of_image>'") + "{{ '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
 TEMPLATES["Mistral3ForConditionalGeneration"] = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
     "{{ '[INST]' }}" + _PARTS.replace("IMAGE", "'[IMG]'") + "{{ '[/INST]' }}"
@@ -132,6 +140,19 @@ def _config(arch: str, ids: dict[str, int], vocab: int) -> object:
                                            vision_feature_layer=-1, tie_word_embeddings=False)
     text = {**TEXT, "vocab_size": vocab, "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"]}
+    if arch == "Gemma3ForConditionalGeneration":
+        # a sliding layer whose window (12) is shorter than an image's 16 tokens, then a global
+        # one; 8x8 patches pooled to 4x4 tokens
+        text = {**text, "head_dim": 16, "sliding_window": 12, "query_pre_attn_scalar": 16,
+                "bos_token_id": ids["<bos>"], "eos_token_id": ids["<end_of_turn>"],
+                "layer_types": ["sliding_attention", "full_attention"]}
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "image_size": 56, "patch_size": 7}
+        return transformers.Gemma3Config(text_config=text, vision_config=vision,
+                                         mm_tokens_per_image=16,
+                                         boi_token_index=ids["<start_of_image>"],
+                                         eoi_token_index=ids["<end_of_image>"],
+                                         image_token_index=ids["<image_soft_token>"])
     if arch == "LlavaForConditionalGeneration":
         vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
                   "num_attention_heads": 4, "image_size": 56, "patch_size": 14}
@@ -188,6 +209,12 @@ def _processor_files(arch: str) -> dict[str, dict]:
                     "patch_size": {"height": 4, "width": 4}, "size": {"longest_edge": 48},
                     "resample": 3},
                 "processor_config.json": {"patch_size": 4, "spatial_merge_size": 2}}
+    if arch == "Gemma3ForConditionalGeneration":
+        return {"preprocessor_config.json": {
+                    "image_processor_type": "Gemma3ImageProcessor", "do_pan_and_scan": None,
+                    "size": {"height": 56, "width": 56}, "resample": 2,
+                    "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+                "processor_config.json": {"image_seq_length": 16}}
     if arch.startswith("Qwen3"):
         return {"preprocessor_config.json": {
             "image_processor_type": "Qwen2VLImageProcessor", "patch_size": 16, "merge_size": 2,
@@ -217,9 +244,11 @@ def make_tiny_vlm(folder: str, arch: str, seed: int = 0) -> str:
             tok = json.load(f)
         vocab = len(tok["model"]["vocab"]) + sum(t["content"] not in tok["model"]["vocab"]
                                                 for t in tok["added_tokens"])
-        eos = ids["<|im_end|>"]
+        gemma = arch.startswith("Gemma3")
+        bos, eos_token = ("<bos>", "<end_of_turn>") if gemma else (None, "<|im_end|>")
+        eos = ids[eos_token]
         files = {"tokenizer_config.json": {
-            "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+            "bos_token": bos, "eos_token": eos_token, "pad_token": "<|endoftext|>",
             "unk_token": None, "add_bos_token": False, "chat_template": TEMPLATES[arch],
             "model_max_length": TEXT["max_position_embeddings"],
             "tokenizer_class": "PreTrainedTokenizerFast"}}

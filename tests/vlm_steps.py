@@ -43,7 +43,7 @@ def run_chunk(engine: Engine, req: EngineRequest, start: int, end: int, block_id
                       if runner.uses_mrope else None)
     inputs = runner.prepare_inputs(step)
     if step.mm_inputs:
-        inputs.inputs_embeds = runner.embed_multimodal(step, inputs)
+        runner.place_images(step, inputs)
     return runner.model.compute_logits(runner.run_model(inputs))
 
 
@@ -75,6 +75,9 @@ def hf_inputs(arch: str, hf, req: EngineRequest) -> dict:
         grids = torch.tensor(np.concatenate([i.data["image_grid_thw"] for i in req.mm_items]))
         return {"input_ids": ids, "pixel_values": torch.cat(pv), "image_grid_thw": grids,
                 "mm_token_type_ids": (ids == hf.config.image_token_id).int()}
+    if arch.startswith("Gemma3"):     # token types mark the image tokens (both-ways attention)
+        return {"input_ids": ids, "pixel_values": torch.stack(pv),
+                "token_type_ids": (ids == hf.config.image_token_id).long()}
     if arch.startswith("Mistral3"):    # one batch, each image at the top left of its own
         sizes = torch.tensor([list(x.shape[1:]) for x in pv])
         batch = torch.zeros(len(pv), 3, *sizes.max(0).values.tolist())
