@@ -24,7 +24,8 @@ TEXT = {"LlavaForConditionalGeneration": "USER: <image>\nwhat is it?",
         "Qwen3VLForConditionalGeneration":
             "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is it?",
         "Idefics3ForConditionalGeneration": "User:<image>what is it?",
-        "Mistral3ForConditionalGeneration": "[INST][IMG]what is it?[/INST]"}
+        "Mistral3ForConditionalGeneration": "[INST][IMG]what is it?[/INST]",
+        "Gemma3ForConditionalGeneration": "<bos><start_of_turn>user: <start_of_image>what?"}
 
 
 @pytest.fixture(scope="module", params=list(TEXT))
@@ -78,6 +79,22 @@ def _hf_reference(arch: str, folder: str, hf_config: dict, text: str, image):
         text = text.replace("<|image_pad|>", "<|image_pad|>" * n)
         ids = _hf_tokenizer(folder)(text)["input_ids"]
         return ids, np.asarray(out["pixel_values"]), grid
+    if arch.startswith("Gemma3"):
+        from transformers import Gemma3Processor
+        from transformers.models.gemma3.image_processing_pil_gemma3 import (
+            Gemma3ImageProcessorPil,
+        )
+
+        tok = _hf_tokenizer(folder)
+        tok.boi_token, tok.eoi_token, tok.image_token = ("<start_of_image>", "<end_of_image>",
+                                                         "<image_soft_token>")
+        tok.boi_token_id, tok.image_token_id = (tok.convert_tokens_to_ids(t) for t in (
+            "<start_of_image>", "<image_soft_token>"))
+        pp = {k: v for k, v in _pp(folder).items() if v is not None}
+        proc = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(**pp), tokenizer=tok,
+                               image_seq_length=16)
+        out = proc(images=[image], text=[text])
+        return out["input_ids"][0], np.asarray(out["pixel_values"][0]), None
     if arch.startswith("Mistral3"):
         # PixtralProcessor wants torchvision: resize as its image processor does (patch *
         # spatial merge) and expand as it does
