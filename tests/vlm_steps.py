@@ -22,7 +22,9 @@ def vlm_request(engine: Engine, images: list, text: str = "describe these") -> E
     content.append({"type": "text", "text": text})
     rendered = engine.info.tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                          images=ImageParts(proc.placeholder))
-    ids = engine.info.tokenizer.encode(rendered, add_special_tokens=False)
+    own = proc.encode_text(rendered)     # Phi-3-vision tokenizes around its image tags
+    ids = own if own is not None else engine.info.tokenizer.encode(rendered,
+                                                                   add_special_tokens=False)
     mm = expand_prompt(ids, images, proc)
     return EngineRequest("r", mm.prompt_token_ids, SamplingParams(max_tokens=4), mm_items=mm.items,
                          mrope_positions=mm.mrope_positions,

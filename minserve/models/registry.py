@@ -84,6 +84,8 @@ ARCHITECTURES = {a.name: a for a in (
     _vision("Mistral3ForConditionalGeneration", "mistral3", "Mistral3ImageProcessor"),
     _vision("Gemma3ForConditionalGeneration", "gemma3_vision", "Gemma3ImageProcessor",
             lora=False),
+    # Phi-3.5-vision: a Phi-3 language model (fused checkpoint tensors, as Phi3ForCausalLM)
+    _vision("Phi3VForCausalLM", "phi3v", "Phi3VImageProcessor", lora=False),
     # BERT-family encoders (models/bert.py) and the cross-encoders over them (/v1/score, rerank)
     *(Architecture(name, f"bert:{cls}", "embed") for name, cls in (
         ("BertModel", "BertModel"), ("BertForMaskedLM", "BertModel"),
