@@ -1,0 +1,109 @@
+"""Phi-3.5-vision (Phi3VForCausalLM) against the hub's remote code, through the committed reference
+(tests/data/phi3v_tiny.json, made outside the repo; tests/tiny_phi3v.py writes the same model):
+our chat rendering and processor give the reference's prompt ids (HD crops 1x1, 2x1 and 1x2), the
+engine its last-prompt logits on a whole prefill and on chunks that cut the images, and its
+greedy tokens through the scheduler's chunks, for one prompt with two images and for two
+different images; LLM under tensor parallel 2 gives them too; the server answers
+--limit-mm-per-prompt, video parts and misnumbered image tags with 400s."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from minserve import LLM, SamplingParams
+from minserve.config import EngineConfig
+from minserve.engine.engine import Engine
+from minserve.server import ServerConfig, create_app
+from tests.asgi import call, lifespan
+from tests.tiny_phi3v import load_data, make_tiny_phi3v
+from tests.tiny_vlm import random_image
+from tests.vlm_steps import block_ids, generate, run_chunk, vlm_request
+
+CASES = load_data()["cases"]
+ARGS = dict(kv_cache_memory=16 << 20, max_num_seqs=4, max_model_len=1024)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_tiny_phi3v(str(tmp_path_factory.mktemp("phi3v")))
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    # prompts run in 64-token chunks through the scheduler (generate below)
+    return Engine(EngineConfig(model=folder, max_num_batched_tokens=1024,
+                               long_prefill_token_threshold=64, **ARGS))
+
+
+def _request(engine, case):
+    req = vlm_request(engine, [random_image(*im) for im in case["images"]], case["text"])
+    image = engine.info.image_processor.image_token_id
+    # the reference marks image k's tokens with -k
+    assert req.prompt_token_ids == [i if i >= 0 else image for i in case["input_ids"]]
+    return req
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_reference_prompt_logits_and_greedy_tokens(engine, index):
+    case = CASES[index]
+    req = _request(engine, case)
+    n = len(req.prompt_token_ids)
+    ref = torch.tensor(case["last_logits"])
+    whole = run_chunk(engine, req, 0, n, block_ids(n))[-1]
+    torch.testing.assert_close(whole, ref, atol=1e-4, rtol=0)
+    first = req.mm_items[0]
+    cuts = [0, first.offset + 100, first.offset + first.length - 5, n]
+    table = block_ids(n, first=80)
+    chunks = [run_chunk(engine, req, a, b, table) for a, b in zip(cuts[:-1], cuts[1:])]
+    torch.testing.assert_close(chunks[-1][-1], ref, atol=1e-4, rtol=0)
+    assert generate(engine, req, f"g{index}", len(case["greedy"])) == case["greedy"]
+
+
+def test_two_images_give_different_outputs():
+    one, two = CASES[1], CASES[2]
+    assert one["text"] == two["text"] and one["images"] != two["images"]
+    assert one["greedy"] != two["greedy"]
+
+
+def test_tensor_parallel_2_gives_the_reference_tokens(folder):
+    case = CASES[0]
+    sp = SamplingParams(temperature=0, max_tokens=len(case["greedy"]), ignore_eos=True)
+    prompt = {"prompt": case["prompt"],
+              "multi_modal_data": {"image": [random_image(*im) for im in case["images"]]}}
+    two = LLM(folder, tensor_parallel_size=2, max_num_batched_tokens=256, **ARGS)
+    try:
+        got = two.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+    finally:
+        two.engine.shutdown()
+    assert list(got) == case["greedy"]
+
+
+def test_limit_video_and_tag_errors_are_400s(folder):
+    app = create_app(EngineConfig(model=folder, limit_mm_per_prompt={"image": 1}, **ARGS),
+                     ServerConfig(served_model_names=["tiny"]))
+    url = {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQV"
+                  "R4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"}
+
+    def body(*parts: dict) -> dict:
+        return {"model": "tiny", "max_tokens": 2, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "look"}, *parts]}]}
+
+    async def main():
+        async with lifespan(app):
+            one = await call(app, "POST", "/v1/chat/completions",
+                             body({"type": "image_url", "image_url": url}))
+            two = await call(app, "POST", "/v1/chat/completions",
+                             body(*[{"type": "image_url", "image_url": url}] * 2))
+            video = await call(app, "POST", "/v1/chat/completions",
+                               body({"type": "video_url", "video_url": {"url": "x.mp4"}}))
+            tags = await call(app, "POST", "/v1/completions",
+                              {"model": "tiny", "max_tokens": 2, "prompt": "<|image_2|> hi"})
+            return one, two, video, tags
+
+    one, two, video, tags = asyncio.run(main())
+    assert one.status == 200, one.body
+    assert two.status == 400 and "At most 1 image" in two.json()["error"]["message"]
+    assert video.status == 400 and "video_url" in video.json()["error"]["message"]
+    assert tags.status == 400 and "<|image_1|>" in tags.json()["error"]["message"]
