@@ -6,17 +6,23 @@ the logits), and through the server, images within
 --limit-mm-per-prompt answered, one over it and a video part each a 400."""
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
 from minserve.config import EngineConfig
 from minserve.engine.engine import Engine
 from minserve.server import ServerConfig, create_app
-from tests.asgi import call, lifespan
 from tests.tiny_vlm import make_tiny_vlm, random_image
-from tests.vlm_steps import BLOCK, block_ids, generate, hf_greedy, hf_inputs, run_chunk, vlm_request
+from tests.vlm_steps import (
+    BLOCK,
+    block_ids,
+    check_image_limit,
+    generate,
+    hf_greedy,
+    hf_inputs,
+    run_chunk,
+    vlm_request,
+)
 
 ATOL = 2e-4
 NEW_ARCHS = {"qwen3vl": "Qwen3VLForConditionalGeneration",
@@ -86,26 +92,4 @@ def test_limit_and_video_parts_are_400s(setup):
     app = create_app(EngineConfig(model=folder, kv_cache_memory=8 << 20, max_model_len=512,
                                   limit_mm_per_prompt={"image": 1}),
                      ServerConfig(served_model_names=["tiny"]))
-    url = {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQV"
-                  "R4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"}
-
-    def body(*parts: dict) -> dict:
-        return {"model": "tiny", "max_tokens": 2, "messages": [
-            {"role": "user", "content": [{"type": "text", "text": "look"}, *parts]}]}
-
-    async def main():
-        async with lifespan(app):
-            one = await call(app, "POST", "/v1/chat/completions",
-                             body({"type": "image_url", "image_url": url}))
-            two = await call(app, "POST", "/v1/chat/completions",
-                             body(*[{"type": "image_url", "image_url": url}] * 2))
-            video = await call(app, "POST", "/v1/chat/completions",
-                               body({"type": "video_url", "video_url": {"url": "x.mp4"}}))
-            return one, two, video
-
-    one, two, video = asyncio.run(main())
-    assert one.status == 200, one.body
-    assert two.status == 400 and "At most 1 image" in two.json()["error"]["message"]
-    assert video.status == 400
-    err = video.json()["error"]
-    assert err["param"] == "messages[0].content[1]" and "video_url" in err["message"]
+    check_image_limit(app)

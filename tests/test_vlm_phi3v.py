@@ -7,8 +7,6 @@ different images; LLM under tensor parallel 2 gives them too; the server answers
 --limit-mm-per-prompt, video parts and misnumbered image tags with 400s."""
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
@@ -16,10 +14,9 @@ from minserve import LLM, SamplingParams
 from minserve.config import EngineConfig
 from minserve.engine.engine import Engine
 from minserve.server import ServerConfig, create_app
-from tests.asgi import call, lifespan
 from tests.tiny_phi3v import load_data, make_tiny_phi3v
 from tests.tiny_vlm import random_image
-from tests.vlm_steps import block_ids, generate, run_chunk, vlm_request
+from tests.vlm_steps import block_ids, check_image_limit, generate, run_chunk, vlm_request
 
 CASES = load_data()["cases"]
 ARGS = dict(kv_cache_memory=16 << 20, max_num_seqs=4, max_model_len=1024)
@@ -83,27 +80,6 @@ def test_tensor_parallel_2_gives_the_reference_tokens(folder):
 def test_limit_video_and_tag_errors_are_400s(folder):
     app = create_app(EngineConfig(model=folder, limit_mm_per_prompt={"image": 1}, **ARGS),
                      ServerConfig(served_model_names=["tiny"]))
-    url = {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQV"
-                  "R4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"}
-
-    def body(*parts: dict) -> dict:
-        return {"model": "tiny", "max_tokens": 2, "messages": [
-            {"role": "user", "content": [{"type": "text", "text": "look"}, *parts]}]}
-
-    async def main():
-        async with lifespan(app):
-            one = await call(app, "POST", "/v1/chat/completions",
-                             body({"type": "image_url", "image_url": url}))
-            two = await call(app, "POST", "/v1/chat/completions",
-                             body(*[{"type": "image_url", "image_url": url}] * 2))
-            video = await call(app, "POST", "/v1/chat/completions",
-                               body({"type": "video_url", "video_url": {"url": "x.mp4"}}))
-            tags = await call(app, "POST", "/v1/completions",
-                              {"model": "tiny", "max_tokens": 2, "prompt": "<|image_2|> hi"})
-            return one, two, video, tags
-
-    one, two, video, tags = asyncio.run(main())
-    assert one.status == 200, one.body
-    assert two.status == 400 and "At most 1 image" in two.json()["error"]["message"]
-    assert video.status == 400 and "video_url" in video.json()["error"]["message"]
+    (tags,) = check_image_limit(app, ("/v1/completions", {"model": "tiny", "max_tokens": 2,
+                                                          "prompt": "<|image_2|> hi"}))
     assert tags.status == 400 and "<|image_1|>" in tags.json()["error"]["message"]

@@ -96,3 +96,35 @@ def hf_greedy(arch: str, hf, req: EngineRequest, max_tokens: int) -> list[int]:
     out = hf.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, min_new_tokens=0,
                       eos_token_id=None, pad_token_id=0)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def check_image_limit(app, *more: tuple[str, dict]) -> list:
+    """Through the server, whose --limit-mm-per-prompt is 1 image: a chat turn with one image is
+    answered, one with two and one with a video part get their 400s (checked here); then each
+    (path, body) of `more` is posted, and its responses returned."""
+    import asyncio
+
+    from tests.asgi import call, lifespan
+
+    url = {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQV"
+                  "R4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"}
+
+    def chat(*parts: dict) -> tuple[str, dict]:
+        return "/v1/chat/completions", {"model": "tiny", "max_tokens": 2, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "look"}, *parts]}]}
+
+    calls = [chat({"type": "image_url", "image_url": url}),
+             chat(*[{"type": "image_url", "image_url": url}] * 2),
+             chat({"type": "video_url", "video_url": {"url": "x.mp4"}}), *more]
+
+    async def main():
+        async with lifespan(app):
+            return [await call(app, "POST", path, body) for path, body in calls]
+
+    one, two, video, *rest = asyncio.run(main())
+    assert one.status == 200, one.body
+    assert two.status == 400 and "At most 1 image" in two.json()["error"]["message"]
+    assert video.status == 400
+    err = video.json()["error"]
+    assert err["param"] == "messages[0].content[1]" and "video_url" in err["message"]
+    return rest
