@@ -83,3 +83,25 @@ def test_limit_video_and_tag_errors_are_400s(folder):
     (tags,) = check_image_limit(app, ("/v1/completions", {"model": "tiny", "max_tokens": 2,
                                                           "prompt": "<|image_2|> hi"}))
     assert tags.status == 400 and "<|image_1|>" in tags.json()["error"]["message"]
+
+
+def test_images_are_numbered_across_the_conversation():
+    from minserve.chat import ImageParts, normalize_messages
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    messages = [{"role": "user", "content": [image, image, {"type": "text", "text": "a"}]},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": [{"type": "text", "text": "c"}, image]}]
+    out = normalize_messages(messages, "string", ImageParts("<|image_{n}|>"))
+    assert [m["content"] for m in out] == ["<|image_1|>\n<|image_2|>\na", "b", "<|image_3|>\nc"]
+
+
+def test_an_unsupported_layout_is_a_start_up_error():
+    from minserve.config import ConfigError
+    from minserve.models.vision.phi3v import vision_settings
+
+    config = load_data()["config"]
+    assert vision_settings(config)[1] == -2
+    for key, value in (("hd_transform_order", "glb_sub"), ("use_hd_transform", False)):
+        with pytest.raises(ConfigError, match="Phi-3-vision layout is not supported"):
+            vision_settings({**config, "embd_layer": {**config["embd_layer"], key: value}})
