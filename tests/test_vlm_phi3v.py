@@ -105,3 +105,17 @@ def test_an_unsupported_layout_is_a_start_up_error():
     for key, value in (("hd_transform_order", "glb_sub"), ("use_hd_transform", False)):
         with pytest.raises(ConfigError, match="Phi-3-vision layout is not supported"):
             vision_settings({**config, "embd_layer": {**config["embd_layer"], key: value}})
+
+
+def test_hd_transform_sizes_match_the_reference(engine):
+    from minserve.models.vision.phi3v_processor import hd_size
+
+    rows = load_data()["hd_sizes"]
+    assert [list(hd_size(w, h, n, 336)[2:]) for w, h, n, _, _ in rows] == [r[3:] for r in rows]
+    proc = engine.info.image_processor          # num_crops 2
+    for w, h, _, pw, ph in (r for r in rows if r[2] == proc.num_crops):
+        out = proc.process(random_image(w, h))
+        crops = (ph // 336) * (pw // 336)
+        assert out.data["crop_grid"].tolist() == [ph // 336, pw // 336]
+        assert out.data["pixel_values"].shape == (1 + crops, 3, 336, 336)
+        assert len(out.token_ids) == (crops + 1) * 144 + 1 + (ph // 336 + 1) * 12
