@@ -10,6 +10,14 @@ Per request r (a row of the batch), in token positions:
 
 Query token i of request r sits at absolute position context_len + i and may attend keys at
 positions <= context_len + i (and > context_len + i - sliding_window, when there is a window).
+
+Image spans (Gemma 3: image tokens attend to each other both ways): image_span_end[t] is one past
+the last position of the image that query token t sits in; the token also sees keys up to there.
+A step holding an image's tokens holds all of it from where it starts (the scheduler's rule), so
+those keys are in the cache; a token outside images has 0 (nothing past causal):
+
+    positions      10 11 12 13 14 15 16 17        image = positions 12..15
+    span_end        0  0 16 16 16 16  0  0        query 13 sees keys 0..15, query 11 keys 0..11
 """
 from __future__ import annotations
 
@@ -31,6 +39,9 @@ class AttnMetadata:
     # Host copies, so the torch reference never syncs with the device.
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
+    # [T] int32, only for a step with image tokens of a model whose images attend both ways
+    # (see the picture above); None: causal everywhere.
+    image_span_end: torch.Tensor | None = None
 
 
 def paged_attention_ref(
@@ -77,6 +88,8 @@ def paged_attention_ref(
         q_pos = torch.arange(context_len, seq_len, device=q.device)[:, None]
         k_pos = torch.arange(seq_len, device=q.device)[None, :]
         allowed = k_pos <= q_pos                                              # [Q, S]
+        if attn.image_span_end is not None:
+            allowed |= k_pos < attn.image_span_end[start:end, None].to(q.device)
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window
         o = torch.nn.functional.scaled_dot_product_attention(
@@ -133,13 +146,14 @@ def _find_request(query_start_loc_ptr, block_idx, num_reqs, BLOCK_Q: tl.constexp
 @jit
 def _tile_loop(
     acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, kv_head,
-    tile_lo, tile_hi, kv_end, query_abs_pos, qk_scale,
+    tile_lo, tile_hi, kv_end, query_abs_pos, last_key_pos, qk_scale,
     stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_SIZE: tl.constexpr, SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_FP8: tl.constexpr,
 ):
-    """Online softmax over key tiles [tile_lo, tile_hi); scores are in the log2 domain."""
+    """Online softmax over key tiles [tile_lo, tile_hi); scores are in the log2 domain. Row m
+    sees keys up to last_key_pos[m] (its own position, or the end of its image)."""
     offs_t = tl.arange(0, TILE_SIZE)
     offs_d = tl.arange(0, HEAD_DIM_P)
     dim_mask = offs_d < HEAD_DIM
@@ -159,7 +173,7 @@ def _tile_loop(
         if KV_FP8:   # k_scale is folded into qk_scale, v_scale into the output
             k, v = k.to(q.dtype), v.to(q.dtype)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale            # [M, TILE] fp32
-        allowed = key_mask[None, :] & (key_pos[None, :] <= query_abs_pos[:, None])
+        allowed = key_mask[None, :] & (key_pos[None, :] <= last_key_pos[:, None])
         if SLIDING_WINDOW > 0:
             allowed = allowed & (key_pos[None, :] > query_abs_pos[:, None] - SLIDING_WINDOW)
         s = tl.where(allowed, s, float("-inf"))
@@ -177,6 +191,7 @@ def _tile_loop(
 @jit
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
+    span_end_ptr,  # [T] int32, read only when HAS_SPANS
     segm_out_ptr, segm_max_ptr, segm_sum_ptr, qk_scale, v_scale, num_reqs,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt,
     stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
@@ -184,6 +199,7 @@ def _paged_attention_kernel(
     HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    HAS_SPANS: tl.constexpr,
 ):
     """Grid (query blocks, kv heads, NUM_SEGMENTS). NUM_SEGMENTS == 1 writes the output;
     otherwise each segment covers a slice of the key tiles and writes fp32 partials that
@@ -210,9 +226,15 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + token[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
                 mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
 
-    # Keys this block can see: [kv_start, kv_end), from its first and last query rows.
+    # Keys this block can see: [kv_start, kv_end), from its first and last query rows (and
+    # the end of an image a row sits in).
     first_pos = context_len + local_block * BLOCK_Q
     kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    last_key_pos = context_len + query_pos
+    if HAS_SPANS:
+        span_end = tl.load(span_end_ptr + token, mask=row_mask, other=0)
+        last_key_pos = tl.maximum(last_key_pos, span_end - 1)
+        kv_end = tl.minimum(seq_len, tl.maximum(kv_end, tl.max(span_end, axis=0)))
     kv_start = 0
     if SLIDING_WINDOW > 0:
         kv_start = tl.maximum(first_pos - SLIDING_WINDOW + 1, 0)
@@ -228,7 +250,7 @@ def _paged_attention_kernel(
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc, m_i, l_i = _tile_loop(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_ptr + r.to(tl.int64) * stride_bt,
-        kv_head, tile_lo, tile_hi, kv_end, context_len + query_pos, qk_scale,
+        kv_head, tile_lo, tile_hi, kv_end, context_len + query_pos, last_key_pos, qk_scale,
         stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
         HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE_SIZE, SLIDING_WINDOW, DOT_PRECISION, KV_FP8)
     if KV_FP8:
@@ -302,6 +324,7 @@ def paged_attention_triton(
         small = num_reqs * num_kv_heads < SPLIT_KV_MAX_PROGRAMS
         num_kv_splits = SPLIT_KV_SEGMENTS if decode_only and small else 1
     head_dim_p = max(16, triton.next_power_of_2(head_dim))
+    spans = None if decode_only else attn.image_span_end   # a decode sees all its keys anyway
     segm_out = segm_max = segm_sum = out                 # unused when not split
     if num_kv_splits > 1:
         segm_max = torch.empty(num_tokens, num_heads, num_kv_splits, dtype=torch.float32,
@@ -311,6 +334,7 @@ def paged_attention_triton(
     grid = (num_tokens // block_q + num_reqs, num_kv_heads, num_kv_splits)
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, attn.block_table, attn.seq_lens, attn.query_start_loc,
+        spans if spans is not None else attn.seq_lens,
         segm_out, segm_max, segm_sum, scale * k_scale * _LOG2E, v_scale, num_reqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), attn.block_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -319,7 +343,7 @@ def paged_attention_triton(
         BLOCK_SIZE=block_size, TILE_SIZE=tile, BLOCK_Q=block_q, BLOCK_M=block_m,
         SLIDING_WINDOW=sliding_window or 0, NUM_SEGMENTS=num_kv_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, HAS_SPANS=spans is not None,
     )
     if num_kv_splits > 1:
         _reduce_segments[(num_tokens, num_heads)](

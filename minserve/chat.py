@@ -66,6 +66,11 @@ class ImageParts:
     placeholder: str
     found: list[ImageRef] = field(default_factory=list)
 
+    def text(self, number: int) -> str:
+        """The placeholder of the conversation's image `number` (from 1): "{n}" in it becomes
+        the number (Phi-3-vision's <|image_1|>, <|image_2|>, ...)."""
+        return self.placeholder.replace("{n}", str(number))
+
 
 class ChatTemplateError(ValueError):
     """The template is missing, does not compile, or failed (raise_exception, a bad field...)."""
@@ -242,8 +247,9 @@ def normalize_messages(messages: Any, content_format: ContentFormat = "string",
         else:
             # vLLM joins text parts with a newline for string templates (and for tool results,
             # which are plain strings for every template), image placeholders first.
-            content = "\n".join([images.placeholder for p in parts if not isinstance(p, str)]
-                                + texts)
+            num_images = len(parts) - len(texts)
+            content = "\n".join([images.text(len(images.found) - num_images + k + 1)
+                                  for k in range(num_images)] + texts)
         msg: dict[str, Any] = {"role": role, "content": content}
         name = message.get("name")
         if name is not None:

@@ -144,6 +144,15 @@ class ModelConfig:
         return self.sliding_window is not None and (
             self.layer_types is None or self.layer_types[layer] == "sliding_attention")
 
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that RoPE rotates (all but for a partial rotary)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and (
+            self.layer_types is None or self.layer_types[layer] == "sliding_attention")
+
     @classmethod
     def from_dict(cls, top: dict[str, Any]) -> ModelConfig:
         archs = top.get("architectures") or ["LlamaForCausalLM"]

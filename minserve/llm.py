@@ -228,7 +228,9 @@ class LLM:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
-            return prompt, self.engine.info.tokenizer.encode(prompt)
+            processor = self.engine.info.image_processor
+            own = processor.encode_text(prompt) if processor is not None else None
+            return prompt, own if own is not None else self.engine.info.tokenizer.encode(prompt)
         return None, list(prompt)
 
     def _images(self, data: Any) -> list[Any]:

@@ -112,7 +112,11 @@ def encode_prompt(ctx: ServingContext, text: str, what: str,
                           f"tokens. However, your request has {len(text)} characters of {what}, "
                           f"far more than fit in {ctx.max_model_len} tokens. Please reduce the "
                           f"length of the {what}.", param=what)
-    return ctx.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    own = None
+    if ctx.image_processor is not None:    # a processor that tokenizes prompts itself
+        own = media(lambda: ctx.image_processor.encode_text(text))
+    return own if own is not None else ctx.tokenizer.encode(text,
+                                                            add_special_tokens=add_special_tokens)
 
 
 @dataclass

@@ -141,16 +141,24 @@ class Tokenizer:
         (and config.json for bos/eos ids as a last resort). `chat_template` overrides the
         model's: a file path or the template text."""
         path = os.path.join(folder, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise ConfigError(
-                f"{folder} has no tokenizer.json; minserve needs a fast (tokenizers) tokenizer: "
-                "pass --tokenizer with the model's HF folder (a SentencePiece GGUF needs it), or "
-                "save one with transformers: AutoTokenizer.from_pretrained(...).save_pretrained()")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        backend = HFTokenizer.from_str(text)
-        decoder_kind = _decoder_kind(json.loads(text).get("decoder"))
         tokenizer_config = read_json(folder, "tokenizer_config.json")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            backend = HFTokenizer.from_str(text)
+            decoder_kind = _decoder_kind(json.loads(text).get("decoder"))
+        elif os.path.isfile(os.path.join(folder, "tekken.json")):   # Mistral's own format
+            from minserve.tekken import SPECIAL_NAMES, load_tekken
+
+            backend = load_tekken(os.path.join(folder, "tekken.json"))
+            decoder_kind = "byte_level"
+            tokenizer_config = {**SPECIAL_NAMES, **tokenizer_config}
+        else:
+            raise ConfigError(
+                f"{folder} has no tokenizer.json; minserve needs a fast (tokenizers) tokenizer "
+                "(or Mistral's tekken.json): pass --tokenizer with the model's HF folder (a "
+                "SentencePiece GGUF needs it), or save one with transformers: "
+                "AutoTokenizer.from_pretrained(...).save_pretrained()")
         templates = _find_chat_templates(folder, tokenizer_config)
         if chat_template is not None:  # an explicit template replaces every named one
             templates = {"default": load_chat_template(chat_template)}

@@ -52,13 +52,25 @@ def make_batch(cases, num_heads, num_kv_heads, head_dim, block_size, dtype, *,
     return q, k_cache, v_cache, attn
 
 
+def image_span_end(cases, images, num_pad_tokens=0) -> torch.Tensor:
+    """[T] int32 for AttnMetadata.image_span_end: images[r] lists request r's images as
+    (start, end) absolute positions; a query token inside one gets its end, others 0."""
+    out = []
+    for (query_len, seq_len), spans in zip(cases, images, strict=True):
+        for pos in range(seq_len - query_len, seq_len):
+            out.append(next((end for start, end in spans if start <= pos < end), 0))
+    return torch.tensor(out + [0] * num_pad_tokens, dtype=torch.int32)
+
+
 def check_attention(cases, *, group=2, num_kv_heads=2, head_dim=16, block_size=16,
                     dtype=torch.float32, sliding_window=None, tile_size=32, num_kv_splits=1,
-                    num_pad_tokens=0, first_block=0, seed=0):
+                    num_pad_tokens=0, first_block=0, seed=0, images=None):
     torch.manual_seed(seed)
     q, k_cache, v_cache, attn = make_batch(cases, group * num_kv_heads, num_kv_heads, head_dim,
                                            block_size, dtype, num_pad_tokens=num_pad_tokens,
                                            first_block=first_block)
+    if images is not None:
+        attn.image_span_end = image_span_end(cases, images, num_pad_tokens)
     scale = head_dim ** -0.5
     out = torch.full_like(q, float("nan"))        # poisoned: unwritten rows fail
     got = attention.paged_attention_triton(
@@ -91,6 +103,24 @@ for _split in (1, 4):
     check(f"attention_block_index_past_int32[split={_split}]")(lambda sp=_split: check_attention(
         [(1, 37), (3, 20)], group=1, num_kv_heads=1, dtype=torch.float16, num_kv_splits=sp,
         first_block=2 ** 31 // (16 * 16) + 1, seed=6))
+
+
+# Images attending both ways (Gemma 3): a decode beside them; a chunk ending with an image; two
+# images in one chunk, the second ending the chunk; an image begun in the cache (a prefix hit
+# inside it); a one-token chunk that is an image's last token; with GQA, both block sizes, a
+# sliding window shorter than an image, and fp16.
+SPAN_CASES = [(1, 37), (5, 18), (17, 40), (7, 39), (1, 9)]
+SPAN_IMAGES = [[], [(14, 18)], [(24, 30), (33, 40)], [(30, 36)], [(4, 9)]]
+for _group in (1, 3):
+    for _bs in (16, 64):
+        check(f"attention_image_spans[group={_group},bs={_bs}]")(
+            lambda g=_group, bs=_bs: check_attention(SPAN_CASES, group=g, block_size=bs,
+                                                     images=SPAN_IMAGES, seed=g + bs))
+check("attention_image_spans_window_fp16")(lambda: check_attention(
+    SPAN_CASES, group=2, dtype=torch.float16, sliding_window=4, images=SPAN_IMAGES, seed=9))
+check("attention_image_spans_long_prefill")(lambda: check_attention(
+    [(70, 80), (1, 20)], group=2, images=[[(12, 40), (41, 80)], []], num_pad_tokens=2,
+    tile_size=16, seed=10))
 
 
 @check("attention_one_token_prompt_and_prefix_hit")

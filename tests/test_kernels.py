@@ -98,3 +98,36 @@ def test_store_kv_ref_writes_each_token_to_its_slot(pad):
         if slot >= 0:
             assert torch.equal(flat_k[slot], k[t]) and torch.equal(flat_v[slot], v[t])
     assert int((flat_k.abs().sum((1, 2)) > 0).sum()) == int((slots >= 0).sum())
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_ref_image_spans_match_dense_attention(window):
+    """Image tokens see their whole image (AttnMetadata.image_span_end): the reference against
+    dense SDPA with the mask written out, and the CPU dispatch (native decode rows beside the
+    reference's) against the reference."""
+    import minserve.kernels as kernels
+    from minserve.kernels.attention import paged_attention_ref
+
+    from tests.kernel_checks import SPAN_CASES, SPAN_IMAGES, image_span_end, make_batch
+
+    torch.manual_seed(11)
+    q, k_cache, v_cache, attn = make_batch(SPAN_CASES, 4, 2, 16, 16, torch.float32)
+    attn.image_span_end = image_span_end(SPAN_CASES, SPAN_IMAGES)
+    got = paged_attention_ref(q, k_cache, v_cache, attn, 0.25, window)
+    qsl, extended = attn.query_start_loc_host, 0
+    for r, (query_len, seq_len) in enumerate(SPAN_CASES):
+        blocks = attn.block_table[r].long()
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(2, 1)
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(2, 1)
+        q_pos = torch.arange(seq_len - query_len, seq_len)[:, None]
+        k_pos = torch.arange(seq_len)[None, :]
+        ends = attn.image_span_end[qsl[r]:qsl[r + 1], None]
+        mask = ((k_pos <= q_pos) | (k_pos < ends)) & ((k_pos > q_pos - window) if window else True)
+        extended += not torch.equal(mask, (k_pos <= q_pos) & mask)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[qsl[r]:qsl[r + 1]].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+            attn_mask=mask, scale=0.25).transpose(0, 1)
+        torch.testing.assert_close(got[qsl[r]:qsl[r + 1]], want, atol=2e-5, rtol=2e-5)
+    assert extended == 3            # the chunks holding images' tokens before their last one
+    out = kernels.paged_attention(q, k_cache, v_cache, attn, 0.25, window)
+    torch.testing.assert_close(out, got, atol=2e-5, rtol=2e-5)

@@ -486,3 +486,37 @@ def test_lower_priority_rows_sit_out_while_a_better_one_waits_for_its_first_toke
             assert t == fake_token(seq)
             seq.append(t)
     assert sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_whole_images_no_chunk_ends_inside_an_image():
+    """A model whose images attend both ways (SchedulerConfig.whole_images): prefill chunks stop
+    before an image's run of embedding tokens or run through its end, past the per-request
+    chunk cap but within the step's budget; two requests share the budget, all finish."""
+    import numpy as np
+
+    from minserve.engine.request import MultiModalItem
+
+    kv = KVCacheManager(64, BS, True)
+    sched = Scheduler(SchedulerConfig(4, 24, 256, 8, 0, whole_images=True), kv)
+    runner = FakeRunner(sched)
+    # embedding runs at [6, 18) (markers at 5 and 18) and [25, 35)
+    items = [MultiModalItem(5, 14, "a", embed_mask=np.array([0] + [1] * 12 + [0], bool)),
+             MultiModalItem(25, 10, "b")]
+    runs = [(6, 18), (25, 35)]
+    for rid in ("x", "y"):
+        req = new_req(rid, list(range(100, 140)), max_tokens=2)
+        req.mm_items = items
+        sched.add(req)
+    ends = {"x": [], "y": []}
+
+    def check(plan: StepPlan) -> None:
+        assert plan.total_num_scheduled_tokens <= 24
+        for req, n in zip(plan.requests, plan.num_scheduled_tokens, strict=True):
+            end = req.num_computed_tokens + n
+            assert not any(a < end < b for a, b in runs), (req.request_id, end)
+            ends[req.request_id].append(end)
+
+    outputs = run(sched, runner, check)
+    assert set(outputs) == {"x", "y"}
+    assert 18 in ends["x"] and 6 in ends["x"]      # stopped before an image, ran through one
+    assert any(b - a > 8 for a, b in zip([0, *ends["x"]], ends["x"]))   # past the cap of 8

@@ -17,7 +17,11 @@ ARGS = dict(kv_cache_memory=8 << 20, max_num_seqs=4, max_num_batched_tokens=24,
 
 
 @pytest.mark.parametrize("arch", ["LlavaForConditionalGeneration",
-                                  "Qwen2VLForConditionalGeneration"], ids=["llava", "qwen2vl"])
+                                  "Qwen2VLForConditionalGeneration",
+                                  "Qwen3VLForConditionalGeneration",
+                                  "Mistral3ForConditionalGeneration",
+                                  "Gemma3ForConditionalGeneration"],
+                         ids=["llava", "qwen2vl", "qwen3vl", "mistral3", "gemma3"])
 def test_images_at_tp2_give_one_process_tokens(arch, tmp_path):
     folder = make_tiny_vlm(str(tmp_path / arch[:8]), arch)
     convs = [[{"role": "user", "content": [

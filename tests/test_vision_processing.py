@@ -21,7 +21,11 @@ SIZES = [(56, 56), (100, 37), (37, 100), (640, 480), (480, 640), (20, 20), (1000
 TEXT = {"LlavaForConditionalGeneration": "USER: <image>\nwhat is it?",
         "Qwen2VLForConditionalGeneration":
             "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is it?",
-        "Idefics3ForConditionalGeneration": "User:<image>what is it?"}
+        "Qwen3VLForConditionalGeneration":
+            "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what is it?",
+        "Idefics3ForConditionalGeneration": "User:<image>what is it?",
+        "Mistral3ForConditionalGeneration": "[INST][IMG]what is it?[/INST]",
+        "Gemma3ForConditionalGeneration": "<bos><start_of_turn>user: <start_of_image>what?"}
 
 
 @pytest.fixture(scope="module", params=list(TEXT))
@@ -38,6 +42,11 @@ def setup(request, tmp_path_factory):
 def _hf_tokenizer(folder: str):
     from transformers import PreTrainedTokenizerFast
 
+    if os.path.isfile(os.path.join(folder, "tekken.json")):
+        from transformers.integrations.mistral.tokenizer import MistralConverter
+
+        return PreTrainedTokenizerFast(
+            tokenizer_object=MistralConverter(os.path.join(folder, "tekken.json")).converted())
     return PreTrainedTokenizerFast(tokenizer_file=os.path.join(folder, "tokenizer.json"))
 
 
@@ -58,7 +67,7 @@ def _hf_reference(arch: str, folder: str, hf_config: dict, text: str, image):
                               tokenizer=_hf_tokenizer(folder), **proc_cfg)
         out = proc(images=[image], text=[text])
         return out["input_ids"][0], np.asarray(out["pixel_values"][0]), None
-    if arch == "Qwen2VLForConditionalGeneration":
+    if arch.startswith("Qwen"):
         # Qwen2VLProcessor wants a video processor (torchvision): expand as it does instead.
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
             Qwen2VLImageProcessorPil,
@@ -70,6 +79,35 @@ def _hf_reference(arch: str, folder: str, hf_config: dict, text: str, image):
         text = text.replace("<|image_pad|>", "<|image_pad|>" * n)
         ids = _hf_tokenizer(folder)(text)["input_ids"]
         return ids, np.asarray(out["pixel_values"]), grid
+    if arch.startswith("Gemma3"):
+        from transformers import Gemma3Processor
+        from transformers.models.gemma3.image_processing_pil_gemma3 import (
+            Gemma3ImageProcessorPil,
+        )
+
+        tok = _hf_tokenizer(folder)
+        tok.boi_token, tok.eoi_token, tok.image_token = ("<start_of_image>", "<end_of_image>",
+                                                         "<image_soft_token>")
+        tok.boi_token_id, tok.image_token_id = (tok.convert_tokens_to_ids(t) for t in (
+            "<start_of_image>", "<image_soft_token>"))
+        pp = {k: v for k, v in _pp(folder).items() if v is not None}
+        proc = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(**pp), tokenizer=tok,
+                               image_seq_length=16)
+        out = proc(images=[image], text=[text])
+        return out["input_ids"][0], np.asarray(out["pixel_values"][0]), None
+    if arch.startswith("Mistral3"):
+        # PixtralProcessor wants torchvision: resize as its image processor does (patch *
+        # spatial merge) and expand as it does
+        from transformers.models.pixtral.image_processing_pil_pixtral import (
+            PixtralImageProcessorPil,
+        )
+
+        pp = {**_pp(folder), "patch_size": {"height": 8, "width": 8}}
+        out = PixtralImageProcessorPil(**pp)(images=[image])
+        h, w = (int(x) // 8 for x in out["image_sizes"][0])
+        expanded = (("[IMG]" * w + "[IMG_BREAK]") * h)[:-len("[IMG_BREAK]")] + "[IMG_END]"
+        ids = _hf_tokenizer(folder)(text.replace("[IMG]", expanded))["input_ids"]
+        return ids, np.asarray(out["pixel_values"][0]), None
     from transformers import Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import (
         Idefics3ImageProcessorPil,
@@ -105,12 +143,20 @@ def _check_mrope(hf_config: dict, prompt, ours) -> None:
     from transformers import Qwen2VLConfig
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
-    ns = types.SimpleNamespace(config=Qwen2VLConfig(**hf_config))
-    ns.get_vision_position_ids = lambda *a, **k: Qwen2VLModel.get_vision_position_ids(ns, *a, **k)
+    model = Qwen2VLModel
+    if hf_config["architectures"][0].startswith("Qwen3"):
+        from transformers import Qwen3VLConfig
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+        model, config = Qwen3VLModel, Qwen3VLConfig(**hf_config)
+    else:
+        config = Qwen2VLConfig(**hf_config)
+    ns = types.SimpleNamespace(config=config)
+    ns.get_vision_position_ids = lambda *a, **k: model.get_vision_position_ids(ns, *a, **k)
     ids = torch.tensor([prompt.prompt_token_ids])
     types_ = (ids == ours.image_token_id).int()
     grids = torch.tensor(np.concatenate([p.data["image_grid_thw"] for p in prompt.items]))
-    ref, delta = Qwen2VLModel.get_rope_index(ns, ids, types_, image_grid_thw=grids)
+    ref, delta = model.get_rope_index(ns, ids, types_, image_grid_thw=grids)
     np.testing.assert_array_equal(prompt.mrope_positions, ref[:, 0].numpy())
     assert prompt.mrope_position_delta == int(delta)
 

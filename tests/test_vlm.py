@@ -9,17 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from minserve.chat import ImageParts
 from minserve.config import EngineConfig
 from minserve.engine.engine import Engine
 from minserve.engine.request import EngineRequest
-from minserve.engine.runner import StepInputs
-from minserve.multimodal.inputs import expand_prompt
 from minserve.sampling_params import SamplingParams
 from tests.tiny_vlm import ARCHS, make_tiny_vlm, random_image
+from tests.vlm_steps import BLOCK, block_ids, generate, run_chunk, vlm_request
 
 ATOL = 2e-4
-BLOCK = 16
 
 
 @pytest.fixture(scope="module", params=ARCHS, ids=["llava", "qwen2vl", "qwen25vl", "idefics3"])
@@ -33,19 +30,6 @@ def setup(request, tmp_path_factory):
     hf = transformers.AutoModelForImageTextToText.from_pretrained(
         folder, dtype=torch.float32, attn_implementation="eager").eval()
     return arch, engine, hf
-
-
-def _prompt(engine: Engine, images: list, text: str = "describe these") -> EngineRequest:
-    proc = engine.info.image_processor
-    content = [{"type": "image_pil", "image_pil": im} for im in images]
-    content.append({"type": "text", "text": text})
-    rendered = engine.info.tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                                         images=ImageParts(proc.placeholder))
-    ids = engine.info.tokenizer.encode(rendered, add_special_tokens=False)
-    mm = expand_prompt(ids, images, proc)
-    return EngineRequest("r", mm.prompt_token_ids, SamplingParams(max_tokens=4), mm_items=mm.items,
-                         mrope_positions=mm.mrope_positions,
-                         mrope_position_delta=mm.mrope_position_delta)
 
 
 @torch.inference_mode()
@@ -63,94 +47,63 @@ def _hf_logits(arch: str, hf, req: EngineRequest) -> torch.Tensor:
     return out.logits[0].float()
 
 
-@torch.inference_mode()
-def _run(engine: Engine, req: EngineRequest, start: int, end: int, block_ids: list[int]
-         ) -> torch.Tensor:
-    """Logits of prompt positions [start, end) run as one step on top of the cached [0, start)."""
-    runner = engine.runner
-    ids = req.prompt_token_ids
-    mm = [(0, item) for item in req.mm_items
-          if item.offset < end and start < item.offset + item.length]
-    step = StepInputs(ids[start:end], [end - start], [start], [block_ids], [], None,
-                      mm_inputs=mm,
-                      mrope=[(req.mrope_positions, req.mrope_position_delta)]
-                      if runner.uses_mrope else None)
-    inputs = runner.prepare_inputs(step)
-    if step.mm_inputs:
-        inputs.inputs_embeds = runner.embed_multimodal(step, inputs)
-    return runner.model.compute_logits(runner.run_model(inputs))
-
-
-def _blocks(n: int, first: int = 0) -> list[int]:
-    return list(range(first, first + -(-n // BLOCK)))
-
-
 def test_whole_and_chunked_prefill_match_transformers(setup):
     arch, engine, hf = setup
     images = [random_image(70, 50, 1), random_image(120, 100, 2)]
-    req = _prompt(engine, images)
+    req = vlm_request(engine, images)
     ref = _hf_logits(arch, hf, req)
     n = len(req.prompt_token_ids)
     cache = engine.runner.encoder_cache
     cache.entries.clear()
     cache.num_rows = cache.num_encoded = 0
-    whole = _run(engine, req, 0, n, _blocks(n))
+    whole = run_chunk(engine, req, 0, n, block_ids(n))
     torch.testing.assert_close(whole, ref, atol=ATOL, rtol=0)
     assert cache.num_encoded == 2
     # Chunks cut inside each image's tokens; the encoder does not run again.
     first, second = req.mm_items
     cuts = [0, first.offset + first.length // 2, second.offset + 3, n]
-    table = _blocks(n, first=10)
-    chunks = [_run(engine, req, a, b, table) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    table = block_ids(n, first=10)
+    chunks = [run_chunk(engine, req, a, b, table)
+              for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
     torch.testing.assert_close(torch.cat(chunks), ref, atol=ATOL, rtol=0)
     assert cache.num_encoded == 2
     # A prefix hit that ends inside the second image: the rest runs on the shared blocks with
     # the image encoded afresh (its cache entry evicted), and again from the cache.
     hit = (second.offset + second.length - 1) // BLOCK * BLOCK
     assert 0 < hit < n
-    shared = table[:hit // BLOCK] + _blocks(n - hit, first=30)
+    shared = table[:hit // BLOCK] + block_ids(n - hit, first=30)
     cache.entries.clear()
     cache.num_rows = 0
-    rest = _run(engine, req, hit, n, shared)
+    rest = run_chunk(engine, req, hit, n, shared)
     torch.testing.assert_close(rest, ref[hit:], atol=ATOL, rtol=0)
     assert cache.num_encoded == 2 + sum(i.offset + i.length > hit for i in req.mm_items)
 
 
 def test_other_image_changes_logits(setup):
     arch, engine, hf = setup
-    a = _prompt(engine, [random_image(64, 64, 3)])
-    b = _prompt(engine, [random_image(64, 64, 4)])
+    a = vlm_request(engine, [random_image(64, 64, 3)])
+    b = vlm_request(engine, [random_image(64, 64, 4)])
     assert len(a.prompt_token_ids) == len(b.prompt_token_ids)
     n = len(a.prompt_token_ids)
-    la, lb = _run(engine, a, 0, n, _blocks(n)), _run(engine, b, 0, n, _blocks(n, 40))
+    la = run_chunk(engine, a, 0, n, block_ids(n))
+    lb = run_chunk(engine, b, 0, n, block_ids(n, 40))
     assert (la[-1] - lb[-1]).abs().max() > 1e-3
     torch.testing.assert_close(lb, _hf_logits(arch, hf, b), atol=ATOL, rtol=0)
-
-
-def _generate(engine: Engine, req: EngineRequest, rid: str) -> list[int]:
-    req.request_id = rid
-    req.sampling = SamplingParams(max_tokens=3, temperature=0.0)
-    engine.add_request(req)
-    tokens = []
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            tokens += out.new_token_ids
-    return tokens
 
 
 def test_prefix_cache_keys_on_the_image(setup):
     arch, engine, hf = setup
     same = random_image(64, 64, 5)
-    first = _generate(engine, _prompt(engine, [same], "a long enough text " * 4), "p1")
+    first = generate(engine, vlm_request(engine, [same], "a long enough text " * 4), "p1")
     hits = engine.kv_cache.prefix_cache_hits
-    other = _generate(engine, _prompt(engine, [random_image(64, 64, 6)],
+    other = generate(engine, vlm_request(engine, [random_image(64, 64, 6)],
                                       "a long enough text " * 4), "p2")
     assert engine.kv_cache.prefix_cache_hits == hits        # another image: no block shared
-    again = _generate(engine, _prompt(engine, [same], "a long enough text " * 4), "p3")
+    again = generate(engine, vlm_request(engine, [same], "a long enough text " * 4), "p3")
     assert engine.kv_cache.prefix_cache_hits > hits          # the same image: blocks shared
     assert again == first and len(other) == 3
     # greedy tokens equal transformers' argmax on the first step
-    ref = _hf_logits(arch, hf, _prompt(engine, [same], "a long enough text " * 4))
+    ref = _hf_logits(arch, hf, vlm_request(engine, [same], "a long enough text " * 4))
     assert first[0] == int(ref[-1].argmax())
 
 

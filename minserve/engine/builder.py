@@ -19,7 +19,7 @@ from minserve.config import DTYPE_NAMES, ConfigError, EngineConfig, ModelConfig
 from minserve.engine.runner import ModelRunner
 from minserve.engine.workers import join_group
 from minserve.models import parallel
-from minserve.models.registry import Architecture, lookup
+from minserve.models.registry import ARCHITECTURES, Architecture, lookup
 
 logger = logging.getLogger("minserve.engine")
 DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
@@ -153,6 +153,17 @@ def resolve_limits(config: EngineConfig, mc: ModelConfig, device: torch.device) 
         check_long_max_model_len(max_model_len, mc.max_position_embeddings)
     tokens, threshold, attention = default_batching(device)
     max_batched = config.max_num_batched_tokens or tokens
+    # a model whose image tokens attend both ways runs each image's tokens in one step
+    arch = ARCHITECTURES.get(getattr(mc, "architecture", ""))
+    whole_image = arch is not None and arch.has_vision and getattr(
+        arch.model_class(), "whole_image_tokens", None)
+    need = whole_image(mc) if whole_image else 0
+    if max_batched < need:
+        if config.max_num_batched_tokens is not None:
+            raise ConfigError(f"--max-num-batched-tokens {max_batched} is below {need}: "
+                              f"{mc.architecture} runs an image's {need} tokens in one step "
+                              "(they attend to each other both ways); raise it")
+        max_batched = need
     if max_batched < config.block_size:
         raise ConfigError("--max-num-batched-tokens must be at least --block-size")
 

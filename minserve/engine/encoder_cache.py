@@ -99,6 +99,21 @@ def merge_embeddings(inputs_embeds: torch.Tensor, mm_inputs: list[tuple[int, Mul
         inputs_embeds.index_copy_(0, dst, torch.cat(srcs).to(inputs_embeds.dtype))
 
 
+def image_span_ends(mm_inputs: list[tuple[int, MultiModalItem]], query_start_loc: list[int],
+                    num_computed_tokens: list[int], num_tokens: int) -> np.ndarray:
+    """AttnMetadata.image_span_end for the step (kernels/attention.py): [T] int32, for each
+    scheduled token inside an image's run of embedding tokens the run's end, else 0."""
+    out = np.zeros(num_tokens, dtype=np.int32)
+    for r, item in mm_inputs:
+        ctx = num_computed_tokens[r]
+        end = ctx + query_start_loc[r + 1] - query_start_loc[r]
+        for start, stop in item.embed_runs():
+            lo, hi = max(start, ctx), min(stop, end)
+            if lo < hi:
+                out[query_start_loc[r] + lo - ctx:query_start_loc[r] + hi - ctx] = stop
+    return out
+
+
 def to_tensors(data: dict[str, Any], device: torch.device, dtype: torch.dtype
                ) -> dict[str, torch.Tensor]:
     """An item's numpy inputs on the device: floats in the model dtype, integers as they are."""

@@ -30,6 +30,20 @@ class MultiModalItem:
     def num_embeds(self) -> int:
         return self.length if self.embed_mask is None else int(self.embed_mask.sum())
 
+    def embed_runs(self) -> list[tuple[int, int]]:
+        """[start, end) prompt positions of each run of consecutive embedding tokens (an
+        image's soft tokens, without the markers around them)."""
+        if self.embed_mask is None:
+            return [(self.offset, self.offset + self.length)]
+        runs, start = [], None
+        for i, selected in enumerate([*self.embed_mask.tolist(), False]):
+            if selected and start is None:
+                start = i
+            elif not selected and start is not None:
+                runs.append((self.offset + start, self.offset + i))
+                start = None
+        return runs
+
 
 @dataclass(slots=True)
 class EngineRequest:

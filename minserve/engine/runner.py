@@ -24,7 +24,12 @@ import numpy as np
 import torch
 
 from minserve.config import ConfigError, EngineConfig, ModelConfig
-from minserve.engine.encoder_cache import EncoderCache, merge_embeddings, to_tensors
+from minserve.engine.encoder_cache import (
+    EncoderCache,
+    image_span_ends,
+    merge_embeddings,
+    to_tensors,
+)
 from minserve.engine.request import MultiModalItem, Request
 from minserve.engine.sampler import (
     LogprobsTensors,
@@ -132,6 +137,8 @@ class ModelRunner:
         # Vision-language models: M-RoPE positions ([T, 3], handed over as [3, T]), the encoder
         # outputs by image hash, and the images the profile run encodes.
         self.uses_mrope = bool(getattr(model, "uses_mrope", False))
+        # Gemma 3: a step's image tokens attend to each other both ways (image spans)
+        self.bidirectional_images = bool(getattr(model, "bidirectional_images", False))
         self._mrope_positions = _Buffer((T, 3), torch.long, device) if self.uses_mrope else None
         self.encoder_cache = EncoderCache(max(self.max_num_batched_tokens, 16384))
         self.profile_images = profile_images or []
@@ -235,7 +242,7 @@ class ModelRunner:
     def execute(self, step: StepInputs) -> SampledTokens:
         inputs = self.prepare_inputs(step)
         if step.mm_inputs:
-            inputs.inputs_embeds = self.embed_multimodal(step, inputs)
+            self.place_images(step, inputs)
         self.share_from_head(inputs, bool(step.mm_inputs))
         hidden = self.run_model(inputs)
         result, prompt_lps = self.sample(hidden, inputs, step)
@@ -312,6 +319,15 @@ class ModelRunner:
         """The vision encoder over a batch of images' processor outputs (numpy)."""
         return self.model.encode_images([to_tensors(d, self.device, self.dtype) for d in images])
 
+    def place_images(self, step: StepInputs, inputs: ModelInputs) -> None:
+        """The step's images into its inputs: their embeddings into inputs_embeds, and (a model
+        whose images attend both ways) their spans into the attention metadata."""
+        inputs.inputs_embeds = self.embed_multimodal(step, inputs)
+        if self.bidirectional_images:
+            spans = image_span_ends(step.mm_inputs, inputs.attn.query_start_loc_host,
+                                    step.num_computed_tokens, len(step.token_ids))
+            inputs.attn.image_span_end = torch.from_numpy(spans).to(self.device)
+
     def embed_multimodal(self, step: StepInputs, inputs: ModelInputs) -> torch.Tensor:
         """inputs_embeds [T, hidden]: the token embeddings with the step's image placeholder
         rows replaced by the encoder's outputs (each distinct uncached image encoded once, all
@@ -333,6 +349,11 @@ class ModelRunner:
             return
         if has_images:
             parallel.broadcast_activations(inputs.inputs_embeds)
+            if self.bidirectional_images:
+                if inputs.attn.image_span_end is None:     # a rank > 0: filled by rank 0's
+                    inputs.attn.image_span_end = torch.zeros(
+                        inputs.input_ids.shape[0], dtype=torch.int32, device=self.device)
+                parallel.broadcast_activations(inputs.attn.image_span_end)
         if self.uses_mrope:
             inputs.positions = inputs.positions.contiguous()
             parallel.broadcast_activations(inputs.positions)

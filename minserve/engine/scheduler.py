@@ -42,6 +42,9 @@ class SchedulerConfig:
     # cost 20x what the first did; this keeps late chunks as short as early ones.
     max_chunk_attention: int = 0
     max_loras: int = 0   # distinct LoRA adapters in one step (0: LoRA off)
+    # a model whose image tokens attend to each other both ways (Gemma 3): a prefill chunk
+    # never ends inside an image's tokens, whose first ones must see its last
+    whole_images: bool = False
 
 
 @dataclass(slots=True)
@@ -108,6 +111,24 @@ class WaitingQueue:
 
     def __iter__(self) -> Iterator[Request]:
         return (item[2] for item in self._items)
+
+
+def whole_images(request: Request, context_len: int, num_new: int, budget: int) -> int:
+    """num_new cut so that the chunk does not end inside an image's run of tokens: before the
+    image, or, when the chunk starts inside or at it, through its end if the step's budget
+    allows it (the per-request caps give way), else 0 (the request waits a step).
+
+        prompt   t t t [i i i i i i] t t        chunk from 3, num_new 4 ends inside: -> 0..3
+                       ^3           ^9          chunk from 3 (the image's start): -> 6 or 0
+    """
+    end = context_len + num_new
+    for item in request.mm_items or ():
+        for start, stop in item.embed_runs():
+            if start < end < stop:
+                if start > context_len:
+                    return start - context_len
+                return stop - context_len if stop - context_len <= budget else 0
+    return num_new
 
 
 def is_sampling_row(request: Request, num_scheduled: int) -> bool:
@@ -234,6 +255,11 @@ class Scheduler:
         while i < min(limit, len(order)) and budget > 0:
             request = order[i]
             num_new = self._chunk(request.num_computed_tokens, request.num_uncomputed, budget)
+            if self.config.whole_images:
+                num_new = whole_images(request, request.num_computed_tokens, num_new, budget)
+                if num_new == 0:     # its next image does not fit in what is left of the step
+                    i += 1
+                    continue
             while self.kv.allocate_slots(request, num_new) is None:
                 if len(order) - 1 > i:
                     victim = order.pop()
@@ -347,7 +373,9 @@ class Scheduler:
             else:
                 computed_blocks, num_cached = self.kv.get_computed_blocks(request)
             num_new = self._chunk(num_cached, request.num_tokens - num_cached, budget)
-            if self.kv.allocate_slots(request, num_new, computed_blocks) is None:
+            if self.config.whole_images:
+                num_new = whole_images(request, num_cached, num_new, budget)
+            if num_new == 0 or self.kv.allocate_slots(request, num_new, computed_blocks) is None:
                 self.waiting.appendleft(request)
                 break
             request.num_computed_tokens = num_cached

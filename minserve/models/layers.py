@@ -212,15 +212,33 @@ class RotaryEmbedding(nn.Module):
 class MRotaryEmbedding(RotaryEmbedding):
     """Qwen2-VL's multimodal rotary embedding: positions [3, T] (temporal, row, column; the same
     number thrice for text), and the D/2 frequencies split by mrope_section, section i rotated by
-    position row i. 1-D positions [T] mean text only (all three rows equal)."""
+    position row i. interleaved (Qwen3-VL): frequency j takes row 1 when j % 3 == 1 and row 2
+    when j % 3 == 2 (within 3 * that row's section), row 0 otherwise. 1-D positions [T] mean
+    text only (all three rows equal)."""
 
     def __init__(self, head_dim: int, rope_theta: float, max_position_embeddings: int,
-                 mrope_section: list[int]) -> None:
+                 mrope_section: list[int], interleaved: bool = False) -> None:
         super().__init__(head_dim, rope_theta, None, max_position_embeddings)
         if sum(mrope_section) != head_dim // 2:
             raise ConfigError(f"mrope_section {mrope_section} does not add up to head_dim / 2 "
                               f"({head_dim // 2})")
         self.mrope_section = list(mrope_section)
+        if interleaved:
+            rows = [next((i for i in (1, 2) if j % 3 == i and j < 3 * mrope_section[i]), 0)
+                    for j in range(head_dim // 2)]
+        else:
+            rows = [i for i, n in enumerate(mrope_section) for _ in range(n)]
+        # which position row rotates each frequency: [1, 1, D/2] for a gather over the rows
+        # (kept beside the list, which _apply() turns back into it wherever the model lands)
+        self.row_list = rows
+        self.register_buffer("rows", torch.tensor(rows, device="cpu")[None, None, :],
+                             persistent=False)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module signature)
+        super()._apply(fn, recurse)
+        if self.rows.device.type != "meta":
+            self.rows = torch.tensor(self.row_list, device=self.rows.device)[None, None, :]
+        return self
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
@@ -228,8 +246,7 @@ class MRotaryEmbedding(RotaryEmbedding):
         if positions.dim() == 1:
             return super().forward(positions, dtype)
         freqs = positions.float()[:, :, None] * self.inv_freq.float()  # [3, T, D/2]
-        freqs = torch.cat([chunk[i % 3] for i, chunk in
-                           enumerate(freqs.split(self.mrope_section, dim=-1))], dim=-1)
+        freqs = freqs.gather(0, self.rows.expand(1, freqs.shape[1], -1))[0]   # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -58,11 +58,11 @@ def _base(name: str) -> Architecture:
                         quantization=_DENSE)
 
 
-def _vision(name: str, module: str, processor: str) -> Architecture:
-    """A vision tower and projector around a Llama/Qwen2 language model (models/vision/)."""
+def _vision(name: str, module: str, processor: str, lora: bool = True) -> Architecture:
+    """A vision tower and projector around a language model (models/vision/)."""
     return Architecture(name, f"vision.{module}:{name}",
                         processor=f"vision.{module}_processor:{processor}",
-                        lora=True, tensor_parallel=True, quantization=_DENSE)
+                        lora=lora, tensor_parallel=True, quantization=_DENSE)
 
 
 ARCHITECTURES = {a.name: a for a in (
@@ -90,6 +90,12 @@ ARCHITECTURES = {a.name: a for a in (
     _vision("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),
     _vision("Qwen2_5_VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),
     _vision("Idefics3ForConditionalGeneration", "idefics3", "Idefics3ImageProcessor"),
+    _vision("Qwen3VLForConditionalGeneration", "qwen3_vl", "Qwen3VLImageProcessor"),
+    _vision("Mistral3ForConditionalGeneration", "mistral3", "Mistral3ImageProcessor"),
+    _vision("Gemma3ForConditionalGeneration", "gemma3_vision", "Gemma3ImageProcessor",
+            lora=False),
+    # Phi-3.5-vision: a Phi-3 language model (fused checkpoint tensors, as Phi3ForCausalLM)
+    _vision("Phi3VForCausalLM", "phi3v", "Phi3VImageProcessor", lora=False),
     # BERT-family encoders (models/bert.py) and the cross-encoders over them (/v1/score, rerank)
     *(Architecture(name, f"bert:{cls}", "embed") for name, cls in (
         ("BertModel", "BertModel"), ("BertForMaskedLM", "BertModel"),

@@ -1,7 +1,7 @@
-"""What every vision-language wrapper shares: a LlamaForCausalLM language model (the step's
-forward, logits and KV caches go straight to it), the vision tower and projector on tensor-parallel
-rank 0 only, checkpoint-name prefixes mapped onto our module tree, and encode_images(), the one
-call the runner makes per step for the images it needs."""
+"""What every vision-language wrapper shares: a language model (LlamaForCausalLM unless the wrapper
+names another; the step's forward, logits and KV caches go straight to it), the vision tower and
+projector on tensor-parallel rank 0 only, checkpoint-name prefixes mapped onto our module tree,
+and encode_images(), the one call the runner makes per step for the images it needs."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +15,10 @@ from minserve.models.llama import LlamaForCausalLM
 
 class VisionLanguageModel(nn.Module):
     uses_mrope = False
+    # image tokens attend to each other both ways (the runner passes their spans to attention,
+    # the scheduler never ends a prefill chunk inside an image)
+    bidirectional_images = False
+    language_model_class: type[nn.Module] = LlamaForCausalLM
     packed_modules_mapping = LlamaForCausalLM.packed_modules_mapping
     # (checkpoint prefix, our prefix), first match wins: transformers has saved each of these
     # models under more than one layout.
@@ -24,7 +28,7 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.language_model = LlamaForCausalLM(config)
+        self.language_model = self.language_model_class(config)
         # NOTE: the encoder runs on rank 0 alone, which broadcasts the merged embeddings
         # (ModelRunner.share_from_head): the other ranks neither build nor load it.
         self.has_vision = parallel.tp_rank() == 0

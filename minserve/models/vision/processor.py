@@ -39,6 +39,11 @@ class ImageProcessor:
     def process(self, image: Image.Image) -> ProcessedImage:
         raise NotImplementedError
 
+    def encode_text(self, text: str) -> list[int] | None:
+        """A prompt's token ids, for a model whose processor tokenizes prompts its own way
+        (Phi-3-vision: image tags in the text); None: the tokenizer's encode()."""
+        return None
+
     def mrope_positions(self, num_tokens: int, items: list[Any]) -> tuple[np.ndarray, int]:
         """M-RoPE models: ([3, num_tokens] positions, delta) of a prompt holding these items."""
         raise NotImplementedError

@@ -47,18 +47,21 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 class Qwen2VLImageProcessor(ImageProcessor):
     uses_mrope = True
+    # where preprocessor_config.json says nothing: (min_pixels, max_pixels), mean, std, patch
+    defaults = (MIN_PIXELS, MAX_PIXELS), CLIP_MEAN, CLIP_STD, 14
 
     def __init__(self, folder: str, hf_config: dict[str, Any], tokenizer: Any) -> None:
         pp = read_json(folder, "preprocessor_config.json")
         size = pp.get("size") or {}
-        self.min_pixels = int(pp.get("min_pixels") or size.get("shortest_edge") or MIN_PIXELS)
-        self.max_pixels = int(pp.get("max_pixels") or size.get("longest_edge") or MAX_PIXELS)
+        (min_pixels, max_pixels), mean, std, patch = self.defaults
+        self.min_pixels = int(pp.get("min_pixels") or size.get("shortest_edge") or min_pixels)
+        self.max_pixels = int(pp.get("max_pixels") or size.get("longest_edge") or max_pixels)
         vision = hf_config.get("vision_config", {})
-        self.patch = int(pp.get("patch_size") or vision.get("patch_size", 14))
+        self.patch = int(pp.get("patch_size") or vision.get("patch_size", patch))
         self.merge = int(pp.get("merge_size") or vision.get("spatial_merge_size", 2))
         self.temporal = int(pp.get("temporal_patch_size") or vision.get("temporal_patch_size", 2))
         self.do_resize = pp.get("do_resize", True)
-        self.read_normalization(pp, CLIP_MEAN, CLIP_STD)
+        self.read_normalization(pp, mean, std)
         self.resample = resample_filter(pp.get("resample"), 3)
         self.image_token_id = self.placeholder_token_id = int(hf_config.get("image_token_id",
                                                                             151655))

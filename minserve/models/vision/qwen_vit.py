@@ -43,6 +43,33 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def patch_rotary(grids: list[tuple[int, int, int]], merge_size: int, inv_freq: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [N, head_dim] from each patch's (row, col) in the flat patch order: the row
+    rotates the first half of the frequencies, the column the second (Qwen2-VL, Qwen3-VL)."""
+    m = merge_size
+    rows, cols = [], []
+    for t, h, w in grids:
+        hpos = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
+        wpos = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
+        rows.append(hpos.transpose(1, 2).reshape(-1).repeat(t))
+        cols.append(wpos.transpose(1, 2).reshape(-1).repeat(t))
+    pos = torch.stack([torch.cat(rows), torch.cat(cols)], dim=-1).to(device)   # [N, 2]
+    freqs = pos[..., None].float() * inv_freq.to(device)                       # [N, 2, rot/2]
+    freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def frame_seqlens(grids: list[tuple[int, int, int]]) -> list[int]:
+    """cu_seqlens of full attention: every frame of every image attends within itself."""
+    cu = [0]
+    for t, h, w in grids:
+        for _ in range(t):
+            cu.append(cu[-1] + h * w)
+    return cu
+
+
 class QwenVisionAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -138,19 +165,7 @@ class QwenVisionTower(nn.Module):
 
     def _rotary(self, grids: list[tuple[int, int, int]], device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [N, head_dim] from each patch's (row, col) in the flat patch order."""
-        m = self.merge_size
-        rows, cols = [], []
-        for t, h, w in grids:
-            hpos = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
-            wpos = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
-            rows.append(hpos.transpose(1, 2).reshape(-1).repeat(t))
-            cols.append(wpos.transpose(1, 2).reshape(-1).repeat(t))
-        pos = torch.stack([torch.cat(rows), torch.cat(cols)], dim=-1).to(device)  # [N, 2]
-        freqs = pos[..., None].float() * self.rope_inv_freq.to(device)           # [N, 2, rot/2]
-        freqs = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos(), emb.sin()
+        return patch_rotary(grids, self.merge_size, self.rope_inv_freq, device)
 
     def _window_index(self, grids: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[int]]:
         """Qwen2.5-VL: the merge-block order that groups blocks window by window, and the
@@ -182,10 +197,7 @@ class QwenVisionTower(nn.Module):
         w = self.patch_embed.proj.weight
         hidden = F.linear(pixel_values.to(w.dtype), w.view(w.shape[0], -1))   # [N, E]
         cos, sin = self._rotary(grids, hidden.device)
-        cu_full = [0]
-        for t, h, w_ in grids:
-            for _ in range(t):
-                cu_full.append(cu_full[-1] + h * w_)
+        cu_full = frame_seqlens(grids)
         cu_window, reverse = cu_full, None
         if self.v2_5:
             order, cu_window = self._window_index(grids)
