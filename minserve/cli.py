@@ -387,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="largest batch input file accepted by POST /v1/files (default 200MiB, as OpenAI)")
     a("--max-batch-file-lines", type=int, default=50_000,
       help="most requests in one batch input file (default 50000, as OpenAI)")
+    a("--max-batch-storage-per-key", type=_size, default=1 << 30,
+      help="bytes of batch files (uploads and outputs) one API key may keep (default 1GiB)")
+    a("--max-batch-storage", type=_size, default=2 << 30,
+      help="bytes of batch files all keys together may keep (default 2GiB)")
     a("--enable-lora", action="store_true", help="serve LoRA adapters (--lora-modules, or "
       "/v1/load_lora_adapter with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
     a("--lora-modules", action="append", type=_lora_module, default=None,
@@ -427,8 +431,10 @@ def parse_args(argv: list[str] | None = None,
         parser.error(f"--max-logprobs {args.max_logprobs}: must be >= 0, or -1 for no limit")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be in 0..65535")
-    if args.max_batch_file_size < 1 or args.max_batch_file_lines < 1:
-        parser.error("--max-batch-file-size and --max-batch-file-lines must be positive")
+    if min(args.max_batch_file_size, args.max_batch_file_lines, args.max_batch_storage,
+           args.max_batch_storage_per_key) < 1:
+        parser.error("--max-batch-file-size, --max-batch-file-lines, --max-batch-storage and "
+                     "--max-batch-storage-per-key must be positive")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         parser.error("--ssl-keyfile and --ssl-certfile go together")
     try:
@@ -587,7 +593,8 @@ def batch_service_from_cli(args: argparse.Namespace):  # -> BatchService
     root = args.batch_storage_path or os.path.join(cache_dir(), "batches", str(args.port))
     return BatchService(os.path.expanduser(root), BatchLimits(
         max_file_bytes=args.max_batch_file_size, max_file_lines=args.max_batch_file_lines,
-        max_in_flight=2 * args.max_num_seqs))
+        max_in_flight=2 * args.max_num_seqs, max_storage_bytes=args.max_batch_storage,
+        max_storage_per_key_bytes=args.max_batch_storage_per_key))
 
 
 def _quiet_granian(record: logging.LogRecord) -> bool:
