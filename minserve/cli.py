@@ -306,7 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
            "exits (a second signal cuts at once)")
     a("--limit-mm-per-prompt", type=_mm_limits, default=None,
       help='vision models: at most N images in one prompt, as image=N or {"image": N} '
-           "(default 999); more is a 400")
+           "(default: what the model takes, 1 for LLaVA-1.5, 8 for Qwen2-VL and Idefics3); "
+           "more is a 400")
+    a("--max-image-pixels-per-request", type=_size, default=None,
+      help="decoded pixels one request's images may have together, checked from their headers "
+           "before any is decoded (default 100000000); more is a 400 (minserve only)")
+    a("--max-image-pixels-in-flight", type=_size, default=None,
+      help="decoded pixels of all requests' images decoding at once; a decode waits for room "
+           "(default 100000000: two images at the 50-megapixel cap) (minserve only)")
     a("--allowed-local-media-path", default=None,
       help="serve file:// image URLs from below this folder (refused otherwise)")
     a("--allowed-media-domains", nargs="+", default=None,
@@ -479,6 +486,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=args.allowed_media_domains,
         allow_private_media_urls=args.allow_private_media_urls,
+        max_image_pixels_per_request=args.max_image_pixels_per_request,
+        max_image_pixels_in_flight=args.max_image_pixels_in_flight,
         skip_tokenizer_init=args.skip_tokenizer_init,
 
         lora=LoRAConfig(args.lora_modules or [], args.max_loras, args.max_lora_rank,

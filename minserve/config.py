@@ -190,14 +190,18 @@ class EngineConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None   # default: a free port with one node, 29500 with several
     # Vision-language models. limit_mm_per_prompt: at most this many items of a modality in one
-    # prompt ({"image": N}; None: vLLM's default of 999). Images come from http(s) and data:
-    # URLs; file:// ones only from below allowed_local_media_path; hosts only from
-    # allowed_media_domains when set; URLs resolving to loopback/private/link-local addresses
-    # only with allow_private_media_urls (--allow-private-media-urls).
+    # prompt ({"image": N}; None: the model's registry row, resolved by the builder). Images come
+    # from http(s) and data: URLs; file:// ones only from below allowed_local_media_path; hosts
+    # only from allowed_media_domains when set; URLs resolving to loopback/private/link-local
+    # addresses only with allow_private_media_urls (--allow-private-media-urls). Decoded pixels:
+    # one request's images together, and every request's decodes at once (None: 100 megapixels
+    # each; multimodal/budget.py).
     limit_mm_per_prompt: dict[str, int] | None = None
     allowed_local_media_path: str | None = None
     allowed_media_domains: list[str] | None = None
     allow_private_media_urls: bool = False
+    max_image_pixels_per_request: int | None = None
+    max_image_pixels_in_flight: int | None = None
     lora: LoRAConfig | None = None   # --enable-lora (None: LoRA off)
 
     def __post_init__(self) -> None:
@@ -245,6 +249,10 @@ class EngineConfig:
             raise ConfigError(
                 f"--load-format {self.load_format!r} is not one of auto, safetensors, gguf, dummy"
             )
+        for flag, value in (("--max-image-pixels-per-request", self.max_image_pixels_per_request),
+                            ("--max-image-pixels-in-flight", self.max_image_pixels_in_flight)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
         local = self.allowed_local_media_path
         if local and not os.path.isdir(os.path.realpath(local)):
             raise ConfigError(f"--allowed-local-media-path {local!r} is not an existing folder")
@@ -267,7 +275,7 @@ class EngineConfig:
 
 # Modalities --limit-mm-per-prompt names (vLLM's); minserve's models take images only.
 MODALITIES = ("image", "video", "audio")
-DEFAULT_MM_LIMIT = 999   # vLLM's default per modality
+DEFAULT_MM_LIMIT = 1     # before the model's row is known (vLLM's default for most models)
 
 
 # vLLM's allowed --max-lora-rank values

@@ -334,7 +334,8 @@ class LLM:
             if req.images:
                 from minserve.multimodal.inputs import load_images_sync
 
-                images = media(lambda: load_images_sync(req.images, self._ctx.media_policy))
+                images = media(lambda: load_images_sync(req.images, self._ctx.media_policy,
+                                                        self._ctx.image_processor))
                 attach_images(request, images, self._ctx)
             requests.append((request, req.rendered_prompt))
         return self._run(requests, use_tqdm)

@@ -224,15 +224,16 @@ def test_redirect_to_private_address_refused(server, monkeypatch):
 
 
 def test_fetch_all_concurrently_and_first_error(server):
-    """load_images (the server's path): every URL fetched at once, then decoded; the first
-    failure, in part order, names its part."""
+    """load_images (the server's path): every URL fetched at once and measured from its header
+    (decoded later); the first failure, in part order, names its part."""
     from minserve.chat import ImageRef
     from minserve.multimodal.inputs import load_images
 
     refs = [ImageRef(server.url(p), None, f"part{i}") for i, p in enumerate(server.images)]
     got = asyncio.run(load_images(refs, OPEN))
-    assert [im.tobytes() for im in got] == [decode_image(b).tobytes()
-                                            for b in server.images.values()]
+    assert [i.data for i in got] == list(server.images.values())
+    assert [(i.width, i.height) for i in got] == [decode_image(b).size
+                                                  for b in server.images.values()]
     refs[1] = ImageRef(server.url("/missing"), None, "part1")
     with pytest.raises(MediaError, match="part1: .*HTTP 404") as e:
         asyncio.run(load_images(refs, OPEN))

@@ -17,7 +17,7 @@ from minserve.config import DTYPE_NAMES, ConfigError, EngineConfig, ModelConfig
 from minserve.engine.runner import ModelRunner
 from minserve.engine.workers import join_group
 from minserve.models import parallel
-from minserve.models.registry import Architecture, lookup
+from minserve.models.registry import ARCHITECTURES, Architecture, lookup
 
 DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 
@@ -127,7 +127,8 @@ def default_batching(device: torch.device) -> tuple[int, int, int]:
 
 
 def resolve_limits(config: EngineConfig, mc: ModelConfig, device: torch.device) -> EngineConfig:
-    """The config with max_model_len and the batching caps filled in for this model and device."""
+    """The config with max_model_len, the batching caps and the images per prompt (the model's
+    registry row) filled in for this model and device."""
     max_model_len = config.max_model_len or mc.max_position_embeddings
     if max_model_len > mc.max_position_embeddings and not mc.rope_scaling:
         raise ConfigError(f"--max-model-len {max_model_len} is longer than the model's "
@@ -140,10 +141,15 @@ def resolve_limits(config: EngineConfig, mc: ModelConfig, device: torch.device) 
     def given(value: int | None, default: int) -> int:
         return default if value is None else value
 
+    mm_limits = config.limit_mm_per_prompt or {}
+    if "image" not in mm_limits:
+        arch = ARCHITECTURES.get(mc.architecture)
+        mm_limits = {**mm_limits, "image": arch.max_images if arch is not None else 0}
     return dataclasses.replace(
         config, max_model_len=max_model_len, max_num_batched_tokens=max_batched,
         long_prefill_token_threshold=given(config.long_prefill_token_threshold, threshold),
-        max_chunk_attention=given(config.max_chunk_attention, attention))
+        max_chunk_attention=given(config.max_chunk_attention, attention),
+        limit_mm_per_prompt=mm_limits)
 
 
 # ---- the build ------------------------------------------------------------------------------

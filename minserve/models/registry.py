@@ -24,6 +24,7 @@ class Architecture:
     lora: bool = False
     tensor_parallel: bool = False
     quantization: tuple[str, ...] = ()   # --quantization / quant_method values it loads
+    max_images: int = 0     # --limit-mm-per-prompt's default: the images one prompt may hold
 
     @property
     def has_vision(self) -> bool:
@@ -50,11 +51,12 @@ def _base(name: str) -> Architecture:
                         quantization=_DENSE)
 
 
-def _vision(name: str, module: str, processor: str) -> Architecture:
+def _vision(name: str, module: str, processor: str, max_images: int) -> Architecture:
     """A vision tower and projector around a Llama/Qwen2 language model (models/vision/)."""
     return Architecture(name, f"vision.{module}:{name}",
                         processor=f"vision.{module}_processor:{processor}",
-                        lora=True, tensor_parallel=True, quantization=_DENSE)
+                        lora=True, tensor_parallel=True, quantization=_DENSE,
+                        max_images=max_images)
 
 
 ARCHITECTURES = {a.name: a for a in (
@@ -63,10 +65,12 @@ ARCHITECTURES = {a.name: a for a in (
     _text("Qwen2ForCausalLM", "qwen2"),
     _text("Qwen3ForCausalLM", "qwen3"),
     _base("LlamaModel"), _base("MistralModel"), _base("Qwen2Model"), _base("Qwen3Model"),
-    _vision("LlavaForConditionalGeneration", "llava", "LlavaImageProcessor"),
-    _vision("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),
-    _vision("Qwen2_5_VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),
-    _vision("Idefics3ForConditionalGeneration", "idefics3", "Idefics3ImageProcessor"),
+    # max_images: LLaVA-1.5 was trained on one image per prompt; the others take several
+    # (vLLM's 999 let one request fetch and decode hundreds: issue 36)
+    _vision("LlavaForConditionalGeneration", "llava", "LlavaImageProcessor", 1),
+    _vision("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor", 8),
+    _vision("Qwen2_5_VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor", 8),
+    _vision("Idefics3ForConditionalGeneration", "idefics3", "Idefics3ImageProcessor", 8),
     # BERT-family encoders (models/bert.py) and the cross-encoders over them (/v1/score, rerank)
     *(Architecture(name, f"bert:{cls}", "embed") for name, cls in (
         ("BertModel", "BertModel"), ("BertForMaskedLM", "BertModel"),

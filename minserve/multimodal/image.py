@@ -10,6 +10,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000   # about 8k x 6k; a bomb's header claims far more
+ORIENTATION_TAG = 0x0112                # EXIF: 5-8 turn the image a quarter (width <-> height)
+_HASH_ROWS_BYTES = 4 << 20              # image_hash reads the pixels in bands of about this
 
 
 class MediaError(ValueError):
@@ -21,7 +23,8 @@ class MediaError(ValueError):
         self.param = param
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image's header read (size, mode, EXIF), its pixels not decoded yet."""
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
@@ -30,6 +33,23 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Ima
     except Image.DecompressionBombError as e:
         raise MediaError(f"image is too large: {e}") from None
     _check_size(image, max_pixels)
+    return image
+
+
+def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) the decoded image will have (EXIF orientation applied), from its header
+    alone: what a request's images will cost is known before any of them is decoded."""
+    image = _open(data, max_pixels)
+    try:
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: decode_image ignores it too
+        orientation = 1
+    width, height = image.size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    image = _open(data, max_pixels)
     try:
         image.seek(0)      # the first frame of a GIF / animated WebP
         image.load()
@@ -72,5 +92,8 @@ def image_hash(image: Image.Image) -> str:
     """Equal pixels, equal hash: the key of the encoder cache and of the prefix cache's root."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{image.mode}:{image.width}x{image.height}:".encode())
-    h.update(image.tobytes())
+    # NOTE: band by band, the same bytes as image.tobytes() without a full-size copy of them
+    rows = max(1, _HASH_ROWS_BYTES // max(1, image.width * len(image.getbands())))
+    for top in range(0, image.height, rows):
+        h.update(image.crop((0, top, image.width, min(top + rows, image.height))).tobytes())
     return h.hexdigest()
