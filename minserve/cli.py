@@ -408,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-cpu-loras", type=int, default=None,
       help="adapters kept loaded off the device (default --max-loras)")
     a("--lora-dtype", default="auto", help="auto (the model's dtype), bfloat16, float16, float32")
+    a("--allow-lora-downloads", action="store_true",
+      help="an adapter path (--lora-modules, /v1/load_lora_adapter) may be a Hugging Face hub "
+           "id, fetched into the hub cache; without it only local folders load (minserve only)")
     return p
 
 
@@ -491,7 +494,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         skip_tokenizer_init=args.skip_tokenizer_init,
 
         lora=LoRAConfig(args.lora_modules or [], args.max_loras, args.max_lora_rank,
-                        args.max_cpu_loras, args.lora_dtype) if args.enable_lora else None)
+                        args.max_cpu_loras, args.lora_dtype, args.allow_lora_downloads)
+        if args.enable_lora else None)
 
 
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)

@@ -298,6 +298,7 @@ class LoRAConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None   # adapters kept loaded off the device (default max_loras)
     lora_dtype: str = "auto"      # auto: the model's dtype
+    allow_downloads: bool = False  # --allow-lora-downloads: an adapter path may be a hub id
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:   # imported when embed() runs: a chat-only LLM never loads th
 
 Prompt = str | list[int] | dict[str, Any]
 # LLM(enable_lora=True, max_loras=..., ...): vLLM's engine args, gathered into a LoRAConfig
-_LORA_ARGS = ("max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype")
+_LORA_ARGS = ("max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype", "allow_downloads")
 
 
 @dataclass

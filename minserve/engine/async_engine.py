@@ -286,16 +286,32 @@ class AsyncEngine(WorkerService):
             self._parents.pop(stream.request_id, None)
 
     async def add_lora(self, name: str, path: str) -> None:
-        """Load a LoRA adapter on the engine thread (in order with the requests around it)."""
-        await self._call(f"add_lora({name!r})", lambda engine: engine.add_lora(name, path))
+        """Read and check a LoRA adapter in a worker thread (a large or slow one never holds up
+        a step), then hand its weights to the engine thread between two steps."""
+        self._check_accepting()
+        read = getattr(self._engine, "read_lora", None)
+        weights = None
+        if read is not None:
+            try:
+                weights = await asyncio.to_thread(read, name, path)
+            except ValueError as e:
+                raise EngineError(str(e), 400) from None
+            except Exception as e:  # noqa: BLE001 - a bug of ours answers 500, serving goes on
+                logger.exception("reading LoRA adapter %r failed", name)
+                raise EngineError(f"{type(e).__name__}: {e}", 500) from None
+        await self._call(f"add_lora({name!r})",
+                         lambda engine: engine.add_lora(name, path, weights))
 
     async def remove_lora(self, name: str) -> None:
         await self._call(f"remove_lora({name!r})", lambda engine: engine.remove_lora(name))
 
-    async def _call(self, what: str, run: Callable[[Any], Any]) -> Any:
-        """run(engine) on the engine thread; its ValueError is an EngineError 400."""
+    def _check_accepting(self) -> None:
         if not self.is_healthy or not self.is_ready or self._stopping:
             raise EngineError(self.dead_reason or "engine is not ready", 503)
+
+    async def _call(self, what: str, run: Callable[[Any], Any]) -> Any:
+        """run(engine) on the engine thread; its ValueError is an EngineError 400."""
+        self._check_accepting()
         future = asyncio.get_running_loop().create_future()
         self._inbox.put(EngineCall(what, run, future))
         return await future
