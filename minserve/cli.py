@@ -254,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="(query, context) token pairs one request's prompt chunk may compute per step "
            "(default: 48k on CPU, none on a GPU; 0: no cap): late chunks of a long prompt stay "
            "as short as early ones (minserve only)")
+    a("--max-fanout-rows", type=int, default=None,
+      help="rows of one n > 1 or beam-search request per step (default: 8 on CPU, 64 on a GPU; "
+           "0: no cap): a large fan-out never keeps other clients waiting (minserve only)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     a("--block-size", type=int, default=16)
     a("--chat-template", default=None, help="a jinja2 chat template file or its text")
@@ -476,6 +479,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         max_chunk_attention=args.max_chunk_attention,
+        max_fanout_rows=args.max_fanout_rows,
         enable_prefix_caching=args.enable_prefix_caching, block_size=args.block_size,
         load_format=args.load_format, seed=args.seed, enforce_eager=args.enforce_eager,
         chat_template=args.chat_template, generation_config=args.generation_config,

@@ -167,6 +167,8 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # default: builder.default_batching(device)
     long_prefill_token_threshold: int | None = None  # per-request prefill chunk cap (ditto)
     max_chunk_attention: int | None = None  # prefill (query, context) pairs (ditto)
+    # rows of one n > 1 / beam-search request per step (0: no cap; default: builder, per device)
+    max_fanout_rows: int | None = None
     enable_prefix_caching: bool = True
     block_size: int = 16
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
@@ -214,7 +216,8 @@ class EngineConfig:
         if self.max_num_seqs < 1:
             raise ConfigError("--max-num-seqs must be >= 1")
         for flag, value in (("--long-prefill-token-threshold", self.long_prefill_token_threshold),
-                            ("--max-chunk-attention", self.max_chunk_attention)):
+                            ("--max-chunk-attention", self.max_chunk_attention),
+                            ("--max-fanout-rows", self.max_fanout_rows)):
             if value is not None and value < 0:
                 raise ConfigError(f"{flag} must be >= 0 (0: no cap), got {value}")
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:

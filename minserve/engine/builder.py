@@ -29,6 +29,8 @@ DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.ite
 # so a new arrival starts at the next step), and 48k (query, context) pairs per chunk (~0.25 s
 # of attention at any context). bench/stall.py measures it (bench/RESULTS.md).
 CPU_BATCHING = (256, 128, 48 * 1024)
+# rows of one fan-out (n > 1, beam search) per step: a CPU step's cost grows with its rows
+DEFAULT_FANOUT_ROWS = {"cpu": 8, "cuda": 64}
 
 
 @dataclass
@@ -149,6 +151,7 @@ def resolve_limits(config: EngineConfig, mc: ModelConfig, device: torch.device) 
         config, max_model_len=max_model_len, max_num_batched_tokens=max_batched,
         long_prefill_token_threshold=given(config.long_prefill_token_threshold, threshold),
         max_chunk_attention=given(config.max_chunk_attention, attention),
+        max_fanout_rows=given(config.max_fanout_rows, DEFAULT_FANOUT_ROWS.get(device.type, 64)),
         limit_mm_per_prompt=mm_limits)
 
 

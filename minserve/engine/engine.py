@@ -65,7 +65,8 @@ class Engine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.max_model_len, config.long_prefill_token_threshold,
                             config.max_chunk_attention,
-                            config.lora.max_loras if config.lora is not None else 0),
+                            config.lora.max_loras if config.lora is not None else 0,
+                            config.max_fanout_rows or 0),
             self.kv_cache)
         self.info = EngineInfo(tokenizer, self.model_config.vocab_size, config.max_model_len,
                                source.arch.name, defaults, eos, self.runner.num_blocks,
