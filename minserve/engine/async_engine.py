@@ -365,26 +365,23 @@ class AsyncEngine(WorkerService):
             result, error = None, EngineError(f"{type(e).__name__}: {e}", 500)
         self._on_loop(self._resolve, call.future, result, error)
 
+    def _next_when_idle(self) -> Any:
+        """The next inbox message; meanwhile, each HEAP_TRIM_IDLE_S without one, the heap that
+        work (steps, HTTP requests) freed since the last trim goes back to the OS (heap.py)."""
+        while True:
+            try:
+                return self._inbox.get(timeout=HEAP_TRIM_IDLE_S)
+            except queue.Empty:
+                heap.trim_after_work()
+
     def _serve(self) -> None:
         engine, loop = self._engine, self._on_loop
-        # work came in since the heap was last trimmed; True at first, since loading freed its
-        # staging copies (a GGUF's raw blocks and unpacked shards: ~120 MiB for the default model)
-        stepped = True
+        # loading freed its staging copies (a GGUF's raw blocks and unpacked shards: ~120 MiB
+        # for the default model): the first idle wait gives them back
+        heap.note_work()
         while True:
             # NOTE: block on the inbox only when idle; while busy, drain it without waiting.
-            if engine.has_unfinished_requests():
-                msgs = []
-            elif stepped:
-                # idle for HEAP_TRIM_IDLE_S after work (the HTTP side has freed its part by
-                # then): hand the freed heap back to the OS (engine/heap.py), then wait
-                try:
-                    msgs = [self._inbox.get(timeout=HEAP_TRIM_IDLE_S)]
-                except queue.Empty:
-                    heap.trim()
-                    stepped = False
-                    msgs = [self._inbox.get()]
-            else:
-                msgs = [self._inbox.get()]
+            msgs = [] if engine.has_unfinished_requests() else [self._next_when_idle()]
             while True:
                 try:
                     msgs.append(self._inbox.get_nowait())
@@ -413,7 +410,8 @@ class AsyncEngine(WorkerService):
             if rejected:
                 loop(self._reject, rejected)
             outputs = engine.step() if engine.has_unfinished_requests() else []
-            stepped = stepped or bool(msgs)
+            if msgs:
+                heap.note_work()
             self.stats = dict(engine.stats())
             if outputs:
                 loop(self._deliver, outputs)
