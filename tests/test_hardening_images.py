@@ -20,7 +20,7 @@ import pytest
 from minserve.config import EngineConfig
 from minserve.multimodal import fetch, inputs
 from minserve.multimodal.fetch import MediaPolicy, fetch_media
-from minserve.multimodal.image import MediaError, probe_image
+from minserve.multimodal.image import MediaError, decode_image, probe_image
 from minserve.server import ServerConfig, create_app
 from tests.asgi import call
 from tests.media_server import DripServer, MediaServer
@@ -98,8 +98,21 @@ def decodes(monkeypatch):
 
 # ---------------------------------------------------------------- finding 1: decode budget
 
-def test_probe_reads_the_size_from_the_header():
-    assert probe_image(bomb_png()) == (7000, 7000)
+def test_probe_reads_the_size_from_the_header(monkeypatch):
+    from PIL import ImageFile
+
+    def no_decode(self):
+        raise AssertionError("probe_image decoded the pixels")
+    with monkeypatch.context() as m:   # a PNG's EXIF lookup used to decode the whole image
+        m.setattr(ImageFile.ImageFile, "load", no_decode)
+        assert probe_image(bomb_png()) == (7000, 7000)
+        assert probe_image(_png(80, 60)) == (80, 60)
+    buf = io.BytesIO()
+    exif = random_image(80, 60).getexif()
+    exif[0x0112] = 8
+    random_image(80, 60).save(buf, format="PNG", exif=exif)   # eXIf before the pixels
+    assert probe_image(buf.getvalue()) == (60, 80)
+    assert decode_image(buf.getvalue()).size == (60, 80)
     assert probe_image(_png(80, 60)) == (80, 60)
     buf = io.BytesIO()
     exif = random_image(80, 60).getexif()
