@@ -29,9 +29,8 @@ DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.ite
 # so a new arrival starts at the next step), and 48k (query, context) pairs per chunk (~0.25 s
 # of attention at any context). bench/stall.py measures it (bench/RESULTS.md).
 CPU_BATCHING = (256, 128, 48 * 1024)
-# rows of one fan-out (n > 1, beam search) per step while other requests are in: a CPU step's
-# cost grows with its tokens (a beam row recomputes its partial last block: up to 16 tokens)
-DEFAULT_FANOUT_ROWS = {"cpu": 4, "cuda": 64}
+# rows of one fan-out (n > 1, beam search) per step: a CPU step's cost grows with its rows
+DEFAULT_FANOUT_ROWS = {"cpu": 8, "cuda": 64}
 
 
 @dataclass

@@ -14,7 +14,6 @@ not even behind one step of theirs."""
 from __future__ import annotations
 
 import bisect
-import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -221,7 +220,7 @@ class Scheduler:
         plan = StepPlan()
         self._apply_aborts(plan)
         self._preempt_for_priority(plan)
-        self.fanout.begin_step(itertools.chain(self.running, self.waiting))
+        self.fanout.begin_step()
         num_priority_preempted = len(plan.preempted)
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
