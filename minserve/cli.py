@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="(query, context) token pairs one request's prompt chunk may compute per step "
            "(default: 48k on CPU, none on a GPU; 0: no cap): late chunks of a long prompt stay "
            "as short as early ones (minserve only)")
+    a("--max-fanout-rows", type=int, default=None,
+      help="rows of one n > 1 or beam-search request per step (default: 8 on CPU, 64 on a GPU; "
+           "0: no cap): a large fan-out never keeps other clients waiting (minserve only)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     a("--block-size", type=int, default=16)
     a("--chat-template", default=None, help="a jinja2 chat template file or its text")
@@ -243,7 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
            "exits (a second signal cuts at once)")
     a("--limit-mm-per-prompt", type=_mm_limits, default=None,
       help='vision models: at most N images in one prompt, as image=N or {"image": N} '
-           "(default 999); more is a 400")
+           "(default: what the model takes, 1 for LLaVA-1.5, 8 for Qwen2-VL and Idefics3); "
+           "more is a 400")
+    a("--max-image-pixels-per-request", type=_size, default=None,
+      help="decoded pixels one request's images may have together, checked from their headers "
+           "before any is decoded (default 100000000); more is a 400 (minserve only)")
+    a("--max-image-pixels-in-flight", type=_size, default=None,
+      help="decoded pixels of all requests' images decoding at once; a decode waits for room "
+           "(default 100000000: two images at the 50-megapixel cap) (minserve only)")
     a("--allowed-local-media-path", default=None,
       help="serve file:// image URLs from below this folder (refused otherwise)")
     a("--allowed-media-domains", nargs="+", default=None,
@@ -327,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="largest batch input file accepted by POST /v1/files (default 200MiB, as OpenAI)")
     a("--max-batch-file-lines", type=int, default=50_000,
       help="most requests in one batch input file (default 50000, as OpenAI)")
+    a("--max-batch-storage-per-key", type=_size, default=1 << 30,
+      help="bytes of batch files (uploads and outputs) one API key may keep (default 1GiB)")
+    a("--max-batch-storage", type=_size, default=2 << 30,
+      help="bytes of batch files all keys together may keep (default 2GiB)")
     a("--enable-lora", action="store_true", help="serve LoRA adapters (--lora-modules, or "
       "/v1/load_lora_adapter with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)")
     a("--lora-modules", action="append", type=_lora_module, default=None,
@@ -337,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-cpu-loras", type=int, default=None,
       help="adapters kept loaded off the device (default --max-loras)")
     a("--lora-dtype", default="auto", help="auto (the model's dtype), bfloat16, float16, float32")
+    a("--allow-lora-downloads", action="store_true",
+      help="an adapter path (--lora-modules, /v1/load_lora_adapter) may be a Hugging Face hub "
+           "id, fetched into the hub cache; without it only local folders load (minserve only)")
     return p
 
 
@@ -367,8 +384,10 @@ def parse_args(argv: list[str] | None = None,
         parser.error(f"--max-logprobs {args.max_logprobs}: must be >= 0, or -1 for no limit")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be in 0..65535")
-    if args.max_batch_file_size < 1 or args.max_batch_file_lines < 1:
-        parser.error("--max-batch-file-size and --max-batch-file-lines must be positive")
+    if min(args.max_batch_file_size, args.max_batch_file_lines, args.max_batch_storage,
+           args.max_batch_storage_per_key) < 1:
+        parser.error("--max-batch-file-size, --max-batch-file-lines, --max-batch-storage and "
+                     "--max-batch-storage-per-key must be positive")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         parser.error("--ssl-keyfile and --ssl-certfile go together")
     try:
@@ -397,7 +416,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         **{name: getattr(args, name) for name in names},
         lora=LoRAConfig(args.lora_modules or [], args.max_loras, args.max_lora_rank,
-                        args.max_cpu_loras, args.lora_dtype) if args.enable_lora else None)
+                        args.max_cpu_loras, args.lora_dtype, args.allow_lora_downloads)
+        if args.enable_lora else None)
 
 
 def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept lazy for --help)

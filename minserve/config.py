@@ -276,6 +276,8 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # default: builder.default_batching(device)
     long_prefill_token_threshold: int | None = None  # per-request prefill chunk cap (ditto)
     max_chunk_attention: int | None = None  # prefill (query, context) pairs (ditto)
+    # rows of one n > 1 / beam-search request per step (0: no cap; default: builder, per device)
+    max_fanout_rows: int | None = None
     enable_prefix_caching: bool = True
     block_size: int = 16
     load_format: str = "auto"  # auto | safetensors | gguf | dummy
@@ -299,14 +301,18 @@ class EngineConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None   # default: a free port with one node, 29500 with several
     # Vision-language models. limit_mm_per_prompt: at most this many items of a modality in one
-    # prompt ({"image": N}; None: vLLM's default of 999). Images come from http(s) and data:
-    # URLs; file:// ones only from below allowed_local_media_path; hosts only from
-    # allowed_media_domains when set; URLs resolving to loopback/private/link-local addresses
-    # only with allow_private_media_urls (--allow-private-media-urls).
+    # prompt ({"image": N}; None: the model's registry row, resolved by the builder). Images come
+    # from http(s) and data: URLs; file:// ones only from below allowed_local_media_path; hosts
+    # only from allowed_media_domains when set; URLs resolving to loopback/private/link-local
+    # addresses only with allow_private_media_urls (--allow-private-media-urls). Decoded pixels:
+    # one request's images together, and every request's decodes at once (None: 100 megapixels
+    # each; multimodal/budget.py).
     limit_mm_per_prompt: dict[str, int] | None = None
     allowed_local_media_path: str | None = None
     allowed_media_domains: list[str] | None = None
     allow_private_media_urls: bool = False
+    max_image_pixels_per_request: int | None = None
+    max_image_pixels_in_flight: int | None = None
     lora: LoRAConfig | None = None   # --enable-lora (None: LoRA off)
     # mixture-of-experts models under -tp: whole experts per rank, not a slice of each
     enable_expert_parallel: bool = False
@@ -321,7 +327,8 @@ class EngineConfig:
         if self.max_num_seqs < 1:
             raise ConfigError("--max-num-seqs must be >= 1")
         for flag, value in (("--long-prefill-token-threshold", self.long_prefill_token_threshold),
-                            ("--max-chunk-attention", self.max_chunk_attention)):
+                            ("--max-chunk-attention", self.max_chunk_attention),
+                            ("--max-fanout-rows", self.max_fanout_rows)):
             if value is not None and value < 0:
                 raise ConfigError(f"{flag} must be >= 0 (0: no cap), got {value}")
         if self.dtype != "auto" and self.dtype not in DTYPE_NAMES:
@@ -356,6 +363,10 @@ class EngineConfig:
             raise ConfigError(
                 f"--load-format {self.load_format!r} is not one of auto, safetensors, gguf, dummy"
             )
+        for flag, value in (("--max-image-pixels-per-request", self.max_image_pixels_per_request),
+                            ("--max-image-pixels-in-flight", self.max_image_pixels_in_flight)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
         local = self.allowed_local_media_path
         if local and not os.path.isdir(os.path.realpath(local)):
             raise ConfigError(f"--allowed-local-media-path {local!r} is not an existing folder")
@@ -378,7 +389,7 @@ class EngineConfig:
 
 # Modalities --limit-mm-per-prompt names (vLLM's); minserve's models take images only.
 MODALITIES = ("image", "video", "audio")
-DEFAULT_MM_LIMIT = 999   # vLLM's default per modality
+DEFAULT_MM_LIMIT = 1     # before the model's row is known (vLLM's default for most models)
 
 
 # vLLM's allowed --max-lora-rank values
@@ -401,6 +412,7 @@ class LoRAConfig:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None   # adapters kept loaded off the device (default max_loras)
     lora_dtype: str = "auto"      # auto: the model's dtype
+    allow_downloads: bool = False  # --allow-lora-downloads: an adapter path may be a hub id
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:

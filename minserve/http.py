@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,14 @@ def model_not_found(model: str, served: list[str]) -> OpenAIError:
                        "argument).", param="model", type="NotFoundError")
 
 
+def owner_of(api_key: str | None) -> str:
+    """Whose a stored thing is (a batch file, a batch, a stored response): never the key itself,
+    and "" when the server has no key. NOTE: the batch store's rows are keyed by it on disk."""
+    if not api_key:
+        return ""
+    return hashlib.sha256(b"minserve batch owner\0" + api_key.encode()).hexdigest()
+
+
 @dataclass
 class Http:
     """One HTTP exchange as the handlers see it. send() tracks whether the response started
@@ -71,6 +80,11 @@ class Http:
     error_body: Callable[[OpenAIError], Any] = OpenAIError.to_dict
     head_only: bool = False  # HEAD: answered as GET, its headers kept, without the body
     api_key: str | None = None   # the key that passed auth (None: the server has none)
+
+    @property
+    def owner(self) -> str:
+        """The owner of what this exchange stores or reads (owner_of its API key)."""
+        return owner_of(self.api_key)
 
     async def send(self, msg: dict[str, Any]) -> None:
         if msg["type"] == "http.response.start":

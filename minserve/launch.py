@@ -154,7 +154,8 @@ def batch_service_from_cli(args: argparse.Namespace):  # -> BatchService
     root = args.batch_storage_path or os.path.join(cache_dir(), "batches", str(args.port))
     return BatchService(os.path.expanduser(root), BatchLimits(
         max_file_bytes=args.max_batch_file_size, max_file_lines=args.max_batch_file_lines,
-        max_in_flight=2 * args.max_num_seqs))
+        max_in_flight=2 * args.max_num_seqs, max_storage_bytes=args.max_batch_storage,
+        max_storage_per_key_bytes=args.max_batch_storage_per_key))
 
 
 def _quiet_granian(record: logging.LogRecord) -> bool:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:   # imported when embed() runs: a chat-only LLM never loads th
 
 Prompt = str | list[int] | dict[str, Any]
 # LLM(enable_lora=True, max_loras=..., ...): vLLM's engine args, gathered into a LoRAConfig
-_LORA_ARGS = ("max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype")
+_LORA_ARGS = ("max_loras", "max_lora_rank", "max_cpu_loras", "lora_dtype", "allow_downloads")
 
 
 @dataclass
@@ -333,7 +333,8 @@ class LLM:
             if req.images:
                 from minserve.multimodal.inputs import load_images_sync
 
-                images = media(lambda: load_images_sync(req.images, self._ctx.media_policy))
+                images = media(lambda: load_images_sync(req.images, self._ctx.media_policy,
+                                                        self._ctx.image_processor))
                 attach_images(request, images, self._ctx)
             requests.append((request, req.rendered_prompt))
         return self._run(requests, use_tqdm)

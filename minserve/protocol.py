@@ -176,11 +176,14 @@ def _engine_requests(request_id: str, prompts: list[list[int]], params: Sampling
             for p, ids in enumerate(prompts)]
 
 
-def check_length(ctx: ServingContext, prompt_token_ids: list[int], max_tokens: int | None,
-                 what: str) -> None:
-    """The one check of a prompt against max_model_len, in vLLM's words, where the request is
-    built (the engine relies on it). `what` names the prompt's field."""
-    num_prompt, max_len = len(prompt_token_ids), ctx.max_model_len
+def check_length(ctx: ServingContext, prompt_token_ids: list[int] | int,
+                 max_tokens: int | None, what: str) -> None:
+    """The one check of a prompt (its token ids, or their number) against max_model_len, in
+    vLLM's words, where the request is built (the engine relies on it). `what` names the
+    prompt's field."""
+    num_prompt = prompt_token_ids if isinstance(prompt_token_ids, int) else \
+        len(prompt_token_ids)
+    max_len = ctx.max_model_len
     if num_prompt == 0:
         raise OpenAIError(400, "The decoder prompt cannot be empty", param=what)
     if num_prompt >= max_len:
@@ -320,9 +323,19 @@ def parse_chat_batch(body: Any, ctx: ServingContext, priority: int = 0) -> Gener
     return first
 
 
+def check_image_length(request: EngineRequest, images: list[Any], ctx: ServingContext) -> None:
+    """The length check parse_chat left, made from the images' sizes (multimodal.ImageInputs)
+    before any of them is decoded."""
+    from minserve.multimodal.inputs import num_prompt_tokens
+
+    num = media(lambda: num_prompt_tokens(len(request.prompt_token_ids), images,
+                                          ctx.image_processor))
+    check_length(ctx, num, request.sampling.max_tokens, "messages")
+
+
 def attach_images(request: EngineRequest, images: list[Any], ctx: ServingContext) -> None:
-    """A prompt's images (fetched and decoded by the caller) -> its prompt with each placeholder
-    expanded to the image's tokens, then the length check parse_chat left."""
+    """A prompt's images (Pillow images, or multimodal.DecodedImages) -> its prompt with each
+    placeholder expanded to the image's tokens, then the length check parse_chat left."""
     from minserve.multimodal.inputs import attach_images as attach
 
     media(lambda: attach(request, images, ctx.image_processor))
@@ -330,8 +343,10 @@ def attach_images(request: EngineRequest, images: list[Any], ctx: ServingContext
 
 
 def media_error(e: Exception) -> OpenAIError:
-    """A multimodal.MediaError (bad URL, fetch failure, not an image...) -> its 400."""
-    return OpenAIError(400, str(e), param=getattr(e, "param", None) or "messages")
+    """A multimodal.MediaError (bad URL, fetch failure, not an image...) -> its 400 (503: the
+    server's image decoding stayed busy)."""
+    return OpenAIError(getattr(e, "status", 400), str(e),
+                       param=getattr(e, "param", None) or "messages")
 
 
 def media(fn: Callable[[], Any]) -> Any:

@@ -8,6 +8,11 @@ import re
 from typing import NamedTuple
 
 WORD_CLASS = "[0-9a-zA-Z_]"  # \w as structured.py compiles it (ASCII: the 'dw' option)
+# The constraint engine unrolls counted repetitions: (a{1000}){1000} is a million states, and its
+# first token mask took 2-5 s on the engine thread (issue 36). Bounded before compiling: this many
+# elements once every count is multiplied out (a{10000} measured ~25 ms for the first mask).
+MAX_REGEX_SIZE = 10_000
+_QUANTIFIER = re.compile(r"\{(\d*)(,?)(\d*)\}")
 
 
 class RegexDialectError(ValueError):
@@ -54,6 +59,11 @@ def prepare_regex(regex: str) -> Regex:
     lo += word_start
     word_end = not has_alternation and lo < hi and atoms[hi - 1][1] == r"\b"
     hi -= word_end
+    size = expanded_size(atoms[lo:hi])
+    if size > MAX_REGEX_SIZE:
+        raise RegexDialectError(
+            f"the regex unrolls to about {size} elements (counted repetitions multiply: "
+            f"(a{{100}}){{100}} is 10000); at most {MAX_REGEX_SIZE} are allowed in guided_regex")
     for pos, atom in atoms[lo:hi]:
         if atom in (r"\b", r"\B"):
             raise RegexDialectError(
@@ -64,6 +74,64 @@ def prepare_regex(regex: str) -> Regex:
                 f"the anchor {atom} at position {pos} is not supported in guided_regex (only at "
                 "the very start or end of the regex)")
     return Regex("".join(a for _, a in atoms[lo:hi]), word_start, word_end)
+
+
+def regex_size(regex: str) -> int:
+    """expanded_size of a whole regex (a JSON schema's pattern, say)."""
+    return expanded_size(list(_atoms(regex)))
+
+
+def expanded_size(atoms: list[tuple[int, str]]) -> int:
+    """How many elements (characters, classes) the regex holds once every counted repetition
+    is unrolled: an element repeated {n,m} counts n times (once more when more may follow);
+    alternatives add up. One pass over the atoms, no recursion."""
+    stack = [[0, 0, 0]]   # per open group: [finished alternatives, this alternative, last item]
+    after_quantifier = in_spec = False
+    for i, (_, atom) in enumerate(atoms):
+        top = stack[-1]
+        if in_spec:     # (?:  (?P<name>  (?i)  (?i:  hold no elements
+            in_spec = atom not in (":", ">", ")")
+            if atom != ")":
+                continue
+        elif atom == "?" and i and atoms[i - 1][1] == "(":
+            in_spec = True
+            continue
+        bounds = _bounds(atom)
+        if bounds is not None and after_quantifier and atom in ("?", "+"):
+            after_quantifier = False     # a lazy or possessive marker, not a repetition
+            continue
+        after_quantifier = False
+        if atom == "(":
+            stack.append([0, 0, 0])
+        elif atom == ")" and len(stack) > 1:
+            group = stack.pop()
+            size = group[0] + group[1]
+            stack[-1][1] += size
+            stack[-1][2] = size
+        elif atom == "|":
+            top[0], top[1], top[2] = top[0] + top[1], 0, 0
+        elif bounds is not None and top[2]:
+            lo, hi = bounds
+            extra = top[2] * (max(lo, 1) - 1) + (top[2] if hi is None or hi > lo else 0)
+            top[1] += extra
+            top[2] += extra
+            after_quantifier = True
+        else:   # a character, a class or an escape
+            top[1] += 1
+            top[2] = 1
+    return sum(g[0] + g[1] for g in stack)
+
+
+def _bounds(atom: str) -> tuple[int, int | None] | None:
+    """(min, max) of a quantifier atom (max None: unbounded), None for any other atom."""
+    if atom in ("*", "+", "?"):
+        return {"*": (0, None), "+": (1, None), "?": (0, 1)}[atom]
+    m = _QUANTIFIER.fullmatch(atom)
+    if m is None or not (m.group(1) or m.group(3)):
+        return None
+    lo = int(m.group(1) or 0)
+    hi = int(m.group(3)) if m.group(3) else (None if m.group(2) else lo)
+    return lo, hi
 
 
 def _atoms(regex: str):

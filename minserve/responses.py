@@ -195,21 +195,23 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]
 class Stored:
     response: dict[str, Any]
     items: list[dict[str, Any]]        # the conversation's input items (instructions aside)
+    owner: str = ""                    # Http.owner of the key that created it
     task: asyncio.Future | None = None  # background: the run
     cancel: asyncio.Event | None = None
 
 
 class ResponseStore:
     """The last `max_size` stored responses, oldest evicted first (an evicted background run is
-    cancelled). An evicted or unknown id is a 404."""
+    cancelled). Each is its creator's, as batch files are: an evicted or unknown id, or one
+    another API key created, is the same 404."""
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
         self._records: OrderedDict[str, Stored] = OrderedDict()
 
-    def get(self, response_id: str | None, param: str | None = None) -> Stored:
+    def get(self, response_id: str | None, owner: str, param: str | None = None) -> Stored:
         record = self._records.get(response_id or "")
-        if record is None:
+        if record is None or record.owner != owner:
             raise OpenAIError(404, f"Response with id '{response_id}' not found.", param=param,
                               type="NotFoundError")
         return record
@@ -221,8 +223,8 @@ class ResponseStore:
             if old.cancel is not None:
                 old.cancel.set()
 
-    def pop(self, response_id: str) -> Stored:
-        record = self.get(response_id)
+    def pop(self, response_id: str, owner: str) -> Stored:
+        record = self.get(response_id, owner)
         del self._records[response_id]
         if record.cancel is not None:
             record.cancel.set()
@@ -364,7 +366,7 @@ async def create_response(app: Any, http: Any) -> None:
     store = app.responses
     prev = None
     if body.get("previous_response_id") is not None:
-        prev = store.get(body["previous_response_id"], "previous_response_id")
+        prev = store.get(body["previous_response_id"], http.owner, "previous_response_id")
         if prev.response["status"] in ("queued", "in_progress"):
             raise _bad("previous_response_id", "that response is still in progress")
     history = prev.items + prev.response["output"] if prev else []
@@ -372,7 +374,7 @@ async def create_response(app: Any, http: Any) -> None:
     serving = app.chat_serving()
     req = await parse(serving, chat, RENAMES)
     response = _new_response(body, req, echo)
-    record = Stored(response, items) if response["store"] else None
+    record = Stored(response, items, http.owner) if response["store"] else None
     stream, background = bool(body.get("stream")), response["background"]
     # a background run's client has its answer at once: the writer sends it nothing more
     writer = ResponseWriter(response, None if background and not stream else http, stream,
@@ -414,17 +416,17 @@ async def _background(serving: Any, req: Any, writer: ResponseWriter,
 async def get_response(app: Any, http: Any) -> None:
     if parse_qs(http.scope.get("query_string", b"").decode("latin-1")).get("stream") == ["true"]:
         raise _bad("stream", "streaming a stored response again is not supported")
-    await http.send_json(200, app.responses.get(http.path_params["id"]).response)
+    await http.send_json(200, app.responses.get(http.path_params["id"], http.owner).response)
 
 
 async def delete_response(app: Any, http: Any) -> None:
     rid = http.path_params["id"]
-    app.responses.pop(rid)
+    app.responses.pop(rid, http.owner)
     await http.send_json(200, {"id": rid, "object": "response", "deleted": True})
 
 
 async def cancel_response(app: Any, http: Any) -> None:
-    record = app.responses.get(http.path_params["id"])
+    record = app.responses.get(http.path_params["id"], http.owner)
     if record.task is None:
         raise OpenAIError(400, "Only responses created with background=true can be cancelled.")
     record.cancel.set()

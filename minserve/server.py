@@ -17,6 +17,7 @@ from minserve import __version__, messages, output, responses, token_routes
 from minserve.batch import routes as batch_routes
 from minserve.config import LoRAModule
 from minserve.embeddings import routes as embedding_routes
+from minserve.engine import heap
 from minserve.engine.async_engine import AsyncEngine, EngineError
 from minserve.errors import library_text
 from minserve.http import Http, OpenAIError, Receive, Scope, Send, find_route, model_not_found
@@ -266,6 +267,8 @@ class App:
             await self._counted(path, handler(self, http))
         except Exception as e:  # noqa: BLE001 - whatever happens, the client gets an answer
             await http.send_error(_as_error(e, method, path))
+        finally:
+            heap.note_work()   # what it freed goes back to the OS once the server is idle
 
     async def _counted(self, path: str, work: Awaitable[Any]) -> Any:
         """GET /load counts what runs on the LOAD_AWARE routes."""

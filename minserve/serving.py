@@ -21,6 +21,7 @@ from minserve.protocol import (
     GenerateRequest,
     ServingContext,
     attach_images,
+    check_image_length,
     media_error,
     parse_chat,
     parse_chat_batch,
@@ -103,6 +104,7 @@ class Serving:
         """cfg: the ServerConfig; adapters: the LoRA adapters served as models (a live view)."""
         self.cfg, self.engine, self.metrics, self.adapters = cfg, engine, metrics, adapters
         self._ctx: ServingContext | None = None
+        self._pixel_budget: Any = None    # multimodal.PixelBudget, made for the first image
         # PERF: batch lines parse (template + tokenize) on their own thread: on the shared
         # pool, 512 lines queued ahead of a chat request made its TTFT 32 s instead of ~1 s
         # (tiny model, loaded 2-core CPU, bench/RESULTS.md).
@@ -172,15 +174,25 @@ class Serving:
 
     async def attach_images(self, req: GenerateRequest) -> None:
         """Fetch the request's images (their own threads, all at once, each bounded by the fetch
-        timeout: other streams flow meanwhile), decode them, expand the prompt."""
+        timeout: other streams flow meanwhile) and read their sizes; check the prompt's length;
+        only then decode them, one at a time within the server's pixel budget; expand the
+        prompt."""
+        from minserve.multimodal import inputs
+        from minserve.multimodal.budget import PixelBudget
         from minserve.multimodal.image import MediaError
-        from minserve.multimodal.inputs import load_images
 
+        ctx, request = self.ctx, req.requests[0]
+        if self._pixel_budget is None:
+            self._pixel_budget = PixelBudget(*filter(None, [getattr(
+                self.engine.config, "max_image_pixels_in_flight", None)]))
         try:
-            images = await load_images(req.images, self.ctx.media_policy)
+            images = await inputs.load_images(req.images, ctx.media_policy)
+            check_image_length(request, images, ctx)
+            decoded = await inputs.decode_images(images, ctx.image_processor,
+                                                 self._pixel_budget)
         except MediaError as e:
             raise media_error(e) from None
-        await asyncio.to_thread(attach_images, req.requests[0], images, self.ctx)
+        await asyncio.to_thread(attach_images, request, decoded, ctx)
 
     def generate(self, req: GenerateRequest) -> Generation:
         if self.cfg.log_requests:

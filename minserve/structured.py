@@ -4,8 +4,8 @@ Never imports torch at module level (protocol/server import this file); decides 
 scheduling: the engine asks for bitmask rows and reports sampled tokens."""
 from __future__ import annotations
 
+import ctypes
 import json
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -15,6 +15,11 @@ import llguidance
 
 from minserve.errors import library_text
 from minserve.regex_dialect import WORD_CLASS, RegexDialectError, prepare_regex
+from minserve.structured_limits import (
+    COMPILE_STACK_BYTES,
+    StructuredOutputError,
+    check_limits,
+)
 from minserve.value_text import value_text
 
 if TYPE_CHECKING:
@@ -22,82 +27,10 @@ if TYPE_CHECKING:
 
 SPEC_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 _MAX_CACHED_MATCHERS = 64
-
-# Limits checked before anything is compiled. NOTE: llguidance recurses (in Rust) along rule
-# references, nested groups and JSON-schema nesting and $ref chains, with up to about 3 KB of
-# stack per level: a 3,000-rule chain overflowed the default 8 MB thread stack and the whole server
-# died of SIGSEGV. Compiles run on threads of their own with COMPILE_STACK_BYTES of stack (address
-# space: only the part used becomes memory), and these caps keep the deepest input accepted
-# (MAX_GRAMMAR_LEVELS or MAX_SCHEMA_NODES levels, ~60 MB) well inside it.
-COMPILE_STACK_BYTES = 256 << 20
-MAX_SPEC_CHARS = 1 << 20        # grammar, regex or JSON-schema text
-MAX_GRAMMAR_LEVELS = 20_000     # rule definitions + groups ( [ { in a grammar
-MAX_GBNF_RULES = 1_000          # llguidance's GBNF -> Lark conversion is quadratic Python (~4 s)
-MAX_SCHEMA_NODES = 20_000       # objects and arrays in a JSON schema
-MAX_SCHEMA_DEPTH = 128          # as llguidance's JSON reader (deeper is refused there anyway)
-MAX_CHOICES = 10_000            # 100,000 choices took 36 s, then panicked inside llguidance
 # verbose_errors off: llguidance's verbose errors dump lexer and parser state into the message.
-_LIMITS = llguidance.LLParserLimits(verbose_errors=False)
-_RULE_DEF = re.compile(r"(?m)^\s*[?!]?[\w.]+(?:\{[^}\n]*\})?\s*(?:::=|:)")
-
-
-class StructuredOutputError(ValueError):
-    """A bad schema/regex/grammar or conflicting options: the server answers 400 with the text."""
-
-
-def check_limits(kind: str, value: Any) -> None:
-    """Refuse, before compiling, a spec past the caps above (StructuredOutputError)."""
-    if kind == "choice":
-        if len(value) > MAX_CHOICES:
-            raise StructuredOutputError(f"{len(value)} choices; at most {MAX_CHOICES} are allowed")
-        size = sum(map(len, value))
-    elif kind == "json":
-        size = _check_schema_shape(value)
-    elif kind in ("regex", "grammar"):
-        size = len(value)
-    else:
-        return
-    if size > MAX_SPEC_CHARS:
-        raise StructuredOutputError(f"the {kind} is {size} characters long; at most "
-                                    f"{MAX_SPEC_CHARS} are allowed")
-    if kind == "grammar":
-        num_rules = len(_RULE_DEF.findall(value))
-        if "::=" in value and num_rules > MAX_GBNF_RULES:
-            raise StructuredOutputError(f"the GBNF grammar has {num_rules} rules; at most "
-                                        f"{MAX_GBNF_RULES} are allowed")
-        levels = num_rules + sum(value.count(c) for c in "([{")
-        if levels > MAX_GRAMMAR_LEVELS:
-            raise StructuredOutputError(
-                f"the grammar has {num_rules} rules and {levels - num_rules} groups; at most "
-                f"{MAX_GRAMMAR_LEVELS} together are allowed")
-
-
-def _check_schema_shape(schema: Any) -> int:
-    """Count a schema's objects/arrays and its depth without recursing; -> its string size."""
-    num_nodes, size = 0, 0
-    todo: list[tuple[Any, int]] = [(schema, 1)]
-    while todo:
-        node, depth = todo.pop()
-        if isinstance(node, str):
-            size += len(node)
-            continue
-        if not isinstance(node, (dict, list)):
-            size += 8
-            continue
-        num_nodes += 1
-        if num_nodes > MAX_SCHEMA_NODES:
-            raise StructuredOutputError(f"the JSON schema has more than {MAX_SCHEMA_NODES} "
-                                        "objects and arrays")
-        if depth > MAX_SCHEMA_DEPTH:
-            raise StructuredOutputError(f"the JSON schema is nested more than "
-                                        f"{MAX_SCHEMA_DEPTH} levels deep")
-        if isinstance(node, dict):
-            size += sum(len(k) for k in node if isinstance(k, str))
-            todo.extend((v, depth + 1) for v in node.values())
-        else:
-            todo.extend((v, depth + 1) for v in node)
-    return size
-
+# initial_lexer_fuel a fifth of llguidance's default: it bounds the work of the first token mask
+# (computed in compile(), off the engine thread), 2.2 s -> 0.2 s for a lexer that blows up.
+_LIMITS = llguidance.LLParserLimits(verbose_errors=False, initial_lexer_fuel=200_000)
 
 # ---------------------------------------------------------------- request -> spec
 def structured_from_request(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -416,6 +349,12 @@ def _compile(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None
     if proto is None:
         # drops the GIL while building
         proto = llguidance.LLMatcher(ll_tok, grammar, log_level=0, limits=_LIMITS)
+        if not proto.is_error():
+            # NOTE: the first mask builds the lexer's start states, the costly part of a huge
+            # regex: here, not in an engine step, and an error here is still a 400. The copies
+            # the engine takes share the states built.
+            mask = (ctypes.c_int32 * ((ll_tok.vocab_size + 31) // 32))()
+            proto.unsafe_compute_mask_ptr(ctypes.addressof(mask), ctypes.sizeof(mask))
         if proto.is_error():
             kind = next(k for k in SPEC_KINDS if spec.get(k) not in (None, False))
             raise StructuredOutputError(f"invalid {kind}: {_describe(proto.get_error())}")

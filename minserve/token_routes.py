@@ -62,11 +62,21 @@ async def detokenize(app: Any, http: Http) -> None:
     ctx = _ctx(app)
     body = await http.read_json()
     ids = body.get("tokens") if isinstance(body, dict) else None
+    if isinstance(ids, list) and len(ids) > ctx.max_model_len:
+        # NOTE: as /tokenize, at most max_model_len ids: 4M ids held the event loop 1.2 s
+        raise OpenAIError(400, f"tokens: {len(ids)} token ids; at most {ctx.max_model_len} (the "
+                          "model's maximum context length) are detokenized at once",
+                          param="tokens")
+    # checking and decoding a few thousand ids is still milliseconds: not on the event loop
+    await http.send_json(200, await asyncio.to_thread(_detokenize, ids, ctx))
+
+
+def _detokenize(ids: Any, ctx: ServingContext) -> dict[str, Any]:
     vocab = ctx.vocab_size
     if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
         raise OpenAIError(400, f"tokens: must be a list of token ids in [0, {vocab})",
                           param="tokens")
-    await http.send_json(200, {"prompt": ctx.tokenizer.decode(ids)})
+    return {"prompt": ctx.tokenizer.decode(ids)}
 
 
 async def tokenizer_info(app: Any, http: Http) -> None:

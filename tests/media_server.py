@@ -4,6 +4,7 @@ Serves from a thread; stop() ends it and releases the never-answering handlers."
 from __future__ import annotations
 
 import io
+import select
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -91,3 +92,63 @@ class MediaServer:
         self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class DripServer:
+    """A host that answers headers at once, then one body byte every `interval` seconds up to
+    `num_bytes` (issue 36: a slow host held every fetch thread). Counts connections open at once
+    and those the client cut before the drip ended."""
+
+    def __init__(self, interval: float = 0.05, num_bytes: int = 400) -> None:
+        import socket
+
+        self.interval, self.num_bytes = interval, num_bytes
+        self.lock = threading.Lock()
+        self.num_open = self.max_open = self.num_cut = self.num_finished = 0
+        self.stopped = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path: str = "/drip.png", host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn) -> None:
+        with self.lock:
+            self.num_open += 1
+            self.max_open = max(self.max_open, self.num_open)
+        try:
+            conn.recv(65536)     # the request's headers
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n"
+                         + f"Content-Length: {self.num_bytes}\r\n\r\n".encode())
+            for _ in range(self.num_bytes):
+                if self.stopped.is_set():
+                    break
+                # wait for the next byte's time, or see the client's close as soon as it comes
+                # (a send after the close may still succeed: the count would lag the cut)
+                readable, _, _ = select.select([conn], [], [], self.interval)
+                if readable and not conn.recv(1):
+                    raise ConnectionResetError("the client closed the connection")
+                conn.sendall(b"\0")
+            else:
+                with self.lock:
+                    self.num_finished += 1
+        except OSError:          # the client cut the connection mid-drip
+            with self.lock:
+                self.num_cut += 1
+        finally:
+            conn.close()
+            with self.lock:
+                self.num_open -= 1
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.sock.close()

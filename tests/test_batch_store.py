@@ -23,10 +23,12 @@ from minserve.batch.store import (
     BatchStore,
     StorageFull,
     StorageLocked,
+    Quota,
+    QuotaExceeded,
     batch_object,
     file_object,
-    owner_of,
 )
+from minserve.http import owner_of
 
 CHAT = "/v1/chat/completions"
 
@@ -98,11 +100,12 @@ def store(tmp_path):
     s.close()
 
 
+ROOMY = Quota(1 << 30, 1 << 30)
+
+
 def _file(store: BatchStore, owner: str, lines: list[bytes]) -> dict:
-    temp = store.temp_path()
-    with open(temp, "wb") as f:
-        f.write(b"\n".join(lines) + b"\n")
-    return store.add_file(owner, "batch", "in.jsonl", temp, len(lines))
+    temp = _temp_with(store, lines)
+    return store.add_file(owner, "batch", "in.jsonl", temp, len(lines), 3600, ROOMY)
 
 
 def test_store_owners_ids_and_pagination(store):
@@ -133,7 +136,7 @@ def test_store_owners_ids_and_pagination(store):
 def test_results_are_recorded_once_and_finish_atomically(store):
     owner = owner_of("k")
     f = _file(store, owner, [_line("a"), _line("b")])
-    batch = store.create_batch(owner, f["id"], CHAT, "24h", {"x": "y"}, 3600)
+    batch = store.create_batch(owner, f["id"], CHAT, "24h", {"x": "y"}, 3600, 3600, ROOMY)
     assert batch["status"] == "validating" and store.get_batch(owner_of("z"), batch["id"]) is None
     store.set_status(batch["id"], "in_progress", total=2)
     data = orjson.dumps(output_line("a", 200, {"usage": {"prompt_tokens": 3,
@@ -160,7 +163,7 @@ def test_full_disk_is_an_error_not_a_crash(store):
     """SQLite's own "database or disk is full", from a page cap the test sets."""
     owner = owner_of("k")
     f = _file(store, owner, [_line("a")])
-    batch = store.create_batch(owner, f["id"], CHAT, "24h", None, 3600)
+    batch = store.create_batch(owner, f["id"], CHAT, "24h", None, 3600, 3600, ROOMY)
     pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
     store._conn.execute(f"PRAGMA max_page_count = {pages}")
     with pytest.raises(StorageFull):
@@ -169,6 +172,62 @@ def test_full_disk_is_an_error_not_a_crash(store):
     # the failed transaction left the counters matching the recorded rows
     row = store.get_batch(owner, batch["id"])
     assert row["completed"] == len(store.done_lines(batch["id"]))
+
+
+def test_quota_per_owner_and_in_all(store):
+    """Issue 36, finding 4: one key could store without bound. A file that does not fit the
+    owner's or the total quota is refused and leaves nothing behind; other owners still fit."""
+    a, b, c = owner_of("a"), owner_of("b"), owner_of("c")
+    size = os.path.getsize(_temp_with(store, [_line("x" * 40)]))
+    quota = Quota(max_bytes_per_owner=2 * size, max_bytes=5 * size)
+
+    def add(owner: str) -> dict:
+        return store.add_file(owner, "batch", "f", _temp_with(store, [_line("x" * 40)]), 1,
+                              3600, quota)
+
+    add(a), add(a)
+    with pytest.raises(QuotaExceeded, match="this API key's .*--max-batch-storage-per-key"):
+        add(a)
+    assert store.usage(a) == (2 * size, 2 * size)
+    f = add(b)
+    add(b), add(c)
+    with pytest.raises(QuotaExceeded, match=r"the server's .*\(--max-batch-storage\)"):
+        add(c)
+    stored = [n for n in os.listdir(store.files_dir) if n.startswith("file-")]
+    assert len(stored) == 5      # the refused uploads were not adopted
+    with pytest.raises(QuotaExceeded, match="this API key's"):   # a full key makes no batch
+        store.create_batch(a, store.list_files(a, None, 1, "desc", None)[0][0]["id"], CHAT,
+                           "24h", None, 3600, 3600, quota)
+    assert store.delete_file(b, f["id"])
+    add(c)
+
+
+def test_files_expire(store, monkeypatch):
+    """expires_after: an expired file is gone at once (404, not listed) and its content is
+    removed at the next sweep, unless an unfinished batch still reads it."""
+    import time as time_module
+
+    owner = owner_of("k")
+    keep = store.add_file(owner, "batch", "f", _temp_with(store, [_line("a")]), 1, 3600, ROOMY)
+    used = store.add_file(owner, "batch", "f", _temp_with(store, [_line("a")]), 1, 3600, ROOMY)
+    batch = store.create_batch(owner, used["id"], CHAT, "24h", None, 3600, 3600, ROOMY)
+    assert file_object(keep)["expires_at"] == keep["created_at"] + 3600
+    later = time_module.time() + 3601
+    monkeypatch.setattr(time_module, "time", lambda: later)
+    assert store.get_file(owner, keep["id"]) is None
+    assert store.list_files(owner, None, 10, "desc", None) == ([], False)
+    assert store.expire_files() == 1     # the batch's input stays while the batch runs
+    assert not os.path.exists(store.file_path(keep["id"]))
+    assert os.path.exists(store.file_path(used["id"]))
+    store.set_status(batch["id"], "failed")
+    assert store.expire_files() == 1 and not os.path.exists(store.file_path(used["id"]))
+
+
+def _temp_with(store: BatchStore, lines: list[bytes]) -> str:
+    temp = store.temp_path()
+    with open(temp, "wb") as f:
+        f.write(b"\n".join(lines) + b"\n")
+    return temp
 
 
 def test_orphans_removed_and_one_process_per_folder(tmp_path):

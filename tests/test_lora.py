@@ -237,21 +237,21 @@ def test_file_refusals(lora_engine, adapter_copy, tmp_path, tiny_model_factory):
     path = adapter_copy()
     os.rename(os.path.join(path, "adapter_model.safetensors"),
               os.path.join(path, "adapter_model.bin"))
-    with pytest.raises(LoRAError, match="adapter_model.bin is a pickle file"):
-        lora_engine.add_lora("bad", path)
-    with pytest.raises(LoRAError, match="no such folder"):
-        lora_engine.add_lora("bad", str(tmp_path / "missing"))
-    with pytest.raises(LoRAError, match="no adapter_config.json"):
-        lora_engine.add_lora("bad", str(tmp_path))
-    other_base = tiny_model_factory(intermediate_size=96)
-    wrong = make_adapter(other_base, str(tmp_path / "wrong"), r=8)
-    with pytest.raises(LoRAError, match=r"mlp\.(gate|up|down)_proj: lora_A .* do not fit"):
-        lora_engine.add_lora("bad", wrong)
     bad_json = adapter_copy("rs16")
     with open(os.path.join(bad_json, "adapter_config.json"), "w") as f:
         f.write("{not json")
-    with pytest.raises(LoRAError, match="not valid JSON"):
-        lora_engine.add_lora("bad", bad_json)
+    # Issue 36: one text for every unusable path (it was an oracle for what exists)
+    for unusable_path in (path, str(tmp_path / "missing"), str(tmp_path), bad_json):
+        with pytest.raises(LoRAError) as e:
+            lora_engine.add_lora("bad", unusable_path)
+        assert str(e.value) == (
+            f"LoRA adapter {unusable_path!r}: not a usable PEFT LoRA adapter: give a folder "
+            "holding adapter_config.json and adapter_model.safetensors (.bin pickles are never "
+            "loaded) (a hub id needs --allow-lora-downloads)")
+    other_base = tiny_model_factory(intermediate_size=96)
+    wrong = make_adapter(other_base, str(tmp_path / "wrong"), r=8)
+    with pytest.raises(LoRAError, match=r"mlp\.(gate|up|down)_proj: lora_[AB] .* does not fit"):
+        lora_engine.add_lora("bad", wrong)
 
 
 def test_startup_refusal_is_a_config_error(tiny_model_dir, adapter_copy):

@@ -81,7 +81,8 @@ def test_adapters_through_the_routes(tiny_model_dir, adapters, tmp_path):
         load = lambda b: call(app, "POST", "/v1/load_lora_adapter", b)  # noqa: E731
         unload = lambda b: call(app, "POST", "/v1/unload_lora_adapter", b)  # noqa: E731
         for b, status, match in [
-            ({"lora_name": "x", "lora_path": str(tmp_path / "none")}, 400, "no such folder"),
+            ({"lora_name": "x", "lora_path": str(tmp_path / "none")}, 400,
+             "not a usable PEFT LoRA adapter"),
             ({"lora_name": "sql", "lora_path": adapters["poet"]}, 400, "already been loaded"),
             ({"lora_name": "x", "lora_path": big}, 400, "greater than --max-lora-rank"),
             ({"lora_name": "x"}, 400, "lora_path"),

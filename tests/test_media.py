@@ -161,6 +161,27 @@ def test_is_public():
         assert fetch._is_public(ipaddress.ip_address(ip)), ip
 
 
+def test_embedded_ipv4_judged_by_the_address_it_embeds():
+    """Issue 36, finding 9: NAT64 (64:ff9b::/96), 6to4 (2002::/16), Teredo (2001::/32) and
+    IPv4-compatible (::/96) addresses reach the IPv4 address inside them."""
+    import ipaddress
+
+    private = ("64:ff9b::a9fe:a9fe",      # NAT64 -> 169.254.169.254 (cloud metadata)
+               "64:ff9b::7f00:1",         # NAT64 -> 127.0.0.1
+               "64:ff9b::a00:1",          # NAT64 -> 10.0.0.1
+               "64:ff9b:1::808:808",      # RFC 8215 local-use NAT64 prefix
+               "2002:a9fe:a9fe::1",       # 6to4 -> 169.254.169.254
+               "2002:c0a8:101::1",        # 6to4 -> 192.168.1.1
+               "2001:0:a00:1:0:0:f5ff:fffe",   # Teredo, server and client 10.0.0.1
+               "2001:0:808:808:0:0:f5ff:fffe",  # Teredo, public server, client 10.0.0.1
+               "::a00:1", "::7f00:1")     # IPv4-compatible
+    for ip in private:
+        assert not fetch._is_public(ipaddress.ip_address(ip)), ip
+    for ip in ("64:ff9b::808:808", "2002:808:808::1", "::808:808",
+               "2001:0:808:808:0:0:f7f7:f7f7"):   # Teredo, both 8.8.8.8
+        assert fetch._is_public(ipaddress.ip_address(ip)), ip
+
+
 def test_http_failures(server):
     cases = [("/missing", "HTTP 404"), ("/big", "too large"), ("/big-chunked", "too large"),
              ("/redirect/2", None), ("/redirect/5", "redirects more than 3"),
@@ -203,15 +224,16 @@ def test_redirect_to_private_address_refused(server, monkeypatch):
 
 
 def test_fetch_all_concurrently_and_first_error(server):
-    """load_images (the server's path): every URL fetched at once, then decoded; the first
-    failure, in part order, names its part."""
+    """load_images (the server's path): every URL fetched at once and measured from its header
+    (decoded later); the first failure, in part order, names its part."""
     from minserve.chat import ImageRef
     from minserve.multimodal.inputs import load_images
 
     refs = [ImageRef(server.url(p), None, f"part{i}") for i, p in enumerate(server.images)]
     got = asyncio.run(load_images(refs, OPEN))
-    assert [im.tobytes() for im in got] == [decode_image(b).tobytes()
-                                            for b in server.images.values()]
+    assert [i.data for i in got] == list(server.images.values())
+    assert [(i.width, i.height) for i in got] == [decode_image(b).size
+                                                  for b in server.images.values()]
     refs[1] = ImageRef(server.url("/missing"), None, "part1")
     with pytest.raises(MediaError, match="part1: .*HTTP 404") as e:
         asyncio.run(load_images(refs, OPEN))

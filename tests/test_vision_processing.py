@@ -128,6 +128,8 @@ def test_matches_transformers(setup, size):
     prompt = expand_prompt(tokenizer.encode(text, add_special_tokens=False), [image], ours)
     assert prompt.prompt_token_ids == list(ref_ids)
     (placed,) = prompt.items
+    # the prompt's length is checked from the size alone, before decoding (issue 36)
+    assert ours.num_image_tokens(*size) == placed.length
     assert placed.num_embeds == sum(t == ours.image_token_id for t in ref_ids)
     pixels = placed.data["pixel_values"]
     assert pixels.dtype == np.float32 and pixels.shape == ref_pixels.shape

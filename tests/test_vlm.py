@@ -132,7 +132,9 @@ def test_llm_generate_and_chat_with_images(setup, tmp_path):
     assert by_chat[0].outputs[0].token_ids == by_generate[0].outputs[0].token_ids
     assert by_chat[0].prompt_token_ids == by_generate[0].prompt_token_ids
     assert len(by_generate[0].prompt_token_ids) > 16
-    with pytest.raises(ValueError, match="1 image placeholder"):
+    with pytest.raises(ValueError, match="0 image placeholder"):
+        llm.generate({"prompt": "describe", "multi_modal_data": {"image": image}}, params)
+    with pytest.raises(ValueError, match="At most 1 image"):   # LLaVA-1.5's default limit
         llm.generate({"prompt": prompt, "multi_modal_data": {"image": [image, image]}}, params)
     with pytest.raises(ValueError, match="images only"):
         llm.generate({"prompt": prompt, "multi_modal_data": {"video": image}}, params)
@@ -152,7 +154,9 @@ def test_profile_run_encodes_the_largest_image_batch(setup, monkeypatch):
     images = profile_images(proc, dataclasses.replace(engine.config, kv_cache_memory=None),
                              torch.device("cuda"))   # the device only sizes the batch
     largest = proc.process(Image.new("RGB", proc.largest_image_size()))
-    assert len(images) == min(999 * 4, 512 // largest.num_embeds + 1)
+    # the images per prompt default to the model's registry row (1 for LLaVA-1.5, else 8)
+    assert engine.config.image_limit == (1 if arch.startswith("Llava") else 8)
+    assert len(images) == min(engine.config.image_limit * 4, 512 // largest.num_embeds + 1)
     batches = []
     real = runner.model.encode_images
     monkeypatch.setattr(runner.model, "encode_images",

@@ -121,3 +121,4 @@ def test_hd_transform_sizes_match_the_reference(engine):
         assert out.data["crop_grid"].tolist() == [ph // 336, pw // 336]
         assert out.data["pixel_values"].shape == (1 + crops, 3, 336, 336)
         assert len(out.token_ids) == (crops + 1) * 144 + 1 + (ph // 336 + 1) * 12
+        assert proc.num_image_tokens(w, h) == len(out.token_ids)

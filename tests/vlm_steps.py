@@ -26,6 +26,8 @@ def vlm_request(engine: Engine, images: list, text: str = "describe these") -> E
     ids = own if own is not None else engine.info.tokenizer.encode(rendered,
                                                                    add_special_tokens=False)
     mm = expand_prompt(ids, images, proc)
+    # the prompt's length is checked from the images' sizes before any is decoded (issue 36)
+    assert [proc.num_image_tokens(*im.size) for im in images] == [i.length for i in mm.items]
     return EngineRequest("r", mm.prompt_token_ids, SamplingParams(max_tokens=4), mm_items=mm.items,
                          mrope_positions=mm.mrope_positions,
                          mrope_position_delta=mm.mrope_position_delta)

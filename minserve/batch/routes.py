@@ -1,6 +1,6 @@
 """The Batch API's HTTP handlers, as the openai SDK's `files` and `batches` resources call them:
 /v1/files (multipart upload, list, retrieve, content, delete) and /v1/batches (create, retrieve,
-list, cancel). Every row belongs to the API key that made it (Http.api_key, from the auth check);
+list, cancel). Every row belongs to the API key that made it (Http.owner, from the auth check);
 another key gets a 404, as if it did not exist. Uploads are streamed to disk within
 --max-batch-file-size and checked as JSONL."""
 from __future__ import annotations
@@ -15,18 +15,20 @@ from minserve.batch.lines import ENDPOINTS, POOLING_ENDPOINTS
 from minserve.batch.multipart import FileTooLarge, MultipartError, MultipartReader, boundary_of
 from minserve.batch.service import COMPLETION_WINDOWS, UploadError, check_jsonl, known_endpoint
 from minserve.batch.store import (
+    DEFAULT_EXPIRES_S,
     FileInUse,
+    QuotaExceeded,
     StorageFull,
     batch_object,
     file_object,
     is_full,
-    owner_of,
 )
 from minserve.http import Http, OpenAIError
 
 MULTIPART_SLACK = 1 << 20        # the form's own bytes (boundaries, headers, fields)
 MAX_METADATA = 16                # OpenAI's metadata limits
 CONTENT_CHUNK = 1 << 20
+MIN_EXPIRES_S, MAX_EXPIRES_S = 3600, 30 * 24 * 3600   # OpenAI's bounds on expires_after
 
 
 async def _service(app: Any) -> Any:
@@ -63,10 +65,29 @@ def _not_found(kind: str, value: str | None, param: str) -> OpenAIError:
     return OpenAIError(404, f"No such {kind}: {value!r}", param=param, type="NotFoundError")
 
 
+def _expires_s(anchor: Any, seconds: Any, param: str) -> int:
+    """OpenAI's expires_after {anchor: "created_at", seconds: 3600..2592000} -> seconds; both
+    absent: the 30-day default."""
+    if anchor is None and seconds is None:
+        return DEFAULT_EXPIRES_S
+    if isinstance(seconds, str) and seconds.isdigit():   # a multipart form field
+        seconds = int(seconds)
+    if anchor != "created_at" or not isinstance(seconds, int) or isinstance(seconds, bool) \
+            or not MIN_EXPIRES_S <= seconds <= MAX_EXPIRES_S:
+        raise OpenAIError(400, f"{param} must be {{\"anchor\": \"created_at\", \"seconds\": "
+                          f"N}} with N in [{MIN_EXPIRES_S}, {MAX_EXPIRES_S}]", param=param)
+    return seconds
+
+
+def _quota_error(e: QuotaExceeded, status: int) -> OpenAIError:
+    return OpenAIError(status, f"batch storage quota exceeded: {e}", type="QuotaExceeded",
+                       code="storage_quota_exceeded")
+
+
 # ---------------------------------------------------------------- files
 async def upload_file(app: Any, http: Http) -> None:
     service = await _service(app)
-    owner = owner_of(http.api_key)
+    owner = http.owner
     limit = service.limits.max_file_bytes
     declared = http.headers.get(b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
@@ -103,9 +124,14 @@ async def upload_file(app: Any, http: Http) -> None:
                               f"stores files for), got {purpose!r}", param="purpose")
         if upload.filename is None:
             raise OpenAIError(400, "the form has no `file` field", param="file")
+        expires_s = _expires_s(upload.fields.get("expires_after[anchor]"),
+                               upload.fields.get("expires_after[seconds]"), "expires_after")
         num_lines = await asyncio.to_thread(check_jsonl, temp, service.limits.max_file_lines)
         filename = "".join(c for c in upload.filename if c.isprintable())[:255] or "upload.jsonl"
-        row = await store.run(store.add_file, owner, "batch", filename, temp, num_lines)
+        row = await store.run(store.add_file, owner, "batch", filename, temp, num_lines,
+                              expires_s, service.limits.quota)
+    except QuotaExceeded as e:
+        raise _quota_error(e, 413) from None
     except FileTooLarge as e:
         raise OpenAIError(413, f"{e} (--max-batch-file-size)", param="file") from None
     except (MultipartError, UploadError) as e:
@@ -127,7 +153,7 @@ async def list_files(app: Any, http: Http) -> None:
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise OpenAIError(400, "order must be \"asc\" or \"desc\"", param="order")
-    rows, more = await service.store.run(service.store.list_files, owner_of(http.api_key),
+    rows, more = await service.store.run(service.store.list_files, http.owner,
                                          query.get("purpose"), _limit(query, 10_000, 10_000),
                                          order, query.get("after"))
     await http.send_json(200, _page(rows, more, file_object))
@@ -136,7 +162,7 @@ async def list_files(app: Any, http: Http) -> None:
 async def _own_file(app: Any, http: Http) -> dict[str, Any]:
     service = await _service(app)
     file_id = http.path_params["file_id"]
-    row = await service.store.run(service.store.get_file, owner_of(http.api_key), file_id)
+    row = await service.store.run(service.store.get_file, http.owner, file_id)
     if row is None:
         raise _not_found("file", file_id, "file_id")
     return row
@@ -165,7 +191,7 @@ async def delete_file(app: Any, http: Http) -> None:
     service = await _service(app)
     file_id = http.path_params["file_id"]
     try:
-        deleted = await service.store.run(service.store.delete_file, owner_of(http.api_key),
+        deleted = await service.store.run(service.store.delete_file, http.owner,
                                           file_id)
     except FileInUse as e:
         raise OpenAIError(400, f"file {file_id!r} is the input of batch {e}, which has not "
@@ -208,7 +234,13 @@ async def create_batch(app: Any, http: Http) -> None:
         raise OpenAIError(400, f"completion_window must be one of {sorted(COMPLETION_WINDOWS)}, "
                           f"got {window!r}", param="completion_window")
     metadata = _metadata(body.get("metadata"))
-    owner = owner_of(http.api_key)
+    expires = body.get("output_expires_after")
+    if expires is not None and not isinstance(expires, dict):
+        raise OpenAIError(400, "output_expires_after must be an object",
+                          param="output_expires_after")
+    expires_s = _expires_s((expires or {}).get("anchor"), (expires or {}).get("seconds"),
+                           "output_expires_after")
+    owner = http.owner
     file_id = body.get("input_file_id")
     if not isinstance(file_id, str):
         raise OpenAIError(400, "input_file_id must be a file id", param="input_file_id")
@@ -219,7 +251,9 @@ async def create_batch(app: Any, http: Http) -> None:
         raise OpenAIError(400, f"file {file_id!r} has purpose {row['purpose']!r}; a batch "
                           "reads a file uploaded with purpose \"batch\"", param="input_file_id")
     try:
-        batch = await service.create(owner, file_id, endpoint, window, metadata)
+        batch = await service.create(owner, file_id, endpoint, window, metadata, expires_s)
+    except QuotaExceeded as e:
+        raise _quota_error(e, 400) from None
     except StorageFull as e:
         raise OpenAIError(507, f"the batch storage is full: {e}",
                           type="InsufficientStorage") from None
@@ -229,7 +263,7 @@ async def create_batch(app: Any, http: Http) -> None:
 async def get_batch(app: Any, http: Http) -> None:
     service = await _service(app)
     batch_id = http.path_params["batch_id"]
-    row = await service.store.run(service.store.get_batch, owner_of(http.api_key), batch_id)
+    row = await service.store.run(service.store.get_batch, http.owner, batch_id)
     if row is None:
         raise _not_found("batch", batch_id, "batch_id")
     await http.send_json(200, batch_object(row))
@@ -238,7 +272,7 @@ async def get_batch(app: Any, http: Http) -> None:
 async def list_batches(app: Any, http: Http) -> None:
     service = await _service(app)
     query = _query(http)
-    rows, more = await service.store.run(service.store.list_batches, owner_of(http.api_key),
+    rows, more = await service.store.run(service.store.list_batches, http.owner,
                                          _limit(query, 20, 100), query.get("after"))
     await http.send_json(200, _page(rows, more, batch_object))
 
@@ -246,7 +280,7 @@ async def list_batches(app: Any, http: Http) -> None:
 async def cancel_batch(app: Any, http: Http) -> None:
     service = await _service(app)
     batch_id = http.path_params["batch_id"]
-    row = await service.cancel(owner_of(http.api_key), batch_id)
+    row = await service.cancel(http.owner, batch_id)
     if row is None:
         raise _not_found("batch", batch_id, "batch_id")
     if row["status"] not in ("cancelling", "cancelled"):

@@ -24,7 +24,7 @@ from minserve.batch.lines import (
     line_usage,
 )
 from minserve.batch.runner import BATCH_PRIORITY, LineRunner
-from minserve.batch.store import BatchStore, StorageFull, StorageLocked, is_full
+from minserve.batch.store import BatchStore, Quota, StorageFull, StorageLocked, is_full
 
 logger = logging.getLogger("minserve.batch")
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
@@ -40,6 +40,13 @@ class BatchLimits:
     max_file_bytes: int = 200 * 1024 * 1024      # OpenAI's limits
     max_file_lines: int = 50_000
     max_in_flight: int = 512                     # lines running at once, all batches together
+    # file bytes stored (uploads and batch outputs): the defaults keep a small disk usable
+    max_storage_per_key_bytes: int = 1 << 30
+    max_storage_bytes: int = 2 << 30
+
+    @property
+    def quota(self) -> Quota:
+        return Quota(self.max_storage_per_key_bytes, self.max_storage_bytes)
 
 
 def check_jsonl(path: str, max_lines: int) -> int:
@@ -145,10 +152,12 @@ class BatchService:
 
     # ---- API
     async def create(self, owner: str, input_file_id: str, endpoint: str,
-                     completion_window: str, metadata: dict[str, str] | None) -> dict[str, Any]:
+                     completion_window: str, metadata: dict[str, str] | None,
+                     output_expires_s: int) -> dict[str, Any]:
         batch = await self.store.run(self.store.create_batch, owner, input_file_id, endpoint,
                                      completion_window, metadata,
-                                     COMPLETION_WINDOWS[completion_window])
+                                     COMPLETION_WINDOWS[completion_window], output_expires_s,
+                                     self.limits.quota)
         self._spawn(batch["id"])
         return batch
 

@@ -1,15 +1,16 @@
 """Batch API state: SQLite (the standard library's sqlite3, WAL mode) for files, batches and
 per-line results, plus a folder of file contents under --batch-storage-path. Every id is random
 (128 bits) and made here, so no path is ever built from user input; every lookup is scoped to its
-owner (a hash of the API key). One thread owns the connection (run() hops onto it); each write is
-one transaction, so a SIGKILL leaves either a line's result and its counters, or neither."""
+owner (a hash of the API key). Files count against a per-owner and a total byte quota, and expire
+(OpenAI's expires_after; 30 days by default) unless an unfinished batch still reads them. One
+thread owns the connection (run() hops onto it); each write is one transaction, so a SIGKILL
+leaves either a line's result and its counters, or neither."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -28,7 +30,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, owner TEXT NOT NULL,
     purpose TEXT NOT NULL, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
-    num_lines INTEGER NOT NULL, created_at INTEGER NOT NULL);
+    num_lines INTEGER NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER);
 CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, owner TEXT NOT NULL,
     status TEXT NOT NULL, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL,
@@ -38,11 +40,14 @@ CREATE TABLE IF NOT EXISTS batches (
     output_file_id TEXT, error_file_id TEXT, total INTEGER NOT NULL DEFAULT 0,
     completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
     input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
-    cached_tokens INTEGER NOT NULL DEFAULT 0);
+    cached_tokens INTEGER NOT NULL DEFAULT 0, output_expires_s INTEGER);
 CREATE TABLE IF NOT EXISTS results (
     batch_id TEXT NOT NULL, line INTEGER NOT NULL, ok INTEGER NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (batch_id, line)) WITHOUT ROWID;
 """
+# columns added after the first release: a database made before them gets them at open
+_ADDED_COLUMNS = (("files", "expires_at", "INTEGER"), ("batches", "output_expires_s", "INTEGER"))
+DEFAULT_EXPIRES_S = 30 * 24 * 3600     # OpenAI's default for purpose=batch files
 _TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
           "cancelling_at", "cancelled_at")
 
@@ -59,11 +64,15 @@ class StorageLocked(RuntimeError):
     """Another process holds this storage folder."""
 
 
-def owner_of(api_key: str | None) -> str:
-    """What rows are keyed by: never the key itself, and "" when the server has no key."""
-    if not api_key:
-        return ""
-    return hashlib.sha256(b"minserve batch owner\0" + api_key.encode()).hexdigest()
+class QuotaExceeded(Exception):
+    """Storing this would pass the owner's or the total quota: nothing was written."""
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Bytes of file content the store may hold: per owner (API key) and in all."""
+    max_bytes_per_owner: int
+    max_bytes: int
 
 
 def is_full(e: BaseException) -> bool:
@@ -117,8 +126,12 @@ class BatchStore:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
         conn.row_factory = sqlite3.Row
+        for table, column, kind in _ADDED_COLUMNS:
+            if column not in {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self._conn = conn
         self._remove_orphans()
+        self.expire_files()
 
     def close(self) -> None:
         if self._conn is not None:
@@ -165,19 +178,57 @@ class BatchStore:
             raise ValueError(f"not a file id: {file_id!r}")
         return os.path.join(self.files_dir, file_id)
 
+    # ---- quota and expiry
+    def usage(self, owner: str) -> tuple[int, int]:
+        """(bytes the owner's files hold, bytes all files hold)."""
+        mine, total = self._conn.execute(
+            "SELECT COALESCE(SUM(CASE WHEN owner = ? THEN bytes END), 0), "
+            "COALESCE(SUM(bytes), 0) FROM files", (owner,)).fetchone()
+        return mine, total
+
+    def check_quota(self, owner: str, quota: Quota, adding: int = 0) -> None:
+        """QuotaExceeded naming the limit unless `adding` more bytes fit (adding 0: unless
+        the owner and the store are still below their limits)."""
+        self.expire_files()
+        mine, total = self.usage(owner)
+        for used, limit, whose, flag in (
+                (mine, quota.max_bytes_per_owner, "this API key's", "--max-batch-storage-per-key"),
+                (total, quota.max_bytes, "the server's", "--max-batch-storage")):
+            if used + adding > limit or (adding == 0 and used >= limit):
+                need = f"another {adding} bytes do not fit: " if adding else ""
+                raise QuotaExceeded(
+                    f"{need}{whose} batch storage holds {used} of its {limit} bytes ({flag}); "
+                    "delete files (DELETE /v1/files/{file_id}) or wait for them to expire")
+
+    def expire_files(self) -> int:
+        """Delete the files past their expires_at that no unfinished batch reads -> how many."""
+        rows = self._conn.execute(
+            f"SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ? AND id NOT IN "
+            f"(SELECT input_file_id FROM batches WHERE status IN "
+            f"({', '.join('?' * len(UNFINISHED))}))", (int(time.time()), *UNFINISHED)).fetchall()
+        for row in rows:
+            with self._tx() as conn:
+                conn.execute("DELETE FROM files WHERE id = ?", (row["id"],))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.file_path(row["id"]))
+        return len(rows)
+
     # ---- files
     def add_file(self, owner: str, purpose: str, filename: str, temp_path: str,
-                 num_lines: int) -> dict[str, Any]:
-        """Adopt temp_path (complete and flushed) as a new file."""
+                 num_lines: int, expires_s: int, quota: Quota) -> dict[str, Any]:
+        """Adopt temp_path (complete and flushed) as a new file, expiring expires_s after now
+        (QuotaExceeded: it does not fit)."""
         file_id = f"file-{secrets.token_hex(16)}"
         size = os.path.getsize(temp_path)
+        self.check_quota(owner, quota, size)
         os.replace(temp_path, self.file_path(file_id))
+        now = int(time.time())
         try:
             with self._tx() as conn:
                 conn.execute("INSERT INTO files (id, owner, purpose, filename, bytes, num_lines, "
-                             "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (file_id, owner, purpose, filename, size, num_lines,
-                              int(time.time())))
+                             "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (file_id, owner, purpose, filename, size, num_lines, now,
+                              now + expires_s))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.remove(self.file_path(file_id))
@@ -189,11 +240,14 @@ class BatchStore:
             return None
         row = self._conn.execute("SELECT * FROM files WHERE id = ? AND owner = ?",
                                  (file_id, owner)).fetchone()
-        return None if row is None else dict(row)
+        if row is None or (row["expires_at"] is not None and row["expires_at"] <= time.time()):
+            return None      # expired: gone, even before the next sweep removes it
+        return dict(row)
 
     def list_files(self, owner: str, purpose: str | None, limit: int, order: str,
                    after: str | None) -> tuple[list[dict[str, Any]], bool]:
-        sql, args = "SELECT * FROM files WHERE owner = ?", [owner]
+        sql = "SELECT * FROM files WHERE owner = ? AND (expires_at IS NULL OR expires_at > ?)"
+        args = [owner, int(time.time())]
         if purpose is not None:
             sql, args = sql + " AND purpose = ?", [*args, purpose]
         return self._page("files", sql, args, limit, order, after, owner)
@@ -229,16 +283,19 @@ class BatchStore:
     # ---- batches
     def create_batch(self, owner: str, input_file_id: str, endpoint: str,
                      completion_window: str, metadata: dict[str, str] | None,
-                     window_s: int) -> dict[str, Any]:
+                     window_s: int, output_expires_s: int, quota: Quota) -> dict[str, Any]:
+        """QuotaExceeded when the owner's files (or all) already fill their quota: the output
+        would not fit."""
+        self.check_quota(owner, quota)
         batch_id = f"batch_{secrets.token_hex(16)}"
         now = int(time.time())
         with self._tx() as conn:
             conn.execute("INSERT INTO batches (id, owner, status, endpoint, input_file_id, "
-                         "completion_window, metadata, created_at, expires_at) VALUES "
-                         "(?, ?, 'validating', ?, ?, ?, ?, ?, ?)",
+                         "completion_window, metadata, created_at, expires_at, "
+                         "output_expires_s) VALUES (?, ?, 'validating', ?, ?, ?, ?, ?, ?, ?)",
                          (batch_id, owner, endpoint, input_file_id, completion_window,
                           None if metadata is None else json.dumps(metadata), now,
-                          now + window_s))
+                          now + window_s, output_expires_s))
         return self.get_batch(owner, batch_id)
 
     def get_batch(self, owner: str | None, batch_id: str) -> dict[str, Any] | None:
@@ -316,12 +373,14 @@ class BatchStore:
                 os.replace(temp, self.file_path(file_id))
                 moved.append(file_id)
                 kind = "output" if column == "output_file_id" else "error"
+                expires_s = batch["output_expires_s"] or DEFAULT_EXPIRES_S
                 rows.append((file_id, batch["owner"], "batch_output",
-                             f"{batch_id}_{kind}.jsonl", size, num_lines, now))
+                             f"{batch_id}_{kind}.jsonl", size, num_lines, now, now + expires_s))
                 values[column] = file_id
             with self._tx() as conn:
                 conn.executemany("INSERT INTO files (id, owner, purpose, filename, bytes, "
-                                 "num_lines, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                                 "num_lines, created_at, expires_at) VALUES "
+                                 "(?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 cols = ", ".join(f"{k} = ?" for k in values)
                 conn.execute(f"UPDATE batches SET {cols} WHERE id = ?",
                              (*values.values(), batch_id))
@@ -338,7 +397,7 @@ def file_object(row: dict[str, Any]) -> dict[str, Any]:
     """A files row -> OpenAI's File object."""
     return {"id": row["id"], "object": "file", "bytes": row["bytes"],
             "created_at": row["created_at"], "filename": row["filename"],
-            "purpose": row["purpose"], "status": "processed", "expires_at": None,
+            "purpose": row["purpose"], "status": "processed", "expires_at": row["expires_at"],
             "status_details": None}
 
 

@@ -286,16 +286,32 @@ class AsyncEngine(WorkerService):
             self._parents.pop(stream.request_id, None)
 
     async def add_lora(self, name: str, path: str) -> None:
-        """Load a LoRA adapter on the engine thread (in order with the requests around it)."""
-        await self._call(f"add_lora({name!r})", lambda engine: engine.add_lora(name, path))
+        """Read and check a LoRA adapter in a worker thread (a large or slow one never holds up
+        a step), then hand its weights to the engine thread between two steps."""
+        self._check_accepting()
+        read = getattr(self._engine, "read_lora", None)
+        weights = None
+        if read is not None:
+            try:
+                weights = await asyncio.to_thread(read, name, path)
+            except ValueError as e:
+                raise EngineError(str(e), 400) from None
+            except Exception as e:  # noqa: BLE001 - a bug of ours answers 500, serving goes on
+                logger.exception("reading LoRA adapter %r failed", name)
+                raise EngineError(f"{type(e).__name__}: {e}", 500) from None
+        await self._call(f"add_lora({name!r})",
+                         lambda engine: engine.add_lora(name, path, weights))
 
     async def remove_lora(self, name: str) -> None:
         await self._call(f"remove_lora({name!r})", lambda engine: engine.remove_lora(name))
 
-    async def _call(self, what: str, run: Callable[[Any], Any]) -> Any:
-        """run(engine) on the engine thread; its ValueError is an EngineError 400."""
+    def _check_accepting(self) -> None:
         if not self.is_healthy or not self.is_ready or self._stopping:
             raise EngineError(self.dead_reason or "engine is not ready", 503)
+
+    async def _call(self, what: str, run: Callable[[Any], Any]) -> Any:
+        """run(engine) on the engine thread; its ValueError is an EngineError 400."""
+        self._check_accepting()
         future = asyncio.get_running_loop().create_future()
         self._inbox.put(EngineCall(what, run, future))
         return await future
@@ -349,26 +365,23 @@ class AsyncEngine(WorkerService):
             result, error = None, EngineError(f"{type(e).__name__}: {e}", 500)
         self._on_loop(self._resolve, call.future, result, error)
 
+    def _next_when_idle(self) -> Any:
+        """The next inbox message; meanwhile, each HEAP_TRIM_IDLE_S without one, the heap that
+        work (steps, HTTP requests) freed since the last trim goes back to the OS (heap.py)."""
+        while True:
+            try:
+                return self._inbox.get(timeout=HEAP_TRIM_IDLE_S)
+            except queue.Empty:
+                heap.trim_after_work()
+
     def _serve(self) -> None:
         engine, loop = self._engine, self._on_loop
-        # work came in since the heap was last trimmed; True at first, since loading freed its
-        # staging copies (a GGUF's raw blocks and unpacked shards: ~120 MiB for the default model)
-        stepped = True
+        # loading freed its staging copies (a GGUF's raw blocks and unpacked shards: ~120 MiB
+        # for the default model): the first idle wait gives them back
+        heap.note_work()
         while True:
             # NOTE: block on the inbox only when idle; while busy, drain it without waiting.
-            if engine.has_unfinished_requests():
-                msgs = []
-            elif stepped:
-                # idle for HEAP_TRIM_IDLE_S after work (the HTTP side has freed its part by
-                # then): hand the freed heap back to the OS (engine/heap.py), then wait
-                try:
-                    msgs = [self._inbox.get(timeout=HEAP_TRIM_IDLE_S)]
-                except queue.Empty:
-                    heap.trim()
-                    stepped = False
-                    msgs = [self._inbox.get()]
-            else:
-                msgs = [self._inbox.get()]
+            msgs = [] if engine.has_unfinished_requests() else [self._next_when_idle()]
             while True:
                 try:
                     msgs.append(self._inbox.get_nowait())
@@ -397,7 +410,8 @@ class AsyncEngine(WorkerService):
             if rejected:
                 loop(self._reject, rejected)
             outputs = engine.step() if engine.has_unfinished_requests() else []
-            stepped = stepped or bool(msgs)
+            if msgs:
+                heap.note_work()
             self.stats = dict(engine.stats())
             if outputs:
                 loop(self._deliver, outputs)

@@ -108,7 +108,8 @@ class BeamSearchManager:
             self._owner[sub_id] = search
             self._add(Request(sub_id, req.prompt_token_ids + beam.token_ids, sub_params,
                               arrival_time=req.arrival_time, cache_salt=req.cache_salt,
-                              adapter_name=req.adapter_name, priority=req.priority))
+                              adapter_name=req.adapter_name, priority=req.priority,
+                              beam_search_id=req.request_id))
 
     def abort(self, sample_ids: list[str]) -> list[str]:
         """Abort the searches these sample ids belong to; -> the ids that were not ours."""

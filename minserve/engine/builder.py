@@ -32,6 +32,8 @@ DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.ite
 # so a new arrival starts at the next step), and 48k (query, context) pairs per chunk (~0.25 s
 # of attention at any context). bench/stall.py measures it (bench/RESULTS.md).
 CPU_BATCHING = (256, 128, 48 * 1024)
+# rows of one fan-out (n > 1, beam search) per step: a CPU step's cost grows with its rows
+DEFAULT_FANOUT_ROWS = {"cpu": 8, "cuda": 64}
 
 
 @dataclass
@@ -147,7 +149,8 @@ def check_long_max_model_len(max_model_len: int, max_position_embeddings: int) -
 
 
 def resolve_limits(config: EngineConfig, mc: ModelConfig, device: torch.device) -> EngineConfig:
-    """The config with max_model_len and the batching caps filled in for this model and device."""
+    """The config with max_model_len, the batching caps and the images per prompt (the model's
+    registry row) filled in for this model and device."""
     max_model_len = config.max_model_len or mc.max_position_embeddings
     if max_model_len > mc.max_position_embeddings and not mc.rope_scaling:
         check_long_max_model_len(max_model_len, mc.max_position_embeddings)
@@ -170,10 +173,16 @@ def resolve_limits(config: EngineConfig, mc: ModelConfig, device: torch.device) 
     def given(value: int | None, default: int) -> int:
         return default if value is None else value
 
+    mm_limits = config.limit_mm_per_prompt or {}
+    if "image" not in mm_limits:
+        arch = ARCHITECTURES.get(mc.architecture)
+        mm_limits = {**mm_limits, "image": arch.max_images if arch is not None else 0}
     return dataclasses.replace(
         config, max_model_len=max_model_len, max_num_batched_tokens=max_batched,
         long_prefill_token_threshold=given(config.long_prefill_token_threshold, threshold),
-        max_chunk_attention=given(config.max_chunk_attention, attention))
+        max_chunk_attention=given(config.max_chunk_attention, attention),
+        max_fanout_rows=given(config.max_fanout_rows, DEFAULT_FANOUT_ROWS.get(device.type, 64)),
+        limit_mm_per_prompt=mm_limits)
 
 
 # ---- the build ------------------------------------------------------------------------------

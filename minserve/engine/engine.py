@@ -66,7 +66,7 @@ class Engine:
                             config.max_model_len, config.long_prefill_token_threshold,
                             config.max_chunk_attention,
                             config.lora.max_loras if config.lora is not None else 0,
-                            self.runner.bidirectional_images),
+                            self.runner.bidirectional_images, config.max_fanout_rows or 0),
             self.kv_cache)
         self.info = EngineInfo(tokenizer, self.model_config.vocab_size, config.max_model_len,
                                source.arch.name, defaults, eos, self.runner.num_blocks,
@@ -183,11 +183,19 @@ class Engine:
         return self.beams.process(outputs) if self.beams.searches else outputs
 
     # ---- LoRA adapters (the load/unload routes and LLM call these on the engine thread) ------
-    def add_lora(self, name: str, path: str) -> None:
-        """Serve another adapter; ValueError (LoRAError) when it is refused."""
+    def read_lora(self, name: str, path: str) -> Any:
+        """Read and check an adapter without touching the engine's state, so from any thread
+        (AsyncEngine reads in a worker, then add_lora() takes the weights between two steps)."""
         if self.lora is None:
             raise ValueError("LoRA is off: start the server with --enable-lora")
-        self.lora.add(name, path)
+        return self.lora.read(name, path)
+
+    def add_lora(self, name: str, path: str, weights: Any = None) -> None:
+        """Serve another adapter (its weights from read_lora, or read here); ValueError
+        (LoRAError) when it is refused."""
+        if self.lora is None:
+            raise ValueError("LoRA is off: start the server with --enable-lora")
+        self.lora.add(name, path, weights)
 
     def remove_lora(self, name: str) -> None:
         """Stop serving an adapter; requests running with it finish first."""

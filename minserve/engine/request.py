@@ -165,6 +165,7 @@ class Request:
     # NOTE: n > 1 children share a parent id; a child waits until its first sibling has its prompt
     # in the prefix cache, so the siblings share those KV blocks instead of recomputing them.
     parent_id: str | None = None
+    beam_search_id: str | None = None   # a beam's sub-request: the request searching (beam.py)
     sample_seed: int = 0        # every request samples from a seeded stream (see sampler.py)
     num_preemptions: int = 0
     prompt_logprobs_done: bool = False
@@ -180,6 +181,12 @@ class Request:
                               (first if first is not None else now) - self.scheduled_time,
                               now - first if first is not None else None,
                               now - self.scheduled_time)
+
+    @property
+    def fanout(self) -> str | None:
+        """The client request this row is one of when it has several (n > 1, beams): the
+        scheduler bounds each fan-out's rows per step (engine/fairness.py)."""
+        return self.parent_id if self.parent_id is not None else self.beam_search_id
 
     @property
     def num_prompt_tokens(self) -> int:

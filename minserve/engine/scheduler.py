@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from minserve.engine.fairness import FanoutShare
 from minserve.engine.kv_cache import KVCacheManager
 from minserve.engine.request import (
     FinishReason,
@@ -45,6 +46,9 @@ class SchedulerConfig:
     # a model whose image tokens attend to each other both ways (Gemma 3): a prefill chunk
     # never ends inside an image's tokens, whose first ones must see its last
     whole_images: bool = False
+    # At most this many rows of one n > 1 or beam-search request per step (0: no cap), so a
+    # large fan-out never keeps other clients' requests waiting (engine/fairness.py).
+    max_fanout_rows: int = 0
 
 
 @dataclass(slots=True)
@@ -148,6 +152,7 @@ class Scheduler:
         # parent_id -> the sibling admitted first; its prompt blocks are the ones to share
         self._leaders: dict[str, Request] = {}
         self._prompt_logprobs: dict[str, list[Logprob | None]] = {}
+        self.fanout = FanoutShare(config.max_fanout_rows)
         self.num_preemptions = 0   # cumulative, for vllm:num_preemptions_total
         self.num_prompt_tokens_computed = 0   # cumulative, for the throughput log line
         self.num_generation_tokens = 0
@@ -187,6 +192,7 @@ class Scheduler:
         self.kv.free(request)
         self.requests.pop(request.request_id, None)
         self._prompt_logprobs.pop(request.request_id, None)
+        self.fanout.forget(request)
         if request.parent_id is not None and self._leaders.get(request.parent_id) is request:
             del self._leaders[request.parent_id]
 
@@ -235,6 +241,7 @@ class Scheduler:
         plan = StepPlan()
         self._apply_aborts(plan)
         self._preempt_for_priority(plan)
+        self.fanout.begin_step()
         num_priority_preempted = len(plan.preempted)
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
@@ -242,10 +249,11 @@ class Scheduler:
         # Running requests first, decodes (one token behind) before prefill chunks, so a long
         # prompt never stalls running streams; all of it in priority order. Victims of
         # preemption come from the tail of this order (the lowest priority), which is never
-        # scheduled yet when the head needs room.
+        # scheduled yet when the head needs room. Within a priority, a fan-out's rows take
+        # turns (those that ran longest ago first): each runs at most max_fanout_rows a step.
         order = sorted([r for r in self.running if r.num_uncomputed == 1]
                        + [r for r in self.running if r.num_uncomputed != 1],
-                       key=lambda r: r.priority)
+                       key=lambda r: (r.priority, self.fanout.turn(r)))
         # While a request of a better priority waits for its first token, the rows below it sit
         # this step out (they keep their K/V): its TTFT is then one step of its own class, not
         # one step of a 256-row batch. They stay at the tail of `order`, first to be preempted.
@@ -254,6 +262,9 @@ class Scheduler:
         i = 0
         while i < min(limit, len(order)) and budget > 0:
             request = order[i]
+            if not self.fanout.admits(request):
+                i += 1   # its fan-out had its share of this step: it sits out, keeping its K/V
+                continue
             num_new = self._chunk(request.num_computed_tokens, request.num_uncomputed, budget)
             if self.config.whole_images:
                 num_new = whole_images(request, request.num_computed_tokens, num_new, budget)
@@ -278,6 +289,7 @@ class Scheduler:
             if request is None:
                 break
             scheduled.append(request)
+            self.fanout.take(request)
             plan.requests.append(request)
             plan.num_scheduled_tokens.append(num_new)
             budget -= num_new
@@ -359,7 +371,8 @@ class Scheduler:
             if max_priority is not None and self.waiting.peek().priority > max_priority:
                 break   # sorted by priority: the rest sit this step out too
             request = self.waiting.popleft()
-            if self._child_must_wait(request) or self._over_max_loras(request, adapters):
+            if self._child_must_wait(request) or self._over_max_loras(request, adapters) \
+                    or not self.fanout.admits(request):
                 skipped.append(request)
                 continue
             # +1: the first sampled token must fit too
@@ -389,6 +402,7 @@ class Scheduler:
             if request.parent_id is not None:
                 self._leaders.setdefault(request.parent_id, request)
             self.running.append(request)
+            self.fanout.take(request)
             plan.requests.append(request)
             plan.num_scheduled_tokens.append(num_new)
             budget -= num_new

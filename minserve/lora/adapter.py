@@ -1,7 +1,10 @@
 """Read one LoRA adapter in the PEFT layout (adapter_config.json + adapter_model.safetensors) and
 check it against the base model: rank, target modules, shapes, unsupported variants. The result
 holds, per fused base layer (qkv_proj, gate_up_proj, ...), each slice's A [r, in] and B [out, r]
-with the scale folded into B. Never unpickles anything (adapter_model.bin is refused)."""
+with the scale folded into B. Never unpickles anything (adapter_model.bin is refused). Reading is
+bounded (config size and nesting, safetensors header size, each tensor's shape checked before
+its data is read); a hub id is fetched only when downloads are allowed; and every path that is
+not a usable adapter folder gets the same words, so the error tells nothing of what exists."""
 from __future__ import annotations
 
 import json
@@ -15,6 +18,7 @@ import torch
 from minserve.config import ConfigError, ModelConfig
 
 MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 8 << 20    # a safetensors header (a 70B model's adapter needs ~200 KB)
 # HF projection -> (parent module, fused module in minserve, slice index in the fused layer)
 TARGETS = {
     "q_proj": ("self_attn", "qkv_proj", 0), "k_proj": ("self_attn", "qkv_proj", 1),
@@ -46,10 +50,21 @@ class LoRAError(ConfigError):
 
 @dataclass
 class LoRAWeights:
-    """One loaded adapter: weights[fused module name][slice] = (A [r, in], B*scale [out, r])."""
+    """One loaded adapter: weights[fused module name][slice] = (A [r, in], B*scale [out, r]);
+    folder: where it was read from (a hub id's local snapshot), to read it again."""
     name: str
     weights: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]] = field(
         default_factory=dict)
+    folder: str = ""
+
+
+def unusable(path: str, allow_downloads: bool) -> LoRAError:
+    """The one error for a path that is not a usable adapter folder, whatever is (or is not)
+    there: a missing folder, a missing or unreadable config, no safetensors."""
+    hint = "" if allow_downloads else " (a hub id needs --allow-lora-downloads)"
+    return LoRAError(f"LoRA adapter {path!r}: not a usable PEFT LoRA adapter: give a folder "
+                     "holding adapter_config.json and adapter_model.safetensors (.bin pickles "
+                     f"are never loaded){hint}")
 
 
 def slice_shapes(mc: ModelConfig, leaf: str) -> tuple[int, int]:
@@ -60,13 +75,15 @@ def slice_shapes(mc: ModelConfig, leaf: str) -> tuple[int, int]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[leaf]
 
 
-def resolve_adapter(path: str) -> str:
-    """A local folder, or a hub id fetched through huggingface-hub like a model."""
-    local = os.path.expanduser(path)
-    if os.path.isdir(local):
+def resolve_adapter(path: str, allow_downloads: bool = False) -> str:
+    """A local folder, or (allow_downloads) a hub id fetched through huggingface-hub like a
+    model."""
+    local = os.path.expanduser(path) if path else ""
+    if local and os.path.isdir(local):
         return local
-    if path.startswith((".", "/", "~")) or path.count("/") > 1 or not path:
-        raise LoRAError(f"LoRA adapter {path!r}: no such folder")
+    if not allow_downloads or path.startswith((".", "/", "~")) or path.count("/") > 1 \
+            or not path:
+        raise unusable(path, allow_downloads)
     from minserve.models.loader import _hub_snapshot
     try:
         return _hub_snapshot(path, None)
@@ -74,19 +91,20 @@ def resolve_adapter(path: str) -> str:
         raise LoRAError(str(e)) from None
 
 
-def read_config(folder: str, max_rank: int) -> dict:
+def read_config(folder: str, max_rank: int, path: str = "", allow_downloads: bool = False
+                ) -> dict:
+    """adapter_config.json, checked; path: what the caller named (for the error text)."""
     cfg_path = os.path.join(folder, "adapter_config.json")
-    if not os.path.isfile(cfg_path):
-        raise LoRAError(f"{folder}: no adapter_config.json (not a PEFT LoRA adapter)")
-    if os.path.getsize(cfg_path) > MAX_CONFIG_BYTES:
-        raise LoRAError(f"{cfg_path}: larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoRAError(f"{cfg_path}: not valid JSON ({e})") from None
+        if os.path.getsize(cfg_path) > MAX_CONFIG_BYTES:
+            raise ValueError(cfg_path)
+        with open(cfg_path, "rb") as f:
+            cfg = json.loads(f.read(MAX_CONFIG_BYTES + 1).decode("utf-8"))
+    # RecursionError: a config nested thousands of levels deep (it was a 500)
+    except (OSError, ValueError, RecursionError):
+        raise unusable(path or folder, allow_downloads) from None
     if not isinstance(cfg, dict):
-        raise LoRAError(f"{cfg_path}: must be a JSON object")
+        raise unusable(path or folder, allow_downloads)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise LoRAError(f"adapter_config.json: peft_type {cfg['peft_type']!r} is not supported "
                         "(only LORA)")
@@ -152,23 +170,46 @@ def _check_not_experts(key: str, mc: ModelConfig) -> None:
 
 
 def load_adapter(name: str, path: str, mc: ModelConfig, max_rank: int,
-                 dtype: torch.dtype) -> LoRAWeights:
-    """Read and check an adapter (on the CPU, in dtype). Raises LoRAError naming the problem."""
-    folder = resolve_adapter(path)
-    cfg = read_config(folder, max_rank)
-    check_targets(cfg.get("target_modules"), mc.num_hidden_layers)
+                 dtype: torch.dtype, allow_downloads: bool = False) -> LoRAWeights:
+    """Read and check an adapter (on the CPU, in dtype). Raises LoRAError naming the problem.
+    Touches no shared state: the server runs it in a worker thread, off the engine's."""
+    folder = resolve_adapter(path, allow_downloads)
+    cfg = read_config(folder, max_rank, path, allow_downloads)
     st_path = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.isfile(st_path):
-        if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
-            raise LoRAError(f"{folder}: adapter_model.bin is a pickle file, which minserve never "
-                            "loads; convert it to adapter_model.safetensors")
-        raise LoRAError(f"{folder}: no adapter_model.safetensors")
+        raise unusable(path, allow_downloads)
+    check_targets(cfg.get("target_modules"), mc.num_hidden_layers)
     r = cfg["r"]
     alpha = cfg.get("lora_alpha", 8)
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    out = LoRAWeights(name)
-    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    out = LoRAWeights(name, folder=folder)
+    pairs = _read_pairs(st_path, mc, r)
+    for (module, leaf), ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise LoRAError(f"adapter_model.safetensors: {module} has lora_{set(ab).pop()} "
+                            "without its pair")
+        a, b = ab["A"], ab["B"]
+        _, fused, index = TARGETS[leaf]
+        fused_name = module.rpartition(".")[0] + "." + fused
+        slices = out.weights.setdefault(fused_name, [None] * FUSED_SLICES[fused])
+        slices[index] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+    return out
+
+
+def _read_pairs(st_path: str, mc: ModelConfig, r: int
+                ) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """(module, projection) -> {"A": tensor, "B": tensor}: each key and shape checked against
+    the base model before its data is read, the header's size before the file is opened."""
     from safetensors import SafetensorError, safe_open
+    try:
+        with open(st_path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+    except OSError as e:
+        raise LoRAError(f"adapter_model.safetensors: cannot be read ({e.strerror})") from None
+    if header_len > MAX_HEADER_BYTES:
+        raise LoRAError(f"adapter_model.safetensors: its header is {header_len} bytes; at most "
+                        f"{MAX_HEADER_BYTES} are read (an adapter's is a few hundred KB)")
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     try:
         with safe_open(st_path, framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -182,23 +223,17 @@ def load_adapter(name: str, path: str, mc: ModelConfig, max_rank: int,
                 if int(m.group(2)) >= mc.num_hidden_layers:
                     raise LoRAError(f"adapter_model.safetensors: {key!r}: the base model has "
                                     f"{mc.num_hidden_layers} layers")
+                in_f, out_f = slice_shapes(mc, m.group(4))
+                want = (r, in_f) if m.group(5) == "A" else (out_f, r)
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != want:
+                    raise LoRAError(f"adapter_model.safetensors: {m.group(1)}: lora_"
+                                    f"{m.group(5)} {shape} does not fit the base model "
+                                    f"(expected {want} for r={r})")
                 pairs.setdefault((m.group(1), m.group(4)), {})[m.group(5)] = f.get_tensor(key)
     except SafetensorError as e:
-        raise LoRAError(f"{st_path}: not a valid safetensors file ({e})") from None
+        raise LoRAError(f"adapter_model.safetensors: not a valid safetensors file ({e})") \
+            from None
     if not pairs:
-        raise LoRAError(f"{st_path}: holds no LoRA weights")
-    for (module, leaf), ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise LoRAError(f"adapter_model.safetensors: {module} has lora_{set(ab).pop()} "
-                            "without its pair")
-        in_f, out_f = slice_shapes(mc, leaf)
-        a, b = ab["A"], ab["B"]
-        if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
-            raise LoRAError(f"adapter_model.safetensors: {module}: lora_A {tuple(a.shape)} and "
-                            f"lora_B {tuple(b.shape)} do not fit the base model (expected "
-                            f"{(r, in_f)} and {(out_f, r)} for r={r})")
-        _, fused, index = TARGETS[leaf]
-        fused_name = module.rpartition(".")[0] + "." + fused
-        slices = out.weights.setdefault(fused_name, [None] * FUSED_SLICES[fused])
-        slices[index] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
-    return out
+        raise LoRAError("adapter_model.safetensors: holds no LoRA weights")
+    return pairs

@@ -38,7 +38,8 @@ class LoRAManager:
                 full_in = _slice_shapes(mc, _FIRST_LEAF[m.group(2)])[0]
                 self.layers[m.group(1)] = LoRASlots(module, full_in, config.max_loras,
                                                     config.max_lora_rank, dtype, device)
-        self.paths: dict[str, str] = {}          # served adapters
+        self.paths: dict[str, str] = {}          # served adapters, as named (a hub id, say)
+        self.folders: dict[str, str] = {}        # served and retired: where each was read from
         self._loads = itertools.count(1)
         self.load_ids: dict[str, int] = {}       # name -> which add() serves it (prefix root)
         self.retired: dict[str, str] = {}        # unloaded, kept while requests still use them
@@ -51,16 +52,25 @@ class LoRAManager:
         self._tick = 0
 
     # ---- the served set -------------------------------------------------------------------
-    def add(self, name: str, path: str) -> LoRAWeights:
-        """Load and check an adapter, then serve it under name (LoRAError: refused)."""
+    def read(self, name: str, path: str) -> LoRAWeights:
+        """Read and check an adapter (LoRAError: refused). Reads only the manager's fixed
+        settings, so any thread may call it: the server reads in a worker thread and hands the
+        weights to add() on the engine thread."""
+        return load_adapter(name, path, self.model_config, self.config.max_lora_rank,
+                            self.dtype, self.config.allow_downloads)
+
+    def add(self, name: str, path: str, weights: LoRAWeights | None = None) -> LoRAWeights:
+        """Serve an adapter under name: `weights` read already, or read here (LoRAError:
+        refused)."""
         if name in self.paths:
             raise LoRAError(f"The lora adapter '{name}' has already been loaded.")
         if name in self.retired:
             raise LoRAError(f"The lora adapter '{name}' is being unloaded; requests still use "
                             "it. Try again when they finish.")
-        weights = load_adapter(name, path, self.model_config, self.config.max_lora_rank,
-                               self.dtype)
+        if weights is None:
+            weights = self.read(name, path)
         self.paths[name] = path
+        self.folders[name] = weights.folder
         self.load_ids[name] = next(self._loads)
         self._cache(weights)
         return weights
@@ -83,6 +93,7 @@ class LoRAManager:
         for name in [n for n in self.retired if n not in in_use]:
             del self.retired[name]
             del self.load_ids[name]
+            self.folders.pop(name, None)
             self.cpu.pop(name, None)
             for s, held in enumerate(self.slots):
                 if held == name:
@@ -100,10 +111,9 @@ class LoRAManager:
 
     def _weights(self, name: str) -> LoRAWeights:
         weights = self.cpu.get(name)
-        if weights is None:   # evicted from the host LRU: read it again
-            path = self.paths.get(name) or self.retired[name]
-            weights = load_adapter(name, path, self.model_config, self.config.max_lora_rank,
-                                   self.dtype)
+        if weights is None:   # evicted from the host LRU: read it again (a local folder)
+            weights = load_adapter(name, self.folders[name], self.model_config,
+                                   self.config.max_lora_rank, self.dtype)
         self._cache(weights)
         return weights
 

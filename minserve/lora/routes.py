@@ -1,7 +1,8 @@
 """POST /v1/load_lora_adapter and /v1/unload_lora_adapter, as vLLM has them: present only when
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True (otherwise 404), bodies {lora_name, lora_path} and
 {lora_name}, a plain-text success line, and OpenAI error objects (400) for what is refused.
-Torch-free: the engine thread loads the adapter (AsyncEngine.add_lora / remove_lora)."""
+Torch-free: AsyncEngine.add_lora reads the adapter in a worker thread and hands it to the engine
+thread between two steps; remove_lora runs on the engine thread."""
 from __future__ import annotations
 
 from collections.abc import Awaitable

@@ -24,6 +24,7 @@ class Architecture:
     lora: bool = False
     tensor_parallel: bool = False
     quantization: tuple[str, ...] = ()   # --quantization / quant_method values it loads
+    max_images: int = 0     # --limit-mm-per-prompt's default: the images one prompt may hold
 
     @property
     def has_vision(self) -> bool:
@@ -58,11 +59,13 @@ def _base(name: str) -> Architecture:
                         quantization=_DENSE)
 
 
-def _vision(name: str, module: str, processor: str, lora: bool = True) -> Architecture:
+def _vision(name: str, module: str, processor: str, max_images: int = 8,
+            lora: bool = True) -> Architecture:
     """A vision tower and projector around a language model (models/vision/)."""
     return Architecture(name, f"vision.{module}:{name}",
                         processor=f"vision.{module}_processor:{processor}",
-                        lora=lora, tensor_parallel=True, quantization=_DENSE)
+                        lora=lora, tensor_parallel=True, quantization=_DENSE,
+                        max_images=max_images)
 
 
 ARCHITECTURES = {a.name: a for a in (
@@ -86,7 +89,9 @@ ARCHITECTURES = {a.name: a for a in (
     Architecture("Gemma4ForConditionalGeneration", "gemma4:Gemma4ForCausalLM",
                  tensor_parallel=True, quantization=_DENSE),
     _base("LlamaModel"), _base("MistralModel"), _base("Qwen2Model"), _base("Qwen3Model"),
-    _vision("LlavaForConditionalGeneration", "llava", "LlavaImageProcessor"),
+    # max_images: LLaVA-1.5 was trained on one image per prompt; the others take several
+    # (vLLM's 999 let one request fetch and decode hundreds: issue 36)
+    _vision("LlavaForConditionalGeneration", "llava", "LlavaImageProcessor", 1),
     _vision("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),
     _vision("Qwen2_5_VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),
     _vision("Idefics3ForConditionalGeneration", "idefics3", "Idefics3ImageProcessor"),

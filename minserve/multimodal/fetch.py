@@ -1,22 +1,27 @@
 """Image URLs -> bytes, bounded: data: (base64), http(s) through the standard library's urllib in
-a worker thread, file:// only under --allowed-local-media-path. Every fetch has a deadline
-(VLLM_IMAGE_FETCH_TIMEOUT, default 5 s), a byte cap and a redirect limit; hosts can be limited
-to --allowed-media-domains; and unless --allow-private-media-urls is given, a URL whose host
-resolves to a loopback, private, link-local or otherwise non-global address is refused. That
-check runs on the address actually connected to, at every redirect hop, so a DNS answer that
-changes between check and use (rebinding) cannot slip through. Environment proxies are not used.
-Every failure is a MediaError saying what went wrong; nothing here decodes images."""
+a worker thread, file:// only under --allowed-local-media-path. Every fetch has a wall-clock
+deadline (VLLM_IMAGE_FETCH_TIMEOUT, default 5 s) that also frees its thread: at the deadline its
+sockets are shut down, so a host that drips a byte at a time cannot hold a fetch thread. At most
+MAX_FETCHES_PER_HOST fetches run per host, a byte cap and a redirect limit hold; hosts can be
+limited to --allowed-media-domains; and unless --allow-private-media-urls is given, a URL whose
+host resolves to a loopback, private, link-local or otherwise non-global address (or an IPv6
+address embedding one: NAT64, 6to4, Teredo) is refused. That check runs on the address actually
+connected to, at every redirect hop, so a DNS answer that changes between check and use
+(rebinding) cannot slip through. Environment proxies are not used. Every failure is a MediaError
+saying what went wrong; nothing here decodes images."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import http.client
 import ipaddress
 import os
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -30,7 +35,9 @@ from minserve.env import image_fetch_timeout_s
 from minserve.multimodal.image import MediaError
 
 DEFAULT_MAX_MEDIA_BYTES = 20 << 20
+DEFAULT_MAX_REQUEST_PIXELS = 100_000_000    # decoded pixels of one request's images together
 MAX_REDIRECTS = 3
+MAX_FETCHES_PER_HOST = 4     # of the 16 fetch threads: a slow host cannot take them all
 _CHUNK = 1 << 16
 
 
@@ -43,6 +50,7 @@ class MediaPolicy:
     timeout: float = DEFAULT_FETCH_TIMEOUT
     max_bytes: int = DEFAULT_MAX_MEDIA_BYTES
     max_redirects: int = MAX_REDIRECTS
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS   # --max-image-pixels-per-request
 
     @classmethod
     def from_config(cls, config: Any) -> MediaPolicy:
@@ -52,13 +60,15 @@ class MediaPolicy:
         if config is None:
             return cls.create()
         return cls.create(config.allowed_local_media_path, config.allowed_media_domains,
-                          config.allow_private_media_urls)
+                          config.allow_private_media_urls,
+                          max_request_pixels=config.max_image_pixels_per_request)
 
     @classmethod
     def create(cls, allowed_local_media_path: str | None = None,
                allowed_media_domains: list[str] | None = None,
                allow_private_addresses: bool = False, max_bytes: int | None = None,
-               timeout: float | None = None) -> MediaPolicy:
+               timeout: float | None = None, max_request_pixels: int | None = None
+               ) -> MediaPolicy:
         local = os.path.realpath(allowed_local_media_path) if allowed_local_media_path else None
         domains = None
         if allowed_media_domains:
@@ -66,7 +76,8 @@ class MediaPolicy:
                                 if d.strip())
         return cls(local, domains, allow_private_addresses,
                    image_fetch_timeout_s() if timeout is None else timeout,
-                   DEFAULT_MAX_MEDIA_BYTES if max_bytes is None else max_bytes)
+                   DEFAULT_MAX_MEDIA_BYTES if max_bytes is None else max_bytes,
+                   max_request_pixels=max_request_pixels or DEFAULT_MAX_REQUEST_PIXELS)
 
 
 # ---------------------------------------------------------------- one URL, synchronously
@@ -132,40 +143,81 @@ def _check_url(url: str, policy: MediaPolicy) -> None:
         raise MediaError(f"image URL host {host!r} is not in --allowed-media-domains")
 
 
+class _Deadline:
+    """One fetch's wall-clock deadline. At it, every socket the fetch opened is shut down: a
+    read blocked on a host that sends a byte every 2 s (each receive within the socket timeout)
+    returns at once, and the fetch thread is free again."""
+
+    def __init__(self, timeout: float) -> None:
+        self.at = time.monotonic() + timeout
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def check(self) -> None:
+        if self.expired or time.monotonic() >= self.at:
+            raise TimeoutError
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.check()
+            self._sockets.append(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 def _http(url: str, policy: MediaPolicy) -> bytes:
     _check_url(url, policy)
-    deadline = time.monotonic() + policy.timeout
-    request = urllib.request.Request(url, headers={"User-Agent": "minserve",
-                                                   "Accept": "image/*"})
+    deadline = _Deadline(policy.timeout)
     try:
-        with _opener(policy).open(request, timeout=policy.timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > policy.max_bytes:
-                raise MediaError(f"image is too large: {length} bytes, the limit is "
-                                 f"{policy.max_bytes}")
-            chunks, total = [], 0
-            while chunk := response.read(_CHUNK):
-                total += len(chunk)
-                if total > policy.max_bytes:
-                    raise MediaError(f"image is too large: more than {policy.max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise TimeoutError
-                chunks.append(chunk)
-            return b"".join(chunks)
+        return _read(url, policy, deadline)
+    except MediaError:
+        raise
     except urllib.error.HTTPError as e:
         raise MediaError(f"fetching the image URL failed: HTTP {e.code} {e.reason}") from None
-    except TimeoutError:
-        raise MediaError(f"fetching the image URL timed out after {policy.timeout:g} s") from None
-    except urllib.error.URLError as e:
-        reason = e.reason
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
         if isinstance(reason, MediaError):
             raise reason from None
-        if isinstance(reason, (TimeoutError, socket.timeout)):
+        if deadline.expired or isinstance(reason, (TimeoutError, socket.timeout)):
             raise MediaError(f"fetching the image URL timed out after {policy.timeout:g} s") \
                 from None
-        raise MediaError(f"the image URL is unreachable ({_reason(reason)})") from None
-    except (http.client.HTTPException, ConnectionError, ssl.SSLError, OSError) as e:
+        if isinstance(e, urllib.error.URLError):
+            raise MediaError(f"the image URL is unreachable ({_reason(reason)})") from None
         raise MediaError(f"fetching the image URL failed ({_reason(e)})") from None
+    finally:
+        deadline.cancel()
+
+
+def _read(url: str, policy: MediaPolicy, deadline: _Deadline) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "minserve",
+                                                   "Accept": "image/*"})
+    with _opener(policy, deadline).open(request, timeout=policy.timeout) as response:
+        length = response.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > policy.max_bytes:
+            raise MediaError(f"image is too large: {length} bytes, the limit is "
+                             f"{policy.max_bytes}")
+        chunks, total = [], 0
+        # read1: one receive per call, so the deadline is looked at between receives
+        while chunk := response.read1(_CHUNK):
+            total += len(chunk)
+            if total > policy.max_bytes:
+                raise MediaError(f"image is too large: more than {policy.max_bytes} bytes")
+            deadline.check()
+            chunks.append(chunk)
+        deadline.check()   # a body cut short by the deadline is not an image
+        return b"".join(chunks)
 
 
 def _reason(e: object) -> str:
@@ -176,17 +228,41 @@ def _reason(e: object) -> str:
 
 # ---------------------------------------------------------------- the guarded urllib opener
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")             # RFC 6052 well-known prefix
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")     # RFC 8215 local use: never public
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")          # deprecated ::a.b.c.d
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address] | None:
+    """The IPv4 addresses an IPv6 address carries to (mapped, NAT64, IPv4-compatible, 6to4,
+    Teredo server and client), or None. On a NAT64 network 64:ff9b::a9fe:a9fe *is*
+    169.254.169.254, so the embedded address is the one to judge."""
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip in _NAT64 or ip in _IPV4_COMPATIBLE:
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)
+    return None
+
+
 def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return False
+        embedded = _embedded_ipv4(ip)
+        if embedded is not None:
+            return all(_is_public(v4) for v4 in embedded)
     return ip.is_global and not ip.is_multicast
 
 
-def _guarded_connection(policy: MediaPolicy, address: tuple[str, int],
+def _guarded_connection(policy: MediaPolicy, deadline: _Deadline, address: tuple[str, int],
                         timeout: float | None = None, source_address: object = None
                         ) -> socket.socket:
     """socket.create_connection that resolves the host itself and connects only to addresses
-    the policy allows (the address checked is the address used)."""
+    the policy allows (the address checked is the address used), within the fetch's deadline."""
     host, port = address
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     refused, last_error = [], None
@@ -197,6 +273,7 @@ def _guarded_connection(policy: MediaPolicy, address: tuple[str, int],
             continue
         sock = socket.socket(family, socktype, proto)
         try:
+            deadline.watch(sock)
             sock.settimeout(timeout)
             sock.connect(sockaddr)
             return sock
@@ -213,9 +290,10 @@ def _guarded_connection(policy: MediaPolicy, address: tuple[str, int],
 class _Guarded:
     """Mixed into http.client's connections: they connect through _guarded_connection."""
 
-    def __init__(self, *args: object, policy: MediaPolicy, **kwargs: object) -> None:
+    def __init__(self, *args: object, policy: MediaPolicy, deadline: _Deadline,
+                 **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self._create_connection = functools.partial(_guarded_connection, policy)
+        self._create_connection = functools.partial(_guarded_connection, policy, deadline)
 
 
 class _GuardedHTTPConnection(_Guarded, http.client.HTTPConnection):
@@ -227,21 +305,23 @@ class _GuardedHTTPSConnection(_Guarded, http.client.HTTPSConnection):
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, policy: MediaPolicy) -> None:
+    def __init__(self, policy: MediaPolicy, deadline: _Deadline) -> None:
         super().__init__()
-        self.policy = policy
+        self.policy, self.deadline = policy, deadline
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_GuardedHTTPConnection, policy=self.policy), req)
+        return self.do_open(functools.partial(_GuardedHTTPConnection, policy=self.policy,
+                                              deadline=self.deadline), req)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: MediaPolicy) -> None:
+    def __init__(self, policy: MediaPolicy, deadline: _Deadline) -> None:
         super().__init__(context=ssl.create_default_context())
-        self.policy = policy
+        self.policy, self.deadline = policy, deadline
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(functools.partial(_GuardedHTTPSConnection, policy=self.policy), req,
+        return self.do_open(functools.partial(_GuardedHTTPSConnection, policy=self.policy,
+                                              deadline=self.deadline), req,
                             context=self._context)
 
 
@@ -262,10 +342,11 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _opener(policy: MediaPolicy) -> urllib.request.OpenerDirector:
+def _opener(policy: MediaPolicy, deadline: _Deadline) -> urllib.request.OpenerDirector:
     """Only these handlers: no proxies from the environment, no file:/ftp:/data: follow-ups."""
     opener = urllib.request.OpenerDirector()
-    for handler in (_HTTPHandler(policy), _HTTPSHandler(policy), _RedirectHandler(policy),
+    for handler in (_HTTPHandler(policy, deadline), _HTTPSHandler(policy, deadline),
+                    _RedirectHandler(policy),
                     urllib.request.HTTPErrorProcessor(), urllib.request.HTTPDefaultErrorHandler(),
                     urllib.request.UnknownHandler()):
         opener.add_handler(handler)
@@ -279,12 +360,30 @@ def _opener(policy: MediaPolicy) -> urllib.request.OpenerDirector:
 _FETCH_THREADS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="minserve-fetch")
 
 
+# host -> [its fetch slots, fetches using or waiting for them] (event-loop side only); an entry
+# goes when its last user does, so no semaphore outlives the loop it was used on
+_host_slots: dict[str, list] = {}
+
+
 async def fetch_async(url: str, policy: MediaPolicy) -> bytes:
-    """fetch_media in a fetch thread. The deadline is kept here too, so a request never waits
-    past it even while a thread is still stuck (in a slow DNS lookup, say)."""
-    future = asyncio.get_running_loop().run_in_executor(_FETCH_THREADS, fetch_media, url, policy)
+    """fetch_media in a fetch thread, at most MAX_FETCHES_PER_HOST at once per host. The
+    deadline is kept here too (waiting for a slot included), so a request never waits past it
+    even while a thread is still stuck (in a slow DNS lookup, say)."""
+    host = (urllib.parse.urlparse(url).hostname or "").lower()
+    entry = _host_slots.setdefault(host, [asyncio.Semaphore(MAX_FETCHES_PER_HOST), 0])
+    entry[1] += 1
     try:
-        return await asyncio.wait_for(future, policy.timeout + 1.0)
+        return await asyncio.wait_for(_fetch_in_slot(entry[0], url, policy), policy.timeout + 1.0)
     except asyncio.TimeoutError:
         raise MediaError(f"fetching the image URL timed out after {policy.timeout:g} s") from None
+    finally:
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _host_slots[host]
+
+
+async def _fetch_in_slot(slot: asyncio.Semaphore, url: str, policy: MediaPolicy) -> bytes:
+    async with slot:
+        return await asyncio.get_running_loop().run_in_executor(_FETCH_THREADS, fetch_media,
+                                                                url, policy)
 

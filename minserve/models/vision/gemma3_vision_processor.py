@@ -49,5 +49,8 @@ class Gemma3ImageProcessor(ImageProcessor):
         return ProcessedImage({"pixel_values": self.normalize(arr)}, list(self.token_ids),
                               self.num_embeds)
 
+    def num_image_tokens(self, width: int, height: int) -> int:
+        return len(self.token_ids)      # every image is resized to one size
+
     def largest_image_size(self) -> tuple[int, int]:
         return self.size[1], self.size[0]

@@ -20,6 +20,7 @@ from minserve.models.vision.processor import (
     ProcessedImage,
     resample_filter,
     resize,
+    resized_chw,
     to_chw,
     token_id,
 )
@@ -89,20 +90,36 @@ class Idefics3ImageProcessor(ImageProcessor):
         self.tokenizer = tokenizer
         self._expansion = lru_cache(maxsize=64)(self._expand)
 
-    def process(self, image: Image.Image) -> ProcessedImage:
-        arr = to_chw(image)
-        h, w = arr.shape[1:]
+    def _sizes(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((height, width) after the first resize, after the resize to whole tiles)."""
+        h, w = height, width
         if self.do_resize:
             h, w = _scale_below(*_rescale_to_max_len(h, w, self.longest_edge), MAX_IMAGE_SIZE)
-            arr = resize(arr, h, w, self.resample)
+        first = (h, w)
+        if self.do_split:
+            h, w = _to_tile_multiple(h, w, self.tile)
+        return first, (h, w)
+
+    def _grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of tiles; (0, 0): the image is one tile."""
+        if not self.do_split or (height <= self.tile and width <= self.tile):
+            return 0, 0
+        return (height - self.tile) // self.tile + 1, (width - self.tile) // self.tile + 1
+
+    def num_image_tokens(self, width: int, height: int) -> int:
+        return len(self._expansion(*self._grid(*self._sizes(width, height)[1])))
+
+    def process(self, image: Image.Image) -> ProcessedImage:
+        (h, w), (tiled_h, tiled_w) = self._sizes(*image.size)
+        # PERF: the full-size image is resized by Pillow before any array is made
+        arr = resized_chw(image, h, w, self.resample) if self.do_resize else to_chw(image)
         rows = cols = 0
         if self.do_split:
-            h, w = _to_tile_multiple(*arr.shape[1:], self.tile)
+            h, w = tiled_h, tiled_w
             arr = resize(arr, h, w, self.resample)
             tiles = [arr]
-            if h > self.tile or w > self.tile:
-                rows = (h - self.tile) // self.tile + 1
-                cols = (w - self.tile) // self.tile + 1
+            rows, cols = self._grid(h, w)
+            if rows:
                 t = self.tile
                 tiles = [arr[:, r * t:(r + 1) * t, c * t:(c + 1) * t]
                          for r in range(rows) for c in range(cols)]

@@ -17,6 +17,7 @@ from minserve.models.vision.processor import (
     center_crop,
     resample_filter,
     resize,
+    resized_chw,
     to_chw,
 )
 
@@ -53,17 +54,23 @@ class LlavaImageProcessor(ImageProcessor):
         full = hf_config.get("vision_feature_select_strategy", "default") == "full"
         self.num_tokens = (self.image_size // patch) ** 2 + (1 if full else 0)
 
+    def num_image_tokens(self, width: int, height: int) -> int:
+        return self.num_tokens
+
+    def _resized(self, height: int, width: int) -> tuple[int, int]:
+        if "shortest_edge" in self.size:
+            return shortest_edge_size(height, width, int(self.size["shortest_edge"]))
+        return int(self.size["height"]), int(self.size["width"])
+
     def process(self, image: Image.Image) -> ProcessedImage:
-        arr = to_chw(image)
-        if self.do_pad:
-            arr = self._pad_to_square(arr)
-        if self.do_resize:
-            if "shortest_edge" in self.size:
-                h, w = shortest_edge_size(arr.shape[1], arr.shape[2],
-                                          int(self.size["shortest_edge"]))
-            else:
-                h, w = int(self.size["height"]), int(self.size["width"])
-            arr = resize(arr, h, w, self.resample)
+        if self.do_pad:   # padding works on the array: it is made at full size
+            arr = self._pad_to_square(to_chw(image))
+            if self.do_resize:
+                arr = resize(arr, *self._resized(*arr.shape[1:]), self.resample)
+        elif self.do_resize:
+            arr = resized_chw(image, *self._resized(image.height, image.width), self.resample)
+        else:
+            arr = to_chw(image)
         if self.do_center_crop:
             arr = center_crop(arr, *self.crop)
         pixel_values = self.normalize(arr)

@@ -48,14 +48,22 @@ class Mistral3ImageProcessor(ImageProcessor):
         self.break_id = token_id(tokenizer, "[IMG_BREAK]")
         self.end_id = token_id(tokenizer, "[IMG_END]")
 
+    def _size(self, width: int, height: int) -> tuple[int, int]:
+        if self.do_resize:
+            return fit_to_cells(height, width, self.longest_edge, self.cell)
+        if height % self.cell or width % self.cell:
+            raise MediaError(f"image size {width}x{height} is not a multiple of {self.cell}")
+        return height, width
+
+    def num_image_tokens(self, width: int, height: int) -> int:
+        h, w = self._size(width, height)
+        return (h // self.cell) * (w // self.cell + 1)     # a break (or the end) ends each row
+
     def process(self, image: Image.Image) -> ProcessedImage:
         arr = to_chw(image)
-        h, w = arr.shape[1:]
+        h, w = self._size(arr.shape[2], arr.shape[1])
         if self.do_resize:
-            h, w = fit_to_cells(h, w, self.longest_edge, self.cell)
             arr = resize(arr, h, w, self.resample)
-        elif h % self.cell or w % self.cell:
-            raise MediaError(f"image size {w}x{h} is not a multiple of {self.cell}")
         rows, cols = h // self.cell, w // self.cell
         token_ids = ([self.image_token_id] * cols + [self.break_id]) * rows
         token_ids[-1] = self.end_id

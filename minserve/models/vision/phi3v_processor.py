@@ -109,12 +109,26 @@ class Phi3VImageProcessor(ImageProcessor):
         crops = hd.reshape(3, rows, s, cols, s).transpose(1, 3, 0, 2, 4).reshape(-1, 3, s, s)
         resize_h, resize_w = bicubic_weights(padded_h, s), bicubic_weights(padded_w, s)
         glob = resize_h @ hd.astype(np.float64) @ resize_w.T        # [3, side, side]
-        n = self.tokens_per_side
-        num = rows * n * (cols * n + 1) + 1 + n * (n + 1)
+        num = self._count(rows, cols)
         return ProcessedImage(
             {"pixel_values": np.concatenate([glob[None].astype(np.float32), crops]),
              "crop_grid": np.array([rows, cols], dtype=np.int64)},
             [self.image_token_id] * num, num)
+
+    def _count(self, rows: int, cols: int) -> int:
+        """Tokens of a rows x cols crop grid: each crop row with its separator, then the global
+        view's rows with theirs, and the separator between the two."""
+        n = self.tokens_per_side
+        return rows * n * (cols * n + 1) + 1 + n * (n + 1)
+
+    def num_image_tokens(self, width: int, height: int) -> int:
+        turned = width < height
+        if turned:
+            width, height = height, width
+        _, _, padded_w, padded_h = hd_size(width, height, self.num_crops, self.side)
+        if turned:
+            padded_w, padded_h = padded_h, padded_w
+        return self._count(padded_h // self.side, padded_w // self.side)
 
     def largest_image_size(self) -> tuple[int, int]:
         return self.side, self.side * self.num_crops     # one column of crops: the most rows

@@ -44,6 +44,11 @@ class ImageProcessor:
         (Phi-3-vision: image tags in the text); None: the tokenizer's encode()."""
         return None
 
+    def num_image_tokens(self, width: int, height: int) -> int:
+        """len(process(image).token_ids) for an image of this size, without the image: the
+        prompt's length is checked before anything is decoded."""
+        raise NotImplementedError
+
     def mrope_positions(self, num_tokens: int, items: list[Any]) -> tuple[np.ndarray, int]:
         """M-RoPE models: ([3, num_tokens] positions, delta) of a prompt holding these items."""
         raise NotImplementedError
@@ -83,6 +88,15 @@ def token_id(tokenizer: Any, token: str) -> int:
 def to_chw(image: Image.Image) -> np.ndarray:
     """RGB Pillow image -> uint8 [3, H, W]."""
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def resized_chw(image: Image.Image, height: int, width: int, resample: Image.Resampling
+                ) -> np.ndarray:
+    """resize(to_chw(image), ...), the same pixels, resized by Pillow before the array is made:
+    a 49-megapixel image is not copied into numpy at full size first (PERF: memory)."""
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=resample)
+    return to_chw(image)
 
 
 def resize(image: np.ndarray, height: int, width: int, resample: Image.Resampling

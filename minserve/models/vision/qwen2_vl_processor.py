@@ -17,8 +17,7 @@ from minserve.models.vision.processor import (
     ImageProcessor,
     ProcessedImage,
     resample_filter,
-    resize,
-    to_chw,
+    resized_chw,
     token_id,
 )
 from minserve.multimodal.image import MediaError
@@ -74,16 +73,22 @@ class Qwen2VLImageProcessor(ImageProcessor):
         self.placeholder = f"{start or '<|vision_start|>'}{pad}{end or '<|vision_end|>'}"
         token_id(tokenizer, pad)
 
-    def process(self, image: Image.Image) -> ProcessedImage:
-        arr = to_chw(image)
+    def _size(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) the image is resized to."""
         factor = self.patch * self.merge
-        h, w = arr.shape[1:]
         if self.do_resize:
-            h, w = smart_resize(h, w, factor, self.min_pixels, self.max_pixels)
-            arr = resize(arr, h, w, self.resample)
-        elif h % factor or w % factor:
-            raise MediaError(f"image size {w}x{h} is not a multiple of {factor}")
-        x = self.normalize(arr)
+            return smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+        if height % factor or width % factor:
+            raise MediaError(f"image size {width}x{height} is not a multiple of {factor}")
+        return height, width
+
+    def num_image_tokens(self, width: int, height: int) -> int:
+        h, w = self._size(width, height)
+        return (h // self.patch) * (w // self.patch) // (self.merge * self.merge)
+
+    def process(self, image: Image.Image) -> ProcessedImage:
+        h, w = self._size(*image.size)
+        x = self.normalize(resized_chw(image, h, w, self.resample))
         gh, gw, m, p = h // self.patch, w // self.patch, self.merge, self.patch
         x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
         x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], self.temporal, p, p))
