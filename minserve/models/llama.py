@@ -140,13 +140,15 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos_sin = self.rotary_emb(positions, hidden.dtype)
         residual = None
-        aux = []
+        aux = {}
         for i, layer in enumerate(self.layers):
             if i in self.aux_hidden_state_layers:
-                aux.append(hidden if residual is None else hidden + residual)
+                aux[i] = hidden if residual is None else hidden + residual
             hidden, residual = layer(hidden, residual, cos_sin, attn, lora_mapping)
         hidden, _ = self.norm(hidden, residual)
-        return (hidden, torch.cat(aux, dim=-1)) if aux else hidden
+        if not aux:
+            return hidden
+        return hidden, torch.cat([aux[i] for i in self.aux_hidden_state_layers], dim=-1)
 
 
 class LlamaForCausalLM(nn.Module):
