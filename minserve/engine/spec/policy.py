@@ -64,10 +64,14 @@ class SpecPolicy:
 
     def observe(self, request: Request, num_drafted: int, num_accepted: int) -> None:
         state = request.spec_state
-        state.acceptance += _EMA_WEIGHT * (num_accepted / num_drafted - state.acceptance)
+        rate = num_accepted / num_drafted
+        state.acceptance += _EMA_WEIGHT * (rate - state.acceptance)
         if state.acceptance >= self.min_acceptance_rate:
-            state.next_backoff = _MIN_BACKOFF
+            if rate >= self.min_acceptance_rate:   # a good round, not the average's slack
+                state.next_backoff = _MIN_BACKOFF
             return
         state.backoff = state.next_backoff
         state.next_backoff = min(2 * state.next_backoff, _MAX_BACKOFF)
-        state.acceptance = 1.0    # the next try starts afresh
+        # the next try is a probe: one more bad round backs off again (twice as long), a good
+        # one goes on drafting
+        state.acceptance = self.min_acceptance_rate
