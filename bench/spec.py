@@ -26,8 +26,8 @@ import tempfile
 import time
 
 TEXT = """The lighthouse on Gannet Point was built in 1871 from granite quarried two miles inland and
-hauled to the cliff by ox cart. Its first keeper, Thomas Arkwright, kept a log of every ship that
-passed, every storm that struck, and every repair he made to the lamp. In the winter of 1883 a
+hauled to the cliff by ox cart. Its first keeper, Thomas Arkwright, kept a log of every ship
+that passed, every storm that struck, and every repair he made to the lamp. In the winter of 1883 a
 storm tore the lantern glass from its frame, and Arkwright held a canvas sheet against the wind for
 six hours so that the flame would not go out. The schooner Margaret Ellen, carrying coal from
 Newcastle, saw the light and turned away from the rocks in time. Her captain later sent the keeper
@@ -74,10 +74,12 @@ def run(engine, prompts: list[list[int]], max_tokens: int) -> dict:
     drafts0 = engine.stats().get("spec_num_draft_tokens", 0)
     accepted0 = engine.stats().get("spec_num_accepted_tokens", 0)
     first, last, tokens = {}, {}, {}
+    steps = 0
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(EngineRequest(f"r{i}-{time.monotonic_ns()}", p, params))
     while engine.has_unfinished_requests():
+        steps += 1
         for o in engine.step():
             now = time.perf_counter()
             if o.new_token_ids:
@@ -90,6 +92,7 @@ def run(engine, prompts: list[list[int]], max_tokens: int) -> dict:
     drafted = s.get("spec_num_draft_tokens", 0) - drafts0
     return {"tpot_ms": statistics.median(tpots),
             "tok_s": sum(len(t) for t in tokens.values()) / wall,
+            "steps": steps,
             "accept": (s.get("spec_num_accepted_tokens", 0) - accepted0) / drafted
             if drafted else None,
             "tokens": [tokens[r] for r in sorted(tokens, key=lambda r: int(r[1:].split("-")[0]))]}
@@ -141,8 +144,8 @@ def main() -> None:
         print(f"# target {target}, {torch.get_num_threads()} threads, grounded prompt "
               f"{len(grounded)} tokens, max_tokens {args.max_tokens}, k {k}, load "
               f"{os.getloadavg()[0]:.2f}", flush=True)
-        for name, llm in engines.items():   # warm-up: first-call builds, allocations
-            run(llm.engine, prompts["chat"], 8)
+        for llm in engines.values():   # warm-up: first-call builds, verification shapes
+            run(llm.engine, prompts["grounded"], 16)
         results: dict = {}
         names = list(engines)
         for rnd in range(args.rounds):
@@ -153,7 +156,8 @@ def main() -> None:
                     results.setdefault((w, name), []).append(r)
                     acc = "" if r["accept"] is None else f" accept {r['accept']:.2f}"
                     print(f"round {rnd} {w:9s} {name:13s} TPOT {r['tpot_ms']:7.2f} ms  "
-                          f"{r['tok_s']:7.1f} tok/s{acc}  load {os.getloadavg()[0]:.2f}",
+                          f"{r['tok_s']:7.1f} tok/s  {r['steps']:4d} steps{acc}  "
+                          f"load {os.getloadavg()[0]:.2f}",
                           flush=True)
         print("\n# medians over rounds (speed-up: none's TPOT / this side's)")
         for w in workloads:
