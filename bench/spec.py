@@ -25,8 +25,8 @@ import statistics
 import tempfile
 import time
 
-TEXT = """The lighthouse on Gannet Point was built in 1871 from granite quarried two miles inland and
-hauled to the cliff by ox cart. Its first keeper, Thomas Arkwright, kept a log of every ship
+TEXT = """The lighthouse on Gannet Point was built in 1871 from granite quarried two miles inland
+and hauled to the cliff by ox cart. Its first keeper, Thomas Arkwright, kept a log of every ship
 that passed, every storm that struck, and every repair he made to the lamp. In the winter of 1883 a
 storm tore the lantern glass from its frame, and Arkwright held a canvas sheet against the wind for
 six hours so that the flame would not go out. The schooner Margaret Ellen, carrying coal from
