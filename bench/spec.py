@@ -49,6 +49,12 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
 def random_draft(target: str, folder: str) -> str:
     """A 2-layer random Llama with the target's vocabulary and tokenizer (transformers, a
     test dependency: only this side needs it)."""
+    import sys
+
+    # python bench/spec.py puts bench/ first on the path, where bench/kernels.py would shadow
+    # the `kernels` package transformers imports
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     import torch
     import transformers
 
