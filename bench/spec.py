@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=160)
     ap.add_argument("--k", type=int, default=None, help="num_speculative_tokens (default 4; 3 "
                                                          "for the draft suite)")
+    ap.add_argument("--kv-cache-mib", type=int, default=512, help="each side's KV cache")
     ap.add_argument("--workloads", nargs="+", default=None,
                     help="a subset of the suite's workloads")
     args = ap.parse_args()
@@ -120,7 +121,8 @@ def main() -> None:
     from minserve.models.loader import resolve_model
 
     target = resolve_model(args.model)
-    kw = {"max_model_len": 2048}
+    # a bounded KV cache per engine: the sides are all alive at once (c16 needs ~310 MiB)
+    kw = {"max_model_len": 2048, "kv_cache_memory": args.kv_cache_mib << 20}
     tmp = tempfile.mkdtemp(prefix="spec-bench-")
     try:
         if args.suite == "ngram":
