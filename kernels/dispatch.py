@@ -86,28 +86,44 @@ def paged_attention(
     return out
 
 
+# Rows with this few query tokens (a decode, or a speculative row: its last token and up to 16
+# drafts) run as that many decode queries on the native kernel, each over the keys up to its own
+# position (causal); longer ones (prefill chunks) go to the reference's SDPA.
+# PERF: SmolLM2-135M, one stream, 5-token verification rows at ~370 keys, 3 steps under the
+# torch profiler: the reference's per-row K/V gather (index_select) and SDPA were 5.3 s of the
+# 5.4 s of torch-op CPU time; as decode queries, 0.22 s in all (a loaded 2-core machine, load
+# ~12: the ratio, not the times; bench/RESULTS.md "Speculative decoding").
+_NATIVE_MAX_QUERY = 17
+
+
 def _native_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         attn: AttnMetadata, scale: float, out: torch.Tensor,
                         sliding_window: int | None) -> list[int] | None:
-    """The decode rows (one query token) through the native CPU kernel, all in one call; returns
-    the rows left for the reference (None: all of them)."""
+    """The short rows (decode, speculative verification) through the native CPU kernel, all in
+    one call, one query token per kernel row; returns the rows left for the reference (None:
+    all of them). With image spans (Gemma 3) only one-token rows: the kernel is causal."""
     qsl, seq_lens = attn.query_start_loc_host, attn.seq_lens_host
-    decode = [r for r in range(len(seq_lens)) if qsl[r + 1] - qsl[r] == 1]
-    if not decode:
+    most = 1 if attn.image_span_end is not None else _NATIVE_MAX_QUERY
+    short = [r for r in range(len(seq_lens)) if 1 <= qsl[r + 1] - qsl[r] <= most]
+    if not short:
         return None
-    if len(decode) == len(seq_lens) and len(qsl) - 1 == q.shape[0]:   # a pure decode step
+    if len(qsl) - 1 == q.shape[0] == len(short):   # a pure decode step
         done = cpu_native.decode_attention(q, k_cache, v_cache, attn.block_table, attn.seq_lens,
                                            scale, out, sliding_window)
         return [] if done else None
-    tokens = torch.tensor([qsl[r] for r in decode])
-    part = torch.empty(len(decode), *q.shape[1:], dtype=q.dtype)
-    if not cpu_native.decode_attention(q.index_select(0, tokens).contiguous(), k_cache, v_cache,
-                                       attn.block_table[decode], attn.seq_lens[decode], scale,
-                                       part, sliding_window):
+    # token i of a row of Q query tokens sees the keys up to its position: S - Q + 1 + i
+    rows = [r for r in short for _ in range(qsl[r], qsl[r + 1])]
+    tokens = [t for r in short for t in range(qsl[r], qsl[r + 1])]
+    lens = [seq_lens[r] - qsl[r + 1] + 1 + t for r in short for t in range(qsl[r], qsl[r + 1])]
+    index = torch.tensor(tokens)
+    part = torch.empty(len(tokens), *q.shape[1:], dtype=q.dtype)
+    if not cpu_native.decode_attention(q.index_select(0, index).contiguous(), k_cache, v_cache,
+                                       attn.block_table[rows], torch.tensor(lens), scale, part,
+                                       sliding_window):
         return None
-    out.index_copy_(0, tokens, part)
-    decoded = set(decode)
-    return [r for r in range(len(seq_lens)) if r not in decoded]
+    out.index_copy_(0, index, part)
+    done = set(short)
+    return [r for r in range(len(seq_lens)) if r not in done]
 
 
 def store_kv(

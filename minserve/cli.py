@@ -113,6 +113,17 @@ def _generation_overrides(text: str) -> Any:
             from None
 
 
+def _speculative_config(text: str) -> Any:
+    """--speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' (vLLM's flag).
+    Only parsed here; SpeculativeConfig checks the keys and values (for LLM() too)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(
+            'must be a JSON object, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'') \
+            from None
+
+
 def _structured_outputs_config(text: str) -> dict[str, bool]:
     """--structured-outputs-config '{"disable_any_whitespace": true}' -> spec options."""
     try:
@@ -304,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
       help='JSON, as vLLM: {"disable_any_whitespace": true} (compact JSON), '
            '{"disable_additional_properties": false} (objects without additionalProperties '
            "may hold unlisted keys; by default they hold only the listed ones, as xgrammar)")
+    a("--speculative-config", type=_speculative_config, default=None,
+      help='speculative decoding, JSON with vLLM\'s keys: {"method": "ngram", '
+           '"num_speculative_tokens": 4}, {"model": DRAFT, "num_speculative_tokens": 4}, '
+           '{"method": "eagle3", "model": HEAD, ...}, {"method": "mtp"}; disable_by_batch_size, '
+           "min_acceptance_rate (see README)")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
       help="shard the model over N ranks (N-1 worker processes; gloo on CPU, NCCL on GPUs)")
     a("--enable-expert-parallel", action="store_true",

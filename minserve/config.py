@@ -144,15 +144,6 @@ class ModelConfig:
         return self.sliding_window is not None and (
             self.layer_types is None or self.layer_types[layer] == "sliding_attention")
 
-    @property
-    def rotary_dim(self) -> int:
-        """The leading dims of each head that RoPE rotates (all but for a partial rotary)."""
-        return int(self.head_dim * self.partial_rotary_factor)
-
-    def is_sliding(self, layer: int) -> bool:
-        return self.sliding_window is not None and (
-            self.layer_types is None or self.layer_types[layer] == "sliding_attention")
-
     @classmethod
     def from_dict(cls, top: dict[str, Any]) -> ModelConfig:
         archs = top.get("architectures") or ["LlamaForCausalLM"]
@@ -316,8 +307,12 @@ class EngineConfig:
     lora: LoRAConfig | None = None   # --enable-lora (None: LoRA off)
     # mixture-of-experts models under -tp: whole experts per rank, not a slice of each
     enable_expert_parallel: bool = False
+    # --speculative-config (None: off); LLM(speculative_config={...}) passes the dict
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, dict):
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         if self.block_size <= 0 or self.block_size % 8:
             raise ConfigError(
                 f"--block-size must be a positive multiple of 8, got {self.block_size}"
@@ -433,3 +428,92 @@ class LoRAConfig:
         if dup:
             raise ConfigError(f"--lora-modules: the name {sorted(dup)[0]!r} is given twice")
 
+
+
+# ---- speculative decoding (engine/spec/) ------------------------------------------------------
+SPEC_METHODS = ("ngram", "draft_model", "eagle3", "mtp")
+# vLLM's keys, plus minserve's min_acceptance_rate; any other key is a start-up error
+_SPEC_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max",
+              "prompt_lookup_min", "disable_by_batch_size", "min_acceptance_rate", "revision",
+              "quantization", "draft_tensor_parallel_size")
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass
+class SpeculativeConfig:
+    """--speculative-config JSON, vLLM's keys and rules: ngram (prompt lookup, no model),
+    draft_model (a small model with the target's vocabulary), eagle3 (an EAGLE-3 head) and mtp
+    (the target's own multi-token-prediction layers). None fields take the engine's defaults
+    (engine/spec/policy.py), which the start-up log states."""
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+    # no drafts in a step with this many requests running or more (vLLM's; None: the default)
+    disable_by_batch_size: int | None = None
+    # minserve's: a request whose recent drafts are accepted at a lower rate drafts nothing for
+    # a while (backing off, then trying again); 0 never stops; None: the default
+    min_acceptance_rate: float | None = None
+    revision: str | None = None          # the draft model's
+    quantization: str | None = None      # the draft model's (None: from its checkpoint)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> SpeculativeConfig:
+        flag = "--speculative-config"
+        if not isinstance(d, dict):
+            raise ConfigError(f'{flag} must be a JSON object, e.g. '
+                              '\'{"method": "ngram", "num_speculative_tokens": 4}\'')
+        unknown = sorted(set(d) - set(_SPEC_KEYS))
+        if unknown:
+            raise ConfigError(f"{flag}: unknown key {unknown[0]!r} "
+                              f"(known: {', '.join(_SPEC_KEYS)})")
+        method, model = d.get("method"), d.get("model")
+        if method is None:
+            if model in ("ngram", "[ngram]"):   # vLLM's older spelling
+                method, model = "ngram", None
+            elif model is not None:
+                method = "draft_model"
+            else:
+                raise ConfigError(f'{flag}: give "method" ({", ".join(SPEC_METHODS)}) or a '
+                                  'draft "model"')
+        if method not in SPEC_METHODS:
+            raise ConfigError(f"{flag}: method {method!r} is not supported (supported: "
+                              f"{', '.join(SPEC_METHODS)})")
+        if method in ("draft_model", "eagle3") and not isinstance(model, str):
+            raise ConfigError(f'{flag}: method {method} needs "model" (a folder or hub id)')
+        if method in ("ngram", "mtp") and model is not None:
+            raise ConfigError(f'{flag}: method {method} takes no "model" (it drafts from '
+                              f"{'the request itself' if method == 'ngram' else 'the target'})")
+        k = d.get("num_speculative_tokens", 1 if method == "mtp" else None)
+        _spec_int(flag, "num_speculative_tokens", k, 1, MAX_SPECULATIVE_TOKENS, needed=True)
+        lo, hi = d.get("prompt_lookup_min"), d.get("prompt_lookup_max")
+        if method == "ngram":   # vLLM's defaults: 5 and 5, or the one given for both
+            lo, hi = (5, 5) if lo is None and hi is None else (
+                hi if lo is None else lo, lo if hi is None else hi)
+            _spec_int(flag, "prompt_lookup_min", lo, 1, 1024)
+            _spec_int(flag, "prompt_lookup_max", hi, lo, 1024)
+        elif lo is not None or hi is not None:
+            raise ConfigError(f"{flag}: prompt_lookup_min/max are ngram's keys, not {method}'s")
+        _spec_int(flag, "disable_by_batch_size", d.get("disable_by_batch_size"), 2, 1 << 20)
+        if d.get("draft_tensor_parallel_size", 1) != 1:
+            raise ConfigError(f"{flag}: draft_tensor_parallel_size must be 1: the draft runs "
+                              "whole on rank 0")
+        rate = d.get("min_acceptance_rate")
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                                 or not 0.0 <= rate <= 1.0):
+            raise ConfigError(f"{flag}: min_acceptance_rate must be a number in [0, 1], "
+                              f"got {rate!r}")
+        quant = d.get("quantization")
+        if quant is not None and quant not in QUANTIZATION_METHODS:
+            raise ConfigError(f"{flag}: quantization {quant!r} is not supported (supported: "
+                              f"{', '.join(QUANTIZATION_METHODS)})")
+        return cls(method, k, model, hi, lo, d.get("disable_by_batch_size"),
+                   None if rate is None else float(rate), d.get("revision"), quant)
+
+
+def _spec_int(flag: str, key: str, value: Any, low: int, high: int, needed: bool = False) -> None:
+    if value is None and not needed:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{flag}: {key} must be an integer in [{low}, {high}], got {value!r}")

@@ -69,6 +69,11 @@ class StatsWindow:
                 f"Running: {running} reqs, Waiting: {waiting} reqs, "
                 f"KV cache usage: {100 * float(s.get('kv_cache_usage', 0) or 0):.1f}%, "
                 f"Prefix cache hit rate: {100 * hit_rate:.1f}%")
+        drafts = delta("spec_num_drafts")
+        if drafts > 0:   # speculative decoding, as vLLM's SpecDecoding line says it
+            accepted, drafted = delta("spec_num_accepted_tokens"), delta("spec_num_draft_tokens")
+            line += (f", Mean acceptance length: {1 + accepted / drafts:.2f}, "
+                     f"Avg Draft acceptance rate: {100 * accepted / max(drafted, 1):.1f}%")
         if self.log:
             logger.info(line)
         return line
@@ -144,6 +149,8 @@ class _EngineCollector:
             metric = family(name, doc, labels=["model_name"])
             metric.add_metric([self.model_name], float(s.get(key, 0) or 0))
             yield metric
+        if "spec_num_drafts" in s:   # speculative decoding (engine/spec/stats.py)
+            yield from _spec_families(self.model_name, s)
         if "max_lora" in s:   # --enable-lora: vLLM's info gauge, its value the scrape time
             metric = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
                                        labels=["running_lora_adapters", "waiting_lora_adapters",
@@ -151,6 +158,25 @@ class _EngineCollector:
             metric.add_metric([",".join(s["lora_running"]), ",".join(s["lora_waiting"]),
                                str(s["max_lora"])], time.time())
             yield metric
+
+
+def _spec_families(model_name: str, s: dict[str, Any]) -> Iterator[Any]:
+    for name, doc, key in (
+        ("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", "spec_num_drafts"),
+        ("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.",
+         "spec_num_draft_tokens"),
+        ("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.",
+         "spec_num_accepted_tokens"),
+    ):
+        metric = CounterMetricFamily(name, doc, labels=["model_name"])
+        metric.add_metric([model_name], float(s[key]))
+        yield metric
+    per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                  "Accepted tokens per draft position.",
+                                  labels=["model_name", "position"])
+    for position, count in enumerate(s["spec_accepted_per_pos"]):
+        per_pos.add_metric([model_name, str(position)], float(count))
+    yield per_pos
 
 
 class Metrics:

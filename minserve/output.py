@@ -94,6 +94,8 @@ class SampleState:
     def update(self, out: RequestOutput) -> Delta:
         """-> the Delta of this output. On a stop string (stopped) the caller aborts the
         sample."""
+        if self.stop is not None and len(out.new_token_ids) > 1:
+            return self._update_each(out)
         self.token_ids += out.new_token_ids
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if out.num_prompt_tokens:
@@ -119,6 +121,29 @@ class SampleState:
             self.stop_reason, self.error = out.stop_reason, out.error
         return Delta(self, delta, out.new_token_ids, lps, self.finish_reason is not None,
                      hit is not None)
+
+
+    def _update_each(self, out: RequestOutput) -> Delta:
+        """Several tokens at once (speculative decoding) under stop strings: one at a time, as
+        they would have come alone, so a stop string ends the sample at the token completing
+        it (the tokens after it are not output, nor counted)."""
+        last = len(out.new_token_ids) - 1
+        merged = None
+        for i, token in enumerate(out.new_token_ids):
+            d = SampleState.update(self, dataclasses.replace(
+                out, new_token_ids=[token], logprobs=out.logprobs and out.logprobs[i:i + 1],
+                prompt_logprobs=out.prompt_logprobs if i == 0 else None,
+                finish_reason=out.finish_reason if i == last else None))
+            if merged is None:
+                merged = d
+            else:
+                merged.text += d.text
+                merged.token_ids = merged.token_ids + d.token_ids
+                merged.logprobs += d.logprobs
+                merged.finished, merged.stopped = d.finished, d.stopped
+            if d.stopped:
+                break
+        return merged
 
 
 class ChoiceState(SampleState):

@@ -314,6 +314,14 @@ class StructuredConstraint:
         """Advance by one sampled token; False means it broke the grammar (error state)."""
         return self.matcher.consume_token(token_id)
 
+    def num_valid(self, token_ids: list[int]) -> int:
+        """How many of token_ids (drafts, from the current state) the grammar takes in a row."""
+        return self.matcher.validate_tokens(token_ids)
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last num_tokens accepted (drafts whose masks were computed ahead)."""
+        self.matcher.rollback(num_tokens)
+
     def is_finished(self) -> bool:
         """The grammar is complete (or errored): end the request with finish_reason stop."""
         return self.matcher.is_stopped()

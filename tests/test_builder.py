@@ -25,7 +25,7 @@ def test_every_row_imports_its_classes():
     for arch in ARCHITECTURES.values():
         assert isinstance(arch.model_class(), type)
         assert arch.has_vision == (arch.processor_class() is not None)
-        assert arch.task in ("generate", "embed", "score")
+        assert arch.task in ("generate", "embed", "score", "draft")
 
 
 def test_unknown_or_wrong_task_architectures_say_what_is_supported():

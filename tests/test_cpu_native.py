@@ -94,7 +94,9 @@ ATTN_CASES = [  # (cases (query_len, seq_len), group, kv heads, head dim, block 
     ([(1, 300), (1, 17)], 1, 2, 16, 32),
     ([(1, 129)] * 4, 4, 2, 128, 64),
     ([(1, 50), (1, 9)], 2, 1, 80, 8),               # a head dim that is not a multiple of 8
-    ([(7, 30), (3, 3)], 2, 2, 32, 16),              # no decode row: the reference alone
+    ([(7, 30), (3, 3)], 2, 2, 32, 16),              # short rows: decode queries, causal
+    ([(5, 40), (5, 100), (1, 12), (2, 2)], 3, 3, 64, 16),   # a speculative verification step
+    ([(18, 60), (5, 21), (30, 30)], 2, 2, 32, 16),  # longer rows: the reference's SDPA
 ]
 
 

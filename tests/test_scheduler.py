@@ -351,7 +351,7 @@ def test_finished_outputs_carry_phase_timings():
 # ---------------------------------------------------------------------------------------------
 
 def test_waiting_queue_orders_by_priority_then_arrival():
-    from minserve.engine.scheduler import WaitingQueue
+    from minserve.engine.waiting import WaitingQueue
 
     q = WaitingQueue()
     reqs = {name: Request(name, [11], SamplingParams(), priority=p)

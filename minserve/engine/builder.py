@@ -208,13 +208,23 @@ def build_model(config: EngineConfig, source: ModelSource, device: torch.device
 
 
 def build_runner(config: EngineConfig, source: ModelSource, device: torch.device,
-                 image_processor: Any = None) -> ModelRunner:
+                 image_processor: Any = None, draft: Any = None) -> ModelRunner:
     """This rank's model and runner (KV cache share included), as every rank builds them. Rank 0
     serves the --lora-modules (the other ranks load what its step plans say) and, on a GPU,
-    sizes the KV cache with its largest image batch encoded."""
+    sizes the KV cache with its largest image batch encoded. draft (rank 0's, speculative
+    decoding: engine/spec/drafter.py's DraftSource): its drafter is built here too, whole,
+    and the KV cache sized for both."""
     built = build_model(config, source, device)
+    drafter = None
+    if draft is not None:
+        from minserve.engine.spec.drafter import build_drafter
+
+        drafter = build_drafter(draft, device, built.model)
     runner = ModelRunner(built.model, source.model_config, config, device, built.dtype,
-                         profile_images=profile_images(image_processor, config, device))
+                         profile_images=profile_images(image_processor, config, device),
+                         extra_kv_bytes_per_block=drafter.bytes_per_block if drafter else 0)
+    if drafter is not None:
+        drafter.bind(runner)
     if runner.lora_manager is not None and parallel.tp_rank() == 0:
         for module in config.lora.lora_modules:
             runner.lora_manager.add(module.name, module.path)

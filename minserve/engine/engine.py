@@ -33,6 +33,8 @@ from minserve.engine.request import (
 from minserve.engine.runner import PromptLogprobInputs, StepInputs
 from minserve.engine.sampler import SamplingTensors
 from minserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, is_sampling_row
+from minserve.engine.spec import make_speculator, num_lookahead_tokens
+from minserve.engine.spec.drafter import find_draft
 from minserve.engine.workers import Workers
 
 # vllm:iteration_tokens_total's bucket bounds (tokens run in one step)
@@ -46,6 +48,7 @@ class Engine:
         tokenizer, defaults, eos = _front_door_settings(config, source)
         self.config = config = resolve_limits(config, source.model_config, self.device)
         self.model_config = source.model_config
+        draft = find_draft(config, source, self.device)   # checked before any rank starts
         self.workers = None
         if config.tensor_parallel_size > 1:
             self.device = rank_device(self.device, 0)
@@ -54,19 +57,22 @@ class Engine:
                                    source.model_config, self.device, load_worker_runner)
         try:
             processor = image_processor(source, tokenizer)
-            self.runner = build_runner(config, source, self.device, processor)
+            self.runner = build_runner(config, source, self.device, processor, draft)
         except BaseException:
             self.shutdown()
             raise
         self.dtype, self.lora = self.runner.dtype, self.runner.lora_manager
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
                                        config.enable_prefix_caching)
+        self.speculator = make_speculator(config, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             config.max_model_len, config.long_prefill_token_threshold,
                             config.max_chunk_attention,
                             config.lora.max_loras if config.lora is not None else 0,
-                            self.runner.bidirectional_images, config.max_fanout_rows or 0),
+                            whole_images=self.runner.bidirectional_images,
+                            max_fanout_rows=config.max_fanout_rows or 0,
+                            num_lookahead_tokens=num_lookahead_tokens(config)),
             self.kv_cache)
         self.info = EngineInfo(tokenizer, self.model_config.vocab_size, config.max_model_len,
                                source.arch.name, defaults, eos, self.runner.num_blocks,
@@ -150,7 +156,9 @@ class Engine:
         else:
             fresh = [r for r in plan.requests if not r.output_token_ids]
             num_generated = self.scheduler.num_generation_tokens
-            outputs = self.scheduler.update(plan, self._execute(self._step_inputs(plan)))
+            step = self._step_inputs(plan)
+            sampled = self._execute(step)
+            outputs = self.scheduler.update(plan, sampled)
             # vLLM's count of a step (its IterationStats): the tokens it sampled, plus the whole
             # prompt of each request whose first token it sampled (cached or chunked alike), so
             # a request adds P + G over its steps
@@ -158,6 +166,9 @@ class Engine:
                 r.num_prompt_tokens for r in fresh if r.output_token_ids)
             self._iteration_buckets[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, num)] += 1
             self._iteration_tokens_sum += num
+            if self.speculator is not None:   # the next step's drafts
+                self.speculator.update(plan, step.num_draft_tokens, step.draft, sampled,
+                                       self._num_requests)
         if self.lora is not None and self.lora.retired:   # unloaded adapters nobody uses now
             self.lora.purge({r.adapter_name for r in self.scheduler.requests.values()})
         return self._beam_outputs(outputs)
@@ -166,7 +177,14 @@ class Engine:
         """Into the scheduler, stamped with its adapter's current load (the prefix-cache root)."""
         if request.adapter_name is not None:
             request.adapter_load = self.lora.load_id(request.adapter_name)
+        if self.speculator is not None:
+            self.speculator.add(request)
         self.scheduler.add(request)
+
+    @property
+    def _num_requests(self) -> int:
+        """The batch speculation weighs (disable_by_batch_size): running and waiting."""
+        return self.scheduler.num_running + self.scheduler.num_waiting
 
     def _execute(self, step: StepInputs) -> Any:
         if self.workers is None:
@@ -217,6 +235,7 @@ class Engine:
         for r, (req, n) in enumerate(zip(plan.requests, plan.num_scheduled_tokens, strict=True)):
             ctx = req.num_computed_tokens
             token_ids += _token_slice(req, ctx, ctx + n)
+            token_ids += req.spec_token_ids     # the drafts this step verifies
             computed.append(ctx)
             # the images whose placeholder tokens this step runs (a chunk may cut one in two)
             mm_inputs += [(r, item) for item in req.mm_items
@@ -236,17 +255,21 @@ class Engine:
                 plp.counts.append(max(end - ctx, 0))
                 plp.target_ids += req.prompt_token_ids[ctx + 1:end + 1]
                 plp.num_logprobs.append(k)
+        num_verify, draft = (self.speculator.step_inputs(plan, self._num_requests)
+                             if self.speculator is not None else (None, None))
         sampling = None
         if sample_rows:
             sampling = SamplingTensors.from_requests(
                 [plan.requests[r] for r in sample_rows], self.info.vocab_size,
-                pin=self.device.type == "cuda")
+                pin=self.device.type == "cuda",
+                spec_token_ids=None if num_verify is None else
+                [plan.requests[r].spec_token_ids for r in sample_rows])
         slots = (None if self.lora is None
                  else self.lora.activate([r.adapter_name for r in plan.requests]))
         loads = self.lora.take_slot_loads() if self.lora is not None else None
         return StepInputs(token_ids, plan.num_scheduled_tokens, computed, block_tables,
                           sample_rows, sampling, plp, mm_inputs, mrope, slots,
-                          loads if self.workers is not None else None)
+                          loads if self.workers is not None else None, num_verify, draft)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -260,6 +283,7 @@ class Engine:
             "num_generation_tokens": self.scheduler.num_generation_tokens,
             "num_waiting_deferred": self.scheduler.num_waiting_deferred,
             "iteration_tokens": (tuple(self._iteration_buckets), self._iteration_tokens_sum),
+            **(self.speculator.stats.as_dict() if self.speculator is not None else {}),
             **(self._lora_stats() if self.lora is not None else {}),
         }
 

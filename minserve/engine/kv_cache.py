@@ -218,6 +218,18 @@ class KVCacheManager:
                               self._key(request, token_ids, hashes, i))
         self._num_published[request.request_id] = num_full
 
+    def rollback(self, request: Request, num_tokens: int) -> None:
+        """Release the request's blocks past its first num_tokens slots (speculative decoding:
+        the slots of rejected drafts). Tail first, like free(); never a published block, since
+        only computed tokens are published and rejected ones never count as computed.
+
+            block_ids:  | b7 | b2 | b9 | b4 |        num_tokens = 6, block_size 4
+            tokens:     |xxxx|xx..|....|....|   ->   | b7 | b2 |   (b9, b4 released)"""
+        keep = -(-num_tokens // self.block_size)
+        if keep < len(request.block_ids):
+            self.pool.release(request.block_ids[:keep - 1:-1] if keep else request.block_ids[::-1])
+            del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         """Release all the request's blocks (finish, abort or preemption); tail blocks first."""
         self.pool.release(request.block_ids[::-1])

@@ -170,6 +170,10 @@ class Request:
     num_preemptions: int = 0
     prompt_logprobs_done: bool = False
     structured: object | None = None  # a compiled constraint (structured.py), or None
+    # speculative decoding (engine/spec/): the drafts the next step verifies (the scheduler runs
+    # them after the last token), and engine/spec's own state (None: speculation off)
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_state: Any = None
     scheduled_time: float | None = None     # time.monotonic() when first scheduled
     first_token_time: float | None = None   # ... when its first output token was sampled
 

@@ -12,9 +12,15 @@ The flat batch, for a step with a decode (r0), a prefill chunk mid-prompt (r1) a
     seq_lens[R]:      42   21              3              context_len + query_len
     slot_mapping[T]:  block_table[r, pos // BS] * BS + pos % BS
     logits_indices:   0    (r1 only if the chunk ends its prompt)  8
+
+Speculative decoding (engine/spec/): a decode row with k drafts runs 1 + k tokens (its last
+token, then the drafts) and samples at all 1 + k of them; to_output keeps the drafts the
+target's own tokens confirm (spec/rejection.py). A drafter with a model then drafts the next
+step's tokens on this rank, after the sync.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 from dataclasses import dataclass, field
@@ -39,6 +45,7 @@ from minserve.engine.sampler import (
     sample,
 )
 from minserve.engine.scheduler import SampledTokens
+from minserve.engine.spec.rejection import accept_drafts
 from minserve.kernels import AttnMetadata
 from minserve.kernels.lora import LoRAMapping, lora_mapping
 from minserve.models import parallel
@@ -77,6 +84,10 @@ class StepInputs:
     # tensor parallel: the LoRA slots rank 0 (re)filled since the last step, [slot, name, path]
     # (path "": emptied); the other ranks load the same adapters into the same slots
     lora_loads: list[list] | None = None
+    # speculative decoding: [R] the drafts at the end of each row's tokens (None: no row has
+    # any); rank 0's drafter inputs (engine/spec/drafter.py's DraftInputs; None: no drafting)
+    num_draft_tokens: list[int] | None = None
+    draft: Any = None
 
 
 @dataclass(slots=True)
@@ -112,7 +123,11 @@ class _Buffer:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig,
                  engine_config: EngineConfig, device: torch.device, dtype: torch.dtype,
-                 profile_images: list[dict[str, Any]] | None = None) -> None:
+                 profile_images: list[dict[str, Any]] | None = None,
+                 extra_kv_bytes_per_block: int = 0, num_blocks: int | None = None) -> None:
+        """extra_kv_bytes_per_block: what a block costs elsewhere too (a drafter's cache, sized
+        with this one). num_blocks: a drafter's runner (engine/spec/drafter.py): exactly this
+        many blocks, the target's, for a model built whole (unsharded) on rank 0."""
         self.model = model
         self.model_config = model_config
         self.device = device
@@ -148,12 +163,18 @@ class ModelRunner:
         # records this event after its copies and waits on it before writing the buffers again.
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
+        self.drafter = None    # engine/spec/drafter.py: a draft model or an EAGLE-3 head (rank 0)
         self.lora_manager = None
         if engine_config.lora is not None:   # before the KV sizing, which sees the LoRA slots
             from minserve.lora.manager import LoRAManager
 
             self.lora_manager = LoRAManager(model, model_config, engine_config.lora, device, dtype)
-        self.num_blocks = self._allocate_kv_cache(engine_config)
+        if num_blocks is not None:      # a drafter's runner (whole on rank 0): the target's blocks
+            self._set_kv_layout(1)
+            self.num_blocks = num_blocks
+            self._kv_cache(num_blocks)
+        else:
+            self.num_blocks = self._allocate_kv_cache(engine_config, extra_kv_bytes_per_block)
 
     # ---- KV cache sizing ----------------------------------------------------------------------
     def _kv_cache(self, num_blocks: int) -> None:
@@ -176,16 +197,19 @@ class ModelRunner:
                   for part, (k, d) in zip(flat.split(sizes), layout, strict=True)]
         self.model.set_kv_caches([(kv[0], kv[1]) for kv in caches])
 
-    def _allocate_kv_cache(self, engine_config: EngineConfig) -> int:
+    def _set_kv_layout(self, tp_size: int) -> None:
+        """(this rank's kv heads, head dim) of each KV cache, in set_kv_caches' order; one per
+        layer unless the model says otherwise (Gemma 4: per-layer shapes, shared caches)."""
         mc = self.model_config
-        # (this rank's kv heads, head dim) of each KV cache, in set_kv_caches' order; one per
-        # layer unless the model says otherwise (Gemma 4: per-layer shapes, shared caches)
         layout = getattr(self.model, "kv_cache_layout", None)
         self.kv_layout = layout() if layout is not None else [
-            (parallel.num_local_kv_heads(mc.num_key_value_heads, parallel.tp_size()),
-             mc.head_dim)] * mc.num_hidden_layers
+            (parallel.num_local_kv_heads(mc.num_key_value_heads, tp_size), mc.head_dim)
+        ] * mc.num_hidden_layers
+
+    def _allocate_kv_cache(self, engine_config: EngineConfig, extra_per_block: int) -> int:
+        self._set_kv_layout(parallel.tp_size())
         per_block = (2 * self.block_size * sum(k * d for k, d in self.kv_layout)
-                     * self.kv_dtype.itemsize)
+                     * self.kv_dtype.itemsize) + extra_per_block
         # More than every sequence at full length can never be used.
         max_useful = self.max_num_seqs * self.max_blocks_per_seq
         if engine_config.kv_cache_memory is not None:
@@ -245,8 +269,15 @@ class ModelRunner:
             self.place_images(step, inputs)
         self.share_from_head(inputs, bool(step.mm_inputs))
         hidden = self.run_model(inputs)
+        aux_hidden = None
+        if isinstance(hidden, tuple):   # and the layers' states an EAGLE-3 head reads
+            hidden, aux_hidden = hidden
         result, prompt_lps = self.sample(hidden, inputs, step)
-        return self.to_output(step, result, prompt_lps)
+        out = self.to_output(step, result, prompt_lps)
+        if step.draft is not None:
+            out.draft_token_ids = self.drafter.propose(step, inputs, hidden, aux_hidden,
+                                                       out.token_ids)
+        return out
 
     def prepare_inputs(self, step: StepInputs) -> ModelInputs:
         """Fill the host buffers and copy them to the device (no sync)."""
@@ -274,7 +305,12 @@ class ModelRunner:
         self._slot_mapping.np[:T] = (
             block_table[req_of_token, positions // bs].astype(np.int64) * bs + positions % bs)
 
-        indices = [qsl_host[r + 1] - 1 for r in step.sample_rows]
+        nd = step.num_draft_tokens
+        if nd is None:
+            indices = [qsl_host[r + 1] - 1 for r in step.sample_rows]
+        else:   # a row with k drafts samples at its last 1 + k tokens
+            indices = [i for r in step.sample_rows
+                       for i in range(qsl_host[r + 1] - 1 - nd[r], qsl_host[r + 1])]
         num_sample = len(indices)
         plp = step.prompt_logprobs
         if plp is not None:
@@ -390,18 +426,14 @@ class ModelRunner:
         if self.device.type == "cuda" and (result is not None or prompt_lps is not None):
             torch.cuda.current_stream().synchronize()
         R = len(step.num_scheduled_tokens)
-        out = SampledTokens([-1] * R)
+        out = SampledTokens([[] for _ in range(R)])
         if result is not None:
             toks = result.token_ids.tolist()
-            for r, tok in zip(step.sample_rows, toks, strict=True):
-                out.token_ids[r] = tok
             st = step.sampling
-            if st.logprob_rows:
-                out.logprobs = [None] * R
-                lps = result.logprobs.to_list([toks[i] for i in st.logprob_rows], st.num_logprobs,
-                                              st.num_logprob_token_ids)
-                for i, lp in zip(st.logprob_rows, lps, strict=True):
-                    out.logprobs[step.sample_rows[i]] = lp
+            lps = (result.logprobs.to_list([toks[i] for i in st.logprob_rows], st.num_logprobs,
+                                           st.num_logprob_token_ids)
+                   if st.logprob_rows else None)
+            self._spread(step, toks, dict(zip(st.logprob_rows, lps or (), strict=True)), out)
         plp = step.prompt_logprobs
         if plp is not None:
             out.prompt_logprobs = [None] * R
@@ -412,6 +444,31 @@ class ModelRunner:
                 out.prompt_logprobs[r] = lps[pos:pos + count]
                 pos += count
         return out
+
+    @staticmethod
+    def _spread(step: StepInputs, toks: list[int], lps: dict[int, Any],
+                out: SampledTokens) -> None:
+        """Sampled positions -> each sampling row's emitted tokens (and their logprobs): its one
+        token, or with drafts the accepted ones and the target's token after them."""
+        if lps:
+            out.logprobs = [[] for _ in out.token_ids]
+        nd = step.num_draft_tokens
+        ends = list(itertools.accumulate(step.num_scheduled_tokens)) if nd is not None else []
+        pos = 0
+        for r in step.sample_rows:
+            k = nd[r] if nd is not None else 0
+            sampled = toks[pos:pos + 1 + k]
+            out.token_ids[r] = emitted = (
+                accept_drafts(sampled, step.token_ids[ends[r] - k:ends[r]]) if k else sampled)
+            if lps:
+                out.logprobs[r] = [lps[i] for i in range(pos, pos + len(emitted)) if i in lps]
+            pos += 1 + k
+
+
+def kv_block_bytes(mc: ModelConfig, block_size: int, num_kv_heads: int,
+                   kv_dtype: torch.dtype) -> int:
+    """One block's K and V over every layer."""
+    return 2 * mc.num_hidden_layers * block_size * num_kv_heads * mc.head_dim * kv_dtype.itemsize
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

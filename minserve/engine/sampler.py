@@ -69,23 +69,30 @@ class SamplingTensors:
     num_logprob_token_ids: list[int] | None = None
 
     @classmethod
-    def from_requests(cls, requests: Sequence[Request], vocab_size: int,
-                      pin: bool = False) -> SamplingTensors:
+    def from_requests(cls, requests: Sequence[Request], vocab_size: int, pin: bool = False,
+                      spec_token_ids: Sequence[list[int]] | None = None) -> SamplingTensors:
+        """spec_token_ids: per request, the drafts its row verifies (engine/spec/); the request
+        then samples at 1 + k positions, row after row, each as if the drafts before it were
+        already its output (noise, penalties, min_tokens, grammar: engine/spec/rejection.py)."""
         def host(values: list, dtype: torch.dtype = torch.float32,
                  use: bool = True) -> torch.Tensor | None:
             t = torch.tensor(values, dtype=dtype) if use else None
             return t.pin_memory() if pin and use else t
 
-        sps = [r.sampling for r in requests]
+        drafts = spec_token_ids or [[]] * len(requests)
+        # (request, the drafts before the position): one per sampled position
+        positions = [(r, d[:j]) for r, d in zip(requests, drafts, strict=True)
+                     for j in range(len(d) + 1)]
+        sps = [r.sampling for r, _ in positions]
         random_rows = [i for i, sp in enumerate(sps) if not sp.is_greedy]
         use_pen = any(sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0
                       for sp in sps)
         rows, cols, prows, pcols = [], [], [], []
         brows, bcols, bvals, mrows, mcols = [], [], [], [], []
-        for i, (r, sp) in enumerate(zip(requests, sps, strict=True)):
+        for i, ((r, before), sp) in enumerate(zip(positions, sps, strict=True)):
             if sp.presence_penalty or sp.frequency_penalty or sp.repetition_penalty != 1.0:
-                rows += [i] * r.num_output_tokens
-                cols += r.output_token_ids
+                rows += [i] * (r.num_output_tokens + len(before))
+                cols += r.output_token_ids + before
             if sp.repetition_penalty != 1.0:
                 prows += [i] * r.num_prompt_tokens
                 pcols += r.prompt_token_ids
@@ -96,7 +103,7 @@ class SamplingTensors:
                     bvals.append(float(val))
             # A constrained request's grammar decides when it may end: banning EOS there could
             # leave no allowed token at all, so min_tokens does not apply to it.
-            if r.num_output_tokens < sp.min_tokens and r.structured is None:
+            if r.num_output_tokens + len(before) < sp.min_tokens and r.structured is None:
                 banned = set(sp.stop_token_ids)
                 if not sp.ignore_eos:
                     banned |= r.eos_token_ids
@@ -107,8 +114,12 @@ class SamplingTensors:
         bitmask = None
         if any(r.structured is not None for r in requests):
             from minserve.structured import allocate_bitmask, fill_bitmasks
-            bitmask = allocate_bitmask(len(requests), vocab_size)  # pinned on CUDA
-            fill_bitmasks([r.structured for r in requests], bitmask)  # rows in parallel, no GIL
+            bitmask = allocate_bitmask(len(positions), vocab_size)  # pinned on CUDA
+            # rows in parallel, no GIL (a draft's later positions follow, one by one)
+            fill_bitmasks([r.structured if not before else None for r, before in positions],
+                          bitmask)
+            if spec_token_ids:
+                _fill_draft_bitmasks(positions, bitmask)
 
         logprob_rows = [i for i, sp in enumerate(sps) if sp.logprobs is not None]
         asked = [sps[i].logprob_token_ids or [] for i in logprob_rows]
@@ -117,8 +128,8 @@ class SamplingTensors:
                          width > 0)
         return cls(
             temperature=host([1.0 if sp.is_greedy else sp.temperature for sp in sps]),
-            noise_keys=host([row_noise_key(r.sample_seed, r.num_tokens) for r in requests],
-                            torch.long),
+            noise_keys=host([row_noise_key(r.sample_seed, r.num_tokens + len(before))
+                             for r, before in positions], torch.long),
             top_k=host([sp.top_k if sp.top_k > 0 else vocab_size for sp in sps], torch.long,
                        any(sp.top_k > 0 for sp in sps)),
             top_p=host([sp.top_p for sp in sps], use=any(sp.top_p < 1.0 for sp in sps)),
@@ -185,6 +196,18 @@ class LogprobsTensors:
                 lp.top += [(t, v) for t, v in zip(ids[i][:m], lps[i][:m], strict=True)
                            if t not in seen and not seen.add(t)]
         return out
+
+
+def _fill_draft_bitmasks(positions: list[tuple[Request, list[int]]],
+                        bitmask: torch.Tensor) -> None:
+    """The grammar's mask at a draft's later positions: each after the drafts before it
+    (the engine checked they are valid), then the grammar is rolled back to where it was."""
+    for i, (r, before) in enumerate(positions):
+        if r.structured is not None and before:
+            r.structured.accept_token(before[-1])
+            r.structured.fill_bitmask(bitmask, i)
+            if i + 1 == len(positions) or positions[i + 1][0] is not r:   # the row's last
+                r.structured.rollback(len(before))
 
 
 def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, k: int,

@@ -13,10 +13,9 @@ So batch lines, sent at a large priority, never keep an interactive request wait
 not even behind one step of theirs."""
 from __future__ import annotations
 
-import bisect
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from minserve.engine.fairness import FanoutShare
@@ -28,6 +27,7 @@ from minserve.engine.request import (
     RequestOutput,
     RequestStatus,
 )
+from minserve.engine.waiting import WaitingQueue
 
 
 @dataclass(slots=True)
@@ -49,6 +49,9 @@ class SchedulerConfig:
     # At most this many rows of one n > 1 or beam-search request per step (0: no cap), so a
     # large fan-out never keeps other clients' requests waiting (engine/fairness.py).
     max_fanout_rows: int = 0
+    # speculative decoding with a drafter that has a KV cache: the slots it writes past a
+    # sampling row's tokens in the same step (k), allocated with the row's (vLLM's lookahead)
+    num_lookahead_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -67,54 +70,14 @@ class StepPlan:
 
 @dataclass(slots=True)
 class SampledTokens:
-    """What the runner hands back, one entry per plan row (token -1: the row did not sample,
-    a prefill chunk that stops short of the prompt's end)."""
-    token_ids: list[int]
-    logprobs: list[Logprob | None] | None = None
+    """What the runner hands back, one entry per plan row: the tokens the row emits, [] when it
+    did not sample (a prefill chunk short of the prompt's end), else its sampled token, or with
+    speculative decoding its accepted drafts and then the target's own token (engine/spec)."""
+    token_ids: list[list[int]]
+    logprobs: list[list[Logprob]] | None = None   # one per emitted token, for rows that asked
     prompt_logprobs: list[list[Logprob] | None] | None = None  # for the row's target tokens
-
-
-class WaitingQueue:
-    """Waiting requests, lowest priority value first, then in arrival order. appendleft puts a
-    request at the front of its own priority (a preempted request resumes first), so with every
-    priority equal this is exactly a FIFO deque."""
-
-    def __init__(self) -> None:
-        self._items: list[tuple[int, int, Request]] = []   # (priority, seq, request), sorted
-        self._back = self._front = 0
-
-    def append(self, request: Request) -> None:
-        self._back += 1
-        bisect.insort(self._items, (request.priority, self._back, request),
-                      key=lambda item: item[:2])
-
-    def appendleft(self, request: Request) -> None:
-        self._front -= 1
-        bisect.insort(self._items, (request.priority, self._front, request),
-                      key=lambda item: item[:2])
-
-    def extendleft(self, requests: Iterable[Request]) -> None:
-        for request in requests:
-            self.appendleft(request)
-
-    def peek(self) -> Request:
-        return self._items[0][2]
-
-    def popleft(self) -> Request:
-        return self._items.pop(0)[2]
-
-    def remove(self, request: Request) -> None:
-        for i, item in enumerate(self._items):
-            if item[2] is request:
-                del self._items[i]
-                return
-        raise ValueError(f"{request.request_id} is not waiting")
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __iter__(self) -> Iterator[Request]:
-        return (item[2] for item in self._items)
+    # model drafters (engine/spec/drafter.py): per row, the drafts proposed for the next step
+    draft_token_ids: list[list[int]] | None = None
 
 
 def whole_images(request: Request, context_len: int, num_new: int, budget: int) -> int:
@@ -136,8 +99,8 @@ def whole_images(request: Request, context_len: int, num_new: int, budget: int) 
 
 
 def is_sampling_row(request: Request, num_scheduled: int) -> bool:
-    """A row samples a token only when the step brings it fully up to date."""
-    return request.num_computed_tokens + num_scheduled == request.num_tokens
+    """A row samples a token only when the step brings it fully up to date (past it: drafts)."""
+    return request.num_computed_tokens + num_scheduled >= request.num_tokens
 
 
 class Scheduler:
@@ -231,6 +194,7 @@ class Scheduler:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -265,13 +229,17 @@ class Scheduler:
             if not self.fanout.admits(request):
                 i += 1   # its fan-out had its share of this step: it sits out, keeping its K/V
                 continue
-            num_new = self._chunk(request.num_computed_tokens, request.num_uncomputed, budget)
+            # a decode row with drafts runs them too (speculative decoding: the step verifies)
+            num_new = self._chunk(request.num_computed_tokens,
+                                  request.num_uncomputed + len(request.spec_token_ids), budget)
             if self.config.whole_images:
                 num_new = whole_images(request, request.num_computed_tokens, num_new, budget)
                 if num_new == 0:     # its next image does not fit in what is left of the step
                     i += 1
                     continue
-            while self.kv.allocate_slots(request, num_new) is None:
+            del request.spec_token_ids[max(num_new - request.num_uncomputed, 0):]
+            while self.kv.allocate_slots(request, self._with_lookahead(
+                    request, request.num_computed_tokens, num_new)) is None:
                 if len(order) - 1 > i:
                     victim = order.pop()
                     self._preempt(victim, plan)
@@ -302,6 +270,14 @@ class Scheduler:
             budget = self._schedule_waiting(plan, budget, urgent)
         plan.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         return plan
+
+    def _with_lookahead(self, request: Request, context_len: int, num_new: int) -> int:
+        """num_new, plus the slots a drafter writes after a row that samples (never past
+        max_model_len: the block table has no room there)."""
+        if context_len + num_new < request.num_tokens or not self.config.num_lookahead_tokens:
+            return num_new
+        room = self.config.max_model_len - context_len
+        return max(num_new, min(num_new + self.config.num_lookahead_tokens, room))
 
     def _chunk(self, context_len: int, num_uncomputed: int, budget: int) -> int:
         """Tokens to run for one request this step (at least 1 while budget is left).
@@ -388,7 +364,9 @@ class Scheduler:
             num_new = self._chunk(num_cached, request.num_tokens - num_cached, budget)
             if self.config.whole_images:
                 num_new = whole_images(request, num_cached, num_new, budget)
-            if num_new == 0 or self.kv.allocate_slots(request, num_new, computed_blocks) is None:
+            if num_new == 0 or self.kv.allocate_slots(
+                    request, self._with_lookahead(request, num_cached, num_new),
+                    computed_blocks) is None:
                 self.waiting.appendleft(request)
                 break
             request.num_computed_tokens = num_cached
@@ -418,8 +396,8 @@ class Scheduler:
     # ---- update -------------------------------------------------------------------------------
     def update(self, plan: StepPlan, sampled: SampledTokens | list[int]) -> list[RequestOutput]:
         """Advance counters, append sampled tokens, publish full blocks, finish requests."""
-        if not isinstance(sampled, SampledTokens):
-            sampled = SampledTokens(list(sampled))
+        if not isinstance(sampled, SampledTokens):   # one token per row (-1: none)
+            sampled = SampledTokens([[t] if t >= 0 else [] for t in sampled])
         outputs = list(plan.finished_outputs)
         rows = zip(plan.requests, plan.num_scheduled_tokens, strict=True)
         for i, (request, num) in enumerate(rows):
@@ -428,23 +406,27 @@ class Scheduler:
             num_prompt_lps = self._collect_prompt_logprobs(request, sampled, i)
             self.num_prompt_tokens_computed += max(0, min(
                 num, request.num_prompt_tokens - request.num_computed_tokens))
-            request.num_computed_tokens += num
+            if request.num_computed_tokens + num < request.num_tokens:
+                request.num_computed_tokens += num   # a prefill chunk short of the end:
+                self.kv.cache_full_blocks(request)   # it samples nothing
+                continue
+            if not request.output_token_ids:
+                request.first_token_time = time.monotonic()
+            new_token_ids = self._append(request, sampled.token_ids[i])
+            # NOTE: every token but the new last one is computed, rejected drafts are not: the
+            # blocks published next hold accepted tokens only.
+            request.num_computed_tokens = request.num_tokens - 1
             # NOTE: publish before the finish check: a request that ends in the step that computed
             # its prompt (max_tokens 1, a choice, a loglikelihood) still leaves its blocks cached.
             self.kv.cache_full_blocks(request)
-            if request.num_computed_tokens < request.num_tokens:
-                continue  # a prefill chunk short of the end samples nothing
-            token = sampled.token_ids[i]
-            if not request.output_token_ids:
-                request.first_token_time = time.monotonic()
-            request.output_token_ids.append(token)
-            self.num_generation_tokens += 1
-            self._check_stop(request, token)
-            out = self._out(request, [token])
+            if request.spec_token_ids or self.config.num_lookahead_tokens:
+                request.spec_token_ids = []   # verified: the slots of rejected ones go back
+                self.kv.rollback(request, request.num_tokens + self.config.num_lookahead_tokens)
+            out = self._out(request, new_token_ids)
             if request.finish_reason == FinishReason.ERROR and request.structured is not None:
                 out.error = f"structured output: {request.structured.error}"
             if sampled.logprobs is not None and request.sampling.logprobs is not None:
-                out.logprobs = [sampled.logprobs[i]]
+                out.logprobs = sampled.logprobs[i][:len(new_token_ids)]
             if num_prompt_lps:
                 out.prompt_logprobs = self._prompt_logprobs.pop(request.request_id)
                 request.prompt_logprobs_done = True
@@ -453,6 +435,17 @@ class Scheduler:
                 self._finish(request, request.finish_reason)
             outputs.append(out)
         return outputs
+
+    def _append(self, request: Request, token_ids: list[int]) -> list[int]:
+        """Append a row's tokens in order; the first that finishes the request is its last (a
+        verified draft after an EOS, a stop token or max_tokens is dropped)."""
+        for n, token in enumerate(token_ids, 1):
+            request.output_token_ids.append(token)
+            self.num_generation_tokens += 1
+            self._check_stop(request, token)
+            if request.finish_reason is not None:
+                return token_ids[:n]
+        return token_ids
 
     def _collect_prompt_logprobs(self, request: Request, sampled: SampledTokens, i: int) -> bool:
         """Accumulate the prompt logprobs of this chunk; True once the prompt is complete."""

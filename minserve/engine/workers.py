@@ -7,10 +7,12 @@ Ranks are laid out node after node: with tp = 4 and nnodes = 2, node 0 runs rank
 head) and 1, node 1 ranks 2 and 3 (cuda:local_rank on a GPU).
 
 The plan on the wire (one header broadcast, then one payload broadcast, both on the cpu group):
-    header  [R, T, S, P, B, has_prompt_logprobs, has_images, A, L]     (R = -1: stop)
+    header  [R, T, S, P, B, has_prompt_logprobs, has_images, A, L, D]  (R = -1: stop)
     payload num_scheduled_tokens[R] | num_computed_tokens[R] | token_ids[T] | sample_rows[S] |
             prompt-logprob rows[P] | their counts[P] | block table lengths[R] | block ids[B] |
-            LoRA slot per row[A: R or 0] | the LoRA slot loads as UTF-8 JSON bytes[L]
+            LoRA slot per row[A: R or 0] | the LoRA slot loads as UTF-8 JSON bytes[L] |
+            drafts per row[D: R or 0] (speculative decoding: the rows sample at 1 + k tokens;
+            the drafter itself runs on rank 0 only)
 A step with images, and every step of an M-RoPE model, then broadcasts rank 0's image-merged
 embeddings and positions on the device group (ModelRunner.share_from_head): the vision encoder
 and the requests' images stay on rank 0.
@@ -37,7 +39,7 @@ from minserve.models import parallel
 logger = logging.getLogger("minserve.workers")
 T = TypeVar("T")
 
-_HEADER_LEN = 9
+_HEADER_LEN = 10
 _STOP = -1
 _DEFAULT_MULTI_NODE_PORT = 29500   # torchrun's
 
@@ -50,12 +52,13 @@ def encode_step(step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
     block_ids = [b for table in tables for b in table]
     slots = list(step.adapter_slots or [])
     loads = list(json.dumps(step.lora_loads).encode()) if step.lora_loads else []
+    drafts = list(step.num_draft_tokens or [])
     header = [len(step.num_scheduled_tokens), len(step.token_ids), len(step.sample_rows),
               len(plp_rows), len(block_ids), int(plp is not None), int(bool(step.mm_inputs)),
-              len(slots), len(loads)]
+              len(slots), len(loads), len(drafts)]
     payload = (list(step.num_scheduled_tokens) + list(step.num_computed_tokens)
                + list(step.token_ids) + list(step.sample_rows) + plp_rows + plp_counts
-               + [len(t) for t in tables] + block_ids + slots + loads)
+               + [len(t) for t in tables] + block_ids + slots + loads + drafts)
     return (torch.tensor(header, dtype=torch.int64), torch.tensor(payload, dtype=torch.int64))
 
 
@@ -63,7 +66,7 @@ def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
     """A worker's StepInputs: no sampling tensors (rank 0 samples), the prompt-logprob rows and
     counts only (they decide which logits rows exist, which the vocab gather must agree on), no
     images and M-RoPE placeholders (rank 0 broadcasts both: ModelRunner.share_from_head)."""
-    R, T, S, P, _, has_plp, _, A, L = header
+    R, T, S, P, _, has_plp, _, A, L, D = header
     values, pos = payload.tolist(), 0
 
     def take(n: int) -> list[int]:
@@ -74,11 +77,12 @@ def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
     counts, computed, token_ids, sample_rows = take(R), take(R), take(T), take(S)
     plp_rows, plp_counts, lens = take(P), take(P), take(R)
     tables = [take(n) for n in lens]
-    slots, loads = take(A) or None, take(L)
+    slots, loads, drafts = take(A) or None, take(L), take(D) or None
     plp = PromptLogprobInputs(plp_rows, plp_counts, [], []) if has_plp else None
     return StepInputs(token_ids, counts, computed, tables, sample_rows, None, plp,
                       mrope=[(None, 0)] * R, adapter_slots=slots,
-                      lora_loads=json.loads(bytes(loads).decode()) if loads else None)
+                      lora_loads=json.loads(bytes(loads).decode()) if loads else None,
+                      num_draft_tokens=drafts)
 
 
 def _recv_step() -> tuple[StepInputs, bool] | None:
@@ -88,7 +92,7 @@ def _recv_step() -> tuple[StepInputs, bool] | None:
     h = header.tolist()
     if h[0] == _STOP:
         return None
-    payload = torch.empty(2 * h[0] + h[1] + h[2] + 2 * h[3] + h[0] + h[4] + h[7] + h[8],
+    payload = torch.empty(2 * h[0] + h[1] + h[2] + 2 * h[3] + h[0] + h[4] + h[7] + h[8] + h[9],
                           dtype=torch.int64)
     parallel.broadcast_from_head(payload)
     return decode_step(h, payload), bool(h[6])

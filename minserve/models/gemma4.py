@@ -17,13 +17,7 @@ from torch import nn
 from minserve.config import ConfigError, ModelConfig
 from minserve.kernels import AttnMetadata, LoRAMapping
 from minserve.models import parallel
-from minserve.models.gemma3 import (
-    Gemma3Config,
-    Gemma3ForCausalLM,
-    Gemma3MLP,
-    check_gemma_text,
-    rope_by_layer_type,
-)
+from minserve.models.gemma3 import Gemma3Config, Gemma3ForCausalLM, Gemma3MLP, check_gemma_text
 from minserve.models.layers import Attention, RMSNorm, RotaryEmbedding, apply_rotary
 from minserve.models.linear import (
     QKVParallelLinear,

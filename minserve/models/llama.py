@@ -33,14 +33,17 @@ def linear_method(config: ModelConfig, prefix: str) -> Any:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str = "", layer: int = 0) -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "", layer: int = 0,
+                 input_size: int | None = None) -> None:
+        """input_size: what q/k/v project from (default hidden_size; an EAGLE-3 head's first
+        layer takes [embedding | hidden state], twice that)."""
         super().__init__()
         h, k, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         tp = parallel.tp_rank(), parallel.tp_size()
         # NOTE: attention_bias and qk_norm are separate flags (Qwen2 has bias and no norm,
         # Qwen3 the reverse), never inferred from the architecture here.
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, d, h, k, config.attention_bias,
+            input_size or config.hidden_size, d, h, k, config.attention_bias,
             linear_method(config, f"{prefix}.qkv_proj"), *tp)
         # this rank's heads: H / tp, and K / tp (or one replicated kv head when K < tp)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
@@ -137,18 +140,25 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             config.rotary_dim, config.rope_theta, config.rope_scaling,
             config.max_position_embeddings, config.max_model_len)
+        # EAGLE-3 (engine/spec/): the residual stream entering these layers is returned too
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
 
     def forward(
         self, input_ids: torch.Tensor | None, positions: torch.Tensor, attn: AttnMetadata,
         inputs_embeds: torch.Tensor | None = None, lora_mapping: LoRAMapping | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos_sin = self.rotary_emb(positions, hidden.dtype)
         residual = None
-        for layer in self.layers:
+        aux = {}
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_hidden_state_layers:
+                aux[i] = hidden if residual is None else hidden + residual
             hidden, residual = layer(hidden, residual, cos_sin, attn, lora_mapping)
         hidden, _ = self.norm(hidden, residual)
-        return hidden
+        if not aux:
+            return hidden
+        return hidden, torch.cat([aux[i] for i in self.aux_hidden_state_layers], dim=-1)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -200,8 +210,19 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids [T] long (or inputs_embeds [T, hidden]), positions [T] long -> hidden
         [T, hidden] (final-normed). lora_mapping: the step's tokens grouped by LoRA slot (None:
-        the base model only), handed to every linear layer."""
+        the base model only), handed to every linear layer. With aux_hidden_state_layers set
+        (EAGLE-3): (hidden, those layers' inputs [T, n * hidden])."""
         return self.model(input_ids, positions, attn, inputs_embeds, lora_mapping)
+
+    def set_aux_hidden_state_layers(self, layers: tuple[int, ...]) -> None:
+        """EAGLE-3's target: forward() also returns the residual stream entering these
+        layers (vLLM's default choice: eagle3_aux_hidden_state_layers)."""
+        self.model.aux_hidden_state_layers = tuple(layers)
+
+    @property
+    def eagle3_aux_hidden_state_layers(self) -> tuple[int, ...]:
+        n = len(self.model.layers)
+        return (2, n // 2, n - 3)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [N, hidden] -> logits [N, V] float32 (on rank 0; None on the other ranks)."""

@@ -4,7 +4,9 @@ of the LM head's vocab shards to rank 0. torch.distributed only; starting proces
 engine/workers.py's job. With tp_size 1 nothing here touches torch.distributed."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +34,18 @@ def tp_rank() -> int:
 
 def tp_size() -> int:
     return _STATE.tp_size
+
+
+@contextlib.contextmanager
+def unsharded() -> Iterator[None]:
+    """Build a model whole inside a tensor-parallel process (rank 0's drafter for speculative
+    decoding): its layers take tp_size 1 and never join a collective."""
+    global _STATE
+    saved, _STATE = _STATE, ParallelState()
+    try:
+        yield
+    finally:
+        _STATE = saved
 
 
 def num_local_kv_heads(num_kv_heads: int, num_ranks: int) -> int:

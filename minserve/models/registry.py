@@ -16,7 +16,7 @@ class Architecture:
     """model and processor are "module:Class" under minserve.models."""
     name: str
     model: str
-    task: str = "generate"          # generate | embed | score
+    task: str = "generate"          # generate | embed | score | draft (a speculative head)
     processor: str | None = None    # image processor: a vision-language model (vision tower)
     gguf_name: str | None = None    # llama.cpp's general.architecture, when a .gguf converts
     gguf_permuted_qk: bool = False  # llama.cpp stores this family's Q/K rows permuted
@@ -25,6 +25,10 @@ class Architecture:
     tensor_parallel: bool = False
     quantization: tuple[str, ...] = ()   # --quantization / quant_method values it loads
     max_images: int = 0     # --limit-mm-per-prompt's default: the images one prompt may hold
+    # speculative decoding (engine/spec/): hands its layers' states to an EAGLE-3 head
+    # (set_aux_hidden_state_layers); the row of the head of its multi-token-prediction layers
+    eagle3: bool = False
+    mtp_head: str | None = None
 
     @property
     def has_vision(self) -> bool:
@@ -43,7 +47,7 @@ def _text(name: str, gguf_name: str | None, permuted: bool = False, lora: bool =
     NoPE layers, LongRoPE, partial rotary) that ModelConfig reads from config.json."""
     return Architecture(name, "llama:LlamaForCausalLM", gguf_name=gguf_name,
                         gguf_permuted_qk=permuted, can_embed=True, lora=lora,
-                        tensor_parallel=True,
+                        tensor_parallel=True, eagle3=True,
                         quantization=(*_DENSE, "gguf") if gguf_name else _DENSE)
 
 
@@ -109,6 +113,9 @@ ARCHITECTURES = {a.name: a for a in (
     *(Architecture(name, "cross_encoder:CrossEncoder", "score") for name in (
         "BertForSequenceClassification", "XLMRobertaForSequenceClassification",
         "RobertaForSequenceClassification")),
+    # EAGLE-3 heads (SpecForge's name, and vLLM's), drafting for a target (engine/spec/)
+    *(Architecture(name, "eagle3:Eagle3LlamaForCausalLM", "draft", quantization=_DENSE)
+      for name in ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")),
 )}
 
 
