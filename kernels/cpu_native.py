@@ -212,7 +212,7 @@ def _load(path: str) -> ctypes.CDLL:
     lib.int8_exact.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.int8_exact.restype = ctypes.c_int
     lib.decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
-                                     ctypes.c_float, ptr, i64, ctypes.c_int]
+                                     ctypes.c_float, ptr, i64, ptr, i64, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
     return lib
 
@@ -256,10 +256,12 @@ def int_gemm(x: torch.Tensor, w: CpuIntWeight, bias: torch.Tensor | None = None)
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     out: torch.Tensor) -> bool:
+                     out: torch.Tensor, sliding_window: int | None = None,
+                     sinks: torch.Tensor | None = None) -> bool:
     """out[r] = attention of decode token q[r] ([R, H, D]) over its seq_lens[r] cached keys
-    (block_table [R, max_blocks] int32). False, with out untouched, where the native kernel
-    does not apply (no library, or not float32 contiguous caches): the caller uses torch."""
+    (block_table [R, max_blocks] int32; the last sliding_window of them when set; sinks [H]:
+    attention_ref's). False, with out untouched, where the native kernel does not apply (no
+    library, or not float32 contiguous caches): the caller uses torch."""
     lib = library()
     if (lib is None or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32
             or q.dtype != torch.float32 or out.dtype != torch.float32
@@ -271,9 +273,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _, bs, kh, _ = k_cache.shape
     block_table = block_table.to(torch.int32)
     seq_lens = seq_lens.to(torch.int32).contiguous()
+    if sinks is not None:
+        sinks = sinks.to(torch.float32).contiguous()
     if lib.decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                             block_table.data_ptr(), block_table.stride(0), seq_lens.data_ptr(),
-                            r, h, kh, d, bs, scale, out.data_ptr(), out.stride(0),
+                            r, h, kh, d, bs, scale, None if sinks is None else sinks.data_ptr(),
+                            sliding_window or 0, out.data_ptr(), out.stride(0),
                             torch.get_num_threads()):
         raise MemoryError("cpu_attention: no memory for the per-thread score buffer")
     return True

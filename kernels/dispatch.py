@@ -48,26 +48,29 @@ def triton_enabled(t: torch.Tensor) -> bool:
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: AttnMetadata,
     scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    k_scale: float = 1.0, v_scale: float = 1.0, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, H, D], caches [NB, BS, K, D] -> [T, H, D] (written into `out` when given). An fp8
-    cache holds k / k_scale and v / v_scale."""
+    cache holds k / k_scale and v / v_scale. sinks [H]: one more softmax term per head
+    (gpt-oss's learned attention sinks; attention.py)."""
     if triton_enabled(q):
         return paged_attention_triton(q, k_cache, v_cache, attn, scale, sliding_window,
-                                      out=out, k_scale=k_scale, v_scale=v_scale)
+                                      out=out, k_scale=k_scale, v_scale=v_scale, sinks=sinks)
     if out is None:
         out = torch.empty_like(q)
     rest = None
-    if q.device.type == "cpu" and sliding_window is None and k_scale == 1.0 and v_scale == 1.0:
-        rest = _native_decode_rows(q, k_cache, v_cache, attn, scale, out)
+    if q.device.type == "cpu" and k_scale == 1.0 and v_scale == 1.0:
+        rest = _native_decode_rows(q, k_cache, v_cache, attn, scale, out, sliding_window, sinks)
     if rest != []:
         paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window, k_scale, v_scale,
-                            rows=rest, out=out)
+                            rows=rest, out=out, sinks=sinks)
     return out
 
 
 def _native_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        attn: AttnMetadata, scale: float, out: torch.Tensor) -> list[int] | None:
+                        attn: AttnMetadata, scale: float, out: torch.Tensor,
+                        sliding_window: int | None, sinks: torch.Tensor | None
+                        ) -> list[int] | None:
     """The decode rows (one query token) through the native CPU kernel, all in one call; returns
     the rows left for the reference (None: all of them)."""
     qsl, seq_lens = attn.query_start_loc_host, attn.seq_lens_host
@@ -76,13 +79,13 @@ def _native_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         return None
     if len(decode) == len(seq_lens) and len(qsl) - 1 == q.shape[0]:   # a pure decode step
         done = cpu_native.decode_attention(q, k_cache, v_cache, attn.block_table, attn.seq_lens,
-                                           scale, out)
+                                           scale, out, sliding_window, sinks)
         return [] if done else None
     tokens = torch.tensor([qsl[r] for r in decode])
     part = torch.empty(len(decode), *q.shape[1:], dtype=q.dtype)
     if not cpu_native.decode_attention(q.index_select(0, tokens).contiguous(), k_cache, v_cache,
                                        attn.block_table[decode], attn.seq_lens[decode], scale,
-                                       part):
+                                       part, sliding_window, sinks):
         return None
     out.index_copy_(0, tokens, part)
     decoded = set(decode)

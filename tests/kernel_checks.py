@@ -54,18 +54,20 @@ def make_batch(cases, num_heads, num_kv_heads, head_dim, block_size, dtype, *,
 
 def check_attention(cases, *, group=2, num_kv_heads=2, head_dim=16, block_size=16,
                     dtype=torch.float32, sliding_window=None, tile_size=32, num_kv_splits=1,
-                    num_pad_tokens=0, first_block=0, seed=0):
+                    num_pad_tokens=0, first_block=0, seed=0, use_sinks=False):
     torch.manual_seed(seed)
     q, k_cache, v_cache, attn = make_batch(cases, group * num_kv_heads, num_kv_heads, head_dim,
                                            block_size, dtype, num_pad_tokens=num_pad_tokens,
                                            first_block=first_block)
     scale = head_dim ** -0.5
+    # sinks around the scores' size (std 2): some heads' sinks dominate, some vanish
+    sinks = torch.randn(group * num_kv_heads) * 2 if use_sinks else None
     out = torch.full_like(q, float("nan"))        # poisoned: unwritten rows fail
     got = attention.paged_attention_triton(
         q, k_cache, v_cache, attn, scale, sliding_window, out=out, tile_size=tile_size,
-        num_kv_splits=num_kv_splits)
+        num_kv_splits=num_kv_splits, sinks=sinks)
     assert got is out
-    want = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window)
+    want = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window, sinks=sinks)
     n = attn.query_start_loc_host[-1]
     assert not out[:n].isnan().any(), "kernel left output rows unwritten"
     torch.testing.assert_close(out[:n].float(), want[:n].float(), atol=TOL[dtype], rtol=TOL[dtype])
@@ -91,6 +93,21 @@ for _split in (1, 4):
     check(f"attention_block_index_past_int32[split={_split}]")(lambda sp=_split: check_attention(
         [(1, 37), (3, 20)], group=1, num_kv_heads=1, dtype=torch.float16, num_kv_splits=sp,
         first_block=2 ** 31 // (16 * 16) + 1, seed=6))
+
+
+# gpt-oss's attention sinks: with and without a window, split or not, GQA groups, block sizes
+# below and above the tile, decode-only batches (the split rule), padding, fp16
+for _group, _bs, _window in ((1, 16, None), (4, 64, None), (2, 16, 7), (5, 64, 20)):
+    for _split in (1, 4):
+        check(f"attention_sinks[group={_group},bs={_bs},window={_window},split={_split}]")(
+            lambda g=_group, bs=_bs, w=_window, sp=_split: check_attention(
+                MIXED + [(3, 90)], group=g, block_size=bs, sliding_window=w, num_kv_splits=sp,
+                use_sinks=True, seed=g + bs + (w or 0) + sp))
+check("attention_sinks_decode_fp16_padding")(lambda: (
+    check_attention([(1, 37), (1, 1), (1, 70)], group=4, dtype=torch.float16, num_kv_splits=4,
+                    use_sinks=True, seed=11),
+    check_attention([(1, 37), (0, 0), (4, 9)], head_dim=24, num_pad_tokens=3, use_sinks=True,
+                    sliding_window=5, seed=12)))
 
 
 @check("attention_one_token_prompt_and_prefix_hit")
