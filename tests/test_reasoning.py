@@ -66,7 +66,7 @@ def test_reasoning_then_tool_calls():
 
 
 def test_registry_and_prompt_detection():
-    assert set(REASONING_PARSERS) == {"deepseek_r1", "qwen3"}
+    assert set(REASONING_PARSERS) == {"deepseek_r1", "qwen3", "openai_gptoss"}
     with pytest.raises(ValueError, match="qwen3"):
         get_reasoning_parser("o1")
     assert prompt_opens_reasoning("<|im_start|>assistant\n<think>\n")

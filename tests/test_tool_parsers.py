@@ -143,7 +143,8 @@ def test_streaming_equals_whole(parser_name, text, content, calls):
 
 
 def test_registry():
-    assert set(TOOL_PARSERS) == {"generic", "hermes", "llama3_json", "mistral", "pythonic"}
+    assert set(TOOL_PARSERS) == {"generic", "hermes", "llama3_json", "mistral", "openai",
+                                 "pythonic"}
     with pytest.raises(ValueError, match="hermes"):
         get_tool_parser("nope")
 

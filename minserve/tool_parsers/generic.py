@@ -24,7 +24,7 @@ from minserve.tool_parsers.base import Piece, ToolParser, call_from_json
 from minserve.tool_parsers.constrained import tool_variants
 
 # (marker in the template, parser), first match wins; vLLM's formats by their tell-tale text.
-_MARKERS = [("<tool_call>", "hermes"), ("[TOOL_CALLS]", "mistral"),
+_MARKERS = [("<|channel|>", "openai"), ("<tool_call>", "hermes"), ("[TOOL_CALLS]", "mistral"),
             ("<|python_tag|>", "llama3_json"), ("[func_name1(", "pythonic"),
             ('"parameters"', "llama3_json")]
 GENERIC = "generic"
