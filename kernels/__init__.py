@@ -26,10 +26,12 @@ else:
     from minserve.kernels.dispatch import (  # noqa: F401
         AttnMetadata,
         CpuIntWeight,
+        ExpertWeights,
         Fp8Weight,
         IntWeight,
         LoRAMapping,
         fp8_gemm,
+        fused_experts,
         int_gemm,
         int_gemm_fast,
         linear,
@@ -38,7 +40,9 @@ else:
         paged_attention,
         prepare_int_weight,
         rms_norm,
+        select_experts,
         silu_and_mul,
+        stack_experts,
         store_kv,
         triton_enabled,
     )

@@ -147,6 +147,27 @@ MANY(4)
 
 #define FEW_ROWS 4    /* up to here each row is read from its packed bytes, once per 4 x rows */
 
+/* y[m, r] = dot(buf row r, x row m) for M rows of x and nr (<= 3) decoded weight rows. */
+static void dot_rows(const float *buf, int64_t K, const float *x, int64_t ldx, int64_t M,
+                     float *y, int64_t ldy, int nr) {
+    int64_t m = 0;
+#ifdef __AVX2__
+    for (; m + 4 <= M; m += 4) many_4(buf, K, x + m * ldx, ldx, y + m * ldy, ldy, nr);
+    switch (M - m) {
+        case 3: many_3(buf, K, x + m * ldx, ldx, y + m * ldy, ldy, nr); break;
+        case 2: many_2(buf, K, x + m * ldx, ldx, y + m * ldy, ldy, nr); break;
+        case 1: many_1(buf, K, x + m * ldx, ldx, y + m * ldy, ldy, nr); break;
+    }
+#else
+    for (; m < M; m++)
+        for (int r = 0; r < nr; r++) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; k++) acc += buf[r * K + k] * x[m * ldx + k];
+            y[m * ldy + r] = acc;
+        }
+#endif
+}
+
 /* y = x @ w.T. Returns 0, or 1 when a buffer could not be allocated. */
 int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const float *s,
              const float *b, int bits, int64_t K, int64_t G, int64_t N, float *y, int64_t ldy,
@@ -192,26 +213,84 @@ int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const flo
                     decode_row(q + row * row_bytes, s + row * groups, b + row * groups, bits, K,
                                G, buf + r * K);
                 }
-                int64_t m = 0;
-#ifdef __AVX2__
-                for (; m + 4 <= M; m += 4) many_4(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr);
-                switch (M - m) {
-                    case 3: many_3(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr); break;
-                    case 2: many_2(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr); break;
-                    case 1: many_1(buf, K, x + m * ldx, ldx, y + m * ldy + n, ldy, nr); break;
-                }
-#else
-                for (; m < M; m++)
-                    for (int r = 0; r < nr; r++) {
-                        float acc = 0.f;
-                        for (int64_t k = 0; k < K; k++) acc += buf[r * K + k] * x[m * ldx + k];
-                        y[m * ldy + n + r] = acc;
-                    }
-#endif
+                dot_rows(buf, K, x, ldx, M, y + n, ldy, nr);
             }
             free(buf);
         }
     }
+    return failed;
+}
+
+/* A mixture-of-experts layer's grouped GEMM (kernels/fused_moe.py): rows [starts[g], ends[g])
+ * of x ([rows, K], the step's pairs sorted by expert) run against expert experts[g], whose q, s
+ * and b start q_stride bytes and sb_stride floats after the previous expert's. One parallel loop
+ * over every (group, 3 weight rows) unit: a decode step's 8 routed experts still spread over
+ * every thread, and no expert without rows is read. Returns 0, or 1 when a buffer could not be
+ * allocated. */
+int moe_int_gemm(const float *x, int64_t rows, int64_t ldx, const int64_t *starts,
+                 const int64_t *ends, const int64_t *experts, int64_t num_groups,
+                 const uint8_t *q, int64_t q_stride, const float *s, const float *b,
+                 int64_t sb_stride, int bits, int64_t K, int64_t G, int64_t N, float *y,
+                 int64_t ldy, int nthreads) {
+    const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
+    const int64_t triples = (N + 2) / 3, units = num_groups * triples;
+    int failed = 0;
+#ifdef __AVX2__
+    float *xsum = (float *)malloc(sizeof(float) * (rows * groups + 1));
+    if (xsum == NULL) return 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t m = 0; m < rows; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            float t = 0.f;
+            for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * ldx + k];
+            xsum[m * groups + g] = t;
+        }
+#endif
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *buf = (float *)malloc(sizeof(float) * 3 * K);
+        if (buf == NULL) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < units; u++) {
+                const int64_t grp = u / triples, n = 3 * (u % triples);
+                const int nr = N - n < 3 ? (int)(N - n) : 3;
+                const int64_t m0 = starts[grp], M = ends[grp] - m0;
+                const uint8_t *qe = q + experts[grp] * q_stride + n * row_bytes;
+                const float *se = s + experts[grp] * sb_stride + n * groups;
+                const float *be = b + experts[grp] * sb_stride + n * groups;
+                const float *xg = x + m0 * ldx;
+                float *yg = y + m0 * ldy + n;
+#ifdef __AVX2__
+                if (M <= FEW_ROWS) {
+                    const float *xs = xsum + m0 * groups;
+                    for (int r = 0; r < nr; r++) {
+                        const uint8_t *qn = qe + r * row_bytes;
+                        const float *sn = se + r * groups, *bn = be + r * groups;
+                        switch (M) {
+                            case 1: few_1(qn, sn, bn, bits, K, G, xg, ldx, xs, yg + r, ldy); break;
+                            case 2: few_2(qn, sn, bn, bits, K, G, xg, ldx, xs, yg + r, ldy); break;
+                            case 3: few_3(qn, sn, bn, bits, K, G, xg, ldx, xs, yg + r, ldy); break;
+                            default: few_4(qn, sn, bn, bits, K, G, xg, ldx, xs, yg + r, ldy); break;
+                        }
+                    }
+                    continue;
+                }
+#endif
+                for (int r = 0; r < 3; r++) {   /* missing rows repeat the first, unwritten */
+                    const int64_t i = r < nr ? r : 0;
+                    decode_row(qe + i * row_bytes, se + i * groups, be + i * groups, bits, K, G,
+                               buf + r * K);
+                }
+                dot_rows(buf, K, xg, ldx, M, yg, ldy, nr);
+            }
+            free(buf);
+        }
+    }
+#ifdef __AVX2__
+    free(xsum);
+#endif
     return failed;
 }
 

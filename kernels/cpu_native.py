@@ -67,6 +67,27 @@ class CpuIntWeight:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+@dataclass(slots=True)
+class CpuIntExperts:
+    """A mixture-of-experts projection: every local expert's CpuIntWeight (no act-order) with a
+    leading expert dim, so one moe_int_gemm call runs all the routed experts."""
+    q: torch.Tensor                 # uint8 [E, N, K * bits / 8]
+    scales: torch.Tensor            # float32 [E, N, K // G]
+    bias: torch.Tensor              # float32 [E, N, K // G]
+    bits: int
+    group_size: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.q.shape[0]
+
+    def expert(self, e: int) -> CpuIntWeight:
+        return CpuIntWeight(self.q[e], self.scales[e], self.bias[e], self.bits, self.group_size)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.scales, self.bias))
+
+
 def supported(w: IntWeight) -> bool:
     k = w.in_features
     return (w.bits in (4, 8) and k % CHUNK == 0 and w.group_size % CHUNK == 0
@@ -200,6 +221,9 @@ def _load(path: str) -> ctypes.CDLL:
     lib.int_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr, i64,
                              ctypes.c_int]
     lib.int_gemm.restype = ctypes.c_int
+    lib.moe_int_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64,
+                                 ctypes.c_int, i64, i64, i64, ptr, i64, ctypes.c_int]
+    lib.moe_int_gemm.restype = ctypes.c_int
     lib.int_dequantize.argtypes = [ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int]
     lib.int_dequantize.restype = None
     f32 = ctypes.c_float
@@ -252,6 +276,30 @@ def int_gemm(x: torch.Tensor, w: CpuIntWeight, bias: torch.Tensor | None = None)
     if dtype != torch.float32:
         out = out.to(dtype)
     return out if bias is None else out + bias
+
+
+def moe_int_gemm(x: torch.Tensor, w: CpuIntExperts, groups: list[tuple[int, int, int]]
+                 ) -> torch.Tensor:
+    """x [M, K] (rows sorted by expert) -> [M, N] float32: rows [start, end) of each group
+    (expert, start, end) times that expert's weight, in one native call. Groups of more than
+    MAX_ROWS rows (a prefill) dequantize their expert and run one sgemm, as int_gemm does."""
+    lib = library()
+    x = x.float().contiguous()
+    m, k = x.shape
+    n = w.q.shape[1]
+    out = torch.empty(m, n, dtype=torch.float32)
+    native = [g for g in groups if g[2] - g[1] <= MAX_ROWS] if lib is not None else []
+    for e, start, end in groups:
+        if lib is None or end - start > MAX_ROWS:
+            out[start:end] = int_gemm(x[start:end], w.expert(e))
+    if native:
+        experts, starts, ends = torch.tensor(native, dtype=torch.int64).t().contiguous()
+        if lib.moe_int_gemm(x.data_ptr(), m, k, starts.data_ptr(), ends.data_ptr(),
+                            experts.data_ptr(), len(native), w.q.data_ptr(), w.q.stride(0),
+                            w.scales.data_ptr(), w.bias.data_ptr(), w.scales.stride(0), w.bits,
+                            k, w.group_size, n, out.data_ptr(), n, torch.get_num_threads()):
+            raise MemoryError("cpu_int_gemm: no memory for the grouped GEMM's buffers")
+    return out
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -18,8 +18,19 @@ from minserve.kernels.fp8_gemm import (
     scaled_mm_supported,
 )
 from minserve.kernels import cpu_gemm, cpu_native
-from minserve.kernels.cpu_native import CpuIntWeight
+from minserve.kernels.cpu_native import CpuIntExperts, CpuIntWeight
 from minserve.kernels.cpu_native import int_gemm as cpu_int_gemm
+from minserve.kernels.fused_moe import (
+    DenseExperts,
+    ExpertList,
+    ExpertWeights,
+    Fp8Experts,
+    IntExperts,
+    fused_experts_grouped,
+    fused_experts_triton,
+    select_experts,  # noqa: F401  (re-exported: minserve.kernels.select_experts)
+    triton_supports,
+)
 from minserve.kernels.jit import triton
 from minserve.kernels.layer_ops import rms_norm_ref, silu_and_mul_ref
 from minserve.kernels.quant_gemm import (
@@ -209,3 +220,65 @@ def lora_add(x: torch.Tensor, lora_a: torch.Tensor, lora_bt: list[torch.Tensor],
         lora_expand_triton(y[:, i * rank:(i + 1) * rank], bt.transpose(1, 2), mapping,
                            out[:, offset:offset + size])
         offset += size
+
+
+# ---- mixture of experts (kernels/fused_moe.py) ----------------------------------------------
+def fused_experts(x: torch.Tensor, weights: ExpertWeights, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, activation=None) -> torch.Tensor:
+    """x [T, H] -> [T, H]: each token through its top_k experts (topk_ids [T, k], global ids),
+    summed with topk_weights [T, k]. CUDA: the Triton grouped GEMMs for dense, int and fp8
+    stacks; elsewhere (and for other stacks) one GEMM per routed expert over its rows, a single
+    native call for int stacks on CPU. activation: [M, 2I] -> [M, I], default silu(gate) * up."""
+    activation = activation or silu_and_mul
+    if triton_enabled(x) and triton_supports(weights):
+        return fused_experts_triton(x, weights, topk_weights, topk_ids, activation)
+    return fused_experts_grouped(x, weights, topk_weights, topk_ids, activation, grouped_gemm)
+
+
+def grouped_gemm(x: torch.Tensor, stack: object, groups: list[tuple[int, int, int]]
+                 ) -> torch.Tensor:
+    """x [M, K] (rows sorted by expert) -> [M, N]: rows [start, end) of each (expert, start,
+    end) group times that expert's weight."""
+    if isinstance(stack, CpuIntExperts):
+        return cpu_native.moe_int_gemm(x, stack, groups).to(x.dtype)
+    parts = [expert_gemm(x[start:end], stack.expert(e)) for e, start, end in groups]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def expert_gemm(x: torch.Tensor, w: object) -> torch.Tensor:
+    """One expert's rows x [M, K] @ its weight [N, K].T, whatever form the weight takes."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w)
+    if isinstance(w, (IntWeight, CpuIntWeight, CpuInt4Weight)):
+        return int_gemm(x, w)
+    if isinstance(w, Fp8Weight):
+        return fp8_gemm(x, w)
+    if callable(w):            # a layer's own quant_method (ExpertList of callables)
+        return w(x)
+    raise TypeError(f"no GEMM for an expert weight of type {type(w).__name__}")
+
+
+def stack_experts(weights: list) -> object:
+    """Per-expert weights (each [N, K], as prepare_int_weight / the loaders leave them) -> the
+    stack the fused path runs: one tensor per field with a leading expert dim where every
+    expert shares a layout, else an ExpertList."""
+    first = weights[0]
+    same = all(type(w) is type(first) for w in weights)
+    if same and isinstance(first, torch.Tensor) and all(w.shape == first.shape for w in weights):
+        return DenseExperts(torch.stack(weights))
+    if same and isinstance(first, (IntWeight, CpuIntWeight)) and all(
+            w.perm is None and (w.bits, w.group_size, w.scales.dtype, w.out_features)
+            == (first.bits, first.group_size, first.scales.dtype, first.out_features)
+            for w in weights):
+        if isinstance(first, IntWeight):
+            return IntExperts(*(torch.stack([getattr(w, f) for w in weights])
+                                for f in ("qweight", "scales", "bias")),
+                              first.bits, first.group_size)
+        return CpuIntExperts(*(torch.stack([getattr(w, f) for w in weights])
+                               for f in ("q", "scales", "bias")), first.bits, first.group_size)
+    if same and isinstance(first, Fp8Weight) and all(
+            w.block == first.block and w.weight.shape == first.weight.shape
+            and w.input_scale is None for w in weights):
+        return Fp8Experts(torch.stack([w.weight for w in weights]),
+                          torch.stack([w.scale for w in weights]), first.block)
+    return ExpertList(list(weights))

@@ -48,6 +48,46 @@ def check_generation_overrides(value: object) -> dict:
 
 
 @dataclass
+class MoeConfig:
+    """A mixture-of-experts model's experts (config.json) and where this engine puts them:
+    expert_parallel (--enable-expert-parallel) gives each tensor-parallel rank whole experts
+    instead of a slice of every expert's intermediate dim."""
+    num_experts: int
+    top_k: int
+    intermediate_size: int             # each expert's
+    router: str = "softmax_topk"       # a kernels.fused_moe.ROUTERS name
+    sparse_layers: tuple[int, ...] | None = None   # None: every layer; else the others are dense
+    shared_expert_intermediate_size: int = 0       # Qwen2-MoE's gated shared expert (0: none)
+    expert_parallel: bool = False
+
+    def is_sparse(self, layer: int) -> bool:
+        return self.sparse_layers is None or layer in self.sparse_layers
+
+
+def _moe_config(d: dict[str, Any], arch: str) -> MoeConfig | None:
+    """Qwen2/3-MoE (num_experts, moe_intermediate_size, norm_topk_prob, decoder_sparse_step,
+    mlp_only_layers), Mixtral (num_local_experts, every layer sparse, renormalized top-k)."""
+    num_experts = int(d.get("num_experts") or d.get("num_local_experts") or 0)
+    top_k = int(d.get("num_experts_per_tok") or d.get("experts_per_token") or 0)
+    if not num_experts or not top_k:
+        return None
+    scoring = d.get("scoring_func", "softmax")
+    if scoring != "softmax":
+        raise ConfigError(f"MoE router scoring_func {scoring!r} is not supported (supported: "
+                          "softmax)")
+    if arch.startswith("Mixtral"):
+        return MoeConfig(num_experts, top_k, int(d["intermediate_size"]), "softmax_topk_norm")
+    step = int(d.get("decoder_sparse_step") or 1)
+    dense = set(d.get("mlp_only_layers") or [])
+    sparse = tuple(i for i in range(int(d["num_hidden_layers"]))
+                   if i not in dense and (i + 1) % step == 0)
+    return MoeConfig(num_experts, top_k, int(d.get("moe_intermediate_size")
+                                             or d["intermediate_size"]),
+                     "softmax_topk_norm" if d.get("norm_topk_prob") else "softmax_topk",
+                     sparse, int(d.get("shared_expert_intermediate_size") or 0))
+
+
+@dataclass
 class ModelConfig:
     architecture: str
     vocab_size: int
@@ -74,6 +114,7 @@ class ModelConfig:
     # projector settings from it) and Qwen2-VL's M-RoPE split.
     hf_config: dict[str, Any] = field(default_factory=dict)
     mrope_section: list[int] | None = None
+    moe: MoeConfig | None = None   # a mixture-of-experts model's experts
 
     @classmethod
     def from_dict(cls, top: dict[str, Any]) -> ModelConfig:
@@ -88,7 +129,7 @@ class ModelConfig:
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         sliding = d.get("sliding_window")
-        if arch.startswith("Qwen2") and not d.get("use_sliding_window", False):
+        if arch.startswith(("Qwen2", "Qwen3Moe")) and not d.get("use_sliding_window", False):
             sliding = None  # Qwen2 configs carry a sliding_window they do not use
         # transformers >= 5 writes rope settings as one "rope_parameters" dict; older configs
         # carry rope_theta and rope_scaling at the top level.
@@ -124,6 +165,7 @@ class ModelConfig:
             quantization_config=top.get("quantization_config") or d.get("quantization_config"),
             hf_config=top if is_wrapper else {},
             mrope_section=list(mrope_section) if mrope_section else None,
+            moe=_moe_config(d, arch),
         )
 
 
@@ -199,6 +241,8 @@ class EngineConfig:
     allowed_media_domains: list[str] | None = None
     allow_private_media_urls: bool = False
     lora: LoRAConfig | None = None   # --enable-lora (None: LoRA off)
+    # mixture-of-experts models under -tp: whole experts per rank, not a slice of each
+    enable_expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size % 8:

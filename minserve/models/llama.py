@@ -72,9 +72,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str = "") -> None:
+    def __init__(self, config: ModelConfig, prefix: str = "",
+                 intermediate_size: int | None = None) -> None:
         super().__init__()
-        i = config.intermediate_size
+        i = intermediate_size or config.intermediate_size   # (a MoE's shared expert: its own)
         tp = parallel.tp_rank(), parallel.tp_size()
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [i, i], False,
@@ -93,7 +94,12 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config, f"{prefix}.mlp")
+        self.mlp = self.build_mlp(config, f"{prefix}.mlp")
+
+    def build_mlp(self, config: ModelConfig, prefix: str) -> nn.Module:
+        """The feed-forward block, forward(x, lora_mapping) -> [T, hidden] (a mixture of
+        experts in models/qwen_moe.py's subclass)."""
+        return LlamaMLP(config, prefix)
 
     def forward(
         self,
@@ -115,12 +121,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig,
+                 decoder_layer: type[LlamaDecoderLayer] = LlamaDecoderLayer) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    parallel.tp_rank(), parallel.tp_size())
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, f"model.layers.{i}") for i in range(config.num_hidden_layers)
+            decoder_layer(config, f"model.layers.{i}") for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # One rotary table for all layers: cos/sin are computed once per step and passed down.
@@ -151,10 +158,12 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    decoder_layer = LlamaDecoderLayer    # a family that differs only in its layers swaps it
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, self.decoder_layer)
         # NOTE: tied embeddings reuse embed_tokens.weight in compute_logits instead of sharing a
         # Parameter, which meta-device builds and .to() would silently untie.
         self.lm_head = (

@@ -199,6 +199,10 @@ def load_model(folder: str, model_config: Any, device: torch.device | str, dtype
         finish_loading(model, dtype)
         _progress(f"loaded {len(files)} weight file(s) from {folder} "
                   f"in {time.perf_counter() - t0:.1f}s")
+    for module in model.modules():   # layers that finish once every weight is in (MoE stacks)
+        finish = getattr(module, "finish_loading", None)
+        if callable(finish):
+            finish()
     quant = getattr(model_config, "quant_config", None)
     _progress(f"weights: {weight_bytes(model) / 2**20:.1f} MiB, "
               f"{quant.describe() if quant is not None else 'unquantized'} ({dtype})")

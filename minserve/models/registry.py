@@ -44,6 +44,12 @@ def _text(name: str, gguf_name: str, permuted: bool = False) -> Architecture:
                         tensor_parallel=True, quantization=(*_DENSE, "gguf"))
 
 
+def _moe(name: str, model: str, gguf_name: str | None) -> Architecture:
+    """A mixture-of-experts decoder (models/moe.py): LoRA on attention and dense layers only."""
+    return Architecture(name, model, gguf_name=gguf_name, lora=True, tensor_parallel=True,
+                        quantization=(*_DENSE, "gguf"))
+
+
 def _base(name: str) -> Architecture:
     """A Llama-family base model (no LM head): an embedding checkpoint, last-token pooled."""
     return Architecture(name, "llama:LlamaForCausalLM", "embed", tensor_parallel=True,
@@ -62,6 +68,10 @@ ARCHITECTURES = {a.name: a for a in (
     _text("MistralForCausalLM", "mistral", permuted=True),
     _text("Qwen2ForCausalLM", "qwen2"),
     _text("Qwen3ForCausalLM", "qwen3"),
+    _moe("Qwen3MoeForCausalLM", "qwen_moe:Qwen3MoeForCausalLM", "qwen3moe"),
+    _moe("Qwen2MoeForCausalLM", "qwen_moe:Qwen2MoeForCausalLM", "qwen2moe"),
+    # llama.cpp converts Mixtral as "llama" with experts (models/gguf.py tells them apart)
+    _moe("MixtralForCausalLM", "mixtral:MixtralForCausalLM", None),
     _base("LlamaModel"), _base("MistralModel"), _base("Qwen2Model"), _base("Qwen3Model"),
     _vision("LlavaForConditionalGeneration", "llava", "LlavaImageProcessor"),
     _vision("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),

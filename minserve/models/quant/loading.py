@@ -59,4 +59,6 @@ def weight_bytes(model: nn.Module) -> int:
                 else part.nbytes()
         if getattr(layer, "fp8_weight", None) is not None:
             total += layer.fp8_weight.nbytes()
+    # mixture-of-experts layers keep their experts stacked outside any parameter
+    total += sum(m.nbytes() for m in model.modules() if hasattr(m, "finish_loading"))
     return total
