@@ -37,6 +37,8 @@ else:
         linear,
         logits,
         lora_add,
+        mxfp4_gemm,
+        mxfp4_supported,
         paged_attention,
         prepare_int_weight,
         rms_norm,
@@ -44,5 +46,6 @@ else:
         silu_and_mul,
         stack_experts,
         store_kv,
+        swiglu_oai,
         triton_enabled,
     )

@@ -1,5 +1,6 @@
 """Native CPU kernels for decode: the weight-only int4/int8 GEMM (cpu_int_gemm.c), paged decode
-attention (cpu_attention.c) and a layer's small fused ops (cpu_layer_ops.c), compiled once per
+attention (cpu_attention.c), a layer's small fused ops (cpu_layer_ops.c) and the MXFP4 GEMM
+(cpu_mxfp4.c; its wrapper is kernels/mxfp4.py), compiled once per
 machine with the system C compiler (`cc`, or $CC) into one library and called through ctypes.
 
 Why native code: a decode step on CPU is bound by reading the weights. The int layout reads 4.5
@@ -35,7 +36,7 @@ from minserve.kernels.quant_gemm import IntWeight, unpack_int
 log = logging.getLogger("minserve")
 
 SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-           for name in ("cpu_int_gemm.c", "cpu_attention.c", "cpu_layer_ops.c")]
+           for name in ("cpu_int_gemm.c", "cpu_attention.c", "cpu_layer_ops.c", "cpu_mxfp4.c")]
 MAX_ROWS = 64              # the native kernel beat dequantize + sgemm up to here (bench/RESULTS.md)
 CHUNK = 32                 # the layout's unit (cpu_int_gemm.c); K and the group size divide by it
 COMPILE_TIMEOUT_S = 120
@@ -238,6 +239,10 @@ def _load(path: str) -> ctypes.CDLL:
     lib.decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
                                      ctypes.c_float, ptr, i64, ptr, i64, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
+    lib.mxfp4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]   # mxfp4.py
+    lib.mxfp4_gemm.restype = None
+    lib.mxfp4_dequantize.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.mxfp4_dequantize.restype = None
     return lib
 
 

@@ -32,7 +32,14 @@ from minserve.kernels.fused_moe import (
     triton_supports,
 )
 from minserve.kernels.jit import triton
-from minserve.kernels.layer_ops import rms_norm_ref, silu_and_mul_ref
+from minserve.kernels.layer_ops import rms_norm_ref, silu_and_mul_ref, swiglu_oai_ref
+from minserve.kernels.mxfp4 import (
+    Mxfp4Experts,
+    Mxfp4Weight,
+    mxfp4_gemm_cpu,
+    mxfp4_gemm_ref,
+    mxfp4_gemm_triton,
+)
 from minserve.kernels.quant_gemm import (
     CpuInt4Weight,
     IntWeight,
@@ -196,6 +203,30 @@ def fp8_gemm(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) ->
     return _on_rows(fp8_gemm_triton if triton_enabled(x) else fp8_gemm_ref, x, w, bias)
 
 
+def mxfp4_gemm(x: torch.Tensor, w: Mxfp4Weight, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """x [..., K] @ MXFP4 weight [N, K].T -> [..., N]: Triton on CUDA, the native kernel on CPU
+    (kernels/cpu_mxfp4.c), else the reference (which dequantizes on every call)."""
+    if triton_enabled(x):
+        return _on_rows(mxfp4_gemm_triton, x, w, bias)
+    if x.device.type == "cpu":
+        out = _on_rows(mxfp4_gemm_cpu, x, w, bias) if cpu_native.available() else None
+        if out is not None:
+            return out
+    return _on_rows(mxfp4_gemm_ref, x, w, bias)
+
+
+def mxfp4_supported(device: torch.device) -> bool:
+    """Whether MXFP4 weights have a kernel on `device`: Triton on CUDA, the native kernel (or,
+    without a C compiler, the reference) on CPU. Elsewhere a checkpoint must be refused."""
+    return device.type == "cpu" or (device.type == "cuda" and _TRITON)
+
+
+def swiglu_oai(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU: [T, 2I] with gate and up interleaved -> [T, I]."""
+    return swiglu_oai_ref(x, alpha, limit)
+
+
 def _on_rows(gemm, x: torch.Tensor, w: object, bias: torch.Tensor | None) -> torch.Tensor:
     """A [M, K] GEMM applied to x [..., K]."""
     out = gemm(x.reshape(-1, x.shape[-1]), w, bias)
@@ -253,6 +284,8 @@ def expert_gemm(x: torch.Tensor, w: object) -> torch.Tensor:
         return int_gemm(x, w)
     if isinstance(w, Fp8Weight):
         return fp8_gemm(x, w)
+    if isinstance(w, Mxfp4Weight):
+        return mxfp4_gemm(x, w)
     if callable(w):            # a layer's own quant_method (ExpertList of callables)
         return w(x)
     raise TypeError(f"no GEMM for an expert weight of type {type(w).__name__}")

@@ -285,6 +285,63 @@ for _case in FP8_GEMM_CASES:
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
+# ---- MXFP4 (gpt-oss's experts, kernels/mxfp4.py): (M, N, K, bias, dtype); K one group (32),
+# ragged against the 64-wide tiles, scales spread over 2^-6 .. 2^3 (e8m0 121 .. 130); no bf16:
+# Triton's interpreter gets bf16 tl.dot wrong (a 16x16 bf16 dot came out off by ~1e10)
+MXFP4_GEMM_CASES = [(1, 37, 64, False, torch.float32), (17, 130, 96, True, torch.float32),
+                    (100, 64, 32, False, torch.float16), (3, 200, 320, True, torch.float16)]
+for _case in MXFP4_GEMM_CASES:
+    @check("mxfp4_gemm[M={},N={},K={},bias={},{}]".format(*_case))
+    def _(case=_case):
+        from minserve.kernels.mxfp4 import Mxfp4Weight, mxfp4_gemm_ref, mxfp4_gemm_triton
+
+        m, n, k, has_bias, dtype = case
+        g = torch.Generator().manual_seed(m + n + k)
+        w = Mxfp4Weight(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g),
+                        torch.randint(121, 131, (n, k // 32), dtype=torch.uint8, generator=g))
+        x = torch.randn(m, k, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g) if has_bias else None
+        got, want = mxfp4_gemm_triton(x, w, bias), mxfp4_gemm_ref(x, w, bias)
+        tol = TOL[dtype] if dtype != torch.float32 else 1e-4
+        torch.testing.assert_close(got.float(), want.float(), atol=tol * 8, rtol=tol)
+
+
+# gpt-oss's experts through the fused MoE kernel (kernels/fused_moe.py, FORMAT 3): MXFP4 stacks,
+# biases, the clamped SwiGLU over interleaved gate|up; (tokens, experts, top_k, H, I, dtype),
+# tokens routed to a few experts only (others get none), against the plain-torch reference
+MXFP4_MOE_CASES = [(1, 4, 2, 64, 32, torch.float32), (7, 8, 4, 96, 64, torch.float32),
+                   (100, 32, 4, 64, 96, torch.float16), (33, 16, 1, 128, 32, torch.float32)]
+for _case in MXFP4_MOE_CASES:
+    @check("mxfp4_fused_moe[T={},E={},k={},H={},I={},{}]".format(*_case))
+    def _(case=_case):
+        from minserve.kernels.fused_moe import ExpertWeights, fused_experts_ref, \
+            fused_experts_triton
+        from minserve.kernels.layer_ops import swiglu_oai_ref
+        from minserve.kernels.mxfp4 import Mxfp4Experts, dequantize_mxfp4
+
+        tokens, num_experts, top_k, hidden, inter, dtype = case
+        g = torch.Generator().manual_seed(tokens + num_experts)
+
+        def stack(n, k):
+            return Mxfp4Experts(
+                torch.randint(0, 256, (num_experts, n, k // 2), dtype=torch.uint8, generator=g),
+                torch.randint(118, 124, (num_experts, n, k // 32), dtype=torch.uint8, generator=g))
+        w13, w2 = stack(2 * inter, hidden), stack(hidden, inter)
+        b13, b2 = torch.randn(num_experts, 2 * inter, generator=g), \
+            torch.randn(num_experts, hidden, generator=g)
+        x = torch.randn(tokens, hidden, generator=g).to(dtype)
+        used = torch.randperm(num_experts, generator=g)[:max(top_k, num_experts // 2)]
+        logits = torch.randn(tokens, len(used), generator=g)
+        values, picked = logits.topk(top_k, dim=-1)
+        ids, weights = used[picked], torch.softmax(values, dim=-1)
+        act = lambda h: swiglu_oai_ref(h, 1.702, 7.0)        # noqa: E731
+        got = fused_experts_triton(x, ExpertWeights(w13, w2, b13, b2), weights, ids, act)
+        want = fused_experts_ref(x, dequantize_mxfp4(w13), dequantize_mxfp4(w2), weights, ids,
+                                 act, b13, b2)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want.float(), atol=tol * 10, rtol=tol)
+
+
 def check_lora(slot_runs, *, num_slots=4, in_features=40, rank=16, out_features=24,
                dtype=torch.float32, seed=0, b_transposed=False):
     """shrink then expand (into a column slice of a wider output, as a fused qkv's), Triton vs
