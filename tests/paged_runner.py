@@ -16,8 +16,13 @@ from minserve.models.loader import load_model
 
 def load_ours(folder: str, dtype: torch.dtype = torch.float32, load_format: str = "auto",
               quantization: str | None = None):
+    from minserve.models.registry import lookup
+
     with open(os.path.join(folder, "config.json")) as f:
-        config = ModelConfig.from_dict(json.load(f))
+        hf = json.load(f)
+    # the model class's own config class, as the builder reads it (gpt-oss: GptOssConfig)
+    arch = lookup((hf.get("architectures") or ["LlamaForCausalLM"])[0])
+    config = getattr(arch.model_class(), "config_class", ModelConfig).from_dict(hf)
     return load_model(folder, config, "cpu", dtype, load_format, quantization=quantization)
 
 

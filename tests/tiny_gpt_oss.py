@@ -23,8 +23,8 @@ HARMONY_CORPUS = [
 TINY_GPT_OSS = {
     "vocab_size": 512, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
-    "num_experts_per_tok": 2, "sliding_window": 8, "max_position_embeddings": 512,
-    "rms_norm_eps": 1e-5,
+    "num_experts_per_tok": 2, "sliding_window": 8, "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5, "swiglu_limit": 3.0,     # below the widened experts' ~5: it clamps
     "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
                         "truncate": False, "original_max_position_embeddings": 64,
                         "rope_theta": 150000.0},

@@ -51,6 +51,7 @@ class LlamaAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, config.sliding_window)
+        self.register_parameter("sinks", None)   # gpt-oss's attention sinks (models/gpt_oss.py)
 
     def forward(
         self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata,
@@ -68,7 +69,7 @@ class LlamaAttention(nn.Module):
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         # PERF: q and k rotate in one call (7 fewer torch ops per layer on the CPU path).
         q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        return self.o_proj(self.attn(q, k, v, attn), lora_mapping)
+        return self.o_proj(self.attn(q, k, v, attn, self.sinks), lora_mapping)
 
 
 class LlamaMLP(nn.Module):

@@ -72,6 +72,9 @@ ARCHITECTURES = {a.name: a for a in (
     _moe("Qwen2MoeForCausalLM", "qwen_moe:Qwen2MoeForCausalLM", "qwen2moe"),
     # llama.cpp converts Mixtral as "llama" with experts (models/gguf.py tells them apart)
     _moe("MixtralForCausalLM", "mixtral:MixtralForCausalLM", None),
+    # its experts are fused [E, ...] tensors, bf16 or MXFP4 (models/gpt_oss.py loads them)
+    Architecture("GptOssForCausalLM", "gpt_oss:GptOssForCausalLM", tensor_parallel=True,
+                 quantization=("mxfp4",)),
     _base("LlamaModel"), _base("MistralModel"), _base("Qwen2Model"), _base("Qwen3Model"),
     _vision("LlavaForConditionalGeneration", "llava", "LlavaImageProcessor"),
     _vision("Qwen2VLForConditionalGeneration", "qwen2_vl", "Qwen2VLImageProcessor"),
