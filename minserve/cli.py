@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
            "may hold unlisted keys; by default they hold only the listed ones, as xgrammar)")
     a("--tensor-parallel-size", "-tp", type=int, default=1,
       help="shard the model over N ranks (N-1 worker processes; gloo on CPU, NCCL on GPUs)")
+    a("--enable-expert-parallel", action="store_true",
+      help="mixture-of-experts models under -tp: each rank holds whole experts (num_experts / "
+           "N of them) instead of a slice of every expert")
     a("--distributed-executor-backend", default="mp",
       help="mp (worker processes; the only one supported)")
     a("--nnodes", type=int, default=1, help="nodes the ranks span (torchrun's meaning)")
@@ -468,6 +471,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         gguf_dequantize=args.gguf_dequantize,
         tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
         distributed_executor_backend=args.distributed_executor_backend, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
         limit_mm_per_prompt=args.limit_mm_per_prompt,

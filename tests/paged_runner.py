@@ -15,7 +15,7 @@ from minserve.models.loader import load_model
 
 
 def load_ours(folder: str, dtype: torch.dtype = torch.float32, load_format: str = "auto",
-              quantization: str | None = None):
+              quantization: str | None = None, expert_parallel: bool = False):
     from minserve.models.registry import lookup
 
     with open(os.path.join(folder, "config.json")) as f:
@@ -23,6 +23,8 @@ def load_ours(folder: str, dtype: torch.dtype = torch.float32, load_format: str 
     # the model class's own config class, as the builder reads it (gpt-oss: GptOssConfig)
     arch = lookup((hf.get("architectures") or ["LlamaForCausalLM"])[0])
     config = getattr(arch.model_class(), "config_class", ModelConfig).from_dict(hf)
+    if expert_parallel:      # --enable-expert-parallel (a mixture-of-experts model)
+        config.moe.expert_parallel = True
     return load_model(folder, config, "cpu", dtype, load_format, quantization=quantization)
 
 

@@ -1,8 +1,8 @@
 """One tensor-parallel rank for test_tp.py: `python tests/tp_ranks.py RANK WORLD PORT OUT FOLDER...`
 joins the gloo group, runs STEPS through each folder's sharded model on a hand-built paged cache,
 and (rank 0) saves the gathered logits to OUT/<n>.pt for the test to compare with one process.
-FOLDER::METHOD loads with --quantization METHOD. MINSERVE_TEST_REFERENCE_INT=1 keeps int4
-layers on the plain-torch reference GEMM (as test_quant_models.py's fixture does)."""
+FOLDER::METHOD loads with --quantization METHOD (options: load_spec). MINSERVE_TEST_REFERENCE_INT=1
+keeps int4 layers on the plain-torch reference GEMM (as test_quant_models.py's fixture does)."""
 from __future__ import annotations
 
 import os
@@ -25,9 +25,12 @@ STEPS = [
 
 
 def load_spec(spec: str):
-    """FOLDER or FOLDER::QUANTIZATION -> the model, as on one process."""
-    folder, _, quantization = spec.partition("::")
-    return load_ours(folder, quantization=quantization or None)
+    """FOLDER, FOLDER::QUANTIZATION, FOLDER::ep or FOLDER::QUANTIZATION+ep (a mixture of
+    experts under --enable-expert-parallel) -> the model, as on one process."""
+    folder, _, options = spec.partition("::")
+    options = options.split("+") if options else []
+    quantization = next((o for o in options if o != "ep"), None)
+    return load_ours(folder, quantization=quantization, expert_parallel="ep" in options)
 
 
 def run_steps(model) -> list[torch.Tensor]:

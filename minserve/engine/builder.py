@@ -99,6 +99,8 @@ def find_model(config: EngineConfig, device: torch.device, task: str = "generate
     model_config = getattr(arch.model_class(), "config_class", ModelConfig).from_dict(hf)
     if task != "generate" and isinstance(model_config, ModelConfig):
         model_config.tie_word_embeddings = True    # a pooling decoder builds no LM head
+    if getattr(model_config, "moe", None) is not None:
+        model_config.moe.expert_parallel = config.enable_expert_parallel
     return ModelSource(folder, hf, arch, model_config, task)
 
 

@@ -58,6 +58,15 @@ def check_divisible(model_config: object, num_ranks: int) -> None:
     if (k % num_ranks) if k >= num_ranks else (num_ranks % k):
         raise ConfigError(f"num_key_value_heads ({k}) and --tensor-parallel-size {num_ranks}: "
                           "one must divide the other")
+    moe = getattr(mc, "moe", None)
+    if moe is not None and moe.expert_parallel and moe.num_experts % num_ranks:
+        raise ConfigError(f"--enable-expert-parallel: num_experts ({moe.num_experts}) is not "
+                          f"divisible by --tensor-parallel-size {num_ranks}; use a size that "
+                          "divides it, or shard every expert instead (no --enable-expert-parallel)")
+    if moe is not None and not moe.expert_parallel and moe.intermediate_size % num_ranks:
+        raise ConfigError(f"moe_intermediate_size ({moe.intermediate_size}) is not divisible by "
+                          f"--tensor-parallel-size {num_ranks}; use a size that divides it, or "
+                          "--enable-expert-parallel (whole experts per rank)")
 
 
 def init(rank: int, world_size: int, master_addr: str, master_port: int, device: torch.device,

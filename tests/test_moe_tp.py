@@ -1,0 +1,105 @@
+"""Mixture-of-experts models under tensor parallelism on CPU (gloo, two processes): each expert's
+intermediate dim split across the ranks (-tp 2), or whole experts per rank
+(--enable-expert-parallel), give one process's logits and the engine's greedy tokens; experts
+that do not divide are a start-up error naming the fix. Each process group starts once."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minserve import LLM, SamplingParams
+from minserve.config import ConfigError, ModelConfig
+from minserve.models import parallel
+from tests.paged_runner import load_ours
+from tests.serving import free_port
+from tests.tiny import make_tiny_model
+from tests.tp_ranks import run_steps
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = {
+    "qwen3moe": ("Qwen3MoeForCausalLM", {"num_experts": 8, "num_experts_per_tok": 2,
+                                         "moe_intermediate_size": 32, "norm_topk_prob": True,
+                                         "mlp_only_layers": [0]}),
+    "qwen2moe": ("Qwen2MoeForCausalLM", {"num_experts": 8, "num_experts_per_tok": 3,
+                                         "moe_intermediate_size": 32,
+                                         "shared_expert_intermediate_size": 48}),
+    "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                                       "sliding_window": 24}),
+}
+# (name, model, load options): split experts, and expert parallel ("ep")
+CASES = [("qwen3moe-split", "qwen3moe", ""), ("qwen3moe-ep", "qwen3moe", "ep"),
+         ("qwen2moe-split", "qwen2moe", ""), ("mixtral-ep", "mixtral", "ep")]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe-tp")
+    return {name: make_tiny_model(str(root / name), arch, **over)
+            for name, (arch, over) in MODELS.items()}
+
+
+@pytest.fixture(scope="module")
+def sharded_logits(folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe-tp-out")
+    port = free_port()
+    specs = [folders[model] + (f"::{opts}" if opts else "") for _, model, opts in CASES]
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "tp_ranks.py"), str(r), "2",
+                               str(port), str(out), *specs]) for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0
+    return {name: torch.load(out / f"{i}.pt", weights_only=True)
+            for i, (name, _, _) in enumerate(CASES)}
+
+
+@pytest.mark.parametrize("name,model", [(c[0], c[1]) for c in CASES], ids=[c[0] for c in CASES])
+def test_sharded_logits_match_one_process(name, model, folders, sharded_logits):
+    ours = run_steps(load_ours(folders[model]))
+    theirs = sharded_logits[name]
+    assert len(ours) == len(theirs) == 4
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+ENGINE_ARGS = {"kv_cache_memory": 1 << 20, "max_num_batched_tokens": 16, "max_model_len": 128}
+PROMPTS = [[(5 * i + j) % 300 + 3 for j in range(30 + 4 * i)] for i in range(3)]
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def one_process_tokens(folders):
+    llm = LLM(folders["qwen2moe"], **ENGINE_ARGS)
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["split", "expert-parallel"])
+def test_engine_greedy_tokens_equal_one_process(folders, one_process_tokens, expert_parallel):
+    """Chunked prefill (16-token steps) of a Qwen2-MoE (routed and shared experts)."""
+    two = LLM(folders["qwen2moe"], tensor_parallel_size=2,
+              enable_expert_parallel=expert_parallel, **ENGINE_ARGS)
+    try:
+        got = [o.outputs[0].token_ids for o in two.generate(PROMPTS, GREEDY)]
+    finally:
+        two.engine.shutdown()
+    assert got == one_process_tokens
+
+
+def test_experts_that_do_not_divide_are_a_startup_error():
+    mc = ModelConfig.from_dict({
+        "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 64, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "num_experts": 6, "num_experts_per_tok": 2,
+        "moe_intermediate_size": 34})
+    parallel.check_divisible(mc, 2)          # 34 / 2 per expert
+    with pytest.raises(ConfigError, match=r"moe_intermediate_size \(34\) is not divisible by "
+                                          r"--tensor-parallel-size 4.*--enable-expert-parallel"):
+        parallel.check_divisible(mc, 4)
+    mc.moe.expert_parallel = True
+    parallel.check_divisible(mc, 2)          # 3 whole experts per rank
+    with pytest.raises(ConfigError, match=r"--enable-expert-parallel: num_experts \(6\) is not "
+                                          r"divisible by --tensor-parallel-size 4; use a size"):
+        parallel.check_divisible(mc, 4)
