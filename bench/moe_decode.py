@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
+SPARE_TOKENS = 64
 
 
 def model_folder(src: str, layers: int | None) -> str:
@@ -77,28 +78,33 @@ def step_bytes(model, num_experts: int, top_k: int, batch: int) -> tuple[int, in
     return dense, per_expert, touched
 
 
-def run_batch(engine, batch: int, input_len: int, steps: int, rng: random.Random) -> list[float]:
-    """Seconds of each of `steps` all-decode steps of `batch` fresh requests."""
+def run_batch(engine, batch: int, input_len: int, steps: int,
+              rng: random.Random) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of each of `steps` all-decode steps of `batch` fresh
+    requests (on a loaded machine CPU time is the steadier figure)."""
     from minserve import SamplingParams
     from minserve.engine.request import EngineRequest
 
     vocab = min(10000, engine.info.vocab_size - 1)
-    for i in range(batch):
+    ids = [f"b{batch}-{rng.random()}-{i}" for i in range(batch)]
+    for rid in ids:     # room to spare: rows prefilled in an early chunk decode while others fill
         engine.add_request(EngineRequest(
-            f"b{batch}-{rng.random()}-{i}", [rng.randint(0, vocab) for _ in range(input_len)],
-            SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=steps + 2)))
+            rid, [rng.randint(0, vocab) for _ in range(input_len)],
+            SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=SPARE_TOKENS + steps)))
     while engine.scheduler.num_waiting or any(
             r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
         engine.step()
     engine.step()                                        # first all-decode step: warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         engine.step()
-        times.append(time.perf_counter() - t)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
-    return times
+    return wall, cpu
 
 
 def main() -> None:
@@ -118,7 +124,8 @@ def main() -> None:
     from minserve import LLM
 
     llm = LLM(model_folder(args.model, args.layers), load_format="dummy", dtype=args.dtype,
-              max_model_len=args.input_len + args.steps + 8, max_num_seqs=max(args.batch),
+              max_model_len=args.input_len + args.steps + SPARE_TOKENS + 8,
+              max_num_seqs=max(args.batch),
               kv_cache_memory=256 << 20)
     engine = llm.engine
     model = engine.runner.model
@@ -130,16 +137,20 @@ def main() -> None:
           flush=True)
     rng = random.Random(0)
     rows: dict[int, list[float]] = {b: [] for b in args.batch}
+    cpu_rows: dict[int, list[float]] = {b: [] for b in args.batch}
     bws = []
     for r in range(args.rounds):
         bws.append(copy_bandwidth())
         print(f"round {r}: copy {bws[-1] / 1e9:.2f} GB/s   load {os.getloadavg()[0]:.2f}",
               flush=True)
         for b in args.batch:
-            times = run_batch(engine, b, args.input_len, args.steps, rng)
+            times, cpu = run_batch(engine, b, args.input_len, args.steps, rng)
             rows[b].append(statistics.median(times))
+            cpu_rows[b].append(statistics.median(cpu))
             print(f"round {r}: batch {b:3d} steps ms "
-                  f"{' '.join(f'{t * 1e3:.0f}' for t in times)}", flush=True)
+                  f"{' '.join(f'{t * 1e3:.0f}' for t in times)} (process CPU "
+                  f"{' '.join(f'{t * 1e3:.0f}' for t in cpu)})   load "
+                  f"{os.getloadavg()[0]:.2f}", flush=True)
     bw = statistics.median(bws)
     print(f"# median copy bandwidth {bw / 1e9:.2f} GB/s; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20):.2f} GiB")
@@ -150,6 +161,7 @@ def main() -> None:
         print(json.dumps({
             "batch": b, "median_step_ms": round(step * 1e3, 1),
             "rounds_ms": [round(t * 1e3, 1) for t in rows[b]], "tok_s": round(b / step, 2),
+            "median_process_cpu_ms": round(statistics.median(cpu_rows[b]) * 1e3, 1),
             "step_gb": round(nbytes / 1e9, 3), "bound_ms": round(nbytes / bw * 1e3, 1),
             "of_bound": round(nbytes / bw / step, 3)}), flush=True)
 
