@@ -38,6 +38,8 @@ else:
         linear,
         logits,
         lora_add,
+        mxfp4_gemm,
+        mxfp4_supported,
         paged_attention,
         prepare_int_weight,
         rms_norm,
@@ -45,5 +47,6 @@ else:
         silu_and_mul,
         stack_experts,
         store_kv,
+        swiglu_oai,
         triton_enabled,
     )

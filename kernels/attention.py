@@ -18,6 +18,9 @@ those keys are in the cache; a token outside images has 0 (nothing past causal):
 
     positions      10 11 12 13 14 15 16 17        image = positions 12..15
     span_end        0  0 16 16 16 16  0  0        query 13 sees keys 0..15, query 11 keys 0..11
+
+With `sinks` ([H] float32, gpt-oss's learned attention sinks) head h's softmax denominator holds
+one more term, exp(sinks[h]), for a key whose value is zero: probabilities may sum to less than 1.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def paged_attention_ref(
     v_cache: torch.Tensor,   # [NB, BS, K, D]
     attn: AttnMetadata, scale: float, sliding_window: int | None = None,
     k_scale: float = 1.0, v_scale: float = 1.0, rows: list[int] | None = None,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, sinks: torch.Tensor | None = None,   # sinks [H] float32
 ) -> torch.Tensor:           # [T, H, D]
     """(rows: only these requests, into `out`; the others' tokens are left as they are.)
     One request at a time, in float32 (an fp8 cache holds k / k_scale,
@@ -61,7 +64,8 @@ def paged_attention_ref(
     PERF: SDPA against the packed bmm pair took three 200-token prefill rows (9 q / 3 kv heads,
     D 64) from 10.8-13.7 ms to 6.4-6.8 ms per layer; for decode rows it was slower (0.22 against
     0.15 ms at 210 keys), and batching all decode rows into one padded SDPA call gained at most
-    ~20% at 16 rows (1 thread, CPU time, AVX2 EPYC; /tmp scripts, see bench/RESULTS.md)."""
+    ~20% at 16 rows (1 thread, CPU time, AVX2 EPYC; /tmp scripts, see bench/RESULTS.md).
+    Sinks ride along as one extra key per kv head (see _with_sink_key), so SDPA keeps its GQA."""
     _, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -82,7 +86,10 @@ def paged_attention_ref(
             # [1, H, D] -> [K, G, D]: row g of kv head k is query head k*G + g
             qr = q[start].float().view(num_kv_heads, group, head_dim)
             scores = torch.bmm(qr, k.permute(1, 2, 0)) * scale                # [K, G, S]
-            o = torch.bmm(torch.softmax(scores, dim=-1), v.permute(1, 0, 2))  # [K, G, D]
+            if sinks is not None:       # the sink's logit as a last column, dropped after
+                scores = torch.cat((scores, sinks.float().view(num_kv_heads, group, 1)), -1)
+            probs = torch.softmax(scores, dim=-1)[..., :seq_len]
+            o = torch.bmm(probs, v.permute(1, 0, 2))                         # [K, G, D]
             out[start] = o.reshape(num_heads, head_dim).to(q.dtype)
             continue
         q_pos = torch.arange(context_len, seq_len, device=q.device)[:, None]
@@ -92,12 +99,42 @@ def paged_attention_ref(
             allowed |= k_pos < attn.image_span_end[start:end, None].to(q.device)
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window
+        qr = q[start:end].float()
+        if sinks is not None:
+            qr, k, v, allowed = _with_sink_key(qr, k, v, allowed, sinks, scale)
         o = torch.nn.functional.scaled_dot_product_attention(
-            q[start:end].float().transpose(0, 1)[None], k.transpose(0, 1)[None],
+            qr.transpose(0, 1)[None], k.transpose(0, 1)[None],
             v.transpose(0, 1)[None], attn_mask=allowed, scale=scale,
             enable_gqa=True)                                                  # [1, H, Q, D]
-        out[start:end] = o[0].transpose(0, 1).to(q.dtype)
+        out[start:end] = o[0].transpose(0, 1)[..., :head_dim].to(q.dtype)
     return out
+
+
+def _with_sink_key(
+    q: torch.Tensor,         # [Q, H, D] float32
+    k: torch.Tensor,         # [S, K, D] float32
+    v: torch.Tensor,         # [S, K, D] float32
+    allowed: torch.Tensor,   # [Q, S] bool
+    sinks: torch.Tensor,     # [H]
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention sinks as SDPA inputs: one more dim and one more key, visible to every query.
+
+        q'   = [q | sinks[h] / scale]     (per query head h)
+        k'_j = [k_j | 0],  v'_j = [v_j | 0]   for the S real keys
+        k'_S = [0 ... 0 | 1],  v'_S = 0        the sink key: q' . k'_S * scale = sinks[h]
+
+    so each softmax gets the extra term exp(sinks[h]) and the sink adds nothing to the output
+    (whose extra dim the caller drops). The keys stay per kv head: GQA is untouched."""
+    num_tokens, num_heads, head_dim = q.shape
+    seq_len, num_kv_heads, _ = k.shape
+    sink_col = (sinks.float() / scale).view(1, num_heads, 1).expand(num_tokens, -1, -1)
+    q = torch.cat((q, sink_col), dim=-1)
+    k = torch.nn.functional.pad(k, (0, 1, 0, 0, 0, 1))                        # [S+1, K, D+1]
+    k[seq_len, :, head_dim] = 1.0
+    v = torch.nn.functional.pad(v, (0, 1, 0, 0, 0, 1))
+    allowed = torch.nn.functional.pad(allowed, (0, 1), value=True)
+    return q, k, v, allowed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,18 +229,20 @@ def _tile_loop(
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
     span_end_ptr,  # [T] int32, read only when HAS_SPANS
-    segm_out_ptr, segm_max_ptr, segm_sum_ptr, qk_scale, v_scale, num_reqs,
+    segm_out_ptr, segm_max_ptr, segm_sum_ptr, sinks_ptr, qk_scale, v_scale, num_reqs,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt,
     stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    HAS_SPANS: tl.constexpr,
+    HAS_SPANS: tl.constexpr, USE_SINKS: tl.constexpr,
 ):
     """Grid (query blocks, kv heads, NUM_SEGMENTS). NUM_SEGMENTS == 1 writes the output;
     otherwise each segment covers a slice of the key tiles and writes fp32 partials that
-    _reduce_segments merges (split-KV for small decode batches with long contexts)."""
+    _reduce_segments merges (split-KV for small decode batches with long contexts).
+    USE_SINKS: segment 0 starts each row's online softmax at its head's sink (sinks_ptr [H]
+    float32): max = the sink, sum = exp(sink - max) = 1, nothing in the output."""
     block_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
     segment = tl.program_id(2)
@@ -248,6 +287,11 @@ def _paged_attention_kernel(
     acc = tl.full([BLOCK_M, HEAD_DIM_P], 0.0, dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    if USE_SINKS:
+        if segment == 0:
+            sink = tl.load(sinks_ptr + head, mask=row_mask, other=float("-inf"))
+            m_i = sink.to(tl.float32) * 1.4426950408889634      # log2 domain, as the scores
+            l_i = tl.where(row_mask, 1.0, 0.0)
     acc, m_i, l_i = _tile_loop(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_ptr + r.to(tl.int64) * stride_bt,
         kv_head, tile_lo, tile_hi, kv_end, context_len + query_pos, last_key_pos, qk_scale,
@@ -301,6 +345,7 @@ def paged_attention_triton(
     attn: AttnMetadata, scale: float, sliding_window: int | None = None,
     out: torch.Tensor | None = None, *, tile_size: int | None = None,
     num_kv_splits: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
+    sinks: torch.Tensor | None = None,   # [H] float32
 ) -> torch.Tensor:           # [T, H, D]
     """One launch for the mixed batch. Split-KV rule (num_kv_splits=None): split when every row
     is a decode (max_query_len == 1) and num_reqs * num_kv_heads < SPLIT_KV_MAX_PROGRAMS, i.e.
@@ -335,7 +380,8 @@ def paged_attention_triton(
     _paged_attention_kernel[grid](
         out, q, k_cache, v_cache, attn.block_table, attn.seq_lens, attn.query_start_loc,
         spans if spans is not None else attn.seq_lens,
-        segm_out, segm_max, segm_sum, scale * k_scale * _LOG2E, v_scale, num_reqs,
+        segm_out, segm_max, segm_sum, out if sinks is None else sinks.float(),
+        scale * k_scale * _LOG2E, v_scale, num_reqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), attn.block_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -344,6 +390,7 @@ def paged_attention_triton(
         SLIDING_WINDOW=sliding_window or 0, NUM_SEGMENTS=num_kv_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=k_cache.dtype == torch.float8_e4m3fn, HAS_SPANS=spans is not None,
+        USE_SINKS=sinks is not None,
     )
     if num_kv_splits > 1:
         _reduce_segments[(num_tokens, num_heads)](

@@ -9,8 +9,8 @@
  * Shapes: q [R, H, D] (row stride q_row), k_cache/v_cache [NB, BS, KH, D] contiguous,
  * block_table [R, bt_row] int32, seq_lens [R] int32, out [R, H, D] (row stride out_row).
  * Query head h reads kv head h / (H / KH) (GQA). Softmax in float32, max-subtracted.
- * window > 0 (a sliding-window layer): a row sees only its last `window` keys,
- * positions [S - window, S).
+ * window > 0: only the row's last `window` keys (a sliding-window layer). sinks [H] (or NULL):
+ * gpt-oss's learned sinks, one more exp(sinks[h]) term in head h's denominator, no value.
  */
 #include <math.h>
 #include <stdint.h>
@@ -19,7 +19,8 @@
 int decode_attention(const float *q, int64_t q_row, const float *k_cache, const float *v_cache,
                      const int32_t *block_table, int64_t bt_row, const int32_t *seq_lens,
                      int64_t R, int64_t H, int64_t KH, int64_t D, int64_t BS, float scale,
-                     int64_t window, float *out, int64_t out_row, int nthreads) {
+                     const float *sinks, int64_t window, float *out, int64_t out_row,
+                     int nthreads) {
     /* One task per row: it walks the row's keys once, each key's [KH, D] slot read whole for
      * every query head (a task per (row, kv head) read a third of each slot, strided, and
      * reached ~3 GB/s from DRAM against ~20 for whole slots). */
@@ -36,11 +37,11 @@ int decode_attention(const float *q, int64_t q_row, const float *k_cache, const 
 #pragma omp for schedule(dynamic, 1)
             for (int64_t r = 0; r < R; r++) {
                 const int64_t S = seq_lens[r];
-                const int64_t j0 = (window > 0 && S > window) ? S - window : 0;
+                const int64_t j0 = window > 0 && S > window ? S - window : 0, N = S - j0;
                 const int32_t *blocks = block_table + r * bt_row;
                 const float *qr = q + r * q_row;
                 float *orow = out + r * out_row;
-                /* scores p[h, j] = scale * q_h . k_j[h / G] */
+                /* scores p[h, j - j0] = scale * q_h . k_j[h / G] */
                 for (int64_t j = j0; j < S; j++) {
                     const float *kj = k_cache + ((int64_t)blocks[j / BS] * BS + j % BS) * slot;
                     for (int64_t h = 0; h < H; h++) {
@@ -48,25 +49,26 @@ int decode_attention(const float *q, int64_t q_row, const float *k_cache, const 
                         float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
                         for (int64_t d = 0; d < D; d++) acc += qh[d] * kh[d];
-                        p[h * S + j] = acc * scale;
+                        p[h * N + j - j0] = acc * scale;
                     }
                 }
                 for (int64_t h = 0; h < H; h++) {
-                    float *ph = p + h * S, mx = -INFINITY, sum = 0.f;
-                    for (int64_t j = j0; j < S; j++) mx = ph[j] > mx ? ph[j] : mx;
-                    for (int64_t j = j0; j < S; j++) {
+                    float *ph = p + h * N, mx = sinks ? sinks[h] : -INFINITY, sum = 0.f;
+                    for (int64_t j = 0; j < N; j++) mx = ph[j] > mx ? ph[j] : mx;
+                    for (int64_t j = 0; j < N; j++) {
                         ph[j] = expf(ph[j] - mx);
                         sum += ph[j];
                     }
+                    if (sinks) sum += expf(sinks[h] - mx);
                     const float inv = sum > 0.f ? 1.f / sum : 0.f;
-                    for (int64_t j = j0; j < S; j++) ph[j] *= inv;
+                    for (int64_t j = 0; j < N; j++) ph[j] *= inv;
                     float *oh = orow + h * D;
                     for (int64_t d = 0; d < D; d++) oh[d] = 0.f;
                 }
                 for (int64_t j = j0; j < S; j++) {
                     const float *vj = v_cache + ((int64_t)blocks[j / BS] * BS + j % BS) * slot;
                     for (int64_t h = 0; h < H; h++) {
-                        const float w = p[h * S + j], *vh = vj + (h / G) * D;
+                        const float w = p[h * N + j - j0], *vh = vj + (h / G) * D;
                         float *oh = orow + h * D;
 #pragma omp simd
                         for (int64_t d = 0; d < D; d++) oh[d] += w * vh[d];

@@ -1,7 +1,8 @@
 """Native CPU kernels for decode: the weight-only int4/int8 GEMM (cpu_int_gemm.c) and its GGUF
-twin reading the file's blocks (cpu_gguf.c), paged decode
-attention (cpu_attention.c) and a layer's small fused ops (cpu_layer_ops.c), compiled once per
-machine with the system C compiler (`cc`, or $CC) into one library and called through ctypes.
+twin reading the file's blocks (cpu_gguf.c), paged decode attention (cpu_attention.c), a layer's
+small fused ops (cpu_layer_ops.c) and the MXFP4 GEMM (cpu_mxfp4.c; its wrapper is
+kernels/mxfp4.py), compiled once per machine with the system C compiler (`cc`, or $CC) into one
+library and called through ctypes.
 
 Why native code: a decode step on CPU is bound by reading the weights. The int layout reads 4.5
 or 8.5 bits a value instead of fp32's 32, but torch's own CPU int kernels and torch.compile's
@@ -37,7 +38,8 @@ from minserve.kernels.quant_gemm import IntWeight, unpack_int
 log = logging.getLogger("minserve")
 
 SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-           for name in ("cpu_int_gemm.c", "cpu_gguf.c", "cpu_attention.c", "cpu_layer_ops.c")]
+           for name in ("cpu_int_gemm.c", "cpu_gguf.c", "cpu_attention.c", "cpu_layer_ops.c",
+                        "cpu_mxfp4.c")]
 MAX_ROWS = 64              # the native kernel beat dequantize + sgemm up to here (bench/RESULTS.md)
 CHUNK = 32                 # the layout's unit (cpu_int_gemm.c); K and the group size divide by it
 COMPILE_TIMEOUT_S = 120
@@ -244,8 +246,12 @@ def _load(path: str) -> ctypes.CDLL:
     lib.int8_exact.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.int8_exact.restype = ctypes.c_int
     lib.decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
-                                     ctypes.c_float, i64, ptr, i64, ctypes.c_int]
+                                     ctypes.c_float, ptr, i64, ptr, i64, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
+    lib.mxfp4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]   # mxfp4.py
+    lib.mxfp4_gemm.restype = None
+    lib.mxfp4_dequantize.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.mxfp4_dequantize.restype = None
     return lib
 
 
@@ -343,11 +349,12 @@ def block_gemm(x: torch.Tensor, w: GgufBlockWeight,
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     out: torch.Tensor, sliding_window: int | None = None) -> bool:
+                     out: torch.Tensor, sliding_window: int | None = None,
+                     sinks: torch.Tensor | None = None) -> bool:
     """out[r] = attention of decode token q[r] ([R, H, D]) over its seq_lens[r] cached keys
-    (the last sliding_window of them, when given; block_table [R, max_blocks] int32). False,
-    with out untouched, where the native kernel does not apply (no library, or not float32
-    contiguous caches): the caller uses torch."""
+    (block_table [R, max_blocks] int32; the last sliding_window of them when set; sinks [H]:
+    attention_ref's). False, with out untouched, where the native kernel does not apply (no
+    library, or not float32 contiguous caches): the caller uses torch."""
     lib = library()
     if (lib is None or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32
             or q.dtype != torch.float32 or out.dtype != torch.float32
@@ -359,10 +366,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _, bs, kh, _ = k_cache.shape
     block_table = block_table.to(torch.int32)
     seq_lens = seq_lens.to(torch.int32).contiguous()
+    if sinks is not None:
+        sinks = sinks.to(torch.float32).contiguous()
     if lib.decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                             block_table.data_ptr(), block_table.stride(0), seq_lens.data_ptr(),
-                            r, h, kh, d, bs, scale, sliding_window or 0, out.data_ptr(),
-                            out.stride(0),
+                            r, h, kh, d, bs, scale, None if sinks is None else sinks.data_ptr(),
+                            sliding_window or 0, out.data_ptr(), out.stride(0),
                             torch.get_num_threads()):
         raise MemoryError("cpu_attention: no memory for the per-thread score buffer")
     return True

@@ -33,7 +33,19 @@ from minserve.kernels.fused_moe import (
 )
 from minserve.kernels.gguf_blocks import GgufBlockWeight, to_int_weight
 from minserve.kernels.jit import triton
-from minserve.kernels.layer_ops import gelu_tanh_and_mul_ref, rms_norm_ref, silu_and_mul_ref
+from minserve.kernels.layer_ops import (
+    gelu_tanh_and_mul_ref,
+    rms_norm_ref,
+    silu_and_mul_ref,
+    swiglu_oai_ref,
+)
+from minserve.kernels.mxfp4 import (
+    Mxfp4Experts,
+    Mxfp4Weight,
+    mxfp4_gemm_cpu,
+    mxfp4_gemm_ref,
+    mxfp4_gemm_triton,
+)
 from minserve.kernels.quant_gemm import (
     CpuInt4Weight,
     IntWeight,
@@ -68,21 +80,22 @@ def triton_enabled(t: torch.Tensor) -> bool:
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: AttnMetadata,
     scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    k_scale: float = 1.0, v_scale: float = 1.0, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, H, D], caches [NB, BS, K, D] -> [T, H, D] (written into `out` when given). An fp8
-    cache holds k / k_scale and v / v_scale."""
+    cache holds k / k_scale and v / v_scale. sinks [H]: one more softmax term per head
+    (gpt-oss's learned attention sinks; attention.py)."""
     if triton_enabled(q):
         return paged_attention_triton(q, k_cache, v_cache, attn, scale, sliding_window,
-                                      out=out, k_scale=k_scale, v_scale=v_scale)
+                                      out=out, k_scale=k_scale, v_scale=v_scale, sinks=sinks)
     if out is None:
         out = torch.empty_like(q)
     rest = None
     if q.device.type == "cpu" and k_scale == 1.0 and v_scale == 1.0:
-        rest = _native_decode_rows(q, k_cache, v_cache, attn, scale, out, sliding_window)
+        rest = _native_decode_rows(q, k_cache, v_cache, attn, scale, out, sliding_window, sinks)
     if rest != []:
         paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window, k_scale, v_scale,
-                            rows=rest, out=out)
+                            rows=rest, out=out, sinks=sinks)
     return out
 
 
@@ -98,7 +111,8 @@ _NATIVE_MAX_QUERY = 17
 
 def _native_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         attn: AttnMetadata, scale: float, out: torch.Tensor,
-                        sliding_window: int | None) -> list[int] | None:
+                        sliding_window: int | None, sinks: torch.Tensor | None
+                        ) -> list[int] | None:
     """The short rows (decode, speculative verification) through the native CPU kernel, all in
     one call, one query token per kernel row; returns the rows left for the reference (None:
     all of them). With image spans (Gemma 3) only one-token rows: the kernel is causal."""
@@ -109,7 +123,7 @@ def _native_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         return None
     if len(qsl) - 1 == q.shape[0] == len(short):   # a pure decode step
         done = cpu_native.decode_attention(q, k_cache, v_cache, attn.block_table, attn.seq_lens,
-                                           scale, out, sliding_window)
+                                           scale, out, sliding_window, sinks)
         return [] if done else None
     # token i of a row of Q query tokens sees the keys up to its position: S - Q + 1 + i
     rows = [r for r in short for _ in range(qsl[r], qsl[r + 1])]
@@ -119,7 +133,7 @@ def _native_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     part = torch.empty(len(tokens), *q.shape[1:], dtype=q.dtype)
     if not cpu_native.decode_attention(q.index_select(0, index).contiguous(), k_cache, v_cache,
                                        attn.block_table[rows], torch.tensor(lens), scale, part,
-                                       sliding_window):
+                                       sliding_window, sinks):
         return None
     out.index_copy_(0, index, part)
     done = set(short)
@@ -238,6 +252,30 @@ def fp8_gemm(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) ->
     return _on_rows(fp8_gemm_triton if triton_enabled(x) else fp8_gemm_ref, x, w, bias)
 
 
+def mxfp4_gemm(x: torch.Tensor, w: Mxfp4Weight, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """x [..., K] @ MXFP4 weight [N, K].T -> [..., N]: Triton on CUDA, the native kernel on CPU
+    (kernels/cpu_mxfp4.c), else the reference (which dequantizes on every call)."""
+    if triton_enabled(x):
+        return _on_rows(mxfp4_gemm_triton, x, w, bias)
+    if x.device.type == "cpu":
+        out = _on_rows(mxfp4_gemm_cpu, x, w, bias) if cpu_native.available() else None
+        if out is not None:
+            return out
+    return _on_rows(mxfp4_gemm_ref, x, w, bias)
+
+
+def mxfp4_supported(device: torch.device) -> bool:
+    """Whether MXFP4 weights have a kernel on `device`: Triton on CUDA, the native kernel (or,
+    without a C compiler, the reference) on CPU. Elsewhere a checkpoint must be refused."""
+    return device.type == "cpu" or (device.type == "cuda" and _TRITON)
+
+
+def swiglu_oai(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU: [T, 2I] with gate and up interleaved -> [T, I]."""
+    return swiglu_oai_ref(x, alpha, limit)
+
+
 def _on_rows(gemm, x: torch.Tensor, w: object, bias: torch.Tensor | None) -> torch.Tensor:
     """A [M, K] GEMM applied to x [..., K]."""
     out = gemm(x.reshape(-1, x.shape[-1]), w, bias)
@@ -291,10 +329,12 @@ def expert_gemm(x: torch.Tensor, w: object) -> torch.Tensor:
     """One expert's rows x [M, K] @ its weight [N, K].T, whatever form the weight takes."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w)
-    if isinstance(w, (IntWeight, CpuIntWeight, CpuInt4Weight)):
+    if isinstance(w, (IntWeight, CpuIntWeight, CpuInt4Weight, GgufBlockWeight)):
         return int_gemm(x, w)
     if isinstance(w, Fp8Weight):
         return fp8_gemm(x, w)
+    if isinstance(w, Mxfp4Weight):
+        return mxfp4_gemm(x, w)
     if callable(w):            # a layer's own quant_method (ExpertList of callables)
         return w(x)
     raise TypeError(f"no GEMM for an expert weight of type {type(w).__name__}")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from minserve.kernels.fp8_gemm import Fp8Weight, dequantize_fp8
 from minserve.kernels.jit import jit, tl, triton
+from minserve.kernels.mxfp4 import Mxfp4Experts, Mxfp4Weight, dequantize_mxfp4, mxfp4_tile
 from minserve.kernels.quant_gemm import IntWeight, dequantize_int
 
 # softmax_topk:      softmax over all E logits, keep the top k (Qwen2-MoE, Qwen3-MoE without
@@ -169,6 +170,8 @@ def dense_experts(stack: Any) -> torch.Tensor:
             out.append(dequantize_int(w))
         elif isinstance(w, Fp8Weight):
             out.append(dequantize_fp8(w))
+        elif isinstance(w, Mxfp4Weight):
+            out.append(dequantize_mxfp4(w))
         elif isinstance(w, torch.Tensor):
             out.append(w.float())
         else:
@@ -273,7 +276,7 @@ def fused_experts_grouped(x: torch.Tensor, w: ExpertWeights, topk_weights: torch
 
 
 # ---- the Triton path: both grouped GEMMs, each expert's block of rows against its weight ------
-FORMATS = {DenseExperts: 0, IntExperts: 1, Fp8Experts: 2}
+FORMATS = {DenseExperts: 0, IntExperts: 1, Fp8Experts: 2, Mxfp4Experts: 3}
 
 
 @jit
@@ -291,6 +294,9 @@ def _b_tile(b_ptr, s_ptr, z_ptr, expert, offs_n, offs_k, mask_kn, N, K, stride_b
         s = tl.load(s_ptr + group, mask=mask_kn, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + group, mask=mask_kn, other=0.0).to(tl.float32)
         w = q.to(tl.float32) * s + z
+    elif FORMAT == 3:   # mxfp4 (kernels/mxfp4.py): blocks [E, N, K // 2], scales [E, N, K // 32]
+        w = mxfp4_tile(b_ptr + e * stride_be, s_ptr + e * stride_se, offs_k, offs_n, mask_kn,
+                       K // 2, K // 32)
     else:             # dense or fp8: [E, N, K]
         w = tl.load(b_ptr + e * stride_be + offs_n[None, :].to(tl.int64) * K + offs_k[:, None],
                     mask=mask_kn, other=0.0).to(tl.float32)
@@ -359,6 +365,10 @@ def _stack_args(stack: Any) -> tuple[Any, ...]:
         k = kp * (32 // stack.bits)
         return (stack.qweight, stack.scales, stack.bias, n, k, kp * n, stack.scales.stride(0),
                 1, 1, 1, 1, stack.bits, stack.group_size)
+    if isinstance(stack, Mxfp4Experts):
+        e, n, half_k = stack.blocks.shape
+        return (stack.blocks, stack.scales, stack.scales, n, 2 * half_k, n * half_k,
+                stack.scales.stride(0), 1, 1, 1, 3, 4, 32)
     if isinstance(stack, Fp8Experts):
         _, n, k = stack.weight.shape
         return (stack.weight, stack.scale, stack.scale, n, k, n * k, stack.scale.stride(0),

@@ -1,5 +1,6 @@
 """A decoder layer's small per-token ops in plain torch: RMSNorm (with the fused residual add),
-SiLU-and-mul and GELU(tanh)-and-mul. The path on every device but a CPU with the native library, and the reference that
+SiLU-and-mul, GELU(tanh)-and-mul and gpt-oss's clamped SwiGLU. The path on every device but a
+CPU with the native library, and the reference that
 cpu_layer_ops.c is tested against."""
 from __future__ import annotations
 
@@ -33,3 +34,12 @@ def gelu_tanh_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     """[T, 2*I] (gate | up) -> [T, I] = gelu_tanh(gate) * up (GeGLU)."""
     gate, up = x.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
+
+
+def swiglu_oai_ref(x: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's experts' activation: x [T, 2I] holds gate and up interleaved (column 2i is
+    gate i, 2i + 1 up i); gate clamped above at limit, up to [-limit, limit], then
+    (up + 1) * gate * sigmoid(alpha * gate) -> [T, I] (transformers' GptOssExperts)."""
+    gate = x[..., 0::2].clamp(max=limit)
+    up = x[..., 1::2].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))

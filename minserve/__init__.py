@@ -6,12 +6,13 @@ Module map (the README's file map and request flow say more):
   request_fields, sampling_params (requests built once) -> output (events -> OpenAI JSON/SSE).
   responses, messages and blocks put the other APIs on that path; batch/ (Batch API, run-batch)
   and llm (LLM) consume it too.
-- text: chat (messages, templates), tokenizer, detokenizer, structured, regex_dialect,
-  tool_parsers/, reasoning.
+- text: chat (messages, templates), tokenizer, tekken, detokenizer, structured,
+  structured_limits, regex_dialect, tool_parsers/, reasoning, harmony (gpt-oss).
 - engine/: async_engine (the thread) -> engine (step) -> scheduler, kv_cache, runner, sampler;
-  request, builder (the one model builder), workers (tensor parallel), beam, encoder_cache, heap.
-- models/: registry (one row per architecture), llama, bert, cross_encoder, layers, linear,
-  parallel, loader, gguf; quant/; vision/ (towers, wrappers, their processors). kernels/ picks
+  request, waiting, fairness, builder (the one model builder), workers (tensor parallel), beam,
+  encoder_cache, heap; spec/ (speculative decoding).
+- models/: registry (one row per architecture), llama, gemma3, gemma4, moe, qwen_moe, mixtral,
+  gpt_oss, eagle3, bert, cross_encoder, layers, linear, parallel, loader, gguf; quant/; vision/ (towers, wrappers, their processors). kernels/ picks
   each op's device path. Beside them: embeddings/, lora/, multimodal/ (fetch, image, inputs).
 - config, env (every environment variable), metrics, errors, value_text, cpu_threads, pypi,
   shutdown, healthcheck.

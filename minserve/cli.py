@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
       help="the model's tool-call format, for tool_choice \"auto\"")
     a("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
-      help="split the model's <think> text into reasoning_content")
+      help="split the model's <think> text (openai_gptoss: harmony's analysis channel) into "
+           "reasoning_content")
     a("--max-logprobs", type=int, default=20,
       help="most logprobs (alternatives per token) a request may ask for; -1: no limit")
     a("--enable-force-include-usage", action="store_true",

@@ -247,7 +247,7 @@ DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
 
 
 # --quantization names (vLLM's); the methods live in minserve/models/quant/.
-QUANTIZATION_METHODS = ("awq", "gptq", "compressed-tensors", "fp8", "gguf")
+QUANTIZATION_METHODS = ("awq", "gptq", "compressed-tensors", "fp8", "gguf", "mxfp4")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 

@@ -249,15 +249,17 @@ def parse_chat(body: Any, ctx: ServingContext, params: SamplingParams | None = N
     try:
         text = ctx.tokenizer.apply_chat_template(
             template_messages, add_generation_prompt=add_gen, continue_final_message=cont,
-            tools=tools, chat_template_kwargs=body.get("chat_template_kwargs"), images=images)
+            tools=tools, chat_template_kwargs=_template_kwargs(body), images=images)
     except (ValueError, TypeError, KeyError) as e:  # chat.py's errors are ValueErrors
         raise _chat_error(e) from None
     prompt = truncate(body, ctx, encode_prompt(ctx, text, "messages", add_special_tokens=False))
     reasoning_cls = get_reasoning_parser(ctx.reasoning_parser) if ctx.reasoning_parser else None
     opens = reasoning_cls is not None and prompt_opens_reasoning(text, reasoning_cls.start,
                                                                  reasoning_cls.end)
-    if reasoning_cls is not None and reasoning_cls.needs_special_tokens:
-        fields["skip_special_tokens"] = False      # its tags are special tokens
+    if reasoning_cls is not None:
+        if reasoning_cls.needs_special_tokens:   # Gemma 4's tags, harmony's markers
+            fields["skip_special_tokens"] = False
+        make_tool_parser = make_tool_parser or reasoning_cls.content_parser
 
     def make_parsers() -> tuple[Any, Any]:
         return (reasoning_cls(start_in_reasoning=opens) if reasoning_cls else None,
@@ -285,6 +287,23 @@ def parse_chat(body: Any, ctx: ServingContext, params: SamplingParams | None = N
                            make_parsers=make_parsers if reasoning_cls or make_tool_parser
                            else None, prompt_tokens_details=ctx.prompt_tokens_details,
                            images=refs, rendered_prompt=text, **extras)
+
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def _template_kwargs(body: dict) -> Any:
+    """chat_template_kwargs, with the body's reasoning_effort (OpenAI's chat field; the gpt-oss
+    template reads it) unless they set it themselves."""
+    kwargs, effort = body.get("chat_template_kwargs"), body.get("reasoning_effort")
+    if effort is None:
+        return kwargs
+    if effort not in REASONING_EFFORTS:
+        raise bad("reasoning_effort", f"must be one of {', '.join(REASONING_EFFORTS)}, got "
+                  f"{value_text(effort)}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        return kwargs     # the template renderer names that error
+    return {"reasoning_effort": effort, **(kwargs or {})}
 
 
 def _chat_sampling(body: dict, ctx: ServingContext, params: SamplingParams | None

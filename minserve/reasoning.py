@@ -1,11 +1,15 @@
-"""Reasoning parsers (--reasoning-parser deepseek_r1 | qwen3 | gemma4): split <think>...</think>
-(Gemma 4: <|channel>thought ... <channel|>) into reasoning_content and content, whole or streamed. Streaming re-splits the text so far and sends
-only what is certain, so the accumulated stream equals the whole-text split. Touches no tokens."""
+"""Reasoning parsers (--reasoning-parser deepseek_r1 | qwen3 | gemma4 | openai_gptoss): split
+<think>...</think> (Gemma 4: <|channel>thought ... <channel|>; gpt-oss: harmony's analysis
+channel) into reasoning_content and content, whole or streamed. Streaming re-splits the text so
+far and sends only what is certain, so the accumulated stream equals the whole-text split.
+Touches no tokens."""
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from minserve import harmony
 from minserve.tool_parsers.base import partial_marker_len
+from minserve.tool_parsers.openai import HarmonyContentParser
 
 THINK_START, THINK_END = "<think>", "</think>"
 
@@ -25,7 +29,12 @@ class ReasoningParser:
     untagged_is_reasoning: ClassVar[bool] = False
     start: ClassVar[str] = THINK_START
     end: ClassVar[str] = THINK_END
-    needs_special_tokens: ClassVar[bool] = False   # the tags are special tokens (Gemma 4)
+    # The markers are special tokens (Gemma 4, harmony): detokenize with
+    # skip_special_tokens=False.
+    needs_special_tokens: ClassVar[bool] = False
+    # The tool parser its content goes through when the request has none (its content is
+    # still marked up), or None.
+    content_parser: ClassVar[type | None] = None
 
     def __init__(self, start_in_reasoning: bool = False) -> None:
         self.start_in_reasoning = start_in_reasoning or self.untagged_is_reasoning
@@ -98,9 +107,27 @@ class Gemma4ReasoningParser(ReasoningParser):
     needs_special_tokens = True
 
 
+class GptOssReasoningParser(ReasoningParser):
+    """gpt-oss (harmony.py): analysis messages are reasoning. The content it hands on is the
+    other messages still in harmony form, so that the tool parser (openai, or without one
+    HarmonyContentParser) finds the calls and takes the markup off."""
+
+    name = "openai_gptoss"
+    needs_special_tokens = True
+    content_parser = HarmonyContentParser
+
+    def split(self, text: str, final: bool = True) -> tuple[str, str]:
+        opened = harmony.opens_header(text)
+        if not opened:      # plain text (a constrained tool call's JSON): content as it is
+            return "", text if opened is False or final else ""
+        messages = harmony.parse(text, final)
+        reasoning = "\n".join(m.text for m in messages if m.kind == "reasoning")
+        return reasoning, "".join(m.render() for m in messages if m.kind != "reasoning")
+
+
 REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
     cls.name: cls for cls in (DeepSeekR1ReasoningParser, Qwen3ReasoningParser,
-                              Gemma4ReasoningParser)
+                              Gemma4ReasoningParser, GptOssReasoningParser)
 }
 
 

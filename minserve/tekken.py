@@ -22,11 +22,24 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, p
 from tokenizers.models import BPE
 
 from minserve.config import ConfigError
-from minserve.tokenizer import bytes_to_unicode
 
 MAX_TEKKEN_BYTES = 64 << 20     # the real files are ~15 MiB
 # what transformers' converter names them too; tokenizer_config.json, when present, wins
 SPECIAL_NAMES = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable stand-in character table (the byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
 def load_tekken(path: str) -> Tokenizer:

@@ -13,25 +13,12 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from minserve.chat import load_chat_template, render_chat_template
 from minserve.config import GENERATION_SAMPLING_KEYS, ConfigError, read_json
+from minserve.tekken import SPECIAL_NAMES, bytes_to_unicode, load_tekken
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 @lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable stand-in character table (the byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """The table above, inverted: the printable stand-in char -> the raw byte."""
@@ -148,8 +135,6 @@ class Tokenizer:
             backend = HFTokenizer.from_str(text)
             decoder_kind = _decoder_kind(json.loads(text).get("decoder"))
         elif os.path.isfile(os.path.join(folder, "tekken.json")):   # Mistral's own format
-            from minserve.tekken import SPECIAL_NAMES, load_tekken
-
             backend = load_tekken(os.path.join(folder, "tekken.json"))
             decoder_kind = "byte_level"
             tokenizer_config = {**SPECIAL_NAMES, **tokenizer_config}

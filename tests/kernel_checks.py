@@ -64,7 +64,7 @@ def image_span_end(cases, images, num_pad_tokens=0) -> torch.Tensor:
 
 def check_attention(cases, *, group=2, num_kv_heads=2, head_dim=16, block_size=16,
                     dtype=torch.float32, sliding_window=None, tile_size=32, num_kv_splits=1,
-                    num_pad_tokens=0, first_block=0, seed=0, images=None):
+                    num_pad_tokens=0, first_block=0, seed=0, images=None, use_sinks=False):
     torch.manual_seed(seed)
     q, k_cache, v_cache, attn = make_batch(cases, group * num_kv_heads, num_kv_heads, head_dim,
                                            block_size, dtype, num_pad_tokens=num_pad_tokens,
@@ -72,12 +72,14 @@ def check_attention(cases, *, group=2, num_kv_heads=2, head_dim=16, block_size=1
     if images is not None:
         attn.image_span_end = image_span_end(cases, images, num_pad_tokens)
     scale = head_dim ** -0.5
+    # sinks around the scores' size (std 2): some heads' sinks dominate, some vanish
+    sinks = torch.randn(group * num_kv_heads) * 2 if use_sinks else None
     out = torch.full_like(q, float("nan"))        # poisoned: unwritten rows fail
     got = attention.paged_attention_triton(
         q, k_cache, v_cache, attn, scale, sliding_window, out=out, tile_size=tile_size,
-        num_kv_splits=num_kv_splits)
+        num_kv_splits=num_kv_splits, sinks=sinks)
     assert got is out
-    want = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window)
+    want = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window, sinks=sinks)
     n = attn.query_start_loc_host[-1]
     assert not out[:n].isnan().any(), "kernel left output rows unwritten"
     torch.testing.assert_close(out[:n].float(), want[:n].float(), atol=TOL[dtype], rtol=TOL[dtype])
@@ -121,6 +123,23 @@ check("attention_image_spans_window_fp16")(lambda: check_attention(
 check("attention_image_spans_long_prefill")(lambda: check_attention(
     [(70, 80), (1, 20)], group=2, images=[[(12, 40), (41, 80)], []], num_pad_tokens=2,
     tile_size=16, seed=10))
+
+# gpt-oss's attention sinks: with and without a window, split or not, GQA groups, block sizes
+# below and above the tile, decode-only batches (the split rule), padding, fp16
+for _group, _bs, _window in ((1, 16, None), (4, 64, None), (2, 16, 7), (5, 64, 20)):
+    for _split in (1, 4):
+        check(f"attention_sinks[group={_group},bs={_bs},window={_window},split={_split}]")(
+            lambda g=_group, bs=_bs, w=_window, sp=_split: check_attention(
+                MIXED + [(3, 90)], group=g, block_size=bs, sliding_window=w, num_kv_splits=sp,
+                use_sinks=True, seed=g + bs + (w or 0) + sp))
+check("attention_sinks_decode_fp16_padding")(lambda: (
+    check_attention([(1, 37), (1, 1), (1, 70)], group=4, dtype=torch.float16, num_kv_splits=4,
+                    use_sinks=True, seed=11),
+    check_attention([(1, 37), (0, 0), (4, 9)], head_dim=24, num_pad_tokens=3, use_sinks=True,
+                    sliding_window=5, seed=12)))
+# both at once: sinks with image spans (the two kernel features share the softmax start)
+check("attention_sinks_with_image_spans")(lambda: check_attention(
+    SPAN_CASES, group=2, block_size=16, images=SPAN_IMAGES, use_sinks=True, seed=13))
 
 
 @check("attention_one_token_prompt_and_prefix_hit")
@@ -296,6 +315,63 @@ for _case in FP8_GEMM_CASES:
         got, want = fp8_gemm_triton(x, w), fp8_gemm_ref(x, w)
         tol = TOL[dtype] if dtype != torch.float32 else 1e-4
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+# ---- MXFP4 (gpt-oss's experts, kernels/mxfp4.py): (M, N, K, bias, dtype); K one group (32),
+# ragged against the 64-wide tiles, scales spread over 2^-6 .. 2^3 (e8m0 121 .. 130); no bf16:
+# Triton's interpreter gets bf16 tl.dot wrong (a 16x16 bf16 dot came out off by ~1e10)
+MXFP4_GEMM_CASES = [(1, 37, 64, False, torch.float32), (17, 130, 96, True, torch.float32),
+                    (100, 64, 32, False, torch.float16), (3, 200, 320, True, torch.float16)]
+for _case in MXFP4_GEMM_CASES:
+    @check("mxfp4_gemm[M={},N={},K={},bias={},{}]".format(*_case))
+    def _(case=_case):
+        from minserve.kernels.mxfp4 import Mxfp4Weight, mxfp4_gemm_ref, mxfp4_gemm_triton
+
+        m, n, k, has_bias, dtype = case
+        g = torch.Generator().manual_seed(m + n + k)
+        w = Mxfp4Weight(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g),
+                        torch.randint(121, 131, (n, k // 32), dtype=torch.uint8, generator=g))
+        x = torch.randn(m, k, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g) if has_bias else None
+        got, want = mxfp4_gemm_triton(x, w, bias), mxfp4_gemm_ref(x, w, bias)
+        tol = TOL[dtype] if dtype != torch.float32 else 1e-4
+        torch.testing.assert_close(got.float(), want.float(), atol=tol * 8, rtol=tol)
+
+
+# gpt-oss's experts through the fused MoE kernel (kernels/fused_moe.py, FORMAT 3): MXFP4 stacks,
+# biases, the clamped SwiGLU over interleaved gate|up; (tokens, experts, top_k, H, I, dtype),
+# tokens routed to a few experts only (others get none), against the plain-torch reference
+MXFP4_MOE_CASES = [(1, 4, 2, 64, 32, torch.float32), (7, 8, 4, 96, 64, torch.float32),
+                   (100, 32, 4, 64, 96, torch.float16), (33, 16, 1, 128, 32, torch.float32)]
+for _case in MXFP4_MOE_CASES:
+    @check("mxfp4_fused_moe[T={},E={},k={},H={},I={},{}]".format(*_case))
+    def _(case=_case):
+        from minserve.kernels.fused_moe import ExpertWeights, fused_experts_ref, \
+            fused_experts_triton
+        from minserve.kernels.layer_ops import swiglu_oai_ref
+        from minserve.kernels.mxfp4 import Mxfp4Experts, dequantize_mxfp4
+
+        tokens, num_experts, top_k, hidden, inter, dtype = case
+        g = torch.Generator().manual_seed(tokens + num_experts)
+
+        def stack(n, k):
+            return Mxfp4Experts(
+                torch.randint(0, 256, (num_experts, n, k // 2), dtype=torch.uint8, generator=g),
+                torch.randint(118, 124, (num_experts, n, k // 32), dtype=torch.uint8, generator=g))
+        w13, w2 = stack(2 * inter, hidden), stack(hidden, inter)
+        b13, b2 = torch.randn(num_experts, 2 * inter, generator=g), \
+            torch.randn(num_experts, hidden, generator=g)
+        x = torch.randn(tokens, hidden, generator=g).to(dtype)
+        used = torch.randperm(num_experts, generator=g)[:max(top_k, num_experts // 2)]
+        logits = torch.randn(tokens, len(used), generator=g)
+        values, picked = logits.topk(top_k, dim=-1)
+        ids, weights = used[picked], torch.softmax(values, dim=-1)
+        act = lambda h: swiglu_oai_ref(h, 1.702, 7.0)        # noqa: E731
+        got = fused_experts_triton(x, ExpertWeights(w13, w2, b13, b2), weights, ids, act)
+        want = fused_experts_ref(x, dequantize_mxfp4(w13), dequantize_mxfp4(w2), weights, ids,
+                                 act, b13, b2)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want.float(), atol=tol * 10, rtol=tol)
 
 
 def check_lora(slot_runs, *, num_slots=4, in_features=40, rank=16, out_features=24,

@@ -19,6 +19,7 @@ def load_ours(folder: str, dtype: torch.dtype = torch.float32, load_format: str 
               quantization: str | None = None, expert_parallel: bool = False):
     with open(os.path.join(folder, "config.json")) as f:
         hf = json.load(f)
+    # the model class's own config class, as the builder reads it (gpt-oss: GptOssConfig)
     arch = lookup((hf.get("architectures") or ["LlamaForCausalLM"])[0])
     config = getattr(arch.model_class(), "config_class", ModelConfig).from_dict(hf)
     if expert_parallel:      # --enable-expert-parallel (a mixture-of-experts model)

@@ -72,7 +72,7 @@ def test_reasoning_then_tool_calls():
 
 
 def test_registry_and_prompt_detection():
-    assert set(REASONING_PARSERS) == {"deepseek_r1", "qwen3", "gemma4"}
+    assert set(REASONING_PARSERS) == {"deepseek_r1", "qwen3", "gemma4", "openai_gptoss"}
     gemma = get_reasoning_parser("gemma4")
     assert gemma.needs_special_tokens
     assert prompt_opens_reasoning("<|turn>model\n<|channel>thought\n", gemma.start, gemma.end)

@@ -171,8 +171,8 @@ def test_streaming_equals_whole(parser_name, text, content, calls):
 
 
 def test_registry():
-    assert set(TOOL_PARSERS) == {"generic", "hermes", "llama3_json", "mistral", "pythonic",
-                                 "gemma4", "phi4_mini_json"}
+    assert set(TOOL_PARSERS) == {"generic", "hermes", "llama3_json", "mistral", "openai",
+                                 "pythonic", "gemma4", "phi4_mini_json"}
     from minserve.tool_parsers.generic import detect_tool_parser
 
     tools = "{% for t in tools %}{{ t }}{% endfor %}"

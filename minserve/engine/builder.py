@@ -9,6 +9,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,18 +209,15 @@ def build_model(config: EngineConfig, source: ModelSource, device: torch.device
 
 
 def build_runner(config: EngineConfig, source: ModelSource, device: torch.device,
-                 image_processor: Any = None, draft: Any = None) -> ModelRunner:
+                 image_processor: Any = None,
+                 make_drafter: Callable[[torch.nn.Module], Any] | None = None) -> ModelRunner:
     """This rank's model and runner (KV cache share included), as every rank builds them. Rank 0
     serves the --lora-modules (the other ranks load what its step plans say) and, on a GPU,
-    sizes the KV cache with its largest image batch encoded. draft (rank 0's, speculative
-    decoding: engine/spec/drafter.py's DraftSource): its drafter is built here too, whole,
-    and the KV cache sized for both."""
+    sizes the KV cache with its largest image batch encoded. make_drafter (rank 0's,
+    speculative decoding: engine/spec/drafter.py, which builds through this module, hence a
+    callable): the drafter over the target model, built whole, the KV cache sized for both."""
     built = build_model(config, source, device)
-    drafter = None
-    if draft is not None:
-        from minserve.engine.spec.drafter import build_drafter
-
-        drafter = build_drafter(draft, device, built.model)
+    drafter = make_drafter(built.model) if make_drafter is not None else None
     runner = ModelRunner(built.model, source.model_config, config, device, built.dtype,
                          profile_images=profile_images(image_processor, config, device),
                          extra_kv_bytes_per_block=drafter.bytes_per_block if drafter else 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import os
 import random
 from collections.abc import Iterable
@@ -34,7 +35,7 @@ from minserve.engine.runner import PromptLogprobInputs, StepInputs
 from minserve.engine.sampler import SamplingTensors
 from minserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, is_sampling_row
 from minserve.engine.spec import make_speculator, num_lookahead_tokens
-from minserve.engine.spec.drafter import find_draft
+from minserve.engine.spec.drafter import build_drafter, find_draft
 from minserve.engine.workers import Workers
 
 # vllm:iteration_tokens_total's bucket bounds (tokens run in one step)
@@ -57,7 +58,9 @@ class Engine:
                                    source.model_config, self.device, load_worker_runner)
         try:
             processor = image_processor(source, tokenizer)
-            self.runner = build_runner(config, source, self.device, processor, draft)
+            self.runner = build_runner(
+                config, source, self.device, processor,
+                None if draft is None else functools.partial(build_drafter, draft, self.device))
         except BaseException:
             self.shutdown()
             raise

@@ -286,15 +286,17 @@ class Attention(nn.Module):
         self.k_scale = self.v_scale = 1.0
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, attn: AttnMetadata
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, attn: AttnMetadata,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # q [T, H, D], k/v [T, K, D] -> [T, H*D]. k/v None: the layer reads a cache another
-        # layer wrote this step (Gemma 4's KV sharing) and stores nothing.
+        # q [T, H, D], k/v [T, K, D] -> [T, H*D]; sinks [H]: gpt-oss's per-head attention sinks.
+        # k/v None: the layer reads a cache another layer wrote this step (Gemma 4's KV sharing)
+        # and stores nothing.
         if k is not None:
             kernels.store_kv(k, v, self.k_cache, self.v_cache, attn.slot_mapping,
                              self.k_scale, self.v_scale)
         out = kernels.paged_attention(
             q, self.k_cache, self.v_cache, attn, self.scale, self.sliding_window,
-            k_scale=self.k_scale, v_scale=self.v_scale,
+            k_scale=self.k_scale, v_scale=self.v_scale, sinks=sinks,
         )
         return out.reshape(q.shape[0], -1)

@@ -59,6 +59,7 @@ class LlamaAttention(nn.Module):
         self.use_rope = config.no_rope_layers is None or bool(config.no_rope_layers[layer])
         self.attn = Attention(self.num_heads, self.num_kv_heads, d,
                               config.sliding_window if config.is_sliding(layer) else None)
+        self.register_parameter("sinks", None)   # gpt-oss's attention sinks (models/gpt_oss.py)
 
     def forward(
         self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata,
@@ -78,7 +79,7 @@ class LlamaAttention(nn.Module):
         if self.use_rope:
             qk = apply_rotary(qk, cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        return self.o_proj(self.attn(q, k, v, attn), lora_mapping)
+        return self.o_proj(self.attn(q, k, v, attn, self.sinks), lora_mapping)
 
 
 class LlamaMLP(nn.Module):

@@ -173,6 +173,8 @@ def load_model(folder: str, model_config: Any, device: torch.device | str, dtype
         if quant is not None and quant.name not in arch.quantization:
             raise ConfigError(f"{arch.name} does not load {quant.name} weights (it loads: "
                               f"{', '.join(arch.quantization) or 'none'})")
+        if quant is not None and hasattr(quant, "check_device"):   # MXFP4: a kernel here?
+            quant.check_device(device)
         model_config.quant_config = quant
     # Build without allocating, cast on meta (free), then allocate uninitialised on the device:
     # every parameter is written exactly once, by the loader below.
@@ -337,7 +339,10 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     for name, param in model.named_parameters():
         gen = torch.Generator(device=param.device).manual_seed(seed)
         module = name.rpartition(".")[0].rpartition(".")[2]   # "layer_norm1", "ln_q", ...
-        if name.endswith(".weight") and ("norm" in module or module.startswith("ln_")):
+        init = getattr(param, "init_dummy", None)   # a format's own (MXFP4 blocks and scales)
+        if init is not None:
+            init(param, gen)
+        elif name.endswith(".weight") and ("norm" in module or module.startswith("ln_")):
             param.fill_(1.0)
         elif name.endswith(".bias"):
             param.zero_()

@@ -92,6 +92,9 @@ ARCHITECTURES = {a.name: a for a in (
     # its text stack only (the vision and audio towers are not built; images get the 400)
     Architecture("Gemma4ForConditionalGeneration", "gemma4:Gemma4ForCausalLM",
                  tensor_parallel=True, quantization=_DENSE),
+    # its experts are fused [E, ...] tensors, bf16 or MXFP4 (models/gpt_oss.py loads them)
+    Architecture("GptOssForCausalLM", "gpt_oss:GptOssForCausalLM", tensor_parallel=True,
+                 quantization=("mxfp4",)),
     _base("LlamaModel"), _base("MistralModel"), _base("Qwen2Model"), _base("Qwen3Model"),
     # max_images: LLaVA-1.5 was trained on one image per prompt; the others take several
     # (vLLM's 999 let one request fetch and decode hundreds: issue 36)

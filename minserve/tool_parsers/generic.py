@@ -24,10 +24,10 @@ from minserve.tool_parsers.base import Piece, ToolParser, call_from_json
 from minserve.tool_parsers.constrained import tool_variants
 
 # (marker in the template, parser), first match wins; vLLM's formats by their tell-tale text.
-_MARKERS = [("<|tool_call>", "gemma4"), ("functools[", "phi4_mini_json"),
-            ("<tool_call>", "hermes"), ("[TOOL_CALLS]", "mistral"),
-            ("<|python_tag|>", "llama3_json"), ("[func_name1(", "pythonic"),
-            ('"parameters"', "llama3_json")]
+_MARKERS = [("<|channel|>", "openai"), ("<|tool_call>", "gemma4"),
+            ("functools[", "phi4_mini_json"), ("<tool_call>", "hermes"),
+            ("[TOOL_CALLS]", "mistral"), ("<|python_tag|>", "llama3_json"),
+            ("[func_name1(", "pythonic"), ('"parameters"', "llama3_json")]
 GENERIC = "generic"
 FALLBACK_PARSER = "hermes"   # a template that renders tools without a known marker
 

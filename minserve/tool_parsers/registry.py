@@ -8,13 +8,14 @@ from minserve.tool_parsers.generic import GenericToolParser
 from minserve.tool_parsers.hermes import HermesToolParser
 from minserve.tool_parsers.llama3_json import Llama3JsonToolParser
 from minserve.tool_parsers.mistral import MistralToolParser
+from minserve.tool_parsers.openai import OpenAIToolParser
 from minserve.tool_parsers.phi4_mini_json import Phi4MiniJsonToolParser
 from minserve.tool_parsers.pythonic import PythonicToolParser
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     cls.name: cls
     for cls in (GenericToolParser, HermesToolParser, Llama3JsonToolParser, MistralToolParser,
-                PythonicToolParser, Gemma4ToolParser, Phi4MiniJsonToolParser)
+                OpenAIToolParser, PythonicToolParser, Gemma4ToolParser, Phi4MiniJsonToolParser)
 }
 
 

@@ -51,6 +51,9 @@ def get_quant_config(quantization_config: dict[str, Any] | None,
     if method == "fp8":
         from minserve.models.quant.fp8 import Fp8Config
         return Fp8Config.from_config(quantization_config)
+    if method == "mxfp4":
+        from minserve.models.quant.mxfp4 import Mxfp4Config
+        return Mxfp4Config.from_config(cfg)
     if method == "gguf":
         from minserve.models.quant.gguf import GgufConfig
         return GgufConfig(type_names=list(cfg.get("types") or []))
