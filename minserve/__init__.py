@@ -12,10 +12,11 @@ Module map (the README's file map and request flow say more):
   request, waiting, fairness, builder (the one model builder), workers (tensor parallel), beam,
   encoder_cache, heap; spec/ (speculative decoding).
 - models/: registry (one row per architecture), llama, gemma3, gemma4, moe, qwen_moe, mixtral,
-  gpt_oss, eagle3, bert, cross_encoder, layers, linear, parallel, loader, gguf; quant/; vision/ (towers, wrappers, their processors). kernels/ picks
-  each op's device path. Beside them: embeddings/, lora/, multimodal/ (fetch, image, inputs).
-- config, env (every environment variable), metrics, errors, value_text, cpu_threads, pypi,
-  shutdown, healthcheck.
+  gpt_oss, eagle3, bert, cross_encoder, layers, linear, parallel, loader, gguf; quant/; vision/
+  (towers, wrappers, their processors). kernels/ picks each op's device path. Beside them:
+  embeddings/, lora/, multimodal/ (fetch, image, inputs).
+- config, hf_config (config.json's family settings), env (every environment variable), metrics,
+  errors, value_text, cpu_threads, pypi, shutdown, healthcheck.
 """
 from __future__ import annotations
 

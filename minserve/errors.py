@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import re
 
+class ConfigError(ValueError):
+    """A bad engine argument or an unsupported model; the CLI prints it and exits."""
+
+
 MAX_LIBRARY_TEXT = 240
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.@+-]+){2,}(?::\d+)*")  # /a/b/c.rs:12:5
 
