@@ -1,5 +1,6 @@
 /* Weight-only int4/int8 GEMM for CPUs, for the few rows of a decode step (kernels/cpu_native.py
- * compiles this file once with the system C compiler and calls it through ctypes).
+ * compiles this file once with the system C compiler and calls it through ctypes): the drivers,
+ * which split the weight rows over threads; the row kernels are in cpu_int_rows.c.
  *
  * Why: at one row a decode step reads every weight once, so its time is the weight's bytes.
  * torch's CPU int4/int8 weight-only kernels measured no faster than the fp32 matmul on AVX2
@@ -18,187 +19,20 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#ifdef __AVX2__
-#include <immintrin.h>
-#endif
 
 #define INLINE static inline __attribute__((always_inline))
-
-#ifdef __AVX2__
-INLINE float hsum(__m256 v) {
-    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    a = _mm_hadd_ps(a, a);
-    a = _mm_hadd_ps(a, a);
-    return _mm_cvtss_f32(a);
-}
-
-/* 32 values of a row as floats q (scale and bias not applied), in 4 registers. */
-INLINE void load32(const uint8_t *p, int bits, __m256 w[4]) {
-    __m256i v0, v1, v2, v3;
-    if (bits == 4) {
-        const __m128i raw = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
-        const __m128i lo = _mm_and_si128(raw, mask);
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        v0 = _mm256_cvtepu8_epi32(lo);
-        v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
-        v2 = _mm256_cvtepu8_epi32(hi);
-        v3 = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
-    } else {
-        v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-        v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
-        v2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 16)));
-        v3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 24)));
-    }
-    w[0] = _mm256_cvtepi32_ps(v0);
-    w[1] = _mm256_cvtepi32_ps(v1);
-    w[2] = _mm256_cvtepi32_ps(v2);
-    w[3] = _mm256_cvtepi32_ps(v3);
-}
-#endif
-
-/* Row n of the weight, dequantized into out[K] (fp32). */
-INLINE void decode_row(const uint8_t *q, const float *s, const float *b, int bits, int64_t K,
-                       int64_t G, float *out) {
-    for (int64_t k = 0; k < K; k += 32) {
-        const float sc = s[k / G], bi = b[k / G];
-        const uint8_t *p = bits == 4 ? q + k / 2 : q + k;
-#ifdef __AVX2__
-        const __m256 vs = _mm256_set1_ps(sc), vb = _mm256_set1_ps(bi);
-        __m256 w[4];
-        load32(p, bits, w);
-        for (int i = 0; i < 4; i++)
-            _mm256_storeu_ps(out + k + 8 * i, _mm256_fmadd_ps(w[i], vs, vb));
-#else
-        for (int j = 0; j < 32; j++) {
-            int v = bits == 4 ? (j < 16 ? p[j] & 0x0F : p[j - 16] >> 4) : p[j];
-            out[k + j] = (float)v * sc + bi;
-        }
-#endif
-    }
-}
-
-#ifdef __AVX2__
-/* Few rows (a decode step), straight from the packed row: per 32-chunk c, dot(q_c, x_c) is
- * scaled once; the bias term is sum_g bias[g] * sum(x over group g), from xsum [M, K / G]. */
-#define FEW(MT)                                                                               \
-    static void few_##MT(const uint8_t *q, const float *s, const float *b, int bits, int64_t K, \
-                         int64_t G, const float *x, int64_t ldx, const float *xsum, float *y,  \
-                         int64_t ldy) {                                                       \
-        __m256 acc[MT];                                                                       \
-        for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();                            \
-        for (int64_t k = 0; k < K; k += 32) {                                                 \
-            __m256 w[4];                                                                      \
-            load32(bits == 4 ? q + k / 2 : q + k, bits, w);                                   \
-            const __m256 sc = _mm256_set1_ps(s[k / G]);                                       \
-            for (int m = 0; m < MT; m++) {                                                    \
-                const float *xm = x + m * ldx + k;                                            \
-                __m256 c0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xm));                         \
-                __m256 c1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xm + 8));                     \
-                c0 = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xm + 16), c0);                     \
-                c1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm + 24), c1);                     \
-                acc[m] = _mm256_fmadd_ps(sc, _mm256_add_ps(c0, c1), acc[m]);                  \
-            }                                                                                 \
-        }                                                                                     \
-        FEW_BIAS(MT)                                                                          \
-    }
-
-/* The same for groups of 16 (GGUF Q6_K), whose scale changes mid-chunk; 8-bit values only. */
-#define FEW16(MT)                                                                             \
-    static void few16_##MT(const uint8_t *q, const float *s, const float *b, int64_t K,        \
-                           const float *x, int64_t ldx, const float *xsum, float *y,          \
-                           int64_t ldy) {                                                     \
-        const int64_t G = 16;                                                                 \
-        __m256 acc[MT];                                                                       \
-        for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();                            \
-        for (int64_t k = 0; k < K; k += 32) {                                                 \
-            __m256 w[4];                                                                      \
-            load32(q + k, 8, w);                                                              \
-            const __m256 lo = _mm256_set1_ps(s[k / G]), hi = _mm256_set1_ps(s[k / G + 1]);    \
-            for (int m = 0; m < MT; m++) {                                                    \
-                const float *xm = x + m * ldx + k;                                            \
-                __m256 c0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xm));                         \
-                __m256 c1 = _mm256_mul_ps(w[2], _mm256_loadu_ps(xm + 16));                    \
-                c0 = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xm + 8), c0);                      \
-                c1 = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xm + 24), c1);                     \
-                acc[m] = _mm256_fmadd_ps(hi, c1, _mm256_fmadd_ps(lo, c0, acc[m]));            \
-            }                                                                                 \
-        }                                                                                     \
-        FEW_BIAS(MT)                                                                          \
-    }
-
-/* y[m] = the scaled dot products plus sum_g bias[g] * xsum[m, g]. */
-#define FEW_BIAS(MT)                                                                          \
-        const int64_t groups = K / G;                                                         \
-        for (int m = 0; m < MT; m++) {                                                        \
-            float t = hsum(acc[m]);                                                           \
-            for (int64_t g = 0; g < groups; g++) t += b[g] * xsum[m * groups + g];            \
-            y[m * ldy] = t;                                                                   \
-        }
-FEW(1)
-FEW(2)
-FEW(3)
-FEW(4)
-FEW16(1)
-FEW16(2)
-FEW16(3)
-FEW16(4)
-
-/* Many rows: NR (<= 3) weight rows decoded into buf [3][K], against MT (<= 4) rows of x at
- * once: 3 x MT accumulators + 3 weight registers + 1 for x fill the 16 ymm registers, so each
- * k-step issues 3 + MT loads for 3 * MT FMAs (4 weight rows left no register for x, and the
- * compiler re-read x from memory for every FMA). */
-#define MANY(MT)                                                                              \
-    static void many_##MT(const float *buf, int64_t K, const float *x, int64_t ldx, float *y,  \
-                          int64_t ldy, int nr) {                                              \
-        __m256 acc[MT][3];                                                                    \
-        for (int m = 0; m < MT; m++)                                                          \
-            for (int r = 0; r < 3; r++) acc[m][r] = _mm256_setzero_ps();                      \
-        for (int64_t k = 0; k < K; k += 8) {                                                  \
-            __m256 w0 = _mm256_loadu_ps(buf + k), w1 = _mm256_loadu_ps(buf + K + k);          \
-            __m256 w2 = _mm256_loadu_ps(buf + 2 * K + k);                                     \
-            __asm__("" : "+x"(w0), "+x"(w1), "+x"(w2));                                       \
-            for (int m = 0; m < MT; m++) {                                                    \
-                __m256 xv = _mm256_loadu_ps(x + m * ldx + k);                                 \
-                __asm__("" : "+x"(xv));  /* registers, not memory operands */     \
-                acc[m][0] = _mm256_fmadd_ps(w0, xv, acc[m][0]);                               \
-                acc[m][1] = _mm256_fmadd_ps(w1, xv, acc[m][1]);                               \
-                acc[m][2] = _mm256_fmadd_ps(w2, xv, acc[m][2]);                               \
-            }                                                                                 \
-        }                                                                                     \
-        for (int m = 0; m < MT; m++)                                                          \
-            for (int r = 0; r < nr; r++) y[m * ldy + r] = hsum(acc[m][r]);                    \
-    }
-MANY(1)
-MANY(2)
-MANY(3)
-MANY(4)
-#endif
-
 #define FEW_ROWS 4    /* up to here each row is read from its packed bytes, once per 4 x rows */
+#define ROW_BLOCK 8   /* weight rows per few_rows call */
 
-/* y[m, r] = dot(buf row r, x row m) for M rows of x and nr (<= 3) decoded weight rows. */
-static void dot_rows(const float *buf, int64_t K, const float *x, int64_t ldx, int64_t M,
-                     float *y, int64_t ldy, int nr) {
-    int64_t m = 0;
-#ifdef __AVX2__
-    for (; m + 4 <= M; m += 4) many_4(buf, K, x + m * ldx, ldx, y + m * ldy, ldy, nr);
-    switch (M - m) {
-        case 3: many_3(buf, K, x + m * ldx, ldx, y + m * ldy, ldy, nr); break;
-        case 2: many_2(buf, K, x + m * ldx, ldx, y + m * ldy, ldy, nr); break;
-        case 1: many_1(buf, K, x + m * ldx, ldx, y + m * ldy, ldy, nr); break;
-    }
-#else
-    for (; m < M; m++)
-        for (int r = 0; r < nr; r++) {
-            float acc = 0.f;
-            for (int64_t k = 0; k < K; k++) acc += buf[r * K + k] * x[m * ldx + k];
-            y[m * ldy + r] = acc;
-        }
-#endif
-}
+/* The row kernels (cpu_int_rows.c). */
+void int_decode_row(const uint8_t *q, const float *s, const float *b, int bits, int64_t K,
+                    int64_t G, float *out);
+void int_dot_rows(const float *buf, int64_t K, const float *x, int64_t ldx, int64_t M, float *y,
+                  int64_t ldy, int nr);
+void group_sums(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t G, float *xsum);
+void few_rows(const uint8_t *q, const float *s, const float *b, int bits, int64_t K, int64_t G,
+              int64_t n0, int64_t n1, const float *x, int64_t ldx, const float *xsum, int64_t M,
+              float *y, int64_t ldy);
 
 /* Row n of a weight into out[K] (fp32): one per weight layout. */
 typedef void (*row_decoder)(const void *w, int64_t n, float *out);
@@ -208,7 +42,7 @@ struct int_rows { const uint8_t *q; const float *s, *b; int bits; int64_t K, G; 
 static void decode_int_row(const void *w, int64_t n, float *out) {
     const struct int_rows *r = (const struct int_rows *)w;
     const int64_t row_bytes = r->bits == 4 ? r->K / 2 : r->K, groups = r->K / r->G;
-    decode_row(r->q + n * row_bytes, r->s + n * groups, r->b + n * groups, r->bits, r->K, r->G,
+    int_decode_row(r->q + n * row_bytes, r->s + n * groups, r->b + n * groups, r->bits, r->K, r->G,
                out);
 }
 
@@ -233,7 +67,7 @@ static int gemm_decoded(const float *x, int64_t M, int64_t ldx, row_decoder deco
                     const int64_t row = n + (r < nr ? r : 0);
                     decode(w, row, buf + r * K);
                 }
-                dot_rows(buf, K, x, ldx, M, y + n, ldy, nr);
+                int_dot_rows(buf, K, x, ldx, M, y + n, ldy, nr);
             }
             free(buf);
         }
@@ -259,64 +93,36 @@ static void decode_gguf_row(const void *w, int64_t n, float *out) {
     gguf_decode_row(r->w + n * r->row_bytes, r->type, r->K, out);
 }
 
-/* Per-group sums of M rows of x: xsum [M, K / G]. */
-static void group_sums(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t G,
-                       float *xsum) {
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t g = 0; g < K / G; g++) {
-            float t = 0.f;
-            for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * ldx + k];
-            xsum[m * (K / G) + g] = t;
-        }
-}
-
 /* y = x @ w.T for a GGUF weight in its blocks; same contract as int_gemm. The caller checks
  * the type and that K is a multiple of its block (cpu_native.block_gemm). Up to FEW_ROWS rows
- * each thread turns a row into the 8-bit layout (gguf_row_q8, in L1) and runs few_MT on it. */
+ * each thread turns a row into the 8-bit layout (gguf_row_q8, in L1) and runs few_rows on it. */
 int block_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int type, int64_t K,
                int64_t N, float *y, int64_t ldy, int nthreads) {
     const struct gguf_rows rows = {w, type, K, gguf_row_bytes(type, K)};
-#ifdef __AVX2__
+    if (M > FEW_ROWS)
+        return gemm_decoded(x, M, ldx, decode_gguf_row, &rows, K, N, y, ldy, nthreads);
     const int64_t G = type == 14 ? 16 : 32;     /* Q6_K's sub-blocks are 16 */
-    if (M <= FEW_ROWS) {
-        int failed = 0;
-        float *xsum = (float *)malloc(sizeof(float) * M * (K / G));
-        if (xsum == NULL) return 1;
-        group_sums(x, M, ldx, K, G, xsum);
+    int failed = 0;
+    float *xsum = (float *)malloc(sizeof(float) * M * (K / G));
+    if (xsum == NULL) return 1;
+    group_sums(x, M, ldx, K, G, xsum);
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
-        {
-            uint8_t *q = (uint8_t *)malloc(K + 2 * sizeof(float) * (K / G));
-            if (q == NULL) {
-                failed = 1;
-            } else {
-                float *s = (float *)(q + K), *b = s + K / G;   /* K % 32 == 0: aligned */
+    {
+        uint8_t *q = (uint8_t *)malloc(K + 2 * sizeof(float) * (K / G));
+        if (q == NULL) {
+            failed = 1;
+        } else {
+            float *s = (float *)(q + K), *b = s + K / G;   /* K % 32 == 0: aligned */
 #pragma omp for schedule(static)
-                for (int64_t n = 0; n < N; n++) {
-                    gguf_row_q8(w + n * rows.row_bytes, type, K, q, s, b);
-                    if (G == 16) {
-                        switch (M) {
-                            case 1: few16_1(q, s, b, K, x, ldx, xsum, y + n, ldy); break;
-                            case 2: few16_2(q, s, b, K, x, ldx, xsum, y + n, ldy); break;
-                            case 3: few16_3(q, s, b, K, x, ldx, xsum, y + n, ldy); break;
-                            default: few16_4(q, s, b, K, x, ldx, xsum, y + n, ldy); break;
-                        }
-                        continue;
-                    }
-                    switch (M) {
-                        case 1: few_1(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
-                        case 2: few_2(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
-                        case 3: few_3(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
-                        default: few_4(q, s, b, 8, K, G, x, ldx, xsum, y + n, ldy); break;
-                    }
-                }
-                free(q);
+            for (int64_t n = 0; n < N; n++) {
+                gguf_row_q8(w + n * rows.row_bytes, type, K, q, s, b);
+                few_rows(q, s, b, 8, K, G, 0, 1, x, ldx, xsum, M, y + n, ldy);
             }
+            free(q);
         }
-        free(xsum);
-        return failed;
     }
-#endif
-    return gemm_decoded(x, M, ldx, decode_gguf_row, &rows, K, N, y, ldy, nthreads);
+    free(xsum);
+    return failed;
 }
 
 /* out[N, K] = a GGUF weight dequantized (fp32), for the many rows of a prefill. */
@@ -331,25 +137,19 @@ void block_dequantize(const uint8_t *w, int type, int64_t K, int64_t N, float *o
 int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const float *s,
              const float *b, int bits, int64_t K, int64_t G, int64_t N, float *y, int64_t ldy,
              int nthreads) {
-#ifdef __AVX2__
-    const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
-    if (M <= FEW_ROWS && groups <= 512) {
-        float xsum[FEW_ROWS * 512];
+    if (M <= FEW_ROWS) {
+        float *xsum = (float *)malloc(sizeof(float) * M * (K / G));
+        if (xsum == NULL) return 1;
         group_sums(x, M, ldx, K, G, xsum);
+        const int64_t blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const uint8_t *qn = q + n * row_bytes;
-            const float *sn = s + n * groups, *bn = b + n * groups;
-            switch (M) {
-                case 1: few_1(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-                case 2: few_2(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-                case 3: few_3(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-                default: few_4(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-            }
+        for (int64_t t = 0; t < blocks; t++) {
+            const int64_t n0 = t * ROW_BLOCK, n1 = n0 + ROW_BLOCK < N ? n0 + ROW_BLOCK : N;
+            few_rows(q, s, b, bits, K, G, n0, n1, x, ldx, xsum, M, y, ldy);
         }
+        free(xsum);
         return 0;
     }
-#endif
     const struct int_rows rows = {q, s, b, bits, K, G};
     return gemm_decoded(x, M, ldx, decode_int_row, &rows, K, N, y, ldy, nthreads);
 }
@@ -368,17 +168,9 @@ int moe_int_gemm(const float *x, int64_t rows, int64_t ldx, const int64_t *start
     const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
     const int64_t triples = (N + 2) / 3, units = num_groups * triples;
     int failed = 0;
-#ifdef __AVX2__
     float *xsum = (float *)malloc(sizeof(float) * (rows * groups + 1));
     if (xsum == NULL) return 1;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t m = 0; m < rows; m++)
-        for (int64_t g = 0; g < groups; g++) {
-            float t = 0.f;
-            for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[m * ldx + k];
-            xsum[m * groups + g] = t;
-        }
-#endif
+    group_sums(x, rows, ldx, K, G, xsum);
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         float *buf = (float *)malloc(sizeof(float) * 3 * K);
@@ -395,35 +187,22 @@ int moe_int_gemm(const float *x, int64_t rows, int64_t ldx, const int64_t *start
                 const float *be = b + experts[grp] * sb_stride + n * groups;
                 const float *xg = x + m0 * ldx;
                 float *yg = y + m0 * ldy + n;
-#ifdef __AVX2__
                 if (M <= FEW_ROWS) {
-                    const float *xs = xsum + m0 * groups;
-                    for (int r = 0; r < nr; r++) {
-                        const uint8_t *qn = qe + r * row_bytes;
-                        const float *sn = se + r * groups, *bn = be + r * groups;
-                        switch (M) {
-                            case 1: few_1(qn, sn, bn, bits, K, G, xg, ldx, xs, yg + r, ldy); break;
-                            case 2: few_2(qn, sn, bn, bits, K, G, xg, ldx, xs, yg + r, ldy); break;
-                            case 3: few_3(qn, sn, bn, bits, K, G, xg, ldx, xs, yg + r, ldy); break;
-                            default: few_4(qn, sn, bn, bits, K, G, xg, ldx, xs, yg + r, ldy); break;
-                        }
-                    }
+                    few_rows(qe, se, be, bits, K, G, 0, nr, xg, ldx, xsum + m0 * groups, M, yg,
+                             ldy);
                     continue;
                 }
-#endif
                 for (int r = 0; r < 3; r++) {   /* missing rows repeat the first, unwritten */
                     const int64_t i = r < nr ? r : 0;
-                    decode_row(qe + i * row_bytes, se + i * groups, be + i * groups, bits, K, G,
-                               buf + r * K);
+                    int_decode_row(qe + i * row_bytes, se + i * groups, be + i * groups, bits,
+                                   K, G, buf + r * K);
                 }
-                dot_rows(buf, K, xg, ldx, M, yg, ldy, nr);
+                int_dot_rows(buf, K, xg, ldx, M, yg, ldy, nr);
             }
             free(buf);
         }
     }
-#ifdef __AVX2__
     free(xsum);
-#endif
     return failed;
 }
 
@@ -433,7 +212,7 @@ void int_dequantize(const uint8_t *q, const float *s, const float *b, int bits, 
     const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t n = 0; n < N; n++)
-        decode_row(q + n * row_bytes, s + n * groups, b + n * groups, bits, K, G, out + n * K);
+        int_decode_row(q + n * row_bytes, s + n * groups, b + n * groups, bits, K, G, out + n * K);
 }
 
 /* The 8-bit layout of w [N, K] when every group of 32 is exactly d * q (q in -127..127, d =

@@ -38,8 +38,8 @@ from minserve.kernels.quant_gemm import IntWeight, unpack_int
 log = logging.getLogger("minserve")
 
 SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-           for name in ("cpu_int_gemm.c", "cpu_gguf.c", "cpu_attention.c", "cpu_layer_ops.c",
-                        "cpu_mxfp4.c")]
+           for name in ("cpu_int_gemm.c", "cpu_int_rows.c", "cpu_gguf.c", "cpu_attention.c",
+                        "cpu_layer_ops.c", "cpu_mxfp4.c")]
 MAX_ROWS = 64              # the native kernel beat dequantize + sgemm up to here (bench/RESULTS.md)
 CHUNK = 32                 # the layout's unit (cpu_int_gemm.c); K and the group size divide by it
 COMPILE_TIMEOUT_S = 120
