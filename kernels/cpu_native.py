@@ -399,26 +399,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out if res_out is None else (out, res_out)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
-    """[M, 2I] -> [M, I] = silu(gate) * up in one call; None where it does not apply."""
+def _gated(symbol: str, x: torch.Tensor) -> torch.Tensor | None:
+    """[M, 2I] (gate | up) -> [M, I] through the library's gated activation `symbol`, in one
+    call; None where it does not apply (no library, other dtypes or layouts)."""
     lib = library()
     if lib is None or not _f32_rows(x):
         return None
     m, two_i = x.shape
     out = torch.empty(m, two_i // 2, dtype=torch.float32)
-    lib.silu_and_mul(x.data_ptr(), out.data_ptr(), m, two_i // 2, torch.get_num_threads())
+    getattr(lib, symbol)(x.data_ptr(), out.data_ptr(), m, two_i // 2, torch.get_num_threads())
     return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up (layer_ops.silu_and_mul_ref)."""
+    return _gated("silu_and_mul", x)
 
 
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor | None:
-    """[M, 2I] -> [M, I] = gelu_tanh(gate) * up in one call; None where it does not apply."""
-    lib = library()
-    if lib is None or not _f32_rows(x):
-        return None
-    m, two_i = x.shape
-    out = torch.empty(m, two_i // 2, dtype=torch.float32)
-    lib.gelu_tanh_and_mul(x.data_ptr(), out.data_ptr(), m, two_i // 2, torch.get_num_threads())
-    return out
+    """gelu_tanh(gate) * up (layer_ops.gelu_tanh_and_mul_ref)."""
+    return _gated("gelu_tanh_and_mul", x)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
