@@ -29,10 +29,11 @@ void int_decode_row(const uint8_t *q, const float *s, const float *b, int bits, 
                     int64_t G, float *out);
 void int_dot_rows(const float *buf, int64_t K, const float *x, int64_t ldx, int64_t M, float *y,
                   int64_t ldy, int nr);
-void group_sums(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t G, float *xsum);
+void *act_prepare(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t G, int quantize,
+                  int8_t **xq, float **xd, float **xsum);
 void few_rows(const uint8_t *q, const float *s, const float *b, int bits, int64_t K, int64_t G,
-              int64_t n0, int64_t n1, const float *x, int64_t ldx, const float *xsum, int64_t M,
-              float *y, int64_t ldy);
+              int64_t n0, int64_t n1, const float *x, int64_t ldx, const int8_t *xq,
+              const float *xd, const float *xsum, int64_t M, float *y, int64_t ldy);
 
 /* Row n of a weight into out[K] (fp32): one per weight layout. */
 typedef void (*row_decoder)(const void *w, int64_t n, float *out);
@@ -97,15 +98,16 @@ static void decode_gguf_row(const void *w, int64_t n, float *out) {
  * the type and that K is a multiple of its block (cpu_native.block_gemm). Up to FEW_ROWS rows
  * each thread turns a row into the 8-bit layout (gguf_row_q8, in L1) and runs few_rows on it. */
 int block_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int type, int64_t K,
-               int64_t N, float *y, int64_t ldy, int nthreads) {
+               int64_t N, float *y, int64_t ldy, int quantize, int nthreads) {
     const struct gguf_rows rows = {w, type, K, gguf_row_bytes(type, K)};
     if (M > FEW_ROWS)
         return gemm_decoded(x, M, ldx, decode_gguf_row, &rows, K, N, y, ldy, nthreads);
     const int64_t G = type == 14 ? 16 : 32;     /* Q6_K's sub-blocks are 16 */
     int failed = 0;
-    float *xsum = (float *)malloc(sizeof(float) * M * (K / G));
-    if (xsum == NULL) return 1;
-    group_sums(x, M, ldx, K, G, xsum);
+    int8_t *xq;
+    float *xd, *xsum;
+    void *act = act_prepare(x, M, ldx, K, G, quantize, &xq, &xd, &xsum);
+    if (act == NULL) return 1;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         uint8_t *q = (uint8_t *)malloc(K + 2 * sizeof(float) * (K / G));
@@ -116,12 +118,12 @@ int block_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *w, int typ
 #pragma omp for schedule(static)
             for (int64_t n = 0; n < N; n++) {
                 gguf_row_q8(w + n * rows.row_bytes, type, K, q, s, b);
-                few_rows(q, s, b, 8, K, G, 0, 1, x, ldx, xsum, M, y + n, ldy);
+                few_rows(q, s, b, 8, K, G, 0, 1, x, ldx, xq, xd, xsum, M, y + n, ldy);
             }
             free(q);
         }
     }
-    free(xsum);
+    free(act);
     return failed;
 }
 
@@ -133,21 +135,23 @@ void block_dequantize(const uint8_t *w, int type, int64_t K, int64_t N, float *o
     for (int64_t n = 0; n < N; n++) gguf_decode_row(w + n * row_bytes, type, K, out + n * K);
 }
 
-/* y = x @ w.T. Returns 0, or 1 when a buffer could not be allocated. */
+/* y = x @ w.T; up to FEW_ROWS rows on int8 activations when `quantize` (act_prepare), else on
+ * x as it is. Returns 0, or 1 when a buffer could not be allocated. */
 int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const float *s,
              const float *b, int bits, int64_t K, int64_t G, int64_t N, float *y, int64_t ldy,
-             int nthreads) {
+             int quantize, int nthreads) {
     if (M <= FEW_ROWS) {
-        float *xsum = (float *)malloc(sizeof(float) * M * (K / G));
-        if (xsum == NULL) return 1;
-        group_sums(x, M, ldx, K, G, xsum);
+        int8_t *xq;
+        float *xd, *xsum;
+        void *act = act_prepare(x, M, ldx, K, G, quantize, &xq, &xd, &xsum);
+        if (act == NULL) return 1;
         const int64_t blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t t = 0; t < blocks; t++) {
             const int64_t n0 = t * ROW_BLOCK, n1 = n0 + ROW_BLOCK < N ? n0 + ROW_BLOCK : N;
-            few_rows(q, s, b, bits, K, G, n0, n1, x, ldx, xsum, M, y, ldy);
+            few_rows(q, s, b, bits, K, G, n0, n1, x, ldx, xq, xd, xsum, M, y, ldy);
         }
-        free(xsum);
+        free(act);
         return 0;
     }
     const struct int_rows rows = {q, s, b, bits, K, G};
@@ -164,13 +168,14 @@ int moe_int_gemm(const float *x, int64_t rows, int64_t ldx, const int64_t *start
                  const int64_t *ends, const int64_t *experts, int64_t num_groups,
                  const uint8_t *q, int64_t q_stride, const float *s, const float *b,
                  int64_t sb_stride, int bits, int64_t K, int64_t G, int64_t N, float *y,
-                 int64_t ldy, int nthreads) {
+                 int64_t ldy, int quantize, int nthreads) {
     const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
     const int64_t triples = (N + 2) / 3, units = num_groups * triples;
     int failed = 0;
-    float *xsum = (float *)malloc(sizeof(float) * (rows * groups + 1));
-    if (xsum == NULL) return 1;
-    group_sums(x, rows, ldx, K, G, xsum);
+    int8_t *xq;
+    float *xd, *xsum;
+    void *act = act_prepare(x, rows, ldx, K, G, quantize, &xq, &xd, &xsum);
+    if (act == NULL) return 1;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         float *buf = (float *)malloc(sizeof(float) * 3 * K);
@@ -188,8 +193,8 @@ int moe_int_gemm(const float *x, int64_t rows, int64_t ldx, const int64_t *start
                 const float *xg = x + m0 * ldx;
                 float *yg = y + m0 * ldy + n;
                 if (M <= FEW_ROWS) {
-                    few_rows(qe, se, be, bits, K, G, 0, nr, xg, ldx, xsum + m0 * groups, M, yg,
-                             ldy);
+                    few_rows(qe, se, be, bits, K, G, 0, nr, xg, ldx, xq ? xq + m0 * K : NULL,
+                             xd ? xd + m0 * (K / 32) : NULL, xsum + m0 * groups, M, yg, ldy);
                     continue;
                 }
                 for (int r = 0; r < 3; r++) {   /* missing rows repeat the first, unwritten */
@@ -202,7 +207,7 @@ int moe_int_gemm(const float *x, int64_t rows, int64_t ldx, const int64_t *start
             free(buf);
         }
     }
-    free(xsum);
+    free(act);
     return failed;
 }
 

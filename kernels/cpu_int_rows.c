@@ -134,6 +134,66 @@ FEW16(2)
 FEW16(3)
 FEW16(4)
 
+/* The integer dot products of int8 activations (act_prepare) with 32 weight values as unsigned
+ * bytes: dpbusd where the CPU has AVX-VNNI or AVX512-VNNI (-march=native sets the macros), else
+ * AVX2's maddubs (4 bits: 2 * 15 * 127 fits its int16 pairs) or, for 8 bits, whose pairs could
+ * saturate maddubs (2 * 255 * 127), int16 madd. Lanes 0-3 sum values 0-15 and lanes 4-7 values
+ * 16-31 when `halves` (groups of 16); otherwise only the sum of all lanes is meant. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
+#elif defined(__AVXVNNI__)
+#define DPBUSD(u, s) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (u), (s))
+#endif
+
+INLINE __m256i wbytes(const uint8_t *p, int bits) {    /* 32 values in order, 0..15 or 0..255 */
+    if (bits == 8) return _mm256_loadu_si256((const __m256i *)p);
+    const __m128i raw = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
+}
+
+INLINE __m256i idot32(__m256i w, __m256i x, int bits, int halves) {
+#ifdef DPBUSD
+    (void)bits, (void)halves;
+    return DPBUSD(w, x);
+#else
+    if (bits == 4) return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+    const __m256i i0 = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)),
+                                         _mm256_cvtepi8_epi16(_mm256_castsi256_si128(x)));
+    const __m256i i1 = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1)),
+                                         _mm256_cvtepi8_epi16(_mm256_extracti128_si256(x, 1)));
+    if (!halves) return _mm256_add_epi32(i0, i1);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(i0, i1, 0x20),
+                            _mm256_permute2x128_si256(i0, i1, 0x31));
+#endif
+}
+
+/* FEW's twin on int8 activations xq [MT, K] with block scales xd [MT, K / 32]: per 32-chunk one
+ * integer dot product per row, scaled by the weight's and the activation's scales. */
+#define FEWQ(MT)                                                                              \
+    static void fewq_##MT(const uint8_t *q, const float *s, const float *b, int bits,         \
+                          int64_t K, int64_t G, const int8_t *xq, const float *xd,            \
+                          const float *xsum, float *y, int64_t ldy) {                         \
+        __m256 acc[MT];                                                                       \
+        for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();                            \
+        for (int64_t k = 0; k < K; k += 32) {                                                 \
+            const __m256i w = wbytes(bits == 4 ? q + k / 2 : q + k, bits);                    \
+            const __m256 sc = G == 16 ? _mm256_setr_m128(_mm_set1_ps(s[k / 16]),             \
+                                                         _mm_set1_ps(s[k / 16 + 1]))          \
+                                      : _mm256_set1_ps(s[k / G]);                             \
+            for (int m = 0; m < MT; m++) {                                                    \
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + k));     \
+                const __m256 d = _mm256_mul_ps(sc, _mm256_set1_ps(xd[m * (K / 32) + k / 32])); \
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(idot32(w, xv, bits, G == 16)), d,  \
+                                         acc[m]);                                             \
+            }                                                                                 \
+        }                                                                                     \
+        FEW_BIAS(MT)                                                                          \
+    }
+FEWQ(1)
+FEWQ(2)
+FEWQ(3)
+FEWQ(4)
+
 /* Many rows: NR (<= 3) weight rows decoded into buf [3][K], against MT (<= 4) rows of x at
  * once: 3 x MT accumulators + 3 weight registers + 1 for x fill the 16 ymm registers, so each
  * k-step issues 3 + MT loads for 3 * MT FMAs (4 weight rows left no register for x, and the
@@ -166,6 +226,12 @@ MANY(4)
 #endif
 
 
+#ifndef __AVX2__
+INLINE int wvalue(const uint8_t *row, int bits, int64_t k) {    /* value k of a packed row */
+    return bits == 8 ? row[k] : (row[k / 32 * 16 + k % 16] >> (k % 32 < 16 ? 0 : 4)) & 0x0F;
+}
+#endif
+
 /* Per-group sums of M rows of x: xsum [M, K / G] (the bias term of the few-rows kernels). */
 void group_sums(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t G, float *xsum) {
 #pragma omp parallel for schedule(static) if (M >= 64)
@@ -177,16 +243,112 @@ void group_sums(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t G, fl
         }
 }
 
+/* Rows of x to 8 bits in blocks of 32, as llama.cpp quantizes activations (its Q8_0): d =
+ * absmax / 127, xq = round(x * 127 / absmax) in -127..127, into xq [M, K] and xd [M, K / 32];
+ * xsum [M, K / G] gets the group sums of the quantized values (d * xq), so that the bias term
+ * and the dot products see the same activations. cpu_native.quantize_rows_ref is the reference. */
+void quantize_rows_q8(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t G, int8_t *xq,
+                      float *xd, float *xsum) {
+    for (int64_t i = 0; i < M * (K / G); i++) xsum[i] = 0.f;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k += 32) {
+            const float *xk = x + m * ldx + k;
+            int8_t *qk = xq + m * K + k;
+            float lo, hi, amax = 0.f;
+#ifdef __AVX2__
+            const __m256 sign = _mm256_set1_ps(-0.0f);
+            __m256 v[4], a = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm256_loadu_ps(xk + 8 * i);
+                a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v[i]));
+            }
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+            const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            __m256i i32[4];
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm256_round_ps(_mm256_mul_ps(v[i], id),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                i32[i] = _mm256_cvtps_epi32(v[i]);
+            }
+            lo = hsum(_mm256_add_ps(v[0], v[1]));
+            hi = hsum(_mm256_add_ps(v[2], v[3]));
+            const __m256i i16 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]),
+                                                   _mm256_packs_epi32(i32[2], i32[3]));
+            _mm256_storeu_si256((__m256i *)qk, _mm256_permutevar8x32_epi32(
+                                                   i16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+            for (int j = 0; j < 32; j++) amax = fabsf(xk[j]) > amax ? fabsf(xk[j]) : amax;
+            const float id = amax > 0.f ? 127.f / amax : 0.f;
+            lo = hi = 0.f;
+            for (int j = 0; j < 32; j++) {
+                const float r = nearbyintf(xk[j] * id);
+                qk[j] = (int8_t)r;
+                if (j < 16) lo += r; else hi += r;
+            }
+#endif
+            const float d = amax / 127.f;
+            xd[m * (K / 32) + k / 32] = d;
+            xsum[m * (K / G) + k / G] += d * lo;
+            xsum[m * (K / G) + (k + 16) / G] += d * hi;
+        }
+}
+
+/* The activations of a few-rows call in one buffer (free it; NULL when out of memory): xsum
+ * [M, K / G], and with `quantize` xq [M, K] and xd [M, K / 32] (else NULL: fp32 x is used). */
+void *act_prepare(const float *x, int64_t M, int64_t ldx, int64_t K, int64_t G, int quantize,
+                  int8_t **xq, float **xd, float **xsum) {
+    const int64_t floats = M * (K / G) + (quantize ? M * (K / 32) : 0);
+    void *mem = malloc(sizeof(float) * (size_t)floats + (quantize ? (size_t)(M * K) : 0) + 1);
+    if (mem == NULL) return NULL;
+    *xsum = (float *)mem;
+    *xq = NULL;
+    *xd = NULL;
+    if (!quantize) {
+        group_sums(x, M, ldx, K, G, *xsum);
+        return mem;
+    }
+    *xd = *xsum + M * (K / G);
+    *xq = (int8_t *)(*xd + M * (K / 32));
+    quantize_rows_q8(x, M, ldx, K, G, *xq, *xd, *xsum);
+    return mem;
+}
+
 /* y[m, n] for M (<= FEW_ROWS) rows of x and weight rows n0 <= n < n1, each read straight from
- * its packed bytes (q, s, b point at weight row 0; xsum from group_sums). G == 16 (GGUF Q6_K
- * turned into bytes) needs bits 8. The portable path dequantizes value by value. */
+ * its packed bytes (q, s, b point at weight row 0; xq, xd, xsum from act_prepare: xq NULL runs
+ * on the fp32 x). G == 16 (GGUF Q6_K turned into bytes) needs bits 8. The portable path works
+ * value by value. */
 void few_rows(const uint8_t *q, const float *s, const float *b, int bits, int64_t K, int64_t G,
-              int64_t n0, int64_t n1, const float *x, int64_t ldx, const float *xsum, int64_t M,
-              float *y, int64_t ldy) {
+              int64_t n0, int64_t n1, const float *x, int64_t ldx, const int8_t *xq,
+              const float *xd, const float *xsum, int64_t M, float *y, int64_t ldy) {
     const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *qn = q + n * row_bytes;
         const float *sn = s + n * groups, *bn = b + n * groups;
+        if (xq != NULL) {
+#ifdef __AVX2__
+            switch (M) {
+                case 1: fewq_1(qn, sn, bn, bits, K, G, xq, xd, xsum, y + n, ldy); break;
+                case 2: fewq_2(qn, sn, bn, bits, K, G, xq, xd, xsum, y + n, ldy); break;
+                case 3: fewq_3(qn, sn, bn, bits, K, G, xq, xd, xsum, y + n, ldy); break;
+                default: fewq_4(qn, sn, bn, bits, K, G, xq, xd, xsum, y + n, ldy); break;
+            }
+#else
+            for (int64_t m = 0; m < M; m++) {
+                float t = 0.f;
+                for (int64_t k = 0; k < K; k += 16) {
+                    int32_t dot = 0;
+                    for (int64_t j = k; j < k + 16; j++)
+                        dot += wvalue(qn, bits, j) * xq[m * K + j];
+                    t += (float)dot * (sn[k / G] * xd[m * (K / 32) + k / 32]);
+                }
+                for (int64_t g = 0; g < groups; g++) t += bn[g] * xsum[m * groups + g];
+                y[m * ldy + n] = t;
+            }
+#endif
+            continue;
+        }
 #ifdef __AVX2__
         if (G == 16) {
             switch (M) {
@@ -207,11 +369,8 @@ void few_rows(const uint8_t *q, const float *s, const float *b, int bits, int64_
         (void)xsum;
         for (int64_t m = 0; m < M; m++) {
             float t = 0.f;
-            for (int64_t k = 0; k < K; k++) {
-                const int v = bits == 4 ? (qn[k / 32 * 16 + k % 16] >> (k % 32 < 16 ? 0 : 4)) & 0x0F
-                                        : qn[k];
-                t += ((float)v * sn[k / G] + bn[k / G]) * x[m * ldx + k];
-            }
+            for (int64_t k = 0; k < K; k++)
+                t += ((float)wvalue(qn, bits, k) * sn[k / G] + bn[k / G]) * x[m * ldx + k];
             y[m * ldy + n] = t;
         }
 #endif

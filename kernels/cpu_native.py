@@ -15,6 +15,11 @@ the variables).
 
 Rows: up to MAX_ROWS (a decode step) run the native kernel; more (a prefill chunk) dequantize
 the weight natively into a scratch fp32 tensor and run one sgemm, where the FLOPs are the time.
+Up to FEW_ROWS rows the kernel quantizes the activations to int8 in blocks of 32 once per call
+(as llama.cpp does: quantize_rows_ref is the reference) and runs integer dot products; a merged
+linear (q/k/v, gate/up) is one call, so one quantization serves all its projections.
+MINSERVE_CPU_EXACT_ACTIVATIONS=1 keeps them fp32 (for checking; tests/test_cpu_native.py bounds
+the difference).
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ SOURCES = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
            for name in ("cpu_int_gemm.c", "cpu_int_rows.c", "cpu_gguf.c", "cpu_attention.c",
                         "cpu_layer_ops.c", "cpu_mxfp4.c")]
 MAX_ROWS = 64              # the native kernel beat dequantize + sgemm up to here (bench/RESULTS.md)
+FEW_ROWS = 4               # cpu_int_gemm.c: up to here rows run on int8 activations
+Q8_BLOCK = 32              # values per activation scale
 CHUNK = 32                 # the layout's unit (cpu_int_gemm.c); K and the group size divide by it
 COMPILE_TIMEOUT_S = 120
 
@@ -154,6 +161,31 @@ def int_gemm_ref(x: torch.Tensor, w: CpuIntWeight) -> torch.Tensor:
     return torch.nn.functional.linear(x.float(), dequantize_ref(w)).to(x.dtype)
 
 
+def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' int8 activations: x [M, K] float32 -> (q int8 [M, K], d [M, K / 32]), d =
+    the block's absmax / 127 and q = round(x * 127 / absmax) (half to even, as the CPU rounds)."""
+    m, k = x.shape
+    blocks = x.float().reshape(m, k // Q8_BLOCK, Q8_BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = (blocks * inv).round().to(torch.int8).reshape(m, k)
+    return q, (amax / 127).squeeze(-1)
+
+
+def int8_activations_ref(x: torch.Tensor) -> torch.Tensor:
+    """x as the int kernels see it at up to FEW_ROWS rows: quantized (quantize_rows_ref) and
+    back, or x itself with MINSERVE_CPU_EXACT_ACTIVATIONS=1 or more rows."""
+    if not _quantize() or x.shape[0] > FEW_ROWS:
+        return x
+    q, d = quantize_rows_ref(x)
+    m, k = x.shape
+    return (q.float().view(m, -1, Q8_BLOCK) * d[:, :, None]).view(m, k).to(x.dtype)
+
+
+def _quantize() -> int:
+    return 0 if env.CPU_EXACT_ACTIVATIONS else 1
+
+
 def available() -> bool:
     return library() is not None
 
@@ -223,11 +255,13 @@ def _load(path: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.int_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr, i64,
-                             ctypes.c_int]
+                             ctypes.c_int, ctypes.c_int]
     lib.int_gemm.restype = ctypes.c_int
     lib.moe_int_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, i64,
-                                 ctypes.c_int, i64, i64, i64, ptr, i64, ctypes.c_int]
+                                 ctypes.c_int, i64, i64, i64, ptr, i64, ctypes.c_int, ctypes.c_int]
     lib.moe_int_gemm.restype = ctypes.c_int
+    lib.quantize_rows_q8.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr]
+    lib.quantize_rows_q8.restype = None
     lib.int_dequantize.argtypes = [ptr, ptr, ptr, ctypes.c_int, i64, i64, i64, ptr, ctypes.c_int]
     lib.int_dequantize.restype = None
     f32 = ctypes.c_float
@@ -239,7 +273,8 @@ def _load(path: str) -> ctypes.CDLL:
     lib.gelu_tanh_and_mul.restype = None
     lib.store_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     lib.store_kv.restype = ctypes.c_int
-    lib.block_gemm.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, i64, ctypes.c_int]
+    lib.block_gemm.argtypes = [ptr, i64, i64, ptr, ctypes.c_int, i64, i64, ptr, i64, ctypes.c_int,
+                               ctypes.c_int]
     lib.block_gemm.restype = ctypes.c_int
     lib.block_dequantize.argtypes = [ptr, ctypes.c_int, i64, i64, ptr, ctypes.c_int]
     lib.block_dequantize.restype = None
@@ -285,7 +320,7 @@ def int_gemm(x: torch.Tensor, w: CpuIntWeight, bias: torch.Tensor | None = None)
         out = torch.empty(m, n, dtype=torch.float32)
         if lib.int_gemm(x.data_ptr(), m, k, w.q.data_ptr(), w.scales.data_ptr(),
                         w.bias.data_ptr(), w.bits, k, w.group_size, n, out.data_ptr(), n,
-                        torch.get_num_threads()):
+                        _quantize(), torch.get_num_threads()):
             raise MemoryError("cpu_int_gemm: no memory for the per-thread row buffer")
     if dtype != torch.float32:
         out = out.to(dtype)
@@ -311,7 +346,8 @@ def moe_int_gemm(x: torch.Tensor, w: CpuIntExperts, groups: list[tuple[int, int,
         if lib.moe_int_gemm(x.data_ptr(), m, k, starts.data_ptr(), ends.data_ptr(),
                             experts.data_ptr(), len(native), w.q.data_ptr(), w.q.stride(0),
                             w.scales.data_ptr(), w.bias.data_ptr(), w.scales.stride(0), w.bits,
-                            k, w.group_size, n, out.data_ptr(), n, torch.get_num_threads()):
+                            k, w.group_size, n, out.data_ptr(), n, _quantize(),
+                            torch.get_num_threads()):
             raise MemoryError("cpu_int_gemm: no memory for the grouped GEMM's buffers")
     return out
 
@@ -340,7 +376,7 @@ def block_gemm(x: torch.Tensor, w: GgufBlockWeight,
     else:
         out = torch.empty(m, n, dtype=torch.float32)
         if lib.block_gemm(x.data_ptr(), m, k, w.blocks.data_ptr(), w.type_id, k, n,
-                          out.data_ptr(), n, threads):
+                          out.data_ptr(), n, _quantize(), threads):
             raise MemoryError("cpu_int_gemm: no memory for the per-thread row buffer")
     if dtype != torch.float32:
         out = out.to(dtype)

@@ -1,7 +1,8 @@
 """Every environment variable minserve reads, read here and nowhere else (modules may still write
 the OpenMP ones for libgomp: cpu_threads.py). Imports nothing heavy (no torch): kernels/, the CLI
 and cpu_threads.py all use it. Their table is the README's "Environment variables".
-The switches that pick code paths (MINSERVE_CPU_NATIVE, MINSERVE_CPU_ONEDNN, MINSERVE_NO_TRITON,
+The switches that pick code paths (MINSERVE_CPU_NATIVE, MINSERVE_CPU_ONEDNN,
+MINSERVE_CPU_EXACT_ACTIVATIONS, MINSERVE_NO_TRITON,
 MINSERVE_IMPORT_TRITON, TRITON_INTERPRET) are read once, when this module is first imported. The
 others are read when used: a program that embeds minserve (or a test) may set them after import.
 """
@@ -11,6 +12,9 @@ import os
 
 CPU_NATIVE: bool = os.environ.get("MINSERVE_CPU_NATIVE", "1") != "0"
 CPU_ONEDNN: bool = os.environ.get("MINSERVE_CPU_ONEDNN", "1") != "0"
+# 1: the native CPU int kernels keep a decode row's activations in fp32 (for checking the int8
+# activation path against them: kernels/cpu_native.py).
+CPU_EXACT_ACTIVATIONS: bool = os.environ.get("MINSERVE_CPU_EXACT_ACTIVATIONS", "") == "1"
 NO_TRITON: bool = os.environ.get("MINSERVE_NO_TRITON", "") == "1"
 IMPORT_TRITON: bool = (os.environ.get("MINSERVE_IMPORT_TRITON") == "1"
                        or os.environ.get("TRITON_INTERPRET") == "1")

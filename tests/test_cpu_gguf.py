@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from minserve import kernels
+from minserve import env, kernels
 from minserve.kernels import cpu_native
 from minserve.kernels.dispatch import CPU_REPACKED_GGUF
 from minserve.kernels.gguf_blocks import QUANTIZED_TYPES, GgufBlockWeight, dequantize_ref
@@ -56,16 +56,20 @@ def test_torch_reference_matches_gguf(type_name, n, k):
 @needs_native
 @pytest.mark.parametrize("type_name,n,k", list(_cases()))
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 17, 65])
-def test_block_gemm_matches_gguf(type_name, n, k, rows):
+def test_block_gemm_matches_gguf(type_name, n, k, rows, monkeypatch):
     raw = _blocks(type_name, n, k, seed=n + rows)
     want_w = _reference(raw, type_name, n, k)
     w = GgufBlockWeight(torch.from_numpy(raw), type_name, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(k + rows))
-    torch.testing.assert_close(kernels.int_gemm(x, w), x @ want_w.T, atol=1e-4, rtol=1e-4)
+    # the few-row path sees the int8 activations (cpu_native.int8_activations_ref)
+    want = cpu_native.int8_activations_ref(x) @ want_w.T
+    torch.testing.assert_close(kernels.int_gemm(x, w), want, atol=1e-4, rtol=1e-4)
     # and as the dispatch serves it on CPU (from the blocks, or repacked: CPU_REPACKED_GGUF)
     served = kernels.prepare_int_weight(w)
     assert isinstance(served, GgufBlockWeight) == (type_name not in CPU_REPACKED_GGUF)
-    torch.testing.assert_close(kernels.int_gemm(x, served), x @ want_w.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kernels.int_gemm(x, served), want, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(env, "CPU_EXACT_ACTIVATIONS", True)
+    torch.testing.assert_close(kernels.int_gemm(x, w), x @ want_w.T, atol=1e-4, rtol=1e-4)
 
 
 @needs_native
