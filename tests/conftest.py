@@ -5,7 +5,13 @@ import os
 
 import pytest
 
-from tests.tiny import make_tiny_model
+# The checks against dequantized or transformers' logits hold to fp32 summation order, so the
+# suite runs the native CPU int kernels on exact fp32 activations (spawned ranks and servers
+# inherit the variable); the int8 activation path is checked where a test turns it back on
+# (tests/test_cpu_native.py, test_cpu_gguf.py, test_cpu_int8_model.py: env.CPU_EXACT_ACTIVATIONS).
+os.environ.setdefault("MINSERVE_CPU_EXACT_ACTIVATIONS", "1")
+
+from tests.tiny import make_tiny_model  # noqa: E402  (after the variable: it imports minserve)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,12 @@ needs_native = pytest.mark.skipif(not cpu_native.available(),
                                   reason="no C compiler for the native CPU kernels")
 
 
+@pytest.fixture
+def int8_activations(monkeypatch):
+    """The serving default (tests/conftest.py runs the suite on exact activations)."""
+    monkeypatch.setattr(env, "CPU_EXACT_ACTIVATIONS", False)
+
+
 def _blocks(type_name: str, n: int, k: int, seed: int) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
@@ -56,7 +62,7 @@ def test_torch_reference_matches_gguf(type_name, n, k):
 @needs_native
 @pytest.mark.parametrize("type_name,n,k", list(_cases()))
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 17, 65])
-def test_block_gemm_matches_gguf(type_name, n, k, rows, monkeypatch):
+def test_block_gemm_matches_gguf(type_name, n, k, rows, monkeypatch, int8_activations):
     raw = _blocks(type_name, n, k, seed=n + rows)
     want_w = _reference(raw, type_name, n, k)
     w = GgufBlockWeight(torch.from_numpy(raw), type_name, k)

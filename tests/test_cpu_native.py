@@ -16,6 +16,12 @@ needs_native = pytest.mark.skipif(not cpu_native.available(),
                                   reason="no C compiler for the native CPU kernels")
 
 
+@pytest.fixture
+def int8_activations(monkeypatch):
+    """The serving default (tests/conftest.py runs the suite on exact activations)."""
+    monkeypatch.setattr(env, "CPU_EXACT_ACTIVATIONS", False)
+
+
 def _int_weight(n: int, k: int, bits: int, group: int, perm: bool = False, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 2 ** bits, (k, n), generator=g)
@@ -34,7 +40,7 @@ GEMM_CASES = [  # (N, K, bits, group)
 @needs_native
 @pytest.mark.parametrize("n,k,bits,group", GEMM_CASES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 64, 65])
-def test_int_gemm_matches_reference(n, k, bits, group, rows, monkeypatch):
+def test_int_gemm_matches_reference(n, k, bits, group, rows, monkeypatch, int8_activations):
     w = _int_weight(n, k, bits, group, seed=rows)
     cw = cpu_native.to_cpu_int(w)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(n))
@@ -70,7 +76,7 @@ def test_activation_quantizer_matches_reference():
 
 @needs_native
 @pytest.mark.parametrize("n,k,bits,group", GEMM_CASES[::2])
-def test_int8_activation_error_is_bounded(n, k, bits, group):
+def test_int8_activation_error_is_bounded(n, k, bits, group, int8_activations):
     """Against the exact fp32 product, each activation moves by at most half its block's step
     (absmax / 254): |y - y_exact| <= sum_k |w[n, k]| * step(k) / 2, the bound checked here. On
     these shapes the error reached 0.07-0.27 of that bound, and 0.4-0.9% of max |y_exact|."""
@@ -85,6 +91,22 @@ def test_int8_activation_error_is_bounded(n, k, bits, group):
     err = (kernels.int_gemm(x, cw) - exact).abs()
     assert (err <= bound).all()
     assert err.max() > 0                                                # the int8 path ran
+
+
+@needs_native
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 64)])
+def test_moe_int_gemm_on_int8_activations(bits, group, int8_activations):
+    """moe_int_gemm's groups of up to FEW_ROWS rows run on int8 activations, larger ones on
+    fp32 (5 rows: the many-rows path; 70 > MAX_ROWS: dequantize + sgemm)."""
+    n, k = 45, 256
+    experts = [cpu_native.to_cpu_int(_int_weight(n, k, bits, group, seed=e)) for e in range(6)]
+    stack = kernels.stack_experts(experts)
+    groups = [(4, 0, 1), (0, 1, 3), (5, 3, 8), (1, 8, 12), (2, 12, 82)]
+    x = torch.randn(82, k, generator=torch.Generator().manual_seed(bits))
+    got = cpu_native.moe_int_gemm(x, stack, groups)
+    for e, start, end in groups:
+        want = cpu_native.int_gemm_ref(cpu_native.int8_activations_ref(x[start:end]), experts[e])
+        torch.testing.assert_close(got[start:end], want, atol=1e-4, rtol=1e-4)
 
 
 @needs_native
