@@ -1,8 +1,9 @@
 """GGUF weights on CPU: the native block kernel (kernels/cpu_gguf.c, the file's bytes) against
 the same weight repacked into the int layout (cpu_int_gemm.c, more bytes, a simpler inner loop),
-at decode row counts, sides alternating within each round; prints every round and the medians
-(microseconds per call) with the load average. kernels/dispatch.py's CPU_REPACKED_GGUF says
-which side each type is served on; retake this on an idle machine before changing it.
+at decode row counts, each on int8 and on exact fp32 activations (kernels/cpu_native.py), the
+four sides alternating within each round; prints every round and the medians (microseconds per
+call) with the load average. kernels/dispatch.py's CPU_REPACKED_GGUF says which layout each type
+is served in; retake this on an idle machine before changing it.
 
     python bench/gguf_blocks.py --rounds 7 --rows 1 4 --shape 4608 576   # default model gate|up
 """
@@ -42,6 +43,16 @@ def per_call_us(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def on(activations: str, fn):
+    """fn run with the int kernels' activations set (env.CPU_EXACT_ACTIVATIONS)."""
+    from minserve import env
+
+    def run():
+        env.CPU_EXACT_ACTIVATIONS = activations == "exact"
+        return fn()
+    return run
+
+
 def main() -> None:
     from minserve.kernels import cpu_native
     from minserve.kernels.gguf_blocks import GgufBlockWeight, to_int_weight
@@ -67,8 +78,9 @@ def main() -> None:
         repacked = cpu_native.to_cpu_int(to_int_weight(blocks))
         for rows in args.rows:
             x = torch.randn(rows, k)
-            sides = {"blocks": lambda: cpu_native.block_gemm(x, blocks),
-                     "repacked": lambda: cpu_native.int_gemm(x, repacked)}
+            sides = {f"{layout}-{act}": on(act, fn) for act in ("int8", "exact")
+                     for layout, fn in (("blocks", lambda: cpu_native.block_gemm(x, blocks)),
+                                        ("repacked", lambda: cpu_native.int_gemm(x, repacked)))}
             times: dict[str, list[float]] = {side: [] for side in sides}
             for _ in range(args.rounds):
                 for side, fn in sides.items():
@@ -77,9 +89,11 @@ def main() -> None:
             rounds = "; ".join(f"{s} " + " ".join(f"{t:.0f}" for t in v) for s, v in times.items())
             med = {s: statistics.median(v) for s, v in times.items()}
             print(f"{type_name} rows {rows}: bytes blocks {blocks.nbytes()} repacked "
-                  f"{repacked.nbytes()}; median us blocks {med['blocks']:.0f} repacked "
-                  f"{med['repacked']:.0f} (blocks/repacked {med['blocks'] / med['repacked']:.2f}); "
-                  f"rounds: {rounds}")
+                  f"{repacked.nbytes()}; median us " + " ".join(f"{s} {t:.0f}" for s, t in
+                                                                 med.items())
+                  + f" (int8: blocks/repacked {med['blocks-int8'] / med['repacked-int8']:.2f}, "
+                  f"exact/int8 blocks {med['blocks-exact'] / med['blocks-int8']:.2f} repacked "
+                  f"{med['repacked-exact'] / med['repacked-int8']:.2f}); rounds: {rounds}")
 
 
 if __name__ == "__main__":

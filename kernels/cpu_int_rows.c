@@ -136,34 +136,39 @@ FEW16(4)
 
 /* The integer dot products of int8 activations (act_prepare) with 32 weight values as unsigned
  * bytes: dpbusd where the CPU has AVX-VNNI or AVX512-VNNI (-march=native sets the macros), else
- * AVX2's maddubs (4 bits: 2 * 15 * 127 fits its int16 pairs) or, for 8 bits, whose pairs could
- * saturate maddubs (2 * 255 * 127), int16 madd. Lanes 0-3 sum values 0-15 and lanes 4-7 values
- * 16-31 when `halves` (groups of 16); otherwise only the sum of all lanes is meant. */
+ * AVX2's maddubs. 4 bits: maddubs(w, x) (2 * 15 * 127 fits its int16 pairs). 8 bits, whose
+ * pairs could saturate (2 * 255 * 127): on w - 128, as maddubs(|w - 128|, x * sign(w - 128))
+ * (2 * 128 * 127 fits; |-128| is 128 as an unsigned byte), and the 128 * x the dot lost goes
+ * into the bias term (the end of FEWQ). Lanes 0-3 sum values 0-15, lanes 4-7 values 16-31. */
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define DPBUSD(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
 #elif defined(__AVXVNNI__)
 #define DPBUSD(u, s) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (u), (s))
 #endif
+#ifdef DPBUSD
+#define SHIFTED8 0      /* dpbusd takes 0..255 weights as they are */
+#else
+#define SHIFTED8 128
+#endif
 
-INLINE __m256i wbytes(const uint8_t *p, int bits) {    /* 32 values in order, 0..15 or 0..255 */
-    if (bits == 8) return _mm256_loadu_si256((const __m256i *)p);
+/* 32 values in order: 0..15, or (8 bits) 0..255, or w - 128 as signed bytes without DPBUSD. */
+INLINE __m256i wbytes(const uint8_t *p, int bits) {
+    if (bits == 8) {
+        const __m256i w = _mm256_loadu_si256((const __m256i *)p);
+        return SHIFTED8 ? _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80)) : w;
+    }
     const __m128i raw = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(0x0F);
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
 }
 
-INLINE __m256i idot32(__m256i w, __m256i x, int bits, int halves) {
+INLINE __m256i idot32(__m256i w, __m256i wabs, __m256i x, int bits) {
 #ifdef DPBUSD
-    (void)bits, (void)halves;
+    (void)wabs, (void)bits;
     return DPBUSD(w, x);
 #else
-    if (bits == 4) return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
-    const __m256i i0 = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(w)),
-                                         _mm256_cvtepi8_epi16(_mm256_castsi256_si128(x)));
-    const __m256i i1 = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1)),
-                                         _mm256_cvtepi8_epi16(_mm256_extracti128_si256(x, 1)));
-    if (!halves) return _mm256_add_epi32(i0, i1);
-    return _mm256_add_epi32(_mm256_permute2x128_si256(i0, i1, 0x20),
-                            _mm256_permute2x128_si256(i0, i1, 0x31));
+    const __m256i p = bits == 4 ? _mm256_maddubs_epi16(w, x)
+                                : _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 #endif
 }
 
@@ -177,17 +182,25 @@ INLINE __m256i idot32(__m256i w, __m256i x, int bits, int halves) {
         for (int m = 0; m < MT; m++) acc[m] = _mm256_setzero_ps();                            \
         for (int64_t k = 0; k < K; k += 32) {                                                 \
             const __m256i w = wbytes(bits == 4 ? q + k / 2 : q + k, bits);                    \
+            const __m256i wabs = _mm256_abs_epi8(w);    /* 8 bits without DPBUSD only */      \
             const __m256 sc = G == 16 ? _mm256_setr_m128(_mm_set1_ps(s[k / 16]),             \
                                                          _mm_set1_ps(s[k / 16 + 1]))          \
                                       : _mm256_set1_ps(s[k / G]);                             \
             for (int m = 0; m < MT; m++) {                                                    \
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + k));     \
                 const __m256 d = _mm256_mul_ps(sc, _mm256_set1_ps(xd[m * (K / 32) + k / 32])); \
-                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(idot32(w, xv, bits, G == 16)), d,  \
+                acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(idot32(w, wabs, xv, bits)), d,    \
                                          acc[m]);                                             \
             }                                                                                 \
         }                                                                                     \
-        FEW_BIAS(MT)                                                                          \
+        const int64_t groups = K / G;                                                         \
+        const float shift = bits == 8 ? (float)SHIFTED8 : 0.f;                                \
+        for (int m = 0; m < MT; m++) {                                                        \
+            float t = hsum(acc[m]);                                                           \
+            for (int64_t g = 0; g < groups; g++)                                              \
+                t += (b[g] + shift * s[g]) * xsum[m * groups + g];                            \
+            y[m * ldy] = t;                                                                   \
+        }                                                                                     \
     }
 FEWQ(1)
 FEWQ(2)
