@@ -70,8 +70,9 @@ _TRITON = triton is not None and not env.NO_TRITON
 # DRAM (bench/gguf_blocks.py; retake idle before changing this). Retaken 2026-12-08 with int8
 # activations (load average 15 on the 2 vCPUs, one thread, [4608, 768]): the repacked side still
 # took 0.28-0.50x the block side's time at one row and 0.57-0.76x at four, Q6_K included (0.46x
-# at one row), so the int8 path changes no choice. Q6_K stays in its blocks anyway: the repack
-# would hold 12 bits a value instead of 6.6 (the resident-memory target of issue 35).
+# at one row), so the int8 path changes no choice. Q6_K stays in its blocks: the int layout
+# takes groups of 32 (cpu_native.supported; only its few-rows kernel reads groups of 16), and
+# the repack would hold 12 bits a value instead of 6.6 (issue 35's resident-memory target).
 CPU_REPACKED_GGUF = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"})
 
 
