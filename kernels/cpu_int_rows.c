@@ -207,6 +207,17 @@ FEWQ(2)
 FEWQ(3)
 FEWQ(4)
 
+/* The kernels by row count (M - 1). */
+static void (*const FEW_M[4])(const uint8_t *, const float *, const float *, int, int64_t,
+                              int64_t, const float *, int64_t, const float *, float *,
+                              int64_t) = {few_1, few_2, few_3, few_4};
+static void (*const FEW16_M[4])(const uint8_t *, const float *, const float *, int64_t,
+                                const float *, int64_t, const float *, float *,
+                                int64_t) = {few16_1, few16_2, few16_3, few16_4};
+static void (*const FEWQ_M[4])(const uint8_t *, const float *, const float *, int, int64_t,
+                               int64_t, const int8_t *, const float *, const float *, float *,
+                               int64_t) = {fewq_1, fewq_2, fewq_3, fewq_4};
+
 /* Many rows: NR (<= 3) weight rows decoded into buf [3][K], against MT (<= 4) rows of x at
  * once: 3 x MT accumulators + 3 weight registers + 1 for x fill the 16 ymm registers, so each
  * k-step issues 3 + MT loads for 3 * MT FMAs (4 weight rows left no register for x, and the
@@ -336,17 +347,13 @@ void few_rows(const uint8_t *q, const float *s, const float *b, int bits, int64_
               int64_t n0, int64_t n1, const float *x, int64_t ldx, const int8_t *xq,
               const float *xd, const float *xsum, int64_t M, float *y, int64_t ldy) {
     const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
+    if (M < 1 || M > 4) return;    /* the callers send 1..FEW_ROWS rows */
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *qn = q + n * row_bytes;
         const float *sn = s + n * groups, *bn = b + n * groups;
         if (xq != NULL) {
 #ifdef __AVX2__
-            switch (M) {
-                case 1: fewq_1(qn, sn, bn, bits, K, G, xq, xd, xsum, y + n, ldy); break;
-                case 2: fewq_2(qn, sn, bn, bits, K, G, xq, xd, xsum, y + n, ldy); break;
-                case 3: fewq_3(qn, sn, bn, bits, K, G, xq, xd, xsum, y + n, ldy); break;
-                default: fewq_4(qn, sn, bn, bits, K, G, xq, xd, xsum, y + n, ldy); break;
-            }
+            FEWQ_M[M - 1](qn, sn, bn, bits, K, G, xq, xd, xsum, y + n, ldy);
 #else
             for (int64_t m = 0; m < M; m++) {
                 float t = 0.f;
@@ -363,21 +370,10 @@ void few_rows(const uint8_t *q, const float *s, const float *b, int bits, int64_
             continue;
         }
 #ifdef __AVX2__
-        if (G == 16) {
-            switch (M) {
-                case 1: few16_1(qn, sn, bn, K, x, ldx, xsum, y + n, ldy); break;
-                case 2: few16_2(qn, sn, bn, K, x, ldx, xsum, y + n, ldy); break;
-                case 3: few16_3(qn, sn, bn, K, x, ldx, xsum, y + n, ldy); break;
-                default: few16_4(qn, sn, bn, K, x, ldx, xsum, y + n, ldy); break;
-            }
-            continue;
-        }
-        switch (M) {
-            case 1: few_1(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-            case 2: few_2(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-            case 3: few_3(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-            default: few_4(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-        }
+        if (G == 16)
+            FEW16_M[M - 1](qn, sn, bn, K, x, ldx, xsum, y + n, ldy);
+        else
+            FEW_M[M - 1](qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy);
 #else
         (void)xsum;
         for (int64_t m = 0; m < M; m++) {
