@@ -2,8 +2,15 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
+
+# Bytecode kept as plain Python keeps it (__pycache__, git-ignored) even where the environment
+# sets PYTHONDONTWRITEBYTECODE: otherwise every process the suite starts (servers, tp ranks,
+# test_imports.py's fresh import of each module) compiles minserve from source again.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 from tests.tiny import make_tiny_model
 
