@@ -40,7 +40,6 @@ from minserve.kernels.layer_ops import (
     swiglu_oai_ref,
 )
 from minserve.kernels.mxfp4 import (
-    Mxfp4Experts,
     Mxfp4Weight,
     mxfp4_gemm_cpu,
     mxfp4_gemm_ref,

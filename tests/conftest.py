@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -11,7 +12,13 @@ import pytest
 # (tests/test_cpu_native.py, test_cpu_gguf.py, test_cpu_int8_model.py: env.CPU_EXACT_ACTIVATIONS).
 os.environ.setdefault("MINSERVE_CPU_EXACT_ACTIVATIONS", "1")
 
-from tests.tiny import make_tiny_model  # noqa: E402  (after the variable: it imports minserve)
+# Bytecode kept as plain Python keeps it (__pycache__, git-ignored) even where the environment
+# sets PYTHONDONTWRITEBYTECODE: otherwise every process the suite starts (servers, tp ranks,
+# test_imports.py's fresh import of each module) compiles minserve from source again.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
+from tests.tiny import make_tiny_model  # noqa: E402  (after the variables: it imports minserve)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """Test helpers for the model tests: load our model and transformers' reference from one folder,
-and a hand-rolled paged runner (block tables, slot mapping, AttnMetadata built by hand) so the
-models are tested without the engine."""
+a hand-rolled paged runner (block tables, slot mapping, AttnMetadata built by hand) so the
+models are tested without the engine, and the logits checks the model tests share (whole
+prefill, token-by-token decode, chunked prefill against transformers)."""
 from __future__ import annotations
 
 import json
@@ -114,3 +115,39 @@ def prefill_without_cache(model, prompts: list[list[int]]) -> list[torch.Tensor]
     """Fresh prompts all in one step, as the KV-sizing profile run does (on a fresh cache)."""
     runner = PagedRunner(model, block_size=16, num_blocks=sum(-(-len(p) // 16) for p in prompts))
     return runner.step([(str(i), p) for i, p in enumerate(prompts)])
+
+
+def random_prompt(n: int, seed: int, low: int = 3, high: int = 500) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(low, high) for _ in range(n)]
+
+
+def check_prefill(ours, hf, prompt: list[int], atol: float) -> None:
+    """The whole prompt in one step, through the paged cache and through the profiling path (no
+    cache), gives transformers' logits."""
+    ref = hf_logits(hf, prompt)
+    (paged,) = PagedRunner(ours, block_size=16).step([("a", prompt)])
+    torch.testing.assert_close(paged, ref, atol=atol, rtol=0)
+    (no_cache,) = prefill_without_cache(ours, [prompt])
+    torch.testing.assert_close(no_cache, ref, atol=atol, rtol=0)
+
+
+def check_decode(ours, hf, prompt: list[int], block_size: int, atol: float,
+                 first: int = 3) -> None:
+    """`first` tokens as a prefill, then one token a step: transformers' logits for the whole
+    prompt, row by row."""
+    runner = PagedRunner(ours, block_size=block_size)
+    got = [runner.step([("a", prompt[:first])])[0]]
+    got += [runner.step([("a", [tok])])[0] for tok in prompt[first:]]
+    torch.testing.assert_close(torch.cat(got), hf_logits(hf, prompt), atol=atol, rtol=0)
+
+
+def check_chunks(ours, hf, prompt: list[int], block_size: int, atol: float,
+                 sizes: tuple[int, ...] = (5, 16, 11, 1, 12)) -> None:
+    """The prompt in chunks of `sizes` (they start and end mid-block): transformers' logits."""
+    assert sum(sizes) == len(prompt)
+    runner, got, start = PagedRunner(ours, block_size=block_size), [], 0
+    for size in sizes:
+        got.append(runner.step([("a", prompt[start:start + size])])[0])
+        start += size
+    torch.testing.assert_close(torch.cat(got), hf_logits(hf, prompt), atol=atol, rtol=0)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import pytest
 import torch
@@ -15,7 +14,15 @@ import torch
 from minserve import LLM
 from minserve.config import ConfigError
 from minserve.sampling_params import SamplingParams
-from tests.paged_runner import PagedRunner, hf_logits, load_hf, load_ours, prefill_without_cache
+from tests.paged_runner import (
+    PagedRunner,
+    check_decode,
+    check_prefill,
+    hf_logits,
+    load_hf,
+    load_ours,
+    random_prompt,
+)
 from tests.tiny_gpt_oss import TINY_GPT_OSS, make_mxfp4_pair, make_tiny_gpt_oss
 
 ATOL = 2e-4
@@ -23,8 +30,7 @@ WINDOW = TINY_GPT_OSS["sliding_window"]
 
 
 def _prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(10, 500) for _ in range(n)]
+    return random_prompt(n, seed, low=10)
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +54,7 @@ def test_prefill_past_the_window_matches_transformers(pair):
     ours, hf, _, _ = pair
     prompt = _prompt(45, 1)
     assert len(prompt) > 5 * WINDOW
-    ref = hf_logits(hf, prompt)
-    (paged,) = PagedRunner(ours, block_size=16).step([("a", prompt)])
-    torch.testing.assert_close(paged, ref, atol=ATOL, rtol=0)
-    (no_cache,) = prefill_without_cache(ours, [prompt])
-    torch.testing.assert_close(no_cache, ref, atol=ATOL, rtol=0)
+    check_prefill(ours, hf, prompt, ATOL)
 
 
 @pytest.mark.parametrize("block_size", [16, 4])
@@ -60,13 +62,7 @@ def test_decode_token_by_token(pair, block_size):
     """Decode rows through the native CPU attention (sinks, the window) and the MoE's few-row
     paths, against the whole-sequence reference."""
     ours, hf, _, _ = pair
-    prompt = _prompt(37, 2)
-    ref = hf_logits(hf, prompt)
-    runner = PagedRunner(ours, block_size=block_size)
-    got = [runner.step([("a", prompt[:3])])[0]]
-    for tok in prompt[3:]:
-        got.append(runner.step([("a", [tok])])[0])
-    torch.testing.assert_close(torch.cat(got), ref, atol=ATOL, rtol=0)
+    check_decode(ours, hf, _prompt(37, 2), block_size, ATOL)
 
 
 def test_chunked_prefill_and_mixed_batch(pair):

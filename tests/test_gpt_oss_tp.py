@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,11 +14,9 @@ import torch
 from minserve import LLM, SamplingParams
 from minserve.config import ConfigError
 from tests.paged_runner import load_ours
-from tests.serving import free_port
 from tests.tiny_gpt_oss import make_mxfp4_pair, make_tiny_gpt_oss
-from tests.tp_ranks import run_steps
+from tests.tp_ranks import assert_steps_match, run_steps, spawn_ranks
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # (name, folder, load options for tests/tp_ranks.py)
 CASES = [("bf16-split", "model", ""), ("mxfp4-split", "mxfp4", ""), ("mxfp4-ep", "mxfp4", "ep")]
 
@@ -35,25 +31,15 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sharded_logits(folders, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpt-oss-tp-out")
-    port = free_port()
     specs = [folders[f] + (f"::{opts}" if opts else "") for _, f, opts in CASES]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "tp_ranks.py"), str(r), "2",
-                               str(port), str(out), *specs]) for r in range(2)]
-    for p in procs:
-        assert p.wait(timeout=600) == 0
-    return {name: torch.load(out / f"{i}.pt", weights_only=True)
-            for i, (name, _, _) in enumerate(CASES)}
+    logits = spawn_ranks(specs, tmp_path_factory.mktemp("gpt-oss-tp-out"))
+    return {name: got for (name, _, _), got in zip(CASES, logits, strict=True)}
 
 
 @pytest.mark.parametrize("name,folder", [c[:2] for c in CASES], ids=[c[0] for c in CASES])
 def test_sharded_logits_match_one_process(name, folder, folders, sharded_logits):
-    ours = run_steps(load_ours(folders[folder]))     # prefill chunks past the window, decodes
-    theirs = sharded_logits[name]
-    assert len(ours) == len(theirs) == 4
-    for a, b in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
-        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    # prefill chunks past the window, decodes
+    assert_steps_match(run_steps(load_ours(folders[folder])), sharded_logits[name])
 
 
 def test_engine_greedy_tokens_at_tp2_equal_one_process(folders):

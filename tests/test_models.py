@@ -5,7 +5,6 @@ and the linear layers' weight loading, shard by shard and tensor-parallel (tp_si
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 import torch
@@ -25,10 +24,14 @@ from minserve.models.registry import lookup
 from tests.paged_runner import (
     PagedRunner,
     attn_metadata,
+    check_chunks,
+    check_decode,
+    check_prefill,
     hf_logits,
     load_hf,
     load_ours,
     prefill_without_cache,
+    random_prompt,
 )
 from tests.tiny import make_tiny_model, write_gguf
 
@@ -70,11 +73,6 @@ GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
 IDS = [v[0] for v in VARIANTS]
 
 
-def _prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 500) for _ in range(n)]
-
-
 @pytest.fixture(scope="module", params=VARIANTS, ids=IDS)
 def pair(request, tmp_path_factory):
     """(our model, transformers' model) on the same tiny folder."""
@@ -92,45 +90,24 @@ def pair(request, tmp_path_factory):
 
 
 def test_prefill_matches_hf(pair):
-    ours, hf = pair
-    prompt = _prompt(40, 1)
-    ref = hf_logits(hf, prompt)
-    (paged,) = PagedRunner(ours, block_size=16).step([("a", prompt)])
-    torch.testing.assert_close(paged, ref, atol=ATOL, rtol=0)
-    (no_cache,) = prefill_without_cache(ours, [prompt])
-    torch.testing.assert_close(no_cache, ref, atol=ATOL, rtol=0)
+    check_prefill(*pair, random_prompt(40, 1), ATOL)
 
 
 @pytest.mark.parametrize("block_size", [16, 4])
 def test_decode_token_by_token(pair, block_size):
-    ours, hf = pair
-    prompt = _prompt(37, 2)
-    ref = hf_logits(hf, prompt)
-    runner = PagedRunner(ours, block_size=block_size)
-    got = [runner.step([("a", prompt[:3])])[0]]
-    for tok in prompt[3:]:
-        got.append(runner.step([("a", [tok])])[0])
-    torch.testing.assert_close(torch.cat(got), ref, atol=ATOL, rtol=0)
+    check_decode(*pair, random_prompt(37, 2), block_size, ATOL)
 
 
 @pytest.mark.parametrize("block_size", [16, 4])
 def test_chunked_prefill_across_blocks(pair, block_size):
-    ours, hf = pair
-    prompt = _prompt(45, 3)
-    ref = hf_logits(hf, prompt)
-    runner = PagedRunner(ours, block_size=block_size)
-    got, start = [], 0
-    for size in (5, 16, 11, 1, 12):  # chunks start mid-block and end mid-block
-        got.append(runner.step([("a", prompt[start:start + size])])[0])
-        start += size
-    assert start == len(prompt)
-    torch.testing.assert_close(torch.cat(got), ref, atol=ATOL, rtol=0)
+    check_chunks(*pair, random_prompt(45, 3), block_size, ATOL)   # chunks start mid-block
 
 
 def test_mixed_batch_equals_one_at_a_time(pair):
     """Decodes, a mid-prompt chunk and a fresh prompt in one step, as the scheduler packs them."""
     ours, hf = pair
-    prompts = {"a": _prompt(30, 4), "b": _prompt(21, 5), "c": _prompt(9, 6), "d": _prompt(33, 7)}
+    prompts = {k: random_prompt(n, seed)
+               for k, n, seed in (("a", 30, 4), ("b", 21, 5), ("c", 9, 6), ("d", 33, 7))}
     refs = {k: hf_logits(hf, p) for k, p in prompts.items()}
     runner = PagedRunner(ours, block_size=4, num_blocks=64)
     got: dict[str, list[torch.Tensor]] = {k: [] for k in prompts}
@@ -153,7 +130,7 @@ def test_mixed_batch_equals_one_at_a_time(pair):
 
 def test_profiling_path_batches_requests(pair):
     ours, hf = pair
-    prompts = [_prompt(n, 10 + n) for n in (7, 30, 1)]
+    prompts = [random_prompt(n, 10 + n) for n in (7, 30, 1)]
     for logits, prompt in zip(prefill_without_cache(ours, prompts), prompts, strict=True):
         torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=ATOL, rtol=0)
 
@@ -161,7 +138,7 @@ def test_profiling_path_batches_requests(pair):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_dtypes_track_float32(tiny_model_factory, dtype):
     folder = tiny_model_factory("Qwen3ForCausalLM")
-    prompt = _prompt(20, 8)
+    prompt = random_prompt(20, 8)
     ref = hf_logits(load_hf(folder), prompt)
     model = load_ours(folder, dtype=dtype)
     assert all(p.dtype == dtype for p in model.parameters())
@@ -214,7 +191,7 @@ def test_unsupported_rope_and_arch_raise_config_error():
 @torch.inference_mode()
 def test_inputs_embeds_equal_input_ids(tiny_model_factory):
     model = load_ours(tiny_model_factory("Qwen3ForCausalLM"))
-    prompts = [_prompt(13, 20), _prompt(6, 21)]
+    prompts = [random_prompt(13, 20), random_prompt(6, 21)]
     ids = torch.tensor([t for p in prompts for t in p])
     outs = []
     for kwargs in ({"input_ids": ids},

@@ -5,15 +5,22 @@ qkv bias), Mixtral (a sliding window shorter than the prompts). Logits through t
 greedy tokens against transformers' generate."""
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 from minserve import LLM, SamplingParams
 from minserve.config import ConfigError, ModelConfig
 from minserve.models.moe import FusedMoE
-from tests.paged_runner import PagedRunner, hf_logits, load_hf, load_ours
+from tests.paged_runner import (
+    PagedRunner,
+    check_chunks,
+    check_decode,
+    check_prefill,
+    hf_logits,
+    load_hf,
+    load_ours,
+    random_prompt,
+)
 from tests.tiny import make_tiny_model
 
 ATOL = 2e-4
@@ -30,11 +37,6 @@ VARIANTS = {
     "mixtral-sliding24": ("MixtralForCausalLM", {
         "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 24}),
 }
-
-
-def _prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 500) for _ in range(n)]
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -59,26 +61,16 @@ def test_layers_are_sparse_where_the_config_says(pair):
 
 
 def test_prefill_chunks_and_decode_match_hf(pair):
-    ours, hf = pair
-    prompt = _prompt(45, 1)
-    ref = hf_logits(hf, prompt)
-    (whole,) = PagedRunner(ours, block_size=16).step([("a", prompt)])
-    torch.testing.assert_close(whole, ref, atol=ATOL, rtol=0)
-    runner, got, start = PagedRunner(ours, block_size=4), [], 0
-    for size in (5, 16, 11, 1, 12):           # chunks start and end mid-block
-        got.append(runner.step([("c", prompt[start:start + size])])[0])
-        start += size
-    torch.testing.assert_close(torch.cat(got), ref, atol=ATOL, rtol=0)
-    runner = PagedRunner(ours, block_size=16)
-    got = [runner.step([("d", prompt[:30])])[0]]
-    got += [runner.step([("d", [t])])[0] for t in prompt[30:]]
-    torch.testing.assert_close(torch.cat(got), ref, atol=ATOL, rtol=0)
+    prompt = random_prompt(45, 1)
+    check_prefill(*pair, prompt, ATOL)
+    check_chunks(*pair, prompt, 4, ATOL)           # chunks start and end mid-block
+    check_decode(*pair, prompt, 16, ATOL, first=30)
 
 
 def test_mixed_batch_equals_one_at_a_time(pair):
     """Decodes, a chunk and a fresh prompt in one step: their tokens share the experts' groups."""
     ours, hf = pair
-    prompts = [_prompt(n, 10 + n) for n in (33, 20, 7)]
+    prompts = [random_prompt(n, 10 + n) for n in (33, 20, 7)]
     refs = [hf_logits(hf, p) for p in prompts]
     runner = PagedRunner(ours, block_size=16)
     runner.step([("a", prompts[0][:32]), ("b", prompts[1][:12])])
@@ -92,7 +84,8 @@ def test_engine_greedy_tokens_equal_transformers_generate(folder, pair):
     """Prompts longer than Mixtral's 24-token window, through chunked prefill (16-token steps)
     and prefix-cache hits (the second prompt repeats the first's first block)."""
     _, hf = pair
-    prompts = [_prompt(40, 5), _prompt(40, 5)[:16] + _prompt(12, 6), _prompt(3, 7)]
+    first = random_prompt(40, 5)
+    prompts = [first, first[:16] + random_prompt(12, 6), random_prompt(3, 7)]
     llm = LLM(folder, max_num_batched_tokens=16, max_model_len=128, kv_cache_memory=1 << 22)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
                         use_tqdm=False)

@@ -5,12 +5,7 @@ engine's greedy tokens; experts that do not divide are a start-up error naming t
 process group starts once."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-import torch
 from minserve.kernels import fused_moe as fm
 
 from minserve import LLM, SamplingParams
@@ -18,11 +13,9 @@ from minserve.config import ConfigError, ModelConfig
 from minserve.models import parallel
 from minserve.models.moe import FusedMoE
 from tests.paged_runner import load_ours
-from tests.serving import free_port
 from tests.tiny import make_tiny_model
-from tests.tp_ranks import run_steps
+from tests.tp_ranks import assert_steps_match, run_steps, spawn_ranks
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = {
     "qwen3moe": ("Qwen3MoeForCausalLM", {"num_experts": 8, "num_experts_per_tok": 2,
                                          "moe_intermediate_size": 32, "norm_topk_prob": True,
@@ -55,15 +48,9 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sharded_logits(folders, tmp_path_factory):
-    out = tmp_path_factory.mktemp("moe-tp-out")
-    port = free_port()
     specs = [folders[model] + (f"::{opts}" if opts else "") for _, model, opts in CASES]
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "tp_ranks.py"), str(r), "2",
-                               str(port), str(out), *specs]) for r in range(2)]
-    for p in procs:
-        assert p.wait(timeout=600) == 0
-    return {name: torch.load(out / f"{i}.pt", weights_only=True)
-            for i, (name, _, _) in enumerate(CASES)}
+    logits = spawn_ranks(specs, tmp_path_factory.mktemp("moe-tp-out"))
+    return {name: got for (name, _, _), got in zip(CASES, logits, strict=True)}
 
 
 @pytest.mark.parametrize("name,model", [(c[0], c[1]) for c in CASES], ids=[c[0] for c in CASES])
@@ -71,12 +58,7 @@ def test_sharded_logits_match_one_process(name, model, folders, sharded_logits):
     model_ = load_ours(folders[model])
     stacks = [type(m.weights.w13) for m in model_.modules() if isinstance(m, FusedMoE)]
     assert stacks and all((s is fm.DenseExperts) == ("gptq" not in name) for s in stacks)
-    ours = run_steps(model_)
-    theirs = sharded_logits[name]
-    assert len(ours) == len(theirs) == 4
-    for a, b in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
-        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert_steps_match(run_steps(model_), sharded_logits[name])
 
 
 ENGINE_ARGS = {"kv_cache_memory": 1 << 20, "max_num_batched_tokens": 16, "max_model_len": 128}

@@ -8,11 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
-import torch
 
 from minserve import LLM
 from minserve.config import ConfigError, EngineConfig, ModelConfig
@@ -23,11 +20,10 @@ from minserve.sampling_params import SamplingParams
 from minserve.server import ServerConfig, create_app
 from tests.asgi import call, lifespan
 from tests.paged_runner import load_ours
-from tests.serving import children, free_port, wait_until
+from tests.serving import children, wait_until
 from tests.tiny import make_tiny_model
-from tests.tp_ranks import run_steps
+from tests.tp_ranks import assert_steps_match, run_steps, spawn_ranks
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # (arch, overrides): GQA split and replicated (K=1 < 2 ranks), qkv bias + tied embeddings,
 # q/k norm, a sliding window, a vocab that does not divide by 2 (the last shard is padded)
 ARCHS = {
@@ -59,25 +55,15 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sharded_logits(folders, tmp_path_factory):
     """Both ranks run every model in one process group (started once)."""
-    out = tmp_path_factory.mktemp("tp-out")
-    port, names = free_port(), list(folders)
-    script = os.path.join(HERE, "tp_ranks.py")
-    procs = [subprocess.Popen([sys.executable, script, str(r), "2", str(port), str(out),
-                               *(folders[n] for n in names)]) for r in range(2)]
-    for p in procs:
-        assert p.wait(timeout=600) == 0
-    return {n: torch.load(out / f"{i}.pt", weights_only=True) for i, n in enumerate(names)}
+    names = list(folders)
+    logits = spawn_ranks([folders[n] for n in names], tmp_path_factory.mktemp("tp-out"))
+    return dict(zip(names, logits, strict=True))
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_sharded_logits_match_one_process(name, folders, sharded_logits):
-    ours = run_steps(load_ours(folders[name]))
-    theirs = sharded_logits[name]
-    assert len(ours) == len(theirs) == 4    # prefill chunks, chunk + decode, decodes
-    for a, b in zip(ours, theirs, strict=True):
-        assert a.shape == b.shape
-        torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
-        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    # prefill chunks, chunk + decode, decodes
+    assert_steps_match(run_steps(load_ours(folders[name])), sharded_logits[name])
 
 
 def test_step_plan_round_trips_as_plain_tensors():

@@ -6,17 +6,13 @@ splits an FP8 block is a start-up error with the numbers. One process group for 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from minserve.config import ConfigError
-from tests.serving import free_port
-from tests.tp_ranks import load_spec, run_steps
+from tests.tp_ranks import assert_steps_match, load_spec, run_steps, spawn_ranks
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # (name, method, options) for tests/quant_packers.py; group 32 so that each rank's 32 input
 # rows of o_proj hold whole groups; FP8 blocks of 16 so that k/v's 16 rows per rank do
 FORMATS = [
@@ -72,15 +68,10 @@ def specs(tiny_model_factory, tmp_path_factory):
 def sharded_logits(specs, tmp_path_factory):
     """Both ranks run every model in one process group (started once), int4 layers on the
     reference GEMM (torch's CPU int4 kernel rounds activations to bf16)."""
-    out = tmp_path_factory.mktemp("tp-quant-out")
-    port = free_port()
     env = {**os.environ, "MINSERVE_TEST_REFERENCE_INT": "1"}
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "tp_ranks.py"), str(r), "2",
-                               str(port), str(out), *(specs[n] for n in NAMES)], env=env)
-             for r in range(2)]
-    for p in procs:
-        assert p.wait(timeout=900) == 0
-    return {n: torch.load(out / f"{i}.pt", weights_only=True) for i, n in enumerate(NAMES)}
+    logits = spawn_ranks([specs[n] for n in NAMES], tmp_path_factory.mktemp("tp-quant-out"),
+                         timeout=900, env=env)
+    return dict(zip(NAMES, logits, strict=True))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -91,11 +82,7 @@ def test_quantized_logits_at_tp2_equal_one_process(name, specs, sharded_logits, 
     model = load_spec(specs[name])
     assert any(getattr(m, "parts", None) or getattr(m, "fp8_weight", None) is not None
                for m in model.modules()), "no layer was quantized"
-    ours, theirs = run_steps(model), sharded_logits[name]
-    assert len(ours) == len(theirs) == 4
-    for a, b in zip(ours, theirs, strict=True):
-        torch.testing.assert_close(b, a, atol=5e-4, rtol=1e-4)
-        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert_steps_match(run_steps(model), sharded_logits[name], atol=5e-4)
 
 
 def _load_layer(layer, tensors: dict, shard_id=None):

@@ -1,11 +1,14 @@
-"""One tensor-parallel rank for test_tp.py: `python tests/tp_ranks.py RANK WORLD PORT OUT FOLDER...`
-joins the gloo group, runs STEPS through each folder's sharded model on a hand-built paged cache,
-and (rank 0) saves the gathered logits to OUT/<n>.pt for the test to compare with one process.
-FOLDER::METHOD loads with --quantization METHOD (options: load_spec). MINSERVE_TEST_REFERENCE_INT=1
-keeps int4 layers on the plain-torch reference GEMM (as test_quant_models.py's fixture does)."""
+"""One tensor-parallel rank for the tp tests:
+`python tests/tp_ranks.py RANK WORLD PORT OUT FOLDER...` joins the gloo group, runs STEPS through
+each folder's sharded model on a hand-built paged cache, and (rank 0) saves the gathered logits
+to OUT/<n>.pt for the test to compare with one process (spawn_ranks starts both ranks once and
+reads them back; assert_steps_match compares). FOLDER::METHOD loads with --quantization METHOD
+(options: load_spec). MINSERVE_TEST_REFERENCE_INT=1 keeps int4 layers on the plain-torch
+reference GEMM (as test_quant_models.py's fixture does)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import torch
@@ -42,6 +45,38 @@ def run_steps(model) -> list[torch.Tensor]:
         if logits:
             out.append(torch.cat(logits))
     return out
+
+
+def spawn_ranks(specs: list[str], out_dir: str, timeout: float = 600,
+                env: dict[str, str] | None = None) -> list[list[torch.Tensor]]:
+    """Both ranks of a 2-process gloo group (this script, started once for all the specs) run
+    every spec in turn; rank 0's logits per spec, in order. A rank that fails or outlives
+    `timeout` fails the caller, and neither rank is left running."""
+    from tests.serving import free_port
+
+    port, script = str(free_port()), os.path.abspath(__file__)
+    procs = [subprocess.Popen([sys.executable, script, str(r), "2", port, str(out_dir), *specs],
+                              env=env) for r in range(2)]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0, 0], f"tp ranks exited with {codes}"
+    return [torch.load(os.path.join(out_dir, f"{i}.pt"), weights_only=True)
+            for i in range(len(specs))]
+
+
+def assert_steps_match(ours: list[torch.Tensor], theirs: list[torch.Tensor],
+                       atol: float = 2e-4, rtol: float = 1e-4) -> None:
+    """One process's run_steps logits against the gathered sharded ones, step by step: close,
+    and the same argmax token in every row."""
+    assert len(ours) == len(theirs) == len(STEPS)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(b, a, atol=atol, rtol=rtol)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
 def main() -> None:
