@@ -239,6 +239,7 @@ class AsyncEngine(WorkerService):
         self.stats: dict[str, Any] = {}
         self._streams: dict[str, RequestStream] = {}    # sample id -> stream (event-loop side)
         self._parents: dict[str, RequestStream] = {}    # API request id -> stream
+        self.sleep_level = 0    # sleep mode: 1 or 2 while asleep (or falling asleep)
 
     @property
     def num_in_flight(self) -> int:
@@ -253,6 +254,8 @@ class AsyncEngine(WorkerService):
             raise EngineError(self.dead_reason or "engine is not healthy", 503)
         if not self.is_ready or self._stopping:
             raise EngineError("engine is not ready", 503)
+        if self.sleep_level:
+            raise EngineError("the model is sleeping: POST /wake_up first", 503)
         if request_id in self._parents:
             raise EngineError(f"duplicate request id {request_id!r}", 400)
         stream = RequestStream(request_id, [sid for r in requests for sid in r.sample_ids()])
@@ -304,6 +307,26 @@ class AsyncEngine(WorkerService):
 
     async def remove_lora(self, name: str) -> None:
         await self._call(f"remove_lora({name!r})", lambda engine: engine.remove_lora(name))
+
+    async def sleep(self, level: int) -> None:
+        """Sleep mode (engine.py): from now on new requests are refused (a 503 naming
+        /wake_up); those in flight finish first, then the engine frees its memory."""
+        self._check_accepting()
+        if self.sleep_level:
+            return
+        self.sleep_level = level
+        try:
+            while self.num_in_flight and self.is_healthy:
+                await asyncio.sleep(0.05)
+            await self._call(f"sleep({level})", lambda engine: engine.sleep(level))
+        except BaseException:
+            self.sleep_level = 0
+            raise
+
+    async def wake_up(self) -> None:
+        if self.sleep_level:
+            await self._call("wake_up", lambda engine: engine.wake_up())
+            self.sleep_level = 0
 
     def _check_accepting(self) -> None:
         if not self.is_healthy or not self.is_ready or self._stopping:
