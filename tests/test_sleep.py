@@ -43,8 +43,8 @@ def test_sleep_routes(tiny_model_dir):
 
     async def fn(app):
         r = {"before": await call(app, "POST", "/v1/completions", body)}
-        r["level"] = await call(app, "POST", "/sleep?level=3")
-        r["sleep"] = await call(app, "POST", "/sleep?level=2")
+        r["level"] = await call(app, "POST", "/sleep", query=b"level=3")
+        r["sleep"] = await call(app, "POST", "/sleep", query=b"level=2")
         r["asleep"] = await call(app, "GET", "/is_sleeping")
         r["during"] = await call(app, "POST", "/v1/completions", body)
         r["wake"] = await call(app, "POST", "/wake_up")
