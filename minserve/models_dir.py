@@ -148,3 +148,40 @@ def _device_total(device: str) -> int | None:
         if torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda"):
             return torch.cuda.get_device_properties(0).total_memory
     return _meminfo("MemTotal")
+
+
+# ---- the flags (cli.py adds them; launch.py builds the pool from them) ----
+def add_flags(a: Any) -> None:
+    a("--models-dir", default=None, metavar="DIR",
+      help="serve every model folder and .gguf file in DIR, loaded on demand and named by its "
+           f"folder or file name (per-model flags: DIR/{SETTINGS_FILE}); --model adds one more")
+    a("--max-loaded-models", type=int, default=None,
+      help="--models-dir: models resident at once (default: as many as --models-memory holds)")
+    a("--models-memory", type=float, default=None,
+      help="--models-dir: the memory loaded models may take, in GiB (> 1) or as a fraction of "
+           "the device's (<= 1); default 0.9 of it, estimated from the weights' files")
+    a("--keep-alive", type=float, default=None, metavar="SECONDS",
+      help="--models-dir: unload a model idle this long (default: never)")
+    a("--model-wait-timeout", type=float, default=60.0, metavar="SECONDS",
+      help="--models-dir: how long a request waits for room to load its model before a 503")
+    a("--enable-sleep-mode", action="store_true",
+      help="POST /sleep?level=1|2, /wake_up, GET /is_sleeping (vLLM's); with --models-dir, "
+           "evicted models are parked (weights in host memory) on a GPU")
+
+
+def spec_from_args(args: Any, base: EngineConfig) -> PoolSpec | None:
+    """The pool the flags ask for, or None without --models-dir (ConfigError: a bad flag)."""
+    if args.models_dir is None:
+        return None
+    if args.max_loaded_models is not None and args.max_loaded_models < 1:
+        raise ConfigError(f"--max-loaded-models must be >= 1, got {args.max_loaded_models}")
+    if args.keep_alive is not None and args.keep_alive <= 0:
+        raise ConfigError(f"--keep-alive must be > 0 seconds, got {args.keep_alive}")
+    models = discover(args.models_dir, base)
+    if not models:
+        raise ConfigError(f"--models-dir {args.models_dir} holds no model folder (with a "
+                          "config.json) and no .gguf file")
+    return PoolSpec(models, max_loaded=args.max_loaded_models or PoolSpec.max_loaded,
+                    memory_bytes=memory_budget(args.models_memory, args.device),
+                    keep_alive_s=args.keep_alive, wait_timeout_s=args.model_wait_timeout,
+                    park=args.enable_sleep_mode)
