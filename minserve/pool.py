@@ -155,7 +155,9 @@ class ModelPool:
     def _make_room(self, m: PooledModel) -> bool:
         """True when m fits now; else start evicting the LRU idle model (False: wait)."""
         resident = [x for x in self.models.values() if x.resident and x is not m]
-        fits = len(resident) < self.spec.max_loaded and (
+        # tensor parallel state is process-wide (models/parallel.py): such a model loads alone
+        alone = any(x.config.tensor_parallel_size > 1 for x in [m, *resident])
+        fits = len(resident) < (1 if alone else self.spec.max_loaded) and (
             self.spec.memory_bytes is None or
             sum(x.size_bytes for x in resident) + m.size_bytes <= self.spec.memory_bytes)
         if fits:
