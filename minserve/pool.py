@@ -185,27 +185,36 @@ class ModelPool:
 
     # ---- state changes (tasks on the event loop; the work runs in engine threads) ----
     async def _load(self, m: PooledModel) -> None:
-        m.error, t0 = None, time.monotonic()
+        m.error = None
         logger.info("loading model %s", m.name)
         m.engine = AsyncEngine(m.config, self._factory)
         m.engine.start()
+        await self._bring_up(m, m.engine.wait_ready(), "load")
+
+    async def _wake(self, m: PooledModel) -> None:
+        await self._bring_up(m, m.engine.wake_up(), "wake up")
+
+    async def _bring_up(self, m: PooledModel, work: Any, what: str) -> None:
+        """Await a load or wake-up: the model then serves, or is failed with the reason."""
+        t0 = time.monotonic()
         try:
-            await m.engine.wait_ready()
+            await work
         except EngineError as e:
-            logger.error("model %s failed to load: %s", m.name, e.message)
+            logger.error("model %s failed to %s: %s", m.name, what, e.message)
             await m.engine.shutdown(0)
             self._drop(m)
             m.status, m.error = "failed", e.message
         else:
-            lora = m.config.lora.lora_modules if m.config.lora is not None else []
-            cfg = dataclasses.replace(self.server_cfg, served_model_names=[m.name],
-                                      lora_modules=lora)
-            m.serving = Serving(cfg, m.engine, self.metrics.for_model(m.name),
-                                {module.name: module for module in lora})
+            if m.serving is None:
+                lora = m.config.lora.lora_modules if m.config.lora is not None else []
+                cfg = dataclasses.replace(self.server_cfg, served_model_names=[m.name],
+                                          lora_modules=lora)
+                m.serving = Serving(cfg, m.engine, self.metrics.for_model(m.name),
+                                    {module.name: module for module in lora})
             m.status = "loaded"
             m.loads += 1
             m.load_seconds.append(time.monotonic() - t0)
-            logger.info("model %s loaded in %.1f s", m.name, m.load_seconds[-1])
+            logger.info("model %s: %s took %.1f s", m.name, what, m.load_seconds[-1])
         self._notify()
 
     async def _evict(self, m: PooledModel) -> None:
@@ -224,21 +233,6 @@ class ModelPool:
     def _can_park(self, m: PooledModel) -> bool:
         """Parking frees device memory only on a GPU; the weights then need host memory."""
         return _on_gpu(m.config.device) and host_available_bytes() > 2 * m.size_bytes
-
-    async def _wake(self, m: PooledModel) -> None:
-        t0 = time.monotonic()
-        try:
-            await m.engine.wake_up()
-        except EngineError as e:
-            logger.error("model %s failed to wake up: %s", m.name, e.message)
-            await m.engine.shutdown(0)
-            self._drop(m)
-            m.status, m.error = "failed", e.message
-        else:
-            m.status = "loaded"
-            m.loads += 1
-            m.load_seconds.append(time.monotonic() - t0)
-        self._notify()
 
     async def _unload(self, m: PooledModel) -> None:
         m.status = "unloading"

@@ -15,12 +15,13 @@ import threading
 import pytest
 
 from minserve import LLM, SamplingParams
+from minserve.cli import parse_args, server_config
 from minserve.config import EngineConfig
 from minserve.models_dir import PoolSpec, discover
 from minserve.pool import ModelPool
 from minserve.server import ServerConfig, create_app
 from tests.asgi import call
-from tests.serving import run
+from tests.serving import run, wait_until
 from tests.tiny import make_tiny_model
 
 BODY = {"prompt": "Hello world", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
@@ -191,3 +192,29 @@ def test_sleep_mode_parks_the_evicted_model(models_dir, expected, monkeypatch):
     assert texts == [expected["a"], expected["b"], expected["a"]]
     assert statuses(models)["a"] == "sleeping"
     assert loads == 2     # the load, then the wake-up
+
+
+def test_keep_alive_unloads_an_idle_model(models_dir, expected):
+    async def fn(app):
+        text = await complete(app, "a")
+        m = app.pool.models["a"]
+        await wait_until(lambda: m.status == "unloaded", 30, "the idle model to be unloaded")
+        return text, m.unloads
+
+    text, unloads = run(pool_app(models_dir, keep_alive_s=0.2), fn)
+    assert text == expected["a"] and unloads == 1
+
+
+def test_flags_build_the_pool(models_dir, tmp_path, capsys):
+    args = parse_args(["--models-dir", models_dir, "--max-loaded-models", "2",
+                       "--models-memory", "3", "--keep-alive", "60", "--device", "cpu"])
+    spec = args.pool_spec
+    assert [m.name for m in spec.models] == ["a", "b", "big", "broken", "c"]
+    assert (spec.max_loaded, spec.memory_bytes, spec.keep_alive_s) == (2, 3 << 30, 60.0)
+    assert server_config(args).served_model_names == []     # the pool alone
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text("{}")
+    (tmp_path / "minserve-models.json").write_text(json.dumps({"a": {"max_len": 5}}))
+    with pytest.raises(SystemExit):
+        parse_args(["--models-dir", str(tmp_path)])
+    assert "unknown setting(s) max_len" in capsys.readouterr().err
