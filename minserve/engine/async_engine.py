@@ -245,6 +245,12 @@ class AsyncEngine(WorkerService):
     def num_in_flight(self) -> int:
         return len(self._parents)
 
+    def stop(self, timeout: float | None = 10.0) -> None:
+        super().stop(timeout)
+        # the engine's memory goes with its last reference (the model pool unloads models),
+        # not with this object, which a finished executor job may still hold for a moment
+        self._engine = None
+
     # ---- requests (event loop side) ----
     def add_request(self, request_id: str, requests: list[EngineRequest]) -> RequestStream:
         """Queue an API request's prompts, one EngineRequest each (the engine fans n out). The
