@@ -1,10 +1,11 @@
 """The model pool's time to first token (issue 34): a cold model (unloaded: the load is in the
 TTFT), a parked one (sleep level 1: the wake-up is in it) and a loaded one, for the default
 model and a larger dummy-weight model (bench/configs/qwen3-0.6b's shape with the default model's
-tokenizer and vocabulary: ~0.44B parameters), with room for one model, so loading one parks the
+tokenizer and vocabulary: ~0.49B parameters), with room for one model, so loading one parks the
 other. Each round runs both models in turn (cold A, loaded A, cold B, loaded B, parked A,
 parked B, then both unloaded); the process's RSS is read before the first load, with each model
-loaded, and after both are unloaded (at once, and --settle seconds later). Prints every round, then the medians.
+loaded, and after both are unloaded (at once, and --settle seconds later). Prints every round,
+then the medians.
 
     python bench/pool.py [--rounds 3] [--device cpu|cuda] [--big bench/configs/qwen3-0.6b]
 

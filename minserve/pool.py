@@ -19,9 +19,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
 from minserve.engine import heap
 from minserve.engine.async_engine import AsyncEngine, EngineError
-from minserve.http import OpenAIError
+from minserve.http import OpenAIError, model_not_found
 from minserve.models_dir import PoolSpec, host_available_bytes
 from minserve.serving import Serving
 
@@ -100,6 +102,11 @@ class ModelPool:
     @contextlib.asynccontextmanager
     async def lease(self, name: str) -> AsyncIterator[Serving]:
         """The model's Serving, loaded, held against eviction for the block."""
+        if not self.has(name):     # a server of pooled models alone
+            if not isinstance(name, str):
+                raise OpenAIError(400, "`model` is required: name one of "
+                                  f"{', '.join(self.models)}", param="model")
+            raise model_not_found(name, [*self.models, *self.adapters])
         m = await self._acquire(self.models[self.adapters.get(name, name)])
         try:
             yield m.serving
@@ -279,11 +286,6 @@ class _PoolCollector:
         self.pool = pool
 
     def collect(self) -> Any:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
         lbl = ["model_name"]
         loads = CounterMetricFamily("minserve:model_loads", "Model loads (and wake-ups) by the "
                                     "model pool.", labels=lbl)

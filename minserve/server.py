@@ -190,7 +190,7 @@ class App:
         """The Serving the body's `model` names: a pooled one is loaded (and held) for the
         block; any other is the chat model's."""
         model = body.get("model") if isinstance(body, dict) else None
-        if self.pool is not None and self.pool.has(model):
+        if self.pool is not None and (self.pool.has(model) or self.chat is None):
             return self.pool.lease(model)
         return contextlib.nullcontext(self.chat_serving())
 
@@ -228,7 +228,7 @@ class App:
         way round (/health and /v1/models, which describe both, need both)."""
         if path in EMBEDDING_ROUTES and self.embedding is not None:
             return [self.embedding]
-        if path.startswith(("/v1/files", "/v1/batches")) or self.pool is not None:
+        if path.startswith(("/v1/files", "/v1/batches")) or self.pool and path in LOAD_AWARE:
             return []     # the Batch API's bookkeeping needs no model; the pool loads its own
         if path == "/v1/models" or path.startswith("/v1/models/") or self.chat is None:
             return self.services

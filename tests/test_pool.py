@@ -218,3 +218,15 @@ def test_flags_build_the_pool(models_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--models-dir", str(tmp_path)])
     assert "unknown setting(s) max_len" in capsys.readouterr().err
+
+
+def test_unknown_or_missing_model_is_a_4xx(models_dir):
+    async def fn(app):
+        return (await call(app, "POST", "/v1/completions", {**BODY, "model": "nope"}),
+                await call(app, "POST", "/v1/completions", BODY),
+                await call(app, "POST", "/v1/models/nope/unload"))
+
+    unknown, missing, unload = run(pool_app(models_dir), fn)
+    assert unknown.status == 404 and "`a`" in unknown.json()["error"]["message"]
+    assert missing.status == 400 and "required" in missing.json()["error"]["message"]
+    assert unload.status == 404
