@@ -129,11 +129,11 @@ class ModelPool:
     async def unload(self, name: str) -> PooledModel:
         """POST /v1/models/{id}/unload: a 409 while requests hold it."""
         m = self.models[name]
+        while m.status in ("loading", "unloading"):
+            await self._wait_change(None)
         if m.users:
             raise OpenAIError(409, f"model `{name}` has {m.users} request(s) in flight; "
                               "retry when they finish", param="model")
-        while m.status == "loading":
-            await self._wait_change(None)
         if m.engine is not None:
             await self._unload(m)
         return m
@@ -157,7 +157,9 @@ class ModelPool:
                 raise OpenAIError(503, f"no room to load model `{m.name}`: every loaded model "
                                   "has requests in flight; retry shortly", param="model",
                                   headers=[(b"retry-after", str(RETRY_AFTER_S).encode())])
-            await self._wait_change(deadline)
+            # a load, wake-up or unload under way always ends (and notifies): no deadline
+            waiting = m.status in ("unloaded", "sleeping")
+            await self._wait_change(deadline if waiting else None)
 
     def _make_room(self, m: PooledModel) -> bool:
         """True when m fits now; else start evicting the LRU idle model (False: wait)."""
