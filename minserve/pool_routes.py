@@ -15,9 +15,13 @@ from minserve.http import Http, OpenAIError, model_not_found
 
 # ---- sleep mode (the chat model) ----
 def _sleeper(app: Any, http: Http) -> Any:
-    if not app.cfg.enable_sleep_mode or app.chat is None:
+    if not app.cfg.enable_sleep_mode:
         raise OpenAIError(404, f"Not Found: {http.path} (start the server with "
                           "--enable-sleep-mode)", type="NotFoundError")
+    if app.chat is None:
+        raise OpenAIError(404, f"Not Found: {http.path} puts the --model model to sleep, and "
+                          "this server has none (the pool parks its own models; unload one "
+                          "with POST /v1/models/{id}/unload)", type="NotFoundError")
     return app.chat
 
 
@@ -66,8 +70,10 @@ def model_card(app: Any, name: str) -> dict[str, Any]:
     pool = app.pool
     base = pool.adapters.get(name)
     m = pool.models[base or name]
+    info = m.engine.info if m.engine is not None else None    # the resolved length, once loaded
     return {"id": name, "object": "model", "created": int(app.started), "owned_by": "minserve",
-            "root": m.config.model, "parent": base, "max_model_len": m.config.max_model_len,
+            "root": m.config.model, "parent": base, "max_model_len": info.max_model_len
+            if info is not None else m.config.max_model_len,
             "permission": [], **m.card()}
 
 

@@ -94,6 +94,7 @@ def test_alternating_models_with_room_for_one(models_dir, expected):
     assert texts == [expected[n] for n in ("a", "b", "c", "a")]
     assert statuses(models) == {"a": "loaded", "b": "unloaded", "c": "unloaded",
                                 "big": "unloaded", "broken": "unloaded"}
+    assert [c["max_model_len"] for c in models.json()["data"] if c["id"] == "a"] == [512]
     text = metrics.body.decode()
     assert 'minserve:model_loads_total{model_name="a"} 2.0' in text
     assert 'minserve:model_unloads_total{model_name="b"} 1.0' in text
