@@ -5,12 +5,13 @@ Module map (the README's file map and request flow say more):
   token_routes, webui/) -> serving (parse -> typed events, the one path) -> protocol,
   request_fields, sampling_params (requests built once) -> output (events -> OpenAI JSON/SSE).
   responses, messages and blocks put the other APIs on that path; batch/ (Batch API, run-batch)
-  and llm (LLM) consume it too.
+  and llm (LLM) consume it too. pool (models loaded on demand, LRU eviction, parking), models_dir
+  (--models-dir, its settings file, the pool's flags) and pool_routes (load/unload, sleep mode).
 - text: chat (messages, templates), tokenizer, tekken, detokenizer, structured,
   structured_limits, regex_dialect, tool_parsers/, reasoning, harmony (gpt-oss).
 - engine/: async_engine (the thread) -> engine (step) -> scheduler, kv_cache, runner, sampler;
   request, waiting, fairness, builder (the one model builder), workers (tensor parallel), beam,
-  encoder_cache, heap; spec/ (speculative decoding).
+  encoder_cache, heap, sleep (sleep mode's weights); spec/ (speculative decoding).
 - models/: registry (one row per architecture), llama, gemma3, gemma4, moe, qwen_moe, mixtral,
   gpt_oss, eagle3, bert, cross_encoder, layers, linear, parallel, loader, gguf; quant/; vision/
   (towers, wrappers, their processors). kernels/ picks each op's device path. Beside them:

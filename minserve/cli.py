@@ -12,7 +12,7 @@ import re
 import sys
 from typing import Any
 
-from minserve import __version__, env
+from minserve import __version__, env, models_dir
 from minserve.config import (
     DEFAULT_MODEL_NAME,
     KV_CACHE_DTYPES,
@@ -239,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--allowed-origins", type=_origins, default=["*"],
       help='CORS origins, a JSON list or comma-separated (default ["*"])')
     a("--root-path", default="", help="path prefix when behind a path-based proxy")
+    models_dir.add_flags(a)
     a("--webui", dest="enable_webui", action=argparse.BooleanOptionalAction, default=True,
       help="the chat page at / (llama-server's flag names; --no-webui: / is a 404)")
     a("--ssl-keyfile", default=None)
@@ -422,6 +423,7 @@ def parse_args(argv: list[str] | None = None,
                      "(--nnodes 1)")
     try:
         args.engine_config = engine_config(args)
+        args.pool_spec = models_dir.spec_from_args(args, args.engine_config)
     except ConfigError as e:
         parser.error(str(e))
     return args
@@ -444,9 +446,10 @@ def server_config(args: argparse.Namespace):  # -> ServerConfig (import kept laz
     env_key = env.api_key()
     names = args.served_model_name or [args.model or DEFAULT_MODEL_NAME]
     embed_only = args.task == "embed"
+    pool_only = getattr(args, "pool_spec", None) is not None and not args.model
     same = {f.name for f in dataclasses.fields(ServerConfig)} & set(vars(args))
     return ServerConfig(**{name: getattr(args, name) for name in same} | dict(
-        served_model_names=[] if embed_only else names,
+        served_model_names=[] if embed_only or pool_only else names,
         embedding_model_names=names if embed_only else [m for m in [args.embedding_model] if m],
         api_keys=args.api_key or ([env_key] if env_key else []),
         root_path=args.root_path.rstrip("/"), max_body_bytes=args.max_request_body_bytes,

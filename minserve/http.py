@@ -32,9 +32,11 @@ class OpenAIError(ValueError):
     ValueError, as LLM raises it: the offline API refuses input in the routes' words."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str | None = None, code: str | int | None = None) -> None:
+                 type: str | None = None, code: str | int | None = None,
+                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or []    # extra response headers (a 503's Retry-After)
         self.message = message
         self.param = param
         self.type = type or _ERROR_TYPES.get(status, "BadRequestError")
@@ -152,6 +154,7 @@ class Http:
         error event and the end of the stream; otherwise the body just ends."""
         if not self.started:
             extra = [(b"www-authenticate", b"Bearer")] if err.status == 401 else []
+            extra += err.headers
             return await self.send_json(err.status, self.error_body(err), extra)
         if self.sse:
             await self.send_event(self.error_body(err))

@@ -88,8 +88,11 @@ async def serve(args: argparse.Namespace, config: ServerConfig) -> int:
 
     if not args.reuse_port:
         check_port_free(args.host, args.port)
-    app = create_app(None if args.task == "embed" else args.engine_config, config,
-                     embedding=service_from_cli(args), batches=batch_service_from_cli(args))
+    pool = getattr(args, "pool_spec", None)
+    pool_only = pool is not None and not args.model
+    app = create_app(None if args.task == "embed" or pool_only else args.engine_config, config,
+                     embedding=service_from_cli(args), batches=batch_service_from_cli(args),
+                     pool=pool)
     scheme = "https" if args.ssl_certfile else "http"
     url = f"{scheme}://{args.host}:{args.port}{args.root_path.rstrip('/')}/v1"
     # NOTE: HTTP/1.1 only, as vLLM's uvicorn: in granian's auto mode a connection that sends
@@ -106,7 +109,8 @@ async def serve(args: argparse.Namespace, config: ServerConfig) -> int:
                     backlog=BACKLOG, backpressure=connection_limit())
     logging.getLogger("_granian").addFilter(_quiet_granian)
     exit_code = 0
-    primary = app.services[0]  # the chat engine, or the embedding service serving alone
+    # the chat engine, or the embedding service serving alone; none for a pool alone
+    primary = app.services[0] if app.services else _Ready()
 
     def on_ready() -> None:
         info = primary.info
@@ -140,10 +144,19 @@ async def serve(args: argparse.Namespace, config: ServerConfig) -> int:
     shutdown = GracefulShutdown(server, app, args.port)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, shutdown.begin)
-    startup_logger.info("minserve %s: loading %s; listening on %s (/health is 503 until "
-                        "loaded)", __version__, args.model or DEFAULT_MODEL_NAME, url)
+    if pool_only:
+        startup_logger.info("minserve %s: ready: OpenAI API at %s; models loaded on demand: "
+                            "%s", __version__, url, ", ".join(m.name for m in pool.models))
+    else:
+        startup_logger.info("minserve %s: loading %s; listening on %s (/health is 503 until "
+                            "loaded)", __version__, args.model or DEFAULT_MODEL_NAME, url)
     await server.serve()
     return exit_code
+
+
+class _Ready:
+    """A pool alone has no model to wait for at start-up: nothing to report."""
+    is_ready, on_ready, on_dead = True, None, None
 
 
 def batch_service_from_cli(args: argparse.Namespace):  # -> BatchService

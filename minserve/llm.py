@@ -135,6 +135,14 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.info.tokenizer if self.engine is not None else self.embedder.tokenizer
 
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode: the KV cache freed, the weights in host memory (level 1) or
+        dropped (level 2, reloaded from the checkpoint by wake_up)."""
+        self._generator().sleep(level)
+
+    def wake_up(self) -> None:
+        self._generator().wake_up()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults (as vLLM does)."""
         return SamplingParams(**self._generator().info.generation_defaults)

@@ -2,6 +2,7 @@
 model_name. Request-level numbers are recorded by the server; engine gauges are read at scrape."""
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -187,57 +188,73 @@ class Metrics:
         self.window = StatsWindow(get_stats, log=log_stats)
         self.registry = CollectorRegistry()
         r, lbl = self.registry, ["model_name"]
-        # The families stay reachable (for embedding requests, labelled with their own model);
-        # the chat model's series are bound once here.
+        # The families stay reachable (embedding requests and pooled models are labelled with
+        # their own model: for_model); the chat model's series are bound once here.
         self.prompt_tokens_family = Counter("vllm:prompt_tokens",
                                             "Number of prefill tokens processed.", lbl, registry=r)
-        self.prompt_tokens = self.prompt_tokens_family.labels(model_name)
-        self.generation_tokens = Counter("vllm:generation_tokens",
-                                         "Number of generation tokens processed.", lbl,
-                                         registry=r).labels(model_name)
         self.request_success = Counter("vllm:request_success",
                                        "Count of successfully processed requests.",
                                        ["model_name", "finished_reason"], registry=r)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds",
-                              "Histogram of time to first token in seconds.", lbl,
-                              buckets=TTFT_BUCKETS, registry=r).labels(model_name)
-        self.itl = Histogram("vllm:inter_token_latency_seconds",
-                             "Histogram of inter-token latency in seconds.", lbl,
-                             buckets=ITL_BUCKETS, registry=r).labels(model_name)
         self.e2e_family = Histogram("vllm:e2e_request_latency_seconds",
                                     "Histogram of e2e request latency in seconds.", lbl,
                                     buckets=E2E_BUCKETS, registry=r)
-        self.e2e = self.e2e_family.labels(model_name)
         self.request_prompt_tokens_family = Histogram(
             "vllm:request_prompt_tokens", "Number of prefill tokens processed.", lbl,
             buckets=TOKEN_BUCKETS, registry=r)
-        self.request_prompt_tokens = self.request_prompt_tokens_family.labels(model_name)
-        self.request_generation_tokens = Histogram(
-            "vllm:request_generation_tokens", "Number of generation tokens processed.", lbl,
-            buckets=TOKEN_BUCKETS, registry=r).labels(model_name)
+        self._families: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens_family,
+            "generation_tokens": Counter("vllm:generation_tokens",
+                                         "Number of generation tokens processed.", lbl,
+                                         registry=r),
+            "ttft": Histogram("vllm:time_to_first_token_seconds",
+                              "Histogram of time to first token in seconds.", lbl,
+                              buckets=TTFT_BUCKETS, registry=r),
+            "itl": Histogram("vllm:inter_token_latency_seconds",
+                             "Histogram of inter-token latency in seconds.", lbl,
+                             buckets=ITL_BUCKETS, registry=r),
+            "e2e": self.e2e_family,
+            "request_prompt_tokens": self.request_prompt_tokens_family,
+            "request_generation_tokens": Histogram(
+                "vllm:request_generation_tokens", "Number of generation tokens processed.", lbl,
+                buckets=TOKEN_BUCKETS, registry=r),
+            "request_tpot": Histogram(
+                "vllm:request_time_per_output_token_seconds",
+                "Histogram of time_per_output_token_seconds per request.", lbl,
+                buckets=ITL_BUCKETS, registry=r),
+            "request_params_n": Histogram(
+                "vllm:request_params_n", "Histogram of the n request parameter.", lbl,
+                buckets=N_BUCKETS, registry=r),
+            "request_params_max_tokens": Histogram(
+                "vllm:request_params_max_tokens",
+                "Histogram of the max_tokens request parameter.", lbl, buckets=TOKEN_BUCKETS,
+                registry=r),
+            "request_num_preemptions": Histogram(
+                "vllm:request_num_preemptions", "Number of preemptions per finished request.",
+                lbl, buckets=PREEMPTION_BUCKETS, registry=r)}
         # Where a request's time went (vLLM's dashboard panels "Queue Time" and "Requests
         # Prefill and Decode Time"); one observation per engine request, so per sample for n > 1.
-        self.phases = {phase: Histogram(
+        self._phase_families = {phase: Histogram(
             f"vllm:request_{phase}_time_seconds", doc, lbl, buckets=E2E_BUCKETS,
-            registry=r).labels(model_name) for phase, doc in (
+            registry=r) for phase, doc in (
                 ("queue", "Histogram of time spent in WAITING phase for request."),
                 ("prefill", "Histogram of time spent in PREFILL phase for request."),
                 ("decode", "Histogram of time spent in DECODE phase for request."),
                 ("inference", "Histogram of time spent in RUNNING phase for request."))}
-        self.request_tpot = Histogram(
-            "vllm:request_time_per_output_token_seconds",
-            "Histogram of time_per_output_token_seconds per request.", lbl, buckets=ITL_BUCKETS,
-            registry=r).labels(model_name)
-        self.request_params_n = Histogram(
-            "vllm:request_params_n", "Histogram of the n request parameter.", lbl,
-            buckets=N_BUCKETS, registry=r).labels(model_name)
-        self.request_params_max_tokens = Histogram(
-            "vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.",
-            lbl, buckets=TOKEN_BUCKETS, registry=r).labels(model_name)
-        self.request_num_preemptions = Histogram(
-            "vllm:request_num_preemptions", "Number of preemptions per finished request.", lbl,
-            buckets=PREEMPTION_BUCKETS, registry=r).labels(model_name)
+        self._bind(model_name)
         r.register(_EngineCollector(model_name, get_stats, get_cache_info, self.window))
+
+    def _bind(self, model_name: str) -> None:
+        self.model_name = model_name
+        for attr, family in self._families.items():
+            setattr(self, attr, family.labels(model_name))
+        self.phases = {k: f.labels(model_name) for k, f in self._phase_families.items()}
+
+    def for_model(self, model_name: str) -> Metrics:
+        """The request metrics of another model served beside this one (the model pool): the
+        same families and /metrics page, series labelled with its model_name."""
+        view = copy.copy(self)
+        view._bind(model_name)
+        return view
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,6 +6,7 @@ own thread."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -13,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from minserve import __version__, messages, output, responses, token_routes
+from minserve import __version__, messages, output, pool_routes, responses, token_routes
 from minserve.batch import routes as batch_routes
 from minserve.config import LoRAModule
 from minserve.embeddings import routes as embedding_routes
@@ -24,6 +25,7 @@ from minserve.http import Http, OpenAIError, Receive, Scope, Send, find_route, m
 from minserve.lora import routes as lora_routes
 from minserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from minserve.metrics import Metrics
+from minserve.pool import ModelPool
 from minserve.protocol import GenerateRequest
 from minserve.serving import Serving
 from minserve.webui import routes as webui_routes
@@ -58,6 +60,7 @@ class ServerConfig:
     lora_modules: list[LoRAModule] = field(default_factory=list)    # --lora-modules
     allow_runtime_lora: bool = False   # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload routes
     enable_webui: bool = True          # the chat page at / (--no-webui)
+    enable_sleep_mode: bool = False    # POST /sleep, /wake_up, GET /is_sleeping; pool parking
 
 
 Handler = Callable[["App", Http], Awaitable[None]]
@@ -69,14 +72,17 @@ class App:
     /v1/rerank; either may be None. `batches` (a BatchService) is the Batch API, or None."""
 
     def __init__(self, cfg: ServerConfig, chat: AsyncEngine | None, embedding: Any = None,
-                 batches: Any = None) -> None:
+                 batches: Any = None, pool: Any = None) -> None:
+        """pool: a models_dir.PoolSpec (--models-dir): its models load on demand."""
         self.cfg = cfg
         self.chat = chat
         self.embedding = embedding
         self.batches = batches
         self.services = [s for s in (chat, embedding) if s is not None]
-        self.model_name = (cfg.served_model_names or cfg.embedding_model_names)[0]
-        self.metrics = Metrics(self.model_name, lambda: self.services[0].stats,
+        self.model_name = (cfg.served_model_names or cfg.embedding_model_names
+                           or [m.name for m in pool.models])[0]
+        self.metrics = Metrics(self.model_name,
+                               lambda: self.services[0].stats if self.services else {},
                                self._cache_config_info,
                                log_stats=cfg.log_stats)
         self._stats_task: asyncio.Task | None = None
@@ -88,6 +94,7 @@ class App:
         self.lora_adapters: dict[str, LoRAModule] = {m.name: m for m in cfg.lora_modules}
         self.serving = Serving(cfg, chat, self.metrics, self.lora_adapters) \
             if chat is not None else None
+        self.pool = None if pool is None else ModelPool(pool, cfg, self.metrics)
 
     # ---- ASGI entry
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -116,6 +123,8 @@ class App:
         lifespan's, and run-batch's (which serves no HTTP)."""
         for service in self.services:
             service.start()
+        if self.pool is not None:
+            self.pool.start()
         if self.batches is not None:   # resumes unfinished batches
             await self.batches.start(self)
         self._stats_task = asyncio.create_task(self._tick_stats())
@@ -131,6 +140,8 @@ class App:
         logger.info("connections drained; stopping the engine")
         for service in self.services:
             await service.shutdown(grace_s)
+        if self.pool is not None:
+            await self.pool.shutdown(grace_s)
         logger.info("stopped")
 
     async def _tick_stats(self) -> None:
@@ -175,6 +186,14 @@ class App:
                               "to serve both)", param="model")
         return self.serving
 
+    def serving_for(self, body: Any) -> contextlib.AbstractAsyncContextManager[Serving]:
+        """The Serving the body's `model` names: a pooled one is loaded (and held) for the
+        block; any other is the chat model's."""
+        model = body.get("model") if isinstance(body, dict) else None
+        if self.pool is not None and (self.pool.has(model) or self.chat is None):
+            return self.pool.lease(model)
+        return contextlib.nullcontext(self.chat_serving())
+
     def embedding_model(self, model: str | None, route: str = "/v1/embeddings") -> str:
         """The embedding model a request to `route` (embeddings, score, rerank) names (None: the
         first one)."""
@@ -209,8 +228,8 @@ class App:
         way round (/health and /v1/models, which describe both, need both)."""
         if path in EMBEDDING_ROUTES and self.embedding is not None:
             return [self.embedding]
-        if path.startswith(("/v1/files", "/v1/batches")):
-            return []     # the Batch API's bookkeeping needs no model
+        if path.startswith(("/v1/files", "/v1/batches")) or self.pool and path in LOAD_AWARE:
+            return []     # the Batch API's bookkeeping needs no model; the pool loads its own
         if path == "/v1/models" or path.startswith("/v1/models/") or self.chat is None:
             return self.services
         return [self.chat]
@@ -328,15 +347,15 @@ def _generation_route(kind: str) -> Handler:
 def _generation_answer(kind: str) -> Callable[[App, Any, int], Awaitable[dict[str, Any]]]:
     """The JSON a generation route answers a batch line's body with."""
     async def answer(app: App, body: Any, priority: int) -> dict[str, Any]:
-        serving = app.chat_serving()
-        return await serving.complete(await serving.parse(kind, body, priority))
+        async with app.serving_for(body) as serving:
+            return await serving.complete(await serving.parse(kind, body, priority))
     return answer
 
 
 async def _generate(app: App, http: Http, kind: str, body: Any) -> None:
-    serving = app.chat_serving()
-    req = await serving.parse(kind, body)
-    await http.watched(_respond(http, serving, req))
+    async with app.serving_for(body) as serving:
+        req = await serving.parse(kind, body)
+        await http.watched(_respond(http, serving, req))
 
 
 async def _respond(http: Http, serving: Serving, req: GenerateRequest) -> None:
@@ -372,6 +391,8 @@ async def server_load(app: App, http: Http) -> None:
 
 
 def _model_card(app: App, name: str) -> dict[str, Any]:
+    if app.pool is not None and app.pool.has(name):
+        return pool_routes.model_card(app, name)
     lora = app.lora_adapters.get(name)
     if lora is not None:   # vLLM's card: parent = the base model, root = the adapter's path
         return {"id": name, "object": "model", "created": int(app.started),
@@ -384,19 +405,22 @@ def _model_card(app: App, name: str) -> dict[str, Any]:
 
 
 async def list_models(app: App, http: Http) -> None:
+    pooled = list(app.pool.models) + list(app.pool.adapters) if app.pool is not None else []
     await http.send_json(200, {"object": "list", "data": [
-        _model_card(app, name) for name in app.model_names() + list(app.lora_adapters)]})
+        _model_card(app, name) for name in app.model_names() + list(app.lora_adapters) + pooled]})
 
 
 async def get_model(app: App, http: Http) -> None:
     name = http.path_params["model"]
-    if name not in app.model_names() and name not in app.lora_adapters:
+    if name not in app.model_names() and name not in app.lora_adapters and \
+            not (app.pool is not None and app.pool.has(name)):
         raise model_not_found(name, app.model_names())
     await http.send_json(200, _model_card(app, name))
 
 
 async def health(app: App, http: Http) -> None:
-    ok = all(s.is_ready and s.is_healthy for s in app.services)
+    ok = all(s.is_ready and s.is_healthy for s in app.services) and \
+        (app.pool is None or app.pool.is_healthy)
     await http.send_body(200 if ok else 503, b"")
 
 
@@ -411,6 +435,7 @@ async def metrics(app: App, http: Http) -> None:
 
 # {path pattern: {method: handler}}; a route module adds its own table (http.match_path patterns).
 ROUTES: dict[str, dict[str, Handler]] = {
+    **pool_routes.ROUTES,     # first: /v1/models/{id}/load before /v1/models/{id}
     **embedding_routes.ROUTES,
     **batch_routes.ROUTES,
     **lora_routes.ROUTES,
@@ -441,7 +466,7 @@ ANSWERS = {"/v1/chat/completions": _generation_answer("chat"),
 ERROR_SHAPES = {"/v1/messages": messages.error_body,
                 "/v1/messages/count_tokens": messages.error_body}
 PROTECTED = {"/tokenize", "/detokenize", "/score", "/rerank", "/v2/rerank", "/invocations",
-             "/tokenizer_info"}  # and every /v1/ route
+             "/tokenizer_info", *pool_routes.ROUTES}  # and every /v1/ route
 ALWAYS_OPEN = {"/health", "/ping", "/version", "/metrics", "/load",
                *webui_routes.ROUTES}  # also while loading
 # what GET /load counts (vLLM's load_aware_call routes)
@@ -466,9 +491,9 @@ def _as_error(e: Exception, method: str, path: str) -> OpenAIError:
 
 def create_app(engine_config: Any, server_config: ServerConfig,
                engine_factory: Callable[[Any], Any] | None = None, embedding: Any = None,
-               batches: Any = None) -> App:
-    """engine_config None + an EmbeddingService: serve the embedding model alone. batches: a
-    BatchService for the Batch API (/v1/files, /v1/batches)."""
-    chat = None if engine_config is None and embedding is not None else \
-        AsyncEngine(engine_config, engine_factory)
-    return App(server_config, chat, embedding, batches)
+               batches: Any = None, pool: Any = None) -> App:
+    """engine_config None + an EmbeddingService (or a pool): serve those alone. batches: a
+    BatchService for the Batch API (/v1/files, /v1/batches). pool: a models_dir.PoolSpec."""
+    chat = None if engine_config is None and (embedding is not None or pool is not None) \
+        else AsyncEngine(engine_config, engine_factory)
+    return App(server_config, chat, embedding, batches, pool)

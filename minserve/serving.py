@@ -110,6 +110,10 @@ class Serving:
         # (tiny model, loaded 2-core CPU, bench/RESULTS.md).
         self._batch_pool = ThreadPoolExecutor(1, thread_name_prefix="minserve-batch-parse")
 
+    def close(self) -> None:
+        """The model is unloaded (the model pool): its parse thread goes."""
+        self._batch_pool.shutdown(wait=False)
+
     @property
     def ctx(self) -> ServingContext:
         if self._ctx is None:

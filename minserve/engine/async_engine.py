@@ -239,10 +239,17 @@ class AsyncEngine(WorkerService):
         self.stats: dict[str, Any] = {}
         self._streams: dict[str, RequestStream] = {}    # sample id -> stream (event-loop side)
         self._parents: dict[str, RequestStream] = {}    # API request id -> stream
+        self.sleep_level = 0    # sleep mode: 1 or 2 while asleep (or falling asleep)
 
     @property
     def num_in_flight(self) -> int:
         return len(self._parents)
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        super().stop(timeout)
+        # the engine's memory goes with its last reference (the model pool unloads models),
+        # not with this object, which a finished executor job may still hold for a moment
+        self._engine = None
 
     # ---- requests (event loop side) ----
     def add_request(self, request_id: str, requests: list[EngineRequest]) -> RequestStream:
@@ -253,6 +260,8 @@ class AsyncEngine(WorkerService):
             raise EngineError(self.dead_reason or "engine is not healthy", 503)
         if not self.is_ready or self._stopping:
             raise EngineError("engine is not ready", 503)
+        if self.sleep_level:
+            raise EngineError("the model is sleeping: POST /wake_up first", 503)
         if request_id in self._parents:
             raise EngineError(f"duplicate request id {request_id!r}", 400)
         stream = RequestStream(request_id, [sid for r in requests for sid in r.sample_ids()])
@@ -304,6 +313,26 @@ class AsyncEngine(WorkerService):
 
     async def remove_lora(self, name: str) -> None:
         await self._call(f"remove_lora({name!r})", lambda engine: engine.remove_lora(name))
+
+    async def sleep(self, level: int) -> None:
+        """Sleep mode (engine.py): from now on new requests are refused (a 503 naming
+        /wake_up); those in flight finish first, then the engine frees its memory."""
+        self._check_accepting()
+        if self.sleep_level:
+            return
+        self.sleep_level = level
+        try:
+            while self.num_in_flight and self.is_healthy:
+                await asyncio.sleep(0.05)
+            await self._call(f"sleep({level})", lambda engine: engine.sleep(level))
+        except BaseException:
+            self.sleep_level = 0
+            raise
+
+    async def wake_up(self) -> None:
+        if self.sleep_level:
+            await self._call("wake_up", lambda engine: engine.wake_up())
+            self.sleep_level = 0
 
     def _check_accepting(self) -> None:
         if not self.is_healthy or not self.is_ready or self._stopping:

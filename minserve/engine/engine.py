@@ -15,6 +15,7 @@ from typing import Any
 from minserve.config import GENERATION_SAMPLING_KEYS, EngineConfig
 from minserve.engine.beam import BeamSearchManager
 from minserve.engine.builder import (
+    build_model,
     build_runner,
     find_model,
     image_processor,
@@ -34,6 +35,7 @@ from minserve.engine.request import (
 from minserve.engine.runner import PromptLogprobInputs, StepInputs
 from minserve.engine.sampler import SamplingTensors
 from minserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, is_sampling_row
+from minserve.engine.sleep import ParkedWeights
 from minserve.engine.spec import make_speculator, num_lookahead_tokens
 from minserve.engine.spec.drafter import build_drafter, find_draft
 from minserve.engine.workers import Workers
@@ -56,6 +58,9 @@ class Engine:
             # the other ranks load the folder this rank resolved (a hub id is fetched once)
             self.workers = Workers(dataclasses.replace(config, model=source.folder),
                                    source.model_config, self.device, load_worker_runner)
+        # sleep level 2 drops the weights; wake_up builds them again from the checkpoint
+        self._reload = functools.partial(build_model, config, source, self.device)
+        self.parked: ParkedWeights | None = None    # set while asleep
         try:
             processor = image_processor(source, tokenizer)
             self.runner = build_runner(
@@ -95,6 +100,8 @@ class Engine:
         admits siblings behind the first, so they share the prompt's KV blocks.
         NOTE: its length against max_model_len was checked once, where it was built
         (protocol.check_length: the HTTP routes and LLM alike)."""
+        if self.parked is not None:
+            raise ValueError("the model is sleeping: wake it up first")
         prompt, params = request.prompt_token_ids, request.sampling
         vocab = self.info.vocab_size
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
@@ -199,6 +206,28 @@ class Engine:
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None
+
+    # ---- sleep mode (POST /sleep, /wake_up, and the model pool parking an idle model) -------
+    def sleep(self, level: int) -> None:
+        """Free the KV cache and park the weights (level 1: in host memory; level 2: dropped,
+        reloaded by wake_up). ValueError while requests run or where sleep is not supported."""
+        if self.parked is not None:
+            return
+        if self.has_unfinished_requests():
+            raise ValueError("cannot sleep while requests are running")
+        if self.workers is not None or self.runner.drafter is not None:
+            raise ValueError("sleep mode does not support tensor parallel or speculative "
+                             "decoding with a draft model yet")
+        self.runner.free_kv_cache()
+        self.kv_cache.reset()    # the blocks' contents are gone: no prefix hits on them
+        self.parked = ParkedWeights(self.runner.model, level)
+
+    def wake_up(self) -> None:
+        if self.parked is None:
+            return
+        self.parked.restore(self.runner.model, lambda: self._reload().model)
+        self.parked = None
+        self.runner.free_kv_cache(free=False)
 
     def _beam_outputs(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         return self.beams.process(outputs) if self.beams.searches else outputs

@@ -132,6 +132,12 @@ class KVCacheManager:
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 
+    def reset(self) -> None:
+        """Forget every block's contents (sleep mode freed the cache); no request holds one."""
+        self.pool = BlockPool(self.pool.num_blocks)
+        self._block_hashes.clear()
+        self._num_published.clear()
+
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks

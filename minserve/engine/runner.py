@@ -197,6 +197,10 @@ class ModelRunner:
                   for part, (k, d) in zip(flat.split(sizes), layout, strict=True)]
         self.model.set_kv_caches([(kv[0], kv[1]) for kv in caches])
 
+    def free_kv_cache(self, free: bool = True) -> None:
+        """Sleep mode: the cache shrinks to one block (free=False: back to num_blocks, zeros)."""
+        self._kv_cache(1 if free else self.num_blocks)
+
     def _set_kv_layout(self, tp_size: int) -> None:
         """(this rank's kv heads, head dim) of each KV cache, in set_kv_caches' order; one per
         layer unless the model says otherwise (Gemma 4: per-layer shapes, shared caches)."""

@@ -1,0 +1,233 @@
+"""The model pool (--models-dir): three tiny models (built here, different weights) and a broken
+one, with room for one loaded model. Requests alternate A, B, C, A with each model's own greedy
+text (LLM on its folder); two models asked at once share the one slot (no deadlock, nothing
+lost, only idle models evicted); a model with broken files fails alone; nothing evictable: a 503
+with Retry-After; an unloaded model gives its memory back (RSS) and its engine thread; sleep
+mode parks the evicted model and wakes it with the same tokens."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+
+import pytest
+
+from minserve import LLM, SamplingParams
+from minserve.cli import parse_args, server_config
+from minserve.config import EngineConfig
+from minserve.models_dir import PoolSpec, discover
+from minserve.pool import ModelPool
+from minserve.server import ServerConfig, create_app
+from tests.asgi import call
+from tests.serving import run, wait_until
+from tests.tiny import make_tiny_model
+
+BODY = {"prompt": "Hello world", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+NAMES = ("a", "b", "c")
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    for seed, name in enumerate(NAMES):
+        make_tiny_model(str(root / name), seed=seed)
+    broken = root / "broken"
+    shutil.copytree(root / "a", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    # a bigger model of random weights (no weight files: --load-format dummy), for RSS
+    big = root / "big"
+    shutil.copytree(root / "a", big, ignore=shutil.ignore_patterns("*.safetensors"))
+    cfg = json.loads((big / "config.json").read_text())
+    cfg.update(hidden_size=512, intermediate_size=2048, num_attention_heads=8,
+               num_key_value_heads=8, head_dim=64, num_hidden_layers=4)
+    (big / "config.json").write_text(json.dumps(cfg))
+    (root / "minserve-models.json").write_text(json.dumps({"big": {"load_format": "dummy"}}))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def expected(models_dir):
+    """Each model's greedy text, from LLM on its folder."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    out = {}
+    for name in NAMES:
+        llm = LLM(os.path.join(models_dir, name), kv_cache_memory=4 << 20)
+        out[name] = llm.generate(BODY["prompt"], params)[0].outputs[0].text
+        del llm
+    assert len(set(out.values())) == 3, "the three models should answer differently"
+    return out
+
+
+def pool_app(models_dir, **spec):
+    base = EngineConfig(kv_cache_memory=4 << 20, max_model_len=512)
+    models = discover(models_dir, base)
+    return create_app(None, ServerConfig(served_model_names=[]),
+                      pool=PoolSpec(models, **{"max_loaded": 1, **spec}))
+
+
+async def complete(app, model):
+    r = await call(app, "POST", "/v1/completions", {**BODY, "model": model})
+    assert r.status == 200, r.body
+    return r.json()["choices"][0]["text"]
+
+
+def statuses(models) -> dict[str, str]:
+    return {card["id"]: card["status"] for card in models.json()["data"]}
+
+
+def test_discover_and_settings(models_dir):
+    models = {m.name: m for m in discover(models_dir, EngineConfig())}
+    assert sorted(models) == ["a", "b", "big", "broken", "c"]
+    assert models["big"].config.load_format == "dummy" and models["a"].config.model.endswith("/a")
+    assert models["a"].size_bytes > 0 and models["big"].size_bytes == 0
+
+
+def test_alternating_models_with_room_for_one(models_dir, expected):
+    async def fn(app):
+        texts = [await complete(app, name) for name in ("a", "b", "c", "a")]
+        return (texts, await call(app, "GET", "/v1/models"),
+                await call(app, "GET", "/metrics"), await call(app, "GET", "/health"))
+
+    texts, models, metrics, health = run(pool_app(models_dir), fn)
+    assert texts == [expected[n] for n in ("a", "b", "c", "a")]
+    assert statuses(models) == {"a": "loaded", "b": "unloaded", "c": "unloaded",
+                                "big": "unloaded", "broken": "unloaded"}
+    assert [c["max_model_len"] for c in models.json()["data"] if c["id"] == "a"] == [512]
+    text = metrics.body.decode()
+    assert 'minserve:model_loads_total{model_name="a"} 2.0' in text
+    assert 'minserve:model_unloads_total{model_name="b"} 1.0' in text
+    assert 'minserve:model_load_seconds_count{model_name="c"} 1.0' in text
+    # each pooled model's requests count under its own name
+    assert 'vllm:request_success_total{finished_reason="length",model_name="a"} 2.0' in text
+    assert health.status == 200
+
+
+def test_two_models_at_once_share_one_slot(models_dir, expected):
+    evicted_busy = []
+
+    async def fn(app):
+        pool = app.pool
+        unload = pool._unload
+
+        async def checked(m):      # eviction only of idle models
+            evicted_busy.extend([m.name] if m.users else [])
+            await unload(m)
+
+        pool._unload = checked
+        names = ["a", "b"] * 3
+        return names, await asyncio.gather(*(complete(app, n) for n in names))
+
+    names, texts = run(pool_app(models_dir, wait_timeout_s=120), fn)
+    assert texts == [expected[n] for n in names]
+    assert evicted_busy == []
+
+
+def test_broken_model_fails_alone(models_dir, expected):
+    async def fn(app):
+        bad = await call(app, "POST", "/v1/completions", {**BODY, "model": "broken"})
+        return (bad, await complete(app, "a"), await call(app, "GET", "/v1/models"),
+                await call(app, "GET", "/health"))
+
+    bad, text, models, health = run(pool_app(models_dir), fn)
+    assert bad.status == 503 and "broken" in bad.json()["error"]["message"]
+    assert "failed to load" in bad.json()["error"]["message"]
+    assert text == expected["a"] and health.status == 200
+    cards = {card["id"]: card for card in models.json()["data"]}
+    assert cards["broken"]["status"] == "failed" and cards["broken"]["error"]
+
+
+def test_no_room_is_a_503_with_retry_after(models_dir):
+    async def fn(app):
+        async with app.pool.lease("a"):      # a request in flight on the one loaded model
+            r = await call(app, "POST", "/v1/completions", {**BODY, "model": "b"})
+            busy = await call(app, "POST", "/v1/models/a/unload")
+        return r, busy
+
+    r, busy = run(pool_app(models_dir, wait_timeout_s=0.2), fn)
+    assert r.status == 503 and r.headers.get("retry-after") == "5"
+    assert "no room" in r.json()["error"]["message"]
+    assert busy.status == 409
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
+def _engine_threads() -> int:
+    return sum(t.name == "minserve-engine" for t in threading.enumerate())
+
+
+def test_load_and_unload_routes_give_memory_back(models_dir):
+    async def fn(app):
+        r = {"before": _rss(), "threads": _engine_threads()}
+        r["load"] = await call(app, "POST", "/v1/models/big/load")
+        r["loaded"], r["loaded_threads"] = _rss(), _engine_threads()
+        r["unload"] = await call(app, "POST", "/v1/models/big/unload")
+        r["after"], r["after_threads"] = _rss(), _engine_threads()
+        r["missing"] = await call(app, "POST", "/v1/models/nope/load")
+        return r
+
+    r = run(pool_app(models_dir), fn)
+    assert r["load"].json()["status"] == "loaded" and r["unload"].json()["status"] == "unloaded"
+    assert r["missing"].status == 404
+    weights = 4 * (4 * (4 * 512 * 512 + 3 * 512 * 2048))      # float32, 4 layers
+    assert r["loaded"] - r["before"] > weights * 0.8
+    assert r["after"] - r["before"] < weights * 0.25
+    assert r["loaded_threads"] == r["threads"] + 1 and r["after_threads"] == r["threads"]
+
+
+def test_sleep_mode_parks_the_evicted_model(models_dir, expected, monkeypatch):
+    # parking frees device memory only on a GPU; here the CPU plays one
+    monkeypatch.setattr(ModelPool, "_can_park", lambda self, m: True)
+
+    async def fn(app):
+        texts = [await complete(app, "a"), await complete(app, "b")]
+        models = await call(app, "GET", "/v1/models")
+        texts.append(await complete(app, "a"))
+        return texts, models, app.pool.models["a"].loads
+
+    texts, models, loads = run(pool_app(models_dir, park=True), fn)
+    assert texts == [expected["a"], expected["b"], expected["a"]]
+    assert statuses(models)["a"] == "sleeping"
+    assert loads == 2     # the load, then the wake-up
+
+
+def test_keep_alive_unloads_an_idle_model(models_dir, expected):
+    async def fn(app):
+        text = await complete(app, "a")
+        m = app.pool.models["a"]
+        await wait_until(lambda: m.status == "unloaded", 30, "the idle model to be unloaded")
+        return text, m.unloads
+
+    text, unloads = run(pool_app(models_dir, keep_alive_s=0.2), fn)
+    assert text == expected["a"] and unloads == 1
+
+
+def test_flags_build_the_pool(models_dir, tmp_path, capsys):
+    args = parse_args(["--models-dir", models_dir, "--max-loaded-models", "2",
+                       "--models-memory", "3", "--keep-alive", "60", "--device", "cpu"])
+    spec = args.pool_spec
+    assert [m.name for m in spec.models] == ["a", "b", "big", "broken", "c"]
+    assert (spec.max_loaded, spec.memory_bytes, spec.keep_alive_s) == (2, 3 << 30, 60.0)
+    assert server_config(args).served_model_names == []     # the pool alone
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text("{}")
+    (tmp_path / "minserve-models.json").write_text(json.dumps({"a": {"max_len": 5}}))
+    with pytest.raises(SystemExit):
+        parse_args(["--models-dir", str(tmp_path)])
+    assert "unknown setting(s) max_len" in capsys.readouterr().err
+
+
+def test_unknown_or_missing_model_is_a_4xx(models_dir):
+    async def fn(app):
+        return (await call(app, "POST", "/v1/completions", {**BODY, "model": "nope"}),
+                await call(app, "POST", "/v1/completions", BODY),
+                await call(app, "POST", "/v1/models/nope/unload"))
+
+    unknown, missing, unload = run(pool_app(models_dir), fn)
+    assert unknown.status == 404 and "`a`" in unknown.json()["error"]["message"]
+    assert missing.status == 400 and "required" in missing.json()["error"]["message"]
+    assert unload.status == 404
