@@ -1,6 +1,7 @@
 """Issue 36, finding 5: one n=128 (or beam-search) request filled every engine step while other
-clients' one-token requests waited seconds. A fan-out now runs at most max_fanout_rows rows a
-step, its rows taking turns, and a one-row request arriving meanwhile runs in the next step."""
+clients' one-token requests waited seconds. A fan-out now runs at most max_fanout_rows
+tokens a step, its rows taking turns, and a one-row request arriving meanwhile runs alone in the
+next step (the fan-outs sit that step out)."""
 from __future__ import annotations
 
 from minserve.engine.beam import Beam, BeamSearchManager
