@@ -333,18 +333,25 @@ int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const flo
              int nthreads) {
 #ifdef __AVX2__
     const int64_t row_bytes = bits == 4 ? K / 2 : K, groups = K / G;
-    if (M <= FEW_ROWS && groups <= 512) {
-        float xsum[FEW_ROWS * 512];
+    /* Up to 2 x FEW_ROWS rows (a speculative verification: 1 + k tokens) each weight row runs
+     * through few_MT once per FEW_ROWS of them, its bytes still in L1 the second time: the
+     * decoded-float path below cost 5 rows ~1.7x what 4 did (one stream, bench/spec.py). */
+    if (M <= 2 * FEW_ROWS && groups <= 512) {
+        float xsum[2 * FEW_ROWS * 512];
         group_sums(x, M, ldx, K, G, xsum);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t n = 0; n < N; n++) {
             const uint8_t *qn = q + n * row_bytes;
             const float *sn = s + n * groups, *bn = b + n * groups;
-            switch (M) {
-                case 1: few_1(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-                case 2: few_2(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-                case 3: few_3(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
-                default: few_4(qn, sn, bn, bits, K, G, x, ldx, xsum, y + n, ldy); break;
+            for (int64_t m = 0; m < M; m += FEW_ROWS) {
+                const float *xm = x + m * ldx, *xs = xsum + m * groups;
+                float *ym = y + m * ldy + n;
+                switch (M - m) {
+                    case 1: few_1(qn, sn, bn, bits, K, G, xm, ldx, xs, ym, ldy); break;
+                    case 2: few_2(qn, sn, bn, bits, K, G, xm, ldx, xs, ym, ldy); break;
+                    case 3: few_3(qn, sn, bn, bits, K, G, xm, ldx, xs, ym, ldy); break;
+                    default: few_4(qn, sn, bn, bits, K, G, xm, ldx, xs, ym, ldy); break;
+                }
             }
         }
         return 0;
