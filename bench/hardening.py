@@ -175,8 +175,8 @@ def beam(args: argparse.Namespace) -> None:
                     secs = float("nan")
                 busy = statistics.median(probes) if probes else float("nan")
                 print(f"round {rnd + 1} {name}: idle probe {idle * 1000:.0f} ms; beam search "
-                      f"{secs:.1f} s (nan: unfinished in the window); {len(probes)} probes during it: median "
-                      f"{busy * 1000:.0f} ms, max {max(probes, default=0) * 1000:.0f} ms "
+                      f"{secs:.1f} s (nan: unfinished in the window); {len(probes)} probes "
+                      f"during it: median {busy * 1000:.0f} ms, max {max(probes, default=0) * 1000:.0f} ms "
                       f"({busy / idle:.1f}x idle)")
                 results[name].append((idle, busy, max(probes, default=0)))
             finally:
