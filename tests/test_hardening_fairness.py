@@ -82,6 +82,19 @@ def test_fan_out_rows_take_turns_and_finish_as_without_the_cap():
     assert outs[3] == outs[0] and len(outs[0]) == 10
 
 
+def test_a_small_fan_out_keeps_its_whole_step():
+    """n=3 under a share of 4: the first sibling's 6-token prompt runs in one step, and then all
+    three rows decode in every step, as without the share (only large fan-outs are bounded)."""
+    sched, runner = make(max_fanout_rows=4)
+    fan_out(sched, 3)
+    plan = sched.schedule()
+    assert plan.num_scheduled_tokens == [6]
+    sched.update(plan, runner.execute(plan))
+    step(sched, runner)                    # the other two: prefix hits, their last token each
+    plan = sched.schedule()
+    assert plan.num_scheduled_tokens == [1, 1, 1]
+
+
 def test_beam_search_rows_are_one_fan_out():
     """A round of 16 beams is 16 sub-requests of one fan-out (each recomputing 6 tokens): 4
     tokens of it a step, none in the step that runs a new request's prompt."""
@@ -127,5 +140,7 @@ def test_an_engine_runs_a_new_request_alone_in_the_next_step_during_beam_search(
     while engine.has_unfinished_requests():
         choices += engine.step()
     assert len(choices) == 8 and all(len(o.new_token_ids) == 2 for o in choices)
-    assert all(sum(p.num_scheduled_tokens) <= 4 for p in plans if p.requests and all(
+    # round 0 is one row (the prompt, whole); from round 1 on 8 beams: 4 tokens a step, to
+    # the round's last sub-request
+    assert all(sum(p.num_scheduled_tokens) <= 4 for p in plans[1:] if p.requests and all(
         r.fanout == "beam" for r in p.requests))

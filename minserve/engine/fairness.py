@@ -13,8 +13,14 @@ request filled every step for seconds while other clients' one-token requests qu
     sit the step out (running ones keep their K/V, waiting ones stay queued): its first step is
     its own, as long as it is idle (the scheduler's hold_fanouts).
 
-The fan-out's rows take turns: the rows that ran longest ago go first."""
+A fan-out of at most `max_tokens` rows (n=4, a 4-beam search) keeps its whole step, as one
+row each would: the share is for the large ones, and a small beam search whose sub-requests
+recompute up to a block each would otherwise take several steps a round. The fan-out's rows
+take turns: the rows that ran longest ago go first."""
 from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
 
 from minserve.engine.request import Request
 
@@ -27,10 +33,15 @@ class FanoutShare:
         self._step = 0
         self._used: dict[str, int] = {}      # fan-out -> tokens planned this step
         self._ran_at: dict[str, int] = {}    # row (request id) -> the last step it ran in
+        self._rows: dict[str, int] = {}   # fan-out -> the most rows it had at once
 
-    def begin_step(self) -> None:
+    def begin_step(self, requests: Iterable[Request]) -> None:
+        """requests: every running and waiting one. A fan-out's size is the most rows it has
+        had at once: the tail of a beam round (its last sub-requests) stays under the share."""
         self._step += 1
         self._used.clear()
+        rows = Counter(r.fanout for r in requests if r.fanout is not None)
+        self._rows = {k: max(n, self._rows.get(k, 0)) for k, n in rows.items()}
 
     def turn(self, request: Request) -> int:
         """A sort key: rows that never ran (and one-row requests) first, then least recent."""
@@ -39,7 +50,7 @@ class FanoutShare:
     def room(self, request: Request, budget: int) -> int:
         """The step's token budget as far as the request's fan-out may use it (0: none left)."""
         key = request.fanout
-        if key is None or self.max_tokens <= 0:
+        if key is None or self.max_tokens <= 0 or self._rows.get(key, 0) <= self.max_tokens:
             return budget
         return min(budget, self.max_tokens - self._used.get(key, 0))
 

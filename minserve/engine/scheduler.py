@@ -205,7 +205,7 @@ class Scheduler:
         plan = StepPlan()
         self._apply_aborts(plan)
         self._preempt_for_priority(plan)
-        self.fanout.begin_step()
+        self.fanout.begin_step([*self.running, *self.waiting])
         num_priority_preempted = len(plan.preempted)
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
