@@ -8,13 +8,15 @@
          prints how many of those were served (200) and their latencies
   beam   a 1-token probe's TTFT idle and during {"n": 128, "use_beam_search": true,
          "max_tokens": 16} on the default model, with the fan-out cap (default) and without it
-         (--max-fanout-rows 0, the behaviour before), the two servers alternating per round
+         (--max-fanout-rows 0, the behaviour before), the two servers alternating per round;
+         --beam-window S: probe for S seconds, then stop the server (the search unfinished)
   fuzz   RSS of the default model's server when ready, after --fuzz-count seeded fuzz bodies
          (tests/test_fuzz.py's corpus: most are refused with a 4xx) and after 3 s idle
 
     python bench/hardening.py bombs --rounds 3
     python bench/hardening.py drip --drip-s 20
     python bench/hardening.py beam --rounds 2
+    python bench/hardening.py beam --rounds 3 --beam-window 120
     python bench/hardening.py fuzz --fuzz-count 2000
 """
 from __future__ import annotations
@@ -162,14 +164,19 @@ def beam(args: argparse.Namespace) -> None:
                 fut = pool.submit(post, url, "/v1/completions", big)
                 probes = []
                 time.sleep(1.0)        # the search under way
-                while not fut.done():
+                t0 = time.monotonic()
+                while not fut.done() and (args.beam_window is None
+                                          or time.monotonic() - t0 < args.beam_window):
                     probes.append(probe_ttft(url))
-                status, data, secs = fut.result()
-                assert status == 200, data
+                if fut.done():
+                    status, data, secs = fut.result()
+                    assert status == 200, data
+                else:                  # the window ended first: the server stops it below
+                    secs = float("nan")
                 busy = statistics.median(probes) if probes else float("nan")
                 print(f"round {rnd + 1} {name}: idle probe {idle * 1000:.0f} ms; beam search "
-                      f"{secs:.1f} s; {len(probes)} probes during it: median "
-                      f"{busy * 1000:.0f} ms, max {max(probes, default=0) * 1000:.0f} ms "
+                      f"{secs:.1f} s (nan: unfinished in the window); {len(probes)} probes "
+                      f"during it: median {busy * 1000:.0f} ms, max {max(probes, default=0) * 1000:.0f} ms "
                       f"({busy / idle:.1f}x idle)")
                 results[name].append((idle, busy, max(probes, default=0)))
             finally:
@@ -211,6 +218,8 @@ def main() -> None:
     p.add_argument("--sides", type=lambda s: s.split(","), default=["cap", "no cap"],
                    help="beam: which servers, comma-separated (default: cap,no cap)")
     p.add_argument("--drip-s", type=float, default=20.0)
+    p.add_argument("--beam-window", type=float, default=None,
+                   help="beam: seconds of probes during the search (default: until it ends)")
     p.add_argument("--fuzz-count", type=int, default=2000)
     p.add_argument("--seed", type=int, default=36)
     args = p.parse_args()

@@ -136,7 +136,10 @@ def main() -> None:
                      "draft=random": {"model": random_draft(target, os.path.join(tmp, "d")),
                                       "num_speculative_tokens": k, "min_acceptance_rate": 0}}
             workloads = args.workloads or ["grounded"]
-        engines = {name: LLM(target, speculative_config=spec, **kw) for name, spec in
+        # the ngram suite serves what `minserve serve` serves (the default model: its GGUF
+        # blocks on CPU); the draft suite the resolved folder, so draft=target is exact
+        served = args.model if args.suite == "ngram" else target
+        engines = {name: LLM(served, speculative_config=spec, **kw) for name, spec in
                    sides.items()}
         tok = engines["none"].get_tokenizer()
 
@@ -149,7 +152,9 @@ def main() -> None:
                    "c16": [encode(f"Request {i}. " + GROUNDED) for i in range(16)]}
         import torch
 
-        print(f"# target {target}, {torch.get_num_threads()} threads, grounded prompt "
+        label = served or "the built-in model, as `minserve serve` loads it"
+        print(f"# target {label} ({engines['none'].engine.runner.dtype}), "
+              f"{torch.get_num_threads()} threads, grounded prompt "
               f"{len(grounded)} tokens, max_tokens {args.max_tokens}, k {k}, load "
               f"{os.getloadavg()[0]:.2f}", flush=True)
         for llm in engines.values():   # warm-up: first-call builds, verification shapes

@@ -45,6 +45,9 @@ class AttnMetadata:
     # [T] int32, only for a step with image tokens of a model whose images attend both ways
     # (see the picture above); None: causal everywhere.
     image_span_end: torch.Tensor | None = None
+    # the CPU dispatch's per-step plan for its native short rows (dispatch.py), made at the
+    # first layer and read by the others: none of its host work repeats per layer
+    native_plan: object = None
 
 
 def paged_attention_ref(

@@ -25,10 +25,17 @@ int decode_attention(const float *q, int64_t q_row, const float *k_cache, const 
      * every query head (a task per (row, kv head) read a third of each slot, strided, and
      * reached ~3 GB/s from DRAM against ~20 for whole slots). */
     const int64_t G = H / KH, slot = KH * D;
-    int64_t max_len = 0;
-    for (int64_t r = 0; r < R; r++) max_len = seq_lens[r] > max_len ? seq_lens[r] : max_len;
+    int64_t max_len = 0, keys = 0;
+    for (int64_t r = 0; r < R; r++) {
+        max_len = seq_lens[r] > max_len ? seq_lens[r] : max_len;
+        keys += seq_lens[r];
+    }
+    /* Threads only for work worth waking them: a speculative verification (5 rows of ~300
+     * keys, 9 heads of 64) is ~0.2 ms of one core, where a parallel region on a busy 2-core box
+     * cost a step's attention 225 ms of wall against 24 of CPU (one stream, load ~11). */
+    const int parallel = R > 1 && keys * H * D >= ((int64_t)1 << 21);
     int failed = 0;
-#pragma omp parallel num_threads(nthreads) reduction(| : failed) if (R > 1)
+#pragma omp parallel num_threads(nthreads) reduction(| : failed) if (parallel)
     {
         float *p = (float *)malloc(sizeof(float) * (size_t)(H * (max_len > 0 ? max_len : 1)));
         if (p == NULL) {

@@ -135,21 +135,30 @@ void block_dequantize(const uint8_t *w, int type, int64_t K, int64_t N, float *o
     for (int64_t n = 0; n < N; n++) gguf_decode_row(w + n * row_bytes, type, K, out + n * K);
 }
 
-/* y = x @ w.T; up to FEW_ROWS rows on int8 activations when `quantize` (act_prepare), else on
- * x as it is. Returns 0, or 1 when a buffer could not be allocated. */
+/* y = x @ w.T; up to FEW_ROWS rows on int8 activations when `quantize` (act_prepare), else on x
+ * as it is. Up to 2 x FEW_ROWS rows (a speculative verification: 1 + k tokens; the rows past
+ * FEW_ROWS on fp32, as every int kernel keeps them: cpu_native.int8_activations_ref), each
+ * ROW_BLOCK of weight rows
+ * runs through few_rows once per FEW_ROWS of x's rows, its bytes still in cache the second time:
+ * the decoded-float path below cost 5 rows ~1.7x what 4 did (one stream, bench/spec_step.py).
+ * Returns 0, or 1 when a buffer could not be allocated. */
 int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const float *s,
              const float *b, int bits, int64_t K, int64_t G, int64_t N, float *y, int64_t ldy,
              int quantize, int nthreads) {
-    if (M <= FEW_ROWS) {
+    if (M <= 2 * FEW_ROWS) {
         int8_t *xq;
         float *xd, *xsum;
-        void *act = act_prepare(x, M, ldx, K, G, quantize, &xq, &xd, &xsum);
+        void *act = act_prepare(x, M, ldx, K, G, quantize && M <= FEW_ROWS, &xq, &xd, &xsum);
         if (act == NULL) return 1;
-        const int64_t blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK;
+        const int64_t blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK, groups = K / G;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
         for (int64_t t = 0; t < blocks; t++) {
             const int64_t n0 = t * ROW_BLOCK, n1 = n0 + ROW_BLOCK < N ? n0 + ROW_BLOCK : N;
-            few_rows(q, s, b, bits, K, G, n0, n1, x, ldx, xq, xd, xsum, M, y, ldy);
+            for (int64_t m = 0; m < M; m += FEW_ROWS)
+                few_rows(q, s, b, bits, K, G, n0, n1, x + m * ldx, ldx,
+                         xq ? xq + m * K : NULL, xd ? xd + m * (K / 32) : NULL,
+                         xsum + m * groups, M - m < FEW_ROWS ? M - m : FEW_ROWS,
+                         y + m * ldy, ldy);
         }
         free(act);
         return 0;

@@ -118,28 +118,47 @@ def _native_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     """The short rows (decode, speculative verification) through the native CPU kernel, all in
     one call, one query token per kernel row; returns the rows left for the reference (None:
     all of them). With image spans (Gemma 3) only one-token rows: the kernel is causal."""
+    if attn.native_plan is None:
+        attn.native_plan = _plan_native_rows(attn)
+    plan = attn.native_plan
+    if plan is _NO_SHORT_ROWS:
+        return None
+    index, block_table, lens, rest = plan
+    if index is None:   # every token is a short row's, in order: q and out as they are
+        done = cpu_native.decode_attention(q, k_cache, v_cache, block_table, lens, scale, out,
+                                           sliding_window, sinks)
+        return [] if done else None
+    part = torch.empty(index.shape[0], *q.shape[1:], dtype=q.dtype)
+    if not cpu_native.decode_attention(q.index_select(0, index), k_cache, v_cache, block_table,
+                                       lens, scale, part, sliding_window, sinks):
+        return None
+    out.index_copy_(0, index, part)
+    return rest
+
+
+_NO_SHORT_ROWS = ()
+
+
+def _plan_native_rows(attn: AttnMetadata) -> tuple:
+    """-> (the short rows' token index, None when they are all the tokens; their kernel rows'
+    block tables; their key counts; the rows left for the reference), or _NO_SHORT_ROWS.
+    Token i of a row of Q query tokens sees the keys up to its own position: S - Q + 1 + i."""
     qsl, seq_lens = attn.query_start_loc_host, attn.seq_lens_host
     most = 1 if attn.image_span_end is not None else _NATIVE_MAX_QUERY
     short = [r for r in range(len(seq_lens)) if 1 <= qsl[r + 1] - qsl[r] <= most]
     if not short:
-        return None
-    if len(qsl) - 1 == q.shape[0] == len(short):   # a pure decode step
-        done = cpu_native.decode_attention(q, k_cache, v_cache, attn.block_table, attn.seq_lens,
-                                           scale, out, sliding_window, sinks)
-        return [] if done else None
-    # token i of a row of Q query tokens sees the keys up to its position: S - Q + 1 + i
-    rows = [r for r in short for _ in range(qsl[r], qsl[r + 1])]
+        return _NO_SHORT_ROWS
+    if len(short) == len(seq_lens) and all(qsl[r + 1] - qsl[r] == 1 for r in short):
+        return None, attn.block_table, attn.seq_lens, []       # a pure decode step
+    counts = torch.tensor([qsl[r + 1] - qsl[r] for r in short])
+    rows = torch.repeat_interleave(torch.tensor(short), counts)
     tokens = [t for r in short for t in range(qsl[r], qsl[r + 1])]
-    lens = [seq_lens[r] - qsl[r + 1] + 1 + t for r in short for t in range(qsl[r], qsl[r + 1])]
-    index = torch.tensor(tokens)
-    part = torch.empty(len(tokens), *q.shape[1:], dtype=q.dtype)
-    if not cpu_native.decode_attention(q.index_select(0, index).contiguous(), k_cache, v_cache,
-                                       attn.block_table[rows], torch.tensor(lens), scale, part,
-                                       sliding_window, sinks):
-        return None
-    out.index_copy_(0, index, part)
+    lens = torch.tensor([seq_lens[r] - qsl[r + 1] + 1 + t for r in short
+                         for t in range(qsl[r], qsl[r + 1])], dtype=torch.int32)
+    whole = len(short) == len(seq_lens)
     done = set(short)
-    return [r for r in range(len(seq_lens)) if r not in done]
+    return (None if whole else torch.tensor(tokens), attn.block_table[rows].contiguous(), lens,
+            [r for r in range(len(seq_lens)) if r not in done])
 
 
 def store_kv(

@@ -203,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
            "(default: 48k on CPU, none on a GPU; 0: no cap): late chunks of a long prompt stay "
            "as short as early ones (minserve only)")
     a("--max-fanout-rows", type=int, default=None,
-      help="rows of one n > 1 or beam-search request per step (default: 8 on CPU, 64 on a GPU; "
-           "0: no cap): a large fan-out never keeps other clients waiting (minserve only)")
+      help="tokens of one n > 1 or beam-search request per step, a decode row being one "
+           "(default: 8 on CPU, 64 on a GPU; 0: no cap, and no step held for a new request's "
+           "prompt): a large fan-out never keeps other clients waiting (minserve only)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     a("--block-size", type=int, default=16)
     a("--chat-template", default=None, help="a jinja2 chat template file or its text")

@@ -39,7 +39,7 @@ GEMM_CASES = [  # (N, K, bits, group)
 
 @needs_native
 @pytest.mark.parametrize("n,k,bits,group", GEMM_CASES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 64, 65])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 64, 65])
 def test_int_gemm_matches_reference(n, k, bits, group, rows, monkeypatch, int8_activations):
     w = _int_weight(n, k, bits, group, seed=rows)
     cw = cpu_native.to_cpu_int(w)
@@ -178,6 +178,22 @@ def test_decode_attention_matches_reference(cases, group, kv_heads, head_dim, bl
     assert got is out and not got.isnan().any()
     torch.testing.assert_close(got, paged_attention_ref(q, k_cache, v_cache, attn, scale),
                                atol=2e-5, rtol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("cases", [[(5, 40), (5, 100), (3, 3)], [(5, 40), (1, 9), (30, 30)]])
+def test_one_metadata_serves_every_layer(cases):
+    """The dispatch plans a step's short rows at its first layer and reuses the plan: later
+    layers (other q, here a strided view as a fused qkv projection gives) match the reference."""
+    torch.manual_seed(7)
+    q, k_cache, v_cache, attn = make_batch(cases, 6, 2, 32, 16, torch.float32)
+    for layer in range(3):
+        wide = torch.randn(q.shape[0], q.shape[1] + 2, q.shape[2])
+        lq = wide[:, 1:-1] if layer else q                    # rows strided past H * D
+        got = kernels.paged_attention(lq, k_cache, v_cache, attn, 0.3)
+        assert attn.native_plan is not None
+        torch.testing.assert_close(got, paged_attention_ref(lq, k_cache, v_cache, attn, 0.3),
+                                   atol=2e-5, rtol=1e-5)
 
 
 @needs_native

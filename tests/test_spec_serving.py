@@ -1,14 +1,20 @@
 """Speculative decoding behind the front doors: completions, chat, Responses and Messages, whole
-and streamed (several tokens may arrive in one chunk), give the text a server without
-speculation gives; usage counts every token once; /metrics shows the drafts."""
+and streamed (several tokens may arrive in one chunk), and batch lines (the /v1/batches runner,
+at batch priority beside an HTTP request, whose rows sit steps out with their drafts pending)
+give the text a server without speculation gives; usage counts every token once; /metrics shows
+the drafts."""
 from __future__ import annotations
 
+import asyncio
 import re
 
+from minserve.batch.lines import iter_lines
+from minserve.batch.runner import LineRunner
 from minserve.config import EngineConfig
 from minserve.server import ServerConfig, create_app
 from tests.asgi import call
 from tests.serving import run
+from tests.test_batch_store import _line
 from tests.test_spec import NGRAM
 
 WORDS = "one two three four one two three four one two three four one two three"
@@ -45,8 +51,30 @@ async def texts(app) -> dict:
                          headers={"anthropic-version": "2023-06-01"})).named_events()
     out["messages streamed"] = "".join(d["delta"].get("text", "") for name, d in events
                                        if name == "content_block_delta")
+    out.update(await batch_texts(app, comp, chat))
     out["metrics"] = (await call(app, "GET", "/metrics")).body.decode()
     return out
+
+
+async def batch_texts(app, comp: dict, chat: dict) -> dict:
+    """Four batch lines at once, and an HTTP completion sent while they run."""
+    bodies = [{**comp, "prompt": f"{i} {WORDS}"} for i in range(2)] + [
+        {**chat, "messages": [{"role": "user", "content": f"{i} {WORDS}"}]} for i in range(2)]
+    lines = list(iter_lines([_line(f"b{i}", url="/v1/completions" if "prompt" in b
+                                   else "/v1/chat/completions", body=b)
+                             for i, b in enumerate(bodies)]))
+    got: dict = {}
+
+    async def on_result(line, output):
+        body = output["response"]["body"]
+        choice = body["choices"][0]
+        got[f"batch {line.custom_id}"] = choice.get("text") or choice["message"]["content"]
+
+    http = asyncio.ensure_future(call(app, "POST", "/v1/completions",
+                                      {**comp, "prompt": f"x {WORDS}"}))
+    await LineRunner(app, max_in_flight=4).run(lines, on_result)
+    got["beside the batch"] = (await http).json()["choices"][0]["text"]
+    return got
 
 
 def test_front_doors_give_the_same_text(tiny_model_dir):
@@ -60,3 +88,4 @@ def test_front_doors_give_the_same_text(tiny_model_dir):
     assert spec["chat usage"] == N and spec["completions"]
     assert spec["completions streamed"] == spec["completions"]
     assert spec["chat streamed"] == spec["chat"] and spec["chat"]
+    assert len([k for k in spec if k.startswith("batch ")]) == 4

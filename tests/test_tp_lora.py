@@ -3,7 +3,12 @@ adapters and the base model mixed in one batch, LLM(tensor_parallel_size=2) give
 greedy tokens and logprobs, query heads split and the KV heads replicated (K=1 < 2 ranks); the
 other rank loads what rank 0 puts in each slot, runtime unload + load of other weights included.
 The process group starts once per module (the one-process LLM first: a process in a group
-stays in it)."""
+stays in it).
+
+The tp=2 engine also drafts with a draft model (the target's own folder, no adapter), which runs
+whole on rank 0 while both ranks verify: its tokens must still be the one process's without
+speculation, the adapters applying to the target only (issue 33: an adapter's row rejects the
+base model's drafts where they differ)."""
 from __future__ import annotations
 
 import pytest
@@ -28,7 +33,9 @@ def setup(tmp_path_factory):
     adapters = {name: make_adapter(folder, str(root / name), r=r, seed=s, scale=0.3)
                 for name, r, s in (("a", 8, 1), ("b", 16, 2), ("c", 4, 3))}
     one = LLM(folder, **ARGS)
-    two = LLM(folder, tensor_parallel_size=2, **ARGS)
+    two = LLM(folder, tensor_parallel_size=2, **ARGS, speculative_config={
+        "model": folder, "num_speculative_tokens": 3, "min_acceptance_rate": 0,
+        "disable_by_batch_size": 64})
     yield adapters, one, two
     two.engine.shutdown()
 
@@ -51,6 +58,8 @@ def test_two_adapters_mixed_with_the_base_equal_one_process(setup):
     base = one.generate(PROMPTS, SP)
     assert got_one[0].outputs[0].token_ids != base[0].outputs[0].token_ids   # a has an effect
     assert got_one[2].outputs[0].token_ids != base[2].outputs[0].token_ids
+    stats = two.engine.stats()   # rank 0 drafted; adapter rows rejected some base drafts
+    assert stats["spec_num_draft_tokens"] > stats["spec_num_accepted_tokens"] > 0
 
 
 def test_runtime_unload_and_load_reach_every_rank(setup):

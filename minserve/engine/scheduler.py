@@ -46,8 +46,8 @@ class SchedulerConfig:
     # a model whose image tokens attend to each other both ways (Gemma 3): a prefill chunk
     # never ends inside an image's tokens, whose first ones must see its last
     whole_images: bool = False
-    # At most this many rows of one n > 1 or beam-search request per step (0: no cap), so a
-    # large fan-out never keeps other clients' requests waiting (engine/fairness.py).
+    # At most this many tokens of one n > 1 or beam-search request per step (0: no cap; a decode
+    # row is one: --max-fanout-rows), so a fan-out never keeps others waiting (fairness.py).
     max_fanout_rows: int = 0
     # speculative decoding with a drafter that has a KV cache: the slots it writes past a
     # sampling row's tokens in the same step (k), allocated with the row's (vLLM's lookahead)
@@ -205,7 +205,7 @@ class Scheduler:
         plan = StepPlan()
         self._apply_aborts(plan)
         self._preempt_for_priority(plan)
-        self.fanout.begin_step()
+        self.fanout.begin_step([*self.running, *self.waiting])
         num_priority_preempted = len(plan.preempted)
         budget = self.config.max_num_batched_tokens
         scheduled: list[Request] = []
@@ -223,15 +223,17 @@ class Scheduler:
         # one step of a 256-row batch. They stay at the tail of `order`, first to be preempted.
         urgent = self._urgent_priority()
         limit = len(order) if urgent is None else sum(r.priority <= urgent for r in order)
+        held = self._hold_fanouts()
         i = 0
         while i < min(limit, len(order)) and budget > 0:
             request = order[i]
-            if not self.fanout.admits(request):
+            room = self.fanout.room(request, budget)
+            if room <= 0 or request.fanout is not None and request.priority >= held:
                 i += 1   # its fan-out had its share of this step: it sits out, keeping its K/V
                 continue
             # a decode row with drafts runs them too (speculative decoding: the step verifies)
             num_new = self._chunk(request.num_computed_tokens,
-                                  request.num_uncomputed + len(request.spec_token_ids), budget)
+                                  request.num_uncomputed + len(request.spec_token_ids), room)
             if self.config.whole_images:
                 num_new = whole_images(request, request.num_computed_tokens, num_new, budget)
                 if num_new == 0:     # its next image does not fit in what is left of the step
@@ -257,7 +259,7 @@ class Scheduler:
             if request is None:
                 break
             scheduled.append(request)
-            self.fanout.take(request)
+            self.fanout.take(request, num_new)
             plan.requests.append(request)
             plan.num_scheduled_tokens.append(num_new)
             budget -= num_new
@@ -267,7 +269,7 @@ class Scheduler:
         # Then waiting requests, unless this step already had to preempt for room (none is
         # left anyway); preempting for priority made room precisely for them.
         if len(plan.preempted) == num_priority_preempted:
-            budget = self._schedule_waiting(plan, budget, urgent)
+            budget = self._schedule_waiting(plan, budget, urgent, held)
         plan.total_num_scheduled_tokens = self.config.max_num_batched_tokens - budget
         return plan
 
@@ -299,17 +301,19 @@ class Scheduler:
         """vLLM's priority preemption: while the first waiting request cannot be admitted (no
         sequence slot, or too few free blocks for its first chunk) and a running request has a
         lower priority (a larger value), preempt the lowest (latest arrived among equals)."""
-        budget = self.config.max_num_batched_tokens
         while self.waiting and self.running:
             head = self.waiting.peek()
             victim = max(self.running, key=lambda r: (r.priority, r.arrival_time))
-            if victim.priority <= head.priority:
-                return
-            need = -(-min(head.num_tokens + 1, budget) // self.block_size)
-            if len(self.running) < self.config.max_num_seqs and need <= self.kv.num_free_blocks:
+            if victim.priority <= head.priority or self._can_start(head):
                 return
             self.running.remove(victim)
             self._preempt(victim, plan)
+
+    def _can_start(self, request: Request) -> bool:
+        """A sequence slot is free, and blocks for the waiting request's first chunk."""
+        need = -(-min(request.num_tokens + 1, self.config.max_num_batched_tokens)
+                 // self.block_size)
+        return len(self.running) < self.config.max_num_seqs and need <= self.kv.num_free_blocks
 
     def _child_must_wait(self, request: Request) -> bool:
         """n > 1 siblings: the first one admitted computes the prompt; the others wait until its
@@ -339,7 +343,21 @@ class Scheduler:
         best = min(pending)
         return best if max(r.priority for r in self.running) > best else None
 
-    def _schedule_waiting(self, plan: StepPlan, budget: int, max_priority: int | None) -> int:
+    def _hold_fanouts(self) -> float:
+        """The best priority of a one-row request due its first token (running its prompt, or
+        the first waiting one that can start now); fan-out rows of it or worse sit out."""
+        if self.fanout.max_tokens <= 0:
+            return math.inf
+        pending = [r.priority for r in self.running if r.fanout is None
+                   and r.num_output_tokens == 0 and r.num_computed_tokens < r.num_prompt_tokens]
+        first = next((r for r in self.waiting if r.fanout is None), None)
+        if first is not None and self._can_start(first) and not self._over_max_loras(
+                first, {r.adapter_name for r in self.running if r.adapter_name is not None}):
+            pending.append(first.priority)
+        return min(pending, default=math.inf)   # inf: none, nothing sits out
+
+    def _schedule_waiting(self, plan: StepPlan, budget: int, max_priority: int | None,
+                          held: float = math.inf) -> int:
         skipped: list[Request] = []
         num_blocks = self.kv.num_blocks
         adapters = {r.adapter_name for r in self.running if r.adapter_name is not None}
@@ -347,8 +365,9 @@ class Scheduler:
             if max_priority is not None and self.waiting.peek().priority > max_priority:
                 break   # sorted by priority: the rest sit this step out too
             request = self.waiting.popleft()
-            if self._child_must_wait(request) or self._over_max_loras(request, adapters) \
-                    or not self.fanout.admits(request):
+            room = self.fanout.room(request, budget)
+            if self._child_must_wait(request) or self._over_max_loras(request, adapters) or \
+                    room <= 0 or request.fanout is not None and request.priority >= held:
                 skipped.append(request)
                 continue
             # +1: the first sampled token must fit too
@@ -361,7 +380,7 @@ class Scheduler:
                 computed_blocks, num_cached = [], 0
             else:
                 computed_blocks, num_cached = self.kv.get_computed_blocks(request)
-            num_new = self._chunk(num_cached, request.num_tokens - num_cached, budget)
+            num_new = self._chunk(num_cached, request.num_tokens - num_cached, room)
             if self.config.whole_images:
                 num_new = whole_images(request, num_cached, num_new, budget)
             if num_new == 0 or self.kv.allocate_slots(
@@ -380,7 +399,7 @@ class Scheduler:
             if request.parent_id is not None:
                 self._leaders.setdefault(request.parent_id, request)
             self.running.append(request)
-            self.fanout.take(request)
+            self.fanout.take(request, num_new)
             plan.requests.append(request)
             plan.num_scheduled_tokens.append(num_new)
             budget -= num_new
