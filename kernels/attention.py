@@ -45,6 +45,10 @@ class AttnMetadata:
     # [T] int32, only for a step with image tokens of a model whose images attend both ways
     # (see the picture above); None: causal everywhere.
     image_span_end: torch.Tensor | None = None
+    # [R] int64, each row's state slot (linear-attention layers: kernels/gdn.py); None for a
+    # model without such layers. Its host copy, for the CPU paths.
+    state_slots: torch.Tensor | None = None
+    state_slots_host: list[int] | None = None
 
 
 def paged_attention_ref(
