@@ -36,6 +36,7 @@ from minserve.engine.sampler import SamplingTensors
 from minserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, is_sampling_row
 from minserve.engine.spec import make_speculator, num_lookahead_tokens
 from minserve.engine.spec.drafter import build_drafter, find_draft
+from minserve.engine.state_cache import hybrid_cache_settings
 from minserve.engine.workers import Workers
 
 # vllm:iteration_tokens_total's bucket bounds (tokens run in one step)
@@ -66,7 +67,7 @@ class Engine:
             raise
         self.dtype, self.lora = self.runner.dtype, self.runner.lora_manager
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
-                                       config.enable_prefix_caching)
+                                       *hybrid_cache_settings(config, self.runner))
         self.speculator = make_speculator(config, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
@@ -272,7 +273,9 @@ class Engine:
         loads = self.lora.take_slot_loads() if self.lora is not None else None
         return StepInputs(token_ids, plan.num_scheduled_tokens, computed, block_tables,
                           sample_rows, sampling, plp, mm_inputs, mrope, slots,
-                          loads if self.workers is not None else None, num_verify, draft)
+                          loads if self.workers is not None else None, num_verify, draft,
+                          None if self.kv_cache.state_slots is None else
+                          [self.kv_cache.state_slots.slot(r.request_id) for r in plan.requests])
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -46,6 +46,7 @@ from minserve.engine.sampler import (
 )
 from minserve.engine.scheduler import SampledTokens
 from minserve.engine.spec.rejection import accept_drafts
+from minserve.engine.state_cache import size_state_caches
 from minserve.kernels import AttnMetadata
 from minserve.kernels.lora import LoRAMapping, lora_mapping
 from minserve.models import parallel
@@ -88,6 +89,7 @@ class StepInputs:
     # any); rank 0's drafter inputs (engine/spec/drafter.py's DraftInputs; None: no drafting)
     num_draft_tokens: list[int] | None = None
     draft: Any = None
+    state_slots: list[int] | None = None     # [R] hybrid models: each row's state slot
 
 
 @dataclass(slots=True)
@@ -164,6 +166,7 @@ class ModelRunner:
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
         self.drafter = None    # engine/spec/drafter.py: a draft model or an EAGLE-3 head (rank 0)
+        self.state_caches = None   # hybrid models' linear-attention states (state_cache.py)
         self.lora_manager = None
         if engine_config.lora is not None:   # before the KV sizing, which sees the LoRA slots
             from minserve.lora.manager import LoRAManager
@@ -208,6 +211,8 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, engine_config: EngineConfig, extra_per_block: int) -> int:
         self._set_kv_layout(parallel.tp_size())
+        # the scratch state slot first: the CUDA profile run below needs one
+        self.state_caches, _ = size_state_caches(self.model, 0, 0, self.dtype, self.device)
         per_block = (2 * self.block_size * sum(k * d for k, d in self.kv_layout)
                      * self.kv_dtype.itemsize) + extra_per_block
         # More than every sequence at full length can never be used.
@@ -219,6 +224,8 @@ class ModelRunner:
         else:
             budget = min(DEFAULT_CPU_KV_CACHE_BYTES,
                          max(MIN_CPU_KV_CACHE_BYTES, per_block * self.max_blocks_per_seq))
+        self.state_caches, budget = size_state_caches(self.model, budget, self.max_num_seqs,
+                                                      self.dtype, self.device)
         num_blocks = parallel.min_across_ranks(min(budget // per_block, max_useful))
         if num_blocks < 1:
             raise ConfigError(
@@ -330,6 +337,8 @@ class ModelRunner:
             positions = self._fill_mrope(step, positions_np=self._positions.np[:T], T=T)
         inputs = ModelInputs(self._input_ids.to_device(T), positions, attn,
                              self._logits_indices.to_device(len(indices)), num_sample)
+        if self.state_caches is not None:
+            self.state_caches.prepare(attn, step.state_slots, step.num_computed_tokens)
         if step.adapter_slots is not None and max(step.adapter_slots) >= 0:
             inputs.lora_mapping = lora_mapping(np.repeat(step.adapter_slots, counts), self.device)
         if self._copied is not None:

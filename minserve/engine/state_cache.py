@@ -13,8 +13,12 @@ is zeroed before its first chunk (ModelRunner.prepare_inputs). Slots are sized w
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+
+from minserve.config import ConfigError
+from minserve.pypi import progress
 
 # The state slots may take at most this share of the KV cache budget (the rest: K/V blocks).
 MAX_STATE_SHARE = 0.5
@@ -49,6 +53,15 @@ class StateCaches:
             conv.index_fill_(0, idx, 0)
             ssm.index_fill_(0, idx, 0)
 
+    def prepare(self, attn: Any, slots: list[int] | None, computed: list[int]) -> None:
+        """Hand a step's rows their slots (None: the profile run's rows, all on the scratch slot)
+        and zero the slots of rows that start a prompt."""
+        slots = [self.scratch_slot] * len(computed) if slots is None else slots
+        self.reset([s for s, c in zip(slots, computed, strict=True) if c == 0])
+        attn.state_slots_host = slots
+        attn.state_slots = torch.tensor(slots, dtype=torch.long).to(self.layers[0][0].device,
+                                                                     non_blocking=True)
+
     def copy(self, src: list[int], dst: list[int]) -> None:
         """Copy slot src[i] into dst[i] in every layer (a fork's states)."""
         if not src:
@@ -68,6 +81,48 @@ def allocate_state_caches(model: torch.nn.Module, num_slots: int, dtype: torch.d
               for conv, ssm in model.state_cache_shapes()]
     model.set_state_caches(layers)
     return StateCaches(layers)
+
+
+def size_state_caches(model: torch.nn.Module, budget: int, max_num_seqs: int,
+                      dtype: torch.dtype, device: torch.device) -> tuple[StateCaches | None, int]:
+    """The state slots a hybrid model's requests need out of the KV cache budget: one per
+    sequence, at most MAX_STATE_SHARE of the budget (max_num_seqs 0: the scratch slot alone,
+    for the CUDA profile run). -> (caches or None, the budget left)."""
+    from minserve.models import parallel
+
+    per_slot = state_slot_bytes(model, dtype)
+    if per_slot == 0:
+        return None, budget
+    if max_num_seqs == 0:
+        return allocate_state_caches(model, 0, dtype, device), budget
+    # every rank the same count: rank 0 hands the slot ids out
+    num_slots = parallel.min_across_ranks(min(max_num_seqs,
+                                              int(budget * MAX_STATE_SHARE) // per_slot))
+    if num_slots < 1:
+        raise ConfigError(
+            f"no room for one request's linear-attention states ({per_slot / 2**20:.1f} MiB) in "
+            f"{budget / 2**20:.0f} MiB; raise --kv-cache-memory or --gpu-memory-utilization")
+    caches = allocate_state_caches(model, num_slots, dtype, device)
+    progress(f"linear-attention state slots: {num_slots} concurrent requests "
+         f"({per_slot / 2**20:.2f} MiB each, {num_slots * per_slot / 2**20:.0f} MiB)"
+         + (f"; fewer than --max-num-seqs {max_num_seqs}" if num_slots < max_num_seqs else ""))
+    return caches, budget - (num_slots + 1) * per_slot
+
+
+def hybrid_cache_settings(config: Any, runner: Any) -> tuple[bool, StateSlotPool | None]:
+    """(enable_prefix_caching, state slots) for the KVCacheManager. A hybrid model's cached K/V
+    blocks are useless without the linear layers' states at that point, so prefix caching is
+    off for it; speculative decoding would need the states rolled back past rejected drafts."""
+    states = runner.state_caches
+    if states is None:
+        return config.enable_prefix_caching, None
+    if getattr(config, "speculative_config", None) is not None:
+        raise ConfigError("speculative decoding is not supported yet for hybrid linear-attention "
+                          "models (their recurrent states cannot roll back rejected drafts); "
+                          "drop --speculative-config")
+    if config.enable_prefix_caching:
+        progress("prefix caching is off: hybrid linear-attention model (no state snapshots yet)")
+    return False, StateSlotPool(states.num_slots)
 
 
 class StateSlotPool:

@@ -39,7 +39,7 @@ from minserve.models import parallel
 logger = logging.getLogger("minserve.workers")
 T = TypeVar("T")
 
-_HEADER_LEN = 10
+_HEADER_LEN = 11
 _STOP = -1
 _DEFAULT_MULTI_NODE_PORT = 29500   # torchrun's
 
@@ -53,12 +53,13 @@ def encode_step(step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
     slots = list(step.adapter_slots or [])
     loads = list(json.dumps(step.lora_loads).encode()) if step.lora_loads else []
     drafts = list(step.num_draft_tokens or [])
+    states = list(step.state_slots or [])
     header = [len(step.num_scheduled_tokens), len(step.token_ids), len(step.sample_rows),
               len(plp_rows), len(block_ids), int(plp is not None), int(bool(step.mm_inputs)),
-              len(slots), len(loads), len(drafts)]
+              len(slots), len(loads), len(drafts), len(states)]
     payload = (list(step.num_scheduled_tokens) + list(step.num_computed_tokens)
                + list(step.token_ids) + list(step.sample_rows) + plp_rows + plp_counts
-               + [len(t) for t in tables] + block_ids + slots + loads + drafts)
+               + [len(t) for t in tables] + block_ids + slots + loads + drafts + states)
     return (torch.tensor(header, dtype=torch.int64), torch.tensor(payload, dtype=torch.int64))
 
 
@@ -66,7 +67,7 @@ def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
     """A worker's StepInputs: no sampling tensors (rank 0 samples), the prompt-logprob rows and
     counts only (they decide which logits rows exist, which the vocab gather must agree on), no
     images and M-RoPE placeholders (rank 0 broadcasts both: ModelRunner.share_from_head)."""
-    R, T, S, P, _, has_plp, _, A, L, D = header
+    R, T, S, P, _, has_plp, _, A, L, D, N = header
     values, pos = payload.tolist(), 0
 
     def take(n: int) -> list[int]:
@@ -77,12 +78,12 @@ def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
     counts, computed, token_ids, sample_rows = take(R), take(R), take(T), take(S)
     plp_rows, plp_counts, lens = take(P), take(P), take(R)
     tables = [take(n) for n in lens]
-    slots, loads, drafts = take(A) or None, take(L), take(D) or None
+    slots, loads, drafts, states = take(A) or None, take(L), take(D) or None, take(N) or None
     plp = PromptLogprobInputs(plp_rows, plp_counts, [], []) if has_plp else None
     return StepInputs(token_ids, counts, computed, tables, sample_rows, None, plp,
                       mrope=[(None, 0)] * R, adapter_slots=slots,
                       lora_loads=json.loads(bytes(loads).decode()) if loads else None,
-                      num_draft_tokens=drafts)
+                      num_draft_tokens=drafts, state_slots=states)
 
 
 def _recv_step() -> tuple[StepInputs, bool] | None:

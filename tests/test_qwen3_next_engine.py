@@ -1,0 +1,76 @@
+"""A hybrid model (Qwen3-Next: Gated DeltaNet + gated attention, MoE) through the engine: greedy
+tokens equal transformers' generate for concurrent prompts of different lengths under chunked
+prefill, under preemption (the state slot is freed and the prompt recomputed), with fewer state
+slots than --max-num-seqs; n = 3 sampled with a seed equals three requests with those seeds."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minserve import LLM, SamplingParams
+from minserve.config import ConfigError
+from tests.paged_runner import load_hf
+from tests.test_qwen3_next import VARIANTS, prompt
+from tests.tiny import make_tiny_model
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    arch, overrides = VARIANTS["qwen3next-moe"]
+    return make_tiny_model(str(tmp_path_factory.mktemp("qwen3next")), arch, **overrides)
+
+
+@pytest.fixture(scope="module")
+def hf(folder):
+    return load_hf(folder)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [prompt(n, 40 + n) for n in (37, 5, 70, 18)]
+
+
+@pytest.fixture(scope="module")
+def expected(hf, prompts):
+    with torch.inference_mode():
+        return [hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+                for p in prompts]
+
+
+def test_concurrent_chunked_requests_equal_transformers(folder, prompts, expected, capfd):
+    llm = LLM(folder, max_num_batched_tokens=16, max_model_len=128, kv_cache_memory=1 << 22)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert "linear-attention state slots: " in capfd.readouterr().err
+
+
+def test_preemption_and_few_slots_give_the_same_tokens(folder, prompts, expected, capfd):
+    """A cache too small for all four: requests are preempted (their slots freed, their prompts
+    recomputed) and only a few state slots exist, fewer than --max-num-seqs."""
+    llm = LLM(folder, max_num_batched_tokens=32, max_model_len=128, max_num_seqs=8,
+              kv_cache_memory=100_000)
+    err = capfd.readouterr().err
+    assert "fewer than --max-num-seqs 8" in err
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert llm.engine.stats()["num_preemptions"] > 0
+
+
+def test_n3_seeded_equals_three_seeded_requests(folder):
+    llm = LLM(folder, max_num_batched_tokens=16, max_model_len=128, kv_cache_memory=1 << 22)
+    p = prompt(21, 3)
+    params = dict(temperature=1.0, max_tokens=8, ignore_eos=True)
+    (together,) = llm.generate([p], SamplingParams(n=3, seed=7, **params), use_tqdm=False)
+    apart = llm.generate([p] * 3, [SamplingParams(seed=7 + i, **params) for i in range(3)],
+                         use_tqdm=False)
+    assert [c.token_ids for c in together.outputs] == [o.outputs[0].token_ids for o in apart]
+    assert len({tuple(c.token_ids) for c in together.outputs}) > 1
+
+
+def test_speculative_decoding_is_a_clear_startup_error(folder):
+    with pytest.raises(ConfigError, match="hybrid linear-attention"):
+        LLM(folder, max_model_len=128, kv_cache_memory=1 << 22,
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2})
