@@ -40,11 +40,14 @@ def expected(hf, prompts):
                 for p in prompts]
 
 
-def test_concurrent_chunked_requests_equal_transformers(folder, prompts, expected, capfd):
-    llm = LLM(folder, max_num_batched_tokens=16, max_model_len=128, kv_cache_memory=1 << 22)
+@pytest.fixture(scope="module")
+def llm(folder):
+    return LLM(folder, max_num_batched_tokens=16, max_model_len=128, kv_cache_memory=1 << 22)
+
+
+def test_concurrent_chunked_requests_equal_transformers(llm, prompts, expected):
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
-    assert "linear-attention state slots: " in capfd.readouterr().err
 
 
 def test_preemption_and_few_slots_give_the_same_tokens(folder, prompts, expected, capfd):
@@ -59,8 +62,7 @@ def test_preemption_and_few_slots_give_the_same_tokens(folder, prompts, expected
     assert llm.engine.stats()["num_preemptions"] > 0
 
 
-def test_n3_seeded_equals_three_seeded_requests(folder):
-    llm = LLM(folder, max_num_batched_tokens=16, max_model_len=128, kv_cache_memory=1 << 22)
+def test_n3_seeded_equals_three_seeded_requests(llm):
     p = prompt(21, 3)
     params = dict(temperature=1.0, max_tokens=8, ignore_eos=True)
     (together,) = llm.generate([p], SamplingParams(n=3, seed=7, **params), use_tqdm=False)
