@@ -72,6 +72,23 @@ def test_n3_seeded_equals_three_seeded_requests(llm):
     assert len({tuple(c.token_ids) for c in together.outputs}) > 1
 
 
+def test_second_chat_turn_resumes_from_a_state_snapshot(llm, hf, prompts, expected):
+    """Turn two (turn one's prompt and answer, then more) hits the prefix cache up to the last
+    block boundary turn one passed, restores the linear layers' states saved there, and
+    prefills only the rest: its tokens equal transformers' on the whole prompt."""
+    turn2 = prompts[0] + expected[0] + prompt(7, 99)          # 37 + 10 + 7 tokens
+    with torch.inference_mode():
+        want = hf.generate(torch.tensor([turn2]), max_new_tokens=10, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(turn2):].tolist()
+    (one,) = llm.generate([prompts[0]], GREEDY, use_tqdm=False)
+    assert one.outputs[0].token_ids == expected[0]
+    (out,) = llm.generate([turn2], GREEDY, use_tqdm=False)
+    assert out.outputs[0].token_ids == want
+    assert out.num_cached_tokens == 32       # turn one computed 46 tokens: two 16-token blocks
+    snaps = llm.engine.kv_cache.state_snapshots
+    assert snaps is not None and 0 < len(snaps._ids) <= snaps.capacity
+
+
 def test_speculative_decoding_is_a_clear_startup_error(folder):
     with pytest.raises(ConfigError, match="hybrid linear-attention"):
         LLM(folder, max_model_len=128, kv_cache_memory=1 << 22,

@@ -36,7 +36,7 @@ from minserve.engine.sampler import SamplingTensors
 from minserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, is_sampling_row
 from minserve.engine.spec import make_speculator, num_lookahead_tokens
 from minserve.engine.spec.drafter import build_drafter, find_draft
-from minserve.engine.state_cache import hybrid_cache_settings
+from minserve.engine.state_cache import hybrid_cache_settings, plan_states
 from minserve.engine.workers import Workers
 
 # vllm:iteration_tokens_total's bucket bounds (tokens run in one step)
@@ -76,7 +76,8 @@ class Engine:
                             config.lora.max_loras if config.lora is not None else 0,
                             whole_images=self.runner.bidirectional_images,
                             max_fanout_rows=config.max_fanout_rows or 0,
-                            num_lookahead_tokens=num_lookahead_tokens(config)),
+                            num_lookahead_tokens=num_lookahead_tokens(config),
+                            align_chunks=self.kv_cache.state_snapshots is not None),
             self.kv_cache)
         self.info = EngineInfo(tokenizer, self.model_config.vocab_size, config.max_model_len,
                                source.arch.name, defaults, eos, self.runner.num_blocks,
@@ -274,8 +275,8 @@ class Engine:
         return StepInputs(token_ids, plan.num_scheduled_tokens, computed, block_tables,
                           sample_rows, sampling, plp, mm_inputs, mrope, slots,
                           loads if self.workers is not None else None, num_verify, draft,
-                          None if self.kv_cache.state_slots is None else
-                          [self.kv_cache.state_slots.slot(r.request_id) for r in plan.requests])
+                          *(() if self.kv_cache.state_slots is None else plan_states(
+                              self.kv_cache, plan.requests, plan.num_scheduled_tokens)))
 
     def stats(self) -> dict[str, Any]:
         return {

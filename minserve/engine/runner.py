@@ -89,7 +89,10 @@ class StepInputs:
     # any); rank 0's drafter inputs (engine/spec/drafter.py's DraftInputs; None: no drafting)
     num_draft_tokens: list[int] | None = None
     draft: Any = None
-    state_slots: list[int] | None = None     # [R] hybrid models: each row's state slot
+    # hybrid models (engine/state_cache.py): [R] row slots; copies before the step (row pairs)
+    state_slots: list[int] | None = None
+    state_saves: list[int] | None = None
+    state_restores: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -166,7 +169,8 @@ class ModelRunner:
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
         self.drafter = None    # engine/spec/drafter.py: a draft model or an EAGLE-3 head (rank 0)
-        self.state_caches = None   # hybrid models' linear-attention states (state_cache.py)
+        # hybrid models' linear-attention states (state_cache.py): a scratch slot until sized
+        self.state_caches, _ = size_state_caches(model, 0, None, dtype, device)
         self.lora_manager = None
         if engine_config.lora is not None:   # before the KV sizing, which sees the LoRA slots
             from minserve.lora.manager import LoRAManager
@@ -211,8 +215,6 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, engine_config: EngineConfig, extra_per_block: int) -> int:
         self._set_kv_layout(parallel.tp_size())
-        # the scratch state slot first: the CUDA profile run below needs one
-        self.state_caches, _ = size_state_caches(self.model, 0, 0, self.dtype, self.device)
         per_block = (2 * self.block_size * sum(k * d for k, d in self.kv_layout)
                      * self.kv_dtype.itemsize) + extra_per_block
         # More than every sequence at full length can never be used.
@@ -224,7 +226,7 @@ class ModelRunner:
         else:
             budget = min(DEFAULT_CPU_KV_CACHE_BYTES,
                          max(MIN_CPU_KV_CACHE_BYTES, per_block * self.max_blocks_per_seq))
-        self.state_caches, budget = size_state_caches(self.model, budget, self.max_num_seqs,
+        self.state_caches, budget = size_state_caches(self.model, budget, engine_config,
                                                       self.dtype, self.device)
         num_blocks = parallel.min_across_ranks(min(budget // per_block, max_useful))
         if num_blocks < 1:
@@ -338,7 +340,7 @@ class ModelRunner:
         inputs = ModelInputs(self._input_ids.to_device(T), positions, attn,
                              self._logits_indices.to_device(len(indices)), num_sample)
         if self.state_caches is not None:
-            self.state_caches.prepare(attn, step.state_slots, step.num_computed_tokens)
+            self.state_caches.prepare(attn, step)
         if step.adapter_slots is not None and max(step.adapter_slots) >= 0:
             inputs.lora_mapping = lora_mapping(np.repeat(step.adapter_slots, counts), self.device)
         if self._copied is not None:
