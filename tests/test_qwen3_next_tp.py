@@ -53,9 +53,10 @@ def test_sharded_logits_match_one_process(index, folders, sharded_logits):
 
 def test_state_slots_cross_to_the_workers():
     step = StepInputs([5, 6, 7], [2, 1], [0, 9], [[3], [4, 1]], [0, 1], None,
-                      state_slots=[4, 0])
+                      state_slots=[4, 0], state_saves=[4, 9, 0, 10], state_restores=[11, 0])
     got = decode_step(*(lambda h, p: (h.tolist(), p))(*encode_step(step)))
     assert got.state_slots == [4, 0] and got.block_tables == [[3], [4, 1]]
+    assert got.state_saves == [4, 9, 0, 10] and got.state_restores == [11, 0]
     plain = decode_step(*(lambda h, p: (h.tolist(), p))(*encode_step(
         StepInputs([5], [1], [0], [[3]], [0], None))))
     assert plain.state_slots is None
