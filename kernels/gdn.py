@@ -34,7 +34,7 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """One row: x [L, C], weight [C, K], state [C, K-1] (the K-1 inputs before x; updated in
     place) -> silu(conv) [L, C]."""
-    L, K = x.shape[0], weight.shape[1]
+    K = weight.shape[1]
     full = torch.cat((state.to(torch.float32), x.t().to(torch.float32)), dim=1)  # [C, K-1+L]
     out = F.conv1d(full[None], weight.float()[:, None, :], groups=weight.shape[0])[0]  # [C, L]
     state.copy_(full[:, full.shape[1] - (K - 1):])
@@ -141,7 +141,8 @@ def gated_delta_rule_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
         s = ssm_states.index_select(0, idx)                               # [N, Hv, Dk, Dv]
         s = s * g.index_select(0, toks).float().exp()[..., None, None]
         kv = torch.einsum("nhkv,nhk->nhv", s, kd)
-        delta = (v.index_select(0, toks).float() - kv) * beta.index_select(0, toks).float()[..., None]
+        b = beta.index_select(0, toks).float()[..., None]
+        delta = (v.index_select(0, toks).float() - kv) * b
         s = s + kd[..., :, None] * delta[..., None, :]
         out[toks] = torch.einsum("nhkv,nhk->nhv", s, qd).to(v.dtype)
         ssm_states.index_copy_(0, idx, s)

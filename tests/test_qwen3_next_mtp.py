@@ -27,7 +27,8 @@ def mtp_tensors(h: int, heads: int, kv: int, d: int, inter: int) -> dict[str, to
         return torch.randn(*shape, generator=g) * 0.1
 
     layer = {"input_layernorm.weight": w(h), "post_attention_layernorm.weight": w(h),
-             "self_attn.q_proj.weight": w(2 * heads * d, h), "self_attn.k_proj.weight": w(kv * d, h),
+             "self_attn.q_proj.weight": w(2 * heads * d, h),
+             "self_attn.k_proj.weight": w(kv * d, h),
              "self_attn.v_proj.weight": w(kv * d, h), "self_attn.o_proj.weight": w(h, heads * d),
              "self_attn.q_norm.weight": w(d), "self_attn.k_norm.weight": w(d),
              "mlp.gate_proj.weight": w(inter, h), "mlp.up_proj.weight": w(inter, h),

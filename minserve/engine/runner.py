@@ -169,8 +169,7 @@ class ModelRunner:
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
         self.drafter = None    # engine/spec/drafter.py: a draft model or an EAGLE-3 head (rank 0)
-        # hybrid models' linear-attention states (state_cache.py): a scratch slot until sized
-        self.state_caches, _ = size_state_caches(model, 0, None, dtype, device)
+        self.state_caches, _ = size_state_caches(model, 0, None, dtype, device)  # hybrid models
         self.lora_manager = None
         if engine_config.lora is not None:   # before the KV sizing, which sees the LoRA slots
             from minserve.lora.manager import LoRAManager

@@ -147,7 +147,8 @@ def hybrid_cache_settings(config: Any, runner: Any
         raise ConfigError("speculative decoding is not supported yet for hybrid linear-attention "
                           "models (their recurrent states cannot roll back rejected drafts); "
                           "drop --speculative-config")
-    snapshots = StateSnapshots(states.num_snapshots, states.snapshot_row(0)) if states.num_snapshots else None
+    snapshots = (StateSnapshots(states.num_snapshots, states.snapshot_row(0))
+                 if states.num_snapshots else None)
     return snapshots is not None, StateSlotPool(states.num_slots), snapshots
 
 
