@@ -48,6 +48,10 @@ class AttnMetadata:
     # the CPU dispatch's per-step plan for its native short rows (dispatch.py), made at the
     # first layer and read by the others: none of its host work repeats per layer
     native_plan: object = None
+    # [R] int64, each row's state slot (linear-attention layers: kernels/gdn.py); None for a
+    # model without such layers. Its host copy, for the CPU paths.
+    state_slots: torch.Tensor | None = None
+    state_slots_host: list[int] | None = None
 
 
 def paged_attention_ref(

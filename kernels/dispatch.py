@@ -31,6 +31,12 @@ from minserve.kernels.fused_moe import (
     select_experts,  # noqa: F401  (re-exported: minserve.kernels.select_experts)
     triton_supports,
 )
+from minserve.kernels.gdn import (
+    causal_conv1d_torch,
+    causal_conv1d_triton,
+    gated_delta_rule_torch,
+    gated_delta_rule_triton,
+)
 from minserve.kernels.gguf_blocks import GgufBlockWeight, to_int_weight
 from minserve.kernels.jit import triton
 from minserve.kernels.layer_ops import (
@@ -183,6 +189,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         if fused is not None:
             return fused
     return rms_norm_ref(x, weight, eps, residual)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, conv_states: torch.Tensor,
+                  attn: AttnMetadata) -> torch.Tensor:
+    """x [T, C], weight [C, K], conv_states [S, C, K-1] -> silu(causal depthwise conv) [T, C];
+    each row reads and advances its own slot (attn.state_slots; kernels/gdn.py)."""
+    if triton_enabled(x):
+        return causal_conv1d_triton(x, weight, conv_states, attn.state_slots,
+                                    attn.query_start_loc)
+    return causal_conv1d_torch(x, weight, conv_states, attn.state_slots_host,
+                               attn.query_start_loc_host)
+
+
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                     beta: torch.Tensor, ssm_states: torch.Tensor,
+                     attn: AttnMetadata) -> torch.Tensor:
+    """q, k [T, Hk, Dk], v [T, Hv, Dv], g (log decay), beta [T, Hv], ssm_states [S, Hv, Dk, Dv]
+    float32 -> o [T, Hv, Dv]; each row continues from its own slot (kernels/gdn.py)."""
+    if triton_enabled(v):
+        return gated_delta_rule_triton(q, k, v, g, beta, ssm_states, attn.state_slots,
+                                       attn.query_start_loc)
+    return gated_delta_rule_torch(q, k, v, g, beta, ssm_states, attn.state_slots_host,
+                                  attn.query_start_loc_host)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -58,9 +58,16 @@ class PagedRunner:
         cfg = model.config
         dtype = model.model.embed_tokens.weight.dtype
         self.model, self.block_size = model, block_size
-        num_kv_heads = model.model.layers[0].self_attn.num_kv_heads   # this rank's (TP)
         layout = getattr(model, "kv_cache_layout", None)
-        layout = layout() if layout else [(num_kv_heads, cfg.head_dim)] * cfg.num_hidden_layers
+        layout = layout() if layout else [(model.model.layers[0].self_attn.num_kv_heads,
+                                           cfg.head_dim)] * cfg.num_hidden_layers   # this rank's
+        # hybrid models: one recurrent state slot per request id (engine/state_cache.py)
+        self.state_slots: dict[str, int] | None = None
+        if hasattr(model, "state_cache_shapes"):
+            from minserve.engine.state_cache import allocate_state_caches
+
+            self.states = allocate_state_caches(model, num_blocks, dtype, torch.device("cpu"))
+            self.state_slots = {}
         model.set_kv_caches([(torch.zeros(num_blocks, block_size, k, d, dtype=dtype),
                               torch.zeros(num_blocks, block_size, k, d, dtype=dtype))
                              for k, d in layout])
@@ -84,6 +91,13 @@ class PagedRunner:
             input_ids.extend(new_ids)
             self.num_computed[req_id] = ctx + len(new_ids)
         attn, positions = attn_metadata(query_lens, context_lens, tables, self.block_size)
+        if self.state_slots is not None:
+            fresh = [req_id for req_id, _ in batch if req_id not in self.state_slots]
+            for req_id in fresh:
+                self.state_slots[req_id] = len(self.state_slots)
+            self.states.reset([self.state_slots[r] for r in fresh])
+            attn.state_slots_host = [self.state_slots[req_id] for req_id, _ in batch]
+            attn.state_slots = torch.tensor(attn.state_slots_host, dtype=torch.int64)
         hidden = self.model(torch.tensor(input_ids), positions, attn)
         logits = self.model.compute_logits(hidden)   # None on a tensor-parallel rank > 0
         return [] if logits is None else list(logits.split(query_lens))

@@ -66,7 +66,9 @@ ARCH_EXTRAS = {
                           "final_logit_softcapping": 30.0},
 }
 # the config class when it is not the architecture's name with "Config" (a text-only class)
-CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma4ForCausalLM": "Gemma4TextConfig"}
+CONFIG_CLASSES = {"Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma4ForCausalLM": "Gemma4TextConfig",
+                  "Qwen3_5ForCausalLM": "Qwen3_5TextConfig",
+                  "Qwen3_5MoeForCausalLM": "Qwen3_5MoeTextConfig"}
 
 
 def make_tokenizer_json(path: str, vocab_size: int = 400) -> None:

@@ -38,6 +38,7 @@ from minserve.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, is_s
 from minserve.engine.sleep import ParkedWeights
 from minserve.engine.spec import make_speculator, num_lookahead_tokens
 from minserve.engine.spec.drafter import build_drafter, find_draft
+from minserve.engine.state_cache import hybrid_cache_settings, plan_states
 from minserve.engine.workers import Workers
 
 # vllm:iteration_tokens_total's bucket bounds (tokens run in one step)
@@ -71,7 +72,7 @@ class Engine:
             raise
         self.dtype, self.lora = self.runner.dtype, self.runner.lora_manager
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.block_size,
-                                       config.enable_prefix_caching)
+                                       *hybrid_cache_settings(config, self.runner))
         self.speculator = make_speculator(config, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
@@ -80,7 +81,8 @@ class Engine:
                             config.lora.max_loras if config.lora is not None else 0,
                             whole_images=self.runner.bidirectional_images,
                             max_fanout_rows=config.max_fanout_rows or 0,
-                            num_lookahead_tokens=num_lookahead_tokens(config)),
+                            num_lookahead_tokens=num_lookahead_tokens(config),
+                            align_chunks=self.kv_cache.state_snapshots is not None),
             self.kv_cache)
         self.info = EngineInfo(tokenizer, self.model_config.vocab_size, config.max_model_len,
                                source.arch.name, defaults, eos, self.runner.num_blocks,
@@ -301,7 +303,9 @@ class Engine:
         loads = self.lora.take_slot_loads() if self.lora is not None else None
         return StepInputs(token_ids, plan.num_scheduled_tokens, computed, block_tables,
                           sample_rows, sampling, plp, mm_inputs, mrope, slots,
-                          loads if self.workers is not None else None, num_verify, draft)
+                          loads if self.workers is not None else None, num_verify, draft,
+                          *(() if self.kv_cache.state_slots is None else plan_states(
+                              self.kv_cache, plan.requests, plan.num_scheduled_tokens)))
 
     def stats(self) -> dict[str, Any]:
         return {

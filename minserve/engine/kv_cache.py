@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minserve.engine.request import Request
+
+if TYPE_CHECKING:
+    from minserve.engine.state_cache import StateSlotPool, StateSnapshots
 
 # The key of a full block: its parent's hash (for the first block: the request's prefix root)
 # and its own token ids. On a hit the key is compared in full, so a hash collision can never hand
@@ -117,8 +120,13 @@ class KVCacheManager:
     nothing, when the pool cannot cover it. After each step cache_full_blocks() publishes every
     block that became full, so later requests can share it."""
 
-    def __init__(self, num_blocks: int, block_size: int,
-                 enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 state_slots: StateSlotPool | None = None,
+                 state_snapshots: StateSnapshots | None = None) -> None:
+        """state_slots: a hybrid model's linear-attention state slots (engine/state_cache.py),
+        one per running request, taken with its first blocks and given back with them;
+        state_snapshots: the states saved at block boundaries, where its prefix hits stop."""
+        self.state_slots, self.state_snapshots = state_slots, state_snapshots
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
@@ -179,10 +187,19 @@ class KVCacheManager:
             if block is None:
                 break
             block_ids.append(block.block_id)
+        while self.state_snapshots is not None and block_ids and \
+                self.state_snapshots.lookup(self.block_key(request, len(block_ids))) is None:
+            block_ids.pop()    # a hybrid model resumes only where the states were saved
         num_cached_tokens = len(block_ids) * self.block_size
         self.prefix_cache_queries += request.num_tokens
         self.prefix_cache_hits += num_cached_tokens
         return block_ids, num_cached_tokens
+
+    def block_key(self, request: Request, num_blocks: int) -> tuple[int, BlockKey]:
+        """(hash, key) of the request's block num_blocks - 1: its first num_blocks blocks."""
+        hashes = self._hashes(request, num_blocks)     # (memoized: it may hold more)
+        return hashes[num_blocks - 1], self._key(request, request.all_token_ids, hashes,
+                                                 num_blocks - 1)
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, computed_blocks: list[int] | None = None,
@@ -200,6 +217,8 @@ class KVCacheManager:
         # Hit blocks nobody references sit in the free queue; taking them shrinks it.
         num_hit_free = sum(1 for b in computed_blocks if self.pool.blocks[b].ref_cnt == 0)
         if num_new_blocks > self.pool.num_free_blocks - num_hit_free:
+            return None
+        if self.state_slots is not None and self.state_slots.allocate(request.request_id) is None:
             return None
         self.pool.touch(computed_blocks)
         new_blocks = self.pool.allocate(num_new_blocks)
@@ -240,6 +259,8 @@ class KVCacheManager:
         """Release all the request's blocks (finish, abort or preemption); tail blocks first."""
         self.pool.release(request.block_ids[::-1])
         request.block_ids = []
+        if self.state_slots is not None:
+            self.state_slots.free(request.request_id)
         self._num_published.pop(request.request_id, None)
         # The hashes stay valid (tokens never change) but are cheap to recompute; drop them so
         # finished requests leave nothing behind.

@@ -46,6 +46,7 @@ from minserve.engine.sampler import (
 )
 from minserve.engine.scheduler import SampledTokens
 from minserve.engine.spec.rejection import accept_drafts
+from minserve.engine.state_cache import size_state_caches
 from minserve.kernels import AttnMetadata
 from minserve.kernels.lora import LoRAMapping, lora_mapping
 from minserve.models import parallel
@@ -88,6 +89,10 @@ class StepInputs:
     # any); rank 0's drafter inputs (engine/spec/drafter.py's DraftInputs; None: no drafting)
     num_draft_tokens: list[int] | None = None
     draft: Any = None
+    # hybrid models (engine/state_cache.py): [R] row slots; copies before the step (row pairs)
+    state_slots: list[int] | None = None
+    state_saves: list[int] | None = None
+    state_restores: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -164,6 +169,7 @@ class ModelRunner:
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
         self.drafter = None    # engine/spec/drafter.py: a draft model or an EAGLE-3 head (rank 0)
+        self.state_caches, _ = size_state_caches(model, 0, None, dtype, device)  # hybrid models
         self.lora_manager = None
         if engine_config.lora is not None:   # before the KV sizing, which sees the LoRA slots
             from minserve.lora.manager import LoRAManager
@@ -223,6 +229,8 @@ class ModelRunner:
         else:
             budget = min(DEFAULT_CPU_KV_CACHE_BYTES,
                          max(MIN_CPU_KV_CACHE_BYTES, per_block * self.max_blocks_per_seq))
+        self.state_caches, budget = size_state_caches(self.model, budget, engine_config,
+                                                      self.dtype, self.device)
         num_blocks = parallel.min_across_ranks(min(budget // per_block, max_useful))
         if num_blocks < 1:
             raise ConfigError(
@@ -334,6 +342,8 @@ class ModelRunner:
             positions = self._fill_mrope(step, positions_np=self._positions.np[:T], T=T)
         inputs = ModelInputs(self._input_ids.to_device(T), positions, attn,
                              self._logits_indices.to_device(len(indices)), num_sample)
+        if self.state_caches is not None:
+            self.state_caches.prepare(attn, step)
         if step.adapter_slots is not None and max(step.adapter_slots) >= 0:
             inputs.lora_mapping = lora_mapping(np.repeat(step.adapter_slots, counts), self.device)
         if self._copied is not None:

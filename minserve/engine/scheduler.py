@@ -52,6 +52,9 @@ class SchedulerConfig:
     # speculative decoding with a drafter that has a KV cache: the slots it writes past a
     # sampling row's tokens in the same step (k), allocated with the row's (vLLM's lookahead)
     num_lookahead_tokens: int = 0
+    # a hybrid model's prefix cache (engine/state_cache.py): a prefill chunk that crosses a
+    # block boundary ends on the last one, where its linear layers' states are saved
+    align_chunks: bool = False
 
 
 @dataclass(slots=True)
@@ -295,6 +298,9 @@ class Scheduler:
         if area > 0 and num_new > 1:
             c = context_len  # the largest q with q * (c + q) <= area
             num_new = min(num_new, max(1, (math.isqrt(c * c + 4 * area) - c) // 2))
+        if self.config.align_chunks and num_new > 1:
+            aligned = (context_len + num_new) // self.block_size * self.block_size - context_len
+            num_new = aligned if aligned > 0 else num_new
         return num_new
 
     def _preempt_for_priority(self, plan: StepPlan) -> None:

@@ -39,7 +39,7 @@ from minserve.models import parallel
 logger = logging.getLogger("minserve.workers")
 T = TypeVar("T")
 
-_HEADER_LEN = 10
+_HEADER_LEN = 13
 _STOP = -1
 _DEFAULT_MULTI_NODE_PORT = 29500   # torchrun's
 
@@ -53,12 +53,15 @@ def encode_step(step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
     slots = list(step.adapter_slots or [])
     loads = list(json.dumps(step.lora_loads).encode()) if step.lora_loads else []
     drafts = list(step.num_draft_tokens or [])
+    states, saves, restores = (list(x or []) for x in (step.state_slots, step.state_saves,
+                                                        step.state_restores))
     header = [len(step.num_scheduled_tokens), len(step.token_ids), len(step.sample_rows),
               len(plp_rows), len(block_ids), int(plp is not None), int(bool(step.mm_inputs)),
-              len(slots), len(loads), len(drafts)]
+              len(slots), len(loads), len(drafts), len(states), len(saves), len(restores)]
     payload = (list(step.num_scheduled_tokens) + list(step.num_computed_tokens)
                + list(step.token_ids) + list(step.sample_rows) + plp_rows + plp_counts
-               + [len(t) for t in tables] + block_ids + slots + loads + drafts)
+               + [len(t) for t in tables] + block_ids + slots + loads + drafts + states + saves
+               + restores)
     return (torch.tensor(header, dtype=torch.int64), torch.tensor(payload, dtype=torch.int64))
 
 
@@ -66,7 +69,7 @@ def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
     """A worker's StepInputs: no sampling tensors (rank 0 samples), the prompt-logprob rows and
     counts only (they decide which logits rows exist, which the vocab gather must agree on), no
     images and M-RoPE placeholders (rank 0 broadcasts both: ModelRunner.share_from_head)."""
-    R, T, S, P, _, has_plp, _, A, L, D = header
+    R, T, S, P, _, has_plp, _, A, L, D, N, V, X = header
     values, pos = payload.tolist(), 0
 
     def take(n: int) -> list[int]:
@@ -77,12 +80,14 @@ def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
     counts, computed, token_ids, sample_rows = take(R), take(R), take(T), take(S)
     plp_rows, plp_counts, lens = take(P), take(P), take(R)
     tables = [take(n) for n in lens]
-    slots, loads, drafts = take(A) or None, take(L), take(D) or None
+    slots, loads, drafts, states = take(A) or None, take(L), take(D) or None, take(N) or None
+    saves, restores = take(V), take(X)
     plp = PromptLogprobInputs(plp_rows, plp_counts, [], []) if has_plp else None
     return StepInputs(token_ids, counts, computed, tables, sample_rows, None, plp,
                       mrope=[(None, 0)] * R, adapter_slots=slots,
                       lora_loads=json.loads(bytes(loads).decode()) if loads else None,
-                      num_draft_tokens=drafts)
+                      num_draft_tokens=drafts, state_slots=states, state_saves=saves,
+                      state_restores=restores)
 
 
 def _recv_step() -> tuple[StepInputs, bool] | None:

@@ -95,6 +95,13 @@ ARCHITECTURES = {a.name: a for a in (
     # its experts are fused [E, ...] tensors, bf16 or MXFP4 (models/gpt_oss.py loads them)
     Architecture("GptOssForCausalLM", "gpt_oss:GptOssForCausalLM", tensor_parallel=True,
                  quantization=("mxfp4",)),
+    # hybrid linear-attention stacks (models/qwen3_next.py): Gated DeltaNet layers keep a
+    # recurrent state slot per request (engine/state_cache.py) beside the attention layers' K/V;
+    # the ...ForConditionalGeneration checkpoints load their language model only
+    *(Architecture(name, "qwen3_next:Qwen3NextForCausalLM", tensor_parallel=True,
+                   quantization=_DENSE)
+      for name in ("Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM",
+                   "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")),
     _base("LlamaModel"), _base("MistralModel"), _base("Qwen2Model"), _base("Qwen3Model"),
     # max_images: LLaVA-1.5 was trained on one image per prompt; the others take several
     # (vLLM's 999 let one request fetch and decode hundreds: issue 36)
