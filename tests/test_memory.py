@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minserve.config import EngineConfig
-from minserve.engine import runner
+from minserve.engine import runner, state_cache
 from minserve.engine.engine import Engine
 
 
@@ -21,7 +21,7 @@ def resident_mib() -> float:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_lazy_zeros_commits_only_written_pages():
     before = resident_mib()
-    t = runner.lazy_zeros((64, 1024, 1024), torch.float32)     # 256 MiB
+    t = state_cache.lazy_zeros((64, 1024, 1024), torch.float32)     # 256 MiB
     assert resident_mib() - before < 32
     assert t.dtype == torch.float32 and t.shape == (64, 1024, 1024)
     assert not t[::7, ::61].any()                 # reads as zeros (reading commits nothing)
@@ -30,7 +30,7 @@ def test_lazy_zeros_commits_only_written_pages():
     assert 3 < grown < 64
     assert t.sum().item() == 1.5 * 1024 * 1024
     for dtype in (torch.bfloat16, torch.float8_e4m3fn):
-        z = runner.lazy_zeros((3, 5, 2), dtype)
+        z = state_cache.lazy_zeros((3, 5, 2), dtype)
         assert z.dtype == dtype and not z.float().any()
 
 

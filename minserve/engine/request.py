@@ -211,3 +211,21 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+
+def whole_images(request: Request, context_len: int, num_new: int, budget: int) -> int:
+    """num_new cut so that the chunk does not end inside an image's run of tokens: before the
+    image, or, when the chunk starts inside or at it, through its end if the step's budget
+    allows it (the per-request caps give way), else 0 (the request waits a step).
+
+        prompt   t t t [i i i i i i] t t        chunk from 3, num_new 4 ends inside: -> 0..3
+                       ^3           ^9          chunk from 3 (the image's start): -> 6 or 0
+    """
+    end = context_len + num_new
+    for item in request.mm_items or ():
+        for start, stop in item.embed_runs():
+            if start < end < stop:
+                if start > context_len:
+                    return start - context_len
+                return stop - context_len if stop - context_len <= budget else 0
+    return num_new

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import mmap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +45,7 @@ from minserve.engine.sampler import (
 )
 from minserve.engine.scheduler import SampledTokens
 from minserve.engine.spec.rejection import accept_drafts
-from minserve.engine.state_cache import size_state_caches
+from minserve.engine.state_cache import lazy_zeros, size_state_caches
 from minserve.kernels import AttnMetadata
 from minserve.kernels.lora import LoRAMapping, lora_mapping
 from minserve.models import parallel
@@ -491,14 +490,3 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
         return t
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
-
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero CPU tensor whose pages are committed on first write: a fresh anonymous mapping
-    reads as zeros (POSIX), where torch.zeros would write, and so commit, every page at once.
-    Huge pages are declined, so a block's first write commits its own 4 KiB pages, not 2 MiB."""
-    nbytes = max(math.prod(shape) * dtype.itemsize, 1)
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        buf.madvise(mmap.MADV_NOHUGEPAGE)
-    # torch.frombuffer keeps the mapping alive as long as the tensor (and its views) live
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)

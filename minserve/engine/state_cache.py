@@ -13,6 +13,7 @@ is zeroed before its first chunk (ModelRunner.prepare_inputs). Slots are sized w
 from __future__ import annotations
 
 import math
+import mmap
 from collections import OrderedDict
 from typing import Any
 
@@ -93,8 +94,11 @@ def allocate_state_caches(model: torch.nn.Module, num_slots: int, dtype: torch.d
     """num_slots request slots, the scratch one and num_snapshots snapshot rows, for every
     linear layer, handed to the model."""
     rows = num_slots + 1 + num_snapshots
-    layers = [(torch.zeros((rows, *conv), dtype=dtype, device=device),
-               torch.zeros((rows, *ssm), dtype=torch.float32, device=device))
+
+    def zeros(shape: tuple[int, ...], dt: torch.dtype) -> torch.Tensor:
+        return (lazy_zeros(shape, dt) if device.type == "cpu"
+                else torch.zeros(shape, dtype=dt, device=device))
+    layers = [(zeros((rows, *conv), dtype), zeros((rows, *ssm), torch.float32))
               for conv, ssm in model.state_cache_shapes()]
     model.set_state_caches(layers)
     return StateCaches(layers, num_slots)
@@ -243,3 +247,15 @@ class StateSlotPool:
         slot = self._owner.pop(request_id, None)
         if slot is not None:
             self._free.append(slot)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose pages are committed on first write: a fresh anonymous mapping
+    reads as zeros (POSIX), where torch.zeros would write, and so commit, every page at once.
+    Huge pages are declined, so a block's first write commits its own 4 KiB pages, not 2 MiB."""
+    nbytes = max(math.prod(shape) * dtype.itemsize, 1)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    # torch.frombuffer keeps the mapping alive as long as the tensor (and its views) live
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
