@@ -29,6 +29,9 @@ ARCHS = {
                                  "original_max_position_embeddings": 32}),
     "gemma3": ("Gemma3ForCausalLM", {}),
     "gemma4": ("Gemma4ForCausalLM", {}),
+    # routed experts beside the dense MLP on every layer (gemma-4-26B-A4B's layout)
+    "gemma4-moe": ("Gemma4ForCausalLM", {"enable_moe_block": True, "num_experts": 4,
+                                         "top_k_experts": 2, "moe_intermediate_size": 32}),
 }
 PROMPT_LENS = (41, 57, 33)
 NUM_TOKENS = 8
@@ -165,7 +168,7 @@ def test_gemma4_shapes_and_kv_sharing_from_hub_spellings():
 
 
 @pytest.mark.parametrize("arch,extra,match", [
-    ("Gemma4ForCausalLM", {"enable_moe_block": True, "num_experts": 4}, "MoE block"),
+    ("Gemma4ForCausalLM", {"enable_moe_block": True, "num_experts": 4}, "top_k_experts"),
     ("Gemma3ForCausalLM", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
     ("Gemma3ForCausalLM", {"hidden_activation": "relu"}, "hidden_activation"),
     ("Gemma3ForCausalLM", {"use_bidirectional_attention": True}, "bidirectional"),

@@ -91,7 +91,8 @@ def scale_up_weights(model: torch.nn.Module) -> None:
     for name, p in model.named_parameters():
         if ("norm" in name or "ln_q" in name) and "gemma3" in type(model).__name__.lower():
             p.copy_(0.1 * torch.randn_like(p))      # Gemma's norms scale by 1 + w
-        elif "norm" in name or "ln_q" in name:
+        elif "norm" in name or "ln_q" in name or name.endswith(("router.scale",
+                                                                   "per_expert_scale")):
             p.copy_(1.0 + 0.1 * torch.randn_like(p))
         elif p.dim() > 1:
             p.normal_(0.0, 0.15)
