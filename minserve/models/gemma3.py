@@ -2,7 +2,12 @@
 Gemma3ForConditionalGeneration checkpoints): what differs from Llama is written out here, the rest
 is models/llama.py's. Sliding-window (local) and global layers interleave, each kind with its own
 RoPE base; q/k RMSNorm; four norms per layer, all Gemma's (1 + w); GeGLU; embeddings scaled by
-sqrt(hidden); attention scaled by query_pre_attn_scalar; optional final-logit softcapping."""
+sqrt(hidden); attention scaled by query_pre_attn_scalar; optional final-logit softcapping.
+
+Gemma 2 (Gemma2ForCausalLM) is the same stack without the q/k norms, with one RoPE base for both
+kinds of layer and attention-logit softcapping (attn_logit_softcapping: the attention kernels cap
+each logit). Gemma 3's config may name attn_logit_softcapping too; transformers' Gemma 3 never
+applies it, and neither does this one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,6 +45,12 @@ GEMMA3_TEXT_DEFAULTS = {
     "sliding_window": 4096, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
     "eos_token_id": 1, "bos_token_id": 2,
 }
+# transformers' Gemma2Config defaults, where they differ from Gemma 3's
+GEMMA2_TEXT_DEFAULTS = {
+    **GEMMA3_TEXT_DEFAULTS, "vocab_size": 256_000, "max_position_embeddings": 8192,
+    "rope_theta": 10_000.0, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+    "sliding_window_pattern": 2,
+}
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 
 
@@ -49,17 +60,22 @@ class Gemma3Config(ModelConfig):
     layers have their own."""
     query_pre_attn_scalar: float = 256.0
     final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None     # Gemma 2 only (see the module's note)
     local_rope_theta: float = 10_000.0
     local_rope_scaling: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, top: dict[str, Any]) -> Gemma3Config:
         is_wrapper = "vision_config" in top or "text_config" in top
-        text = {**GEMMA3_TEXT_DEFAULTS, **(top.get("text_config") or {} if is_wrapper else top)}
-        text.pop("vision_config", None)
         arch = (top.get("architectures") or ["Gemma3ForCausalLM"])[0]
+        gemma2 = arch == "Gemma2ForCausalLM"
+        defaults = GEMMA2_TEXT_DEFAULTS if gemma2 else GEMMA3_TEXT_DEFAULTS
+        text = {**defaults, **(top.get("text_config") or {} if is_wrapper else top)}
+        text.pop("vision_config", None)
         check_gemma_text(text)
         full, local = rope_by_layer_type(text)
+        if gemma2:
+            local = full
         num_layers = int(text["num_hidden_layers"])
         if text.get("layer_types") is None:
             pattern = int(text.get("sliding_window_pattern", 6))
@@ -70,8 +86,10 @@ class Gemma3Config(ModelConfig):
         base.rope_scaling = full[1]
         base.quantization_config = top.get("quantization_config") or base.quantization_config
         base.hf_config = top if is_wrapper else {}
+        base.qk_norm = not gemma2
         return cls(**vars(base), query_pre_attn_scalar=float(text["query_pre_attn_scalar"]),
                    final_logit_softcapping=text.get("final_logit_softcapping"),
+                   attn_logit_softcapping=text.get("attn_logit_softcapping") if gemma2 else None,
                    local_rope_theta=local[0], local_rope_scaling=local[1])
 
     def rotary(self, sliding: bool) -> RotaryEmbedding:
@@ -87,9 +105,6 @@ def check_gemma_text(text: dict[str, Any]) -> None:
     if act not in GELU_TANH:
         raise ConfigError(f"Gemma hidden_activation {act!r} is not supported (only "
                           "gelu_pytorch_tanh)")
-    if text.get("attn_logit_softcapping") is not None:
-        raise ConfigError("attn_logit_softcapping (Gemma 2) is not supported: the paged attention "
-                          "kernels have no softcap")
     if text.get("use_bidirectional_attention"):
         raise ConfigError("use_bidirectional_attention (an embedding Gemma) is not supported for "
                           "generation")
@@ -103,6 +118,8 @@ def rope_by_layer_type(text: dict[str, Any]
     params = text.get("rope_parameters") or {}
     if "full_attention" in params or "sliding_attention" in params:
         full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    elif params:    # one set for every layer (Gemma 2)
+        full = local = params
     else:
         full = {**(text.get("rope_scaling") or {}), "rope_theta": text.get("rope_theta", 1e6)}
         local = {"rope_theta": text.get("rope_local_base_freq", 10_000.0)}
@@ -125,20 +142,24 @@ class Gemma3Attention(nn.Module):
         self.head_dim = d
         self.o_proj = RowParallelLinear(h * d, config.hidden_size, config.attention_bias,
                                         linear_method(config, f"{prefix}.o_proj"), *tp)
-        self.q_norm = GemmaRMSNorm(d, config.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(d, config.rms_norm_eps)
+        self.q_norm = GemmaRMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = GemmaRMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.is_sliding = config.is_sliding(layer)
         self.attn = Attention(self.num_heads, self.num_kv_heads, d,
                               config.sliding_window if self.is_sliding else None,
-                              scale=config.query_pre_attn_scalar ** -0.5)
+                              scale=config.query_pre_attn_scalar ** -0.5,
+                              softcap=config.attn_logit_softcapping)
 
     def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 attn: AttnMetadata, lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
         qkv = self.qkv_proj(hidden, lora_mapping)  # [T, (H + 2K) * D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
+        q, k = q.reshape(-1, self.head_dim), k.reshape(-1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
         qk = apply_rotary(torch.cat((q, k), dim=1), *cos_sin)      # [T, H + K, D]
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)

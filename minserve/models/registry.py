@@ -87,6 +87,9 @@ ARCHITECTURES = {a.name: a for a in (
     _text("Phi3ForCausalLM", "phi3", lora=False),
     Architecture("Gemma3ForCausalLM", "gemma3:Gemma3ForCausalLM", gguf_name="gemma3",
                  tensor_parallel=True, quantization=(*_DENSE, "gguf")),
+    # Gemma 2: Gemma 3's layers without q/k norms, with attention-logit softcapping
+    Architecture("Gemma2ForCausalLM", "gemma3:Gemma3ForCausalLM", tensor_parallel=True,
+                 quantization=_DENSE),
     Architecture("Gemma4ForCausalLM", "gemma4:Gemma4ForCausalLM", tensor_parallel=True,
                  quantization=_DENSE),
     # its text stack only (the vision and audio towers are not built; images get the 400)
