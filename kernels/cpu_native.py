@@ -354,8 +354,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      sinks: torch.Tensor | None = None, softcap: float | None = None) -> bool:
     """out[r] = attention of decode token q[r] ([R, H, D]) over its seq_lens[r] cached keys
     (block_table [R, max_blocks] int32; the last sliding_window of them when set; sinks [H]
-    and softcap: attention_ref's). False, with out untouched, where the native kernel does not apply (no
-    library, or not float32 contiguous caches): the caller uses torch."""
+    and softcap: attention_ref's). False, with out untouched, where the native kernel does not
+    apply (no library, or not float32 contiguous caches): the caller uses torch."""
     lib = library()
     if (lib is None or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32
             or q.dtype != torch.float32 or out.dtype != torch.float32
