@@ -1,7 +1,10 @@
 """The ToolParser interface: model text -> (content, tool calls), whole or streamed as OpenAI
 chat deltas. Formats live in sibling modules and only implement parse(); they never stream.
 Streaming here re-parses the text so far and sends what has become certain, so the accumulated
-stream always equals the whole-text result (a malformed call is never sent as a call)."""
+stream always equals the whole-text result (a malformed call is never sent as a call). A format
+whose calls are certain before their arguments end (harmony's recipient header) returns the
+call still being written as a ToolCall with done=False: its header is sent at once and its
+arguments as fragments while they grow (each parse's arguments extend the last's)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +18,7 @@ class ToolCall:
     name: str
     arguments: str  # a JSON text, as OpenAI sends function.arguments
     id: str = field(default_factory=lambda: make_tool_call_id())
+    done: bool = True   # False: its arguments are still being written (only the last piece)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function",
@@ -78,6 +82,7 @@ class ToolParser:
         self._held_ws = ""           # whitespace-only content not sent yet (see _emit_content)
         self._sent_non_ws = False
         self._num_calls_sent = 0
+        self._args_sent = 0          # chars of the last sent call's arguments already sent
         self._finished = False
 
     def parse(self, text: str, final: bool) -> list[Piece]:
@@ -130,13 +135,21 @@ class ToolParser:
         if text:
             delta["content"] = text
         new_calls = []
+        if self._num_calls_sent and len(calls) >= self._num_calls_sent:
+            # the last sent call's arguments that came since (a call sent while being written)
+            rest = calls[self._num_calls_sent - 1].arguments[self._args_sent:]
+            if rest:
+                new_calls.append({"index": self._num_calls_sent - 1,
+                                  "function": {"arguments": rest}})
         for call in calls[self._num_calls_sent:]:
-            # NOTE: one delta per call with name and complete arguments; it is sent only once
-            # the call is certain, so nothing sent is ever taken back.
+            # NOTE: a call is sent only once it is certain, so nothing sent is ever taken back:
+            # one delta with name and arguments, and argument fragments after while not done.
             new_calls.append({"index": self._num_calls_sent, "id": self.make_id(),
                               "type": "function",
                               "function": {"name": call.name, "arguments": call.arguments}})
             self._num_calls_sent += 1
+        if calls:
+            self._args_sent = len(calls[self._num_calls_sent - 1].arguments)
         if new_calls:
             delta["tool_calls"] = new_calls
         return delta or None
