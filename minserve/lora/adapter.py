@@ -71,8 +71,16 @@ def unusable(path: str, allow_downloads: bool) -> LoRAError:
                      f"are never loaded){hint}")
 
 
-def slice_shapes(mc: ModelConfig, leaf: str) -> tuple[int, int]:
-    """(in_features, out_features) of one HF projection in the full (unsharded) model."""
+def slice_shapes(mc: ModelConfig, leaf: str, layer: int = 0) -> tuple[int, int]:
+    """(in_features, out_features) of one HF projection of a layer in the full (unsharded)
+    model; a config whose layers differ (Gemma 4) says per layer (projection_shapes)."""
+    per_layer = getattr(mc, "projection_shapes", None)
+    if per_layer is not None:
+        shapes = per_layer(layer)
+        if leaf not in shapes:
+            raise LoRAError(f"adapter_model.safetensors: layer {layer} of the base model has no "
+                            f"{leaf} to adapt")
+        return shapes[leaf]
     q, kv, h, i = (mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim,
                    mc.hidden_size, mc.intermediate_size)
     return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
@@ -198,7 +206,8 @@ def load_adapter(name: str, path: str, mc: ModelConfig, max_rank: int,
         slices = out.weights.setdefault(fused_name, [None] * FUSED_SLICES[fused])
         a, b = ab["A"].to(dtype).contiguous(), ab["B"].float() * scale
         if index is None:       # a fused module's B, split into its slices' rows
-            sizes = [slice_shapes(mc, part)[1] for part in FUSED_PARTS[leaf]]
+            layer = int(module.split(".")[2])
+            sizes = [slice_shapes(mc, part, layer)[1] for part in FUSED_PARTS[leaf]]
             parts = list(enumerate(b.split(sizes)))
         else:
             parts = [(index, b)]
@@ -237,7 +246,7 @@ def _read_pairs(st_path: str, mc: ModelConfig, r: int
                 if int(m.group(2)) >= mc.num_hidden_layers:
                     raise LoRAError(f"adapter_model.safetensors: {key!r}: the base model has "
                                     f"{mc.num_hidden_layers} layers")
-                in_f, out_f = slice_shapes(mc, m.group(4))
+                in_f, out_f = slice_shapes(mc, m.group(4), int(m.group(2)))
                 want = (r, in_f) if m.group(5) == "A" else (out_f, r)
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != want:

@@ -92,6 +92,21 @@ class Gemma4Config(Gemma3Config):
             return self.num_key_value_heads, self.head_dim
         return self.num_global_key_value_heads, self.global_head_dim
 
+    def projection_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each projection the checkpoint has in `layer` (LoRA's shape
+        checks): a KV-sharing layer has no k/v, a global layer whose v is k no v."""
+        kv_heads, d = self.layer_shape(layer)
+        h, q, kv = self.hidden_size, self.num_attention_heads * d, kv_heads * d
+        shared = self.kv_sources[layer] != layer
+        i = self.intermediate_size * (2 if self.use_double_wide_mlp and shared else 1)
+        shapes = {"q_proj": (h, q), "o_proj": (q, h), "gate_proj": (h, i), "up_proj": (h, i),
+                  "down_proj": (i, h)}
+        if not shared:
+            shapes["k_proj"] = (h, kv)
+            if not (self.attention_k_eq_v and not self.is_sliding(layer)):
+                shapes["v_proj"] = (h, kv)
+        return shapes
+
     def rotary(self, sliding: bool) -> RotaryEmbedding:
         theta, scaling = ((self.local_rope_theta, self.local_rope_scaling) if sliding
                           else (self.rope_theta, self.rope_scaling))

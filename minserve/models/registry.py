@@ -90,8 +90,8 @@ ARCHITECTURES = {a.name: a for a in (
     # Gemma 2: Gemma 3's layers without q/k norms, with attention-logit softcapping
     Architecture("Gemma2ForCausalLM", "gemma3:Gemma3ForCausalLM", lora=True,
                  tensor_parallel=True, quantization=_DENSE),
-    Architecture("Gemma4ForCausalLM", "gemma4:Gemma4ForCausalLM", tensor_parallel=True,
-                 quantization=_DENSE),
+    Architecture("Gemma4ForCausalLM", "gemma4:Gemma4ForCausalLM", lora=True,
+                 tensor_parallel=True, quantization=_DENSE),
     # its text stack only (the vision and audio towers are not built; images get the 400)
     Architecture("Gemma4ForConditionalGeneration", "gemma4:Gemma4ForCausalLM",
                  tensor_parallel=True, quantization=_DENSE),
