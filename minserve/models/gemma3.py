@@ -95,8 +95,12 @@ class Gemma3Config(ModelConfig):
     def rotary(self, sliding: bool) -> RotaryEmbedding:
         theta, scaling = ((self.local_rope_theta, self.local_rope_scaling) if sliding
                           else (self.rope_theta, self.rope_scaling))
-        return RotaryEmbedding(self.rotary_dim, theta, scaling, self.max_position_embeddings,
-                               self.max_model_len)
+        return RotaryEmbedding(self.rotary_dim_of(sliding), theta, scaling,
+                               self.max_position_embeddings, self.max_model_len)
+
+    def rotary_dim_of(self, sliding: bool) -> int:
+        """The rotated dims of a layer kind (Gemma 4's global layers have their own)."""
+        return self.rotary_dim
 
 
 def check_gemma_text(text: dict[str, Any]) -> None:

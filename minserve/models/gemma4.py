@@ -23,8 +23,14 @@ from minserve.hf_config import MoeConfig
 from minserve.kernels import AttnMetadata, LoRAMapping
 from minserve.kernels.fused_moe import DenseExperts
 from minserve.models import parallel
-from minserve.models.gemma3 import Gemma3Config, Gemma3ForCausalLM, Gemma3MLP, check_gemma_text
-from minserve.models.layers import Attention, RMSNorm, RotaryEmbedding, apply_rotary
+from minserve.models.gemma3 import (
+    GEMMA3_TEXT_DEFAULTS,
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3MLP,
+    check_gemma_text,
+)
+from minserve.models.layers import Attention, RMSNorm, apply_rotary
 from minserve.models.linear import (
     QKVParallelLinear,
     ReplicatedLinear,
@@ -34,14 +40,12 @@ from minserve.models.linear import (
 from minserve.models.llama import linear_method
 from minserve.models.moe import FusedMoE, load_slice
 
-# transformers' Gemma4TextConfig defaults (a text_config names only what differs)
+# transformers' Gemma4TextConfig defaults (a text_config names only what differs), where they
+# differ from Gemma 3's
 GEMMA4_TEXT_DEFAULTS = {
-    "vocab_size": 262_144, "hidden_size": 2304, "intermediate_size": 9216,
-    "num_hidden_layers": 30, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131_072,
-    "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "sliding_window": 512,
-    "vocab_size_per_layer_input": 262_144, "hidden_size_per_layer_input": 256,
-    "eos_token_id": 1, "bos_token_id": 2,
+    **GEMMA3_TEXT_DEFAULTS, "vocab_size": 262_144, "num_hidden_layers": 30,
+    "sliding_window": 512, "vocab_size_per_layer_input": 262_144,
+    "hidden_size_per_layer_input": 256,
     "rope_parameters": {
         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
@@ -107,12 +111,8 @@ class Gemma4Config(Gemma3Config):
                 shapes["v_proj"] = (h, kv)
         return shapes
 
-    def rotary(self, sliding: bool) -> RotaryEmbedding:
-        theta, scaling = ((self.local_rope_theta, self.local_rope_scaling) if sliding
-                          else (self.rope_theta, self.rope_scaling))
-        dim = self.head_dim if sliding else self.global_head_dim
-        return RotaryEmbedding(dim, theta, scaling, self.max_position_embeddings,
-                               self.max_model_len)
+    def rotary_dim_of(self, sliding: bool) -> int:
+        return self.head_dim if sliding else self.global_head_dim
 
 
 def check_gemma4_text(text: dict[str, Any]) -> None:
