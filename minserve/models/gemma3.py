@@ -23,6 +23,7 @@ from minserve.models.layers import (
     Attention,
     GeluAndMul,
     GemmaRMSNorm,
+    RMSNorm,
     RotaryEmbedding,
     apply_rotary,
     softcap,
@@ -33,7 +34,7 @@ from minserve.models.linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from minserve.models.llama import LlamaForCausalLM, linear_method
+from minserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, linear_method
 
 # transformers' Gemma3TextConfig defaults: a Gemma3ForConditionalGeneration's text_config names
 # only what differs from them.
@@ -187,30 +188,32 @@ class Gemma3MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x, lora_mapping)), lora_mapping)
 
 
-class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config: Gemma3Config, prefix: str, layer: int) -> None:
-        super().__init__()
-        hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.input_layernorm = GemmaRMSNorm(hidden, eps)
-        self.self_attn = Gemma3Attention(config, f"{prefix}.self_attn", layer)
-        self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
-        self.mlp = Gemma3MLP(config, f"{prefix}.mlp")
-        self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+class Gemma3DecoderLayer(LlamaDecoderLayer):
+    """Llama's layer and carried residual with Gemma's four (1 + w) norms: each branch's output
+    is normed (post_attention_layernorm, post_feedforward_layernorm) before its residual add,
+    which happens inside the next pre-norm's fused call (pre_feedforward_layernorm feeds the
+    MLP)."""
+    norm_class = GemmaRMSNorm
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
-                cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata,
-                lora_mapping: LoRAMapping | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # Llama's carried residual, with the post-norms applied to each branch before its add:
-        # residual += post_norm(branch) happens inside the next pre-norm's fused call.
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.post_attention_layernorm(self.self_attn(hidden, cos_sin, attn, lora_mapping))
-        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
-        return self.post_feedforward_layernorm(self.mlp(hidden, lora_mapping)), residual
+    def __init__(self, config: Gemma3Config, prefix: str, layer: int) -> None:
+        super().__init__(config, prefix, layer)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def build_attention(self, config: Gemma3Config, prefix: str, layer: int) -> nn.Module:
+        return Gemma3Attention(config, prefix, layer)
+
+    def build_mlp(self, config: Gemma3Config, prefix: str) -> nn.Module:
+        return Gemma3MLP(config, prefix)
+
+    @property
+    def pre_mlp_norm(self) -> RMSNorm:
+        return self.pre_feedforward_layernorm
+
+    def post_norm(self, branch: str, x: torch.Tensor) -> torch.Tensor:
+        if branch == "attn":
+            return self.post_attention_layernorm(x)
+        return self.post_feedforward_layernorm(x)
 
 
 class Gemma3Model(nn.Module):
