@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -63,6 +64,41 @@ def partial_marker_len(text: str, marker: str) -> int:
 
 
 Piece = str | ToolCall  # parse() returns content strings and calls, in text order
+
+
+def scan_marked_calls(text: str, final: bool, start_marker: str, end_marker: str,
+                      read_call: Callable[[str], ToolCall | None], *,
+                      trim_after_call: bool = False) -> list[Piece]:
+    """parse() of a format whose calls sit between two markers, any number, with content
+    around them (Hermes, Gemma 4): each body is read by read_call (None: not a call, and its
+    marked text stays content). Not final: a call still being written and a partial start
+    marker at the end are held back. Final: a call whose end marker never came is read to the
+    end of the output (vLLM takes one cut by EOS right after its body). trim_after_call: the
+    whitespace after a call is layout, not content."""
+    pieces: list[Piece] = []
+    pos = 0
+    while True:
+        start = text.find(start_marker, pos)
+        if start < 0:
+            tail = text[pos:]
+            keep = 0 if final else partial_marker_len(tail, start_marker)
+            pieces.append(tail[:len(tail) - keep])
+            break
+        pieces.append(text[pos:start])
+        body_at = start + len(start_marker)
+        end = text.find(end_marker, body_at)
+        if end < 0:
+            if final:
+                call = read_call(text[body_at:])
+                pieces.append(call if call is not None else text[start:])
+            break
+        call = read_call(text[body_at:end])
+        pieces.append(call if call is not None else text[start:end + len(end_marker)])
+        pos = end + len(end_marker)
+        if call is not None and trim_after_call:
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+    return [p for p in pieces if p != ""]
 
 
 class ToolParser:
