@@ -21,6 +21,9 @@ those keys are in the cache; a token outside images has 0 (nothing past causal):
 
 With `sinks` ([H] float32, gpt-oss's learned attention sinks) head h's softmax denominator holds
 one more term, exp(sinks[h]), for a key whose value is zero: probabilities may sum to less than 1.
+
+With `softcap` (Gemma 2/3's attn_logit_softcapping) each scaled logit s = scale * q.k becomes
+softcap * tanh(s / softcap) before the mask and softmax (a sink's logit is not capped).
 """
 from __future__ import annotations
 
@@ -61,6 +64,7 @@ def paged_attention_ref(
     attn: AttnMetadata, scale: float, sliding_window: int | None = None,
     k_scale: float = 1.0, v_scale: float = 1.0, rows: list[int] | None = None,
     out: torch.Tensor | None = None, sinks: torch.Tensor | None = None,   # sinks [H] float32
+    softcap: float | None = None,
 ) -> torch.Tensor:           # [T, H, D]
     """(rows: only these requests, into `out`; the others' tokens are left as they are.)
     One request at a time, in float32 (an fp8 cache holds k / k_scale,
@@ -72,7 +76,8 @@ def paged_attention_ref(
     D 64) from 10.8-13.7 ms to 6.4-6.8 ms per layer; for decode rows it was slower (0.22 against
     0.15 ms at 210 keys), and batching all decode rows into one padded SDPA call gained at most
     ~20% at 16 rows (1 thread, CPU time, AVX2 EPYC; /tmp scripts, see bench/RESULTS.md).
-    Sinks ride along as one extra key per kv head (see _with_sink_key), so SDPA keeps its GQA."""
+    Sinks ride along as one extra key per kv head (see _with_sink_key), so SDPA keeps its GQA.
+    SDPA cannot cap logits: with softcap, longer queries take _softcapped_attention."""
     _, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -92,7 +97,7 @@ def paged_attention_ref(
         if query_len == 1 and sliding_window is None:    # one decode token sees all S keys
             # [1, H, D] -> [K, G, D]: row g of kv head k is query head k*G + g
             qr = q[start].float().view(num_kv_heads, group, head_dim)
-            scores = torch.bmm(qr, k.permute(1, 2, 0)) * scale                # [K, G, S]
+            scores = _softcap(torch.bmm(qr, k.permute(1, 2, 0)) * scale, softcap)   # [K, G, S]
             if sinks is not None:       # the sink's logit as a last column, dropped after
                 scores = torch.cat((scores, sinks.float().view(num_kv_heads, group, 1)), -1)
             probs = torch.softmax(scores, dim=-1)[..., :seq_len]
@@ -107,6 +112,10 @@ def paged_attention_ref(
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window
         qr = q[start:end].float()
+        if softcap is not None:
+            o = _softcapped_attention(qr, k, v, allowed, scale, softcap, sinks)
+            out[start:end] = o.to(q.dtype)
+            continue
         if sinks is not None:
             qr, k, v, allowed = _with_sink_key(qr, k, v, allowed, sinks, scale)
         o = torch.nn.functional.scaled_dot_product_attention(
@@ -115,6 +124,32 @@ def paged_attention_ref(
             enable_gqa=True)                                                  # [1, H, Q, D]
         out[start:end] = o[0].transpose(0, 1)[..., :head_dim].to(q.dtype)
     return out
+
+
+def _softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def _softcapped_attention(
+    q: torch.Tensor,         # [Q, H, D] float32
+    k: torch.Tensor,         # [S, K, D] float32
+    v: torch.Tensor,         # [S, K, D] float32
+    allowed: torch.Tensor,   # [Q, S] bool
+    scale: float, softcap: float, sinks: torch.Tensor | None,
+) -> torch.Tensor:           # [Q, H, D]
+    """Attention with capped logits, written out (the query heads of a kv head as one batch)."""
+    num_tokens, num_heads, head_dim = q.shape
+    seq_len, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    qg = q.view(num_tokens, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [K, G, Q, D]
+    scores = _softcap(torch.matmul(qg, k.permute(1, 2, 0)[:, None]) * scale, softcap)
+    scores = scores.masked_fill(~allowed, float("-inf"))                        # [K, G, Q, S]
+    if sinks is not None:
+        sink = sinks.float().view(num_kv_heads, group, 1, 1).expand(-1, -1, num_tokens, 1)
+        scores = torch.cat((scores, sink), dim=-1)
+    probs = torch.softmax(scores, dim=-1)[..., :seq_len]
+    o = torch.matmul(probs, v.permute(1, 0, 2)[:, None])                         # [K, G, Q, D]
+    return o.permute(2, 0, 1, 3).reshape(num_tokens, num_heads, head_dim)
 
 
 def _with_sink_key(
@@ -190,14 +225,16 @@ def _find_request(query_start_loc_ptr, block_idx, num_reqs, BLOCK_Q: tl.constexp
 @jit
 def _tile_loop(
     acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_row_ptr, kv_head,
-    tile_lo, tile_hi, kv_end, query_abs_pos, last_key_pos, qk_scale,
+    tile_lo, tile_hi, kv_end, query_abs_pos, last_key_pos, qk_scale, softcap,
     stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_SIZE: tl.constexpr, SLIDING_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     """Online softmax over key tiles [tile_lo, tile_hi); scores are in the log2 domain. Row m
-    sees keys up to last_key_pos[m] (its own position, or the end of its image)."""
+    sees keys up to last_key_pos[m] (its own position, or the end of its image). softcap is
+    the logit cap in the same log2 domain (cap * log2(e)): c * tanh(s / c) there is the capped
+    natural logit times log2(e)."""
     offs_t = tl.arange(0, TILE_SIZE)
     offs_d = tl.arange(0, HEAD_DIM_P)
     dim_mask = offs_d < HEAD_DIM
@@ -217,6 +254,8 @@ def _tile_loop(
         if KV_FP8:   # k_scale is folded into qk_scale, v_scale into the output
             k, v = k.to(q.dtype), v.to(q.dtype)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale            # [M, TILE] fp32
+        if USE_SOFTCAP:   # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both infinities
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
         allowed = key_mask[None, :] & (key_pos[None, :] <= last_key_pos[:, None])
         if SLIDING_WINDOW > 0:
             allowed = allowed & (key_pos[None, :] > query_abs_pos[:, None] - SLIDING_WINDOW)
@@ -236,14 +275,14 @@ def _tile_loop(
 def _paged_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
     span_end_ptr,  # [T] int32, read only when HAS_SPANS
-    segm_out_ptr, segm_max_ptr, segm_sum_ptr, sinks_ptr, qk_scale, v_scale, num_reqs,
+    segm_out_ptr, segm_max_ptr, segm_sum_ptr, sinks_ptr, qk_scale, softcap, v_scale, num_reqs,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_bt,
     stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
     NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
-    HAS_SPANS: tl.constexpr, USE_SINKS: tl.constexpr,
+    HAS_SPANS: tl.constexpr, USE_SINKS: tl.constexpr, USE_SOFTCAP: tl.constexpr,
 ):
     """Grid (query blocks, kv heads, NUM_SEGMENTS). NUM_SEGMENTS == 1 writes the output;
     otherwise each segment covers a slice of the key tiles and writes fp32 partials that
@@ -302,8 +341,9 @@ def _paged_attention_kernel(
     acc, m_i, l_i = _tile_loop(
         acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, block_table_ptr + r.to(tl.int64) * stride_bt,
         kv_head, tile_lo, tile_hi, kv_end, context_len + query_pos, last_key_pos, qk_scale,
-        stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
-        HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE_SIZE, SLIDING_WINDOW, DOT_PRECISION, KV_FP8)
+        softcap, stride_k_b, stride_k_s, stride_k_h, stride_v_b, stride_v_s, stride_v_h,
+        HEAD_DIM, HEAD_DIM_P, BLOCK_SIZE, TILE_SIZE, SLIDING_WINDOW, DOT_PRECISION, KV_FP8,
+        USE_SOFTCAP)
     if KV_FP8:
         acc = acc * v_scale
 
@@ -353,6 +393,7 @@ def paged_attention_triton(
     out: torch.Tensor | None = None, *, tile_size: int | None = None,
     num_kv_splits: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
     sinks: torch.Tensor | None = None,   # [H] float32
+    softcap: float | None = None,
 ) -> torch.Tensor:           # [T, H, D]
     """One launch for the mixed batch. Split-KV rule (num_kv_splits=None): split when every row
     is a decode (max_query_len == 1) and num_reqs * num_kv_heads < SPLIT_KV_MAX_PROGRAMS, i.e.
@@ -388,7 +429,7 @@ def paged_attention_triton(
         out, q, k_cache, v_cache, attn.block_table, attn.seq_lens, attn.query_start_loc,
         spans if spans is not None else attn.seq_lens,
         segm_out, segm_max, segm_sum, out if sinks is None else sinks.float(),
-        scale * k_scale * _LOG2E, v_scale, num_reqs,
+        scale * k_scale * _LOG2E, (softcap or 0.0) * _LOG2E, v_scale, num_reqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), attn.block_table.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -397,7 +438,7 @@ def paged_attention_triton(
         SLIDING_WINDOW=sliding_window or 0, NUM_SEGMENTS=num_kv_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_FP8=k_cache.dtype == torch.float8_e4m3fn, HAS_SPANS=spans is not None,
-        USE_SINKS=sinks is not None,
+        USE_SINKS=sinks is not None, USE_SOFTCAP=softcap is not None,
     )
     if num_kv_splits > 1:
         _reduce_segments[(num_tokens, num_heads)](

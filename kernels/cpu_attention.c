@@ -11,6 +11,8 @@
  * Query head h reads kv head h / (H / KH) (GQA). Softmax in float32, max-subtracted.
  * window > 0: only the row's last `window` keys (a sliding-window layer). sinks [H] (or NULL):
  * gpt-oss's learned sinks, one more exp(sinks[h]) term in head h's denominator, no value.
+ * softcap > 0: each scaled logit s becomes softcap * tanh(s / softcap) (Gemma's
+ * attn_logit_softcapping; the sink's logit is not capped).
  */
 #include <math.h>
 #include <stdint.h>
@@ -19,7 +21,8 @@
 int decode_attention(const float *q, int64_t q_row, const float *k_cache, const float *v_cache,
                      const int32_t *block_table, int64_t bt_row, const int32_t *seq_lens,
                      int64_t R, int64_t H, int64_t KH, int64_t D, int64_t BS, float scale,
-                     const float *sinks, int64_t window, float *out, int64_t out_row,
+                     const float *sinks, float softcap, int64_t window, float *out,
+                     int64_t out_row,
                      int nthreads) {
     /* One task per row: it walks the row's keys once, each key's [KH, D] slot read whole for
      * every query head (a task per (row, kv head) read a third of each slot, strided, and
@@ -58,6 +61,9 @@ int decode_attention(const float *q, int64_t q_row, const float *k_cache, const 
                         for (int64_t d = 0; d < D; d++) acc += qh[d] * kh[d];
                         p[h * N + j - j0] = acc * scale;
                     }
+                }
+                if (softcap > 0.f) {
+                    for (int64_t i = 0; i < H * N; i++) p[i] = softcap * tanhf(p[i] / softcap);
                 }
                 for (int64_t h = 0; h < H; h++) {
                     float *ph = p + h * N, mx = sinks ? sinks[h] : -INFINITY, sum = 0.f;

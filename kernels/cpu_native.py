@@ -281,7 +281,8 @@ def _load(path: str) -> ctypes.CDLL:
     lib.int8_exact.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_int]
     lib.int8_exact.restype = ctypes.c_int
     lib.decode_attention.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64,
-                                     ctypes.c_float, ptr, i64, ptr, i64, ctypes.c_int]
+                                     ctypes.c_float, ptr, ctypes.c_float, i64, ptr, i64,
+                                     ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
     lib.mxfp4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]   # mxfp4.py
     lib.mxfp4_gemm.restype = None
@@ -386,11 +387,11 @@ def block_gemm(x: torch.Tensor, w: GgufBlockWeight,
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      out: torch.Tensor, sliding_window: int | None = None,
-                     sinks: torch.Tensor | None = None) -> bool:
+                     sinks: torch.Tensor | None = None, softcap: float | None = None) -> bool:
     """out[r] = attention of decode token q[r] ([R, H, D]) over its seq_lens[r] cached keys
-    (block_table [R, max_blocks] int32; the last sliding_window of them when set; sinks [H]:
-    attention_ref's). False, with out untouched, where the native kernel does not apply (no
-    library, or not float32 contiguous caches): the caller uses torch."""
+    (block_table [R, max_blocks] int32; the last sliding_window of them when set; sinks [H]
+    and softcap: attention_ref's). False, with out untouched, where the native kernel does not
+    apply (no library, or not float32 contiguous caches): the caller uses torch."""
     lib = library()
     if (lib is None or k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32
             or q.dtype != torch.float32 or out.dtype != torch.float32
@@ -407,7 +408,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if lib.decode_attention(q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
                             block_table.data_ptr(), block_table.stride(0), seq_lens.data_ptr(),
                             r, h, kh, d, bs, scale, None if sinks is None else sinks.data_ptr(),
-                            sliding_window or 0, out.data_ptr(), out.stride(0),
+                            softcap or 0.0, sliding_window or 0, out.data_ptr(), out.stride(0),
                             torch.get_num_threads()):
         raise MemoryError("cpu_attention: no memory for the per-thread score buffer")
     return True

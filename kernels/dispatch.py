@@ -89,21 +89,25 @@ def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: AttnMetadata,
     scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
     k_scale: float = 1.0, v_scale: float = 1.0, sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q [T, H, D], caches [NB, BS, K, D] -> [T, H, D] (written into `out` when given). An fp8
     cache holds k / k_scale and v / v_scale. sinks [H]: one more softmax term per head
-    (gpt-oss's learned attention sinks; attention.py)."""
+    (gpt-oss's learned attention sinks); softcap: logits capped to softcap * tanh(s / softcap)
+    (Gemma's attn_logit_softcapping; attention.py)."""
     if triton_enabled(q):
         return paged_attention_triton(q, k_cache, v_cache, attn, scale, sliding_window,
-                                      out=out, k_scale=k_scale, v_scale=v_scale, sinks=sinks)
+                                      out=out, k_scale=k_scale, v_scale=v_scale, sinks=sinks,
+                                      softcap=softcap)
     if out is None:
         out = torch.empty_like(q)
     rest = None
     if q.device.type == "cpu" and k_scale == 1.0 and v_scale == 1.0:
-        rest = _native_decode_rows(q, k_cache, v_cache, attn, scale, out, sliding_window, sinks)
+        rest = _native_decode_rows(q, k_cache, v_cache, attn, scale, out, sliding_window, sinks,
+                                   softcap)
     if rest != []:
         paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window, k_scale, v_scale,
-                            rows=rest, out=out, sinks=sinks)
+                            rows=rest, out=out, sinks=sinks, softcap=softcap)
     return out
 
 
@@ -119,8 +123,8 @@ _NATIVE_MAX_QUERY = 17
 
 def _native_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         attn: AttnMetadata, scale: float, out: torch.Tensor,
-                        sliding_window: int | None, sinks: torch.Tensor | None
-                        ) -> list[int] | None:
+                        sliding_window: int | None, sinks: torch.Tensor | None,
+                        softcap: float | None) -> list[int] | None:
     """The short rows (decode, speculative verification) through the native CPU kernel, all in
     one call, one query token per kernel row; returns the rows left for the reference (None:
     all of them). With image spans (Gemma 3) only one-token rows: the kernel is causal."""
@@ -132,11 +136,11 @@ def _native_decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     index, block_table, lens, rest = plan
     if index is None:   # every token is a short row's, in order: q and out as they are
         done = cpu_native.decode_attention(q, k_cache, v_cache, block_table, lens, scale, out,
-                                           sliding_window, sinks)
+                                           sliding_window, sinks, softcap)
         return [] if done else None
     part = torch.empty(index.shape[0], *q.shape[1:], dtype=q.dtype)
     if not cpu_native.decode_attention(q.index_select(0, index), k_cache, v_cache, block_table,
-                                       lens, scale, part, sliding_window, sinks):
+                                       lens, scale, part, sliding_window, sinks, softcap):
         return None
     out.index_copy_(0, index, part)
     return rest

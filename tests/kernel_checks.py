@@ -64,7 +64,8 @@ def image_span_end(cases, images, num_pad_tokens=0) -> torch.Tensor:
 
 def check_attention(cases, *, group=2, num_kv_heads=2, head_dim=16, block_size=16,
                     dtype=torch.float32, sliding_window=None, tile_size=32, num_kv_splits=1,
-                    num_pad_tokens=0, first_block=0, seed=0, images=None, use_sinks=False):
+                    num_pad_tokens=0, first_block=0, seed=0, images=None, use_sinks=False,
+                    softcap=None):
     torch.manual_seed(seed)
     q, k_cache, v_cache, attn = make_batch(cases, group * num_kv_heads, num_kv_heads, head_dim,
                                            block_size, dtype, num_pad_tokens=num_pad_tokens,
@@ -77,9 +78,10 @@ def check_attention(cases, *, group=2, num_kv_heads=2, head_dim=16, block_size=1
     out = torch.full_like(q, float("nan"))        # poisoned: unwritten rows fail
     got = attention.paged_attention_triton(
         q, k_cache, v_cache, attn, scale, sliding_window, out=out, tile_size=tile_size,
-        num_kv_splits=num_kv_splits, sinks=sinks)
+        num_kv_splits=num_kv_splits, sinks=sinks, softcap=softcap)
     assert got is out
-    want = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window, sinks=sinks)
+    want = paged_attention_ref(q, k_cache, v_cache, attn, scale, sliding_window, sinks=sinks,
+                               softcap=softcap)
     n = attn.query_start_loc_host[-1]
     assert not out[:n].isnan().any(), "kernel left output rows unwritten"
     torch.testing.assert_close(out[:n].float(), want[:n].float(), atol=TOL[dtype], rtol=TOL[dtype])
@@ -143,6 +145,20 @@ check("attention_sinks_decode_fp16_padding")(lambda: (
 # both at once: sinks with image spans (the two kernel features share the softmax start)
 check("attention_sinks_with_image_spans")(lambda: check_attention(
     SPAN_CASES, group=2, block_size=16, images=SPAN_IMAGES, use_sinks=True, seed=13))
+
+# Gemma's attn_logit_softcapping: a cap of 1.5 bends the scaled logits (std ~1, the largest ~4);
+# GQA, both block sizes, split decode, a window, fp16 with padding, and with sinks and images
+for _group, _bs, _window, _split in ((1, 16, None, 1), (4, 64, 20, 4), (5, 16, 7, 1)):
+    check(f"attention_softcap[group={_group},bs={_bs},window={_window},split={_split}]")(
+        lambda g=_group, bs=_bs, w=_window, sp=_split: check_attention(
+            MIXED + [(3, 90)], group=g, block_size=bs, sliding_window=w, num_kv_splits=sp,
+            softcap=1.5, seed=20 + g + bs))
+check("attention_softcap_fp16_decode_padding_sinks_images")(lambda: (
+    check_attention([(1, 37), (1, 1), (1, 70)], group=4, dtype=torch.float16, num_kv_splits=4,
+                    softcap=2.0, seed=21),
+    check_attention([(1, 37), (0, 0), (4, 9)], head_dim=24, num_pad_tokens=3, softcap=1.5,
+                    use_sinks=True, seed=22),
+    check_attention(SPAN_CASES, group=2, images=SPAN_IMAGES, softcap=1.5, seed=23)))
 
 
 @check("attention_one_token_prompt_and_prefix_hit")

@@ -215,6 +215,21 @@ def test_decode_attention_sliding_window_matches_reference(window):
         q[[0]], k_cache, v_cache, make_batch_view(attn, 3), 0.2, window), atol=2e-5, rtol=1e-5)
 
 
+@needs_native
+@pytest.mark.parametrize("window", [None, 7])
+def test_decode_attention_softcap_matches_reference(window):
+    """Gemma's attn_logit_softcapping on the native decode rows (a decode, a speculative row)
+    beside a prefill row the reference takes; the cap (1.5) must change the output."""
+    torch.manual_seed(5)
+    cases = [(1, 37), (4, 30), (20, 40), (1, 90)]
+    q, k_cache, v_cache, attn = make_batch(cases, 6, 2, 32, 16, torch.float32)
+    want = paged_attention_ref(q, k_cache, v_cache, attn, 0.35, window, softcap=1.5)
+    got = kernels.paged_attention(q, k_cache, v_cache, attn, 0.35, window, softcap=1.5)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    uncapped = paged_attention_ref(q, k_cache, v_cache, attn, 0.35, window)
+    assert not torch.allclose(uncapped, want, atol=1e-3)
+
+
 def make_batch_view(attn, row: int):
     """Row `row` of a batch's metadata as a one-row decode batch."""
     from minserve.kernels import AttnMetadata

@@ -51,8 +51,9 @@ CASES = [
      None, []),
     ("cut-in-final", A + "Ok." + NEXT + "<|channel|>final<|message|>Partial ans", None,
      "Ok.", "Partial ans", []),
+    # a call is certain from its header (its arguments stream): not JSON, still a call (vLLM's)
     ("malformed-call", A + "Hmm." + NEXT + CALL + '{"city": ', "<|call|>", "Hmm.",
-     '{"city": ', []),
+     None, [("get_weather", '{"city":')]),
     ("builtin-tool", A + "Look it up." + NEXT
      + "<|channel|>analysis to=browser.search<|message|>" + '{"query": "x"}' + NEXT
      + "<|channel|>final<|message|>Found.", "<|return|>", 'Look it up.\n{"query": "x"}',
@@ -94,8 +95,14 @@ def _run(tokenizer, text: str, last: str | None, stream: bool, **ctx_args):
         got["reasoning"] += d.reasoning
         got["content"] += d.text
         for c in d.tool_calls or []:
-            assert c["id"].startswith("call_") and c["type"] == "function"
-            got["calls"].append((c["function"]["name"], c["function"]["arguments"]))
+            if "id" in c:       # a call's first delta: its header
+                assert c["id"].startswith("call_") and c["type"] == "function"
+                assert c["index"] == len(got["calls"])
+                got["calls"].append((c["function"]["name"], c["function"]["arguments"]))
+            else:               # more of a call's arguments
+                assert c["index"] == len(got["calls"]) - 1 and set(c) == {"index", "function"}
+                name, args = got["calls"][-1]
+                got["calls"][-1] = (name, args + c["function"]["arguments"])
     return (None if stream else choice.chat_message("")), got, choice
 
 
@@ -129,6 +136,39 @@ def test_reasoning_streams_before_the_message_ends(tokenizer):
         kinds += ["r"] * bool(d.reasoning) + ["c"] * bool(d.text)
     assert kinds.count("r") >= 3 and kinds.count("c") >= 2
     assert kinds.index("c") > len(kinds) - kinds[::-1].index("r") - 1   # all r before any c
+
+
+def test_call_arguments_stream_as_they_are_written(tokenizer):
+    """Token by token: the call's header comes once its recipient header is complete, then its
+    arguments in fragments while the model writes them, each fragment the text since the last
+    (whitespace around them held back), and the second call after the first's fragments."""
+    args = '{"city": "Paris", "unit": "celsius"}'
+    text = (A + "Need weather." + NEXT + CALL + "  " + args + " <|call|><|start|>assistant"
+            + " to=functions.get_time<|channel|>commentary json<|message|>{}")
+    ctx = _ctx(tokenizer)
+    req = parse_chat({"messages": [{"role": "user", "content": "Hi"}], "stream": True,
+                      "tools": TOOLS}, ctx)
+    choice = ChoiceState(0, req, tokenizer, req.prompts[0])
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids.append(tokenizer.backend.token_to_id("<|call|>"))
+    written, events = "", []
+    for i, tid in enumerate(ids):
+        written += tokenizer.decode([tid], skip_special_tokens=False)
+        d = choice.update(RequestOutput(req.request_id, [tid],
+                                        FinishReason.STOP if i == len(ids) - 1 else None))
+        for c in d.tool_calls or []:
+            events.append((c.get("function", {}).get("name"), c["index"],
+                           c["function"]["arguments"], written))
+    headers = [e for e in events if e[0] is not None]
+    assert [(h[0], h[1]) for h in headers] == [("get_weather", 0), ("get_time", 1)]
+    first = [e for e in events if e[1] == 0]
+    assert first[0][2] == "" and first[0][3].endswith("<|message|>")    # header before args
+    fragments = [e[2] for e in first[1:]]
+    assert len(fragments) >= 5 and "".join(fragments) == args
+    for _, _, fragment, so_far in first[1:]:      # each fragment: what was written by then
+        assert so_far.rstrip().endswith(fragment)
+    assert events.index(headers[1]) > events.index(first[-1])
+    assert choice.api_finish_reason == "tool_calls"
 
 
 @pytest.mark.parametrize("stream", [False, True])

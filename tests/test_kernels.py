@@ -80,6 +80,32 @@ def test_attention_ref_matches_dense_attention(group, window, dtype):
         torch.testing.assert_close(got[qsl[r]:qsl[r + 1]].float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("group,window", [(1, None), (3, 7)])
+def test_attention_ref_softcap_matches_dense_attention(group, window):
+    """Gemma's attn_logit_softcapping in the reference (its decode and longer-query paths)
+    against the logits capped by hand: softmax(cap * tanh(scale * q.k / cap)) over the mask."""
+    from minserve.kernels.attention import paged_attention_ref
+
+    from tests.kernel_checks import make_batch
+
+    torch.manual_seed(group)
+    cases = [(1, 37), (5, 18), (17, 40), (1, 1)]
+    q, k_cache, v_cache, attn = make_batch(cases, 2 * group, 2, 16, 16, torch.float32)
+    got = paged_attention_ref(q, k_cache, v_cache, attn, 0.5, window, softcap=1.5)
+    qsl = attn.query_start_loc_host
+    for r, (query_len, seq_len) in enumerate(cases):
+        blocks = attn.block_table[r].long()
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, 1)
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, 1)
+        q_pos = torch.arange(seq_len - query_len, seq_len)[:, None]
+        k_pos = torch.arange(seq_len)[None, :]
+        mask = (k_pos <= q_pos) & ((k_pos > q_pos - window) if window else True)
+        logits = torch.einsum("qhd,shd->hqs", q[qsl[r]:qsl[r + 1]], k) * 0.5
+        logits = (1.5 * torch.tanh(logits / 1.5)).masked_fill(~mask, float("-inf"))
+        want = torch.einsum("hqs,shd->qhd", logits.softmax(-1), v)
+        torch.testing.assert_close(got[qsl[r]:qsl[r + 1]], want, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("pad", [False, True])
 def test_store_kv_ref_writes_each_token_to_its_slot(pad):
     """With and without padding tokens (slot -1), from strided k/v views of a fused qkv."""

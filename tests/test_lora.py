@@ -273,10 +273,20 @@ def test_lora_config_errors_name_the_flag(kw, match):
         LoRAConfig(**kw)
 
 
-@pytest.mark.parametrize("arch", ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"])
-def test_other_architectures_match_peft(tiny_model_factory, tmp_path, arch):
+# Phi-3's checkpoint (and so its adapters) holds qkv_proj and gate_up_proj fused
+PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("arch,targets", [
+    ("MistralForCausalLM", None), ("Qwen2ForCausalLM", None), ("Qwen3ForCausalLM", None),
+    ("Phi3ForCausalLM", PHI3_TARGETS), ("Gemma3ForCausalLM", None),
+    ("Gemma2ForCausalLM", ["q_proj", "v_proj", "gate_proj", "down_proj"]),
+    # per-layer shapes: global layers' own head size (k = v there), KV-sharing layers without
+    # k/v and with double-wide MLPs
+    ("Gemma4ForCausalLM", None)])
+def test_other_architectures_match_peft(tiny_model_factory, tmp_path, arch, targets):
     base = tiny_model_factory(arch)
-    path = make_adapter(base, str(tmp_path / "ad"), r=8, seed=5)
+    path = make_adapter(base, str(tmp_path / "ad"), r=8, seed=5, targets=targets)
     engine = Engine(EngineConfig(model=base, kv_cache_memory=4 << 20,
                                  lora=LoRAConfig([LoRAModule("ad", path)])))
     got = run(engine, [("r", PROMPT, "ad")])

@@ -25,12 +25,18 @@ MODELS = {
                                          "shared_expert_intermediate_size": 48}),
     "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2,
                                        "sliding_window": 24}),
+    # routed experts beside the dense MLP, fused [E, 2I, H] checkpoint tensors (issue 31)
+    "gemma4moe": ("Gemma4ForCausalLM", {"enable_moe_block": True, "num_experts": 4,
+                                        "top_k_experts": 2, "moe_intermediate_size": 32}),
 }
 # (name, model, load options): split experts, and expert parallel ("ep"); the GPTQ int4 model
-# (group 16: a rank's half of the 32-wide expert down_proj is one group) splits quantized experts
+# (group 16: a rank's half of the 32-wide expert down_proj is one group) and the block-FP8 one
+# (16x16 blocks: a rank's half is whole blocks) split quantized experts
 CASES = [("qwen3moe-split", "qwen3moe", ""), ("qwen3moe-ep", "qwen3moe", "ep"),
          ("qwen2moe-split", "qwen2moe", ""), ("mixtral-ep", "mixtral", "ep"),
-         ("qwen3moe-gptq-split", "qwen3moe-gptq", ""), ("qwen3moe-gptq-ep", "qwen3moe-gptq", "ep")]
+         ("qwen3moe-gptq-split", "qwen3moe-gptq", ""), ("qwen3moe-gptq-ep", "qwen3moe-gptq", "ep"),
+         ("qwen3moe-fp8-split", "qwen3moe-fp8", ""),
+         ("gemma4moe-split", "gemma4moe", ""), ("gemma4moe-ep", "gemma4moe", "ep")]
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +49,9 @@ def folders(tmp_path_factory):
     out["qwen3moe-gptq"] = str(root / "qwen3moe-gptq")
     quantize_model_folder(out["qwen3moe"], out["qwen3moe-gptq"], str(root / "qwen3moe-dq"),
                           "gptq", bits=4, group_size=16)
+    out["qwen3moe-fp8"] = str(root / "qwen3moe-fp8")
+    quantize_model_folder(out["qwen3moe"], out["qwen3moe-fp8"], str(root / "qwen3moe-fp8-dq"),
+                          "fp8-block", block=(16, 16))
     return out
 
 
@@ -57,7 +66,9 @@ def sharded_logits(folders, tmp_path_factory):
 def test_sharded_logits_match_one_process(name, model, folders, sharded_logits):
     model_ = load_ours(folders[model])
     stacks = [type(m.weights.w13) for m in model_.modules() if isinstance(m, FusedMoE)]
-    assert stacks and all((s is fm.DenseExperts) == ("gptq" not in name) for s in stacks)
+    quantized = "gptq" in name or "fp8" in name
+    assert stacks and all((s is fm.DenseExperts) != quantized for s in stacks)
+    assert ("fp8" not in name) or all(s is fm.Fp8Experts for s in stacks)
     assert_steps_match(run_steps(model_), sharded_logits[name])
 
 

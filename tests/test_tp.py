@@ -42,6 +42,8 @@ ARCHS = {
         "long_factor": [1.0, 2.0, 3.0, 4.0]}, "original_max_position_embeddings": 16}),
     "gemma3-kv1": ("Gemma3ForCausalLM", {"num_key_value_heads": 1}),
     "gemma4": ("Gemma4ForCausalLM", {}),
+    # attention-logit softcapping on the sharded heads
+    "gemma2-softcap": ("Gemma2ForCausalLM", {}),
 }
 
 

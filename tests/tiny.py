@@ -55,6 +55,11 @@ ARCH_EXTRAS = {
                               "full_attention": {"rope_type": "linear", "factor": 2.0,
                                                  "rope_theta": 10000.0}},
                           "tie_word_embeddings": True},
+    # Gemma 2: local then global layers (window 24), one rope base, attention logits capped at
+    # 2 (below the tiny model's logits, so the cap changes its tokens)
+    "Gemma2ForCausalLM": {"pad_token_id": 0, "head_dim": 32, "sliding_window": 24,
+                          "query_pre_attn_scalar": 24, "attn_logit_softcapping": 2.0,
+                          "final_logit_softcapping": 30.0, "tie_word_embeddings": True},
     # 4 layers: local, global, then two that read layers 0 and 1's caches (with double-wide
     # MLPs); global layers with head_dim 32 and one kv head where v = k; per-layer inputs
     "Gemma4ForCausalLM": {"pad_token_id": 0, "num_hidden_layers": 4, "head_dim": 16,
@@ -91,9 +96,11 @@ def scale_up_weights(model: torch.nn.Module) -> None:
     """Random init of transformers is N(0, 0.02): logits are nearly flat. Scale up so greedy
     choices are well separated and float32 comparisons are meaningful."""
     for name, p in model.named_parameters():
-        if ("norm" in name or "ln_q" in name) and "gemma3" in type(model).__name__.lower():
+        if ("norm" in name or "ln_q" in name) and type(model).__name__.startswith(
+                ("Gemma2", "Gemma3")):
             p.copy_(0.1 * torch.randn_like(p))      # Gemma's norms scale by 1 + w
-        elif "norm" in name or "ln_q" in name:
+        elif "norm" in name or "ln_q" in name or name.endswith(("router.scale",
+                                                                   "per_expert_scale")):
             p.copy_(1.0 + 0.1 * torch.randn_like(p))
         elif p.dim() > 1:
             p.normal_(0.0, 0.15)

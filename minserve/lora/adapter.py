@@ -19,14 +19,18 @@ from minserve.config import ConfigError, ModelConfig
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_HEADER_BYTES = 8 << 20    # a safetensors header (a 70B model's adapter needs ~200 KB)
-# HF projection -> (parent module, fused module in minserve, slice index in the fused layer)
+# HF projection -> (parent module, fused module in minserve, slice index in the fused layer);
+# index None: the checkpoint's module is the fused one (Phi-3's qkv_proj and gate_up_proj), whose
+# one A serves every slice and whose B splits into the slices' rows (FUSED_PARTS)
 TARGETS = {
     "q_proj": ("self_attn", "qkv_proj", 0), "k_proj": ("self_attn", "qkv_proj", 1),
     "v_proj": ("self_attn", "qkv_proj", 2), "o_proj": ("self_attn", "o_proj", 0),
     "gate_proj": ("mlp", "gate_up_proj", 0), "up_proj": ("mlp", "gate_up_proj", 1),
     "down_proj": ("mlp", "down_proj", 0),
+    "qkv_proj": ("self_attn", "qkv_proj", None), "gate_up_proj": ("mlp", "gate_up_proj", None),
 }
 FUSED_SLICES = {"qkv_proj": 3, "o_proj": 1, "gate_up_proj": 2, "down_proj": 1}
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # config fields of PEFT variants minserve does not run: refused when set to anything but these
 _VARIANTS = {"use_dora": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
              "lora_bias": (False, None), "fan_in_fan_out": (False, None),
@@ -67,12 +71,21 @@ def unusable(path: str, allow_downloads: bool) -> LoRAError:
                      f"are never loaded){hint}")
 
 
-def slice_shapes(mc: ModelConfig, leaf: str) -> tuple[int, int]:
-    """(in_features, out_features) of one HF projection in the full (unsharded) model."""
+def slice_shapes(mc: ModelConfig, leaf: str, layer: int = 0) -> tuple[int, int]:
+    """(in_features, out_features) of one HF projection of a layer in the full (unsharded)
+    model; a config whose layers differ (Gemma 4) says per layer (projection_shapes)."""
+    per_layer = getattr(mc, "projection_shapes", None)
+    if per_layer is not None:
+        shapes = per_layer(layer)
+        if leaf not in shapes:
+            raise LoRAError(f"adapter_model.safetensors: layer {layer} of the base model has no "
+                            f"{leaf} to adapt")
+        return shapes[leaf]
     q, kv, h, i = (mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim,
                    mc.hidden_size, mc.intermediate_size)
     return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}[leaf]
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i)}[leaf]
 
 
 def resolve_adapter(path: str, allow_downloads: bool = False) -> str:
@@ -188,11 +201,21 @@ def load_adapter(name: str, path: str, mc: ModelConfig, max_rank: int,
         if set(ab) != {"A", "B"}:
             raise LoRAError(f"adapter_model.safetensors: {module} has lora_{set(ab).pop()} "
                             "without its pair")
-        a, b = ab["A"], ab["B"]
         _, fused, index = TARGETS[leaf]
         fused_name = module.rpartition(".")[0] + "." + fused
         slices = out.weights.setdefault(fused_name, [None] * FUSED_SLICES[fused])
-        slices[index] = (a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous())
+        a, b = ab["A"].to(dtype).contiguous(), ab["B"].float() * scale
+        if index is None:       # a fused module's B, split into its slices' rows
+            layer = int(module.split(".")[2])
+            sizes = [slice_shapes(mc, part, layer)[1] for part in FUSED_PARTS[leaf]]
+            parts = list(enumerate(b.split(sizes)))
+        else:
+            parts = [(index, b)]
+        for i, part in parts:
+            if slices[i] is not None:
+                raise LoRAError(f"adapter_model.safetensors: {module} adapts a projection that "
+                                "another of its modules adapts too (fused and unfused names)")
+            slices[i] = (a, part.to(dtype).contiguous())
     return out
 
 
@@ -223,7 +246,7 @@ def _read_pairs(st_path: str, mc: ModelConfig, r: int
                 if int(m.group(2)) >= mc.num_hidden_layers:
                     raise LoRAError(f"adapter_model.safetensors: {key!r}: the base model has "
                                     f"{mc.num_hidden_layers} layers")
-                in_f, out_f = slice_shapes(mc, m.group(4))
+                in_f, out_f = slice_shapes(mc, m.group(4), int(m.group(2)))
                 want = (r, in_f) if m.group(5) == "A" else (out_f, r)
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != want:

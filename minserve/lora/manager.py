@@ -35,7 +35,8 @@ class LoRAManager:
             # as PEFT names them below the base model: model.layers.N.self_attn.qkv_proj
             m = _LAYER.search(name)
             if m is not None and isinstance(module, LinearBase):
-                full_in = _slice_shapes(mc, _FIRST_LEAF[m.group(2)])[0]
+                layer = int(m.group(1).split(".")[2])
+                full_in = _slice_shapes(mc, _FIRST_LEAF[m.group(2)], layer)[0]
                 self.layers[m.group(1)] = LoRASlots(module, full_in, config.max_loras,
                                                     config.max_lora_rank, dtype, device)
         self.paths: dict[str, str] = {}          # served adapters, as named (a hub id, say)

@@ -2,7 +2,12 @@
 Gemma3ForConditionalGeneration checkpoints): what differs from Llama is written out here, the rest
 is models/llama.py's. Sliding-window (local) and global layers interleave, each kind with its own
 RoPE base; q/k RMSNorm; four norms per layer, all Gemma's (1 + w); GeGLU; embeddings scaled by
-sqrt(hidden); attention scaled by query_pre_attn_scalar; optional final-logit softcapping."""
+sqrt(hidden); attention scaled by query_pre_attn_scalar; optional final-logit softcapping.
+
+Gemma 2 (Gemma2ForCausalLM) is the same stack without the q/k norms, with one RoPE base for both
+kinds of layer and attention-logit softcapping (attn_logit_softcapping: the attention kernels cap
+each logit). Gemma 3's config may name attn_logit_softcapping too; transformers' Gemma 3 never
+applies it, and neither does this one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +23,7 @@ from minserve.models.layers import (
     Attention,
     GeluAndMul,
     GemmaRMSNorm,
+    RMSNorm,
     RotaryEmbedding,
     apply_rotary,
     softcap,
@@ -28,7 +34,7 @@ from minserve.models.linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from minserve.models.llama import LlamaForCausalLM, linear_method
+from minserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, linear_method
 
 # transformers' Gemma3TextConfig defaults: a Gemma3ForConditionalGeneration's text_config names
 # only what differs from them.
@@ -40,6 +46,12 @@ GEMMA3_TEXT_DEFAULTS = {
     "sliding_window": 4096, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
     "eos_token_id": 1, "bos_token_id": 2,
 }
+# transformers' Gemma2Config defaults, where they differ from Gemma 3's
+GEMMA2_TEXT_DEFAULTS = {
+    **GEMMA3_TEXT_DEFAULTS, "vocab_size": 256_000, "max_position_embeddings": 8192,
+    "rope_theta": 10_000.0, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+    "sliding_window_pattern": 2,
+}
 GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 
 
@@ -49,17 +61,22 @@ class Gemma3Config(ModelConfig):
     layers have their own."""
     query_pre_attn_scalar: float = 256.0
     final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None     # Gemma 2 only (see the module's note)
     local_rope_theta: float = 10_000.0
     local_rope_scaling: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, top: dict[str, Any]) -> Gemma3Config:
         is_wrapper = "vision_config" in top or "text_config" in top
-        text = {**GEMMA3_TEXT_DEFAULTS, **(top.get("text_config") or {} if is_wrapper else top)}
-        text.pop("vision_config", None)
         arch = (top.get("architectures") or ["Gemma3ForCausalLM"])[0]
+        gemma2 = arch == "Gemma2ForCausalLM"
+        defaults = GEMMA2_TEXT_DEFAULTS if gemma2 else GEMMA3_TEXT_DEFAULTS
+        text = {**defaults, **(top.get("text_config") or {} if is_wrapper else top)}
+        text.pop("vision_config", None)
         check_gemma_text(text)
         full, local = rope_by_layer_type(text)
+        if gemma2:
+            local = full
         num_layers = int(text["num_hidden_layers"])
         if text.get("layer_types") is None:
             pattern = int(text.get("sliding_window_pattern", 6))
@@ -70,15 +87,21 @@ class Gemma3Config(ModelConfig):
         base.rope_scaling = full[1]
         base.quantization_config = top.get("quantization_config") or base.quantization_config
         base.hf_config = top if is_wrapper else {}
+        base.qk_norm = not gemma2
         return cls(**vars(base), query_pre_attn_scalar=float(text["query_pre_attn_scalar"]),
                    final_logit_softcapping=text.get("final_logit_softcapping"),
+                   attn_logit_softcapping=text.get("attn_logit_softcapping") if gemma2 else None,
                    local_rope_theta=local[0], local_rope_scaling=local[1])
 
     def rotary(self, sliding: bool) -> RotaryEmbedding:
         theta, scaling = ((self.local_rope_theta, self.local_rope_scaling) if sliding
                           else (self.rope_theta, self.rope_scaling))
-        return RotaryEmbedding(self.rotary_dim, theta, scaling, self.max_position_embeddings,
-                               self.max_model_len)
+        return RotaryEmbedding(self.rotary_dim_of(sliding), theta, scaling,
+                               self.max_position_embeddings, self.max_model_len)
+
+    def rotary_dim_of(self, sliding: bool) -> int:
+        """The rotated dims of a layer kind (Gemma 4's global layers have their own)."""
+        return self.rotary_dim
 
 
 def check_gemma_text(text: dict[str, Any]) -> None:
@@ -87,9 +110,6 @@ def check_gemma_text(text: dict[str, Any]) -> None:
     if act not in GELU_TANH:
         raise ConfigError(f"Gemma hidden_activation {act!r} is not supported (only "
                           "gelu_pytorch_tanh)")
-    if text.get("attn_logit_softcapping") is not None:
-        raise ConfigError("attn_logit_softcapping (Gemma 2) is not supported: the paged attention "
-                          "kernels have no softcap")
     if text.get("use_bidirectional_attention"):
         raise ConfigError("use_bidirectional_attention (an embedding Gemma) is not supported for "
                           "generation")
@@ -103,6 +123,8 @@ def rope_by_layer_type(text: dict[str, Any]
     params = text.get("rope_parameters") or {}
     if "full_attention" in params or "sliding_attention" in params:
         full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    elif params:    # one set for every layer (Gemma 2)
+        full = local = params
     else:
         full = {**(text.get("rope_scaling") or {}), "rope_theta": text.get("rope_theta", 1e6)}
         local = {"rope_theta": text.get("rope_local_base_freq", 10_000.0)}
@@ -125,20 +147,24 @@ class Gemma3Attention(nn.Module):
         self.head_dim = d
         self.o_proj = RowParallelLinear(h * d, config.hidden_size, config.attention_bias,
                                         linear_method(config, f"{prefix}.o_proj"), *tp)
-        self.q_norm = GemmaRMSNorm(d, config.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(d, config.rms_norm_eps)
+        self.q_norm = GemmaRMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = GemmaRMSNorm(d, config.rms_norm_eps) if config.qk_norm else None
         self.is_sliding = config.is_sliding(layer)
         self.attn = Attention(self.num_heads, self.num_kv_heads, d,
                               config.sliding_window if self.is_sliding else None,
-                              scale=config.query_pre_attn_scalar ** -0.5)
+                              scale=config.query_pre_attn_scalar ** -0.5,
+                              softcap=config.attn_logit_softcapping)
 
     def forward(self, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
                 attn: AttnMetadata, lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
         qkv = self.qkv_proj(hidden, lora_mapping)  # [T, (H + 2K) * D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
+        q, k = q.reshape(-1, self.head_dim), k.reshape(-1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
         qk = apply_rotary(torch.cat((q, k), dim=1), *cos_sin)      # [T, H + K, D]
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -162,30 +188,32 @@ class Gemma3MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x, lora_mapping)), lora_mapping)
 
 
-class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config: Gemma3Config, prefix: str, layer: int) -> None:
-        super().__init__()
-        hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.input_layernorm = GemmaRMSNorm(hidden, eps)
-        self.self_attn = Gemma3Attention(config, f"{prefix}.self_attn", layer)
-        self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
-        self.mlp = Gemma3MLP(config, f"{prefix}.mlp")
-        self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+class Gemma3DecoderLayer(LlamaDecoderLayer):
+    """Llama's layer and carried residual with Gemma's four (1 + w) norms: each branch's output
+    is normed (post_attention_layernorm, post_feedforward_layernorm) before its residual add,
+    which happens inside the next pre-norm's fused call (pre_feedforward_layernorm feeds the
+    MLP)."""
+    norm_class = GemmaRMSNorm
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
-                cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata,
-                lora_mapping: LoRAMapping | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # Llama's carried residual, with the post-norms applied to each branch before its add:
-        # residual += post_norm(branch) happens inside the next pre-norm's fused call.
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.post_attention_layernorm(self.self_attn(hidden, cos_sin, attn, lora_mapping))
-        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
-        return self.post_feedforward_layernorm(self.mlp(hidden, lora_mapping)), residual
+    def __init__(self, config: Gemma3Config, prefix: str, layer: int) -> None:
+        super().__init__(config, prefix, layer)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def build_attention(self, config: Gemma3Config, prefix: str, layer: int) -> nn.Module:
+        return Gemma3Attention(config, prefix, layer)
+
+    def build_mlp(self, config: Gemma3Config, prefix: str) -> nn.Module:
+        return Gemma3MLP(config, prefix)
+
+    @property
+    def pre_mlp_norm(self) -> RMSNorm:
+        return self.pre_feedforward_layernorm
+
+    def post_norm(self, branch: str, x: torch.Tensor) -> torch.Tensor:
+        if branch == "attn":
+            return self.post_attention_layernorm(x)
+        return self.post_feedforward_layernorm(x)
 
 
 class Gemma3Model(nn.Module):

@@ -3,10 +3,13 @@ Gemma4ForConditionalGeneration checkpoints): Gemma 3's layout (models/gemma3.py)
 input embeddings (PLE), KV sharing (the last num_kv_shared_layers layers read the cache of the
 last earlier layer of their kind and write none), global layers with their own head size and kv
 heads (and v = k where attention_k_eq_v), proportional (partial) RoPE on the global layers, plain
-(w, not 1 + w) RMSNorms, and a learned scalar per layer. The MoE block variant is refused at
-start-up until the MoE kernels exist; the vision and audio towers are not built."""
+(w, not 1 + w) RMSNorms, and a learned scalar per layer. The MoE variant (enable_moe_block, as
+gemma-4-26B-A4B) runs routed experts (models/moe.py) beside the dense MLP on every layer. The
+vision and audio towers are not built."""
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minserve import kernels
 from minserve.config import ConfigError, ModelConfig
+from minserve.hf_config import MoeConfig
 from minserve.kernels import AttnMetadata, LoRAMapping
+from minserve.kernels.fused_moe import DenseExperts
 from minserve.models import parallel
-from minserve.models.gemma3 import Gemma3Config, Gemma3ForCausalLM, Gemma3MLP, check_gemma_text
-from minserve.models.layers import Attention, RMSNorm, RotaryEmbedding, apply_rotary
+from minserve.models.gemma3 import (
+    GEMMA3_TEXT_DEFAULTS,
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3MLP,
+    check_gemma_text,
+)
+from minserve.models.layers import Attention, RMSNorm, apply_rotary
 from minserve.models.linear import (
     QKVParallelLinear,
     ReplicatedLinear,
@@ -26,15 +38,14 @@ from minserve.models.linear import (
     VocabParallelEmbedding,
 )
 from minserve.models.llama import linear_method
+from minserve.models.moe import FusedMoE, load_slice
 
-# transformers' Gemma4TextConfig defaults (a text_config names only what differs)
+# transformers' Gemma4TextConfig defaults (a text_config names only what differs), where they
+# differ from Gemma 3's
 GEMMA4_TEXT_DEFAULTS = {
-    "vocab_size": 262_144, "hidden_size": 2304, "intermediate_size": 9216,
-    "num_hidden_layers": 30, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131_072,
-    "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "sliding_window": 512,
-    "vocab_size_per_layer_input": 262_144, "hidden_size_per_layer_input": 256,
-    "eos_token_id": 1, "bos_token_id": 2,
+    **GEMMA3_TEXT_DEFAULTS, "vocab_size": 262_144, "num_hidden_layers": 30,
+    "sliding_window": 512, "vocab_size_per_layer_input": 262_144,
+    "hidden_size_per_layer_input": 256,
     "rope_parameters": {
         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
@@ -70,6 +81,7 @@ class Gemma4Config(Gemma3Config):
         base.quantization_config = top.get("quantization_config") or base.quantization_config
         base.hf_config = top if is_wrapper else {}
         head_dim, kv_heads = global_shape(text)
+        base.moe = moe_config(text, base.quantization_config)
         return cls(**vars(base), global_head_dim=head_dim, num_global_key_value_heads=kv_heads,
                    attention_k_eq_v=bool(text.get("attention_k_eq_v")),
                    kv_sources=kv_sources(text["layer_types"],
@@ -84,25 +96,49 @@ class Gemma4Config(Gemma3Config):
             return self.num_key_value_heads, self.head_dim
         return self.num_global_key_value_heads, self.global_head_dim
 
-    def rotary(self, sliding: bool) -> RotaryEmbedding:
-        theta, scaling = ((self.local_rope_theta, self.local_rope_scaling) if sliding
-                          else (self.rope_theta, self.rope_scaling))
-        dim = self.head_dim if sliding else self.global_head_dim
-        return RotaryEmbedding(dim, theta, scaling, self.max_position_embeddings,
-                               self.max_model_len)
+    def projection_shapes(self, layer: int) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each projection the checkpoint has in `layer` (LoRA's shape
+        checks): a KV-sharing layer has no k/v, a global layer whose v is k no v."""
+        kv_heads, d = self.layer_shape(layer)
+        h, q, kv = self.hidden_size, self.num_attention_heads * d, kv_heads * d
+        shared = self.kv_sources[layer] != layer
+        i = self.intermediate_size * (2 if self.use_double_wide_mlp and shared else 1)
+        shapes = {"q_proj": (h, q), "o_proj": (q, h), "gate_proj": (h, i), "up_proj": (h, i),
+                  "down_proj": (i, h)}
+        if not shared:
+            shapes["k_proj"] = (h, kv)
+            if not (self.attention_k_eq_v and not self.is_sliding(layer)):
+                shapes["v_proj"] = (h, kv)
+        return shapes
+
+    def rotary_dim_of(self, sliding: bool) -> int:
+        return self.head_dim if sliding else self.global_head_dim
 
 
 def check_gemma4_text(text: dict[str, Any]) -> None:
     check_gemma_text({**text, "use_bidirectional_attention": None})
-    if text.get("enable_moe_block"):
-        raise ConfigError("Gemma 4's MoE block (enable_moe_block) is not supported yet: it waits "
-                          "for the fused MoE kernel (kernels/fused_moe.py); serve a dense Gemma 4")
     if text.get("use_bidirectional_attention") == "all":
         raise ConfigError("use_bidirectional_attention 'all' (an embedding Gemma) is not "
                           "supported for generation")
     params = text.get("rope_parameters") or {}
     if "full_attention" not in params and "sliding_attention" not in params:
         raise ConfigError("a Gemma 4 config needs rope_parameters by layer type")
+
+
+def moe_config(text: dict[str, Any], quantization: dict | None) -> MoeConfig | None:
+    """The routed experts of an enable_moe_block config (every layer has them), else None."""
+    if not text.get("enable_moe_block"):
+        return None
+    if quantization:
+        raise ConfigError("a quantized Gemma 4 MoE checkpoint is not supported (its fused expert "
+                          "tensors load unquantized only); serve the bf16 checkpoint")
+    try:
+        num_experts, top_k = int(text["num_experts"]), int(text["top_k_experts"])
+        inter = int(text["moe_intermediate_size"])
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("a Gemma 4 config with enable_moe_block needs num_experts, "
+                          "top_k_experts and moe_intermediate_size") from None
+    return MoeConfig(num_experts, top_k, inter, "softmax_topk_norm")
 
 
 def global_shape(text: dict[str, Any]) -> tuple[int, int]:
@@ -178,6 +214,57 @@ class Gemma4Attention(nn.Module):
         return self.o_proj(self.attn(q, k, v, attn), lora_mapping)
 
 
+class Gemma4MoE(FusedMoE):
+    """Gemma 4's routed experts (GeGLU, no biases). The router reads the residual stream, not the
+    experts' input: RMS-normed, times a learned scale and 1/sqrt(hidden); its renormalized top-k
+    weights are then scaled per expert. The checkpoint stores the experts fused:
+    experts.gate_up_proj [E, 2I, H] (gate | up) and experts.down_proj [E, H, I]; router.proj,
+    router.scale and router.per_expert_scale (the loader renames them: map_weight_name)."""
+
+    def __init__(self, config: Gemma4Config, prefix: str) -> None:
+        moe, hidden = config.moe, config.hidden_size
+        super().__init__(moe.num_experts, moe.top_k, hidden, moe.intermediate_size, prefix,
+                         router=moe.router, activation=kernels.gelu_tanh_and_mul,
+                         expert_parallel=moe.expert_parallel, checkpoint_experts=False)
+        self.eps = config.rms_norm_eps
+        self.scale = nn.Parameter(torch.ones(hidden), requires_grad=False)
+        self.per_expert_scale = nn.Parameter(torch.ones(moe.num_experts), requires_grad=False)
+        rank, size = (0, 1) if self.expert_parallel else (parallel.tp_rank(), parallel.tp_size())
+        inter, e = moe.intermediate_size, len(self.local)
+        i, experts = inter // size, (self.local.start, len(self.local))
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, hidden), requires_grad=False)
+        self.gate_up_proj.weight_loader = functools.partial(
+            _load_gate_up, experts=experts, rows=(i * rank, i), inter=inter)
+        self.down_proj = nn.Parameter(torch.empty(e, hidden, i), requires_grad=False)
+        self.down_proj.weight_loader = functools.partial(
+            load_slice, dims={0: experts, 2: (i * rank, i)})
+
+    def forward(self, x: torch.Tensor, router_input: torch.Tensor) -> torch.Tensor:
+        scores = self.gate(kernels.rms_norm(router_input, self.scale, self.eps)
+                           * self.scale.shape[0] ** -0.5)
+        topk_weights, topk_ids = kernels.select_experts(scores, self.top_k, self.router)
+        topk_weights = topk_weights * self.per_expert_scale[topk_ids]
+        out = kernels.fused_experts(x, self.weights, topk_weights, topk_ids, self.activation)
+        return parallel.all_reduce(out) if self.reduce_results else out
+
+    @torch.no_grad()
+    def finish_loading(self) -> None:
+        if self.weights is None:
+            self.set_experts(kernels.ExpertWeights(DenseExperts(self.gate_up_proj.data),
+                                                   DenseExperts(self.down_proj.data)))
+
+
+def _load_gate_up(param: nn.Parameter, loaded: torch.Tensor, experts: tuple[int, int],
+                  rows: tuple[int, int], inter: int) -> None:
+    """This rank's rows of both halves of a fused [E, 2I, H] gate | up tensor."""
+    if loaded.dim() != 3 or loaded.shape[1] != 2 * inter:
+        raise ConfigError(f"experts.gate_up_proj of shape {tuple(loaded.shape)}: expected "
+                          f"[num_experts, {2 * inter}, hidden]")
+    gate, up = loaded.split(inter, dim=1)
+    both = torch.cat([half.narrow(1, *rows) for half in (gate, up)], dim=1)
+    load_slice(param, both, {0: experts})
+
+
 class Gemma4DecoderLayer(nn.Module):
     def __init__(self, config: Gemma4Config, prefix: str, layer: int) -> None:
         super().__init__()
@@ -189,6 +276,11 @@ class Gemma4DecoderLayer(nn.Module):
         wide = config.use_double_wide_mlp and self.self_attn.is_kv_shared
         self.mlp = Gemma3MLP(config, f"{prefix}.mlp", config.intermediate_size * (1 + wide))
         self.post_feedforward_layernorm = RMSNorm(hidden, eps)
+        self.moe = None if config.moe is None else Gemma4MoE(config, f"{prefix}.moe")
+        if self.moe is not None:     # the dense MLP's and the experts' own norms
+            self.post_feedforward_layernorm_1 = RMSNorm(hidden, eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(hidden, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(hidden, eps)
         ple = config.hidden_size_per_layer_input
         if ple:
             self.per_layer_input_gate = ReplicatedLinear(
@@ -203,7 +295,11 @@ class Gemma4DecoderLayer(nn.Module):
                 lora_mapping: LoRAMapping | None = None) -> torch.Tensor:
         x = self.self_attn(self.input_layernorm(hidden), cos_sin, attn, lora_mapping)
         x, hidden = self.pre_feedforward_layernorm(self.post_attention_layernorm(x), hidden)
-        hidden = hidden + self.post_feedforward_layernorm(self.mlp(x, lora_mapping))
+        x = self.mlp(x, lora_mapping)
+        if self.moe is not None:
+            routed = self.moe(self.pre_feedforward_layernorm_2(hidden), hidden)
+            x = self.post_feedforward_layernorm_1(x) + self.post_feedforward_layernorm_2(routed)
+        hidden = hidden + self.post_feedforward_layernorm(x)
         if per_layer_input is not None:
             gate = F.gelu(self.per_layer_input_gate(hidden), approximate="tanh")
             x = self.per_layer_projection(gate * per_layer_input)
@@ -261,6 +357,14 @@ class Gemma4Model(nn.Module):
         return self.norm(hidden)
 
 
+# the MoE block's checkpoint names -> Gemma4MoE's (FusedMoE calls the router's linear `gate`)
+_MOE_RENAMES = {".router.proj.": ".moe.gate.", ".router.scale": ".moe.scale",
+                ".router.per_expert_scale": ".moe.per_expert_scale",
+                ".experts.gate_up_proj": ".moe.gate_up_proj",
+                ".experts.down_proj": ".moe.down_proj"}
+_MOE_NAMES = re.compile("(" + "|".join(re.escape(k) for k in _MOE_RENAMES) + ")")
+
+
 class Gemma4ForCausalLM(Gemma3ForCausalLM):
     """Also the text stack of a Gemma4ForConditionalGeneration checkpoint (its towers'
     tensors are dropped; images are refused as on any text-only model)."""
@@ -278,6 +382,7 @@ class Gemma4ForCausalLM(Gemma3ForCausalLM):
             return None
         if name.startswith(self.wrapper_prefix):
             name = "model." + name[len(self.wrapper_prefix):]
+        name = _MOE_NAMES.sub(lambda m: _MOE_RENAMES[m.group(1)], name)
         parts = name.split(".")
         if (len(parts) > 4 and parts[1] == "layers" and parts[3] == "self_attn"
                 and parts[4] in ("k_proj", "v_proj", "k_norm", "v_norm")

@@ -38,7 +38,7 @@ from minserve.models.llama import (
     LlamaForCausalLM,
     linear_method,
 )
-from minserve.models.moe import FusedMoE
+from minserve.models.moe import FusedMoE, load_slice
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
@@ -67,23 +67,6 @@ class GptOssConfig(ModelConfig):
                    swiglu_limit=float(top.get("swiglu_limit", 7.0)))
 
 
-def _load_slice(param: nn.Parameter, loaded: torch.Tensor, dims: dict[int, tuple[int, int]],
-                transpose: bool = False) -> None:
-    """Copy part (start, size) of each dim in `dims` of a checkpoint tensor into param
-    (transposing its last two dims first when asked)."""
-    for dim, (start, size) in dims.items():
-        if loaded.shape[dim] < start + size:
-            raise ConfigError(f"checkpoint tensor of shape {tuple(loaded.shape)} has no rows "
-                              f"{start}..{start + size} along dim {dim}")
-        loaded = loaded.narrow(dim, start, size)
-    if transpose:
-        loaded = loaded.transpose(-1, -2)
-    if param.shape != loaded.shape:
-        raise ConfigError(f"checkpoint shape {tuple(loaded.shape)} != model shape "
-                          f"{tuple(param.shape)}")
-    param.data.copy_(loaded)
-
-
 class GptOssAttention(LlamaAttention):
     """Llama's attention (with this layer's window: layer_types) plus a bias on o_proj and
     sinks [H / tp]."""
@@ -96,7 +79,7 @@ class GptOssAttention(LlamaAttention):
                                         linear_method(config, f"{prefix}.o_proj"), *tp)
         self.sinks = nn.Parameter(torch.empty(self.num_heads), requires_grad=False)
         self.sinks.weight_loader = functools.partial(
-            _load_slice, dims={0: (tp[0] * self.num_heads, self.num_heads)})
+            load_slice, dims={0: (tp[0] * self.num_heads, self.num_heads)})
 
 
 class GptOssExperts(nn.Module):
@@ -139,7 +122,7 @@ class GptOssExperts(nn.Module):
         packed = name.endswith(("_blocks", "_scales"))
         param = nn.Parameter(torch.empty(shape, dtype=torch.uint8 if packed else None),
                              requires_grad=False)
-        param.weight_loader = functools.partial(_load_slice, dims=dims, transpose=transpose)
+        param.weight_loader = functools.partial(load_slice, dims=dims, transpose=transpose)
         if packed:
             param.init_dummy = _dummy_blocks if name.endswith("_blocks") else _dummy_scales
         self.register_parameter(name, param)

@@ -273,12 +273,13 @@ class Attention(nn.Module):
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None,
-        scale: float | None = None,
+        scale: float | None = None, softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
+        self.softcap = softcap      # Gemma's attn_logit_softcapping (None: logits uncapped)
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
         # An fp8 cache stores k / k_scale and v / v_scale; 1.0 unless the checkpoint calibrated
@@ -297,6 +298,6 @@ class Attention(nn.Module):
                              self.k_scale, self.v_scale)
         out = kernels.paged_attention(
             q, self.k_cache, self.v_cache, attn, self.scale, self.sliding_window,
-            k_scale=self.k_scale, v_scale=self.v_scale, sinks=sinks,
+            k_scale=self.k_scale, v_scale=self.v_scale, sinks=sinks, softcap=self.softcap,
         )
         return out.reshape(q.shape[0], -1)

@@ -100,17 +100,34 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks. Hooks for the families that differ only in their
+    parts: build_attention, build_mlp, norm_class, and post_norm (Gemma's norms on each branch's
+    output before its residual add, with pre_mlp_norm the MLP's own pre-norm)."""
+    norm_class: type[RMSNorm] = RMSNorm
+
     def __init__(self, config: ModelConfig, prefix: str = "", layer: int = 0) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, f"{prefix}.self_attn", layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = self.norm_class(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = self.build_attention(config, f"{prefix}.self_attn", layer)
+        self.post_attention_layernorm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.mlp = self.build_mlp(config, f"{prefix}.mlp")
+
+    def build_attention(self, config: ModelConfig, prefix: str, layer: int) -> nn.Module:
+        return LlamaAttention(config, prefix, layer)
 
     def build_mlp(self, config: ModelConfig, prefix: str) -> nn.Module:
         """The feed-forward block, forward(x, lora_mapping) -> [T, hidden] (a mixture of
         experts in models/qwen_moe.py's subclass)."""
         return LlamaMLP(config, prefix)
+
+    @property
+    def pre_mlp_norm(self) -> RMSNorm:
+        """The norm that adds the attention branch to the residual and feeds the MLP."""
+        return self.post_attention_layernorm
+
+    def post_norm(self, branch: str, x: torch.Tensor) -> torch.Tensor:
+        """A branch's ("attn" or "mlp") output before its residual add: as it is in Llama."""
+        return x
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                 cos_sin: tuple[torch.Tensor, torch.Tensor], attn: AttnMetadata,
@@ -121,9 +138,9 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos_sin, attn, lora_mapping)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden, lora_mapping), residual
+        hidden = self.post_norm("attn", self.self_attn(hidden, cos_sin, attn, lora_mapping))
+        hidden, residual = self.pre_mlp_norm(hidden, residual)
+        return self.post_norm("mlp", self.mlp(hidden, lora_mapping)), residual
 
 
 class LlamaModel(nn.Module):

@@ -62,6 +62,23 @@ def local_experts(num_experts: int, expert_parallel: bool) -> range:
     return range(tp_rank * per_rank, (tp_rank + 1) * per_rank)
 
 
+def load_slice(param: nn.Parameter, loaded: torch.Tensor, dims: dict[int, tuple[int, int]],
+                transpose: bool = False) -> None:
+    """Copy part (start, size) of each dim in `dims` of a checkpoint tensor into param
+    (transposing its last two dims first when asked)."""
+    for dim, (start, size) in dims.items():
+        if loaded.shape[dim] < start + size:
+            raise ConfigError(f"checkpoint tensor of shape {tuple(loaded.shape)} has no rows "
+                              f"{start}..{start + size} along dim {dim}")
+        loaded = loaded.narrow(dim, start, size)
+    if transpose:
+        loaded = loaded.transpose(-1, -2)
+    if param.shape != loaded.shape:
+        raise ConfigError(f"checkpoint shape {tuple(loaded.shape)} != model shape "
+                          f"{tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
 def _linear_method(quant_config: Any, prefix: str) -> Any:
     return None if quant_config is None else quant_config.get_linear_method(prefix)
 

@@ -82,13 +82,16 @@ ARCHITECTURES = {a.name: a for a in (
     # llama.cpp converts Mixtral as "llama" with experts (models/gguf.py tells them apart)
     _moe("MixtralForCausalLM", "mixtral:MixtralForCausalLM", None),
     _text("SmolLM3ForCausalLM", "smollm3", permuted=True),
-    # Phi-3/Phi-4: checkpoints hold qkv_proj and gate_up_proj fused (PEFT adapters target
-    # those fused names, which the LoRA slots do not map)
-    _text("Phi3ForCausalLM", "phi3", lora=False),
+    # Phi-3/Phi-4: checkpoints hold qkv_proj and gate_up_proj fused (so do PEFT adapters: the
+    # LoRA loader splits their B into the slices)
+    _text("Phi3ForCausalLM", "phi3"),
     Architecture("Gemma3ForCausalLM", "gemma3:Gemma3ForCausalLM", gguf_name="gemma3",
-                 tensor_parallel=True, quantization=(*_DENSE, "gguf")),
-    Architecture("Gemma4ForCausalLM", "gemma4:Gemma4ForCausalLM", tensor_parallel=True,
-                 quantization=_DENSE),
+                 lora=True, tensor_parallel=True, quantization=(*_DENSE, "gguf")),
+    # Gemma 2: Gemma 3's layers without q/k norms, with attention-logit softcapping
+    Architecture("Gemma2ForCausalLM", "gemma3:Gemma3ForCausalLM", lora=True,
+                 tensor_parallel=True, quantization=_DENSE),
+    Architecture("Gemma4ForCausalLM", "gemma4:Gemma4ForCausalLM", lora=True,
+                 tensor_parallel=True, quantization=_DENSE),
     # its text stack only (the vision and audio towers are not built; images get the 400)
     Architecture("Gemma4ForConditionalGeneration", "gemma4:Gemma4ForCausalLM",
                  tensor_parallel=True, quantization=_DENSE),

@@ -1,11 +1,15 @@
 """The ToolParser interface: model text -> (content, tool calls), whole or streamed as OpenAI
 chat deltas. Formats live in sibling modules and only implement parse(); they never stream.
 Streaming here re-parses the text so far and sends what has become certain, so the accumulated
-stream always equals the whole-text result (a malformed call is never sent as a call)."""
+stream always equals the whole-text result (a malformed call is never sent as a call). A format
+whose calls are certain before their arguments end (harmony's recipient header) returns the
+call still being written as a ToolCall with done=False: its header is sent at once and its
+arguments as fragments while they grow (each parse's arguments extend the last's)."""
 from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -15,6 +19,7 @@ class ToolCall:
     name: str
     arguments: str  # a JSON text, as OpenAI sends function.arguments
     id: str = field(default_factory=lambda: make_tool_call_id())
+    done: bool = True   # False: its arguments are still being written (only the last piece)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function",
@@ -61,6 +66,41 @@ def partial_marker_len(text: str, marker: str) -> int:
 Piece = str | ToolCall  # parse() returns content strings and calls, in text order
 
 
+def scan_marked_calls(text: str, final: bool, start_marker: str, end_marker: str,
+                      read_call: Callable[[str], ToolCall | None], *,
+                      trim_after_call: bool = False) -> list[Piece]:
+    """parse() of a format whose calls sit between two markers, any number, with content
+    around them (Hermes, Gemma 4): each body is read by read_call (None: not a call, and its
+    marked text stays content). Not final: a call still being written and a partial start
+    marker at the end are held back. Final: a call whose end marker never came is read to the
+    end of the output (vLLM takes one cut by EOS right after its body). trim_after_call: the
+    whitespace after a call is layout, not content."""
+    pieces: list[Piece] = []
+    pos = 0
+    while True:
+        start = text.find(start_marker, pos)
+        if start < 0:
+            tail = text[pos:]
+            keep = 0 if final else partial_marker_len(tail, start_marker)
+            pieces.append(tail[:len(tail) - keep])
+            break
+        pieces.append(text[pos:start])
+        body_at = start + len(start_marker)
+        end = text.find(end_marker, body_at)
+        if end < 0:
+            if final:
+                call = read_call(text[body_at:])
+                pieces.append(call if call is not None else text[start:])
+            break
+        call = read_call(text[body_at:end])
+        pieces.append(call if call is not None else text[start:end + len(end_marker)])
+        pos = end + len(end_marker)
+        if call is not None and trim_after_call:
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+    return [p for p in pieces if p != ""]
+
+
 class ToolParser:
     """Subclasses set `name` and implement parse(); registry.py maps names to classes."""
 
@@ -78,6 +118,7 @@ class ToolParser:
         self._held_ws = ""           # whitespace-only content not sent yet (see _emit_content)
         self._sent_non_ws = False
         self._num_calls_sent = 0
+        self._args_sent = 0          # chars of the last sent call's arguments already sent
         self._finished = False
 
     def parse(self, text: str, final: bool) -> list[Piece]:
@@ -130,13 +171,21 @@ class ToolParser:
         if text:
             delta["content"] = text
         new_calls = []
+        if self._num_calls_sent and len(calls) >= self._num_calls_sent:
+            # the last sent call's arguments that came since (a call sent while being written)
+            rest = calls[self._num_calls_sent - 1].arguments[self._args_sent:]
+            if rest:
+                new_calls.append({"index": self._num_calls_sent - 1,
+                                  "function": {"arguments": rest}})
         for call in calls[self._num_calls_sent:]:
-            # NOTE: one delta per call with name and complete arguments; it is sent only once
-            # the call is certain, so nothing sent is ever taken back.
+            # NOTE: a call is sent only once it is certain, so nothing sent is ever taken back:
+            # one delta with name and arguments, and argument fragments after while not done.
             new_calls.append({"index": self._num_calls_sent, "id": self.make_id(),
                               "type": "function",
                               "function": {"name": call.name, "arguments": call.arguments}})
             self._num_calls_sent += 1
+        if calls:
+            self._args_sent = len(calls[self._num_calls_sent - 1].arguments)
         if new_calls:
             delta["tool_calls"] = new_calls
         return delta or None

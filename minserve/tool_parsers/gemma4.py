@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from minserve.tool_parsers.base import Piece, ToolCall, ToolParser, partial_marker_len
+from minserve.tool_parsers.base import Piece, ToolCall, ToolParser, scan_marked_calls
 
 START, END, QUOTE = "<|tool_call>", "<tool_call|>", '<|"|>'
 
@@ -15,25 +15,7 @@ class Gemma4ToolParser(ToolParser):
     needs_special_tokens = True   # the call and string marks are special tokens
 
     def parse(self, text: str, final: bool) -> list[Piece]:
-        pieces: list[Piece] = []
-        pos = 0
-        while True:
-            start = text.find(START, pos)
-            if start < 0:
-                tail = text[pos:]
-                keep = 0 if final else partial_marker_len(tail, START)
-                pieces.append(tail[:len(tail) - keep])
-                return [p for p in pieces if p != ""]
-            pieces.append(text[pos:start])
-            end = text.find(END, start)
-            if end < 0:
-                if final:
-                    call = _call(text[start + len(START):])
-                    pieces.append(call if call is not None else text[start:])
-                return [p for p in pieces if p != ""]
-            call = _call(text[start + len(START):end])
-            pieces.append(call if call is not None else text[start:end + len(END)])
-            pos = end + len(END)
+        return scan_marked_calls(text, final, START, END, _call)
 
 
 def _call(body: str) -> ToolCall | None:

@@ -1,10 +1,12 @@
 """gpt-oss's tool calls (--tool-call-parser openai): harmony messages to functions.NAME, in any
 channel, are calls; final and commentary (preamble) text is content; analysis is left out (the
 openai_gptoss reasoning parser takes it). Only parses (harmony.py reads the format); streaming
-is base.py's job, which sends a call once its message has ended."""
+is base.py's job. The recipient header makes a message a call before its arguments are
+written, so a call being written is returned unfinished (done=False) and its arguments stream
+as the model writes them, as vLLM's harmony parser streams them. So a call's text is its
+arguments whatever it holds (JSON or not: vLLM's answer too), without surrounding whitespace
+(held back while the call may still end)."""
 from __future__ import annotations
-
-import json
 
 from minserve import harmony
 from minserve.tool_parsers.base import Piece, ToolCall, ToolParser
@@ -23,13 +25,12 @@ class OpenAIToolParser(ToolParser):
             if kind == "reasoning" or (kind == "call" and not self.keeps_calls):
                 continue
             if kind == "call":
+                pieces.append(ToolCall(m.function, m.text.strip(), done=m.done))
                 if not m.done:          # its arguments are still being written
                     return pieces
-                if _is_json(m.text):
-                    pieces.append(ToolCall(m.function, m.text.strip()))
-                    continue
+                continue
             # NOTE: one newline between content messages (a preamble, then the final answer),
-            # as vLLM joins them; a malformed call's text is content, as in every parser.
+            # as vLLM joins them.
             pieces.append(("\n" if num_content else "") + m.text)
             num_content += 1
         return pieces
@@ -41,10 +42,3 @@ class HarmonyContentParser(OpenAIToolParser):
     name = ""
     keeps_calls = False
 
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
