@@ -1,0 +1,131 @@
+"""Issue 40: does the HTTP side keep up with the engine? On the near-free model of
+bench/tiny_model.py (built here into a temporary folder), alternately per round:
+  offline: bench/offline.py, the engine alone (LLM), `--num-prompts` requests of `--input-len`
+           prompt tokens and `--output-len` output tokens, ignore_eos, `--max-concurrency` at once;
+  server:  `python -m minserve` on the same model, driven by bench/serve.py's load generator
+           (streaming completions, ignore_eos) at the same concurrency; the server's CPU seconds
+           come from /proc.
+Prints every round and the medians (output tok/s, the server's ratio to offline, TPOT).
+
+    python bench/serve_speed.py --rounds 3 --max-concurrency 128
+    python bench/serve_speed.py --rounds 3 --max-concurrency 1 --num-prompts 8
+    python bench/serve_speed.py --rounds 1 --profile /tmp/server.prof   # cProfile of the
+        # server's main thread (the event loop: everything but the engine thread)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def offline(args: argparse.Namespace, model: str) -> dict:
+    cmd = [sys.executable, os.path.join(HERE, "offline.py"), "--model", model,
+           "--num-requests", str(args.num_prompts), "--min-input-len", str(args.input_len),
+           "--max-input-len", str(args.input_len), "--min-output-len", str(args.output_len),
+           "--max-output-len", str(args.output_len), "--max-num-seqs", str(args.max_concurrency),
+           "--max-model-len", str(args.max_model_len)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError("the server exited before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the server did not become ready")
+
+
+def server(args: argparse.Namespace, model: str, port: int) -> dict:
+    sys.path.insert(0, HERE)
+    import serve
+
+    prefix = [sys.executable, "-m", "cProfile", "-o", args.profile] if args.profile else \
+        [sys.executable]
+    cmd = [*prefix, "-m", "minserve", "--model", model, "--port", str(port),
+           "--max-num-seqs", str(args.max_concurrency), "--max-model-len",
+           str(args.max_model_len), *args.server_args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_healthy(port, proc)
+        load = serve.parser().parse_args([
+            "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "4",
+            "--input-len", str(args.input_len), "--output-len", "4", "--ignore-eos"])
+        asyncio.run(serve.run(load))   # warm-up
+        load.num_prompts, load.output_len = args.num_prompts, args.output_len
+        load.max_concurrency = args.max_concurrency
+        cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+        s = asyncio.run(serve.run(load))
+        s["server_cpu_s"] = cpu_seconds(proc.pid) - cpu0
+        s["wall_s"] = time.perf_counter() - t0
+        return s
+    finally:
+        proc.terminate()   # SIGTERM: drains, and cProfile writes its file on the way out
+        proc.wait(60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--max-concurrency", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--port", type=int, default=18740)
+    ap.add_argument("--model", default=None, help="default: bench/tiny_model.py's, built now")
+    ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--profile", default=None, help="cProfile output of the server (1 round)")
+    ap.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
+                    help="the rest goes to `python -m minserve`")
+    args = ap.parse_args()
+    model = args.model
+    if model is None:
+        # NOTE: bench/ holds kernels.py, which would shadow the package transformers imports
+        sys.path.remove(HERE)
+        sys.path.append(HERE)
+        from tiny_model import build
+        model = build(tempfile.mkdtemp(prefix="minserve-tiny-"))
+    rows = []
+    for r in range(args.rounds):
+        off = {} if args.skip_offline else offline(args, model)
+        srv = server(args, model, args.port)
+        row = {"round": r, "offline_tok_s": off.get("output_tok_s"),
+               "server_tok_s": round(srv["output_throughput"], 1),
+               "median_tpot_ms": round(srv["median_tpot_ms"], 3),
+               "server_cores": round(srv["server_cpu_s"] / srv["wall_s"], 2),
+               "failed": srv["failed"]}
+        if row["offline_tok_s"]:
+            row["ratio"] = round(row["server_tok_s"] / row["offline_tok_s"], 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]
+           if k not in ("round", "failed") and rows[0][k] is not None}
+    print("median", json.dumps({k: round(v, 3) for k, v in med.items()}))
+
+
+if __name__ == "__main__":
+    main()
