@@ -11,6 +11,10 @@ Prints every round and the medians (output tok/s, the server's ratio to offline,
     python bench/serve_speed.py --rounds 3 --max-concurrency 1 --num-prompts 8
     python bench/serve_speed.py --rounds 1 --profile /tmp/server.prof   # cProfile of the
         # server's main thread (the event loop: everything but the engine thread)
+    git archive main minserve | tar -x -C /tmp/base && \
+        python bench/serve_speed.py --rounds 3 --compare-src /tmp/base   # + main's server
+With --compare-src DIR each round also runs the server from DIR's `minserve` package (put first on
+PYTHONPATH; minserve.kernels still comes from the installed tree): before/after in one run.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 300) -> Non
     raise TimeoutError("the server did not become ready")
 
 
-def server(args: argparse.Namespace, model: str, port: int) -> dict:
+def server(args: argparse.Namespace, model: str, port: int, src: str | None = None) -> dict:
     sys.path.insert(0, HERE)
     import serve
 
@@ -68,7 +72,12 @@ def server(args: argparse.Namespace, model: str, port: int) -> dict:
     cmd = [*prefix, "-m", "minserve", "--model", model, "--port", str(port),
            "--max-num-seqs", str(args.max_concurrency), "--max-model-len",
            str(args.max_model_len), *args.server_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ)
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    # cwd: `-m` puts it first on sys.path, where a checkout's minserve/ would shadow src's
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            cwd=src or os.path.dirname(os.path.abspath(model)))
     try:
         wait_healthy(port, proc)
         load = serve.parser().parse_args([
@@ -87,6 +96,16 @@ def server(args: argparse.Namespace, model: str, port: int) -> dict:
         proc.wait(60)
 
 
+def figures(srv: dict, prefix: str, off: dict) -> dict:
+    row = {prefix + "server_tok_s": round(srv["output_throughput"], 1),
+           prefix + "median_tpot_ms": round(srv["median_tpot_ms"], 3),
+           prefix + "server_cores": round(srv["server_cpu_s"] / srv["wall_s"], 2),
+           prefix + "failed": srv["failed"]}
+    if off.get("output_tok_s"):
+        row[prefix + "ratio"] = round(srv["output_throughput"] / off["output_tok_s"], 3)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -98,6 +117,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=18740)
     ap.add_argument("--model", default=None, help="default: bench/tiny_model.py's, built now")
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--compare-src", default=None,
+                    help="a folder holding another minserve/ (e.g. main's): its server too")
     ap.add_argument("--profile", default=None, help="cProfile output of the server (1 round)")
     ap.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                     help="the rest goes to `python -m minserve`")
@@ -113,17 +134,13 @@ def main() -> None:
     for r in range(args.rounds):
         off = {} if args.skip_offline else offline(args, model)
         srv = server(args, model, args.port)
-        row = {"round": r, "offline_tok_s": off.get("output_tok_s"),
-               "server_tok_s": round(srv["output_throughput"], 1),
-               "median_tpot_ms": round(srv["median_tpot_ms"], 3),
-               "server_cores": round(srv["server_cpu_s"] / srv["wall_s"], 2),
-               "failed": srv["failed"]}
-        if row["offline_tok_s"]:
-            row["ratio"] = round(row["server_tok_s"] / row["offline_tok_s"], 3)
+        row = {"round": r, "offline_tok_s": off.get("output_tok_s"), **figures(srv, "", off)}
+        if args.compare_src:
+            row.update(figures(server(args, model, args.port, args.compare_src), "base_", off))
         rows.append(row)
         print(json.dumps(row), flush=True)
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]
-           if k not in ("round", "failed") and rows[0][k] is not None}
+           if k != "round" and not k.endswith("failed") and rows[0][k] is not None}
     print("median", json.dumps({k: round(v, 3) for k, v in med.items()}))
 
 
