@@ -100,6 +100,10 @@ def figures(srv: dict, prefix: str, off: dict) -> dict:
     row = {prefix + "server_tok_s": round(srv["output_throughput"], 1),
            prefix + "median_tpot_ms": round(srv["median_tpot_ms"], 3),
            prefix + "server_cores": round(srv["server_cpu_s"] / srv["wall_s"], 2),
+           # the server process's CPU (engine thread included) per output token: a loaded
+           # machine changes it less than the wall-clock figures
+           prefix + "cpu_us_per_token": round(1e6 * srv["server_cpu_s"] /
+                                              max(srv["total_output_tokens"], 1), 1),
            prefix + "failed": srv["failed"]}
     if off.get("output_tok_s"):
         row[prefix + "ratio"] = round(srv["output_throughput"] / off["output_tok_s"], 3)
