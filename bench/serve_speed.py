@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,24 +47,10 @@ def offline(args: argparse.Namespace, model: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited before it was ready")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("the server did not become ready")
-
-
 def server(args: argparse.Namespace, model: str, port: int, src: str | None = None) -> dict:
     sys.path.insert(0, HERE)
     import serve
+    from compare import wait_healthy
 
     prefix = [sys.executable, "-m", "cProfile", "-o", args.profile] if args.profile else \
         [sys.executable]
@@ -79,7 +64,7 @@ def server(args: argparse.Namespace, model: str, port: int, src: str | None = No
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             cwd=src or os.path.dirname(os.path.abspath(model)))
     try:
-        wait_healthy(port, proc)
+        wait_healthy(port, proc, 300)
         load = serve.parser().parse_args([
             "--base-url", f"http://127.0.0.1:{port}", "--num-prompts", "4",
             "--input-len", str(args.input_len), "--output-len", "4", "--ignore-eos"])
