@@ -9,6 +9,8 @@ Prints every round and the medians (output tok/s, the server's ratio to offline,
 
     python bench/serve_speed.py --rounds 3 --max-concurrency 128
     python bench/serve_speed.py --rounds 3 --max-concurrency 1 --num-prompts 8
+    python bench/serve_speed.py --rounds 3 --engine-process   # the server with the engine
+        # thread (--no-engine-process) and with the engine process (split_*), same rounds
     python bench/serve_speed.py --rounds 1 --profile /tmp/server.prof   # cProfile of the
         # server's main thread (the event loop: everything but the engine thread)
     git archive main minserve | tar -x -C /tmp/base && \
@@ -37,6 +39,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
+
+
+def tree_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(the server process's CPU seconds, its child processes' (the engine process's))."""
+    kids = 0.0
+    for k in children(pid):
+        try:
+            kids += cpu_seconds(k)
+        except FileNotFoundError:
+            pass
+    return cpu_seconds(pid), kids
+
+
 def offline(args: argparse.Namespace, model: str) -> dict:
     cmd = [sys.executable, os.path.join(HERE, "offline.py"), "--model", model,
            "--num-requests", str(args.num_prompts), "--min-input-len", str(args.input_len),
@@ -47,7 +68,8 @@ def offline(args: argparse.Namespace, model: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def server(args: argparse.Namespace, model: str, port: int, src: str | None = None) -> dict:
+def server(args: argparse.Namespace, model: str, port: int, src: str | None = None,
+           extra: tuple[str, ...] = ()) -> dict:
     sys.path.insert(0, HERE)
     import serve
     from compare import wait_healthy
@@ -56,7 +78,7 @@ def server(args: argparse.Namespace, model: str, port: int, src: str | None = No
         [sys.executable]
     cmd = [*prefix, "-m", "minserve", "--model", model, "--port", str(port),
            "--max-num-seqs", str(args.max_concurrency), "--max-model-len",
-           str(args.max_model_len), *args.server_args]
+           str(args.max_model_len), *extra, *args.server_args]
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
@@ -71,9 +93,11 @@ def server(args: argparse.Namespace, model: str, port: int, src: str | None = No
         asyncio.run(serve.run(load))   # warm-up
         load.num_prompts, load.output_len = args.num_prompts, args.output_len
         load.max_concurrency = args.max_concurrency
-        cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+        (api0, eng0), t0 = tree_cpu_seconds(proc.pid), time.perf_counter()
         s = asyncio.run(serve.run(load))
-        s["server_cpu_s"] = cpu_seconds(proc.pid) - cpu0
+        api1, eng1 = tree_cpu_seconds(proc.pid)
+        s["server_cpu_s"] = api1 - api0 + eng1 - eng0
+        s["api_cpu_s"] = api1 - api0
         s["wall_s"] = time.perf_counter() - t0
         return s
     finally:
@@ -85,6 +109,8 @@ def figures(srv: dict, prefix: str, off: dict) -> dict:
     row = {prefix + "server_tok_s": round(srv["output_throughput"], 1),
            prefix + "median_tpot_ms": round(srv["median_tpot_ms"], 3),
            prefix + "server_cores": round(srv["server_cpu_s"] / srv["wall_s"], 2),
+           # the process that serves HTTP (with --engine-process: without the engine)
+           prefix + "api_cores": round(srv["api_cpu_s"] / srv["wall_s"], 2),
            # the server process's CPU (engine thread included) per output token: a loaded
            # machine changes it less than the wall-clock figures
            prefix + "cpu_us_per_token": round(1e6 * srv["server_cpu_s"] /
@@ -108,6 +134,8 @@ def main() -> None:
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--compare-src", default=None,
                     help="a folder holding another minserve/ (e.g. main's): its server too")
+    ap.add_argument("--engine-process", action="store_true",
+                    help="each round also runs the server with --engine-process (split_*)")
     ap.add_argument("--profile", default=None, help="cProfile output of the server (1 round)")
     ap.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
                     help="the rest goes to `python -m minserve`")
@@ -122,8 +150,12 @@ def main() -> None:
     rows = []
     for r in range(args.rounds):
         off = {} if args.skip_offline else offline(args, model)
-        srv = server(args, model, args.port)
+        srv = server(args, model, args.port,
+                     extra=("--no-engine-process",) if args.engine_process else ())
         row = {"round": r, "offline_tok_s": off.get("output_tok_s"), **figures(srv, "", off)}
+        if args.engine_process:
+            row.update(figures(server(args, model, args.port, extra=("--engine-process",)),
+                               "split_", off))
         if args.compare_src:
             row.update(figures(server(args, model, args.port, args.compare_src), "base_", off))
         rows.append(row)

@@ -21,29 +21,25 @@ GREEDY = {"model": "tiny", "prompt": "Hello there", "max_tokens": 12, "temperatu
 def test_output_encoding_round_trips():
     outs = [RequestOutput("a", [5, 6]),
             RequestOutput("b-1", [7], FinishReason.STOP, "stop!", 3, 2,
-                          [Logprob(7, -0.5, 1, [(7, -0.5), (9, -1.5)])], [None, Logprob(3, -2.0, 4, [])],
+                          [Logprob(7, -0.5, 1, [(7, -0.5), (9, -1.5)])],
+                          [None, Logprob(3, -2.0, 4, [])],
                           None, RequestTimings(0.1, 0.2, None, 0.3), 1),
             RequestOutput("c", [], FinishReason.ERROR, error="too long")]
     assert decode_outputs(encode_outputs(outs)) == outs
 
 
-def test_same_tokens_as_the_engine_thread(tiny_model_dir):
-    async def fn(app):
+def test_same_tokens_then_a_killed_engine_process_fails_requests_and_health(tiny_model_dir):
+    """One engine process (a spawn costs seconds): the thread's greedy tokens first, then it is
+    killed with two requests in flight."""
+    async def greedy(app):
         return (await call(app, "POST", COMP, GREEDY)).json()
 
-    threaded = run(real_app(tiny_model_dir), fn)
-    app = real_app(tiny_model_dir, engine_process=True)
-    split = run(app, fn)
-    assert split["choices"] == threaded["choices"]
-    assert split["usage"] == threaded["usage"]
-    assert app.chat.process.exitcode == 0   # the server's shutdown stopped it
-
-
-def test_killed_engine_process_fails_requests_and_health(tiny_model_dir):
+    threaded = run(real_app(tiny_model_dir, engine_process=False), greedy)
     app = real_app(tiny_model_dir, engine_process=True)
     body = {"model": "tiny", "prompt": "Hi", "max_tokens": 400, "ignore_eos": True}
 
     async def fn(app):
+        split = await greedy(app)
         pid = app.chat.process.pid
         os.kill(pid, signal.SIGSTOP)   # the requests are surely in flight when it dies
         s = asyncio.ensure_future(call(app, "POST", COMP, {**body, "stream": True}))
@@ -51,9 +47,10 @@ def test_killed_engine_process_fails_requests_and_health(tiny_model_dir):
         await wait_until(lambda: app.chat.num_in_flight == 2, what="both requests in flight")
         os.kill(pid, signal.SIGKILL)
         s, f = await asyncio.wait_for(asyncio.gather(s, f), 60)
-        return s, f, await call(app, "GET", "/health"), await call(app, "POST", COMP, body)
+        return split, s, f, await call(app, "GET", "/health"), await call(app, "POST", COMP, body)
 
-    s, f, health, after = run(app, fn)
+    split, s, f, health, after = run(app, fn)
+    assert split["choices"] == threaded["choices"] and split["usage"] == threaded["usage"]
     ev = s.events()
     assert s.status == 200 and ev[-1] == "[DONE]" and "engine process exited" in \
         ev[-2]["error"]["message"]

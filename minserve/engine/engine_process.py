@@ -17,6 +17,7 @@ The engine process never outlives the server: PR_SET_PDEATHSIG (Linux) and a pip
 it; if it dies, the reader thread's EOF marks the service dead (/health 503, in-flight fail)."""
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import marshal
@@ -29,7 +30,9 @@ import time
 from typing import Any
 
 from minserve.config import ConfigError
-from minserve.engine.async_engine import STOP, AsyncEngine, EngineCall, EngineError
+from minserve.engine import heap
+from minserve.engine.async_engine import (HEAP_TRIM_IDLE_S, STOP, AsyncEngine, EngineCall,
+                                          EngineError)
 from minserve.engine.request import FinishReason, Logprob, RequestOutput, RequestTimings
 
 logger = logging.getLogger("minserve.engine")
@@ -136,9 +139,14 @@ class ProcessEngine(AsyncEngine):
         return self.process.exitcode
 
     def _serve(self) -> None:
-        recv, on_loop = self._conn.recv_bytes, self._on_loop
+        recv, poll, on_loop = self._conn.recv_bytes, self._conn.poll, self._on_loop
         while True:
             try:
+                if not poll(HEAP_TRIM_IDLE_S):
+                    # the server's own heap (HTTP work notes itself): the engine thread's job
+                    # before the split (heap.py), the engine process trims its own
+                    heap.trim_after_work()
+                    continue
                 data = recv()
             except (EOFError, OSError):
                 code = self._reap()
@@ -179,8 +187,6 @@ class ProcessEngine(AsyncEngine):
 
     async def _remote(self, op: str, *args: Any) -> Any:
         """engine.op(*args) in the engine process, between two steps; ValueError -> 400."""
-        import asyncio
-
         self._check_accepting()
         future = asyncio.get_running_loop().create_future()
         self._next_call += 1
