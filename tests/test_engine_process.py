@@ -40,6 +40,13 @@ def test_same_tokens_then_a_killed_engine_process_fails_requests_and_health(tiny
 
     async def fn(app):
         split = await greedy(app)
+        # a client that leaves: its abort reaches the engine process, which frees its blocks
+        r = await call(app, "POST", COMP, {**body, "stream": True}, disconnect_after=3)
+        assert r.status == 200 and len(r.chunks) == 3
+        await wait_until(lambda: app.chat.stats["num_running"] == 0
+                         and app.chat.stats["kv_cache_usage"] == 0 and not app.chat.num_in_flight,
+                         what="the aborted request's blocks freed")
+        assert 'finished_reason="abort"' in app.metrics.render().decode()
         pid = app.chat.process.pid
         os.kill(pid, signal.SIGSTOP)   # the requests are surely in flight when it dies
         s = asyncio.ensure_future(call(app, "POST", COMP, {**body, "stream": True}))

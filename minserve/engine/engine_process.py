@@ -234,6 +234,12 @@ class _EngineCore(AsyncEngine):
         self._send(b"C", (call_id, None, None if error is None else (error.message,
                                                                      error.status)))
 
+    def _next_when_idle(self) -> Any:
+        # idle: the server's last word on the queues and the KV cache (an abort that freed
+        # blocks makes no step, hence no output to carry the stats)
+        self._send(b"O", ([], dict(self._engine.stats())))
+        return super()._next_when_idle()
+
     def read_pipe(self) -> None:
         """The server's messages into the inbox; EOF (the server is gone): exit now."""
         try:
