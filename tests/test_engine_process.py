@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 
 from minserve.engine.engine_process import decode_outputs, encode_outputs
 from minserve.engine.request import FinishReason, Logprob, RequestOutput, RequestTimings
 from tests.asgi import call
-from tests.serving import real_app, run, start_server, wait_until
+from tests.serving import alive, children, real_app, run, start_server, wait_until
 
 COMP = "/v1/completions"
 GREEDY = {"model": "tiny", "prompt": "Hello there", "max_tokens": 12, "temperature": 0,
@@ -65,34 +64,16 @@ def test_same_tokens_then_a_killed_engine_process_fails_requests_and_health(tiny
     assert health.status == 503 and after.status == 503
 
 
-def _children(pid: int) -> list[int]:
-    kids = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            kids += [int(k) for k in f.read().split()]
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_sigkill_of_the_server_leaves_nothing_behind(tiny_model_dir):
     shm_before = set(os.listdir("/dev/shm"))
     proc, _url = start_server(["serve", tiny_model_dir, "--served-model-name", "tiny",
                                "--kv-cache-memory", "8MiB", "--engine-process"])
-    engine = [k for k in _children(proc.pid) if _alive(k)]
+    engine = children(proc.pid)
     assert engine, "no engine process"
     proc.kill()
     proc.communicate(timeout=30)
-    deadline = time.monotonic() + 30
-    while any(_alive(k) for k in engine):
-        assert time.monotonic() < deadline, "the engine process outlived the server"
-        time.sleep(0.05)
+    asyncio.run(wait_until(lambda: not any(alive(k) for k in engine), 30,
+                           "the engine process to die with the server"))
     ours = {str(proc.pid), *map(str, engine)}
     assert not [n for n in set(os.listdir("/dev/shm")) - shm_before
                 if any(p in n for p in ours)]

@@ -375,7 +375,9 @@ def test_disconnect_aborts_and_frees_blocks_within_a_step(tiny_model_dir, path, 
         return (r, usage, steps_at_abort, app.chat.stats, app.chat.num_in_flight,
                 app.metrics.render().decode())
 
-    r, usage, steps_at_abort, stats, in_flight, metrics = run(real_app(tiny_model_dir), fn)
+    # the engine thread's (it counts steps in the engine; --engine-process: test_engine_process)
+    r, usage, steps_at_abort, stats, in_flight, metrics = run(
+        real_app(tiny_model_dir, engine_process=False), fn)
     assert r.status == 200 and len(r.chunks) == 3 and not r.closed
     k = steps_at_abort[0]  # steps completed when the server aborted the request
     assert usage[k - 1] > 0, "the request held blocks when the client left"

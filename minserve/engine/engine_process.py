@@ -37,7 +37,7 @@ from minserve.engine.request import FinishReason, Logprob, RequestOutput, Reques
 
 logger = logging.getLogger("minserve.engine")
 
-_PR_SET_PDEATHSIG = 1
+_PR_SET_NAME, _PR_SET_PDEATHSIG = 15, 1
 STATS_EVERY_S = 0.25   # the engine's stats (for /metrics, /load) ride on a step at most this often
 
 
@@ -262,6 +262,7 @@ def _die_with_parent(parent_pid: int) -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_NAME, b"minserve-engine", 0, 0, 0)   # what ps and top show
     except (OSError, AttributeError):   # not Linux: the pipe EOF still ends us
         return
     if os.getppid() != parent_pid:   # the server died before prctl took effect
