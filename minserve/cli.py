@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--enable-log-requests", action="store_true", help="log each request's size and params")
     a("--log-level", "--uvicorn-log-level", dest="log_level", default="info", choices=LOG_LEVELS,
       help="minserve's and granian's log level (the start-up and ready lines print at any)")
+    a("--engine-process", dest="engine_process", action=argparse.BooleanOptionalAction,
+      default=False,
+      help="run the engine loop in its own process, so HTTP work never holds up a step "
+           "(issue 40; off by default until measured on an idle machine)")
     a("--disable-log-stats", action="store_true",
       help="do not log the throughput/KV-usage line every 10 s while requests run")
     a("--enable-metrics", action="store_true",

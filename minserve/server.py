@@ -61,6 +61,7 @@ class ServerConfig:
     allow_runtime_lora: bool = False   # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload routes
     enable_webui: bool = True          # the chat page at / (--no-webui)
     enable_sleep_mode: bool = False    # POST /sleep, /wake_up, GET /is_sleeping; pool parking
+    engine_process: bool = False       # --engine-process: engine/engine_process.py
 
 
 Handler = Callable[["App", Http], Awaitable[None]]
@@ -494,6 +495,12 @@ def create_app(engine_config: Any, server_config: ServerConfig,
                batches: Any = None, pool: Any = None) -> App:
     """engine_config None + an EmbeddingService (or a pool): serve those alone. batches: a
     BatchService for the Batch API (/v1/files, /v1/batches). pool: a models_dir.PoolSpec."""
-    chat = None if engine_config is None and (embedding is not None or pool is not None) \
-        else AsyncEngine(engine_config, engine_factory)
+    if engine_config is None and (embedding is not None or pool is not None):
+        chat = None
+    elif server_config.engine_process and engine_factory is None:
+        from minserve.engine.engine_process import ProcessEngine
+
+        chat = ProcessEngine(engine_config)
+    else:
+        chat = AsyncEngine(engine_config, engine_factory)
     return App(server_config, chat, embedding, batches, pool)

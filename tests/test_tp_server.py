@@ -24,13 +24,16 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def workers(pid: int) -> list[int]:
-    """pid's tensor-parallel worker processes (not multiprocessing's resource tracker)."""
+    """pid's tensor-parallel worker processes (not multiprocessing's resource tracker); with
+    --engine-process, the engine process's."""
     out = []
     for child in children(pid):
         try:
             with open(f"/proc/{child}/cmdline", "rb") as f:
-                if b"spawn_main" in f.read():
-                    out.append(child)
+                if b"spawn_main" not in f.read():
+                    continue
+            with open(f"/proc/{child}/comm", "rb") as f:
+                out += workers(child) if f.read().strip() == b"minserve-engine" else [child]
         except OSError:
             pass
     return out

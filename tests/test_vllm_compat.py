@@ -496,7 +496,9 @@ def test_long_max_model_len_with_vllms_variable(tiny_model_factory, monkeypatch,
             "prompt": list(range(100, 200)), "max_tokens": 8, "ignore_eos": True})
 
     with caplog.at_level(logging.WARNING, logger="minserve.engine"):
-        r = run(create_app(cfg, ServerConfig(served_model_names=["tiny"])), fn)
+        # in-process, where caplog sees the engine's warning
+        r = run(create_app(cfg, ServerConfig(served_model_names=["tiny"], engine_process=False)),
+                fn)
     assert r.status == 200, r.body
     assert r.json()["usage"] == {**r.json()["usage"], "prompt_tokens": 100,
                                  "completion_tokens": 8}
