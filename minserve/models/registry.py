@@ -97,11 +97,15 @@ ARCHITECTURES = {a.name: a for a in (
                  quantization=("mxfp4",)),
     # hybrid linear-attention stacks (models/qwen3_next.py): Gated DeltaNet layers keep a
     # recurrent state slot per request (engine/state_cache.py) beside the attention layers' K/V;
-    # the ...ForConditionalGeneration checkpoints load their language model only
+    # the ...ForConditionalGeneration checkpoints load their language model only; LoRA on the
+    # full-attention and dense MLP projections (the Gated DeltaNet projections take none)
     *(Architecture(name, "qwen3_next:Qwen3NextForCausalLM", tensor_parallel=True,
-                   quantization=_DENSE)
-      for name in ("Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM",
-                   "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")),
+                   quantization=_DENSE, lora=lora)
+      for name, lora in (("Qwen3NextForCausalLM", True), ("Qwen3_5ForCausalLM", True),
+                         ("Qwen3_5MoeForCausalLM", True),
+                         # adapters of these name model.language_model.layers: not mapped
+                         ("Qwen3_5ForConditionalGeneration", False),
+                         ("Qwen3_5MoeForConditionalGeneration", False))),
     _base("LlamaModel"), _base("MistralModel"), _base("Qwen2Model"), _base("Qwen3Model"),
     # max_images: LLaVA-1.5 was trained on one image per prompt; the others take several
     # (vLLM's 999 let one request fetch and decode hundreds: issue 36)
