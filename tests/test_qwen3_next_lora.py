@@ -49,10 +49,15 @@ def _engine(base: str, path: str, **kw) -> Engine:
 
 def test_adapter_matches_merged_transformers(case):
     base, path = case
-    got = run(_engine(base, path, max_num_batched_tokens=16),     # chunked prefill too
-              [("r", PROMPT, "ad"), ("b", PROMPT, None)])
+    engine = _engine(base, path, max_num_batched_tokens=16)     # chunked prefill too
+    got = run(engine, [("r", PROMPT, "ad"), ("b", PROMPT, None)])
     assert_matches(got["r"], peft_greedy(merged_reference(base, path), PROMPT))
     assert got["r"][0] != got["b"][0]
+    # again, one after the other: each hits its own prefix cache (blocks and state snapshots
+    # rooted in the adapter), never the other's
+    for rid, adapter in (("r2", "ad"), ("b2", None)):
+        again = run(engine, [(rid, PROMPT, adapter)])
+        assert again[rid][0] == got[rid[0]][0] and run.cached[rid] == 32
 
 
 def test_adapter_on_linear_attention_is_refused(case, tmp_path):
