@@ -27,12 +27,24 @@ IPV4 = r"((25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(25[0-5]|2[0-4]\d|1?\d?\d)"
 
 
 def test_logprobs_match_transformers(llm, hf):  # noqa: F811
-    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
-                                                logprobs=3), use_tqdm=False)[0].outputs[0]
+    """Sampled tokens' top-3 and the prompt's logprobs (prefilled in 16-token chunks, a run of
+    the prompt seen before: its logits are recomputed, not skipped by a state snapshot)."""
+    llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    (res,) = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True,
+                                                   logprobs=3, prompt_logprobs=1),
+                          use_tqdm=False)
+    out = res.outputs[0]
     seq = torch.tensor([PROMPT + out.token_ids[:-1]])
     with torch.no_grad():
         want = torch.log_softmax(hf(seq).logits[0, len(PROMPT) - 1:].float(), -1)
     assert len(out.logprobs) == 5
+    with torch.no_grad():
+        ref_prompt = torch.log_softmax(hf(torch.tensor([PROMPT])).logits[0].float(), -1)
+    plps = res.prompt_logprobs
+    assert plps is not None and len(plps) == len(PROMPT) and plps[0] is None
+    for i in range(1, len(PROMPT)):
+        assert plps[i].token_id == PROMPT[i]
+        assert plps[i].logprob == pytest.approx(ref_prompt[i - 1, PROMPT[i]].item(), abs=1e-3)
     for pos, lp in enumerate(out.logprobs):
         assert lp.token_id == int(want[pos].argmax())
         assert [t for t, _ in lp.top] == want[pos].topk(3).indices.tolist()
