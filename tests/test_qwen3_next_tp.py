@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minserve.engine.runner import StepInputs
-from minserve.engine.workers import decode_step, encode_step
+from minserve.engine.workers import decode_step, encode_step, payload_len
 from tests.paged_runner import load_ours
 from tests.serving import free_port
 from tests.test_qwen3_next import VARIANTS
@@ -54,7 +54,9 @@ def test_sharded_logits_match_one_process(index, folders, sharded_logits):
 def test_state_slots_cross_to_the_workers():
     step = StepInputs([5, 6, 7], [2, 1], [0, 9], [[3], [4, 1]], [0, 1], None,
                       state_slots=[4, 0], state_saves=[4, 9, 0, 10], state_restores=[11, 0])
-    got = decode_step(*(lambda h, p: (h.tolist(), p))(*encode_step(step)))
+    header, payload = encode_step(step)
+    assert payload_len(header.tolist()) == len(payload)     # what a worker receives
+    got = decode_step(header.tolist(), payload)
     assert got.state_slots == [4, 0] and got.block_tables == [[3], [4, 1]]
     assert got.state_saves == [4, 9, 0, 10] and got.state_restores == [11, 0]
     plain = decode_step(*(lambda h, p: (h.tolist(), p))(*encode_step(

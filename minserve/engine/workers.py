@@ -90,6 +90,12 @@ def decode_step(header: list[int], payload: torch.Tensor) -> StepInputs:
                       state_restores=restores)
 
 
+def payload_len(header: list[int]) -> int:
+    """The payload's length encode_step wrote under this header (what a worker receives)."""
+    R, T, S, P, B = header[:5]
+    return 3 * R + T + S + 2 * P + B + sum(header[7:_HEADER_LEN])
+
+
 def _recv_step() -> tuple[StepInputs, bool] | None:
     """The next step and whether it has images; None: stop."""
     header = torch.empty(_HEADER_LEN, dtype=torch.int64)
@@ -97,8 +103,7 @@ def _recv_step() -> tuple[StepInputs, bool] | None:
     h = header.tolist()
     if h[0] == _STOP:
         return None
-    payload = torch.empty(2 * h[0] + h[1] + h[2] + 2 * h[3] + h[0] + h[4] + h[7] + h[8] + h[9],
-                          dtype=torch.int64)
+    payload = torch.empty(payload_len(h), dtype=torch.int64)
     parallel.broadcast_from_head(payload)
     return decode_step(h, payload), bool(h[6])
 

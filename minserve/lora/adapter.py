@@ -83,7 +83,9 @@ def slice_shapes(mc: ModelConfig, leaf: str, layer: int = 0) -> tuple[int, int]:
         return shapes[leaf]
     q, kv, h, i = (mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim,
                    mc.hidden_size, mc.intermediate_size)
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+    # gated attention (models/qwen3_next.py): q_proj's rows are each head's query and gate
+    q_rows = 2 * q if getattr(mc, "attn_output_gate", False) else q
+    return {"q_proj": (h, q_rows), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
             "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i)}[leaf]
 

@@ -52,6 +52,7 @@ class HybridConfig(ModelConfig):
     linear_value_head_dim: int = 128
     linear_conv_kernel_dim: int = 4
     split_projections: bool = False     # Qwen3.5: in_proj_qkv / z / b / a apart
+    attn_output_gate: bool = True       # q_proj yields a gate per head (LoRA's q_proj shape)
 
     @classmethod
     def from_dict(cls, top: dict[str, Any]) -> HybridConfig:

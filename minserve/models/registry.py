@@ -25,6 +25,7 @@ class Architecture:
     tensor_parallel: bool = False
     quantization: tuple[str, ...] = ()   # --quantization / quant_method values it loads
     max_images: int = 0     # --limit-mm-per-prompt's default: the images one prompt may hold
+    why_not: str = ""       # said when a task it does not serve is asked of it
     # speculative decoding (engine/spec/): hands its layers' states to an EAGLE-3 head
     # (set_aux_hidden_state_layers); the row of the head of its multi-token-prediction layers
     eagle3: bool = False
@@ -72,6 +73,9 @@ def _vision(name: str, module: str, processor: str, max_images: int = 8,
                         max_images=max_images)
 
 
+_HYBRID_NO_EMBED = ("a hybrid linear-attention model does not pool: its Gated DeltaNet layers "
+                    "need the chat engine's state slots, which the embedding path does not keep")
+
 ARCHITECTURES = {a.name: a for a in (
     _text("LlamaForCausalLM", "llama", permuted=True),
     _text("MistralForCausalLM", "mistral", permuted=True),
@@ -100,11 +104,15 @@ ARCHITECTURES = {a.name: a for a in (
                  quantization=("mxfp4",)),
     # hybrid linear-attention stacks (models/qwen3_next.py): Gated DeltaNet layers keep a
     # recurrent state slot per request (engine/state_cache.py) beside the attention layers' K/V;
-    # the ...ForConditionalGeneration checkpoints load their language model only
+    # the ...ForConditionalGeneration checkpoints load their language model only; LoRA on the
+    # full-attention and dense MLP projections (the Gated DeltaNet projections take none)
     *(Architecture(name, "qwen3_next:Qwen3NextForCausalLM", tensor_parallel=True,
-                   quantization=_DENSE)
-      for name in ("Qwen3NextForCausalLM", "Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM",
-                   "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")),
+                   quantization=_DENSE, lora=lora, why_not=_HYBRID_NO_EMBED)
+      for name, lora in (("Qwen3NextForCausalLM", True), ("Qwen3_5ForCausalLM", True),
+                         ("Qwen3_5MoeForCausalLM", True),
+                         # adapters of these name model.language_model.layers: not mapped
+                         ("Qwen3_5ForConditionalGeneration", False),
+                         ("Qwen3_5MoeForConditionalGeneration", False))),
     _base("LlamaModel"), _base("MistralModel"), _base("Qwen2Model"), _base("Qwen3Model"),
     # max_images: LLaVA-1.5 was trained on one image per prompt; the others take several
     # (vLLM's 999 let one request fetch and decode hundreds: issue 36)
@@ -140,6 +148,8 @@ def lookup(name: str, task: str | None = None) -> Architecture:
         return arch
     wanted = [a.name for a in ARCHITECTURES.values() if task is None or serves(a, task)]
     what = "not supported" if arch is None else f"for {arch.task}, not {task}"
+    if arch is not None and arch.why_not:
+        what += f" ({arch.why_not})"
     raise ConfigError(f"model architecture {name!r} is {what}; supported"
                       f"{f' for {task}' if task else ''}: {', '.join(wanted)}")
 
