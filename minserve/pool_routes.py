@@ -87,6 +87,12 @@ async def unload_model(app: Any, http: Http) -> None:
     await http.send_json(200, model_card(app, m.name))
 
 
+# the routes that lease the model their body names (App.serving_for): a pooled one loads on demand
+# there, so they do not wait for the chat model's readiness
+LEASED = {"/v1/chat/completions", "/v1/chat/completions/batch", "/v1/completions",
+          "/invocations", "/tokenize", "/detokenize", "/v1/responses", "/v1/messages",
+          "/v1/messages/count_tokens", "/v1/embeddings", "/v1/score", "/v1/rerank", "/score",
+          "/rerank", "/v2/rerank"}
 ROUTES = {
     "/sleep": {"POST": sleep},
     "/wake_up": {"POST": wake_up},

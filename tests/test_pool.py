@@ -231,3 +231,53 @@ def test_unknown_or_missing_model_is_a_4xx(models_dir):
     assert unknown.status == 404 and "`a`" in unknown.json()["error"]["message"]
     assert missing.status == 400 and "required" in missing.json()["error"]["message"]
     assert unload.status == 404
+
+
+def test_other_routes_lease_pooled_models(models_dir):
+    """/tokenize, /detokenize, /v1/messages (+ count_tokens) and /v1/responses (background too)
+    load the model they name on demand, as the generation routes do, and answer as its chat
+    route does."""
+    chat = {"messages": [{"role": "user", "content": "Hello world"}], "max_tokens": 6,
+            "temperature": 0}
+
+    async def fn(app):
+        out = {"tok": await call(app, "POST", "/tokenize", {"model": "b", "prompt": "Hello"})}
+        out["after_tok"] = statuses(await call(app, "GET", "/v1/models"))
+        out["detok"] = await call(app, "POST", "/detokenize",
+                                  {"model": "c", "tokens": out["tok"].json()["tokens"]})
+        out["missing"] = await call(app, "POST", "/tokenize", {"prompt": "Hello"})
+        out["msg"] = await call(app, "POST", "/v1/messages", {**chat, "model": "a"})
+        out["count"] = await call(app, "POST", "/v1/messages/count_tokens",
+                                  {"model": "b", "messages": chat["messages"]})
+        out["chat_a"] = await call(app, "POST", "/v1/chat/completions", {**chat, "model": "a"})
+        r = await call(app, "POST", "/v1/responses", {
+            "model": "c", "input": "Hello world", "max_output_tokens": 6, "temperature": 0,
+            "background": True})
+        rid = r.json()["id"]
+        done = {}
+
+        async def finished():
+            done["r"] = await call(app, "GET", f"/v1/responses/{rid}")
+            return done["r"].json()["status"] not in ("queued", "in_progress")
+
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await finished():
+            assert asyncio.get_running_loop().time() < deadline, done["r"].body
+            await asyncio.sleep(0.01)
+        out["resp"], out["c_users"] = done["r"], app.pool.models["c"].users
+        out["chat_c"] = await call(app, "POST", "/v1/chat/completions", {**chat, "model": "c"})
+        return out
+
+    out = run(pool_app(models_dir), fn)
+    assert out["tok"].status == 200 and out["tok"].json()["count"] > 0
+    assert out["after_tok"]["b"] == "loaded"
+    assert out["detok"].status == 200 and out["detok"].json()["prompt"].endswith("Hello")
+    assert out["missing"].status == 400
+    assert out["msg"].status == 200, out["msg"].body
+    assert out["msg"].json()["content"][0]["text"] == \
+        out["chat_a"].json()["choices"][0]["message"]["content"]
+    assert out["count"].status == 200 and out["count"].json()["input_tokens"] > 0
+    assert out["resp"].json()["status"] == "incomplete"     # max_output_tokens reached
+    text = out["resp"].json()["output"][-1]["content"][0]["text"]
+    assert text == out["chat_c"].json()["choices"][0]["message"]["content"]
+    assert out["c_users"] == 0     # the background run gave its lease back

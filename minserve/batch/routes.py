@@ -226,7 +226,7 @@ async def create_batch(app: Any, http: Http) -> None:
     if pooling and app.embedding is None:
         raise OpenAIError(400, f"{endpoint} needs an embedding model, and this server has none "
                           "(--embedding-model or --task embed)", param="endpoint")
-    if not pooling and app.chat is None:
+    if not pooling and app.chat is None and app.pool is None:   # pooled lines lease their model
         raise OpenAIError(400, f"{endpoint} needs a chat model; this server serves only an "
                           "embedding model", param="endpoint")
     window = body.get("completion_window")
