@@ -38,9 +38,10 @@ class PooledModel:
     name: str
     config: Any                      # its EngineConfig
     size_bytes: int                  # what it is counted as against --models-memory
+    task: str = "generate"           # "embed": an EmbeddingService (embeddings, score, rerank)
     status: str = "unloaded"
     error: str | None = None
-    engine: AsyncEngine | None = None
+    engine: Any = None               # its AsyncEngine, or EmbeddingService ("embed")
     serving: Serving | None = None
     users: int = 0                   # requests holding a lease
     last_used: float = 0.0
@@ -65,7 +66,8 @@ class ModelPool:
     def __init__(self, spec: PoolSpec, server_cfg: Any, metrics: Any,
                  engine_factory: Callable[[Any], Any] | None = None) -> None:
         self.spec, self.server_cfg, self.metrics = spec, server_cfg, metrics
-        self.models = {m.name: PooledModel(m.name, m.config, m.size_bytes) for m in spec.models}
+        self.models = {m.name: PooledModel(m.name, m.config, m.size_bytes, m.task)
+                       for m in spec.models}
         self._factory = engine_factory
         self._changed = asyncio.Event()    # some model changed state or was released
         self._tasks: set[asyncio.Task] = set()
@@ -91,6 +93,9 @@ class ModelPool:
                 self._drop(m)
 
     # ---- what the routes see ----
+    def names(self, task: str) -> list[str]:
+        return [m.name for m in self.models.values() if m.task == task]
+
     def has(self, name: Any) -> bool:
         return isinstance(name, str) and (name in self.models or name in self.adapters)
 
@@ -100,16 +105,23 @@ class ModelPool:
         return not self.models or any(m.status != "failed" for m in self.models.values())
 
     @contextlib.asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[Serving]:
-        """The model's Serving, loaded, held against eviction for the block."""
+    async def lease(self, name: str, task: str = "generate") -> AsyncIterator[Any]:
+        """The model, loaded and held against eviction for the block: its Serving (task
+        "generate"), or its EmbeddingService ("embed": embeddings, score, rerank)."""
         if not self.has(name):     # a server of pooled models alone
             if not isinstance(name, str):
                 raise OpenAIError(400, "`model` is required: name one of "
-                                  f"{', '.join(self.models)}", param="model")
+                                  f"{', '.join(self.names(task))}", param="model")
             raise model_not_found(name, [*self.models, *self.adapters])
-        m = await self._acquire(self.models[self.adapters.get(name, name)])
+        m = self.models[self.adapters.get(name, name)]
+        if m.task != task:
+            what = "an embedding" if m.task == "embed" else "a chat"
+            raise OpenAIError(400, f"`{name}` is {what} model and does not answer this route: "
+                              f"use one of {', '.join(self.names(task)) or 'none'}",
+                              param="model")
+        m = await self._acquire(m)
         try:
-            yield m.serving
+            yield m.serving if task == "generate" else m.engine
         finally:
             m.users -= 1
             m.last_used = time.monotonic()
@@ -196,7 +208,8 @@ class ModelPool:
     async def _load(self, m: PooledModel) -> None:
         m.error = None
         logger.info("loading model %s", m.name)
-        m.engine = AsyncEngine(m.config, self._factory)
+        m.engine = _embedding_service(m) if m.task == "embed" else \
+            AsyncEngine(m.config, self._factory)
         m.engine.start()
         await self._bring_up(m, m.engine.wait_ready(), "load")
 
@@ -214,7 +227,7 @@ class ModelPool:
             self._drop(m)
             m.status, m.error = "failed", e.message
         else:
-            if m.serving is None:
+            if m.serving is None and m.task == "generate":
                 lora = m.config.lora.lora_modules if m.config.lora is not None else []
                 cfg = dataclasses.replace(self.server_cfg, served_model_names=[m.name],
                                           lora_modules=lora)
@@ -227,7 +240,7 @@ class ModelPool:
         self._notify()
 
     async def _evict(self, m: PooledModel) -> None:
-        if self.spec.park and self._can_park(m):
+        if self.spec.park and m.task == "generate" and self._can_park(m):
             try:
                 await m.engine.sleep(1)
             except EngineError as e:    # e.g. tensor parallel: unload instead
@@ -269,6 +282,13 @@ class ModelPool:
                 if m.status == "loaded" and m.users == 0 and now - m.last_used >= keep:
                     m.status = "unloading"
                     self._spawn(self._unload(m))
+
+
+def _embedding_service(m: PooledModel) -> Any:
+    from minserve.embeddings.service import EmbeddingService
+    cfg = m.config
+    return EmbeddingService.lazy(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                 max_model_len=cfg.max_model_len, served_model_name=m.name)
 
 
 def _on_gpu(device: str) -> bool:

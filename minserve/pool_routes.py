@@ -70,10 +70,11 @@ def model_card(app: Any, name: str) -> dict[str, Any]:
     pool = app.pool
     base = pool.adapters.get(name)
     m = pool.models[base or name]
-    info = m.engine.info if m.engine is not None else None    # the resolved length, once loaded
+    max_len = m.config.max_model_len
+    if m.engine is not None and m.engine.is_ready:     # the resolved length, once loaded
+        max_len = m.engine.max_model_len if m.task == "embed" else m.engine.info.max_model_len
     return {"id": name, "object": "model", "created": int(app.started), "owned_by": "minserve",
-            "root": m.config.model, "parent": base, "max_model_len": info.max_model_len
-            if info is not None else m.config.max_model_len,
+            "root": m.config.model, "parent": base, "max_model_len": max_len,
             "permission": [], **m.card()}
 
 

@@ -10,7 +10,7 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +194,20 @@ class App:
         if self.pool is not None and (self.pool.has(model) or self.chat is None):
             return self.pool.lease(model)
         return contextlib.nullcontext(self.chat_serving())
+
+    def embedding_for(self, model: Any, route: str
+                      ) -> contextlib.AbstractAsyncContextManager[tuple[str, Any]]:
+        """(name, EmbeddingService) of the embedding model a pooling route's `model` names: a
+        pooled one is loaded (and held) for the block; else embedding_model's."""
+        if self.pool is not None and (self.pool.has(model) or self.embedding is None
+                                      and self.pool.names("embed")):
+            return self._pooled_embedding(model)
+        return contextlib.nullcontext((self.embedding_model(model, route), self.embedding))
+
+    @contextlib.asynccontextmanager
+    async def _pooled_embedding(self, model: Any) -> AsyncIterator[tuple[str, Any]]:
+        async with self.pool.lease(model, "embed") as service:
+            yield model, service
 
     def embedding_model(self, model: str | None, route: str = "/v1/embeddings") -> str:
         """The embedding model a request to `route` (embeddings, score, rerank) names (None: the

@@ -264,7 +264,9 @@ def test_other_routes_lease_pooled_models(models_dir):
         while not await finished():
             assert asyncio.get_running_loop().time() < deadline, done["r"].body
             await asyncio.sleep(0.01)
-        out["resp"], out["c_users"] = done["r"], app.pool.models["c"].users
+        out["resp"] = done["r"]
+        # the background run gives its lease back as it ends (just after its status is final)
+        await wait_until(lambda: app.pool.models["c"].users == 0, what="c's lease back")
         out["chat_c"] = await call(app, "POST", "/v1/chat/completions", {**chat, "model": "c"})
         return out
 
@@ -280,4 +282,40 @@ def test_other_routes_lease_pooled_models(models_dir):
     assert out["resp"].json()["status"] == "incomplete"     # max_output_tokens reached
     text = out["resp"].json()["output"][-1]["content"][0]["text"]
     assert text == out["chat_c"].json()["choices"][0]["message"]["content"]
-    assert out["c_users"] == 0     # the background run gave its lease back
+
+
+def test_embedding_model_joins_the_pool(models_dir, expected, tmp_path):
+    """A folder whose architecture embeds (a tiny BERT) is a pooled embedding model: /v1/embeddings
+    and /v1/rerank lease it (loading on demand, evicting the chat model: room for one) and answer
+    as the Embedder on its folder; a chat route naming it, or an embedding route naming a chat
+    model, is a 400."""
+    import numpy as np
+
+    from minserve.embeddings.embedder import Embedder
+    from tests.tiny import make_tiny_encoder
+
+    shutil.copytree(os.path.join(models_dir, "a"), tmp_path / "a")
+    emb, _ = make_tiny_encoder(str(tmp_path / "emb"), "bert")
+
+    async def fn(app):
+        out = {"chat": await complete(app, "a")}
+        out["emb"] = await call(app, "POST", "/v1/embeddings", {"model": "emb", "input": "hi"})
+        out["after"] = statuses(await call(app, "GET", "/v1/models"))
+        out["rerank"] = await call(app, "POST", "/v1/rerank", {
+            "model": "emb", "query": "hi", "documents": ["hi", "a cat"]})
+        out["wrong_chat"] = await call(app, "POST", "/v1/completions", {**BODY, "model": "emb"})
+        out["wrong_emb"] = await call(app, "POST", "/v1/embeddings", {"model": "a", "input": "x"})
+        out["again"] = await complete(app, "a")
+        return out
+
+    out = run(pool_app(str(tmp_path)), fn)
+    assert out["chat"] == out["again"] == expected["a"]
+    assert out["emb"].status == 200, out["emb"].body
+    want, _ = Embedder(emb).embed(["hi"])
+    np.testing.assert_allclose(np.array(out["emb"].json()["data"][0]["embedding"]), want[0],
+                               rtol=1e-5, atol=1e-6)
+    assert out["after"] == {"a": "unloaded", "emb": "loaded"}
+    assert out["rerank"].status == 200, out["rerank"].body
+    assert out["rerank"].json()["results"][0]["index"] == 0    # "hi" is most like "hi"
+    assert out["wrong_chat"].status == 400 and "embedding model" in out["wrong_chat"].body.decode()
+    assert out["wrong_emb"].status == 400 and "chat model" in out["wrong_emb"].body.decode()
