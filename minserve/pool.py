@@ -4,8 +4,9 @@ the one builder) and Serving; lease(name) hands a request the model's Serving on
 loading it first (in its engine thread: models already loaded keep serving) and making room by
 evicting the least recently used idle model: parked with sleep mode (level 1, weights to host
 memory) on a GPU when --enable-sleep-mode is on and host memory allows, unloaded otherwise. A
-model with requests in flight is never evicted; a request that finds no room within
---model-wait-timeout gets a 503 with Retry-After. No torch here: the engines own it."""
+model with requests in flight is never evicted; a request whose model is not serving within
+--model-wait-timeout (no room, or its load or wake-up still under way) gets a 503 with
+Retry-After, and the load goes on. No torch here: the engines own it."""
 from __future__ import annotations
 
 import asyncio
@@ -28,7 +29,7 @@ from minserve.models_dir import PoolSpec, host_available_bytes
 from minserve.serving import Serving
 
 logger = logging.getLogger("minserve.pool")
-RETRY_AFTER_S = 5   # what a 503 for "no room" tells the client to wait
+RETRY_AFTER_S = 5   # what a 503 for "no room" or "still loading" tells the client to wait
 
 
 @dataclass
@@ -165,13 +166,9 @@ class ModelPool:
                 wake = m.status == "sleeping"
                 m.status = "loading"    # now: a second waiter does not start it again
                 self._spawn(self._wake(m) if wake else self._load(m))
-            elif m.status in ("unloaded", "sleeping") and time.monotonic() >= deadline:
-                raise OpenAIError(503, f"no room to load model `{m.name}`: every loaded model "
-                                  "has requests in flight; retry shortly", param="model",
-                                  headers=[(b"retry-after", str(RETRY_AFTER_S).encode())])
-            # a load, wake-up or unload under way always ends (and notifies): no deadline
-            waiting = m.status in ("unloaded", "sleeping")
-            await self._wait_change(deadline if waiting else None)
+            elif time.monotonic() >= deadline:
+                raise _busy(m)
+            await self._wait_change(deadline)
 
     def _make_room(self, m: PooledModel) -> bool:
         """True when m fits now; else start evicting the LRU idle model (False: wait)."""
@@ -282,6 +279,15 @@ class ModelPool:
                 if m.status == "loaded" and m.users == 0 and now - m.last_used >= keep:
                     m.status = "unloading"
                     self._spawn(self._unload(m))
+
+
+def _busy(m: PooledModel) -> OpenAIError:
+    """--model-wait-timeout passed: a 503 the client may retry (the load goes on meanwhile)."""
+    why = {"loading": f"model `{m.name}` is still loading",
+           "unloading": f"model `{m.name}` is still being unloaded"}.get(
+        m.status, f"no room to load model `{m.name}`: every loaded model has requests in flight")
+    return OpenAIError(503, f"{why}; retry shortly", param="model",
+                       headers=[(b"retry-after", str(RETRY_AFTER_S).encode())])
 
 
 def _embedding_service(m: PooledModel) -> Any:

@@ -319,3 +319,31 @@ def test_embedding_model_joins_the_pool(models_dir, expected, tmp_path):
     assert out["rerank"].json()["results"][0]["index"] == 0    # "hi" is most like "hi"
     assert out["wrong_chat"].status == 400 and "embedding model" in out["wrong_chat"].body.decode()
     assert out["wrong_emb"].status == 400 and "chat model" in out["wrong_emb"].body.decode()
+
+
+def test_waiting_for_a_load_is_bounded(models_dir, expected):
+    """A request whose model is still loading past --model-wait-timeout gets a 503 with
+    Retry-After; the load goes on, and the model then serves."""
+    from minserve.engine.async_engine import _default_engine_factory
+
+    go = threading.Event()
+
+    def slow(config):      # the engine thread builds the model once the test lets it
+        assert go.wait(60), "the test never let the load go on"
+        return _default_engine_factory(config)
+
+    async def fn(app):
+        app.pool._factory = slow
+        try:
+            r = await call(app, "POST", "/v1/completions", {**BODY, "model": "b"})
+            during = statuses(await call(app, "GET", "/v1/models"))
+        finally:
+            go.set()
+        await wait_until(lambda: app.pool.models["b"].status == "loaded", 60, "b loaded")
+        return r, during, await complete(app, "b")
+
+    r, during, text = run(pool_app(models_dir, wait_timeout_s=0.2), fn)
+    assert r.status == 503 and r.headers.get("retry-after") == "5"
+    assert "still loading" in r.json()["error"]["message"]
+    assert during["b"] == "loading"
+    assert text == expected["b"]
