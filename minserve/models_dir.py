@@ -182,7 +182,8 @@ def add_flags(a: Any) -> None:
     a("--keep-alive", type=float, default=None, metavar="SECONDS",
       help="--models-dir: unload a model idle this long (default: never)")
     a("--model-wait-timeout", type=float, default=60.0, metavar="SECONDS",
-      help="--models-dir: how long a request waits for room to load its model before a 503")
+      help="--models-dir: how long a request waits for its model (room, then its load) before "
+           "a 503 with Retry-After")
     a("--enable-sleep-mode", action="store_true",
       help="POST /sleep?level=1|2, /wake_up, GET /is_sleeping (vLLM's); with --models-dir, "
            "evicted models are parked (weights in host memory) on a GPU")
