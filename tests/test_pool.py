@@ -2,8 +2,10 @@
 one, with room for one loaded model. Requests alternate A, B, C, A with each model's own greedy
 text (LLM on its folder); two models asked at once share the one slot (no deadlock, nothing
 lost, only idle models evicted); a model with broken files fails alone; nothing evictable: a 503
-with Retry-After; an unloaded model gives its memory back (RSS) and its engine thread; sleep
-mode parks the evicted model and wakes it with the same tokens."""
+with Retry-After, and so does a load that outlasts --model-wait-timeout; an unloaded model gives
+its memory back (RSS) and its engine thread; sleep mode parks the evicted model and wakes it
+with the same tokens; the tokenizer, Responses and Messages routes lease pooled models too; a
+tiny BERT folder is a pooled embedding model for /v1/embeddings and /v1/rerank."""
 from __future__ import annotations
 
 import asyncio
