@@ -2,7 +2,7 @@
 
 Module map (the README's file map and request flow say more):
 - front door: cli, launch (flags, granian) -> server (the ASGI app; http for framing and errors,
-  token_routes, webui/) -> serving (parse -> typed events, the one path) -> protocol,
+  token_routes, model_routes, webui/) -> serving (parse -> typed events, the one path) -> protocol,
   request_fields, sampling_params (requests built once) -> output (events -> OpenAI JSON/SSE).
   responses, messages and blocks put the other APIs on that path; batch/ (Batch API, run-batch)
   and llm (LLM) consume it too. pool (models loaded on demand, LRU eviction, parking), models_dir

@@ -257,15 +257,20 @@ def _loads(text: str) -> Any:
 # ---------------------------------------------------------------- route handlers
 async def create_message(app: Any, http: Any) -> None:
     body = await http.read_json()
-    serving = app.chat_serving()
-    req = await parse(serving, chat_body(body), RENAMES)
-    message = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
-               "model": req.model, "content": [], "stop_reason": None, "stop_sequence": None,
-               "usage": {"input_tokens": len(req.prompts[0]), "output_tokens": 0}}
-    await http.watched(MessageWriter(message, http, bool(body.get("stream"))).run(serving, req))
+    chat = chat_body(body)
+    async with app.serving_for(body) as serving:    # a pooled model loads on demand
+        req = await parse(serving, chat, RENAMES)
+        message = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant",
+                   "model": req.model, "content": [], "stop_reason": None,
+                   "stop_sequence": None,
+                   "usage": {"input_tokens": len(req.prompts[0]), "output_tokens": 0}}
+        writer = MessageWriter(message, http, bool(body.get("stream")))
+        await http.watched(writer.run(serving, req))
 
 
 async def count_tokens(app: Any, http: Any) -> None:
-    body = chat_body(await http.read_json(), count_only=True)
-    req = await parse(app.chat_serving(), body, RENAMES)
+    raw = await http.read_json()
+    body = chat_body(raw, count_only=True)
+    async with app.serving_for(raw) as serving:
+        req = await parse(serving, body, RENAMES)
     await http.send_json(200, {"input_tokens": len(req.prompts[0])})

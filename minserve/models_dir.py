@@ -1,5 +1,7 @@
 """--models-dir: every HF model folder (a config.json inside) and every .gguf file in DIR is a
-servable model of the pool (minserve/pool.py), named by its folder or file name. DIR's optional
+servable model of the pool (minserve/pool.py), named by its folder or file name; a folder whose
+architecture embeds (embeddings.models.is_embedding_model, as --task auto tells) is an embedding
+or cross-encoder model for /v1/embeddings, /v1/score and /v1/rerank. DIR's optional
 `minserve-models.json` sets per-model engine flags, keyed by model name:
 
     {"coder": {"max_model_len": 4096, "quantization": "fp8"},
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minserve.config import ConfigError, EngineConfig, LoRAConfig, LoRAModule
+from minserve.embeddings.models import is_embedding_model
 
 SETTINGS_FILE = "minserve-models.json"
 SETTINGS_MAX_BYTES = 1 << 20
@@ -34,6 +37,7 @@ class ModelSpec:
     name: str
     config: EngineConfig
     size_bytes: int        # its weights' files (+ its --kv-cache-memory): the budget's estimate
+    task: str = "generate"  # "embed": an embedding or cross-encoder model (is_embedding_model)
 
 
 @dataclass
@@ -62,8 +66,23 @@ def discover(models_dir: str, base: EngineConfig) -> list[ModelSpec]:
     if unknown:
         raise ConfigError(f"{SETTINGS_FILE} sets {', '.join(unknown)}, which --models-dir "
                           f"{models_dir} does not hold (models: {', '.join(found) or 'none'})")
-    return [ModelSpec(name, config := model_config(base, path, settings.get(name, {}), name),
-                      estimate_bytes(path, config)) for name, path in found.items()]
+    return [_spec(name, path, base, settings.get(name, {})) for name, path in found.items()]
+
+
+def _spec(name: str, path: str, base: EngineConfig, settings: dict[str, Any]) -> ModelSpec:
+    task = _task(path)
+    if task == "embed" and "max_model_len" not in settings:
+        # the server's --max-model-len is the chat models'; an encoder keeps its own positions
+        base = dataclasses.replace(base, max_model_len=None)
+    config = model_config(base, path, settings, name)
+    return ModelSpec(name, config, estimate_bytes(path, config), task)
+
+
+def _task(path: str) -> str:
+    try:
+        return "embed" if os.path.isdir(path) and is_embedding_model(path) else "generate"
+    except (OSError, ValueError):    # a broken config.json: the load fails, naming it
+        return "generate"
 
 
 def read_settings(models_dir: str) -> dict[str, dict[str, Any]]:
@@ -163,7 +182,8 @@ def add_flags(a: Any) -> None:
     a("--keep-alive", type=float, default=None, metavar="SECONDS",
       help="--models-dir: unload a model idle this long (default: never)")
     a("--model-wait-timeout", type=float, default=60.0, metavar="SECONDS",
-      help="--models-dir: how long a request waits for room to load its model before a 503")
+      help="--models-dir: how long a request waits for its model (room, then its load) before "
+           "a 503 with Retry-After")
     a("--enable-sleep-mode", action="store_true",
       help="POST /sleep?level=1|2, /wake_up, GET /is_sleeping (vLLM's); with --models-dir, "
            "evicted models are parked (weights in host memory) on a GPU")

@@ -4,8 +4,9 @@ the one builder) and Serving; lease(name) hands a request the model's Serving on
 loading it first (in its engine thread: models already loaded keep serving) and making room by
 evicting the least recently used idle model: parked with sleep mode (level 1, weights to host
 memory) on a GPU when --enable-sleep-mode is on and host memory allows, unloaded otherwise. A
-model with requests in flight is never evicted; a request that finds no room within
---model-wait-timeout gets a 503 with Retry-After. No torch here: the engines own it."""
+model with requests in flight is never evicted; a request whose model is not serving within
+--model-wait-timeout (no room, or its load or wake-up still under way) gets a 503 with
+Retry-After, and the load goes on. No torch here: the engines own it."""
 from __future__ import annotations
 
 import asyncio
@@ -28,7 +29,7 @@ from minserve.models_dir import PoolSpec, host_available_bytes
 from minserve.serving import Serving
 
 logger = logging.getLogger("minserve.pool")
-RETRY_AFTER_S = 5   # what a 503 for "no room" tells the client to wait
+RETRY_AFTER_S = 5   # what a 503 for "no room" or "still loading" tells the client to wait
 
 
 @dataclass
@@ -38,9 +39,10 @@ class PooledModel:
     name: str
     config: Any                      # its EngineConfig
     size_bytes: int                  # what it is counted as against --models-memory
+    task: str = "generate"           # "embed": an EmbeddingService (embeddings, score, rerank)
     status: str = "unloaded"
     error: str | None = None
-    engine: AsyncEngine | None = None
+    engine: Any = None               # its AsyncEngine, or EmbeddingService ("embed")
     serving: Serving | None = None
     users: int = 0                   # requests holding a lease
     last_used: float = 0.0
@@ -65,7 +67,8 @@ class ModelPool:
     def __init__(self, spec: PoolSpec, server_cfg: Any, metrics: Any,
                  engine_factory: Callable[[Any], Any] | None = None) -> None:
         self.spec, self.server_cfg, self.metrics = spec, server_cfg, metrics
-        self.models = {m.name: PooledModel(m.name, m.config, m.size_bytes) for m in spec.models}
+        self.models = {m.name: PooledModel(m.name, m.config, m.size_bytes, m.task)
+                       for m in spec.models}
         self._factory = engine_factory
         self._changed = asyncio.Event()    # some model changed state or was released
         self._tasks: set[asyncio.Task] = set()
@@ -91,6 +94,9 @@ class ModelPool:
                 self._drop(m)
 
     # ---- what the routes see ----
+    def names(self, task: str) -> list[str]:
+        return [m.name for m in self.models.values() if m.task == task]
+
     def has(self, name: Any) -> bool:
         return isinstance(name, str) and (name in self.models or name in self.adapters)
 
@@ -100,16 +106,23 @@ class ModelPool:
         return not self.models or any(m.status != "failed" for m in self.models.values())
 
     @contextlib.asynccontextmanager
-    async def lease(self, name: str) -> AsyncIterator[Serving]:
-        """The model's Serving, loaded, held against eviction for the block."""
+    async def lease(self, name: str, task: str = "generate") -> AsyncIterator[Any]:
+        """The model, loaded and held against eviction for the block: its Serving (task
+        "generate"), or its EmbeddingService ("embed": embeddings, score, rerank)."""
         if not self.has(name):     # a server of pooled models alone
             if not isinstance(name, str):
                 raise OpenAIError(400, "`model` is required: name one of "
-                                  f"{', '.join(self.models)}", param="model")
+                                  f"{', '.join(self.names(task))}", param="model")
             raise model_not_found(name, [*self.models, *self.adapters])
-        m = await self._acquire(self.models[self.adapters.get(name, name)])
+        m = self.models[self.adapters.get(name, name)]
+        if m.task != task:
+            what = "an embedding" if m.task == "embed" else "a chat"
+            raise OpenAIError(400, f"`{name}` is {what} model and does not answer this route: "
+                              f"use one of {', '.join(self.names(task)) or 'none'}",
+                              param="model")
+        m = await self._acquire(m)
         try:
-            yield m.serving
+            yield m.serving if task == "generate" else m.engine
         finally:
             m.users -= 1
             m.last_used = time.monotonic()
@@ -153,13 +166,9 @@ class ModelPool:
                 wake = m.status == "sleeping"
                 m.status = "loading"    # now: a second waiter does not start it again
                 self._spawn(self._wake(m) if wake else self._load(m))
-            elif m.status in ("unloaded", "sleeping") and time.monotonic() >= deadline:
-                raise OpenAIError(503, f"no room to load model `{m.name}`: every loaded model "
-                                  "has requests in flight; retry shortly", param="model",
-                                  headers=[(b"retry-after", str(RETRY_AFTER_S).encode())])
-            # a load, wake-up or unload under way always ends (and notifies): no deadline
-            waiting = m.status in ("unloaded", "sleeping")
-            await self._wait_change(deadline if waiting else None)
+            elif time.monotonic() >= deadline:
+                raise _busy(m)
+            await self._wait_change(deadline)
 
     def _make_room(self, m: PooledModel) -> bool:
         """True when m fits now; else start evicting the LRU idle model (False: wait)."""
@@ -196,7 +205,8 @@ class ModelPool:
     async def _load(self, m: PooledModel) -> None:
         m.error = None
         logger.info("loading model %s", m.name)
-        m.engine = AsyncEngine(m.config, self._factory)
+        m.engine = _embedding_service(m) if m.task == "embed" else \
+            AsyncEngine(m.config, self._factory)
         m.engine.start()
         await self._bring_up(m, m.engine.wait_ready(), "load")
 
@@ -214,7 +224,7 @@ class ModelPool:
             self._drop(m)
             m.status, m.error = "failed", e.message
         else:
-            if m.serving is None:
+            if m.serving is None and m.task == "generate":
                 lora = m.config.lora.lora_modules if m.config.lora is not None else []
                 cfg = dataclasses.replace(self.server_cfg, served_model_names=[m.name],
                                           lora_modules=lora)
@@ -227,7 +237,7 @@ class ModelPool:
         self._notify()
 
     async def _evict(self, m: PooledModel) -> None:
-        if self.spec.park and self._can_park(m):
+        if self.spec.park and m.task == "generate" and self._can_park(m):
             try:
                 await m.engine.sleep(1)
             except EngineError as e:    # e.g. tensor parallel: unload instead
@@ -269,6 +279,22 @@ class ModelPool:
                 if m.status == "loaded" and m.users == 0 and now - m.last_used >= keep:
                     m.status = "unloading"
                     self._spawn(self._unload(m))
+
+
+def _busy(m: PooledModel) -> OpenAIError:
+    """--model-wait-timeout passed: a 503 the client may retry (the load goes on meanwhile)."""
+    why = {"loading": f"model `{m.name}` is still loading",
+           "unloading": f"model `{m.name}` is still being unloaded"}.get(
+        m.status, f"no room to load model `{m.name}`: every loaded model has requests in flight")
+    return OpenAIError(503, f"{why}; retry shortly", param="model",
+                       headers=[(b"retry-after", str(RETRY_AFTER_S).encode())])
+
+
+def _embedding_service(m: PooledModel) -> Any:
+    from minserve.embeddings.service import EmbeddingService
+    cfg = m.config
+    return EmbeddingService.lazy(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                 max_model_len=cfg.max_model_len, served_model_name=m.name)
 
 
 def _on_gpu(device: str) -> bool:

@@ -70,10 +70,11 @@ def model_card(app: Any, name: str) -> dict[str, Any]:
     pool = app.pool
     base = pool.adapters.get(name)
     m = pool.models[base or name]
-    info = m.engine.info if m.engine is not None else None    # the resolved length, once loaded
+    max_len = m.config.max_model_len
+    if m.engine is not None and m.engine.is_ready:     # the resolved length, once loaded
+        max_len = m.engine.max_model_len if m.task == "embed" else m.engine.info.max_model_len
     return {"id": name, "object": "model", "created": int(app.started), "owned_by": "minserve",
-            "root": m.config.model, "parent": base, "max_model_len": info.max_model_len
-            if info is not None else m.config.max_model_len,
+            "root": m.config.model, "parent": base, "max_model_len": max_len,
             "permission": [], **m.card()}
 
 
@@ -87,6 +88,12 @@ async def unload_model(app: Any, http: Http) -> None:
     await http.send_json(200, model_card(app, m.name))
 
 
+# the routes that lease the model their body names (App.serving_for): a pooled one loads on demand
+# there, so they do not wait for the chat model's readiness
+LEASED = {"/v1/chat/completions", "/v1/chat/completions/batch", "/v1/completions",
+          "/invocations", "/tokenize", "/detokenize", "/v1/responses", "/v1/messages",
+          "/v1/messages/count_tokens", "/v1/embeddings", "/v1/score", "/v1/rerank", "/score",
+          "/rerank", "/v2/rerank"}
 ROUTES = {
     "/sleep": {"POST": sleep},
     "/wake_up": {"POST": wake_up},

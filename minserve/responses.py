@@ -5,6 +5,7 @@ with POST /v1/responses/{id}/cancel. Parsing, sampling and generation are the ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -371,8 +372,17 @@ async def create_response(app: Any, http: Any) -> None:
             raise _bad("previous_response_id", "that response is still in progress")
     history = prev.items + prev.response["output"] if prev else []
     chat, items, echo = chat_body(body, history)
-    serving = app.chat_serving()
-    req = await parse(serving, chat, RENAMES)
+    async with contextlib.AsyncExitStack() as held:
+        # a pooled model loads on demand and stays leased until the run ends (a background
+        # run takes the lease with it)
+        serving = await held.enter_async_context(app.serving_for(body))
+        await _create(body, http, store, serving, await parse(serving, chat, RENAMES),
+                      items, echo, held)
+
+
+async def _create(body: dict[str, Any], http: Any, store: ResponseStore, serving: Any, req: Any,
+                  items: list[dict[str, Any]], echo: dict[str, Any],
+                  held: contextlib.AsyncExitStack) -> None:
     response = _new_response(body, req, echo)
     record = Stored(response, items, http.owner) if response["store"] else None
     stream, background = bool(body.get("stream")), response["background"]
@@ -391,7 +401,8 @@ async def create_response(app: Any, http: Any) -> None:
         await writer.open()
     else:
         await http.send_json(200, response)
-    record.task = task = asyncio.ensure_future(_background(serving, req, writer, cancel))
+    record.task = task = asyncio.ensure_future(
+        _background(serving, req, writer, cancel, held.pop_all()))
     if stream:  # the events go out as the run makes them; a client that leaves does not stop it
         gone = asyncio.ensure_future(http.wait_disconnect())
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -400,11 +411,12 @@ async def create_response(app: Any, http: Any) -> None:
 
 
 async def _background(serving: Any, req: Any, writer: ResponseWriter,
-                      cancel: asyncio.Event) -> None:
+                      cancel: asyncio.Event, lease: contextlib.AsyncExitStack) -> None:
     """The run goes on without its client (the writer holds it, if any) until done or
-    cancelled."""
+    cancelled; the model's lease is released when it ends."""
     try:
-        await run_unless(writer.run(serving, req), cancel.wait())
+        async with lease:
+            await run_unless(writer.run(serving, req), cancel.wait())
     except Exception as e:  # noqa: BLE001 - a run nobody awaits must still end as "failed"
         logger.exception("background response %s failed", writer.response["id"])
         await writer.error(500, {"message": f"internal server error: {type(e).__name__}: {e}"})

@@ -10,11 +10,12 @@ import contextlib
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from minserve import __version__, messages, output, pool_routes, responses, token_routes
+from minserve import __version__, messages, model_routes, output, pool_routes, responses, \
+    token_routes
 from minserve.batch import routes as batch_routes
 from minserve.config import LoRAModule
 from minserve.embeddings import routes as embedding_routes
@@ -195,6 +196,20 @@ class App:
             return self.pool.lease(model)
         return contextlib.nullcontext(self.chat_serving())
 
+    def embedding_for(self, model: Any, route: str
+                      ) -> contextlib.AbstractAsyncContextManager[tuple[str, Any]]:
+        """(name, EmbeddingService) of the embedding model a pooling route's `model` names: a
+        pooled one is loaded (and held) for the block; else embedding_model's."""
+        if self.pool is not None and (self.pool.has(model) or self.embedding is None
+                                      and self.pool.names("embed")):
+            return self._pooled_embedding(model)
+        return contextlib.nullcontext((self.embedding_model(model, route), self.embedding))
+
+    @contextlib.asynccontextmanager
+    async def _pooled_embedding(self, model: Any) -> AsyncIterator[tuple[str, Any]]:
+        async with self.pool.lease(model, "embed") as service:
+            yield model, service
+
     def embedding_model(self, model: str | None, route: str = "/v1/embeddings") -> str:
         """The embedding model a request to `route` (embeddings, score, rerank) names (None: the
         first one)."""
@@ -229,7 +244,8 @@ class App:
         way round (/health and /v1/models, which describe both, need both)."""
         if path in EMBEDDING_ROUTES and self.embedding is not None:
             return [self.embedding]
-        if path.startswith(("/v1/files", "/v1/batches")) or self.pool and path in LOAD_AWARE:
+        leased = self.pool is not None and path in pool_routes.LEASED
+        if path.startswith(("/v1/files", "/v1/batches")) or leased:
             return []     # the Batch API's bookkeeping needs no model; the pool loads its own
         if path == "/v1/models" or path.startswith("/v1/models/") or self.chat is None:
             return self.services
@@ -391,34 +407,6 @@ async def server_load(app: App, http: Http) -> None:
     await http.send_json(200, {"server_load": app.server_load})
 
 
-def _model_card(app: App, name: str) -> dict[str, Any]:
-    if app.pool is not None and app.pool.has(name):
-        return pool_routes.model_card(app, name)
-    lora = app.lora_adapters.get(name)
-    if lora is not None:   # vLLM's card: parent = the base model, root = the adapter's path
-        return {"id": name, "object": "model", "created": int(app.started),
-                "owned_by": "minserve", "root": lora.path,
-                "parent": lora.base_model_name or app.model_name,
-                "max_model_len": app.chat_serving().ctx.max_model_len, "permission": []}
-    return {"id": name, "object": "model", "created": int(app.started), "owned_by": "minserve",
-            "root": app.cfg.model_root or name, "parent": None,
-            "max_model_len": app.model_max_len(name), "permission": []}
-
-
-async def list_models(app: App, http: Http) -> None:
-    pooled = list(app.pool.models) + list(app.pool.adapters) if app.pool is not None else []
-    await http.send_json(200, {"object": "list", "data": [
-        _model_card(app, name) for name in app.model_names() + list(app.lora_adapters) + pooled]})
-
-
-async def get_model(app: App, http: Http) -> None:
-    name = http.path_params["model"]
-    if name not in app.model_names() and name not in app.lora_adapters and \
-            not (app.pool is not None and app.pool.has(name)):
-        raise model_not_found(name, app.model_names())
-    await http.send_json(200, _model_card(app, name))
-
-
 async def health(app: App, http: Http) -> None:
     ok = all(s.is_ready and s.is_healthy for s in app.services) and \
         (app.pool is None or app.pool.is_healthy)
@@ -447,8 +435,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/v1/completions": {"POST": _generation_route("completion")},
     "/invocations": {"POST": invocations},
     "/load": {"GET": server_load},
-    "/v1/models": {"GET": list_models},
-    "/v1/models/{model:path}": {"GET": get_model},
+    **model_routes.ROUTES,
     "/health": {"GET": health},
     "/ping": {"GET": health, "POST": health},
     "/version": {"GET": version},

@@ -1,6 +1,8 @@
-"""vLLM's tokenizer routes over the chat model's tokenizer: POST /tokenize (a prompt, or chat
-messages rendered and counted as the chat route sees them, images expanded), POST /detokenize and
-GET /tokenizer_info (--enable-tokenizer-info-endpoint). No torch."""
+"""vLLM's tokenizer routes over the tokenizer of the model the body names (a pooled model is leased,
+loading on demand, as the generation routes do; else the chat model's): POST /tokenize (a prompt,
+or chat messages rendered and counted as the chat route sees them, images expanded), POST
+/detokenize and GET /tokenizer_info (--enable-tokenizer-info-endpoint; the chat model's). No
+torch."""
 from __future__ import annotations
 
 import asyncio
@@ -8,11 +10,12 @@ from typing import Any
 
 from minserve.http import Http, OpenAIError
 from minserve.protocol import GenerateRequest, ServingContext, encode_prompt, parse_chat
+from minserve.serving import Serving
 
 
-def _ctx(app: Any) -> ServingContext:
-    """The chat model's parsing context; 400 when it runs without a tokenizer."""
-    ctx = app.chat_serving().ctx
+def _ctx(serving: Serving) -> ServingContext:
+    """The model's parsing context; 400 when it runs without a tokenizer."""
+    ctx = serving.ctx
     if ctx.tokenizer is None:
         raise OpenAIError(400, "this server runs with --skip-tokenizer-init: it has no "
                           "tokenizer (token ids in and out only)")
@@ -20,18 +23,19 @@ def _ctx(app: Any) -> ServingContext:
 
 
 async def tokenize(app: Any, http: Http) -> None:
-    ctx = _ctx(app)
     body = await http.read_json()
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
-    chat = None
-    if "messages" in body:
-        chat = await asyncio.to_thread(parse_chat, {
-            **body, "max_tokens": None, "max_completion_tokens": None, "stream": False,
-            "stream_options": None}, ctx)
-        if chat.images:     # counted as the model sees them: each image's tokens expanded
-            await app.chat_serving().attach_images(chat)
-    await http.send_json(200, await asyncio.to_thread(_tokenize, body, ctx, chat))
+    async with app.serving_for(body) as serving:
+        ctx = _ctx(serving)
+        chat = None
+        if "messages" in body:
+            chat = await asyncio.to_thread(parse_chat, {
+                **body, "max_tokens": None, "max_completion_tokens": None, "stream": False,
+                "stream_options": None}, ctx)
+            if chat.images:     # counted as the model sees them: each image's tokens expanded
+                await serving.attach_images(chat)
+        await http.send_json(200, await asyncio.to_thread(_tokenize, body, ctx, chat))
 
 
 def _tokenize(body: dict[str, Any], ctx: ServingContext,
@@ -59,8 +63,12 @@ def _tokenize(body: dict[str, Any], ctx: ServingContext,
 
 
 async def detokenize(app: Any, http: Http) -> None:
-    ctx = _ctx(app)
     body = await http.read_json()
+    async with app.serving_for(body) as serving:
+        await _send_detokenized(http, body, _ctx(serving))
+
+
+async def _send_detokenized(http: Http, body: Any, ctx: ServingContext) -> None:
     ids = body.get("tokens") if isinstance(body, dict) else None
     if isinstance(ids, list) and len(ids) > ctx.max_model_len:
         # NOTE: as /tokenize, at most max_model_len ids: 4M ids held the event loop 1.2 s
@@ -83,7 +91,7 @@ async def tokenizer_info(app: Any, http: Http) -> None:
     if not app.cfg.enable_tokenizer_info_endpoint:
         raise OpenAIError(404, "Not Found: GET /tokenizer_info (start the server with "
                           "--enable-tokenizer-info-endpoint)", type="NotFoundError")
-    ctx = _ctx(app)
+    ctx = _ctx(app.chat_serving())
     tok = ctx.tokenizer
     cfg = {k: v for k, v in tok.tokenizer_config.items() if k != "added_tokens_decoder"}
     await http.send_json(200, {**cfg, "tokenizer_class": cfg.get("tokenizer_class",

@@ -2,8 +2,10 @@
 one, with room for one loaded model. Requests alternate A, B, C, A with each model's own greedy
 text (LLM on its folder); two models asked at once share the one slot (no deadlock, nothing
 lost, only idle models evicted); a model with broken files fails alone; nothing evictable: a 503
-with Retry-After; an unloaded model gives its memory back (RSS) and its engine thread; sleep
-mode parks the evicted model and wakes it with the same tokens."""
+with Retry-After, and so does a load that outlasts --model-wait-timeout; an unloaded model gives
+its memory back (RSS) and its engine thread; sleep mode parks the evicted model and wakes it
+with the same tokens; the tokenizer, Responses and Messages routes lease pooled models too; a
+tiny BERT folder is a pooled embedding model for /v1/embeddings and /v1/rerank."""
 from __future__ import annotations
 
 import asyncio
@@ -231,3 +233,119 @@ def test_unknown_or_missing_model_is_a_4xx(models_dir):
     assert unknown.status == 404 and "`a`" in unknown.json()["error"]["message"]
     assert missing.status == 400 and "required" in missing.json()["error"]["message"]
     assert unload.status == 404
+
+
+def test_other_routes_lease_pooled_models(models_dir):
+    """/tokenize, /detokenize, /v1/messages (+ count_tokens) and /v1/responses (background too)
+    load the model they name on demand, as the generation routes do, and answer as its chat
+    route does."""
+    chat = {"messages": [{"role": "user", "content": "Hello world"}], "max_tokens": 6,
+            "temperature": 0}
+
+    async def fn(app):
+        out = {"tok": await call(app, "POST", "/tokenize", {"model": "b", "prompt": "Hello"})}
+        out["after_tok"] = statuses(await call(app, "GET", "/v1/models"))
+        out["detok"] = await call(app, "POST", "/detokenize",
+                                  {"model": "c", "tokens": out["tok"].json()["tokens"]})
+        out["missing"] = await call(app, "POST", "/tokenize", {"prompt": "Hello"})
+        out["msg"] = await call(app, "POST", "/v1/messages", {**chat, "model": "a"})
+        out["count"] = await call(app, "POST", "/v1/messages/count_tokens",
+                                  {"model": "b", "messages": chat["messages"]})
+        out["chat_a"] = await call(app, "POST", "/v1/chat/completions", {**chat, "model": "a"})
+        r = await call(app, "POST", "/v1/responses", {
+            "model": "c", "input": "Hello world", "max_output_tokens": 6, "temperature": 0,
+            "background": True})
+        rid = r.json()["id"]
+        done = {}
+
+        async def finished():
+            done["r"] = await call(app, "GET", f"/v1/responses/{rid}")
+            return done["r"].json()["status"] not in ("queued", "in_progress")
+
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await finished():
+            assert asyncio.get_running_loop().time() < deadline, done["r"].body
+            await asyncio.sleep(0.01)
+        out["resp"] = done["r"]
+        # the background run gives its lease back as it ends (just after its status is final)
+        await wait_until(lambda: app.pool.models["c"].users == 0, what="c's lease back")
+        out["chat_c"] = await call(app, "POST", "/v1/chat/completions", {**chat, "model": "c"})
+        return out
+
+    out = run(pool_app(models_dir), fn)
+    assert out["tok"].status == 200 and out["tok"].json()["count"] > 0
+    assert out["after_tok"]["b"] == "loaded"
+    assert out["detok"].status == 200 and out["detok"].json()["prompt"].endswith("Hello")
+    assert out["missing"].status == 400
+    assert out["msg"].status == 200, out["msg"].body
+    assert out["msg"].json()["content"][0]["text"] == \
+        out["chat_a"].json()["choices"][0]["message"]["content"]
+    assert out["count"].status == 200 and out["count"].json()["input_tokens"] > 0
+    assert out["resp"].json()["status"] == "incomplete"     # max_output_tokens reached
+    text = out["resp"].json()["output"][-1]["content"][0]["text"]
+    assert text == out["chat_c"].json()["choices"][0]["message"]["content"]
+
+
+def test_embedding_model_joins_the_pool(models_dir, expected, tmp_path):
+    """A folder whose architecture embeds (a tiny BERT) is a pooled embedding model: /v1/embeddings
+    and /v1/rerank lease it (loading on demand, evicting the chat model: room for one) and answer
+    as the Embedder on its folder; a chat route naming it, or an embedding route naming a chat
+    model, is a 400."""
+    import numpy as np
+
+    from minserve.embeddings.embedder import Embedder
+    from tests.tiny import make_tiny_encoder
+
+    shutil.copytree(os.path.join(models_dir, "a"), tmp_path / "a")
+    emb, _ = make_tiny_encoder(str(tmp_path / "emb"), "bert")
+
+    async def fn(app):
+        out = {"chat": await complete(app, "a")}
+        out["emb"] = await call(app, "POST", "/v1/embeddings", {"model": "emb", "input": "hi"})
+        out["after"] = statuses(await call(app, "GET", "/v1/models"))
+        out["rerank"] = await call(app, "POST", "/v1/rerank", {
+            "model": "emb", "query": "hi", "documents": ["hi", "a cat"]})
+        out["wrong_chat"] = await call(app, "POST", "/v1/completions", {**BODY, "model": "emb"})
+        out["wrong_emb"] = await call(app, "POST", "/v1/embeddings", {"model": "a", "input": "x"})
+        out["again"] = await complete(app, "a")
+        return out
+
+    out = run(pool_app(str(tmp_path)), fn)
+    assert out["chat"] == out["again"] == expected["a"]
+    assert out["emb"].status == 200, out["emb"].body
+    want, _ = Embedder(emb).embed(["hi"])
+    np.testing.assert_allclose(np.array(out["emb"].json()["data"][0]["embedding"]), want[0],
+                               rtol=1e-5, atol=1e-6)
+    assert out["after"] == {"a": "unloaded", "emb": "loaded"}
+    assert out["rerank"].status == 200, out["rerank"].body
+    assert out["rerank"].json()["results"][0]["index"] == 0    # "hi" is most like "hi"
+    assert out["wrong_chat"].status == 400 and "embedding model" in out["wrong_chat"].body.decode()
+    assert out["wrong_emb"].status == 400 and "chat model" in out["wrong_emb"].body.decode()
+
+
+def test_waiting_for_a_load_is_bounded(models_dir, expected):
+    """A request whose model is still loading past --model-wait-timeout gets a 503 with
+    Retry-After; the load goes on, and the model then serves."""
+    from minserve.engine.async_engine import _default_engine_factory
+
+    go = threading.Event()
+
+    def slow(config):      # the engine thread builds the model once the test lets it
+        assert go.wait(60), "the test never let the load go on"
+        return _default_engine_factory(config)
+
+    async def fn(app):
+        app.pool._factory = slow
+        try:
+            r = await call(app, "POST", "/v1/completions", {**BODY, "model": "b"})
+            during = statuses(await call(app, "GET", "/v1/models"))
+        finally:
+            go.set()
+        await wait_until(lambda: app.pool.models["b"].status == "loaded", 60, "b loaded")
+        return r, during, await complete(app, "b")
+
+    r, during, text = run(pool_app(models_dir, wait_timeout_s=0.2), fn)
+    assert r.status == 503 and r.headers.get("retry-after") == "5"
+    assert "still loading" in r.json()["error"]["message"]
+    assert during["b"] == "loading"
+    assert text == expected["b"]

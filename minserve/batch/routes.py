@@ -223,10 +223,10 @@ async def create_batch(app: Any, http: Http) -> None:
         raise OpenAIError(400, f"endpoint must be one of {', '.join(ENDPOINTS)}, got "
                           f"{endpoint!r}", param="endpoint")
     pooling = endpoint in POOLING_ENDPOINTS
-    if pooling and app.embedding is None:
+    if pooling and app.embedding is None and not (app.pool and app.pool.names("embed")):
         raise OpenAIError(400, f"{endpoint} needs an embedding model, and this server has none "
                           "(--embedding-model or --task embed)", param="endpoint")
-    if not pooling and app.chat is None:
+    if not pooling and app.chat is None and app.pool is None:   # pooled lines lease their model
         raise OpenAIError(400, f"{endpoint} needs a chat model; this server serves only an "
                           "embedding model", param="endpoint")
     window = body.get("completion_window")

@@ -1,7 +1,7 @@
 """The pooling routes: /v1/embeddings, /v1/score (and /score), /v1/rerank (and /rerank,
 /v2/rerank). Each answers a parsed body with its JSON response (what batch lines and /invocations
-call too): ask the App which embedding model answers (the routing policy is server.py's), run it
-on app.embedding. No torch here."""
+call too): ask the App which embedding model answers and lease it (App.embedding_for: the
+--embedding-model service, or a pooled embedding model loaded on demand), run it there. No torch here."""
 from __future__ import annotations
 
 import time
@@ -21,10 +21,10 @@ async def embeddings_json(app: Any, body: Any, priority: int = 0,
                           route: str = "/v1/embeddings") -> dict[str, Any]:
     arrival = time.monotonic()
     req = parse_embeddings_request(body)
-    model = app.embedding_model(req.model, route)
-    vectors, num_tokens = await app.embedding.embed(
-        req.inputs, truncate_prompt_tokens=req.truncate_prompt_tokens, dimensions=req.dimensions,
-        priority=priority)
+    async with app.embedding_for(req.model, route) as (model, service):
+        vectors, num_tokens = await service.embed(
+            req.inputs, truncate_prompt_tokens=req.truncate_prompt_tokens,
+            dimensions=req.dimensions, priority=priority)
     app.metrics.on_pooling_request(model, num_tokens, time.monotonic() - arrival)
     return build_embeddings_response(model, vectors, req.encoding_format, num_tokens)
 
@@ -34,10 +34,9 @@ async def _scores(app: Any, body: Any, priority: int, route: str, parse: Any
     """score and rerank: the body -> pairs -> the embedding service's scores."""
     arrival = time.monotonic()
     req = parse(body)
-    model = app.embedding_model(req.model, route)
-    scores, num_tokens = await app.embedding.score(req.pairs, req.labels,
-                                                   req.truncate_prompt_tokens,
-                                                   priority=priority)
+    async with app.embedding_for(req.model, route) as (model, service):
+        scores, num_tokens = await service.score(req.pairs, req.labels,
+                                                 req.truncate_prompt_tokens, priority=priority)
     app.metrics.on_pooling_request(model, num_tokens, time.monotonic() - arrival)
     return model, req, scores, num_tokens
 
