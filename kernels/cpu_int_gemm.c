@@ -135,12 +135,12 @@ void block_dequantize(const uint8_t *w, int type, int64_t K, int64_t N, float *o
     for (int64_t n = 0; n < N; n++) gguf_decode_row(w + n * row_bytes, type, K, out + n * K);
 }
 
-/* y = x @ w.T; up to FEW_ROWS rows on int8 activations when `quantize` (act_prepare), else on x
- * as it is. Up to 2 x FEW_ROWS rows (a speculative verification: 1 + k tokens; the rows past
- * FEW_ROWS on fp32, as every int kernel keeps them: cpu_native.int8_activations_ref), each
- * ROW_BLOCK of weight rows
- * runs through few_rows once per FEW_ROWS of x's rows, its bytes still in cache the second time:
- * the decoded-float path below cost 5 rows ~1.7x what 4 did (one stream, bench/spec_step.py).
+/* y = x @ w.T; up to 2 x FEW_ROWS rows (a speculative verification: 1 + k tokens) on int8
+ * activations when `quantize` (act_prepare), else on x as it is. Each ROW_BLOCK of weight rows
+ * runs through few_rows once per FEW_ROWS of x's rows, its bytes still in cache the second time
+ * (the decoded-float path below cost 5 rows ~1.7x what 4 did: one stream, bench/spec_step.py).
+ * A row's result does not depend on how many rows share the call (the few-rows kernels keep one
+ * accumulator per row in the same order), so a verification row's greedy token is a decode's.
  * Returns 0, or 1 when a buffer could not be allocated. */
 int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const float *s,
              const float *b, int bits, int64_t K, int64_t G, int64_t N, float *y, int64_t ldy,
@@ -148,7 +148,7 @@ int int_gemm(const float *x, int64_t M, int64_t ldx, const uint8_t *q, const flo
     if (M <= 2 * FEW_ROWS) {
         int8_t *xq;
         float *xd, *xsum;
-        void *act = act_prepare(x, M, ldx, K, G, quantize && M <= FEW_ROWS, &xq, &xd, &xsum);
+        void *act = act_prepare(x, M, ldx, K, G, quantize, &xq, &xd, &xsum);
         if (act == NULL) return 1;
         const int64_t blocks = (N + ROW_BLOCK - 1) / ROW_BLOCK, groups = K / G;
 #pragma omp parallel for num_threads(nthreads) schedule(static)

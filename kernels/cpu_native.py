@@ -15,7 +15,8 @@ the variables).
 
 Rows: up to MAX_ROWS (a decode step) run the native kernel; more (a prefill chunk) dequantize
 the weight natively into a scratch fp32 tensor and run one sgemm, where the FLOPs are the time.
-Up to FEW_ROWS rows the kernel quantizes the activations to int8 in blocks of 32 once per call
+Up to FEW_ROWS rows (int_gemm: 2 x FEW_ROWS, so that a speculative verification row's tokens see
+what a decode sees) the kernel quantizes the activations to int8 in blocks of 32 once per call
 (as llama.cpp does: quantize_rows_ref is the reference) and runs integer dot products; a merged
 linear (q/k/v, gate/up) is one call, so one quantization serves all its projections.
 MINSERVE_CPU_EXACT_ACTIVATIONS=1 keeps them fp32 (for checking; tests/test_cpu_native.py bounds
@@ -172,10 +173,11 @@ def quantize_rows_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, (amax / 127).squeeze(-1)
 
 
-def int8_activations_ref(x: torch.Tensor) -> torch.Tensor:
-    """x as the int kernels see it at up to FEW_ROWS rows: quantized (quantize_rows_ref) and
-    back, or x itself with MINSERVE_CPU_EXACT_ACTIVATIONS=1 or more rows."""
-    if not _quantize() or x.shape[0] > FEW_ROWS:
+def int8_activations_ref(x: torch.Tensor, rows: int = FEW_ROWS) -> torch.Tensor:
+    """x as the int kernels see it at up to `rows` rows (FEW_ROWS; int_gemm: 2 x FEW_ROWS, a
+    speculative verification row's tokens): quantized (quantize_rows_ref) and back, or x itself
+    with MINSERVE_CPU_EXACT_ACTIVATIONS=1 or more rows."""
+    if not _quantize() or x.shape[0] > rows:
         return x
     q, d = quantize_rows_ref(x)
     m, k = x.shape
